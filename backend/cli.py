@@ -1,0 +1,231 @@
+"""The ``cocoon`` command. Every subcommand has ``--help``; heavy imports happen inside commands."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import uuid
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from pydantic import ValidationError
+
+from backend.settings import Settings, load_settings
+
+EXIT_USAGE = 2
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    """One line on stderr, then exit: how every bad input ends."""
+    print(f"cocoon: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def _telegram_id(text: str) -> int:
+    from backend.users import validate_telegram_id
+
+    try:
+        return validate_telegram_id(int(text.strip()))
+    except ValueError:
+        _fail(f"--telegram-id must be a Telegram user id (a positive whole number), got {text!r}")
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_db_upgrade(settings: Settings, _args: argparse.Namespace) -> int:
+    from backend.db import upgrade_database
+
+    upgrade_database(settings.db_url)
+    print(f"database is up to date: {_redact(settings.db_url)}")
+    return 0
+
+
+def cmd_ledger_credit(settings: Settings, args: argparse.Namespace) -> int:
+    from backend.money import AmountError, format_ton, parse_nano
+
+    telegram_id = _telegram_id(args.telegram_id)
+    try:
+        amount = parse_nano(args.amount, "--amount")
+    except AmountError as error:
+        _fail(str(error))
+    reason = args.reason.strip()
+    if not reason:
+        _fail("--reason must say why the credit is made")
+    key = args.key or f"manual:{uuid.uuid4()}"
+
+    async def run() -> int:
+        from backend.db import Database
+        from backend.ledger import Ledger, LedgerError
+        from backend.models import AccountKind
+        from backend.users import get_or_create_user
+
+        db = Database.from_settings(settings)
+        try:
+            user = await get_or_create_user(db, telegram_id)
+            ledger = Ledger(db, min_withdrawal=settings.min_withdrawal_nano)
+            try:
+                receipt = await ledger.credit_deposit(
+                    user.id, amount, key, source=AccountKind.OPERATOR, reason=reason
+                )
+            except LedgerError as error:
+                _fail(str(error))
+            balances = await ledger.balances(user.id)
+        finally:
+            await db.close()
+        note = " (already applied earlier: nothing changed)" if receipt.replayed else ""
+        print(
+            f"credited {amount} nanoTON ({format_ton(amount)}) to Telegram user {telegram_id}"
+            f"{note}; transaction {receipt.transaction_id}, key {key}"
+        )
+        print(f"available: {balances.available} nanoTON ({format_ton(balances.available)})")
+        return 0
+
+    return asyncio.run(run())
+
+
+def cmd_ledger_balance(settings: Settings, args: argparse.Namespace) -> int:
+    from backend.money import format_ton
+
+    telegram_id = _telegram_id(args.telegram_id)
+
+    async def run() -> int:
+        from backend.db import Database
+        from backend.ledger import Ledger
+        from backend.users import get_user
+
+        db = Database.from_settings(settings)
+        try:
+            user = await get_user(db, telegram_id)
+            if user is None:
+                _fail(f"no user with Telegram id {telegram_id}", code=1)
+            balances = await Ledger(db).balances(user.id)
+        finally:
+            await db.close()
+        print(f"Telegram user {telegram_id}, deposit memo {user.deposit_memo}")
+        for label, value in (
+            ("available", balances.available),
+            ("held", balances.held),
+            ("earned", balances.earned),
+            ("pending payout", balances.pending_payout),
+        ):
+            print(f"{label:>15}: {value} nanoTON ({format_ton(value)})")
+        return 0
+
+    return asyncio.run(run())
+
+
+def cmd_web(settings: Settings, args: argparse.Namespace) -> int:
+    from backend.web import run_web
+
+    if args.upgrade:
+        cmd_db_upgrade(settings, args)
+    run_web(settings, host=args.host, port=args.port)
+    return 0
+
+
+def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
+    from backend.stack import run_stack
+
+    return run_stack(settings, host=args.host, port=args.port)
+
+
+def _not_yet(feature: str, issue: int) -> Callable[[Settings, argparse.Namespace], int]:
+    def command(_settings: Settings, _args: argparse.Namespace) -> int:
+        _fail(f"{feature} is not part of this build yet (it lands with issue #{issue})", code=1)
+
+    return command
+
+
+# ------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cocoon",
+        description="Cocoon: private AI chat on Telegram and TON, served by attested GPU workers.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(
+        name: str,
+        help_text: str,
+        handler: Callable[[Settings, argparse.Namespace], int],
+        parent: argparse._SubParsersAction = sub,
+    ) -> argparse.ArgumentParser:
+        command = parent.add_parser(name, help=help_text, description=help_text)
+        command.set_defaults(handler=handler)
+        return command
+
+    up = add(
+        "up", "run the whole stack with embedded defaults (upgrades the database first)", cmd_up
+    )
+    web = add("web", "serve the HTTP API (and, as they land, the Mini App and webhook)", cmd_web)
+    for command in (up, web):
+        command.add_argument("--host", help="address to listen on (setting COCOON_WEB_HOST)")
+        command.add_argument("--port", type=int, help="port to listen on (COCOON_WEB_PORT)")
+    web.add_argument(
+        "--upgrade", action="store_true", help="upgrade the database schema before serving"
+    )
+
+    add("bot", "run the Telegram bot with long polling", _not_yet("the Telegram bot", 5))
+    worker = add("worker", "run a worker node serving one model", _not_yet("the worker node", 3))
+    worker.add_argument("--model", help="model id to serve")
+    worker.add_argument("--engine", help="engine: llama-cpp, openai or vllm")
+    add(
+        "watcher",
+        "watch the TON deposit wallet and credit deposits",
+        _not_yet("the TON chain watcher", 6),
+    )
+    chat = add("chat", "ask one question through the whole stack", _not_yet("chat", 3))
+    chat.add_argument("question", nargs="?", help="what to ask")
+
+    db = sub.add_parser("db", help="database schema", description="database schema")
+    db_sub = db.add_subparsers(dest="db_command", metavar="COMMAND", required=True)
+    add("upgrade", "create or upgrade the schema to the newest version", cmd_db_upgrade, db_sub)
+
+    ledger = sub.add_parser(
+        "ledger", help="operator commands on the ledger", description="operator ledger commands"
+    )
+    ledger_sub = ledger.add_subparsers(dest="ledger_command", metavar="COMMAND", required=True)
+    credit = add(
+        "credit",
+        "credit a user by hand (e.g. to resolve an unclaimed deposit); the reason is recorded",
+        cmd_ledger_credit,
+        ledger_sub,
+    )
+    credit.add_argument("--telegram-id", required=True, metavar="N", help="the user's Telegram id")
+    credit.add_argument("--amount", required=True, metavar="NANO", help="amount in nanoTON")
+    credit.add_argument("--reason", required=True, metavar="TEXT", help="why (kept in the ledger)")
+    credit.add_argument(
+        "--key",
+        metavar="KEY",
+        help="idempotency key: the same key never credits twice (default: a new random key)",
+    )
+    balance = add("balance", "show a user's balances", cmd_ledger_balance, ledger_sub)
+    balance.add_argument("--telegram-id", required=True, metavar="N", help="the user's Telegram id")
+    return parser
+
+
+def _redact(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+    except ValidationError as error:
+        problems = "; ".join(
+            f"COCOON_{'__'.join(str(part) for part in e['loc']).upper()}: {e['msg']}"
+            for e in error.errors()
+        )
+        _fail(f"invalid settings: {problems} (see the README's settings table)")
+    return args.handler(settings, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

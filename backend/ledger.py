@@ -1,0 +1,507 @@
+"""The double-entry ledger, in integer nanoTON.
+
+Every movement of money is one :class:`~backend.models.Transaction` whose entries sum to zero,
+written in one database transaction together with the balances it changes, under a unique
+idempotency key (a deposit's chain transaction, a job id, a payout id). Applying a key a second
+time changes nothing and returns the first result; a key reused for a *different* request is
+refused.
+
+Balances are kept on the accounts, so reading one is a single indexed row. A balance that may
+not go negative is changed only by a conditional ``UPDATE ... WHERE balance >= amount``: two
+racing holds on one balance cannot both pass, on SQLite or PostgreSQL. A CHECK constraint in the
+schema backs this up.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from backend.db import Database
+from backend.models import (
+    Account,
+    AccountKind,
+    Entry,
+    Hold,
+    HoldState,
+    Payout,
+    PayoutState,
+    Transaction,
+)
+from backend.settings import MAX_NANO
+
+MAX_KEY_LENGTH = 200
+BPS = 10_000
+
+__all__ = [
+    "Balances",
+    "IdempotencyConflict",
+    "InsufficientFunds",
+    "InvalidAmount",
+    "InvalidState",
+    "Ledger",
+    "LedgerError",
+    "NotFound",
+    "Receipt",
+    "validate_amount",
+]
+
+
+class LedgerError(Exception):
+    """Base of every error the ledger raises on purpose; ``str()`` is a readable sentence."""
+
+
+class InvalidAmount(LedgerError, ValueError):
+    pass
+
+
+class InsufficientFunds(LedgerError):
+    pass
+
+
+class IdempotencyConflict(LedgerError):
+    pass
+
+
+class InvalidState(LedgerError):
+    pass
+
+
+class NotFound(LedgerError):
+    pass
+
+
+def validate_amount(amount: object, what: str = "amount") -> int:
+    """Return ``amount`` if it is a positive integer that fits 64 bits, else raise InvalidAmount."""
+    if isinstance(amount, bool) or not isinstance(amount, int):
+        raise InvalidAmount(
+            f"{what} must be a whole number of nanoTON, got {type(amount).__name__} {amount!r}"
+        )
+    if amount <= 0:
+        raise InvalidAmount(f"{what} must be positive, got {amount}")
+    if amount > MAX_NANO:
+        raise InvalidAmount(f"{what} {amount} is larger than the limit of {MAX_NANO} nanoTON")
+    return amount
+
+
+def _validate_key(key: str) -> str:
+    if not isinstance(key, str) or not key or len(key) > MAX_KEY_LENGTH:
+        raise LedgerError(f"idempotency key must be 1..{MAX_KEY_LENGTH} characters")
+    return key
+
+
+@dataclass(frozen=True)
+class Leg:
+    kind: AccountKind
+    owner_id: int
+    amount: int
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What a ledger operation did. A replay returns the first receipt with ``replayed=True``."""
+
+    transaction_id: int
+    key: str
+    kind: str
+    legs: tuple[Leg, ...]
+    subject_id: int | None = None  # the hold or payout the transaction is about
+    replayed: bool = False
+
+    def amount_for(self, kind: AccountKind, owner_id: int = 0) -> int:
+        """The net amount this transaction moved into one account (negative: out of it)."""
+        return sum(leg.amount for leg in self.legs if leg.kind == kind and leg.owner_id == owner_id)
+
+
+@dataclass(frozen=True)
+class Balances:
+    """A user's balances. ``available`` is spendable; ``held`` is reserved for running turns."""
+
+    available: int = 0
+    held: int = 0
+    earned: int = 0  # provider earnings, withdrawable
+    pending_payout: int = 0
+
+
+@dataclass(frozen=True)
+class Audit:
+    """Ledger-wide totals: all four must be zero / empty for a healthy ledger."""
+
+    balance_sum: int
+    entry_sum: int
+    unbalanced_transactions: list[int] = field(default_factory=list)
+    drifted_accounts: list[int] = field(default_factory=list)
+    negative_accounts: list[int] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.balance_sum == 0
+            and self.entry_sum == 0
+            and not self.unbalanced_transactions
+            and not self.drifted_accounts
+            and not self.negative_accounts
+        )
+
+
+USER_SIDE_KINDS = (
+    AccountKind.USER,
+    AccountKind.HOLD,
+    AccountKind.PROVIDER,
+    AccountKind.PROVIDER_PENDING,
+)
+PLATFORM_KINDS = (
+    AccountKind.PLATFORM,
+    AccountKind.TON_IN,
+    AccountKind.TON_OUT,
+    AccountKind.STARS_IN,
+    AccountKind.OPERATOR,
+)
+
+Body = Callable[[AsyncSession, Transaction], Awaitable[tuple[list[Leg], int | None]]]
+
+
+class Ledger:
+    """Money operations over one :class:`Database`."""
+
+    def __init__(self, db: Database, *, min_withdrawal: int = 1) -> None:
+        self.db = db
+        self.min_withdrawal = validate_amount(min_withdrawal, "minimum withdrawal")
+        self._account_ids: dict[tuple[str, int], int] = {}
+
+    # ------------------------------------------------------------------ reads
+
+    async def balances(self, user_id: int) -> Balances:
+        async with self.db.session() as session:
+            rows = await session.execute(
+                select(Account.kind, Account.balance).where(
+                    Account.owner_id == user_id, Account.kind.in_(USER_SIDE_KINDS)
+                )
+            )
+            found = {kind: balance for kind, balance in rows}
+        return Balances(
+            available=found.get(AccountKind.USER, 0),
+            held=found.get(AccountKind.HOLD, 0),
+            earned=found.get(AccountKind.PROVIDER, 0),
+            pending_payout=found.get(AccountKind.PROVIDER_PENDING, 0),
+        )
+
+    async def balance(self, kind: AccountKind, owner_id: int = 0) -> int:
+        async with self.db.session() as session:
+            value = await session.scalar(
+                select(Account.balance).where(Account.kind == kind, Account.owner_id == owner_id)
+            )
+        return value or 0
+
+    async def audit(self) -> Audit:
+        """Check the invariants over the whole ledger (for tests, operators and monitoring)."""
+        async with self.db.session() as session:
+            balance_sum = await session.scalar(select(func.coalesce(func.sum(Account.balance), 0)))
+            entry_sum = await session.scalar(select(func.coalesce(func.sum(Entry.amount), 0)))
+            unbalanced = await session.scalars(
+                select(Entry.transaction_id)
+                .group_by(Entry.transaction_id)
+                .having(func.sum(Entry.amount) != 0)
+            )
+            entry_totals = (
+                select(Entry.account_id, func.sum(Entry.amount).label("total"))
+                .group_by(Entry.account_id)
+                .subquery()
+            )
+            drifted = await session.scalars(
+                select(Account.id)
+                .outerjoin(entry_totals, entry_totals.c.account_id == Account.id)
+                .where(func.coalesce(entry_totals.c.total, 0) != Account.balance)
+            )
+            negative = await session.scalars(
+                select(Account.id).where(Account.kind.in_(USER_SIDE_KINDS), Account.balance < 0)
+            )
+            return Audit(
+                balance_sum=int(balance_sum),
+                entry_sum=int(entry_sum),
+                unbalanced_transactions=list(unbalanced),
+                drifted_accounts=list(drifted),
+                negative_accounts=list(negative),
+            )
+
+    async def get_hold(self, key: str) -> Hold | None:
+        async with self.db.session() as session:
+            return await session.scalar(select(Hold).where(Hold.key == key))
+
+    async def get_payout(self, payout_id: int) -> Payout | None:
+        async with self.db.session() as session:
+            return await session.get(Payout, payout_id)
+
+    # ------------------------------------------------------------ operations
+
+    async def credit_deposit(
+        self,
+        user_id: int,
+        amount: int,
+        key: str,
+        *,
+        source: AccountKind = AccountKind.TON_IN,
+        reason: str | None = None,
+    ) -> Receipt:
+        """Money from outside (TON, Stars, an operator's manual credit) onto a user's balance."""
+        validate_amount(amount)
+        if source not in (AccountKind.TON_IN, AccountKind.STARS_IN, AccountKind.OPERATOR):
+            raise LedgerError(f"a deposit cannot come from a {source} account")
+
+        async def body(_session: AsyncSession, _tx: Transaction) -> tuple[list[Leg], None]:
+            return [Leg(source, 0, -amount), Leg(AccountKind.USER, user_id, amount)], None
+
+        request = {"user": user_id, "amount": amount, "source": str(source)}
+        return await self._run(key, "deposit", request, body, reason)
+
+    async def hold(self, user_id: int, amount: int, key: str) -> Receipt:
+        """Set ``amount`` aside from the user's balance for one job. ``key`` names the hold."""
+        validate_amount(amount)
+
+        async def body(session: AsyncSession, _tx: Transaction) -> tuple[list[Leg], int]:
+            hold = Hold(key=key, user_id=user_id, amount=amount, state=HoldState.OPEN)
+            session.add(hold)
+            await session.flush()
+            legs = [Leg(AccountKind.USER, user_id, -amount), Leg(AccountKind.HOLD, user_id, amount)]
+            return legs, hold.id
+
+        return await self._run(key, "hold", {"user": user_id, "amount": amount}, body, None)
+
+    async def settle(
+        self,
+        hold_key: str,
+        cost: int,
+        *,
+        provider_id: int | None,
+        share_bps: int,
+        key: str | None = None,
+    ) -> Receipt:
+        """Close a hold: the user pays ``cost`` (at most the hold), the provider gets its share
+        (rounded down), the platform the rest, and what is left of the hold goes back."""
+        if isinstance(cost, bool) or not isinstance(cost, int) or cost < 0 or cost > MAX_NANO:
+            raise InvalidAmount(f"cost must be a whole number of nanoTON >= 0, got {cost!r}")
+        if not 0 <= share_bps <= BPS:
+            raise LedgerError(f"provider share must be 0..{BPS} basis points, got {share_bps}")
+        key = key or f"settle:{hold_key}"
+
+        async def body(session: AsyncSession, _tx: Transaction) -> tuple[list[Leg], int]:
+            hold = await self._close_hold(session, hold_key, HoldState.SETTLED)
+            charged = min(cost, hold.amount)
+            hold.charged = charged
+            to_provider = charged * share_bps // BPS if provider_id is not None else 0
+            legs = [
+                Leg(AccountKind.HOLD, hold.user_id, -hold.amount),
+                Leg(AccountKind.USER, hold.user_id, hold.amount - charged),
+                Leg(AccountKind.PROVIDER, provider_id or 0, to_provider),
+                Leg(AccountKind.PLATFORM, 0, charged - to_provider),
+            ]
+            return legs, hold.id
+
+        request = {"hold": hold_key, "cost": cost, "provider": provider_id, "share": share_bps}
+        return await self._run(key, "settle", request, body, None)
+
+    async def release(self, hold_key: str, *, key: str | None = None) -> Receipt:
+        """Give a whole hold back to the user (the job never ran, or failed before output)."""
+        key = key or f"release:{hold_key}"
+
+        async def body(session: AsyncSession, _tx: Transaction) -> tuple[list[Leg], int]:
+            hold = await self._close_hold(session, hold_key, HoldState.RELEASED)
+            legs = [
+                Leg(AccountKind.HOLD, hold.user_id, -hold.amount),
+                Leg(AccountKind.USER, hold.user_id, hold.amount),
+            ]
+            return legs, hold.id
+
+        return await self._run(key, "release", {"hold": hold_key}, body, None)
+
+    async def request_withdrawal(
+        self, provider_id: int, amount: int, key: str, *, destination: str | None = None
+    ) -> Receipt:
+        """Move a provider's earnings to pending and create the payout (``subject_id``)."""
+        validate_amount(amount)
+        if amount < self.min_withdrawal:
+            raise InvalidAmount(
+                f"the smallest withdrawal is {self.min_withdrawal} nanoTON, got {amount}"
+            )
+
+        async def body(session: AsyncSession, _tx: Transaction) -> tuple[list[Leg], int]:
+            payout = Payout(
+                key=key, provider_id=provider_id, amount=amount, destination=destination
+            )
+            session.add(payout)
+            await session.flush()
+            legs = [
+                Leg(AccountKind.PROVIDER, provider_id, -amount),
+                Leg(AccountKind.PROVIDER_PENDING, provider_id, amount),
+            ]
+            return legs, payout.id
+
+        request = {"provider": provider_id, "amount": amount, "to": destination}
+        return await self._run(key, "withdrawal", request, body, None)
+
+    async def confirm_payout(self, payout_id: int, *, key: str | None = None) -> Receipt:
+        """The payout landed on chain: pending funds leave for the outside world."""
+        return await self._finish_payout(payout_id, PayoutState.CONFIRMED, key)
+
+    async def fail_payout(
+        self, payout_id: int, *, key: str | None = None, reason: str | None = None
+    ) -> Receipt:
+        """The payout will never land: pending funds return to the provider."""
+        return await self._finish_payout(payout_id, PayoutState.FAILED, key, reason)
+
+    # -------------------------------------------------------------- internals
+
+    async def _finish_payout(
+        self, payout_id: int, state: PayoutState, key: str | None, reason: str | None = None
+    ) -> Receipt:
+        key = key or f"payout:{payout_id}:{state}"
+
+        async def body(session: AsyncSession, _tx: Transaction) -> tuple[list[Leg], int]:
+            payout = await session.get(Payout, payout_id)
+            if payout is None:
+                raise NotFound(f"no payout #{payout_id}")
+            closed = await session.execute(
+                update(Payout)
+                .where(
+                    Payout.id == payout_id,
+                    Payout.state.not_in((PayoutState.CONFIRMED, PayoutState.FAILED)),
+                )
+                .values(state=state, updated_at=dt.datetime.now(dt.UTC))
+                .execution_options(synchronize_session=False)
+            )
+            if closed.rowcount != 1:
+                raise InvalidState(f"payout #{payout_id} is already {payout.state}")
+            owner = payout.provider_id
+            if state == PayoutState.CONFIRMED:
+                to = Leg(AccountKind.TON_OUT, 0, payout.amount)
+            else:
+                to = Leg(AccountKind.PROVIDER, owner, payout.amount)
+            return [Leg(AccountKind.PROVIDER_PENDING, owner, -payout.amount), to], payout.id
+
+        return await self._run(key, f"payout_{state}", {"payout": payout_id}, body, reason)
+
+    async def _close_hold(self, session: AsyncSession, hold_key: str, state: HoldState) -> Hold:
+        hold = await session.scalar(select(Hold).where(Hold.key == hold_key))
+        if hold is None:
+            raise NotFound(f"no hold {hold_key!r}")
+        closed = await session.execute(
+            update(Hold)
+            .where(Hold.id == hold.id, Hold.state == HoldState.OPEN)
+            .values(state=state, closed_at=dt.datetime.now(dt.UTC))
+            .execution_options(synchronize_session=False)
+        )
+        if closed.rowcount != 1:
+            await session.refresh(hold)
+            raise InvalidState(f"hold {hold_key!r} is already {hold.state}")
+        return hold
+
+    async def _run(
+        self, key: str, kind: str, request: dict[str, object], body: Body, reason: str | None
+    ) -> Receipt:
+        _validate_key(key)
+        request_hash = hashlib.sha256(
+            json.dumps({"kind": kind, **request}, sort_keys=True).encode()
+        ).hexdigest()
+        for _attempt in range(3):
+            try:
+                async with self.db.session() as session, session.begin():
+                    existing = await session.scalar(
+                        select(Transaction).where(Transaction.idempotency_key == key)
+                    )
+                    if existing is not None:
+                        return await self._replay(session, existing, request_hash)
+                    tx = Transaction(
+                        idempotency_key=key, kind=kind, request_hash=request_hash, reason=reason
+                    )
+                    session.add(tx)
+                    await session.flush()  # claims the key: a racing twin waits or fails here
+                    legs, subject_id = await body(session, tx)
+                    tx.subject_id = subject_id
+                    legs = [leg for leg in legs if leg.amount != 0]
+                    if sum(leg.amount for leg in legs) != 0:
+                        raise AssertionError(f"unbalanced {kind} transaction")  # a bug, not input
+                    for leg in legs:
+                        account_id = await self._account_id(session, leg.kind, leg.owner_id)
+                        await self._apply(session, account_id, leg)
+                        session.add(
+                            Entry(transaction_id=tx.id, account_id=account_id, amount=leg.amount)
+                        )
+                    await session.flush()
+                    return Receipt(tx.id, key, kind, tuple(legs), subject_id)
+            except IntegrityError:
+                # Either a twin with the same key committed first (the next attempt replays
+                # it), or a unique constraint of the body failed (the next attempt fails again
+                # with the same error, which we then let through).
+                async with self.db.session() as session:
+                    if await session.scalar(
+                        select(Transaction.id).where(Transaction.idempotency_key == key)
+                    ):
+                        continue
+                raise
+        raise LedgerError(f"could not apply {key!r}: it kept conflicting")
+
+    async def _replay(self, session: AsyncSession, tx: Transaction, request_hash: str) -> Receipt:
+        if tx.request_hash != request_hash:
+            raise IdempotencyConflict(
+                f"key {tx.idempotency_key!r} was already used for a different {tx.kind} request"
+            )
+        accounts = {
+            account.id: account
+            for account in await session.scalars(
+                select(Account).where(Account.id.in_([e.account_id for e in tx.entries]))
+            )
+        }
+        legs = tuple(
+            Leg(
+                AccountKind(accounts[e.account_id].kind),
+                accounts[e.account_id].owner_id,
+                e.amount,
+            )
+            for e in tx.entries
+        )
+        return Receipt(tx.id, tx.idempotency_key, tx.kind, legs, tx.subject_id, replayed=True)
+
+    async def _account_id(self, session: AsyncSession, kind: AccountKind, owner_id: int) -> int:
+        cache_key = (str(kind), owner_id)
+        account_id = self._account_ids.get(cache_key)
+        if account_id is None:
+            account_id = await session.scalar(
+                select(Account.id).where(Account.kind == kind, Account.owner_id == owner_id)
+            )
+            if account_id is None:
+                raise NotFound(f"no {kind} account for owner {owner_id}")
+            self._account_ids[cache_key] = account_id
+        return account_id
+
+    async def _apply(self, session: AsyncSession, account_id: int, leg: Leg) -> None:
+        """Change one balance atomically, refusing overdraft and 64-bit overflow."""
+        amount = leg.amount
+        guard = (
+            Account.balance <= MAX_NANO - amount
+            if amount > 0
+            else (
+                Account.balance >= -MAX_NANO - 1 - amount
+                if leg.kind.may_go_negative
+                else Account.balance >= -amount
+            )
+        )
+        result = await session.execute(
+            update(Account)
+            .where(Account.id == account_id, guard)
+            .values(balance=Account.balance + amount)
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount == 1:
+            return
+        if amount < 0 and not leg.kind.may_go_negative:
+            raise InsufficientFunds(
+                f"{leg.kind} balance of owner {leg.owner_id} is below {-amount} nanoTON"
+            )
+        raise InvalidAmount(f"{leg.kind} balance of owner {leg.owner_id} would overflow 64 bits")

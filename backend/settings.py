@@ -1,0 +1,113 @@
+"""Cocoon's settings: one typed object, loaded once, passed down explicitly.
+
+Every field can be set from the environment with the ``COCOON_`` prefix (``COCOON_REDIS_URL``)
+or from a ``.env`` file in the working directory. Nested values (the model price table) take
+JSON: ``COCOON_MODELS='{"smollm2-135m": {"prompt": 20000000, "completion": 80000000}}'``.
+
+This module imports nothing heavy: the worker node reads it too.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+NANO_PER_TON = 1_000_000_000
+MAX_NANO = 2**63 - 1
+"""The largest amount the ledger stores (a signed 64-bit integer)."""
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "cocoon"
+
+
+class ModelPrice(BaseModel):
+    """Prices of one model, in nanoTON per one million tokens."""
+
+    prompt: int = Field(ge=0, le=MAX_NANO, description="per 1M prompt tokens")
+    cached_prompt: int | None = Field(
+        default=None, ge=0, le=MAX_NANO, description="per 1M prompt tokens served from cache"
+    )
+    completion: int = Field(ge=0, le=MAX_NANO, description="per 1M completion tokens")
+    context_length: int = Field(default=2048, gt=0, description="tokens the model can attend to")
+
+    @model_validator(mode="after")
+    def _cached_defaults_to_prompt(self) -> ModelPrice:
+        if self.cached_prompt is None:
+            self.cached_prompt = self.prompt
+        return self
+
+
+def _default_models() -> dict[str, ModelPrice]:
+    # 0.02 TON per 1M prompt tokens, 0.01 cached, 0.08 per 1M completion tokens.
+    return {
+        DEFAULT_MODEL: ModelPrice(
+            prompt=20_000_000, cached_prompt=10_000_000, completion=80_000_000, context_length=2048
+        )
+    }
+
+
+class Settings(BaseSettings):
+    """All of Cocoon's settings. See the README's settings table."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="COCOON_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        env_nested_delimiter="__",
+        extra="ignore",
+    )
+
+    # Storage
+    data_dir: Path = Field(default_factory=_default_data_dir)
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy async URL; default: SQLite file cocoon.db in data_dir",
+    )
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+    # Web server
+    web_host: str = "127.0.0.1"
+    web_port: int = Field(default=8080, ge=1, le=65535)
+    public_url: str | None = Field(default=None, description="public https URL of cocoon web")
+
+    # Telegram
+    bot_token: SecretStr | None = None
+    telegram_api_url: str | None = Field(
+        default=None, description="base URL of a self-hosted telegram-bot-api server"
+    )
+    webhook_secret: SecretStr | None = None
+
+    # Money
+    models: dict[str, ModelPrice] = Field(default_factory=_default_models)
+    provider_share_bps: int = Field(
+        default=8000, ge=0, le=10_000, description="provider's share of a turn's cost, 1/10000"
+    )
+    min_withdrawal_nano: int = Field(default=NANO_PER_TON, gt=0, le=MAX_NANO)
+
+    @field_validator("database_url")
+    @classmethod
+    def _no_empty_url(cls, value: str | None) -> str | None:
+        return value or None
+
+    @cached_property
+    def db_url(self) -> str:
+        """The database URL in force: the setting, or SQLite inside the data directory."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{self.data_dir / 'cocoon.db'}"
+
+    def price(self, model: str) -> ModelPrice | None:
+        return self.models.get(model)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings from the environment and ``.env``, with explicit overrides on top."""
+    return Settings(**overrides)  # type: ignore[arg-type]

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Run Cocoon's tests: ./test.sh  (any arguments go to pytest)
+# Needs Redis on 127.0.0.1:6379 and PostgreSQL on 127.0.0.1:5432 (database "test"); tests whose
+# server is missing are skipped outside CI and fail in CI.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+bash "$root/scripts/bootstrap.sh" "dev"
+cd "$root"
+exec "${COCOON_VENV:-$root/.venv}/bin/python" -m pytest "$@"

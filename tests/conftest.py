@@ -1,0 +1,80 @@
+"""Shared fixtures: test settings, the real Redis and the real PostgreSQL.
+
+Redis: ``COCOON_TEST_REDIS_URL`` (default ``redis://127.0.0.1:6379/15``), flushed before and
+after each test that uses it. PostgreSQL: ``COCOON_TEST_POSTGRES_URL`` (default the ``test``
+database on 127.0.0.1:5432). Outside CI a missing server skips its tests; in CI (``CI=true``)
+it fails them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from backend.settings import Settings
+
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+TEST_REDIS_URL = os.environ.get("COCOON_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+TEST_POSTGRES_URL = os.environ.get(
+    "COCOON_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+)
+
+
+def _unavailable(what: str, error: Exception) -> None:
+    message = f"{what} is not reachable: {error}"
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    """Settings for one test: a fresh data directory with its own SQLite file."""
+    return Settings(
+        _env_file=None,
+        data_dir=tmp_path / "data",
+        redis_url=TEST_REDIS_URL,
+    )
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """The test Redis database, empty before and after the test."""
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    try:
+        client.flushdb()
+    except redis.RedisError as error:
+        _unavailable("Redis", error)
+    yield TEST_REDIS_URL
+    client.flushdb()
+    client.close()
+
+
+async def _reset_postgres(url: str) -> None:
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine(url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("DROP SCHEMA public CASCADE"))
+            await conn.execute(text("CREATE SCHEMA public"))
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+def postgres_url() -> str:
+    """A PostgreSQL database emptied of Cocoon's tables before the test."""
+    try:
+        asyncio.run(_reset_postgres(TEST_POSTGRES_URL))
+    except (OSError, ConnectionError) as error:
+        _unavailable("PostgreSQL", error)
+    except Exception as error:  # asyncpg's own errors: auth, missing database
+        _unavailable("PostgreSQL", error)
+    return TEST_POSTGRES_URL

@@ -1,0 +1,314 @@
+"""The wire contract between the backend and the worker: schemas, sealing and signing.
+
+Both sides import this module, so it stays light: stdlib, pydantic v2 and PyNaCl only.
+
+* A :class:`JobRequest` is sealed (libsodium sealed box) to the worker's attested X25519 key.
+* Each reply event is sealed to the per-job reply key carried inside the request.
+* A :class:`FinalRecord` (token usage, the basis of billing) is also signed with the worker's
+  Ed25519 key: the plaintext in the box is ``signature || canonical JSON``.
+
+Every malformed, wrong-version, undecryptable or badly signed payload raises :class:`WireError`.
+Error messages never quote payload contents, so they are safe to log.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import nacl.exceptions
+import nacl.public
+import nacl.signing
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+WIRE_VERSION = 1
+
+MAX_CONTENT_CHARS = 1_000_000  # one message, or one stream chunk
+MAX_MESSAGES = 512
+MAX_TOTAL_CHARS = 8_000_000  # all messages of one request together
+MAX_SEALED_BYTES = 64 * 1024 * 1024  # refused before decryption
+_SIGNATURE_BYTES = 64
+
+JobId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
+class WireError(ValueError):
+    """A payload that is malformed, of another wire version, undecryptable or badly signed."""
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class _Versioned(_Wire):
+    v: int = WIRE_VERSION
+
+    @field_validator("v")
+    @classmethod
+    def _known_version(cls, v: int) -> int:
+        if v != WIRE_VERSION:
+            raise ValueError(f"unsupported wire version {v}")
+        return v
+
+
+class ChatMessage(_Wire):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=MAX_CONTENT_CHARS)
+
+
+class SamplingParams(_Wire):
+    temperature: float = Field(default=0.7, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    stop: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
+        default_factory=list, max_length=4
+    )
+    seed: int | None = None
+
+
+class JobRequest(_Versioned):
+    job_id: JobId
+    model: str = Field(min_length=1, max_length=200)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
+    max_tokens: int = Field(ge=1, le=1_000_000)
+    reply_key: str
+    conversation_id: str | None = Field(default=None, min_length=1, max_length=128)
+
+    @field_validator("reply_key")
+    @classmethod
+    def _valid_reply_key(cls, value: str) -> str:
+        _public_key(value, "reply_key")
+        return value
+
+    @model_validator(mode="after")
+    def _bounded_total(self) -> JobRequest:
+        if sum(len(m.content) for m in self.messages) > MAX_TOTAL_CHARS:
+            raise ValueError(f"messages exceed {MAX_TOTAL_CHARS} characters in total")
+        return self
+
+
+class StreamChunk(_Versioned):
+    type: Literal["chunk"] = "chunk"
+    job_id: JobId
+    seq: int = Field(ge=0)
+    text: str = Field(max_length=MAX_CONTENT_CHARS)
+
+
+class FinalRecord(_Versioned):
+    type: Literal["final"] = "final"
+    job_id: JobId
+    prompt_tokens: int = Field(ge=0)
+    cached_prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    finish_reason: Literal["stop", "length", "cancelled"]
+
+    @model_validator(mode="after")
+    def _cached_within_prompt(self) -> FinalRecord:
+        if self.cached_prompt_tokens > self.prompt_tokens:
+            raise ValueError("cached_prompt_tokens exceeds prompt_tokens")
+        return self
+
+
+class ErrorRecord(_Versioned):
+    type: Literal["error"] = "error"
+    job_id: JobId
+    code: str = Field(min_length=1, max_length=64)
+    message: str = Field(max_length=4096)
+
+
+Event = Annotated[StreamChunk | FinalRecord | ErrorRecord, Field(discriminator="type")]
+_EVENT: TypeAdapter[Event] = TypeAdapter(Event)
+_REQUEST: TypeAdapter[JobRequest] = TypeAdapter(JobRequest)
+
+
+@dataclass(frozen=True)
+class WorkerKeys:
+    """The worker's long-lived identity, created inside the TEE at start."""
+
+    box_key: nacl.public.PrivateKey
+    signing_key: nacl.signing.SigningKey
+
+    @classmethod
+    def generate(cls) -> WorkerKeys:
+        return cls(nacl.public.PrivateKey.generate(), nacl.signing.SigningKey.generate())
+
+    @property
+    def box_public_b64(self) -> str:
+        return public_b64(self.box_key)
+
+    @property
+    def verify_key_b64(self) -> str:
+        return base64.b64encode(bytes(self.signing_key.verify_key)).decode("ascii")
+
+    def fingerprint(self) -> str:
+        """First 16 hex characters of sha256(box public key || verify key), for display."""
+        digest = hashlib.sha256(bytes(self.box_key.public_key) + bytes(self.signing_key.verify_key))
+        return digest.hexdigest()[:16]
+
+
+def new_reply_keypair() -> nacl.public.PrivateKey:
+    """A fresh per-job reply key; its public half goes into ``JobRequest.reply_key``."""
+    return nacl.public.PrivateKey.generate()
+
+
+def public_b64(key: nacl.public.PrivateKey) -> str:
+    """Base64 of the 32-byte X25519 public key of ``key``."""
+    return base64.b64encode(bytes(key.public_key)).decode("ascii")
+
+
+def canonical_json(model: BaseModel) -> bytes:
+    """Deterministic UTF-8 JSON of ``model``: sorted keys, no spaces."""
+    text = json.dumps(
+        model.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise WireError("text is not valid unicode (lone surrogate)") from error
+
+
+def seal_request(req: JobRequest, worker_box_public_b64: str) -> bytes:
+    """Seal ``req`` to the worker's X25519 public key (only that worker can open it)."""
+    box = nacl.public.SealedBox(_public_key(worker_box_public_b64, "worker box key"))
+    return box.encrypt(canonical_json(req))
+
+
+def open_request(blob: bytes, keys: WorkerKeys) -> JobRequest:
+    """Decrypt and validate a sealed request with the worker's private box key."""
+    data = _loads_checked(_unseal(blob, keys.box_key, "request"), "request")
+    return _validate(_REQUEST, data, "request")
+
+
+def seal_event(event: Event, reply_public_b64: str, keys: WorkerKeys | None = None) -> bytes:
+    """Seal a reply event to the per-job reply key; a final record is signed with ``keys``."""
+    payload = canonical_json(event)
+    if isinstance(event, FinalRecord):
+        if keys is None:
+            raise WireError("a final record must be signed: the worker's keys are required")
+        payload = keys.signing_key.sign(payload)  # signature || message
+    box = nacl.public.SealedBox(_public_key(reply_public_b64, "reply key"))
+    return box.encrypt(payload)
+
+
+def open_event(
+    blob: bytes,
+    reply_key: nacl.public.PrivateKey,
+    worker_verify_key_b64: str,
+    *,
+    expected_job_id: str | None = None,
+) -> Event:
+    """Decrypt a reply event; a final record must carry a valid signature of the worker's key.
+
+    With ``expected_job_id``, an event of another job is refused too.
+    """
+    plaintext = _unseal(blob, reply_key, "event")
+    try:
+        data: Any = _loads(plaintext)
+        signed = False
+    except ValueError:  # not plain JSON: must be signature || JSON
+        data = _loads_checked(_verify(plaintext, worker_verify_key_b64), "final record")
+        signed = True
+    else:
+        data = _loads_checked(plaintext, "event", data)
+    event = _validate(_EVENT, data, "event")
+    if isinstance(event, FinalRecord) and not signed:
+        raise WireError("final record is not signed by the worker")
+    if signed and not isinstance(event, FinalRecord):
+        raise WireError(f"unexpected signed {event.type} event")
+    if expected_job_id is not None and event.job_id != expected_job_id:
+        raise WireError("event belongs to another job")
+    return event
+
+
+# -- internals --------------------------------------------------------------------------------
+
+
+def _public_key(value: str, what: str) -> nacl.public.PublicKey:
+    raw = _b64_32(value, what)
+    return nacl.public.PublicKey(raw)
+
+
+def _b64_32(value: object, what: str) -> bytes:
+    if not isinstance(value, str):
+        raise WireError(f"{what} must be a base64 string")
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise WireError(f"{what} is not valid base64") from error
+    if len(raw) != 32:
+        raise WireError(f"{what} must be 32 bytes, got {len(raw)}")
+    return raw
+
+
+def _unseal(blob: bytes, key: nacl.public.PrivateKey, what: str) -> bytes:
+    if not isinstance(blob, bytes | bytearray | memoryview):
+        raise WireError(f"sealed {what} must be bytes")
+    if len(blob) > MAX_SEALED_BYTES:
+        raise WireError(f"sealed {what} is too large ({len(blob)} bytes)")
+    try:
+        return nacl.public.SealedBox(key).decrypt(bytes(blob))
+    except nacl.exceptions.CryptoError as error:
+        raise WireError(f"cannot decrypt {what}: not sealed to this key, or corrupted") from error
+
+
+def _verify(signed: bytes, verify_key_b64: str) -> bytes:
+    verify_key = nacl.signing.VerifyKey(_b64_32(verify_key_b64, "worker verify key"))
+    if len(signed) <= _SIGNATURE_BYTES:
+        raise WireError("malformed event: neither JSON nor a signed record")
+    try:
+        return verify_key.verify(signed)
+    except nacl.exceptions.BadSignatureError as error:
+        raise WireError("final record signature does not match the worker's key") from error
+
+
+def _loads(raw: bytes) -> Any:
+    """Strict JSON: UTF-8 only, no NaN/Infinity. Raises ValueError."""
+    return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+
+
+def _loads_checked(raw: bytes, what: str, data: Any = None) -> dict[str, Any]:
+    """Parse (unless ``data`` is given) and check it is an object of this wire version."""
+    if data is None:
+        try:
+            data = _loads(raw)
+        except ValueError as error:  # includes UnicodeDecodeError and JSONDecodeError
+            raise WireError(f"malformed {what}: not valid UTF-8 JSON") from error
+    if not isinstance(data, dict):
+        raise WireError(f"malformed {what}: not a JSON object")
+    _check_version(data)
+    return data
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _check_version(data: dict[str, Any]) -> None:
+    if "v" not in data:
+        raise WireError("missing wire version")
+    v = data["v"]
+    if type(v) is not int or v != WIRE_VERSION:
+        raise WireError(f"unsupported wire version {str(v)[:20]}")
+
+
+def _validate(adapter: TypeAdapter[Any], data: dict[str, Any], what: str) -> Any:
+    try:
+        return adapter.validate_python(data)
+    except ValidationError as error:
+        problems = [
+            f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}"
+            for e in error.errors(include_input=False, include_url=False)[:3]
+        ]
+        raise WireError(f"invalid {what}: " + "; ".join(problems)) from None
