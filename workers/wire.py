@@ -154,8 +154,13 @@ class WorkerKeys:
 
     def fingerprint(self) -> str:
         """First 16 hex characters of sha256(box public key || verify key), for display."""
-        digest = hashlib.sha256(bytes(self.box_key.public_key) + bytes(self.signing_key.verify_key))
-        return digest.hexdigest()[:16]
+        return key_fingerprint(self.box_public_b64, self.verify_key_b64)
+
+
+def key_fingerprint(box_public_b64: str, verify_key_b64: str) -> str:
+    """A worker's short fingerprint from its public keys, as the client shows it."""
+    raw = _b64_32(box_public_b64, "box public key") + _b64_32(verify_key_b64, "verify key")
+    return hashlib.sha256(raw).hexdigest()[:16]
 
 
 def new_reply_keypair() -> nacl.public.PrivateKey:

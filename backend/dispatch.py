@@ -1,0 +1,455 @@
+"""One chat turn from any client (bot, Mini App, HTTP API) to a worker and back, billed once.
+
+``Dispatcher.start_turn`` checks the model and the balance, holds the worst case, picks a
+worker, seals the request to it, enqueues it on the worker's own RQ queue, and returns a
+:class:`Turn` whose ``events()`` yields the reply as it streams, decrypted, then one
+:class:`TurnDone`. The turn settles exactly once from the worker's signed final record; every
+failure ends either retried on another worker (re-sealed, before the first token) or with the
+whole hold released. The hold's ledger key is the turn id, so a settlement can never repeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import redis
+import redis.asyncio as aioredis
+
+from backend.ledger import InsufficientFunds, Ledger, LedgerError
+from backend.pricing import turn_cost, worst_case_cost
+from backend.settings import ModelPrice, Settings
+from workers import registry, streams
+from workers.jobs import aenqueue_job
+from workers.wire import (
+    ChatMessage,
+    ErrorRecord,
+    FinalRecord,
+    JobRequest,
+    SamplingParams,
+    StreamChunk,
+    WireError,
+    key_fingerprint,
+    new_reply_keypair,
+    open_event,
+    public_b64,
+    seal_request,
+)
+
+log = logging.getLogger("cocoon.dispatch")
+
+MESSAGE_OVERHEAD_TOKENS = 8
+"""Chat-template tokens a message can add around its text (role markers, separators)."""
+
+RETRYABLE_WORKER_ERRORS = frozenset({"worker_shutdown", "busy"})
+ROUTE_TTL_S = 3600
+
+
+class TurnError(Exception):
+    """Why a turn could not run or finish. ``code`` is stable for clients; ``str()`` is readable.
+
+    Codes: ``invalid_request``, ``unknown_model``, ``insufficient_balance``,
+    ``no_worker``, ``timeout``, ``cancelled``, ``worker_error``.
+    """
+
+    def __init__(self, code: str, message: str, **details: object) -> None:
+        super().__init__(message)
+        self.code = code
+        self.details = details
+
+
+@dataclass(frozen=True)
+class TurnRequest:
+    user_id: int
+    model: str
+    messages: Sequence[ChatMessage]
+    max_tokens: int | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    conversation_id: str | None = None
+
+
+@dataclass(frozen=True)
+class TurnText:
+    text: str
+
+
+@dataclass(frozen=True)
+class WorkerProof:
+    """What the client can show about who served the turn (the bot's /privacy report)."""
+
+    worker_id: str
+    tee: str
+    engine: str
+    engine_version: str
+    key_fingerprint: str
+    usage_signature_verified: bool
+
+
+@dataclass(frozen=True)
+class TurnDone:
+    turn_id: str
+    model: str
+    prompt_tokens: int
+    cached_prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    cost: int  # nanoTON charged
+    worker: WorkerProof
+
+
+TurnEvent = TurnText | TurnDone
+
+
+def prompt_token_bound(messages: Sequence[ChatMessage]) -> int:
+    """An upper bound on the prompt's tokens without a tokenizer: byte-level BPE tokens are at
+    least one byte each, plus the chat template's tokens around each message."""
+    return sum(len(m.content.encode()) + MESSAGE_OVERHEAD_TOKENS for m in messages) + 16
+
+
+class Dispatcher:
+    """Process-wide: one per web server or bot process, created in its factory."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        ledger: Ledger,
+        redis_async: aioredis.Redis,
+        redis_sync: redis.Redis,
+        *,
+        first_token_timeout_s: float = 60.0,
+        idle_timeout_s: float = 60.0,
+        job_timeout_s: int = 600,
+        queue_ttl_s: int = 120,
+        max_attempts: int = 2,
+    ) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.redis = redis_async
+        self.redis_sync = redis_sync
+        self.first_token_timeout_s = first_token_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self.job_timeout_s = job_timeout_s
+        self.queue_ttl_s = queue_ttl_s
+        self.max_attempts = max_attempts
+        self._background: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, ledger: Ledger) -> Dispatcher:
+        return cls(
+            settings,
+            ledger,
+            aioredis.Redis.from_url(settings.redis_url),
+            redis.Redis.from_url(settings.redis_url),
+        )
+
+    async def close(self) -> None:
+        """Wait for turns whose client left to finish settling, then close the connections."""
+        if self._background:
+            await asyncio.wait(self._background, timeout=self.idle_timeout_s + 5)
+        await self.redis.aclose()
+        self.redis_sync.close()
+
+    def models(self) -> dict[str, ModelPrice]:
+        return dict(self.settings.models)
+
+    async def start_turn(self, request: TurnRequest) -> Turn:
+        """Validate, hold, dispatch. Raises TurnError with nothing held on failure."""
+        price = self.settings.price(request.model)
+        if price is None:
+            known = ", ".join(sorted(self.settings.models)) or "none"
+            raise TurnError("unknown_model", f"unknown model {request.model!r}; available: {known}")
+        if not request.messages:
+            raise TurnError("invalid_request", "a turn needs at least one message")
+        prompt_bound = prompt_token_bound(request.messages)
+        max_tokens = request.max_tokens or min(512, price.context_length)
+        if max_tokens < 1 or max_tokens > price.context_length:
+            raise TurnError(
+                "invalid_request",
+                f"max_tokens must be 1..{price.context_length} for {request.model}",
+            )
+        worst = worst_case_cost(price, prompt_tokens=prompt_bound, max_tokens=max_tokens)
+        turn_id = uuid.uuid4().hex
+        if worst > 0:
+            try:
+                await self.ledger.hold(request.user_id, worst, turn_id)
+            except InsufficientFunds:
+                available = (await self.ledger.balances(request.user_id)).available
+                raise TurnError(
+                    "insufficient_balance",
+                    f"this turn can cost up to {worst} nanoTON and the balance is {available}",
+                    needed=worst,
+                    available=available,
+                ) from None
+        turn = Turn(self, request, turn_id, price, max_tokens, held=worst)
+        try:
+            await turn.dispatch()
+        except BaseException:
+            await turn.release()
+            raise
+        return turn
+
+    def keep(self, coro: object) -> None:
+        """Run a settlement in the background, out of reach of a client that went away."""
+        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+class Turn:
+    """One running turn. Iterate ``events()`` once; ``cancel()`` stops it (billed for what was
+    generated). Leaving the iteration early cancels too."""
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        request: TurnRequest,
+        turn_id: str,
+        price: ModelPrice,
+        max_tokens: int,
+        *,
+        held: int,
+    ) -> None:
+        self.d = dispatcher
+        self.request = request
+        self.turn_id = turn_id
+        self.price = price
+        self.max_tokens = max_tokens
+        self.held = held  # nanoTON held for the worst case (0: a free model, nothing held)
+        self.attempt = 0
+        self.tried: list[str] = []
+        self.job_id = ""
+        self.worker: registry.WorkerInfo | None = None
+        self._reply_key = new_reply_keypair()
+        self._closed = False
+        self._cancel_requested = False
+        self.started_at = time.monotonic()
+
+    # ------------------------------------------------------------- dispatch
+
+    async def dispatch(self) -> None:
+        """Pick a worker that has not failed this turn, seal to it, enqueue."""
+        self.attempt += 1
+        self.job_id = f"{self.turn_id}-{self.attempt}"
+        worker = await registry.pick_worker(
+            self.d.redis,
+            self.request.model,
+            conversation_id=self.request.conversation_id,
+            exclude=self.tried,
+            job_id=self.job_id,
+            slot_ttl_s=self.d.queue_ttl_s + self.d.job_timeout_s,
+        )
+        if worker is None:
+            raise TurnError(
+                "no_worker", f"no worker is serving {self.request.model} right now; try later"
+            )
+        self.worker = worker
+        self.tried.append(worker.worker_id)
+        self._reply_key = new_reply_keypair()
+        job = JobRequest(
+            job_id=self.job_id,
+            model=self.request.model,
+            messages=list(self.request.messages),
+            sampling=self.request.sampling,
+            max_tokens=self.max_tokens,
+            reply_key=public_b64(self._reply_key),
+            conversation_id=self.request.conversation_id,
+        )
+        sealed = seal_request(job, worker.box_public_key)
+        await aenqueue_job(
+            self.d.redis_sync,
+            worker.worker_id,
+            self.job_id,
+            sealed,
+            timeout_s=self.d.job_timeout_s,
+            ttl_s=self.d.queue_ttl_s,
+        )
+        log.info(
+            "turn %s job %s -> worker %s (attempt %d)",
+            self.turn_id,
+            self.job_id,
+            worker.worker_id,
+            self.attempt,
+        )
+
+    # --------------------------------------------------------------- stream
+
+    async def events(self) -> AsyncIterator[TurnEvent]:
+        """The reply as it streams, then one TurnDone. Raises TurnError on failure."""
+        finished = False
+        try:
+            while True:
+                got_text = False
+                try:
+                    async for event in self._job_events():
+                        if isinstance(event, StreamChunk):
+                            got_text = True
+                            yield TurnText(event.text)
+                        elif isinstance(event, FinalRecord):
+                            done = await self._settle(event)
+                            finished = True
+                            yield done
+                            return
+                        else:
+                            await self._on_worker_error(event, got_text)
+                            break  # retry on another worker
+                except streams.StreamTimeout as stall:
+                    await self._on_timeout(stall)
+        finally:
+            if not finished:
+                await self._abandon()
+
+    async def _job_events(self) -> AsyncIterator[StreamChunk | FinalRecord | ErrorRecord]:
+        assert self.worker is not None
+        async for blob in streams.read_stream(
+            self.d.redis,
+            self.job_id,
+            first_timeout_s=self.d.first_token_timeout_s,
+            idle_timeout_s=self.d.idle_timeout_s,
+        ):
+            try:
+                yield open_event(
+                    blob, self._reply_key, self.worker.verify_key, expected_job_id=self.job_id
+                )
+            except WireError as error:
+                log.warning("turn %s: refused an event: %s", self.turn_id, error)
+                raise TurnError(
+                    "worker_error", "the worker sent a reply that does not verify"
+                ) from None
+
+    async def _on_worker_error(self, error: ErrorRecord, got_text: bool) -> None:
+        log.info("turn %s job %s: worker error %s", self.turn_id, self.job_id, error.code)
+        if not got_text and error.code in RETRYABLE_WORKER_ERRORS and self._can_retry():
+            await self._redispatch()
+            return
+        await self.release()
+        if error.code == "cancelled":
+            raise TurnError("cancelled", "the turn was cancelled")
+        raise TurnError("worker_error", f"the worker could not answer: {error.message}")
+
+    async def _on_timeout(self, stall: streams.StreamTimeout) -> None:
+        log.info("turn %s job %s: %s", self.turn_id, self.job_id, stall)
+        await streams.request_cancel(self.d.redis, self.job_id)
+        if stall.first_token and self._can_retry():
+            await self._redispatch()
+            return
+        await self.release()
+        where = "before answering" if stall.first_token else "in the middle of the reply"
+        raise TurnError(
+            "timeout", f"the worker stopped responding {where}; you were not charged"
+        ) from None
+
+    def _can_retry(self) -> bool:
+        return self.attempt < self.d.max_attempts and not self._cancel_requested
+
+    async def _redispatch(self) -> None:
+        assert self.worker is not None
+        await registry.release_slot(self.d.redis, self.worker.worker_id, self.job_id)
+        try:
+            await self.dispatch()
+        except TurnError:
+            await self.release()
+            raise
+
+    # ----------------------------------------------------------- settlement
+
+    async def _settle(self, final: FinalRecord) -> TurnDone:
+        assert self.worker is not None
+        cost = turn_cost(
+            self.price,
+            prompt_tokens=final.prompt_tokens,
+            cached_prompt_tokens=final.cached_prompt_tokens,
+            completion_tokens=final.completion_tokens,
+        )
+        charged = min(cost, self.held)  # the ledger caps the charge at the hold the same way
+        if self.held:
+            await self.d.ledger.settle(
+                self.turn_id,
+                cost,
+                provider_id=self.worker.provider_id,
+                share_bps=self.d.settings.provider_share_bps,
+            )
+        self._closed = True
+        await self._after_job()
+        if self.request.conversation_id:
+            await registry.remember_route(
+                self.d.redis, self.request.conversation_id, self.worker.worker_id, ROUTE_TTL_S
+            )
+        log.info(
+            "turn %s settled: %d+%d tokens, %d nanoTON, %s",
+            self.turn_id,
+            final.prompt_tokens,
+            final.completion_tokens,
+            charged,
+            final.finish_reason,
+        )
+        return TurnDone(
+            turn_id=self.turn_id,
+            model=self.request.model,
+            prompt_tokens=final.prompt_tokens,
+            cached_prompt_tokens=final.cached_prompt_tokens,
+            completion_tokens=final.completion_tokens,
+            finish_reason=final.finish_reason,
+            cost=charged,
+            worker=self.proof(),
+        )
+
+    def proof(self) -> WorkerProof:
+        assert self.worker is not None
+        return WorkerProof(
+            worker_id=self.worker.worker_id,
+            tee=self.worker.tee,
+            engine=self.worker.engine,
+            engine_version=self.worker.engine_version,
+            key_fingerprint=key_fingerprint(self.worker.box_public_key, self.worker.verify_key),
+            usage_signature_verified=True,
+        )
+
+    async def release(self) -> None:
+        """Give the whole hold back (once); the turn is over without a charge."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.held:
+            try:
+                await self.d.ledger.release(self.turn_id)
+            except LedgerError as error:
+                log.error("turn %s: could not release its hold: %s", self.turn_id, error)
+        await self._after_job()
+
+    async def _after_job(self) -> None:
+        if self.worker is not None:
+            with contextlib.suppress(redis.RedisError):
+                await registry.release_slot(self.d.redis, self.worker.worker_id, self.job_id)
+                await streams.delete_stream(self.d.redis, self.job_id)
+
+    async def cancel(self) -> None:
+        """Ask the worker to stop; the turn ends with finish reason "cancelled", billed for the
+        tokens generated so far."""
+        self._cancel_requested = True
+        await streams.request_cancel(self.d.redis, self.job_id)
+
+    async def _abandon(self) -> None:
+        """The client stopped reading before the end: stop the job and settle in background."""
+        if self._closed:
+            return
+        self._cancel_requested = True
+        with contextlib.suppress(redis.RedisError):
+            await streams.request_cancel(self.d.redis, self.job_id)
+        self.d.keep(self._drain_and_settle())
+
+    async def _drain_and_settle(self) -> None:
+        try:
+            async for event in self._job_events():
+                if isinstance(event, FinalRecord):
+                    await self._settle(event)
+                    return
+                if isinstance(event, ErrorRecord):
+                    break
+        except (streams.StreamTimeout, TurnError, redis.RedisError) as error:
+            log.info("turn %s: abandoned job ended without a final: %s", self.turn_id, error)
+        await self.release()

@@ -1,0 +1,320 @@
+"""One chat turn end to end: real Redis, real RQ queues, a real worker process running the real
+small model, the real ledger on SQLite. Billing must happen once, from the signed usage."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from backend.db import Database
+from backend.dispatch import Dispatcher, TurnDone, TurnError, TurnRequest, TurnText
+from backend.ledger import Balances, Ledger
+from backend.models import AccountKind, Hold, HoldState
+from backend.pricing import turn_cost
+from backend.settings import DEFAULT_MODEL, Settings
+from backend.users import get_or_create_user
+from workers import registry
+from workers.wire import ChatMessage
+
+pytest.importorskip("llama_cpp")
+
+TON = 1_000_000_000
+
+
+class Node:
+    """A worker node process, as `cocoon worker` runs it."""
+
+    def __init__(
+        self, redis_url: str, *, provider_id: int | None = None, model: str = DEFAULT_MODEL
+    ):
+        self.worker_id = f"t-{uuid.uuid4().hex[:10]}"
+        command = [
+            sys.executable, "-m", "workers.node", "--model", model, "--engine", "llama-cpp",
+            "--redis-url", redis_url, "--worker-id", self.worker_id, "--log-level", "WARNING",
+            "--heartbeat", "0.5", "--ttl", "3",
+        ]  # fmt: skip
+        if provider_id is not None:
+            command += ["--provider-id", str(provider_id)]
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        client = redis.Redis.from_url(redis_url)
+        deadline = time.monotonic() + 60
+        while not client.exists(registry.worker_key(self.worker_id)):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the worker node did not start")
+            time.sleep(0.1)
+        client.close()
+
+    def signal(self, signum: int) -> None:
+        os.kill(self.process.pid, signum)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=10)
+
+
+@pytest.fixture
+def nodes(redis_url: str) -> Iterator[list[Node]]:
+    started: list[Node] = []
+    yield started
+    for node in started:
+        node.stop()
+
+
+@pytest.fixture
+async def stack(settings: Settings, redis_url: str) -> AsyncIterator[tuple[Dispatcher, Ledger]]:
+    db = Database.from_settings(settings)
+    await db.upgrade()
+    ledger = Ledger(db)
+    dispatcher = Dispatcher(
+        settings,
+        ledger,
+        aioredis.Redis.from_url(redis_url),
+        redis.Redis.from_url(redis_url),
+        first_token_timeout_s=30,
+        idle_timeout_s=4,
+    )
+    yield dispatcher, ledger
+    await dispatcher.close()
+    await db.close()
+
+
+async def funded_user(ledger: Ledger, telegram_id: int, amount: int = TON) -> int:
+    user = await get_or_create_user(ledger.db, telegram_id)
+    if amount:
+        await ledger.credit_deposit(user.id, amount, f"dep:{telegram_id}")
+    return user.id
+
+
+def ask(user_id: int, text: str, max_tokens: int = 24, **kw: object) -> TurnRequest:
+    return TurnRequest(
+        user_id=user_id,
+        model=DEFAULT_MODEL,
+        messages=[ChatMessage(role="user", content=text)],
+        max_tokens=max_tokens,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+async def run_turn(dispatcher: Dispatcher, request: TurnRequest) -> tuple[str, TurnDone]:
+    turn = await dispatcher.start_turn(request)
+    parts: list[str] = []
+    done: TurnDone | None = None
+    async for event in turn.events():
+        if isinstance(event, TurnText):
+            assert done is None, "text after the final record"
+            parts.append(event.text)
+        else:
+            done = event
+    assert done is not None
+    return "".join(parts), done
+
+
+async def open_holds(ledger: Ledger) -> list[Hold]:
+    from sqlalchemy import select
+
+    async with ledger.db.session() as session:
+        return list(await session.scalars(select(Hold).where(Hold.state == HoldState.OPEN)))
+
+
+async def test_a_turn_streams_and_is_billed_once_from_signed_usage(
+    stack: tuple[Dispatcher, Ledger], nodes: list[Node], redis_url: str, settings: Settings
+) -> None:
+    dispatcher, ledger = stack
+    provider = await funded_user(ledger, 900, amount=0)
+    nodes.append(Node(redis_url, provider_id=provider))
+    user = await funded_user(ledger, 901)
+
+    text, done = await run_turn(dispatcher, ask(user, "Name three colors.", conversation_id="c1"))
+
+    assert text.strip()
+    assert done.completion_tokens > 0 and done.prompt_tokens > 0
+    assert done.worker.usage_signature_verified and done.worker.tee == "dev"
+    expected = turn_cost(
+        settings.models[DEFAULT_MODEL],
+        prompt_tokens=done.prompt_tokens,
+        cached_prompt_tokens=done.cached_prompt_tokens,
+        completion_tokens=done.completion_tokens,
+    )
+    assert done.cost == expected > 0
+    balances = await ledger.balances(user)
+    assert balances.available == TON - expected and balances.held == 0
+    share = expected * settings.provider_share_bps // 10_000
+    assert (await ledger.balances(provider)).earned == share
+    assert await ledger.balance(AccountKind.PLATFORM) == expected - share
+    assert not await open_holds(ledger)
+    assert (await ledger.audit()).ok
+
+    # The next turn of the conversation goes to the same worker (prefix cache).
+    _text, again = await run_turn(dispatcher, ask(user, "And two more.", conversation_id="c1"))
+    assert again.worker.worker_id == done.worker.worker_id
+
+
+async def test_refusals_leave_no_hold(stack: tuple[Dispatcher, Ledger], redis_url: str) -> None:
+    dispatcher, ledger = stack
+    poor = await funded_user(ledger, 902, amount=10)
+    rich = await funded_user(ledger, 903)
+
+    with pytest.raises(TurnError) as raised:
+        await dispatcher.start_turn(ask(poor, "hello"))
+    assert raised.value.code == "insufficient_balance"
+
+    with pytest.raises(TurnError) as raised:
+        await dispatcher.start_turn(
+            TurnRequest(rich, "no-such-model", [ChatMessage(role="user", content="hi")])
+        )
+    assert raised.value.code == "unknown_model" and DEFAULT_MODEL in str(raised.value)
+
+    with pytest.raises(TurnError) as raised:  # no worker is running
+        await dispatcher.start_turn(ask(rich, "hello"))
+    assert raised.value.code == "no_worker"
+
+    assert (await ledger.balances(poor)).available == 10
+    assert (await ledger.balances(rich)).available == TON
+    assert not await open_holds(ledger)
+    assert (await ledger.audit()).ok
+
+
+async def test_a_worker_frozen_before_the_first_token_is_replaced(
+    stack: tuple[Dispatcher, Ledger], nodes: list[Node], redis_url: str
+) -> None:
+    dispatcher, ledger = stack
+    dispatcher.first_token_timeout_s = 3
+    user = await funded_user(ledger, 904)
+    frozen = Node(redis_url)
+    nodes.append(frozen)
+    frozen.signal(signal.SIGSTOP)  # alive in the registry for a while, but answers nothing
+
+    healthy = Node(redis_url)
+    nodes.append(healthy)
+    # Make the frozen one the obvious choice: the conversation's previous worker.
+    await registry.remember_route(dispatcher.redis, "stuck", frozen.worker_id, 60)
+
+    text, done = await run_turn(dispatcher, ask(user, "Say hi.", conversation_id="stuck"))
+    assert text and done.worker.worker_id == healthy.worker_id
+    assert (await ledger.balances(user)).available == TON - done.cost
+    assert not await open_holds(ledger)
+    frozen.signal(signal.SIGKILL)
+
+
+async def test_a_worker_killed_mid_stream_refunds_the_turn(
+    stack: tuple[Dispatcher, Ledger], nodes: list[Node], redis_url: str
+) -> None:
+    dispatcher, ledger = stack
+    user = await funded_user(ledger, 905)
+    node = Node(redis_url)
+    nodes.append(node)
+
+    turn = await dispatcher.start_turn(ask(user, "Write a long story about the sea.", 1000))
+    started = time.monotonic()
+    with pytest.raises(TurnError) as raised:
+        async for event in turn.events():
+            if isinstance(event, TurnText) and node.process.poll() is None:
+                node.signal(signal.SIGKILL)
+    assert raised.value.code == "timeout" and "not charged" in str(raised.value)
+    assert time.monotonic() - started < 30, "the turn hung past its timeout"
+    assert await ledger.balances(user) == Balances(available=TON)
+    assert not await open_holds(ledger)
+    assert (await ledger.audit()).ok
+
+
+async def test_cancel_stops_generation_and_bills_what_was_generated(
+    stack: tuple[Dispatcher, Ledger], nodes: list[Node], redis_url: str, settings: Settings
+) -> None:
+    dispatcher, ledger = stack
+    user = await funded_user(ledger, 906)
+    nodes.append(Node(redis_url))
+
+    turn = await dispatcher.start_turn(ask(user, "Count from one to five hundred.", 1500))
+    chunks = 0
+    done: TurnDone | None = None
+    async for event in turn.events():
+        if isinstance(event, TurnText):
+            chunks += 1
+            if chunks == 3:
+                await turn.cancel()
+        else:
+            done = event
+    assert done is not None and done.finish_reason == "cancelled"
+    assert 3 <= done.completion_tokens < 1500
+    assert done.cost == turn_cost(
+        settings.models[DEFAULT_MODEL],
+        prompt_tokens=done.prompt_tokens,
+        cached_prompt_tokens=done.cached_prompt_tokens,
+        completion_tokens=done.completion_tokens,
+    )
+    assert (await ledger.balances(user)).available == TON - done.cost
+    assert not await open_holds(ledger)
+
+
+async def test_a_client_that_walks_away_is_billed_once_in_the_background(
+    stack: tuple[Dispatcher, Ledger], nodes: list[Node], redis_url: str
+) -> None:
+    dispatcher, ledger = stack
+    user = await funded_user(ledger, 907)
+    nodes.append(Node(redis_url))
+
+    turn = await dispatcher.start_turn(ask(user, "Tell me about rivers.", 800))
+    events = turn.events()
+    async for event in events:
+        assert isinstance(event, TurnText)
+        break
+    await events.aclose()  # the client is gone
+    for _ in range(200):
+        if not await open_holds(ledger):
+            break
+        await asyncio.sleep(0.1)
+    assert not await open_holds(ledger)
+    balances = await ledger.balances(user)
+    assert 0 < TON - balances.available < TON and balances.held == 0
+    assert (await ledger.audit()).ok
+
+
+async def test_a_prompt_leaves_no_plaintext_in_redis_or_the_database(
+    stack: tuple[Dispatcher, Ledger], nodes: list[Node], redis_url: str, settings: Settings
+) -> None:
+    dispatcher, ledger = stack
+    user = await funded_user(ledger, 908)
+    nodes.append(Node(redis_url))
+    canary = "CANARY-" + uuid.uuid4().hex
+
+    await run_turn(dispatcher, ask(user, f"Repeat this word exactly: {canary}", 40))
+
+    client = redis.Redis.from_url(redis_url)
+    needle = canary.encode()
+    fragment = canary[7:23].encode()  # a model may echo part of it
+    for key in client.scan_iter(count=1000):
+        assert needle not in key
+        kind = client.type(key)
+        if kind == b"string":
+            values = [client.get(key) or b""]
+        elif kind == b"hash":
+            values = [*client.hgetall(key).keys(), *client.hgetall(key).values()]
+        elif kind == b"list":
+            values = client.lrange(key, 0, -1)
+        elif kind in (b"set",):
+            values = list(client.smembers(key))
+        elif kind == b"zset":
+            values = [m for m, _ in client.zrange(key, 0, -1, withscores=True)]
+        elif kind == b"stream":
+            values = [v for _, fields in client.xrange(key) for v in fields.values()]
+        else:
+            values = []
+        for value in values:
+            assert fragment not in value, f"plaintext in Redis key {key!r}"
+    client.close()
+    await ledger.db.close()
+    database = Path(settings.db_url.split("///", 1)[1])
+    for path in database.parent.glob(database.name + "*"):
+        assert fragment not in path.read_bytes(), f"plaintext in {path.name}"

@@ -1,0 +1,127 @@
+"""The official ``openai`` package against ``cocoon web`` on loopback, with a real worker."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import aiohttp
+import openai
+import pytest
+from aiohttp.test_utils import TestServer
+
+from backend.apikeys import create_key
+from backend.db import Database
+from backend.ledger import Ledger
+from backend.settings import DEFAULT_MODEL, Settings
+from backend.users import get_or_create_user
+from backend.web import create_app
+from tests.test_inference import TON, Node
+
+pytest.importorskip("llama_cpp")
+
+
+@pytest.fixture
+def node(redis_url: str) -> Iterator[Node]:
+    started = Node(redis_url)
+    yield started
+    started.stop()
+
+
+@pytest.fixture
+async def api(settings: Settings, redis_url: str) -> AsyncIterator[tuple[str, str, Ledger, int]]:
+    """The web server's base URL, a funded user's API key, the ledger and the user id."""
+    db = Database.from_settings(settings)
+    await db.upgrade()
+    ledger = Ledger(db)
+    user = await get_or_create_user(db, 4242)
+    await ledger.credit_deposit(user.id, TON, "dep")
+    key, _row = await create_key(db, user.id)
+    server = TestServer(create_app(settings))
+    await server.start_server()
+    yield str(server.make_url("/v1")), key, ledger, user.id
+    await server.close()
+    await db.close()
+
+
+async def test_completion_not_streamed(api: tuple[str, str, Ledger, int], node: Node) -> None:
+    base_url, key, ledger, user = api
+    client = openai.AsyncOpenAI(base_url=base_url, api_key=key)
+    reply = await client.chat.completions.create(
+        model=DEFAULT_MODEL, messages=[{"role": "user", "content": "Say hello."}], max_tokens=16
+    )
+    assert reply.choices[0].message.content
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage is not None and 0 < reply.usage.completion_tokens <= 16
+    cost = int(reply.model_extra["cocoon"]["cost_nanoton"])
+    assert (await ledger.balances(user)).available == TON - cost
+    await client.close()
+
+
+async def test_completion_streamed_with_usage(
+    api: tuple[str, str, Ledger, int], node: Node
+) -> None:
+    base_url, key, ledger, user = api
+    client = openai.AsyncOpenAI(base_url=base_url, api_key=key)
+    stream = await client.chat.completions.create(
+        model=DEFAULT_MODEL,
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        max_tokens=16,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    text, usage, finish = "", None, None
+    async for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+            finish = chunk.choices[0].finish_reason or finish
+        if chunk.usage is not None:
+            usage = chunk.usage
+    assert text and finish in ("stop", "length")
+    assert usage is not None and usage.completion_tokens > 0
+    assert (await ledger.balances(user)).held == 0
+    assert (await ledger.balances(user)).available < TON
+    await client.close()
+
+
+async def test_errors_are_openai_shaped(api: tuple[str, str, Ledger, int]) -> None:
+    base_url, key, ledger, user = api
+    bad = openai.AsyncOpenAI(base_url=base_url, api_key="cc-not-a-key", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        await bad.chat.completions.create(
+            model=DEFAULT_MODEL, messages=[{"role": "user", "content": "hi"}]
+        )
+    client = openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0)
+    with pytest.raises(openai.NotFoundError, match="unknown model"):
+        await client.chat.completions.create(
+            model="gpt-17", messages=[{"role": "user", "content": "hi"}]
+        )
+    with pytest.raises(openai.BadRequestError, match="messages"):
+        await client.chat.completions.create(model=DEFAULT_MODEL, messages=[])
+    # No worker runs in this test: a clear 503, and the hold is released.
+    with pytest.raises(openai.InternalServerError, match="no worker"):
+        await client.chat.completions.create(
+            model=DEFAULT_MODEL, messages=[{"role": "user", "content": "hi"}]
+        )
+    assert (await ledger.balances(user)).available == TON
+
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            base_url + "/chat/completions",
+            data=b"{not json",
+            headers={"Authorization": f"Bearer {key}"},
+        ) as response:
+            assert response.status == 400
+            body = await response.json()
+            assert body["error"]["code"] == "invalid_json"
+    await bad.close()
+    await client.close()
+
+
+async def test_models_are_listed_with_prices(api: tuple[str, str, Ledger, int]) -> None:
+    base_url, key, _ledger, _user = api
+    client = openai.AsyncOpenAI(base_url=base_url, api_key=key)
+    models = await client.models.list()
+    [model] = models.data
+    assert model.id == DEFAULT_MODEL
+    assert int(model.model_extra["pricing"]["completion"]) > 0
+    await client.close()

@@ -1,0 +1,132 @@
+"""The engine interface: what the worker node needs from a model runtime.
+
+An engine takes a chat (a list of ``{"role", "content"}`` messages) and streams the reply:
+``generate()`` is an async generator that yields :class:`TextDelta` pieces and then exactly one
+:class:`Usage`, always last. If the consumer stops early (``aclose()`` or a cancelled task), the
+engine stops generating promptly and frees what the request held.
+
+Everything here is plain Python: importing this module pulls in no model library.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "cancelled"]
+FINISH_REASONS: tuple[str, ...] = ("stop", "length", "cancelled")
+ROLES: tuple[str, ...] = ("system", "user", "assistant", "developer", "tool")
+
+
+class EngineError(RuntimeError):
+    """A request the engine cannot serve (prompt too long, engine not started, server error).
+
+    The message is meant for people: it says what went wrong and, where it can, what to do.
+    """
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One chat completion to run.
+
+    ``messages`` are ``{"role": ..., "content": ...}`` dicts, oldest first. ``stop`` holds extra
+    stop strings (the model's own end-of-turn token always stops). ``seed`` makes sampling
+    reproducible on engines that support it; ``temperature=0`` is greedy.
+    """
+
+    messages: list[dict[str, str]]
+    max_tokens: int
+    temperature: float = 0.7
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.messages:
+            raise ValueError("messages must not be empty")
+        for message in self.messages:
+            if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+                raise ValueError("each message must be a dict with a string 'content'")
+            if message.get("role") not in ROLES:
+                raise ValueError(
+                    f"message role must be one of {ROLES}, got {message.get('role')!r}"
+                )
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ValueError(f"temperature must be between 0 and 2, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.stop, str | list):
+            # A bare string would otherwise be read as a tuple of one-letter stops.
+            object.__setattr__(
+                self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+            )
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty strings")
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """A piece of the reply's text, in order."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token accounting for one request; always the last item a generation yields.
+
+    ``cached_prompt_tokens`` is the part of ``prompt_tokens`` served from the engine's prefix
+    cache (0 when the engine cannot tell). ``finish_reason`` is ``"stop"`` (end of turn or a stop
+    string), ``"length"`` (``max_tokens`` or the context ran out) or ``"cancelled"`` (the engine
+    stopped it, e.g. while closing).
+    """
+
+    prompt_tokens: int
+    cached_prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class Engine(abc.ABC):
+    """A model runtime that streams chat completions.
+
+    Lifecycle: construct (cheap, no model loaded), ``await start()`` once (loads the model),
+    any number of ``generate()`` calls, possibly concurrent, then ``await close()``.
+    """
+
+    #: The engine kind: "llama-cpp", "openai", "vllm", "instant".
+    name: str
+    #: The model id served, as the network names it (e.g. "smollm2-135m").
+    model: str
+    #: The engine library's version string (part of the worker's attested claims).
+    version: str
+    #: How many generate() calls the engine accepts at once (the node's admission limit).
+    max_concurrency: int
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Load the model (once). Raises EngineError when it cannot."""
+
+    @abc.abstractmethod
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TextDelta | Usage]:
+        """Stream a reply: TextDelta items, then exactly one Usage, last.
+
+        Implementations are async generators. Closing the generator early (``aclose()``,
+        cancelling the task that iterates it) stops the generation promptly.
+        Raises EngineError for requests the engine cannot serve.
+        """
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Stop in-flight generations and free the model. Safe to call twice."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} model={self.model!r} version={self.version}>"

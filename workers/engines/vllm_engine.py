@@ -1,0 +1,205 @@
+"""The vllm engine: vLLM's ``AsyncLLM`` (V1 engine) in-process, on the GPU.
+
+The production engine for providers' TDX + GPU machines. vLLM is imported in ``start()`` only,
+so this module (and the worker node) imports without it. Written against vLLM 0.11+:
+``AsyncEngineArgs`` -> ``AsyncLLM.from_engine_args``; the prompt is rendered with the model
+tokenizer's chat template and passed as token ids (so the engine knows the exact prompt length
+and refuses a prompt that does not fit); replies stream with ``RequestOutputKind.DELTA``;
+usage comes from the prompt token ids, ``num_cached_tokens`` (vLLM's automatic prefix cache)
+and the generated token ids. Closing the generator aborts the request in vLLM.
+
+vLLM starts its engine core in a child process. With the "spawn" start method, the program
+that creates the engine must guard its entry point with ``if __name__ == "__main__":``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import inspect
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+from workers.engines.base import Engine, EngineError, GenerationRequest, TextDelta, Usage
+
+
+def _library_version() -> str:
+    try:
+        return importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+class VLLMEngine(Engine):
+    """vLLM ``AsyncLLM`` in-process.
+
+    Options: ``model_path`` (Hugging Face repo id or local directory of the weights; default:
+    ``model``), ``max_model_len`` (context length; default: the model's), ``gpu_memory_utilization``
+    (default 0.9), ``max_concurrency`` (sequences vLLM batches at once, passed as
+    ``max_num_seqs``; default 256), ``enable_prefix_caching`` (default True), ``seed``, and
+    ``engine_args`` (a dict of any other ``AsyncEngineArgs`` fields, e.g. ``dtype``,
+    ``quantization``, ``tensor_parallel_size``).
+    """
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        model_path: str | None = None,
+        max_model_len: int | None = None,
+        gpu_memory_utilization: float = 0.9,
+        max_concurrency: int = 256,
+        enable_prefix_caching: bool = True,
+        seed: int | None = None,
+        engine_args: dict[str, Any] | None = None,
+    ) -> None:
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
+        self.model = model
+        self.model_path = model_path or model
+        self.version = _library_version()
+        self.max_concurrency = max_concurrency
+        self.max_model_len = max_model_len
+        args: dict[str, Any] = {
+            "model": self.model_path,
+            "served_model_name": [model],
+            "gpu_memory_utilization": gpu_memory_utilization,
+            "max_num_seqs": max_concurrency,
+            "enable_prefix_caching": enable_prefix_caching,
+            "disable_log_stats": True,
+        }
+        if max_model_len is not None:
+            args["max_model_len"] = max_model_len
+        if seed is not None:
+            args["seed"] = seed
+        args.update(engine_args or {})
+        self._engine_args = args
+        self._engine: Any = None
+        self._tokenizer: Any = None
+        self._vllm: Any = None  # the imported names we need, filled in start()
+
+    async def start(self) -> None:
+        if self._engine is not None:
+            return
+        try:
+            import vllm
+            from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.sampling_params import RequestOutputKind, SamplingParams
+            from vllm.v1.engine.async_llm import AsyncLLM
+        except ImportError as error:
+            raise EngineError(
+                "vLLM is not installed (or too old): pip install 'vllm>=0.11' "
+                f"(the project's 'vllm' extra): {error}"
+            ) from error
+        self.version = vllm.__version__
+        self._vllm = (SamplingParams, RequestOutputKind)
+        try:
+            # Built on the event loop, as vLLM's own API server does: it starts the engine-core
+            # process and waits until the weights are loaded.
+            engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**self._engine_args))
+        except Exception as error:
+            raise EngineError(f"vLLM could not start {self.model_path}: {error}") from error
+        try:
+            tokenizer = engine.get_tokenizer()
+            if inspect.isawaitable(tokenizer):  # vLLM <= 0.11: a coroutine
+                tokenizer = await tokenizer
+        except BaseException:
+            engine.shutdown()
+            raise
+        self.max_model_len = engine.model_config.max_model_len
+        self._tokenizer = tokenizer
+        self._engine = engine
+
+    async def close(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.shutdown()
+
+    def prompt_token_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """The chat-templated prompt as token ids (the template writes any BOS itself)."""
+        if self._tokenizer is None:
+            raise EngineError("the vllm engine is not started (await engine.start() first)")
+        try:
+            prompt = self._tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        except Exception as error:
+            raise EngineError(
+                f"the model's chat template rejected the messages: {error}"
+            ) from error
+        return list(self._tokenizer.encode(prompt, add_special_tokens=False))
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TextDelta | Usage]:
+        engine = self._engine
+        if engine is None:
+            raise EngineError("the vllm engine is not started (await engine.start() first)")
+        SamplingParams, RequestOutputKind = self._vllm
+        prompt_ids = self.prompt_token_ids(request.messages)
+        limit = self.max_model_len or 0
+        if limit and len(prompt_ids) >= limit:
+            raise EngineError(
+                f"the prompt is {len(prompt_ids)} tokens but {self.model}'s context holds "
+                f"{limit} tokens for prompt and reply together; shorten the conversation"
+            )
+        max_tokens = request.max_tokens
+        if limit:
+            max_tokens = min(max_tokens, limit - len(prompt_ids))
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            stop=list(request.stop) or None,
+            seed=request.seed,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        request_id = f"cocoon-{uuid.uuid4().hex}"
+        prompt_tokens = len(prompt_ids)
+        cached = 0
+        completion = 0
+        finish_reason: str | None = None
+        finished = False
+        try:
+            stream = engine.generate(
+                {"prompt_token_ids": prompt_ids}, params, request_id=request_id
+            )
+            async with aclosing(stream) as outputs:
+                async for output in outputs:
+                    if output.prompt_token_ids:
+                        prompt_tokens = len(output.prompt_token_ids)
+                    if getattr(output, "num_cached_tokens", None):
+                        cached = int(output.num_cached_tokens)
+                    for choice in output.outputs[:1]:
+                        completion += len(choice.token_ids)
+                        if choice.finish_reason:
+                            finish_reason = choice.finish_reason
+                        if choice.text:
+                            yield TextDelta(choice.text)
+            finished = True
+        except EngineError:
+            raise
+        except Exception as error:  # validation errors, EngineGenerateError, EngineDeadError
+            raise EngineError(f"vLLM failed the request: {error}") from error
+        finally:
+            if not finished and self._engine is not None:
+                # The consumer went away (or vLLM failed): make sure vLLM forgets the request.
+                # AsyncLLM.generate() aborts on close too; aborting twice is harmless.
+                with contextlib.suppress(Exception):
+                    await engine.abort(request_id)
+        yield Usage(
+            prompt_tokens=prompt_tokens,
+            cached_prompt_tokens=min(cached, prompt_tokens),
+            completion_tokens=completion,
+            finish_reason=_finish_reason(finish_reason),
+        )
+
+
+def _finish_reason(reason: str | None) -> str:
+    if reason == "length":
+        return "length"
+    if reason == "abort":
+        return "cancelled"
+    return "stop"

@@ -1,0 +1,221 @@
+"""The RQ side of a chat job: how the backend enqueues one, and how the node books it in RQ.
+
+The enqueue contract (backend → worker node):
+
+* queue: ``queue_name(worker_id)`` (``cocoon:queue:<worker_id>``), the worker's own queue;
+* serializer: ``rq.serializers.JSONSerializer`` (never pickle);
+* function: ``workers.jobs.run_job``, with one positional argument, the sealed request
+  (:func:`workers.wire.seal_request`) as a base64 ``str``;
+* job id: the wire ``job_id`` (the reply stream is ``cocoon:stream:<job_id>``);
+* ``ttl``: how long the job may wait in the queue before it is dropped unstarted;
+  ``job_timeout``: how long it may run once started; both set by the enqueuer.
+* no RQ retries: a failed job is retried by the dispatcher, re-sealed to another worker.
+
+:func:`run_job` is never executed by RQ: the node consumes its queue itself, many jobs at once
+(a stock RQ worker runs one job at a time, and only the node holds the key that opens the
+request). :class:`JobBook` does the bookkeeping a stock worker would, so ``rq info``, the
+job's status, and the started / finished / failed registries tell the truth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from datetime import timedelta
+from typing import Any, NoReturn
+
+import redis
+from rq import Queue, SimpleWorker
+from rq.exceptions import DequeueTimeout
+from rq.executions import Execution
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
+from rq.utils import now
+from rq.worker import WorkerStatus
+
+from workers.registry import queue_name
+
+__all__ = [
+    "JOB_FUNCTION",
+    "JobBook",
+    "aenqueue_job",
+    "enqueue_job",
+    "run_job",
+]
+
+JOB_FUNCTION = "workers.jobs.run_job"
+
+RESULT_TTL_S = 300
+"""How long RQ keeps a finished job (its data is sealed; the result holds token counts only)."""
+
+FAILURE_TTL_S = 86_400
+"""How long RQ keeps a failed job, for ``rq info`` and post-mortems."""
+
+EXECUTION_TTL_S = 90
+"""An execution not heartbeaten for this long is abandoned (the node beats every ~15 s)."""
+
+
+def run_job(sealed_b64: str) -> NoReturn:
+    """The job function named in the queue. Only the Cocoon worker node can run it."""
+    raise RuntimeError(
+        "Cocoon jobs run only on the worker node that owns the queue (`cocoon worker`): "
+        "the request is sealed to that node's key. Do not point a stock `rq worker` at it."
+    )
+
+
+def enqueue_job(
+    redis_sync: redis.Redis,
+    worker_id: str,
+    job_id: str,
+    sealed: bytes,
+    *,
+    timeout_s: int,
+    ttl_s: int,
+) -> Job:
+    """Enqueue a sealed request on the worker's own queue (see the module doc for the contract)."""
+    queue = Queue(queue_name(worker_id), connection=redis_sync, serializer=JSONSerializer)
+    return queue.enqueue_call(
+        run_job,
+        args=(base64.b64encode(sealed).decode("ascii"),),
+        job_id=job_id,
+        timeout=timeout_s,
+        ttl=ttl_s,
+        result_ttl=RESULT_TTL_S,
+        failure_ttl=FAILURE_TTL_S,
+        description="cocoon chat job",  # RQ's default would repeat the (sealed) argument
+    )
+
+
+async def aenqueue_job(
+    redis_sync: redis.Redis,
+    worker_id: str,
+    job_id: str,
+    sealed: bytes,
+    *,
+    timeout_s: int,
+    ttl_s: int,
+) -> Job:
+    """:func:`enqueue_job` from asyncio code (RQ is synchronous: it runs in a thread)."""
+    return await asyncio.to_thread(
+        enqueue_job, redis_sync, worker_id, job_id, sealed, timeout_s=timeout_s, ttl_s=ttl_s
+    )
+
+
+class JobBook:
+    """The node's bookkeeping in RQ, one call per transition. Synchronous: call in a thread.
+
+    It registers the node as an RQ worker (named after the worker id) and, per job, does what a
+    stock worker does around ``job.perform()``: an Execution in the started registry, the job's
+    status and timestamps, the result or the failure, the finished / failed registries.
+    """
+
+    def __init__(self, connection: redis.Redis, worker_id: str) -> None:
+        self.connection = connection
+        self.queue = Queue(queue_name(worker_id), connection=connection, serializer=JSONSerializer)
+        self.rq_worker = SimpleWorker(
+            [self.queue], connection=connection, name=worker_id, serializer=JSONSerializer
+        )
+        self.name = worker_id
+
+    # -- the node as an RQ worker ---------------------------------------------------------------
+
+    def register_birth(self) -> None:
+        self.rq_worker.register_birth()
+        self.rq_worker.set_state(WorkerStatus.IDLE)
+
+    def register_death(self) -> None:
+        self.rq_worker.register_death()
+
+    def heartbeat(self, executions: list[tuple[Job, Execution]], busy: bool) -> None:
+        """Keep the RQ worker and the running executions alive (not abandoned)."""
+        with self.connection.pipeline() as pipe:
+            self.rq_worker.heartbeat(EXECUTION_TTL_S + 60, pipeline=pipe)
+            self.rq_worker.set_state(WorkerStatus.BUSY if busy else WorkerStatus.IDLE, pipe)
+            for job, execution in executions:
+                execution.heartbeat(job.started_job_registry, EXECUTION_TTL_S, pipeline=pipe)
+                job.heartbeat(now(), EXECUTION_TTL_S, pipeline=pipe, xx=True)
+            pipe.execute()
+
+    # -- jobs -----------------------------------------------------------------------------------
+
+    def dequeue(self, timeout_s: int | None) -> Job | None:
+        """The next job (moved to RQ's intermediate queue), or None after ``timeout_s``.
+
+        ``timeout_s=None`` does not block. Jobs whose TTL passed are skipped by RQ.
+        """
+        try:
+            result = Queue.dequeue_any(
+                [self.queue], timeout_s, connection=self.connection, serializer=JSONSerializer
+            )
+        except DequeueTimeout:
+            return None
+        return None if result is None else result[0]
+
+    def start(self, job: Job) -> Execution:
+        """Mark ``job`` started by this node (status, started registry, out of intermediate)."""
+        with self.connection.pipeline() as pipe:
+            execution = Execution.create(job, EXECUTION_TTL_S, pipeline=pipe, worker_name=self.name)
+            job.prepare_for_execution(self.name, pipeline=pipe)
+            pipe.lrem(self.queue.intermediate_queue_key, 1, job.id)
+            pipe.execute()
+        return execution
+
+    def finish(self, job: Job, execution: Execution, result: dict[str, Any]) -> None:
+        """Mark ``job`` finished with a JSON-able ``result`` (never text or keys)."""
+        job.ended_at = now()
+        job._result = result
+        result_ttl = job.get_result_ttl(RESULT_TTL_S)
+        with self.connection.pipeline() as pipe:
+            job._handle_success(
+                result_ttl,
+                pipeline=pipe,
+                worker_name=self.name,
+                execution_id=execution.id,
+                execution_started_at=execution.created_at,
+                execution_ended_at=job.ended_at,
+            )
+            job.cleanup(result_ttl, pipeline=pipe, remove_from_queue=False)
+            execution.delete(job=job, pipeline=pipe)
+            self.rq_worker.increment_successful_job_count(pipeline=pipe)
+            self.rq_worker.increment_total_working_time(self._working_time(job), pipe)
+            pipe.execute()
+
+    def fail(self, job: Job, execution: Execution | None, reason: str) -> None:
+        """Mark ``job`` failed with ``reason`` (shown by RQ as the exception text)."""
+        job.ended_at = now()
+        with self.connection.pipeline() as pipe:
+            job.set_status(JobStatus.FAILED, pipeline=pipe)
+            if execution is not None:
+                execution.delete(job=job, pipeline=pipe)
+            else:  # never started: it is still in the intermediate queue
+                pipe.lrem(self.queue.intermediate_queue_key, 1, job.id)
+            job._handle_failure(
+                reason,
+                pipeline=pipe,
+                worker_name=self.name,
+                execution_id=execution.id if execution is not None else None,
+                execution_started_at=execution.created_at if execution is not None else None,
+                execution_ended_at=job.ended_at,
+            )
+            self.rq_worker.increment_failed_job_count(pipeline=pipe)
+            self.rq_worker.increment_total_working_time(self._working_time(job), pipe)
+            pipe.execute()
+
+    @staticmethod
+    def _working_time(job: Job) -> timedelta:
+        if job.started_at is None or job.ended_at is None:
+            return timedelta(0)
+        return job.ended_at - job.started_at
+
+
+def sealed_argument(job: Job) -> bytes:
+    """The sealed request carried by a Cocoon job; ValueError for any other job."""
+    if job.func_name != JOB_FUNCTION:
+        raise ValueError(f"not a Cocoon job: function {job.func_name!r}")
+    args, kwargs = job.args, job.kwargs
+    if kwargs or len(args) != 1 or not isinstance(args[0], str):
+        raise ValueError("a Cocoon job takes exactly one argument: the sealed request (base64)")
+    try:
+        return base64.b64decode(args[0], validate=True)
+    except ValueError as error:
+        raise ValueError("the job's sealed request is not valid base64") from error

@@ -1,0 +1,59 @@
+"""Redis key names of the worker side, and the one bridge between sync and asyncio clients.
+
+Every key Cocoon's worker modules use is built by :func:`redis_key` from a named namespace
+below, so the layout can be read (and audited for plaintext) in one place:
+
+========================================  ==========================================================
+``cocoon:workers``                        sorted set: every registered worker id (index only)
+``cocoon:worker:<worker_id>``             hash: one worker's :class:`~workers.registry.WorkerInfo`
+                                          and live load; expires ``ttl_s`` after its last heartbeat
+``cocoon:worker-slots:<worker_id>``       sorted set: job ids assigned to the worker by a
+                                          dispatcher, scored by their expiry (Redis clock)
+``cocoon:route:<conversation_id>``        string: worker id of the conversation's last turn
+``cocoon:queue:<worker_id>``              name (not key) of the worker's own RQ queue
+``cocoon:stream:<job_id>``                stream: the job's sealed reply events
+``cocoon:cancel:<job_id>``                string: set when the job's cancellation was requested
+``cocoon:cancel``                         pub/sub channel: job ids whose cancellation was requested
+========================================  ==========================================================
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+PREFIX = "cocoon:"
+
+WORKERS_INDEX = "workers"
+WORKER = "worker"
+WORKER_SLOTS = "worker-slots"
+ROUTE = "route"
+QUEUE = "queue"
+STREAM = "stream"
+CANCEL = "cancel"
+
+T = TypeVar("T")
+
+
+def redis_key(namespace: str, *parts: str) -> str:
+    """``cocoon:<namespace>[:<part>...]``; parts must not be empty."""
+    for part in parts:
+        if not part:
+            raise ValueError(f"empty part in a {namespace!r} key")
+    return ":".join((PREFIX + namespace, *parts))
+
+
+def finish(result: Any, transform: Callable[[Any], T]) -> T | Awaitable[T]:
+    """Apply ``transform`` to a redis-py result, awaiting it first if the client is asyncio.
+
+    This lets one function serve both ``redis.Redis`` (returns the value) and
+    ``redis.asyncio.Redis`` (returns an awaitable of the value), as redis-py's own commands do.
+    """
+    if inspect.isawaitable(result):
+
+        async def _later() -> T:
+            return transform(await result)
+
+        return _later()
+    return transform(result)
