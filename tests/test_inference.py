@@ -24,10 +24,11 @@ from backend.models import AccountKind, Hold, HoldState
 from backend.pricing import turn_cost
 from backend.settings import DEFAULT_MODEL, Settings
 from backend.users import get_or_create_user
+from tests.conftest import require_module
 from workers import registry
 from workers.wire import ChatMessage
 
-pytest.importorskip("llama_cpp")
+require_module("llama_cpp")
 
 TON = 1_000_000_000
 

@@ -15,9 +15,10 @@ from backend.ledger import Ledger
 from backend.settings import DEFAULT_MODEL, Settings
 from backend.users import get_or_create_user
 from backend.web import create_app
+from tests.conftest import require_module
 from tests.test_inference import TON, Node
 
-pytest.importorskip("llama_cpp")
+require_module("llama_cpp")
 
 
 @pytest.fixture

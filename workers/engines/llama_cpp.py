@@ -308,7 +308,7 @@ class LlamaCppEngine(Engine):
                 if stop_event.is_set() or self._closing.is_set():
                     finish = "cancelled"
                     break
-                completion += 1
+                completion += 1  # the end-of-turn token counts too, as in vLLM
                 if self._is_eog(token):
                     finish = "stop"
                     break

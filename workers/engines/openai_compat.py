@@ -103,6 +103,11 @@ class OpenAICompatEngine(Engine):
         try:
             async with session.get(f"{self.base_url}/v1/models") as response:
                 await response.read()
+                if response.status in (401, 403):
+                    raise EngineError(
+                        f"the server at {self.base_url} refused the API key "
+                        f"(HTTP {response.status}); set api_key"
+                    )
             if not self._explicit_version:
                 async with session.get(f"{self.base_url}/version") as response:
                     if response.status == 200:
