@@ -48,6 +48,7 @@ MESSAGE_OVERHEAD_TOKENS = 8
 
 RETRYABLE_WORKER_ERRORS = frozenset({"worker_shutdown", "busy"})
 ROUTE_TTL_S = 3600
+MAX_REDIS_CONNECTIONS = 1024
 
 
 class TurnError(Exception):
@@ -140,10 +141,15 @@ class Dispatcher:
 
     @classmethod
     def from_settings(cls, settings: Settings, ledger: Ledger) -> Dispatcher:
+        # Each streaming turn holds a connection during its blocking reads: allow many, and
+        # make the rest wait for one rather than fail.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            settings.redis_url, max_connections=MAX_REDIS_CONNECTIONS, timeout=30
+        )
         return cls(
             settings,
             ledger,
-            aioredis.Redis.from_url(settings.redis_url),
+            aioredis.Redis(connection_pool=pool),
             redis.Redis.from_url(settings.redis_url),
         )
 
@@ -151,7 +157,7 @@ class Dispatcher:
         """Wait for turns whose client left to finish settling, then close the connections."""
         if self._background:
             await asyncio.wait(self._background, timeout=self.idle_timeout_s + 5)
-        await self.redis.aclose()
+        await self.redis.aclose(close_connection_pool=True)
         self.redis_sync.close()
 
     def models(self) -> dict[str, ModelPrice]:

@@ -11,18 +11,9 @@
    free slot, and runs each as an asyncio task on the shared engine, up to ``capacity`` at once
    (``min(--capacity, engine.max_concurrency)``). It never dequeues a job it has no room for.
 
-Per job: open the sealed request with the node's key (a request that cannot be opened fails the
-RQ job: there is no reply key to answer to), check the model, stream each text delta as a sealed
-:class:`~workers.wire.StreamChunk` (``seq`` 0, 1, 2, ...), then the signed
-:class:`~workers.wire.FinalRecord`, sealed to the reply key. An engine error ends the stream with
-an :class:`~workers.wire.ErrorRecord` instead.
-
-Stopping a job. A cancel request (:func:`workers.streams.request_cancel`) closes the generation
-at once and ends the stream with a FinalRecord ``finish_reason="cancelled"`` counting the tokens
-streamed so far (they were generated: they are billed). When the node itself stops a job
-(shutdown, or the RQ job timeout), the rule is: before the first chunk, an ErrorRecord
-(``worker_shutdown`` / ``job_timeout``: nothing was delivered, the dispatcher may retry
-elsewhere); after it, a FinalRecord ``"cancelled"`` with the tokens so far.
+Each job is a :class:`workers.job_run.JobRun` (what is streamed, and how a job is stopped).
+The node cancels a job when asked (:func:`workers.streams.request_cancel`: it listens on the
+cancel channel, and sweeps the cancel keys of its running jobs with every heartbeat).
 
 Shutdown (SIGTERM or SIGINT): unregister at once (no dispatcher picks the node any more), stop
 dequeuing, reject the jobs still waiting in the queue with ErrorRecord ``worker_shutdown`` (so
@@ -51,24 +42,13 @@ from typing import Any, TypeVar
 import redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import RedisError
-from rq import Queue
-from rq.executions import Execution
 from rq.job import Job
 
 from workers import registry, streams
-from workers.engines import Engine, EngineError, GenerationRequest, TextDelta, Usage, create_engine
-from workers.jobs import JobBook, sealed_argument
-from workers.wire import (
-    ErrorRecord,
-    Event,
-    FinalRecord,
-    JobRequest,
-    StreamChunk,
-    WireError,
-    WorkerKeys,
-    open_request,
-    seal_event,
-)
+from workers.engines import Engine, EngineError, create_engine
+from workers.job_run import JobRun, Outcome, describe_error
+from workers.jobs import JobBook
+from workers.wire import WorkerKeys
 
 __all__ = ["Node", "NodeConfig", "main", "run_node"]
 
@@ -80,7 +60,10 @@ DEQUEUE_BLOCK_S = 1
 """One blocking dequeue waits this long, so a stop request is noticed within a second."""
 
 RQ_HEARTBEAT_S = 15.0
+"""How often the node's RQ worker entry and its jobs' executions are kept alive."""
+
 BOOK_THREADS = 8
+"""Threads for RQ's (synchronous) bookkeeping."""
 
 
 @dataclass(frozen=True)
@@ -99,28 +82,6 @@ class NodeConfig:
     grace_s: float = 30.0
 
 
-@dataclass(eq=False)
-class _Running:
-    """One job the node has taken, from dequeue to its last stream entry."""
-
-    job: Job
-    started: float = field(default_factory=time.monotonic)
-    execution: Execution | None = None
-    deltas: int = 0  # text pieces the engine produced (its tokens, near enough)
-    chunks: int = 0  # sealed chunks written (deltas are merged while a write is in flight)
-    unsent: list[str] = field(default_factory=list)
-    stop_reason: str | None = None  # "cancel", "shutdown" or "timeout"
-    generation: asyncio.Task[Usage] | None = None
-    writer: asyncio.Task[None] | None = None
-
-
-@dataclass(frozen=True)
-class _Outcome:
-    ok: bool
-    detail: str  # RQ's failure reason (no payload text), or the finish reason
-    usage: Usage | None = None
-
-
 class Node:
     """A running worker node. Build with a started engine, then ``await serve(stop)``."""
 
@@ -131,11 +92,10 @@ class Node:
         self.worker_id = config.worker_id or f"w-{self.keys.fingerprint()}"
         self.capacity = max(1, min(config.capacity, engine.max_concurrency))
         self.peak_load = 0
-        self._running: dict[str, _Running] = {}
+        self._running: dict[str, JobRun] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._accepting = False
         self._load_changed = asyncio.Event()
-        self._force = asyncio.Event()
 
     @property
     def load(self) -> int:
@@ -155,14 +115,14 @@ class Node:
             last_heartbeat=time.time(),
         )
 
-    def force_stop(self) -> None:
-        """End the shutdown grace period now."""
-        self._force.set()
-
     # -- lifecycle -------------------------------------------------------------------------------
 
-    async def serve(self, stop: asyncio.Event) -> None:
-        """Serve jobs until ``stop`` is set, then shut down gracefully (see the module doc)."""
+    async def serve(self, stop: asyncio.Event, force: asyncio.Event | None = None) -> None:
+        """Serve jobs until ``stop`` is set, then shut down gracefully (see the module doc).
+
+        Setting ``force`` ends the shutdown's grace period at once.
+        """
+        self._force = force or asyncio.Event()
         self._sync = redis.Redis.from_url(self.config.redis_url)
         # One connection per job writing a chunk, plus the heartbeat and the cancel watch.
         self._redis = AsyncRedis.from_url(self.config.redis_url, max_connections=self.capacity + 16)
@@ -193,8 +153,17 @@ class Node:
                 self.capacity,
                 self.keys.fingerprint(),
             )
-            await stop.wait()
+            stopping = asyncio.create_task(stop.wait())
+            await asyncio.wait([stopping, dequeuer, *background], return_when="FIRST_COMPLETED")
+            stopping.cancel()
+            broken = [task for task in (dequeuer, *background) if task.done()]
+            for task in broken:  # they loop until cancelled: ending is a bug
+                log.critical(
+                    "worker %s: a background task ended (%s)", self.worker_id, describe_error(task)
+                )
             await self._shut_down(dequeuer)
+            if broken:
+                raise RuntimeError("a background task of the node ended; it was shut down")
         finally:
             for task in background:
                 task.cancel()
@@ -226,8 +195,8 @@ class Node:
             force = asyncio.create_task(self._force.wait())
             await asyncio.wait([*self._tasks, force], timeout=self.config.grace_s)
             force.cancel()
-        for running in list(self._running.values()):
-            self._stop(running, "shutdown")
+        for run in list(self._running.values()):
+            run.stop("shutdown")
         if self._tasks:
             await asyncio.wait(self._tasks)
         log.info("worker %s stopped (peak load %d)", self.worker_id, self.peak_load)
@@ -254,6 +223,8 @@ class Node:
                     await self._in_thread(self._book.heartbeat, executions, bool(executions))
             except RedisError as error:
                 log.warning("heartbeat failed: %s", error)
+            except Exception as error:  # keep beating: a silent node would look dead
+                log.error("heartbeat failed: %s", describe_error(error))
             self._load_changed.clear()
             try:
                 await asyncio.wait_for(self._load_changed.wait(), self.config.heartbeat_s)
@@ -294,26 +265,25 @@ class Node:
     # -- one job ---------------------------------------------------------------------------------
 
     async def _run_job(self, job: Job) -> None:
-        running = _Running(job)
-        self._running[job.id] = running
+        run = JobRun(job, engine=self.engine, keys=self.keys, redis=self._redis)
+        self._running[job.id] = run
         self.peak_load = max(self.peak_load, self.load)
         self._load_changed.set()
-        outcome = _Outcome(False, "internal error")
+        outcome = Outcome(False, "internal error")
         try:
-            running.execution = await self._in_thread(self._book.start, job)
-            outcome = await self._handle(running)
+            run.execution = await self._in_thread(self._book.start, job)
+            outcome = await run.run()
         except Exception as error:
-            log.exception("job %s: %s", job.id, type(error).__name__)
-            outcome = _Outcome(False, f"internal error ({type(error).__name__})")
+            log.error("job %s: internal error: %s", job.id, describe_error(error))
+            outcome = Outcome(False, f"internal error ({type(error).__name__})")
         finally:
             del self._running[job.id]
             self._slots.release()
             self._load_changed.set()
-            await self._record(running, outcome)
+            await self._record(run, outcome)
 
-    async def _record(self, running: _Running, outcome: _Outcome) -> None:
-        job = running.job
-        elapsed = time.monotonic() - running.started
+    async def _record(self, run: JobRun, outcome: Outcome) -> None:
+        job = run.job
         try:
             await registry.release_slot(self._redis, self.worker_id, job.id)
             if outcome.ok:
@@ -321,13 +291,14 @@ class Node:
                 result = {
                     "finish_reason": outcome.detail,
                     "prompt_tokens": usage.prompt_tokens if usage else 0,
-                    "completion_tokens": usage.completion_tokens if usage else running.deltas,
+                    "completion_tokens": usage.completion_tokens if usage else run.deltas,
                 }
-                await self._in_thread(self._book.finish, job, running.execution, result)
+                await self._in_thread(self._book.finish, job, run.execution, result)
             else:
-                await self._in_thread(self._book.fail, job, running.execution, outcome.detail)
+                await self._in_thread(self._book.fail, job, run.execution, outcome.detail)
         except RedisError as error:
             log.error("job %s: could not record its outcome in RQ: %s", job.id, error)
+        elapsed = time.monotonic() - run.started
         if outcome.ok and outcome.usage:
             log.info(
                 "job %s %s in %.3fs: %d prompt (%d cached) + %d completion tokens, %d chunks",
@@ -337,197 +308,44 @@ class Node:
                 outcome.usage.prompt_tokens,
                 outcome.usage.cached_prompt_tokens,
                 outcome.usage.completion_tokens,
-                running.chunks,
+                run.chunks,
             )
         else:
             log.info("job %s failed in %.3fs: %s", job.id, elapsed, outcome.detail)
 
-    async def _handle(self, running: _Running) -> _Outcome:
-        job = running.job
-        request = self._open(job)
-        if isinstance(request, _Outcome):
-            return request
-        if request.model != self.engine.model:
-            message = f"this worker serves {self.engine.model!r}, not {request.model!r}"
-            await self._send(
-                request, ErrorRecord(job_id=job.id, code="wrong_model", message=message)
-            )
-            return _Outcome(False, "wrong model")
-        if await streams.is_cancel_requested(self._redis, job.id):
-            self._stop(running, "cancel")
-        if running.stop_reason is None:
-            running.generation = asyncio.create_task(self._generate(running, request))
-            done, _ = await asyncio.wait({running.generation}, timeout=_time_left(running))
-            if not done:
-                self._stop(running, "timeout")
-                await asyncio.wait({running.generation})
-        if running.writer is not None:
-            await running.writer  # a Redis error here fails the job
-        await self._write_unsent(running, request)
-        return await self._conclude(running, request)
-
-    def _open(self, job: Job) -> JobRequest | _Outcome:
-        try:
-            request = open_request(sealed_argument(job), self.keys)
-        except (ValueError, WireError) as error:  # WireError messages never quote the payload
-            return _Outcome(False, f"cannot open the request: {error}")
-        except Exception as error:  # job data RQ could not deserialize
-            return _Outcome(False, f"cannot read the job: {type(error).__name__}")
-        if request.job_id != job.id:
-            return _Outcome(False, "the sealed request belongs to another job id")
-        return request
-
-    async def _generate(self, running: _Running, request: JobRequest) -> Usage:
-        sampling = request.sampling
-        generation = self.engine.generate(
-            GenerationRequest(
-                messages=[message.model_dump() for message in request.messages],
-                max_tokens=request.max_tokens,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                stop=tuple(sampling.stop),
-                seed=sampling.seed,
-            )
-        )
-        usage: Usage | None = None
-        try:
-            async for item in generation:
-                if isinstance(item, Usage):
-                    usage = item
-                elif isinstance(item, TextDelta) and item.text:
-                    running.deltas += 1
-                    running.unsent.append(item.text)
-                    self._ensure_writer(running, request)
-        finally:
-            aclose = getattr(generation, "aclose", None)
-            if aclose is not None:
-                await aclose()
-        if usage is None:
-            raise EngineError("the engine ended without reporting token usage")
-        return usage
-
-    def _ensure_writer(self, running: _Running, request: JobRequest) -> None:
-        """Start writing the unsent text unless a write is already under way.
-
-        The engine never waits for Redis: deltas that arrive while a chunk is being written are
-        merged into the next chunk, so a busy node writes fewer, longer chunks. The writer is
-        its own task, so stopping the generation never cuts a write in half.
-        """
-        writer = running.writer
-        if writer is not None and writer.done() and writer.exception() is not None:
-            raise writer.exception()  # type: ignore[misc]
-        if writer is None or writer.done():
-            running.writer = asyncio.create_task(self._write_unsent(running, request))
-
-    async def _write_unsent(self, running: _Running, request: JobRequest) -> None:
-        while running.unsent:
-            text = "".join(running.unsent)
-            running.unsent.clear()
-            chunk = StreamChunk(job_id=request.job_id, seq=running.chunks, text=text)
-            running.chunks += 1
-            await self._send(request, chunk)
-
-    async def _conclude(self, running: _Running, request: JobRequest) -> _Outcome:
-        job_id = request.job_id
-        task = running.generation
-        if task is not None and not task.cancelled() and task.exception() is None:
-            usage = task.result()
-            await self._send(request, _final(job_id, usage))
-            return _Outcome(True, usage.finish_reason, usage)
-        reason = running.stop_reason
-        if reason is None:  # the engine failed
-            assert task is not None
-            error = task.exception()
-            log.warning("job %s: engine error %s", job_id, type(error).__name__)
-            message = str(error) if isinstance(error, EngineError) else "the engine failed"
-            record = ErrorRecord(job_id=job_id, code="engine_error", message=message[:4096])
-            await self._send(request, record)
-            return _Outcome(False, f"engine error ({type(error).__name__})")
-        if reason != "cancel" and running.deltas == 0:
-            code = "worker_shutdown" if reason == "shutdown" else "job_timeout"
-            what = "the worker is shutting down" if reason == "shutdown" else "the job timed out"
-            await self._send(request, ErrorRecord(job_id=job_id, code=code, message=what))
-            return _Outcome(False, f"{code}: stopped before the first token")
-        usage = Usage(0, 0, running.deltas, "cancelled")
-        await self._send(request, _final(job_id, usage))
-        if reason == "cancel":
-            return _Outcome(True, "cancelled", usage)
-        return _Outcome(False, f"{reason}: stopped after {running.deltas} tokens")
-
     async def _reject(self, job: Job) -> None:
         """Refuse a job that was never started (the node is shutting down)."""
-        request = self._open(job)
+        run = JobRun(job, engine=self.engine, keys=self.keys, redis=self._redis)
         try:
-            if isinstance(request, JobRequest):
-                record = ErrorRecord(
-                    job_id=job.id, code="worker_shutdown", message="the worker is shutting down"
-                )
-                await self._send(request, record)
+            await run.reject("worker_shutdown", "the worker is shutting down")
             await registry.release_slot(self._redis, self.worker_id, job.id)
             await self._in_thread(self._book.fail, job, None, "worker_shutdown: never started")
         except RedisError as error:
             log.error("job %s: could not reject it: %s", job.id, error)
 
-    async def _send(self, request: JobRequest, event: Event) -> None:
-        sealed = seal_event(event, request.reply_key, self.keys)
-        last = not isinstance(event, StreamChunk)
-        await streams.append(self._redis, request.job_id, sealed, last=last)
-
-    # -- stopping jobs ---------------------------------------------------------------------------
-
     def _on_cancel(self, job_id: str) -> None:
-        running = self._running.get(job_id)
-        if running is not None:
-            self._stop(running, "cancel")
-
-    def _stop(self, running: _Running, reason: str) -> None:
-        if running.stop_reason is None:
-            running.stop_reason = reason
-            log.info("job %s: stopping (%s)", running.job.id, reason)
-        if running.generation is not None:
-            running.generation.cancel()
+        run = self._running.get(job_id)
+        if run is not None and run.stop("cancel"):
+            log.info("job %s: cancel requested", job_id)
 
     async def _in_thread(self, func: Callable[..., T], *args: Any, pool: Any = None) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(pool or self._book_pool, func, *args)
 
 
-def _time_left(running: _Running) -> float | None:
-    """Seconds left of the RQ job timeout (None: no limit, RQ's ``-1``)."""
-    timeout = running.job.timeout
-    if timeout is None:
-        timeout = Queue.DEFAULT_TIMEOUT
-    if timeout < 0:
-        return None
-    return max(0.001, timeout - (time.monotonic() - running.started))
-
-
-def _final(job_id: str, usage: Usage) -> FinalRecord:
-    return FinalRecord(
-        job_id=job_id,
-        prompt_tokens=usage.prompt_tokens,
-        cached_prompt_tokens=min(usage.cached_prompt_tokens, usage.prompt_tokens),
-        completion_tokens=usage.completion_tokens,
-        finish_reason=usage.finish_reason,  # type: ignore[arg-type]
-    )
-
-
 # -- process entry points ------------------------------------------------------------------------
 
 
 async def run_node(
-    config: NodeConfig, stop: asyncio.Event, node_ready: Callable[[Node], None] | None = None
+    config: NodeConfig, stop: asyncio.Event, force: asyncio.Event | None = None
 ) -> None:
-    """Load the engine once, then serve until ``stop`` is set."""
+    """Load the engine once, then serve until ``stop`` is set (``force``: no grace period)."""
     engine = create_engine(config.engine, config.model, **dict(config.engine_options))
     started = time.monotonic()
     await engine.start()
     log.info("engine %s loaded in %.1fs", engine, time.monotonic() - started)
     try:
-        node = Node(config, engine)
-        if node_ready is not None:
-            node_ready(node)
-        await node.serve(stop)
+        await Node(config, engine).serve(stop, force)
     finally:
         await engine.close()
 
@@ -610,19 +428,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _serve_until_signalled(config: NodeConfig) -> None:
-    stop = asyncio.Event()
-    nodes: list[Node] = []
+    stop, force = asyncio.Event(), asyncio.Event()
 
     def on_signal() -> None:
         if stop.is_set():
-            for node in nodes:
-                node.force_stop()
+            force.set()  # a second signal: stop the running jobs now
         stop.set()
 
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal)
-    await run_node(config, stop, nodes.append)
+    await run_node(config, stop, force)
 
 
 if __name__ == "__main__":

@@ -26,12 +26,13 @@ expiry) and a check in the readers; the storage layout does not change.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Awaitable, Iterable
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from redis.asyncio import Redis as AsyncRedis
 
 from workers.redis_keys import (
@@ -58,6 +59,8 @@ __all__ = [
     "reserve_slot",
     "unregister",
 ]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TTL_S = 10
 """A worker is dead this many seconds after its last heartbeat (the node beats every ~2 s)."""
@@ -123,7 +126,7 @@ def register(redis: AnyRedis, info: WorkerInfo, ttl_s: int = DEFAULT_TTL_S) -> A
     static = info.model_dump_json(exclude=_DYNAMIC_FIELDS)
     key = worker_key(info.worker_id)
     pipe = redis.pipeline(transaction=True)
-    pipe.delete(key, slots_key(info.worker_id))
+    pipe.delete(key)  # slots are kept: a node that re-registers after a stall keeps its jobs
     pipe.hset(key, mapping={"info": static, "load": info.load, "last_heartbeat": repr(now)})
     pipe.expire(key, ttl_s)
     pipe.zadd(INDEX_KEY, {info.worker_id: now})
@@ -215,7 +218,7 @@ async def list_workers(redis: AsyncRedis, model: str | None = None) -> list[Work
     workers: list[WorkerInfo] = []
     gone: list[str] = []
     for worker_id, fields, reserved in zip(ids, replies[::2], replies[1::2], strict=True):
-        info = _parse(fields, reserved)
+        info = _parse(worker_id, fields, reserved)
         if info is None:
             gone.append(worker_id)
         elif model is None or info.model == model:
@@ -232,7 +235,7 @@ async def get_worker(redis: AsyncRedis, worker_id: str) -> WorkerInfo | None:
     pipe.hgetall(worker_key(worker_id))
     pipe.zcount(slots_key(worker_id), seconds + micros / 1_000_000, "+inf")
     fields, reserved = await pipe.execute()
-    return _parse(fields, reserved)
+    return _parse(worker_id, fields, reserved)
 
 
 async def pick_worker(
@@ -286,13 +289,18 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _parse(fields: dict[Any, Any], reserved: int) -> WorkerInfo | None:
+def _parse(worker_id: str, fields: dict[Any, Any], reserved: int) -> WorkerInfo | None:
     if not fields:
         return None
     data = {_text(k): _text(v) for k, v in fields.items()}
     if "info" not in data:  # a partial hash: never written by register()
         return None
-    return WorkerInfo.model_validate_json(data["info"]).model_copy(
+    try:
+        info = WorkerInfo.model_validate_json(data["info"])
+    except ValidationError:  # written by an incompatible version: not dispatchable
+        log.warning("worker entry %s is not readable; skipped", worker_id)
+        return None
+    return info.model_copy(
         update={
             "load": int(data.get("load", 0)),
             "last_heartbeat": float(data.get("last_heartbeat", 0.0)),

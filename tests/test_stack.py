@@ -1,0 +1,99 @@
+"""`cocoon up` as the README runs it: its own Redis, a worker, the API; then `cocoon chat`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import redis
+
+from tests.conftest import require_module
+
+require_module("llama_cpp")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_up_then_chat(tmp_path: Path) -> None:
+    redis_port, web_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COCOON_")}
+    env.update(
+        COCOON_DATA_DIR=str(tmp_path / "data"),
+        COCOON_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
+        COCOON_WEB_PORT=str(web_port),
+    )
+    log = (tmp_path / "up.log").open("w+")
+    up = subprocess.Popen(
+        [sys.executable, "-m", "backend.cli", "up"],
+        env=env,
+        cwd=tmp_path,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        key_file = tmp_path / "data" / "local-api-key"
+        deadline = time.monotonic() + 120
+        while True:
+            assert up.poll() is None, (tmp_path / "up.log").read_text()
+            assert time.monotonic() < deadline, (tmp_path / "up.log").read_text()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/healthz") as reply:
+                    if reply.status == 200 and key_file.exists():
+                        break
+            except OSError:
+                pass
+            time.sleep(0.3)
+        assert "started" in (tmp_path / "up.log").read_text()  # it said which Redis it ran
+
+        chat = subprocess.run(
+            [sys.executable, "-m", "backend.cli", "chat", "Say hello.", "--max-tokens", "12"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert chat.returncode == 0, chat.stderr
+        assert chat.stdout.strip()
+        assert "development TEE" in chat.stderr and "signed usage verified" in chat.stderr
+
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{web_port}/v1/chat/completions",
+            data=json.dumps(
+                {
+                    "model": "smollm2-135m",
+                    "max_tokens": 8,
+                    "messages": [{"role": "user", "content": "Hi"}],
+                }
+            ).encode(),
+            headers={"Authorization": f"Bearer {key_file.read_text().strip()}"},
+        )
+        with urllib.request.urlopen(request, timeout=120) as reply:
+            body = json.load(reply)
+        assert body["choices"][0]["message"]["content"]
+        assert int(body["cocoon"]["cost_nanoton"]) > 0
+    finally:
+        os.killpg(up.pid, signal.SIGINT)
+        up.wait(timeout=60)
+        log.close()
+    # Everything it started is gone with it: the Redis it ran no longer answers.
+    client = redis.Redis(port=redis_port, socket_connect_timeout=1)
+    try:
+        client.ping()
+        raise AssertionError("the Redis started by cocoon up outlived it")
+    except redis.ConnectionError:
+        pass
+    finally:
+        client.close()

@@ -1,0 +1,129 @@
+"""The per-job reply stream and the cancel signal, on the real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+
+import pytest
+import redis
+import redis.asyncio
+
+from workers import streams
+from workers.streams import (
+    StreamTimeout,
+    append,
+    cancelled_among,
+    is_cancel_requested,
+    read_stream,
+    request_cancel,
+    stream_key,
+    watch_cancels,
+)
+
+
+@pytest.fixture
+async def aredis(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
+    client = redis.asyncio.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+async def collect(client: redis.asyncio.Redis, job_id: str, **timeouts: float) -> list[bytes]:
+    options = {"first_timeout_s": 2.0, "idle_timeout_s": 2.0, **timeouts}
+    return [entry async for entry in read_stream(client, job_id, **options)]
+
+
+async def test_entries_come_back_in_order_and_the_last_one_ends_the_read(aredis):
+    blobs = [os.urandom(40) + b"\x00\xff" for _ in range(5)]
+    for blob in blobs[:-1]:
+        await append(aredis, "job-1", blob)
+    await append(aredis, "job-1", blobs[-1], last=True)
+    await append(aredis, "job-1", b"after the end")  # never read
+
+    assert await collect(aredis, "job-1") == blobs
+
+
+async def test_a_reader_waiting_first_gets_entries_as_they_are_written(aredis):
+    async def writer() -> None:
+        for i in range(3):
+            await asyncio.sleep(0.05)
+            await append(aredis, "job-2", b"chunk %d" % i, last=i == 2)
+
+    task = asyncio.create_task(writer())
+    got = await collect(aredis, "job-2")
+    await task
+    assert got == [b"chunk 0", b"chunk 1", b"chunk 2"]
+
+
+def test_the_sync_client_writes_the_same_stream(redis_url):
+    client = redis.Redis.from_url(redis_url)
+    entry_id = append(client, "job-3", b"sealed", last=True)
+    assert isinstance(entry_id, str) and "-" in entry_id
+    assert client.xlen(stream_key("job-3")) == 1
+    assert 0 < client.ttl(stream_key("job-3")) <= streams.STREAM_TTL_S
+    client.close()
+
+
+async def test_nothing_at_all_is_a_first_token_timeout(aredis):
+    with pytest.raises(StreamTimeout) as caught:
+        await collect(aredis, "job-silent", first_timeout_s=0.3)
+    assert caught.value.first_token is True
+
+
+async def test_a_stall_after_some_entries_is_an_idle_timeout(aredis):
+    await append(aredis, "job-stall", b"one")
+    got: list[bytes] = []
+    with pytest.raises(StreamTimeout) as caught:
+        async for entry in read_stream(
+            aredis, "job-stall", first_timeout_s=5.0, idle_timeout_s=0.3
+        ):
+            got.append(entry)
+    assert got == [b"one"]
+    assert caught.value.first_token is False
+
+
+async def test_the_idle_timer_restarts_with_each_entry(aredis):
+    async def slow_writer() -> None:
+        for i in range(4):
+            await asyncio.sleep(0.2)
+            await append(aredis, "job-slow", b"%d" % i, last=i == 3)
+
+    task = asyncio.create_task(slow_writer())
+    # 0.8 s in all, more than the idle timeout, but never 0.5 s between two entries.
+    got = await collect(aredis, "job-slow", first_timeout_s=1.0, idle_timeout_s=0.5)
+    await task
+    assert got == [b"0", b"1", b"2", b"3"]
+
+
+async def test_streams_are_bounded(aredis, monkeypatch):
+    monkeypatch.setattr(streams, "STREAM_MAXLEN", 50)
+    for i in range(1000):
+        await append(aredis, "job-long", b"%d" % i)
+    # Trimming is approximate: whole nodes of up to 100 entries are dropped.
+    assert await aredis.xlen(stream_key("job-long")) <= 50 + 100
+    assert await aredis.ttl(stream_key("job-long")) > 0
+
+
+async def test_cancel_is_a_key_and_a_message(aredis):
+    assert await is_cancel_requested(aredis, "job-c") is False
+    heard: list[str] = []
+    ready = asyncio.Event()
+    watcher = asyncio.create_task(watch_cancels(aredis, heard.append, ready=ready))
+    await asyncio.wait_for(ready.wait(), 5)
+
+    await request_cancel(aredis, "job-c")
+
+    for _ in range(100):
+        if heard:
+            break
+        await asyncio.sleep(0.02)
+    watcher.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await watcher
+    assert heard == ["job-c"]
+    assert await is_cancel_requested(aredis, "job-c") is True
+    assert await cancelled_among(aredis, ["job-a", "job-c", "job-z"]) == {"job-c"}
+    assert await cancelled_among(aredis, []) == set()
+    assert 0 < await aredis.ttl(streams.cancel_key("job-c")) <= streams.CANCEL_TTL_S

@@ -1,0 +1,259 @@
+"""One chat job on the worker node: from the sealed request to the job's last stream entry.
+
+A :class:`JobRun` opens the request with the node's key, checks the model, runs the engine and
+streams the reply as sealed events to ``cocoon:stream:<job_id>``:
+
+* each text delta becomes part of a sealed :class:`~workers.wire.StreamChunk` (``seq`` 0, 1, ...).
+  The engine never waits for Redis: deltas that arrive while a chunk is being written are merged
+  into the next one, so a busy node writes fewer, longer chunks;
+* the end is one signed :class:`~workers.wire.FinalRecord` (token usage), or an
+  :class:`~workers.wire.ErrorRecord` (``wrong_model``, ``engine_error``, ...).
+
+Stopping (:meth:`JobRun.stop`). A user's cancel ends the stream with a FinalRecord
+``finish_reason="cancelled"`` that counts the tokens generated so far (they are billed). When
+the node itself stops a job (``"shutdown"``, or ``"timeout"``: the RQ job timeout), the rule is:
+before the first token, an ErrorRecord (``worker_shutdown`` / ``job_timeout``): nothing was
+delivered and the dispatcher may retry elsewhere; after it, a FinalRecord ``"cancelled"``.
+
+A request that cannot be opened gets no reply at all: without it there is no reply key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from redis.asyncio import Redis as AsyncRedis
+from rq import Queue
+from rq.job import Job
+
+from workers import streams
+from workers.engines import Engine, EngineError, GenerationRequest, TextDelta, Usage
+from workers.jobs import sealed_argument
+from workers.wire import (
+    ErrorRecord,
+    Event,
+    FinalRecord,
+    JobRequest,
+    StreamChunk,
+    WireError,
+    WorkerKeys,
+    open_request,
+    seal_event,
+)
+
+__all__ = ["JobRun", "Outcome", "describe_error"]
+
+MAX_CHUNK_CHARS = 65_536
+"""Merged deltas are split into chunks of at most this many characters."""
+
+STREAM_TTL_REFRESH_S = 60.0
+"""A busy stream's TTL is refreshed at its first entry, its last, and once a minute between."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a job ended, for RQ and the logs (never any text of the conversation)."""
+
+    ok: bool
+    detail: str  # the finish reason when ok, else the failure reason RQ records
+    usage: Usage | None = None
+
+
+class JobRun:
+    """One job taken by the node. ``await run()`` once; ``stop()`` at any time."""
+
+    def __init__(self, job: Job, *, engine: Engine, keys: WorkerKeys, redis: AsyncRedis) -> None:
+        self.job = job
+        self.engine = engine
+        self.keys = keys
+        self.redis = redis
+        self.started = time.monotonic()
+        self.execution: Any = None  # the RQ Execution, kept by the node for its heartbeats
+        self.deltas = 0  # text pieces from the engine (its tokens, near enough)
+        self.chunks = 0  # sealed chunks written
+        self.stop_reason: str | None = None  # "cancel", "shutdown" or "timeout"
+        self._unsent: list[str] = []
+        self._generation: asyncio.Task[Usage] | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._ttl_set_at = -STREAM_TTL_REFRESH_S
+
+    @property
+    def job_id(self) -> str:
+        return self.job.id
+
+    def stop(self, reason: str) -> bool:
+        """Stop generating at once; the stream still gets its last record. True if news."""
+        first = self.stop_reason is None
+        if first:
+            self.stop_reason = reason
+        if self._generation is not None:
+            self._generation.cancel()
+        return first
+
+    async def run(self) -> Outcome:
+        request = self.open()
+        if isinstance(request, Outcome):
+            return request
+        if request.model != self.engine.model:
+            message = f"this worker serves {self.engine.model!r}, not {request.model!r}"
+            await self._send(
+                request, ErrorRecord(job_id=self.job_id, code="wrong_model", message=message)
+            )
+            return Outcome(False, "wrong model")
+        if await streams.is_cancel_requested(self.redis, self.job_id):
+            self.stop("cancel")
+        if self.stop_reason is None:
+            self._generation = asyncio.create_task(self._generate(request))
+            done, _ = await asyncio.wait({self._generation}, timeout=self._time_left())
+            if not done:
+                self.stop("timeout")
+                await asyncio.wait({self._generation})
+        if self._writer is not None:
+            await self._writer  # a Redis error here fails the job
+        await self._write_unsent(request)
+        return await self._conclude(request)
+
+    async def reject(self, code: str, message: str) -> None:
+        """Answer a job that will not run with an ErrorRecord (if it can be opened at all)."""
+        request = self.open()
+        if isinstance(request, JobRequest):
+            await self._send(request, ErrorRecord(job_id=self.job_id, code=code, message=message))
+
+    def open(self) -> JobRequest | Outcome:
+        try:
+            request = open_request(sealed_argument(self.job), self.keys)
+        except (ValueError, WireError) as error:  # neither quotes the payload
+            return Outcome(False, f"cannot open the request: {error}")
+        except Exception as error:  # job data RQ could not deserialize
+            return Outcome(False, f"cannot read the job: {type(error).__name__}")
+        if request.job_id != self.job_id:
+            return Outcome(False, "the sealed request belongs to another job id")
+        return request
+
+    # -- internals -------------------------------------------------------------------------------
+
+    async def _generate(self, request: JobRequest) -> Usage:
+        sampling = request.sampling
+        generation = self.engine.generate(
+            GenerationRequest(
+                messages=[message.model_dump() for message in request.messages],
+                max_tokens=request.max_tokens,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                stop=tuple(sampling.stop),
+                seed=sampling.seed,
+            )
+        )
+        usage: Usage | None = None
+        try:
+            async for item in generation:
+                if isinstance(item, Usage):
+                    usage = item
+                elif isinstance(item, TextDelta) and item.text:
+                    self.deltas += 1
+                    self._unsent.append(item.text)
+                    self._ensure_writer(request)
+        finally:
+            aclose = getattr(generation, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        if usage is None:
+            raise EngineError("the engine ended without reporting token usage")
+        return usage
+
+    def _ensure_writer(self, request: JobRequest) -> None:
+        """Write the unsent text unless a write is under way (its own task: a stop never
+        cuts a write in half)."""
+        writer = self._writer
+        if writer is not None and writer.done() and writer.exception() is not None:
+            raise writer.exception()  # type: ignore[misc]
+        if writer is None or writer.done():
+            self._writer = asyncio.create_task(self._write_unsent(request))
+
+    async def _write_unsent(self, request: JobRequest) -> None:
+        while self._unsent:
+            text = "".join(self._unsent)
+            self._unsent.clear()
+            if len(text) > MAX_CHUNK_CHARS:
+                self._unsent.append(text[MAX_CHUNK_CHARS:])
+                text = text[:MAX_CHUNK_CHARS]
+            chunk = StreamChunk(job_id=self.job_id, seq=self.chunks, text=text)
+            self.chunks += 1
+            await self._send(request, chunk)
+
+    async def _conclude(self, request: JobRequest) -> Outcome:
+        task = self._generation
+        if task is not None and not task.cancelled() and task.exception() is None:
+            usage = task.result()
+            await self._send(request, _final(self.job_id, usage))
+            return Outcome(True, usage.finish_reason, usage)
+        reason = self.stop_reason
+        if reason is None:  # the engine failed
+            assert task is not None
+            error = task.exception()
+            message = str(error) if isinstance(error, EngineError) else "the engine failed"
+            record = ErrorRecord(job_id=self.job_id, code="engine_error", message=message[:4096])
+            await self._send(request, record)
+            return Outcome(False, f"engine error ({describe_error(error)})")
+        if reason != "cancel" and self.deltas == 0:
+            code = "worker_shutdown" if reason == "shutdown" else "job_timeout"
+            what = "the worker is shutting down" if reason == "shutdown" else "the job timed out"
+            await self._send(request, ErrorRecord(job_id=self.job_id, code=code, message=what))
+            return Outcome(False, f"{code}: stopped before the first token")
+        # The engine gives no usage for a generation closed early: count what it produced.
+        usage = Usage(0, 0, self.deltas, "cancelled")
+        await self._send(request, _final(self.job_id, usage))
+        if reason == "cancel":
+            return Outcome(True, "cancelled", usage)
+        return Outcome(False, f"{reason}: stopped after {self.deltas} tokens")
+
+    async def _send(self, request: JobRequest, event: Event) -> None:
+        sealed = seal_event(event, request.reply_key, self.keys)
+        last = not isinstance(event, StreamChunk)
+        ttl_s: int | None = streams.STREAM_TTL_S
+        if not last and time.monotonic() - self._ttl_set_at < STREAM_TTL_REFRESH_S:
+            ttl_s = None  # set moments ago: one command per chunk, not two
+        elif not last:
+            self._ttl_set_at = time.monotonic()
+        await streams.append(self.redis, self.job_id, sealed, last=last, ttl_s=ttl_s)
+
+    def _time_left(self) -> float | None:
+        """Seconds left of the RQ job timeout (None: no limit, RQ's ``-1``)."""
+        timeout = self.job.timeout
+        if timeout is None:
+            timeout = Queue.DEFAULT_TIMEOUT
+        if timeout < 0:
+            return None
+        return max(0.001, timeout - (time.monotonic() - self.started))
+
+
+def _final(job_id: str, usage: Usage) -> FinalRecord:
+    return FinalRecord(
+        job_id=job_id,
+        prompt_tokens=usage.prompt_tokens,
+        cached_prompt_tokens=min(usage.cached_prompt_tokens, usage.prompt_tokens),
+        completion_tokens=usage.completion_tokens,
+        finish_reason=usage.finish_reason,  # type: ignore[arg-type]
+    )
+
+
+def describe_error(failure: BaseException | asyncio.Task[Any] | None) -> str:
+    """An exception's type and where it was raised, without its message.
+
+    Messages may quote data (pydantic puts the rejected input in its errors), and logs and RQ
+    must never hold prompt or reply text.
+    """
+    if isinstance(failure, asyncio.Task):
+        if failure.cancelled():
+            return "cancelled"
+        failure = failure.exception()
+    if failure is None:
+        return "no error"
+    frames = traceback.extract_tb(failure.__traceback__)
+    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+    return f"{type(failure).__name__}{where}"
