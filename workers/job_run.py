@@ -21,6 +21,7 @@ A request that cannot be opened gets no reply at all: without it there is no rep
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -52,6 +53,9 @@ MAX_CHUNK_CHARS = 65_536
 """Merged deltas are split into chunks of at most this many characters."""
 
 STREAM_TTL_REFRESH_S = 60.0
+
+STOP_GRACE_S = 2.0
+"""How long an engine asked to stop may take to end with its usage before it is cancelled."""
 """A busy stream's TTL is refreshed at its first entry, its last, and once a minute between."""
 
 
@@ -78,6 +82,9 @@ class JobRun:
         self.chunks = 0  # sealed chunks written
         self.stop_reason: str | None = None  # "cancel", "shutdown" or "timeout"
         self._unsent: list[str] = []
+        # Asks the engine to end between two tokens and report its real usage; the task is
+        # cancelled outright only if the engine has not stopped STOP_GRACE_S later.
+        self._stop_signal = threading.Event()
         self._generation: asyncio.Task[Usage] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._ttl_set_at = -STREAM_TTL_REFRESH_S
@@ -91,8 +98,13 @@ class JobRun:
         first = self.stop_reason is None
         if first:
             self.stop_reason = reason
-        if self._generation is not None:
-            self._generation.cancel()
+        self._stop_signal.set()
+        generation = self._generation
+        if generation is not None and not generation.done():
+            try:
+                asyncio.get_running_loop().call_later(STOP_GRACE_S, generation.cancel)
+            except RuntimeError:  # no running loop: stop it now
+                generation.cancel()
         return first
 
     async def run(self) -> Outcome:
@@ -147,6 +159,7 @@ class JobRun:
                 top_p=sampling.top_p,
                 stop=tuple(sampling.stop),
                 seed=sampling.seed,
+                stop_signal=self._stop_signal,
             )
         )
         usage: Usage | None = None
@@ -188,11 +201,19 @@ class JobRun:
 
     async def _conclude(self, request: JobRequest) -> Outcome:
         task = self._generation
+        reason = self.stop_reason
+        if reason not in (None, "cancel") and self.deltas == 0:
+            # Stopped before the first token: hand the job back, so it is retried elsewhere.
+            code = "worker_shutdown" if reason == "shutdown" else "job_timeout"
+            what = "the worker is shutting down" if reason == "shutdown" else "the job timed out"
+            await self._send(request, ErrorRecord(job_id=self.job_id, code=code, message=what))
+            return Outcome(False, f"{code}: stopped before the first token")
         if task is not None and not task.cancelled() and task.exception() is None:
             usage = task.result()
             await self._send(request, _final(self.job_id, usage))
-            return Outcome(True, usage.finish_reason, usage)
-        reason = self.stop_reason
+            if reason in (None, "cancel"):
+                return Outcome(True, usage.finish_reason, usage)
+            return Outcome(False, f"{reason}: stopped after {usage.completion_tokens} tokens")
         if reason is None:  # the engine failed
             assert task is not None
             error = task.exception()
@@ -200,12 +221,8 @@ class JobRun:
             record = ErrorRecord(job_id=self.job_id, code="engine_error", message=message[:4096])
             await self._send(request, record)
             return Outcome(False, f"engine error ({describe_error(error)})")
-        if reason != "cancel" and self.deltas == 0:
-            code = "worker_shutdown" if reason == "shutdown" else "job_timeout"
-            what = "the worker is shutting down" if reason == "shutdown" else "the job timed out"
-            await self._send(request, ErrorRecord(job_id=self.job_id, code=code, message=what))
-            return Outcome(False, f"{code}: stopped before the first token")
-        # The engine gives no usage for a generation closed early: count what it produced.
+        # The engine did not stop in time and was cancelled: it gave no usage, so count what it
+        # produced (never more than was used).
         usage = Usage(0, 0, self.deltas, "cancelled")
         await self._send(request, _final(self.job_id, usage))
         if reason == "cancel":

@@ -11,8 +11,9 @@ Everything here is plain Python: importing this module pulls in no model library
 from __future__ import annotations
 
 import abc
+import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -42,6 +43,13 @@ class GenerationRequest:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    #: Set it to end the generation between two tokens: the engine then yields its Usage with
+    #: ``finish_reason="cancelled"`` and the real counts, so what was generated can be billed.
+    #: (Closing the generator also stops it, but then no Usage comes back.)
+    stop_signal: threading.Event | None = field(default=None, compare=False, repr=False)
+
+    def stop_requested(self) -> bool:
+        return self.stop_signal is not None and self.stop_signal.is_set()
 
     def __post_init__(self) -> None:
         if not self.messages:

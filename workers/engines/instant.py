@@ -59,7 +59,7 @@ class InstantEngine(Engine):
         for index, word in enumerate(echoed):
             # Sleeping (even for 0 s) yields to the loop, so consumers can cancel between words.
             await asyncio.sleep(self.token_delay)
-            if self._closed:
+            if self._closed or request.stop_requested():
                 yield Usage(prompt_tokens, 0, index, "cancelled")
                 return
             yield TextDelta(word if index == 0 else " " + word)

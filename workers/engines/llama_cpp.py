@@ -288,6 +288,8 @@ class LlamaCppEngine(Engine):
         llm = self._llm
         if llm is None or self._closing.is_set() or stop_event.is_set():
             return Usage(len(prompt), 0, 0, "cancelled")
+        if request.stop_requested():
+            return Usage(0, 0, 0, "cancelled")  # stopped before it started: nothing was read
         cached = self._cached_prefix(llm, prompt)
         budget = min(request.max_tokens, self.n_ctx - len(prompt))
         llm.set_seed(request.seed if request.seed is not None else self._default_seed)
@@ -305,7 +307,7 @@ class LlamaCppEngine(Engine):
         )
         try:
             for token in tokens:
-                if stop_event.is_set() or self._closing.is_set():
+                if stop_event.is_set() or self._closing.is_set() or request.stop_requested():
                     finish = "cancelled"
                     break
                 completion += 1  # the end-of-turn token counts too, as in vLLM

@@ -145,16 +145,25 @@ class OpenAICompatEngine(Engine):
             raise EngineError("the openai engine is not started (await engine.start() first)")
         finish_reason: str | None = None
         usage: dict[str, Any] | None = None
+        pieces = 0
         async with aclosing(self._chunks(self._session, self._payload(request))) as chunks:
             async for chunk in chunks:
+                if request.stop_requested():
+                    break  # closing the response makes the server stop
                 for choice in chunk.get("choices") or ():
                     text = (choice.get("delta") or {}).get("content")
                     if text:
+                        pieces += 1
                         yield TextDelta(text)
                     if choice.get("finish_reason"):
                         finish_reason = choice["finish_reason"]
                 if chunk.get("usage"):
                     usage = chunk["usage"]
+        if usage is None and request.stop_requested():
+            # The server reports no usage for a request cut short: count the pieces received
+            # (one token each, near enough) and nothing for the prompt: never more than used.
+            yield Usage(0, 0, pieces, "cancelled")
+            return
         if usage is None:
             raise EngineError(
                 f"the server at {self.base_url} sent no usage; it must support "
