@@ -290,7 +290,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     balance = add("balance", "show a user's balances", cmd_ledger_balance, ledger_sub)
     balance.add_argument("--telegram-id", required=True, metavar="N", help="the user's Telegram id")
+
+    import importlib
+
+    for module in FEATURE_COMMANDS:
+        importlib.import_module(module).add_commands(sub, add)
     return parser
+
+
+# Feature command groups: each module has ``add_commands(sub, add)`` that adds its subcommands.
+FEATURE_COMMANDS: tuple[str, ...] = ()
 
 
 def _redact(url: str) -> str:
