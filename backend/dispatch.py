@@ -267,7 +267,7 @@ class Turn:
         )
         sealed = seal_request(job, worker.box_public_key)
         await aenqueue_job(
-            self.d.redis_sync,
+            self.d.redis,
             worker.worker_id,
             self.job_id,
             sealed,

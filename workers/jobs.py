@@ -19,12 +19,12 @@ job's status, and the started / finished / failed registries tell the truth.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 from datetime import timedelta
 from typing import Any, NoReturn
 
 import redis
+from redis.asyncio import Redis as AsyncRedis
 from rq import Queue, SimpleWorker
 from rq.exceptions import DequeueTimeout
 from rq.executions import Execution
@@ -86,19 +86,66 @@ def enqueue_job(
     )
 
 
+class _Recorder:
+    """Stands in for a Redis pipeline: records the commands RQ issues, to replay them on an
+    asyncio client. RQ's own code decides what an enqueue writes; we only carry it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        def record(*args: Any, **kwargs: Any) -> _Recorder:
+            self.calls.append((name, args, kwargs))
+            return self
+
+        return record
+
+
+# A client RQ may hold but must never use: every command of an enqueue goes to the recorder.
+_OFFLINE = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.01)
+_server_versions: dict[int, tuple[int, ...]] = {}
+
+
 async def aenqueue_job(
-    redis_sync: redis.Redis,
+    redis_async: AsyncRedis,
     worker_id: str,
     job_id: str,
     sealed: bytes,
     *,
     timeout_s: int,
     ttl_s: int,
-) -> Job:
-    """:func:`enqueue_job` from asyncio code (RQ is synchronous: it runs in a thread)."""
-    return await asyncio.to_thread(
-        enqueue_job, redis_sync, worker_id, job_id, sealed, timeout_s=timeout_s, ttl_s=ttl_s
+) -> str:
+    """:func:`enqueue_job` for asyncio code, in one round trip and no thread.
+
+    RQ builds the job and issues its enqueue commands into a recorder; they are replayed on
+    ``redis_async`` as one MULTI/EXEC pipeline, so the queue, the job hash and RQ's queue set
+    come out exactly as a synchronous ``Queue.enqueue_call`` writes them.
+    """
+    version = _server_versions.get(id(redis_async))
+    if version is None:
+        info = await redis_async.info("server")
+        version = tuple(int(part) for part in str(info["redis_version"]).split(".")[:3])
+        _server_versions[id(redis_async)] = version
+    queue = Queue(queue_name(worker_id), connection=_OFFLINE, serializer=JSONSerializer)
+    queue.redis_server_version = version  # what RQ would ask the server for
+    job = queue.create_job(
+        run_job,
+        args=(base64.b64encode(sealed).decode("ascii"),),
+        job_id=job_id,
+        timeout=timeout_s,
+        ttl=ttl_s,
+        result_ttl=RESULT_TTL_S,
+        failure_ttl=FAILURE_TTL_S,
+        description="cocoon chat job",
+        status=JobStatus.QUEUED,
     )
+    recorder = _Recorder()
+    queue.enqueue_job(job, pipeline=recorder)  # type: ignore[arg-type]
+    pipe = redis_async.pipeline(transaction=True)
+    for name, args, kwargs in recorder.calls:
+        getattr(pipe, name)(*args, **kwargs)
+    await pipe.execute()
+    return job.id
 
 
 class JobBook:
