@@ -321,6 +321,25 @@ class Ledger:
 
         return await self._run(key, "release", {"hold": hold_key}, body, None)
 
+    async def release_stale_holds(self, older_than: dt.timedelta) -> list[str]:
+        """Release every hold still open after ``older_than``: its turn's process died before
+        settling. Returns the keys released. Safe to run from several processes at once."""
+        cutoff = dt.datetime.now(dt.UTC) - older_than
+        async with self.db.session() as session:
+            keys = list(
+                await session.scalars(
+                    select(Hold.key).where(Hold.state == HoldState.OPEN, Hold.created_at < cutoff)
+                )
+            )
+        released = []
+        for key in keys:
+            try:
+                await self.release(key)
+            except InvalidState:
+                continue  # settled or released meanwhile
+            released.append(key)
+        return released
+
     async def request_withdrawal(
         self, provider_id: int, amount: int, key: str, *, destination: str | None = None
     ) -> Receipt:

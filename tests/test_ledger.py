@@ -4,11 +4,13 @@ rounded away, a balance never goes below zero, and a key applies once."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import update
 
 from backend.db import Database
 from backend.ledger import (
@@ -20,7 +22,7 @@ from backend.ledger import (
     Ledger,
     NotFound,
 )
-from backend.models import AccountKind, HoldState
+from backend.models import AccountKind, Hold, HoldState
 from backend.settings import MAX_NANO
 from backend.users import get_or_create_user
 
@@ -282,3 +284,21 @@ async def test_first_contact_creates_one_user_with_a_unique_memo(db: Database) -
     memos = {user.deposit_memo for user in [created[0], *others]}
     assert len(memos) == 21
     assert created[0].language_code == "ru"
+
+
+async def test_stale_holds_are_released(db: Database, ledger: Ledger) -> None:
+    user = await new_user(db, 1013)
+    await ledger.credit_deposit(user, 1000, "dep")
+    await ledger.hold(user, 400, "old-turn")
+    await ledger.hold(user, 100, "new-turn")
+    async with db.session() as session, session.begin():
+        await session.execute(
+            update(Hold)
+            .where(Hold.key == "old-turn")
+            .values(created_at=dt.datetime.now(dt.UTC) - dt.timedelta(hours=2))
+        )
+
+    assert await ledger.release_stale_holds(dt.timedelta(hours=1)) == ["old-turn"]
+    assert await ledger.balances(user) == Balances(available=900, held=100)
+    assert await ledger.release_stale_holds(dt.timedelta(hours=1)) == []
+    await assert_healthy(ledger)
