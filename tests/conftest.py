@@ -65,26 +65,47 @@ def redis_url() -> Iterator[str]:
     client.close()
 
 
-async def _reset_postgres(url: str) -> None:
+async def _admin(url: str, *statements: str) -> None:
     from sqlalchemy import text
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    engine = create_async_engine(url)
+    engine = create_async_engine(url, isolation_level="AUTOCOMMIT")
     try:
-        async with engine.begin() as conn:
-            await conn.execute(text("DROP SCHEMA public CASCADE"))
-            await conn.execute(text("CREATE SCHEMA public"))
+        async with engine.connect() as conn:
+            for statement in statements:
+                await conn.execute(text(statement))
     finally:
         await engine.dispose()
 
 
+@pytest.fixture(scope="session")
+def postgres_database() -> Iterator[str]:
+    """A database of this test run's own, made inside the server of ``test``, dropped at the
+    end: test runs side by side (a developer's and CI's) never touch each other's tables."""
+    from sqlalchemy.engine import make_url
+
+    name = f"cocoon_test_{os.getpid()}"
+    try:
+        asyncio.run(
+            _admin(TEST_POSTGRES_URL, f"DROP DATABASE IF EXISTS {name}", f"CREATE DATABASE {name}")
+        )
+    except Exception as error:  # no server, no rights: fall back to the shared database
+        try:
+            asyncio.run(_admin(TEST_POSTGRES_URL, "SELECT 1"))
+        except Exception:
+            _unavailable("PostgreSQL", error)
+        yield TEST_POSTGRES_URL
+        return
+    url = make_url(TEST_POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+    yield url
+    asyncio.run(_admin(TEST_POSTGRES_URL, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
 @pytest.fixture
-def postgres_url() -> str:
+def postgres_url(postgres_database: str) -> str:
     """A PostgreSQL database emptied of Cocoon's tables before the test."""
     try:
-        asyncio.run(_reset_postgres(TEST_POSTGRES_URL))
-    except (OSError, ConnectionError) as error:
+        asyncio.run(_admin(postgres_database, "DROP SCHEMA public CASCADE", "CREATE SCHEMA public"))
+    except Exception as error:  # asyncpg's own errors: connection, auth
         _unavailable("PostgreSQL", error)
-    except Exception as error:  # asyncpg's own errors: auth, missing database
-        _unavailable("PostgreSQL", error)
-    return TEST_POSTGRES_URL
+    return postgres_database
