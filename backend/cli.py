@@ -245,11 +245,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("bot", "run the Telegram bot with long polling", _not_yet("the Telegram bot", 5))
     # `cocoon worker ...` is handed to the worker node's own parser (see main()).
     add("worker", "run a worker node serving one model (see cocoon worker --help)", cmd_up)
-    add(
-        "watcher",
-        "watch the TON deposit wallet and credit deposits",
-        _not_yet("the TON chain watcher", 6),
-    )
     chat = add("chat", "ask one question through the whole stack, streamed", cmd_chat)
     chat.add_argument("question", nargs="?", help="what to ask (default: standard input)")
     chat.add_argument("--model", help="model id (default: the first in COCOON_MODELS)")
@@ -299,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Feature command groups: each module has ``add_commands(sub, add)`` that adds its subcommands.
-FEATURE_COMMANDS: tuple[str, ...] = ()
+FEATURE_COMMANDS: tuple[str, ...] = ("backend.attestation.commands", "backend.ton.cli")
 
 
 def _redact(url: str) -> str:

@@ -25,7 +25,7 @@ from backend.ledger import InsufficientFunds, Ledger, LedgerError
 from backend.pricing import turn_cost, worst_case_cost
 from backend.settings import ModelPrice, Settings
 from workers import registry, streams
-from workers.jobs import aenqueue_job
+from workers.jobs import aenqueue_job, job_id_for
 from workers.wire import (
     ChatMessage,
     ErrorRecord,
@@ -240,20 +240,23 @@ class Turn:
     async def dispatch(self) -> None:
         """Pick a worker that has not failed this turn, seal to it, enqueue."""
         self.attempt += 1
-        self.job_id = f"{self.turn_id}-{self.attempt}"
+        attempt = self.attempt
         worker = await registry.pick_worker(
             self.d.redis,
             self.request.model,
             conversation_id=self.request.conversation_id,
             exclude=self.tried,
-            job_id=self.job_id,
+            job_id=lambda worker_id: job_id_for(worker_id, self.turn_id, attempt),
             slot_ttl_s=self.d.queue_ttl_s + self.d.job_timeout_s,
+            # Attested workers always; unattested (directly registered) ones only in dev mode.
+            attested_only=not self.d.settings.attestation.allow_dev,
         )
         if worker is None:
             raise TurnError(
                 "no_worker", f"no worker is serving {self.request.model} right now; try later"
             )
         self.worker = worker
+        self.job_id = job_id_for(worker.worker_id, self.turn_id, attempt)
         self.tried.append(worker.worker_id)
         self._reply_key = new_reply_keypair()
         job = JobRequest(

@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -148,6 +149,8 @@ class Hold(Base):
 
 class PayoutState(enum.StrEnum):
     REQUESTED = "requested"
+    SIGNED = "signed"  # the transfer is signed and stored, not yet sent
+    SENT = "sent"  # sent to the network, not yet found on chain
     CONFIRMED = "confirmed"
     FAILED = "failed"
 
@@ -182,3 +185,139 @@ class ApiKey(Base):
     name: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+# --- TON payments ---
+# Tables of backend/ton/ (issue 6): the deposit watcher's cursor and the deposits it saw, the
+# bot's notification outbox, the hot wallet's signed payout messages, ton_proof payloads and
+# linked wallets. Addresses are raw ("0:<64 hex>"), hashes hex, times of the chain unix seconds.
+
+
+class TonCursor(Base):
+    """How far the deposit watcher has read one account: every transaction up to ``last_lt``."""
+
+    __tablename__ = "ton_cursors"
+
+    account: Mapped[str] = mapped_column(String(80), primary_key=True)
+    last_lt: Mapped[int] = mapped_column(BigInteger, default=0)
+    last_hash: Mapped[str | None] = mapped_column(String(64))
+    updated_at: Mapped[dt.datetime] = mapped_column(
+        DateTime(timezone=True), default=_now, onupdate=_now
+    )
+
+
+class TonDepositStatus(enum.StrEnum):
+    CREDITED = "credited"  # matched a user's memo and credited
+    UNCLAIMED = "unclaimed"  # value arrived but no user's memo matched: an admin resolves it
+    IGNORED = "ignored"  # bounced, external, aborted or zero-value: nothing to credit
+
+
+class TonDeposit(Base):
+    """One transaction of the deposit wallet, recorded once (unique account, lt, hash)."""
+
+    __tablename__ = "ton_deposits"
+    __table_args__ = (
+        UniqueConstraint("account", "lt", "tx_hash", name="uq_ton_deposits_account_lt_hash"),
+        Index("ix_ton_deposits_status", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    account: Mapped[str] = mapped_column(String(80))
+    lt: Mapped[int] = mapped_column(BigInteger)
+    tx_hash: Mapped[str] = mapped_column(String(64))
+    source: Mapped[str | None] = mapped_column(String(80))
+    amount: Mapped[int] = mapped_column(BigInteger, default=0)
+    memo: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))
+    note: Mapped[str | None] = mapped_column(Text)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    ledger_key: Mapped[str] = mapped_column(String(200))
+    utime: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class TonNotification(Base):
+    """Outbox of things to tell a user in the bot (a deposit was credited); the bot drains it."""
+
+    __tablename__ = "ton_notifications"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(200), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    amount: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    delivered_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class TonPayoutStage(enum.StrEnum):
+    """States a payout passes through between ``requested`` and ``confirmed``/``failed``."""
+
+    SIGNED = "signed"  # a signed message is stored, not yet handed to the network
+    SENT = "sent"  # handed to the network at least once
+
+
+class TonMessageState(enum.StrEnum):
+    SIGNED = "signed"
+    SENT = "sent"
+    LANDED = "landed"  # found on chain (its transaction decides confirmed or failed)
+    EXPIRED = "expired"  # valid_until passed and the seqno shows it never landed
+
+
+class TonPayoutMessage(Base):
+    """One signed external message of the hot wallet for one payout.
+
+    Stored before it is sent. At most one message per wallet is live (signed or sent) at a time,
+    enforced by a partial unique index: two live signatures for one payout cannot exist.
+    """
+
+    __tablename__ = "ton_payout_messages"
+    __table_args__ = (
+        Index(
+            "ix_ton_payout_messages_live",
+            "wallet",
+            unique=True,
+            sqlite_where=text("state IN ('signed', 'sent')"),
+            postgresql_where=text("state IN ('signed', 'sent')"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    payout_id: Mapped[int] = mapped_column(ForeignKey("payouts.id"), index=True)
+    wallet: Mapped[str] = mapped_column(String(80))
+    seqno: Mapped[int] = mapped_column(BigInteger)
+    valid_until: Mapped[int] = mapped_column(BigInteger)
+    boc: Mapped[str] = mapped_column(Text)
+    msg_hash: Mapped[str] = mapped_column(String(64), unique=True)  # normalized, hex
+    state: Mapped[str] = mapped_column(String(16), default=TonMessageState.SIGNED)
+    send_count: Mapped[int] = mapped_column(Integer, default=0)
+    tx_hash: Mapped[str | None] = mapped_column(String(64))
+    tx_lt: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    closed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class TonProofPayload(Base):
+    """A ton_proof payload the server issued: accepted once, before ``expires_at``."""
+
+    __tablename__ = "ton_proof_payloads"
+
+    payload: Mapped[str] = mapped_column(String(64), primary_key=True)
+    issued_at: Mapped[int] = mapped_column(BigInteger)
+    expires_at: Mapped[int] = mapped_column(BigInteger)
+    used_at: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class TonWallet(Base):
+    """A wallet a user proved they own: ``user`` (top-ups) or ``payout`` (provider payouts)."""
+
+    __tablename__ = "ton_wallets"
+    __table_args__ = (UniqueConstraint("user_id", "purpose", name="uq_ton_wallets_user_purpose"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    purpose: Mapped[str] = mapped_column(String(16))
+    address: Mapped[str] = mapped_column(String(80))
+    public_key: Mapped[str] = mapped_column(String(64))
+    linked_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)

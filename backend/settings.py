@@ -16,6 +16,9 @@ from pathlib import Path
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from backend.attestation.settings import AttestationSettings
+from backend.ton.config import TonSettings
+
 NANO_PER_TON = 1_000_000_000
 MAX_NANO = 2**63 - 1
 """The largest amount the ledger stores (a signed 64-bit integer)."""
@@ -103,6 +106,12 @@ class Settings(BaseSettings):
         description="development credit `cocoon up` gives the local user once (0: none)",
     )
     worker_engine: str = Field(default="llama-cpp", description="engine of the worker `up` runs")
+
+    # Attestation (COCOON_ATTESTATION__ALLOW_DEV, ...; see backend/attestation/settings.py)
+    attestation: AttestationSettings = Field(default_factory=AttestationSettings)
+
+    # TON payments (backend/ton): COCOON_TON__DEPOSIT_ADDRESS, COCOON_TON__API_KEY, ...
+    ton: TonSettings = Field(default_factory=TonSettings)
 
     @field_validator("database_url")
     @classmethod

@@ -6,8 +6,11 @@
    ``cocoon up`` then says it is using), keeping nothing on disk;
 3. the local user gets its development credit once, and a local API key is written to
    ``<data dir>/local-api-key`` (mode 0600) the first time;
-4. one worker node (``cocoon worker``) with the development TEE and the small CPU model;
-5. the web server (OpenAI-compatible API) in this process, until Ctrl-C.
+4. dev mode is turned on for this stack (``COCOON_ATTESTATION__ALLOW_DEV``), and one worker node
+   (``cocoon worker``) with the small CPU model onboards like any worker, through the web
+   server's onboarding API, with development-TEE evidence and a one-time token: it gets its own
+   Redis ACL user, and shows as "dev" everywhere;
+5. the web server (OpenAI-compatible API, onboarding) in this process, until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ import redis
 
 from backend.db import Database, upgrade_database
 from backend.settings import DEFAULT_MODEL, Settings
-from backend.web import run_web
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
@@ -125,12 +127,27 @@ async def prepare_local_user(settings: Settings) -> Path:
     return key_file
 
 
+async def local_worker_token(settings: Settings) -> str:
+    """A one-time registration token for the local worker (no provider to credit)."""
+    import redis.asyncio as aioredis
+
+    from backend.attestation.store import issue_registration_token
+
+    client = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        return await issue_registration_token(client, None, 3600)
+    finally:
+        await client.aclose()
+
+
 @contextlib.contextmanager
-def worker_process(settings: Settings) -> Iterator[subprocess.Popen[bytes]]:
+def worker_process(
+    settings: Settings, register_url: str, token: str
+) -> Iterator[subprocess.Popen[bytes]]:
     command = [
         sys.executable, "-m", "workers.node",
         "--model", DEFAULT_MODEL, "--engine", settings.worker_engine,
-        "--redis-url", settings.redis_url, "--capacity", "64",
+        "--register-url", register_url, "--token", token, "--tee", "dev", "--capacity", "64",
     ]  # fmt: skip
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
     try:
@@ -148,21 +165,71 @@ def run_stack(settings: Settings, *, host: str | None = None, port: int | None =
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade_database(settings.db_url)
     print(f"cocoon: data in {settings.data_dir}", flush=True)
+    attestation = settings.attestation.model_copy(update={"allow_dev": True})
+    settings = settings.model_copy(update={"attestation": attestation})
+    print("cocoon: development TEE allowed for this local stack (not hardware-attested)")
+    host = host or settings.web_host
+    port = port or settings.web_port
     with local_redis(settings):
-        key_file = asyncio.run(prepare_local_user(settings))
-        with worker_process(settings):
-            url = f"http://{host or settings.web_host}:{port or settings.web_port}"
-            print(
-                "cocoon: ready. Chat from another terminal:\n"
-                '    cocoon chat "What is TON?"\n'
-                f"  or with any OpenAI client: base URL {url}/v1, API key in {key_file}\n"
-                f'    curl {url}/v1/chat/completions -H "Authorization: Bearer $(cat {key_file})" '
-                f'-d \'{{"model": "{DEFAULT_MODEL}", "messages": [{{"role": "user", '
-                '"content": "Hello"}]}\'',
-                flush=True,
-            )
-            run_web(settings, host=host, port=port)
+        token = asyncio.run(local_worker_token(settings))
+        reach = "127.0.0.1" if host in {"0.0.0.0", "::", ""} else host
+        with worker_process(settings, f"http://{reach}:{port}", token) as worker:
+            with contextlib.suppress(KeyboardInterrupt):
+                asyncio.run(serve_stack(settings, host, port, worker))
     return 0
+
+
+async def serve_stack(
+    settings: Settings, host: str, port: int, worker: subprocess.Popen[bytes]
+) -> None:
+    """Serve the web app; once the local worker has onboarded, set up the local user and say
+    so ("ready" means a chat can be answered). Runs until cancelled (Ctrl-C)."""
+    from aiohttp import web
+
+    from backend.web import create_app
+
+    runner = web.AppRunner(create_app(settings))
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        print(
+            f"cocoon: serving on http://{host}:{port}; the local worker is onboarding", flush=True
+        )
+        await wait_for_local_worker(settings, worker)
+        key_file = await prepare_local_user(settings)
+        url = f"http://{host}:{port}"
+        print(
+            "cocoon: ready. Chat from another terminal:\n"
+            '    cocoon chat "What is TON?"\n'
+            f"  or with any OpenAI client: base URL {url}/v1, API key in {key_file}\n"
+            f'    curl {url}/v1/chat/completions -H "Authorization: Bearer $(cat {key_file})" '
+            f'-d \'{{"model": "{DEFAULT_MODEL}", "messages": [{{"role": "user", '
+            '"content": "Hello"}]}\'',
+            flush=True,
+        )
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+async def wait_for_local_worker(
+    settings: Settings, worker: subprocess.Popen[bytes], timeout_s: float = 600
+) -> None:
+    import redis.asyncio as aioredis
+
+    from workers import registry
+
+    client = aioredis.Redis.from_url(settings.redis_url)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not any(w.attested for w in await registry.list_workers(client, DEFAULT_MODEL)):
+            if worker.poll() is not None:
+                raise SystemExit("cocoon: the local worker stopped (see its log above)")
+            if time.monotonic() > deadline:
+                raise SystemExit("cocoon: the local worker did not onboard in time")
+            await asyncio.sleep(0.2)
+    finally:
+        await client.aclose()
 
 
 def _hide(url: str) -> str:

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from backend import appkeys, openai_api
+from backend.attestation import onboarding
 from backend.db import Database
 from backend.dispatch import Dispatcher
 from backend.ledger import Ledger
@@ -47,6 +48,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_database_ctx(settings))
     app.router.add_get("/healthz", healthz)
     openai_api.setup_routes(app)
+    onboarding.setup(app, settings)
     return app
 
 

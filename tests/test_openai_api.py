@@ -10,6 +10,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from backend.apikeys import create_key
+from backend.attestation.settings import AttestationSettings
 from backend.db import Database
 from backend.ledger import Ledger
 from backend.settings import DEFAULT_MODEL, Settings
@@ -37,7 +38,9 @@ async def api(settings: Settings, redis_url: str) -> AsyncIterator[tuple[str, st
     user = await get_or_create_user(db, 4242)
     await ledger.credit_deposit(user.id, TON, "dep")
     key, _row = await create_key(db, user.id)
-    server = TestServer(create_app(settings))
+    # The node registers directly (an unattested dev worker): dispatched only in dev mode.
+    dev = settings.model_copy(update={"attestation": AttestationSettings(allow_dev=True)})
+    server = TestServer(create_app(dev))
     await server.start_server()
     yield str(server.make_url("/v1")), key, ledger, user.id
     await server.close()

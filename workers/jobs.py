@@ -6,7 +6,10 @@ The enqueue contract (backend → worker node):
 * serializer: ``rq.serializers.JSONSerializer`` (never pickle);
 * function: ``workers.jobs.run_job``, with one positional argument, the sealed request
   (:func:`workers.wire.seal_request`) as a base64 ``str``;
-* job id: the wire ``job_id`` (the reply stream is ``cocoon:stream:<job_id>``);
+* job id: the wire ``job_id`` (the reply stream is ``cocoon:stream:<job_id>``), built by
+  :func:`job_id_for`: ``<worker_id>_<turn>-<attempt>``, so that every key of a job (``rq:job:``,
+  ``rq:results:``, ``rq:execution(s):``, ``cocoon:stream:``, ``cocoon:cancel:``) starts with its
+  worker's id and a worker's Redis ACL can be limited to its own jobs (README, "Attestation");
 * ``ttl``: how long the job may wait in the queue before it is dropped unstarted;
   ``job_timeout``: how long it may run once started; both set by the enqueuer.
 * no RQ retries: a failed job is retried by the dispatcher, re-sealed to another worker.
@@ -20,6 +23,8 @@ job's status, and the started / finished / failed registries tell the truth.
 from __future__ import annotations
 
 import base64
+import re
+import warnings
 from datetime import timedelta
 from typing import Any, NoReturn
 
@@ -40,6 +45,7 @@ __all__ = [
     "JobBook",
     "aenqueue_job",
     "enqueue_job",
+    "job_id_for",
     "run_job",
 ]
 
@@ -53,6 +59,17 @@ FAILURE_TTL_S = 86_400
 
 EXECUTION_TTL_S = 90
 """An execution not heartbeaten for this long is abandoned (the node beats every ~15 s)."""
+
+
+_JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def job_id_for(worker_id: str, turn_id: str, attempt: int) -> str:
+    """``<worker_id>_<turn_id>-<attempt>``; without the worker prefix when the worker's id cannot
+    be part of a job id (a development worker named with '.' or too long: attested workers get
+    ids that always fit)."""
+    prefixed = f"{worker_id}_{turn_id}-{attempt}"
+    return prefixed if _JOB_ID.match(prefixed) else f"{turn_id}-{attempt}"
 
 
 def run_job(sealed_b64: str) -> NoReturn:
@@ -159,9 +176,13 @@ class JobBook:
     def __init__(self, connection: redis.Redis, worker_id: str) -> None:
         self.connection = connection
         self.queue = Queue(queue_name(worker_id), connection=connection, serializer=JSONSerializer)
-        self.rq_worker = SimpleWorker(
-            [self.queue], connection=connection, name=worker_id, serializer=JSONSerializer
-        )
+        with warnings.catch_warnings():
+            # An attested worker's Redis user may not list other clients (CLIENT LIST): RQ then
+            # records its address as unknown, which is all this warning says.
+            warnings.filterwarnings("ignore", "CLIENT LIST command not supported")
+            self.rq_worker = SimpleWorker(
+                [self.queue], connection=connection, name=worker_id, serializer=JSONSerializer
+            )
         self.name = worker_id
 
     # -- the node as an RQ worker ---------------------------------------------------------------

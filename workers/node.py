@@ -21,6 +21,17 @@ their dispatchers retry elsewhere without waiting for a timeout), let running jo
 to ``--grace`` seconds (default 30), then stop the rest as above. A second signal ends the grace
 period at once.
 
+Attestation. With ``--register-url URL --token T`` the node first proves itself to the
+backend (:func:`workers.evidence.register_with_backend`): it asks for a nonce, takes evidence
+bound to its keys, model and that nonce (a TDX quote through configfs-tsm, or, with ``--tee dev``
+or ``auto`` on a machine without TDX, the development TEE), and receives, sealed to its key, its
+worker id and Redis credentials of its own (an ACL user). It attests again before the evidence
+expires; if the backend refuses, the node has been revoked and shuts down.
+
+Without ``--register-url`` the node registers itself directly with ``--redis-url``: an
+unattested development worker, dispatched only by backends in dev mode
+(``COCOON_ATTESTATION__ALLOW_DEV=true``) and shown everywhere as ``tee=dev``.
+
 Logs carry job ids, durations and token counts: never prompt or reply text, never keys.
 """
 
@@ -36,16 +47,24 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import redis
 from redis.asyncio import Redis as AsyncRedis
-from redis.exceptions import RedisError
+from redis.exceptions import AuthenticationError, RedisError
 from rq.job import Job
 
 from workers import registry, streams
 from workers.engines import Engine, EngineError, create_engine
+from workers.evidence import (
+    AttestationRefused,
+    EvidenceError,
+    Registration,
+    file_sha256,
+    register_with_backend,
+    worker_version,
+)
 from workers.job_run import JobRun, Outcome, describe_error
 from workers.jobs import JobBook
 from workers.wire import WorkerKeys
@@ -80,15 +99,107 @@ class NodeConfig:
     heartbeat_s: float = 2.0
     ttl_s: int = registry.DEFAULT_TTL_S
     grace_s: float = 30.0
+    register_url: str | None = None
+    token: str | None = None
+    tee: str = "auto"
+    register_wait_s: float = 120.0
+
+
+class Attestation:
+    """The node's standing with the backend that attested it (None: a direct dev worker)."""
+
+    def __init__(self, config: NodeConfig, keys: WorkerKeys, engine: Engine) -> None:
+        import nacl.signing
+
+        self.config = config
+        self.keys = keys
+        self.engine = engine
+        self.dev_key = nacl.signing.SigningKey.generate()  # the development TEE's software key
+        self.registration: Registration | None = None
+        self.revoked: AttestationRefused | None = None
+        # The model file's hash, once (the engine is loaded: it does not change under us).
+        self.model_sha256 = file_sha256(getattr(engine, "model_path", None))
+
+    def claims(self) -> dict[str, Any]:
+        return {
+            "box_public_key": self.keys.box_public_b64,
+            "verify_key": self.keys.verify_key_b64,
+            "model": self.engine.model,
+            "model_sha256": self.model_sha256,
+            "engine": self.engine.name,
+            "engine_version": str(self.engine.version)[:64],
+            "worker_version": worker_version(),
+        }
+
+    async def attest(self, token: str) -> Registration:
+        """Attest with ``token``, retrying while the backend cannot be reached."""
+        import aiohttp
+
+        deadline = time.monotonic() + self.config.register_wait_s
+        while True:
+            try:
+                registration = await register_with_backend(
+                    self.config.register_url or "",
+                    token,
+                    self.claims(),
+                    self.keys.box_key,
+                    tee=self.config.tee,
+                    dev_key=self.dev_key,
+                )
+            except (aiohttp.ClientError, OSError, TimeoutError) as error:
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("backend not reachable for attestation (%s); retrying", error)
+                await asyncio.sleep(1.0)
+                continue
+            if not registration.redis_url and self.registration is not None:  # a renewal
+                registration = registration.model_copy(
+                    update={"redis_url": self.registration.redis_url}
+                )
+            self.registration = registration
+            log.info(
+                "attested as %s: tee=%s%s, until %s",
+                registration.worker_id,
+                registration.tee,
+                " (development TEE, not hardware-attested)" if registration.tee == "dev" else "",
+                time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(registration.expires_at)),
+            )
+            return registration
+
+    async def renew_forever(self) -> None:
+        """Attest again before the evidence expires. Returns only when refused (revoked)."""
+        while True:
+            assert self.registration is not None
+            left = self.registration.expires_at - time.time()
+            await asyncio.sleep(max(1.0, left - max(30.0, min(3600.0, left / 10))))
+            try:
+                await self.attest(self.registration.renewal_token)
+            except AttestationRefused as error:
+                log.critical("re-attestation refused, the worker is revoked: %s", error)
+                self.revoked = error
+                return
+            except Exception as error:
+                log.warning("re-attestation failed (%s); trying again", type(error).__name__)
+                await asyncio.sleep(30)
 
 
 class Node:
     """A running worker node. Build with a started engine, then ``await serve(stop)``."""
 
-    def __init__(self, config: NodeConfig, engine: Engine, keys: WorkerKeys | None = None) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        engine: Engine,
+        keys: WorkerKeys | None = None,
+        attestation: Attestation | None = None,
+    ) -> None:
         self.config = config
         self.engine = engine
         self.keys = keys or WorkerKeys.generate()
+        self.attestation = attestation
+        self.tee = (
+            attestation.registration.tee if attestation and attestation.registration else "dev"
+        )
         self.worker_id = config.worker_id or f"w-{self.keys.fingerprint()}"
         self.capacity = max(1, min(config.capacity, engine.max_concurrency))
         self.peak_load = 0
@@ -142,21 +253,29 @@ class Node:
                     streams.watch_cancels(self._redis, self._on_cancel, ready=watching)
                 ),
             ]
+            if self.attestation is not None:
+                background.append(asyncio.create_task(self.attestation.renew_forever()))
             await asyncio.wait_for(watching.wait(), 10)
             dequeuer = asyncio.create_task(self._dequeue_loop())
             log.info(
-                "worker %s ready: model=%s engine=%s %s capacity=%d keys=%s (tee=dev)",
+                "worker %s ready: model=%s engine=%s %s capacity=%d keys=%s (tee=%s%s)",
                 self.worker_id,
                 self.engine.model,
                 self.engine.name,
                 self.engine.version,
                 self.capacity,
                 self.keys.fingerprint(),
+                self.tee,
+                "" if self.attestation else ", unattested: direct development registration",
             )
             stopping = asyncio.create_task(stop.wait())
             await asyncio.wait([stopping, dequeuer, *background], return_when="FIRST_COMPLETED")
             stopping.cancel()
-            broken = [task for task in (dequeuer, *background) if task.done()]
+            broken = [
+                task
+                for task in (dequeuer, *background)
+                if task.done() and not (self.attestation and self.attestation.revoked)
+            ]
             for task in broken:  # they loop until cancelled: ending is a bug
                 log.critical(
                     "worker %s: a background task ended (%s)", self.worker_id, describe_error(task)
@@ -180,13 +299,16 @@ class Node:
     async def _shut_down(self, dequeuer: asyncio.Task[None]) -> None:
         log.info("worker %s stopping: %d jobs running", self.worker_id, self.load)
         self._accepting = False
-        await registry.unregister(self._redis, self.worker_id)
+        # A revoked worker has lost its Redis user: the backend removed its entry already.
+        revoked = self.attestation is not None and self.attestation.revoked is not None
+        if not revoked:
+            await registry.unregister(self._redis, self.worker_id)
         dequeuer.cancel()
         await asyncio.gather(dequeuer, return_exceptions=True)
         rejected = 0
-        while (
+        while not revoked and (
             job := await self._in_thread(self._book.dequeue, None, pool=self._dequeue_pool)
-        ) is not None:
+        ):
             await self._reject(job)
             rejected += 1
         if rejected:
@@ -221,6 +343,13 @@ class Node:
                         (r.job, r.execution) for r in self._running.values() if r.execution
                     ]
                     await self._in_thread(self._book.heartbeat, executions, bool(executions))
+            except AuthenticationError as error:
+                if self.attestation is None:
+                    log.warning("heartbeat failed: %s", error)
+                else:  # the backend deleted this worker's Redis user: it was revoked
+                    log.critical("Redis refuses this worker's credentials: revoked (%s)", error)
+                    self.attestation.revoked = AttestationRefused(0, [f"credentials: {error}"])
+                    return
             except RedisError as error:
                 log.warning("heartbeat failed: %s", error)
             except Exception as error:  # keep beating: a silent node would look dead
@@ -345,7 +474,17 @@ async def run_node(
     await engine.start()
     log.info("engine %s loaded in %.1fs", engine, time.monotonic() - started)
     try:
-        await Node(config, engine).serve(stop, force)
+        keys = WorkerKeys.generate()
+        attestation = None
+        if config.register_url:
+            attestation = Attestation(config, keys, engine)
+            registration = await attestation.attest(config.token or "")
+            config = replace(
+                config, redis_url=registration.redis_url, worker_id=registration.worker_id
+            )
+        await Node(config, engine, keys, attestation).serve(stop, force)
+        if attestation is not None and attestation.revoked is not None:
+            raise attestation.revoked  # shut down: the backend revoked this worker
     finally:
         await engine.close()
 
@@ -374,7 +513,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="model id served, e.g. smollm2-135m")
     parser.add_argument("--engine", required=True, help="llama-cpp, openai, vllm or instant")
     parser.add_argument("--capacity", type=int, default=64, help="jobs run at once (default 64)")
-    parser.add_argument("--redis-url", help="default: COCOON_REDIS_URL / settings")
+    parser.add_argument(
+        "--redis-url",
+        help="register directly as an unattested dev worker (default: COCOON_REDIS_URL)",
+    )
+    parser.add_argument(
+        "--register-url", metavar="URL", help="attest to this backend (cocoon web) first"
+    )
+    parser.add_argument("--token", help="registration token (cocoon provider token)")
+    parser.add_argument(
+        "--tee",
+        choices=("auto", "tdx", "dev"),
+        default="auto",
+        help="evidence to send: tdx (configfs-tsm), dev (software), auto (tdx when present)",
+    )
     parser.add_argument(
         "--engine-option",
         action="append",
@@ -382,8 +534,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=VALUE",
         help="engine keyword argument (repeatable)",
     )
-    parser.add_argument("--worker-id", help="default: w-<key fingerprint>")
-    parser.add_argument("--provider-id", type=int, help="Cocoon user id of the provider")
+    parser.add_argument(
+        "--worker-id", help="default: w-<key fingerprint> (attested: assigned by the backend)"
+    )
+    parser.add_argument(
+        "--provider-id",
+        type=int,
+        help="Cocoon user id of the provider (attested: from the registration token)",
+    )
     parser.add_argument("--grace", type=float, default=30.0, help="shutdown grace, seconds")
     parser.add_argument("--heartbeat", type=float, default=2.0, help="seconds between heartbeats")
     parser.add_argument("--ttl", type=int, default=registry.DEFAULT_TTL_S, help="registry TTL, s")
@@ -402,8 +560,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         options = parse_engine_options(args.engine_option)
     except ValueError as error:
         parser.error(str(error))
-    redis_url = args.redis_url
-    if redis_url is None:
+    if args.register_url and not args.token:
+        parser.error("--register-url needs --token (from `cocoon provider token`)")
+    redis_url = args.redis_url or ""
+    if not redis_url and not args.register_url:
         from backend.settings import load_settings
 
         redis_url = load_settings().redis_url
@@ -418,11 +578,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         heartbeat_s=args.heartbeat,
         ttl_s=args.ttl,
         grace_s=args.grace,
+        register_url=args.register_url,
+        token=args.token,
+        tee=args.tee,
     )
     try:
         asyncio.run(_serve_until_signalled(config))
     except EngineError as error:
         log.error("the engine could not start: %s", error)
+        return 1
+    except AttestationRefused as error:
+        log.error("the backend refused this worker: %s", error)
+        return 3
+    except EvidenceError as error:
+        log.error("no evidence can be taken on this machine: %s", error)
+        return 3
+    except OSError as error:  # aiohttp's connection errors are OSErrors too
+        if not config.register_url:
+            raise
+        log.error("the backend at %s cannot be reached: %s", config.register_url, error)
         return 1
     return 0
 

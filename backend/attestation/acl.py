@@ -1,0 +1,126 @@
+"""The Redis ACL user of one attested worker: exactly the keys its node needs, nothing else.
+
+RQ's key layout decides what is possible. Every key of a job carries the job id, and Cocoon's job
+ids start with the worker's id (:func:`workers.jobs.job_id_for`), so a worker's patterns cover its
+own jobs only. The rules (``W`` = worker id, ``Q`` = ``cocoon:queue:W``, its RQ queue name) are
+listed in the README's "Attestation" section with what such a user can still touch; the test
+``tests/test_attest_acl.py`` pins them down against the real server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from typing import Any
+
+from workers.registry import queue_name
+
+USER_PREFIX = "cocoon-worker-"
+ATTESTED_ID = re.compile(r"^w-[0-9a-f]{16}$")
+"""Attested worker ids (``w-`` + key fingerprint): no glob characters, no ``_``, fixed length,
+so no worker's patterns can cover another worker's keys."""
+
+COMMANDS = (
+    # connection
+    "hello", "auth", "ping", "select", "quit", "reset", "client|setname",
+    "client|getname", "client|id", "info",
+    # transactions, scripts, clock
+    "multi", "exec", "discard", "watch", "unwatch", "eval", "evalsha", "script|load",
+    "script|exists", "time",
+    # keys
+    "get", "mget", "exists", "del", "unlink", "expire", "pexpire", "expireat", "pexpireat",
+    "ttl", "pttl", "persist", "type",
+    # hashes
+    "hget", "hmget", "hgetall", "hset", "hsetnx", "hmset", "hdel", "hexists", "hincrby",
+    "hincrbyfloat", "hkeys", "hlen",
+    # lists (the queue)
+    "llen", "lrange", "lindex", "lpos", "lpush", "rpush", "lpop", "rpop", "lrem", "lmove",
+    "blmove", "rpoplpush", "brpoplpush", "blpop", "brpop",
+    # sets and sorted sets (RQ registries, Cocoon's index and slots)
+    "sadd", "srem", "smembers", "sismember", "scard", "zadd", "zrem", "zscore", "zcard",
+    "zcount", "zrange", "zrangebyscore", "zrevrangebyscore", "zremrangebyscore",
+    # streams (the job's reply, RQ's results)
+    "xadd", "xtrim", "xrange", "xrevrange", "xlen",
+    # the cancel channel, listen only
+    "subscribe", "unsubscribe",
+)  # fmt: skip
+
+
+def user_name(worker_id: str, db: int = 0) -> str:
+    """``cocoon-worker-<db>-<worker_id>``: ACL users are server-wide, records are per database."""
+    return f"{USER_PREFIX}{db}-{worker_id}"
+
+
+def _db(redis: Any) -> int:
+    return int(redis.connection_pool.connection_kwargs.get("db", 0) or 0)
+
+
+def key_patterns(worker_id: str) -> list[str]:
+    """The key permissions of a worker's user (``~`` read-write, ``%R~`` read-only)."""
+    if not ATTESTED_ID.match(worker_id):
+        raise ValueError(f"not an attested worker id: {worker_id!r}")
+    w, q = worker_id, queue_name(worker_id)
+    return [
+        # Cocoon: its registry entry and slots, the shared index, its jobs' streams and cancels
+        f"~cocoon:worker:{w}", f"~cocoon:worker-slots:{w}", "~cocoon:workers",
+        f"~cocoon:stream:{w}_*", f"%R~cocoon:cancel:{w}_*",
+        # RQ: its queue and the queue's registries
+        f"~rq:queue:{q}", f"~rq:queue:{q}:intermediate", f"~rq:wip:{q}", f"~rq:finished:{q}",
+        f"~rq:failed:{q}", f"~rq:canceled:{q}", f"~rq:deferred:{q}", f"~rq:scheduled:{q}",
+        # RQ: its jobs, their results and executions
+        f"~rq:job:{w}_*", f"~rq:job::{w}_*", f"~rq:results:{w}_*", f"~rq:execution:{w}_*",
+        f"~rq:executions:{w}_*",
+        # RQ: itself as an RQ worker
+        f"~rq:worker:{w}", "~rq:workers", f"~rq:workers:{q}", "%R~rq:suspended",
+    ]  # fmt: skip
+
+
+def acl_rules(worker_id: str, password: str) -> list[str]:
+    """The full ``ACL SETUSER`` rule list (the password only as its SHA-256)."""
+    digest = hashlib.sha256(password.encode()).hexdigest()
+    return [
+        "reset",
+        "on",
+        f"#{digest}",
+        "resetchannels",
+        "&cocoon:cancel",
+        "-@all",
+        *(f"+{command}" for command in COMMANDS),
+        *key_patterns(worker_id),
+    ]
+
+
+def new_password() -> str:
+    return secrets.token_urlsafe(32)
+
+
+async def create_worker_user(redis: Any, worker_id: str) -> tuple[str, str]:
+    """Create (or replace) the worker's user with a new password; returns (user, password)."""
+    password = new_password()
+    name = user_name(worker_id, _db(redis))
+    await redis.execute_command("ACL", "SETUSER", name, *acl_rules(worker_id, password))
+    return name, password
+
+
+async def user_exists(redis: Any, worker_id: str) -> bool:
+    return (
+        await redis.execute_command("ACL", "GETUSER", user_name(worker_id, _db(redis))) is not None
+    )
+
+
+async def delete_worker_user(redis: Any, worker_id: str) -> bool:
+    """Delete the worker's user; Redis disconnects its clients at once. True if it existed."""
+    return bool(await redis.execute_command("ACL", "DELUSER", user_name(worker_id, _db(redis))))
+
+
+async def worker_users(redis: Any) -> list[str]:
+    """Worker ids that have an ACL user for this client's database."""
+    prefix = user_name("", _db(redis))
+    names = await redis.execute_command("ACL", "USERS")
+    ids = []
+    for name in names:
+        text = name.decode() if isinstance(name, bytes) else str(name)
+        if text.startswith(prefix):
+            ids.append(text[len(prefix) :])
+    return ids

@@ -1,0 +1,288 @@
+"""Worker onboarding: token → nonce → evidence → registered, with Redis credentials of its own.
+
+HTTP API (served by ``cocoon web``; request and response bodies are JSON):
+
+``POST /v1/workers/nonce`` ``{"token": T}``
+    → 200 ``{"nonce": N, "expires_in": seconds}``; 401 for an unknown or used token.
+``POST /v1/workers/register`` ``{"token": T, "evidence": Evidence}``
+    → 200 ``{"accepted": true, "worker_id", "tee", "image", "expires_at", "sealed"}`` where
+    ``sealed`` is base64 of a libsodium sealed box, to the worker's claimed X25519 key, holding
+    :class:`Credentials` (its Redis URL with its own ACL user, its renewal token). Only the
+    worker whose key the evidence binds can open it.
+    → 403 ``{"accepted": false, "reasons": [...]}`` when the evidence is refused; 400 for a
+    malformed body; 401 for an unknown or used token.
+
+``T`` is a provider's one-time registration token (``cocoon provider token``) or, to attest
+again before the evidence expires, the renewal token from the previous credentials. A refused
+re-attestation revokes the worker: its record, its registry entry and its Redis user go, and it
+leaves dispatch at once. :func:`sweep` does the same for workers whose evidence expired.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import nacl.public
+import redis.asyncio as aioredis
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+from redis.exceptions import RedisError
+
+from backend.attestation import acl, store
+from backend.attestation.verifier import Verifier
+from workers import registry
+from workers.evidence import Evidence
+from workers.wire import WireError, key_fingerprint
+
+log = logging.getLogger("cocoon.attestation")
+
+SWEEP_EVERY_S = 30.0
+MAX_BODY_BYTES = 256 * 1024
+
+
+class Credentials(BaseModel):
+    """What a registered worker receives, sealed to its key."""
+
+    worker_id: str
+    redis_url: str  # empty after a renewal: the worker keeps the credentials it has
+    expires_at: float
+    renewal_token: str
+    tee: str
+
+
+class OnboardingError(Exception):
+    def __init__(self, status: int, message: str, reasons: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reasons = reasons or [message]
+
+
+def worker_redis_url(base: str, user: str, password: str) -> str:
+    parts = urlsplit(base)
+    host = parts.hostname or "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port else ""
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}{port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+
+
+class Onboarding:
+    """The service behind the routes; one per web process."""
+
+    def __init__(
+        self,
+        settings: Any,
+        redis: aioredis.Redis,
+        verifier: Verifier,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.att = settings.attestation
+        self.redis = redis
+        self.verifier = verifier
+        self.clock = clock
+
+    async def nonce(self, token: Any) -> dict[str, Any]:
+        grant = await self._grant(token)
+        nonce = await store.issue_nonce(self.redis, grant, self.att.nonce_ttl_s)
+        return {"nonce": nonce, "expires_in": self.att.nonce_ttl_s}
+
+    async def register(self, token: Any, evidence_data: Any) -> dict[str, Any]:
+        grant = await self._grant(token)
+        try:
+            evidence = Evidence.model_validate(evidence_data)
+        except ValidationError as error:
+            first = error.errors(include_input=False, include_url=False)[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise OnboardingError(400, f"malformed evidence: {where}: {first['msg']}") from None
+        claims = evidence.claims
+        refused = await store.consume_nonce(self.redis, claims.nonce, grant)
+        try:
+            worker_id = "w-" + key_fingerprint(claims.box_public_key, claims.verify_key)
+        except WireError as error:
+            raise OnboardingError(400, f"malformed evidence: the claimed keys: {error}") from None
+        reasons = [refused] if refused else []
+        if grant.kind == "renewal" and worker_id != grant.worker_id:
+            reasons.append("a renewal token attests the same worker keys again, not new ones")
+        if not reasons:
+            verdict = await self.verifier.verify(evidence)
+            reasons = verdict.reasons
+        if reasons:
+            log.warning(
+                "worker %s refused (tee=%s): %s", worker_id, evidence.tee, "; ".join(reasons)
+            )
+            if grant.kind == "renewal" and grant.worker_id:
+                await self.revoke(grant.worker_id)
+                await store.consume_token(self.redis, token)
+            raise OnboardingError(403, "evidence refused", reasons)
+        if not await store.consume_token(self.redis, token):
+            raise OnboardingError(401, "the token was used meanwhile")
+        return await self._admit(worker_id, evidence, grant, verdict)
+
+    async def _admit(
+        self, worker_id: str, evidence: Evidence, grant: store.TokenGrant, verdict: Any
+    ) -> dict[str, Any]:
+        now = self.clock()
+        expires_at = now + self.att.lifetime_s
+        claims = evidence.claims
+        record = registry.AttestationRecord(
+            worker_id=worker_id,
+            tee=evidence.tee,
+            box_public_key=claims.box_public_key,
+            verify_key=claims.verify_key,
+            model=claims.model,
+            provider_id=grant.provider_id,
+            attested_at=now,
+            expires_at=expires_at,
+            image=verdict.image,
+            measurements=verdict.measurements,
+            nvidia=verdict.nvidia,
+        )
+        base = self.att.worker_redis_url or self.settings.redis_url
+        if grant.kind == "renewal" and await acl.user_exists(self.redis, worker_id):
+            redis_url = ""  # keep using the credentials it has: its connections stay valid
+        else:
+            user, password = await acl.create_worker_user(self.redis, worker_id)
+            redis_url = worker_redis_url(base, user, password)
+        await registry.write_attestation(self.redis, record)
+        renewal = await store.issue_renewal_token(
+            self.redis, worker_id, grant.provider_id, self.att.lifetime_s + 3600
+        )
+        credentials = Credentials(
+            worker_id=worker_id,
+            redis_url=redis_url,
+            expires_at=expires_at,
+            renewal_token=renewal,
+            tee=evidence.tee,
+        )
+        box = nacl.public.SealedBox(nacl.public.PublicKey(base64.b64decode(claims.box_public_key)))
+        sealed = box.encrypt(credentials.model_dump_json().encode())
+        log.info(
+            "worker %s attested (%s): tee=%s%s image=%s provider=%s model=%s until %s",
+            worker_id,
+            grant.kind,
+            evidence.tee,
+            " (development TEE, not hardware-attested)" if evidence.tee == "dev" else "",
+            verdict.image,
+            grant.provider_id,
+            claims.model,
+            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires_at)),
+        )
+        return {
+            "accepted": True,
+            "worker_id": worker_id,
+            "tee": evidence.tee,
+            "image": verdict.image,
+            "expires_at": expires_at,
+            "sealed": base64.b64encode(sealed).decode(),
+        }
+
+    async def revoke(self, worker_id: str) -> None:
+        """Out of dispatch at once, and its Redis user (and connections) gone."""
+        # The user first: once its connections are cut, the node cannot write its entry again.
+        with contextlib.suppress(ValueError):
+            await acl.delete_worker_user(self.redis, worker_id)
+        await registry.revoke_attestation(self.redis, worker_id)
+        log.warning("worker %s revoked: it gets no more jobs", worker_id)
+
+    async def sweep(self) -> list[str]:
+        """Revoke workers whose Redis user outlived their attestation record (expired)."""
+        revoked = []
+        for worker_id in await acl.worker_users(self.redis):
+            if await registry.read_attestation(self.redis, worker_id) is None:
+                await self.revoke(worker_id)
+                revoked.append(worker_id)
+        return revoked
+
+    async def _grant(self, token: Any) -> store.TokenGrant:
+        grant = await store.lookup_token(self.redis, token) if isinstance(token, str) else None
+        if grant is None:
+            raise OnboardingError(401, "unknown, expired or already used token")
+        return grant
+
+
+# -- HTTP -----------------------------------------------------------------------------------------
+
+ONBOARDING = web.AppKey("onboarding", Onboarding)
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    try:
+        data = json.loads(await request.read())
+    except ValueError:
+        raise OnboardingError(400, "the body is not JSON") from None
+    if not isinstance(data, dict):
+        raise OnboardingError(400, "the body must be a JSON object")
+    return data
+
+
+def _error(error: OnboardingError) -> web.Response:
+    body: dict[str, Any] = {"error": str(error), "reasons": error.reasons}
+    if error.status == 403:
+        body["accepted"] = False
+    return web.json_response(body, status=error.status)
+
+
+async def nonce_view(request: web.Request) -> web.Response:
+    try:
+        data = await _body(request)
+        return web.json_response(await request.app[ONBOARDING].nonce(data.get("token")))
+    except OnboardingError as error:
+        return _error(error)
+
+
+async def register_view(request: web.Request) -> web.Response:
+    try:
+        data = await _body(request)
+        service = request.app[ONBOARDING]
+        return web.json_response(await service.register(data.get("token"), data.get("evidence")))
+    except OnboardingError as error:
+        return _error(error)
+    except RedisError as error:  # e.g. this Redis refuses ACL SETUSER to the backend's user
+        log.error("onboarding failed on Redis: %s", error)
+        message = f"the backend cannot register workers right now ({type(error).__name__})"
+        return _error(OnboardingError(503, message))
+
+
+def setup(app: web.Application, settings: Any) -> None:
+    """Add the onboarding routes and service (with its expiry sweep) to ``app``."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        client = aioredis.Redis.from_url(settings.redis_url)
+        service = Onboarding(settings, client, Verifier.from_settings(settings))
+        app[ONBOARDING] = service
+        stop = asyncio.Event()
+        sweeper = asyncio.create_task(_sweep_forever(service, stop))
+        yield
+        # A flag as well as a cancel: a Redis client may turn a cancel inside a command into a
+        # connection error, which the loop would log and carry on from.
+        stop.set()
+        sweeper.cancel()
+        await asyncio.wait([sweeper], timeout=5)
+        await client.aclose()
+
+    app.cleanup_ctx.append(ctx)
+    app.router.add_post("/v1/workers/nonce", nonce_view)
+    app.router.add_post("/v1/workers/register", register_view)
+
+
+async def _sweep_forever(service: Onboarding, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            await service.sweep()
+        except Exception as error:  # Redis down, no ACL permission: keep serving
+            if stop.is_set():
+                return
+            log.warning("attestation sweep failed: %s", error)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), SWEEP_EVERY_S)

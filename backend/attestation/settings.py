@@ -1,0 +1,38 @@
+"""Attestation settings (``COCOON_ATTESTATION__<NAME>``), one nested object of :class:`Settings`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+INTEL_PCS_URL = "https://api.trustedservices.intel.com"
+
+
+class AttestationSettings(BaseModel):
+    """How the backend verifies workers. See the README's settings table."""
+
+    allow_dev: bool = Field(
+        default=False,
+        description="accept development-TEE evidence and directly registered dev workers",
+    )
+    policy_file: Path | None = Field(
+        default=None,
+        description="JSON allow-list of released worker images and accepted TCB statuses",
+    )
+    pccs_url: str = Field(default=INTEL_PCS_URL, description="PCCS or Intel PCS base URL")
+    collateral_dir: Path | None = Field(
+        default=None, description="collateral cache on disk; default <data dir>/collateral"
+    )
+    collateral_refresh_s: int = Field(
+        default=3600, ge=0, description="cached collateral younger than this is used as is"
+    )
+    lifetime_s: int = Field(default=86_400, gt=0, description="how long evidence is good for")
+    nonce_ttl_s: int = Field(default=300, gt=0, description="a nonce must be used this soon")
+    token_ttl_s: int = Field(default=7 * 86_400, gt=0, description="registration token life")
+    worker_redis_url: str | None = Field(
+        default=None, description="Redis URL workers connect to; default COCOON_REDIS_URL"
+    )
+    require_nvidia: bool = Field(
+        default=False, description="refuse TDX evidence that carries no NVIDIA GPU evidence"
+    )

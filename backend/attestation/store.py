@@ -1,0 +1,102 @@
+"""Onboarding state in Redis: registration tokens, renewal tokens and nonces.
+
+* A registration token (``cct_...``) is issued by an operator for one provider
+  (``cocoon provider token``) and is good for one successful registration.
+* A renewal token is given (sealed) to a registered worker for its next attestation; each
+  attestation replaces it.
+* A nonce is issued to the holder of a token, lives ``nonce_ttl_s`` seconds and is consumed by the
+  first registration that uses it, accepted or not (``GETDEL``): fresh and single-use.
+
+Tokens are stored as their SHA-256 only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from workers.redis_keys import ATTEST_NONCE, REG_TOKEN, RENEW_TOKEN, redis_key
+
+REGISTRATION_PREFIX = "cct_"
+RENEWAL_PREFIX = "ccr_"
+
+
+@dataclass(frozen=True)
+class TokenGrant:
+    """What a token entitles to."""
+
+    kind: str  # "registration" or "renewal"
+    token_hash: str
+    provider_id: int | None
+    worker_id: str | None = None
+
+
+def _hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _token_key(token: str) -> str | None:
+    if token.startswith(REGISTRATION_PREFIX):
+        return redis_key(REG_TOKEN, _hash(token))
+    if token.startswith(RENEWAL_PREFIX):
+        return redis_key(RENEW_TOKEN, _hash(token))
+    return None
+
+
+async def issue_registration_token(redis: Any, provider_id: int | None, ttl_s: int) -> str:
+    token = REGISTRATION_PREFIX + secrets.token_urlsafe(24)
+    await redis.set(
+        redis_key(REG_TOKEN, _hash(token)), json.dumps({"provider_id": provider_id}), ex=ttl_s
+    )
+    return token
+
+
+async def issue_renewal_token(
+    redis: Any, worker_id: str, provider_id: int | None, ttl_s: int
+) -> str:
+    token = RENEWAL_PREFIX + secrets.token_urlsafe(24)
+    value = json.dumps({"provider_id": provider_id, "worker_id": worker_id})
+    await redis.set(redis_key(RENEW_TOKEN, _hash(token)), value, ex=ttl_s)
+    return token
+
+
+async def lookup_token(redis: Any, token: str) -> TokenGrant | None:
+    key = _token_key(token) if isinstance(token, str) else None
+    if key is None:
+        return None
+    raw = await redis.get(key)
+    if raw is None:
+        return None
+    data = json.loads(raw)
+    kind = "registration" if token.startswith(REGISTRATION_PREFIX) else "renewal"
+    return TokenGrant(kind, _hash(token), data.get("provider_id"), data.get("worker_id"))
+
+
+async def consume_token(redis: Any, token: str) -> bool:
+    """Use the token up; False when it was already used (a concurrent registration won)."""
+    key = _token_key(token)
+    return key is not None and bool(await redis.delete(key))
+
+
+async def issue_nonce(redis: Any, grant: TokenGrant, ttl_s: int) -> str:
+    nonce = secrets.token_hex(32)
+    await redis.set(redis_key(ATTEST_NONCE, nonce), grant.token_hash, ex=ttl_s)
+    return nonce
+
+
+async def consume_nonce(redis: Any, nonce: str, grant: TokenGrant) -> str | None:
+    """None when the nonce is good (and now used up); else why it is refused."""
+    if not isinstance(nonce, str) or not 16 <= len(nonce) <= 128:
+        return "the nonce is malformed"
+    holder = await redis.getdel(redis_key(ATTEST_NONCE, nonce))
+    if holder is None:
+        return (
+            "the nonce is unknown, expired or already used (evidence must be taken for a "
+            "fresh nonce from /v1/workers/nonce, once)"
+        )
+    if (holder.decode() if isinstance(holder, bytes) else holder) != grant.token_hash:
+        return "the nonce was issued to another token"
+    return None

@@ -1,0 +1,147 @@
+"""Evidence verification: one :class:`Verdict` per :class:`~workers.evidence.Evidence`.
+
+The nonce is checked by the onboarding service (it lives in Redis); everything else is here:
+the claims, the TEE-specific proof (TDX quote through :mod:`.tdx`, or the development TEE's
+software signature, only when dev mode is on), and the optional NVIDIA GPU evidence.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import nacl.exceptions
+import nacl.signing
+
+from backend.attestation.nvidia import verify_nvidia
+from backend.attestation.policy import Policy, load_policy
+from backend.attestation.settings import AttestationSettings
+from backend.attestation.tdx import CollateralError, CollateralSource, QuoteVerdict, verify_quote
+from workers.evidence import Evidence, report_data
+from workers.wire import WireError, key_fingerprint
+
+DEV_REFUSED = (
+    "development-TEE evidence is refused: dev mode is off on this backend (an operator can "
+    "enable it with COCOON_ATTESTATION__ALLOW_DEV=true, for development only)"
+)
+
+
+@dataclass
+class Verdict:
+    tee: str
+    reasons: list[str] = field(default_factory=list)
+    quote: QuoteVerdict | None = None
+    nvidia: bool = False
+
+    @property
+    def accepted(self) -> bool:
+        return not self.reasons
+
+    @property
+    def image(self) -> str | None:
+        return self.quote.image if self.quote else None
+
+    @property
+    def measurements(self) -> dict[str, str]:
+        return self.quote.measurements if self.quote else {}
+
+
+class Verifier:
+    """Verifies evidence against the settings' policy. One per process (collateral cache)."""
+
+    def __init__(
+        self,
+        settings: AttestationSettings,
+        *,
+        policy: Policy,
+        collateral: CollateralSource,
+        models: Iterable[str] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.policy = policy
+        self.collateral = collateral
+        self.models = set(models) if models is not None else None
+        self.clock = clock
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Verifier:
+        """From the whole :class:`backend.settings.Settings`."""
+        attestation: AttestationSettings = settings.attestation
+        return cls(
+            attestation,
+            policy=load_policy(attestation.policy_file),
+            collateral=CollateralSource(
+                attestation.pccs_url,
+                attestation.collateral_dir or settings.data_dir / "collateral",
+                refresh_s=attestation.collateral_refresh_s,
+            ),
+            models=settings.models,
+        )
+
+    async def verify(self, evidence: Evidence) -> Verdict:
+        verdict = Verdict(tee=evidence.tee)
+        claims = evidence.claims
+        try:
+            key_fingerprint(claims.box_public_key, claims.verify_key)
+        except WireError as error:
+            verdict.reasons.append(f"the claimed keys are invalid: {error}")
+            return verdict
+        if self.models is not None and claims.model not in self.models:
+            verdict.reasons.append(f"model {claims.model!r} is not served on this network")
+        expected = report_data(claims)
+        if evidence.tee == "dev":
+            verdict.reasons.extend(self._check_dev(evidence, expected))
+        else:
+            await self._check_tdx(evidence, expected, verdict)
+        if evidence.nvidia is not None:
+            problems = verify_nvidia(evidence.nvidia, claims.nonce)
+            verdict.reasons.extend(problems)
+            verdict.nvidia = not problems
+        elif evidence.tee == "tdx" and self.settings.require_nvidia:
+            verdict.reasons.append("NVIDIA GPU evidence is required and the worker sent none")
+        return verdict
+
+    def _check_dev(self, evidence: Evidence, expected: bytes) -> list[str]:
+        if not self.settings.allow_dev:
+            return [DEV_REFUSED]
+        proof = evidence.dev
+        if proof is None or evidence.quote is not None:
+            return ["development-TEE evidence must carry a dev proof and no quote"]
+        try:
+            key = nacl.signing.VerifyKey(base64.b64decode(proof.public_key, validate=True))
+            key.verify(expected, base64.b64decode(proof.signature, validate=True))
+        except (binascii.Error, ValueError, nacl.exceptions.CryptoError):
+            return [
+                "the development TEE's signature does not cover SHA-512 of the claims "
+                "(report data does not match)"
+            ]
+        return []
+
+    async def _check_tdx(self, evidence: Evidence, expected: bytes, verdict: Verdict) -> None:
+        if evidence.quote is None or evidence.dev is not None:
+            verdict.reasons.append("TDX evidence must carry a quote and no dev proof")
+            return
+        try:
+            raw = base64.b64decode(evidence.quote, validate=True)
+        except (binascii.Error, ValueError):
+            verdict.reasons.append("the quote is not valid base64")
+            return
+        try:
+            collateral = await self.collateral.get(raw)
+        except CollateralError as error:
+            verdict.reasons.append(str(error))
+            return
+        except ValueError as error:  # the quote cannot even be parsed
+            verdict.reasons.append(f"the quote is malformed ({error})")
+            return
+        verdict.quote = verify_quote(
+            raw, collateral, int(self.clock()), self.policy, expected_report_data=expected
+        )
+        verdict.reasons.extend(verdict.quote.reasons)
+        if verdict.quote.status is None and not verdict.quote.reasons:
+            verdict.reasons.append("the quote did not verify")

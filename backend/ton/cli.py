@@ -1,0 +1,361 @@
+"""``cocoon watcher`` and ``cocoon ton ...``: the operator's TON commands.
+
+Heavy imports happen inside the commands. The mnemonic is read from the settings only and is
+never printed, not even in errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from backend.settings import Settings
+
+EXIT_USAGE = 2
+Add = Callable[..., argparse.ArgumentParser]
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    print(f"cocoon: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def _nano(text: str, what: str) -> int:
+    from backend.money import AmountError, parse_nano
+
+    try:
+        return parse_nano(text, what)
+    except AmountError as error:
+        _fail(str(error))
+
+
+def _uint32(text: str, what: str) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        _fail(f"{what} must be a whole number, got {text!r}")
+    if not 0 <= value < 2**32:
+        _fail(f"{what} must fit 32 bits, got {value}")
+    return value
+
+
+def _hot_wallet(settings: Settings) -> Any:
+    from backend.ton.wallet import HotWallet, WalletError
+
+    secret = settings.ton.hot_wallet_mnemonic
+    if secret is None or not secret.get_secret_value().strip():
+        _fail("set COCOON_TON__HOT_WALLET_MNEMONIC (the hot wallet's 24 words) first")
+    try:
+        return HotWallet.from_mnemonic(secret.get_secret_value())
+    except WalletError as error:
+        _fail(f"COCOON_TON__HOT_WALLET_MNEMONIC: {error}")
+
+
+def _deposit_account(settings: Settings) -> str:
+    from backend.ton.comment import AddressError, raw_address
+
+    if not settings.ton.deposit_address:
+        _fail("set COCOON_TON__DEPOSIT_ADDRESS (the service's deposit wallet) first")
+    try:
+        return raw_address(settings.ton.deposit_address)
+    except AddressError as error:
+        _fail(f"COCOON_TON__DEPOSIT_ADDRESS: {error}")
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_deposit_payload(settings: Settings, args: argparse.Namespace) -> int:
+    from backend.cli import _telegram_id
+    from backend.money import AmountError, parse_ton
+
+    telegram_id = _telegram_id(args.telegram_id)
+    if args.ton is not None:
+        try:
+            amount = parse_ton(args.ton, "--ton")
+        except AmountError as error:
+            _fail(str(error))
+    elif args.amount is not None:
+        amount = _nano(args.amount, "--amount")
+    else:
+        _fail("say how much: --amount NANO or --ton DECIMAL")
+    account = _deposit_account(settings)
+
+    async def run() -> int:
+        from backend.db import Database
+        from backend.ton.comment import deposit_transaction
+        from backend.users import get_or_create_user
+
+        db = Database.from_settings(settings)
+        try:
+            user = await get_or_create_user(db, telegram_id)
+        finally:
+            await db.close()
+        request = deposit_transaction(
+            account,
+            user.deposit_memo,
+            amount,
+            ttl_s=settings.ton.deposit_ttl_s,
+            testnet=settings.ton.is_testnet,
+        )
+        print(json.dumps(request, indent=2))
+        return 0
+
+    return asyncio.run(run())
+
+
+def cmd_sign_transfer(settings: Settings, args: argparse.Namespace) -> int:
+    from backend.ton.wallet import WalletError
+
+    amount = _nano(args.amount, "--amount")
+    seqno = _uint32(args.seqno, "--seqno")
+    valid_until = _uint32(args.valid_until, "--valid-until")
+    if valid_until < time.time():
+        print(
+            "cocoon: warning: --valid-until is in the past: the wallet would refuse it",
+            file=sys.stderr,
+        )
+    wallet = _hot_wallet(settings)
+    try:
+        signed = wallet.sign_transfer(
+            args.to, amount, seqno=seqno, valid_until=valid_until, comment=args.comment
+        )
+    except WalletError as error:
+        _fail(str(error))
+    print(signed.boc)
+    print(
+        f"from {wallet.friendly(testnet=settings.ton.is_testnet)} (wallet v4r2), "
+        f"normalized hash {signed.msg_hash}; not sent",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_wallet(settings: Settings, _args: argparse.Namespace) -> int:
+    wallet = _hot_wallet(settings)
+    print(f"hot wallet (v4r2): {wallet.friendly(testnet=settings.ton.is_testnet)}")
+    print(f"raw: {wallet.raw}")
+    print(f"public key: {wallet.public_key.hex()}")
+    return 0
+
+
+def cmd_unclaimed(settings: Settings, _args: argparse.Namespace) -> int:
+    async def run() -> int:
+        from backend.db import Database
+        from backend.money import format_ton
+        from backend.ton.watcher import unclaimed_deposits
+
+        db = Database.from_settings(settings)
+        try:
+            rows = await unclaimed_deposits(db)
+        finally:
+            await db.close()
+        if not rows:
+            print("no unclaimed deposits")
+        for row in rows:
+            print(
+                f"#{row.id} {row.amount} nanoTON ({format_ton(row.amount)}) from {row.source} "
+                f"lt {row.lt} tx {row.tx_hash}: {row.note}; comment {row.memo!r}"
+            )
+            print(f"    resolve: cocoon ton resolve --deposit {row.id} --telegram-id N")
+        return 0
+
+    return asyncio.run(run())
+
+
+def cmd_resolve(settings: Settings, args: argparse.Namespace) -> int:
+    from backend.cli import _telegram_id
+
+    telegram_id = _telegram_id(args.telegram_id)
+    try:
+        deposit_id = int(args.deposit)
+    except ValueError:
+        _fail(f"--deposit must be a deposit number, got {args.deposit!r}")
+
+    async def run() -> int:
+        from backend.db import Database
+        from backend.ledger import Ledger, LedgerError
+        from backend.money import format_ton
+        from backend.ton.watcher import resolve_unclaimed
+        from backend.users import get_or_create_user
+
+        db = Database.from_settings(settings)
+        try:
+            user = await get_or_create_user(db, telegram_id)
+            try:
+                deposit = await resolve_unclaimed(
+                    db, Ledger(db), deposit_id, user.id, by="operator (cocoon ton resolve)"
+                )
+            except (LookupError, LedgerError) as error:
+                _fail(str(error), code=1)
+        finally:
+            await db.close()
+        print(
+            f"credited deposit #{deposit_id} ({format_ton(deposit.amount)}, tx {deposit.tx_hash}) "
+            f"to Telegram user {telegram_id}, key {deposit.ledger_key}"
+        )
+        return 0
+
+    return asyncio.run(run())
+
+
+async def _run_services(settings: Settings, *, deposits: bool, payouts: bool, once: bool) -> int:
+    from backend.db import Database
+    from backend.ledger import Ledger
+    from backend.ton.payouts import PayoutSender, Step
+    from backend.ton.toncenter import TonCenter
+    from backend.ton.watcher import DepositWatcher
+
+    ton = settings.ton
+    account = _deposit_account(settings) if deposits else None
+    wallet = _hot_wallet(settings) if payouts else None
+    db = Database.from_settings(settings)
+    ledger = Ledger(db, min_withdrawal=settings.min_withdrawal_nano)
+    try:
+        async with TonCenter.from_settings(ton) as api:
+            watcher = (
+                DepositWatcher(
+                    db,
+                    ledger,
+                    api,
+                    account,
+                    page_size=ton.page_size,
+                    poll_interval_s=ton.poll_interval_s,
+                    backoff_max_s=ton.backoff_max_s,
+                )
+                if account
+                else None
+            )
+            sender = (
+                PayoutSender(
+                    db,
+                    ledger,
+                    api,
+                    wallet,
+                    ttl_s=ton.payout_ttl_s,
+                    poll_interval_s=ton.poll_interval_s,
+                    backoff_max_s=ton.backoff_max_s,
+                )
+                if wallet
+                else None
+            )
+            if once:
+                if watcher:
+                    total = 0
+                    while handled := await watcher.poll_once():
+                        total += handled
+                    cursor = await watcher.cursor()
+                    print(f"deposits: handled {total} transactions; cursor lt {cursor}")
+                if sender:
+                    step = await sender.step()
+                    while step == Step.PROGRESS:
+                        step = await sender.step()
+                    print(f"payouts: {step.value}")
+                return 0
+            print(
+                f"watching {ton.network} through {ton.base_url}: "
+                f"deposits {'on' if watcher else 'off'}, payouts {'on' if sender else 'off'}",
+                file=sys.stderr,
+            )
+            tasks = [t.run() for t in (watcher, sender) if t is not None]
+            await asyncio.gather(*tasks)
+    finally:
+        await db.close()
+    return 0
+
+
+def cmd_watcher(settings: Settings, args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    payouts = settings.ton.hot_wallet_mnemonic is not None and not args.no_payouts
+    return asyncio.run(_run_services(settings, deposits=True, payouts=payouts, once=args.once))
+
+
+def cmd_payouts(settings: Settings, args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    return asyncio.run(_run_services(settings, deposits=False, payouts=True, once=args.once))
+
+
+def cmd_localnet(settings: Settings, args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from backend.ton.localnet import LocalTonCenter
+
+    net = LocalTonCenter()
+    if settings.ton.hot_wallet_mnemonic is not None:
+        wallet = _hot_wallet(settings)
+        net.add_wallet(
+            wallet.raw, wallet.public_key, balance=args.balance, subwallet_id=wallet.subwallet_id
+        )
+    print(
+        f"local TON Center on http://{args.host}:{args.port} "
+        f"(set COCOON_TON__API_URL to it); POST /localnet/deposit adds a deposit",
+        file=sys.stderr,
+    )
+    web.run_app(net.create_app(), host=args.host, port=args.port, print=None)
+    return 0
+
+
+# ------------------------------------------------------------------ parser
+
+
+def add_commands(sub: argparse._SubParsersAction, add: Add) -> None:
+    watcher = add(
+        "watcher",
+        "watch the TON deposit wallet, credit deposits, and send payouts from the hot wallet",
+        cmd_watcher,
+    )
+    watcher.add_argument("--once", action="store_true", help="catch up once, then exit")
+    watcher.add_argument(
+        "--no-payouts", action="store_true", help="credit deposits only (no hot wallet)"
+    )
+
+    ton = sub.add_parser("ton", help="TON payments", description="TON payments")
+    ton_sub = ton.add_subparsers(dest="ton_command", metavar="COMMAND", required=True)
+
+    payload = add(
+        "deposit-payload",
+        "print the TON Connect transaction of a top-up for a user (JSON)",
+        cmd_deposit_payload,
+        ton_sub,
+    )
+    payload.add_argument("--telegram-id", required=True, metavar="N", help="the user's Telegram id")
+    amount = payload.add_mutually_exclusive_group()
+    amount.add_argument("--amount", metavar="NANO", help="amount in nanoTON")
+    amount.add_argument("--ton", metavar="DECIMAL", help="amount in TON, exactly (1.5)")
+
+    sign = add(
+        "sign-transfer",
+        "print a transfer signed by the hot wallet as a base64 BOC, without sending it",
+        cmd_sign_transfer,
+        ton_sub,
+    )
+    sign.add_argument("--to", required=True, metavar="ADDR", help="destination address")
+    sign.add_argument("--amount", required=True, metavar="NANO", help="amount in nanoTON")
+    sign.add_argument("--seqno", required=True, metavar="N", help="the wallet's seqno")
+    sign.add_argument("--valid-until", required=True, metavar="UNIX", help="expiry, unix time")
+    sign.add_argument("--comment", metavar="TEXT", help="a text comment")
+
+    add("wallet", "show the hot wallet's address and public key", cmd_wallet, ton_sub)
+    add("unclaimed", "list deposits whose memo matched nobody", cmd_unclaimed, ton_sub)
+    resolve = add("resolve", "credit an unclaimed deposit to a user (once)", cmd_resolve, ton_sub)
+    resolve.add_argument("--deposit", required=True, metavar="ID", help="the deposit's number")
+    resolve.add_argument("--telegram-id", required=True, metavar="N", help="the user's Telegram id")
+    payouts = add("payouts", "send requested payouts from the hot wallet", cmd_payouts, ton_sub)
+    payouts.add_argument("--once", action="store_true", help="do what can be done now, then exit")
+    localnet = add(
+        "localnet",
+        "serve a local TON Center (development and tests; nothing leaves this machine)",
+        cmd_localnet,
+        ton_sub,
+    )
+    localnet.add_argument("--host", default="127.0.0.1")
+    localnet.add_argument("--port", type=int, default=8081)
+    localnet.add_argument(
+        "--balance", type=int, default=1_000 * 10**9, help="the hot wallet's balance, nanoTON"
+    )

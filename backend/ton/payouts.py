@@ -1,0 +1,430 @@
+"""Payouts from the hot wallet, paid exactly once through crashes and a flaky API.
+
+A payout moves ``requested → signed → sent → confirmed | failed``:
+
+- **signed**: the hot wallet's seqno is read, the transfer is signed with a ``valid_until``,
+  and the message (seqno, valid_until, BOC, normalized hash) is stored *before* anything is
+  sent. A partial unique index allows one live (signed or sent) message per wallet, so two live
+  signatures for one payout, or two payouts racing for one seqno, cannot exist.
+- **sent**: the stored BOC is handed to TON Center, and handed again (the same bytes) on every
+  poll while it is valid and not found: a transient error or a lost message costs nothing, and a
+  seqno executes at most once.
+- **confirmed / failed**: the message is found on chain by its normalized hash. Not aborted and
+  an outgoing message to the payout's address with the payout's value: confirmed (the ledger
+  moves the money to TON out). Otherwise failed: the funds return to the provider.
+- A message is given up and a new one signed only when its ``valid_until`` has passed (plus a
+  grace for clock skew), it is not on chain, and the wallet's seqno shows it never executed:
+  still at the message's seqno, or that seqno was used by another of our messages.
+
+Crash anywhere: the next run finds the live message and carries on from the chain's state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import enum
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from backend.db import Database
+from backend.ledger import Ledger
+from backend.models import (
+    Payout,
+    PayoutState,
+    TonMessageState,
+    TonPayoutMessage,
+    TonPayoutStage,
+    TonWallet,
+)
+from backend.ton.comment import AddressError, parse_address, raw_address
+from backend.ton.toncenter import TonCenter, TonCenterError
+from backend.ton.wallet import HotWallet, parse_external
+
+log = logging.getLogger(__name__)
+
+LIVE = (TonMessageState.SIGNED, TonMessageState.SENT)
+OPEN_PAYOUT = (PayoutState.REQUESTED, TonPayoutStage.SIGNED, TonPayoutStage.SENT)
+EXPIRY_GRACE_S = 30
+RESEND_EVERY_S = 10
+
+
+class _Moved(Exception):
+    """Another sender changed the payout first: roll back and look again."""
+
+
+class Step(enum.Enum):
+    IDLE = "idle"  # nothing to pay
+    WAITING = "waiting"  # a message is in flight: poll again later
+    PROGRESS = "progress"  # something changed: go on at once
+
+
+def payout_comment(payout_id: int) -> str:
+    return f"Cocoon payout #{payout_id}"
+
+
+class PayoutSender:
+    """Pays requested payouts one at a time from one hot wallet."""
+
+    def __init__(
+        self,
+        db: Database,
+        ledger: Ledger,
+        api: TonCenter,
+        wallet: HotWallet,
+        *,
+        ttl_s: int = 120,
+        poll_interval_s: float = 3.0,
+        backoff_max_s: float = 60.0,
+        expiry_grace_s: float = EXPIRY_GRACE_S,
+        resend_every_s: float = RESEND_EVERY_S,
+        clock: Callable[[], float] = time.time,
+        checkpoint: Callable[[str], None] | None = None,
+    ) -> None:
+        self.db = db
+        self.ledger = ledger
+        self.api = api
+        self.wallet = wallet
+        self.ttl_s = ttl_s
+        self.poll_interval_s = poll_interval_s
+        self.backoff_max_s = backoff_max_s
+        self.expiry_grace_s = expiry_grace_s
+        self.resend_every_s = resend_every_s
+        self.clock = clock
+        self._checkpoint = checkpoint or (lambda _name: None)
+
+    # ------------------------------------------------------------------ loop
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        stop = stop or asyncio.Event()
+        failures = 0
+        while not stop.is_set():
+            try:
+                step = await self.step()
+            except (TonCenterError, DBAPIError) as error:
+                # Every step is safe to repeat: back off and carry on from the stored state.
+                failures += 1
+                delay = min(self.backoff_max_s, self.poll_interval_s * 2 ** min(failures, 16))
+                delay = random.uniform(delay / 2, delay)
+                log.warning("payout sender: %s; retrying in %.1f s", error, delay)
+                await _sleep_or_stop(stop, delay)
+                continue
+            failures = 0
+            if step != Step.PROGRESS:
+                await _sleep_or_stop(stop, self.poll_interval_s)
+
+    async def step(self) -> Step:
+        """One move of the state machine. Raises TonCenterError when the API fails."""
+        live = await self._live_message()
+        if live is not None:
+            return await self._drive(live)
+        payout = await self._next_payout()
+        if payout is None:
+            return Step.IDLE
+        destination = payout.destination or await self._linked_wallet(payout.provider_id)
+        try:
+            if destination is None:
+                raise AddressError("no payout wallet is linked")
+            parse_address(destination)
+        except AddressError as error:
+            await self.ledger.fail_payout(payout.id, reason=f"cannot pay: {error}")
+            log.warning("payout #%s failed: %s", payout.id, error)
+            return Step.PROGRESS
+        seqno = await self._next_seqno()
+        await self._sign(payout, destination, seqno, replacing=None)
+        return Step.PROGRESS
+
+    # ------------------------------------------------------------- the steps
+
+    async def _drive(self, message: TonPayoutMessage) -> Step:
+        found = await self.api.transactions_by_message(message.msg_hash)
+        if found:
+            await self._settle(message, found[0])
+            return Step.PROGRESS
+        payout = await self.ledger.get_payout(message.payout_id)
+        assert payout is not None
+        # Closed by hand (``fail_payout``) while its message was out: never resend it, never
+        # sign it again; only wait for the message to expire.
+        closed = payout.state in (PayoutState.CONFIRMED, PayoutState.FAILED)
+        now = self.clock()
+        if now < message.valid_until:
+            if closed:
+                return Step.WAITING
+            since = (
+                None
+                if message.sent_at is None
+                else (dt.datetime.now(dt.UTC) - _aware(message.sent_at)).total_seconds()
+            )
+            if (
+                message.state == TonMessageState.SIGNED
+                or since is None
+                or since >= self.resend_every_s
+            ):
+                await self._send(message)
+            return Step.WAITING
+        if now < message.valid_until + self.expiry_grace_s:
+            return Step.WAITING
+        seqno = await self.api.wallet_seqno(self.wallet.raw)
+        if seqno > message.seqno and not await self._seqno_used_by_other(message):
+            # It may have landed and the index not caught up: never sign again on a guess.
+            log.warning(
+                "payout #%s: seqno moved past %s but message %s is not found yet; waiting",
+                message.payout_id,
+                message.seqno,
+                message.msg_hash,
+            )
+            return Step.WAITING
+        if closed:
+            await self._expire(message)
+            return Step.PROGRESS
+        destination = payout.destination or await self._linked_wallet(payout.provider_id)
+        assert destination is not None
+        log.info("payout #%s: message expired unseen at seqno %s; signing again", payout.id, seqno)
+        await self._sign(
+            payout, destination, max(seqno, await self._next_seqno_floor()), replacing=message
+        )
+        return Step.PROGRESS
+
+    async def _sign(
+        self,
+        payout: Payout,
+        destination: str,
+        seqno: int,
+        *,
+        replacing: TonPayoutMessage | None,
+    ) -> None:
+        valid_until = int(self.clock()) + self.ttl_s
+        signed = self.wallet.sign_transfer(
+            destination,
+            payout.amount,
+            seqno=seqno,
+            valid_until=valid_until,
+            comment=payout_comment(payout.id),
+        )
+        # Lock order everywhere: the payout row, then its messages (no deadlocks on PostgreSQL).
+        try:
+            async with self.db.session() as session, session.begin():
+                moved = await session.execute(
+                    update(Payout)
+                    .where(Payout.id == payout.id, Payout.state.in_(OPEN_PAYOUT))
+                    .values(state=TonPayoutStage.SIGNED, updated_at=dt.datetime.now(dt.UTC))
+                    .execution_options(synchronize_session=False)
+                )
+                if moved.rowcount != 1:
+                    raise _Moved  # closed meanwhile
+                if replacing is not None:
+                    expired = await session.execute(
+                        update(TonPayoutMessage)
+                        .where(
+                            TonPayoutMessage.id == replacing.id,
+                            TonPayoutMessage.state.in_(LIVE),
+                        )
+                        .values(state=TonMessageState.EXPIRED, closed_at=dt.datetime.now(dt.UTC))
+                        .execution_options(synchronize_session=False)
+                    )
+                    if expired.rowcount != 1:
+                        raise _Moved  # a twin sender moved first
+                session.add(
+                    TonPayoutMessage(
+                        payout_id=payout.id,
+                        wallet=self.wallet.raw,
+                        seqno=signed.seqno,
+                        valid_until=signed.valid_until,
+                        boc=signed.boc,
+                        msg_hash=signed.msg_hash,
+                        state=TonMessageState.SIGNED,
+                        send_count=0,
+                    )
+                )
+        except _Moved:
+            return
+        except IntegrityError:
+            log.info("payout #%s: another message of this wallet is live; not signing", payout.id)
+            return
+        self._checkpoint("signed")
+        message = await self._live_message()
+        if message is not None and message.msg_hash == signed.msg_hash:
+            await self._send(message)
+
+    async def _send(self, message: TonPayoutMessage) -> None:
+        error: TonCenterError | None = None
+        try:
+            await self.api.send_message(message.boc)
+        except TonCenterError as exc:
+            # Maybe not delivered, maybe already executed (a resend after it landed is refused):
+            # either way the chain decides; the same BOC goes again next time.
+            error = exc
+            log.info("payout #%s: send failed (%s); will check and resend", message.payout_id, exc)
+        self._checkpoint("sent")
+        async with self.db.session() as session, session.begin():
+            await session.execute(
+                update(Payout)
+                .where(Payout.id == message.payout_id, Payout.state == TonPayoutStage.SIGNED)
+                .values(state=TonPayoutStage.SENT, updated_at=dt.datetime.now(dt.UTC))
+                .execution_options(synchronize_session=False)
+            )
+            await session.execute(
+                update(TonPayoutMessage)
+                .where(TonPayoutMessage.id == message.id, TonPayoutMessage.state.in_(LIVE))
+                .values(
+                    state=TonMessageState.SENT,
+                    send_count=TonPayoutMessage.send_count + 1,
+                    sent_at=dt.datetime.now(dt.UTC),
+                )
+                .execution_options(synchronize_session=False)
+            )
+        if error is not None and not error.transient:
+            log.warning("payout #%s: TON Center refused the message: %s", message.payout_id, error)
+
+    async def _expire(self, message: TonPayoutMessage) -> None:
+        async with self.db.session() as session, session.begin():
+            await session.execute(
+                update(TonPayoutMessage)
+                .where(TonPayoutMessage.id == message.id, TonPayoutMessage.state.in_(LIVE))
+                .values(state=TonMessageState.EXPIRED, closed_at=dt.datetime.now(dt.UTC))
+                .execution_options(synchronize_session=False)
+            )
+
+    async def _settle(self, message: TonPayoutMessage, tx: dict[str, Any]) -> None:
+        payout = await self.ledger.get_payout(message.payout_id)
+        assert payout is not None
+        # Where this very message pays (a wallet relinked since then changes nothing).
+        (signed,) = parse_external(message.boc).transfers
+        aborted = bool((tx.get("description") or {}).get("aborted"))
+        paid = not aborted and any(
+            _same(out.get("destination"), signed.destination)
+            and _int(out.get("value")) == payout.amount
+            for out in tx.get("out_msgs") or []
+        )
+        self._checkpoint("before_confirm")
+        # The ledger first (idempotent by key), then the message: a crash in between finds the
+        # message live again, finds it on chain again, and the ledger replays.
+        if payout.state == PayoutState.FAILED and paid:
+            log.error(
+                "payout #%s was failed by hand but its message %s paid on chain: the provider "
+                "was refunded AND paid; recover %s nanoTON by hand",
+                payout.id,
+                message.msg_hash,
+                payout.amount,
+            )
+        if payout.state not in (PayoutState.CONFIRMED, PayoutState.FAILED):
+            if paid:
+                await self.ledger.confirm_payout(payout.id)
+            else:
+                reason = "aborted on chain" if aborted else "no transfer in the transaction"
+                await self.ledger.fail_payout(payout.id, reason=f"payout {reason}")
+                log.warning("payout #%s failed on chain: %s", payout.id, reason)
+        async with self.db.session() as session, session.begin():
+            await session.execute(
+                update(TonPayoutMessage)
+                .where(TonPayoutMessage.id == message.id, TonPayoutMessage.state.in_(LIVE))
+                .values(
+                    state=TonMessageState.LANDED,
+                    tx_hash=_hash_hex(tx.get("hash")),
+                    tx_lt=_int(tx.get("lt")),
+                    closed_at=dt.datetime.now(dt.UTC),
+                )
+                .execution_options(synchronize_session=False)
+            )
+
+    # -------------------------------------------------------------- queries
+
+    async def _live_message(self) -> TonPayoutMessage | None:
+        async with self.db.session() as session:
+            return await session.scalar(
+                select(TonPayoutMessage).where(
+                    TonPayoutMessage.wallet == self.wallet.raw,
+                    TonPayoutMessage.state.in_(LIVE),
+                )
+            )
+
+    async def _next_payout(self) -> Payout | None:
+        async with self.db.session() as session:
+            return await session.scalar(
+                select(Payout)
+                .where(
+                    Payout.state.in_(OPEN_PAYOUT),
+                    # a payout with a live message on any wallet is never signed again
+                    Payout.id.not_in(
+                        select(TonPayoutMessage.payout_id).where(TonPayoutMessage.state.in_(LIVE))
+                    ),
+                )
+                .order_by(Payout.id)
+                .limit(1)
+            )
+
+    async def _linked_wallet(self, provider_id: int) -> str | None:
+        async with self.db.session() as session:
+            return await session.scalar(
+                select(TonWallet.address).where(
+                    TonWallet.user_id == provider_id, TonWallet.purpose == "payout"
+                )
+            )
+
+    async def _next_seqno_floor(self) -> int:
+        """One past the highest seqno of ours that landed (the API's seqno may lag)."""
+        async with self.db.session() as session:
+            top = await session.scalar(
+                select(func.max(TonPayoutMessage.seqno)).where(
+                    TonPayoutMessage.wallet == self.wallet.raw,
+                    TonPayoutMessage.state == TonMessageState.LANDED,
+                )
+            )
+        return 0 if top is None else int(top) + 1
+
+    async def _next_seqno(self) -> int:
+        return max(await self.api.wallet_seqno(self.wallet.raw), await self._next_seqno_floor())
+
+    async def _seqno_used_by_other(self, message: TonPayoutMessage) -> bool:
+        async with self.db.session() as session:
+            other = await session.scalar(
+                select(TonPayoutMessage.id).where(
+                    TonPayoutMessage.wallet == message.wallet,
+                    TonPayoutMessage.seqno == message.seqno,
+                    TonPayoutMessage.state == TonMessageState.LANDED,
+                    TonPayoutMessage.id != message.id,
+                )
+            )
+        return other is not None
+
+
+def _same(a: object, b: str | None) -> bool:
+    if not isinstance(a, str) or not b:
+        return False
+    try:
+        return raw_address(a) == raw_address(b)
+    except AddressError:
+        return False
+
+
+def _int(value: object) -> int:
+    try:
+        return int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return -1
+
+
+def _hash_hex(value: object) -> str | None:
+    from backend.ton.watcher import hash_hex
+
+    try:
+        return hash_hex(str(value)) if value else None
+    except ValueError:
+        return None
+
+
+def _aware(value: dt.datetime) -> dt.datetime:
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+
+
+async def _sleep_or_stop(stop: asyncio.Event, delay: float) -> None:
+    try:
+        await asyncio.wait_for(stop.wait(), timeout=delay)
+    except TimeoutError:
+        pass

@@ -1,0 +1,116 @@
+"""A small TON Center HTTP client: the four endpoints Cocoon uses, typed errors, no retries.
+
+Callers decide how to retry (the watcher and the payout sender back off; a payout resends the
+same BOC). Base URL and API key come from :class:`~backend.ton.config.TonSettings`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+
+from backend.ton.config import TonSettings
+
+TIMEOUT_S = 20
+
+
+class TonCenterError(Exception):
+    """TON Center did not answer as hoped. ``transient``: worth trying again later."""
+
+    def __init__(self, message: str, *, status: int | None = None, transient: bool = True):
+        super().__init__(message)
+        self.status = status
+        self.transient = transient
+
+
+class TonCenter:
+    """``async with TonCenter(base_url, api_key) as api: await api.transactions(...)``."""
+
+    def __init__(self, base_url: str, api_key: str | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._headers = {"X-API-Key": api_key} if api_key else {}
+        self._session: aiohttp.ClientSession | None = None
+
+    @classmethod
+    def from_settings(cls, settings: TonSettings) -> TonCenter:
+        key = settings.api_key.get_secret_value() if settings.api_key else None
+        return cls(settings.base_url, key)
+
+    async def __aenter__(self) -> TonCenter:
+        self._session = aiohttp.ClientSession(
+            headers=self._headers, timeout=aiohttp.ClientTimeout(total=TIMEOUT_S)
+        )
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _call(
+        self, method: str, path: str, *, params: dict[str, Any] | None = None, json: Any = None
+    ) -> Any:
+        if self._session is None:
+            raise RuntimeError("use TonCenter inside `async with`")
+        url = f"{self.base_url}{path}"
+        try:
+            async with self._session.request(method, url, params=params, json=json) as response:
+                if response.status == 429 or response.status >= 500:
+                    raise TonCenterError(
+                        f"TON Center {path}: HTTP {response.status}", status=response.status
+                    )
+                try:
+                    body = await response.json(content_type=None)
+                except ValueError:
+                    raise TonCenterError(f"TON Center {path}: not JSON") from None
+                if response.status >= 400:
+                    detail = body.get("error") if isinstance(body, dict) else None
+                    raise TonCenterError(
+                        f"TON Center {path}: HTTP {response.status} {detail or ''}".strip(),
+                        status=response.status,
+                        transient=False,
+                    )
+                return body
+        except (aiohttp.ClientError, TimeoutError) as error:
+            raise TonCenterError(f"TON Center {path}: {type(error).__name__}") from error
+
+    async def transactions(
+        self, account: str, *, start_lt: int, limit: int, offset: int = 0
+    ) -> list[dict[str, Any]]:
+        """The account's transactions with ``lt >= start_lt``, oldest first."""
+        body = await self._call(
+            "GET",
+            "/api/v3/transactions",
+            params={
+                "account": account,
+                "start_lt": start_lt,
+                "limit": limit,
+                "offset": offset,
+                "sort": "asc",
+            },
+        )
+        return list(body.get("transactions") or [])
+
+    async def transactions_by_message(self, msg_hash: str) -> list[dict[str, Any]]:
+        """Transactions whose incoming message has this (normalized) hash."""
+        body = await self._call(
+            "GET",
+            "/api/v3/transactionsByMessage",
+            params={"msg_hash": msg_hash, "direction": "in"},
+        )
+        return list(body.get("transactions") or [])
+
+    async def wallet_seqno(self, address: str) -> int:
+        """The wallet's seqno on chain (0 for a wallet not deployed yet)."""
+        body = await self._call(
+            "GET", "/api/v3/walletInformation", params={"address": address, "use_v2": "false"}
+        )
+        return int(body.get("seqno") or 0)
+
+    async def send_message(self, boc: str) -> dict[str, Any]:
+        """Hand an external message (base64 BOC) to the network."""
+        return await self._call("POST", "/api/v3/message", json={"boc": boc})

@@ -1,0 +1,360 @@
+"""Payouts from the hot wallet against a local TON Center that executes wallet v4r2 messages:
+exactly one transfer per payout through crashes, lost messages and API errors; failed payouts
+give the money back."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from backend.db import Database
+from backend.ledger import Ledger
+from backend.models import AccountKind, PayoutState, TonMessageState, TonPayoutMessage
+from backend.ton.comment import raw_address
+from backend.ton.localnet import LocalTonCenter, LocalTonCenterServer
+from backend.ton.payouts import PayoutSender, Step, payout_comment
+from backend.ton.toncenter import TonCenter, TonCenterError
+from backend.ton.wallet import HotWallet, new_mnemonic, parse_external
+from backend.users import get_or_create_user
+
+TON = 1_000_000_000
+PROVIDER_WALLETS = ["0:" + f"{i:02X}" * 32 for i in range(0x30, 0x36)]
+
+
+class Crash(Exception):
+    pass
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'pay.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+async def db(db_url: str) -> AsyncIterator[Database]:
+    database = Database(db_url)
+    await database.upgrade()
+    yield database
+    await database.close()
+
+
+@pytest.fixture(scope="module")
+def hot() -> HotWallet:
+    return HotWallet.from_mnemonic(new_mnemonic())
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def net(hot: HotWallet, clock: Clock) -> LocalTonCenter:
+    chain = LocalTonCenter(clock=clock)
+    chain.add_wallet(hot.raw, hot.public_key, balance=1_000 * TON, subwallet_id=hot.subwallet_id)
+    return chain
+
+
+@pytest.fixture
+async def api(net: LocalTonCenter) -> AsyncIterator[TonCenter]:
+    async with LocalTonCenterServer(net) as url, TonCenter(url) as client:
+        yield client
+
+
+def sender(
+    db: Database, api: TonCenter, hot: HotWallet, clock: Clock, **kw: object
+) -> PayoutSender:
+    return PayoutSender(
+        db,
+        Ledger(db, min_withdrawal=TON),
+        api,
+        hot,
+        ttl_s=60,
+        clock=clock,
+        resend_every_s=0,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+async def earn(db: Database, telegram_id: int, amount: int) -> int:
+    """A provider with ``amount`` of earnings: a turn it served, paid at a 100 % share."""
+    user = await get_or_create_user(db, telegram_id)
+    ledger = Ledger(db, min_withdrawal=TON)
+    await ledger.credit_deposit(user.id, amount, f"seed:{telegram_id}", source=AccountKind.OPERATOR)
+    hold = f"job:{telegram_id}"
+    await ledger.hold(user.id, amount, hold)
+    await ledger.settle(hold, amount, provider_id=user.id, share_bps=10_000)
+    return user.id
+
+
+async def run_until_done(make: object, *, max_steps: int = 500) -> int:
+    """Drive fresh senders (``make()``) until nothing is left; returns the crashes seen."""
+    crashes = 0
+    s = make()  # type: ignore[operator]
+    for _ in range(max_steps):
+        try:
+            step = await s.step()
+        except Crash:
+            crashes += 1
+            s = make()  # type: ignore[operator]  # the process restarts
+            continue
+        if step == Step.IDLE:
+            return crashes
+    raise AssertionError("payouts did not finish")
+
+
+def transfers_to(net: LocalTonCenter, destination: str) -> list[int]:
+    """Value that actually left the hot wallet for ``destination``, one item per transfer."""
+    return [
+        int(out["value"])
+        for wallet in net.wallets
+        for tx in net.transactions_of(wallet)
+        for out in tx["out_msgs"]
+        if out["destination"] == destination
+    ]
+
+
+@pytest.mark.parametrize("point", ["signed", "sent", "before_confirm"])
+async def test_crashes_at_every_step_pay_each_payout_exactly_once(
+    db: Database, net: LocalTonCenter, api: TonCenter, hot: HotWallet, clock: Clock, point: str
+) -> None:
+    ledger = Ledger(db, min_withdrawal=TON)
+    payouts = []
+    for i, wallet in enumerate(PROVIDER_WALLETS[:3]):
+        provider = await earn(db, 700 + i, (5 + i) * TON)
+        receipt = await ledger.request_withdrawal(
+            provider, (2 + i) * TON, f"withdraw:{i}", destination=wallet
+        )
+        payouts.append((provider, receipt.subject_id, wallet, (2 + i) * TON))
+
+    budget = {"left": 7}  # the process dies each time it reaches the point, seven times
+
+    def checkpoint(name: str) -> None:
+        if name == point and budget["left"] > 0:
+            budget["left"] -= 1
+            raise Crash(name)
+
+    if point == "sent":
+        net.drop_messages = 4  # the first sends are lost: the process dies after each resend
+    crashes = await run_until_done(lambda: sender(db, api, hot, clock, checkpoint=checkpoint))
+
+    # "signed" is reached once per payout: after a crash the stored message is resent, never
+    # signed again.
+    assert crashes == (3 if point == "signed" else 7)
+    for provider, payout_id, wallet, amount in payouts:
+        assert transfers_to(net, wallet) == [amount]  # exactly one transfer
+        assert (await ledger.get_payout(payout_id)).state == PayoutState.CONFIRMED
+        balances = await ledger.balances(provider)
+        assert balances.pending_payout == 0
+        assert (
+            balances.earned
+            == (5 + payouts.index((provider, payout_id, wallet, amount))) * TON - amount
+        )
+    assert net.wallets[hot.raw].seqno == 3
+    assert await ledger.balance(AccountKind.TON_OUT) == sum(p[3] for p in payouts)
+    assert (await ledger.audit()).ok
+
+
+async def test_a_lost_message_is_resigned_only_after_it_expired_unseen(
+    db: Database, net: LocalTonCenter, api: TonCenter, hot: HotWallet, clock: Clock
+) -> None:
+    ledger = Ledger(db, min_withdrawal=TON)
+    provider = await earn(db, 710, 3 * TON)
+    wallet = PROVIDER_WALLETS[3]
+    payout_id = (
+        await ledger.request_withdrawal(provider, 3 * TON, "w:710", destination=wallet)
+    ).subject_id
+    net.drop_messages = 1_000  # the network loses everything for now
+    s = sender(db, api, hot, clock)
+
+    assert await s.step() == Step.PROGRESS  # signed and sent
+    for _ in range(5):
+        assert await s.step() == Step.WAITING  # resent, the same bytes
+    assert len(set(net.received)) == 1 and len(net.received) == 6
+    clock.now += 60 + 5  # expired, but within the grace: still no new signature
+    assert await s.step() == Step.WAITING
+    async with db.session() as session:
+        assert len(list(await session.scalars(select(TonPayoutMessage)))) == 1
+
+    net.drop_messages = 0
+    clock.now += 60  # past the grace; seqno unchanged: it never landed
+    assert await s.step() == Step.PROGRESS  # a new signature, same seqno, new valid_until
+    assert await run_until_done(lambda: s) == 0
+    async with db.session() as session:
+        messages = list(
+            await session.scalars(select(TonPayoutMessage).order_by(TonPayoutMessage.id))
+        )
+    assert [m.state for m in messages] == [TonMessageState.EXPIRED, TonMessageState.LANDED]
+    assert messages[0].seqno == messages[1].seqno == 0
+    assert messages[1].valid_until > messages[0].valid_until
+    assert transfers_to(net, wallet) == [3 * TON]
+    assert (await ledger.get_payout(payout_id)).state == PayoutState.CONFIRMED
+
+
+async def test_api_errors_while_sending_resend_the_same_message(
+    db: Database, net: LocalTonCenter, api: TonCenter, hot: HotWallet, clock: Clock
+) -> None:
+    ledger = Ledger(db, min_withdrawal=TON)
+    provider = await earn(db, 720, 2 * TON)
+    wallet = PROVIDER_WALLETS[4]
+    await ledger.request_withdrawal(provider, 2 * TON, "w:720", destination=wallet)
+    s = sender(db, api, hot, clock)
+    net.faults.extend([502])  # the seqno read fails: nothing is signed
+    with pytest.raises(TonCenterError):
+        await s.step()
+    net.faults.extend([None, 429])  # the seqno read works, the send fails: resent later
+    await s.step()
+    assert net.executed == []
+    await run_until_done(lambda: s)
+    assert transfers_to(net, wallet) == [2 * TON]
+    assert len(set(net.received)) == 1
+
+
+async def test_failed_payouts_give_the_money_back(
+    db: Database, net: LocalTonCenter, api: TonCenter, hot: HotWallet, clock: Clock
+) -> None:
+    ledger = Ledger(db, min_withdrawal=TON)
+    poor = await earn(db, 730, 50 * TON)
+    nowhere = await earn(db, 731, 2 * TON)
+    net.wallets[hot.raw].balance = 10 * TON  # the hot wallet cannot cover 40 TON
+    big = (
+        await ledger.request_withdrawal(poor, 40 * TON, "w:730", destination=PROVIDER_WALLETS[5])
+    ).subject_id
+    bad = (
+        await ledger.request_withdrawal(nowhere, 2 * TON, "w:731", destination="not-an-address")
+    ).subject_id
+    assert (await ledger.balances(poor)).earned == 10 * TON
+
+    await run_until_done(lambda: sender(db, api, hot, clock))
+
+    assert (await ledger.get_payout(big)).state == PayoutState.FAILED
+    assert (await ledger.get_payout(bad)).state == PayoutState.FAILED
+    assert (await ledger.balances(poor)).earned == 50 * TON
+    assert (await ledger.balances(nowhere)).earned == 2 * TON
+    assert transfers_to(net, PROVIDER_WALLETS[5]) == []
+    assert await ledger.balance(AccountKind.TON_OUT) == 0
+    assert (await ledger.audit()).ok
+
+
+def test_the_signed_message_verifies_and_says_what_it_pays(hot: HotWallet) -> None:
+    other = HotWallet.from_mnemonic(new_mnemonic())
+    signed = hot.sign_transfer(
+        PROVIDER_WALLETS[0],
+        1_500_000_000,
+        seqno=7,
+        valid_until=1_800_000_060,
+        comment=payout_comment(9),
+    )
+    parsed = parse_external(signed.boc)
+    assert parsed.verifies(hot.public_key)
+    assert not parsed.verifies(other.public_key)
+    assert parsed.wallet == hot.raw and parsed.seqno == 7 and parsed.valid_until == 1_800_000_060
+    (transfer,) = parsed.transfers
+    assert transfer.destination == raw_address(PROVIDER_WALLETS[0])
+    assert transfer.amount == 1_500_000_000
+    assert transfer.comment == "Cocoon payout #9"
+    assert parsed.msg_hash == signed.msg_hash
+    assert parsed.state_init is None  # seqno 7: the wallet is deployed
+    # Same inputs, same bytes: a resend is the same message.
+    again = hot.sign_transfer(
+        PROVIDER_WALLETS[0],
+        1_500_000_000,
+        seqno=7,
+        valid_until=1_800_000_060,
+        comment=payout_comment(9),
+    )
+    assert again.boc == signed.boc
+    tampered = bytearray(base64.b64decode(signed.boc))
+    tampered[-5] ^= 1
+    forged = parse_external(base64.b64encode(bytes(tampered)).decode())
+    assert not forged.verifies(hot.public_key)
+
+
+async def test_two_senders_at_once_never_hold_two_live_signatures(
+    db: Database, net: LocalTonCenter, api: TonCenter, hot: HotWallet, clock: Clock
+) -> None:
+    import asyncio
+
+    ledger = Ledger(db, min_withdrawal=TON)
+    wanted = {}
+    for i, wallet in enumerate(PROVIDER_WALLETS[:4]):
+        provider = await earn(db, 740 + i, 5 * TON)
+        await ledger.request_withdrawal(provider, (1 + i) * TON, f"w:74{i}", destination=wallet)
+        wanted[wallet] = [(1 + i) * TON]
+    net.drop_messages = 2  # some sends are lost too
+    live_seen: list[int] = []
+
+    async def drive(s: PayoutSender) -> None:
+        for _ in range(200):
+            async with db.session() as session:
+                live = await session.scalars(
+                    select(TonPayoutMessage.id).where(
+                        TonPayoutMessage.state.in_((TonMessageState.SIGNED, TonMessageState.SENT))
+                    )
+                )
+                live_seen.append(len(list(live)))
+            step = await s.step()
+            if step == Step.IDLE:
+                return
+            if step == Step.WAITING:
+                clock.now += 20  # time passes while a message is out
+
+    await asyncio.gather(drive(sender(db, api, hot, clock)), drive(sender(db, api, hot, clock)))
+
+    assert max(live_seen) == 1
+    assert {wallet: transfers_to(net, wallet) for wallet in wanted} == wanted
+    assert (await ledger.audit()).ok
+
+
+async def test_a_lagging_seqno_read_does_not_make_a_message_that_cannot_land(
+    db: Database, net: LocalTonCenter, api: TonCenter, hot: HotWallet, clock: Clock
+) -> None:
+    ledger = Ledger(db, min_withdrawal=TON)
+    for i, wallet in enumerate(PROVIDER_WALLETS[:2]):
+        provider = await earn(db, 750 + i, 3 * TON)
+        await ledger.request_withdrawal(provider, 2 * TON, f"w:75{i}", destination=wallet)
+    s = sender(db, api, hot, clock)
+    while (await s.step()) != Step.IDLE and not net.executed:
+        pass
+    net.stale_seqno_reads = 100  # the node still says seqno 0 after the first payout landed
+    assert await run_until_done(lambda: s) == 0
+    assert [p.seqno for p in net.executed] == [0, 1]
+    assert transfers_to(net, PROVIDER_WALLETS[1]) == [2 * TON]
+
+
+async def test_a_payout_failed_by_hand_while_out_is_not_resent_nor_resigned(
+    db: Database, net: LocalTonCenter, api: TonCenter, hot: HotWallet, clock: Clock
+) -> None:
+    ledger = Ledger(db, min_withdrawal=TON)
+    provider = await earn(db, 760, 3 * TON)
+    payout_id = (
+        await ledger.request_withdrawal(provider, 3 * TON, "w:760", destination=PROVIDER_WALLETS[2])
+    ).subject_id
+    net.drop_messages = 1
+    s = sender(db, api, hot, clock)
+    assert await s.step() == Step.PROGRESS  # signed, sent, lost
+    await ledger.fail_payout(payout_id, reason="operator: provider asked to cancel")
+    sent_before = len(net.received)
+    assert await s.step() == Step.WAITING
+    assert len(net.received) == sent_before  # not resent
+    clock.now += 60 + 31
+    assert await run_until_done(lambda: s) == 0
+    async with db.session() as session:
+        states = list(await session.scalars(select(TonPayoutMessage.state)))
+    assert states == [TonMessageState.EXPIRED]  # and no new signature
+    assert transfers_to(net, PROVIDER_WALLETS[2]) == []
+    assert (await ledger.balances(provider)).earned == 3 * TON
