@@ -33,6 +33,7 @@ from pathlib import Path
 import redis
 import redis.asyncio as aioredis
 
+from backend.attestation.settings import AttestationSettings
 from backend.db import Database
 from backend.dispatch import Dispatcher, TurnDone, TurnRequest, TurnText
 from backend.ledger import Ledger
@@ -73,6 +74,8 @@ class Bench:
             data_dir=workdir,
             redis_url=redis_url,
             models={DEFAULT_MODEL: price, FREE: free, PRICED: price},
+            # The bench's nodes register directly, as development (unattested) workers.
+            attestation=AttestationSettings(allow_dev=True),
         )
         self.nodes: list[subprocess.Popen[bytes]] = []
 
@@ -262,7 +265,7 @@ def bare_rq(redis_url: str, jobs: int) -> float:
     queue = Queue("bench-bare", connection=connection)
     queue.empty()
     for _ in range(jobs):
-        queue.enqueue(noop)
+        queue.enqueue("bench.inference.noop")
     started = time.perf_counter()
     subprocess.run(
         [sys.executable, "-m", "rq.cli", "worker", "--burst", "--quiet", "-w",
