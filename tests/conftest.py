@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
+from backend.db import Database
 from backend.settings import Settings
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
@@ -109,3 +110,20 @@ def postgres_url(postgres_database: str) -> str:
     except Exception as error:  # asyncpg's own errors: connection, auth
         _unavailable("PostgreSQL", error)
     return postgres_database
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each test using it runs twice: on a SQLite file and on PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'cocoon.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+async def db(db_url: str) -> AsyncIterator[Database]:
+    """A database at the newest schema, on SQLite and on PostgreSQL."""
+    database = Database(db_url)
+    await database.upgrade()
+    yield database
+    await database.close()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 from pytoniq_core import begin_cell
@@ -35,21 +34,6 @@ DEPOSIT = "0:" + "D1" * 32
 
 class Crash(Exception):
     """Stands for the process dying at a checkpoint."""
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite+aiosqlite:///{tmp_path / 'ton.db'}"
-    return request.getfixturevalue("postgres_url")
-
-
-@pytest.fixture
-async def db(db_url: str) -> AsyncIterator[Database]:
-    database = Database(db_url)
-    await database.upgrade()
-    yield database
-    await database.close()
 
 
 @pytest.fixture

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import base64
 import os
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,21 +25,6 @@ from backend.users import get_or_create_user
 
 DOMAIN = "cocoon.example"
 NOW = 1_800_000_000
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite+aiosqlite:///{tmp_path / 'proof.db'}"
-    return request.getfixturevalue("postgres_url")
-
-
-@pytest.fixture
-async def db(db_url: str) -> AsyncIterator[Database]:
-    database = Database(db_url)
-    await database.upgrade()
-    yield database
-    await database.close()
 
 
 class UserWallet:
