@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -188,6 +188,16 @@ async def serve_stack(
 
     from backend.web import create_app
 
+    ton_services: asyncio.Task[int] | None = None
+    local_ton: contextlib.AsyncExitStack | None = None
+    if settings.ton.api_url is None and settings.ton.deposit_address is None:
+        local_ton = contextlib.AsyncExitStack()
+        settings = await local_ton.enter_async_context(local_ton_center(settings))
+        from backend.ton.cli import run_services
+
+        ton_services = asyncio.create_task(
+            run_services(settings, deposits=True, payouts=False, once=False)
+        )
     runner = web.AppRunner(create_app(settings))
     await runner.setup()
     try:
@@ -210,6 +220,36 @@ async def serve_stack(
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()
+        if ton_services is not None:
+            ton_services.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ton_services
+        if local_ton is not None:
+            await local_ton.aclose()
+
+
+DEV_DEPOSIT_ADDRESS = "0:" + "c0c0" * 16
+"""The deposit wallet of `cocoon up`'s local TON Center (a development chain, no real TON)."""
+
+
+@contextlib.asynccontextmanager
+async def local_ton_center(settings: Settings) -> AsyncIterator[Settings]:
+    """A local TON Center (development chain) and the deposit watcher's settings pointing at it,
+    used when no TON Center and no deposit wallet are configured."""
+    from backend.ton.localnet import LocalTonCenter, LocalTonCenterServer
+
+    async with LocalTonCenterServer(LocalTonCenter()) as url:
+        ton = settings.ton.model_copy(
+            update={"api_url": url, "deposit_address": DEV_DEPOSIT_ADDRESS, "network": "testnet"}
+        )
+        print(
+            f"cocoon: local TON Center (a development chain, no real TON) at {url}; the watcher\n"
+            f"  credits deposits to {DEV_DEPOSIT_ADDRESS} whose comment is a user's memo:\n"
+            f"    curl -X POST {url}/localnet/deposit -d "
+            f'\'{{"account": "{DEV_DEPOSIT_ADDRESS}", "value": "1000000000", "comment": "MEMO"}}\'',
+            flush=True,
+        )
+        yield settings.model_copy(update={"ton": ton})
 
 
 async def wait_for_local_worker(

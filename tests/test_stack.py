@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -84,6 +85,34 @@ def test_up_then_chat(tmp_path: Path) -> None:
             body = json.load(reply)
         assert body["choices"][0]["message"]["content"]
         assert int(body["cocoon"]["cost_nanoton"]) > 0
+
+        # Top up on the local TON chain with the user's memo: the watcher credits it, once.
+        output = (tmp_path / "up.log").read_text()
+        ton_url = re.search(r"local TON Center .* at (http://\S+);", output).group(1)  # type: ignore[union-attr]
+        account = re.search(r'"account": "([^"]+)"', output).group(1)  # type: ignore[union-attr]
+
+        def balance() -> tuple[str, int]:
+            result = subprocess.run(
+                [sys.executable, "-m", "backend.cli", "ledger", "balance", "--telegram-id", "1"],
+                env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            memo = re.search(r"deposit memo (\w+)", result.stdout).group(1)  # type: ignore[union-attr]
+            available = int(re.search(r"available: (\d+)", result.stdout).group(1))  # type: ignore[union-attr]
+            return memo, available
+
+        memo, before = balance()
+        deposit = urllib.request.Request(
+            f"{ton_url}/localnet/deposit",
+            data=json.dumps({"account": account, "value": "2000000000", "comment": memo}).encode(),
+        )
+        with urllib.request.urlopen(deposit, timeout=30) as reply:
+            assert reply.status == 200
+        deadline = time.monotonic() + 60
+        while balance()[1] != before + 2_000_000_000:
+            assert time.monotonic() < deadline, "the deposit was not credited"
+            time.sleep(0.5)
+        time.sleep(2)  # a few more polls of the watcher: still credited once
+        assert balance()[1] == before + 2_000_000_000
     finally:
         os.killpg(up.pid, signal.SIGINT)
         up.wait(timeout=60)

@@ -205,7 +205,7 @@ def cmd_resolve(settings: Settings, args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
-async def _run_services(settings: Settings, *, deposits: bool, payouts: bool, once: bool) -> int:
+async def run_services(settings: Settings, *, deposits: bool, payouts: bool, once: bool) -> int:
     from backend.db import Database
     from backend.ledger import Ledger
     from backend.ton.payouts import PayoutSender, Step
@@ -273,12 +273,12 @@ async def _run_services(settings: Settings, *, deposits: bool, payouts: bool, on
 def cmd_watcher(settings: Settings, args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     payouts = settings.ton.hot_wallet_mnemonic is not None and not args.no_payouts
-    return asyncio.run(_run_services(settings, deposits=True, payouts=payouts, once=args.once))
+    return asyncio.run(run_services(settings, deposits=True, payouts=payouts, once=args.once))
 
 
 def cmd_payouts(settings: Settings, args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    return asyncio.run(_run_services(settings, deposits=False, payouts=True, once=args.once))
+    return asyncio.run(run_services(settings, deposits=False, payouts=True, once=args.once))
 
 
 def cmd_localnet(settings: Settings, args: argparse.Namespace) -> int:
