@@ -22,6 +22,16 @@ def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     raise SystemExit(code)
 
 
+def _nano(text: str, what: str = "--amount") -> int:
+    """A command-line amount of nanoTON, or a one-line error and exit 2."""
+    from backend.money import AmountError, parse_nano
+
+    try:
+        return parse_nano(text, what)
+    except AmountError as error:
+        _fail(str(error))
+
+
 def _telegram_id(text: str) -> int:
     from backend.users import validate_telegram_id
 
@@ -43,13 +53,10 @@ def cmd_db_upgrade(settings: Settings, _args: argparse.Namespace) -> int:
 
 
 def cmd_ledger_credit(settings: Settings, args: argparse.Namespace) -> int:
-    from backend.money import AmountError, format_ton, parse_nano
+    from backend.money import format_ton
 
     telegram_id = _telegram_id(args.telegram_id)
-    try:
-        amount = parse_nano(args.amount, "--amount")
-    except AmountError as error:
-        _fail(str(error))
+    amount = _nano(args.amount)
     reason = args.reason.strip()
     if not reason:
         _fail("--reason must say why the credit is made")

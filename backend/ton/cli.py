@@ -13,26 +13,12 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any
 
+from backend.cli import _fail, _nano, _telegram_id
 from backend.settings import Settings
 
-EXIT_USAGE = 2
 Add = Callable[..., argparse.ArgumentParser]
-
-
-def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
-    print(f"cocoon: error: {message}", file=sys.stderr)
-    raise SystemExit(code)
-
-
-def _nano(text: str, what: str) -> int:
-    from backend.money import AmountError, parse_nano
-
-    try:
-        return parse_nano(text, what)
-    except AmountError as error:
-        _fail(str(error))
 
 
 def _uint32(text: str, what: str) -> int:
@@ -72,7 +58,6 @@ def _deposit_account(settings: Settings) -> str:
 
 
 def cmd_deposit_payload(settings: Settings, args: argparse.Namespace) -> int:
-    from backend.cli import _telegram_id
     from backend.money import AmountError, parse_ton
 
     telegram_id = _telegram_id(args.telegram_id)
@@ -170,7 +155,6 @@ def cmd_unclaimed(settings: Settings, _args: argparse.Namespace) -> int:
 
 
 def cmd_resolve(settings: Settings, args: argparse.Namespace) -> int:
-    from backend.cli import _telegram_id
 
     telegram_id = _telegram_id(args.telegram_id)
     try:
