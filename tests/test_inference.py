@@ -15,23 +15,18 @@ from pathlib import Path
 
 import pytest
 import redis
-import redis.asyncio as aioredis
 
-from backend.attestation.settings import AttestationSettings
-from backend.db import Database
 from backend.dispatch import Dispatcher, TurnDone, TurnError, TurnRequest, TurnText
 from backend.ledger import Balances, Ledger
-from backend.models import AccountKind, Hold, HoldState
+from backend.models import AccountKind
 from backend.pricing import turn_cost
 from backend.settings import DEFAULT_MODEL, Settings
-from backend.users import get_or_create_user
 from tests.conftest import require_module
+from tests.turns import TON, dev_stack, funded_user, open_holds
 from workers import registry
 from workers.wire import ChatMessage
 
 require_module("llama_cpp")
-
-TON = 1_000_000_000
 
 
 class Node:
@@ -76,29 +71,8 @@ def nodes(redis_url: str) -> Iterator[list[Node]]:
 
 @pytest.fixture
 async def stack(settings: Settings, redis_url: str) -> AsyncIterator[tuple[Dispatcher, Ledger]]:
-    # The nodes here register directly (unattested dev workers): dispatched only in dev mode.
-    settings = settings.model_copy(update={"attestation": AttestationSettings(allow_dev=True)})
-    db = Database.from_settings(settings)
-    await db.upgrade()
-    ledger = Ledger(db)
-    dispatcher = Dispatcher(
-        settings,
-        ledger,
-        aioredis.Redis.from_url(redis_url),
-        redis.Redis.from_url(redis_url),
-        first_token_timeout_s=30,
-        idle_timeout_s=4,
-    )
-    yield dispatcher, ledger
-    await dispatcher.close()
-    await db.close()
-
-
-async def funded_user(ledger: Ledger, telegram_id: int, amount: int = TON) -> int:
-    user = await get_or_create_user(ledger.db, telegram_id)
-    if amount:
-        await ledger.credit_deposit(user.id, amount, f"dep:{telegram_id}")
-    return user.id
+    async with dev_stack(settings, redis_url, first_token_timeout_s=30, idle_timeout_s=4) as pair:
+        yield pair
 
 
 def ask(user_id: int, text: str, max_tokens: int = 24, **kw: object) -> TurnRequest:
@@ -123,13 +97,6 @@ async def run_turn(dispatcher: Dispatcher, request: TurnRequest) -> tuple[str, T
             done = event
     assert done is not None
     return "".join(parts), done
-
-
-async def open_holds(ledger: Ledger) -> list[Hold]:
-    from sqlalchemy import select
-
-    async with ledger.db.session() as session:
-        return list(await session.scalars(select(Hold).where(Hold.state == HoldState.OPEN)))
 
 
 async def test_a_turn_streams_and_is_billed_once_from_signed_usage(

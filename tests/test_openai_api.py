@@ -17,7 +17,8 @@ from backend.settings import DEFAULT_MODEL, Settings
 from backend.users import get_or_create_user
 from backend.web import create_app
 from tests.conftest import require_module
-from tests.test_inference import TON, Node
+from tests.test_inference import Node
+from tests.turns import TON
 
 require_module("llama_cpp")
 

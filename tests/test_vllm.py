@@ -47,17 +47,14 @@ if importlib.util.find_spec("vllm") is None:
 
 import pytest_asyncio  # noqa: E402
 import redis  # noqa: E402
-import redis.asyncio as aioredis  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 
-from backend.attestation.settings import AttestationSettings  # noqa: E402
-from backend.db import Database  # noqa: E402
 from backend.dispatch import Dispatcher, TurnDone, TurnRequest, TurnText  # noqa: E402
 from backend.ledger import Ledger  # noqa: E402
-from backend.models import AccountKind, Hold, HoldState, Transaction  # noqa: E402
+from backend.models import AccountKind, Transaction  # noqa: E402
 from backend.pricing import turn_cost  # noqa: E402
 from backend.settings import DEFAULT_MODEL, Settings  # noqa: E402
-from backend.users import get_or_create_user  # noqa: E402
+from tests.turns import TON, dev_stack, funded_user, open_holds  # noqa: E402
 from workers import registry  # noqa: E402
 from workers.engines import (  # noqa: E402
     Engine,
@@ -69,7 +66,6 @@ from workers.engines import (  # noqa: E402
 )
 from workers.wire import ChatMessage, SamplingParams  # noqa: E402
 
-TON = 1_000_000_000
 CONTEXT = 2048
 #: vLLM's own arguments for a small CPU machine: no torch.compile / graph capture (minutes of
 #: warm-up on 2 cores for a model that runs in seconds), bfloat16 weights as converted.
@@ -326,22 +322,8 @@ class VLLMNode:
 
 @pytest.fixture
 async def stack(settings: Settings, redis_url: str) -> AsyncIterator[tuple[Dispatcher, Ledger]]:
-    # The node registers directly (an unattested dev worker): dispatched only in dev mode.
-    settings = settings.model_copy(update={"attestation": AttestationSettings(allow_dev=True)})
-    db = Database.from_settings(settings)
-    await db.upgrade()
-    ledger = Ledger(db)
-    dispatcher = Dispatcher(
-        settings,
-        ledger,
-        aioredis.Redis.from_url(redis_url),
-        redis.Redis.from_url(redis_url),
-        first_token_timeout_s=120,
-        idle_timeout_s=60,
-    )
-    yield dispatcher, ledger
-    await dispatcher.close()
-    await db.close()
+    async with dev_stack(settings, redis_url, first_token_timeout_s=120, idle_timeout_s=60) as pair:
+        yield pair
 
 
 @pytest.fixture
@@ -350,18 +332,6 @@ def nodes() -> Iterator[list[VLLMNode]]:
     yield started
     for node in started:
         node.stop()
-
-
-async def funded_user(ledger: Ledger, telegram_id: int, amount: int = TON) -> int:
-    user = await get_or_create_user(ledger.db, telegram_id)
-    if amount:
-        await ledger.credit_deposit(user.id, amount, f"dep:{telegram_id}")
-    return user.id
-
-
-async def open_holds(ledger: Ledger) -> list[Hold]:
-    async with ledger.db.session() as session:
-        return list(await session.scalars(select(Hold).where(Hold.state == HoldState.OPEN)))
 
 
 async def transactions_for(ledger: Ledger, turn_id: str) -> int:
