@@ -34,6 +34,7 @@ from backend.models import (
     Payout,
     PayoutState,
     Transaction,
+    TurnRecord,
 )
 from backend.settings import MAX_NANO
 
@@ -102,6 +103,19 @@ class Leg:
     kind: AccountKind
     owner_id: int
     amount: int
+
+
+@dataclass(frozen=True)
+class TurnUsage:
+    """What a settled turn used, recorded with its settlement (counts only, never text)."""
+
+    model: str
+    prompt_tokens: int
+    cached_prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    worker_id: str | None = None
+    tee: str | None = None
 
 
 @dataclass(frozen=True)
@@ -282,9 +296,12 @@ class Ledger:
         provider_id: int | None,
         share_bps: int,
         key: str | None = None,
+        usage: TurnUsage | None = None,
     ) -> Receipt:
         """Close a hold: the user pays ``cost`` (at most the hold), the provider gets its share
-        (rounded down), the platform the rest, and what is left of the hold goes back."""
+        (rounded down), the platform the rest, and what is left of the hold goes back.
+        ``usage``, when given, is recorded as the turn's :class:`TurnRecord` in the same
+        transaction (``/usage``, history, provider dashboards)."""
         if isinstance(cost, bool) or not isinstance(cost, int) or cost < 0 or cost > MAX_NANO:
             raise InvalidAmount(f"cost must be a whole number of nanoTON >= 0, got {cost!r}")
         if not 0 <= share_bps <= BPS:
@@ -302,6 +319,23 @@ class Ledger:
                 Leg(AccountKind.PROVIDER, provider_id or 0, to_provider),
                 Leg(AccountKind.PLATFORM, 0, charged - to_provider),
             ]
+            if usage is not None:
+                session.add(
+                    TurnRecord(
+                        turn_id=hold_key,
+                        user_id=hold.user_id,
+                        model=usage.model,
+                        prompt_tokens=usage.prompt_tokens,
+                        cached_prompt_tokens=usage.cached_prompt_tokens,
+                        completion_tokens=usage.completion_tokens,
+                        cost=charged,
+                        provider_id=provider_id,
+                        provider_earned=to_provider,
+                        worker_id=usage.worker_id,
+                        tee=usage.tee,
+                        finish_reason=usage.finish_reason,
+                    )
+                )
             return legs, hold.id
 
         request = {"hold": hold_key, "cost": cost, "provider": provider_id, "share": share_bps}

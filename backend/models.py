@@ -10,6 +10,7 @@ import enum
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     ForeignKey,
@@ -19,6 +20,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -71,6 +73,9 @@ class User(Base):
     telegram_id: Mapped[int] = mapped_column(BigInteger, unique=True)
     language_code: Mapped[str | None] = mapped_column(String(16))
     deposit_memo: Mapped[str] = mapped_column(String(32), unique=True)
+    referrer: Mapped[str | None] = mapped_column(String(64))  # /start deep-link parameter
+    model: Mapped[str | None] = mapped_column(String(100))  # chosen model; None: the default
+    is_provider: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 
@@ -248,6 +253,7 @@ class TonNotification(Base):
     amount: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
     delivered_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    data: Mapped[str | None] = mapped_column(Text)  # JSON details (worker id, payout id, ...)
 
 
 class TonPayoutStage(enum.StrEnum):
@@ -321,3 +327,54 @@ class TonWallet(Base):
     address: Mapped[str] = mapped_column(String(80))
     public_key: Mapped[str] = mapped_column(String(64))
     linked_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class TurnRecord(Base):
+    """Usage of one settled turn (``/usage``, history, provider dashboards). Written in the same
+    database transaction as the turn's settlement, so it exists exactly when the charge does.
+    Holds counts and amounts only: never prompt or reply text."""
+
+    __tablename__ = "turns"
+    __table_args__ = (Index("ix_turns_user_created", "user_id", "created_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    turn_id: Mapped[str] = mapped_column(String(200), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    model: Mapped[str] = mapped_column(String(100))
+    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cached_prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    cost: Mapped[int] = mapped_column(BigInteger, default=0)
+    provider_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), index=True)
+    provider_earned: Mapped[int] = mapped_column(BigInteger, default=0)
+    worker_id: Mapped[str | None] = mapped_column(String(100), index=True)
+    tee: Mapped[str | None] = mapped_column(String(32))
+    finish_reason: Mapped[str] = mapped_column(String(32), default="stop")
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class WorkerState(enum.StrEnum):
+    ATTESTED = "attested"
+    FAILED = "failed"  # its last attestation was refused
+    OFFLINE = "offline"  # stopped heartbeating
+    REVOKED = "revoked"
+
+
+class WorkerRecord(Base):
+    """A provider's worker as the database remembers it (Redis holds the live state)."""
+
+    __tablename__ = "workers"
+
+    worker_id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    provider_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"), index=True)
+    model: Mapped[str | None] = mapped_column(String(100))
+    tee: Mapped[str | None] = mapped_column(String(32))
+    image: Mapped[str | None] = mapped_column(String(200))
+    mrtd: Mapped[str | None] = mapped_column(String(96))
+    state: Mapped[str] = mapped_column(String(16), default=WorkerState.ATTESTED)
+    note: Mapped[str | None] = mapped_column(Text)
+    attested_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[dt.datetime] = mapped_column(
+        DateTime(timezone=True), default=_now, onupdate=_now
+    )

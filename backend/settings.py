@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -87,6 +88,47 @@ class Settings(BaseSettings):
         default=None, description="base URL of a self-hosted telegram-bot-api server"
     )
     webhook_secret: SecretStr | None = None
+    bot_mode: Literal["polling", "webhook", "off"] = Field(
+        default="polling",
+        description="how the bot gets updates: `cocoon bot` polls; "
+        "webhook: `cocoon web` serves it",
+    )
+    admin_ids: list[int] = Field(
+        default_factory=list, description="Telegram ids allowed the admin commands, JSON list"
+    )
+    context_key: SecretStr | None = Field(
+        default=None,
+        description="32-byte key (hex or base64) sealing chat context at rest; "
+        "default: a key generated once in data_dir/context.key",
+    )
+    context_ttl_s: int = Field(default=7 * 86_400, gt=0, description="chat context lifetime")
+    context_max_messages: int = Field(default=20, ge=2, le=200, description="messages kept")
+    max_prompt_chars: int = Field(default=8000, gt=0, description="longest message accepted")
+    rate_limit_per_minute: int = Field(default=20, gt=0, description="turns per user per minute")
+    max_tokens_default: int = Field(default=512, gt=0, description="reply budget of a chat turn")
+    stars_nano_per_star: int = Field(
+        default=4_000_000, gt=0, le=MAX_NANO, description="nanoTON credited per Telegram Star"
+    )
+
+    # Mini App
+    initdata_max_age_s: int = Field(
+        default=86_400, gt=0, description="how old a Mini App's Telegram initData may be"
+    )
+    miniapp_dev: bool = Field(
+        default=False,
+        description="accept a locally signed initData for a dev user outside Telegram",
+    )
+    tonconnect_ui_url: str | None = Field(
+        default=None, description="CDN URL of @tonconnect/ui; default: served by cocoon web"
+    )
+    app_name: str = Field(default="Cocoon", description="name shown by TON Connect wallets")
+
+    # Operations
+    log_json: bool = Field(default=False, description="JSON log lines (one object per line)")
+    log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING, ERROR")
+    hold_timeout_s: int = Field(
+        default=900, gt=0, description="a hold still open after this is released by the sweeper"
+    )
 
     # Money
     models: dict[str, ModelPrice] = Field(default_factory=_default_models)

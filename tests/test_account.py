@@ -1,0 +1,193 @@
+"""What users and providers see of their accounts: usage, history, Stars, withdrawals, worker
+records and their notifications, /forget — on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import pytest
+import redis.asyncio as aioredis
+
+from backend import account
+from backend.account import AccountError
+from backend.db import Database
+from backend.ledger import Ledger, TurnUsage
+from backend.models import AccountKind, WorkerState
+from backend.settings import Settings
+from backend.ton.watcher import pending_notifications
+from backend.users import get_or_create_user
+
+TON = 1_000_000_000
+
+
+@pytest.fixture
+def ledger(db: Database) -> Ledger:
+    return Ledger(db, min_withdrawal=TON)
+
+
+async def _turn(ledger: Ledger, user: int, provider: int | None, key: str, cost: int) -> None:
+    await ledger.hold(user, cost + 1000, key)
+    await ledger.settle(
+        key,
+        cost,
+        provider_id=provider,
+        share_bps=8000,
+        usage=TurnUsage("smollm2-135m", 30, 0, 12, "stop", worker_id="w-1", tee="dev"),
+    )
+
+
+async def test_usage_lists_settled_turns_with_totals(db: Database, ledger: Ledger) -> None:
+    user = (await get_or_create_user(db, 501)).id
+    await ledger.credit_deposit(user, 5 * TON, "ton:u1")
+    for n in range(3):
+        await _turn(ledger, user, None, f"turn-{n}", 1000 + n)
+    await ledger.hold(user, 500, "released-turn")
+    await ledger.release("released-turn")
+
+    summary = await account.usage(db, user, limit=2)
+    assert summary.turns == 3
+    assert summary.cost == 1000 + 1001 + 1002
+    assert summary.prompt_tokens == 90 and summary.completion_tokens == 36
+    assert [row.turn_id for row in summary.recent] == ["turn-2", "turn-1"]
+    assert summary.recent[0].tee == "dev"
+
+
+async def test_history_pages_deposits_turns_and_payouts(
+    db: Database, ledger: Ledger, settings: Settings
+) -> None:
+    user = (await get_or_create_user(db, 502)).id
+    await ledger.credit_deposit(user, 3 * TON, "ton:h1")
+    await account.credit_stars(ledger, settings, user, 50, "charge-h1")
+    for n in range(4):
+        await _turn(ledger, user, None, f"h-turn-{n}", 2000)
+
+    first = await account.history(db, user, per_page=4)
+    second = await account.history(db, user, page=2, per_page=4)
+    assert first.has_more and not second.has_more
+    kinds = [item.kind for item in first.items + second.items]
+    assert kinds.count("turn") == 4 and kinds.count("deposit") == 2
+    deposits = await account.history(db, user, kind="deposit")
+    assert {item.details["source"] for item in deposits.items} == {"ton", "stars"}
+    assert sorted(item.amount for item in deposits.items) == sorted(
+        [3 * TON, 50 * settings.stars_nano_per_star]
+    )
+    with pytest.raises(AccountError, match="page"):
+        await account.history(db, user, page=0)
+
+
+async def test_stars_payment_is_credited_once(
+    db: Database, ledger: Ledger, settings: Settings
+) -> None:
+    user = (await get_or_create_user(db, 503)).id
+    first = await account.credit_stars(ledger, settings, user, 100, "tg-charge-1")
+    again = await account.credit_stars(ledger, settings, user, 100, "tg-charge-1")
+    assert again.replayed and not first.replayed
+    assert (await ledger.balances(user)).available == 100 * settings.stars_nano_per_star
+    assert await ledger.balance(AccountKind.STARS_IN) == -100 * settings.stars_nano_per_star
+    told = [n for n in await pending_notifications(db) if n.user_id == user]
+    assert [n.kind for n in told] == [account.NOTIFY_STARS]
+    with pytest.raises(AccountError):
+        await account.credit_stars(ledger, settings, user, 0, "tg-charge-2")
+
+
+async def test_withdraw_needs_a_wallet_the_minimum_and_the_funds(
+    db: Database, ledger: Ledger, settings: Settings
+) -> None:
+    from backend.models import TonWallet
+
+    user = (await get_or_create_user(db, 504)).id
+    provider = (await get_or_create_user(db, 505)).id
+    await ledger.credit_deposit(user, 10 * TON, "ton:w1")
+    await _turn(ledger, user, provider, "w-turn", 5 * TON // 2)  # provider earns 2 TON
+
+    with pytest.raises(AccountError) as refused:
+        await account.withdraw(ledger, settings, provider, "all", "wd-0")
+    assert refused.value.code == "no_payout_wallet"
+    async with db.session() as session, session.begin():
+        session.add(
+            TonWallet(
+                user_id=provider, purpose="payout", address="0:" + "ab" * 32, public_key="cd" * 32
+            )
+        )
+    with pytest.raises(AccountError) as small:
+        await account.withdraw(ledger, settings, provider, TON // 2, "wd-1")
+    assert small.value.code == "below_minimum"
+    with pytest.raises(AccountError) as much:
+        await account.withdraw(ledger, settings, provider, 3 * TON, "wd-2")
+    assert much.value.code == "insufficient_funds"
+
+    payout = await account.withdraw(ledger, settings, provider, "all", "wd-3")
+    again = await account.withdraw(ledger, settings, provider, 2 * TON, "wd-3")
+    assert payout.id == again.id and payout.amount == 2 * TON
+    assert payout.destination == "0:" + "ab" * 32
+    earned = await account.earnings(ledger, provider)
+    assert (earned.available, earned.pending, earned.earned, earned.jobs) == (
+        0,
+        2 * TON,
+        2 * TON,
+        1,
+    )
+    assert (await ledger.audit()).ok
+
+
+async def test_worker_records_tell_the_provider_of_changes(
+    db: Database, ledger: Ledger, redis_url: str
+) -> None:
+    provider = (await get_or_create_user(db, 506)).id
+    user = (await get_or_create_user(db, 507)).id
+    assert await account.record_worker(
+        db, "w-1", WorkerState.ATTESTED, provider_id=provider, model="smollm2-135m", tee="dev"
+    )
+    assert not await account.record_worker(db, "w-1", WorkerState.ATTESTED)
+    assert await account.record_worker(db, "w-1", WorkerState.OFFLINE)
+    await ledger.credit_deposit(user, TON, "ton:r1")
+    await _turn(ledger, user, provider, "r-turn", 10_000)
+
+    told = [n.kind for n in await pending_notifications(db) if n.user_id == provider]
+    assert told == [account.NOTIFY_WORKER_ATTESTED, account.NOTIFY_WORKER_OFFLINE]
+    redis = aioredis.from_url(redis_url)
+    try:
+        (view,) = await account.provider_workers(db, redis, provider)
+    finally:
+        await redis.aclose()
+    assert (view.worker_id, view.state, view.online, view.jobs, view.earned) == (
+        "w-1",
+        "offline",
+        False,
+        1,
+        8000,
+    )
+
+
+async def test_forget_deletes_personal_data_and_keeps_the_money(
+    db: Database, ledger: Ledger
+) -> None:
+    from backend import apikeys
+
+    user = (await get_or_create_user(db, 508, "fr")).id
+    await account.set_referrer(db, user, "friend42")
+    await ledger.credit_deposit(user, TON, "ton:f1")
+    await _turn(ledger, user, None, "f-turn", 1234)
+    await apikeys.create_key(db, user, "laptop")
+
+    await account.forget_user(db, user)
+
+    assert (await account.usage(db, user)).turns == 0
+    assert await apikeys.list_keys(db, user) == []
+    assert (await ledger.balances(user)).available == TON - 1234
+    assert (await ledger.audit()).ok
+
+
+async def test_stats_count_users_turns_and_revenue(
+    db: Database, ledger: Ledger, redis_url: str
+) -> None:
+    user = (await get_or_create_user(db, 509)).id
+    provider = (await get_or_create_user(db, 510)).id
+    await account.become_provider(db, provider)
+    await ledger.credit_deposit(user, TON, "ton:s1")
+    await _turn(ledger, user, provider, "s-turn", 10_000)
+    redis = aioredis.from_url(redis_url)
+    try:
+        figures = await account.stats(db, redis)
+    finally:
+        await redis.aclose()
+    assert (figures.users, figures.providers, figures.turns, figures.turns_24h) == (2, 1, 1, 1)
+    assert (figures.volume, figures.revenue) == (10_000, 2_000)
