@@ -45,3 +45,23 @@ if [ -n "$missing" ]; then
     fi
     printf '%s\n%s\n' "$digest" "base,$extras" >"$stamp"
 fi
+
+# The Mini App's browser libraries (@tonconnect/ui, Telegram's web-app script), pinned by
+# miniapp/package-lock.json and served by `cocoon web` itself. Reinstalled when the lockfile
+# is newer than what npm last installed. Without them the Mini App cannot connect wallets
+# (unless COCOON_TONCONNECT_UI_URL points at a CDN copy); in CI that is an error.
+miniapp="$root/miniapp"
+if [ ! -f "$miniapp/node_modules/.package-lock.json" ] \
+    || [ "$miniapp/package-lock.json" -nt "$miniapp/node_modules/.package-lock.json" ]; then
+    if command -v npm >/dev/null 2>&1; then
+        echo "installing the Mini App's npm packages into $miniapp/node_modules" >&2
+        if ! (cd "$miniapp" && npm ci --no-audit --no-fund --loglevel=error >&2); then
+            echo "npm ci failed in $miniapp: the Mini App cannot connect TON wallets" >&2
+            if [ "${CI:-}" = "true" ]; then exit 1; fi
+        fi
+    else
+        echo "npm is not installed: the Mini App cannot connect TON wallets" \
+            "(apt-get install npm, then run this again; or set COCOON_TONCONNECT_UI_URL)" >&2
+        if [ "${CI:-}" = "true" ]; then exit 1; fi
+    fi
+fi

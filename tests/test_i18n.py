@@ -32,7 +32,10 @@ def _source_messages(domain: str) -> set[str]:
     package = ROOT / domain
     found: set[str] = set()
     for _file, _line, message, _comments, _context in extract_from_dir(
-        str(package), method_map=DOMAINS[domain], keywords=KEYWORDS
+        str(package),
+        method_map=DOMAINS[domain],
+        keywords=KEYWORDS,
+        directory_filter=lambda path: "node_modules" not in Path(path).parts,
     ):
         if isinstance(message, tuple):
             found.update(m for m in message if m)

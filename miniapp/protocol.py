@@ -1,0 +1,247 @@
+"""Request and response bodies of the Mini App's JSON API (``/app/api/...``).
+
+Amounts are integer nanoTON written as strings (1 TON = 10^9); every error is
+``{"error": {"code", "message"}}`` with a stable code and a message in the caller's language.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Nano = str  # an integer amount of nanoTON, as a string
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+# ------------------------------------------------------------------------------ me
+
+
+class Balance(BaseModel):
+    available: Nano
+    held: Nano
+
+
+class LinkedWallet(BaseModel):
+    address: str  # user-friendly form
+    raw: str
+
+
+class ModelView(BaseModel):
+    id: str
+    prompt: Nano  # per 1M prompt tokens
+    completion: Nano  # per 1M completion tokens
+    context_length: int
+
+
+class TopUpOptions(BaseModel):
+    ton: bool  # a deposit wallet is configured
+    presets: list[str]  # decimal TON
+    stars: bool  # Telegram Stars invoices can be made
+    stars_presets: list[int]
+    nano_per_star: Nano
+
+
+class Me(BaseModel):
+    telegram_id: int
+    first_name: str
+    language: str
+    dev: bool
+    balance: Balance
+    deposit_memo: str
+    wallet: LinkedWallet | None
+    payout_wallet: LinkedWallet | None
+    is_provider: bool
+    model: str
+    models: list[ModelView]
+    topup: TopUpOptions
+    network: Literal["mainnet", "testnet"]
+
+
+# ------------------------------------------------------------------- wallet linking
+
+
+class ProofPayload(BaseModel):
+    payload: str
+    ttl_s: int
+
+
+class TonAccount(BaseModel):
+    """``wallet.account`` as TON Connect gives it."""
+
+    model_config = ConfigDict(extra="ignore")
+    address: str = Field(max_length=100)
+    chain: str = Field(max_length=10)
+    walletStateInit: str = Field(max_length=20_000)
+    publicKey: str | None = Field(default=None, max_length=128)
+
+
+class ProofDomain(BaseModel):
+    lengthBytes: int = Field(ge=0, le=1024)
+    value: str = Field(max_length=1024)
+
+
+class TonProof(BaseModel):
+    """``wallet.connectItems.tonProof.proof``."""
+
+    model_config = ConfigDict(extra="ignore")
+    timestamp: int
+    domain: ProofDomain
+    payload: str = Field(max_length=256)
+    signature: str = Field(max_length=256)
+
+
+class LinkWalletRequest(Strict):
+    purpose: Literal["user", "payout"] = "user"
+    account: TonAccount
+    proof: TonProof
+
+
+# -------------------------------------------------------------------------- top-up
+
+
+class TopUpRequest(Strict):
+    amount: str = Field(min_length=1, max_length=40, description="decimal TON, e.g. 1.5")
+
+
+class TonConnectMessage(BaseModel):
+    address: str
+    amount: Nano
+    payload: str
+
+
+class TonConnectTransaction(BaseModel):
+    validUntil: int
+    messages: list[TonConnectMessage]
+    network: str | None = None
+
+
+class TopUp(BaseModel):
+    amount: Nano
+    memo: str
+    deposit_address: str
+    transaction: TonConnectTransaction
+
+
+class StarsRequest(Strict):
+    stars: int = Field(ge=1, le=10_000)
+
+
+class StarsInvoice(BaseModel):
+    invoice_url: str
+    stars: int
+    amount: Nano
+
+
+# ------------------------------------------------------------------------- history
+
+
+class HistoryEntry(BaseModel):
+    kind: Literal["deposit", "turn", "payout"]
+    at: str  # ISO 8601, UTC
+    amount: Nano  # signed: deposits positive, turns and payouts negative
+    details: dict[str, Any]
+
+
+class History(BaseModel):
+    items: list[HistoryEntry]
+    page: int
+    per_page: int
+    has_more: bool
+
+
+# ------------------------------------------------------------------------ provider
+
+
+class WorkerEntry(BaseModel):
+    worker_id: str
+    model: str | None
+    tee: str | None
+    image: str | None
+    state: str
+    online: bool
+    attestation_expires_at: str | None
+    jobs: int
+    earned: Nano
+
+
+class EarningsView(BaseModel):
+    available: Nano
+    pending: Nano
+    paid: Nano
+    earned: Nano
+    jobs: int
+
+
+class ProviderDashboard(BaseModel):
+    workers: list[WorkerEntry]
+    earnings: EarningsView
+    payout_wallet: LinkedWallet | None
+    min_withdrawal: Nano
+
+
+class WithdrawRequest(Strict):
+    amount: str = Field(min_length=1, max_length=40, description='decimal TON, or "all"')
+    key: str = Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+
+
+class PayoutView(BaseModel):
+    id: int
+    amount: Nano
+    state: str
+    destination: str
+
+
+# ---------------------------------------------------------------------------- chat
+
+
+class ModelChoice(Strict):
+    model: str = Field(max_length=100)
+
+
+class ChatMessageIn(Strict):
+    role: Literal["user", "assistant"]
+    content: str = Field(min_length=1)
+
+
+class ChatRequest(Strict):
+    model: str = Field(max_length=100)
+    messages: list[ChatMessageIn] = Field(min_length=1, max_length=200)
+    conversation: str = Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+
+
+class PrivacyReport(BaseModel):
+    """Who served the turn: what the bot's /privacy shows."""
+
+    worker_id: str
+    tee: str  # "tdx" (hardware-attested) or "dev" (software-signed, development only)
+    engine: str
+    engine_version: str
+    key_fingerprint: str
+    usage_signature_verified: bool
+    image: str | None = None  # the released worker image its measurements matched
+    mrtd: str | None = None
+    attested_until: str | None = None  # ISO 8601; None: expired or gone offline since
+
+
+class ChatDone(BaseModel):
+    type: Literal["done"] = "done"
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    cost: Nano
+    balance: Nano
+    privacy: PrivacyReport

@@ -1,0 +1,392 @@
+"""The Mini App's HTTP side: pages (Jinja2), the JSON API under ``/app/api``, the TON Connect
+manifest, and the static files. Thin: parse, call :class:`miniapp.service.MiniApp`, render."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import aiohttp_jinja2
+import jinja2
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from backend import appkeys
+from backend.dispatch import TurnDone, TurnError, TurnText
+from backend.i18n import LANGUAGES
+from backend.money import format_ton
+from backend.settings import Settings
+from miniapp import protocol as p
+from miniapp import texts
+from miniapp.assets import (
+    PACKAGE_DIR,
+    TELEGRAM_ROUTE,
+    TONCONNECT_ROUTE,
+    Assets,
+    find_assets,
+    report,
+)
+from miniapp.auth import InitDataError, InitDataVerifier, init_data_from_header
+from miniapp.service import Caller, MiniApp, MiniAppError
+
+log = logging.getLogger("cocoon.miniapp")
+
+MINIAPP = web.AppKey("miniapp", MiniApp)
+VERIFIER = web.AppKey("miniapp_verifier", InitDataVerifier)
+ASSETS = web.AppKey("miniapp_assets", Assets)
+JINJA = web.AppKey("miniapp_jinja", jinja2.Environment)
+
+API_PREFIX = "/app/api/"
+PAGES = {
+    "wallet": "/app",
+    "history": "/app/history",
+    "provider": "/app/provider",
+    "chat": "/app/chat",
+}
+TURN_STATUS = {
+    "invalid_request": 400,
+    "unknown_model": 404,
+    "insufficient_balance": 402,
+    "no_worker": 503,
+    "timeout": 504,
+    "cancelled": 499,
+    "worker_error": 502,
+}
+
+Body = TypeVar("Body", bound=BaseModel)
+Handler = Callable[[web.Request, Caller], Awaitable[web.StreamResponse]]
+
+
+# ---------------------------------------------------------------------- errors
+
+
+def _request_language(request: web.Request) -> str:
+    return texts.page_language(request.query.get("lang"), request.headers.get("Accept-Language"))
+
+
+def error_response(language: str, status: int, code: str, **values: object) -> web.Response:
+    for name in ("minimum", "available", "needed"):
+        if isinstance(values.get(name), int):
+            values[name] = format_ton(values[name])  # type: ignore[arg-type]
+    message = texts.error_message(language, code, **values)
+    body = p.ErrorBody(error=p.ErrorDetail(code=code, message=message))
+    return web.json_response(body.model_dump(), status=status)
+
+
+def _turn_error(language: str, error: TurnError) -> web.Response:
+    values: dict[str, object] = {}
+    if error.code == "insufficient_balance":
+        values["needed"] = error.details.get("needed", 0)
+    if error.code == "invalid_request":
+        values["detail"] = str(error)
+    return error_response(language, TURN_STATUS.get(error.code, 500), error.code, **values)
+
+
+async def _body(request: web.Request, model: type[Body]) -> Body:
+    try:
+        raw = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise MiniAppError(400, "invalid_json") from None
+    try:
+        return model.model_validate(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        detail = f"{where}: {first['msg']}" if where else first["msg"]
+        raise MiniAppError(400, "invalid_request", detail=detail) from None
+
+
+@web.middleware
+async def api_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Under ``/app/api/`` even aiohttp's own refusals (unknown path, wrong method, body too
+    large) are JSON errors; other paths are left alone."""
+    if not request.path.startswith(API_PREFIX):
+        return await handler(request)
+    try:
+        return await handler(request)
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        code = {404: "not_found", 405: "not_found", 413: "invalid_request"}.get(
+            error.status, "invalid_request"
+        )
+        values = {"detail": error.reason} if code == "invalid_request" else {}
+        return error_response(_request_language(request), error.status, code, **values)
+    except ConnectionResetError:
+        raise  # the client went away: nobody to answer
+    except Exception:
+        # A bug or an outage (database down): a readable JSON error, the details in the log
+        # (never a request body: it may hold a chat message).
+        log.exception("mini app API: %s %s failed", request.method, request.path)
+        return error_response(_request_language(request), 500, "internal")
+
+
+def api(handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """Verify ``initData``, find the user, run the handler; every refusal is a JSON error."""
+
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        language = _request_language(request)
+        try:
+            header = request.headers.get("Authorization")
+            telegram = request.app[VERIFIER].verify(init_data_from_header(header))
+        except InitDataError as error:
+            return error_response(language, 401, error.code)
+        service = request.app[MINIAPP]
+        caller = await service.caller(telegram)
+        try:
+            return await handler(request, caller)
+        except MiniAppError as error:
+            return error_response(caller.language, error.status, error.code, **error.values)
+        except TurnError as error:
+            return _turn_error(caller.language, error)
+
+    return wrapped
+
+
+def _json(model: BaseModel, *, exclude_none: bool = False) -> web.Response:
+    return web.json_response(model.model_dump(mode="json", exclude_none=exclude_none))
+
+
+# ----------------------------------------------------------------------- pages
+
+
+def _page(name: str) -> Callable[[web.Request], Awaitable[dict[str, Any]]]:
+    @aiohttp_jinja2.template(f"{name}.html", app_key=JINJA)
+    async def view(request: web.Request) -> dict[str, Any]:
+        settings = request.app[appkeys.SETTINGS]
+        verifier = request.app[VERIFIER]
+        assets = request.app[ASSETS]
+        lang = _request_language(request)
+        base = (settings.public_url or "").rstrip("/")
+        config = {
+            "page": name,
+            "lang": lang,
+            "languages": list(LANGUAGES),
+            "langFixed": "lang" in request.query,
+            "api": "/app/api",
+            "pages": PAGES,
+            "manifestUrl": f"{base}/tonconnect-manifest.json" if base else None,
+            "tonconnect": assets.tonconnect_url is not None,
+            "dev": verifier.dev,
+            "devInitData": verifier.dev_init_data(lang) if verifier.dev else None,
+            "devUser": settings.local_telegram_id if verifier.dev else None,
+        }
+        return {"lang": lang, "page": name, "config": config, "assets": assets, "pages": PAGES}
+
+    return view
+
+
+async def manifest(request: web.Request) -> web.Response:
+    """``/tonconnect-manifest.json``: what wallets show about the app (public, no auth)."""
+    settings = request.app[appkeys.SETTINGS]
+    base = (settings.public_url or f"{request.scheme}://{request.host}").rstrip("/")
+    return web.json_response(
+        {"url": base, "name": settings.app_name, "iconUrl": f"{base}/app/static/icon.png"},
+        headers={"Access-Control-Allow-Origin": "*"},
+    )
+
+
+async def telegram_js(request: web.Request) -> web.FileResponse:
+    path = request.app[ASSETS].telegram_file
+    if path is None:
+        raise web.HTTPNotFound()
+    return web.FileResponse(path, headers={"Content-Type": "application/javascript"})
+
+
+# ------------------------------------------------------------------------- API
+
+
+@api
+async def get_me(request: web.Request, caller: Caller) -> web.Response:
+    return _json(await request.app[MINIAPP].me(caller))
+
+
+@api
+async def post_model(request: web.Request, caller: Caller) -> web.Response:
+    body = await _body(request, p.ModelChoice)
+    await request.app[MINIAPP].choose_model(caller, body.model)
+    return _json(await request.app[MINIAPP].me(caller))
+
+
+@api
+async def post_proof_payload(request: web.Request, caller: Caller) -> web.Response:
+    return _json(await request.app[MINIAPP].proof_payload())
+
+
+@api
+async def post_wallet(request: web.Request, caller: Caller) -> web.Response:
+    body = await _body(request, p.LinkWalletRequest)
+    return _json(await request.app[MINIAPP].link_wallet(caller, body, request.host))
+
+
+@api
+async def delete_wallet(request: web.Request, caller: Caller) -> web.Response:
+    await request.app[MINIAPP].unlink_wallet(caller)
+    return _json(await request.app[MINIAPP].me(caller))
+
+
+@api
+async def post_topup(request: web.Request, caller: Caller) -> web.Response:
+    body = await _body(request, p.TopUpRequest)
+    # TON Connect refuses unknown and null keys: leave out "network" unless it is set.
+    return _json(request.app[MINIAPP].top_up(caller, body.amount), exclude_none=True)
+
+
+@api
+async def post_stars(request: web.Request, caller: Caller) -> web.Response:
+    body = await _body(request, p.StarsRequest)
+    service = request.app[MINIAPP]
+    amount = body.stars * service.settings.stars_nano_per_star
+    title = texts.translate(caller.language, texts.N_("Cocoon balance top-up"))
+    label = texts.translate(
+        caller.language,
+        texts.N_("{amount} on your Cocoon balance"),
+        amount=format_ton(amount),
+    )
+    url = await service.stars_invoice(caller, body.stars, title, label)
+    return _json(p.StarsInvoice(invoice_url=url, stars=body.stars, amount=str(amount)))
+
+
+@api
+async def get_history(request: web.Request, caller: Caller) -> web.Response:
+    kind = request.query.get("kind") or None
+    try:
+        page = int(request.query.get("page", "1"))
+    except ValueError:
+        raise MiniAppError(400, "invalid_page") from None
+    return _json(await request.app[MINIAPP].history(caller, kind, page))
+
+
+@api
+async def get_provider(request: web.Request, caller: Caller) -> web.Response:
+    return _json(await request.app[MINIAPP].provider(caller))
+
+
+@api
+async def post_withdraw(request: web.Request, caller: Caller) -> web.Response:
+    body = await _body(request, p.WithdrawRequest)
+    return _json(await request.app[MINIAPP].withdraw(caller, body))
+
+
+@api
+async def post_chat(request: web.Request, caller: Caller) -> web.StreamResponse:
+    """A chat turn, streamed as NDJSON lines: ``{"type": "text", "text"}``…, then one
+    ``{"type": "done", ...}`` (cost, tokens, privacy report) or ``{"type": "error", "error"}``.
+    Errors before the first line are plain JSON errors with their HTTP status."""
+    body = await _body(request, p.ChatRequest)
+    service = request.app[MINIAPP]
+    events = await service.chat(caller, body)
+    response = web.StreamResponse(
+        headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-store"}
+    )
+    await response.prepare(request)
+
+    async def send(line: dict[str, Any]) -> None:
+        await response.write(json.dumps(line).encode() + b"\n")
+
+    try:
+        async with contextlib.aclosing(events):  # a client that leaves cancels the turn
+            async for event in events:
+                if isinstance(event, TurnText):
+                    await send({"type": "text", "text": event.text})
+                elif isinstance(event, TurnDone):
+                    done = p.ChatDone(
+                        model=event.model,
+                        prompt_tokens=event.prompt_tokens,
+                        completion_tokens=event.completion_tokens,
+                        finish_reason=event.finish_reason,
+                        cost=str(event.cost),
+                        balance=str(await service.balance(caller)),
+                        privacy=await service.privacy(event),
+                    )
+                    await send(done.model_dump(mode="json"))
+    except TurnError as error:
+        detail = json.loads(_turn_error(caller.language, error).text or "{}")
+        await send({"type": "error", **detail})
+    await response.write_eof()
+    return response
+
+
+# ----------------------------------------------------------------------- setup
+
+
+def _service_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        bot = None
+        if settings.bot_token is not None:
+            from aiogram import Bot
+            from aiogram.client.session.aiohttp import AiohttpSession
+            from aiogram.client.telegram import TelegramAPIServer
+
+            session = (
+                AiohttpSession(api=TelegramAPIServer.from_base(settings.telegram_api_url))
+                if settings.telegram_api_url
+                else AiohttpSession()
+            )
+            bot = Bot(settings.bot_token.get_secret_value(), session=session)
+        app[MINIAPP] = MiniApp(
+            settings,
+            app[appkeys.DATABASE],
+            app[appkeys.LEDGER],
+            app[appkeys.DISPATCHER],
+            bot,
+        )
+        yield
+        if bot is not None:
+            await bot.session.close()
+
+    return ctx
+
+
+def setup(app: web.Application, settings: Settings) -> None:
+    """Mount the Mini App on ``cocoon web``'s application (after its database context)."""
+    env = aiohttp_jinja2.setup(
+        app,
+        loader=jinja2.PackageLoader("miniapp", "templates"),
+        app_key=JINJA,
+        autoescape=jinja2.select_autoescape(["html"]),
+        undefined=jinja2.StrictUndefined,
+    )
+    texts.install(env)
+    app[VERIFIER] = InitDataVerifier(
+        settings.bot_token.get_secret_value() if settings.bot_token else None,
+        max_age_s=settings.initdata_max_age_s,
+        dev_telegram_id=settings.local_telegram_id if settings.miniapp_dev else None,
+    )
+    if settings.miniapp_dev:
+        log.warning(
+            "Mini App development mode is on: anyone who can open the page acts as "
+            "Telegram user %d (COCOON_MINIAPP_DEV)",
+            settings.local_telegram_id,
+        )
+    assets = find_assets(settings)
+    report(assets)
+    app[ASSETS] = assets
+    app.cleanup_ctx.append(_service_ctx(settings))
+    app.middlewares.append(api_errors)
+
+    router = app.router
+    for name, path in PAGES.items():
+        router.add_get(path, _page(name))
+    router.add_get("/app/", _page("wallet"))
+    router.add_get("/tonconnect-manifest.json", manifest)
+    router.add_static("/app/static/", PACKAGE_DIR / "static", name="miniapp_static")
+    if assets.tonconnect_dir is not None:
+        router.add_static(TONCONNECT_ROUTE, assets.tonconnect_dir)
+    router.add_get(TELEGRAM_ROUTE, telegram_js)
+    router.add_get("/app/api/me", get_me)
+    router.add_post("/app/api/model", post_model)
+    router.add_post("/app/api/wallet/payload", post_proof_payload)
+    router.add_post("/app/api/wallet", post_wallet)
+    router.add_delete("/app/api/wallet", delete_wallet)
+    router.add_post("/app/api/topup", post_topup)
+    router.add_post("/app/api/stars", post_stars)
+    router.add_get("/app/api/history", get_history)
+    router.add_get("/app/api/provider", get_provider)
+    router.add_post("/app/api/provider/withdraw", post_withdraw)
+    router.add_post("/app/api/chat", post_chat)

@@ -1,0 +1,422 @@
+"""What the Mini App does, apart from HTTP: one plain class over the backend's services.
+
+Routes (``miniapp.routes``) parse and render; money, wallets and turns go through the shared
+backend layers (``backend.account``, ``backend.ton``, the ledger and the dispatcher), so the
+Mini App follows the same rules as the bot.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import time
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis
+from sqlalchemy import delete
+
+from backend import account
+from backend.db import Database
+from backend.dispatch import Dispatcher, TurnDone, TurnRequest, TurnText
+from backend.i18n import pick_language
+from backend.ledger import Ledger
+from backend.models import TonWallet, User
+from backend.money import AmountError, parse_ton
+from backend.settings import DEFAULT_MODEL, Settings
+from backend.ton import proof as ton_proof
+from backend.ton.comment import deposit_transaction, friendly_address
+from backend.users import get_or_create_user
+from miniapp import protocol as p
+from miniapp.auth import TelegramCaller
+from workers.redis_keys import redis_key
+from workers.wire import ChatMessage
+
+TOPUP_PRESETS = ["1", "5", "10", "50"]
+STARS_PRESETS = [50, 100, 250, 1000]
+RATE = "miniapp:rate"  # cocoon:miniapp:rate:<user id>:<minute>: chat turns in that minute
+
+
+class MiniAppError(Exception):
+    """A refusal with a stable ``code``, an HTTP status and values for the message."""
+
+    def __init__(self, status: int, code: str, **values: object) -> None:
+        super().__init__(code)
+        self.status = status
+        self.code = code
+        self.values = values
+
+
+@dataclass(frozen=True)
+class Caller:
+    user: User
+    telegram: TelegramCaller
+    language: str
+
+
+def _nano(value: int) -> str:
+    return str(int(value))
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
+
+
+class MiniApp:
+    """Process-wide; made in ``miniapp.setup``'s cleanup context."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        ledger: Ledger,
+        dispatcher: Dispatcher,
+        bot: Any | None = None,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.ledger = ledger
+        self.dispatcher = dispatcher
+        self.bot = bot  # aiogram Bot, for Stars invoices; None without a bot token
+
+    # ------------------------------------------------------------------ users
+
+    async def caller(self, telegram: TelegramCaller) -> Caller:
+        user = await get_or_create_user(self.db, telegram.telegram_id, telegram.language_code)
+        language = user.language_code or telegram.language_code or "en"
+        return Caller(user, telegram, language)
+
+    def _wallet_view(self, wallet: TonWallet | None) -> p.LinkedWallet | None:
+        if wallet is None:
+            return None
+        return p.LinkedWallet(
+            address=friendly_address(
+                wallet.address, bounceable=False, testnet=self.settings.ton.is_testnet
+            ),
+            raw=wallet.address,
+        )
+
+    async def me(self, caller: Caller) -> p.Me:
+        user = caller.user
+        balances = await self.ledger.balances(user.id)
+        wallet = await ton_proof.linked_wallet(self.db, user.id, "user")
+        payout = await ton_proof.linked_wallet(self.db, user.id, "payout")
+        models = [
+            p.ModelView(
+                id=name,
+                prompt=_nano(price.prompt),
+                completion=_nano(price.completion),
+                context_length=price.context_length,
+            )
+            for name, price in sorted(self.settings.models.items())
+        ]
+        model = user.model if user.model in self.settings.models else None
+        if model is None:
+            model = DEFAULT_MODEL if DEFAULT_MODEL in self.settings.models else models[0].id
+        return p.Me(
+            telegram_id=user.telegram_id,
+            first_name=caller.telegram.first_name,
+            language=pick_language(caller.language),
+            dev=caller.telegram.dev,
+            balance=p.Balance(available=_nano(balances.available), held=_nano(balances.held)),
+            deposit_memo=user.deposit_memo,
+            wallet=self._wallet_view(wallet),
+            payout_wallet=self._wallet_view(payout),
+            is_provider=bool(user.is_provider),
+            model=model,
+            models=models,
+            topup=p.TopUpOptions(
+                ton=self.settings.ton.deposit_address is not None,
+                presets=TOPUP_PRESETS,
+                stars=self.bot is not None,
+                stars_presets=STARS_PRESETS,
+                nano_per_star=_nano(self.settings.stars_nano_per_star),
+            ),
+            network=self.settings.ton.network,
+        )
+
+    async def choose_model(self, caller: Caller, model: str) -> None:
+        if model not in self.settings.models:
+            raise MiniAppError(404, "unknown_model")
+        await account.set_model(self.db, caller.user.id, model)
+
+    # ----------------------------------------------------------------- wallets
+
+    def proof_domains(self, request_host: str | None) -> list[str]:
+        """Domains a ton_proof may name: the setting, else the public URL's host; in
+        development mode only, the host the page was loaded from."""
+        if self.settings.ton.proof_domains:
+            return list(self.settings.ton.proof_domains)
+        if self.settings.public_url:
+            host = urlsplit(self.settings.public_url).netloc
+            if host:
+                return [host]
+        if self.settings.miniapp_dev and request_host:
+            return [request_host]
+        return []
+
+    async def proof_payload(self) -> p.ProofPayload:
+        ttl = self.settings.ton.proof_ttl_s
+        return p.ProofPayload(payload=await ton_proof.issue_payload(self.db, ttl), ttl_s=ttl)
+
+    async def link_wallet(
+        self, caller: Caller, body: p.LinkWalletRequest, request_host: str | None
+    ) -> p.LinkedWallet:
+        domains = self.proof_domains(request_host)
+        if not domains:
+            raise MiniAppError(503, "proof_unavailable")
+        if body.purpose == "payout" and not caller.user.is_provider:
+            raise MiniAppError(403, "not_provider")
+        account_dict = {
+            "address": body.account.address,
+            "network": body.account.chain,
+            "walletStateInit": body.account.walletStateInit,
+            "publicKey": body.account.publicKey,
+        }
+        try:
+            wallet = await ton_proof.link_wallet(
+                self.db,
+                caller.user.id,
+                body.purpose,
+                account_dict,
+                body.proof.model_dump(),
+                allowed_domains=domains,
+                max_age_s=self.settings.ton.proof_ttl_s,
+                network=ton_proof.NETWORKS[self.settings.ton.network],
+            )
+        except ton_proof.ProofError as error:
+            raise MiniAppError(400, "proof_refused", detail=str(error)) from None
+        view = self._wallet_view(wallet)
+        assert view is not None
+        return view
+
+    async def unlink_wallet(self, caller: Caller) -> None:
+        async with self.db.session() as session, session.begin():
+            await session.execute(
+                delete(TonWallet).where(
+                    TonWallet.user_id == caller.user.id, TonWallet.purpose == "user"
+                )
+            )
+
+    # ----------------------------------------------------------------- top-ups
+
+    def top_up(self, caller: Caller, amount_text: str) -> p.TopUp:
+        ton = self.settings.ton
+        if ton.deposit_address is None:
+            raise MiniAppError(503, "topup_unavailable")
+        try:
+            amount = parse_ton(amount_text)
+        except AmountError as error:
+            raise MiniAppError(400, "invalid_amount", detail=str(error)) from None
+        request = deposit_transaction(
+            ton.deposit_address,
+            caller.user.deposit_memo,
+            amount,
+            ttl_s=ton.deposit_ttl_s,
+            testnet=ton.is_testnet,
+        )
+        return p.TopUp(
+            amount=_nano(amount),
+            memo=caller.user.deposit_memo,
+            deposit_address=friendly_address(
+                ton.deposit_address, bounceable=False, testnet=ton.is_testnet
+            ),
+            transaction=p.TonConnectTransaction.model_validate(request),
+        )
+
+    async def stars_invoice(self, caller: Caller, stars: int, title: str, label: str) -> str:
+        if self.bot is None:
+            raise MiniAppError(503, "stars_unavailable")
+        from aiogram.exceptions import TelegramAPIError
+        from aiogram.types import LabeledPrice
+
+        try:
+            return await self.bot.create_invoice_link(
+                title=title,
+                description=label,
+                # The bot's pre_checkout_query and successful_payment handlers read this:
+                # stars:<user id>:<stars> (the bot credits it, once per charge id).
+                payload=f"stars:{caller.user.id}:{stars}",
+                currency="XTR",
+                prices=[LabeledPrice(label=label, amount=stars)],
+            )
+        except (TelegramAPIError, OSError, TimeoutError):
+            raise MiniAppError(502, "stars_failed") from None
+
+    # ----------------------------------------------------------------- history
+
+    async def history(self, caller: Caller, kind: str | None, page: int) -> p.History:
+        try:
+            result = await account.history(
+                self.db,
+                caller.user.id,
+                kind=kind,  # type: ignore[arg-type]
+                page=page,
+                per_page=20,
+            )
+        except account.AccountError:
+            raise MiniAppError(400, "invalid_page") from None
+        return p.History(
+            items=[
+                p.HistoryEntry(
+                    kind=item.kind,
+                    at=_iso(item.at) or "",
+                    amount=_nano(item.amount),
+                    details={
+                        key: (self._address(value) if key == "destination" else value)
+                        for key, value in item.details.items()
+                    },
+                )
+                for item in result.items
+            ],
+            page=result.page,
+            per_page=result.per_page,
+            has_more=result.has_more,
+        )
+
+    def _address(self, value: object) -> object:
+        if not isinstance(value, str) or not value:
+            return value
+        try:
+            return friendly_address(value, bounceable=False, testnet=self.settings.ton.is_testnet)
+        except ValueError:
+            return value
+
+    # ---------------------------------------------------------------- provider
+
+    def _require_provider(self, caller: Caller) -> None:
+        if not caller.user.is_provider:
+            raise MiniAppError(403, "not_provider")
+
+    async def provider(self, caller: Caller) -> p.ProviderDashboard:
+        self._require_provider(caller)
+        workers = await account.provider_workers(self.db, self.dispatcher.redis, caller.user.id)
+        earned = await account.earnings(self.ledger, caller.user.id)
+        payout = await ton_proof.linked_wallet(self.db, caller.user.id, "payout")
+        return p.ProviderDashboard(
+            workers=[
+                p.WorkerEntry(
+                    worker_id=w.worker_id,
+                    model=w.model,
+                    tee=w.tee,
+                    image=w.image,
+                    state=str(w.state),
+                    online=w.online,
+                    attestation_expires_at=_iso(w.expires_at),
+                    jobs=w.jobs,
+                    earned=_nano(w.earned),
+                )
+                for w in workers
+            ],
+            earnings=p.EarningsView(
+                available=_nano(earned.available),
+                pending=_nano(earned.pending),
+                paid=_nano(earned.paid),
+                earned=_nano(earned.earned),
+                jobs=earned.jobs,
+            ),
+            payout_wallet=self._wallet_view(payout),
+            min_withdrawal=_nano(self.settings.min_withdrawal_nano),
+        )
+
+    async def withdraw(self, caller: Caller, body: p.WithdrawRequest) -> p.PayoutView:
+        self._require_provider(caller)
+        amount: int | str
+        if body.amount.strip().lower() == "all":
+            amount = "all"
+        else:
+            try:
+                amount = parse_ton(body.amount)
+            except AmountError as error:
+                raise MiniAppError(400, "invalid_amount", detail=str(error)) from None
+        try:
+            payout = await account.withdraw(
+                self.ledger,
+                self.settings,
+                caller.user.id,
+                amount,  # type: ignore[arg-type]
+                f"miniapp:{caller.user.id}:{body.key}",
+            )
+        except account.AccountError as error:
+            status = {"no_payout_wallet": 409, "insufficient_funds": 409}.get(error.code, 400)
+            values = {k: v for k, v in error.details.items() if k in ("minimum", "available")}
+            detail = {"detail": str(error)} if error.code == "invalid_amount" else {}
+            raise MiniAppError(status, error.code, **values, **detail) from None
+        return p.PayoutView(
+            id=payout.id,
+            amount=_nano(payout.amount),
+            state=str(payout.state),
+            destination=str(self._address(payout.destination or "")),
+        )
+
+    # -------------------------------------------------------------------- chat
+
+    async def _rate_limit(self, user_id: int) -> None:
+        minute = int(time.time() // 60)
+        key = redis_key(RATE, str(user_id), str(minute))
+        count = await self.dispatcher.redis.incr(key)
+        if count == 1:
+            await self.dispatcher.redis.expire(key, 120)
+        if count > self.settings.rate_limit_per_minute:
+            raise MiniAppError(429, "rate_limited")
+
+    async def chat(
+        self, caller: Caller, body: p.ChatRequest
+    ) -> AsyncGenerator[TurnText | TurnDone, None]:
+        """Start a turn (held and billed like the bot's) and stream its events. The text
+        passes through and is kept nowhere: the conversation lives in the page."""
+        limit = self.settings.max_prompt_chars
+        if any(len(m.content) > limit for m in body.messages):
+            raise MiniAppError(400, "message_too_long", limit=limit)
+        if body.messages[-1].role != "user":
+            raise MiniAppError(400, "invalid_request", detail="the last message must be yours")
+        await self._rate_limit(caller.user.id)
+        messages = body.messages[-self.settings.context_max_messages :]
+        price = self.settings.price(body.model)
+        max_tokens = self.settings.max_tokens_default
+        if price is not None:
+            max_tokens = min(max_tokens, price.context_length)
+        conversation = hashlib.sha256(f"{caller.user.id}:{body.conversation}".encode())
+        turn = await self.dispatcher.start_turn(
+            TurnRequest(
+                user_id=caller.user.id,
+                model=body.model,
+                messages=[ChatMessage(role=m.role, content=m.content) for m in messages],
+                max_tokens=max_tokens,
+                conversation_id="miniapp-" + conversation.hexdigest()[:32],
+            )
+        )
+        return turn.events()
+
+    async def privacy(self, done: TurnDone) -> p.PrivacyReport:
+        """The privacy report of a finished turn: the worker's proof, and what the backend
+        verified about it (its attestation record, while it lasts)."""
+        from workers import registry
+
+        worker = done.worker
+        try:
+            record = await registry.read_attestation(self.dispatcher.redis, worker.worker_id)
+        except (redis.RedisError, ValueError):  # the report keeps what the turn itself proved
+            record = None
+        return p.PrivacyReport(
+            worker_id=worker.worker_id,
+            tee=worker.tee,
+            engine=worker.engine,
+            engine_version=worker.engine_version,
+            key_fingerprint=worker.key_fingerprint,
+            usage_signature_verified=worker.usage_signature_verified,
+            image=record.image if record else None,
+            mrtd=record.measurements.get("mrtd") if record else None,
+            attested_until=(
+                _iso(dt.datetime.fromtimestamp(record.expires_at, dt.UTC)) if record else None
+            ),
+        )
+
+    async def balance(self, caller: Caller) -> int:
+        return (await self.ledger.balances(caller.user.id)).available

@@ -1,0 +1,114 @@
+// The provider dashboard: workers (TEE, attestation expiry, online, jobs, earnings),
+// earnings, the payout wallet and withdrawals (the same rules as the bot's /withdraw).
+(function () {
+  "use strict";
+  const C = window.Cocoon;
+  if (!C.ready) return;
+  const { $, t } = C;
+
+  let board = null;
+  let key = newKey();
+
+  function newKey() {
+    const bytes = new Uint8Array(12);
+    window.crypto.getRandomValues(bytes);
+    return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+  }
+
+  function worker(w) {
+    const li = document.createElement("li");
+    li.className = "item";
+    const head = document.createElement("div");
+    head.className = "item-head";
+    const name = document.createElement("code");
+    name.textContent = w.worker_id;
+    const state = document.createElement("span");
+    state.className = w.online ? "pill pill-ok" : "pill";
+    state.textContent = w.online ? t("online") : t("offline");
+    head.append(name, state);
+    const lines = [
+      (w.model || "?") + " · " + (w.tee === "dev" ? t("tee_dev") : w.tee === "tdx" ? t("tee_tdx") : w.tee || "?"),
+      w.attestation_expires_at ? t("attested_until", { date: C.formatDate(w.attestation_expires_at) }) : w.state,
+      t("worker_jobs", { jobs: w.jobs, amount: C.formatTon(w.earned) }),
+    ];
+    li.append(head);
+    for (const text of lines) {
+      const line = document.createElement("div");
+      line.className = "hint";
+      line.textContent = text;
+      li.append(line);
+    }
+    return li;
+  }
+
+  function render(value) {
+    board = value;
+    $("provider").hidden = false;
+    $("earn-available").textContent = C.formatTon(board.earnings.available);
+    $("earn-pending").textContent = C.formatTon(board.earnings.pending);
+    $("earn-paid").textContent = C.formatTon(board.earnings.paid);
+    $("earn-total").textContent = C.formatTon(board.earnings.earned);
+    $("earn-jobs").textContent = String(board.earnings.jobs);
+    $("payout-wallet").textContent = board.payout_wallet
+      ? t("payout_wallet", { address: board.payout_wallet.address })
+      : t("no_payout_wallet");
+    $("min-withdrawal").textContent = t("min_withdrawal", { amount: C.formatTon(board.min_withdrawal) });
+    $("workers").textContent = "";
+    for (const w of board.workers) $("workers").appendChild(worker(w));
+    if (board.workers.length === 0) {
+      const empty = document.createElement("li");
+      empty.className = "empty";
+      empty.textContent = t("no_workers");
+      $("workers").appendChild(empty);
+    }
+    C.mainAction($("withdraw"), t("withdraw"), Boolean(board.payout_wallet), withdraw);
+  }
+
+  async function load() {
+    const me = await C.me();
+    if (!me.is_provider) {
+      $("not-provider").textContent = t("not_provider");
+      $("not-provider").hidden = false;
+      return;
+    }
+    render(await C.request("/provider"));
+  }
+
+  async function withdraw() {
+    const amount = $("withdraw-amount").value.trim();
+    if (!amount) return;
+    C.mainProgress($("withdraw"), true);
+    try {
+      const payout = await C.request("/provider/withdraw", {
+        method: "POST",
+        body: { amount, key },
+      });
+      key = newKey();
+      C.status($("withdraw-status"), t("withdraw_done", { amount: C.formatTon(payout.amount) }), "ok");
+      C.haptic("success");
+      $("withdraw-amount").value = "";
+      await load();
+    } catch (error) {
+      C.status($("withdraw-status"), error.message, "error");
+    } finally {
+      C.mainProgress($("withdraw"), false);
+    }
+  }
+
+  async function linkPayout() {
+    try {
+      const linked = await C.connectWallet("payout");
+      C.toast(t("payout_wallet", { address: linked.address }));
+      await load();
+    } catch (error) {
+      if (error.code !== "cancelled") C.toast(error.message || t("error"));
+    }
+  }
+
+  $("withdraw").addEventListener("click", withdraw);
+  $("withdraw-all").addEventListener("click", () => ($("withdraw-amount").value = "all"));
+  $("withdraw-amount").addEventListener("input", () => (key = newKey()));
+  $("link-payout").addEventListener("click", linkPayout);
+  if (!window.TON_CONNECT_UI) $("link-payout").disabled = true;
+  load().catch((error) => C.toast(error.message));
+})();
