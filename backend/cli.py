@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 import uuid
 from collections.abc import Callable, Sequence
@@ -211,11 +212,18 @@ def cmd_apikey_create(settings: Settings, args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
-def _not_yet(feature: str, issue: int) -> Callable[[Settings, argparse.Namespace], int]:
-    def command(_settings: Settings, _args: argparse.Namespace) -> int:
-        _fail(f"{feature} is not part of this build yet (it lands with issue #{issue})", code=1)
+def cmd_bot(settings: Settings, _args: argparse.Namespace) -> int:
+    if settings.bot_token is None:
+        _fail("set COCOON_BOT_TOKEN (from @BotFather) to run the bot", code=1)
+    if settings.bot_mode == "webhook":
+        _fail("COCOON_BOT_MODE=webhook: the bot runs inside `cocoon web`, not here", code=1)
+    from backend.logs import setup_logging
+    from bot.app import run_polling
 
-    return command
+    setup_logging(settings)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run_polling(settings))
+    return 0
 
 
 # ------------------------------------------------------------------ parser
@@ -249,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--upgrade", action="store_true", help="upgrade the database schema before serving"
     )
 
-    add("bot", "run the Telegram bot with long polling", _not_yet("the Telegram bot", 5))
+    add("bot", "run the Telegram bot with long polling", cmd_bot)
     # `cocoon worker ...` is handed to the worker node's own parser (see main()).
     add("worker", "run a worker node serving one model (see cocoon worker --help)", cmd_up)
     chat = add("chat", "ask one question through the whole stack, streamed", cmd_chat)

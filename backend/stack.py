@@ -85,6 +85,7 @@ def local_redis(settings: Settings) -> Iterator[None]:
         [binary, "--port", port, "--bind", parts.hostname or "127.0.0.1", "--save", "",
          "--appendonly", "no", "--dir", str(directory), "--logfile", str(directory / "log")],
         stdin=subprocess.DEVNULL,
+        start_new_session=True,  # Ctrl-C stops the worker first, then this Redis (below)
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 15
@@ -168,6 +169,10 @@ def run_stack(settings: Settings, *, host: str | None = None, port: int | None =
     attestation = settings.attestation.model_copy(update={"allow_dev": True})
     settings = settings.model_copy(update={"attestation": attestation})
     print("cocoon: development TEE allowed for this local stack (not hardware-attested)")
+    if settings.bot_token is None and not settings.miniapp_dev:
+        # No Telegram to sign initData: the Mini App in a browser acts as the local user.
+        settings = settings.model_copy(update={"miniapp_dev": True})
+        print("cocoon: Mini App development mode: its pages act as the local user")
     host = host or settings.web_host
     port = port or settings.web_port
     with local_redis(settings):
@@ -198,6 +203,7 @@ async def serve_stack(
         ton_services = asyncio.create_task(
             run_services(settings, deposits=True, payouts=False, once=False)
         )
+    bot: asyncio.Task[None] | None = None
     runner = web.AppRunner(create_app(settings))
     await runner.setup()
     try:
@@ -211,14 +217,20 @@ async def serve_stack(
         print(
             "cocoon: ready. Chat from another terminal:\n"
             '    cocoon chat "What is TON?"\n'
+            f"  or in a browser: the Mini App at {url}/app\n"
             f"  or with any OpenAI client: base URL {url}/v1, API key in {key_file}\n"
             f'    curl {url}/v1/chat/completions -H "Authorization: Bearer $(cat {key_file})" '
             f'-d \'{{"model": "{DEFAULT_MODEL}", "messages": [{{"role": "user", '
             '"content": "Hello"}]}\'',
             flush=True,
         )
+        bot = start_bot(settings)
         await asyncio.Event().wait()
     finally:
+        if bot is not None:
+            bot.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await bot
         await runner.cleanup()
         if ton_services is not None:
             ton_services.cancel()
@@ -226,6 +238,23 @@ async def serve_stack(
                 await ton_services
         if local_ton is not None:
             await local_ton.aclose()
+
+
+def start_bot(settings: Settings) -> asyncio.Task[None] | None:
+    """The Telegram bot with long polling, when a bot token is set (in webhook mode the web
+    app serves it already)."""
+    if settings.bot_token is None or settings.bot_mode != "polling":
+        return None
+    from bot.app import run_polling
+
+    async def run() -> None:
+        try:
+            await run_polling(settings, handle_signals=False)
+        except Exception as error:  # a bad token, Telegram unreachable: the rest keeps serving
+            print(f"cocoon: the Telegram bot stopped: {type(error).__name__}: {error}", flush=True)
+
+    print("cocoon: the Telegram bot is polling for updates", flush=True)
+    return asyncio.create_task(run())
 
 
 DEV_DEPOSIT_ADDRESS = "0:" + "c0c0" * 16

@@ -6,12 +6,14 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
+import miniapp
 from backend import appkeys, openai_api
 from backend.attestation import onboarding
 from backend.db import Database
 from backend.dispatch import Dispatcher
 from backend.ledger import Ledger
 from backend.settings import Settings
+from bot import webhook as bot_webhook
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -49,6 +51,8 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/healthz", healthz)
     openai_api.setup_routes(app)
     onboarding.setup(app, settings)
+    miniapp.setup(app, settings)
+    bot_webhook.setup(app, settings)  # the Telegram bot, when COCOON_BOT_MODE=webhook
     return app
 
 

@@ -36,6 +36,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 from redis.exceptions import RedisError
 
+from backend import appkeys
 from backend.attestation import acl, store
 from backend.attestation.verifier import Verifier
 from workers import registry
@@ -85,8 +86,10 @@ class Onboarding:
         verifier: Verifier,
         *,
         clock: Callable[[], float] = time.time,
+        db: Any = None,
     ) -> None:
         self.settings = settings
+        self.db = db  # when set, worker states are recorded and providers notified
         self.att = settings.attestation
         self.redis = redis
         self.verifier = verifier
@@ -122,8 +125,16 @@ class Onboarding:
                 "worker %s refused (tee=%s): %s", worker_id, evidence.tee, "; ".join(reasons)
             )
             if grant.kind == "renewal" and grant.worker_id:
-                await self.revoke(grant.worker_id)
+                await self.revoke(grant.worker_id, record=False)
                 await store.consume_token(self.redis, token)
+            await self._record(
+                grant.worker_id or worker_id,
+                "failed",
+                provider_id=grant.provider_id,
+                model=claims.model,
+                tee=evidence.tee,
+                note="; ".join(reasons)[:1000],
+            )
             raise OnboardingError(403, "evidence refused", reasons)
         if not await store.consume_token(self.redis, token):
             raise OnboardingError(401, "the token was used meanwhile")
@@ -155,6 +166,17 @@ class Onboarding:
             user, password = await acl.create_worker_user(self.redis, worker_id)
             redis_url = worker_redis_url(base, user, password)
         await registry.write_attestation(self.redis, record)
+        await self._record(
+            worker_id,
+            "attested",
+            provider_id=grant.provider_id,
+            model=claims.model,
+            tee=evidence.tee,
+            image=verdict.image,
+            mrtd=(verdict.measurements or {}).get("mrtd"),
+            attested_at=now,
+            expires_at=expires_at,
+        )
         renewal = await store.issue_renewal_token(
             self.redis, worker_id, grant.provider_id, self.att.lifetime_s + 3600
         )
@@ -187,13 +209,48 @@ class Onboarding:
             "sealed": base64.b64encode(sealed).decode(),
         }
 
-    async def revoke(self, worker_id: str) -> None:
+    async def _record(
+        self,
+        worker_id: str,
+        state: str,
+        *,
+        attested_at: float | None = None,
+        expires_at: float | None = None,
+        **values: Any,
+    ) -> None:
+        """Remember the worker's state in the database (its provider is told of a change by
+        the bot). Best effort: onboarding never fails because the database does."""
+        if self.db is None:
+            return
+        import datetime as dt
+
+        from backend.account import record_worker
+        from backend.models import WorkerState
+
+        def when(epoch: float | None) -> dt.datetime | None:
+            return dt.datetime.fromtimestamp(epoch, dt.UTC) if epoch is not None else None
+
+        try:
+            await record_worker(
+                self.db,
+                worker_id,
+                WorkerState(state),
+                attested_at=when(attested_at),
+                expires_at=when(expires_at),
+                **values,
+            )
+        except Exception as error:  # the database is down: onboarding goes on
+            log.warning("worker %s: state %s not recorded: %s", worker_id, state, error)
+
+    async def revoke(self, worker_id: str, *, record: bool = True) -> None:
         """Out of dispatch at once, and its Redis user (and connections) gone."""
         # The user first: once its connections are cut, the node cannot write its entry again.
         with contextlib.suppress(ValueError):
             await acl.delete_worker_user(self.redis, worker_id)
         await registry.revoke_attestation(self.redis, worker_id)
         log.warning("worker %s revoked: it gets no more jobs", worker_id)
+        if record:
+            await self._record(worker_id, "revoked")
 
     async def sweep(self) -> list[str]:
         """Revoke workers whose Redis user outlived their attestation record (expired)."""
@@ -259,7 +316,9 @@ def setup(app: web.Application, settings: Any) -> None:
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         client = aioredis.Redis.from_url(settings.redis_url)
-        service = Onboarding(settings, client, Verifier.from_settings(settings))
+        service = Onboarding(
+            settings, client, Verifier.from_settings(settings), db=app.get(appkeys.DATABASE)
+        )
         app[ONBOARDING] = service
         stop = asyncio.Event()
         sweeper = asyncio.create_task(_sweep_forever(service, stop))

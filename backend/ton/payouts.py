@@ -33,6 +33,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
+from backend import account
 from backend.db import Database
 from backend.ledger import Ledger
 from backend.models import (
@@ -135,6 +136,7 @@ class PayoutSender:
         except AddressError as error:
             await self.ledger.fail_payout(payout.id, reason=f"cannot pay: {error}")
             log.warning("payout #%s failed: %s", payout.id, error)
+            await self._tell(payout, paid=False)
             return Step.PROGRESS
         seqno = await self._next_seqno()
         await self._sign(payout, destination, seqno, replacing=None)
@@ -320,6 +322,7 @@ class PayoutSender:
                 reason = "aborted on chain" if aborted else "no transfer in the transaction"
                 await self.ledger.fail_payout(payout.id, reason=f"payout {reason}")
                 log.warning("payout #%s failed on chain: %s", payout.id, reason)
+        await self._tell(payout, paid=paid)
         async with self.db.session() as session, session.begin():
             await session.execute(
                 update(TonPayoutMessage)
@@ -332,6 +335,19 @@ class PayoutSender:
                 )
                 .execution_options(synchronize_session=False)
             )
+
+    async def _tell(self, payout: Payout, *, paid: bool) -> None:
+        """Put the outcome in the provider's outbox (the bot tells it, and edits the status
+        message /withdraw left); once per payout, a replay after a crash included."""
+        outcome = "confirmed" if paid else "failed"
+        await account.notify(
+            self.db,
+            payout.provider_id,
+            account.NOTIFY_PAYOUT_CONFIRMED if paid else account.NOTIFY_PAYOUT_FAILED,
+            f"payout:{payout.id}:{outcome}",
+            amount=payout.amount,
+            data={"payout_id": payout.id, "destination": payout.destination},
+        )
 
     # -------------------------------------------------------------- queries
 

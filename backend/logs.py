@@ -1,0 +1,27 @@
+"""Logging of the operator's processes (``cocoon web``, ``up``, ``bot``, ``ton watcher``).
+
+``setup_logging(settings)`` once in each process's entry point: text lines, or one JSON object
+per line with ``COCOON_LOG_JSON=true`` (python-json-logger), at ``COCOON_LOG_LEVEL``. Every
+record carries the ids bound in its context (``turn_id``, ``job_id``, ``update_id``; see
+:mod:`workers.logcontext`): ``bind(turn_id=...)`` where an id becomes known.
+
+What is never logged: prompt or reply text, conversation context, keys, tokens, mnemonics.
+Log ids, counts, amounts, durations and error class names instead.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from backend.settings import Settings
+from workers.logcontext import CONTEXT_FIELDS, ContextFilter, bind, bound, configure, current
+
+__all__ = ["CONTEXT_FIELDS", "ContextFilter", "bind", "bound", "current", "setup_logging"]
+
+
+def setup_logging(settings: Settings, *, stream: object = None) -> None:
+    """Configure this process's logging from the settings (call once, in ``main``)."""
+    level = str(getattr(settings, "log_level", "INFO") or "INFO").upper()
+    if level not in logging.getLevelNamesMapping():
+        level = "INFO"
+    configure(level, json_lines=bool(getattr(settings, "log_json", False)), stream=stream)

@@ -1,0 +1,144 @@
+"""The bot's factories: ``create_bot``, ``build_dispatcher``, and :func:`running_bot`, which
+holds everything with a lifetime (services, the outbox task) for polling and webhook alike.
+
+Router order (first match wins): account, wallet (Stars payments must be seen before chat
+takes messages), API keys, provider, admin (only for admin ids), then chat last, since it takes
+every text no command took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from aiogram import Bot, Dispatcher, F
+from aiogram.client.default import DefaultBotProperties
+from aiogram.client.session.aiohttp import AiohttpSession
+from aiogram.client.session.base import BaseSession
+from aiogram.client.telegram import TelegramAPIServer
+
+from backend.db import Database
+from backend.dispatch import Dispatcher as TurnDispatcher
+from backend.ledger import Ledger
+from backend.settings import Settings
+from bot.commands import set_commands, set_menu_button
+from bot.handlers import account, admin, apikeys, chat, provider, wallet
+from bot.handlers.wallet import miniapp_url
+from bot.middlewares import UserMiddleware
+from bot.outbox import Outbox
+from bot.services import Services, open_services
+from bot.telegram import FloodWait, on_error
+from bot.tonconnect import ConnectorFactory
+
+log = logging.getLogger("cocoon.bot")
+
+
+class BotNotConfigured(RuntimeError):
+    pass
+
+
+def create_bot(settings: Settings, session: BaseSession | None = None) -> Bot:
+    """The Bot on the configured Bot API server, with flood waits honoured."""
+    if settings.bot_token is None:
+        raise BotNotConfigured("COCOON_BOT_TOKEN is not set")
+    if session is None:
+        if settings.telegram_api_url:
+            api = TelegramAPIServer.from_base(settings.telegram_api_url.rstrip("/"))
+            session = AiohttpSession(api=api)
+        else:
+            session = AiohttpSession()
+    session.middleware(FloodWait())
+    return Bot(
+        settings.bot_token.get_secret_value(),
+        session=session,
+        default=DefaultBotProperties(parse_mode=None, link_preview_is_disabled=True),
+    )
+
+
+def build_dispatcher(settings: Settings, services: Services, outbox: Outbox) -> Dispatcher:
+    dp = Dispatcher(**services.workflow_data(), outbox=outbox)
+    dp.update.outer_middleware(UserMiddleware())
+    dp.errors.register(on_error)
+    dp.include_routers(
+        account.handlers.router(),
+        wallet.handlers.router(),
+        apikeys.handlers.router(),
+        provider.handlers.router(),
+        admin.handlers.router(F.from_user.id.in_(set(settings.admin_ids))),
+        chat.handlers.router(),
+    )
+    return dp
+
+
+def webhook_secret(settings: Settings) -> str:
+    """The secret Telegram sends with each webhook update: the setting, else one derived from
+    the bot token (the same on every replica, unguessable without the token)."""
+    if settings.webhook_secret is not None:
+        return settings.webhook_secret.get_secret_value()
+    assert settings.bot_token is not None
+    token = settings.bot_token.get_secret_value()
+    return hashlib.sha256(b"cocoon-webhook:" + token.encode()).hexdigest()
+
+
+@dataclass
+class BotApp:
+    bot: Bot
+    dp: Dispatcher
+    services: Services
+    outbox: Outbox
+
+
+@contextlib.asynccontextmanager
+async def running_bot(
+    settings: Settings,
+    *,
+    session: BaseSession | None = None,
+    db: Database | None = None,
+    ledger: Ledger | None = None,
+    turns: TurnDispatcher | None = None,
+    outbox_interval_s: float | None = 2.0,
+    tonconnect: ConnectorFactory | None = None,
+) -> AsyncIterator[BotApp]:
+    """The bot with its services; the outbox is drained in the background every
+    ``outbox_interval_s`` (None: not at all, tests drain it by hand)."""
+    bot = create_bot(settings, session)
+    try:
+        async with open_services(
+            settings, db=db, ledger=ledger, turns=turns, tonconnect=tonconnect
+        ) as services:
+            outbox = Outbox(bot, services.db, services.ledger, services.redis)
+            dp = build_dispatcher(settings, services, outbox)
+            stop = asyncio.Event()
+            task = (
+                asyncio.create_task(outbox.run(stop, outbox_interval_s))
+                if outbox_interval_s
+                else None
+            )
+            try:
+                yield BotApp(bot, dp, services, outbox)
+            finally:
+                stop.set()
+                if task is not None:
+                    await asyncio.wait([task], timeout=10)
+    finally:
+        await bot.session.close()
+
+
+async def run_polling(settings: Settings, *, handle_signals: bool = True) -> None:
+    """``cocoon bot``: long polling until stopped."""
+    async with running_bot(settings) as app:
+        await app.bot.delete_webhook(drop_pending_updates=False)
+        await set_commands(app.bot)
+        await set_menu_button(app.bot, miniapp_url(settings))
+        me = await app.bot.get_me()
+        log.info("bot @%s is polling for updates", me.username)
+        await app.dp.start_polling(
+            app.bot,
+            allowed_updates=app.dp.resolve_used_update_types(),
+            handle_signals=handle_signals,
+            close_bot_session=False,
+        )

@@ -1,0 +1,103 @@
+"""Small helpers shared by the handlers: the user's model, prices and amounts as text."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from aiogram import Router
+
+from backend.models import User
+from backend.money import format_ton
+from backend.settings import DEFAULT_MODEL, ModelPrice, Settings
+from bot.i18n import N_, _
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def default_model(settings: Settings) -> str:
+    if DEFAULT_MODEL in settings.models:
+        return DEFAULT_MODEL
+    return next(iter(settings.models), DEFAULT_MODEL)
+
+
+def user_model(settings: Settings, user: User) -> str:
+    """The user's chosen model while it is still offered, else the default one."""
+    if user.model and user.model in settings.models:
+        return user.model
+    return default_model(settings)
+
+
+def model_token(model: str) -> str:
+    """A short stable id for a model in callback data (64 bytes at most)."""
+    return hashlib.sha256(model.encode()).hexdigest()[:16]
+
+
+def model_by_token(settings: Settings, token: str) -> str | None:
+    return next((m for m in settings.models if model_token(m) == token), None)
+
+
+def ton(nano: int) -> str:
+    return format_ton(nano)
+
+
+def price_pair(price: ModelPrice) -> tuple[str, str]:
+    return format_ton(price.prompt), format_ton(price.completion)
+
+
+class Handlers:
+    """One feature's handlers, put on a fresh aiogram ``Router`` by :meth:`router` (a router
+    can belong to one dispatcher only, and tests build many). Decorate like a router:
+    ``@handlers.message(Command("new"))``; the order of registration is kept."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._items: list[tuple[str, Callable[..., Any], tuple[Any, ...]]] = []
+
+    def _on(self, event: str, filters: tuple[Any, ...]) -> Callable[[F], F]:
+        def register(handler: F) -> F:
+            self._items.append((event, handler, filters))
+            return handler
+
+        return register
+
+    def message(self, *filters: Any) -> Callable[[F], F]:
+        return self._on("message", filters)
+
+    def callback_query(self, *filters: Any) -> Callable[[F], F]:
+        return self._on("callback_query", filters)
+
+    def pre_checkout_query(self, *filters: Any) -> Callable[[F], F]:
+        return self._on("pre_checkout_query", filters)
+
+    def stopped_message_generation(self, *filters: Any) -> Callable[[F], F]:
+        return self._on("stopped_message_generation", filters)
+
+    def router(self, *filters: Any) -> Router:
+        """A new router with every handler; ``filters`` apply to all of its messages and
+        callback queries."""
+        router = Router(name=self.name)
+        for event in ("message", "callback_query"):
+            for flt in filters:
+                router.observers[event].filter(flt)
+        for event, handler, flts in self._items:
+            router.observers[event].register(handler, *flts)
+        return router
+
+
+STATE_NAMES = {
+    "requested": N_("requested"),
+    "signed": N_("signed"),
+    "sent": N_("sent"),
+    "confirmed": N_("confirmed"),
+    "failed": N_("failed"),
+    "attested": N_("attested"),
+    "offline": N_("offline"),
+    "revoked": N_("revoked"),
+}
+
+
+def state_name(state: str) -> str:
+    """A payout's or worker's state, in the current language."""
+    return _(STATE_NAMES[state]) if state in STATE_NAMES else state

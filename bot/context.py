@@ -1,0 +1,167 @@
+"""Chat context at rest: the last messages of each chat, sealed with the operator's key.
+
+The blob in Redis is XChaCha20-Poly1305 (libsodium AEAD, through PyNaCl) over JSON, with the
+chat id as associated data (a blob copied to another chat's key does not open), and a TTL.
+Nothing else about a conversation is stored: no plaintext, no hashes of it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nacl.bindings as sodium
+import nacl.exceptions
+import nacl.utils
+
+from backend.dispatch import prompt_token_bound
+from backend.settings import Settings
+from workers.redis_keys import redis_key
+from workers.wire import ChatMessage
+
+log = logging.getLogger("cocoon.bot.context")
+
+KEY_BYTES = sodium.crypto_aead_xchacha20poly1305_ietf_KEYBYTES
+NONCE_BYTES = sodium.crypto_aead_xchacha20poly1305_ietf_NPUBBYTES
+CONTEXT = "bot:ctx"
+VERSION = b"\x01"
+
+
+def _decode_key(text: str) -> bytes:
+    text = text.strip()
+    for decode in (bytes.fromhex, base64.b64decode, base64.urlsafe_b64decode):
+        try:
+            key = decode(text)
+        except (ValueError, binascii.Error):
+            continue
+        if len(key) == KEY_BYTES:
+            return key
+    raise ValueError("COCOON_CONTEXT_KEY must be 32 bytes, written in hex or base64")
+
+
+def load_context_key(settings: Settings) -> bytes:
+    """The operator's context key: the setting, else one generated once in the data directory
+    (mode 0600). Every bot replica must share it: set COCOON_CONTEXT_KEY in production."""
+    if settings.context_key is not None:
+        return _decode_key(settings.context_key.get_secret_value())
+    path = Path(settings.data_dir) / "context.key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as out:
+                out.write(nacl.utils.random(KEY_BYTES).hex() + "\n")
+    return _decode_key(path.read_text())
+
+
+@dataclass
+class LastTurn:
+    """What /privacy shows about the last reply (no text)."""
+
+    turn_id: str
+    model: str
+    worker_id: str
+    tee: str
+    engine: str
+    engine_version: str
+    key_fingerprint: str
+    usage_signature_verified: bool
+
+
+@dataclass
+class Conversation:
+    messages: list[dict[str, str]] = field(default_factory=list)
+    last: LastTurn | None = None
+    conversation_id: str = ""
+
+    def chat_messages(self) -> list[ChatMessage]:
+        return [ChatMessage(role=m["role"], content=m["content"]) for m in self.messages]
+
+
+def trim(
+    messages: list[dict[str, str]], *, budget_tokens: int, max_messages: int
+) -> list[dict[str, str]]:
+    """The newest messages that fit the model's budget (an upper bound of their tokens) and the
+    count limit; the first kept message is a user's."""
+    kept: list[dict[str, str]] = []
+    for message in reversed(messages):
+        candidate = [message, *kept]
+        if len(candidate) > max_messages:
+            break
+        if kept and prompt_token_bound([ChatMessage(**m) for m in candidate]) > budget_tokens:
+            break
+        kept = candidate
+    while len(kept) > 1 and kept[0]["role"] != "user":
+        kept = kept[1:]
+    return kept
+
+
+class ContextStore:
+    """Per-chat context in Redis, sealed. One per bot process."""
+
+    def __init__(self, redis: Any, key: bytes, *, ttl_s: int, max_messages: int) -> None:
+        if len(key) != KEY_BYTES:
+            raise ValueError("the context key must be 32 bytes")
+        self.redis = redis
+        self._key = key
+        self.ttl_s = ttl_s
+        self.max_messages = max_messages
+
+    @staticmethod
+    def redis_key(chat_id: int) -> str:
+        return redis_key(CONTEXT, str(chat_id))
+
+    def _aad(self, chat_id: int) -> bytes:
+        return f"cocoon-bot-context:{chat_id}".encode()
+
+    def seal(self, chat_id: int, conversation: Conversation) -> bytes:
+        plain = json.dumps(asdict(conversation), separators=(",", ":")).encode()
+        nonce = nacl.utils.random(NONCE_BYTES)
+        box = sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(
+            plain, self._aad(chat_id), nonce, self._key
+        )
+        return VERSION + nonce + box
+
+    def open(self, chat_id: int, blob: bytes) -> Conversation:
+        if not blob.startswith(VERSION):
+            raise ValueError("unknown context format")
+        nonce, box = blob[1 : 1 + NONCE_BYTES], blob[1 + NONCE_BYTES :]
+        plain = sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(
+            box, self._aad(chat_id), nonce, self._key
+        )
+        data = json.loads(plain)
+        last = data.get("last")
+        return Conversation(
+            messages=list(data.get("messages") or []),
+            last=LastTurn(**last) if last else None,
+            conversation_id=str(data.get("conversation_id") or ""),
+        )
+
+    async def load(self, chat_id: int) -> Conversation:
+        blob = await self.redis.get(self.redis_key(chat_id))
+        if blob is None:
+            return Conversation()
+        try:
+            return self.open(chat_id, blob)
+        except (ValueError, TypeError, nacl.exceptions.CryptoError):
+            # A rotated key or a damaged blob: start over rather than fail the chat.
+            log.warning("chat context of one chat did not open; starting over")
+            return Conversation()
+
+    async def save(self, chat_id: int, conversation: Conversation) -> None:
+        conversation.messages = conversation.messages[-self.max_messages :]
+        await self.redis.set(
+            self.redis_key(chat_id), self.seal(chat_id, conversation), ex=self.ttl_s
+        )
+
+    async def clear(self, chat_id: int) -> None:
+        await self.redis.delete(self.redis_key(chat_id))

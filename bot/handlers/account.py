@@ -1,0 +1,286 @@
+"""Account commands: /start, /help, /lang, /model, /balance, /usage, /privacy, /forget."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from aiogram import F
+from aiogram.filters import Command, CommandObject, CommandStart
+from aiogram.types import CallbackQuery, InlineKeyboardButton, InlineKeyboardMarkup, Message
+
+from backend import account
+from backend.db import Database
+from backend.i18n import LANGUAGE_NAMES, LANGUAGES
+from backend.ledger import Ledger
+from backend.models import User
+from backend.settings import Settings
+from bot.commands import help_text
+from bot.common import Handlers, model_by_token, model_token, price_pair, ton, user_model
+from bot.context import ContextStore
+from bot.i18n import _, use_language
+from workers import registry
+
+handlers = Handlers("account")
+
+MRTD_PREFIX = 16
+
+
+@handlers.message(CommandStart(deep_link=True))
+@handlers.message(CommandStart())
+async def cmd_start(
+    message: Message,
+    command: CommandObject,
+    user: User,
+    db: Database,
+    settings: Settings,
+) -> None:
+    if command.args:
+        await account.set_referrer(db, user.id, command.args.strip())
+    name = message.from_user.first_name if message.from_user else ""
+    text = "\n\n".join(
+        [
+            _("Hello, {name}! I am Cocoon: private AI chat, paid in TON.").format(name=name),
+            _(
+                "How it works: your message is encrypted to a GPU worker running inside a "
+                "trusted execution environment. Only that attested worker can read it; not the "
+                "operator, not the GPU's owner. You pay per token from your balance."
+            ),
+            _("Just write your question. Your model: {model}. /help lists the commands.").format(
+                model=user_model(settings, user)
+            ),
+        ]
+    )
+    await message.answer(text, parse_mode=None)
+
+
+@handlers.message(Command("help"))
+async def cmd_help(message: Message, user: User, settings: Settings) -> None:
+    is_admin = message.from_user is not None and message.from_user.id in settings.admin_ids
+    await message.answer(
+        help_text(is_provider=user.is_provider, is_admin=is_admin), parse_mode=None
+    )
+
+
+# ------------------------------------------------------------------------------ language
+
+
+def language_keyboard(current: str) -> InlineKeyboardMarkup:
+    return InlineKeyboardMarkup(
+        inline_keyboard=[
+            [
+                InlineKeyboardButton(
+                    text=("✓ " if code == current else "") + LANGUAGE_NAMES[code],
+                    callback_data=f"lang:{code}",
+                )
+            ]
+            for code in LANGUAGES
+        ]
+    )
+
+
+@handlers.message(Command("lang"))
+async def cmd_lang(message: Message, lang: str) -> None:
+    await message.answer(_("Choose your language:"), reply_markup=language_keyboard(lang))
+
+
+@handlers.callback_query(F.data.startswith("lang:"))
+async def on_lang(query: CallbackQuery, user: User, db: Database) -> None:
+    code = (query.data or "").split(":", 1)[1]
+    if code not in LANGUAGES:
+        await query.answer(_("This language is not available."), show_alert=True)
+        return
+    await account.set_language(db, user.id, code)
+    with use_language(code):
+        text = _("Language set: {language}.").format(language=LANGUAGE_NAMES[code])
+        await query.answer()
+        if query.message is not None:
+            await query.message.edit_text(text, reply_markup=language_keyboard(code))
+
+
+# --------------------------------------------------------------------------------- model
+
+
+def model_keyboard(settings: Settings, current: str) -> InlineKeyboardMarkup:
+    rows = []
+    for model, price in settings.models.items():
+        prompt, completion = price_pair(price)
+        label = _("{model}: {prompt} in, {completion} out").format(
+            model=model, prompt=prompt, completion=completion
+        )
+        rows.append(
+            [
+                InlineKeyboardButton(
+                    text=("✓ " if model == current else "") + label,
+                    callback_data=f"model:{model_token(model)}",
+                )
+            ]
+        )
+    return InlineKeyboardMarkup(inline_keyboard=rows)
+
+
+@handlers.message(Command("model"))
+async def cmd_model(message: Message, user: User, settings: Settings) -> None:
+    current = user_model(settings, user)
+    await message.answer(
+        _("Choose a model. Prices are per 1M tokens (your message in, the answer out)."),
+        reply_markup=model_keyboard(settings, current),
+    )
+
+
+@handlers.callback_query(F.data.startswith("model:"))
+async def on_model(query: CallbackQuery, user: User, db: Database, settings: Settings) -> None:
+    model = model_by_token(settings, (query.data or "").split(":", 1)[1])
+    if model is None:
+        await query.answer(_("This model is not available any more."), show_alert=True)
+        return
+    await account.set_model(db, user.id, model)
+    await query.answer(_("Model set: {model}.").format(model=model))
+    if query.message is not None:
+        await query.message.edit_reply_markup(reply_markup=model_keyboard(settings, model))
+
+
+# ------------------------------------------------------------------------------- balance
+
+
+@handlers.message(Command("balance"))
+async def cmd_balance(message: Message, user: User, ledger: Ledger) -> None:
+    balances = await ledger.balances(user.id)
+    lines = [_("Balance: {available}").format(available=ton(balances.available))]
+    if balances.held:
+        lines.append(_("Held for answers being written: {held}").format(held=ton(balances.held)))
+    if user.is_provider:
+        lines.append(_("Provider earnings: see /earnings"))
+    lines.append(_("Add funds with /topup."))
+    await message.answer("\n".join(lines), parse_mode=None)
+
+
+@handlers.message(Command("usage"))
+async def cmd_usage(message: Message, user: User, db: Database) -> None:
+    summary = await account.usage(db, user.id, limit=10)
+    if not summary.turns:
+        await message.answer(_("No messages yet. Just write to me."))
+        return
+    lines = [_("Recent answers:")]
+    for row in summary.recent:
+        lines.append(
+            _("{when} · {model} · {prompt} + {completion} tokens · {cost}").format(
+                when=row.created_at.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M"),
+                model=row.model,
+                prompt=row.prompt_tokens,
+                completion=row.completion_tokens,
+                cost=ton(row.cost),
+            )
+        )
+    lines.append("")
+    lines.append(
+        _("All time: {turns} answers, {prompt} + {completion} tokens, {cost}.").format(
+            turns=summary.turns,
+            prompt=summary.prompt_tokens,
+            completion=summary.completion_tokens,
+            cost=ton(summary.cost),
+        )
+    )
+    await message.answer("\n".join(lines), parse_mode=None)
+
+
+# ------------------------------------------------------------------------------- privacy
+
+
+@handlers.message(Command("privacy"))
+async def cmd_privacy(message: Message, contexts: ContextStore, redis: object) -> None:
+    conversation = await contexts.load(message.chat.id)
+    last = conversation.last
+    if last is None:
+        await message.answer(
+            _(
+                "No answer in this chat yet (or it was forgotten). After my next answer, "
+                "/privacy shows which attested worker wrote it."
+            )
+        )
+        return
+    record = await registry.read_attestation(redis, last.worker_id)  # type: ignore[arg-type]
+    lines = [
+        _("The last answer ({model}) was written by worker {worker}.").format(
+            model=last.model, worker=last.worker_id
+        )
+    ]
+    if last.tee == "dev":
+        lines.append(
+            _(
+                "TEE: development TEE. This worker is NOT hardware-attested: its evidence is "
+                "signed in software, for development only."
+            )
+        )
+    else:
+        lines.append(_("TEE: {tee} (hardware-attested)").format(tee=last.tee.upper()))
+    if record is not None:
+        lines.append(_("Image: {image}").format(image=record.image or _("unknown")))
+        mrtd = record.measurements.get("mrtd")
+        if mrtd:
+            lines.append(_("MRTD: {prefix}…").format(prefix=mrtd[:MRTD_PREFIX]))
+        expires = dt.datetime.fromtimestamp(record.expires_at, dt.UTC)
+        lines.append(
+            _("Attestation valid until {when} UTC").format(when=expires.strftime("%Y-%m-%d %H:%M"))
+        )
+    else:
+        lines.append(_("The worker's attestation has expired or it went offline since."))
+    lines.append(
+        _("Engine: {engine} {version}").format(engine=last.engine, version=last.engine_version)
+    )
+    lines.append(
+        _("Worker key fingerprint: {fingerprint}").format(fingerprint=last.key_fingerprint)
+    )
+    lines.append(
+        _("Signed token usage: verified")
+        if last.usage_signature_verified
+        else _("Signed token usage: NOT verified")
+    )
+    await message.answer("\n".join(lines), parse_mode=None)
+
+
+# -------------------------------------------------------------------------------- forget
+
+
+def forget_keyboard() -> InlineKeyboardMarkup:
+    return InlineKeyboardMarkup(
+        inline_keyboard=[
+            [
+                InlineKeyboardButton(text=_("Yes, delete"), callback_data="forget:yes"),
+                InlineKeyboardButton(text=_("Cancel"), callback_data="forget:no"),
+            ]
+        ]
+    )
+
+
+@handlers.message(Command("forget"))
+async def cmd_forget(message: Message) -> None:
+    await message.answer(
+        _(
+            "Delete your conversation context, usage history, API keys, linked wallet, "
+            "language and referral? Your balance and its accounting records stay (the law "
+            "requires them)."
+        ),
+        reply_markup=forget_keyboard(),
+    )
+
+
+@handlers.callback_query(F.data == "forget:no")
+async def on_forget_no(query: CallbackQuery) -> None:
+    await query.answer()
+    if query.message is not None:
+        await query.message.edit_text(_("Nothing was deleted."))
+
+
+@handlers.callback_query(F.data == "forget:yes")
+async def on_forget_yes(
+    query: CallbackQuery, user: User, db: Database, contexts: ContextStore
+) -> None:
+    await account.forget_user(db, user.id)
+    await contexts.clear(query.from_user.id)
+    if query.message is not None and query.message.chat.id != query.from_user.id:
+        await contexts.clear(query.message.chat.id)
+    await query.answer()
+    if query.message is not None:
+        await query.message.edit_text(
+            _("Done: your personal data is deleted. Your balance stays yours."),
+        )

@@ -1,0 +1,294 @@
+"""Chat: a plain message starts a turn on the user's model; the reply streams; /new, /retry and
+the stop button. Registered last: it takes every text that no command took."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import uuid
+
+from aiogram import Bot, F
+from aiogram.enums import ChatType
+from aiogram.filters import Command
+from aiogram.types import CallbackQuery, Message, MessageGenerationStopped
+from redis.exceptions import RedisError
+
+from backend.dispatch import Dispatcher as TurnDispatcher
+from backend.dispatch import Turn, TurnDone, TurnError, TurnRequest, TurnText
+from backend.models import User
+from backend.settings import Settings
+from bot.common import Handlers, ton, user_model
+from bot.context import ContextStore, Conversation, LastTurn, trim
+from bot.i18n import _
+from bot.services import RateLimiter, RunningTurns
+from bot.streaming import STOP, ReplyStream
+from workers.logcontext import bind
+
+log = logging.getLogger("cocoon.bot.chat")
+
+handlers = Handlers("chat")
+
+
+def turn_error_text(error: TurnError, model: str) -> str:
+    code = error.code
+    if code == "insufficient_balance":
+        return _(
+            "Not enough balance for this message: it can cost up to {needed} and you have "
+            "{available}. Top up with /topup."
+        ).format(
+            needed=ton(int(error.details.get("needed", 0))),  # type: ignore[call-overload]
+            available=ton(int(error.details.get("available", 0))),  # type: ignore[call-overload]
+        )
+    if code == "unknown_model":
+        return _("The model {model} is not available any more. Choose another with /model.").format(
+            model=model
+        )
+    if code == "no_worker":
+        return _("No worker is serving {model} right now. Please try again in a minute.").format(
+            model=model
+        )
+    if code == "timeout":
+        return _("The worker stopped responding. You were not charged; please try again.")
+    if code == "cancelled":
+        return _("Stopped before the first word. You were not charged.")
+    if code == "invalid_request":
+        return _("This conversation is too long for the model. Start over with /new.")
+    return _("The worker could not answer. You were not charged; please try again.")
+
+
+def footer(done: TurnDone) -> str:
+    tee = _("development TEE") if done.worker.tee == "dev" else done.worker.tee.upper()
+    text = _("{model} · {prompt} + {completion} tokens · {cost} · {tee}").format(
+        model=done.model,
+        prompt=done.prompt_tokens,
+        completion=done.completion_tokens,
+        cost=ton(done.cost),
+        tee=tee,
+    )
+    if done.finish_reason == "cancelled":
+        text += " · " + _("stopped")
+    elif done.finish_reason == "length":
+        text += " · " + _("cut at the length limit")
+    return text
+
+
+async def answer(
+    bot: Bot,
+    chat_id: int,
+    private: bool,
+    user: User,
+    prompt: str,
+    conversation: Conversation,
+    *,
+    settings: Settings,
+    turns: TurnDispatcher,
+    contexts: ContextStore,
+    running: RunningTurns,
+) -> None:
+    """Run one turn for ``prompt`` after ``conversation``, streaming the reply into the chat,
+    and remember both in the chat's context."""
+    model = user_model(settings, user)
+    price = settings.models[model]
+    max_tokens = max(1, min(settings.max_tokens_default, price.context_length // 2))
+    history = trim(
+        [*conversation.messages, {"role": "user", "content": prompt}],
+        budget_tokens=price.context_length - max_tokens,
+        max_messages=settings.context_max_messages,
+    )
+    if not conversation.conversation_id:
+        conversation.conversation_id = uuid.uuid4().hex
+    draft_id = secrets.randbelow(2**31 - 1) + 1
+    if not await running.acquire(chat_id, draft_id, user.telegram_id):
+        await bot.send_message(
+            chat_id, _("I am still writing the previous answer. Wait for it, or press stop.")
+        )
+        return
+    try:
+        conversation.messages = history
+        request = TurnRequest(
+            user_id=user.id,
+            model=model,
+            messages=Conversation(messages=history).chat_messages(),
+            max_tokens=max_tokens,
+            conversation_id=f"tg-{conversation.conversation_id}",
+        )
+        try:
+            turn = await turns.start_turn(request)
+        except TurnError as error:
+            await bot.send_message(chat_id, turn_error_text(error, model), parse_mode=None)
+            return
+        bind(turn_id=turn.turn_id)
+        stream = ReplyStream(bot, chat_id, draft_id=draft_id, use_draft=private)
+        text = ""
+        done: TurnDone | None = None
+        try:
+            await running.attach(chat_id, turn)
+            await stream.start()
+        except BaseException:
+            # Telegram refused even the placeholder (blocked, chat gone): stop the job, and
+            # settle it in the background (billed for what was generated, if anything).
+            await turn.cancel()
+            turns.keep(_drain(turn))
+            raise
+        try:
+            # aclosing: leaving early (Telegram failed, shutdown) stops the job at once and
+            # settles it in the background, billed for what was generated.
+            async with contextlib.aclosing(turn.events()) as events:
+                async for event in events:
+                    if isinstance(event, TurnText):
+                        text += event.text
+                        await stream.update(text)
+                    elif isinstance(event, TurnDone):
+                        done = event
+        except TurnError as error:
+            await stream.fail(turn_error_text(error, model))
+            return
+        assert done is not None
+        reply = text.strip()
+        await stream.finish(reply or _("(no answer)"), footer(done))
+        if reply:
+            conversation.messages = [*history, {"role": "assistant", "content": reply}]
+        w = done.worker
+        conversation.last = LastTurn(
+            turn_id=done.turn_id,
+            model=done.model,
+            worker_id=w.worker_id,
+            tee=w.tee,
+            engine=w.engine,
+            engine_version=w.engine_version,
+            key_fingerprint=w.key_fingerprint,
+            usage_signature_verified=w.usage_signature_verified,
+        )
+        await contexts.save(chat_id, conversation)
+    finally:
+        await running.release(chat_id)
+
+
+async def _drain(turn: Turn) -> None:
+    with contextlib.suppress(TurnError):
+        async for _event in turn.events():
+            pass
+
+
+async def _checked(
+    message: Message, prompt: str, settings: Settings, limiter: RateLimiter, user: User
+) -> bool:
+    if len(prompt) > settings.max_prompt_chars:
+        await message.answer(
+            _(
+                "Your message is too long: {length} characters, and the limit is {limit}. "
+                "Please shorten it."
+            ).format(length=len(prompt), limit=settings.max_prompt_chars)
+        )
+        return False
+    wait = await limiter.allow(user.id)
+    if wait:
+        await message.answer(
+            _("Too many messages: up to {limit} a minute. Try again in {seconds} s.").format(
+                limit=settings.rate_limit_per_minute, seconds=wait
+            )
+        )
+        return False
+    return True
+
+
+@handlers.message(Command("new"))
+async def cmd_new(message: Message, contexts: ContextStore) -> None:
+    await contexts.clear(message.chat.id)
+    await message.answer(_("Started over: I forgot this chat's earlier messages."))
+
+
+@handlers.message(Command("retry"))
+async def cmd_retry(
+    message: Message,
+    bot: Bot,
+    user: User,
+    settings: Settings,
+    turns: TurnDispatcher,
+    contexts: ContextStore,
+    running: RunningTurns,
+    limiter: RateLimiter,
+) -> None:
+    conversation = await contexts.load(message.chat.id)
+    messages = list(conversation.messages)
+    while messages and messages[-1]["role"] == "assistant":
+        messages.pop()
+    if not messages:
+        await message.answer(_("There is no answer to regenerate yet. Just write to me."))
+        return
+    prompt = messages.pop()["content"]
+    if not await _checked(message, prompt, settings, limiter, user):
+        return
+    conversation.messages = messages
+    await answer(
+        bot,
+        message.chat.id,
+        message.chat.type == ChatType.PRIVATE,
+        user,
+        prompt,
+        conversation,
+        settings=settings,
+        turns=turns,
+        contexts=contexts,
+        running=running,
+    )
+
+
+@handlers.callback_query(F.data == STOP)
+async def on_stop_button(query: CallbackQuery, running: RunningTurns) -> None:
+    chat_id = query.message.chat.id if query.message else query.from_user.id
+    stopped = await running.stop(chat_id, by=query.from_user.id)
+    await query.answer(_("Stopping…") if stopped else _("Nothing is running."))
+
+
+@handlers.stopped_message_generation()
+async def on_draft_stopped(event: MessageGenerationStopped, running: RunningTurns) -> None:
+    await running.stop(event.chat.id, draft_id=event.draft_id)
+
+
+@handlers.message(F.text.startswith("/"), F.chat.type == ChatType.PRIVATE)
+async def unknown_command(message: Message) -> None:
+    await message.answer(_("I do not know that command. /help lists what I can do."))
+
+
+@handlers.message(
+    F.text, (F.chat.type == ChatType.PRIVATE) | (F.reply_to_message.from_user.is_bot.is_(True))
+)
+async def on_text(
+    message: Message,
+    bot: Bot,
+    user: User,
+    settings: Settings,
+    turns: TurnDispatcher,
+    contexts: ContextStore,
+    running: RunningTurns,
+    limiter: RateLimiter,
+) -> None:
+    prompt = (message.text or "").strip()
+    if not prompt:
+        return
+    try:
+        if not await _checked(message, prompt, settings, limiter, user):
+            return
+        conversation = await contexts.load(message.chat.id)
+        await answer(
+            bot,
+            message.chat.id,
+            message.chat.type == ChatType.PRIVATE,
+            user,
+            prompt,
+            conversation,
+            settings=settings,
+            turns=turns,
+            contexts=contexts,
+            running=running,
+        )
+    except RedisError as error:
+        log.warning("chat turn failed on Redis: %s", type(error).__name__)
+        await message.answer(_("The service is busy right now. Please try again in a minute."))
+
+
+@handlers.message(F.chat.type == ChatType.PRIVATE)
+async def other_content(message: Message) -> None:
+    await message.answer(_("I can read text only: send your question as a message."))

@@ -1,0 +1,322 @@
+"""Provider commands: /provider, /addworker, /workers, /earnings, /withdraw."""
+
+from __future__ import annotations
+
+import datetime as dt
+import html
+import secrets
+
+from aiogram import Bot, F
+from aiogram.enums import ChatType, ParseMode
+from aiogram.filters import Command, CommandObject
+from aiogram.types import (
+    CallbackQuery,
+    InlineKeyboardButton,
+    InlineKeyboardMarkup,
+    Message,
+    WebAppInfo,
+)
+
+from backend import account
+from backend.attestation.store import issue_registration_token
+from backend.db import Database
+from backend.ledger import Ledger
+from backend.models import AccountKind, User
+from backend.money import AmountError, parse_ton
+from backend.settings import Settings
+from backend.ton.comment import friendly_address
+from backend.ton.proof import linked_wallet
+from bot.common import Handlers, default_model, state_name, ton
+from bot.handlers.wallet import link_keyboard, miniapp_url, wallet_keyboard
+from bot.i18n import _
+from bot.outbox import PAYOUT_MESSAGE_TTL_S, payout_message_key
+from bot.tonconnect import ChatWallets
+
+handlers = Handlers("provider")
+
+TOKEN_TTL_S = 3600
+
+
+def backend_url(settings: Settings) -> str:
+    if settings.public_url:
+        return settings.public_url.rstrip("/")
+    return f"http://{settings.web_host}:{settings.web_port}"
+
+
+async def _require_provider(message: Message, user: User) -> bool:
+    if not user.is_provider:
+        await message.answer(_("This is for providers. Become one with /provider."))
+        return False
+    return True
+
+
+@handlers.message(Command("provider"))
+async def cmd_provider(message: Message, user: User, db: Database, settings: Settings) -> None:
+    if not user.is_provider:
+        await account.become_provider(db, user.id)
+    wallet = await linked_wallet(db, user.id, "payout")
+    lines = [
+        _(
+            "You are a provider: your GPU workers serve attested requests and earn {share}% of "
+            "what users pay."
+        ).format(share=settings.provider_share_bps // 100)
+    ]
+    if wallet is not None:
+        address = friendly_address(
+            wallet.address, bounceable=False, testnet=settings.ton.is_testnet
+        )
+        lines.append(_("Payout wallet: {address}").format(address=address))
+    else:
+        lines.append(
+            _(
+                "No payout wallet yet. Link one with TON Connect: your wallet signs a proof "
+                "that it is yours."
+            )
+        )
+    lines.append(_("Next: /addworker gives the command to run on your GPU machine."))
+    rows = []
+    url = miniapp_url(settings, "/provider")
+    if url and message.chat.type == ChatType.PRIVATE:
+        rows.append(
+            [InlineKeyboardButton(text=_("Link a payout wallet"), web_app=WebAppInfo(url=url))]
+        )
+    if settings.public_url:
+        rows.append(
+            [InlineKeyboardButton(text=_("Connect a wallet from the chat"), callback_data="tcw:p")]
+        )
+    await message.answer(
+        "\n\n".join(lines),
+        reply_markup=InlineKeyboardMarkup(inline_keyboard=rows) if rows else None,
+    )
+
+
+@handlers.message(Command("addworker"))
+async def cmd_addworker(
+    message: Message, command: CommandObject, user: User, settings: Settings, redis: object
+) -> None:
+    if not await _require_provider(message, user):
+        return
+    model = (command.args or "").strip() or default_model(settings)
+    if model not in settings.models:
+        await message.answer(
+            _("Unknown model {model}. Models: {models}").format(
+                model=model, models=", ".join(settings.models)
+            )
+        )
+        return
+    token = await issue_registration_token(redis, user.id, TOKEN_TTL_S)
+    line = (
+        f"cocoon worker --model {model} --engine vllm "
+        f"--register-url {backend_url(settings)} --token {token}"
+    )
+    text = "\n\n".join(
+        [
+            html.escape(
+                _(
+                    "Run this on your GPU machine, inside the TDX confidential VM. The token "
+                    "works once, for {minutes} minutes:"
+                ).format(minutes=TOKEN_TTL_S // 60),
+                quote=False,
+            ),
+            f"<pre>{html.escape(line, quote=False)}</pre>",
+            html.escape(
+                _("I will tell you when the worker is attested. Then see /workers."), quote=False
+            ),
+        ]
+    )
+    await message.answer(text, parse_mode=ParseMode.HTML)
+
+
+@handlers.message(Command("workers"))
+async def cmd_workers(message: Message, user: User, db: Database, redis: object) -> None:
+    if not await _require_provider(message, user):
+        return
+    views = await account.provider_workers(db, redis, user.id)
+    if not views:
+        await message.answer(_("No workers yet. /addworker registers one."))
+        return
+    lines = [_("Your workers:")]
+    for view in views:
+        tee = _("development TEE") if view.tee == "dev" else (view.tee or "?").upper()
+        expires = (
+            view.expires_at.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M")
+            if view.expires_at
+            else "—"
+        )
+        lines.append(
+            _(
+                "{worker}: {model}, {tee}, {state}, attested until {expires} UTC, {online}; "
+                "{jobs} jobs, earned {earned}"
+            ).format(
+                worker=view.worker_id,
+                model=view.model or "?",
+                tee=tee,
+                state=state_name(view.state),
+                expires=expires,
+                online=_("online") if view.online else _("offline"),
+                jobs=view.jobs,
+                earned=ton(view.earned),
+            )
+        )
+    await message.answer("\n".join(lines), parse_mode=None)
+
+
+@handlers.message(Command("earnings"))
+async def cmd_earnings(message: Message, user: User, ledger: Ledger) -> None:
+    if not await _require_provider(message, user):
+        return
+    e = await account.earnings(ledger, user.id)
+    await message.answer(
+        "\n".join(
+            [
+                _("Earned: {earned} from {jobs} jobs").format(earned=ton(e.earned), jobs=e.jobs),
+                _("Available to withdraw: {available}").format(available=ton(e.available)),
+                _("In payouts on their way: {pending}").format(pending=ton(e.pending)),
+                _("Paid out: {paid}").format(paid=ton(e.paid)),
+                _("Withdraw with /withdraw AMOUNT or /withdraw all."),
+            ]
+        ),
+        parse_mode=None,
+    )
+
+
+def _account_error(error: account.AccountError, settings: Settings) -> str:
+    details = error.details
+    if error.code == "no_payout_wallet":
+        return _("Link a payout wallet first: /provider.")
+    if error.code == "below_minimum":
+        return _("The smallest withdrawal is {minimum}.").format(
+            minimum=ton(settings.min_withdrawal_nano)
+        )
+    if error.code == "insufficient_funds":
+        return _("That is more than your available earnings ({available}).").format(
+            available=ton(int(details.get("available", 0)))  # type: ignore[call-overload]
+        )
+    return _("The amount must be a positive number of TON, like 1.5, or all.")
+
+
+@handlers.message(Command("withdraw"))
+async def cmd_withdraw(
+    message: Message,
+    command: CommandObject,
+    user: User,
+    db: Database,
+    ledger: Ledger,
+    settings: Settings,
+) -> None:
+    if not await _require_provider(message, user):
+        return
+    raw = (command.args or "").strip().lower()
+    if not raw:
+        await message.answer(_("Say how much: /withdraw 1.5 or /withdraw all."))
+        return
+    available = await ledger.balance(AccountKind.PROVIDER, user.id)
+    if raw == "all":
+        amount = available
+    else:
+        try:
+            amount = parse_ton(raw)
+        except AmountError:
+            await message.answer(
+                _("The amount must be a positive number of TON, like 1.5, or all.")
+            )
+            return
+    wallet = await linked_wallet(db, user.id, "payout")
+    problem = None
+    if wallet is None:
+        problem = account.AccountError("no_payout_wallet", "")
+    elif amount < settings.min_withdrawal_nano:
+        problem = account.AccountError("below_minimum", "")
+    elif amount > available:
+        problem = account.AccountError("insufficient_funds", "", available=available)
+    if problem is not None or wallet is None:
+        assert problem is not None
+        await message.answer(_account_error(problem, settings))
+        return
+    address = friendly_address(wallet.address, bounceable=False, testnet=settings.ton.is_testnet)
+    nonce = secrets.token_hex(6)
+    keyboard = InlineKeyboardMarkup(
+        inline_keyboard=[
+            [
+                InlineKeyboardButton(text=_("Confirm"), callback_data=f"wd:{amount}:{nonce}"),
+                InlineKeyboardButton(text=_("Cancel"), callback_data="wd:no"),
+            ]
+        ]
+    )
+    await message.answer(
+        _("Withdraw {amount} to {address}?").format(amount=ton(amount), address=address),
+        reply_markup=keyboard,
+    )
+
+
+@handlers.callback_query(F.data == "wd:no")
+async def on_withdraw_cancel(query: CallbackQuery) -> None:
+    await query.answer()
+    if query.message is not None:
+        await query.message.edit_text(_("Withdrawal cancelled."))
+
+
+@handlers.callback_query(F.data.startswith("wd:"))
+async def on_withdraw_confirm(
+    query: CallbackQuery, user: User, ledger: Ledger, settings: Settings, redis: object
+) -> None:
+    try:
+        _prefix, amount_text, nonce = (query.data or "").split(":")
+        amount = int(amount_text)
+    except ValueError:
+        await query.answer(_("This button is not valid any more."), show_alert=True)
+        return
+    try:
+        payout = await account.withdraw(
+            ledger, settings, user.id, amount, f"bot:withdraw:{user.id}:{nonce}"
+        )
+    except account.AccountError as error:
+        await query.answer()
+        if query.message is not None:
+            await query.message.edit_text(_account_error(error, settings))
+        return
+    await query.answer()
+    if query.message is None:
+        return
+    status = _(
+        "Payout #{id} of {amount} requested; status: {state}. This message changes when it is "
+        "confirmed on chain."
+    ).format(id=payout.id, amount=ton(payout.amount), state=state_name(payout.state))
+    message = await query.message.edit_text(status)
+    message_id = message.message_id if isinstance(message, Message) else query.message.message_id
+    await redis.set(  # type: ignore[attr-defined]
+        payout_message_key(payout.id),
+        f"{query.message.chat.id}:{message_id}",
+        ex=PAYOUT_MESSAGE_TTL_S,
+    )
+
+
+@handlers.callback_query(F.data == "tcw:p")
+async def on_payout_wallets(query: CallbackQuery) -> None:
+    await query.answer()
+    if query.message is not None:
+        await query.message.answer(
+            _("Which wallet do you use?"), reply_markup=wallet_keyboard("tcw:p")
+        )
+
+
+@handlers.callback_query(F.data.startswith("tcw:p:"))
+async def on_payout_wallet(
+    query: CallbackQuery, bot: Bot, user: User, wallets: ChatWallets, lang: str
+) -> None:
+    index_text = (query.data or "").rsplit(":", 1)[1]
+    index = int(index_text) if index_text.isdigit() else -1
+    chat_id = query.message.chat.id if query.message else query.from_user.id
+    url = await wallets.link_payout(bot, chat_id, user.id, index, lang)
+    if url is None:
+        await query.answer(_("TON Connect is not available here: use /topup."), show_alert=True)
+        return
+    await query.answer()
+    await bot.send_message(
+        chat_id,
+        _(
+            "Open your wallet and approve the connection: it signs a proof that the wallet "
+            "is yours."
+        ),
+        reply_markup=link_keyboard(url, index),
+    )

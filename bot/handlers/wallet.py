@@ -1,0 +1,266 @@
+"""Top-ups: the Mini App, a TON transfer with the user's memo, TON Connect from the chat, and
+Telegram Stars (invoice in XTR, pre-checkout answered at once, each payment credited once)."""
+
+from __future__ import annotations
+
+import logging
+
+from aiogram import Bot, F
+from aiogram.enums import ChatType
+from aiogram.filters import Command
+from aiogram.types import (
+    CallbackQuery,
+    InlineKeyboardButton,
+    InlineKeyboardMarkup,
+    LabeledPrice,
+    Message,
+    PreCheckoutQuery,
+    WebAppInfo,
+)
+
+from backend import account
+from backend.ledger import Ledger
+from backend.models import User
+from backend.settings import Settings
+from backend.ton.comment import AddressError, friendly_address
+from bot.common import Handlers, ton
+from bot.i18n import _
+from bot.outbox import Outbox
+from bot.tonconnect import ChatWallets, wallet_list
+
+log = logging.getLogger("cocoon.bot.wallet")
+
+handlers = Handlers("wallet")
+
+STAR_AMOUNTS = (50, 100, 250, 1000)
+MAX_STARS = 10_000
+CURRENCY = "XTR"
+
+
+def miniapp_url(settings: Settings, page: str = "") -> str | None:
+    """The Mini App's https URL (Telegram opens Mini Apps over https only)."""
+    if not settings.public_url or not settings.public_url.startswith("https://"):
+        return None
+    return settings.public_url.rstrip("/") + "/app" + page
+
+
+def deposit_address(settings: Settings) -> str | None:
+    if not settings.ton.deposit_address:
+        return None
+    try:
+        return friendly_address(
+            settings.ton.deposit_address, bounceable=False, testnet=settings.ton.is_testnet
+        )
+    except AddressError:
+        return None
+
+
+def topup_keyboard(settings: Settings, private: bool) -> InlineKeyboardMarkup:
+    rows = []
+    url = miniapp_url(settings)
+    if url and private:
+        rows.append([InlineKeyboardButton(text=_("Open the wallet"), web_app=WebAppInfo(url=url))])
+    if deposit_address(settings):
+        rows.append(
+            [InlineKeyboardButton(text=_("Pay from a TON wallet"), callback_data="topup:ton")]
+        )
+    rows.append(
+        [InlineKeyboardButton(text=_("Pay with Telegram Stars"), callback_data="topup:stars")]
+    )
+    return InlineKeyboardMarkup(inline_keyboard=rows)
+
+
+@handlers.message(Command("topup"))
+async def cmd_topup(message: Message, user: User, settings: Settings) -> None:
+    lines = [_("Add funds to your balance:")]
+    address = deposit_address(settings)
+    if address:
+        lines.append(
+            _(
+                "Send TON to {address} with this comment (memo): {memo}. It is credited once "
+                "the transfer is on chain."
+            ).format(address=address, memo=user.deposit_memo)
+        )
+    lines.append(
+        _("Or pay with Telegram Stars: 1 Star = {rate}.").format(
+            rate=ton(settings.stars_nano_per_star)
+        )
+    )
+    await message.answer(
+        "\n\n".join(lines),
+        reply_markup=topup_keyboard(settings, message.chat.type == ChatType.PRIVATE),
+    )
+
+
+@handlers.callback_query(F.data == "topup:stars")
+async def on_topup_stars(query: CallbackQuery, settings: Settings) -> None:
+    rows = [
+        [
+            InlineKeyboardButton(
+                text=_("{stars} Stars → {amount}").format(
+                    stars=stars, amount=ton(stars * settings.stars_nano_per_star)
+                ),
+                callback_data=f"stars:{stars}",
+            )
+        ]
+        for stars in STAR_AMOUNTS
+    ]
+    await query.answer()
+    if query.message is not None:
+        await query.message.answer(
+            _("How many Stars?"), reply_markup=InlineKeyboardMarkup(inline_keyboard=rows)
+        )
+
+
+@handlers.callback_query(F.data.startswith("stars:"))
+async def on_stars_amount(query: CallbackQuery, bot: Bot, user: User, settings: Settings) -> None:
+    try:
+        stars = int((query.data or "").split(":", 1)[1])
+    except ValueError:
+        stars = 0
+    if not 0 < stars <= MAX_STARS:
+        await query.answer(_("This amount is not available."), show_alert=True)
+        return
+    await query.answer()
+    chat_id = query.message.chat.id if query.message else query.from_user.id
+    await bot.send_invoice(
+        chat_id=chat_id,
+        title=_("Cocoon balance"),
+        description=_("{amount} for AI chat on Cocoon").format(
+            amount=ton(stars * settings.stars_nano_per_star)
+        ),
+        payload=f"stars:{user.id}:{stars}",
+        currency=CURRENCY,
+        prices=[LabeledPrice(label=_("Balance top-up"), amount=stars)],
+    )
+
+
+def _parse_payload(payload: str) -> tuple[int, int] | None:
+    parts = payload.split(":")
+    if len(parts) != 3 or parts[0] != "stars":
+        return None
+    try:
+        return int(parts[1]), int(parts[2])
+    except ValueError:
+        return None
+
+
+@handlers.pre_checkout_query()
+async def on_pre_checkout(query: PreCheckoutQuery, user: User) -> None:
+    """Answered at once (Telegram waits 10 s at most): only our own, well-formed invoices."""
+    parsed = _parse_payload(query.invoice_payload)
+    if (
+        parsed is None
+        or query.currency != CURRENCY
+        or parsed[0] != user.id
+        or parsed[1] != query.total_amount
+        or not 0 < query.total_amount <= MAX_STARS
+    ):
+        await query.answer(ok=False, error_message=_("This invoice is not valid any more."))
+        return
+    await query.answer(ok=True)
+
+
+@handlers.message(F.successful_payment)
+async def on_successful_payment(
+    message: Message, user: User, ledger: Ledger, settings: Settings, outbox: Outbox
+) -> None:
+    payment = message.successful_payment
+    assert payment is not None
+    if payment.currency != CURRENCY:
+        log.error("a successful payment in %s was not expected", payment.currency)
+        return
+    receipt = await account.credit_stars(
+        ledger, settings, user.id, payment.total_amount, payment.telegram_payment_charge_id
+    )
+    if receipt.replayed:
+        log.info("a Stars payment arrived again: already credited, nothing changed")
+        return
+    # Tell the user now, through the outbox (so it is told exactly once).
+    await outbox.deliver_key(f"stars:{payment.telegram_payment_charge_id}")
+
+
+# ------------------------------------------------------------- TON Connect from the chat
+
+TON_AMOUNTS = (1, 5, 10)
+
+
+def wallet_keyboard(prefix: str) -> InlineKeyboardMarkup:
+    return InlineKeyboardMarkup(
+        inline_keyboard=[
+            [InlineKeyboardButton(text=w["name"], callback_data=f"{prefix}:{i}")]
+            for i, w in enumerate(wallet_list())
+        ]
+    )
+
+
+def link_keyboard(url: str, index: int) -> InlineKeyboardMarkup:
+    name = wallet_list()[index]["name"]
+    return InlineKeyboardMarkup(
+        inline_keyboard=[
+            [InlineKeyboardButton(text=_("Open {wallet}").format(wallet=name), url=url)]
+        ]
+    )
+
+
+@handlers.callback_query(F.data == "topup:ton")
+async def on_topup_ton(query: CallbackQuery, settings: Settings) -> None:
+    await query.answer()
+    if query.message is None:
+        return
+    rows = [
+        [
+            InlineKeyboardButton(
+                text=ton(n * 1_000_000_000), callback_data=f"tonamt:{n * 1_000_000_000}"
+            )
+            for n in TON_AMOUNTS
+        ]
+    ]
+    await query.message.answer(
+        _("How much? (Any other amount: send it to the address above with your memo.)"),
+        reply_markup=InlineKeyboardMarkup(inline_keyboard=rows),
+    )
+
+
+def _amount(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        return 0
+    return value if 0 < value <= 10**6 * 1_000_000_000 else 0
+
+
+@handlers.callback_query(F.data.startswith("tonamt:"))
+async def on_ton_amount(query: CallbackQuery, settings: Settings) -> None:
+    amount = _amount((query.data or "").split(":", 1)[1])
+    if not amount:
+        await query.answer(_("This amount is not available."), show_alert=True)
+        return
+    await query.answer()
+    if query.message is not None:
+        await query.message.answer(
+            _("Which wallet do you use?"), reply_markup=wallet_keyboard(f"tcw:t:{amount}")
+        )
+
+
+@handlers.callback_query(F.data.startswith("tcw:t:"))
+async def on_topup_wallet(
+    query: CallbackQuery, bot: Bot, user: User, wallets: ChatWallets, lang: str
+) -> None:
+    _prefix, _kind, amount_text, index_text = ((query.data or "") + ":::").split(":")[:4]
+    amount, index = _amount(amount_text), int(index_text) if index_text.isdigit() else -1
+    chat_id = query.message.chat.id if query.message else query.from_user.id
+    url = None
+    if amount:
+        url = await wallets.topup(bot, chat_id, user.id, user.deposit_memo, amount, index, lang)
+    if url is None:
+        await query.answer(_("TON Connect is not available here: use /topup."), show_alert=True)
+        return
+    await query.answer()
+    await bot.send_message(
+        chat_id,
+        _(
+            "Open your wallet and approve the connection; then confirm the transfer of {amount}."
+        ).format(amount=ton(amount)),
+        reply_markup=link_keyboard(url, index),
+    )

@@ -1,0 +1,39 @@
+"""Per-update middleware: the user's database row and language."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiogram import BaseMiddleware
+from aiogram.types import TelegramObject, Update
+from aiogram.types import User as TelegramUser
+
+from backend.users import get_or_create_user
+from bot.i18n import use_language
+from workers.logcontext import bound
+
+
+class UserMiddleware(BaseMiddleware):
+    """Adds ``user`` (created on first contact) and ``lang`` to the handler's data, and
+    translates the handler's replies into that language: the user's ``/lang`` choice, else
+    their Telegram language, else English."""
+
+    async def __call__(
+        self,
+        handler: Callable[[TelegramObject, dict[str, Any]], Awaitable[Any]],
+        event: TelegramObject,
+        data: dict[str, Any],
+    ) -> Any:
+        update_id = event.update_id if isinstance(event, Update) else None
+        with bound(update_id=update_id):  # every log line of this update carries its id
+            sender: TelegramUser | None = data.get("event_from_user")
+            if sender is None or sender.is_bot:
+                with use_language(None) as lang:
+                    data["lang"] = lang
+                    return await handler(event, data)
+            user = await get_or_create_user(data["db"], sender.id, sender.language_code)
+            data["user"] = user
+            with use_language(user.language_code or sender.language_code) as lang:
+                data["lang"] = lang
+                return await handler(event, data)

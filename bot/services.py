@@ -1,0 +1,187 @@
+"""The bot's process-wide services, created once and handed to handlers as workflow data.
+
+Handlers take them by name: ``settings``, ``db``, ``ledger``, ``turns`` (the backend's turn
+dispatcher; aiogram's own ``dispatcher`` name is taken), ``redis``, ``contexts``, ``running``,
+``limiter``, ``outbox``. Per update, :class:`~bot.middlewares.UserMiddleware` adds ``user``
+(the database row) and ``lang``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from backend.db import Database
+from backend.dispatch import Dispatcher as TurnDispatcher
+from backend.dispatch import Turn
+from backend.ledger import Ledger
+from backend.settings import Settings
+from bot.context import ContextStore, load_context_key
+from bot.tonconnect import ChatWallets, ConnectorFactory
+from workers import streams
+from workers.redis_keys import redis_key
+
+RUNNING = "bot:turn"
+RATE = "bot:rate"
+RUNNING_TTL_S = 900
+
+
+class RateLimiter:
+    """At most ``per_minute`` turns per user in each clock minute (Redis, shared by replicas)."""
+
+    def __init__(self, redis: Any, per_minute: int, clock: Any = time.time) -> None:
+        self.redis = redis
+        self.per_minute = per_minute
+        self.clock = clock
+
+    async def allow(self, user_id: int) -> int:
+        """0 when allowed; else the seconds to wait."""
+        now = self.clock()
+        window = int(now // 60)
+        key = redis_key(RATE, str(user_id), str(window))
+        count = await self.redis.incr(key)
+        if count == 1:
+            await self.redis.expire(key, 120)
+        if count <= self.per_minute:
+            return 0
+        return max(1, int(60 - now % 60))
+
+
+@dataclass
+class Running:
+    turn: Turn | None
+    draft_id: int
+    owner: int
+
+
+class RunningTurns:
+    """One running turn per chat. A Redis lock keeps replicas from starting a second one; the
+    lock's value is the job id, so a stop pressed on another replica still reaches it."""
+
+    def __init__(self, redis: Any) -> None:
+        self.redis = redis
+        self.local: dict[int, Running] = {}
+
+    @staticmethod
+    def key(chat_id: int) -> str:
+        return redis_key(RUNNING, str(chat_id))
+
+    async def acquire(self, chat_id: int, draft_id: int, owner: int) -> bool:
+        """Claim the chat for a turn of ``owner`` (a Telegram user id)."""
+        if chat_id in self.local:
+            return False
+        value = f"{owner}:starting"
+        if not await self.redis.set(self.key(chat_id), value, nx=True, ex=RUNNING_TTL_S):
+            return False
+        self.local[chat_id] = Running(None, draft_id, owner)
+        return True
+
+    async def attach(self, chat_id: int, turn: Turn) -> None:
+        entry = self.local[chat_id]
+        entry.turn = turn
+        value = f"{entry.owner}:{turn.job_id}"
+        await self.redis.set(self.key(chat_id), value, ex=RUNNING_TTL_S)
+
+    async def release(self, chat_id: int) -> None:
+        self.local.pop(chat_id, None)
+        await self.redis.delete(self.key(chat_id))
+
+    async def stop(
+        self, chat_id: int, *, draft_id: int | None = None, by: int | None = None
+    ) -> bool:
+        """Ask the chat's running turn to stop (billed for what was generated). ``by``: only
+        the user who started it may (in a group, others cannot stop someone's answer)."""
+        entry = self.local.get(chat_id)
+        if entry is not None:
+            if draft_id is not None and entry.draft_id != draft_id:
+                return False
+            if entry.turn is None or (by is not None and by != entry.owner):
+                return False
+            await entry.turn.cancel()
+            return True
+        # Running on another replica: its lock names the owner and the job.
+        raw = await self.redis.get(self.key(chat_id))
+        if not raw:
+            return False
+        owner, _sep, job_id = (raw.decode() if isinstance(raw, bytes) else raw).partition(":")
+        if job_id in ("", "starting") or (by is not None and str(by) != owner):
+            return False
+        await streams.request_cancel(self.redis, job_id)
+        return True
+
+
+@dataclass
+class Services:
+    settings: Settings
+    db: Database
+    ledger: Ledger
+    turns: TurnDispatcher
+    redis: aioredis.Redis
+    contexts: ContextStore
+    running: RunningTurns
+    limiter: RateLimiter
+    wallets: ChatWallets
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def workflow_data(self) -> dict[str, Any]:
+        return {
+            "settings": self.settings,
+            "db": self.db,
+            "ledger": self.ledger,
+            "turns": self.turns,
+            "redis": self.redis,
+            "contexts": self.contexts,
+            "running": self.running,
+            "limiter": self.limiter,
+            "wallets": self.wallets,
+            **self.extra,
+        }
+
+
+@contextlib.asynccontextmanager
+async def open_services(
+    settings: Settings,
+    *,
+    db: Database | None = None,
+    ledger: Ledger | None = None,
+    turns: TurnDispatcher | None = None,
+    tonconnect: ConnectorFactory | None = None,
+) -> AsyncIterator[Services]:
+    """The services over the settings; the database, ledger and turn dispatcher are shared
+    with the caller's when given (the web app's, in webhook mode), else made and closed here."""
+    async with contextlib.AsyncExitStack() as stack:
+        if db is None:
+            db = Database.from_settings(settings)
+            stack.push_async_callback(db.close)
+        if ledger is None:
+            ledger = Ledger(db, min_withdrawal=settings.min_withdrawal_nano)
+        if turns is None:
+            turns = TurnDispatcher.from_settings(settings, ledger)
+            stack.push_async_callback(turns.close)
+        client = aioredis.Redis.from_url(settings.redis_url)
+        stack.push_async_callback(client.aclose)
+        key = load_context_key(settings)
+        contexts = ContextStore(
+            client,
+            key,
+            ttl_s=settings.context_ttl_s,
+            max_messages=settings.context_max_messages,
+        )
+        wallets = ChatWallets(settings, db, client, key, factory=tonconnect)
+        stack.push_async_callback(wallets.close)
+        yield Services(
+            settings=settings,
+            db=db,
+            ledger=ledger,
+            turns=turns,
+            redis=client,
+            contexts=contexts,
+            running=RunningTurns(client),
+            limiter=RateLimiter(client, settings.rate_limit_per_minute),
+            wallets=wallets,
+        )

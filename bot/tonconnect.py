@@ -1,0 +1,264 @@
+"""TON Connect from the chat itself (pytonconnect), for people who do not open the Mini App.
+
+The user picks a wallet; the bot opens a TON Connect session through the wallet's bridge and
+gives the wallet's universal link as a button. Once the wallet connects:
+
+* top-up: the bot asks the wallet to send the chosen amount to the deposit wallet with the
+  user's memo as the comment (the same request the Mini App makes); the deposit watcher
+  credits it once it is on chain, and the outbox tells the user;
+* payout wallet (providers): the connect request carries a single-use ``ton_proof`` payload;
+  the proof is verified (signature, domain, age, payload) before the wallet is linked.
+
+The session's keys live in Redis sealed with the operator's context key, for a few minutes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import nacl.secret
+from aiogram import Bot
+from pytonconnect import TonConnect
+from pytonconnect.storage import IStorage
+
+from backend.db import Database
+from backend.settings import Settings
+from backend.ton.comment import deposit_transaction, friendly_address
+from backend.ton.proof import ProofError, issue_payload, link_wallet
+from bot.common import ton
+from bot.i18n import _, use_language
+from workers.redis_keys import redis_key
+
+log = logging.getLogger("cocoon.bot.tonconnect")
+
+SESSION = "bot:tonconnect"
+SESSION_TTL_S = 900
+CONNECT_TIMEOUT_S = 300
+
+
+def wallet_list() -> list[dict[str, Any]]:
+    """Wallets reachable through an HTTP bridge (pytonconnect's built-in list: no fetch)."""
+    from pytonconnect._wallets_list_manager import FALLBACK_WALLETS_LIST
+
+    return [
+        w
+        for w in FALLBACK_WALLETS_LIST
+        if w.get("universal_url") and any(b.get("type") == "sse" for b in w.get("bridge", []))
+    ]
+
+
+class SealedRedisStorage(IStorage):
+    """pytonconnect's storage, one namespace per user, sealed at rest."""
+
+    def __init__(self, redis: Any, key: bytes, user_id: int) -> None:
+        self.redis = redis
+        self.box = nacl.secret.SecretBox(key)
+        self.user_id = user_id
+
+    def _key(self, name: str) -> str:
+        return redis_key(SESSION, str(self.user_id), name)
+
+    async def set_item(self, key: str, value: str) -> None:
+        await self.redis.set(self._key(key), self.box.encrypt(value.encode()), ex=SESSION_TTL_S)
+
+    async def get_item(self, key: str, default_value: str | None = None) -> str | None:
+        blob = await self.redis.get(self._key(key))
+        if blob is None:
+            return default_value
+        try:
+            return self.box.decrypt(blob).decode()
+        except Exception:  # a rotated key: the session is gone
+            return default_value
+
+    async def remove_item(self, key: str) -> None:
+        await self.redis.delete(self._key(key))
+
+
+Connector = Any  # pytonconnect.TonConnect, or a test's stand-in with the same methods
+ConnectorFactory = Callable[[str, IStorage], Connector]
+
+
+def account_dict(wallet: Any) -> dict[str, Any]:
+    a = wallet.account
+    return {
+        "address": a.address,
+        "network": str(getattr(a.chain, "value", a.chain)),
+        "walletStateInit": a.wallet_state_init,
+        "publicKey": a.public_key,
+    }
+
+
+def proof_dict(wallet: Any) -> dict[str, Any] | None:
+    p = wallet.ton_proof
+    if p is None:
+        return None
+    return {
+        "timestamp": p.timestamp,
+        "domain": {"lengthBytes": p.domain_len, "value": p.domain_val},
+        "signature": base64.b64encode(p.signature).decode(),
+        "payload": p.payload,
+    }
+
+
+class ChatWallets:
+    """Open TON Connect sessions from the chat; one pending connection per user."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        db: Database,
+        redis: Any,
+        key: bytes,
+        *,
+        factory: ConnectorFactory | None = None,
+    ) -> None:
+        self.settings = settings
+        self.db = db
+        self.redis = redis
+        self.key = key
+        self.factory = factory or (lambda url, storage: TonConnect(url, storage=storage))
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+
+    @property
+    def manifest_url(self) -> str | None:
+        if not self.settings.public_url:
+            return None
+        return self.settings.public_url.rstrip("/") + "/tonconnect-manifest.json"
+
+    def proof_domains(self) -> list[str]:
+        if self.settings.ton.proof_domains:
+            return list(self.settings.ton.proof_domains)
+        host = urlsplit(self.settings.public_url or "").hostname
+        return [host] if host else []
+
+    async def _open(
+        self,
+        user_id: int,
+        wallet_index: int,
+        request: dict[str, Any] | None,
+        then: Callable[[Any, Any], Awaitable[None]],
+    ) -> str | None:
+        wallets = wallet_list()
+        if self.manifest_url is None or not 0 <= wallet_index < len(wallets):
+            return None
+        previous = self.tasks.pop(user_id, None)
+        if previous is not None:
+            previous.cancel()
+        connector = self.factory(
+            self.manifest_url, SealedRedisStorage(self.redis, self.key, user_id)
+        )
+        url = await connector.connect(wallets[wallet_index], request)
+
+        async def wait() -> None:
+            try:
+                wallet = await asyncio.wait_for(connector.wait_for_connection(), CONNECT_TIMEOUT_S)
+                if wallet is None or isinstance(wallet, Exception):
+                    return
+                await then(connector, wallet)
+            except TimeoutError:
+                log.info("a TON Connect session from the chat was not answered in time")
+            except Exception as error:  # the bridge, the wallet: tell nothing secret
+                log.warning("TON Connect from the chat failed: %s", type(error).__name__)
+            finally:
+                self.tasks.pop(user_id, None)
+                with contextlib.suppress(Exception):
+                    await connector.disconnect()
+
+        self.tasks[user_id] = asyncio.create_task(wait())
+        return str(url)
+
+    async def topup(
+        self,
+        bot: Bot,
+        chat_id: int,
+        user_id: int,
+        memo: str,
+        amount: int,
+        wallet_index: int,
+        language: str,
+    ) -> str | None:
+        """The wallet's link; when it connects, the wallet is asked for the transfer."""
+        address = self.settings.ton.deposit_address
+        if not address:
+            return None
+
+        async def send(connector: Any, _wallet: Any) -> None:
+            request = deposit_transaction(
+                address,
+                memo,
+                amount,
+                ttl_s=self.settings.ton.deposit_ttl_s,
+                testnet=self.settings.ton.is_testnet,
+            )
+            with use_language(language):
+                await bot.send_message(
+                    chat_id, _("Wallet connected. Confirm the transfer in your wallet.")
+                )
+            try:
+                await connector.send_transaction(request)
+            except Exception as error:  # the user declined, or the wallet failed
+                log.info("TON Connect top-up not sent: %s", type(error).__name__)
+                with use_language(language):
+                    await bot.send_message(chat_id, _("The transfer was not sent."))
+                return
+            with use_language(language):
+                await bot.send_message(
+                    chat_id,
+                    _(
+                        "Sent {amount}. Your balance is credited once the transfer is on "
+                        "chain; I will tell you."
+                    ).format(amount=ton(amount)),
+                )
+
+        return await self._open(user_id, wallet_index, None, send)
+
+    async def link_payout(
+        self, bot: Bot, chat_id: int, user_id: int, wallet_index: int, language: str
+    ) -> str | None:
+        """The wallet's link; when it connects, its ton_proof is verified and it becomes the
+        provider's payout wallet."""
+        payload = await issue_payload(self.db, self.settings.ton.proof_ttl_s)
+
+        async def link(_connector: Any, wallet: Any) -> None:
+            proof = proof_dict(wallet)
+            with use_language(language):
+                if proof is None:
+                    await bot.send_message(chat_id, _("The wallet sent no proof: not linked."))
+                    return
+                try:
+                    linked = await link_wallet(
+                        self.db,
+                        user_id,
+                        "payout",
+                        account_dict(wallet),
+                        proof,
+                        allowed_domains=self.proof_domains(),
+                        max_age_s=self.settings.ton.proof_ttl_s,
+                        network="-3" if self.settings.ton.is_testnet else "-239",
+                    )
+                except ProofError as error:
+                    log.info("a payout wallet proof was refused: %s", error)
+                    await bot.send_message(
+                        chat_id, _("The wallet's proof did not verify: not linked.")
+                    )
+                    return
+                address = friendly_address(
+                    linked.address, bounceable=False, testnet=self.settings.ton.is_testnet
+                )
+                await bot.send_message(
+                    chat_id, _("Payout wallet linked: {address}").format(address=address)
+                )
+
+        return await self._open(user_id, wallet_index, {"ton_proof": payload}, link)
+
+    async def close(self) -> None:
+        for task in list(self.tasks.values()):
+            task.cancel()
+        if self.tasks:
+            await asyncio.wait(list(self.tasks.values()), timeout=5)

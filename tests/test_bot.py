@@ -1,0 +1,694 @@
+"""The bot's commands, payments, notifications and Telegram errors, with Telegram faked at the
+session layer only (tests/bot_fakes.py) and the real database and Redis behind the bot.
+Chat turns with a real worker are in test_bot_chat.py; the provider's path in
+test_bot_provider.py."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+from sqlalchemy import select
+
+from backend import account
+from backend.apikeys import list_keys
+from backend.attestation import store
+from backend.db import Database
+from backend.ledger import Ledger, TurnUsage
+from backend.models import Hold, HoldState, TonWallet, TurnRecord, User
+from backend.settings import Settings
+from backend.stack import DEV_DEPOSIT_ADDRESS
+from backend.users import get_user
+from bot.app import BotApp, running_bot
+from bot.context import Conversation, LastTurn
+from tests.bot_fakes import (
+    TOKEN,
+    FakeTelegram,
+    callback_update,
+    feed,
+    message_update,
+    payment_update,
+    pre_checkout_update,
+)
+from workers import registry
+
+TON = 1_000_000_000
+ADMIN = 900
+ALICE = 501
+
+
+class FakeConnector:
+    """pytonconnect's TonConnect as the bot uses it, without a bridge: the test connects."""
+
+    def __init__(self, manifest_url: str, storage: object) -> None:
+        self.manifest_url = manifest_url
+        self.request: Any = None
+        self.sent: list[dict[str, Any]] = []
+        self.connected: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    async def connect(self, wallet: dict[str, Any], request: Any = None) -> str:
+        self.request = request
+        return wallet["universal_url"] + "?v=2&id=test"
+
+    def wait_for_connection(self) -> asyncio.Future[Any]:
+        return self.connected
+
+    async def send_transaction(self, transaction: dict[str, Any]) -> dict[str, Any]:
+        self.sent.append(transaction)
+        return {"boc": "te6c"}
+
+    async def disconnect(self) -> None:
+        pass
+
+
+@dataclass
+class Harness:
+    app: BotApp
+    tg: FakeTelegram
+    settings: Settings
+    connectors: list[FakeConnector] = field(default_factory=list)
+
+    @property
+    def db(self) -> Database:
+        return self.app.services.db
+
+    @property
+    def ledger(self) -> Ledger:
+        return self.app.services.ledger
+
+    async def send(self, text: str | None, user: int = ALICE, **kw: Any) -> Any:
+        return await feed(self.app.dp, self.app.bot, message_update(user, text, **kw))
+
+    async def press(self, data: str, user: int = ALICE, **kw: Any) -> Any:
+        return await feed(self.app.dp, self.app.bot, callback_update(user, data, **kw))
+
+    def last(self, method: str = "sendMessage") -> Any:
+        calls = self.tg.calls(method)
+        assert calls, f"no {method} was sent; sent: {[r.__api_method__ for r in self.tg.requests]}"
+        return calls[-1]
+
+    async def user(self, telegram_id: int = ALICE) -> User:
+        found = await get_user(self.db, telegram_id)
+        assert found is not None
+        return found
+
+
+def bot_settings(settings: Settings, **values: Any) -> Settings:
+    ton = settings.ton.model_copy(update={"deposit_address": DEV_DEPOSIT_ADDRESS})
+    update: dict[str, Any] = {
+        "bot_token": SecretStr(TOKEN),
+        "admin_ids": [ADMIN],
+        "public_url": "https://cocoon.example",
+        "ton": ton,
+        **values,
+    }
+    return settings.model_copy(update=update)
+
+
+@pytest.fixture
+async def bot(settings: Settings, redis_url: str) -> AsyncIterator[Harness]:
+    s = bot_settings(settings)
+    db = Database.from_settings(s)
+    await db.upgrade()
+    tg = FakeTelegram()
+    connectors: list[FakeConnector] = []
+
+    def factory(url: str, storage: object) -> FakeConnector:
+        connectors.append(FakeConnector(url, storage))
+        return connectors[-1]
+
+    try:
+        async with running_bot(
+            s, session=tg, db=db, outbox_interval_s=None, tonconnect=factory
+        ) as app:
+            yield Harness(app, tg, s, connectors)
+    finally:
+        await db.close()
+
+
+# ------------------------------------------------------------------ start, help, language
+
+
+async def test_start_greets_in_the_telegram_language_and_keeps_the_referral(bot: Harness) -> None:
+    await bot.send("/start ref-tonfans", language="fr")
+    text = bot.last().text
+    assert "Cocoon" in text and "Bonjour" in text
+    user = await bot.user()
+    assert user.referrer == "ref-tonfans"
+    await bot.send("/start other")  # a later deep link does not replace the first
+    assert (await bot.user()).referrer == "ref-tonfans"
+
+
+async def test_help_lists_commands_and_admin_commands_only_for_admins(bot: Harness) -> None:
+    await bot.send("/help")
+    text = bot.last().text
+    assert "/model" in text and "/withdraw" in text and "/stats" not in text
+    await bot.send("/help", user=ADMIN)
+    assert "/stats" in bot.last().text
+
+
+async def test_lang_switches_the_language_of_every_later_reply(bot: Harness) -> None:
+    await bot.send("/lang")
+    keyboard = bot.last().reply_markup.inline_keyboard
+    assert [row[0].callback_data for row in keyboard] == ["lang:en", "lang:ru", "lang:fr"]
+    assert keyboard[0][0].text.startswith("✓")
+    await bot.press("lang:ru")
+    assert "Русский" in bot.last("editMessageText").text
+    await bot.send("/balance")
+    assert "Баланс" in bot.last().text
+    await bot.press("lang:xx")
+    assert bot.last("answerCallbackQuery").show_alert
+
+
+# ----------------------------------------------------------------------- model, balance
+
+
+async def test_model_keyboard_shows_prices_and_marks_the_current_model(bot: Harness) -> None:
+    models = dict(bot.settings.models)
+    models["big-model"] = models["smollm2-135m"].model_copy(
+        update={"prompt": 1_500_000_000, "completion": 3 * TON}
+    )
+    bot.settings.models = models  # the same object the dispatcher holds
+    await bot.send("/model")
+    rows = bot.last().reply_markup.inline_keyboard
+    labels = [row[0].text for row in rows]
+    assert labels[0].startswith("✓ smollm2-135m") and "0.02 TON" in labels[0]
+    assert "1.5 TON" in labels[1] and "3 TON" in labels[1] and not labels[1].startswith("✓")
+    await bot.press(rows[1][0].callback_data)
+    assert (await bot.user()).model == "big-model"
+    rows = bot.last("editMessageReplyMarkup").reply_markup.inline_keyboard
+    assert rows[1][0].text.startswith("✓ big-model")
+    await bot.press("model:unknown")
+    assert bot.last("answerCallbackQuery").show_alert
+
+
+async def test_balance_shows_exact_ton(bot: Harness) -> None:
+    await bot.send("/start")
+    user = await bot.user()
+    await bot.ledger.credit_deposit(user.id, 1_234_500_000, "dep:1")
+    await bot.send("/balance")
+    assert "1.2345 TON" in bot.last().text
+
+
+# ---------------------------------------------------------------------------- usage
+
+
+async def _record_turn(ledger: Ledger, user_id: int, cost: int, provider_id: int | None = None):
+    key = f"turn-{time.monotonic_ns()}"
+    await ledger.hold(user_id, cost, key)
+    await ledger.settle(
+        key,
+        cost,
+        provider_id=provider_id,
+        share_bps=8000,
+        usage=TurnUsage(
+            model="smollm2-135m",
+            prompt_tokens=11,
+            cached_prompt_tokens=0,
+            completion_tokens=22,
+            finish_reason="stop",
+            worker_id="w-1",
+            tee="dev",
+        ),
+    )
+
+
+async def test_usage_lists_recent_turns_and_totals(bot: Harness) -> None:
+    await bot.send("/usage")
+    assert "No messages yet" in bot.last().text
+    user = await bot.user()
+    await bot.ledger.credit_deposit(user.id, TON, "dep:usage")
+    await _record_turn(bot.ledger, user.id, 3_000)
+    await _record_turn(bot.ledger, user.id, 4_000)
+    await bot.send("/usage")
+    text = bot.last().text
+    assert text.count("smollm2-135m · 11 + 22") == 2
+    assert "0.000003 TON" in text and "2" in text and "0.000007 TON" in text
+
+
+# --------------------------------------------------------------------------- privacy
+
+
+async def test_privacy_reports_the_last_replys_worker_plainly_dev(bot: Harness) -> None:
+    await bot.send("/privacy")
+    assert "No answer" in bot.last().text
+    contexts = bot.app.services.contexts
+    await contexts.save(
+        ALICE,
+        Conversation(
+            messages=[{"role": "user", "content": "hi"}],
+            last=LastTurn("t1", "smollm2-135m", "w-abc", "dev", "llama-cpp", "0.3", "ab12cd", True),
+        ),
+    )
+    record = registry.AttestationRecord(
+        worker_id="w-abc",
+        tee="dev",
+        box_public_key="x",
+        verify_key="y",
+        model="smollm2-135m",
+        attested_at=time.time(),
+        expires_at=time.time() + 3600,
+        image="cocoon-worker 1.2.0",
+        measurements={"mrtd": "f" * 96},
+    )
+    await registry.write_attestation(bot.app.services.redis, record)
+    await bot.send("/privacy")
+    text = bot.last().text
+    assert "development TEE" in text and "NOT hardware-attested" in text
+    assert "cocoon-worker 1.2.0" in text and "f" * 16 + "…" in text and "f" * 17 not in text
+    assert "ab12cd" in text and "verified" in text and "llama-cpp 0.3" in text
+
+
+# ---------------------------------------------------------------------------- forget
+
+
+async def test_forget_asks_then_deletes_personal_data_but_not_the_balance(bot: Harness) -> None:
+    await bot.send("/start")
+    await bot.send("/apikey new laptop")
+    user = await bot.user()
+    await bot.ledger.credit_deposit(user.id, TON, "dep:forget")
+    await bot.app.services.contexts.save(
+        ALICE, Conversation(messages=[{"role": "user", "content": "x"}])
+    )
+    await bot.send("/forget")
+    buttons = [b.callback_data for b in bot.last().reply_markup.inline_keyboard[0]]
+    assert buttons == ["forget:yes", "forget:no"]
+    await bot.press("forget:no")
+    assert len(await list_keys(bot.db, user.id)) == 1
+    await bot.press("forget:yes")
+    assert await list_keys(bot.db, user.id) == []
+    assert (await bot.app.services.contexts.load(ALICE)).messages == []
+    assert (await bot.ledger.balances(user.id)).available == TON
+    assert "deleted" in bot.last("editMessageText").text
+
+
+# ---------------------------------------------------------------------------- API keys
+
+
+async def test_apikey_create_list_revoke(bot: Harness) -> None:
+    from backend.apikeys import user_for_key
+
+    await bot.send("/apikey")
+    assert "no API keys" in bot.last().text
+    await bot.send("/apikey new laptop")
+    reply = bot.last()
+    key = reply.text.split("<code>")[1].split("</code>")[0]
+    user = await bot.user()
+    assert await user_for_key(bot.db, key) == user.id
+    assert "https://cocoon.example/v1" in reply.text
+    await bot.send("/apikey")
+    rows = bot.last().reply_markup.inline_keyboard
+    revoke = rows[1][0].callback_data
+    assert revoke.startswith("apikey:revoke:") and "laptop" in bot.last().text
+    await bot.press(revoke)
+    assert await user_for_key(bot.db, key) is None
+    await bot.press(revoke)
+    assert "already" in bot.last("answerCallbackQuery").text
+    await bot.press("apikey:new")
+    assert "<code>cc-" in bot.last().text
+
+
+# ------------------------------------------------------------------------ top-up, Stars
+
+
+async def test_topup_offers_the_mini_app_the_memo_and_stars(bot: Harness) -> None:
+    await bot.send("/topup")
+    reply = bot.last()
+    user = await bot.user()
+    assert user.deposit_memo in reply.text
+    rows = reply.reply_markup.inline_keyboard
+    assert rows[0][0].web_app.url == "https://cocoon.example/app"
+    assert rows[-1][0].callback_data == "topup:stars"
+    await bot.press("topup:stars")
+    options = [row[0].callback_data for row in bot.last().reply_markup.inline_keyboard]
+    assert "stars:100" in options
+    await bot.press("stars:100")
+    invoice = bot.last("sendInvoice")
+    assert invoice.currency == "XTR" and invoice.prices[0].amount == 100
+    assert invoice.provider_token is None
+    assert invoice.payload == f"stars:{user.id}:100"
+    await bot.press("stars:999999")
+    assert bot.last("answerCallbackQuery").show_alert
+
+
+async def test_stars_payment_is_credited_once_when_delivered_twice(bot: Harness) -> None:
+    await bot.send("/start")
+    user = await bot.user()
+    payload = f"stars:{user.id}:100"
+    await feed(bot.app.dp, bot.app.bot, pre_checkout_update(ALICE, payload, 100))
+    assert bot.last("answerPreCheckoutQuery").ok is True
+    await feed(bot.app.dp, bot.app.bot, pre_checkout_update(ALICE, payload, 99))  # tampered
+    assert bot.last("answerPreCheckoutQuery").ok is False
+    await feed(bot.app.dp, bot.app.bot, pre_checkout_update(ALICE, f"stars:{user.id + 1}:5", 5))
+    assert bot.last("answerPreCheckoutQuery").ok is False
+    bot.tg.clear()
+    for _ in range(2):
+        await feed(bot.app.dp, bot.app.bot, payment_update(ALICE, payload, 100, "charge-1"))
+    credited = 100 * bot.settings.stars_nano_per_star
+    assert (await bot.ledger.balances(user.id)).available == credited
+    thanks = [t for t in bot.tg.texts() if "Stars" in t]
+    assert len(thanks) == 1 and "0.4 TON" in thanks[0]
+    assert await bot.app.outbox.drain_once() == 0  # told already, never twice
+
+
+# ------------------------------------------------------------------------- notifications
+
+
+async def test_outbox_tells_deposits_in_the_users_language_and_skips_blocked_users(
+    bot: Harness,
+) -> None:
+    await bot.send("/start", language="ru")
+    await bot.send("/start", user=502)
+    alice, bob = await bot.user(), await bot.user(502)
+    await bot.ledger.credit_deposit(alice.id, 2 * TON, "dep:a")
+    await account.notify(bot.db, alice.id, account.NOTIFY_DEPOSIT, "dep:a", amount=2 * TON)
+    await account.notify(bot.db, bob.id, account.NOTIFY_DEPOSIT, "dep:b", amount=TON)
+    bot.tg.clear()
+    # Alice's arrives (in Russian); Bob blocked the bot: skipped quietly, never retried.
+    bot.tg.reply("sendMessage", message_update(ALICE, "sent")["message"])
+    bot.tg.fail("sendMessage", 403, "Forbidden: bot was blocked by the user")
+    assert await bot.app.outbox.drain_once() == 1
+    to_alice, to_bob = bot.tg.calls("sendMessage")
+    assert to_alice.chat_id == ALICE and to_bob.chat_id == 502
+    assert "2 TON" in to_alice.text and "пришёл" in to_alice.text
+    assert await bot.app.outbox.drain_once() == 0
+    # Telegram down: the notification waits for the next round instead of being lost.
+    await account.notify(bot.db, alice.id, account.NOTIFY_DEPOSIT, "dep:c", amount=TON)
+    bot.tg.fail("sendMessage", 502, "Bad Gateway")
+    assert await bot.app.outbox.drain_once() == 0
+    assert await bot.app.outbox.drain_once() == 1
+
+
+# ---------------------------------------------------------------------------- provider
+
+
+async def test_provider_commands_without_a_worker(bot: Harness) -> None:
+    await bot.send("/addworker")
+    assert "/provider" in bot.last().text
+    await bot.send("/provider")
+    assert (await bot.user()).is_provider
+    assert "No payout wallet" in bot.last().text
+    assert bot.last().reply_markup.inline_keyboard[0][0].web_app.url.endswith("/app/provider")
+    await bot.send("/addworker nosuchmodel")
+    assert "Unknown model" in bot.last().text
+    await bot.send("/addworker")
+    text = bot.last().text
+    assert "cocoon worker --model smollm2-135m --engine vllm" in text
+    assert "--register-url https://cocoon.example --token cct_" in text
+    token = "cct_" + text.split("--token cct_")[1].split("<")[0].strip()
+    grant = await store.lookup_token(bot.app.services.redis, token)
+    assert grant is not None and grant.provider_id == (await bot.user()).id
+    await bot.send("/workers")
+    assert "No workers" in bot.last().text
+    await bot.send("/earnings")
+    assert "0 TON" in bot.last().text
+
+
+async def test_withdraw_validates_confirms_and_updates_the_status_message(bot: Harness) -> None:
+    await bot.send("/provider")
+    provider = await bot.user()
+    await bot.send("/withdraw all")
+    assert "payout wallet" in bot.last().text
+    async with bot.db.session() as session, session.begin():
+        session.add(
+            TonWallet(
+                user_id=provider.id, purpose="payout", address="0:" + "ab" * 32, public_key="00"
+            )
+        )
+    # Earnings: a user's turn served by this provider (80 % of 2.5 TON).
+    await bot.send("/start", user=503)
+    payer = await bot.user(503)
+    await bot.ledger.credit_deposit(payer.id, 5 * TON, "dep:payer")
+    await _record_turn(bot.ledger, payer.id, 2_500_000_000, provider_id=provider.id)
+    await bot.send("/withdraw 0.5")
+    assert "smallest withdrawal is 1 TON" in bot.last().text
+    await bot.send("/withdraw 3")
+    assert "more than your available earnings (2 TON)" in bot.last().text
+    await bot.send("/withdraw 1,2.3")
+    assert "positive number of TON" in bot.last().text
+    await bot.send("/withdraw all")
+    reply = bot.last()
+    assert "Withdraw 2 TON to" in reply.text
+    confirm, cancel = reply.reply_markup.inline_keyboard[0]
+    await bot.press(cancel.callback_data)
+    assert (await account.earnings(bot.ledger, provider.id)).available == 2 * TON
+    await bot.press(confirm.callback_data, message_id=77)
+    await bot.press(confirm.callback_data, message_id=77)  # a double tap pays once
+    status = bot.last("editMessageText")
+    assert "Payout #" in status.text and "requested" in status.text
+    e = await account.earnings(bot.ledger, provider.id)
+    assert e.available == 0 and e.pending == 2 * TON
+    # The payout sender confirms it on chain: the status message changes in place.
+    async with bot.db.session() as session:
+        from backend.models import Payout
+
+        payout = await session.scalar(select(Payout).where(Payout.provider_id == provider.id))
+    await bot.ledger.confirm_payout(payout.id)
+    await account.notify(
+        bot.db,
+        provider.id,
+        account.NOTIFY_PAYOUT_CONFIRMED,
+        f"payout:{payout.id}:confirmed",
+        amount=payout.amount,
+        data={"payout_id": payout.id},
+    )
+    bot.tg.clear()
+    assert await bot.app.outbox.drain_once() == 1
+    edit = bot.last("editMessageText")
+    assert edit.message_id == 77 and "confirmed on chain" in edit.text
+    await bot.send("/earnings")
+    assert "Paid out: 2 TON" in bot.last().text
+
+
+# ------------------------------------------------------------------------------- admin
+
+
+async def test_admin_commands_only_for_admins(bot: Harness) -> None:
+    await bot.send("/stats")
+    assert "do not know that command" in bot.last().text
+    await bot.send("/stats", user=ADMIN)
+    text = bot.last().text
+    assert "Users: 2" in text and "Workers online: 0" in text
+    await bot.send("/prices", user=ADMIN)
+    assert "smollm2-135m: 0.02 TON / 0.08 TON, context 2048 tokens" in bot.last().text
+
+
+# ---------------------------------------------------------------------- abuse and limits
+
+
+async def test_too_long_prompt_and_rate_limit_get_clear_messages(
+    settings: Settings, redis_url: str
+) -> None:
+    s = bot_settings(settings, max_prompt_chars=20, rate_limit_per_minute=2)
+    db = Database.from_settings(s)
+    await db.upgrade()
+    tg = FakeTelegram()
+    try:
+        async with running_bot(s, session=tg, db=db, outbox_interval_s=None) as app:
+            harness = Harness(app, tg, s)
+            await harness.send("x" * 21)
+            assert "too long: 21 characters, and the limit is 20" in harness.last().text
+            for _ in range(2):
+                await harness.send("hello")
+                assert "Not enough balance" in harness.last().text
+            await harness.send("hello")
+            assert "Too many messages: up to 2 a minute" in harness.last().text
+    finally:
+        await db.close()
+
+
+async def test_insufficient_balance_says_how_much_and_holds_nothing(bot: Harness) -> None:
+    await bot.send("What is TON?")
+    text = bot.last().text
+    assert "Not enough balance" in text and "you have 0 TON" in text and "/topup" in text
+    async with bot.db.session() as session:
+        assert not list(await session.scalars(select(Hold).where(Hold.state == HoldState.OPEN)))
+
+
+async def test_non_text_messages_get_a_hint(bot: Harness) -> None:
+    await feed(
+        bot.app.dp,
+        bot.app.bot,
+        message_update(ALICE, None, location={"latitude": 1.0, "longitude": 2.0}),
+    )
+    assert "text only" in bot.last().text
+
+
+# --------------------------------------------------------------------- Telegram errors
+
+
+async def test_flood_wait_is_honoured_then_the_message_goes_out(bot: Harness) -> None:
+    bot.tg.fail("sendMessage", 429, "Too Many Requests: retry after 1", retry_after=1)
+    started = time.monotonic()
+    await bot.send("/help")
+    assert time.monotonic() - started >= 1
+    assert len(bot.tg.calls("sendMessage")) == 2  # refused once, then sent
+    assert "/model" in bot.last().text
+
+
+async def test_blocked_and_not_modified_are_quiet(bot: Harness, caplog) -> None:
+    bot.tg.fail("sendMessage", 403, "Forbidden: bot was blocked by the user")
+    await bot.send("/help")  # no exception escapes the dispatcher
+    bot.tg.fail("editMessageText", 400, "Bad Request: message is not modified")
+    await bot.press("lang:en")
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+async def test_an_unexpected_error_is_logged_without_the_message_text(
+    bot: Harness, caplog, monkeypatch
+) -> None:
+    async def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(account, "usage", broken)
+    await bot.send("/usage")
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert errors and "RuntimeError" in errors[0].getMessage()
+
+
+async def test_usage_of_another_user_is_never_shown(bot: Harness) -> None:
+    await bot.send("/start", user=504)
+    other = await bot.user(504)
+    await bot.ledger.credit_deposit(other.id, TON, "dep:other")
+    await _record_turn(bot.ledger, other.id, 5_000)
+    await bot.send("/usage")
+    assert "No messages yet" in bot.last().text
+    async with bot.db.session() as session:
+        assert len(list(await session.scalars(select(TurnRecord)))) == 1
+
+
+# ------------------------------------------------------------- TON Connect from the chat
+
+
+def connected_wallet(account: dict[str, Any], proof: dict[str, Any] | None) -> Any:
+    from pytonconnect.parsers import ConnectEventParser
+
+    items: list[dict[str, Any]] = [{"name": "ton_addr", **account}]
+    if proof is not None:
+        items.append({"name": "ton_proof", "proof": proof})
+    device = {
+        "platform": "android",
+        "appName": "Tonkeeper",
+        "appVersion": "5",
+        "maxProtocolVersion": 2,
+        "features": ["SendTransaction"],
+    }
+    return ConnectEventParser.parse_response({"items": items, "device": device})
+
+
+async def test_topup_through_ton_connect_from_the_chat(bot: Harness) -> None:
+    from backend.ton.comment import decode_comment
+    from tests.test_ton_proof import UserWallet
+
+    await bot.send("/topup")
+    await bot.press("topup:ton")
+    amounts = bot.last().reply_markup.inline_keyboard[0]
+    assert [b.text for b in amounts] == ["1 TON", "5 TON", "10 TON"]
+    await bot.press(amounts[1].callback_data)
+    wallets = bot.last().reply_markup.inline_keyboard
+    await bot.press(wallets[1][0].callback_data)  # Tonkeeper
+    link = bot.last().reply_markup.inline_keyboard[0][0]
+    assert link.url.startswith("https://app.tonkeeper.com/ton-connect")
+    (connector,) = bot.connectors
+    assert connector.manifest_url == "https://cocoon.example/tonconnect-manifest.json"
+    wallet = UserWallet()
+    connector.connected.set_result(connected_wallet(wallet.account(), None))
+    await asyncio.wait_for(asyncio.gather(*bot.app.services.wallets.tasks.values()), 10)
+    (transaction,) = connector.sent
+    (message,) = transaction["messages"]
+    assert message["amount"] == "5000000000"
+    user = await bot.user()
+    assert decode_comment(message["payload"]).memo == user.deposit_memo
+    assert "Sent 5 TON" in bot.last().text
+
+
+async def test_payout_wallet_linked_only_with_a_valid_proof(bot: Harness) -> None:
+    from backend.ton.proof import linked_wallet
+    from tests.test_ton_proof import UserWallet
+
+    await bot.send("/provider")
+    assert bot.last().reply_markup.inline_keyboard[-1][0].callback_data == "tcw:p"
+    provider = await bot.user()
+    for domain, expected in (("evil.example", "did not verify"), ("cocoon.example", "linked")):
+        await bot.press("tcw:p")
+        await bot.press(bot.last().reply_markup.inline_keyboard[1][0].callback_data)
+        connector = bot.connectors[-1]
+        payload = connector.request["ton_proof"]
+        wallet = UserWallet()
+        proof = wallet.proof(payload, domain=domain, timestamp=int(time.time()))
+        connector.connected.set_result(connected_wallet(wallet.account(), proof))
+        await asyncio.wait_for(asyncio.gather(*bot.app.services.wallets.tasks.values()), 10)
+        assert expected in bot.last().text
+    linked = await linked_wallet(bot.db, provider.id, "payout")
+    assert linked is not None and linked.public_key == wallet.public_key.hex()
+
+
+# ---------------------------------------------------------------------------- webhook
+
+
+async def test_webhook_mode_mounts_in_the_web_app_and_checks_the_secret(
+    settings: Settings, redis_url: str
+) -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from backend.web import create_app
+    from bot.webhook import WEBHOOK_PATH
+    from tests.bot_fakes import stopped_update
+
+    s = bot_settings(
+        settings, bot_mode="webhook", public_url=None, webhook_secret=SecretStr("s3cret-token")
+    )
+    db = Database.from_settings(s)
+    await db.upgrade()
+    await db.close()
+    client = TestClient(TestServer(create_app(s)))
+    await client.start_server()
+    try:
+        update = stopped_update(ALICE, 5)  # nothing runs: the bot answers nothing
+        for headers in ({}, {"X-Telegram-Bot-Api-Secret-Token": "wrong"}):
+            response = await client.post(WEBHOOK_PATH, json=update, headers=headers)
+            assert response.status == 401
+        response = await client.post(
+            WEBHOOK_PATH, json=update, headers={"X-Telegram-Bot-Api-Secret-Token": "s3cret-token"}
+        )
+        assert response.status == 200
+    finally:
+        await client.close()
+    polling = create_app(bot_settings(settings))  # polling mode: no webhook route
+    assert not [r for r in polling.router.routes() if r.resource.canonical == WEBHOOK_PATH]
+
+
+# ------------------------------------------------------------------ menu and command line
+
+
+async def test_the_command_menu_is_set_in_every_language(bot: Harness) -> None:
+    from bot.commands import set_commands
+
+    await set_commands(bot.app.bot)
+    calls = {c.language_code: c for c in bot.tg.calls("setMyCommands")}
+    assert set(calls) == {None, "en", "ru", "fr"}
+    names = [c.command for c in calls["ru"].commands]
+    assert names[:3] == ["start", "help", "new"] and "withdraw" in names and "stats" not in names
+    ru = {c.command: c.description for c in calls["ru"].commands}
+    assert ru["balance"] == "ваш баланс"
+    assert {c.command: c.description for c in calls["fr"].commands}["balance"] == "votre solde"
+    from bot.commands import set_menu_button
+
+    await set_menu_button(bot.app.bot, "https://cocoon.example/app")
+    button = bot.last("setChatMenuButton").menu_button
+    assert button.web_app.url == "https://cocoon.example/app" and button.text == "Wallet"
+
+
+def test_cocoon_bot_needs_a_token(tmp_path, monkeypatch, capsys) -> None:
+    from backend.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("COCOON_BOT_TOKEN", raising=False)
+    with pytest.raises(SystemExit) as exited:
+        main(["bot"])
+    assert exited.value.code == 1 and "COCOON_BOT_TOKEN" in capsys.readouterr().err

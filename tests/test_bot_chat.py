@@ -1,0 +1,238 @@
+"""Chat turns through the bot end to end: Telegram faked at the session layer, everything else
+real (Redis, RQ, one worker process running SmolLM2 on llama.cpp, the ledger on SQLite). One
+worker serves the whole module."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+import redis
+from pydantic import SecretStr
+from sqlalchemy import select
+
+from backend.attestation.settings import AttestationSettings
+from backend.db import Database
+from backend.models import Hold, HoldState, TurnRecord
+from backend.settings import Settings
+from bot import streaming
+from bot.app import running_bot
+from bot.context import ContextStore
+from tests.bot_fakes import (
+    TOKEN,
+    FakeTelegram,
+    callback_update,
+    feed,
+    message_update,
+    stopped_update,
+)
+from tests.conftest import IN_CI, TEST_REDIS_URL, require_module
+from tests.test_bot import Harness
+from tests.turns import TON, funded_user
+
+require_module("llama_cpp")
+
+USER = 601
+GROUP = -100777
+
+
+@pytest.fixture(scope="module")
+def worker() -> Iterator[str]:
+    """One worker node for the module (an unattested dev worker: dev mode is on)."""
+    from tests.test_inference import Node
+
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    try:
+        client.flushdb()
+    except redis.RedisError as error:
+        if IN_CI:
+            pytest.fail(f"Redis is not reachable: {error}")
+        pytest.skip(f"Redis is not reachable: {error}")
+    node = Node(TEST_REDIS_URL)
+    yield node.worker_id
+    node.stop()
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+async def chat(
+    settings: Settings, worker: str, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Harness]:
+    monkeypatch.setattr(streaming, "DRAFT_INTERVAL_S", 0.0)  # every chunk shows: easy to see
+    s = settings.model_copy(
+        update={
+            "bot_token": SecretStr(TOKEN),
+            "attestation": AttestationSettings(allow_dev=True),
+            "max_tokens_default": 48,
+        }
+    )
+    db = Database.from_settings(s)
+    await db.upgrade()
+    tg = FakeTelegram()
+    try:
+        async with running_bot(s, session=tg, db=db, outbox_interval_s=None) as app:
+            harness = Harness(app, tg, s)
+            await funded_user(app.services.ledger, USER)
+            yield harness
+    finally:
+        await db.close()
+
+
+def final(h: Harness) -> Any:
+    """The message that carries the footer."""
+    for method in reversed(h.tg.requests):
+        if method.__api_method__ in {"sendMessage", "editMessageText"} and "tokens" in str(
+            getattr(method, "text", "")
+        ):
+            return method
+    raise AssertionError(f"no final message in {[r.__api_method__ for r in h.tg.requests]}")
+
+
+async def turns_of(h: Harness) -> list[TurnRecord]:
+    async with h.db.session() as session:
+        return list(await session.scalars(select(TurnRecord).order_by(TurnRecord.id)))
+
+
+async def test_a_turn_streams_as_drafts_and_ends_with_the_footer_and_the_charge(
+    chat: Harness,
+) -> None:
+    await chat.send("Name three colors.", user=USER)
+
+    drafts = chat.tg.calls("sendMessageDraft")
+    assert drafts and drafts[0].text == "" and drafts[0].can_stop  # "Thinking…" with stop
+    assert len({d.draft_id for d in drafts}) == 1
+    shown = [d.text for d in drafts if d.text]
+    assert shown and all(b.startswith(a[: len(a) // 2]) for a, b in itertools.pairwise(shown))
+    last = final(chat)
+    assert last.__api_method__ == "sendMessage" and last.parse_mode == "HTML"
+    (turn,) = await turns_of(chat)
+    footer = f"smollm2-135m · {turn.prompt_tokens} + {turn.completion_tokens} tokens"
+    assert footer in last.text and "development TEE" in last.text
+    assert turn.cost > 0 and turn.finish_reason in {"stop", "length"}
+    balances = await chat.ledger.balances(turn.user_id)
+    assert balances.available == TON - turn.cost and balances.held == 0
+
+    # The context: kept for the next turn, sealed at rest (no plaintext in Redis).
+    contexts: ContextStore = chat.app.services.contexts
+    raw = await chat.app.services.redis.get(contexts.redis_key(USER))
+    assert (
+        raw
+        and b"colors" not in raw
+        and 0 < await chat.app.services.redis.ttl(contexts.redis_key(USER))
+    )
+    conversation = await contexts.load(USER)
+    assert [m["role"] for m in conversation.messages] == ["user", "assistant"]
+    assert conversation.messages[0]["content"] == "Name three colors."
+
+    # /privacy tells who answered; /usage lists the turn.
+    await chat.send("/privacy", user=USER)
+    text = chat.last().text
+    assert conversation.last is not None and conversation.last.worker_id in text
+    assert "development TEE" in text and conversation.last.key_fingerprint in text
+    await chat.send("/usage", user=USER)
+    assert f"{turn.prompt_tokens} + {turn.completion_tokens} tokens" in chat.last().text
+
+    # /retry answers the same question again, replacing the answer in the context.
+    await chat.send("/retry", user=USER)
+    assert len(await turns_of(chat)) == 2
+    conversation = await contexts.load(USER)
+    assert [m["role"] for m in conversation.messages] == ["user", "assistant"]
+    # /new starts over.
+    await chat.send("/new", user=USER)
+    assert (await contexts.load(USER)).messages == []
+
+
+async def test_stop_from_the_draft_cancels_and_bills_what_was_generated(chat: Harness) -> None:
+    chat.settings.max_tokens_default = 400
+    task = asyncio.create_task(
+        chat.send("Write a very long story about a dragon and a knight.", user=USER)
+    )
+    deadline = time.monotonic() + 60
+    while not [d for d in chat.tg.calls("sendMessageDraft") if d.text]:
+        assert time.monotonic() < deadline and not task.done()
+        await asyncio.sleep(0.02)
+    draft_id = chat.tg.calls("sendMessageDraft")[0].draft_id
+    # A second message while this one is written is refused politely.
+    await chat.send("hello?", user=USER)
+    assert "still writing" in chat.last().text
+    await feed(chat.app.dp, chat.app.bot, stopped_update(USER, draft_id + 1))  # not this one
+    await feed(chat.app.dp, chat.app.bot, stopped_update(USER, draft_id))
+    await asyncio.wait_for(task, 60)
+    assert "stopped" in final(chat).text
+    (turn,) = await turns_of(chat)
+    assert turn.finish_reason == "cancelled" and 0 < turn.completion_tokens < 400
+    assert turn.cost > 0
+    async with chat.db.session() as session:
+        assert not list(await session.scalars(select(Hold).where(Hold.state == HoldState.OPEN)))
+
+
+async def test_in_a_group_the_reply_is_edited_at_most_once_a_second_and_has_a_stop_button(
+    chat: Harness,
+) -> None:
+    chat.settings.max_tokens_default = 300
+    reply_to = {
+        "message_id": 5,
+        "date": 0,
+        "chat": {"id": GROUP, "type": "supergroup"},
+        "from": {"id": 42, "is_bot": True, "first_name": "Cocoon"},
+        "text": "earlier answer",
+    }
+    update = message_update(
+        USER,
+        "Tell me a long story about the sea.",
+        chat_id=GROUP,
+        chat_type="supergroup",
+        reply_to_message=reply_to,
+    )
+    task = asyncio.create_task(feed(chat.app.dp, chat.app.bot, update))
+    deadline = time.monotonic() + 60
+    while len(chat.tg.calls("editMessageText")) < 2:
+        assert time.monotonic() < deadline and not task.done()
+        await asyncio.sleep(0.02)
+    placeholder = chat.tg.calls("sendMessage")[0]
+    assert placeholder.text == "…" and placeholder.reply_markup.inline_keyboard[0][0].callback_data
+    await feed(chat.app.dp, chat.app.bot, callback_update(USER + 1, "stop", chat_id=GROUP))
+    assert chat.last("answerCallbackQuery").text == "Nothing is running."  # not theirs to stop
+    await feed(chat.app.dp, chat.app.bot, callback_update(USER, "stop", chat_id=GROUP))
+    await asyncio.wait_for(task, 60)
+    assert not chat.tg.calls("sendMessageDraft")  # no drafts outside private chats
+    edits = [t for t, _m in chat.tg.timed("editMessageText")]
+    assert len(edits) >= 3 and all(b - a >= 0.99 for a, b in itertools.pairwise(edits))
+    last = final(chat)
+    assert last.__api_method__ == "editMessageText" and last.reply_markup is None
+    assert "stopped" in last.text
+
+
+async def test_refused_drafts_fall_back_to_edits_and_flood_waits_skip_a_beat(
+    chat: Harness,
+) -> None:
+    chat.tg.fail("sendMessageDraft", 400, "Bad Request: TEXTDRAFT_PEER_INVALID")
+    await chat.send("Say hello.", user=USER)
+    assert chat.tg.calls("sendMessage")[0].text == "…"
+    assert "tokens" in final(chat).text
+    chat.tg.clear()
+    chat.tg.fail("sendMessageDraft", 429, "Too Many Requests: retry after 30", retry_after=30)
+    started = time.monotonic()
+    await chat.send("Say hello again.", user=USER)
+    assert time.monotonic() - started < 25  # a draft never waits out a flood
+    assert len(chat.tg.calls("sendMessageDraft")) == 1  # paused for the rest of the turn
+    assert "tokens" in final(chat).text
+
+
+async def test_a_user_who_blocked_the_bot_leaves_no_hold_behind(chat: Harness) -> None:
+    chat.tg.fail("sendMessageDraft", 403, "Forbidden: bot was blocked by the user")
+    await chat.send("Are you there?", user=USER)  # no exception escapes
+    deadline = time.monotonic() + 60
+    while True:
+        async with chat.db.session() as session:
+            holds = list(await session.scalars(select(Hold).where(Hold.state == HoldState.OPEN)))
+        if not holds:
+            break
+        assert time.monotonic() < deadline, "the hold was never settled or released"
+        await asyncio.sleep(0.2)
+    assert await chat.app.services.redis.get(chat.app.services.running.key(USER)) is None

@@ -1,0 +1,203 @@
+"""The privacy canary: one session through the bot (webhook), the Mini App's chat and the HTTP
+API, each prompt carrying a canary string; afterwards the string appears nowhere at rest —
+not in a dump of every Redis key, not in the database files, not in the logs of the web
+server, bot and watcher, and not in the worker's stdout/stderr.
+
+The whole stack runs as `cocoon up` runs it (its own Redis, a real worker with the small model,
+the web server with the bot in webhook mode), with debug logging on; only Telegram is faked, at
+its HTTP boundary (tests/fake_telegram.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import aiohttp
+import redis.asyncio as aioredis
+
+from tests.conftest import require_module
+from tests.fake_telegram import FakeTelegram
+from tests.test_stack import free_port
+
+require_module("llama_cpp")
+
+BOT_TOKEN = "4242:canary-test-token"
+WEBHOOK_SECRET = "canary-webhook-secret"
+USER = 777_000_111
+MODEL = "smollm2-135m"
+
+
+def _read(path: Path) -> str:
+    return path.read_text(errors="replace")
+
+
+def _exists(path: str) -> bool:
+    return os.path.exists(path)
+
+
+def _start_stack(env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "backend.cli", "up"],
+            env=env,
+            cwd=cwd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+async def _wait_ready(up: subprocess.Popen[bytes], log: Path, base: str, key: str) -> None:
+    deadline = time.monotonic() + 180
+    async with aiohttp.ClientSession() as http:
+        while True:
+            assert up.poll() is None, _read(log)
+            assert time.monotonic() < deadline, _read(log)
+            try:
+                async with http.get(f"{base}/healthz") as reply:
+                    if reply.status == 200 and _exists(key):
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.3)
+
+
+def _turns(db_file: Path) -> int:
+    with sqlite3.connect(f"file:{db_file}?mode=ro", uri=True) as conn:
+        return int(conn.execute("SELECT count(*) FROM turns").fetchone()[0])
+
+
+async def _redis_dump(url: str) -> bytes:
+    """Every key of every database, with its serialized value (DUMP), as one blob."""
+    client = aioredis.Redis.from_url(url)
+    blob = bytearray()
+    try:
+        info = await client.info("keyspace")
+        for db_name in info:
+            db = aioredis.Redis.from_url(url.rsplit("/", 1)[0] + "/" + db_name.removeprefix("db"))
+            try:
+                async for key in db.scan_iter(count=500):
+                    blob += key
+                    value = await db.dump(key)
+                    if value:
+                        blob += value
+            finally:
+                await db.aclose()
+    finally:
+        await client.aclose()
+    return bytes(blob)
+
+
+async def test_canary_never_reaches_rest(tmp_path: Path) -> None:
+    from miniapp.auth import init_data_for
+
+    canary = f"CANARY{uuid.uuid4().hex[:12].upper()}"
+    redis_port, web_port = free_port(), free_port()
+    base = f"http://127.0.0.1:{web_port}"
+    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    telegram = FakeTelegram()
+    await telegram.start()
+    data = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COCOON_")}
+    env.update(
+        COCOON_DATA_DIR=str(data),
+        COCOON_REDIS_URL=redis_url,
+        COCOON_WEB_PORT=str(web_port),
+        COCOON_PUBLIC_URL=base,
+        COCOON_BOT_TOKEN=BOT_TOKEN,
+        COCOON_BOT_MODE="webhook",
+        COCOON_WEBHOOK_SECRET=WEBHOOK_SECRET,
+        COCOON_TELEGRAM_API_URL=telegram.url,
+        COCOON_LOCAL_TELEGRAM_ID=str(USER),
+        COCOON_DEV_CREDIT_NANO=str(10**9),
+        COCOON_LOG_LEVEL="DEBUG",
+    )
+    log = tmp_path / "up.log"
+    up = _start_stack(env, tmp_path, log)
+    try:
+        await _wait_ready(up, log, base, str(data / "local-api-key"))
+        api_key = (data / "local-api-key").read_text().strip()
+        async with aiohttp.ClientSession() as http:
+            # 1. The HTTP API.
+            async with http.post(
+                f"{base}/v1/chat/completions",
+                headers={"Authorization": f"Bearer {api_key}"},
+                json={
+                    "model": MODEL,
+                    "max_tokens": 8,
+                    "messages": [{"role": "user", "content": f"Repeat {canary} please"}],
+                },
+            ) as reply:
+                assert reply.status == 200, await reply.text()
+            # 2. The Mini App's chat, signed like Telegram signs initData.
+            init_data = init_data_for(USER, BOT_TOKEN)
+            async with http.post(
+                f"{base}/app/api/chat",
+                headers={"Authorization": f"tma {init_data}"},
+                json={
+                    "model": MODEL,
+                    "messages": [{"role": "user", "content": f"Say {canary} back"}],
+                    "conversation": "canary-" + uuid.uuid4().hex[:8],
+                },
+            ) as reply:
+                assert reply.status == 200, await reply.text()
+                lines = [json.loads(line) for line in (await reply.text()).splitlines() if line]
+            assert lines[-1]["type"] == "done", lines
+            # 3. The bot, through its webhook, as Telegram would deliver the message.
+            update = {
+                "update_id": 91_000_001,
+                "message": {
+                    "message_id": 5,
+                    "date": int(time.time()),
+                    "chat": {"id": USER, "type": "private", "first_name": "Canary"},
+                    "from": {"id": USER, "is_bot": False, "first_name": "Canary"},
+                    "text": f"Echo {canary} now",
+                },
+            }
+            async with http.post(
+                f"{base}/telegram/webhook",
+                headers={"X-Telegram-Bot-Api-Secret-Token": WEBHOOK_SECRET},
+                json=update,
+            ) as reply:
+                assert reply.status == 200, await reply.text()
+
+        deadline = time.monotonic() + 120
+        while _turns(data / "cocoon.db") < 3:
+            assert time.monotonic() < deadline, (telegram.methods(), log.read_text()[-3000:])
+            assert up.poll() is None, log.read_text()
+            await asyncio.sleep(0.3)
+        # The bot told the user (the reply reached Telegram, where it belongs).
+        assert any(m in telegram.methods() for m in ("sendMessage", "editMessageText"))
+
+        dump = await _redis_dump(redis_url)
+        assert len(dump) > 1000  # the dump did see the stack's keys
+        assert canary.encode() not in dump, "the canary is in Redis"
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGINT)
+            try:
+                up.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(up.pid, signal.SIGKILL)
+                up.wait()
+        await telegram.stop()
+
+    at_rest = {
+        path.name: path.read_bytes()
+        for path in data.iterdir()
+        if path.is_file() and path.name.startswith("cocoon.db")
+    }
+    assert "cocoon.db" in at_rest
+    for name, content in at_rest.items():
+        assert canary.encode() not in content, f"the canary is in {name}"
+    logged = log.read_bytes()
+    assert b"DEBUG" in logged or b"debug" in logged  # debug logging was really on
+    assert canary.encode() not in logged, "the canary is in the logs or the worker's output"
