@@ -217,10 +217,8 @@ def cmd_bot(settings: Settings, _args: argparse.Namespace) -> int:
         _fail("set COCOON_BOT_TOKEN (from @BotFather) to run the bot", code=1)
     if settings.bot_mode == "webhook":
         _fail("COCOON_BOT_MODE=webhook: the bot runs inside `cocoon web`, not here", code=1)
-    from backend.logs import setup_logging
     from bot.app import run_polling
 
-    setup_logging(settings)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run_polling(settings))
     return 0
@@ -334,6 +332,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             for e in error.errors()
         )
         _fail(f"invalid settings: {problems} (see the README's settings table)")
+    from backend.logs import setup_logging
+
+    setup_logging(settings)  # COCOON_LOG_LEVEL, COCOON_LOG_JSON; records carry turn/job/update ids
     return args.handler(settings, args)
 
 

@@ -17,15 +17,17 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import redis
 import redis.asyncio as aioredis
 
-from backend.ledger import InsufficientFunds, Ledger, LedgerError
+from backend.ledger import InsufficientFunds, InvalidState, Ledger, LedgerError, TurnUsage
 from backend.pricing import turn_cost, worst_case_cost
 from backend.settings import ModelPrice, Settings
 from workers import registry, streams
 from workers.jobs import aenqueue_job, job_id_for
+from workers.logcontext import bind as bind_log_context
 from workers.wire import (
     ChatMessage,
     ErrorRecord,
@@ -40,6 +42,9 @@ from workers.wire import (
     public_b64,
     seal_request,
 )
+
+if TYPE_CHECKING:
+    from backend.metrics import TurnMetrics
 
 log = logging.getLogger("cocoon.dispatch")
 
@@ -138,6 +143,8 @@ class Dispatcher:
         self.queue_ttl_s = queue_ttl_s
         self.max_attempts = max_attempts
         self._background: set[asyncio.Task[None]] = set()
+        # Prometheus turn metrics (backend.metrics.setup sets them); None: not counted.
+        self.metrics: TurnMetrics | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, ledger: Ledger) -> Dispatcher:
@@ -165,6 +172,14 @@ class Dispatcher:
 
     async def start_turn(self, request: TurnRequest) -> Turn:
         """Validate, hold, dispatch. Raises TurnError with nothing held on failure."""
+        try:
+            return await self._start_turn(request)
+        except TurnError as error:
+            if self.metrics is not None:
+                self.metrics.error(error.code)
+            raise
+
+    async def _start_turn(self, request: TurnRequest) -> Turn:
         price = self.settings.price(request.model)
         if price is None:
             known = ", ".join(sorted(self.settings.models)) or "none"
@@ -180,6 +195,7 @@ class Dispatcher:
             )
         worst = worst_case_cost(price, prompt_tokens=prompt_bound, max_tokens=max_tokens)
         turn_id = uuid.uuid4().hex
+        bind_log_context(turn_id=turn_id, job_id=None)
         if worst > 0:
             try:
                 await self.ledger.hold(request.user_id, worst, turn_id)
@@ -195,6 +211,7 @@ class Dispatcher:
         try:
             await turn.dispatch()
         except BaseException:
+            turn.end_outcome = "failed"
             await turn.release()
             raise
         return turn
@@ -234,6 +251,10 @@ class Turn:
         self._closed = False
         self._cancel_requested = False
         self.started_at = time.monotonic()
+        # Metrics: how the turn ends when its hold is released, and whether it was counted.
+        self.end_outcome = "released"
+        self._first_token_seen = False
+        self._counted = False
 
     # ------------------------------------------------------------- dispatch
 
@@ -257,6 +278,7 @@ class Turn:
             )
         self.worker = worker
         self.job_id = job_id_for(worker.worker_id, self.turn_id, attempt)
+        bind_log_context(turn_id=self.turn_id, job_id=self.job_id)
         self.tried.append(worker.worker_id)
         self._reply_key = new_reply_keypair()
         job = JobRequest(
@@ -297,6 +319,7 @@ class Turn:
                     async for event in self._job_events():
                         if isinstance(event, StreamChunk):
                             got_text = True
+                            self._count_first_token()
                             yield TurnText(event.text)
                         elif isinstance(event, FinalRecord):
                             done = await self._settle(event)
@@ -335,6 +358,7 @@ class Turn:
         if not got_text and error.code in RETRYABLE_WORKER_ERRORS and self._can_retry():
             await self._redispatch()
             return
+        self.end_outcome = "cancelled" if error.code == "cancelled" else "failed"
         await self.release()
         if error.code == "cancelled":
             raise TurnError("cancelled", "the turn was cancelled")
@@ -346,6 +370,7 @@ class Turn:
         if stall.first_token and self._can_retry():
             await self._redispatch()
             return
+        self.end_outcome = "failed"
         await self.release()
         where = "before answering" if stall.first_token else "in the middle of the reply"
         raise TurnError(
@@ -361,6 +386,7 @@ class Turn:
         try:
             await self.dispatch()
         except TurnError:
+            self.end_outcome = "failed"
             await self.release()
             raise
 
@@ -376,13 +402,20 @@ class Turn:
         )
         charged = min(cost, self.held)  # the ledger caps the charge at the hold the same way
         if self.held:
-            await self.d.ledger.settle(
-                self.turn_id,
-                cost,
-                provider_id=self.worker.provider_id,
-                share_bps=self.d.settings.provider_share_bps,
-            )
+            try:
+                await self._settle_hold(final, cost)
+            except InvalidState:
+                # The stale-hold sweeper gave the hold back first (the turn outlived the hold
+                # timeout): the user keeps it; a turn is never charged twice.
+                log.warning("turn %s: hold released before it settled; no charge", self.turn_id)
+                charged = 0
         self._closed = True
+        self._count_end(
+            "cancelled" if final.finish_reason == "cancelled" else "settled",
+            prompt_tokens=final.prompt_tokens,
+            completion_tokens=final.completion_tokens,
+            charged=charged,
+        )
         await self._after_job()
         if self.request.conversation_id:
             await registry.remember_route(
@@ -407,6 +440,24 @@ class Turn:
             worker=self.proof(),
         )
 
+    async def _settle_hold(self, final: FinalRecord, cost: int) -> None:
+        assert self.worker is not None
+        await self.d.ledger.settle(
+            self.turn_id,
+            cost,
+            provider_id=self.worker.provider_id,
+            share_bps=self.d.settings.provider_share_bps,
+            usage=TurnUsage(
+                model=self.request.model,
+                prompt_tokens=final.prompt_tokens,
+                cached_prompt_tokens=final.cached_prompt_tokens,
+                completion_tokens=final.completion_tokens,
+                finish_reason=final.finish_reason,
+                worker_id=self.worker.worker_id,
+                tee=self.worker.tee,
+            ),
+        )
+
     def proof(self) -> WorkerProof:
         assert self.worker is not None
         return WorkerProof(
@@ -428,6 +479,7 @@ class Turn:
                 await self.d.ledger.release(self.turn_id)
             except LedgerError as error:
                 log.error("turn %s: could not release its hold: %s", self.turn_id, error)
+        self._count_end(self.end_outcome)
         await self._after_job()
 
     async def _after_job(self) -> None:
@@ -435,6 +487,25 @@ class Turn:
             with contextlib.suppress(redis.RedisError):
                 await registry.release_slot(self.d.redis, self.worker.worker_id, self.job_id)
                 await streams.delete_stream(self.d.redis, self.job_id)
+
+    # -------------------------------------------------------------- metrics
+
+    def _count_first_token(self) -> None:
+        if not self._first_token_seen:
+            self._first_token_seen = True
+            if self.d.metrics is not None:
+                self.d.metrics.first_token_after(
+                    self.request.model, time.monotonic() - self.started_at
+                )
+
+    def _count_end(self, outcome: str, **usage: int) -> None:
+        """Count the turn's end once (a settlement or a release closes it once too)."""
+        if self._counted or self.d.metrics is None:
+            return
+        self._counted = True
+        self.d.metrics.ended(
+            self.request.model, outcome, time.monotonic() - self.started_at, **usage
+        )
 
     async def cancel(self) -> None:
         """Ask the worker to stop; the turn ends with finish reason "cancelled", billed for the

@@ -90,8 +90,7 @@ class Settings(BaseSettings):
     webhook_secret: SecretStr | None = None
     bot_mode: Literal["polling", "webhook", "off"] = Field(
         default="polling",
-        description="how the bot gets updates: `cocoon bot` polls; "
-        "webhook: `cocoon web` serves it",
+        description="how the bot gets updates: `cocoon bot` polls; webhook: `cocoon web` serves it",
     )
     admin_ids: list[int] = Field(
         default_factory=list, description="Telegram ids allowed the admin commands, JSON list"

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 import miniapp
-from backend import appkeys, openai_api
+from backend import appkeys, metrics, openai_api, sweeper
 from backend.attestation import onboarding
 from backend.db import Database
 from backend.dispatch import Dispatcher
@@ -48,11 +48,13 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application()
     app[appkeys.SETTINGS] = settings
     app.cleanup_ctx.append(_database_ctx(settings))
+    app.cleanup_ctx.append(sweeper.sweeper_ctx(settings))  # releases holds of dead turns
     app.router.add_get("/healthz", healthz)
     openai_api.setup_routes(app)
     onboarding.setup(app, settings)
     miniapp.setup(app, settings)
     bot_webhook.setup(app, settings)  # the Telegram bot, when COCOON_BOT_MODE=webhook
+    metrics.setup(app)  # GET /metrics (Prometheus)
     return app
 
 

@@ -20,6 +20,8 @@ from urllib.parse import urlencode
 
 from aiogram.utils.web_app import WebAppInitData, safe_parse_webapp_init_data
 
+from backend.users import MAX_TELEGRAM_ID
+
 SCHEME = "tma"
 FUTURE_SKEW_S = 60
 
@@ -110,7 +112,7 @@ class InitDataVerifier:
         if parsed is None and self._dev_key is not None:
             parsed = _parse(init_data, self._dev_key)
             dev = parsed is not None
-        if parsed is None or parsed.user is None:
+        if parsed is None or parsed.user is None or not 0 < parsed.user.id < MAX_TELEGRAM_ID:
             raise InitDataError("init_data_invalid")
         if dev and parsed.user.id != self.dev_telegram_id:
             raise InitDataError("init_data_invalid")

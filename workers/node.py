@@ -32,7 +32,10 @@ Without ``--register-url`` the node registers itself directly with ``--redis-url
 unattested development worker, dispatched only by backends in dev mode
 (``COCOON_ATTESTATION__ALLOW_DEV=true``) and shown everywhere as ``tee=dev``.
 
-Logs carry job ids, durations and token counts: never prompt or reply text, never keys.
+Logs carry job ids, durations and token counts: never prompt or reply text, never keys
+(``--log-json`` or ``COCOON_LOG_JSON=true``: one JSON object per line, with the ``job_id``).
+``--metrics-port`` (or ``COCOON_WORKER_METRICS_PORT``) serves Prometheus ``/metrics`` of the
+node (:mod:`workers.metrics`): jobs by outcome, tokens, job duration, jobs running.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -67,6 +71,9 @@ from workers.evidence import (
 )
 from workers.job_run import JobRun, Outcome, describe_error
 from workers.jobs import JobBook
+from workers.logcontext import bind as bind_log_context
+from workers.logcontext import configure as configure_logging
+from workers.metrics import METRICS_PORT_ENV, WorkerMetrics, metrics_port_from_env
 from workers.wire import WorkerKeys
 
 __all__ = ["Node", "NodeConfig", "main", "run_node"]
@@ -103,6 +110,8 @@ class NodeConfig:
     token: str | None = None
     tee: str = "auto"
     register_wait_s: float = 120.0
+    metrics_port: int | None = None  # serve Prometheus /metrics on this port (None: off)
+    metrics_host: str = "0.0.0.0"
 
 
 class Attestation:
@@ -192,8 +201,10 @@ class Node:
         engine: Engine,
         keys: WorkerKeys | None = None,
         attestation: Attestation | None = None,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.config = config
+        self.metrics = metrics
         self.engine = engine
         self.keys = keys or WorkerKeys.generate()
         self.attestation = attestation
@@ -394,8 +405,11 @@ class Node:
     # -- one job ---------------------------------------------------------------------------------
 
     async def _run_job(self, job: Job) -> None:
+        bind_log_context(job_id=job.id)  # this job's own task: its log records carry its id
         run = JobRun(job, engine=self.engine, keys=self.keys, redis=self._redis)
         self._running[job.id] = run
+        if self.metrics is not None:
+            self.metrics.set_running(self.load)
         self.peak_load = max(self.peak_load, self.load)
         self._load_changed.set()
         outcome = Outcome(False, "internal error")
@@ -407,6 +421,8 @@ class Node:
             outcome = Outcome(False, f"internal error ({type(error).__name__})")
         finally:
             del self._running[job.id]
+            if self.metrics is not None:
+                self.metrics.set_running(self.load)
             self._slots.release()
             self._load_changed.set()
             await self._record(run, outcome)
@@ -428,6 +444,15 @@ class Node:
         except RedisError as error:
             log.error("job %s: could not record its outcome in RQ: %s", job.id, error)
         elapsed = time.monotonic() - run.started
+        if self.metrics is not None:
+            usage = outcome.usage if outcome.ok else None
+            self.metrics.job_ended(
+                "ok" if outcome.ok else "failed",
+                elapsed,
+                prompt_tokens=usage.prompt_tokens if usage else 0,
+                cached_prompt_tokens=usage.cached_prompt_tokens if usage else 0,
+                completion_tokens=usage.completion_tokens if usage else 0,
+            )
         if outcome.ok and outcome.usage:
             log.info(
                 "job %s %s in %.3fs: %d prompt (%d cached) + %d completion tokens, %d chunks",
@@ -451,6 +476,8 @@ class Node:
             await self._in_thread(self._book.fail, job, None, "worker_shutdown: never started")
         except RedisError as error:
             log.error("job %s: could not reject it: %s", job.id, error)
+        if self.metrics is not None:
+            self.metrics.job_ended("rejected", 0.0)
 
     def _on_cancel(self, job_id: str) -> None:
         run = self._running.get(job_id)
@@ -470,6 +497,11 @@ async def run_node(
 ) -> None:
     """Load the engine once, then serve until ``stop`` is set (``force``: no grace period)."""
     engine = create_engine(config.engine, config.model, **dict(config.engine_options))
+    metrics = None
+    if config.metrics_port is not None:
+        metrics = WorkerMetrics(config.model, config.engine)
+        port = metrics.serve(config.metrics_port, config.metrics_host)
+        log.info("metrics on http://%s:%d/metrics", config.metrics_host, port)
     started = time.monotonic()
     await engine.start()
     log.info("engine %s loaded in %.1fs", engine, time.monotonic() - started)
@@ -482,11 +514,13 @@ async def run_node(
             config = replace(
                 config, redis_url=registration.redis_url, worker_id=registration.worker_id
             )
-        await Node(config, engine, keys, attestation).serve(stop, force)
+        await Node(config, engine, keys, attestation, metrics).serve(stop, force)
         if attestation is not None and attestation.revoked is not None:
             raise attestation.revoked  # shut down: the backend revoked this worker
     finally:
         await engine.close()
+        if metrics is not None:
+            metrics.close()
 
 
 def parse_engine_options(pairs: Sequence[str]) -> dict[str, Any]:
@@ -546,6 +580,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--heartbeat", type=float, default=2.0, help="seconds between heartbeats")
     parser.add_argument("--ttl", type=int, default=registry.DEFAULT_TTL_S, help="registry TTL, s")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--log-json",
+        action="store_true",
+        default=os.environ.get("COCOON_LOG_JSON", "").lower() in {"1", "true", "yes"},
+        help="one JSON object per log line (default: COCOON_LOG_JSON)",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help=f"serve Prometheus /metrics on this port (default: {METRICS_PORT_ENV}, else off)",
+    )
     return parser
 
 
@@ -553,11 +599,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The ``cocoon worker`` command."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.log_level.upper(), json_lines=args.log_json)
     try:
         options = parse_engine_options(args.engine_option)
+        metrics_port = (
+            args.metrics_port if args.metrics_port is not None else metrics_port_from_env()
+        )
     except ValueError as error:
         parser.error(str(error))
     if args.register_url and not args.token:
@@ -581,6 +628,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         register_url=args.register_url,
         token=args.token,
         tee=args.tee,
+        metrics_port=metrics_port,
     )
     try:
         asyncio.run(_serve_until_signalled(config))

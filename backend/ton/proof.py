@@ -134,7 +134,8 @@ def verify_proof(
         length = int(proof["domain"].get("lengthBytes", len(domain.encode())))
         signature = base64.b64decode(str(proof["signature"]))
         payload = str(proof["payload"])
-    except (KeyError, TypeError, ValueError, AttributeError):
+        domain.encode(), payload.encode(), address.encode()  # lone surrogates: not UTF-8
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
         raise ProofError("the proof is incomplete") from None
     if network is not None and str(account.get("network")) != network:
         raise ProofError("the wallet is on another network")

@@ -93,7 +93,7 @@ class TonCenter:
                 "sort": "asc",
             },
         )
-        return list(body.get("transactions") or [])
+        return _transactions(body, "/api/v3/transactions")
 
     async def transactions_by_message(self, msg_hash: str) -> list[dict[str, Any]]:
         """Transactions whose incoming message has this (normalized) hash."""
@@ -102,15 +102,43 @@ class TonCenter:
             "/api/v3/transactionsByMessage",
             params={"msg_hash": msg_hash, "direction": "in"},
         )
-        return list(body.get("transactions") or [])
+        return _transactions(body, "/api/v3/transactionsByMessage")
 
     async def wallet_seqno(self, address: str) -> int:
         """The wallet's seqno on chain (0 for a wallet not deployed yet)."""
         body = await self._call(
             "GET", "/api/v3/walletInformation", params={"address": address, "use_v2": "false"}
         )
-        return int(body.get("seqno") or 0)
+        seqno = body.get("seqno") if isinstance(body, dict) else None
+        try:
+            value = int(seqno or 0)
+        except (TypeError, ValueError):
+            value = -1
+        if isinstance(seqno, bool) or not 0 <= value < 2**32:
+            raise TonCenterError(f"TON Center /api/v3/walletInformation: bad seqno {seqno!r:.40}")
+        return value
 
     async def send_message(self, boc: str) -> dict[str, Any]:
         """Hand an external message (base64 BOC) to the network."""
         return await self._call("POST", "/api/v3/message", json={"boc": boc})
+
+
+def _transactions(body: Any, path: str) -> list[dict[str, Any]]:
+    """The ``transactions`` of a reply, each with a usable ``lt`` and ``hash``; a reply of any
+    other shape is a (transient) TonCenterError, never a crash of the caller."""
+    items = body.get("transactions") if isinstance(body, dict) else None
+    if items is None and isinstance(body, dict):
+        items = []
+    if not isinstance(items, list):
+        raise TonCenterError(f"TON Center {path}: malformed reply (no transaction list)")
+    for tx in items:
+        if not isinstance(tx, dict):
+            raise TonCenterError(f"TON Center {path}: malformed transaction")
+        lt, tx_hash = tx.get("lt"), tx.get("hash")
+        try:
+            valid = not isinstance(lt, bool) and 0 < int(lt) < 2**64
+        except (TypeError, ValueError):
+            valid = False
+        if not valid or not isinstance(tx_hash, str):
+            raise TonCenterError(f"TON Center {path}: transaction without a valid lt and hash")
+    return items

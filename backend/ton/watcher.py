@@ -90,13 +90,20 @@ class Classified:
     shown: str | None = None  # the comment made printable, for storing and showing
 
 
+def _dict(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
 def classify(tx: dict[str, Any], account: str) -> Classified:
     """What one transaction of the deposit wallet means. Never raises on odd input."""
-    in_msg = tx.get("in_msg") or {}
-    description = tx.get("description") or {}
+    in_msg = _dict(tx.get("in_msg"))
+    description = _dict(tx.get("description"))
     source = in_msg.get("source") or None
+    if not isinstance(source, str):
+        source = None if source is None else str(source)[:80]
     try:
-        value = int(in_msg.get("value") or 0)
+        value = in_msg.get("value") or 0
+        value = 0 if isinstance(value, bool | float) else int(value)
     except (TypeError, ValueError):
         value = 0
 
@@ -116,10 +123,11 @@ def classify(tx: dict[str, Any], account: str) -> Classified:
     if value > MAX_NANO:  # more than all TON in existence: an admin looks at it
         return Classified(TonDepositStatus.UNCLAIMED, 0, source, None, f"value {value} too large")
     destination = in_msg.get("destination")
-    if destination and _same_address(destination, account) is False:
+    if destination and _same_address(str(destination), account) is False:
         return ignored("message to another account")
-    content = in_msg.get("message_content") or {}
-    decoded = decode_comment(content.get("body"))
+    content = _dict(in_msg.get("message_content"))
+    body = content.get("body")
+    decoded = decode_comment(body if isinstance(body, str) else None)
     if decoded.memo is None:
         return Classified(
             TonDepositStatus.UNCLAIMED, value, source, None, decoded.note, decoded.shown
@@ -201,9 +209,15 @@ class DepositWatcher:
                 await _sleep_or_stop(stop, self.poll_interval_s)
 
     async def handle(self, tx: dict[str, Any]) -> TonDeposit:
-        """Credit (or record) one transaction; safe to repeat."""
-        lt = int(tx["lt"])
-        tx_hash = hash_hex(str(tx["hash"]))
+        """Credit (or record) one transaction; safe to repeat. ValueError, before anything is
+        changed, for a transaction without a usable ``lt`` and ``hash``."""
+        try:
+            lt = int(tx["lt"])
+            tx_hash = hash_hex(str(tx["hash"]))
+        except (KeyError, TypeError, ValueError):
+            raise ValueError("not a transaction: no usable lt and hash") from None
+        if isinstance(tx["lt"], bool) or not 0 < lt < 2**63:
+            raise ValueError(f"not a transaction: lt {lt} out of range")
         key = deposit_key(self.account, lt, tx_hash)
         found = classify(tx, self.account)
         status, note, user_id = found.status, found.note, None
@@ -287,7 +301,7 @@ class DepositWatcher:
                             note=note,
                             user_id=user_id,
                             ledger_key=key,
-                            utime=int(tx.get("now") or 0),
+                            utime=_utime(tx.get("now")),
                         )
                         session.add(existing)
                         await session.flush()
@@ -312,6 +326,15 @@ class DepositWatcher:
             except IntegrityError:
                 continue  # a twin watcher recorded it first: read it back next time round
         raise RuntimeError(f"could not record deposit {key}")
+
+
+def _utime(value: object) -> int:
+    """The transaction's time (unix seconds), or 0 when the API gave something else."""
+    try:
+        now = int(value or 0)  # type: ignore[call-overload]
+    except (TypeError, ValueError, OverflowError):
+        return 0
+    return now if 0 <= now < 2**63 else 0
 
 
 async def _sleep_or_stop(stop: asyncio.Event, delay: float) -> None:

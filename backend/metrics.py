@@ -1,0 +1,343 @@
+"""Prometheus metrics of the operator's processes: ``GET /metrics`` on ``cocoon web``.
+
+One :class:`~prometheus_client.CollectorRegistry` per process (made by :func:`setup`, never at
+import time) holds two kinds of metrics:
+
+- events, counted as they happen by the dispatcher (:class:`TurnMetrics`): turns by outcome,
+  time to first token, turn duration, prompt and completion tokens, turn errors by code;
+- state, read from Redis and the database when Prometheus scrapes (:class:`StateCollector`):
+  queue depth per model, workers online by TEE kind, open holds, deposits by status, payouts by
+  state, and ledger balances summed by account kind. A source that cannot be read is reported
+  by ``cocoon_state_up{source=...} 0`` and the scrape still answers.
+
+Amounts are nanoTON. They are exported as Prometheus floats: exact up to 2^53 nanoTON
+(about 9 million TON); larger totals lose their last digits on the dashboard, never in the
+ledger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+
+from backend import appkeys
+from backend.db import Database
+from backend.models import Account, Hold, HoldState, Payout, TonDeposit
+
+__all__ = [
+    "OUTCOMES",
+    "REGISTRY",
+    "StateCollector",
+    "StateSnapshot",
+    "TurnMetrics",
+    "read_state",
+    "setup",
+]
+
+log = logging.getLogger("cocoon.metrics")
+
+OUTCOMES = ("settled", "cancelled", "released", "failed")
+"""How a turn ends: settled (billed from the worker's usage), cancelled (stopped by the client,
+billed for what was generated, or not at all), released (the hold went back without an error:
+the client left before anything was generated), failed (an error; the hold went back)."""
+
+TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
+DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
+RQ_QUEUE_PREFIX = "rq:queue:"
+
+REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
+
+
+class TurnMetrics:
+    """What the dispatcher counts. One per process, on the process's registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.turns = Counter(
+            "cocoon_turns", "Chat turns ended, by outcome", ["model", "outcome"], registry=registry
+        )
+        self.errors = Counter(
+            "cocoon_turn_errors",
+            "Turns refused before they ran (no worker, no funds, bad request), by TurnError code",
+            ["code"],
+            registry=registry,
+        )
+        self.first_token = Histogram(
+            "cocoon_turn_first_token_seconds",
+            "Time from the hold to the first token of the reply",
+            ["model"],
+            buckets=TTFT_BUCKETS,
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "cocoon_turn_duration_seconds",
+            "Time from the hold to the settlement or release",
+            ["model", "outcome"],
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.tokens = Counter(
+            "cocoon_turn_tokens",
+            "Tokens of settled turns, from the workers' signed usage",
+            ["model", "kind"],
+            registry=registry,
+        )
+        self.charged = Counter(
+            "cocoon_turn_charged_nano", "nanoTON charged for turns", ["model"], registry=registry
+        )
+
+    def first_token_after(self, model: str, seconds: float) -> None:
+        self.first_token.labels(model).observe(seconds)
+
+    def ended(
+        self,
+        model: str,
+        outcome: str,
+        seconds: float,
+        *,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        charged: int = 0,
+    ) -> None:
+        self.turns.labels(model, outcome).inc()
+        self.duration.labels(model, outcome).observe(seconds)
+        if prompt_tokens:
+            self.tokens.labels(model, "prompt").inc(prompt_tokens)
+        if completion_tokens:
+            self.tokens.labels(model, "completion").inc(completion_tokens)
+        if charged:
+            self.charged.labels(model).inc(charged)
+
+    def error(self, code: str) -> None:
+        self.errors.labels(code).inc()
+
+
+# ------------------------------------------------------------------ state at scrape time
+
+
+@dataclass
+class StateSnapshot:
+    """Everything the state gauges show, read in one go."""
+
+    up: dict[str, bool] = field(default_factory=dict)
+    queue_depth: dict[str, int] = field(default_factory=dict)  # model -> queued jobs
+    workers: dict[tuple[str, str], int] = field(default_factory=dict)  # (model, tee) -> online
+    worker_load: dict[str, int] = field(default_factory=dict)  # model -> jobs running
+    worker_capacity: dict[str, int] = field(default_factory=dict)  # model -> capacity
+    holds_open: tuple[int, int] = (0, 0)  # count, nanoTON
+    deposits: dict[str, tuple[int, int]] = field(default_factory=dict)  # status -> count, nano
+    payouts: dict[str, tuple[int, int]] = field(default_factory=dict)  # state -> count, nano
+    balances: dict[str, int] = field(default_factory=dict)  # account kind -> sum of balances
+
+
+async def read_redis_state(redis: object, snapshot: StateSnapshot) -> None:
+    from workers import registry
+
+    workers = await registry.list_workers(redis)  # type: ignore[arg-type]
+    pipe = redis.pipeline(transaction=False)  # type: ignore[attr-defined]
+    for info in workers:
+        pipe.llen(RQ_QUEUE_PREFIX + registry.queue_name(info.worker_id))
+    depths = await pipe.execute() if workers else []
+    queue: dict[str, int] = defaultdict(int)
+    online: dict[tuple[str, str], int] = defaultdict(int)
+    load: dict[str, int] = defaultdict(int)
+    capacity: dict[str, int] = defaultdict(int)
+    for info, depth in zip(workers, depths, strict=True):
+        queue[info.model] += int(depth)
+        online[(info.model, info.tee)] += 1
+        load[info.model] += info.load
+        capacity[info.model] += info.capacity
+    snapshot.queue_depth = dict(queue)
+    snapshot.workers = dict(online)
+    snapshot.worker_load = dict(load)
+    snapshot.worker_capacity = dict(capacity)
+
+
+async def read_db_state(db: Database, snapshot: StateSnapshot) -> None:
+    async with db.session() as session:
+        count, amount = (
+            await session.execute(
+                select(func.count(Hold.id), func.coalesce(func.sum(Hold.amount), 0)).where(
+                    Hold.state == HoldState.OPEN
+                )
+            )
+        ).one()
+        snapshot.holds_open = (int(count), int(amount))
+        rows = await session.execute(
+            select(
+                TonDeposit.status,
+                func.count(TonDeposit.id),
+                func.coalesce(func.sum(TonDeposit.amount), 0),
+            ).group_by(TonDeposit.status)
+        )
+        snapshot.deposits = {str(s): (int(n), int(a)) for s, n, a in rows}
+        rows = await session.execute(
+            select(
+                Payout.state, func.count(Payout.id), func.coalesce(func.sum(Payout.amount), 0)
+            ).group_by(Payout.state)
+        )
+        snapshot.payouts = {str(s): (int(n), int(a)) for s, n, a in rows}
+        rows = await session.execute(
+            select(Account.kind, func.coalesce(func.sum(Account.balance), 0)).group_by(Account.kind)
+        )
+        snapshot.balances = {str(k): int(total) for k, total in rows}
+
+
+async def read_state(db: Database | None, redis: object | None) -> StateSnapshot:
+    """Read the state gauges' values; a source that fails is marked down, the rest still read."""
+    snapshot = StateSnapshot()
+    sources = {"redis": (redis, read_redis_state), "database": (db, read_db_state)}
+    for name, (client, reader) in sources.items():
+        if client is None:
+            continue
+        try:
+            await reader(client, snapshot)  # type: ignore[arg-type]
+            snapshot.up[name] = True
+        except Exception as error:  # a scrape must answer even when a source is down
+            log.warning("metrics: could not read %s: %s", name, type(error).__name__)
+            snapshot.up[name] = False
+    return snapshot
+
+
+class StateCollector(Collector):
+    """Yields the last snapshot as gauges (the /metrics handler refreshes it before each scrape)."""
+
+    def __init__(self) -> None:
+        self.snapshot = StateSnapshot()
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.snapshot
+        up = GaugeMetricFamily(
+            "cocoon_state_up",
+            "Whether the source of the state gauges could be read",
+            labels=["source"],
+        )
+        for source, ok in sorted(s.up.items()):
+            up.add_metric([source], 1.0 if ok else 0.0)
+        yield up
+
+        queue = GaugeMetricFamily(
+            "cocoon_queue_depth", "Jobs waiting in the online workers' RQ queues", labels=["model"]
+        )
+        for model, depth in sorted(s.queue_depth.items()):
+            queue.add_metric([model], depth)
+        yield queue
+
+        workers = GaugeMetricFamily(
+            "cocoon_workers_online", "Healthy workers in the registry", labels=["model", "tee"]
+        )
+        for (model, tee), n in sorted(s.workers.items()):
+            workers.add_metric([model, tee], n)
+        yield workers
+
+        load = GaugeMetricFamily(
+            "cocoon_worker_jobs_running", "Jobs running on the online workers", labels=["model"]
+        )
+        for model, n in sorted(s.worker_load.items()):
+            load.add_metric([model], n)
+        yield load
+        capacity = GaugeMetricFamily(
+            "cocoon_worker_capacity", "Jobs the online workers can run at once", labels=["model"]
+        )
+        for model, n in sorted(s.worker_capacity.items()):
+            capacity.add_metric([model], n)
+        yield capacity
+
+        yield GaugeMetricFamily(
+            "cocoon_holds_open", "Holds not yet settled or released", value=s.holds_open[0]
+        )
+        yield GaugeMetricFamily(
+            "cocoon_holds_open_nano", "nanoTON in open holds", value=s.holds_open[1]
+        )
+
+        deposits = GaugeMetricFamily(
+            "cocoon_ton_deposits",
+            "Transactions of the deposit wallet, by status",
+            labels=["status"],
+        )
+        deposits_nano = GaugeMetricFamily(
+            "cocoon_ton_deposits_nano",
+            "nanoTON of the deposit wallet's transactions, by status",
+            labels=["status"],
+        )
+        for status, (n, amount) in sorted(s.deposits.items()):
+            deposits.add_metric([status], n)
+            deposits_nano.add_metric([status], amount)
+        yield deposits
+        yield deposits_nano
+
+        payouts = GaugeMetricFamily("cocoon_payouts", "Payouts, by state", labels=["state"])
+        payouts_nano = GaugeMetricFamily(
+            "cocoon_payouts_nano", "nanoTON of payouts, by state", labels=["state"]
+        )
+        for state, (n, amount) in sorted(s.payouts.items()):
+            payouts.add_metric([state], n)
+            payouts_nano.add_metric([state], amount)
+        yield payouts
+        yield payouts_nano
+
+        balances = GaugeMetricFamily(
+            "cocoon_ledger_balance_nano",
+            "Sum of the ledger's balances by account kind (all kinds sum to zero)",
+            labels=["kind"],
+        )
+        for kind, total in sorted(s.balances.items()):
+            balances.add_metric([kind], total)
+        yield balances
+
+
+# ------------------------------------------------------------------------------ aiohttp
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    app = request.app
+    registry = app[REGISTRY]
+    collector = app[_STATE]
+    async with app[_LOCK]:
+        dispatcher = app.get(appkeys.DISPATCHER)
+        collector.snapshot = await read_state(
+            app.get(appkeys.DATABASE), dispatcher.redis if dispatcher is not None else None
+        )
+        body = generate_latest(registry)
+    response = web.Response(body=body)
+    response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+    response.charset = "utf-8"
+    return response
+
+
+_STATE = web.AppKey("metrics_state", StateCollector)
+_LOCK = web.AppKey("metrics_lock", asyncio.Lock)
+TURN_METRICS = web.AppKey("turn_metrics", TurnMetrics)
+
+
+async def _attach(app: web.Application) -> None:
+    """After the dispatcher is made (``cleanup_ctx`` runs first): let it count turns."""
+    dispatcher = app.get(appkeys.DISPATCHER)
+    if dispatcher is not None:
+        dispatcher.metrics = app[TURN_METRICS]
+
+
+def setup(app: web.Application) -> CollectorRegistry:
+    """Add ``GET /metrics`` to an application made by ``backend.web.create_app``: a registry of
+    this process's own, the dispatcher's turn metrics, and the state gauges. Idempotent."""
+    if REGISTRY in app:
+        return app[REGISTRY]
+    registry = CollectorRegistry()
+    collector = StateCollector()
+    registry.register(collector)
+    app[REGISTRY] = registry
+    app[_STATE] = collector
+    app[_LOCK] = asyncio.Lock()
+    app[TURN_METRICS] = TurnMetrics(registry)
+    app.on_startup.append(_attach)
+    app.router.add_get("/metrics", _metrics)
+    return registry

@@ -1,0 +1,30 @@
+# A provider's worker image: the worker node with vLLM (CUDA), run inside an Intel TDX
+# confidential VM with the NVIDIA GPU in confidential-computing mode (see compose.yaml).
+# The image's measurement is what the operator's allow-list (COCOON_ATTESTATION__POLICY_FILE)
+# pins: build it reproducibly from a tagged release.
+#   docker build -f deploy/worker.Dockerfile -t cocoon-worker .
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /opt/cocoon
+COPY pyproject.toml README.md ./
+RUN mkdir -p backend bot miniapp workers \
+    && touch backend/__init__.py bot/__init__.py miniapp/__init__.py workers/__init__.py \
+    && pip install ".[vllm]" \
+    && pip uninstall -y cocoon
+COPY backend ./backend
+COPY bot ./bot
+COPY miniapp ./miniapp
+COPY workers ./workers
+RUN pip install --no-deps -e .
+
+# The node takes TDX quotes through configfs-tsm (bind-mounted from the TD guest), which needs
+# root inside the TD; it keeps its keys in memory only, so nothing of it needs to persist but
+# the model weights (/models).
+EXPOSE 9101
+ENTRYPOINT ["cocoon", "worker"]
+CMD ["--help"]

@@ -1,0 +1,152 @@
+"""Helpers of the operations tests (metrics, logs, sweeper, chaos): a worker node process on the
+instant engine, the web application on loopback with a funded user's API key, and free ports."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+from aiohttp.test_utils import TestServer
+
+from backend import metrics
+from backend.apikeys import create_key
+from backend.attestation.settings import AttestationSettings
+from backend.db import Database
+from backend.ledger import Ledger
+from backend.settings import DEFAULT_MODEL, Settings
+from backend.users import get_or_create_user
+from backend.web import create_app
+from workers import registry
+
+TON = 1_000_000_000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class InstantNode:
+    """A worker node process (``python -m workers.node``) on the instant engine: it echoes the
+    last user message word by word, so turns take milliseconds."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        *,
+        model: str = DEFAULT_MODEL,
+        provider_id: int | None = None,
+        token_delay: float = 0.0,
+        metrics_port: int | None = None,
+        log_file: Path | None = None,
+        log_json: bool = False,
+        log_level: str = "WARNING",
+        wait: bool = True,
+    ) -> None:
+        self.worker_id = f"t-{uuid.uuid4().hex[:10]}"
+        self.redis_url = redis_url
+        command = [
+            sys.executable, "-m", "workers.node", "--model", model, "--engine", "instant",
+            "--redis-url", redis_url, "--worker-id", self.worker_id, "--log-level", log_level,
+            "--heartbeat", "0.5", "--ttl", "3", "--grace", "2",
+            "--engine-option", f"token_delay={token_delay}",
+        ]  # fmt: skip
+        if provider_id is not None:
+            command += ["--provider-id", str(provider_id)]
+        if metrics_port is not None:
+            command += ["--metrics-port", str(metrics_port)]
+        if log_json:
+            command.append("--log-json")
+        self._log = open(log_file, "ab") if log_file else None
+        self.process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stderr=self._log,
+            env={k: v for k, v in os.environ.items() if k != "COCOON_WORKER_METRICS_PORT"},
+        )
+        if wait:
+            self.wait_registered()
+
+    def wait_registered(self, timeout_s: float = 30) -> None:
+        client = redis.Redis.from_url(self.redis_url)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while not client.exists(registry.worker_key(self.worker_id)):
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the worker node did not start")
+                time.sleep(0.05)
+        finally:
+            client.close()
+
+    def kill(self) -> None:
+        """SIGKILL: the node dies at once, mid-job or not, and cleans nothing up."""
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+
+@dataclass
+class Api:
+    """The web server on loopback and what its tests need."""
+
+    url: str
+    key: str
+    user_id: int
+    ledger: Ledger
+    db: Database
+    server: TestServer
+
+
+def dev_settings(settings: Settings, **update: object) -> Settings:
+    """The test settings with dev mode on (the tests' nodes register directly)."""
+    return settings.model_copy(
+        update={"attestation": AttestationSettings(allow_dev=True), **update}
+    )
+
+
+@contextlib.asynccontextmanager
+async def api_server(
+    settings: Settings, *, balance: int = TON, with_metrics: bool = True
+) -> AsyncIterator[Api]:
+    """``create_app`` (plus ``metrics.setup``) on loopback, over a fresh database with one
+    funded user and an API key for it."""
+    db = Database.from_settings(settings)
+    await db.upgrade()
+    ledger = Ledger(db)
+    user = await get_or_create_user(db, 4242)
+    if balance:
+        await ledger.credit_deposit(user.id, balance, "dep:4242")
+    key, _row = await create_key(db, user.id)
+    app = create_app(settings)
+    if with_metrics:
+        metrics.setup(app)
+    server = TestServer(app)
+    await server.start_server()
+    try:
+        yield Api(str(server.make_url("")).rstrip("/"), key, user.id, ledger, db, server)
+    finally:
+        await server.close()
+        await db.close()

@@ -1,0 +1,445 @@
+"""Bad input, generated (hypothesis): every parser that takes what people, wallets, TON Center,
+workers or API clients send refuses garbage clearly (its own exception type, or a 4xx JSON
+error), and never crashes, hangs or changes state.
+
+Fast in CI (``max_examples`` 200 per parser); ``COCOON_FUZZ_EXAMPLES=10000`` for a long run.
+
+Parsers of the bot and the Mini App (Telegram updates, callback data, ``initData``) are fuzzed
+by their own packages' tests; :func:`json_values` and :func:`FUZZ` are the shared pieces.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+from pytoniq_core import begin_cell
+
+from backend.attestation.policy import Policy
+from backend.attestation.settings import AttestationSettings
+from backend.attestation.tdx import CollateralSource, load_collateral, verify_quote
+from backend.attestation.verifier import Verifier
+from backend.db import Database
+from backend.ledger import Ledger
+from backend.models import AccountKind, TonDepositStatus
+from backend.money import AmountError, format_ton, parse_nano, parse_ton
+from backend.settings import DEFAULT_MODEL, MAX_NANO, Settings
+from backend.ton.comment import comment_cell, decode_comment
+from backend.ton.proof import ProofError, verify_proof
+from backend.ton.toncenter import TonCenter, TonCenterError
+from backend.ton.watcher import DepositWatcher, classify
+from backend.users import get_or_create_user
+from tests.ops import api_server, dev_settings
+from workers.evidence import Evidence
+
+EXAMPLES = int(os.environ.get("COCOON_FUZZ_EXAMPLES", "200"))
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+DEPOSIT = "0:" + "D3" * 32
+FIXTURES = Path(__file__).parent / "fixtures" / "tdx"
+QUOTE = (FIXTURES / "tdx_quote").read_bytes()
+COLLATERAL = (FIXTURES / "tdx_quote_collateral.json").read_text()
+AT = 1751624163  # inside the recorded collateral's window
+
+
+def json_values(max_leaves: int = 20) -> st.SearchStrategy[Any]:
+    """Any JSON value: what a client, a wallet or an API can send."""
+    scalars = (
+        st.none()
+        | st.booleans()
+        | st.integers(min_value=-(2**70), max_value=2**70)
+        | st.floats(allow_nan=False, allow_infinity=False)
+        | st.text(max_size=40)
+    )
+    return st.recursive(
+        scalars,
+        lambda children: (
+            st.lists(children, max_size=5)
+            | st.dictionaries(st.text(max_size=12), children, max_size=6)
+        ),
+        max_leaves=max_leaves,
+    )
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+# ------------------------------------------------------------------ amounts people type
+
+
+@FUZZ
+@given(st.text(max_size=40) | st.from_regex(r"\s*-?[0-9]{0,25}([.,][0-9]{0,12})?\s*"))
+@example("1e400")
+@example("NaN")
+@example("0.0000000001")
+@example("٣")  # an Arabic-Indic digit: isdigit() but not ASCII
+@example("9223372036854775808")
+def test_typed_amounts_are_parsed_exactly_or_refused_with_a_reason(text: str) -> None:
+    for parse in (parse_nano, parse_ton):
+        try:
+            value = parse(text, "amount")
+        except AmountError as error:
+            assert str(error).startswith("amount ")
+            continue
+        assert isinstance(value, int) and 0 < value <= MAX_NANO
+
+
+@FUZZ
+@given(st.integers(min_value=1, max_value=MAX_NANO))
+def test_every_amount_survives_being_shown_and_typed_back(nano: int) -> None:
+    shown = format_ton(nano).removesuffix(" TON")
+    assert parse_ton(shown) == nano
+    assert parse_nano(str(nano)) == nano
+
+
+# --------------------------------------------------------------- deposit comments and txs
+
+
+@FUZZ
+@given(
+    st.none()
+    | st.text(max_size=60)
+    | st.binary(max_size=200).map(b64)
+    | st.binary(max_size=120).map(
+        lambda raw: b64(begin_cell().store_bytes(raw[:127]).end_cell().to_boc())
+    )
+)
+def test_any_message_body_decodes_to_a_memo_or_a_note(body: str | None) -> None:
+    decoded = decode_comment(body)
+    assert (decoded.memo is None) != (decoded.note is None)
+
+
+@FUZZ
+@given(st.text(st.characters(exclude_categories=["Cs"]), max_size=200))
+def test_a_text_comment_comes_back_as_written(text: str) -> None:
+    decoded = decode_comment(b64(comment_cell(text).to_boc()))
+    assert decoded.memo == text
+
+
+@FUZZ
+@given(json_values())
+def test_any_transaction_shape_is_classified_without_raising(tx: Any) -> None:
+    found = classify(tx if isinstance(tx, dict) else {"in_msg": tx}, DEPOSIT)
+    if found.status == TonDepositStatus.CREDITED:
+        assert found.amount > 0 and found.source and found.memo is not None
+    else:
+        assert found.memo is None
+
+
+def garbage_transactions() -> st.SearchStrategy[dict[str, Any]]:
+    """Transactions with a usable id and anything else, or no usable id at all."""
+    with_id = st.fixed_dictionaries(
+        {
+            "lt": st.integers(min_value=1, max_value=2**62).map(str),
+            "hash": st.binary(min_size=32, max_size=32).map(b64),
+        },
+        optional={
+            "in_msg": json_values()
+            | st.fixed_dictionaries(
+                {},
+                optional={
+                    "source": json_values(2),
+                    "value": json_values(2) | st.integers(min_value=-(2**64), max_value=2**64),
+                    "bounced": json_values(2),
+                    "destination": json_values(2),
+                    "message_content": json_values(4)
+                    | st.fixed_dictionaries({"body": st.binary(max_size=80).map(b64)}),
+                },
+            ),
+            "description": json_values(4),
+            "now": json_values(2),
+        },
+    )
+    return with_id | st.dictionaries(st.sampled_from(["lt", "hash", "in_msg"]), json_values(3))
+
+
+@pytest.fixture
+async def watcher(db: Database) -> AsyncIterator[tuple[DepositWatcher, int]]:
+    user = await get_or_create_user(db, 1234)
+    async with TonCenter("http://127.0.0.1:9") as api:  # never called: handle() only
+        yield DepositWatcher(db, Ledger(db), api, DEPOSIT), user.id
+
+
+@FUZZ
+@given(tx=garbage_transactions())
+async def test_garbage_transactions_are_recorded_or_refused_and_never_credited(
+    watcher: tuple[DepositWatcher, int], tx: dict[str, Any]
+) -> None:
+    w, user_id = watcher
+    try:
+        deposit = await w.handle(tx)
+    except ValueError as error:
+        assert str(error).startswith("not a transaction")
+    else:
+        assert deposit.status != TonDepositStatus.CREDITED
+    assert (await w.ledger.balances(user_id)).available == 0
+    assert await w.ledger.balance(AccountKind.TON_IN) == 0
+
+
+class Replies:
+    """A TON Center stand-in at the network boundary that answers whatever it is told to."""
+
+    def __init__(self) -> None:
+        self.status = 200
+        self.body: bytes = b"{}"
+
+    async def handle(self, _request: web.Request) -> web.Response:
+        return web.Response(status=self.status, body=self.body, content_type="application/json")
+
+
+@pytest.fixture
+async def toncenter() -> AsyncIterator[tuple[Replies, TonCenter]]:
+    replies = Replies()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", replies.handle)
+    server = TestServer(app)
+    await server.start_server()
+    async with TonCenter(str(server.make_url(""))) as api:
+        yield replies, api
+    await server.close()
+
+
+@FUZZ
+@given(
+    status=st.sampled_from([200, 200, 200, 400, 404, 429, 500, 502]),
+    body=json_values().map(lambda v: json.dumps(v).encode())
+    | st.binary(max_size=60)
+    | st.just(b'{"transactions": [{"lt": "5"}]}'),
+)
+async def test_any_toncenter_reply_is_data_or_a_toncenter_error(
+    toncenter: tuple[Replies, TonCenter], status: int, body: bytes
+) -> None:
+    replies, api = toncenter
+    replies.status, replies.body = status, body
+    calls = (
+        api.transactions(DEPOSIT, start_lt=1, limit=10),
+        api.transactions_by_message("00" * 32),
+        api.wallet_seqno(DEPOSIT),
+    )
+    for call in calls:
+        try:
+            result = await call
+        except TonCenterError:
+            continue
+        assert status == 200
+        if isinstance(result, list):
+            assert all(isinstance(tx, dict) and int(tx["lt"]) > 0 for tx in result)
+        else:
+            assert 0 <= result < 2**32
+
+
+# -------------------------------------------------------------------------- ton_proof
+
+
+def proofs() -> st.SearchStrategy[tuple[Any, Any]]:
+    address = st.just("0:" + "AB" * 32) | st.text(max_size=70) | json_values(2)
+    account = st.fixed_dictionaries(
+        {"address": address, "walletStateInit": st.binary(max_size=64).map(b64) | json_values(2)},
+        optional={
+            "network": st.sampled_from(["-239", "-3"]) | json_values(1),
+            "publicKey": json_values(1),
+        },
+    )
+    proof = st.fixed_dictionaries(
+        {
+            "timestamp": st.integers(min_value=-(2**70), max_value=2**70)
+            | st.floats()
+            | json_values(1),
+            "domain": st.fixed_dictionaries(
+                {"value": st.just("cocoon.example.org") | st.text(max_size=30)},
+                optional={"lengthBytes": json_values(1) | st.floats()},
+            )
+            | json_values(2),
+            "signature": st.binary(max_size=80).map(b64) | json_values(1),
+            "payload": st.text(max_size=80) | json_values(1),
+        }
+    )
+    return st.tuples(account | json_values(3), proof | json_values(3))
+
+
+@FUZZ
+@given(proofs())
+@example(({"address": "0:" + "AB" * 32, "walletStateInit": ""}, {"timestamp": float("inf")}))
+def test_any_ton_proof_is_refused_with_a_proof_error(pair: tuple[Any, Any]) -> None:
+    account, proof = pair
+    with pytest.raises(ProofError):
+        verify_proof(
+            account, proof, allowed_domains=["cocoon.example.org"], max_age_s=900, now=10**9
+        )
+
+
+# ------------------------------------------------------------------------ TEE evidence
+
+
+def policy() -> Policy:
+    return Policy.model_validate({"tcb_statuses": ["UpToDate"], "images": []})
+
+
+def mutated_quotes() -> st.SearchStrategy[bytes]:
+    def flip(args: tuple[int, int]) -> bytes:
+        index, value = args
+        raw = bytearray(QUOTE)
+        raw[index % len(raw)] ^= value or 1
+        return bytes(raw)
+
+    return (
+        st.binary(max_size=2048)
+        | st.integers(min_value=0, max_value=len(QUOTE)).map(lambda n: QUOTE[:n])
+        | st.tuples(st.integers(min_value=0), st.integers(min_value=0, max_value=255)).map(flip)
+    )
+
+
+@FUZZ
+@given(mutated_quotes())
+def test_a_corrupted_or_random_quote_is_refused_with_reasons(raw: bytes) -> None:
+    verdict = verify_quote(raw, load_collateral(COLLATERAL), AT, policy())
+    assert verdict.reasons and verdict.image is None
+
+
+@FUZZ
+@given(json_values())
+def test_evidence_of_any_shape_is_refused_by_its_schema(data: Any) -> None:
+    with pytest.raises(ValidationError):
+        Evidence.model_validate(data)
+
+
+@FUZZ
+@given(raw=mutated_quotes())
+async def test_the_verifier_refuses_random_quotes_before_trusting_anything(
+    tmp_path_factory: pytest.TempPathFactory, raw: bytes
+) -> None:
+    async def recorded(_url: str, _quote: bytes) -> Any:  # Intel's collateral service
+        return load_collateral(COLLATERAL)
+
+    verifier = Verifier(
+        AttestationSettings(),
+        policy=policy(),
+        collateral=CollateralSource(
+            "http://pccs.invalid", tmp_path_factory.mktemp("c"), fetch=recorded
+        ),
+        clock=lambda: AT,
+    )
+    claims = {
+        "box_public_key": b64(b"\x01" * 32), "verify_key": b64(b"\x02" * 32),
+        "model": DEFAULT_MODEL, "engine": "vllm", "engine_version": "1", "worker_version": "1",
+        "nonce": "n" * 32,
+    }  # fmt: skip
+    evidence = Evidence.model_validate({"tee": "tdx", "claims": claims, "quote": b64(raw)})
+    verdict = await verifier.verify(evidence)
+    assert not verdict.accepted and verdict.reasons
+
+
+# ------------------------------------------------------------------- OpenAI request bodies
+
+
+def chat_bodies() -> st.SearchStrategy[Any]:
+    message = st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "system", "assistant", "tool", ""]) | json_values(1),
+         "content": st.text(max_size=40) | json_values(3)},
+    )  # fmt: skip
+    body = st.fixed_dictionaries(
+        {},
+        optional={
+            "model": st.sampled_from([DEFAULT_MODEL, "nope"]) | json_values(1),
+            "messages": st.lists(message, max_size=3) | json_values(3),
+            "max_tokens": st.integers(min_value=-5, max_value=10**12) | json_values(1),
+            "temperature": st.floats() | json_values(1),
+            "top_p": st.floats() | json_values(1),
+            "stop": json_values(2),
+            "n": json_values(1),
+            "stream": json_values(1),
+            "stream_options": json_values(2),
+        },
+    )
+    return body | json_values()
+
+
+@pytest.fixture
+async def api_client(settings: Settings, redis_url: str) -> AsyncIterator[Any]:
+    async with api_server(dev_settings(settings), with_metrics=False) as api:
+        async with aiohttp.ClientSession() as http:
+            yield api, http
+
+
+@FUZZ
+@given(body=chat_bodies(), raw=st.none() | st.binary(max_size=40))
+@example(body={}, raw=b"\xff\xfe{")
+@example(body={"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "hi"}]}, raw=None)
+async def test_any_chat_request_body_gets_a_json_error_and_changes_no_balance(
+    api_client: tuple[Any, aiohttp.ClientSession], body: Any, raw: bytes | None
+) -> None:
+    api, http = api_client
+    before = await api.ledger.balances(api.user_id)
+    async with http.post(
+        f"{api.url}/v1/chat/completions",
+        data=raw if raw is not None else json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {api.key}", "Content-Type": "application/json"},
+    ) as response:
+        reply = await response.json(content_type=None)
+        status = response.status
+    # No worker runs: a valid request can only end in "no worker" (503), never in a crash.
+    assert 400 <= status < 500 or (status == 503 and reply["error"]["code"] == "no_worker")
+    assert set(reply["error"]) >= {"message", "type", "code"}
+    assert await api.ledger.balances(api.user_id) == before
+
+
+# ------------------------------------------------------------- Mini App initData (hook)
+# The bot's parsers (updates, callback data) are fuzzed in the bot's own tests with the same
+# ``FUZZ`` settings and ``json_values``; the Mini App's initData verifier is fuzzed here.
+
+BOT_TOKEN = "123456:TEST-token"
+
+
+def init_data() -> st.SearchStrategy[str]:
+    """Random strings, and correctly *signed* initData whose fields are garbage."""
+    from miniapp.auth import sign_init_data
+
+    field_values = st.text(max_size=40) | json_values(4).map(json.dumps)
+    fields = st.dictionaries(
+        st.sampled_from(["user", "auth_date", "query_id", "chat", "start_param", "x"]),
+        field_values | st.integers(min_value=-(2**70), max_value=2**70).map(str),
+        max_size=5,
+    )
+    user = st.fixed_dictionaries(
+        {"id": st.integers(min_value=-(2**64), max_value=2**64) | json_values(1)},
+        optional={"first_name": json_values(1), "language_code": json_values(1)},
+    )
+    plausible = st.fixed_dictionaries(
+        {
+            "user": user.map(json.dumps),
+            "auth_date": st.integers(min_value=1_800_000_000 - 90_000, max_value=1_800_000_100).map(
+                str
+            ),
+        }
+    )
+    signed = (fields | plausible).map(lambda f: sign_init_data(f, BOT_TOKEN))
+    return st.text(max_size=200) | signed
+
+
+@FUZZ
+@given(init_data())
+def test_any_init_data_is_verified_or_refused_with_an_init_data_error(raw: str) -> None:
+    from miniapp.auth import InitDataError, InitDataVerifier
+
+    verifier = InitDataVerifier(BOT_TOKEN, max_age_s=86_400)
+    try:
+        caller = verifier.verify(raw, now=1_800_000_000)
+    except InitDataError:
+        return
+    assert isinstance(caller.telegram_id, int) and not caller.dev
+    assert 0 < caller.telegram_id < 2**52  # a Telegram user id, never 0 or negative
