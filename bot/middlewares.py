@@ -29,6 +29,11 @@ class UserMiddleware(BaseMiddleware):
         with bound(update_id=update_id):  # every log line of this update carries its id
             sender: TelegramUser | None = data.get("event_from_user")
             if sender is None or sender.is_bot:
+                # Nobody to serve (an anonymous group admin, a channel, a bot): the handlers
+                # of people's updates need their user; only updates that never name a sender
+                # (a stopped draft) go on.
+                if isinstance(event, Update) and event.event_type != "stopped_message_generation":
+                    return None
                 with use_language(None) as lang:
                     data["lang"] = lang
                     return await handler(event, data)

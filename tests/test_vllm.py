@@ -411,8 +411,16 @@ async def test_a_vllm_node_serves_a_turn_billed_once_from_signed_usage(
         TurnRequest(
             user_id=user,
             model=DEFAULT_MODEL,
-            messages=[ChatMessage(role="user", content="Count from one to five hundred.")],
+            messages=[
+                ChatMessage(
+                    role="user",
+                    content="Write a very long, detailed story about a brave cat, "
+                    "at least two thousand words, in many chapters.",
+                )
+            ],
             max_tokens=1500,
+            # Greedy: the same long reply every run, so the stop always lands mid-stream.
+            sampling=SamplingParams(temperature=0.0),
             conversation_id="vllm-c2",
         )
     )

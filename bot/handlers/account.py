@@ -93,7 +93,7 @@ async def on_lang(query: CallbackQuery, user: User, db: Database) -> None:
     with use_language(code):
         text = _("Language set: {language}.").format(language=LANGUAGE_NAMES[code])
         await query.answer()
-        if query.message is not None:
+        if isinstance(query.message, Message):  # not one too old to edit
             await query.message.edit_text(text, reply_markup=language_keyboard(code))
 
 
@@ -135,7 +135,7 @@ async def on_model(query: CallbackQuery, user: User, db: Database, settings: Set
         return
     await account.set_model(db, user.id, model)
     await query.answer(_("Model set: {model}.").format(model=model))
-    if query.message is not None:
+    if isinstance(query.message, Message):
         await query.message.edit_reply_markup(reply_markup=model_keyboard(settings, model))
 
 
@@ -267,7 +267,7 @@ async def cmd_forget(message: Message) -> None:
 @handlers.callback_query(F.data == "forget:no")
 async def on_forget_no(query: CallbackQuery) -> None:
     await query.answer()
-    if query.message is not None:
+    if isinstance(query.message, Message):
         await query.message.edit_text(_("Nothing was deleted."))
 
 
@@ -280,7 +280,7 @@ async def on_forget_yes(
     if query.message is not None and query.message.chat.id != query.from_user.id:
         await contexts.clear(query.message.chat.id)
     await query.answer()
-    if query.message is not None:
+    if isinstance(query.message, Message):
         await query.message.edit_text(
             _("Done: your personal data is deleted. Your balance stays yours."),
         )

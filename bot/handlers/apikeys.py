@@ -88,8 +88,9 @@ async def on_revoke(query: CallbackQuery, user: User, db: Database) -> None:
         key_id = int((query.data or "").rsplit(":", 1)[1])
     except ValueError:
         key_id = 0
-    revoked = await revoke_key(db, user.id, key_id)
+    # A key's id is a 32-bit row id: anything else (forged data) names no key.
+    revoked = 0 < key_id < 2**31 and await revoke_key(db, user.id, key_id)
     await query.answer(_("Key revoked.") if revoked else _("This key was already revoked."))
-    if query.message is not None:
+    if isinstance(query.message, Message):
         text, keyboard = await _list(db, user)
         await query.message.edit_text(text, reply_markup=keyboard)

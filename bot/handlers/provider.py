@@ -252,7 +252,7 @@ async def cmd_withdraw(
 @handlers.callback_query(F.data == "wd:no")
 async def on_withdraw_cancel(query: CallbackQuery) -> None:
     await query.answer()
-    if query.message is not None:
+    if isinstance(query.message, Message):
         await query.message.edit_text(_("Withdrawal cancelled."))
 
 
@@ -272,11 +272,11 @@ async def on_withdraw_confirm(
         )
     except account.AccountError as error:
         await query.answer()
-        if query.message is not None:
+        if isinstance(query.message, Message):
             await query.message.edit_text(_account_error(error, settings))
         return
     await query.answer()
-    if query.message is None:
+    if not isinstance(query.message, Message):
         return
     status = _(
         "Payout #{id} of {amount} requested; status: {state}. This message changes when it is "
@@ -305,7 +305,7 @@ async def on_payout_wallet(
     query: CallbackQuery, bot: Bot, user: User, wallets: ChatWallets, lang: str
 ) -> None:
     index_text = (query.data or "").rsplit(":", 1)[1]
-    index = int(index_text) if index_text.isdigit() else -1
+    index = int(index_text) if index_text.isdecimal() else -1
     chat_id = query.message.chat.id if query.message else query.from_user.id
     url = await wallets.link_payout(bot, chat_id, user.id, index, lang)
     if url is None:

@@ -248,7 +248,7 @@ async def on_topup_wallet(
     query: CallbackQuery, bot: Bot, user: User, wallets: ChatWallets, lang: str
 ) -> None:
     _prefix, _kind, amount_text, index_text = ((query.data or "") + ":::").split(":")[:4]
-    amount, index = _amount(amount_text), int(index_text) if index_text.isdigit() else -1
+    amount, index = _amount(amount_text), int(index_text) if index_text.isdecimal() else -1
     chat_id = query.message.chat.id if query.message else query.from_user.id
     url = None
     if amount:
