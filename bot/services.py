@@ -9,7 +9,6 @@ dispatcher; aiogram's own ``dispatcher`` name is taken), ``redis``, ``contexts``
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +19,7 @@ from backend.db import Database
 from backend.dispatch import Dispatcher as TurnDispatcher
 from backend.dispatch import Turn
 from backend.ledger import Ledger
+from backend.ratelimit import RateLimiter
 from backend.settings import Settings
 from bot.context import ContextStore, load_context_key
 from bot.tonconnect import ChatWallets, ConnectorFactory
@@ -27,29 +27,7 @@ from workers import streams
 from workers.redis_keys import redis_key
 
 RUNNING = "bot:turn"
-RATE = "bot:rate"
 RUNNING_TTL_S = 900
-
-
-class RateLimiter:
-    """At most ``per_minute`` turns per user in each clock minute (Redis, shared by replicas)."""
-
-    def __init__(self, redis: Any, per_minute: int, clock: Any = time.time) -> None:
-        self.redis = redis
-        self.per_minute = per_minute
-        self.clock = clock
-
-    async def allow(self, user_id: int) -> int:
-        """0 when allowed; else the seconds to wait."""
-        now = self.clock()
-        window = int(now // 60)
-        key = redis_key(RATE, str(user_id), str(window))
-        count = await self.redis.incr(key)
-        if count == 1:
-            await self.redis.expire(key, 120)
-        if count <= self.per_minute:
-            return 0
-        return max(1, int(60 - now % 60))
 
 
 @dataclass

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
@@ -25,18 +24,17 @@ from backend.i18n import pick_language
 from backend.ledger import Ledger
 from backend.models import TonWallet, User
 from backend.money import AmountError, parse_ton
+from backend.ratelimit import RateLimiter
 from backend.settings import DEFAULT_MODEL, Settings
 from backend.ton import proof as ton_proof
 from backend.ton.comment import deposit_transaction, friendly_address
 from backend.users import get_or_create_user
 from miniapp import protocol as p
 from miniapp.auth import TelegramCaller
-from workers.redis_keys import redis_key
 from workers.wire import ChatMessage
 
 TOPUP_PRESETS = ["1", "5", "10", "50"]
 STARS_PRESETS = [50, 100, 250, 1000]
-RATE = "miniapp:rate"  # cocoon:miniapp:rate:<user id>:<minute>: chat turns in that minute
 
 
 class MiniAppError(Exception):
@@ -358,12 +356,8 @@ class MiniApp:
     # -------------------------------------------------------------------- chat
 
     async def _rate_limit(self, user_id: int) -> None:
-        minute = int(time.time() // 60)
-        key = redis_key(RATE, str(user_id), str(minute))
-        count = await self.dispatcher.redis.incr(key)
-        if count == 1:
-            await self.dispatcher.redis.expire(key, 120)
-        if count > self.settings.rate_limit_per_minute:
+        limiter = RateLimiter(self.dispatcher.redis, self.settings.rate_limit_per_minute)
+        if await limiter.allow(user_id):
             raise MiniAppError(429, "rate_limited")
 
     async def chat(

@@ -17,11 +17,12 @@ from redis.exceptions import RedisError
 from backend.dispatch import Dispatcher as TurnDispatcher
 from backend.dispatch import Turn, TurnDone, TurnError, TurnRequest, TurnText
 from backend.models import User
+from backend.ratelimit import RateLimiter
 from backend.settings import Settings
 from bot.common import Handlers, ton, user_model
 from bot.context import ContextStore, Conversation, LastTurn, trim
 from bot.i18n import _
-from bot.services import RateLimiter, RunningTurns
+from bot.services import RunningTurns
 from bot.streaming import STOP, ReplyStream
 from workers.logcontext import bind
 
