@@ -239,8 +239,8 @@ class MiniApp:
                 title=title,
                 description=label,
                 # The bot's pre_checkout_query and successful_payment handlers read this:
-                # stars:<user id>:<stars> (the bot credits it, once per charge id).
-                payload=f"stars:{caller.user.id}:{stars}",
+                # stars:<user id>:<stars>:<rate> (the bot credits it, once per charge id).
+                payload=account.stars_invoice(caller.user.id, stars, self.settings).payload,
                 currency="XTR",
                 prices=[LabeledPrice(label=label, amount=stars)],
             )

@@ -191,3 +191,22 @@ async def test_stats_count_users_turns_and_revenue(
         await redis.aclose()
     assert (figures.users, figures.providers, figures.turns, figures.turns_24h) == (2, 1, 1, 1)
     assert (figures.volume, figures.revenue) == (10_000, 2_000)
+
+
+def test_stars_payloads_round_trip_and_foreign_ones_are_refused(settings: Settings) -> None:
+    invoice = account.stars_invoice(42, 100, settings)
+    assert account.parse_stars_payload(invoice.payload) == invoice
+    assert account.parse_stars_payload("stars:42:100") == account.StarsInvoice(42, 100, None)
+    for foreign in (
+        "",
+        "stars:42",
+        "stars:x:1:1",
+        "stars:42:0:5",
+        "stars:42:1:0",
+        "tip:42:1",
+        "stars:42:²:5",
+        "stars:42:100001:5",
+        "stars:-1:5:5",
+        "stars:42:5:5:5",
+    ):
+        assert account.parse_stars_payload(foreign) is None, foreign

@@ -331,7 +331,8 @@ async def test_topup_offers_the_mini_app_the_memo_and_stars(bot: Harness) -> Non
     invoice = bot.last("sendInvoice")
     assert invoice.currency == "XTR" and invoice.prices[0].amount == 100
     assert invoice.provider_token is None
-    assert invoice.payload == f"stars:{user.id}:100"
+    rate = bot.settings.stars_nano_per_star
+    assert invoice.payload == f"stars:{user.id}:100:{rate}"  # the rate the invoice shows
     await bot.press("stars:999999")
     assert bot.last("answerCallbackQuery").show_alert
 
@@ -354,6 +355,14 @@ async def test_stars_payment_is_credited_once_when_delivered_twice(bot: Harness)
     thanks = [t for t in bot.tg.texts() if "Stars" in t]
     assert len(thanks) == 1 and "0.4 TON" in thanks[0]
     assert await bot.app.outbox.drain_once() == 0  # told already, never twice
+
+    # The operator changes the rate after an invoice went out: it is paid at its own rate.
+    old_rate = bot.settings.stars_nano_per_star
+    bot.settings.stars_nano_per_star = 3 * old_rate
+    await feed(
+        bot.app.dp, bot.app.bot, payment_update(ALICE, f"stars:{user.id}:10:{old_rate}", 10, "c-2")
+    )
+    assert (await bot.ledger.balances(user.id)).available == credited + 10 * old_rate
 
 
 # ------------------------------------------------------------------------- notifications

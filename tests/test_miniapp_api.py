@@ -312,7 +312,9 @@ async def test_a_stars_invoice_comes_from_the_bot_api(settings: Settings, db_url
             assert method == "createInvoiceLink" and data["currency"] == "XTR"
             assert '"amount":100' in str(data["prices"]).replace(" ", "")
             user = await get_or_create_user(client.app[appkeys.DATABASE], ALICE)
-            assert data["payload"] == f"stars:{user.id}:100"  # what the bot's handlers check
+            settings = client.app[appkeys.SETTINGS]
+            # What the bot's handlers check, with the rate the page showed.
+            assert data["payload"] == f"stars:{user.id}:100:{settings.stars_nano_per_star}"
             assert not data.get("provider_token")
             fake.fail = True
             response = await client.post("/app/api/stars", headers=headers, json={"stars": 100})

@@ -33,7 +33,7 @@ log = logging.getLogger("cocoon.bot.wallet")
 handlers = Handlers("wallet")
 
 STAR_AMOUNTS = (50, 100, 250, 1000)
-MAX_STARS = 10_000
+MAX_STARS = account.MAX_STARS
 CURRENCY = "XTR"
 
 
@@ -123,38 +123,28 @@ async def on_stars_amount(query: CallbackQuery, bot: Bot, user: User, settings: 
         return
     await query.answer()
     chat_id = query.message.chat.id if query.message else query.from_user.id
+    invoice = account.stars_invoice(user.id, stars, settings)
     await bot.send_invoice(
         chat_id=chat_id,
         title=_("Cocoon balance"),
         description=_("{amount} for AI chat on Cocoon").format(
             amount=ton(stars * settings.stars_nano_per_star)
         ),
-        payload=f"stars:{user.id}:{stars}",
+        payload=invoice.payload,
         currency=CURRENCY,
         prices=[LabeledPrice(label=_("Balance top-up"), amount=stars)],
     )
 
 
-def _parse_payload(payload: str) -> tuple[int, int] | None:
-    parts = payload.split(":")
-    if len(parts) != 3 or parts[0] != "stars":
-        return None
-    try:
-        return int(parts[1]), int(parts[2])
-    except ValueError:
-        return None
-
-
 @handlers.pre_checkout_query()
 async def on_pre_checkout(query: PreCheckoutQuery, user: User) -> None:
     """Answered at once (Telegram waits 10 s at most): only our own, well-formed invoices."""
-    parsed = _parse_payload(query.invoice_payload)
+    invoice = account.parse_stars_payload(query.invoice_payload)
     if (
-        parsed is None
+        invoice is None
         or query.currency != CURRENCY
-        or parsed[0] != user.id
-        or parsed[1] != query.total_amount
-        or not 0 < query.total_amount <= MAX_STARS
+        or invoice.user_id != user.id
+        or invoice.stars != query.total_amount
     ):
         await query.answer(ok=False, error_message=_("This invoice is not valid any more."))
         return
@@ -170,8 +160,15 @@ async def on_successful_payment(
     if payment.currency != CURRENCY:
         log.error("a successful payment in %s was not expected", payment.currency)
         return
+    invoice = account.parse_stars_payload(payment.invoice_payload)
     receipt = await account.credit_stars(
-        ledger, settings, user.id, payment.total_amount, payment.telegram_payment_charge_id
+        ledger,
+        settings,
+        user.id,
+        payment.total_amount,
+        payment.telegram_payment_charge_id,
+        # The rate the invoice showed (pre_checkout let only our own invoices through).
+        nano_per_star=invoice.nano_per_star if invoice is not None else None,
     )
     if receipt.replayed:
         log.info("a Stars payment arrived again: already credited, nothing changed")
