@@ -20,7 +20,7 @@ import nacl.bindings as sodium
 import nacl.exceptions
 import nacl.utils
 
-from backend.dispatch import prompt_token_bound
+from backend.dispatch import WorkerProof, prompt_token_bound
 from backend.settings import Settings
 from workers.redis_keys import redis_key
 from workers.wire import ChatMessage
@@ -69,12 +69,7 @@ class LastTurn:
 
     turn_id: str
     model: str
-    worker_id: str
-    tee: str
-    engine: str
-    engine_version: str
-    key_fingerprint: str
-    usage_signature_verified: bool
+    worker: WorkerProof
 
 
 @dataclass
@@ -142,7 +137,11 @@ class ContextStore:
         last = data.get("last")
         return Conversation(
             messages=list(data.get("messages") or []),
-            last=LastTurn(**last) if last else None,
+            last=LastTurn(
+                turn_id=last["turn_id"], model=last["model"], worker=WorkerProof(**last["worker"])
+            )
+            if last
+            else None,
             conversation_id=str(data.get("conversation_id") or ""),
         )
 
@@ -152,7 +151,7 @@ class ContextStore:
             return Conversation()
         try:
             return self.open(chat_id, blob)
-        except (ValueError, TypeError, nacl.exceptions.CryptoError):
+        except (ValueError, TypeError, KeyError, nacl.exceptions.CryptoError):
             # A rotated key or a damaged blob: start over rather than fail the chat.
             log.warning("chat context of one chat did not open; starting over")
             return Conversation()

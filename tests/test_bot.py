@@ -19,6 +19,7 @@ from backend import account
 from backend.apikeys import list_keys
 from backend.attestation import store
 from backend.db import Database
+from backend.dispatch import WorkerProof
 from backend.ledger import Ledger, TurnUsage
 from backend.models import Hold, HoldState, TonWallet, TurnRecord, User
 from backend.settings import Settings
@@ -242,7 +243,11 @@ async def test_privacy_reports_the_last_replys_worker_plainly_dev(bot: Harness) 
         ALICE,
         Conversation(
             messages=[{"role": "user", "content": "hi"}],
-            last=LastTurn("t1", "smollm2-135m", "w-abc", "dev", "llama-cpp", "0.3", "ab12cd", True),
+            last=LastTurn(
+                "t1",
+                "smollm2-135m",
+                WorkerProof("w-abc", "dev", "llama-cpp", "0.3", "ab12cd", True),
+            ),
         ),
     )
     record = registry.AttestationRecord(

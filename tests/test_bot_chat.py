@@ -132,8 +132,8 @@ async def test_a_turn_streams_as_drafts_and_ends_with_the_footer_and_the_charge(
     # /privacy tells who answered; /usage lists the turn.
     await chat.send("/privacy", user=USER)
     text = chat.last().text
-    assert conversation.last is not None and conversation.last.worker_id in text
-    assert "development TEE" in text and conversation.last.key_fingerprint in text
+    assert conversation.last is not None and conversation.last.worker.worker_id in text
+    assert "development TEE" in text and conversation.last.worker.key_fingerprint in text
     await chat.send("/usage", user=USER)
     assert f"{turn.prompt_tokens} + {turn.completion_tokens} tokens" in chat.last().text
 

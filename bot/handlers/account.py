@@ -198,13 +198,14 @@ async def cmd_privacy(message: Message, contexts: ContextStore, redis: object) -
             )
         )
         return
-    record = await registry.read_attestation(redis, last.worker_id)  # type: ignore[arg-type]
+    worker = last.worker
+    record = await registry.read_attestation(redis, worker.worker_id)  # type: ignore[arg-type]
     lines = [
         _("The last answer ({model}) was written by worker {worker}.").format(
-            model=last.model, worker=last.worker_id
+            model=last.model, worker=worker.worker_id
         )
     ]
-    if last.tee == "dev":
+    if worker.tee == "dev":
         lines.append(
             _(
                 "TEE: development TEE. This worker is NOT hardware-attested: its evidence is "
@@ -212,7 +213,7 @@ async def cmd_privacy(message: Message, contexts: ContextStore, redis: object) -
             )
         )
     else:
-        lines.append(_("TEE: {tee} (hardware-attested)").format(tee=last.tee.upper()))
+        lines.append(_("TEE: {tee} (hardware-attested)").format(tee=worker.tee.upper()))
     if record is not None:
         lines.append(_("Image: {image}").format(image=record.image or _("unknown")))
         mrtd = record.measurements.get("mrtd")
@@ -225,14 +226,14 @@ async def cmd_privacy(message: Message, contexts: ContextStore, redis: object) -
     else:
         lines.append(_("The worker's attestation has expired or it went offline since."))
     lines.append(
-        _("Engine: {engine} {version}").format(engine=last.engine, version=last.engine_version)
+        _("Engine: {engine} {version}").format(engine=worker.engine, version=worker.engine_version)
     )
     lines.append(
-        _("Worker key fingerprint: {fingerprint}").format(fingerprint=last.key_fingerprint)
+        _("Worker key fingerprint: {fingerprint}").format(fingerprint=worker.key_fingerprint)
     )
     lines.append(
         _("Signed token usage: verified")
-        if last.usage_signature_verified
+        if worker.usage_signature_verified
         else _("Signed token usage: NOT verified")
     )
     await message.answer("\n".join(lines), parse_mode=None)

@@ -150,17 +150,7 @@ async def answer(
         await stream.finish(reply or _("(no answer)"), footer(done))
         if reply:
             conversation.messages = [*history, {"role": "assistant", "content": reply}]
-        w = done.worker
-        conversation.last = LastTurn(
-            turn_id=done.turn_id,
-            model=done.model,
-            worker_id=w.worker_id,
-            tee=w.tee,
-            engine=w.engine,
-            engine_version=w.engine_version,
-            key_fingerprint=w.key_fingerprint,
-            usage_signature_verified=w.usage_signature_verified,
-        )
+        conversation.last = LastTurn(turn_id=done.turn_id, model=done.model, worker=done.worker)
         await contexts.save(chat_id, conversation)
     finally:
         await running.release(chat_id)
