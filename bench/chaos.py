@@ -43,16 +43,15 @@ from typing import Any
 import aiohttp
 import redis
 import redis.asyncio as aioredis
-from sqlalchemy import func, select, text
+from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from backend.apikeys import create_key
-from backend.attestation.settings import AttestationSettings
 from backend.db import Database
 from backend.dispatch import Dispatcher, TurnDone, TurnError, TurnRequest
 from backend.invariants import InvariantReport, check_invariants
 from backend.ledger import Ledger
-from backend.models import AccountKind, Hold, HoldState
+from backend.models import AccountKind
 from backend.settings import DEFAULT_MODEL, Settings
 from backend.sweeper import run_sweeper
 from backend.ton.localnet import LocalTonCenter, LocalTonCenterServer
@@ -61,7 +60,8 @@ from backend.ton.toncenter import TonCenter, TonCenterError
 from backend.ton.wallet import HotWallet, new_mnemonic
 from backend.ton.watcher import DepositWatcher
 from backend.users import get_or_create_user
-from workers import registry
+from tests.ops import InstantNode, admin_sql, dev_settings, free_port
+from tests.turns import open_holds
 from workers.wire import ChatMessage
 
 TON = 1_000_000_000
@@ -102,55 +102,25 @@ class Figures:
 # ----------------------------------------------------------------------------- helpers
 
 
-def free_port() -> int:
-    import socket
+def instant_worker(
+    redis_url: str, *, token_delay: float, provider_id: int | None = None
+) -> InstantNode:
+    """A worker node process on the instant engine, quiet and quick to be missed when killed."""
+    return InstantNode(
+        redis_url,
+        token_delay=token_delay,
+        provider_id=provider_id,
+        log_file=Path(os.devnull),
+        log_level="ERROR",
+        heartbeat=0.3,
+        ttl=2,
+        grace=1,
+        wait=False,
+    )
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
-
-class Worker:
-    """A worker node process on the instant engine (``python -m workers.node``)."""
-
-    def __init__(self, redis_url: str, *, token_delay: float, provider_id: int | None = None):
-        self.worker_id = f"c-{os.urandom(5).hex()}"
-        self.redis_url = redis_url
-        command = [
-            sys.executable, "-m", "workers.node", "--model", DEFAULT_MODEL, "--engine",
-            "instant", "--redis-url", redis_url, "--worker-id", self.worker_id,
-            "--log-level", "ERROR", "--heartbeat", "0.3", "--ttl", "2", "--grace", "1",
-            "--engine-option", f"token_delay={token_delay}",
-        ]  # fmt: skip
-        if provider_id is not None:
-            command += ["--provider-id", str(provider_id)]
-        self.process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT
-        )
-
-    async def registered(self, timeout_s: float = 30) -> None:
-        client = aioredis.Redis.from_url(self.redis_url)
-        deadline = time.monotonic() + timeout_s
-        try:
-            while not await client.exists(registry.worker_key(self.worker_id)):
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("a worker node did not start")
-                await asyncio.sleep(0.05)
-        finally:
-            await client.aclose()
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+async def registered(node: InstantNode, timeout_s: float = 30) -> None:
+    await asyncio.to_thread(node.wait_registered, timeout_s)
 
 
 def ask(user_id: int, words: int) -> TurnRequest:
@@ -175,19 +145,13 @@ async def run_turn(dispatcher: Dispatcher, request: TurnRequest) -> bool:
     return False
 
 
-def dev(settings: Settings, **update: object) -> Settings:
-    return settings.model_copy(
-        update={"attestation": AttestationSettings(allow_dev=True), **update}
-    )
-
-
 @contextlib.asynccontextmanager
 async def dispatcher_on(
     settings: Settings, db: Database, redis_url: str, **timeouts: float
 ) -> AsyncIterator[tuple[Dispatcher, Ledger]]:
     ledger = Ledger(db)
     dispatcher = Dispatcher(
-        dev(settings),
+        dev_settings(settings),
         ledger,
         aioredis.Redis.from_url(redis_url),
         redis.Redis.from_url(redis_url),
@@ -197,14 +161,6 @@ async def dispatcher_on(
         yield dispatcher, ledger
     finally:
         await dispatcher.close()
-
-
-async def open_holds(ledger: Ledger) -> int:
-    async with ledger.db.session() as session:
-        return int(
-            await session.scalar(select(func.count(Hold.id)).where(Hold.state == HoldState.OPEN))
-            or 0
-        )
 
 
 async def settle_down(ledger: Ledger, *, timeout_s: float = 30) -> None:
@@ -234,9 +190,11 @@ async def worker_kills(
     provider = await get_or_create_user(db, 9000)
     user = await get_or_create_user(db, 9001)
     await Ledger(db).credit_deposit(user.id, 100 * TON, f"seed:{user.id}:{os.urandom(4).hex()}")
-    pool = [Worker(redis_url, token_delay=0.01, provider_id=provider.id) for _ in range(workers)]
+    pool = [
+        instant_worker(redis_url, token_delay=0.01, provider_id=provider.id) for _ in range(workers)
+    ]
     for worker in pool:
-        await worker.registered()
+        await registered(worker)
     done = asyncio.Event()
 
     async def killer() -> None:
@@ -248,7 +206,7 @@ async def worker_kills(
             victim = random.randrange(len(pool))
             pool[victim].kill()
             figures.faults += 1
-            pool[victim] = Worker(redis_url, token_delay=0.01, provider_id=provider.id)
+            pool[victim] = instant_worker(redis_url, token_delay=0.01, provider_id=provider.id)
 
     try:
         async with dispatcher_on(
@@ -511,10 +469,10 @@ async def redis_restarts(settings: Settings, db: Database, *, turns: int, restar
     server.start()
     user = await get_or_create_user(db, 9101)
     await Ledger(db).credit_deposit(user.id, 100 * TON, f"seed:{user.id}:{os.urandom(4).hex()}")
-    workers = [Worker(server.url, token_delay=0.01) for _ in range(2)]
+    workers = [instant_worker(server.url, token_delay=0.01) for _ in range(2)]
     try:
         for worker in workers:
-            await worker.registered()
+            await registered(worker)
         async with dispatcher_on(
             settings, db, server.url, first_token_timeout_s=3, idle_timeout_s=1, queue_ttl_s=10
         ) as (dispatcher, ledger):
@@ -535,7 +493,7 @@ async def redis_restarts(settings: Settings, db: Database, *, turns: int, restar
                 figures.succeeded += sum(results)
                 # The nodes notice they fell out of the registry and register again.
                 for worker in workers:
-                    await worker.registered(timeout_s=15)
+                    await registered(worker, timeout_s=15)
             # After the last restart the system serves again.
             after = await asyncio.gather(*(run_turn(dispatcher, ask(user.id, 5)) for _ in range(3)))
             if not any(after):
@@ -737,10 +695,10 @@ async def web_restarts(
     ledger = Ledger(db)
     await ledger.credit_deposit(user.id, 100 * TON, f"seed:{user.id}:{os.urandom(4).hex()}")
     key, _row = await create_key(db, user.id)
-    worker = Worker(redis_url, token_delay=0.02)
+    worker = instant_worker(redis_url, token_delay=0.02)
     web = None
     try:
-        await worker.registered()
+        await registered(worker)
         batches = max(1, restarts)
         per_batch = max(1, turns // batches)
         for _batch in range(batches):
@@ -793,29 +751,17 @@ def scratch() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-async def _admin(url: str, *statements: str) -> None:
-    from sqlalchemy.ext.asyncio import create_async_engine
-
-    engine = create_async_engine(url, isolation_level="AUTOCOMMIT")
-    try:
-        async with engine.connect() as conn:
-            for statement in statements:
-                await conn.execute(text(statement))
-    finally:
-        await engine.dispose()
-
-
 @contextlib.asynccontextmanager
 async def own_postgres(server_url: str) -> AsyncIterator[str]:
     """A database of this run's own on the server of ``server_url``, dropped at the end."""
     from sqlalchemy.engine import make_url
 
     name = f"cocoon_chaos_{os.getpid()}"
-    await _admin(server_url, f"DROP DATABASE IF EXISTS {name}", f"CREATE DATABASE {name}")
+    await admin_sql(server_url, f"DROP DATABASE IF EXISTS {name}", f"CREATE DATABASE {name}")
     try:
         yield make_url(server_url).set(database=name).render_as_string(hide_password=False)
     finally:
-        await _admin(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin_sql(server_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 async def fresh_db(url: str) -> Database:

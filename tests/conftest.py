@@ -18,6 +18,7 @@ import redis
 
 from backend.db import Database
 from backend.settings import Settings
+from tests.ops import admin_sql
 
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 TEST_REDIS_URL = os.environ.get("COCOON_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -66,19 +67,6 @@ def redis_url() -> Iterator[str]:
     client.close()
 
 
-async def _admin(url: str, *statements: str) -> None:
-    from sqlalchemy import text
-    from sqlalchemy.ext.asyncio import create_async_engine
-
-    engine = create_async_engine(url, isolation_level="AUTOCOMMIT")
-    try:
-        async with engine.connect() as conn:
-            for statement in statements:
-                await conn.execute(text(statement))
-    finally:
-        await engine.dispose()
-
-
 @pytest.fixture(scope="session")
 def postgres_database() -> Iterator[str]:
     """A database of this test run's own, made inside the server of ``test``, dropped at the
@@ -88,25 +76,29 @@ def postgres_database() -> Iterator[str]:
     name = f"cocoon_test_{os.getpid()}"
     try:
         asyncio.run(
-            _admin(TEST_POSTGRES_URL, f"DROP DATABASE IF EXISTS {name}", f"CREATE DATABASE {name}")
+            admin_sql(
+                TEST_POSTGRES_URL, f"DROP DATABASE IF EXISTS {name}", f"CREATE DATABASE {name}"
+            )
         )
     except Exception as error:  # no server, no rights: fall back to the shared database
         try:
-            asyncio.run(_admin(TEST_POSTGRES_URL, "SELECT 1"))
+            asyncio.run(admin_sql(TEST_POSTGRES_URL, "SELECT 1"))
         except Exception:
             _unavailable("PostgreSQL", error)
         yield TEST_POSTGRES_URL
         return
     url = make_url(TEST_POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
     yield url
-    asyncio.run(_admin(TEST_POSTGRES_URL, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    asyncio.run(admin_sql(TEST_POSTGRES_URL, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 
 
 @pytest.fixture
 def postgres_url(postgres_database: str) -> str:
     """A PostgreSQL database emptied of Cocoon's tables before the test."""
     try:
-        asyncio.run(_admin(postgres_database, "DROP SCHEMA public CASCADE", "CREATE SCHEMA public"))
+        asyncio.run(
+            admin_sql(postgres_database, "DROP SCHEMA public CASCADE", "CREATE SCHEMA public")
+        )
     except Exception as error:  # asyncpg's own errors: connection, auth
         _unavailable("PostgreSQL", error)
     return postgres_database

@@ -31,6 +31,20 @@ from workers import registry
 TON = 1_000_000_000
 
 
+async def admin_sql(url: str, *statements: str) -> None:
+    """Run statements outside a transaction (CREATE/DROP DATABASE) on a PostgreSQL server."""
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as conn:
+            for statement in statements:
+                await conn.execute(text(statement))
+    finally:
+        await engine.dispose()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -52,6 +66,9 @@ class InstantNode:
         log_file: Path | None = None,
         log_json: bool = False,
         log_level: str = "WARNING",
+        heartbeat: float = 0.5,
+        ttl: int = 3,
+        grace: float = 2,
         wait: bool = True,
     ) -> None:
         self.worker_id = f"t-{uuid.uuid4().hex[:10]}"
@@ -59,7 +76,7 @@ class InstantNode:
         command = [
             sys.executable, "-m", "workers.node", "--model", model, "--engine", "instant",
             "--redis-url", redis_url, "--worker-id", self.worker_id, "--log-level", log_level,
-            "--heartbeat", "0.5", "--ttl", "3", "--grace", "2",
+            "--heartbeat", str(heartbeat), "--ttl", str(ttl), "--grace", str(grace),
             "--engine-option", f"token_delay={token_delay}",
         ]  # fmt: skip
         if provider_id is not None:
@@ -68,13 +85,14 @@ class InstantNode:
             command += ["--metrics-port", str(metrics_port)]
         if log_json:
             command.append("--log-json")
-        self._log = open(log_file, "ab") if log_file else None
-        self.process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stderr=self._log,
-            env={k: v for k, v in os.environ.items() if k != "COCOON_WORKER_METRICS_PORT"},
-        )
+        # The child keeps its own copy of the log's descriptor: ours closes at once.
+        with open(log_file, "ab") if log_file else contextlib.nullcontext() as log:
+            self.process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stderr=log,
+                env={k: v for k, v in os.environ.items() if k != "COCOON_WORKER_METRICS_PORT"},
+            )
         if wait:
             self.wait_registered()
 
@@ -103,9 +121,6 @@ class InstantNode:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=10)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
 
 
 @dataclass

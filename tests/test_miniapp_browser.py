@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +43,7 @@ from tests.miniapp_browser import (  # noqa: E402
     screenshot,
 )
 from tests.miniapp_helpers import BOT_TOKEN, DEPOSIT, TON, FakeBotApi  # noqa: E402
+from tests.ops import free_port  # noqa: E402
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -60,12 +60,6 @@ class Stack:
     browser: Any
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
     import redis
@@ -78,7 +72,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
         from tests.conftest import _unavailable
 
         _unavailable("Redis", error)
-    port = _free_port()
+    port = free_port()
     origin = f"http://127.0.0.1:{port}"
     net = LocalTonCenter()
     bot_api = TestServer(FakeBotApi().create_app())
@@ -212,7 +206,7 @@ async def test_development_mode_works_outside_telegram_and_says_so(
     dev = stack.settings.model_copy(update={"miniapp_dev": True, "local_telegram_id": 9800})
     runner = web.AppRunner(create_app(dev), access_log=None)
     await runner.setup()
-    port = _free_port()
+    port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     try:
         origin = f"http://127.0.0.1:{port}"

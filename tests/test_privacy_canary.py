@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 
 from tests.conftest import require_module
 from tests.fake_telegram import FakeTelegram
-from tests.test_stack import free_port
+from tests.ops import free_port
 
 require_module("llama_cpp")
 
