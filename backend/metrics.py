@@ -20,8 +20,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -216,83 +217,80 @@ class StateCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         s = self.snapshot
-        up = GaugeMetricFamily(
+        yield _family(
             "cocoon_state_up",
             "Whether the source of the state gauges could be read",
-            labels=["source"],
+            ["source"],
+            {source: 1.0 if ok else 0.0 for source, ok in s.up.items()},
         )
-        for source, ok in sorted(s.up.items()):
-            up.add_metric([source], 1.0 if ok else 0.0)
-        yield up
-
-        queue = GaugeMetricFamily(
-            "cocoon_queue_depth", "Jobs waiting in the online workers' RQ queues", labels=["model"]
+        yield _family(
+            "cocoon_queue_depth",
+            "Jobs waiting in the online workers' RQ queues",
+            ["model"],
+            s.queue_depth,
         )
-        for model, depth in sorted(s.queue_depth.items()):
-            queue.add_metric([model], depth)
-        yield queue
-
-        workers = GaugeMetricFamily(
-            "cocoon_workers_online", "Healthy workers in the registry", labels=["model", "tee"]
+        yield _family(
+            "cocoon_workers_online", "Healthy workers in the registry", ["model", "tee"], s.workers
         )
-        for (model, tee), n in sorted(s.workers.items()):
-            workers.add_metric([model, tee], n)
-        yield workers
-
-        load = GaugeMetricFamily(
-            "cocoon_worker_jobs_running", "Jobs running on the online workers", labels=["model"]
+        yield _family(
+            "cocoon_worker_jobs_running",
+            "Jobs running on the online workers",
+            ["model"],
+            s.worker_load,
         )
-        for model, n in sorted(s.worker_load.items()):
-            load.add_metric([model], n)
-        yield load
-        capacity = GaugeMetricFamily(
-            "cocoon_worker_capacity", "Jobs the online workers can run at once", labels=["model"]
+        yield _family(
+            "cocoon_worker_capacity",
+            "Jobs the online workers can run at once",
+            ["model"],
+            s.worker_capacity,
         )
-        for model, n in sorted(s.worker_capacity.items()):
-            capacity.add_metric([model], n)
-        yield capacity
-
         yield GaugeMetricFamily(
             "cocoon_holds_open", "Holds not yet settled or released", value=s.holds_open[0]
         )
         yield GaugeMetricFamily(
             "cocoon_holds_open_nano", "nanoTON in open holds", value=s.holds_open[1]
         )
-
-        deposits = GaugeMetricFamily(
+        yield _family(
             "cocoon_ton_deposits",
             "Transactions of the deposit wallet, by status",
-            labels=["status"],
+            ["status"],
+            {status: n for status, (n, _amount) in s.deposits.items()},
         )
-        deposits_nano = GaugeMetricFamily(
+        yield _family(
             "cocoon_ton_deposits_nano",
             "nanoTON of the deposit wallet's transactions, by status",
-            labels=["status"],
+            ["status"],
+            {status: amount for status, (_n, amount) in s.deposits.items()},
         )
-        for status, (n, amount) in sorted(s.deposits.items()):
-            deposits.add_metric([status], n)
-            deposits_nano.add_metric([status], amount)
-        yield deposits
-        yield deposits_nano
-
-        payouts = GaugeMetricFamily("cocoon_payouts", "Payouts, by state", labels=["state"])
-        payouts_nano = GaugeMetricFamily(
-            "cocoon_payouts_nano", "nanoTON of payouts, by state", labels=["state"]
+        yield _family(
+            "cocoon_payouts",
+            "Payouts, by state",
+            ["state"],
+            {state: n for state, (n, _amount) in s.payouts.items()},
         )
-        for state, (n, amount) in sorted(s.payouts.items()):
-            payouts.add_metric([state], n)
-            payouts_nano.add_metric([state], amount)
-        yield payouts
-        yield payouts_nano
-
-        balances = GaugeMetricFamily(
+        yield _family(
+            "cocoon_payouts_nano",
+            "nanoTON of payouts, by state",
+            ["state"],
+            {state: amount for state, (_n, amount) in s.payouts.items()},
+        )
+        yield _family(
             "cocoon_ledger_balance_nano",
             "Sum of the ledger's balances by account kind (all kinds sum to zero)",
-            labels=["kind"],
+            ["kind"],
+            s.balances,
         )
-        for kind, total in sorted(s.balances.items()):
-            balances.add_metric([kind], total)
-        yield balances
+
+
+def _family(
+    name: str, documentation: str, labels: list[str], values: Mapping[Any, float]
+) -> GaugeMetricFamily:
+    """One gauge family with a sample per key of ``values`` (a label value, or a tuple of
+    them), in sorted order."""
+    family = GaugeMetricFamily(name, documentation, labels=labels)
+    for key, value in sorted(values.items()):
+        family.add_metric(list(key) if isinstance(key, tuple) else [key], value)
+    return family
 
 
 # ------------------------------------------------------------------------------ aiohttp
