@@ -209,21 +209,46 @@ async def cmd_retry(
         await message.answer(_("There is no answer to regenerate yet. Just write to me."))
         return
     prompt = messages.pop()["content"]
-    if not await _checked(message, prompt, settings, limiter, user):
-        return
     conversation.messages = messages
-    await answer(
-        bot,
-        message.chat.id,
-        message.chat.type == ChatType.PRIVATE,
-        user,
-        prompt,
-        conversation,
-        settings=settings,
-        turns=turns,
-        contexts=contexts,
-        running=running,
+    await _reply(
+        message, bot, user, prompt, conversation, settings, turns, contexts, running, limiter
     )
+
+
+async def _reply(
+    message: Message,
+    bot: Bot,
+    user: User,
+    prompt: str,
+    conversation: Conversation | None,
+    settings: Settings,
+    turns: TurnDispatcher,
+    contexts: ContextStore,
+    running: RunningTurns,
+    limiter: RateLimiter,
+) -> None:
+    """Check the prompt and the rate, then answer it after ``conversation`` (default: the
+    chat's context), telling the user plainly when Redis is down."""
+    try:
+        if not await _checked(message, prompt, settings, limiter, user):
+            return
+        if conversation is None:
+            conversation = await contexts.load(message.chat.id)
+        await answer(
+            bot,
+            message.chat.id,
+            message.chat.type == ChatType.PRIVATE,
+            user,
+            prompt,
+            conversation,
+            settings=settings,
+            turns=turns,
+            contexts=contexts,
+            running=running,
+        )
+    except RedisError as error:
+        log.warning("chat turn failed on Redis: %s", type(error).__name__)
+        await message.answer(_("The service is busy right now. Please try again in a minute."))
 
 
 @handlers.callback_query(F.data == STOP)
@@ -257,27 +282,8 @@ async def on_text(
     limiter: RateLimiter,
 ) -> None:
     prompt = (message.text or "").strip()
-    if not prompt:
-        return
-    try:
-        if not await _checked(message, prompt, settings, limiter, user):
-            return
-        conversation = await contexts.load(message.chat.id)
-        await answer(
-            bot,
-            message.chat.id,
-            message.chat.type == ChatType.PRIVATE,
-            user,
-            prompt,
-            conversation,
-            settings=settings,
-            turns=turns,
-            contexts=contexts,
-            running=running,
-        )
-    except RedisError as error:
-        log.warning("chat turn failed on Redis: %s", type(error).__name__)
-        await message.answer(_("The service is busy right now. Please try again in a minute."))
+    if prompt:
+        await _reply(message, bot, user, prompt, None, settings, turns, contexts, running, limiter)
 
 
 @handlers.message(F.chat.type == ChatType.PRIVATE)
