@@ -633,9 +633,8 @@ async def stats(db: Database, redis: Any) -> Stats:
         )
     workers = await registry.list_workers(redis)
     depth: dict[str, int] = {}
-    for worker in workers:
-        waiting = await redis.llen(f"rq:queue:{registry.queue_name(worker.worker_id)}")
-        depth[worker.model] = depth.get(worker.model, 0) + int(waiting) + worker.effective_load
+    for worker, waiting in zip(workers, await registry.queued_jobs(redis, workers), strict=True):
+        depth[worker.model] = depth.get(worker.model, 0) + waiting + worker.effective_load
     return Stats(
         users=int(users or 0),
         providers=int(providers or 0),

@@ -54,7 +54,6 @@ the client left before anything was generated), failed (an error; the hold went 
 
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
-RQ_QUEUE_PREFIX = "rq:queue:"
 
 REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
 
@@ -144,16 +143,13 @@ async def read_redis_state(redis: object, snapshot: StateSnapshot) -> None:
     from workers import registry
 
     workers = await registry.list_workers(redis)  # type: ignore[arg-type]
-    pipe = redis.pipeline(transaction=False)  # type: ignore[attr-defined]
-    for info in workers:
-        pipe.llen(RQ_QUEUE_PREFIX + registry.queue_name(info.worker_id))
-    depths = await pipe.execute() if workers else []
+    depths = await registry.queued_jobs(redis, workers)  # type: ignore[arg-type]
     queue: dict[str, int] = defaultdict(int)
     online: dict[tuple[str, str], int] = defaultdict(int)
     load: dict[str, int] = defaultdict(int)
     capacity: dict[str, int] = defaultdict(int)
     for info, depth in zip(workers, depths, strict=True):
-        queue[info.model] += int(depth)
+        queue[info.model] += depth
         online[(info.model, info.tee)] += 1
         load[info.model] += info.load
         capacity[info.model] += info.capacity

@@ -305,6 +305,17 @@ async def get_worker(redis: AsyncRedis, worker_id: str) -> WorkerInfo | None:
     return _parse(worker_id, fields, reserved, record, now)
 
 
+async def queued_jobs(redis: AsyncRedis, workers: list[WorkerInfo]) -> list[int]:
+    """Jobs waiting in each worker's own RQ queue, in the order of ``workers`` (one round
+    trip)."""
+    if not workers:
+        return []
+    pipe = redis.pipeline(transaction=False)
+    for info in workers:
+        pipe.llen(f"rq:queue:{queue_name(info.worker_id)}")
+    return [int(n) for n in await pipe.execute()]
+
+
 async def pick_worker(
     redis: AsyncRedis,
     model: str,
