@@ -33,13 +33,14 @@ from backend.models import (
     WorkerState,
 )
 from backend.settings import MAX_NANO, Settings
+from backend.ton.watcher import NOTIFY_DEPOSIT as NOTIFY_DEPOSIT
 
 HistoryKind = Literal["deposit", "turn", "payout"]
 HISTORY_KINDS: tuple[HistoryKind, ...] = ("deposit", "turn", "payout")
 MAX_PAGE_SIZE = 100
 
 # Notification kinds in the outbox (``ton_notifications``); the bot tells each one once.
-NOTIFY_DEPOSIT = "deposit_credited"  # written by backend.ton.watcher
+# NOTIFY_DEPOSIT (imported above) is written by the watcher, in the crediting transaction.
 NOTIFY_STARS = "stars_credited"
 NOTIFY_PAYOUT_CONFIRMED = "payout_confirmed"
 NOTIFY_PAYOUT_FAILED = "payout_failed"
