@@ -22,7 +22,7 @@ from backend.models import AccountKind
 from backend.pricing import turn_cost
 from backend.settings import DEFAULT_MODEL, Settings
 from tests.conftest import require_module
-from tests.turns import TON, dev_stack, funded_user, open_holds
+from tests.turns import TON, cancel_after, dev_stack, funded_user, open_holds
 from workers import registry
 from workers.wire import ChatMessage
 
@@ -208,15 +208,7 @@ async def test_cancel_stops_generation_and_bills_what_was_generated(
     nodes.append(Node(redis_url))
 
     turn = await dispatcher.start_turn(ask(user, "Count from one to five hundred.", 1500))
-    chunks = 0
-    done: TurnDone | None = None
-    async for event in turn.events():
-        if isinstance(event, TurnText):
-            chunks += 1
-            if chunks == 3:
-                await turn.cancel()
-        else:
-            done = event
+    done = await cancel_after(turn, 3)
     assert done is not None and done.finish_reason == "cancelled"
     assert 3 <= done.completion_tokens < 1500
     assert done.prompt_tokens > 0  # the engine's real usage, not a guess

@@ -54,7 +54,7 @@ from backend.ledger import Ledger  # noqa: E402
 from backend.models import AccountKind, Transaction  # noqa: E402
 from backend.pricing import turn_cost  # noqa: E402
 from backend.settings import DEFAULT_MODEL, Settings  # noqa: E402
-from tests.turns import TON, dev_stack, funded_user, open_holds  # noqa: E402
+from tests.turns import TON, cancel_after, dev_stack, funded_user, open_holds  # noqa: E402
 from workers import registry  # noqa: E402
 from workers.engines import (  # noqa: E402
     Engine,
@@ -424,15 +424,7 @@ async def test_a_vllm_node_serves_a_turn_billed_once_from_signed_usage(
             conversation_id="vllm-c2",
         )
     )
-    chunks = 0
-    stopped: TurnDone | None = None
-    async for event in cancelled.events():
-        if isinstance(event, TurnText):
-            chunks += 1
-            if chunks == 3:
-                await cancelled.cancel()
-        else:
-            stopped = event
+    stopped = await cancel_after(cancelled, 3)
     assert stopped is not None and stopped.finish_reason == "cancelled"
     assert 3 <= stopped.completion_tokens < 1500
     assert stopped.worker.usage_signature_verified

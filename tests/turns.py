@@ -12,7 +12,7 @@ from sqlalchemy import select
 
 from backend.attestation.settings import AttestationSettings
 from backend.db import Database
-from backend.dispatch import Dispatcher
+from backend.dispatch import Dispatcher, Turn, TurnDone, TurnText
 from backend.ledger import Ledger
 from backend.models import Hold, HoldState
 from backend.settings import Settings
@@ -56,3 +56,18 @@ async def funded_user(ledger: Ledger, telegram_id: int, amount: int = TON) -> in
 async def open_holds(ledger: Ledger) -> list[Hold]:
     async with ledger.db.session() as session:
         return list(await session.scalars(select(Hold).where(Hold.state == HoldState.OPEN)))
+
+
+async def cancel_after(turn: Turn, chunks: int) -> TurnDone | None:
+    """Read a turn to its end, pressing stop once ``chunks`` text chunks have arrived; the
+    turn's final event (None if it ended without one)."""
+    seen = 0
+    done: TurnDone | None = None
+    async for event in turn.events():
+        if isinstance(event, TurnText):
+            seen += 1
+            if seen == chunks:
+                await turn.cancel()
+        else:
+            done = event
+    return done
