@@ -25,7 +25,6 @@ from backend.models import TonNotification, User
 from backend.ton.watcher import mark_delivered, pending_notifications
 from bot.common import ton
 from bot.i18n import _, use_language
-from bot.watch import watch_workers
 from workers.redis_keys import redis_key
 
 log = logging.getLogger("cocoon.bot.outbox")
@@ -156,7 +155,7 @@ class Outbox:
     async def run(self, stop: asyncio.Event, interval_s: float = 2.0) -> None:
         while not stop.is_set():
             try:
-                await watch_workers(self.db, self.redis)
+                await account.watch_workers(self.db, self.redis)
                 await self.drain_once()
             except Exception as error:  # the database or Telegram is down: keep trying
                 log.warning("outbox: %s", type(error).__name__)

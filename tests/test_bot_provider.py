@@ -26,7 +26,6 @@ from backend.money import format_ton
 from backend.settings import ModelPrice, Settings
 from backend.web import create_app
 from bot.app import running_bot
-from bot.watch import watch_workers
 from tests.bot_fakes import TOKEN, FakeTelegram
 from tests.test_bot import Harness
 from tests.turns import funded_user
@@ -128,8 +127,8 @@ async def test_provider_onboards_a_dev_worker_that_serves_and_earns(
         while await registry.list_workers(admin, MODEL):
             assert time.monotonic() < deadline
             await asyncio.sleep(0.2)
-        assert await watch_workers(bot.db, admin, grace_s=0) == [worker.worker_id]
-        assert await watch_workers(bot.db, admin, grace_s=0) == []
+        assert await account.watch_workers(bot.db, admin, grace_s=0) == [worker.worker_id]
+        assert await account.watch_workers(bot.db, admin, grace_s=0) == []
         bot.tg.clear()
         assert await bot.app.outbox.drain_once() == 1
         assert "went offline" in bot.last().text and bot.last().chat_id == PROVIDER
