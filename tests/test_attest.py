@@ -138,11 +138,14 @@ def test_the_outdated_quote_is_refused() -> None:
     assert "out of date" in verdict.reasons[0] or "TCB status" in verdict.reasons[0]
 
 
-@pytest.mark.parametrize("at", [AT - 60 * 86400, AT + 60 * 86400])
-def test_collateral_outside_its_window_is_refused(at: int) -> None:
+@pytest.mark.parametrize(
+    ("at", "words"),
+    [(AT - 60 * 86400, "is not valid yet at"), (AT + 60 * 86400, "outside its validity window")],
+)
+def test_collateral_outside_its_window_is_refused(at: int, words: str) -> None:
     verdict = verify(at=at)
     assert not verdict.accepted and verdict.status is None
-    assert "outside its validity window" in verdict.reasons[0]
+    assert words in verdict.reasons[0] and verdict.collateral_fault
 
 
 @pytest.mark.parametrize("name", list(MEASURED))

@@ -157,9 +157,12 @@ async def test_refusals_each_with_a_reason(settings: Settings, admin: aioredis.R
         "the quote's report data does not equal SHA-512 of the claims: the quote was not "
         "taken for these keys and this nonce"
     ]
-    # the same quote now: its collateral has expired
-    reasons = await refused(attest(service(settings, admin), token, keys, tee="tdx"))
-    assert "outside its validity window" in reasons[0]
+    # the same quote now: the backend's collateral has expired, so it cannot decide (503, its
+    # own fault, not a refusal of the worker)
+    with pytest.raises(OnboardingError) as caught:
+        await attest(service(settings, admin), token, keys, tee="tdx")
+    assert caught.value.status == 503
+    assert "outside its validity window" in caught.value.reasons[0]
     # an unknown token
     with pytest.raises(OnboardingError) as caught:
         await strict.nonce("cct_nonsense")

@@ -35,6 +35,7 @@ __all__ = [
     "CLAIMS_VERSION",
     "TSM_REPORT_ROOT",
     "AttestationRefused",
+    "BackendUnavailable",
     "Claims",
     "DevProof",
     "Evidence",
@@ -204,6 +205,11 @@ class AttestationRefused(RuntimeError):
         self.reasons = reasons
 
 
+class BackendUnavailable(OSError):
+    """The backend answered 5xx: it could not decide now (its collateral service is down, or it
+    failed). Not a refusal: like an unreachable backend, the node tries again."""
+
+
 class Registration(_Strict):
     """The sealed credentials a backend returns on acceptance (see backend onboarding)."""
 
@@ -239,7 +245,7 @@ async def register_with_backend(
     dev_key: nacl.signing.SigningKey | None = None,
 ) -> Registration:
     """Nonce → evidence → register. Raises AttestationRefused, or OSError-like network errors
-    (``aiohttp.ClientError``) that the caller may retry."""
+    (``aiohttp.ClientError``, :class:`BackendUnavailable` for a 5xx) that the caller may retry."""
     import aiohttp
     import nacl.public
 
@@ -248,21 +254,30 @@ async def register_with_backend(
     async with aiohttp.ClientSession(timeout=timeout) as session:
         async with session.post(f"{base}/v1/workers/nonce", json={"token": token}) as reply:
             body = await _json(reply)
-            if reply.status != 200:
-                raise AttestationRefused(reply.status, body.get("reasons") or [str(body)])
+            _raise_for(reply.status, body)
         claims = Claims(**claims_without_nonce, nonce=body["nonce"])
         evidence = collect_evidence(tee, claims, dev_key)
         payload = {"token": token, "evidence": evidence.model_dump(mode="json")}
         async with session.post(f"{base}/v1/workers/register", json=payload) as reply:
             body = await _json(reply)
-            if reply.status != 200:
-                raise AttestationRefused(reply.status, body.get("reasons") or [str(body)])
+            _raise_for(reply.status, body)
     try:
         sealed = base64.b64decode(body["sealed"], validate=True)
         plain = nacl.public.SealedBox(box_key).decrypt(sealed)
         return Registration.model_validate_json(plain)
     except Exception as error:
         raise AttestationRefused(200, [f"cannot open the sealed credentials: {error}"]) from None
+
+
+def _raise_for(status: int, body: dict[str, Any]) -> None:
+    if status == 200:
+        return
+    reasons = body.get("reasons") or [str(body)]
+    if status >= 500:
+        raise BackendUnavailable(
+            f"the backend answered HTTP {status}: {'; '.join(map(str, reasons))}"
+        )
+    raise AttestationRefused(status, reasons)
 
 
 async def _json(reply: Any) -> dict[str, Any]:

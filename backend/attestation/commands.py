@@ -45,7 +45,25 @@ def cmd_provider_token(settings: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+EXIT_REFUSED = 1  # the quote was checked and is refused: the reasons say why
+EXIT_ERROR = 70  # the check itself failed (a bug, a crash in dcap-qvl): no verdict (EX_SOFTWARE)
+MAX_UNIX_TIME = 2**63 - 1
+
+
 def cmd_attest_verify(settings: Any, args: argparse.Namespace) -> int:
+    """Exit 0 accepted, 1 refused, 2 bad input, 70 when the check itself failed."""
+    try:
+        return _attest_verify(settings, args)
+    except Exception as error:  # not a verdict: never exit as if the quote were refused
+        print(
+            f"cocoon: error: the quote could not be checked ({type(error).__name__}: {error}); "
+            "this is a fault of the verifier, not a verdict on the quote",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
+
+
+def _attest_verify(settings: Any, args: argparse.Namespace) -> int:
     from backend.attestation.policy import Policy, PolicyError, load_policy
     from backend.attestation.tdx import load_collateral, verify_quote
     from backend.cli import _fail
@@ -55,6 +73,8 @@ def cmd_attest_verify(settings: Any, args: argparse.Namespace) -> int:
         collateral_text = Path(args.collateral).read_text()
     except OSError as error:
         _fail(f"cannot read {error.filename}: {error.strerror}")
+    except UnicodeDecodeError:
+        _fail("--collateral is not text (dcap-qvl collateral JSON)")
     try:
         collateral = load_collateral(collateral_text)
     except (ValueError, RuntimeError) as error:
@@ -71,9 +91,11 @@ def cmd_attest_verify(settings: Any, args: argparse.Namespace) -> int:
         except ValueError:
             _fail("--report-data must be hex")
     now = int(args.at) if args.at is not None else int(time.time())
+    if not 0 <= now <= MAX_UNIX_TIME:
+        _fail("--at must be a Unix time in seconds, 0 or more")
     verdict = verify_quote(raw, collateral, now, policy, expected_report_data=expected)
     print(json.dumps(verdict.to_json(), indent=2))
-    return 0 if verdict.accepted else 1
+    return 0 if verdict.accepted else EXIT_REFUSED
 
 
 def add_commands(sub: Any, add: Any) -> None:
@@ -97,7 +119,8 @@ def add_commands(sub: Any, add: Any) -> None:
     attest_sub = attest.add_subparsers(dest="attest_command", metavar="COMMAND", required=True)
     verify = add(
         "verify",
-        "verify a TDX quote with its collateral against the policy; exit 0 only when accepted",
+        "verify a TDX quote (v4 or v5) with its collateral against the policy; exit 0 when "
+        f"accepted, {EXIT_REFUSED} when refused, {EXIT_ERROR} when the check itself failed",
         cmd_attest_verify,
         attest_sub,
     )

@@ -10,7 +10,9 @@ HTTP API (served by ``cocoon web``; request and response bodies are JSON):
     :class:`Credentials` (its Redis URL with its own ACL user, its renewal token). Only the
     worker whose key the evidence binds can open it.
     → 403 ``{"accepted": false, "reasons": [...]}`` when the evidence is refused; 400 for a
-    malformed body; 401 for an unknown or used token.
+    malformed body; 401 for an unknown or used token. 503 when the backend cannot decide now
+    (no usable collateral, Redis refuses), 500 for a fault of the backend's own: neither is a
+    refusal, neither spends the nonce or the token, and a renewal that meets one revokes nothing.
 
 ``T`` is a provider's one-time registration token (``cocoon provider token``) or, to attest
 again before the evidence expires, the renewal token from the previous credentials. A refused
@@ -26,7 +28,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -38,7 +40,7 @@ from redis.exceptions import RedisError
 
 from backend import appkeys
 from backend.attestation import acl, store
-from backend.attestation.verifier import Verifier
+from backend.attestation.verifier import Verifier, VerifierUnavailable
 from workers import registry
 from workers.evidence import Evidence
 from workers.wire import WireError, key_fingerprint
@@ -109,17 +111,35 @@ class Onboarding:
             where = ".".join(str(p) for p in first["loc"])
             raise OnboardingError(400, f"malformed evidence: {where}: {first['msg']}") from None
         claims = evidence.claims
-        refused = await store.consume_nonce(self.redis, claims.nonce, grant)
+        # The nonce is checked now and used up once a decision is made: a backend fault
+        # (503, 500) decides nothing, and the worker may try again with the same evidence.
+        refused = await store.check_nonce(self.redis, claims.nonce, grant)
         try:
             worker_id = "w-" + key_fingerprint(claims.box_public_key, claims.verify_key)
         except WireError as error:
+            if refused is None:
+                await store.consume_nonce(self.redis, claims.nonce, grant)
             raise OnboardingError(400, f"malformed evidence: the claimed keys: {error}") from None
         reasons = [refused] if refused else []
         if grant.kind == "renewal" and worker_id != grant.worker_id:
             reasons.append("a renewal token attests the same worker keys again, not new ones")
+        verdict = None
         if not reasons:
-            verdict = await self.verifier.verify(evidence)
-            reasons = verdict.reasons
+            try:
+                verdict = await self.verifier.verify(evidence)
+            except VerifierUnavailable as error:
+                log.warning("worker %s: evidence not verified now: %s", worker_id, error)
+                raise OnboardingError(
+                    503,
+                    "the backend cannot verify evidence right now; nothing was decided: try "
+                    "again later (the nonce stays good until it expires)",
+                    [str(error)],
+                ) from None
+            reasons = list(verdict.reasons)
+        if refused is None:
+            used = await store.consume_nonce(self.redis, claims.nonce, grant)
+            if used and not reasons:  # a concurrent attempt with this nonce was decided first
+                reasons = [used]
         if reasons:
             log.warning(
                 "worker %s refused (tee=%s): %s", worker_id, evidence.tee, "; ".join(reasons)
@@ -136,9 +156,18 @@ class Onboarding:
                 note="; ".join(reasons)[:1000],
             )
             raise OnboardingError(403, "evidence refused", reasons)
+        token_ttl_ms = await store.token_ttl_ms(self.redis, token)
         if not await store.consume_token(self.redis, token):
             raise OnboardingError(401, "the token was used meanwhile")
-        return await self._admit(worker_id, evidence, grant, verdict)
+        try:
+            return await self._admit(worker_id, evidence, grant, verdict)
+        except Exception:
+            # The backend failed after the decision: give the worker its token and nonce back,
+            # so that it can try again rather than ask its operator for a new token.
+            with contextlib.suppress(Exception):
+                await store.restore_token(self.redis, token, grant, token_ttl_ms)
+                await store.restore_nonce(self.redis, claims.nonce, grant, self.att.nonce_ttl_s)
+            raise
 
     async def _admit(
         self, worker_id: str, evidence: Evidence, grant: store.TokenGrant, verdict: Any
@@ -173,7 +202,7 @@ class Onboarding:
             model=claims.model,
             tee=evidence.tee,
             image=verdict.image,
-            mrtd=(verdict.measurements or {}).get("mrtd"),
+            mrtd=(verdict.measurements or {}).get("mr_td"),
             attested_at=now,
             expires_at=expires_at,
         )
@@ -290,25 +319,37 @@ def _error(error: OnboardingError) -> web.Response:
     return web.json_response(body, status=error.status)
 
 
-async def nonce_view(request: web.Request) -> web.Response:
+async def _answer(
+    request: web.Request, call: Callable[[Onboarding, dict[str, Any]], Awaitable[Any]]
+) -> web.Response:
+    """The service's answer as JSON; its refusals with their status, the backend's own faults
+    as 503 (Redis) or 500 (a bug), never dressed as a refusal."""
     try:
         data = await _body(request)
-        return web.json_response(await request.app[ONBOARDING].nonce(data.get("token")))
-    except OnboardingError as error:
-        return _error(error)
-
-
-async def register_view(request: web.Request) -> web.Response:
-    try:
-        data = await _body(request)
-        service = request.app[ONBOARDING]
-        return web.json_response(await service.register(data.get("token"), data.get("evidence")))
+        return web.json_response(await call(request.app[ONBOARDING], data))
     except OnboardingError as error:
         return _error(error)
     except RedisError as error:  # e.g. this Redis refuses ACL SETUSER to the backend's user
         log.error("onboarding failed on Redis: %s", error)
         message = f"the backend cannot register workers right now ({type(error).__name__})"
         return _error(OnboardingError(503, message))
+    except Exception as error:  # a bug on this side: say so, and never as a refusal
+        log.exception("onboarding failed on the backend's side")
+        message = (
+            f"internal error on the backend ({type(error).__name__}): nothing was decided about "
+            "this worker; try again later (the nonce stays good until it expires)"
+        )
+        return _error(OnboardingError(500, message))
+
+
+async def nonce_view(request: web.Request) -> web.Response:
+    return await _answer(request, lambda service, data: service.nonce(data.get("token")))
+
+
+async def register_view(request: web.Request) -> web.Response:
+    return await _answer(
+        request, lambda service, data: service.register(data.get("token"), data.get("evidence"))
+    )
 
 
 def setup(app: web.Application, settings: Any) -> None:

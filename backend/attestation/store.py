@@ -5,7 +5,9 @@
 * A renewal token is given (sealed) to a registered worker for its next attestation; each
   attestation replaces it.
 * A nonce is issued to the holder of a token, lives ``nonce_ttl_s`` seconds and is consumed by the
-  first registration that uses it, accepted or not (``GETDEL``): fresh and single-use.
+  first registration that uses it, accepted or not (``GETDEL``): fresh and single-use. A
+  registration that fails on the backend's side (it cannot verify now, or crashes) decides
+  nothing and leaves the nonce (and the token) as they were.
 
 Tokens are stored as their SHA-256 only.
 """
@@ -81,17 +83,37 @@ async def consume_token(redis: Any, token: str) -> bool:
     return key is not None and bool(await redis.delete(key))
 
 
+async def token_ttl_ms(redis: Any, token: str) -> int:
+    """The token's remaining life in ms (0 when it is gone), to restore it with
+    :func:`restore_token`."""
+    key = _token_key(token)
+    return max(0, int(await redis.pttl(key))) if key is not None else 0
+
+
+async def restore_token(redis: Any, token: str, grant: TokenGrant, ttl_ms: int) -> None:
+    """Put back a token consumed by a registration that then failed on the backend's side."""
+    key = _token_key(token)
+    if key is None or ttl_ms <= 0:
+        return
+    value: dict[str, Any] = {"provider_id": grant.provider_id}
+    if grant.kind == "renewal":
+        value["worker_id"] = grant.worker_id
+    await redis.set(key, json.dumps(value), px=ttl_ms, nx=True)
+
+
 async def issue_nonce(redis: Any, grant: TokenGrant, ttl_s: int) -> str:
     nonce = secrets.token_hex(32)
     await redis.set(redis_key(ATTEST_NONCE, nonce), grant.token_hash, ex=ttl_s)
     return nonce
 
 
-async def consume_nonce(redis: Any, nonce: str, grant: TokenGrant) -> str | None:
-    """None when the nonce is good (and now used up); else why it is refused."""
+def _nonce_problem(nonce: Any) -> str | None:
     if not isinstance(nonce, str) or not 16 <= len(nonce) <= 128:
         return "the nonce is malformed"
-    holder = await redis.getdel(redis_key(ATTEST_NONCE, nonce))
+    return None
+
+
+def _holder_problem(holder: Any, grant: TokenGrant) -> str | None:
     if holder is None:
         return (
             "the nonce is unknown, expired or already used (evidence must be taken for a "
@@ -100,3 +122,25 @@ async def consume_nonce(redis: Any, nonce: str, grant: TokenGrant) -> str | None
     if (holder.decode() if isinstance(holder, bytes) else holder) != grant.token_hash:
         return "the nonce was issued to another token"
     return None
+
+
+async def check_nonce(redis: Any, nonce: Any, grant: TokenGrant) -> str | None:
+    """None when the nonce is good (and still unused: see :func:`consume_nonce`); else why it is
+    refused. Verification runs between the two, so a backend fault does not spend the nonce."""
+    problem = _nonce_problem(nonce)
+    if problem:
+        return problem
+    return _holder_problem(await redis.get(redis_key(ATTEST_NONCE, nonce)), grant)
+
+
+async def consume_nonce(redis: Any, nonce: Any, grant: TokenGrant) -> str | None:
+    """None when the nonce is good (and now used up); else why it is refused."""
+    problem = _nonce_problem(nonce)
+    if problem:
+        return problem
+    return _holder_problem(await redis.getdel(redis_key(ATTEST_NONCE, nonce)), grant)
+
+
+async def restore_nonce(redis: Any, nonce: str, grant: TokenGrant, ttl_s: int) -> None:
+    """Put back a nonce consumed by a registration that then failed on the backend's side."""
+    await redis.set(redis_key(ATTEST_NONCE, nonce), grant.token_hash, ex=ttl_s, nx=True)

@@ -3,6 +3,11 @@
 The nonce is checked by the onboarding service (it lives in Redis); everything else is here:
 the claims, the TEE-specific proof (TDX quote through :mod:`.tdx`, or the development TEE's
 software signature, only when dev mode is on), and the optional NVIDIA GPU evidence.
+
+A verdict is a decision about the evidence. When the verifier cannot decide (it has no
+collateral, or its collateral is not valid now or is not the quote's platform's) it raises
+:class:`VerifierUnavailable` instead: that is the backend's fault, not the worker's, and must
+not count as a refusal. Any other exception is a bug in the backend.
 """
 
 from __future__ import annotations
@@ -20,7 +25,13 @@ import nacl.signing
 from backend.attestation.nvidia import verify_nvidia
 from backend.attestation.policy import Policy, load_policy
 from backend.attestation.settings import AttestationSettings
-from backend.attestation.tdx import CollateralError, CollateralSource, QuoteVerdict, verify_quote
+from backend.attestation.tdx import (
+    CollateralError,
+    CollateralSource,
+    QuoteVerdict,
+    UnsupportedQuote,
+    verify_quote,
+)
 from workers.evidence import Evidence, report_data
 from workers.wire import WireError, key_fingerprint
 
@@ -28,6 +39,10 @@ DEV_REFUSED = (
     "development-TEE evidence is refused: dev mode is off on this backend (an operator can "
     "enable it with COCOON_ATTESTATION__ALLOW_DEV=true, for development only)"
 )
+
+
+class VerifierUnavailable(RuntimeError):
+    """The verifier cannot decide now (collateral missing or unusable): nothing was decided."""
 
 
 @dataclass
@@ -94,16 +109,22 @@ class Verifier:
         if self.models is not None and claims.model not in self.models:
             verdict.reasons.append(f"model {claims.model!r} is not served on this network")
         expected = report_data(claims)
+        gpu: list[str] = []  # decided without collateral, listed after the TEE's reasons
+        if evidence.nvidia is not None:
+            gpu = verify_nvidia(evidence.nvidia, claims.nonce)
+            verdict.nvidia = not gpu
+        elif evidence.tee == "tdx" and self.settings.require_nvidia:
+            gpu = ["NVIDIA GPU evidence is required and the worker sent none"]
         if evidence.tee == "dev":
             verdict.reasons.extend(self._check_dev(evidence, expected))
         else:
-            await self._check_tdx(evidence, expected, verdict)
-        if evidence.nvidia is not None:
-            problems = verify_nvidia(evidence.nvidia, claims.nonce)
-            verdict.reasons.extend(problems)
-            verdict.nvidia = not problems
-        elif evidence.tee == "tdx" and self.settings.require_nvidia:
-            verdict.reasons.append("NVIDIA GPU evidence is required and the worker sent none")
+            try:
+                await self._check_tdx(evidence, expected, verdict)
+            except VerifierUnavailable:
+                if not verdict.reasons and not gpu:
+                    raise
+                # Refused for what can be decided now, whatever the quote would say.
+        verdict.reasons.extend(gpu)
         return verdict
 
     def _check_dev(self, evidence: Evidence, expected: bytes) -> list[str]:
@@ -134,14 +155,23 @@ class Verifier:
         try:
             collateral = await self.collateral.get(raw)
         except CollateralError as error:
+            raise VerifierUnavailable(str(error)) from None
+        except UnsupportedQuote as error:
             verdict.reasons.append(str(error))
             return
         except ValueError as error:  # the quote cannot even be parsed
             verdict.reasons.append(f"the quote is malformed ({error})")
             return
-        verdict.quote = verify_quote(
+        quote = verify_quote(
             raw, collateral, int(self.clock()), self.policy, expected_report_data=expected
         )
-        verdict.reasons.extend(verdict.quote.reasons)
-        if verdict.quote.status is None and not verdict.quote.reasons:
+        if quote.collateral_fault:
+            # Collateral is fetched per platform for this very quote: if it does not fit or is
+            # not valid now, the PCS, the cache or this server's clock is at fault.
+            raise VerifierUnavailable(
+                f"the backend's collateral cannot verify this quote now: {quote.reasons[0]}"
+            )
+        verdict.quote = quote
+        verdict.reasons.extend(quote.reasons)
+        if quote.status is None and not quote.reasons:
             verdict.reasons.append("the quote did not verify")
