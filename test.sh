@@ -4,6 +4,6 @@
 # server is missing are skipped outside CI and fail in CI.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-bash "$root/scripts/bootstrap.sh" "dev,cpu"
+bash "$root/scripts/bootstrap.sh" "operator,dev,cpu"
 cd "$root"
 exec "${COCOON_VENV:-$root/.venv}/bin/python" -m pytest "$@"

