@@ -111,7 +111,9 @@ def test_the_worker_lock_holds_no_operator_dependency_and_agrees_with_the_dev_lo
 
 def test_the_worker_image_copies_only_the_worker() -> None:
     text = (ROOT / "deploy" / "worker.Dockerfile").read_text()
-    copied = {s for line in re.findall(r"^COPY (.+) \S+$", text, re.MULTILINE) for s in line.split()}
+    copied = {
+        s for line in re.findall(r"^COPY (.+) \S+$", text, re.MULTILINE) for s in line.split()
+    }
     assert "workers" in copied
     assert not copied & {"backend", "bot", "miniapp", "locales", "requirements/dev.lock"}
     assert "-c requirements/worker.lock" in text
