@@ -214,11 +214,17 @@ class TonCursor(Base):
 class TonDepositStatus(enum.StrEnum):
     CREDITED = "credited"  # matched a user's memo and credited
     UNCLAIMED = "unclaimed"  # value arrived but no user's memo matched: an admin resolves it
-    IGNORED = "ignored"  # bounced, external, aborted or zero-value: nothing to credit
+    IGNORED = "ignored"  # bounced back, external, bounced or zero-value: nothing to credit
+    JETTON = "jetton"  # a jetton transfer notification: recorded, never credited as TON
 
 
 class TonDeposit(Base):
-    """One transaction of the deposit wallet, recorded once (unique account, lt, hash)."""
+    """One transaction of the deposit wallet, recorded once (unique account, lt, hash).
+
+    ``amount`` is the nanoTON the incoming message carried, whatever the status (an ignored
+    row keeps it, and ``note`` says why it was ignored). A jetton notification also keeps the
+    jetton amount (decimal digits: up to 2^120) and the sender the notification names.
+    """
 
     __tablename__ = "ton_deposits"
     __table_args__ = (
@@ -239,6 +245,8 @@ class TonDeposit(Base):
     ledger_key: Mapped[str] = mapped_column(String(200))
     utime: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    jetton_amount: Mapped[str | None] = mapped_column(String(40))
+    jetton_sender: Mapped[str | None] = mapped_column(String(80))
 
 
 class TonNotification(Base):

@@ -208,6 +208,38 @@ async def test_api_errors_while_sending_resend_the_same_message(
     assert len(set(net.received)) == 1
 
 
+@pytest.mark.parametrize("indexed_by", ["raw", "normalized"])
+async def test_a_payout_is_found_by_whichever_message_hash_the_indexer_knows(
+    db: Database,
+    net: LocalTonCenter,
+    api: TonCenter,
+    hot: HotWallet,
+    clock: Clock,
+    indexed_by: str,
+) -> None:
+    # TON Center matches both hashes; an indexer that knows only one must still confirm.
+    net.match_raw_hashes = indexed_by == "raw"
+    net.match_normalized_hashes = indexed_by == "normalized"
+    ledger = Ledger(db, min_withdrawal=TON)
+    paid = []
+    for i, wallet in enumerate(PROVIDER_WALLETS[:2]):  # seqno 0 carries the state init
+        provider = await earn(db, 740 + i, 3 * TON)
+        receipt = await ledger.request_withdrawal(provider, 2 * TON, f"w:74{i}", destination=wallet)
+        paid.append((receipt.subject_id, wallet))
+
+    assert await run_until_done(lambda: sender(db, api, hot, clock)) == 0
+
+    for payout_id, wallet in paid:
+        assert (await ledger.get_payout(payout_id)).state == PayoutState.CONFIRMED
+        assert transfers_to(net, wallet) == [2 * TON]
+    async with db.session() as session:
+        messages = list(await session.scalars(select(TonPayoutMessage)))
+    assert [m.state for m in messages] == [TonMessageState.LANDED] * 2
+    landed = {tx["in_msg"]["hash_norm"] for tx in net.transactions_of(hot.raw)}
+    assert {base64.b64encode(bytes.fromhex(m.msg_hash)).decode() for m in messages} == landed
+    assert (await ledger.audit()).ok
+
+
 async def test_failed_payouts_give_the_money_back(
     db: Database, net: LocalTonCenter, api: TonCenter, hot: HotWallet, clock: Clock
 ) -> None:

@@ -134,11 +134,12 @@ def cmd_unclaimed(settings: Settings, _args: argparse.Namespace) -> int:
     async def run() -> int:
         from backend.db import Database
         from backend.money import format_ton
-        from backend.ton.watcher import unclaimed_deposits
+        from backend.ton.watcher import jetton_notifications, unclaimed_deposits
 
         db = Database.from_settings(settings)
         try:
             rows = await unclaimed_deposits(db)
+            jettons = await jetton_notifications(db)
         finally:
             await db.close()
         if not rows:
@@ -149,6 +150,14 @@ def cmd_unclaimed(settings: Settings, _args: argparse.Namespace) -> int:
                 f"lt {row.lt} tx {row.tx_hash}: {row.note}; comment {row.memo!r}"
             )
             print(f"    resolve: cocoon ton resolve --deposit {row.id} --telegram-id N")
+        if jettons:
+            print("jetton transfer notifications (recorded, not credited; not resolvable as TON):")
+        for row in jettons:
+            print(
+                f"#{row.id} {row.jetton_amount} jetton units from {row.jetton_sender} through "
+                f"jetton wallet {row.source}, with {row.amount} nanoTON, lt {row.lt} "
+                f"tx {row.tx_hash}: comment {row.memo!r}"
+            )
         return 0
 
     return asyncio.run(run())

@@ -5,8 +5,16 @@ transactions in memory, executes wallet v4r2 external messages the way the walle
 does (signature, subwallet, valid_until and seqno checked; seqno bumped; transfers paid while
 the balance lasts, mode 3 ignoring errors), and lets a test:
 
-- add incoming transactions (``add_incoming``: any value, comment, raw body, bounced, aborted,
-  external), also over HTTP (``POST /localnet/deposit``) for a browser session;
+- add incoming transactions (``add_incoming``: any value, comment, raw body, bounceable or not,
+  bounced, aborted, external), also over HTTP (``POST /localnet/deposit``) for a browser
+  session. Accounts behave as on chain: one that was never deployed (``nonexist``, then
+  ``uninit``) aborts every incoming transaction (compute skipped, ``no_state``) and keeps a
+  non-bounceable value, while a bounceable one bounces back to its sender (bounce phase ``ok``,
+  the value less the bounce fee); wallets and ``deploy``-ed accounts are ``active``;
+- serve a transaction only later (``indexed=False``, then ``index``): the real indexer
+  commits in parallel, so a lower ``lt`` can become visible after a higher one;
+- look transactions up by message hash as TON Center does (raw or normalized hash), or as an
+  indexer that knows only one of them (``match_raw_hashes``, ``match_normalized_hashes``);
 - see what was sent (``received``: every BOC posted) and what executed (``executed``);
 - make the API fail (``faults``: statuses to answer the next requests with), make the
   network lose messages (``drop_messages``: accept them and never execute them), or make
@@ -28,6 +36,8 @@ from pytoniq_core import Address, Cell, begin_cell
 
 from backend.ton.comment import comment_cell, raw_address
 from backend.ton.wallet import ParsedExternal, WalletError, parse_external
+
+BOUNCE_FEE = 266_669  # what a bounce costs the bounced value here (forwarding fees)
 
 
 def _b64(data: bytes) -> str:
@@ -62,7 +72,13 @@ class LocalTonCenter:
     drop_messages: int = 0
     stale_seqno_reads: int = 0  # answer this many seqno reads one behind (a lagging node)
     requests: int = 0
-    _by_msg: dict[str, dict[str, Any]] = field(default_factory=dict)
+    statuses: dict[str, str] = field(default_factory=dict)  # absent: nonexist
+    balances: dict[str, int] = field(default_factory=dict)  # of accounts that are not wallets
+    unindexed: set[str] = field(default_factory=set)  # hashes of transactions not served yet
+    match_raw_hashes: bool = True
+    match_normalized_hashes: bool = True
+    _by_raw: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _by_norm: dict[str, dict[str, Any]] = field(default_factory=dict)
     _lt: itertools.count = field(default_factory=lambda: itertools.count(1_000_000, 1_000))
 
     # --------------------------------------------------------------- state
@@ -73,6 +89,33 @@ class LocalTonCenter:
     def transactions_of(self, account: str) -> list[dict[str, Any]]:
         return self.accounts.setdefault(raw_address(account), [])
 
+    def deploy(self, account: str) -> None:
+        """Give ``account`` code: from now on it runs incoming messages (and accepts them)."""
+        self.statuses[raw_address(account)] = "active"
+
+    def status_of(self, account: str) -> str:
+        account = raw_address(account)
+        return "active" if account in self.wallets else self.statuses.get(account, "nonexist")
+
+    def balance_of(self, account: str) -> int:
+        account = raw_address(account)
+        wallet = self.wallets.get(account)
+        return wallet.balance if wallet is not None else self.balances.get(account, 0)
+
+    def _keep(self, account: str, value: int) -> int:
+        wallet = self.wallets.get(account)
+        if wallet is not None:
+            wallet.balance += value
+            return wallet.balance
+        self.balances[account] = self.balances.get(account, 0) + value
+        if self.statuses.get(account, "nonexist") == "nonexist":
+            self.statuses[account] = "uninit"
+        return self.balances[account]
+
+    def index(self, tx: dict[str, Any]) -> None:
+        """Serve a transaction added with ``indexed=False`` from now on."""
+        self.unindexed.discard(tx["hash"])
+
     def add_incoming(
         self,
         account: str,
@@ -81,10 +124,16 @@ class LocalTonCenter:
         comment: str | None = None,
         body: Cell | None = None,
         source: str | None = "0:" + "AB" * 32,
+        bounce: bool = False,
         bounced: bool = False,
         aborted: bool = False,
+        indexed: bool = True,
     ) -> dict[str, Any]:
-        """A transaction of ``account`` receiving a message (``source=None``: external)."""
+        """A transaction of ``account`` receiving a message (``source=None``: external).
+
+        ``bounce``: the message is bounceable; ``bounced``: it is itself a bounce;
+        ``aborted``: the code of an active account fails on it (an account that was never
+        deployed aborts anyway). What happens to the value follows the chain's rules."""
         account = raw_address(account)
         if body is None and comment is not None:
             body = comment_cell(comment)
@@ -108,7 +157,7 @@ class LocalTonCenter:
                 begin_cell()
                 .store_uint(0, 1)  # int_msg_info$0
                 .store_bit(1)  # ihr_disabled
-                .store_bit(0)  # bounce
+                .store_bit(1 if bounce else 0)
                 .store_bit(1 if bounced else 0)
                 .store_address(Address(source))
                 .store_address(Address(account))
@@ -123,17 +172,61 @@ class LocalTonCenter:
                 .store_ref(body)
                 .end_cell()
             )
+        opcode = None
+        if body.bits and len(body.bits) >= 32:
+            opcode = f"0x{body.begin_parse().load_uint(32):08x}"
         in_msg = {
             "hash": _b64(message.hash),
             "hash_norm": _b64(message.hash),
             "source": raw_address(source) if source else None,
             "destination": account,
             "value": str(value) if source else None,
-            "bounced": bounced,
-            "opcode": None,
+            "bounce": bounce if source else None,
+            "bounced": bounced if source else None,
+            "opcode": opcode,
             "message_content": {"body": _b64(body.to_boc()), "decoded": None},
         }
-        return self._add_tx(account, lt, now, in_msg, [], aborted)
+        orig_status = self.status_of(account)
+        out_msgs: list[dict[str, Any]] = []
+        description: dict[str, Any] = {"type": "ord", "destroyed": False}
+        if source is None:
+            description.update(aborted=aborted, credit_first=False)
+            description["compute_ph"] = _computed(orig_status, aborted)
+        else:
+            deployed = orig_status == "active"
+            failed = aborted or not deployed
+            description.update(aborted=failed, credit_first=not bounce)
+            description["credit_ph"] = {"credit": str(value)}
+            description["compute_ph"] = _computed(orig_status, aborted)
+            if not failed:
+                description["action"] = {"success": True, "valid": True, "result_code": 0}
+            elif bounce and not bounced:  # bounced messages never bounce again
+                if value > BOUNCE_FEE:
+                    description["bounce"] = {
+                        "type": "ok",
+                        "msg_fees": "0",
+                        "fwd_fees": str(BOUNCE_FEE),
+                    }
+                    out_msgs.append(
+                        {
+                            "hash": _b64(hashlib.sha256(message.hash + b"bounce").digest()),
+                            "source": account,
+                            "destination": raw_address(source),
+                            "value": str(value - BOUNCE_FEE),
+                            "bounce": False,
+                            "bounced": True,
+                            "opcode": "0xffffffff",
+                            "message_content": {"body": None, "decoded": None},
+                        }
+                    )
+                else:
+                    description["bounce"] = {"type": "nofunds", "req_fwd_fees": str(BOUNCE_FEE)}
+            if not out_msgs:
+                self._keep(account, value)
+        tx = self._add_tx(account, lt, now, in_msg, out_msgs, description, orig_status)
+        if not indexed:
+            self.unindexed.add(tx["hash"])
+        return tx
 
     def _add_tx(
         self,
@@ -142,7 +235,8 @@ class LocalTonCenter:
         now: int,
         in_msg: dict[str, Any],
         out_msgs: list[dict[str, Any]],
-        aborted: bool,
+        description: dict[str, Any],
+        orig_status: str,
     ) -> dict[str, Any]:
         tx_hash = hashlib.sha256(f"{account}:{lt}:{in_msg['hash']}".encode()).digest()
         tx = {
@@ -150,14 +244,19 @@ class LocalTonCenter:
             "hash": _b64(tx_hash),
             "lt": str(lt),
             "now": now,
-            "orig_status": "active",
-            "end_status": "active",
-            "description": {"aborted": aborted, "compute_ph": {"success": not aborted}},
+            "orig_status": orig_status,
+            "end_status": self.status_of(account),
+            "description": description,
             "in_msg": in_msg,
             "out_msgs": out_msgs,
+            "account_state_after": {
+                "balance": str(self.balance_of(account)),
+                "account_status": self.status_of(account),
+            },
         }
         self.transactions_of(account).append(tx)
-        self._by_msg[_hash_key(in_msg["hash_norm"])] = tx
+        self._by_raw[_hash_key(in_msg["hash"])] = tx
+        self._by_norm[_hash_key(in_msg["hash_norm"])] = tx
         return tx
 
     def accept_external(self, boc: str) -> dict[str, str]:
@@ -175,7 +274,7 @@ class LocalTonCenter:
         if parsed.seqno != wallet.seqno:
             raise ValueError(f"seqno {parsed.seqno} does not match the wallet's {wallet.seqno}")
         answer = {
-            "message_hash": _b64(bytes.fromhex(parsed.msg_hash)),
+            "message_hash": _b64(Cell.one_from_boc(base64.b64decode(boc)).hash),
             "message_hash_norm": _b64(bytes.fromhex(parsed.msg_hash)),
         }
         if self.drop_messages > 0:
@@ -207,7 +306,15 @@ class LocalTonCenter:
             "bounced": False,
             "message_content": {"body": None, "decoded": None},
         }
-        self._add_tx(parsed.wallet, lt, now, in_msg, out_msgs, False)
+        description = {
+            "type": "ord",
+            "aborted": False,
+            "destroyed": False,
+            "credit_first": False,
+            "compute_ph": _computed("active", False),
+            "action": {"success": True, "valid": True, "result_code": 0},
+        }
+        self._add_tx(parsed.wallet, lt, now, in_msg, out_msgs, description, "active")
         self.executed.append(parsed)
         return answer
 
@@ -243,12 +350,17 @@ class LocalTonCenter:
             return web.json_response({"error": f"bad request: {error}"}, status=422)
         if not 1 <= limit <= 1000:
             return web.json_response({"error": "limit must be 1..1000"}, status=422)
+        sort = query.get("sort", "desc")  # TON Center's default: newest first
+        if sort not in ("asc", "desc"):
+            return web.json_response({"error": "sort must be asc or desc"}, status=422)
         txs = [
             tx
             for tx in self.accounts.get(account, [])
-            if int(tx["lt"]) >= start_lt and (end_lt is None or int(tx["lt"]) <= end_lt)
+            if int(tx["lt"]) >= start_lt
+            and (end_lt is None or int(tx["lt"]) <= end_lt)
+            and tx["hash"] not in self.unindexed
         ]
-        txs.sort(key=lambda tx: int(tx["lt"]), reverse=query.get("sort") == "desc")
+        txs.sort(key=lambda tx: int(tx["lt"]), reverse=sort == "desc")
         return web.json_response({"transactions": txs[offset : offset + limit], "address_book": {}})
 
     async def _by_message(self, request: web.Request) -> web.Response:
@@ -256,7 +368,11 @@ class LocalTonCenter:
             key = _hash_key(request.query["msg_hash"])
         except (KeyError, ValueError):
             return web.json_response({"error": "bad msg_hash"}, status=422)
-        tx = self._by_msg.get(key)
+        tx = (self._by_raw.get(key) if self.match_raw_hashes else None) or (
+            self._by_norm.get(key) if self.match_normalized_hashes else None
+        )
+        if tx is not None and tx["hash"] in self.unindexed:
+            tx = None
         return web.json_response({"transactions": [tx] if tx else [], "address_book": {}})
 
     async def _wallet_information(self, request: web.Request) -> web.Response:
@@ -300,12 +416,21 @@ class LocalTonCenter:
                 int(body["value"]),
                 comment=body.get("comment"),
                 source=body.get("source") or "0:" + "AB" * 32,
+                bounce=body.get("bounce") is True,
             )
         except (ValueError, KeyError, TypeError) as error:
             return web.json_response(
-                {"error": f"send JSON {{account, value, comment?, source?}}: {error}"}, status=422
+                {"error": f"send JSON {{account, value, comment?, source?, bounce?}}: {error}"},
+                status=422,
             )
         return web.json_response({"lt": tx["lt"], "hash": tx["hash"]})
+
+
+def _computed(status: str, fails: bool) -> dict[str, Any]:
+    """The compute phase as TON Center v3 shows it now (``skipped`` and ``reason``)."""
+    if status != "active":
+        return {"skipped": True, "reason": "no_state"}
+    return {"skipped": False, "success": not fails, "exit_code": 0 if not fails else 100}
 
 
 class LocalTonCenterServer:

@@ -9,7 +9,8 @@ A payout moves ``requested → signed → sent → confirmed | failed``:
 - **sent**: the stored BOC is handed to TON Center, and handed again (the same bytes) on every
   poll while it is valid and not found: a transient error or a lost message costs nothing, and a
   seqno executes at most once.
-- **confirmed / failed**: the message is found on chain by its normalized hash. Not aborted and
+- **confirmed / failed**: the message is found on chain by its normalized hash (or, for an
+  indexer that does not normalize, its raw hash). Not aborted and
   an outgoing message to the payout's address with the payout's value: confirmed (the ledger
   moves the money to TON out). Otherwise failed: the funds return to the provider.
 - A message is given up and a new one signed only when its ``valid_until`` has passed (plus a
@@ -22,6 +23,7 @@ Crash anywhere: the next run finds the live message and carries on from the chai
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
 import enum
 import logging
@@ -30,6 +32,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from pytoniq_core import Cell
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
@@ -144,8 +147,17 @@ class PayoutSender:
 
     # ------------------------------------------------------------- the steps
 
-    async def _drive(self, message: TonPayoutMessage) -> Step:
+    async def _find(self, message: TonPayoutMessage) -> list[dict[str, Any]]:
+        """The message's transaction, looked up by its normalized hash (what TON Center
+        indexes), then by its raw hash (what an indexer without normalization knows)."""
         found = await self.api.transactions_by_message(message.msg_hash)
+        raw = _raw_hash(message.boc)
+        if not found and raw is not None and raw != message.msg_hash:
+            found = await self.api.transactions_by_message(raw)
+        return found
+
+    async def _drive(self, message: TonPayoutMessage) -> Step:
+        found = await self._find(message)
         if found:
             await self._settle(message, found[0])
             return Step.PROGRESS
@@ -432,6 +444,14 @@ def _hash_hex(value: object) -> str | None:
     try:
         return hash_hex(str(value)) if value else None
     except ValueError:
+        return None
+
+
+def _raw_hash(boc: str) -> str | None:
+    """The hash of the external message itself (hex), as stored in its BOC."""
+    try:
+        return Cell.one_from_boc(base64.b64decode(boc)).hash.hex()
+    except Exception:  # a stored BOC always parses; never let a bad one stop the sender
         return None
 
 

@@ -79,24 +79,32 @@ class TonCenter:
             raise TonCenterError(f"TON Center {path}: {type(error).__name__}") from error
 
     async def transactions(
-        self, account: str, *, start_lt: int, limit: int, offset: int = 0
+        self,
+        account: str,
+        *,
+        start_lt: int,
+        limit: int,
+        offset: int = 0,
+        end_lt: int | None = None,
+        newest_first: bool = False,
     ) -> list[dict[str, Any]]:
-        """The account's transactions with ``lt >= start_lt``, oldest first."""
-        body = await self._call(
-            "GET",
-            "/api/v3/transactions",
-            params={
-                "account": account,
-                "start_lt": start_lt,
-                "limit": limit,
-                "offset": offset,
-                "sort": "asc",
-            },
-        )
+        """The account's transactions with ``start_lt <= lt`` (and ``lt <= end_lt``: both
+        bounds are inclusive), oldest first, or newest first with ``newest_first``."""
+        params: dict[str, Any] = {
+            "account": account,
+            "start_lt": start_lt,
+            "limit": limit,
+            "offset": offset,
+            "sort": "desc" if newest_first else "asc",
+        }
+        if end_lt is not None:
+            params["end_lt"] = end_lt
+        body = await self._call("GET", "/api/v3/transactions", params=params)
         return _transactions(body, "/api/v3/transactions")
 
     async def transactions_by_message(self, msg_hash: str) -> list[dict[str, Any]]:
-        """Transactions whose incoming message has this (normalized) hash."""
+        """Transactions whose incoming message has this hash (TON Center matches the raw
+        and the normalized hash of an external message; other indexers may match only one)."""
         body = await self._call(
             "GET",
             "/api/v3/transactionsByMessage",

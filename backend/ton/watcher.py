@@ -2,8 +2,13 @@
 
 For every transaction, in logical-time order, from a cursor kept in the database:
 
-1. classify it: external, bounced, aborted or zero-value messages are ignored; a text comment
-   that is some user's deposit memo is credited; anything else with value is *unclaimed*;
+1. classify it (:func:`classify`): external, bounced and zero-value messages, and aborted
+   transactions whose value really went back to the sender (a bounce phase that succeeded),
+   are ignored, each row keeping its amount and the reason; a jetton transfer notification is
+   recorded as one, never as TON; a text comment that is some user's deposit memo is
+   credited; anything else with value is *unclaimed*. An aborted transaction that kept its
+   value counts like any other: a deposit wallet that never sent anything is ``uninit``, and
+   every non-bounceable transfer to it is aborted (compute skipped, ``no_state``) yet kept;
 2. credit the ledger under the key ``ton:<account>:<lt>:<hash>`` (the ledger applies a key
    once, so a crash between steps never credits twice);
 3. in one database transaction: record the deposit (unique on account, lt, hash), queue the
@@ -11,7 +16,13 @@ For every transaction, in logical-time order, from a cursor kept in the database
 
 A crash anywhere repeats at most steps 2 and 3 for one transaction, which changes nothing the
 second time. API errors and rate limits back off (bounded) and retry the same page: the cursor
-only moves past a transaction once it has been handled, so none is ever skipped.
+only moves past a transaction once it has been handled.
+
+The indexer behind TON Center commits blocks in parallel and has no read watermark, so a
+transaction can become visible after one with a higher ``lt`` was read. Every poll therefore
+re-reads an overlap window below the cursor (the transactions of the last ``overlap_s``
+seconds of chain time before the newest one read, at most ``overlap_max`` of them) and
+handles any it has not recorded yet.
 """
 
 from __future__ import annotations
@@ -25,7 +36,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, update
+from pytoniq_core import Cell
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from backend.db import Database
@@ -41,6 +53,10 @@ log = logging.getLogger(__name__)
 MAX_MEMO_LOOKUP = 64  # a memo is 12 characters; longer comments are nobody's memo
 NOTIFY_DEPOSIT = "deposit_credited"
 MEMO_CACHE_SIZE = 10_000
+OVERLAP_S = 120  # chain seconds re-read below the cursor on every poll (late-indexed txs)
+OVERLAP_MAX = 100  # at most this many transactions re-read per poll
+JETTON_TRANSFER_NOTIFICATION = 0x7362D09C
+MAX_JETTON_AMOUNT = 2**120 - 1  # VarUInteger 16
 
 
 @dataclass(frozen=True)
@@ -81,6 +97,46 @@ def deposit_key(account: str, lt: int, tx_hash: str) -> str:
 
 
 @dataclass(frozen=True)
+class JettonNotification:
+    """What a jetton ``transfer_notification`` body says. Anyone can send such a body: it
+    proves nothing until the sending jetton wallet is checked against the jetton's master."""
+
+    amount: int | None  # in the jetton's smallest units; None when the body is malformed
+    sender: str | None  # raw address of whoever the notification says sent the jettons
+    memo: str | None  # the forward payload's text comment
+    note: str | None  # why there is no memo (or why the body could not be read)
+    shown: str | None = None  # the comment made printable, for storing and showing
+
+
+def decode_jetton_notification(body_b64: str | None) -> JettonNotification | None:
+    """A ``transfer_notification#7362d09c query_id:uint64 amount:(VarUInteger 16)
+    sender:MsgAddress forward_payload:(Either Cell ^Cell)`` body; None for any other body.
+    Never raises: a malformed notification comes back with ``amount`` None and a note."""
+    if not body_b64:
+        return None
+    try:
+        slice_ = Cell.one_from_boc(base64.b64decode(body_b64)).begin_parse()
+        if slice_.remaining_bits < 32 or slice_.load_uint(32) != JETTON_TRANSFER_NOTIFICATION:
+            return None
+    except Exception:  # a malformed BOC is some other body: decode_comment says what
+        return None
+    try:
+        slice_.load_uint(64)  # query_id
+        amount = slice_.load_coins()
+        address = slice_.load_address()
+        payload = slice_.load_ref() if slice_.load_bit() else slice_.to_cell()
+    except Exception as error:
+        return JettonNotification(
+            None, None, None, f"unreadable jetton notification ({type(error).__name__})"
+        )
+    sender = None if address is None else raw_address(address)
+    if amount is None or not 0 <= int(amount) <= MAX_JETTON_AMOUNT:
+        return JettonNotification(None, sender, None, "jetton amount out of range")
+    decoded = decode_comment(base64.b64encode(payload.to_boc()).decode())
+    return JettonNotification(int(amount), sender, decoded.memo, decoded.note, decoded.shown)
+
+
+@dataclass(frozen=True)
 class Classified:
     status: TonDepositStatus
     amount: int
@@ -88,51 +144,117 @@ class Classified:
     memo: str | None  # the comment, for matching a user
     note: str | None
     shown: str | None = None  # the comment made printable, for storing and showing
+    jetton: JettonNotification | None = None
 
 
 def _dict(value: object) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def _nano(value: object) -> int:
+    """A nanoTON amount as TON Center writes it (a decimal string), else 0."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and 0 < len(value) <= 40 and value.isascii() and value.isdigit():
+        return int(value)
+    return 0
+
+
+def _computed(description: dict[str, Any]) -> str:
+    """The compute phase in a few words, in the 2024 and the 2026 format of TON Center."""
+    phase = _dict(description.get("compute_ph"))
+    if phase.get("skipped") is True or phase.get("type") == "skipped":
+        reason = phase.get("reason") or phase.get("skip_reason")
+        return f"compute skipped: {str(reason)[:20]}" if reason else "compute skipped"
+    if "exit_code" in phase:
+        return f"exit code {str(phase.get('exit_code'))[:12]}"
+    return "compute failed"
+
+
+def _bounce_phase(description: dict[str, Any]) -> object:
+    """The bounce phase's type (``ok``, ``nofunds``, ``negfunds``), or None when the reply
+    shows none (TON Center has written it as ``bounce`` and as ``bounce_ph``)."""
+    phase = description.get("bounce", description.get("bounce_ph"))
+    return _dict(phase).get("type")
+
+
+def _went_back(description: dict[str, Any], tx: dict[str, Any], source: str) -> bool:
+    """Whether the value of an aborted transaction went back to its sender. The bounce phase
+    decides (``ok``: a bounce carried the value back; ``nofunds`` or ``negfunds``: no bounce
+    could be paid for, the account kept it); without one, an outgoing bounced message to
+    the sender does."""
+    if description.get("aborted") is not True:
+        return False
+    phase = _bounce_phase(description)
+    if phase is not None:
+        return phase == "ok"
+    out_msgs = tx.get("out_msgs")
+    for out in out_msgs if isinstance(out_msgs, list) else []:
+        out = _dict(out)
+        if out.get("bounced") is True and _same_address(str(out.get("destination")), source):
+            return True
+    return False
+
+
 def classify(tx: dict[str, Any], account: str) -> Classified:
-    """What one transaction of the deposit wallet means. Never raises on odd input."""
+    """What one transaction of the deposit wallet means. Never raises on odd input.
+
+    An aborted transaction is ignored only when its value went back (:func:`_went_back`);
+    otherwise it is credited or unclaimed like any other: on an uninit deposit wallet every
+    non-bounceable transfer is aborted and keeps its value."""
     in_msg = _dict(tx.get("in_msg"))
     description = _dict(tx.get("description"))
     source = in_msg.get("source") or None
     if not isinstance(source, str):
         source = None if source is None else str(source)[:80]
-    try:
-        value = in_msg.get("value") or 0
-        value = 0 if isinstance(value, bool | float) else int(value)
-    except (TypeError, ValueError):
-        value = 0
+    value = _nano(in_msg.get("value"))
+    kept = value if 0 < value <= MAX_NANO else 0
 
     def ignored(note: str) -> Classified:
-        return Classified(TonDepositStatus.IGNORED, 0, source, None, note)
+        return Classified(TonDepositStatus.IGNORED, kept, source, None, note)
 
     if not in_msg:
         return ignored("no incoming message")
     if not source:
         return ignored("external message")
+    destination = in_msg.get("destination")
+    if destination and _same_address(str(destination), account) is False:
+        return ignored("message to another account")
     if in_msg.get("bounced"):
         return ignored("bounced message")
-    if description.get("aborted"):
-        return ignored("aborted transaction")
+    if _went_back(description, tx, source):
+        return ignored(f"aborted ({_computed(description)}), bounced back to the sender")
+    content = _dict(in_msg.get("message_content"))
+    body = content.get("body")
+    body = body if isinstance(body, str) else None
+    jetton = decode_jetton_notification(body)
+    if jetton is not None:
+        note = "jetton transfer notification (jetton wallet not verified): not credited as TON"
+        if jetton.note and jetton.amount is None:
+            note = f"{note}; {jetton.note}"
+        return Classified(TonDepositStatus.JETTON, kept, source, None, note, jetton.shown, jetton)
     if value <= 0:
         return ignored("zero value")
     if value > MAX_NANO:  # more than all TON in existence: an admin looks at it
         return Classified(TonDepositStatus.UNCLAIMED, 0, source, None, f"value {value} too large")
-    destination = in_msg.get("destination")
-    if destination and _same_address(str(destination), account) is False:
-        return ignored("message to another account")
-    content = _dict(in_msg.get("message_content"))
-    body = content.get("body")
-    decoded = decode_comment(body if isinstance(body, str) else None)
+    decoded = decode_comment(body)
+    aborted = None
+    if description.get("aborted") is True:
+        if in_msg.get("bounce") is not False and _bounce_phase(description) is None:
+            # Bounceable (or not said) and aborted, yet the reply shows no bounce: never
+            # guess whether the value went back; an admin checks the chain.
+            note = (
+                f"aborted ({_computed(description)}), bounceable, and the reply shows no "
+                "bounce phase: check on chain that the value stayed before resolving"
+            )
+            return Classified(TonDepositStatus.UNCLAIMED, value, source, None, note, decoded.shown)
+        aborted = f"aborted ({_computed(description)}), value kept"
     if decoded.memo is None:
-        return Classified(
-            TonDepositStatus.UNCLAIMED, value, source, None, decoded.note, decoded.shown
-        )
-    return Classified(TonDepositStatus.CREDITED, value, source, decoded.memo, None, decoded.shown)
+        note = decoded.note if aborted is None else f"{decoded.note}; {aborted}"
+        return Classified(TonDepositStatus.UNCLAIMED, value, source, None, note, decoded.shown)
+    return Classified(
+        TonDepositStatus.CREDITED, value, source, decoded.memo, aborted, decoded.shown
+    )
 
 
 def _same_address(a: str, b: str) -> bool | None:
@@ -155,6 +277,8 @@ class DepositWatcher:
         page_size: int = 100,
         poll_interval_s: float = 3.0,
         backoff_max_s: float = 60.0,
+        overlap_s: int = OVERLAP_S,
+        overlap_max: int = OVERLAP_MAX,
         notify: Notify | None = None,
         checkpoint: Checkpoint | None = None,
     ) -> None:
@@ -165,6 +289,8 @@ class DepositWatcher:
         self.page_size = page_size
         self.poll_interval_s = poll_interval_s
         self.backoff_max_s = backoff_max_s
+        self.overlap_s = overlap_s
+        self.overlap_max = min(max(overlap_max, 0), 1000)  # TON Center's largest page
         self.notify = notify
         self._checkpoint = checkpoint or (lambda _name: None)
         self._memo_users: dict[str, int] = {}
@@ -177,8 +303,11 @@ class DepositWatcher:
         return int(value or 0)
 
     async def poll_once(self) -> int:
-        """Handle one page of new transactions; the number handled. Raises TonCenterError."""
-        start = await self.cursor() + 1
+        """Re-read the overlap window, then handle one page of new transactions; the number
+        of transactions handled that had not been recorded yet. Raises TonCenterError."""
+        cursor = await self.cursor()
+        late = await self._reread(cursor) if cursor and self.overlap_max else 0
+        start = cursor + 1
         page = await self.api.transactions(self.account, start_lt=start, limit=self.page_size)
         self._checkpoint("fetched")
         handled = 0
@@ -187,7 +316,68 @@ class DepositWatcher:
                 continue  # an API that ignores start_lt must not make us go back
             await self.handle(tx)
             handled += 1
-        return handled
+        return late + handled
+
+    async def _reread(self, cursor: int) -> int:
+        """Handle transactions at or below the cursor that became visible after it moved
+        past them (the indexer commits in parallel); how many there were."""
+        floor = await self._window_floor(cursor)
+        page = await self.api.transactions(
+            self.account,
+            start_lt=floor + 1,
+            end_lt=cursor,
+            limit=self.overlap_max,
+            newest_first=True,
+        )
+        window: dict[tuple[int, str], dict[str, Any]] = {}
+        for tx in page:
+            lt = int(tx["lt"])
+            if floor < lt <= cursor:
+                try:
+                    window[(lt, hash_hex(str(tx["hash"])))] = tx
+                except ValueError:
+                    continue  # handle() would refuse it too; the forward read never saw it
+        if not window:
+            return 0
+        async with self.db.session() as session:
+            rows = await session.execute(
+                select(TonDeposit.lt, TonDeposit.tx_hash).where(
+                    TonDeposit.account == self.account,
+                    TonDeposit.lt.in_(sorted({lt for lt, _hash in window})),
+                )
+            )
+            seen = {(int(lt), tx_hash) for lt, tx_hash in rows}
+        late = [window[key] for key in sorted(window) if key not in seen]
+        for tx in late:
+            log.warning(
+                "deposit watcher: transaction lt %s became visible after the cursor passed it "
+                "(lt %s); handling it now",
+                tx["lt"],
+                cursor,
+            )
+            await self.handle(tx)
+        return len(late)
+
+    async def _window_floor(self, cursor: int) -> int:
+        """The lt below the overlap window: the newest recorded transaction older than
+        ``overlap_s`` chain seconds before the cursor's (an account's lt and time grow
+        together, so everything later than it is in the window)."""
+        async with self.db.session() as session:
+            newest = await session.scalar(
+                select(func.max(TonDeposit.utime)).where(
+                    TonDeposit.account == self.account, TonDeposit.lt == cursor
+                )
+            )
+            if newest is None:
+                return 0
+            floor = await session.scalar(
+                select(func.max(TonDeposit.lt)).where(
+                    TonDeposit.account == self.account,
+                    TonDeposit.lt < cursor,
+                    TonDeposit.utime < int(newest) - self.overlap_s,
+                )
+            )
+        return int(floor or 0)
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Poll until ``stop`` is set; back off on API errors, never skip a transaction."""
@@ -236,6 +426,8 @@ class DepositWatcher:
                 self._checkpoint("credited")
         deposit, created = await self._record(tx, lt, tx_hash, key, found, status, note, user_id)
         self._checkpoint("recorded")
+        if created:
+            _log_recorded(deposit)
         if created and status == TonDepositStatus.CREDITED and self.notify is not None:
             try:
                 await self.notify(
@@ -243,14 +435,6 @@ class DepositWatcher:
                 )
             except Exception:
                 log.exception("deposit notification hook failed (the outbox still has it)")
-        if status == TonDepositStatus.UNCLAIMED and created:
-            log.warning(
-                "unclaimed TON deposit #%s: %s nanoTON, lt %s (%s)",
-                deposit.id,
-                found.amount,
-                lt,
-                note,
-            )
         return deposit
 
     async def _user_for(self, memo: str | None) -> int | None:
@@ -302,6 +486,8 @@ class DepositWatcher:
                             user_id=user_id,
                             ledger_key=key,
                             utime=_utime(tx.get("now")),
+                            jetton_amount=_jetton_amount(found.jetton),
+                            jetton_sender=found.jetton.sender if found.jetton else None,
                         )
                         session.add(existing)
                         await session.flush()
@@ -326,6 +512,40 @@ class DepositWatcher:
             except IntegrityError:
                 continue  # a twin watcher recorded it first: read it back next time round
         raise RuntimeError(f"could not record deposit {key}")
+
+
+def _log_recorded(deposit: TonDeposit) -> None:
+    """One line for every transaction that was not credited, with its amount and reason."""
+    if deposit.status == TonDepositStatus.UNCLAIMED:
+        log.warning(
+            "unclaimed TON deposit #%s: %s nanoTON, lt %s (%s)",
+            deposit.id,
+            deposit.amount,
+            deposit.lt,
+            deposit.note,
+        )
+    elif deposit.status == TonDepositStatus.JETTON:
+        log.warning(
+            "jetton notification #%s: %s jetton units from %s through %s, %s nanoTON, lt %s",
+            deposit.id,
+            deposit.jetton_amount,
+            deposit.jetton_sender,
+            deposit.source,
+            deposit.amount,
+            deposit.lt,
+        )
+    elif deposit.status == TonDepositStatus.IGNORED:
+        log.info(
+            "ignored TON transaction #%s: %s nanoTON, lt %s (%s)",
+            deposit.id,
+            deposit.amount,
+            deposit.lt,
+            deposit.note,
+        )
+
+
+def _jetton_amount(jetton: JettonNotification | None) -> str | None:
+    return None if jetton is None or jetton.amount is None else str(jetton.amount)
 
 
 def _utime(value: object) -> int:
@@ -364,14 +584,32 @@ async def unclaimed_deposits(db: Database) -> list[TonDeposit]:
         return list(rows)
 
 
+async def jetton_notifications(db: Database) -> list[TonDeposit]:
+    """Jetton transfer notifications the deposit wallet received, oldest first (recorded
+    only: nothing credits them yet)."""
+    async with db.session() as session:
+        rows = await session.scalars(
+            select(TonDeposit)
+            .where(TonDeposit.status == TonDepositStatus.JETTON)
+            .order_by(TonDeposit.lt)
+        )
+        return list(rows)
+
+
 async def resolve_unclaimed(
     db: Database, ledger: Ledger, deposit_id: int, user_id: int, *, by: str
 ) -> TonDeposit:
     """Credit an unclaimed deposit to a user, under the deposit's own key (so, once)."""
     async with db.session() as session:
         deposit = await session.get(TonDeposit, deposit_id)
+    if deposit is not None and deposit.status == TonDepositStatus.JETTON:
+        raise LookupError(
+            f"deposit #{deposit_id} is a jetton transfer notification, not TON: "
+            "it cannot be credited as TON"
+        )
     if deposit is None or deposit.status != TonDepositStatus.UNCLAIMED:
-        raise LookupError(f"no unclaimed deposit #{deposit_id}")
+        why = "" if deposit is None else f" (#{deposit_id} is {deposit.status}: {deposit.note})"
+        raise LookupError(f"no unclaimed deposit #{deposit_id}{why}")
     await ledger.credit_deposit(
         user_id,
         deposit.amount,
