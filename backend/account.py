@@ -16,6 +16,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from backend.db import Database
+from backend.errors import CocoonError, ErrorCode
 from backend.ledger import InsufficientFunds, InvalidAmount, Ledger, Receipt
 from backend.models import (
     Account,
@@ -49,17 +50,12 @@ NOTIFY_WORKER_FAILED = "worker_failed"
 NOTIFY_WORKER_OFFLINE = "worker_offline"
 
 
-class AccountError(Exception):
+class AccountError(CocoonError):
     """A request the account layer refuses. ``code`` is stable; ``str()`` is readable.
 
     Codes: ``not_provider``, ``no_payout_wallet``, ``below_minimum``, ``insufficient_funds``,
     ``invalid_amount``, ``invalid_page``.
     """
-
-    def __init__(self, code: str, message: str, **details: object) -> None:
-        super().__init__(message)
-        self.code = code
-        self.details = details
 
 
 def _aware(value: dt.datetime) -> dt.datetime:
@@ -244,11 +240,11 @@ async def history(
 ) -> HistoryPage:
     """Deposits, turns and payouts, newest first, one page at a time (pages count from 1)."""
     if kind is not None and kind not in HISTORY_KINDS:
-        raise AccountError("invalid_page", f"history kind must be one of {HISTORY_KINDS}")
+        raise AccountError(ErrorCode.INVALID_PAGE, f"history kind must be one of {HISTORY_KINDS}")
     if isinstance(page, bool) or not isinstance(page, int) or page < 1 or page > 10_000:
-        raise AccountError("invalid_page", "page must be a whole number from 1 to 10000")
+        raise AccountError(ErrorCode.INVALID_PAGE, "page must be a whole number from 1 to 10000")
     if not 1 <= per_page <= MAX_PAGE_SIZE:
-        raise AccountError("invalid_page", f"per_page must be 1..{MAX_PAGE_SIZE}")
+        raise AccountError(ErrorCode.INVALID_PAGE, f"per_page must be 1..{MAX_PAGE_SIZE}")
     # Enough of each kind to fill pages 1..page, plus one to know whether more follow.
     need = page * per_page + 1
     kinds = (kind,) if kind else HISTORY_KINDS
@@ -362,12 +358,14 @@ async def credit_stars(
     configured rate), once per ``charge_id`` (the ``telegram_payment_charge_id``): a second
     ``successful_payment`` replays the receipt."""
     if isinstance(stars, bool) or not isinstance(stars, int) or stars <= 0:
-        raise AccountError("invalid_amount", f"a Stars payment is a positive count, got {stars!r}")
+        raise AccountError(
+            ErrorCode.INVALID_AMOUNT, f"a Stars payment is a positive count, got {stars!r}"
+        )
     if not charge_id or len(charge_id) > 150:
-        raise AccountError("invalid_amount", "a Stars payment needs its charge id")
+        raise AccountError(ErrorCode.INVALID_AMOUNT, "a Stars payment needs its charge id")
     rate = settings.stars_nano_per_star if nano_per_star is None else nano_per_star
     if not 0 < rate <= MAX_NANO or stars * rate > MAX_NANO:
-        raise AccountError("invalid_amount", "a Stars payment out of range")
+        raise AccountError(ErrorCode.INVALID_AMOUNT, "a Stars payment out of range")
     amount = stars * rate
     receipt = await ledger.credit_deposit(
         user_id,
@@ -586,6 +584,24 @@ async def earnings(ledger: Ledger, provider_id: int) -> Earnings:
     )
 
 
+def withdrawal_refusal(settings: Settings, amount: int, available: int) -> AccountError | None:
+    """Why ``amount`` nanoTON cannot be withdrawn from ``available`` earnings (None: it can):
+    below the smallest withdrawal, or more than is available. The bot asks before it shows its
+    confirmation button; :func:`withdraw` asks again when the payout is made."""
+    if amount < settings.min_withdrawal_nano:
+        return AccountError(
+            ErrorCode.BELOW_MINIMUM,
+            "below the smallest withdrawal",
+            minimum=settings.min_withdrawal_nano,
+            available=available,
+        )
+    if amount > available:
+        return AccountError(
+            ErrorCode.INSUFFICIENT_FUNDS, "more than your available earnings", available=available
+        )
+    return None
+
+
 async def withdraw(
     ledger: Ledger,
     settings: Settings,
@@ -604,31 +620,28 @@ async def withdraw(
         return done  # the same confirmation pressed twice
     wallet = await linked_wallet(ledger.db, provider_id, "payout")
     if wallet is None:
-        raise AccountError("no_payout_wallet", "link a payout wallet first (/provider)")
+        raise AccountError(ErrorCode.NO_PAYOUT_WALLET, "link a payout wallet first (/provider)")
     available = await ledger.balance(AccountKind.PROVIDER, provider_id)
     if amount == "all":
         amount = available
     if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
-        raise AccountError("invalid_amount", "the amount must be a positive number of TON")
-    if amount < settings.min_withdrawal_nano:
-        raise AccountError(
-            "below_minimum",
-            "below the smallest withdrawal",
-            minimum=settings.min_withdrawal_nano,
-            available=available,
-        )
-    if amount > available:
-        raise AccountError(
-            "insufficient_funds", "more than your available earnings", available=available
-        )
+        raise AccountError(ErrorCode.INVALID_AMOUNT, "the amount must be a positive number of TON")
+    refusal = withdrawal_refusal(settings, amount, available)
+    if refusal is not None:
+        raise refusal
     try:
         receipt = await ledger.request_withdrawal(
             provider_id, amount, key, destination=wallet.address
         )
     except InsufficientFunds as error:
-        raise AccountError("insufficient_funds", str(error), available=available) from error
+        raise AccountError(ErrorCode.INSUFFICIENT_FUNDS, str(error), available=available) from error
     except InvalidAmount as error:
-        raise AccountError("below_minimum", str(error)) from error
+        raise AccountError(
+            ErrorCode.BELOW_MINIMUM,
+            str(error),
+            minimum=settings.min_withdrawal_nano,
+            available=available,
+        ) from error
     payout = await ledger.get_payout(receipt.subject_id)  # type: ignore[arg-type]
     assert payout is not None
     return payout

@@ -47,9 +47,10 @@ def _telegram_id(text: str) -> int:
 
 def cmd_db_upgrade(settings: Settings, _args: argparse.Namespace) -> int:
     from backend.db import upgrade_database
+    from backend.logs import redact_url
 
     upgrade_database(settings.db_url)
-    print(f"database is up to date: {_redact(settings.db_url)}")
+    print(f"database is up to date: {redact_url(settings.db_url)}")
     return 0
 
 
@@ -146,7 +147,7 @@ def cmd_chat(settings: Settings, args: argparse.Namespace) -> int:
     if not question:
         _fail('say what to ask: cocoon chat "What is TON?"')
     telegram_id = _telegram_id(args.telegram_id) if args.telegram_id else settings.local_telegram_id
-    model = args.model or next(iter(settings.models), "")
+    model = args.model or settings.default_model()
 
     async def run() -> int:
         from backend.db import Database
@@ -308,12 +309,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Feature command groups: each module has ``add_commands(sub, add)`` that adds its subcommands.
 FEATURE_COMMANDS: tuple[str, ...] = ("backend.attestation.commands", "backend.ton.cli")
-
-
-def _redact(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

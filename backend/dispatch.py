@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING
 import redis
 import redis.asyncio as aioredis
 
+from backend.errors import CocoonError, ErrorCode
 from backend.ledger import InsufficientFunds, InvalidState, Ledger, LedgerError, TurnUsage
-from backend.pricing import turn_cost, worst_case_cost
+from backend.pricing import default_max_tokens, turn_cost, worst_case_cost
 from backend.settings import ModelPrice, Settings
 from workers import registry, streams
 from workers.jobs import aenqueue_job, job_id_for
@@ -56,17 +57,12 @@ ROUTE_TTL_S = 3600
 MAX_REDIS_CONNECTIONS = 1024
 
 
-class TurnError(Exception):
+class TurnError(CocoonError):
     """Why a turn could not run or finish. ``code`` is stable for clients; ``str()`` is readable.
 
     Codes: ``invalid_request``, ``unknown_model``, ``insufficient_balance``,
     ``no_worker``, ``timeout``, ``cancelled``, ``worker_error``.
     """
-
-    def __init__(self, code: str, message: str, **details: object) -> None:
-        super().__init__(message)
-        self.code = code
-        self.details = details
 
 
 @dataclass(frozen=True)
@@ -183,14 +179,16 @@ class Dispatcher:
         price = self.settings.price(request.model)
         if price is None:
             known = ", ".join(sorted(self.settings.models)) or "none"
-            raise TurnError("unknown_model", f"unknown model {request.model!r}; available: {known}")
+            raise TurnError(
+                ErrorCode.UNKNOWN_MODEL, f"unknown model {request.model!r}; available: {known}"
+            )
         if not request.messages:
-            raise TurnError("invalid_request", "a turn needs at least one message")
+            raise TurnError(ErrorCode.INVALID_REQUEST, "a turn needs at least one message")
         prompt_bound = prompt_token_bound(request.messages)
-        max_tokens = request.max_tokens or min(512, price.context_length)
+        max_tokens = request.max_tokens or default_max_tokens(self.settings, price)
         if max_tokens < 1 or max_tokens > price.context_length:
             raise TurnError(
-                "invalid_request",
+                ErrorCode.INVALID_REQUEST,
                 f"max_tokens must be 1..{price.context_length} for {request.model}",
             )
         worst = worst_case_cost(price, prompt_tokens=prompt_bound, max_tokens=max_tokens)
@@ -202,7 +200,7 @@ class Dispatcher:
             except InsufficientFunds:
                 available = (await self.ledger.balances(request.user_id)).available
                 raise TurnError(
-                    "insufficient_balance",
+                    ErrorCode.INSUFFICIENT_BALANCE,
                     f"this turn can cost up to {worst} nanoTON and the balance is {available}",
                     needed=worst,
                     available=available,
@@ -274,7 +272,8 @@ class Turn:
         )
         if worker is None:
             raise TurnError(
-                "no_worker", f"no worker is serving {self.request.model} right now; try later"
+                ErrorCode.NO_WORKER,
+                f"no worker is serving {self.request.model} right now; try later",
             )
         self.worker = worker
         self.job_id = job_id_for(worker.worker_id, self.turn_id, attempt)
@@ -350,7 +349,7 @@ class Turn:
             except WireError as error:
                 log.warning("turn %s: refused an event: %s", self.turn_id, error)
                 raise TurnError(
-                    "worker_error", "the worker sent a reply that does not verify"
+                    ErrorCode.WORKER_ERROR, "the worker sent a reply that does not verify"
                 ) from None
 
     async def _on_worker_error(self, error: ErrorRecord, got_text: bool) -> None:
@@ -361,8 +360,8 @@ class Turn:
         self.end_outcome = "cancelled" if error.code == "cancelled" else "failed"
         await self.release()
         if error.code == "cancelled":
-            raise TurnError("cancelled", "the turn was cancelled")
-        raise TurnError("worker_error", f"the worker could not answer: {error.message}")
+            raise TurnError(ErrorCode.CANCELLED, "the turn was cancelled")
+        raise TurnError(ErrorCode.WORKER_ERROR, f"the worker could not answer: {error.message}")
 
     async def _on_timeout(self, stall: streams.StreamTimeout) -> None:
         log.info("turn %s job %s: %s", self.turn_id, self.job_id, stall)
@@ -374,7 +373,7 @@ class Turn:
         await self.release()
         where = "before answering" if stall.first_token else "in the middle of the reply"
         raise TurnError(
-            "timeout", f"the worker stopped responding {where}; you were not charged"
+            ErrorCode.TIMEOUT, f"the worker stopped responding {where}; you were not charged"
         ) from None
 
     def _can_retry(self) -> bool:

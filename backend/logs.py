@@ -12,11 +12,20 @@ Log ids, counts, amounts, durations and error class names instead.
 from __future__ import annotations
 
 import logging
+from urllib.parse import urlsplit, urlunsplit
 
 from backend.settings import Settings
 from workers.logcontext import CONTEXT_FIELDS, ContextFilter, bind, bound, configure, current
 
-__all__ = ["CONTEXT_FIELDS", "ContextFilter", "bind", "bound", "current", "setup_logging"]
+__all__ = [
+    "CONTEXT_FIELDS",
+    "ContextFilter",
+    "bind",
+    "bound",
+    "current",
+    "redact_url",
+    "setup_logging",
+]
 
 
 def setup_logging(settings: Settings, *, stream: object = None) -> None:
@@ -25,3 +34,13 @@ def setup_logging(settings: Settings, *, stream: object = None) -> None:
     if level not in logging.getLevelNamesMapping():
         level = "INFO"
     configure(level, json_lines=bool(getattr(settings, "log_json", False)), stream=stream)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password, if it has one, shown as ``***`` (a database or Redis URL in a
+    log line or a message)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))

@@ -1,8 +1,9 @@
-"""What a turn costs, in nanoTON, from the model's prices per one million tokens."""
+"""What a turn costs, in nanoTON, from the model's prices per one million tokens, and how many
+tokens a turn may generate when its client names no limit."""
 
 from __future__ import annotations
 
-from backend.settings import ModelPrice
+from backend.settings import ModelPrice, Settings
 
 PER = 1_000_000
 
@@ -32,3 +33,10 @@ def worst_case_cost(price: ModelPrice, *, prompt_tokens: int, max_tokens: int) -
     return turn_cost(
         price, prompt_tokens=prompt_tokens, cached_prompt_tokens=0, completion_tokens=max_tokens
     )
+
+
+def default_max_tokens(settings: Settings, price: ModelPrice) -> int:
+    """A turn's reply budget when the client names none (the bot, the Mini App, an API call
+    without ``max_tokens``): ``COCOON_MAX_TOKENS_DEFAULT``, at most half the model's context,
+    so the prompt keeps the other half."""
+    return max(1, min(settings.max_tokens_default, price.context_length // 2))

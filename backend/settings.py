@@ -169,6 +169,13 @@ class Settings(BaseSettings):
     def price(self, model: str) -> ModelPrice | None:
         return self.models.get(model)
 
+    def default_model(self) -> str:
+        """The model of a user who chose none: ``DEFAULT_MODEL`` while it is offered, else the
+        first model of ``COCOON_MODELS``."""
+        if DEFAULT_MODEL in self.models:
+            return DEFAULT_MODEL
+        return next(iter(self.models), DEFAULT_MODEL)
+
 
 def load_settings(**overrides: object) -> Settings:
     """Read the settings from the environment and ``.env``, with explicit overrides on top."""

@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 import redis
 
 from backend.db import Database, upgrade_database
+from backend.logs import redact_url
 from backend.settings import DEFAULT_MODEL, Settings
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -65,12 +66,12 @@ def find_redis_server() -> tuple[str, str] | None:
 def local_redis(settings: Settings) -> Iterator[None]:
     """Make sure Redis answers at ``settings.redis_url``, starting one if needed."""
     if redis_answers(settings.redis_url):
-        print(f"cocoon: using Redis at {_hide(settings.redis_url)}", flush=True)
+        print(f"cocoon: using Redis at {redact_url(settings.redis_url)}", flush=True)
         yield
         return
     parts = urlsplit(settings.redis_url)
     if parts.hostname not in LOCAL_HOSTS:
-        raise SystemExit(f"cocoon: Redis at {_hide(settings.redis_url)} does not answer")
+        raise SystemExit(f"cocoon: Redis at {redact_url(settings.redis_url)} does not answer")
     found = find_redis_server()
     if found is None:
         raise SystemExit(
@@ -299,10 +300,3 @@ async def wait_for_local_worker(
             await asyncio.sleep(0.2)
     finally:
         await client.aclose()
-
-
-def _hide(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password:
-        return url.replace(f":{parts.password}@", ":***@")
-    return url

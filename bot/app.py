@@ -1,5 +1,6 @@
-"""The bot's factories: ``create_bot``, ``build_dispatcher``, and :func:`running_bot`, which
-holds everything with a lifetime (services, the outbox task) for polling and webhook alike.
+"""The bot's factories: ``build_dispatcher``, and :func:`running_bot`, which holds everything
+with a lifetime (the ``Bot`` of :func:`backend.telegram.create_bot`, services, the outbox task)
+for polling and webhook alike.
 
 Router order (first match wins): account, wallet (Stars payments must be seen before chat
 takes messages), API keys, provider, admin (only for admin ids), then chat last, since it takes
@@ -16,47 +17,23 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from aiogram import Bot, Dispatcher, F
-from aiogram.client.default import DefaultBotProperties
-from aiogram.client.session.aiohttp import AiohttpSession
 from aiogram.client.session.base import BaseSession
-from aiogram.client.telegram import TelegramAPIServer
 
 from backend.db import Database
 from backend.dispatch import Dispatcher as TurnDispatcher
 from backend.ledger import Ledger
 from backend.settings import Settings
+from backend.telegram import create_bot
 from bot.commands import set_commands, set_menu_button
 from bot.handlers import account, admin, apikeys, chat, provider, wallet
 from bot.handlers.wallet import miniapp_url
 from bot.middlewares import UserMiddleware
 from bot.outbox import Outbox
 from bot.services import Services, open_services
-from bot.telegram import FloodWait, on_error
+from bot.telegram import on_error
 from bot.tonconnect import ConnectorFactory
 
 log = logging.getLogger("cocoon.bot")
-
-
-class BotNotConfigured(RuntimeError):
-    pass
-
-
-def create_bot(settings: Settings, session: BaseSession | None = None) -> Bot:
-    """The Bot on the configured Bot API server, with flood waits honoured."""
-    if settings.bot_token is None:
-        raise BotNotConfigured("COCOON_BOT_TOKEN is not set")
-    if session is None:
-        if settings.telegram_api_url:
-            api = TelegramAPIServer.from_base(settings.telegram_api_url.rstrip("/"))
-            session = AiohttpSession(api=api)
-        else:
-            session = AiohttpSession()
-    session.middleware(FloodWait())
-    return Bot(
-        settings.bot_token.get_secret_value(),
-        session=session,
-        default=DefaultBotProperties(parse_mode=None, link_preview_is_disabled=True),
-    )
 
 
 def build_dispatcher(settings: Settings, services: Services, outbox: Outbox) -> Dispatcher:

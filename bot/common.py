@@ -10,23 +10,17 @@ from aiogram import Router
 
 from backend.models import User
 from backend.money import format_ton
-from backend.settings import DEFAULT_MODEL, ModelPrice, Settings
+from backend.settings import ModelPrice, Settings
 from bot.i18n import N_, _
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def default_model(settings: Settings) -> str:
-    if DEFAULT_MODEL in settings.models:
-        return DEFAULT_MODEL
-    return next(iter(settings.models), DEFAULT_MODEL)
 
 
 def user_model(settings: Settings, user: User) -> str:
     """The user's chosen model while it is still offered, else the default one."""
     if user.model and user.model in settings.models:
         return user.model
-    return default_model(settings)
+    return settings.default_model()
 
 
 def model_token(model: str) -> str:

@@ -1,8 +1,6 @@
-"""Living with the Bot API's limits: flood waits honoured, harmless errors kept quiet.
+"""Living with the Bot API's limits: harmless errors kept quiet (flood waits are honoured by the
+client itself: :mod:`backend.telegram`).
 
-* :class:`FloodWait` is a session middleware: a 429 with ``retry_after`` is waited out and the
-  request sent again (a few times, up to a bound), for every method except drafts, which are
-  throw-away previews (the streamer skips a beat instead).
 * "message is not modified" (an edit with the same text) is not an error.
 * "bot was blocked by the user" (403) ends what the bot was doing for that user, logged at
   INFO without the message's content.
@@ -10,58 +8,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import traceback
-from typing import Any
 
-from aiogram import Bot
-from aiogram.client.session.middlewares.base import BaseRequestMiddleware, NextRequestMiddlewareType
 from aiogram.exceptions import (
     TelegramBadRequest,
     TelegramForbiddenError,
-    TelegramRetryAfter,
 )
-from aiogram.methods import SendMessageDraft, TelegramMethod
 from aiogram.types import ErrorEvent
 
 log = logging.getLogger("cocoon.bot")
-
-MAX_FLOOD_WAIT_S = 60
-MAX_FLOOD_RETRIES = 3
-
-
-class FloodWait(BaseRequestMiddleware):
-    """Wait ``retry_after`` seconds and send again when Telegram says 429."""
-
-    def __init__(
-        self, max_wait_s: float = MAX_FLOOD_WAIT_S, retries: int = MAX_FLOOD_RETRIES
-    ) -> None:
-        self.max_wait_s = max_wait_s
-        self.retries = retries
-
-    async def __call__(
-        self,
-        make_request: NextRequestMiddlewareType[Any],
-        bot: Bot,
-        method: TelegramMethod[Any],
-    ) -> Any:
-        attempt = 0
-        while True:
-            try:
-                return await make_request(bot, method)
-            except TelegramRetryAfter as error:
-                attempt += 1
-                if (
-                    isinstance(method, SendMessageDraft)
-                    or attempt > self.retries
-                    or error.retry_after > self.max_wait_s
-                ):
-                    raise
-                log.info(
-                    "flood control on %s: waiting %s s", type(method).__name__, error.retry_after
-                )
-                await asyncio.sleep(error.retry_after)
 
 
 def not_modified(error: BaseException) -> bool:

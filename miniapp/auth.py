@@ -20,19 +20,16 @@ from urllib.parse import urlencode
 
 from aiogram.utils.web_app import WebAppInitData, safe_parse_webapp_init_data
 
+from backend.errors import CocoonError, ErrorCode
 from backend.users import MAX_TELEGRAM_ID
 
 SCHEME = "tma"
 FUTURE_SKEW_S = 60
 
 
-class InitDataError(Exception):
+class InitDataError(CocoonError):
     """Why an ``initData`` is refused. ``code`` is stable (``init_data_missing``,
     ``init_data_invalid``, ``init_data_expired``)."""
-
-    def __init__(self, code: str) -> None:
-        super().__init__(code)
-        self.code = code
 
 
 @dataclass(frozen=True)
@@ -105,7 +102,7 @@ class InitDataVerifier:
 
     def verify(self, init_data: str | None, *, now: float | None = None) -> TelegramCaller:
         if not init_data or not init_data.strip():
-            raise InitDataError("init_data_missing")
+            raise InitDataError(ErrorCode.INIT_DATA_MISSING)
         init_data = init_data.strip()
         dev = False
         parsed = _parse(init_data, self.bot_token) if self.bot_token else None
@@ -113,13 +110,13 @@ class InitDataVerifier:
             parsed = _parse(init_data, self._dev_key)
             dev = parsed is not None
         if parsed is None or parsed.user is None or not 0 < parsed.user.id < MAX_TELEGRAM_ID:
-            raise InitDataError("init_data_invalid")
+            raise InitDataError(ErrorCode.INIT_DATA_INVALID)
         if dev and parsed.user.id != self.dev_telegram_id:
-            raise InitDataError("init_data_invalid")
+            raise InitDataError(ErrorCode.INIT_DATA_INVALID)
         now = time.time() if now is None else now
         signed_at = parsed.auth_date.timestamp()
         if signed_at < now - self.max_age_s or signed_at > now + FUTURE_SKEW_S:
-            raise InitDataError("init_data_expired")
+            raise InitDataError(ErrorCode.INIT_DATA_EXPIRED)
         return TelegramCaller(
             telegram_id=parsed.user.id,
             language_code=parsed.user.language_code,

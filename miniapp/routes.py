@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import aiohttp_jinja2
@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from backend import appkeys
 from backend.dispatch import TurnDone, TurnError, TurnText
+from backend.errors import CocoonError, ErrorCode
 from backend.i18n import LANGUAGES
 from backend.money import format_ton
 from backend.settings import Settings
@@ -46,15 +47,37 @@ PAGES = {
     "provider": "/app/provider",
     "chat": "/app/chat",
 }
-TURN_STATUS = {
-    "invalid_request": 400,
-    "unknown_model": 404,
-    "insufficient_balance": 402,
-    "no_worker": 503,
-    "timeout": 504,
-    "cancelled": 499,
-    "worker_error": 502,
+# The HTTP status of every refusal of the Mini App's API (its words: miniapp.texts.ERRORS).
+STATUS: dict[ErrorCode, int] = {
+    ErrorCode.INVALID_REQUEST: 400,
+    ErrorCode.INVALID_JSON: 400,
+    ErrorCode.INVALID_AMOUNT: 400,
+    ErrorCode.INVALID_PAGE: 400,
+    ErrorCode.MESSAGE_TOO_LONG: 400,
+    ErrorCode.BELOW_MINIMUM: 400,
+    ErrorCode.PROOF_REFUSED: 400,
+    ErrorCode.INIT_DATA_MISSING: 401,
+    ErrorCode.INIT_DATA_INVALID: 401,
+    ErrorCode.INIT_DATA_EXPIRED: 401,
+    ErrorCode.INSUFFICIENT_BALANCE: 402,
+    ErrorCode.NOT_PROVIDER: 403,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.UNKNOWN_MODEL: 404,
+    ErrorCode.NO_PAYOUT_WALLET: 409,
+    ErrorCode.INSUFFICIENT_FUNDS: 409,
+    ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.CANCELLED: 499,
+    ErrorCode.INTERNAL: 500,
+    ErrorCode.WORKER_ERROR: 502,
+    ErrorCode.STARS_FAILED: 502,
+    ErrorCode.NO_WORKER: 503,
+    ErrorCode.PROOF_UNAVAILABLE: 503,
+    ErrorCode.TOPUP_UNAVAILABLE: 503,
+    ErrorCode.STARS_UNAVAILABLE: 503,
+    ErrorCode.TIMEOUT: 504,
 }
+# aiohttp's own refusals under /app/api/ (unknown path, wrong method, body too large).
+HTTP_CODES = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.NOT_FOUND}
 
 Body = TypeVar("Body", bound=BaseModel)
 Handler = Callable[[web.Request, Caller], Awaitable[web.StreamResponse]]
@@ -67,36 +90,47 @@ def _request_language(request: web.Request) -> str:
     return texts.page_language(request.query.get("lang"), request.headers.get("Accept-Language"))
 
 
-def error_response(language: str, status: int, code: str, **values: object) -> web.Response:
+def error_body(language: str, code: ErrorCode, **values: object) -> dict[str, Any]:
+    """``{"error": {"code", "message"}}``, the message in ``language`` (amounts as TON)."""
     for name in ("minimum", "available", "needed"):
         if isinstance(values.get(name), int):
             values[name] = format_ton(values[name])  # type: ignore[arg-type]
     message = texts.error_message(language, code, **values)
-    body = p.ErrorBody(error=p.ErrorDetail(code=code, message=message))
-    return web.json_response(body.model_dump(), status=status)
+    return p.ErrorBody(error=p.ErrorDetail(code=code.value, message=message)).model_dump()
 
 
-def _turn_error(language: str, error: TurnError) -> web.Response:
-    values: dict[str, object] = {}
-    if error.code == "insufficient_balance":
-        values["needed"] = error.details.get("needed", 0)
-    if error.code == "invalid_request":
-        values["detail"] = str(error)
-    return error_response(language, TURN_STATUS.get(error.code, 500), error.code, **values)
+def error_response(
+    language: str,
+    code: ErrorCode,
+    values: Mapping[str, object] | None = None,
+    *,
+    status: int | None = None,
+) -> web.Response:
+    body = error_body(language, code, **(values or {}))
+    return web.json_response(body, status=status or STATUS.get(code, 500))
+
+
+def refusal(language: str, error: CocoonError) -> web.Response:
+    """Any refusal (the Mini App's, the account's, a turn's): its message fills ``{detail}``."""
+    return error_response(language, error.code, _values(error))
+
+
+def _values(error: CocoonError) -> dict[str, object]:
+    return {"detail": str(error), **error.details}
 
 
 async def _body(request: web.Request, model: type[Body]) -> Body:
     try:
         raw = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise MiniAppError(400, "invalid_json") from None
+        raise MiniAppError(ErrorCode.INVALID_JSON) from None
     try:
         return model.model_validate(raw)
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
         detail = f"{where}: {first['msg']}" if where else first["msg"]
-        raise MiniAppError(400, "invalid_request", detail=detail) from None
+        raise MiniAppError(ErrorCode.INVALID_REQUEST, detail) from None
 
 
 @web.middleware
@@ -112,18 +146,16 @@ async def api_errors(
     except web.HTTPException as error:
         if error.status < 400:
             raise
-        code = {404: "not_found", 405: "not_found", 413: "invalid_request"}.get(
-            error.status, "invalid_request"
-        )
-        values = {"detail": error.reason} if code == "invalid_request" else {}
-        return error_response(_request_language(request), error.status, code, **values)
+        code = HTTP_CODES.get(error.status, ErrorCode.INVALID_REQUEST)
+        values = {"detail": error.reason}
+        return error_response(_request_language(request), code, values, status=error.status)
     except ConnectionResetError:
         raise  # the client went away: nobody to answer
     except Exception:
         # A bug or an outage (database down): a readable JSON error, the details in the log
         # (never a request body: it may hold a chat message).
         log.exception("mini app API: %s %s failed", request.method, request.path)
-        return error_response(_request_language(request), 500, "internal")
+        return error_response(_request_language(request), ErrorCode.INTERNAL)
 
 
 def api(handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -135,15 +167,13 @@ def api(handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamRespons
             header = request.headers.get("Authorization")
             telegram = request.app[VERIFIER].verify(init_data_from_header(header))
         except InitDataError as error:
-            return error_response(language, 401, error.code)
+            return refusal(language, error)
         service = request.app[MINIAPP]
         caller = await service.caller(telegram)
         try:
             return await handler(request, caller)
-        except MiniAppError as error:
-            return error_response(caller.language, error.status, error.code, **error.values)
-        except TurnError as error:
-            return _turn_error(caller.language, error)
+        except CocoonError as error:  # MiniAppError, AccountError, TurnError
+            return refusal(caller.language, error)
 
     return wrapped
 
@@ -258,7 +288,7 @@ async def get_history(request: web.Request, caller: Caller) -> web.Response:
     try:
         page = int(request.query.get("page", "1"))
     except ValueError:
-        raise MiniAppError(400, "invalid_page") from None
+        raise MiniAppError(ErrorCode.INVALID_PAGE) from None
     return _json(await request.app[MINIAPP].history(caller, kind, page))
 
 
@@ -306,8 +336,7 @@ async def post_chat(request: web.Request, caller: Caller) -> web.StreamResponse:
                     )
                     await send(done.model_dump(mode="json"))
     except TurnError as error:
-        detail = json.loads(_turn_error(caller.language, error).text or "{}")
-        await send({"type": "error", **detail})
+        await send({"type": "error", **error_body(caller.language, error.code, **_values(error))})
     await response.write_eof()
     return response
 
@@ -318,17 +347,10 @@ async def post_chat(request: web.Request, caller: Caller) -> web.StreamResponse:
 def _service_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         bot = None
-        if settings.bot_token is not None:
-            from aiogram import Bot
-            from aiogram.client.session.aiohttp import AiohttpSession
-            from aiogram.client.telegram import TelegramAPIServer
+        if settings.bot_token is not None:  # for Stars invoices
+            from backend.telegram import create_bot
 
-            session = (
-                AiohttpSession(api=TelegramAPIServer.from_base(settings.telegram_api_url))
-                if settings.telegram_api_url
-                else AiohttpSession()
-            )
-            bot = Bot(settings.bot_token.get_secret_value(), session=session)
+            bot = create_bot(settings)
         app[MINIAPP] = MiniApp(
             settings,
             app[appkeys.DATABASE],

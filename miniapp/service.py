@@ -20,12 +20,13 @@ from sqlalchemy import delete
 from backend import account
 from backend.db import Database
 from backend.dispatch import Dispatcher, TurnDone, TurnRequest, TurnText
+from backend.errors import CocoonError, ErrorCode
 from backend.i18n import pick_language
 from backend.ledger import Ledger
 from backend.models import TonWallet, User
 from backend.money import AmountError, parse_ton
 from backend.ratelimit import RateLimiter
-from backend.settings import DEFAULT_MODEL, Settings
+from backend.settings import Settings
 from backend.ton import proof as ton_proof
 from backend.ton.comment import deposit_transaction, friendly_address
 from backend.users import get_or_create_user
@@ -37,14 +38,10 @@ TOPUP_PRESETS = ["1", "5", "10", "50"]
 STARS_PRESETS = [50, 100, 250, 1000]
 
 
-class MiniAppError(Exception):
-    """A refusal with a stable ``code``, an HTTP status and values for the message."""
-
-    def __init__(self, status: int, code: str, **values: object) -> None:
-        super().__init__(code)
-        self.status = status
-        self.code = code
-        self.values = values
+class MiniAppError(CocoonError):
+    """A refusal of the Mini App's own. Its HTTP status and words follow from the code
+    (``miniapp.routes.STATUS``, ``miniapp.texts.ERRORS``); the message fills ``{detail}`` and
+    the details the other placeholders."""
 
 
 @dataclass(frozen=True)
@@ -116,7 +113,7 @@ class MiniApp:
         ]
         model = user.model if user.model in self.settings.models else None
         if model is None:
-            model = DEFAULT_MODEL if DEFAULT_MODEL in self.settings.models else models[0].id
+            model = self.settings.default_model()
         return p.Me(
             telegram_id=user.telegram_id,
             first_name=caller.telegram.first_name,
@@ -141,7 +138,7 @@ class MiniApp:
 
     async def choose_model(self, caller: Caller, model: str) -> None:
         if model not in self.settings.models:
-            raise MiniAppError(404, "unknown_model")
+            raise MiniAppError(ErrorCode.UNKNOWN_MODEL)
         await account.set_model(self.db, caller.user.id, model)
 
     # ----------------------------------------------------------------- wallets
@@ -168,9 +165,9 @@ class MiniApp:
     ) -> p.LinkedWallet:
         domains = self.proof_domains(request_host)
         if not domains:
-            raise MiniAppError(503, "proof_unavailable")
+            raise MiniAppError(ErrorCode.PROOF_UNAVAILABLE)
         if body.purpose == "payout" and not caller.user.is_provider:
-            raise MiniAppError(403, "not_provider")
+            raise MiniAppError(ErrorCode.NOT_PROVIDER)
         account_dict = {
             "address": body.account.address,
             "network": body.account.chain,
@@ -189,7 +186,7 @@ class MiniApp:
                 network=ton_proof.NETWORKS[self.settings.ton.network],
             )
         except ton_proof.ProofError as error:
-            raise MiniAppError(400, "proof_refused", detail=str(error)) from None
+            raise MiniAppError(ErrorCode.PROOF_REFUSED, str(error)) from None
         view = self._wallet_view(wallet)
         assert view is not None
         return view
@@ -207,11 +204,11 @@ class MiniApp:
     def top_up(self, caller: Caller, amount_text: str) -> p.TopUp:
         ton = self.settings.ton
         if ton.deposit_address is None:
-            raise MiniAppError(503, "topup_unavailable")
+            raise MiniAppError(ErrorCode.TOPUP_UNAVAILABLE)
         try:
             amount = parse_ton(amount_text)
         except AmountError as error:
-            raise MiniAppError(400, "invalid_amount", detail=str(error)) from None
+            raise MiniAppError(ErrorCode.INVALID_AMOUNT, str(error)) from None
         request = deposit_transaction(
             ton.deposit_address,
             caller.user.deposit_memo,
@@ -230,7 +227,7 @@ class MiniApp:
 
     async def stars_invoice(self, caller: Caller, stars: int, title: str, label: str) -> str:
         if self.bot is None:
-            raise MiniAppError(503, "stars_unavailable")
+            raise MiniAppError(ErrorCode.STARS_UNAVAILABLE)
         from aiogram.exceptions import TelegramAPIError
         from aiogram.types import LabeledPrice
 
@@ -245,21 +242,18 @@ class MiniApp:
                 prices=[LabeledPrice(label=label, amount=stars)],
             )
         except (TelegramAPIError, OSError, TimeoutError):
-            raise MiniAppError(502, "stars_failed") from None
+            raise MiniAppError(ErrorCode.STARS_FAILED) from None
 
     # ----------------------------------------------------------------- history
 
     async def history(self, caller: Caller, kind: str | None, page: int) -> p.History:
-        try:
-            result = await account.history(
-                self.db,
-                caller.user.id,
-                kind=kind,  # type: ignore[arg-type]
-                page=page,
-                per_page=20,
-            )
-        except account.AccountError:
-            raise MiniAppError(400, "invalid_page") from None
+        result = await account.history(  # AccountError invalid_page for a bad kind or page
+            self.db,
+            caller.user.id,
+            kind=kind,  # type: ignore[arg-type]
+            page=page,
+            per_page=20,
+        )
         return p.History(
             items=[
                 p.HistoryEntry(
@@ -290,7 +284,7 @@ class MiniApp:
 
     def _require_provider(self, caller: Caller) -> None:
         if not caller.user.is_provider:
-            raise MiniAppError(403, "not_provider")
+            raise MiniAppError(ErrorCode.NOT_PROVIDER)
 
     async def provider(self, caller: Caller) -> p.ProviderDashboard:
         self._require_provider(caller)
@@ -332,20 +326,14 @@ class MiniApp:
             try:
                 amount = parse_ton(body.amount)
             except AmountError as error:
-                raise MiniAppError(400, "invalid_amount", detail=str(error)) from None
-        try:
-            payout = await account.withdraw(
-                self.ledger,
-                self.settings,
-                caller.user.id,
-                amount,  # type: ignore[arg-type]
-                f"miniapp:{caller.user.id}:{body.key}",
-            )
-        except account.AccountError as error:
-            status = {"no_payout_wallet": 409, "insufficient_funds": 409}.get(error.code, 400)
-            values = {k: v for k, v in error.details.items() if k in ("minimum", "available")}
-            detail = {"detail": str(error)} if error.code == "invalid_amount" else {}
-            raise MiniAppError(status, error.code, **values, **detail) from None
+                raise MiniAppError(ErrorCode.INVALID_AMOUNT, str(error)) from None
+        payout = await account.withdraw(  # AccountError: the routes answer it
+            self.ledger,
+            self.settings,
+            caller.user.id,
+            amount,  # type: ignore[arg-type]
+            f"miniapp:{caller.user.id}:{body.key}",
+        )
         return p.PayoutView(
             id=payout.id,
             amount=_nano(payout.amount),
@@ -358,7 +346,7 @@ class MiniApp:
     async def _rate_limit(self, user_id: int) -> None:
         limiter = RateLimiter(self.dispatcher.redis, self.settings.rate_limit_per_minute)
         if await limiter.allow(user_id):
-            raise MiniAppError(429, "rate_limited")
+            raise MiniAppError(ErrorCode.RATE_LIMITED)
 
     async def chat(
         self, caller: Caller, body: p.ChatRequest
@@ -367,22 +355,18 @@ class MiniApp:
         passes through and is kept nowhere: the conversation lives in the page."""
         limit = self.settings.max_prompt_chars
         if any(len(m.content) > limit for m in body.messages):
-            raise MiniAppError(400, "message_too_long", limit=limit)
+            raise MiniAppError(ErrorCode.MESSAGE_TOO_LONG, limit=limit)
         if body.messages[-1].role != "user":
-            raise MiniAppError(400, "invalid_request", detail="the last message must be yours")
+            raise MiniAppError(ErrorCode.INVALID_REQUEST, "the last message must be yours")
         await self._rate_limit(caller.user.id)
         messages = body.messages[-self.settings.context_max_messages :]
-        price = self.settings.price(body.model)
-        max_tokens = self.settings.max_tokens_default
-        if price is not None:
-            max_tokens = min(max_tokens, price.context_length)
         conversation = hashlib.sha256(f"{caller.user.id}:{body.conversation}".encode())
         turn = await self.dispatcher.start_turn(
             TurnRequest(
                 user_id=caller.user.id,
                 model=body.model,
                 messages=[ChatMessage(role=m.role, content=m.content) for m in messages],
-                max_tokens=max_tokens,
+                # max_tokens: the dispatcher's default_max_tokens, as for the bot and the API
                 conversation_id="miniapp-" + conversation.hexdigest()[:32],
             )
         )

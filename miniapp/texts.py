@@ -10,6 +10,7 @@ from typing import Any
 
 import jinja2
 
+from backend.errors import ErrorCode
 from backend.i18n import DEFAULT_LANGUAGE, LANGUAGES, pick_language, translations
 
 DOMAIN = "miniapp"
@@ -20,41 +21,44 @@ def N_(message: str) -> str:
     return message
 
 
-ERRORS: dict[str, str] = {
-    "init_data_missing": N_("Open this page from the Cocoon bot in Telegram."),
-    "init_data_invalid": N_(
+# The words of every refusal of the Mini App's API (its HTTP status: miniapp.routes.STATUS).
+ERRORS: dict[ErrorCode, str] = {
+    ErrorCode.INIT_DATA_MISSING: N_("Open this page from the Cocoon bot in Telegram."),
+    ErrorCode.INIT_DATA_INVALID: N_(
         "Telegram's signature on this session is not valid. Open the app again from the bot."
     ),
-    "init_data_expired": N_(
+    ErrorCode.INIT_DATA_EXPIRED: N_(
         "This session is too old. Close the app and open it again from the bot."
     ),
-    "invalid_json": N_("The request is not valid JSON."),
-    "invalid_request": N_("The request is not valid: {detail}"),
-    "invalid_amount": N_("This amount cannot be used: {detail}"),
-    "not_found": N_("There is nothing here."),
-    "proof_refused": N_("The wallet was not linked: {detail}"),
-    "proof_unavailable": N_(
+    ErrorCode.INVALID_JSON: N_("The request is not valid JSON."),
+    ErrorCode.INVALID_REQUEST: N_("The request is not valid: {detail}"),
+    ErrorCode.INVALID_AMOUNT: N_("This amount cannot be used: {detail}"),
+    ErrorCode.NOT_FOUND: N_("There is nothing here."),
+    ErrorCode.PROOF_REFUSED: N_("The wallet was not linked: {detail}"),
+    ErrorCode.PROOF_UNAVAILABLE: N_(
         "Wallet linking is not configured on this server (no TON Connect domain)."
     ),
-    "topup_unavailable": N_("Top-ups in TON are not available on this server right now."),
-    "stars_unavailable": N_("Payments in Telegram Stars are not available on this server."),
-    "stars_failed": N_("Telegram could not make the invoice. Try again in a minute."),
-    "not_provider": N_("This page is for providers. Ask the bot with /provider to become one."),
-    "no_payout_wallet": N_("Link a payout wallet first."),
-    "below_minimum": N_("The smallest withdrawal is {minimum}."),
-    "insufficient_funds": N_("That is more than your available earnings ({available})."),
-    "invalid_page": N_("That page of the history does not exist."),
-    "unknown_model": N_("This model is not available."),
-    "insufficient_balance": N_(
+    ErrorCode.TOPUP_UNAVAILABLE: N_("Top-ups in TON are not available on this server right now."),
+    ErrorCode.STARS_UNAVAILABLE: N_("Payments in Telegram Stars are not available on this server."),
+    ErrorCode.STARS_FAILED: N_("Telegram could not make the invoice. Try again in a minute."),
+    ErrorCode.NOT_PROVIDER: N_(
+        "This page is for providers. Ask the bot with /provider to become one."
+    ),
+    ErrorCode.NO_PAYOUT_WALLET: N_("Link a payout wallet first."),
+    ErrorCode.BELOW_MINIMUM: N_("The smallest withdrawal is {minimum}."),
+    ErrorCode.INSUFFICIENT_FUNDS: N_("That is more than your available earnings ({available})."),
+    ErrorCode.INVALID_PAGE: N_("That page of the history does not exist."),
+    ErrorCode.UNKNOWN_MODEL: N_("This model is not available."),
+    ErrorCode.INSUFFICIENT_BALANCE: N_(
         "Your balance is too low for this message: it can cost up to {needed}. Top up first."
     ),
-    "no_worker": N_("No worker is serving this model right now. Try again in a minute."),
-    "timeout": N_("The worker took too long to answer. You were not charged for it."),
-    "cancelled": N_("The reply was stopped."),
-    "worker_error": N_("The worker failed while answering. You were not charged for it."),
-    "rate_limited": N_("Too many messages in a minute. Wait a moment and send again."),
-    "message_too_long": N_("This message is too long (at most {limit} characters)."),
-    "internal": N_("Something went wrong on our side. Try again."),
+    ErrorCode.NO_WORKER: N_("No worker is serving this model right now. Try again in a minute."),
+    ErrorCode.TIMEOUT: N_("The worker took too long to answer. You were not charged for it."),
+    ErrorCode.CANCELLED: N_("The reply was stopped."),
+    ErrorCode.WORKER_ERROR: N_("The worker failed while answering. You were not charged for it."),
+    ErrorCode.RATE_LIMITED: N_("Too many messages in a minute. Wait a moment and send again."),
+    ErrorCode.MESSAGE_TOO_LONG: N_("This message is too long (at most {limit} characters)."),
+    ErrorCode.INTERNAL: N_("Something went wrong on our side. Try again."),
 }
 
 
@@ -93,5 +97,5 @@ def page_language(query_lang: str | None, accept_language: str | None) -> str:
     return DEFAULT_LANGUAGE
 
 
-def error_message(language: str, code: str, **values: Any) -> str:
-    return translate(language, ERRORS.get(code, ERRORS["internal"]), **values)
+def error_message(language: str, code: ErrorCode, **values: Any) -> str:
+    return translate(language, ERRORS.get(code, ERRORS[ErrorCode.INTERNAL]), **values)

@@ -17,10 +17,12 @@ from redis.exceptions import RedisError
 from backend.dispatch import Dispatcher as TurnDispatcher
 from backend.dispatch import Turn, TurnDone, TurnError, TurnRequest, TurnText
 from backend.models import User
+from backend.pricing import default_max_tokens
 from backend.ratelimit import RateLimiter
 from backend.settings import Settings
 from bot.common import Handlers, ton, user_model
 from bot.context import ContextStore, Conversation, LastTurn, trim
+from bot.errors import error_text
 from bot.i18n import _
 from bot.services import RunningTurns
 from bot.streaming import STOP, ReplyStream
@@ -29,33 +31,6 @@ from workers.logcontext import bind
 log = logging.getLogger("cocoon.bot.chat")
 
 handlers = Handlers("chat")
-
-
-def turn_error_text(error: TurnError, model: str) -> str:
-    code = error.code
-    if code == "insufficient_balance":
-        return _(
-            "Not enough balance for this message: it can cost up to {needed} and you have "
-            "{available}. Top up with /topup."
-        ).format(
-            needed=ton(int(error.details.get("needed", 0))),  # type: ignore[call-overload]
-            available=ton(int(error.details.get("available", 0))),  # type: ignore[call-overload]
-        )
-    if code == "unknown_model":
-        return _("The model {model} is not available any more. Choose another with /model.").format(
-            model=model
-        )
-    if code == "no_worker":
-        return _("No worker is serving {model} right now. Please try again in a minute.").format(
-            model=model
-        )
-    if code == "timeout":
-        return _("The worker stopped responding. You were not charged; please try again.")
-    if code == "cancelled":
-        return _("Stopped before the first word. You were not charged.")
-    if code == "invalid_request":
-        return _("This conversation is too long for the model. Start over with /new.")
-    return _("The worker could not answer. You were not charged; please try again.")
 
 
 def footer(done: TurnDone) -> str:
@@ -91,7 +66,7 @@ async def answer(
     and remember both in the chat's context."""
     model = user_model(settings, user)
     price = settings.models[model]
-    max_tokens = max(1, min(settings.max_tokens_default, price.context_length // 2))
+    max_tokens = default_max_tokens(settings, price)
     history = trim(
         [*conversation.messages, {"role": "user", "content": prompt}],
         budget_tokens=price.context_length - max_tokens,
@@ -117,7 +92,7 @@ async def answer(
         try:
             turn = await turns.start_turn(request)
         except TurnError as error:
-            await bot.send_message(chat_id, turn_error_text(error, model), parse_mode=None)
+            await bot.send_message(chat_id, error_text(error, model=model), parse_mode=None)
             return
         bind(turn_id=turn.turn_id)
         stream = ReplyStream(bot, chat_id, draft_id=draft_id, use_draft=private)
@@ -143,7 +118,7 @@ async def answer(
                     elif isinstance(event, TurnDone):
                         done = event
         except TurnError as error:
-            await stream.fail(turn_error_text(error, model))
+            await stream.fail(error_text(error, model=model))
             return
         assert done is not None
         reply = text.strip()

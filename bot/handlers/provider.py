@@ -20,13 +20,15 @@ from aiogram.types import (
 from backend import account
 from backend.attestation.store import issue_registration_token
 from backend.db import Database
+from backend.errors import ErrorCode
 from backend.ledger import Ledger
 from backend.models import AccountKind, User
 from backend.money import AmountError, parse_ton
 from backend.settings import Settings
 from backend.ton.comment import friendly_address
 from backend.ton.proof import linked_wallet
-from bot.common import Handlers, default_model, state_name, ton
+from bot.common import Handlers, state_name, ton
+from bot.errors import code_text, error_text
 from bot.handlers.wallet import link_keyboard, miniapp_url, wallet_keyboard
 from bot.i18n import _
 from bot.outbox import PAYOUT_MESSAGE_TTL_S, payout_message_key
@@ -96,7 +98,7 @@ async def cmd_addworker(
 ) -> None:
     if not await _require_provider(message, user):
         return
-    model = (command.args or "").strip() or default_model(settings)
+    model = (command.args or "").strip() or settings.default_model()
     if model not in settings.models:
         await message.answer(
             _("Unknown model {model}. Models: {models}").format(
@@ -180,21 +182,6 @@ async def cmd_earnings(message: Message, user: User, ledger: Ledger) -> None:
     )
 
 
-def _account_error(error: account.AccountError, settings: Settings) -> str:
-    details = error.details
-    if error.code == "no_payout_wallet":
-        return _("Link a payout wallet first: /provider.")
-    if error.code == "below_minimum":
-        return _("The smallest withdrawal is {minimum}.").format(
-            minimum=ton(settings.min_withdrawal_nano)
-        )
-    if error.code == "insufficient_funds":
-        return _("That is more than your available earnings ({available}).").format(
-            available=ton(int(details.get("available", 0)))  # type: ignore[call-overload]
-        )
-    return _("The amount must be a positive number of TON, like 1.5, or all.")
-
-
 @handlers.message(Command("withdraw"))
 async def cmd_withdraw(
     message: Message,
@@ -217,21 +204,15 @@ async def cmd_withdraw(
         try:
             amount = parse_ton(raw)
         except AmountError:
-            await message.answer(
-                _("The amount must be a positive number of TON, like 1.5, or all.")
-            )
+            await message.answer(code_text(ErrorCode.INVALID_AMOUNT))
             return
     wallet = await linked_wallet(db, user.id, "payout")
-    problem = None
     if wallet is None:
-        problem = account.AccountError("no_payout_wallet", "")
-    elif amount < settings.min_withdrawal_nano:
-        problem = account.AccountError("below_minimum", "")
-    elif amount > available:
-        problem = account.AccountError("insufficient_funds", "", available=available)
-    if problem is not None or wallet is None:
-        assert problem is not None
-        await message.answer(_account_error(problem, settings))
+        await message.answer(code_text(ErrorCode.NO_PAYOUT_WALLET))
+        return
+    problem = account.withdrawal_refusal(settings, amount, available)
+    if problem is not None:
+        await message.answer(error_text(problem))
         return
     address = friendly_address(wallet.address, bounceable=False, testnet=settings.ton.is_testnet)
     nonce = secrets.token_hex(6)
@@ -273,7 +254,7 @@ async def on_withdraw_confirm(
     except account.AccountError as error:
         await query.answer()
         if isinstance(query.message, Message):
-            await query.message.edit_text(_account_error(error, settings))
+            await query.message.edit_text(error_text(error))
         return
     await query.answer()
     if not isinstance(query.message, Message):

@@ -1,0 +1,325 @@
+"""Request and response bodies of the OpenAI-compatible API, its error answers, and SSE framing.
+
+Errors are OpenAI-shaped: ``{"error": {"message", "type", "code", "param"}}``; the HTTP status
+and OpenAI error type of each :class:`~backend.errors.ErrorCode` are in :data:`ERRORS`, and only
+there. Streamed replies are Server-Sent Events: ``data: <json>`` lines, then ``data: [DONE]``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, Literal, NamedTuple
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from backend.dispatch import TurnDone
+from backend.errors import CocoonError, ErrorCode
+from backend.settings import ModelPrice
+from workers.wire import ChatMessage
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+MAX_STOP_SEQUENCES = 4
+
+# ------------------------------------------------------------------- requests
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart]
+
+    def to_wire(self) -> ChatMessage:
+        text = (
+            self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        )
+        role = "system" if self.role == "developer" else self.role
+        return ChatMessage(role=role, content=text)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=0.7, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = Field(default=1, ge=1, le=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, value: str | list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        stops = [value] if isinstance(value, str) else value
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
+        return stops
+
+    @property
+    def stop_sequences(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+# ------------------------------------------------------------------ responses
+
+
+class Pricing(BaseModel):
+    unit: Literal["nanoTON per 1M tokens"] = "nanoTON per 1M tokens"
+    prompt: str
+    cached_prompt: str
+    completion: str
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "cocoon"
+    context_length: int
+    pricing: Pricing
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+    @classmethod
+    def of(cls, models: Mapping[str, ModelPrice]) -> ModelList:
+        return cls(
+            data=[
+                ModelCard(
+                    id=name,
+                    context_length=price.context_length,
+                    pricing=Pricing(
+                        prompt=str(price.prompt),
+                        cached_prompt=str(price.cached_prompt),
+                        completion=str(price.completion),
+                    ),
+                )
+                for name, price in sorted(models.items())
+            ]
+        )
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+    @classmethod
+    def of(cls, done: TurnDone) -> Usage:
+        return cls(
+            prompt_tokens=done.prompt_tokens,
+            completion_tokens=done.completion_tokens,
+            total_tokens=done.prompt_tokens + done.completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=done.cached_prompt_tokens),
+        )
+
+
+class ServedBy(BaseModel):
+    tee: str
+    key_fingerprint: str
+    engine: str
+    usage_signature_verified: bool
+
+
+class CocoonExtra(BaseModel):
+    """What OpenAI's schema has no place for: the price paid and who served the turn."""
+
+    cost_nanoton: str
+    worker: ServedBy
+
+    @classmethod
+    def of(cls, done: TurnDone) -> CocoonExtra:
+        return cls(
+            cost_nanoton=str(done.cost),
+            worker=ServedBy(
+                tee=done.worker.tee,
+                key_fingerprint=done.worker.key_fingerprint,
+                engine=done.worker.engine,
+                usage_signature_verified=done.worker.usage_signature_verified,
+            ),
+        )
+
+
+def finish_reason(done: TurnDone) -> str:
+    """OpenAI knows no "cancelled": a stopped reply finished with "stop"."""
+    return "stop" if done.finish_reason == "cancelled" else done.finish_reason
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: str
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    cocoon: CocoonExtra
+
+    @classmethod
+    def of(
+        cls, completion_id: str, created: int, model: str, text: str, done: TurnDone
+    ) -> ChatCompletion:
+        return cls(
+            id=completion_id,
+            created=created,
+            model=model,
+            choices=[
+                Choice(message=AssistantMessage(content=text), finish_reason=finish_reason(done))
+            ],
+            usage=Usage.of(done),
+            cocoon=CocoonExtra.of(done),
+        )
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: dict[str, str]
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One streamed event. The last one (with ``include_usage``) has no choices, and the
+    usage and Cocoon's extra instead."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    cocoon: CocoonExtra | None = None
+
+    def payload(self) -> dict[str, Any]:
+        exclude = {"usage", "cocoon"} if self.usage is None else None
+        return self.model_dump(exclude=exclude)
+
+
+class ChunkStream:
+    """The chunks of one streamed completion (they share its id, time and model)."""
+
+    def __init__(self, completion_id: str, created: int, model: str) -> None:
+        self.completion_id, self.created, self.model = completion_id, created, model
+
+    def _chunk(self, choices: list[ChunkChoice], **extra: Any) -> bytes:
+        chunk = ChatCompletionChunk(
+            id=self.completion_id,
+            created=self.created,
+            model=self.model,
+            choices=choices,
+            **extra,
+        )
+        return sse(chunk.payload())
+
+    def delta(self, delta: dict[str, str], finish: str | None = None) -> bytes:
+        return self._chunk([ChunkChoice(delta=delta, finish_reason=finish)])
+
+    def start(self) -> bytes:
+        return self.delta({"role": "assistant", "content": ""})
+
+    def text(self, text: str) -> bytes:
+        return self.delta({"content": text})
+
+    def finish(self, done: TurnDone) -> bytes:
+        return self.delta({}, finish_reason(done))
+
+    def usage(self, done: TurnDone) -> bytes:
+        return self._chunk([], usage=Usage.of(done), cocoon=CocoonExtra.of(done))
+
+
+def sse(payload: Mapping[str, Any]) -> bytes:
+    """One Server-Sent Event carrying ``payload`` as JSON."""
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+# --------------------------------------------------------------------- errors
+
+
+class ErrorAnswer(NamedTuple):
+    status: int
+    type: str
+    code: str | None = None  # OpenAI's name for the code, where it has its own
+
+
+ERRORS: dict[ErrorCode, ErrorAnswer] = {
+    ErrorCode.INVALID_REQUEST: ErrorAnswer(400, "invalid_request_error"),
+    ErrorCode.INVALID_JSON: ErrorAnswer(400, "invalid_request_error"),
+    ErrorCode.INVALID_API_KEY: ErrorAnswer(401, "invalid_request_error"),
+    ErrorCode.BODY_TOO_LARGE: ErrorAnswer(413, "invalid_request_error"),
+    ErrorCode.UNKNOWN_MODEL: ErrorAnswer(404, "invalid_request_error", "model_not_found"),
+    ErrorCode.INSUFFICIENT_BALANCE: ErrorAnswer(402, "insufficient_quota"),
+    ErrorCode.NO_WORKER: ErrorAnswer(503, "server_error"),
+    ErrorCode.TIMEOUT: ErrorAnswer(504, "server_error"),
+    ErrorCode.CANCELLED: ErrorAnswer(499, "server_error"),
+    ErrorCode.WORKER_ERROR: ErrorAnswer(502, "server_error"),
+}
+OTHER_ERROR = ErrorAnswer(500, "server_error")
+
+
+class ApiError(CocoonError):
+    """A refusal at the API's own edge (the key, the body); ``details["param"]`` names the
+    field at fault, where one is."""
+
+
+def error_status(error: CocoonError) -> int:
+    return ERRORS.get(error.code, OTHER_ERROR).status
+
+
+def error_body(error: CocoonError, *, with_param: bool = True) -> dict[str, Any]:
+    """``{"error": {...}}`` for any refusal; a stream's last event carries it without
+    ``param``."""
+    answer = ERRORS.get(error.code, OTHER_ERROR)
+    body: dict[str, Any] = {
+        "message": str(error),
+        "type": answer.type,
+        "code": answer.code or error.code.value,
+    }
+    if with_param:
+        body["param"] = error.details.get("param")
+    return {"error": body}
+
+
+def invalid_request(error: ValidationError) -> ApiError:
+    """The first problem pydantic found in the body, and where."""
+    first = error.errors()[0]
+    param = ".".join(str(p) for p in first["loc"]) or None
+    return ApiError(ErrorCode.INVALID_REQUEST, f"{param}: {first['msg']}", param=param)

@@ -1,0 +1,83 @@
+"""What the OpenAI-compatible API does, apart from HTTP: who the key belongs to, and a chat
+completion as a turn of the :class:`~backend.dispatch.Dispatcher` (the same holds and billing as
+every other client)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+from backend.apikeys import user_for_key
+from backend.db import Database
+from backend.dispatch import Dispatcher, Turn, TurnDone, TurnRequest, TurnText
+from backend.errors import ErrorCode
+from backend.openai_api.protocol import ApiError, ChatCompletionRequest, ModelList
+from backend.settings import Settings
+from workers.wire import ChatMessage, SamplingParams
+
+NO_KEY = "missing API key: send 'Authorization: Bearer <key>' (get one from the bot's /apikey)"
+BAD_KEY = "invalid or revoked API key"
+
+
+def conversation_id_for(user_id: int, messages: Sequence[ChatMessage]) -> str:
+    """Turns of one API conversation share their opening messages: route them to one worker so
+    its prefix cache hits. Bound to the user, so nothing is shared across users."""
+    digest = hashlib.sha256(str(user_id).encode())
+    for message in messages[:2]:
+        digest.update(b"\0" + message.role.encode() + b"\0" + message.content.encode())
+    return "api-" + digest.hexdigest()[:32]
+
+
+class OpenAIService:
+    """One per request: plain references to the process's services."""
+
+    def __init__(self, settings: Settings, db: Database, dispatcher: Dispatcher) -> None:
+        self.settings = settings
+        self.db = db
+        self.dispatcher = dispatcher
+
+    async def authenticate(self, authorization: str | None) -> int:
+        """The user of the ``Authorization: Bearer <key>`` header; ApiError if there is none."""
+        scheme, _, key = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise ApiError(ErrorCode.INVALID_API_KEY, NO_KEY)
+        user_id = await user_for_key(self.db, key.strip())
+        if user_id is None:
+            raise ApiError(ErrorCode.INVALID_API_KEY, BAD_KEY)
+        return user_id
+
+    def models(self) -> ModelList:
+        return ModelList.of(self.settings.models)
+
+    async def start(self, user_id: int, body: ChatCompletionRequest) -> Turn:
+        """Hold and dispatch the turn; TurnError when it cannot start (nothing is held then).
+        Without ``max_tokens`` the dispatcher applies the default of every chat turn."""
+        messages = [m.to_wire() for m in body.messages]
+        return await self.dispatcher.start_turn(
+            TurnRequest(
+                user_id=user_id,
+                model=body.model,
+                messages=messages,
+                max_tokens=body.max_completion_tokens or body.max_tokens,
+                sampling=SamplingParams(
+                    temperature=body.temperature,
+                    top_p=body.top_p,
+                    stop=body.stop_sequences,
+                    seed=body.seed,
+                ),
+                conversation_id=conversation_id_for(user_id, messages),
+            )
+        )
+
+    @staticmethod
+    async def collect(turn: Turn) -> tuple[str, TurnDone]:
+        """The whole reply of a turn that is not streamed; TurnError if it fails."""
+        parts: list[str] = []
+        done: TurnDone | None = None
+        async for event in turn.events():
+            if isinstance(event, TurnText):
+                parts.append(event.text)
+            else:
+                done = event
+        assert done is not None  # events() ends with TurnDone or raises
+        return "".join(parts), done
