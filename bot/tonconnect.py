@@ -30,7 +30,15 @@ from pytonconnect.storage import IStorage
 from backend.db import Database
 from backend.settings import Settings
 from backend.ton.comment import deposit_transaction, friendly_address
-from backend.ton.proof import ProofError, issue_payload, link_wallet
+from backend.ton.proof import (
+    CHAIN_UNAVAILABLE,
+    NO_KEY,
+    NO_STATE_INIT,
+    ProofError,
+    issue_payload,
+    link_wallet,
+    toncenter_keys,
+)
 from bot.common import ton
 from bot.i18n import _, use_language
 from workers.redis_keys import redis_key
@@ -80,6 +88,19 @@ class SealedRedisStorage(IStorage):
         await self.redis.delete(self._key(key))
 
 
+class CocoonTonConnect(TonConnect):
+    """pytonconnect's TonConnect, for a wallet that sends no ``walletStateInit``: pytonconnect
+    0.4 reads that field unguarded, and the KeyError inside its bridge listener would leave
+    the connection unanswered. The proof check then says what is missing instead."""
+
+    def _on_wallet_connected(self, payload: Any) -> None:
+        items = payload.get("items") if isinstance(payload, dict) else None
+        for item in items if isinstance(items, list) else []:
+            if isinstance(item, dict) and item.get("name") == "ton_addr":
+                item.setdefault("walletStateInit", None)
+        super()._on_wallet_connected(payload)
+
+
 Connector = Any  # pytonconnect.TonConnect, or a test's stand-in with the same methods
 ConnectorFactory = Callable[[str, IStorage], Connector]
 
@@ -106,6 +127,24 @@ def proof_dict(wallet: Any) -> dict[str, Any] | None:
     }
 
 
+def proof_refusal(error: ProofError) -> str:
+    """What the user reads when their wallet's proof is refused (in the current language)."""
+    if error.code == NO_STATE_INIT:
+        return _(
+            "Your wallet sent no state init and is not deployed yet, so its key cannot be "
+            "checked: not linked. Make one transfer from this wallet (that deploys it) or "
+            "update the wallet app, then link it again."
+        )
+    if error.code == NO_KEY:
+        return _("Your wallet's public key cannot be read from the chain: not linked.")
+    if error.code == CHAIN_UNAVAILABLE:
+        return _(
+            "Your wallet's key could not be read from the TON network right now: not linked. "
+            "Try again in a minute."
+        )
+    return _("The wallet's proof did not verify: not linked.")
+
+
 class ChatWallets:
     """Open TON Connect sessions from the chat; one pending connection per user."""
 
@@ -122,7 +161,7 @@ class ChatWallets:
         self.db = db
         self.redis = redis
         self.key = key
-        self.factory = factory or (lambda url, storage: TonConnect(url, storage=storage))
+        self.factory = factory or (lambda url, storage: CocoonTonConnect(url, storage=storage))
         self.tasks: dict[int, asyncio.Task[None]] = {}
 
     @property
@@ -241,12 +280,11 @@ class ChatWallets:
                         allowed_domains=self.proof_domains(),
                         max_age_s=self.settings.ton.proof_ttl_s,
                         network="-3" if self.settings.ton.is_testnet else "-239",
+                        chain=toncenter_keys(self.settings.ton),
                     )
                 except ProofError as error:
                     log.info("a payout wallet proof was refused: %s", error)
-                    await bot.send_message(
-                        chat_id, _("The wallet's proof did not verify: not linked.")
-                    )
+                    await bot.send_message(chat_id, proof_refusal(error))
                     return
                 address = friendly_address(
                     linked.address, bounceable=False, testnet=self.settings.ton.is_testnet

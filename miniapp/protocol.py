@@ -84,7 +84,7 @@ class TonAccount(BaseModel):
     model_config = ConfigDict(extra="ignore")
     address: str = Field(max_length=100)
     chain: str = Field(max_length=10)
-    walletStateInit: str = Field(max_length=20_000)
+    walletStateInit: str | None = Field(default=None, max_length=20_000)  # some wallets omit it
     publicKey: str | None = Field(default=None, max_length=128)
 
 

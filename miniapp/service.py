@@ -32,6 +32,7 @@ from backend.ton.comment import deposit_transaction, friendly_address
 from backend.users import get_or_create_user
 from miniapp import protocol as p
 from miniapp.auth import TelegramCaller
+from miniapp.texts import N_, translate
 from workers.wire import ChatMessage
 
 TOPUP_PRESETS = ["1", "5", "10", "50"]
@@ -42,6 +43,26 @@ class MiniAppError(CocoonError):
     """A refusal of the Mini App's own. Its HTTP status and words follow from the code
     (``miniapp.routes.STATUS``, ``miniapp.texts.ERRORS``); the message fills ``{detail}`` and
     the details the other placeholders."""
+
+
+PROOF_REFUSALS = {
+    ton_proof.NO_STATE_INIT: N_(
+        "your wallet sent no state init and is not deployed yet, so its key cannot be "
+        "checked. Make one transfer from this wallet (that deploys it) or update the wallet "
+        "app, then link it again."
+    ),
+    ton_proof.NO_KEY: N_("your wallet's public key cannot be read from the chain."),
+    ton_proof.CHAIN_UNAVAILABLE: N_(
+        "your wallet's key could not be read from the TON network now. Try again in a minute."
+    ),
+}
+
+
+def proof_refusal(language: str, error: ton_proof.ProofError) -> str:
+    """Why a wallet's proof was refused: in the caller's language where the refusal has words
+    of its own (a missing state init or key), else the verifier's reason."""
+    words = PROOF_REFUSALS.get(error.code)
+    return translate(language, words) if words else str(error)
 
 
 @dataclass(frozen=True)
@@ -184,9 +205,11 @@ class MiniApp:
                 allowed_domains=domains,
                 max_age_s=self.settings.ton.proof_ttl_s,
                 network=ton_proof.NETWORKS[self.settings.ton.network],
+                chain=ton_proof.toncenter_keys(self.settings.ton),
             )
         except ton_proof.ProofError as error:
-            raise MiniAppError(ErrorCode.PROOF_REFUSED, str(error)) from None
+            detail = proof_refusal(caller.language, error)
+            raise MiniAppError(ErrorCode.PROOF_REFUSED, detail) from None
         view = self._wallet_view(wallet)
         assert view is not None
         return view

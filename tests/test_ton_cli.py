@@ -4,6 +4,7 @@ SQLite file and a local TON Center on loopback. The mnemonic never appears in an
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import sys
@@ -118,3 +119,96 @@ async def test_watcher_once_credits_and_admins_resolve_the_unclaimed(data: Path)
     assert "available: 3700000000 nanoTON (3.7 TON)" in out
     code, out, _ = await cocoon(data, "ton", "unclaimed")
     assert out.strip() == "no unclaimed deposits"
+
+
+# ------------------------------------------------------------- cocoon ton verify-proof
+
+PROOFS = Path(__file__).resolve().parent / "fixtures" / "tonproof" / "real_proofs.json"
+
+
+async def test_verify_proof_says_what_it_checked_and_why_it_refuses(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    (w5beta,) = [e for e in json.loads(PROOFS.read_text()) if e["id"] == "P7"]
+    at = w5beta["proof"]["timestamp"]
+    good, bad = tmp_path / "w5beta.json", tmp_path / "tampered.json"
+    good.write_text(json.dumps(w5beta))
+    signature = bytearray(base64.b64decode(w5beta["proof"]["signature"]))
+    signature[0] ^= 1
+    tampered = {
+        **w5beta,
+        "proof": {**w5beta["proof"], "signature": base64.b64encode(signature).decode()},
+    }
+    bad.write_text(json.dumps(tampered))
+    domain = ("--domain", "winogarcia.github.io")
+
+    code, out, err = await cocoon(
+        data, "ton", "verify-proof", str(good), "--at", str(at), *domain, "--network", "testnet"
+    )
+    assert code == 0, err
+    assert "contract wallet W5 beta" in out and "  ok  signature: valid" in out
+    assert out.splitlines()[-1] == (
+        "ACCEPTED: the holder of key "
+        "c5134fcb39879c2cf81ffdc347353d031cf184538130fdd42688152088bf69ba owns "
+        "0QB6_XVj2P0ITTUGAngyB2l0OQWYO46kPFsW-249wKGQ3Sqg"
+    )
+
+    code, out, _ = await cocoon(
+        data, "ton", "verify-proof", str(good), "--at", str(at), *domain, "--network", "mainnet"
+    )
+    assert code == 1
+    assert (
+        out.splitlines()[-1] == "REFUSED: the wallet is on another network (testnet, not mainnet)"
+    )
+    code, out, _ = await cocoon(
+        data,
+        "ton",
+        "verify-proof",
+        str(good),
+        "--at",
+        str(at + 901),
+        *domain,
+        "--network",
+        "testnet",
+    )
+    assert (
+        code == 1 and out.splitlines()[-1] == "REFUSED: the proof is too old (or from the future)"
+    )
+    code, out, _ = await cocoon(
+        data, "ton", "verify-proof", str(bad), "--at", str(at), *domain, "--network", "testnet"
+    )
+    assert code == 1 and "  ok  state init: hashes to the address" in out
+    assert out.splitlines()[-1] == "REFUSED: the proof's signature is not valid"
+
+    (tmp_path / "junk.json").write_text("{not json")
+    code, out, err = await cocoon(data, "ton", "verify-proof", str(tmp_path / "junk.json"), *domain)
+    assert code == 2 and out == "" and err.count("\n") == 1 and "junk.json" in err
+    code, _out, err = await cocoon(data, "ton", "verify-proof", str(good))
+    assert code == 2 and "--domain" in err
+
+
+async def test_verify_proof_reads_a_telegram_wallets_key_from_ton_center(tmp_path: Path) -> None:
+    from nacl.signing import SigningKey
+
+    from tests.test_ton_proof import DOMAIN, NOW, UserWallet
+
+    data = tmp_path / "data"
+    user = UserWallet("tg")
+    rotated = SigningKey(os.urandom(32))
+    account = {k: v for k, v in user.account().items() if k != "publicKey"}
+    path = tmp_path / "tg.json"
+    path.write_text(json.dumps({"account": account, "proof": user.proof("p" * 64, key=rotated)}))
+    net = LocalTonCenter()
+    net.add_wallet(user.raw, bytes(rotated.verify_key), balance=10**9, subwallet_id=0)
+    args = ("ton", "verify-proof", str(path), "--at", str(NOW + 5), "--domain", DOMAIN)
+    async with LocalTonCenterServer(net) as url:
+        code, out, err = await cocoon(data, *args, COCOON_TON__API_URL=url)
+    assert code == 0, err
+    assert "contract Telegram wallet (WalletTg)" in out and "read from the chain" in out
+    assert bytes(rotated.verify_key).hex() in out.splitlines()[-1]
+
+    code, out, _ = await cocoon(data, *args, COCOON_TON__API_URL="http://127.0.0.1:9")
+    assert code == 1
+    assert out.splitlines()[-1] == (
+        "REFUSED: the wallet's key could not be read from the chain right now; try again "
+        "[chain_unavailable]"
+    )

@@ -21,6 +21,9 @@ from backend.settings import Settings
 Add = Callable[..., argparse.ArgumentParser]
 
 
+MAX_PROOF_FILE = 100_000  # characters; a proof is a few thousand
+
+
 def _uint32(text: str, what: str) -> int:
     try:
         value = int(text.strip())
@@ -294,6 +297,81 @@ def cmd_localnet(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _unix_time(text: str) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        _fail(f"--at must be a unix time in whole seconds, got {text!r}")
+    if not 0 <= value < 2**63:
+        _fail(f"--at must be a unix time, got {value}")
+    return value
+
+
+def cmd_verify_proof(settings: Settings, args: argparse.Namespace) -> int:
+    """Check a ton_proof the way linking does, and say which check refused it."""
+    import datetime as dt
+    from urllib.parse import urlsplit
+
+    from backend.ton.comment import friendly_address
+    from backend.ton.proof import (
+        NETWORKS,
+        REFUSED,
+        ProofError,
+        proof_from_json,
+        toncenter_keys,
+        verify_proof_on_chain,
+    )
+
+    try:
+        if args.file == "-":
+            text = sys.stdin.read(MAX_PROOF_FILE + 1)
+        else:
+            with open(args.file, encoding="utf-8") as source:
+                text = source.read(MAX_PROOF_FILE + 1)
+    except (OSError, UnicodeDecodeError) as error:
+        _fail(f"cannot read {args.file}: {error}")
+    if len(text) > MAX_PROOF_FILE:
+        _fail(f"{args.file} is larger than a proof can be ({MAX_PROOF_FILE} characters at most)")
+    try:
+        account, proof = proof_from_json(json.loads(text))
+    except ValueError as error:  # JSONDecodeError and ProofError
+        _fail(f"{args.file}: {error}")
+    at = _unix_time(args.at) if args.at is not None else int(time.time())
+    network = args.network or settings.ton.network
+    domains = list(args.domain or settings.ton.proof_domains)
+    if not domains and settings.public_url:
+        domains = [host] if (host := urlsplit(settings.public_url).hostname) else []
+    if not domains:
+        _fail("say which site the proof is for: --domain D (or set COCOON_TON__PROOF_DOMAINS)")
+    when = dt.datetime.fromtimestamp(at, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    print(f"ton_proof of {str(account.get('address'))[:100]}, checked as at {at} ({when})")
+    print(f"allowed: {', '.join(domains)} on {network}, at most {settings.ton.proof_ttl_s} s old")
+
+    def checked(line: str) -> None:
+        print(f"  ok  {line}")
+
+    try:
+        verified = asyncio.run(
+            verify_proof_on_chain(
+                account,
+                proof,
+                allowed_domains=domains,
+                max_age_s=settings.ton.proof_ttl_s,
+                network=NETWORKS[network],
+                now=at,
+                chain=toncenter_keys(settings.ton),
+                trace=checked,
+            )
+        )
+    except ProofError as error:
+        print(f"REFUSED: {error}" + (f" [{error.code}]" if error.code != REFUSED else ""))
+        return 1
+    address = friendly_address(verified.address, bounceable=False, testnet=network == "testnet")
+    print(f"  --  payload {verified.payload[:80]!r}: not checked here (linking spends it once)")
+    print(f"ACCEPTED: the holder of key {verified.public_key.hex()} owns {address}")
+    return 0
+
+
 # ------------------------------------------------------------------ parser
 
 
@@ -351,4 +429,24 @@ def add_commands(sub: argparse._SubParsersAction, add: Add) -> None:
     localnet.add_argument("--port", type=int, default=8081)
     localnet.add_argument(
         "--balance", type=int, default=1_000 * 10**9, help="the hot wallet's balance, nanoTON"
+    )
+    verify = add(
+        "verify-proof",
+        "check a ton_proof a user's wallet sent (JSON as TON Connect gives it) and say why "
+        "it is refused",
+        cmd_verify_proof,
+        ton_sub,
+    )
+    verify.add_argument("file", metavar="FILE", help="the proof as JSON ('-': standard input)")
+    verify.add_argument("--at", metavar="UNIX_TIME", help="check as at this time (default: now)")
+    verify.add_argument(
+        "--domain",
+        action="append",
+        metavar="D",
+        help="a site the proof may be for (repeatable; default: the configured ones)",
+    )
+    verify.add_argument(
+        "--network",
+        choices=["mainnet", "testnet"],
+        help="the network the wallet must be on (default: the configured one)",
     )

@@ -326,6 +326,7 @@ class LocalTonCenter:
         app.router.add_get("/api/v3/transactionsByMessage", self._by_message)
         app.router.add_get("/api/v3/walletInformation", self._wallet_information)
         app.router.add_post("/api/v3/message", self._message)
+        app.router.add_post("/api/v3/runGetMethod", self._run_get_method)
         app.router.add_post("/localnet/deposit", self._deposit)
         return app
 
@@ -396,6 +397,27 @@ class LocalTonCenter:
                 "wallet_id": wallet.subwallet_id,
             }
         )
+
+    async def _run_get_method(self, request: web.Request) -> web.Response:
+        """``get_public_key`` and ``seqno`` of the wallets it knows (a test may change a
+        wallet's ``public_key``, as a Telegram wallet's key rotation does); exit code -13 for
+        any other account (no code), 11 for any other method."""
+        try:
+            body = await request.json()
+            address = raw_address(body["address"])
+            method = str(body["method"])
+        except (ValueError, KeyError, TypeError) as error:
+            return web.json_response(
+                {"error": f"send JSON {{address, method, stack}}: {error}"}, status=422
+            )
+        wallet = self.wallets.get(address)
+        if wallet is None:
+            return web.json_response({"gas_used": 0, "exit_code": -13, "stack": []})
+        values = {"get_public_key": int.from_bytes(wallet.public_key, "big"), "seqno": wallet.seqno}
+        if method not in values:
+            return web.json_response({"gas_used": 0, "exit_code": 11, "stack": []})
+        stack = [{"type": "num", "value": hex(values[method])}]
+        return web.json_response({"gas_used": 1000, "exit_code": 0, "stack": stack})
 
     async def _message(self, request: web.Request) -> web.Response:
         try:

@@ -1,4 +1,4 @@
-"""A small TON Center HTTP client: the four endpoints Cocoon uses, typed errors, no retries.
+"""A small TON Center HTTP client: the endpoints Cocoon uses, typed errors, no retries.
 
 Callers decide how to retry (the watcher and the payout sender back off; a payout resends the
 same BOC). Base URL and API key come from :class:`~backend.ton.config.TonSettings`.
@@ -6,6 +6,7 @@ same BOC). Base URL and API key come from :class:`~backend.ton.config.TonSetting
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -129,6 +130,72 @@ class TonCenter:
     async def send_message(self, boc: str) -> dict[str, Any]:
         """Hand an external message (base64 BOC) to the network."""
         return await self._call("POST", "/api/v3/message", json={"boc": boc})
+
+    async def run_get_method(
+        self, address: str, method: str, stack: list[dict[str, Any]] | None = None
+    ) -> GetMethodResult:
+        """Run a get-method of the account now (``POST /api/v3/runGetMethod``).
+
+        TON Center answers ``{gas_used, exit_code, stack: [{type, value}]}``; a contract that
+        is not deployed (no code) answers exit code -13. The exit code is returned, not raised.
+        """
+        path = "/api/v3/runGetMethod"
+        body = await self._call(
+            "POST", path, json={"address": address, "method": method, "stack": stack or []}
+        )
+        exit_code = body.get("exit_code") if isinstance(body, dict) else None
+        items = body.get("stack") if isinstance(body, dict) else None
+        if isinstance(exit_code, bool) or not isinstance(exit_code, int):
+            raise TonCenterError(f"TON Center {path}: malformed reply (no exit code)")
+        if items is None:
+            items = []
+        if not isinstance(items, list) or len(items) > MAX_STACK:
+            raise TonCenterError(f"TON Center {path}: malformed reply (no stack)")
+        return GetMethodResult(
+            exit_code, [item if isinstance(item, dict) else {} for item in items]
+        )
+
+    async def wallet_public_key(self, address: str) -> bytes | None:
+        """The key a wallet's ``get_public_key`` returns now, or None when the account has no
+        code (not deployed yet). Raises TonCenterError (``transient=False`` when the contract
+        answers but has no such key, e.g. wallet v3r1 has no ``get_public_key``)."""
+        result = await self.run_get_method(address, "get_public_key")
+        if result.exit_code == EXIT_NO_CODE:
+            return None
+        if result.exit_code != 0:
+            raise TonCenterError(
+                f"get_public_key failed with exit code {result.exit_code}", transient=False
+            )
+        value = result.number(0)
+        if value is None or not 0 < value < 2**256:
+            raise TonCenterError("get_public_key returned no 256-bit key", transient=False)
+        return value.to_bytes(32, "big")
+
+
+EXIT_NO_CODE = -13  # a get-method run on an account without code (uninit or nonexist)
+MAX_STACK = 256
+
+
+@dataclass(frozen=True)
+class GetMethodResult:
+    """A get-method's answer: its exit code and its result stack as TON Center gives it."""
+
+    exit_code: int
+    stack: list[dict[str, Any]]
+
+    def number(self, index: int) -> int | None:
+        """The ``num`` entry at ``index`` (TON Center writes it in hex, ``"0x…"`` or
+        ``"-0x…"``), or None when there is no such number."""
+        if not 0 <= index < len(self.stack):
+            return None
+        item = self.stack[index]
+        value = item.get("value")
+        if item.get("type") != "num" or not isinstance(value, str) or len(value) > 100:
+            return None
+        try:
+            return int(value, 16) if value.lstrip("-").startswith("0x") else int(value)
+        except ValueError:
+            return None
 
 
 def _transactions(body: Any, path: str) -> list[dict[str, Any]]:
