@@ -250,8 +250,8 @@ def classify(tx: dict[str, Any], account: str) -> Classified:
             return Classified(TonDepositStatus.UNCLAIMED, value, source, None, note, decoded.shown)
         aborted = f"aborted ({_computed(description)}), value kept"
     if decoded.memo is None:
-        note = decoded.note if aborted is None else f"{decoded.note}; {aborted}"
-        return Classified(TonDepositStatus.UNCLAIMED, value, source, None, note, decoded.shown)
+        why = decoded.note if aborted is None else f"{decoded.note}; {aborted}"
+        return Classified(TonDepositStatus.UNCLAIMED, value, source, None, why, decoded.shown)
     return Classified(
         TonDepositStatus.CREDITED, value, source, decoded.memo, aborted, decoded.shown
     )
