@@ -63,8 +63,8 @@ from backend.ton.toncenter import TonCenter, TonCenterError
 from backend.ton.wallet import HotWallet, new_mnemonic
 from backend.ton.watcher import DepositWatcher
 from backend.users import get_or_create_user
-from tests.ops import InstantNode, admin_sql, dev_settings, free_port
-from tests.turns import open_holds
+from tests.support.ops import InstantNode, admin_sql, dev_settings, free_port
+from tests.support.turns import open_holds
 from workers.wire import ChatMessage
 
 TON = 1_000_000_000

@@ -4,6 +4,9 @@ Redis: ``COCOON_TEST_REDIS_URL`` (default ``redis://127.0.0.1:6379/15``), flushe
 after each test that uses it. PostgreSQL: ``COCOON_TEST_POSTGRES_URL`` (default the ``test``
 database on 127.0.0.1:5432). Outside CI a missing server skips its tests; in CI (``CI=true``)
 it fails them.
+
+Harnesses, fakes and test data live in ``tests/support/``; the fixtures among them that several
+modules use are registered here as plugins (``pytest_plugins``).
 """
 
 from __future__ import annotations
@@ -18,30 +21,11 @@ import redis
 
 from backend.db import Database
 from backend.settings import Settings
-from tests.ops import admin_sql
+from tests.support.env import TEST_POSTGRES_URL, TEST_REDIS_URL, unavailable
+from tests.support.ops import admin_sql
 
-IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
-TEST_REDIS_URL = os.environ.get("COCOON_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-TEST_POSTGRES_URL = os.environ.get(
-    "COCOON_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
-)
-
-
-def _unavailable(what: str, error: Exception) -> None:
-    message = f"{what} is not reachable: {error}"
-    if IN_CI:
-        pytest.fail(message)
-    pytest.skip(message)
-
-
-def require_module(name: str) -> None:
-    """Skip a test module whose optional dependency is missing, except in CI, where it fails."""
-    import importlib.util
-
-    if importlib.util.find_spec(name) is None:
-        if IN_CI:
-            pytest.fail(f"{name} is not installed: CI installs the 'cpu' extra", pytrace=False)
-        pytest.skip(f"{name} is not installed", allow_module_level=True)
+# Fixtures shared by several test modules live with their harnesses in tests/support/.
+pytest_plugins = ["tests.support.attest", "tests.support.bot", "tests.support.payouts"]
 
 
 @pytest.fixture
@@ -61,7 +45,7 @@ def redis_url() -> Iterator[str]:
     try:
         client.flushdb()
     except redis.RedisError as error:
-        _unavailable("Redis", error)
+        unavailable("Redis", error)
     yield TEST_REDIS_URL
     client.flushdb()
     client.close()
@@ -84,7 +68,7 @@ def postgres_database() -> Iterator[str]:
         try:
             asyncio.run(admin_sql(TEST_POSTGRES_URL, "SELECT 1"))
         except Exception:
-            _unavailable("PostgreSQL", error)
+            unavailable("PostgreSQL", error)
         yield TEST_POSTGRES_URL
         return
     url = make_url(TEST_POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
@@ -100,7 +84,7 @@ def postgres_url(postgres_database: str) -> str:
             admin_sql(postgres_database, "DROP SCHEMA public CASCADE", "CREATE SCHEMA public")
         )
     except Exception as error:  # asyncpg's own errors: connection, auth
-        _unavailable("PostgreSQL", error)
+        unavailable("PostgreSQL", error)
     return postgres_database
 
 

@@ -23,41 +23,19 @@ from backend.attestation.tdx import (
     verify_quote,
 )
 from backend.attestation.verifier import Verifier
+from tests.support.attest import AT, COLLATERAL, MEASURED, QUOTE, image, policy
 from workers import evidence as ev
 from workers.wire import WorkerKeys, canonical_json
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tdx"
 REPO = Path(__file__).resolve().parent.parent
-QUOTE = (FIXTURES / "tdx_quote").read_bytes()
-COLLATERAL = (FIXTURES / "tdx_quote_collateral.json").read_text()
 OUTDATED = (FIXTURES / "tdx_quote_outdated").read_bytes()
 OUTDATED_COLLATERAL = (FIXTURES / "tdx_quote_outdated_collateral.json").read_text()
-AT = 1751624163  # inside the collateral's window
 SIGNED_END = 1258  # bytes before this are the signed binary quote
-
-MEASURED = {
-    "mr_td": "91eb2b44d141d4ece09f0c75c2c53d247a3c68edd7fafe8a"
-    "3520c942a604a407de03ae6dc5f87f27428b2538873118b7",
-    "rtmr0": "44c0197b39157fdd7a4dcc44767f9d6b0bb3977c7a8e347b"
-    "8492f827fe9d9e5c48aca29b220b80b6a540cf994b9bc9c0",
-    "rtmr1": "0084452c01668329d4bc06acdf58a7205c26743304509973"
-    "949e5619bf81a6a7aea8c323c173019b3093d54e579e9378",
-    "rtmr2": "d833feef2cd945148aa38ead2c53e9b7f138190aaaebfc55"
-    "1dccd829fc207aa3ba80b70870d7330733642e01d48c3132",
-    "rtmr3": "0" * 96,
-}
 REPORT_DATA = (
     "9a9d48e7f6799642d3d1b34e1e5e1742d4bb02dd6ddd551862c1211d35c304f9"
     "eca3efdbb481601c163cf52493d6e44aed55d51ec39b7e518fadb92c2b523f20"
 )
-
-
-def image(**changes: str) -> dict[str, str]:
-    return {"name": "cocoon-worker", "version": "0.1.0", **MEASURED, **changes}
-
-
-def policy(*images: dict[str, str], tcb: tuple[str, ...] = ("UpToDate",)) -> Policy:
-    return Policy.model_validate({"tcb_statuses": list(tcb), "images": list(images or [image()])})
 
 
 def verify(raw: bytes = QUOTE, at: int = AT, pol: Policy | None = None, **kw):

@@ -37,7 +37,7 @@ from backend.attestation.tdx import (
 from backend.db import Database
 from backend.settings import Settings
 from backend.web import create_app
-from tests.test_attest_onboarding import claims_for, with_attestation
+from tests.support.attest import claims_for, with_attestation
 from workers import evidence as ev
 from workers import registry
 from workers.wire import WorkerKeys
@@ -609,7 +609,7 @@ async def test_a_redis_fault_after_the_decision_gives_back_the_token_and_the_non
     """The backend's Redis user may not create ACL users (a misconfigured deployment): the
     accepted worker gets 503-worthy RedisError, and keeps its token and nonce to try again."""
     from backend.attestation.onboarding import OnboardingError
-    from tests.test_attest_onboarding import service
+    from tests.support.attest import service
 
     name, password = "cocoon-test-no-acl-12", "pw-" + WorkerKeys.generate().fingerprint()
     await admin.execute_command(

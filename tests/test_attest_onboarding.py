@@ -19,79 +19,28 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 
 from backend.attestation import acl, store
-from backend.attestation.onboarding import Onboarding, OnboardingError
+from backend.attestation.onboarding import OnboardingError
 from backend.attestation.settings import AttestationSettings
-from backend.attestation.tdx import CollateralSource
-from backend.attestation.verifier import DEV_REFUSED, Verifier
+from backend.attestation.verifier import DEV_REFUSED
 from backend.db import Database
 from backend.dispatch import Dispatcher, TurnDone, TurnError, TurnRequest, TurnText
 from backend.ledger import Ledger
-from backend.settings import ModelPrice, Settings
+from backend.settings import Settings
 from backend.users import get_or_create_user
 from backend.web import create_app
-from tests.test_attest import AT, COLLATERAL, QUOTE, policy
+from tests.support.attest import (
+    AT,
+    MODEL,
+    attest,
+    claims_for,
+    service,
+    with_attestation,
+)
 from workers import evidence as ev
 from workers import registry
 from workers.wire import ChatMessage, WorkerKeys
 
 REPO = Path(__file__).resolve().parent.parent
-MODEL = "echo"
-
-
-def with_attestation(settings: Settings, **values: object) -> Settings:
-    models = {MODEL: ModelPrice(prompt=1_000_000, completion=1_000_000)}
-    attestation = AttestationSettings(**values)  # type: ignore[arg-type]
-    return settings.model_copy(update={"attestation": attestation, "models": models})
-
-
-@pytest.fixture
-async def admin(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url)
-    before = set(await acl.worker_users(client))
-    yield client
-    for worker_id in set(await acl.worker_users(client)) - before:  # the users this test made
-        await acl.delete_worker_user(client, worker_id)
-    await client.aclose()
-
-
-def service(
-    settings: Settings, admin: aioredis.Redis, *, clock: float | None = None, **values: object
-) -> Onboarding:
-    s = with_attestation(settings, **values)
-    collateral = CollateralSource("https://pccs.test", settings.data_dir / "collateral")
-    collateral.store(CollateralSource.cache_key(QUOTE), COLLATERAL)  # recorded collateral
-    verifier = Verifier(
-        s.attestation,
-        policy=policy(),
-        collateral=collateral,
-        models=s.models,
-        clock=(lambda: clock) if clock else time.time,
-    )
-    return Onboarding(s, admin, verifier)
-
-
-def claims_for(keys: WorkerKeys, nonce: str) -> ev.Claims:
-    return ev.Claims(
-        box_public_key=keys.box_public_b64,
-        verify_key=keys.verify_key_b64,
-        model=MODEL,
-        engine="instant",
-        engine_version="1",
-        worker_version="0.1.0",
-        nonce=nonce,
-    )
-
-
-async def attest(
-    onboarding: Onboarding, token: str, keys: WorkerKeys, *, tee: str = "dev", nonce: str = ""
-) -> dict:
-    nonce = nonce or (await onboarding.nonce(token))["nonce"]
-    claims = claims_for(keys, nonce)
-    if tee == "dev":
-        evidence = ev.dev_evidence(claims)
-    else:
-        evidence = ev.Evidence(tee="tdx", claims=claims, quote=base64.b64encode(QUOTE).decode())
-    return await onboarding.register(token, evidence.model_dump(mode="json"))
 
 
 def open_credentials(reply: dict, keys: WorkerKeys) -> dict:

@@ -1,5 +1,5 @@
 """The bot's commands, payments, notifications and Telegram errors, with Telegram faked at the
-session layer only (tests/bot_fakes.py) and the real database and Redis behind the bot.
+session layer only (tests/support/bot.py) and the real database and Redis behind the bot.
 Chat turns with a real worker are in test_bot_chat.py; the provider's path in
 test_bot_provider.py."""
 
@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -20,117 +18,19 @@ from backend.apikeys import list_keys
 from backend.attestation import store
 from backend.db import Database
 from backend.dispatch import WorkerProof
-from backend.ledger import Ledger, TurnUsage
-from backend.models import Hold, HoldState, TonWallet, TurnRecord, User
+from backend.models import Hold, HoldState, TonWallet, TurnRecord
 from backend.settings import Settings
-from backend.stack import DEV_DEPOSIT_ADDRESS
-from backend.users import get_user
-from bot.app import BotApp, running_bot
+from bot.app import running_bot
 from bot.context import Conversation, LastTurn
-from tests.bot_fakes import (
-    TOKEN,
+from tests.support.bot import ADMIN, ALICE, TON, Harness, bot_settings, record_turn
+from tests.support.bot_fakes import (
     FakeTelegram,
-    callback_update,
     feed,
     message_update,
     payment_update,
     pre_checkout_update,
 )
 from workers import registry
-
-TON = 1_000_000_000
-ADMIN = 900
-ALICE = 501
-
-
-class FakeConnector:
-    """pytonconnect's TonConnect as the bot uses it, without a bridge: the test connects."""
-
-    def __init__(self, manifest_url: str, storage: object) -> None:
-        self.manifest_url = manifest_url
-        self.request: Any = None
-        self.sent: list[dict[str, Any]] = []
-        self.connected: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-
-    async def connect(self, wallet: dict[str, Any], request: Any = None) -> str:
-        self.request = request
-        return wallet["universal_url"] + "?v=2&id=test"
-
-    def wait_for_connection(self) -> asyncio.Future[Any]:
-        return self.connected
-
-    async def send_transaction(self, transaction: dict[str, Any]) -> dict[str, Any]:
-        self.sent.append(transaction)
-        return {"boc": "te6c"}
-
-    async def disconnect(self) -> None:
-        pass
-
-
-@dataclass
-class Harness:
-    app: BotApp
-    tg: FakeTelegram
-    settings: Settings
-    connectors: list[FakeConnector] = field(default_factory=list)
-
-    @property
-    def db(self) -> Database:
-        return self.app.services.db
-
-    @property
-    def ledger(self) -> Ledger:
-        return self.app.services.ledger
-
-    async def send(self, text: str | None, user: int = ALICE, **kw: Any) -> Any:
-        return await feed(self.app.dp, self.app.bot, message_update(user, text, **kw))
-
-    async def press(self, data: str, user: int = ALICE, **kw: Any) -> Any:
-        return await feed(self.app.dp, self.app.bot, callback_update(user, data, **kw))
-
-    def last(self, method: str = "sendMessage") -> Any:
-        calls = self.tg.calls(method)
-        assert calls, f"no {method} was sent; sent: {[r.__api_method__ for r in self.tg.requests]}"
-        return calls[-1]
-
-    async def user(self, telegram_id: int = ALICE) -> User:
-        found = await get_user(self.db, telegram_id)
-        assert found is not None
-        return found
-
-
-def bot_settings(settings: Settings, **values: Any) -> Settings:
-    ton = settings.ton.model_copy(update={"deposit_address": DEV_DEPOSIT_ADDRESS})
-    update: dict[str, Any] = {
-        "bot_token": SecretStr(TOKEN),
-        "admin_ids": [ADMIN],
-        "public_url": "https://cocoon.example",
-        "ton": ton,
-        **values,
-    }
-    return settings.model_copy(update=update)
-
-
-@pytest.fixture
-async def bot(settings: Settings, redis_url: str) -> AsyncIterator[Harness]:
-    s = bot_settings(settings)
-    db = Database.from_settings(s)
-    await db.upgrade()
-    tg = FakeTelegram()
-    connectors: list[FakeConnector] = []
-
-    def factory(url: str, storage: object) -> FakeConnector:
-        connectors.append(FakeConnector(url, storage))
-        return connectors[-1]
-
-    try:
-        async with running_bot(
-            s, session=tg, db=db, outbox_interval_s=None, tonconnect=factory
-        ) as app:
-            yield Harness(app, tg, s, connectors)
-    finally:
-        await db.close()
-
 
 # ------------------------------------------------------------------ start, help, language
 
@@ -199,33 +99,13 @@ async def test_balance_shows_exact_ton(bot: Harness) -> None:
 # ---------------------------------------------------------------------------- usage
 
 
-async def _record_turn(ledger: Ledger, user_id: int, cost: int, provider_id: int | None = None):
-    key = f"turn-{time.monotonic_ns()}"
-    await ledger.hold(user_id, cost, key)
-    await ledger.settle(
-        key,
-        cost,
-        provider_id=provider_id,
-        share_bps=8000,
-        usage=TurnUsage(
-            model="smollm2-135m",
-            prompt_tokens=11,
-            cached_prompt_tokens=0,
-            completion_tokens=22,
-            finish_reason="stop",
-            worker_id="w-1",
-            tee="dev",
-        ),
-    )
-
-
 async def test_usage_lists_recent_turns_and_totals(bot: Harness) -> None:
     await bot.send("/usage")
     assert "No messages yet" in bot.last().text
     user = await bot.user()
     await bot.ledger.credit_deposit(user.id, TON, "dep:usage")
-    await _record_turn(bot.ledger, user.id, 3_000)
-    await _record_turn(bot.ledger, user.id, 4_000)
+    await record_turn(bot.ledger, user.id, 3_000)
+    await record_turn(bot.ledger, user.id, 4_000)
     await bot.send("/usage")
     text = bot.last().text
     assert text.count("smollm2-135m · 11 + 22") == 2
@@ -438,7 +318,7 @@ async def test_withdraw_validates_confirms_and_updates_the_status_message(bot: H
     await bot.send("/start", user=503)
     payer = await bot.user(503)
     await bot.ledger.credit_deposit(payer.id, 5 * TON, "dep:payer")
-    await _record_turn(bot.ledger, payer.id, 2_500_000_000, provider_id=provider.id)
+    await record_turn(bot.ledger, payer.id, 2_500_000_000, provider_id=provider.id)
     await bot.send("/withdraw 0.5")
     assert "smallest withdrawal is 1 TON" in bot.last().text
     await bot.send("/withdraw 3")
@@ -569,7 +449,7 @@ async def test_usage_of_another_user_is_never_shown(bot: Harness) -> None:
     await bot.send("/start", user=504)
     other = await bot.user(504)
     await bot.ledger.credit_deposit(other.id, TON, "dep:other")
-    await _record_turn(bot.ledger, other.id, 5_000)
+    await record_turn(bot.ledger, other.id, 5_000)
     await bot.send("/usage")
     assert "No messages yet" in bot.last().text
     async with bot.db.session() as session:
@@ -597,7 +477,7 @@ def connected_wallet(account: dict[str, Any], proof: dict[str, Any] | None) -> A
 
 async def test_topup_through_ton_connect_from_the_chat(bot: Harness) -> None:
     from backend.ton.comment import decode_comment
-    from tests.test_ton_proof import UserWallet
+    from tests.support.wallets import UserWallet
 
     await bot.send("/topup")
     await bot.press("topup:ton")
@@ -623,7 +503,7 @@ async def test_topup_through_ton_connect_from_the_chat(bot: Harness) -> None:
 
 async def test_payout_wallet_linked_only_with_a_valid_proof(bot: Harness) -> None:
     from backend.ton.proof import linked_wallet
-    from tests.test_ton_proof import UserWallet
+    from tests.support.wallets import UserWallet
 
     await bot.send("/provider")
     assert bot.last().reply_markup.inline_keyboard[-1][0].callback_data == "tcw:p"
@@ -652,7 +532,7 @@ async def test_webhook_mode_mounts_in_the_web_app_and_checks_the_secret(
 
     from backend.web import create_app
     from bot.webhook import WEBHOOK_PATH
-    from tests.bot_fakes import stopped_update
+    from tests.support.bot_fakes import stopped_update
 
     s = bot_settings(
         settings, bot_mode="webhook", public_url=None, webhook_secret=SecretStr("s3cret-token")

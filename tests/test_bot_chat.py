@@ -22,7 +22,8 @@ from backend.settings import Settings
 from bot import streaming
 from bot.app import running_bot
 from bot.context import ContextStore
-from tests.bot_fakes import (
+from tests.support.bot import Harness
+from tests.support.bot_fakes import (
     TOKEN,
     FakeTelegram,
     callback_update,
@@ -30,9 +31,8 @@ from tests.bot_fakes import (
     message_update,
     stopped_update,
 )
-from tests.conftest import IN_CI, TEST_REDIS_URL, require_module
-from tests.test_bot import Harness
-from tests.turns import TON, funded_user
+from tests.support.env import IN_CI, TEST_REDIS_URL, require_module
+from tests.support.turns import TON, funded_user
 
 require_module("llama_cpp")
 
@@ -43,7 +43,7 @@ GROUP = -100777
 @pytest.fixture(scope="module")
 def worker() -> Iterator[str]:
     """One worker node for the module (an unattested dev worker: dev mode is on)."""
-    from tests.test_inference import Node
+    from tests.support.turns import Node
 
     client = redis.Redis.from_url(TEST_REDIS_URL)
     try:

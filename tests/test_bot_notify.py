@@ -19,18 +19,8 @@ from backend.ton.toncenter import TonCenter
 from backend.ton.wallet import HotWallet
 from backend.ton.watcher import pending_notifications
 from backend.users import get_or_create_user
-from tests.test_attest_onboarding import attest, service
-from tests.test_ton_payouts import (  # noqa: F401 (fixtures)
-    PROVIDER_WALLETS,
-    Clock,
-    api,
-    clock,
-    earn,
-    hot,
-    net,
-    run_until_done,
-    sender,
-)
+from tests.support.attest import attest, service
+from tests.support.payouts import PROVIDER_WALLETS, Clock, earn, run_until_done, sender
 from workers.wire import WorkerKeys
 
 TON = 1_000_000_000
@@ -38,10 +28,10 @@ TON = 1_000_000_000
 
 async def test_payout_outcomes_go_to_the_providers_outbox_once(
     db: Database,
-    net: LocalTonCenter,  # noqa: F811
-    api: TonCenter,  # noqa: F811
-    hot: HotWallet,  # noqa: F811
-    clock: Clock,  # noqa: F811
+    net: LocalTonCenter,
+    api: TonCenter,
+    hot: HotWallet,
+    clock: Clock,
 ) -> None:
     ledger = Ledger(db, min_withdrawal=TON)
     good = await earn(db, 740, 5 * TON)

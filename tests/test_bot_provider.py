@@ -26,9 +26,9 @@ from backend.money import format_ton
 from backend.settings import ModelPrice, Settings
 from backend.web import create_app
 from bot.app import running_bot
-from tests.bot_fakes import TOKEN, FakeTelegram
-from tests.test_bot import Harness
-from tests.turns import funded_user
+from tests.support.bot import Harness
+from tests.support.bot_fakes import TOKEN, FakeTelegram
+from tests.support.turns import funded_user
 from workers import registry
 
 REPO = Path(__file__).resolve().parent.parent

@@ -19,8 +19,8 @@ from pydantic import BaseModel
 
 from backend.cli import build_parser
 from backend.settings import Settings
-from tests.conftest import require_module
-from tests.ops import free_port
+from tests.support.env import require_module
+from tests.support.ops import free_port
 from workers.metrics import METRICS_PORT_ENV
 from workers.node import build_parser as worker_parser
 

@@ -5,23 +5,21 @@ error), and never crashes, hangs or changes state.
 Fast in CI (``max_examples`` 200 per parser); ``COCOON_FUZZ_EXAMPLES=10000`` for a long run.
 
 Parsers of the bot and the Mini App (Telegram updates, callback data, ``initData``) are fuzzed
-by their own packages' tests; :func:`json_values` and :func:`FUZZ` are the shared pieces.
+by their own packages' tests; ``json_values`` and ``FUZZ`` (tests/support/fuzz.py) are shared.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import os
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 from pytoniq_core import begin_cell
@@ -40,39 +38,12 @@ from backend.ton.proof import ProofError, verify_proof
 from backend.ton.toncenter import TonCenter, TonCenterError
 from backend.ton.watcher import DepositWatcher, classify
 from backend.users import get_or_create_user
-from tests.ops import api_server, dev_settings
+from tests.support.attest import AT, COLLATERAL, QUOTE
+from tests.support.fuzz import FUZZ, json_values
+from tests.support.ops import api_server, dev_settings
 from workers.evidence import Evidence
 
-EXAMPLES = int(os.environ.get("COCOON_FUZZ_EXAMPLES", "200"))
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
 DEPOSIT = "0:" + "D3" * 32
-FIXTURES = Path(__file__).parent / "fixtures" / "tdx"
-QUOTE = (FIXTURES / "tdx_quote").read_bytes()
-COLLATERAL = (FIXTURES / "tdx_quote_collateral.json").read_text()
-AT = 1751624163  # inside the recorded collateral's window
-
-
-def json_values(max_leaves: int = 20) -> st.SearchStrategy[Any]:
-    """Any JSON value: what a client, a wallet or an API can send."""
-    scalars = (
-        st.none()
-        | st.booleans()
-        | st.integers(min_value=-(2**70), max_value=2**70)
-        | st.floats(allow_nan=False, allow_infinity=False)
-        | st.text(max_size=40)
-    )
-    return st.recursive(
-        scalars,
-        lambda children: (
-            st.lists(children, max_size=5)
-            | st.dictionaries(st.text(max_size=12), children, max_size=6)
-        ),
-        max_leaves=max_leaves,
-    )
 
 
 def b64(data: bytes) -> str:

@@ -1,7 +1,7 @@
 """Bad input to the bot, generated (hypothesis): Telegram updates of every shape the bot
 handles (messages and edits with any text, commands with any arguments, callback queries with
 any data, pre-checkout queries, successful payments) with garbage in their fields, fed through
-the real dispatcher (Telegram faked at the session layer, tests/bot_fakes.py).
+the real dispatcher (Telegram faked at the session layer, tests/support/bot_fakes.py).
 
 Every update ends in an answer or a refusal: one that does not validate as a Telegram update
 is refused by aiogram's models; one that does is handled without an error reaching the bot's
@@ -9,7 +9,7 @@ error handler (it logs ``update ... failed``), within a time limit, and without 
 no account's balance changes and the ledger audit holds. A successful payment (trusted input:
 only Telegram can send it) credits its Stars once per charge id, and nothing else.
 
-Shared settings (``FUZZ``: ``COCOON_FUZZ_EXAMPLES``) and ``json_values`` are tests/test_fuzz.py's.
+Shared settings (``FUZZ``: ``COCOON_FUZZ_EXAMPLES``) and ``json_values``: tests/support/fuzz.py.
 """
 
 from __future__ import annotations
@@ -34,10 +34,9 @@ from backend.settings import DEFAULT_MODEL
 from bot.common import model_token
 from bot.handlers.wallet import MAX_STARS
 from bot.streaming import STOP
-from tests.bot_fakes import BOT_ID, callback_update, message_update, person
-from tests.test_bot import ADMIN, ALICE, TON, Harness, _record_turn
-from tests.test_bot import bot as bot  # the fixture, reused
-from tests.test_fuzz import FUZZ, json_values
+from tests.support.bot import ADMIN, ALICE, TON, Harness, record_turn
+from tests.support.bot_fakes import BOT_ID, callback_update, message_update, person
+from tests.support.fuzz import FUZZ, json_values
 
 PROVIDER = 601  # a provider with a payout wallet and earnings below the smallest withdrawal
 POOR = 602  # a user with no balance
@@ -97,7 +96,7 @@ async def world(bot: Harness, errors: Errors) -> AsyncIterator[World]:
                 public_key="00",
             )
         )
-    await _record_turn(bot.ledger, w.users[ADMIN], TON // 2, provider_id=w.users[PROVIDER])
+    await record_turn(bot.ledger, w.users[ADMIN], TON // 2, provider_id=w.users[PROVIDER])
     await create_key(bot.db, w.users[ALICE], name="fuzz")
     bot.app.services.limiter.per_minute = 10**9  # every text goes as far as a turn can
     bot.tg.clear()

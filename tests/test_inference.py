@@ -4,10 +4,7 @@ small model, the real ledger on SQLite. Billing must happen once, from the signe
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -21,44 +18,12 @@ from backend.ledger import Balances, Ledger
 from backend.models import AccountKind
 from backend.pricing import turn_cost
 from backend.settings import DEFAULT_MODEL, Settings
-from tests.conftest import require_module
-from tests.turns import TON, cancel_after, dev_stack, funded_user, open_holds
+from tests.support.env import require_module
+from tests.support.turns import TON, Node, cancel_after, dev_stack, funded_user, open_holds
 from workers import registry
 from workers.wire import ChatMessage
 
 require_module("llama_cpp")
-
-
-class Node:
-    """A worker node process, as `cocoon worker` runs it."""
-
-    def __init__(
-        self, redis_url: str, *, provider_id: int | None = None, model: str = DEFAULT_MODEL
-    ):
-        self.worker_id = f"t-{uuid.uuid4().hex[:10]}"
-        command = [
-            sys.executable, "-m", "workers.node", "--model", model, "--engine", "llama-cpp",
-            "--redis-url", redis_url, "--worker-id", self.worker_id, "--log-level", "WARNING",
-            "--heartbeat", "0.5", "--ttl", "3",
-        ]  # fmt: skip
-        if provider_id is not None:
-            command += ["--provider-id", str(provider_id)]
-        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
-        client = redis.Redis.from_url(redis_url)
-        deadline = time.monotonic() + 60
-        while not client.exists(registry.worker_key(self.worker_id)):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the worker node did not start")
-            time.sleep(0.1)
-        client.close()
-
-    def signal(self, signum: int) -> None:
-        os.kill(self.process.pid, signum)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(timeout=10)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import pytest
 
 from backend.logs import bind, bound, current, setup_logging
 from backend.settings import DEFAULT_MODEL, Settings
-from tests.ops import InstantNode, api_server, dev_settings
+from tests.support.ops import InstantNode, api_server, dev_settings
 from workers.logcontext import HANDLER_NAME
 
 CANARY = "zebracanary-51f0c3"

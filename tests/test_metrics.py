@@ -17,7 +17,7 @@ from backend.ton.localnet import LocalTonCenter, LocalTonCenterServer
 from backend.ton.toncenter import TonCenter
 from backend.ton.watcher import DepositWatcher
 from backend.users import get_or_create_user
-from tests.ops import TON, Api, InstantNode, api_server, dev_settings, free_port
+from tests.support.ops import TON, Api, InstantNode, api_server, dev_settings, free_port
 from workers import registry
 from workers.jobs import aenqueue_job
 

@@ -13,7 +13,6 @@ from urllib.parse import parse_qsl
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from pydantic import SecretStr
 from pytoniq_core import Cell
 
 from backend import account, appkeys
@@ -24,19 +23,19 @@ from backend.ton.comment import decode_comment, friendly_address
 from backend.ton.config import TonSettings
 from backend.users import get_or_create_user
 from backend.web import create_app
-from tests.miniapp_helpers import (
-    BOT_TOKEN,
+from tests.support.miniapp_helpers import (
     DEPOSIT,
+    DOMAIN,
     OTHER_BOT_TOKEN,
     TON,
     FakeBotApi,
     TestWallet,
+    app_settings,
     auth,
     forged_init_data,
     init_data,
 )
 
-DOMAIN = "cocoon.example"
 ALICE = 7001
 
 
@@ -44,24 +43,13 @@ ALICE = 7001
 def node_modules() -> None:
     """The npm packages in miniapp/node_modules (skipped without them, except in CI)."""
     from miniapp.assets import TONCONNECT_DIST, TONCONNECT_FILE
-    from tests.conftest import IN_CI
+    from tests.support.env import IN_CI
 
     if not (TONCONNECT_DIST / TONCONNECT_FILE).is_file():
         message = "miniapp/node_modules is missing: run npm ci in miniapp/"
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
-
-
-def app_settings(settings: Settings, db_url: str, **changes: object) -> Settings:
-    values: dict[str, object] = {
-        "database_url": db_url,
-        "bot_token": SecretStr(BOT_TOKEN),
-        "public_url": f"https://{DOMAIN}",
-        "ton": TonSettings(deposit_address=DEPOSIT, proof_domains=[DOMAIN]),
-    }
-    values.update(changes)
-    return settings.model_copy(update=values)
 
 
 @pytest.fixture

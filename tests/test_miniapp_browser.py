@@ -16,7 +16,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from pydantic import SecretStr
 
-from tests.miniapp_browser import require_browser
+from tests.support.miniapp_browser import require_browser
 
 require_browser()
 
@@ -33,8 +33,8 @@ from backend.ton.toncenter import TonCenter  # noqa: E402
 from backend.ton.watcher import DepositWatcher  # noqa: E402
 from backend.users import get_or_create_user  # noqa: E402
 from backend.web import create_app  # noqa: E402
-from tests.conftest import TEST_REDIS_URL  # noqa: E402
-from tests.miniapp_browser import (  # noqa: E402
+from tests.support.env import TEST_REDIS_URL  # noqa: E402
+from tests.support.miniapp_browser import (  # noqa: E402
     CHROMIUM,
     CHROMIUM_ARGS,
     InjectedWallet,
@@ -42,8 +42,8 @@ from tests.miniapp_browser import (  # noqa: E402
     open_page,
     screenshot,
 )
-from tests.miniapp_helpers import BOT_TOKEN, DEPOSIT, TON, FakeBotApi  # noqa: E402
-from tests.ops import free_port  # noqa: E402
+from tests.support.miniapp_helpers import BOT_TOKEN, DEPOSIT, TON, FakeBotApi  # noqa: E402
+from tests.support.ops import free_port  # noqa: E402
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -69,9 +69,9 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
     try:
         client.flushdb()
     except redis.RedisError as error:
-        from tests.conftest import _unavailable
+        from tests.support.env import unavailable
 
-        _unavailable("Redis", error)
+        unavailable("Redis", error)
     port = free_port()
     origin = f"http://127.0.0.1:{port}"
     net = LocalTonCenter()
@@ -414,10 +414,10 @@ async def test_a_provider_links_a_payout_wallet_and_withdraws(stack: Stack, cont
 
 
 async def test_the_chat_streams_a_reply_from_the_small_model(stack: Stack, context: Any) -> None:
-    from tests.conftest import require_module
+    from tests.support.env import require_module
 
     require_module("llama_cpp")
-    from tests.test_inference import Node
+    from tests.support.turns import Node
 
     user = await get_or_create_user(stack.db, 9500, "en")
     await stack.ledger.credit_deposit(user.id, TON, "dep:9500")

@@ -16,9 +16,8 @@ from backend.ledger import Ledger
 from backend.settings import DEFAULT_MODEL, Settings
 from backend.users import get_or_create_user
 from backend.web import create_app
-from tests.conftest import require_module
-from tests.test_inference import Node
-from tests.turns import TON
+from tests.support.env import require_module
+from tests.support.turns import TON, Node
 
 require_module("llama_cpp")
 

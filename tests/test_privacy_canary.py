@@ -5,7 +5,7 @@ server, bot and watcher, and not in the worker's stdout/stderr.
 
 The whole stack runs as `cocoon up` runs it (its own Redis, a real worker with the small model,
 the web server with the bot in webhook mode), with debug logging on; only Telegram is faked, at
-its HTTP boundary (tests/fake_telegram.py)."""
+its HTTP boundary (tests/support/fake_telegram.py)."""
 
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ from pathlib import Path
 import aiohttp
 import redis.asyncio as aioredis
 
-from tests.conftest import require_module
-from tests.fake_telegram import FakeTelegram
-from tests.ops import free_port
+from tests.support.env import require_module
+from tests.support.fake_telegram import FakeTelegram
+from tests.support.ops import free_port
 
 require_module("llama_cpp")
 

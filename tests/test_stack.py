@@ -14,8 +14,8 @@ from pathlib import Path
 
 import redis
 
-from tests.conftest import require_module
-from tests.ops import free_port
+from tests.support.env import require_module
+from tests.support.ops import free_port
 
 require_module("llama_cpp")
 

@@ -23,8 +23,8 @@ from backend.settings import DEFAULT_MODEL, Settings
 from backend.sweeper import run_sweeper, sweep_once, sweeper_ctx
 from backend.users import get_or_create_user
 from backend.web import create_app
-from tests.ops import InstantNode
-from tests.turns import dev_stack, funded_user
+from tests.support.ops import InstantNode
+from tests.support.turns import dev_stack, funded_user
 from workers.wire import ChatMessage
 
 TON = 1_000_000_000

@@ -189,7 +189,7 @@ async def test_verify_proof_says_what_it_checked_and_why_it_refuses(tmp_path: Pa
 async def test_verify_proof_reads_a_telegram_wallets_key_from_ton_center(tmp_path: Path) -> None:
     from nacl.signing import SigningKey
 
-    from tests.test_ton_proof import DOMAIN, NOW, UserWallet
+    from tests.support.wallets import DOMAIN, NOW, UserWallet
 
     data = tmp_path / "data"
     user = UserWallet("tg")

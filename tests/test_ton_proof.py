@@ -16,7 +16,6 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -41,73 +40,13 @@ from backend.ton.proof import (
     verify_proof_on_chain,
 )
 from backend.ton.toncenter import TonCenter, TonCenterError
-from backend.ton.wallet import HotWallet
 from backend.users import get_or_create_user
+from tests.support.wallets import DOMAIN, NOW, UserWallet
 
-DOMAIN = "cocoon.example"
-NOW = 1_800_000_000
 MAX_AGE = 900
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "tonproof"
 REAL: list[dict[str, Any]] = json.loads((FIXTURES / "real_proofs.json").read_text())
 STORE_PAYLOAD = 64  # the payload store keeps this server's payloads: 64 hex characters
-
-
-class UserWallet:
-    """A user's wallet app: a key, and the wallet contract it controls (v4r2 by default;
-    v3r1, v3r2, v5beta, v5r1 or tg, built by the maintained library)."""
-
-    def __init__(self, version: str = "v4r2", network: str = "-239") -> None:
-        seed = os.urandom(32)
-        self.key = SigningKey(seed)
-        self.network = network
-        if version == "v4r2":
-            wallet = HotWallet(seed)
-            self.raw, self.state_init = wallet.raw, wallet.state_init
-        else:
-            from ton_core import NetworkGlobalID, PrivateKey
-            from tonutils.contracts import (
-                WalletTg,
-                WalletV3R1,
-                WalletV3R2,
-                WalletV5Beta,
-                WalletV5R1,
-            )
-
-            kind = {
-                "v3r1": WalletV3R1,
-                "v3r2": WalletV3R2,
-                "v5beta": WalletV5Beta,
-                "v5r1": WalletV5R1,
-                "tg": WalletTg,
-            }[version]
-            client = SimpleNamespace(network=NetworkGlobalID(int(network)))
-            built = kind.from_private_key(client, PrivateKey(seed))  # type: ignore[arg-type]
-            self.raw, self.state_init = raw_address(built.address), built.state_init
-        self.public_key = bytes(self.key.verify_key)
-
-    def account(self) -> dict[str, Any]:
-        return {
-            "address": self.raw.lower(),
-            "network": self.network,
-            "walletStateInit": base64.b64encode(self.state_init.serialize().to_boc()).decode(),
-            "publicKey": self.public_key.hex(),
-        }
-
-    def proof(
-        self,
-        payload: str,
-        *,
-        domain: str = DOMAIN,
-        timestamp: int = NOW,
-        key: SigningKey | None = None,
-    ) -> dict[str, Any]:
-        digest = proof_message(self.raw, domain, timestamp, payload)
-        return {
-            "timestamp": timestamp,
-            "domain": {"lengthBytes": len(domain.encode()), "value": domain},
-            "signature": base64.b64encode((key or self.key).sign(digest).signature).decode(),
-            "payload": payload,
-        }
 
 
 def check(account: dict[str, Any], proof: dict[str, Any]) -> Any:
@@ -640,31 +579,15 @@ async def test_a_payload_is_single_use_and_links_the_wallet(db: Database) -> Non
 
 @pytest.fixture
 async def bot_on_chain(settings: Any, redis_url: str) -> AsyncIterator[tuple[Any, LocalTonCenter]]:
-    """The bot (as tests/test_bot.py runs it) with TON Center on loopback."""
-    from bot.app import running_bot
-    from tests.bot_fakes import FakeTelegram
-    from tests.test_bot import FakeConnector, Harness, bot_settings
+    """The bot (as tests/support/bot.py runs it) with TON Center on loopback."""
+    from tests.support.bot import bot_settings, running_harness
 
     net = LocalTonCenter()
     async with LocalTonCenterServer(net) as url:
         s = bot_settings(settings)
         s = s.model_copy(update={"ton": s.ton.model_copy(update={"api_url": url})})
-        db = Database.from_settings(s)
-        await db.upgrade()
-        tg = FakeTelegram()
-        connectors: list[FakeConnector] = []
-
-        def factory(manifest_url: str, storage: object) -> FakeConnector:
-            connectors.append(FakeConnector(manifest_url, storage))
-            return connectors[-1]
-
-        try:
-            async with running_bot(
-                s, session=tg, db=db, outbox_interval_s=None, tonconnect=factory
-            ) as app:
-                yield Harness(app, tg, s, connectors), net
-        finally:
-            await db.close()
+        async with running_harness(s) as harness:
+            yield harness, net
 
 
 async def test_the_bot_says_what_is_missing_when_a_wallet_sends_no_state_init(
@@ -695,7 +618,7 @@ async def app_on_chain(settings: Any, db_url: str) -> AsyncIterator[tuple[Any, L
 
     from backend import appkeys
     from backend.web import create_app
-    from tests.test_miniapp_api import app_settings
+    from tests.support.miniapp_helpers import app_settings
 
     net = LocalTonCenter()
     async with LocalTonCenterServer(net) as url:
@@ -713,7 +636,7 @@ async def app_on_chain(settings: Any, db_url: str) -> AsyncIterator[tuple[Any, L
 async def test_the_mini_app_says_what_is_missing_when_a_wallet_sends_no_state_init(
     app_on_chain: tuple[Any, LocalTonCenter],
 ) -> None:
-    from tests.miniapp_helpers import auth, init_data
+    from tests.support.miniapp_helpers import auth, init_data
 
     client, net = app_on_chain
     headers = auth(init_data(7101, language="ru"))

@@ -54,7 +54,7 @@ from backend.ledger import Ledger  # noqa: E402
 from backend.models import AccountKind, Transaction  # noqa: E402
 from backend.pricing import turn_cost  # noqa: E402
 from backend.settings import DEFAULT_MODEL, Settings  # noqa: E402
-from tests.turns import TON, cancel_after, dev_stack, funded_user, open_holds  # noqa: E402
+from tests.support.turns import TON, cancel_after, dev_stack, funded_user, open_holds  # noqa: E402
 from workers import registry  # noqa: E402
 from workers.engines import (  # noqa: E402
     Engine,

@@ -1,5 +1,6 @@
 """Helpers of the Mini App tests: signed Telegram initData, a TON Connect wallet that signs
-ton_proof and transfers in Python, and a fake Telegram Bot API on loopback."""
+ton_proof and transfers in Python, a fake Telegram Bot API on loopback, and the
+settings of ``cocoon web`` for these tests."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ from typing import Any
 
 from aiohttp import web
 from nacl.signing import SigningKey
+from pydantic import SecretStr
 
+from backend.settings import Settings
+from backend.ton.config import TonSettings
 from backend.ton.proof import proof_message
 from backend.ton.wallet import HotWallet
 from miniapp.auth import init_data_for, sign_init_data
@@ -19,6 +23,7 @@ from miniapp.auth import init_data_for, sign_init_data
 BOT_TOKEN = "123456789:AAtest-token-of-the-cocoon-test-bot"
 OTHER_BOT_TOKEN = "987654321:AAanother-bot-entirely"
 DEPOSIT = "0:" + "D1" * 32
+DOMAIN = "cocoon.example"
 TON = 1_000_000_000
 
 
@@ -32,6 +37,19 @@ def init_data(
     return init_data_for(
         telegram_id, token, first_name="Ada", language_code=language, auth_date=auth_date
     )
+
+
+def app_settings(settings: Settings, db_url: str, **changes: object) -> Settings:
+    """The test settings for ``cocoon web``: this database, the test bot, a deposit wallet and
+    ``DOMAIN`` as the public URL and the ton_proof domain."""
+    values: dict[str, object] = {
+        "database_url": db_url,
+        "bot_token": SecretStr(BOT_TOKEN),
+        "public_url": f"https://{DOMAIN}",
+        "ton": TonSettings(deposit_address=DEPOSIT, proof_domains=[DOMAIN]),
+    }
+    values.update(changes)
+    return settings.model_copy(update=values)
 
 
 def forged_init_data(telegram_id: int, victim_id: int) -> str:
@@ -110,10 +128,12 @@ class FakeBotApi:
 __all__ = [
     "BOT_TOKEN",
     "DEPOSIT",
+    "DOMAIN",
     "OTHER_BOT_TOKEN",
     "TON",
     "FakeBotApi",
     "TestWallet",
+    "app_settings",
     "auth",
     "forged_init_data",
     "init_data",

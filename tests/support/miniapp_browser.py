@@ -18,11 +18,11 @@ from pytoniq_core import Cell
 
 from backend.ton.comment import decode_comment
 from miniapp.assets import NODE_MODULES, TONCONNECT_DIST, TONCONNECT_FILE
-from tests.conftest import IN_CI
-from tests.miniapp_helpers import TestWallet, init_data
+from tests.support.env import IN_CI
+from tests.support.miniapp_helpers import TestWallet, init_data
 
 CHROMIUM = Path(os.environ.get("COCOON_TEST_CHROMIUM", "/usr/bin/chromium"))
-ARTIFACTS = Path(__file__).resolve().parent / "artifacts" / "miniapp"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts" / "miniapp"
 BRIDGE_KEY = "cocoontest"
 CHROMIUM_ARGS = [
     "--headless",

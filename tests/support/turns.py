@@ -1,9 +1,15 @@
-"""Helpers shared by the end-to-end turn tests (llama-cpp and vLLM): a dispatcher over the test
-settings and Redis, funded users, and the holds still open."""
+"""Helpers shared by the end-to-end turn tests (llama-cpp and vLLM): a worker node process on the
+real small model, a dispatcher over the test settings and Redis, funded users, and the holds
+still open."""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
+import time
+import uuid
 from collections.abc import AsyncIterator
 
 import redis
@@ -15,10 +21,43 @@ from backend.db import Database
 from backend.dispatch import Dispatcher, Turn, TurnDone, TurnText
 from backend.ledger import Ledger
 from backend.models import Hold, HoldState
-from backend.settings import Settings
+from backend.settings import DEFAULT_MODEL, Settings
 from backend.users import get_or_create_user
+from workers import registry
 
 TON = 1_000_000_000
+
+
+class Node:
+    """A worker node process, as `cocoon worker` runs it."""
+
+    def __init__(
+        self, redis_url: str, *, provider_id: int | None = None, model: str = DEFAULT_MODEL
+    ):
+        self.worker_id = f"t-{uuid.uuid4().hex[:10]}"
+        command = [
+            sys.executable, "-m", "workers.node", "--model", model, "--engine", "llama-cpp",
+            "--redis-url", redis_url, "--worker-id", self.worker_id, "--log-level", "WARNING",
+            "--heartbeat", "0.5", "--ttl", "3",
+        ]  # fmt: skip
+        if provider_id is not None:
+            command += ["--provider-id", str(provider_id)]
+        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        client = redis.Redis.from_url(redis_url)
+        deadline = time.monotonic() + 60
+        while not client.exists(registry.worker_key(self.worker_id)):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the worker node did not start")
+            time.sleep(0.1)
+        client.close()
+
+    def signal(self, signum: int) -> None:
+        os.kill(self.process.pid, signum)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=10)
 
 
 @contextlib.asynccontextmanager

@@ -1,0 +1,110 @@
+"""Attestation test data and the onboarding service over it: the real TDX quote and its
+recorded Intel collateral (``tests/fixtures/tdx``, README there), an allow-list policy that
+admits the quote's measurements, and a worker's development-TEE or TDX evidence."""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import redis.asyncio as aioredis
+
+from backend.attestation import acl
+from backend.attestation.onboarding import Onboarding
+from backend.attestation.policy import Policy
+from backend.attestation.settings import AttestationSettings
+from backend.attestation.tdx import CollateralSource
+from backend.attestation.verifier import Verifier
+from backend.settings import ModelPrice, Settings
+from workers import evidence as ev
+from workers.wire import WorkerKeys
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "tdx"
+QUOTE = (FIXTURES / "tdx_quote").read_bytes()
+COLLATERAL = (FIXTURES / "tdx_quote_collateral.json").read_text()
+AT = 1751624163  # inside the collateral's window
+MODEL = "echo"
+
+MEASURED = {
+    "mr_td": "91eb2b44d141d4ece09f0c75c2c53d247a3c68edd7fafe8a"
+    "3520c942a604a407de03ae6dc5f87f27428b2538873118b7",
+    "rtmr0": "44c0197b39157fdd7a4dcc44767f9d6b0bb3977c7a8e347b"
+    "8492f827fe9d9e5c48aca29b220b80b6a540cf994b9bc9c0",
+    "rtmr1": "0084452c01668329d4bc06acdf58a7205c26743304509973"
+    "949e5619bf81a6a7aea8c323c173019b3093d54e579e9378",
+    "rtmr2": "d833feef2cd945148aa38ead2c53e9b7f138190aaaebfc55"
+    "1dccd829fc207aa3ba80b70870d7330733642e01d48c3132",
+    "rtmr3": "0" * 96,
+}
+
+
+def image(**changes: str) -> dict[str, str]:
+    """The allow-list entry of the real quote's image, with ``changes``."""
+    return {"name": "cocoon-worker", "version": "0.1.0", **MEASURED, **changes}
+
+
+def policy(*images: dict[str, str], tcb: tuple[str, ...] = ("UpToDate",)) -> Policy:
+    return Policy.model_validate({"tcb_statuses": list(tcb), "images": list(images or [image()])})
+
+
+def with_attestation(settings: Settings, **values: object) -> Settings:
+    """The test settings with these attestation settings and one model, ``MODEL``."""
+    models = {MODEL: ModelPrice(prompt=1_000_000, completion=1_000_000)}
+    attestation = AttestationSettings(**values)  # type: ignore[arg-type]
+    return settings.model_copy(update={"attestation": attestation, "models": models})
+
+
+@pytest.fixture
+async def admin(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    """The backend's Redis client; the worker users a test made are deleted after it."""
+    client = aioredis.Redis.from_url(redis_url)
+    before = set(await acl.worker_users(client))
+    yield client
+    for worker_id in set(await acl.worker_users(client)) - before:  # the users this test made
+        await acl.delete_worker_user(client, worker_id)
+    await client.aclose()
+
+
+def service(
+    settings: Settings, admin: aioredis.Redis, *, clock: float | None = None, **values: object
+) -> Onboarding:
+    """The onboarding service with the recorded collateral cached and the quote's image allowed."""
+    s = with_attestation(settings, **values)
+    collateral = CollateralSource("https://pccs.test", settings.data_dir / "collateral")
+    collateral.store(CollateralSource.cache_key(QUOTE), COLLATERAL)  # recorded collateral
+    verifier = Verifier(
+        s.attestation,
+        policy=policy(),
+        collateral=collateral,
+        models=s.models,
+        clock=(lambda: clock) if clock else time.time,
+    )
+    return Onboarding(s, admin, verifier)
+
+
+def claims_for(keys: WorkerKeys, nonce: str) -> ev.Claims:
+    return ev.Claims(
+        box_public_key=keys.box_public_b64,
+        verify_key=keys.verify_key_b64,
+        model=MODEL,
+        engine="instant",
+        engine_version="1",
+        worker_version="0.1.0",
+        nonce=nonce,
+    )
+
+
+async def attest(
+    onboarding: Onboarding, token: str, keys: WorkerKeys, *, tee: str = "dev", nonce: str = ""
+) -> dict:
+    """Register a worker with ``token``: development-TEE evidence, or the real quote (``tdx``)."""
+    nonce = nonce or (await onboarding.nonce(token))["nonce"]
+    claims = claims_for(keys, nonce)
+    if tee == "dev":
+        evidence = ev.dev_evidence(claims)
+    else:
+        evidence = ev.Evidence(tee="tdx", claims=claims, quote=base64.b64encode(QUOTE).decode())
+    return await onboarding.register(token, evidence.model_dump(mode="json"))
