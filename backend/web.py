@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
@@ -14,6 +15,13 @@ from backend.dispatch import Dispatcher
 from backend.ledger import Ledger
 from backend.settings import Settings
 from bot import webhook as bot_webhook
+from workers.lifecycle import (
+    REQUESTS_SHARE,
+    SETTLE_SHARE,
+    Shutdown,
+    cancel_and_wait,
+    run_command,
+)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -38,6 +46,9 @@ def _database_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterat
         app[appkeys.LEDGER] = ledger
         app[appkeys.DISPATCHER] = dispatcher
         yield
+        # Stopping: turns whose client left (cancelled handlers) settle, or their holds are
+        # released, within their share of the grace period.
+        await dispatcher.wind_down(settings.stop_grace_s * SETTLE_SHARE)
         await dispatcher.close()
         await db.close()
 
@@ -58,10 +69,42 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
-def run_web(settings: Settings, *, host: str | None = None, port: int | None = None) -> None:
-    web.run_app(
-        create_app(settings),
-        host=host or settings.web_host,
-        port=port or settings.web_port,
-        print=lambda line: print(line, flush=True),
+async def start_web(settings: Settings, host: str, port: int) -> web.AppRunner:
+    """``create_app`` listening on ``host:port``. Stop it with :func:`stop_web`."""
+    # At a stop, requests in flight get their share of the grace period, then are cancelled:
+    # aiohttp waits shutdown_timeout for them to end, then as long again once cancelled.
+    runner = web.AppRunner(
+        create_app(settings), shutdown_timeout=settings.stop_grace_s * REQUESTS_SHARE / 2
+    )
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
+
+
+async def stop_web(runner: web.AppRunner, shutdown: Shutdown) -> None:
+    """Stop listening, let requests in flight finish (then cancel them), settle or give back
+    their turns, close the connections; all within the grace period, at once when forced."""
+    cleanup = asyncio.ensure_future(runner.cleanup())
+    if await shutdown.wait({cleanup}, shutdown.left() + 1):
+        await cancel_and_wait({cleanup})
+
+
+async def serve_web(settings: Settings, shutdown: Shutdown, host: str, port: int) -> None:
+    """``cocoon web``: serve until ``shutdown`` asks to stop, then stop within its grace."""
+    runner = await start_web(settings, host, port)
+    print(f"cocoon web: serving on http://{host}:{port}", flush=True)
+    try:
+        await shutdown.stop.wait()
+    finally:
+        await stop_web(runner, shutdown)
+
+
+def run_web(settings: Settings, *, host: str | None = None, port: int | None = None) -> int:
+    host, port = host or settings.web_host, port or settings.web_port
+    return run_command(
+        lambda shutdown: serve_web(settings, shutdown, host, port), settings.stop_grace_s
     )

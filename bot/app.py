@@ -13,11 +13,13 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
-from aiogram import Bot, Dispatcher, F
+from aiogram import BaseMiddleware, Bot, Dispatcher, F
 from aiogram.client.session.base import BaseSession
+from aiogram.types import TelegramObject
 
 from backend.db import Database
 from backend.dispatch import Dispatcher as TurnDispatcher
@@ -32,6 +34,7 @@ from bot.outbox import Outbox
 from bot.services import Services, open_services
 from bot.telegram import on_error
 from bot.tonconnect import ConnectorFactory
+from workers.lifecycle import REQUESTS_SHARE, SETTLE_SHARE, Shutdown, cancel_and_wait
 
 log = logging.getLogger("cocoon.bot")
 
@@ -89,6 +92,8 @@ async def running_bot(
         ) as services:
             outbox = Outbox(bot, services.db, services.ledger, services.redis)
             dp = build_dispatcher(settings, services, outbox)
+            in_flight = InFlight()
+            dp.update.outer_middleware(in_flight)
             stop = asyncio.Event()
             task = (
                 asyncio.create_task(outbox.run(stop, outbox_interval_s))
@@ -98,24 +103,87 @@ async def running_bot(
             try:
                 yield BotApp(bot, dp, services, outbox)
             finally:
+                # Stopping: updates being handled get their share of the grace period, then are
+                # cancelled (a turn cut short is billed for what was generated, or given back);
+                # turns still settling get theirs (then their holds are released).
                 stop.set()
+                grace = settings.stop_grace_s
+                await in_flight.finish(grace * REQUESTS_SHARE)
+                if turns is None:  # the bot's own turn dispatcher (not the web app's)
+                    await services.turns.wind_down(grace * SETTLE_SHARE)
                 if task is not None:
-                    await asyncio.wait([task], timeout=10)
+                    await asyncio.wait([task], timeout=grace * SETTLE_SHARE)
     finally:
         await bot.session.close()
 
 
-async def run_polling(settings: Settings, *, handle_signals: bool = True) -> None:
-    """``cocoon bot``: long polling until stopped."""
+class InFlight(BaseMiddleware):
+    """The updates being handled right now (each runs in its own task while polling), so that a
+    stop can let them finish, then cancel the rest."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    async def __call__(
+        self,
+        handler: Callable[[TelegramObject, dict[str, Any]], Awaitable[Any]],
+        event: TelegramObject,
+        data: dict[str, Any],
+    ) -> Any:
+        task = asyncio.current_task()
+        if task is None:
+            return await handler(event, data)
+        self.tasks.add(task)
+        try:
+            return await handler(event, data)
+        finally:
+            self.tasks.discard(task)
+
+    async def finish(self, timeout_s: float) -> None:
+        """Let the updates being handled finish for up to ``timeout_s``, then cancel the rest."""
+        late = {task for task in self.tasks if task is not asyncio.current_task()}
+        try:
+            if late:
+                _done, late = await asyncio.wait(late, timeout=timeout_s)
+        finally:
+            late = {task for task in late if not task.done()}
+            if late:
+                log.warning("%d updates still running at a stop: cancelled", len(late))
+                await cancel_and_wait(late)
+
+
+async def run_polling(settings: Settings, shutdown: Shutdown) -> None:
+    """``cocoon bot``: long polling until ``shutdown`` asks to stop; then no update is taken any
+    more, and :func:`running_bot` lets those being handled finish."""
     async with running_bot(settings) as app:
         await app.bot.delete_webhook(drop_pending_updates=False)
         await set_commands(app.bot)
         await set_menu_button(app.bot, miniapp_url(settings))
         me = await app.bot.get_me()
         log.info("bot @%s is polling for updates", me.username)
-        await app.dp.start_polling(
-            app.bot,
-            allowed_updates=app.dp.resolve_used_update_types(),
-            handle_signals=handle_signals,
-            close_bot_session=False,
+        polling = asyncio.create_task(
+            app.dp.start_polling(
+                app.bot,
+                allowed_updates=app.dp.resolve_used_update_types(),
+                handle_signals=False,  # the process's own handlers (workers.lifecycle) stop it
+                close_bot_session=False,
+            )
         )
+        stopping = asyncio.create_task(shutdown.stop.wait())
+        try:
+            await asyncio.wait([polling, stopping], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            await _stop_polling(app.dp, polling)
+
+
+async def _stop_polling(dp: Dispatcher, polling: asyncio.Task[None]) -> None:
+    """Stop taking updates; raise what ended polling if it ended by itself."""
+    if not polling.done():
+        try:
+            await dp.stop_polling()
+        except RuntimeError:  # polling has not started yet: it never will
+            polling.cancel()
+            await asyncio.gather(polling, return_exceptions=True)
+            return
+    await polling

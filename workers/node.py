@@ -15,18 +15,23 @@ Each job is a :class:`workers.job_run.JobRun` (what is streamed, and how a job i
 The node cancels a job when asked (:func:`workers.streams.request_cancel`: it listens on the
 cancel channel, and sweeps the cancel keys of its running jobs with every heartbeat).
 
-Shutdown (SIGTERM or SIGINT): unregister at once (no dispatcher picks the node any more), stop
-dequeuing, reject the jobs still waiting in the queue with ErrorRecord ``worker_shutdown`` (so
-their dispatchers retry elsewhere without waiting for a timeout), let running jobs finish for up
-to ``--grace`` seconds (default 30), then stop the rest as above. A second signal ends the grace
-period at once.
+Shutdown (SIGTERM or SIGINT alike, :mod:`workers.lifecycle`): unregister at once (no dispatcher
+picks the node any more), stop dequeuing, reject the jobs still waiting in the queue with
+ErrorRecord ``worker_shutdown`` (so their dispatchers retry elsewhere without waiting for a
+timeout), let running jobs finish for up to ``--grace`` seconds (default 30), then stop the rest
+as above, and exit 0. A second signal ends the grace period at once. A signal while the engine
+loads or the node attests stops it at once. With ``--parent-pid PID`` (``cocoon up`` passes its
+own) the node stops the same way when that process ends: Linux tells it (``PR_SET_PDEATHSIG``)
+and it checks its parent every second as well.
 
 Attestation. With ``--register-url URL --token T`` the node first proves itself to the
 backend (:func:`workers.evidence.register_with_backend`): it asks for a nonce, takes evidence
 bound to its keys, model and that nonce (a TDX quote through configfs-tsm, or, with ``--tee dev``
 or ``auto`` on a machine without TDX, the development TEE), and receives, sealed to its key, its
 worker id and Redis credentials of its own (an ACL user). It attests again before the evidence
-expires; if the backend refuses, the node has been revoked and shuts down.
+expires; if the backend refuses, the node has been revoked and shuts down. A node that cannot
+onboard (refused: exit 3; no evidence: exit 3; the backend unreachable for ``--register-wait``
+seconds: exit 1) says why and exits, so that a supervisor restarts it.
 
 Without ``--register-url`` the node registers itself directly with ``--redis-url``: an
 unattested development worker, dispatched only by backends in dev mode
@@ -49,7 +54,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -71,6 +76,7 @@ from workers.evidence import (
 )
 from workers.job_run import JobRun, Outcome, describe_error
 from workers.jobs import JobBook
+from workers.lifecycle import Shutdown, die_with_parent, watch_parent
 from workers.logcontext import bind as bind_log_context
 from workers.logcontext import configure as configure_logging
 from workers.metrics import METRICS_PORT_ENV, WorkerMetrics, metrics_port_from_env
@@ -90,6 +96,10 @@ RQ_HEARTBEAT_S = 15.0
 
 BOOK_THREADS = 8
 """Threads for RQ's (synchronous) bookkeeping."""
+
+
+class BackendUnreachable(Exception):
+    """The backend could not be reached to attest within ``register_wait_s``: not onboarded."""
 
 
 @dataclass(frozen=True)
@@ -157,7 +167,10 @@ class Attestation:
                 )
             except (aiohttp.ClientError, OSError, TimeoutError) as error:
                 if time.monotonic() > deadline:
-                    raise
+                    raise BackendUnreachable(
+                        f"the backend at {self.config.register_url} could not be reached for "
+                        f"{self.config.register_wait_s:g} s ({describe_error(error)})"
+                    ) from error
                 log.warning("backend not reachable for attestation (%s); retrying", error)
                 await asyncio.sleep(1.0)
                 continue
@@ -492,10 +505,32 @@ class Node:
 # -- process entry points ------------------------------------------------------------------------
 
 
+async def _unless_stopped(awaitable: Awaitable[T], stop: asyncio.Event) -> tuple[bool, T | None]:
+    """``(True, result)`` of ``awaitable``, or ``(False, None)`` when ``stop`` is set first (it
+    is then cancelled): what a node does before it serves must not outlast a signal."""
+    task = asyncio.ensure_future(awaitable)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait([task, stopping], return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        stopping.cancel()
+    if task.done():
+        return True, task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    return False, None
+
+
 async def run_node(
     config: NodeConfig, stop: asyncio.Event, force: asyncio.Event | None = None
 ) -> None:
-    """Load the engine once, then serve until ``stop`` is set (``force``: no grace period)."""
+    """Load the engine once, then serve until ``stop`` is set (``force``: no grace period).
+
+    ``stop`` set while the engine loads or the node attests ends it there, without serving.
+    """
     engine = create_engine(config.engine, config.model, **dict(config.engine_options))
     metrics = None
     if config.metrics_port is not None:
@@ -503,14 +538,22 @@ async def run_node(
         port = metrics.serve(config.metrics_port, config.metrics_host)
         log.info("metrics on http://%s:%d/metrics", config.metrics_host, port)
     started = time.monotonic()
-    await engine.start()
-    log.info("engine %s loaded in %.1fs", engine, time.monotonic() - started)
     try:
+        loaded, _ = await _unless_stopped(engine.start(), stop)
+        if not loaded:
+            log.info("stopped while the engine was loading")
+            return
+        log.info("engine %s loaded in %.1fs", engine, time.monotonic() - started)
         keys = WorkerKeys.generate()
         attestation = None
         if config.register_url:
             attestation = Attestation(config, keys, engine)
-            registration = await attestation.attest(config.token or "")
+            attested, registration = await _unless_stopped(
+                attestation.attest(config.token or ""), stop
+            )
+            if not attested or registration is None:
+                log.info("stopped while onboarding: not attested")
+                return
             config = replace(
                 config, redis_url=registration.redis_url, worker_id=registration.worker_id
             )
@@ -556,6 +599,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--token", help="registration token (cocoon provider token)")
     parser.add_argument(
+        "--register-wait",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="how long to keep trying an unreachable backend before exiting (default 120)",
+    )
+    parser.add_argument(
         "--tee",
         choices=("auto", "tdx", "dev"),
         default="auto",
@@ -576,7 +626,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="Cocoon user id of the provider (attested: from the registration token)",
     )
-    parser.add_argument("--grace", type=float, default=30.0, help="shutdown grace, seconds")
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=30.0,
+        help="seconds running jobs get to finish after SIGTERM or SIGINT (default 30)",
+    )
+    parser.add_argument(
+        "--parent-pid",
+        type=int,
+        metavar="PID",
+        help="stop when this process ends (cocoon up passes its own pid)",
+    )
     parser.add_argument("--heartbeat", type=float, default=2.0, help="seconds between heartbeats")
     parser.add_argument("--ttl", type=int, default=registry.DEFAULT_TTL_S, help="registry TTL, s")
     parser.add_argument("--log-level", default="INFO")
@@ -628,10 +689,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         register_url=args.register_url,
         token=args.token,
         tee=args.tee,
+        register_wait_s=args.register_wait,
         metrics_port=metrics_port,
     )
     try:
-        asyncio.run(_serve_until_signalled(config))
+        return asyncio.run(_serve_until_signalled(config, args.parent_pid))
     except EngineError as error:
         log.error("the engine could not start: %s", error)
         return 1
@@ -641,26 +703,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EvidenceError as error:
         log.error("no evidence can be taken on this machine: %s", error)
         return 3
-    except OSError as error:  # aiohttp's connection errors are OSErrors too
-        if not config.register_url:
-            raise
-        log.error("the backend at %s cannot be reached: %s", config.register_url, error)
+    except BackendUnreachable as error:
+        log.error("%s: not onboarded, exiting", error)
         return 1
-    return 0
 
 
-async def _serve_until_signalled(config: NodeConfig) -> None:
-    stop, force = asyncio.Event(), asyncio.Event()
-
-    def on_signal() -> None:
-        if stop.is_set():
-            force.set()  # a second signal: stop the running jobs now
-        stop.set()
-
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal)
-    await run_node(config, stop, force)
+async def _serve_until_signalled(config: NodeConfig, parent_pid: int | None = None) -> int:
+    """Run the node under SIGINT/SIGTERM handlers (and its parent's watch); the exit code."""
+    shutdown = Shutdown(config.grace_s, announce=log.warning).install()
+    watch: asyncio.Task[None] | None = None
+    if parent_pid is not None:
+        die_with_parent(signal.SIGTERM)
+        watch = asyncio.create_task(watch_parent(parent_pid, shutdown))
+    try:
+        await run_node(config, shutdown.stop, shutdown.force)
+    finally:
+        if watch is not None:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+        shutdown.uninstall()
+    return shutdown.exit_code()
 
 
 if __name__ == "__main__":

@@ -201,7 +201,16 @@ def cmd_resolve(settings: Settings, args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
-async def run_services(settings: Settings, *, deposits: bool, payouts: bool, once: bool) -> int:
+async def run_services(
+    settings: Settings,
+    *,
+    deposits: bool,
+    payouts: bool,
+    once: bool,
+    stop: asyncio.Event | None = None,
+) -> int:
+    """The deposit watcher and/or the payout sender, until ``stop`` is set (each finishes the
+    step it is on: every step is safe to repeat, and a cut one is picked up at the next start)."""
     from backend.db import Database
     from backend.ledger import Ledger
     from backend.ton.payouts import PayoutSender, Step
@@ -259,22 +268,37 @@ async def run_services(settings: Settings, *, deposits: bool, payouts: bool, onc
                 f"deposits {'on' if watcher else 'off'}, payouts {'on' if sender else 'off'}",
                 file=sys.stderr,
             )
-            tasks = [t.run() for t in (watcher, sender) if t is not None]
+            tasks = [t.run(stop) for t in (watcher, sender) if t is not None]
             await asyncio.gather(*tasks)
     finally:
         await db.close()
     return 0
 
 
+def _serve(settings: Settings, *, deposits: bool, payouts: bool, once: bool) -> int:
+    """Run the services until SIGINT or SIGTERM (workers.lifecycle): the step under way gets
+    the grace period (COCOON_STOP_GRACE_S) to finish, then is cancelled."""
+    from workers.lifecycle import run_command
+
+    return run_command(
+        lambda shutdown: shutdown.run(
+            run_services(
+                settings, deposits=deposits, payouts=payouts, once=once, stop=shutdown.stop
+            )
+        ),
+        settings.stop_grace_s,
+    )
+
+
 def cmd_watcher(settings: Settings, args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     payouts = settings.ton.hot_wallet_mnemonic is not None and not args.no_payouts
-    return asyncio.run(run_services(settings, deposits=True, payouts=payouts, once=args.once))
+    return _serve(settings, deposits=True, payouts=payouts, once=args.once)
 
 
 def cmd_payouts(settings: Settings, args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    return asyncio.run(run_services(settings, deposits=False, payouts=True, once=args.once))
+    return _serve(settings, deposits=False, payouts=True, once=args.once)
 
 
 def cmd_localnet(settings: Settings, args: argparse.Namespace) -> int:
