@@ -28,6 +28,15 @@ from tests.support.ops import admin_sql
 pytest_plugins = ["tests.support.attest", "tests.support.bot", "tests.support.payouts"]
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A browser or engine test is a slow one too: ``-m "not slow"`` (the fast lane) leaves it
+    out without naming every kind."""
+    for item in items:
+        if item.get_closest_marker("browser") or item.get_closest_marker("engine"):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     """Settings for one test: a fresh data directory with its own SQLite file."""

@@ -54,6 +54,7 @@ def test_the_real_quote_verifies_at_its_collateral_time_with_its_fields() -> Non
     assert verdict.image == "cocoon-worker 0.1.0"
 
 
+@pytest.mark.slow
 def test_cli_verify_prints_the_report_and_exits_0_only_when_accepted(tmp_path: Path) -> None:
     policy_file = tmp_path / "policy.json"
     policy_file.write_text(json.dumps({"images": [image()]}))

@@ -252,6 +252,7 @@ def run_cli(*args: str) -> tuple[int, dict[str, Any] | None, str]:
     return done.returncode, out, done.stderr
 
 
+@pytest.mark.slow
 def test_cli_shows_a_v5_quotes_td15_fields(tmp_path: Path) -> None:
     policy_file = tmp_path / "policy.json"
     policy_file.write_text(json.dumps({"images": [image("td15ex")]}))
@@ -276,6 +277,7 @@ def test_cli_shows_a_v5_quotes_td15_fields(tmp_path: Path) -> None:
     assert out["reasons"][0].startswith("mr_td 7348651a34b2d2d3... matches no released image")
 
 
+@pytest.mark.slow
 def test_cli_a_bad_time_is_a_usage_error_not_a_refusal() -> None:
     code, out, err = run_cli(
         "--quote", str(FIXTURES / "quote_v5_td15_90c06f"),

@@ -231,6 +231,7 @@ async def ledger_and_dispatcher(settings: Settings) -> tuple[Database, Ledger, D
     return db, ledger, Dispatcher.from_settings(s, ledger)
 
 
+@pytest.mark.slow
 async def test_an_onboarded_worker_serves_turns_through_its_own_redis_user(
     settings: Settings,
     admin: aioredis.Redis,
@@ -267,6 +268,7 @@ async def test_an_onboarded_worker_serves_turns_through_its_own_redis_user(
         await db.close()
 
 
+@pytest.mark.slow
 async def test_a_refused_worker_receives_no_job(
     settings: Settings,
     admin: aioredis.Redis,
@@ -310,6 +312,7 @@ async def test_a_refused_worker_receives_no_job(
         await db.close()
 
 
+@pytest.mark.slow
 async def test_a_node_attests_again_before_expiry_and_stops_when_refused(
     settings: Settings, admin: aioredis.Redis, tmp_path: Path
 ) -> None:
@@ -356,6 +359,7 @@ async def test_a_node_attests_again_before_expiry_and_stops_when_refused(
         await server.close()
 
 
+@pytest.mark.slow
 def test_cli_provider_token_prints_a_token_for_the_provider(redis_url: str, tmp_path: Path) -> None:
     import os
 

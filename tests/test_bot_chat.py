@@ -36,6 +36,8 @@ from tests.support.turns import TON, funded_user
 
 require_module("llama_cpp")
 
+pytestmark = pytest.mark.engine
+
 USER = 601
 GROUP = -100777
 

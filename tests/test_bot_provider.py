@@ -31,6 +31,8 @@ from tests.support.bot_fakes import TOKEN, FakeTelegram
 from tests.support.turns import funded_user
 from workers import registry
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "echo"
 PROVIDER = 701

@@ -54,6 +54,7 @@ async def test_invariants_catch_a_hold_closed_twice_and_a_deposit_without_its_ro
     assert any("deposit credit ton:0:ab:1:cd has 0 deposit rows" in v for v in report.violations)
 
 
+@pytest.mark.slow
 async def test_turns_survive_workers_killed_at_random(
     settings: Settings, redis_url: str, tmp_path
 ) -> None:
@@ -69,18 +70,21 @@ async def test_turns_survive_workers_killed_at_random(
     assert figures.succeeded > 0
 
 
+@pytest.mark.slow
 async def test_each_deposit_is_credited_once_through_watcher_kills(db: Database) -> None:
     figures = await chaos.watcher_kills(db, deposits=60, users=6, life_s=(0.4, 1.5))
     assert_held(figures)
     assert figures.report.deposits_credited > 40
 
 
+@pytest.mark.slow
 async def test_each_payout_leaves_once_through_sender_kills(db: Database) -> None:
     figures = await chaos.payout_kills(db, payouts=4, kills=8)
     assert_held(figures)
     assert figures.succeeded == 4
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server binary")
 async def test_turns_through_a_redis_restart(settings: Settings, tmp_path) -> None:
     db = Database(f"sqlite+aiosqlite:///{tmp_path / 'chaos.db'}")
@@ -92,6 +96,7 @@ async def test_turns_through_a_redis_restart(settings: Settings, tmp_path) -> No
     assert_held(figures)
 
 
+@pytest.mark.slow
 async def test_ledger_operations_through_dropped_postgres_connections(postgres_url: str) -> None:
     db = Database(postgres_url)
     await db.upgrade()
@@ -103,6 +108,7 @@ async def test_ledger_operations_through_dropped_postgres_connections(postgres_u
     assert figures.succeeded == 12
 
 
+@pytest.mark.slow
 async def test_holds_of_a_killed_web_server_are_swept(settings: Settings, redis_url: str) -> None:
     db = Database.from_settings(settings)
     await db.upgrade()

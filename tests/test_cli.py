@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 SUBCOMMANDS = ["up", "web", "bot", "worker", "watcher", "chat", "db", "ledger"]
 
 

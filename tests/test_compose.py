@@ -157,6 +157,7 @@ def test_env_example_values_are_valid_settings(tmp_path: Path) -> None:
     assert settings.web_port == 8080 and settings.hold_timeout_s == 900
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server binary")
 def test_the_redis_acl_file_lets_the_operator_in_and_no_one_else(tmp_path: Path) -> None:
     """Render deploy/redis/users.acl as the compose service does, start a private redis-server

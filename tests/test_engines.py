@@ -143,6 +143,7 @@ def test_stop_scanner_never_emits_part_of_a_stop_string() -> None:
 # -- llama-cpp with the real model ---------------------------------------------------------------
 
 
+@pytest.mark.engine
 @module_loop
 async def test_short_chat_streams_text_then_usage(llama: Engine) -> None:
     assert llama.name == "llama-cpp"
@@ -156,6 +157,7 @@ async def test_short_chat_streams_text_then_usage(llama: Engine) -> None:
     assert usage.finish_reason == "length"
 
 
+@pytest.mark.engine
 @module_loop
 async def test_the_model_ends_its_turn(llama: Engine) -> None:
     text, usage = await collect(llama, chat("Say hello.", max_tokens=200))
@@ -165,6 +167,7 @@ async def test_the_model_ends_its_turn(llama: Engine) -> None:
     assert "<|im_end|>" not in text
 
 
+@pytest.mark.engine
 @module_loop
 async def test_stop_string_cuts_the_reply(llama: Engine) -> None:
     question = "List three fruits, one per line."
@@ -177,6 +180,7 @@ async def test_stop_string_cuts_the_reply(llama: Engine) -> None:
     assert usage.finish_reason == "stop"
 
 
+@pytest.mark.engine
 @module_loop
 async def test_same_seed_same_reply(llama: Engine) -> None:
     # llama.cpp's numerics depend on how the prompt is split into batches (a cached prefix
@@ -189,6 +193,7 @@ async def test_same_seed_same_reply(llama: Engine) -> None:
     assert replies[0] == replies[1]
 
 
+@pytest.mark.engine
 @module_loop
 async def test_prefix_cache_is_reported(llama: Engine) -> None:
     history = [
@@ -213,6 +218,7 @@ async def test_prefix_cache_is_reported(llama: Engine) -> None:
     assert other.cached_prompt_tokens < 10
 
 
+@pytest.mark.engine
 @module_loop
 async def test_closing_early_stops_generation_and_frees_the_engine(llama: Engine) -> None:
     stream = llama.generate(chat("Write a very long essay about the sea.", max_tokens=1500))
@@ -231,6 +237,7 @@ async def test_closing_early_stops_generation_and_frees_the_engine(llama: Engine
     assert usage.completion_tokens <= 4
 
 
+@pytest.mark.engine
 @module_loop
 async def test_cancelling_the_consumer_task_stops_generation(llama: Engine) -> None:
     first_delta = asyncio.Event()
@@ -249,6 +256,7 @@ async def test_cancelling_the_consumer_task_stops_generation(llama: Engine) -> N
     await collect(llama, chat("Hi!", max_tokens=4))
 
 
+@pytest.mark.engine
 @module_loop
 async def test_concurrent_generations_all_complete(llama: Engine) -> None:
     prompts = ["Name a color.", "Name an animal.", "Name a city.", "Name a fruit.", "Count to 3."]
@@ -261,6 +269,7 @@ async def test_concurrent_generations_all_complete(llama: Engine) -> None:
     assert llama.max_concurrency >= len(prompts)
 
 
+@pytest.mark.engine
 @module_loop
 async def test_prompt_longer_than_the_context_is_refused(llama: Engine) -> None:
     request = chat("apple banana cherry " * 1200, max_tokens=4)
@@ -271,6 +280,7 @@ async def test_prompt_longer_than_the_context_is_refused(llama: Engine) -> None:
     assert usage.completion_tokens <= 2
 
 
+@pytest.mark.engine
 async def test_reply_is_cut_where_the_context_ends() -> None:
     skip_without_llama()
     engine = create_engine("llama-cpp", MODEL, n_ctx=256)
@@ -287,6 +297,7 @@ async def test_reply_is_cut_where_the_context_ends() -> None:
         await engine.close()
 
 
+@pytest.mark.engine
 async def test_closing_the_engine_cancels_the_running_generation() -> None:
     skip_without_llama()
     engine = create_engine("llama-cpp", MODEL, n_ctx=512)
@@ -388,6 +399,7 @@ async def openai_engine(openai_server: str) -> AsyncIterator[Engine]:
     await engine.close()
 
 
+@pytest.mark.engine
 @module_loop
 async def test_openai_engine_streams_from_a_real_server(
     openai_engine: Engine, llama: Engine
@@ -403,6 +415,7 @@ async def test_openai_engine_streams_from_a_real_server(
     assert usage.cached_prompt_tokens == 0 or usage.cached_prompt_tokens < usage.prompt_tokens
 
 
+@pytest.mark.engine
 @module_loop
 async def test_openai_engine_reports_stop_and_server_errors(openai_engine: Engine) -> None:
     _, usage = await collect(openai_engine, chat("Say hello.", max_tokens=200))
@@ -411,6 +424,7 @@ async def test_openai_engine_reports_stop_and_server_errors(openai_engine: Engin
         await collect(openai_engine, chat("apple banana cherry " * 1200))
 
 
+@pytest.mark.engine
 @module_loop
 async def test_openai_engine_unknown_model_and_unreachable_server(openai_server: str) -> None:
     wrong = create_engine("openai", "nope", base_url=openai_server)
@@ -425,6 +439,7 @@ async def test_openai_engine_unknown_model_and_unreachable_server(openai_server:
         await nobody.start()
 
 
+@pytest.mark.engine
 @module_loop
 async def test_openai_engine_closing_early_frees_the_server(
     openai_engine: Engine, llama: Engine

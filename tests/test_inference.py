@@ -25,6 +25,8 @@ from workers.wire import ChatMessage
 
 require_module("llama_cpp")
 
+pytestmark = pytest.mark.engine
+
 
 @pytest.fixture
 def nodes(redis_url: str) -> Iterator[list[Node]]:

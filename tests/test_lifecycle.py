@@ -38,6 +38,8 @@ from backend.users import get_or_create_user
 from tests.support.fake_telegram import FakeTelegram
 from tests.support.ops import InstantNode, free_port
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parent.parent
 GRACE_S = 4
 """The grace period given to the processes under test (``COCOON_STOP_GRACE_S``)."""

@@ -37,6 +37,7 @@ def json_lines(text: str) -> list[dict]:
     return [json.loads(line) for line in lines]  # every line is one JSON object
 
 
+@pytest.mark.slow
 async def test_json_lines_carry_turn_and_job_ids_and_never_the_prompt_or_reply(
     settings: Settings, redis_url: str, tmp_path: Path, restore_logging: None
 ) -> None:

@@ -64,6 +64,7 @@ async def api(settings: Settings, redis_url: str) -> AsyncIterator[Api]:
         yield server
 
 
+@pytest.mark.slow
 async def test_turns_tokens_and_state_move_on_metrics_after_real_turns(
     api: Api, redis_url: str
 ) -> None:

@@ -45,7 +45,7 @@ from tests.support.miniapp_browser import (  # noqa: E402
 from tests.support.miniapp_helpers import BOT_TOKEN, DEPOSIT, TON, FakeBotApi  # noqa: E402
 from tests.support.ops import free_port  # noqa: E402
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.browser]
 
 VIEWPORT = {"width": 360, "height": 720}  # a small phone: everything must fit
 
@@ -413,6 +413,7 @@ async def test_a_provider_links_a_payout_wallet_and_withdraws(stack: Stack, cont
 # ---------------------------------------------------------------------------- chat
 
 
+@pytest.mark.engine
 async def test_the_chat_streams_a_reply_from_the_small_model(stack: Stack, context: Any) -> None:
     from tests.support.env import require_module
 

@@ -280,6 +280,7 @@ def test_heartbeat_never_resurrects_an_unregistered_worker(sredis):
 # -- the node --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_a_job_streams_sealed_chunks_then_a_signed_final(start_node, aredis, sredis):
     node = await start_node()
     assert node.info.tee == "dev" and node.info.capacity == 64
@@ -313,6 +314,7 @@ async def test_a_job_streams_sealed_chunks_then_a_signed_final(start_node, aredi
     assert node.worker_id in [w.name for w in Worker.all(connection=sredis)]
 
 
+@pytest.mark.slow
 async def test_sixty_jobs_run_concurrently(start_node, aredis, sredis):
     node = await start_node("--engine-option", "token_delay=0.02")
     submitted = [submit(sredis, node.info, words(25)) for _ in range(60)]
@@ -340,6 +342,7 @@ async def test_sixty_jobs_run_concurrently(start_node, aredis, sredis):
     assert observed_load > 1
 
 
+@pytest.mark.slow
 async def test_a_full_node_takes_no_more_jobs_than_its_capacity(start_node, aredis, sredis):
     node = await start_node("--capacity", "2", "--engine-option", "token_delay=0.02")
     submitted = [submit(sredis, node.info, words(10)) for _ in range(6)]
@@ -348,6 +351,7 @@ async def test_a_full_node_takes_no_more_jobs_than_its_capacity(start_node, ared
     assert max_overlap(jobs) == 2
 
 
+@pytest.mark.slow
 async def test_cancel_stops_a_long_generation(start_node, aredis, sredis):
     node = await start_node("--engine-option", "token_delay=0.05")
     job = submit(sredis, node.info, words(400), max_tokens=400)  # 20 s if left alone
@@ -371,6 +375,7 @@ async def test_cancel_stops_a_long_generation(start_node, aredis, sredis):
     assert rq.return_value()["finish_reason"] == "cancelled"
 
 
+@pytest.mark.slow
 async def test_a_job_cancelled_before_it_starts_generates_nothing(start_node, aredis, sredis):
     node = await start_node("--capacity", "1", "--engine-option", "token_delay=0.05")
     first = submit(sredis, node.info, words(10))
@@ -382,6 +387,7 @@ async def test_a_job_cancelled_before_it_starts_generates_nothing(start_node, ar
     assert events[0].finish_reason == "cancelled" and events[0].completion_tokens == 0
 
 
+@pytest.mark.slow
 async def test_a_job_for_another_model_gets_an_error_record(start_node, aredis, sredis):
     node = await start_node(model="echo")
     job = submit(sredis, node.info, "hi", model="some-other-model")
@@ -392,6 +398,7 @@ async def test_a_job_for_another_model_gets_an_error_record(start_node, aredis, 
     assert "wrong model" in rq.latest_result().exc_string
 
 
+@pytest.mark.slow
 async def test_a_request_the_node_cannot_open_fails_the_rq_job(start_node, sredis):
     node = await start_node()
     stranger = wire.WorkerKeys.generate().box_public_b64
@@ -401,6 +408,7 @@ async def test_a_request_the_node_cannot_open_fails_the_rq_job(start_node, sredi
     assert not sredis.exists(streams.stream_key(job.job_id))
 
 
+@pytest.mark.slow
 async def test_the_job_timeout_stops_generation(start_node, aredis, sredis):
     node = await start_node("--engine-option", "token_delay=0.05")
     job = submit(sredis, node.info, words(400), max_tokens=400, timeout_s=1)
@@ -411,6 +419,7 @@ async def test_the_job_timeout_stops_generation(start_node, aredis, sredis):
     assert "timeout" in rq.latest_result().exc_string
 
 
+@pytest.mark.slow
 async def test_sigterm_unregisters_and_settles_every_job(start_node, aredis, sredis):
     node = await start_node(
         "--capacity", "1", "--grace", "0.5", "--engine-option", "token_delay=0.05"
@@ -441,6 +450,7 @@ async def test_sigterm_unregisters_and_settles_every_job(start_node, aredis, sre
     assert node.worker_id not in [w.name for w in Worker.all(connection=sredis)]
 
 
+@pytest.mark.slow
 async def test_no_plaintext_in_redis_or_the_logs(start_node, aredis, sredis):
     node = await start_node("--log-level", "DEBUG")
     job = submit(sredis, node.info, f"my secret is {CANARY} ok")
@@ -474,6 +484,7 @@ async def test_no_plaintext_in_redis_or_the_logs(start_node, aredis, sredis):
     assert CANARY not in node.log()
 
 
+@pytest.mark.engine
 async def test_a_real_model_on_llama_cpp(start_node, aredis, sredis):
     pytest.importorskip("llama_cpp")
     from workers.engines import DEFAULT_MODEL, default_model_path

@@ -47,6 +47,7 @@ async def api(settings: Settings, redis_url: str) -> AsyncIterator[tuple[str, st
     await db.close()
 
 
+@pytest.mark.engine
 async def test_completion_not_streamed(api: tuple[str, str, Ledger, int], node: Node) -> None:
     base_url, key, ledger, user = api
     client = openai.AsyncOpenAI(base_url=base_url, api_key=key)
@@ -61,6 +62,7 @@ async def test_completion_not_streamed(api: tuple[str, str, Ledger, int], node: 
     await client.close()
 
 
+@pytest.mark.engine
 async def test_completion_streamed_with_usage(
     api: tuple[str, str, Ledger, int], node: Node
 ) -> None:

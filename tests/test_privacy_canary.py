@@ -21,6 +21,7 @@ import uuid
 from pathlib import Path
 
 import aiohttp
+import pytest
 import redis.asyncio as aioredis
 
 from tests.support.env import require_module
@@ -28,6 +29,8 @@ from tests.support.fake_telegram import FakeTelegram
 from tests.support.ops import free_port
 
 require_module("llama_cpp")
+
+pytestmark = pytest.mark.engine
 
 BOT_TOKEN = "4242:canary-test-token"
 WEBHOOK_SECRET = "canary-webhook-secret"

@@ -12,12 +12,15 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 import redis
 
 from tests.support.env import require_module
 from tests.support.ops import free_port
 
 require_module("llama_cpp")
+
+pytestmark = pytest.mark.engine
 
 
 def test_up_then_chat(tmp_path: Path) -> None:

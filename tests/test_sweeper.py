@@ -11,6 +11,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
 from aiohttp.test_utils import TestServer
 from sqlalchemy import update
 
@@ -26,6 +27,8 @@ from backend.web import create_app
 from tests.support.ops import InstantNode
 from tests.support.turns import dev_stack, funded_user
 from workers.wire import ChatMessage
+
+pytestmark = pytest.mark.slow
 
 TON = 1_000_000_000
 

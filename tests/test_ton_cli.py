@@ -16,6 +16,8 @@ from backend.ton.comment import decode_comment, raw_address
 from backend.ton.localnet import LocalTonCenter, LocalTonCenterServer
 from backend.ton.wallet import HotWallet, new_mnemonic, parse_external
 
+pytestmark = pytest.mark.slow
+
 DEPOSIT = "0:" + "D2" * 32
 MNEMONIC = new_mnemonic()
 

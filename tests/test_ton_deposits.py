@@ -409,6 +409,7 @@ async def test_rate_limits_and_server_errors_back_off_and_skip_nothing(
     assert (await Ledger(db).balances(user.id)).available == 30 * TON + sum(range(30))
 
 
+@pytest.mark.slow
 async def test_restarts_anywhere_in_a_backlog_of_1000_credit_each_deposit_once(
     db: Database, net: LocalTonCenter, api: TonCenter
 ) -> None:

@@ -78,6 +78,7 @@ LONG_SYSTEM = (
 
 module_loop = pytest.mark.asyncio(loop_scope="module")
 pytestmark = [
+    pytest.mark.engine,
     # vLLM and its dependencies warn at import and start-up (deprecations, resource notes);
     # the project's "warnings are errors" rule is for our code, not theirs.
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),

@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Import names of the operator's own packages and of the dependencies only it needs.
@@ -78,6 +80,7 @@ except SystemExit as stop:
 """
 
 
+@pytest.mark.slow
 def test_every_worker_module_imports_and_the_node_runs_without_the_operators_packages() -> None:
     result = subprocess.run(
         [sys.executable, "-c", PROBE, ",".join(OPERATOR_ONLY)],
