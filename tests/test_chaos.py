@@ -62,7 +62,7 @@ async def test_turns_survive_workers_killed_at_random(
     await db.upgrade()
     try:
         figures = await chaos.worker_kills(
-            settings, db, redis_url, turns=14, concurrency=4, kill_every_s=(0.2, 0.6)
+            settings, db, redis_url, turns=14, concurrency=4, kill_after=(1, 3)
         )
     finally:
         await db.close()
@@ -72,7 +72,7 @@ async def test_turns_survive_workers_killed_at_random(
 
 @pytest.mark.slow
 async def test_each_deposit_is_credited_once_through_watcher_kills(db: Database) -> None:
-    figures = await chaos.watcher_kills(db, deposits=60, users=6, life_s=(0.4, 1.5))
+    figures = await chaos.watcher_kills(db, deposits=60, users=6, requests_per_life=(1, 3))
     assert_held(figures)
     assert figures.report.deposits_credited > 40
 

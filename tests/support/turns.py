@@ -32,13 +32,22 @@ class Node:
     """A worker node process, as `cocoon worker` runs it."""
 
     def __init__(
-        self, redis_url: str, *, provider_id: int | None = None, model: str = DEFAULT_MODEL
+        self,
+        redis_url: str,
+        *,
+        provider_id: int | None = None,
+        model: str = DEFAULT_MODEL,
+        heartbeat: float = 0.5,
+        ttl: int = 30,
     ):
+        """``ttl``: how long the registry keeps the node after its last heartbeat. Long by
+        default: a node busy on a loaded machine never drops out between heartbeats, and no
+        test waits for a dead node to expire (Redis is flushed after each test)."""
         self.worker_id = f"t-{uuid.uuid4().hex[:10]}"
         command = [
             sys.executable, "-m", "workers.node", "--model", model, "--engine", "llama-cpp",
             "--redis-url", redis_url, "--worker-id", self.worker_id, "--log-level", "WARNING",
-            "--heartbeat", "0.5", "--ttl", "3",
+            "--heartbeat", str(heartbeat), "--ttl", str(ttl),
         ]  # fmt: skip
         if provider_id is not None:
             command += ["--provider-id", str(provider_id)]
