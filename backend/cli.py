@@ -7,39 +7,11 @@ import asyncio
 import sys
 import uuid
 from collections.abc import Callable, Sequence
-from typing import NoReturn
 
 from pydantic import ValidationError
 
+from backend import cliutil
 from backend.settings import Settings, load_settings
-
-EXIT_USAGE = 2
-
-
-def _fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
-    """One line on stderr, then exit: how every bad input ends."""
-    print(f"cocoon: error: {message}", file=sys.stderr)
-    raise SystemExit(code)
-
-
-def _nano(text: str, what: str = "--amount") -> int:
-    """A command-line amount of nanoTON, or a one-line error and exit 2."""
-    from backend.money import AmountError, parse_nano
-
-    try:
-        return parse_nano(text, what)
-    except AmountError as error:
-        _fail(str(error))
-
-
-def _telegram_id(text: str) -> int:
-    from backend.users import validate_telegram_id
-
-    try:
-        return validate_telegram_id(int(text.strip()))
-    except ValueError:
-        _fail(f"--telegram-id must be a Telegram user id (a positive whole number), got {text!r}")
-
 
 # ---------------------------------------------------------------- commands
 
@@ -56,11 +28,11 @@ def cmd_db_upgrade(settings: Settings, _args: argparse.Namespace) -> int:
 def cmd_ledger_credit(settings: Settings, args: argparse.Namespace) -> int:
     from backend.money import format_ton
 
-    telegram_id = _telegram_id(args.telegram_id)
-    amount = _nano(args.amount)
+    telegram_id = cliutil.telegram_id(args.telegram_id)
+    amount = cliutil.nano(args.amount)
     reason = args.reason.strip()
     if not reason:
-        _fail("--reason must say why the credit is made")
+        cliutil.fail("--reason must say why the credit is made")
     key = args.key or f"manual:{uuid.uuid4()}"
 
     async def run() -> int:
@@ -78,7 +50,7 @@ def cmd_ledger_credit(settings: Settings, args: argparse.Namespace) -> int:
                     user.id, amount, key, source=AccountKind.OPERATOR, reason=reason
                 )
             except LedgerError as error:
-                _fail(str(error))
+                cliutil.fail(str(error))
             balances = await ledger.balances(user.id)
         finally:
             await db.close()
@@ -96,7 +68,7 @@ def cmd_ledger_credit(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_ledger_balance(settings: Settings, args: argparse.Namespace) -> int:
     from backend.money import format_ton
 
-    telegram_id = _telegram_id(args.telegram_id)
+    telegram_id = cliutil.telegram_id(args.telegram_id)
 
     async def run() -> int:
         from backend.db import Database
@@ -107,7 +79,7 @@ def cmd_ledger_balance(settings: Settings, args: argparse.Namespace) -> int:
         try:
             user = await get_user(db, telegram_id)
             if user is None:
-                _fail(f"no user with Telegram id {telegram_id}", code=1)
+                cliutil.fail(f"no user with Telegram id {telegram_id}", code=1)
             balances = await Ledger(db).balances(user.id)
         finally:
             await db.close()
@@ -143,8 +115,10 @@ def cmd_chat(settings: Settings, args: argparse.Namespace) -> int:
         sys.stdin.read().strip() if not sys.stdin.isatty() else ""
     )
     if not question:
-        _fail('say what to ask: cocoon chat "What is TON?"')
-    telegram_id = _telegram_id(args.telegram_id) if args.telegram_id else settings.local_telegram_id
+        cliutil.fail('say what to ask: cocoon chat "What is TON?"')
+    telegram_id = (
+        cliutil.telegram_id(args.telegram_id) if args.telegram_id else settings.local_telegram_id
+    )
     model = args.model or settings.default_model()
 
     async def run() -> int:
@@ -182,7 +156,7 @@ def cmd_chat(settings: Settings, args: argparse.Namespace) -> int:
                         )
             except TurnError as error:
                 print(file=sys.stderr)
-                _fail(f"{error} ({error.code})", code=1)
+                cliutil.fail(f"{error} ({error.code})", code=1)
         finally:
             await dispatcher.close()
             await db.close()
@@ -192,7 +166,7 @@ def cmd_chat(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_apikey_create(settings: Settings, args: argparse.Namespace) -> int:
-    telegram_id = _telegram_id(args.telegram_id)
+    telegram_id = cliutil.telegram_id(args.telegram_id)
 
     async def run() -> int:
         from backend.apikeys import create_key
@@ -213,9 +187,9 @@ def cmd_apikey_create(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_bot(settings: Settings, _args: argparse.Namespace) -> int:
     if settings.bot_token is None:
-        _fail("set COCOON_BOT_TOKEN (from @BotFather) to run the bot", code=1)
+        cliutil.fail("set COCOON_BOT_TOKEN (from @BotFather) to run the bot", code=1)
     if settings.bot_mode == "webhook":
-        _fail("COCOON_BOT_MODE=webhook: the bot runs inside `cocoon web`, not here", code=1)
+        cliutil.fail("COCOON_BOT_MODE=webhook: the bot runs inside `cocoon web`, not here", code=1)
     from bot.app import run_polling
     from workers.lifecycle import run_command
 
@@ -239,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         help_text: str,
         handler: Callable[[Settings, argparse.Namespace], int],
         parent: argparse._SubParsersAction = sub,
-    ) -> argparse.ArgumentParser:
+    ) -> argparse.ArgumentParser:  # a cliutil.Add
         command = parent.add_parser(name, help=help_text, description=help_text)
         command.set_defaults(handler=handler)
         return command
@@ -325,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"COCOON_{'__'.join(str(part) for part in e['loc']).upper()}: {e['msg']}"
             for e in error.errors()
         )
-        _fail(f"invalid settings: {problems} (see the README's settings table)")
+        cliutil.fail(f"invalid settings: {problems} (see the README's settings table)")
     from backend.logs import setup_logging
 
     setup_logging(settings)  # COCOON_LOG_LEVEL, COCOON_LOG_JSON; records carry turn/job/update ids

@@ -258,7 +258,7 @@ class LocalStack:
         if settings.ton.api_url is None and settings.ton.deposit_address is None:
             self.local_ton = contextlib.AsyncExitStack()
             settings = await self.local_ton.enter_async_context(local_ton_center(settings))
-            from backend.ton.cli import run_services
+            from backend.ton.services import run_services
 
             self.ton_services = asyncio.create_task(
                 run_services(settings, deposits=True, payouts=False, once=False, stop=self.ton_stop)

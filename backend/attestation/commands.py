@@ -10,13 +10,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from backend import cliutil
+
 __all__ = ["add_commands"]
 
 
 def cmd_provider_token(settings: Any, args: argparse.Namespace) -> int:
-    from backend.cli import _telegram_id
-
-    telegram_id = _telegram_id(args.telegram_id)
+    telegram_id = cliutil.telegram_id(args.telegram_id)
 
     async def run() -> str:
         import redis.asyncio as aioredis
@@ -66,33 +66,32 @@ def cmd_attest_verify(settings: Any, args: argparse.Namespace) -> int:
 def _attest_verify(settings: Any, args: argparse.Namespace) -> int:
     from backend.attestation.policy import Policy, PolicyError, load_policy
     from backend.attestation.tdx import load_collateral, verify_quote
-    from backend.cli import _fail
 
     try:
         raw = Path(args.quote).read_bytes()
         collateral_text = Path(args.collateral).read_text()
     except OSError as error:
-        _fail(f"cannot read {error.filename}: {error.strerror}")
+        cliutil.fail(f"cannot read {error.filename}: {error.strerror}")
     except UnicodeDecodeError:
-        _fail("--collateral is not text (dcap-qvl collateral JSON)")
+        cliutil.fail("--collateral is not text (dcap-qvl collateral JSON)")
     try:
         collateral = load_collateral(collateral_text)
     except (ValueError, RuntimeError) as error:
-        _fail(f"--collateral is not dcap-qvl collateral JSON: {error}")
+        cliutil.fail(f"--collateral is not dcap-qvl collateral JSON: {error}")
     try:
         policy_file = args.policy or settings.attestation.policy_file
         policy = load_policy(policy_file) if policy_file else Policy()
     except PolicyError as error:
-        _fail(str(error))
+        cliutil.fail(str(error))
     expected = None
     if args.report_data is not None:
         try:
             expected = bytes.fromhex(args.report_data)
         except ValueError:
-            _fail("--report-data must be hex")
+            cliutil.fail("--report-data must be hex")
     now = int(args.at) if args.at is not None else int(time.time())
     if not 0 <= now <= MAX_UNIX_TIME:
-        _fail("--at must be a Unix time in seconds, 0 or more")
+        cliutil.fail("--at must be a Unix time in seconds, 0 or more")
     verdict = verify_quote(raw, collateral, now, policy, expected_report_data=expected)
     print(json.dumps(verdict.to_json(), indent=2))
     return 0 if verdict.accepted else EXIT_REFUSED

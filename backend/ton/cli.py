@@ -1,4 +1,5 @@
-"""``cocoon watcher`` and ``cocoon ton ...``: the operator's TON commands.
+"""``cocoon watcher`` and ``cocoon ton ...``: the operator's TON commands (the services they
+run are in :mod:`backend.ton.services`).
 
 Heavy imports happen inside the commands. The mnemonic is read from the settings only and is
 never printed, not even in errors.
@@ -12,49 +13,36 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
-from backend.cli import _fail, _nano, _telegram_id
+from backend import cliutil
+from backend.cliutil import fail
 from backend.settings import Settings
 
-Add = Callable[..., argparse.ArgumentParser]
-
+if TYPE_CHECKING:
+    from backend.ton.wallet import HotWallet
 
 MAX_PROOF_FILE = 100_000  # characters; a proof is a few thousand
 
 
-def _uint32(text: str, what: str) -> int:
+def _hot_wallet(settings: Settings) -> HotWallet:
+    """The hot wallet, or a one-line error and exit 2 when it is not set up."""
+    from backend.ton.services import TonSetupError, hot_wallet
+
     try:
-        value = int(text.strip())
-    except ValueError:
-        _fail(f"{what} must be a whole number, got {text!r}")
-    if not 0 <= value < 2**32:
-        _fail(f"{what} must fit 32 bits, got {value}")
-    return value
-
-
-def _hot_wallet(settings: Settings) -> Any:
-    from backend.ton.wallet import HotWallet, WalletError
-
-    secret = settings.ton.hot_wallet_mnemonic
-    if secret is None or not secret.get_secret_value().strip():
-        _fail("set COCOON_TON__HOT_WALLET_MNEMONIC (the hot wallet's 24 words) first")
-    try:
-        return HotWallet.from_mnemonic(secret.get_secret_value())
-    except WalletError as error:
-        _fail(f"COCOON_TON__HOT_WALLET_MNEMONIC: {error}")
+        return hot_wallet(settings)
+    except TonSetupError as error:
+        fail(str(error))
 
 
 def _deposit_account(settings: Settings) -> str:
-    from backend.ton.comment import AddressError, raw_address
+    """The deposit wallet's raw address, or a one-line error and exit 2."""
+    from backend.ton.services import TonSetupError, deposit_account
 
-    if not settings.ton.deposit_address:
-        _fail("set COCOON_TON__DEPOSIT_ADDRESS (the service's deposit wallet) first")
     try:
-        return raw_address(settings.ton.deposit_address)
-    except AddressError as error:
-        _fail(f"COCOON_TON__DEPOSIT_ADDRESS: {error}")
+        return deposit_account(settings)
+    except TonSetupError as error:
+        fail(str(error))
 
 
 # ---------------------------------------------------------------- commands
@@ -63,16 +51,16 @@ def _deposit_account(settings: Settings) -> str:
 def cmd_deposit_payload(settings: Settings, args: argparse.Namespace) -> int:
     from backend.money import AmountError, parse_ton
 
-    telegram_id = _telegram_id(args.telegram_id)
+    telegram_id = cliutil.telegram_id(args.telegram_id)
     if args.ton is not None:
         try:
             amount = parse_ton(args.ton, "--ton")
         except AmountError as error:
-            _fail(str(error))
+            fail(str(error))
     elif args.amount is not None:
-        amount = _nano(args.amount, "--amount")
+        amount = cliutil.nano(args.amount, "--amount")
     else:
-        _fail("say how much: --amount NANO or --ton DECIMAL")
+        fail("say how much: --amount NANO or --ton DECIMAL")
     account = _deposit_account(settings)
 
     async def run() -> int:
@@ -101,9 +89,9 @@ def cmd_deposit_payload(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_sign_transfer(settings: Settings, args: argparse.Namespace) -> int:
     from backend.ton.wallet import WalletError
 
-    amount = _nano(args.amount, "--amount")
-    seqno = _uint32(args.seqno, "--seqno")
-    valid_until = _uint32(args.valid_until, "--valid-until")
+    amount = cliutil.nano(args.amount, "--amount")
+    seqno = cliutil.uint32(args.seqno, "--seqno")
+    valid_until = cliutil.uint32(args.valid_until, "--valid-until")
     if valid_until < time.time():
         print(
             "cocoon: warning: --valid-until is in the past: the wallet would refuse it",
@@ -115,7 +103,7 @@ def cmd_sign_transfer(settings: Settings, args: argparse.Namespace) -> int:
             args.to, amount, seqno=seqno, valid_until=valid_until, comment=args.comment
         )
     except WalletError as error:
-        _fail(str(error))
+        fail(str(error))
     print(signed.boc)
     print(
         f"from {wallet.friendly(testnet=settings.ton.is_testnet)} (wallet v4r2), "
@@ -168,11 +156,11 @@ def cmd_unclaimed(settings: Settings, _args: argparse.Namespace) -> int:
 
 def cmd_resolve(settings: Settings, args: argparse.Namespace) -> int:
 
-    telegram_id = _telegram_id(args.telegram_id)
+    telegram_id = cliutil.telegram_id(args.telegram_id)
     try:
         deposit_id = int(args.deposit)
     except ValueError:
-        _fail(f"--deposit must be a deposit number, got {args.deposit!r}")
+        fail(f"--deposit must be a deposit number, got {args.deposit!r}")
 
     async def run() -> int:
         from backend.db import Database
@@ -189,7 +177,7 @@ def cmd_resolve(settings: Settings, args: argparse.Namespace) -> int:
                     db, Ledger(db), deposit_id, user.id, by="operator (cocoon ton resolve)"
                 )
             except (LookupError, LedgerError) as error:
-                _fail(str(error), code=1)
+                fail(str(error), code=1)
         finally:
             await db.close()
         print(
@@ -201,84 +189,17 @@ def cmd_resolve(settings: Settings, args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
-async def run_services(
-    settings: Settings,
-    *,
-    deposits: bool,
-    payouts: bool,
-    once: bool,
-    stop: asyncio.Event | None = None,
-) -> int:
-    """The deposit watcher and/or the payout sender, until ``stop`` is set (each finishes the
-    step it is on: every step is safe to repeat, and a cut one is picked up at the next start)."""
-    from backend.db import Database
-    from backend.ledger import Ledger
-    from backend.ton.payouts import PayoutSender, Step
-    from backend.ton.toncenter import TonCenter
-    from backend.ton.watcher import DepositWatcher
-
-    ton = settings.ton
-    account = _deposit_account(settings) if deposits else None
-    wallet = _hot_wallet(settings) if payouts else None
-    db = Database.from_settings(settings)
-    ledger = Ledger(db, min_withdrawal=settings.min_withdrawal_nano)
-    try:
-        async with TonCenter.from_settings(ton) as api:
-            watcher = (
-                DepositWatcher(
-                    db,
-                    ledger,
-                    api,
-                    account,
-                    page_size=ton.page_size,
-                    poll_interval_s=ton.poll_interval_s,
-                    backoff_max_s=ton.backoff_max_s,
-                )
-                if account
-                else None
-            )
-            sender = (
-                PayoutSender(
-                    db,
-                    ledger,
-                    api,
-                    wallet,
-                    ttl_s=ton.payout_ttl_s,
-                    poll_interval_s=ton.poll_interval_s,
-                    backoff_max_s=ton.backoff_max_s,
-                )
-                if wallet
-                else None
-            )
-            if once:
-                if watcher:
-                    total = 0
-                    while handled := await watcher.poll_once():
-                        total += handled
-                    cursor = await watcher.cursor()
-                    print(f"deposits: handled {total} transactions; cursor lt {cursor}")
-                if sender:
-                    step = await sender.step()
-                    while step == Step.PROGRESS:
-                        step = await sender.step()
-                    print(f"payouts: {step.value}")
-                return 0
-            print(
-                f"watching {ton.network} through {ton.base_url}: "
-                f"deposits {'on' if watcher else 'off'}, payouts {'on' if sender else 'off'}",
-                file=sys.stderr,
-            )
-            tasks = [t.run(stop) for t in (watcher, sender) if t is not None]
-            await asyncio.gather(*tasks)
-    finally:
-        await db.close()
-    return 0
-
-
 def _serve(settings: Settings, *, deposits: bool, payouts: bool, once: bool) -> int:
     """Run the services until SIGINT or SIGTERM (workers.lifecycle): the step under way gets
-    the grace period (COCOON_STOP_GRACE_S) to finish, then is cancelled."""
+    the grace period (COCOON_STOP_GRACE_S) to finish, then is cancelled. A wallet that is not
+    set up is refused here, before anything starts."""
+    from backend.ton.services import run_services
     from workers.lifecycle import run_command
+
+    if deposits:
+        _deposit_account(settings)
+    if payouts:
+        _hot_wallet(settings)
 
     return run_command(
         lambda shutdown: shutdown.run(
@@ -325,9 +246,9 @@ def _unix_time(text: str) -> int:
     try:
         value = int(text.strip())
     except ValueError:
-        _fail(f"--at must be a unix time in whole seconds, got {text!r}")
+        fail(f"--at must be a unix time in whole seconds, got {text!r}")
     if not 0 <= value < 2**63:
-        _fail(f"--at must be a unix time, got {value}")
+        fail(f"--at must be a unix time, got {value}")
     return value
 
 
@@ -353,20 +274,20 @@ def cmd_verify_proof(settings: Settings, args: argparse.Namespace) -> int:
             with open(args.file, encoding="utf-8") as source:
                 text = source.read(MAX_PROOF_FILE + 1)
     except (OSError, UnicodeDecodeError) as error:
-        _fail(f"cannot read {args.file}: {error}")
+        fail(f"cannot read {args.file}: {error}")
     if len(text) > MAX_PROOF_FILE:
-        _fail(f"{args.file} is larger than a proof can be ({MAX_PROOF_FILE} characters at most)")
+        fail(f"{args.file} is larger than a proof can be ({MAX_PROOF_FILE} characters at most)")
     try:
         account, proof = proof_from_json(json.loads(text))
     except ValueError as error:  # JSONDecodeError and ProofError
-        _fail(f"{args.file}: {error}")
+        fail(f"{args.file}: {error}")
     at = _unix_time(args.at) if args.at is not None else int(time.time())
     network = args.network or settings.ton.network
     domains = list(args.domain or settings.ton.proof_domains)
     if not domains and settings.public_url:
         domains = [host] if (host := urlsplit(settings.public_url).hostname) else []
     if not domains:
-        _fail("say which site the proof is for: --domain D (or set COCOON_TON__PROOF_DOMAINS)")
+        fail("say which site the proof is for: --domain D (or set COCOON_TON__PROOF_DOMAINS)")
     when = dt.datetime.fromtimestamp(at, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     print(f"ton_proof of {str(account.get('address'))[:100]}, checked as at {at} ({when})")
     print(f"allowed: {', '.join(domains)} on {network}, at most {settings.ton.proof_ttl_s} s old")
@@ -399,7 +320,7 @@ def cmd_verify_proof(settings: Settings, args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ parser
 
 
-def add_commands(sub: argparse._SubParsersAction, add: Add) -> None:
+def add_commands(sub: argparse._SubParsersAction, add: cliutil.Add) -> None:
     watcher = add(
         "watcher",
         "watch the TON deposit wallet, credit deposits, and send payouts from the hot wallet",
