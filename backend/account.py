@@ -17,6 +17,7 @@ from sqlalchemy.exc import IntegrityError
 
 from backend.db import Database
 from backend.errors import CocoonError, ErrorCode
+from backend.flags import NOTIFY_WORKER_FLAGGED as NOTIFY_WORKER_FLAGGED
 from backend.ledger import InsufficientFunds, InvalidAmount, Ledger, Receipt
 from backend.models import (
     Account,
@@ -30,6 +31,7 @@ from backend.models import (
     Transaction,
     TurnRecord,
     User,
+    WorkerFlag,
     WorkerRecord,
     WorkerState,
 )
@@ -48,6 +50,7 @@ NOTIFY_PAYOUT_FAILED = "payout_failed"
 NOTIFY_WORKER_ATTESTED = "worker_attested"
 NOTIFY_WORKER_FAILED = "worker_failed"
 NOTIFY_WORKER_OFFLINE = "worker_offline"
+# NOTIFY_WORKER_FLAGGED (imported above) is written by backend.flags: a worker crossed a bound.
 
 
 class AccountError(CocoonError):
@@ -660,10 +663,13 @@ class Stats:
     volume: int  # what users paid for turns, all time
     workers_online: int
     queue_depth: dict[str, int]
+    flags: int = 0  # bounds crossed by workers (backend.flags), all time
+    flagged_workers: tuple[str, ...] = ()  # the last few workers flagged, newest first
 
 
 async def stats(db: Database, redis: Any) -> Stats:
-    """Figures for the admin's ``/stats``: users, turns, revenue, workers and queue depth."""
+    """Figures for the admin's ``/stats``: users, turns, revenue, workers, queue depth and the
+    workers flagged for crossing a bound."""
     from workers import registry
 
     since = dt.datetime.now(dt.UTC) - dt.timedelta(days=1)
@@ -683,6 +689,14 @@ async def stats(db: Database, redis: Any) -> Stats:
                 Account.kind == AccountKind.PLATFORM
             )
         )
+        flags = await session.scalar(select(func.count(WorkerFlag.id)))
+        recent = await session.scalars(
+            select(WorkerFlag.worker_id)
+            .group_by(WorkerFlag.worker_id)
+            .order_by(func.max(WorkerFlag.id).desc())
+            .limit(5)
+        )
+        flagged = tuple(recent)
     workers = await registry.list_workers(redis)
     depth: dict[str, int] = {}
     for worker, waiting in zip(workers, await registry.queued_jobs(redis, workers), strict=True):
@@ -696,6 +710,8 @@ async def stats(db: Database, redis: Any) -> Stats:
         volume=int(volume),
         workers_online=len(workers),
         queue_depth=depth,
+        flags=int(flags or 0),
+        flagged_workers=flagged,
     )
 
 

@@ -15,14 +15,17 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import redis
 import redis.asyncio as aioredis
 
+from backend import bounds
+from backend.bounds import Bill, Flag, Violation, prompt_token_bound
 from backend.errors import CocoonError, ErrorCode
+from backend.flags import record_flags
 from backend.ledger import InsufficientFunds, InvalidState, Ledger, LedgerError, TurnUsage
 from backend.pricing import default_max_tokens, turn_cost, worst_case_cost
 from backend.settings import ModelPrice, Settings
@@ -49,19 +52,27 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cocoon.dispatch")
 
-MESSAGE_OVERHEAD_TOKENS = 8
-"""Chat-template tokens a message can add around its text (role markers, separators)."""
-
 RETRYABLE_WORKER_ERRORS = frozenset({"worker_shutdown", "busy"})
 ROUTE_TTL_S = 3600
 MAX_REDIS_CONNECTIONS = 1024
+
+DEADLINE_GRACE_S = 30.0
+"""A job's last entry is due this long after the job timeout at the latest (the node's stop
+grace, its last writes, clocks that drift)."""
+
+_STREAM_VIOLATIONS = {
+    "total_bytes": Violation.REPLY_BYTES,
+    "entry_bytes": Violation.CHUNK_BYTES,
+    "entries": Violation.CHUNKS,
+    "deadline": Violation.DEADLINE,
+}
 
 
 class TurnError(CocoonError):
     """Why a turn could not run or finish. ``code`` is stable for clients; ``str()`` is readable.
 
     Codes: ``invalid_request``, ``unknown_model``, ``insufficient_balance``,
-    ``no_worker``, ``timeout``, ``cancelled``, ``worker_error``.
+    ``no_worker``, ``timeout``, ``cancelled``, ``worker_error``, ``worker_misbehaved``.
     """
 
 
@@ -107,12 +118,6 @@ class TurnDone:
 TurnEvent = TurnText | TurnDone
 
 
-def prompt_token_bound(messages: Sequence[ChatMessage]) -> int:
-    """An upper bound on the prompt's tokens without a tokenizer: byte-level BPE tokens are at
-    least one byte each, plus the chat template's tokens around each message."""
-    return sum(len(m.content.encode()) + MESSAGE_OVERHEAD_TOKENS for m in messages) + 16
-
-
 class Dispatcher:
     """Process-wide: one per web server or bot process, created in its factory."""
 
@@ -141,6 +146,9 @@ class Dispatcher:
         self._background: set[asyncio.Task[None]] = set()
         # Prometheus turn metrics (backend.metrics.setup sets them); None: not counted.
         self.metrics: TurnMetrics | None = None
+        # A turn's absolute deadline: read from this clock, after the job timeout and this grace.
+        self.clock: Callable[[], float] = time.monotonic
+        self.deadline_grace_s = DEADLINE_GRACE_S
 
     @classmethod
     def from_settings(cls, settings: Settings, ledger: Ledger) -> Dispatcher:
@@ -253,6 +261,12 @@ class Turn:
         self.price = price
         self.max_tokens = max_tokens
         self.held = held  # nanoTON held for the worst case (0: a free model, nothing held)
+        # What the job's worker may send (backend.bounds), and what it sent so far.
+        self.bounds = bounds.ReplyBounds.for_max_tokens(max_tokens)
+        self._reader: streams.StreamReader | None = None
+        self._reading_since = 0.0
+        self._delivered_bytes = 0
+        self._chunks = 0
         self.attempt = 0
         self.tried: list[str] = []
         self.job_id = ""
@@ -347,22 +361,99 @@ class Turn:
                 await self._abandon()
 
     async def _job_events(self) -> AsyncIterator[StreamChunk | FinalRecord | ErrorRecord]:
+        """The job's events, opened and held to the turn's bounds. Reading resumes where it
+        stopped (a client that leaves hands the rest of the stream to the settling task). A
+        worker crossing a bound ends the turn here (:meth:`_cut_off`)."""
         assert self.worker is not None
-        async for blob in streams.read_stream(
-            self.d.redis,
+        reader = self._reader
+        if reader is None or reader.job_id != self.job_id:
+            reader = self._reader = self._new_reader()
+        try:
+            async for blob in reader.entries():
+                try:
+                    event = open_event(
+                        blob, self._reply_key, self.worker.verify_key, expected_job_id=self.job_id
+                    )
+                except WireError as error:
+                    log.warning("turn %s: refused an event: %s", self.turn_id, error)
+                    raise TurnError(
+                        ErrorCode.WORKER_ERROR, "the worker sent a reply that does not verify"
+                    ) from None
+                if isinstance(event, StreamChunk):
+                    flag = self._over_bounds(event)
+                    if flag is not None:
+                        await self._cut_off(flag)
+                yield event
+        except streams.StreamOverrun as overrun:
+            await self._cut_off(self._stream_flag(overrun))
+
+    def _new_reader(self) -> streams.StreamReader:
+        """A reader for the job just dispatched. Its deadline: the job may wait for a worker
+        until the first-token timeout (or its queue TTL), then run for the job timeout."""
+        d = self.d
+        self._delivered_bytes = 0
+        self._chunks = 0
+        self._reading_since = d.clock()
+        waiting = min(d.first_token_timeout_s, d.queue_ttl_s)
+        deadline = self._reading_since + waiting + d.job_timeout_s + d.deadline_grace_s
+        return streams.StreamReader(
+            d.redis,
             self.job_id,
-            first_timeout_s=self.d.first_token_timeout_s,
-            idle_timeout_s=self.d.idle_timeout_s,
-        ):
-            try:
-                yield open_event(
-                    blob, self._reply_key, self.worker.verify_key, expected_job_id=self.job_id
-                )
-            except WireError as error:
-                log.warning("turn %s: refused an event: %s", self.turn_id, error)
-                raise TurnError(
-                    ErrorCode.WORKER_ERROR, "the worker sent a reply that does not verify"
-                ) from None
+            first_timeout_s=d.first_token_timeout_s,
+            idle_timeout_s=d.idle_timeout_s,
+            limits=self.bounds.stream_limits(deadline),
+            clock=d.clock,
+        )
+
+    def _over_bounds(self, chunk: StreamChunk) -> Flag | None:
+        """Count a chunk in; the bound it crosses, if it crosses one (then it is not counted)."""
+        size = len(chunk.text.encode("utf-8", "surrogatepass"))
+        b = self.bounds
+        if size > b.chunk_bytes:
+            return Flag(Violation.CHUNK_BYTES, size, b.chunk_bytes)
+        if self._delivered_bytes + size > b.text_bytes:
+            return Flag(Violation.REPLY_BYTES, self._delivered_bytes + size, b.text_bytes)
+        if self._chunks + 1 > b.chunks:
+            return Flag(Violation.CHUNKS, self._chunks + 1, b.chunks)
+        self._delivered_bytes += size
+        self._chunks += 1
+        return None
+
+    def _stream_flag(self, overrun: streams.StreamOverrun) -> Flag:
+        """The flag of a bound the reader saw crossed (a deadline in whole seconds of the job)."""
+        kind = _STREAM_VIOLATIONS[overrun.kind]
+        if kind is Violation.DEADLINE and self._reader is not None:
+            allowed = (self._reader.limits.deadline or 0.0) - self._reading_since
+            return Flag(kind, int(allowed) + overrun.seen, int(allowed))
+        return Flag(kind, overrun.seen, overrun.limit)
+
+    async def _cut_off(self, flag: Flag) -> NoReturn:
+        """The worker crossed a bound: stop reading and stop its job, bill only the text it
+        delivered within the bounds (the fewest tokens that text can be, no prompt), give the
+        rest of the hold back, flag the worker, and end the turn with ``worker_misbehaved``."""
+        log.warning(
+            "turn %s job %s: the worker crossed its %s bound (%d > %d); cut off",
+            self.turn_id,
+            self.job_id,
+            flag.kind.value,
+            flag.claimed,
+            flag.bound,
+        )
+        with contextlib.suppress(redis.RedisError):
+            await streams.request_cancel(self.d.redis, self.job_id)
+        completion = bounds.delivered_floor(self._delivered_bytes, self.max_tokens)
+        self.end_outcome = "failed"
+        if completion:
+            await self._charge(Bill(0, 0, completion), "cancelled", outcome="failed")
+        else:
+            await self.release()
+        await self._flag((flag,))
+        raise TurnError(
+            ErrorCode.WORKER_MISBEHAVED,
+            f"the worker broke this turn's {flag.kind.value} bound ({flag.claimed} > "
+            f"{flag.bound}) and was stopped; you paid only for the text it delivered",
+            kind=flag.kind.value,
+        )
 
     async def _on_worker_error(self, error: ErrorRecord, got_text: bool) -> None:
         log.info("turn %s job %s: worker error %s", self.turn_id, self.job_id, error.code)
@@ -404,30 +495,19 @@ class Turn:
     # ----------------------------------------------------------- settlement
 
     async def _settle(self, final: FinalRecord) -> TurnDone:
+        """Bill the worker's signed usage, each count at most its bound (backend.bounds)."""
         assert self.worker is not None
-        cost = turn_cost(
-            self.price,
-            prompt_tokens=final.prompt_tokens,
-            cached_prompt_tokens=final.cached_prompt_tokens,
-            completion_tokens=final.completion_tokens,
+        billed = bounds.bill(
+            final,
+            messages=self.request.messages,
+            stop=self.request.sampling.stop,
+            max_tokens=self.max_tokens,
+            context_length=self.price.context_length,
+            delivered_bytes=self._delivered_bytes,
         )
-        charged = min(cost, self.held)  # the ledger caps the charge at the hold the same way
-        if self.held:
-            try:
-                await self._settle_hold(final, cost)
-            except InvalidState:
-                # The stale-hold sweeper gave the hold back first (the turn outlived the hold
-                # timeout): the user keeps it; a turn is never charged twice.
-                log.warning("turn %s: hold released before it settled; no charge", self.turn_id)
-                charged = 0
-        self._closed = True
-        self._count_end(
-            "cancelled" if final.finish_reason == "cancelled" else "settled",
-            prompt_tokens=final.prompt_tokens,
-            completion_tokens=final.completion_tokens,
-            charged=charged,
-        )
-        await self._after_job()
+        outcome = "cancelled" if final.finish_reason == "cancelled" else "settled"
+        charged = await self._charge(billed, final.finish_reason, outcome=outcome)
+        await self._flag(billed.flags)
         if self.request.conversation_id:
             await registry.remember_route(
                 self.d.redis, self.request.conversation_id, self.worker.worker_id, ROUTE_TTL_S
@@ -435,23 +515,51 @@ class Turn:
         log.info(
             "turn %s settled: %d+%d tokens, %d nanoTON, %s",
             self.turn_id,
-            final.prompt_tokens,
-            final.completion_tokens,
+            billed.prompt_tokens,
+            billed.completion_tokens,
             charged,
             final.finish_reason,
         )
         return TurnDone(
             turn_id=self.turn_id,
             model=self.request.model,
-            prompt_tokens=final.prompt_tokens,
-            cached_prompt_tokens=final.cached_prompt_tokens,
-            completion_tokens=final.completion_tokens,
+            prompt_tokens=billed.prompt_tokens,
+            cached_prompt_tokens=billed.cached_prompt_tokens,
+            completion_tokens=billed.completion_tokens,
             finish_reason=final.finish_reason,
             cost=charged,
             worker=self.proof(),
         )
 
-    async def _settle_hold(self, final: FinalRecord, cost: int) -> None:
+    async def _charge(self, billed: Bill, finish_reason: str, *, outcome: str) -> int:
+        """Close the turn: the user pays for ``billed`` out of the hold (at most the hold), the
+        rest goes back. Returns the nanoTON charged."""
+        cost = turn_cost(
+            self.price,
+            prompt_tokens=billed.prompt_tokens,
+            cached_prompt_tokens=billed.cached_prompt_tokens,
+            completion_tokens=billed.completion_tokens,
+        )
+        charged = min(cost, self.held)  # the ledger caps the charge at the hold the same way
+        if self.held:
+            try:
+                await self._settle_hold(billed, finish_reason, cost)
+            except InvalidState:
+                # The stale-hold sweeper gave the hold back first (the turn outlived the hold
+                # timeout): the user keeps it; a turn is never charged twice.
+                log.warning("turn %s: hold released before it settled; no charge", self.turn_id)
+                charged = 0
+        self._closed = True
+        self._count_end(
+            outcome,
+            prompt_tokens=billed.prompt_tokens,
+            completion_tokens=billed.completion_tokens,
+            charged=charged,
+        )
+        await self._after_job()
+        return charged
+
+    async def _settle_hold(self, billed: Bill, finish_reason: str, cost: int) -> None:
         assert self.worker is not None
         await self.d.ledger.settle(
             self.turn_id,
@@ -460,14 +568,34 @@ class Turn:
             share_bps=self.d.settings.provider_share_bps,
             usage=TurnUsage(
                 model=self.request.model,
-                prompt_tokens=final.prompt_tokens,
-                cached_prompt_tokens=final.cached_prompt_tokens,
-                completion_tokens=final.completion_tokens,
-                finish_reason=final.finish_reason,
+                prompt_tokens=billed.prompt_tokens,
+                cached_prompt_tokens=billed.cached_prompt_tokens,
+                completion_tokens=billed.completion_tokens,
+                finish_reason=finish_reason,
                 worker_id=self.worker.worker_id,
                 tee=self.worker.tee,
             ),
         )
+
+    async def _flag(self, found: Sequence[Flag]) -> None:
+        """Count, record and tell the bounds the worker crossed (never fails the turn)."""
+        if not found:
+            return
+        assert self.worker is not None
+        if self.d.metrics is not None:
+            for flag in found:
+                self.d.metrics.flagged(self.request.model, flag.kind.value)
+        try:
+            await record_flags(
+                self.d.ledger.db,
+                found,
+                worker_id=self.worker.worker_id,
+                provider_id=self.worker.provider_id,
+                turn_id=self.turn_id,
+                model=self.request.model,
+            )
+        except Exception as error:  # the bill stands; the database's trouble is logged
+            log.error("turn %s: could not record the worker's flags: %r", self.turn_id, error)
 
     def proof(self) -> WorkerProof:
         assert self.worker is not None

@@ -30,6 +30,7 @@ class ErrorCode(StrEnum):
     TIMEOUT = "timeout"
     CANCELLED = "cancelled"
     WORKER_ERROR = "worker_error"
+    WORKER_MISBEHAVED = "worker_misbehaved"  # crossed a bound of the turn (backend.bounds)
 
     # The account (backend.account.AccountError)
     NOT_PROVIDER = "not_provider"

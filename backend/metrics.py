@@ -4,7 +4,8 @@ One :class:`~prometheus_client.CollectorRegistry` per process (made by :func:`se
 import time) holds two kinds of metrics:
 
 - events, counted as they happen by the dispatcher (:class:`TurnMetrics`): turns by outcome,
-  time to first token, turn duration, prompt and completion tokens, turn errors by code;
+  time to first token, turn duration, prompt and completion tokens, turn errors by code,
+  bounds crossed by workers (``backend.bounds``) by kind;
 - state, read from Redis and the database when Prometheus scrapes (:class:`StateCollector`):
   queue depth per model, workers online by TEE kind, open holds, deposits by status, payouts by
   state, and ledger balances summed by account kind. A source that cannot be read is reported
@@ -94,6 +95,12 @@ class TurnMetrics:
         self.charged = Counter(
             "cocoon_turn_charged_nano", "nanoTON charged for turns", ["model"], registry=registry
         )
+        self.worker_flags = Counter(
+            "cocoon_worker_flags",
+            "Bounds crossed by workers: a count billed at its bound, or a reply cut off",
+            ["model", "kind"],
+            registry=registry,
+        )
 
     def first_token_after(self, model: str, seconds: float) -> None:
         self.first_token.labels(model).observe(seconds)
@@ -119,6 +126,9 @@ class TurnMetrics:
 
     def error(self, code: str) -> None:
         self.errors.labels(code).inc()
+
+    def flagged(self, model: str, kind: str) -> None:
+        self.worker_flags.labels(model, kind).inc()
 
 
 # ------------------------------------------------------------------ state at scrape time

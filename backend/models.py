@@ -386,3 +386,25 @@ class WorkerRecord(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(
         DateTime(timezone=True), default=_now, onupdate=_now
     )
+
+
+class WorkerFlag(Base):
+    """A bound a worker crossed in one turn (``backend.bounds``): a count over what the turn
+    allows (billed at the bound), or a reply too large, too long or too slow (cut off). One row
+    per turn and kind; the operator sees them in ``/stats``. Numbers only, never text."""
+
+    __tablename__ = "worker_flags"
+    __table_args__ = (
+        UniqueConstraint("turn_id", "kind", name="uq_worker_flags_turn_kind"),
+        Index("ix_worker_flags_created", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    worker_id: Mapped[str] = mapped_column(String(100), index=True)
+    provider_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    turn_id: Mapped[str] = mapped_column(String(200))
+    model: Mapped[str] = mapped_column(String(100))
+    kind: Mapped[str] = mapped_column(String(32))
+    claimed: Mapped[int] = mapped_column(BigInteger)  # what the worker claimed or sent
+    bound: Mapped[int] = mapped_column(BigInteger)  # the bound it crossed
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)

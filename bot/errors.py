@@ -30,6 +30,10 @@ TEXTS: dict[ErrorCode, str] = {
     ErrorCode.WORKER_ERROR: N_(
         "The worker could not answer. You were not charged; please try again."
     ),
+    ErrorCode.WORKER_MISBEHAVED: N_(
+        "The worker broke the limits of this answer and was stopped. You paid only for the "
+        "text you received; please try again."
+    ),
     # a withdrawal
     ErrorCode.NO_PAYOUT_WALLET: N_("Link a payout wallet first: /provider."),
     ErrorCode.BELOW_MINIMUM: N_("The smallest withdrawal is {minimum}."),

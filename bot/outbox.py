@@ -69,6 +69,16 @@ def render(notification: TonNotification, balance: int | None) -> str:
         return _("Worker {worker} went offline: it gets no jobs until it attests again.").format(
             worker=data.get("worker_id", "?")
         )
+    elif kind == account.NOTIFY_WORKER_FLAGGED:
+        return _(
+            "Worker {worker} went beyond what a turn allows ({kind}: {claimed} > {bound}): it "
+            "was billed at the bound or cut off. Check that it runs the released node unmodified."
+        ).format(
+            worker=data.get("worker_id", "?"),
+            kind=data.get("kind", "?"),
+            claimed=data.get("claimed", "?"),
+            bound=data.get("bound", "?"),
+        )
     else:
         return _("Your account changed: {amount}.").format(amount=amount)
     if balance is not None:

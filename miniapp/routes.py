@@ -69,6 +69,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.CANCELLED: 499,
     ErrorCode.INTERNAL: 500,
     ErrorCode.WORKER_ERROR: 502,
+    ErrorCode.WORKER_MISBEHAVED: 502,
     ErrorCode.STARS_FAILED: 502,
     ErrorCode.NO_WORKER: 503,
     ErrorCode.PROOF_UNAVAILABLE: 503,

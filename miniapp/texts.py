@@ -56,6 +56,10 @@ ERRORS: dict[ErrorCode, str] = {
     ErrorCode.TIMEOUT: N_("The worker took too long to answer. You were not charged for it."),
     ErrorCode.CANCELLED: N_("The reply was stopped."),
     ErrorCode.WORKER_ERROR: N_("The worker failed while answering. You were not charged for it."),
+    ErrorCode.WORKER_MISBEHAVED: N_(
+        "The worker broke the limits of this answer and was stopped. You paid only for the "
+        "text you received."
+    ),
     ErrorCode.RATE_LIMITED: N_("Too many messages in a minute. Wait a moment and send again."),
     ErrorCode.MESSAGE_TOO_LONG: N_("This message is too long (at most {limit} characters)."),
     ErrorCode.INTERNAL: N_("Something went wrong on our side. Try again."),

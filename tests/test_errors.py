@@ -24,6 +24,7 @@ TURN_CODES = {
     "timeout",
     "cancelled",
     "worker_error",
+    "worker_misbehaved",
 }
 WITHDRAWAL_CODES = {"no_payout_wallet", "below_minimum", "insufficient_funds", "invalid_amount"}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tracemalloc
 from collections.abc import AsyncIterator
 
 import pytest
@@ -12,6 +13,9 @@ import redis.asyncio
 
 from workers import streams
 from workers.streams import (
+    StreamLimits,
+    StreamOverrun,
+    StreamReader,
     StreamTimeout,
     append,
     cancelled_among,
@@ -127,3 +131,122 @@ async def test_cancel_is_a_key_and_a_message(aredis):
     assert await cancelled_among(aredis, ["job-a", "job-c", "job-z"]) == {"job-c"}
     assert await cancelled_among(aredis, []) == set()
     assert 0 < await aredis.ttl(streams.cancel_key("job-c")) <= streams.CANCEL_TTL_S
+
+
+# -- the reader's limits: a writer is not trusted ----------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_an_entry_over_the_limit_is_refused_without_being_transferred(aredis):
+    await append(aredis, "job-big", b"small")
+    await append(aredis, "job-big", b"x" * (4 * 1024 * 1024))  # 4 MB in one entry
+    await append(aredis, "job-big", b"end", last=True)
+    reader = StreamReader(
+        aredis,
+        "job-big",
+        first_timeout_s=2,
+        idle_timeout_s=2,
+        limits=StreamLimits(entry_bytes=64 * 1024),
+    )
+    got: list[bytes] = []
+    tracemalloc.start()
+    try:
+        with pytest.raises(StreamOverrun) as caught:
+            async for entry in reader.entries():
+                got.append(entry)
+        _now, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert got == [b"small"]
+    assert caught.value.kind == "entry_bytes" and caught.value.seen > 4 * 1024 * 1024
+    assert reader.bytes_read < 100 and peak < 1024 * 1024  # the 4 MB never left Redis
+
+
+async def test_the_job_s_bytes_and_entries_are_bounded_together(aredis):
+    for _ in range(20):
+        await aredis.xadd(stream_key("job-many"), {b"junk": b"j" * 10_000})  # no data field
+    over_bytes = StreamReader(
+        aredis, "job-many", first_timeout_s=2, idle_timeout_s=2,
+        limits=StreamLimits(total_bytes=50_000),
+    )  # fmt: skip
+    with pytest.raises(StreamOverrun) as caught:
+        async for _entry in over_bytes.entries():
+            pass
+    assert caught.value.kind == "total_bytes" and over_bytes.entries_read == 4
+    assert over_bytes.bytes_read <= 50_000 < caught.value.seen
+
+    for i in range(10):
+        await append(aredis, "job-chatty", b"%d" % i)
+    over_count = StreamReader(
+        aredis, "job-chatty", first_timeout_s=2, idle_timeout_s=2, limits=StreamLimits(entries=6)
+    )
+    got = []
+    with pytest.raises(StreamOverrun) as caught:
+        async for entry in over_count.entries():
+            got.append(entry)
+    assert caught.value.kind == "entries" and got == [b"%d" % i for i in range(6)]
+
+
+async def test_the_deadline_is_absolute_and_checked_only_while_waiting(aredis):
+    clock = FakeClock()
+    reader = StreamReader(
+        aredis, "job-trickle", first_timeout_s=60, idle_timeout_s=60, clock=clock,
+        limits=StreamLimits(deadline=100.0),
+    )  # fmt: skip
+    got: list[bytes] = []
+    arrived = asyncio.Event()
+
+    async def consume() -> None:
+        async for entry in reader.entries():
+            got.append(entry)
+            arrived.set()
+
+    task = asyncio.create_task(consume())
+    for i in range(3):  # one entry every 50 s: never idle for 60 s
+        arrived.clear()
+        await append(aredis, "job-trickle", b"%d" % i)
+        await asyncio.wait_for(arrived.wait(), 5)
+        clock.now += 50
+    with pytest.raises(StreamOverrun) as caught:
+        await asyncio.wait_for(task, 5)
+    assert caught.value.kind == "deadline" and got == [b"0", b"1", b"2"]
+
+    # Entries already written are read whatever the time: only waiting is late.
+    late = StreamReader(
+        aredis, "job-done", first_timeout_s=1, idle_timeout_s=1, clock=clock,
+        limits=StreamLimits(deadline=0.0),
+    )  # fmt: skip
+    await append(aredis, "job-done", b"a")
+    await append(aredis, "job-done", b"b", last=True)
+    assert [entry async for entry in late.entries()] == [b"a", b"b"]
+
+
+async def test_a_reader_resumes_after_the_last_entry_it_yielded(aredis):
+    for i in range(4):
+        await append(aredis, "job-resume", b"%d" % i, last=i == 3)
+    reader = StreamReader(aredis, "job-resume", first_timeout_s=2, idle_timeout_s=2)
+    async for entry in reader.entries():
+        assert entry == b"0"
+        break  # the first consumer leaves; another one carries on
+    assert [entry async for entry in reader.entries()] == [b"1", b"2", b"3"]
+    assert reader.finished and reader.entries_read == 4
+
+
+async def test_a_slow_consumer_is_not_an_idle_writer(aredis):
+    clock = FakeClock()
+    for i in range(3):
+        await append(aredis, "job-slow-reader", b"%d" % i, last=i == 2)
+    got = []
+    async for entry in read_stream(
+        aredis, "job-slow-reader", first_timeout_s=1, idle_timeout_s=1, clock=clock
+    ):
+        got.append(entry)
+        clock.now += 10  # the consumer takes 10 s over each entry; the writer was done
+    assert got == [b"0", b"1", b"2"]

@@ -13,7 +13,10 @@ Stopping (:meth:`JobRun.stop`). A user's cancel ends the stream with a FinalReco
 ``finish_reason="cancelled"`` that counts the tokens generated so far (they are billed). When
 the node itself stops a job (``"shutdown"``, or ``"timeout"``: the RQ job timeout), the rule is:
 before the first token, an ErrorRecord (``worker_shutdown`` / ``job_timeout``): nothing was
-delivered and the dispatcher may retry elsewhere; after it, a FinalRecord ``"cancelled"``.
+delivered and the dispatcher may retry elsewhere; after it, a FinalRecord ``"cancelled"``. An
+engine that does not end with its usage within :data:`STOP_GRACE_S` is cancelled, and the node
+counts the usage itself: the text deltas it streamed, and (when there were any) the prompt, with
+the engine's own tokenizer (``Engine.count_prompt_tokens``).
 
 A request that cannot be opened gets no reply at all: without it there is no reply key.
 """
@@ -21,6 +24,7 @@ A request that cannot be opened gets no reply at all: without it there is no rep
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 import traceback
@@ -49,7 +53,9 @@ from workers.wire import (
 
 __all__ = ["JobRun", "Outcome", "describe_error"]
 
-MAX_CHUNK_CHARS = 65_536
+log = logging.getLogger(__name__)
+
+MAX_CHUNK_CHARS = streams.MAX_CHUNK_CHARS
 """Merged deltas are split into chunks of at most this many characters."""
 
 STREAM_TTL_REFRESH_S = 60.0
@@ -222,12 +228,24 @@ class JobRun:
             await self._send(request, record)
             return Outcome(False, f"engine error ({describe_error(error)})")
         # The engine did not stop in time and was cancelled: it gave no usage, so count what it
-        # produced (never more than was used).
-        usage = Usage(0, 0, self.deltas, "cancelled")
+        # produced (never more than was used): its text deltas, and the prompt it read to
+        # produce them, counted with the engine's own tokenizer.
+        prompt = await self._count_prompt(request) if self.deltas else 0
+        usage = Usage(prompt, 0, self.deltas, "cancelled")
         await self._send(request, _final(self.job_id, usage))
         if reason == "cancel":
             return Outcome(True, "cancelled", usage)
         return Outcome(False, f"{reason}: stopped after {self.deltas} tokens")
+
+    async def _count_prompt(self, request: JobRequest) -> int:
+        """The prompt's tokens as the engine counts them; 0 when it cannot tell."""
+        messages = [message.model_dump() for message in request.messages]
+        try:
+            count = await asyncio.to_thread(self.engine.count_prompt_tokens, messages)
+        except Exception as error:  # the engine's trouble: bill no prompt rather than fail
+            log.warning("job %s: cannot count the prompt: %s", self.job_id, describe_error(error))
+            return 0
+        return max(0, count or 0)
 
     async def _send(self, request: JobRequest, event: Event) -> None:
         sealed = seal_event(event, request.reply_key, self.keys)

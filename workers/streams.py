@@ -14,8 +14,17 @@ job id on the ``cocoon:cancel`` channel. The node listens on the channel
 that came before the job did), and sweeps the keys of its running jobs every few seconds
 (:func:`cancelled_among`) in case a message was lost while its subscription reconnected.
 
+Reading. The writer is not trusted, so the reader never asks Redis for more than it accepts:
+:class:`StreamReader` (and :func:`read_stream`) pulls entries through a small Lua script that
+measures each entry inside Redis and hands back only those within the reader's
+:class:`StreamLimits` (bytes of one entry, bytes and entries of the whole job, an absolute
+deadline). The first entry past a limit is never transferred: the reader raises
+:class:`StreamOverrun` instead, so a 300 MB reply costs the reader nothing. A blocking ``XREAD``
+would hand over whatever the writer put there, so the reader polls (every few milliseconds
+while entries flow, backing off to :data:`POLL_MAX_S` while it waits).
+
 Clients: the writer functions take ``redis.Redis`` or ``redis.asyncio.Redis`` (await the result
-with the latter). :func:`read_stream` needs an asyncio client created with the default
+with the latter). The reader needs an asyncio client created with the default
 ``decode_responses=False``: entries are binary.
 """
 
@@ -23,9 +32,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -36,8 +48,12 @@ from workers.redis_keys import CANCEL, STREAM, finish, redis_key
 __all__ = [
     "CANCEL_CHANNEL",
     "CANCEL_TTL_S",
+    "MAX_CHUNK_CHARS",
     "STREAM_MAXLEN",
     "STREAM_TTL_S",
+    "StreamLimits",
+    "StreamOverrun",
+    "StreamReader",
     "StreamTimeout",
     "append",
     "cancel_key",
@@ -55,6 +71,10 @@ log = logging.getLogger(__name__)
 STREAM_MAXLEN = 20_000
 """Approximate bound on entries per job: one per generated text delta, plus the last record."""
 
+MAX_CHUNK_CHARS = 65_536
+"""A writer splits the reply's text into chunks of at most this many characters (readers bound
+a chunk by it)."""
+
 STREAM_TTL_S = 600
 """A stream lives this long after its last append: time enough for a slow reader to finish."""
 
@@ -67,9 +87,49 @@ DATA_FIELD = b"d"
 LAST_FIELD = b"last"
 
 MAX_BLOCK_S = 2.0
-"""One blocking XREAD waits at most this long: under redis-py's default socket timeout (5 s)."""
+"""One blocking wait (the cancel subscription) lasts at most this long: under redis-py's default
+socket timeout (5 s)."""
+
+POLL_MIN_S = 0.005
+POLL_MAX_S = 0.05
+"""The reader polls again after ``POLL_MIN_S`` when nothing was there, doubling the wait up to
+``POLL_MAX_S`` while the stream stays quiet, and at once after an entry."""
+
+READ_BATCH = 256
+"""Entries one read asks for, at most."""
+
+MAX_ENTRY_BYTES = 64 * 1024 * 1024
+"""One entry a reader without limits of its own accepts, at most (the wire's sealed maximum)."""
 
 AnyRedis = Any  # redis.Redis | redis.asyncio.Redis
+
+# Entries after ARGV[1] (exclusive), at most ARGV[2] of them, as XRANGE gives them, stopping
+# before the first entry larger than ARGV[4] bytes or than what is left of ARGV[3] bytes: that
+# entry's id and size come back instead of its data. Sizes count every field name and value.
+# One entry at a time, so that no more than one entry past the bounds is ever loaded.
+_BOUNDED_READ = """
+local last = ARGV[1]
+local budget = tonumber(ARGV[3])
+local entry_max = tonumber(ARGV[4])
+local out = {}
+for _ = 1, tonumber(ARGV[2]) do
+  local entry = redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', 1)[1]
+  if not entry then
+    break
+  end
+  local size = 0
+  for _, part in ipairs(entry[2]) do
+    size = size + string.len(part)
+  end
+  if size > entry_max or size > budget then
+    return {out, entry[1], size}
+  end
+  budget = budget - size
+  out[#out + 1] = entry
+  last = entry[1]
+end
+return {out, '', 0}
+"""
 
 
 class StreamTimeout(TimeoutError):
@@ -85,6 +145,40 @@ class StreamTimeout(TimeoutError):
         self.waited_s = waited_s
         what = "first entry" if first_token else "next entry"
         super().__init__(f"job {job_id}: no {what} after {waited_s:.1f} s")
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    """What a reader accepts from one job's stream. ``total_bytes`` and ``entry_bytes`` count
+    the sealed entries as stored (field names and values); ``entries`` counts them all, the last
+    one included; ``deadline`` is a time on the reader's clock by which the last entry must have
+    been read (None: no deadline)."""
+
+    total_bytes: int = sys.maxsize
+    entry_bytes: int = MAX_ENTRY_BYTES
+    entries: int = sys.maxsize
+    deadline: float | None = None
+
+
+OverrunKind = Literal["total_bytes", "entry_bytes", "entries", "deadline"]
+
+
+class StreamOverrun(Exception):
+    """The writer crossed one of the reader's :class:`StreamLimits`; the entry that would have
+    crossed it was not read. ``seen`` is what the writer reached (bytes or entries), ``limit``
+    the bound it crossed; for ``"deadline"``, ``seen`` is how many seconds late the reader
+    gave up waiting (entries already written are read first, whatever the time)."""
+
+    def __init__(self, job_id: str, kind: OverrunKind, *, seen: int, limit: int) -> None:
+        self.job_id = job_id
+        self.kind = kind
+        self.seen = seen
+        self.limit = limit
+        if kind == "deadline":
+            message = f"job {job_id}: no last entry by the deadline ({seen} s late)"
+        else:
+            message = f"job {job_id}: the stream crossed its {kind} bound ({seen} > {limit})"
+        super().__init__(message)
 
 
 def stream_key(job_id: str) -> str:
@@ -181,6 +275,102 @@ async def watch_cancels(
 # -- reader side --------------------------------------------------------------------------------
 
 
+class StreamReader:
+    """Reads one job's stream, in order, within ``limits``; keeps its place between reads.
+
+    :meth:`entries` yields the sealed data of each entry until the job's last entry. It raises
+    :class:`StreamTimeout` (``first_token=True``) when no entry arrives within
+    ``first_timeout_s``, or (``first_token=False``) when ``idle_timeout_s`` passes between two
+    entries, and :class:`StreamOverrun` when the writer crosses a limit (checked before the
+    entry is transferred). Iterating again after an interruption resumes after the last entry
+    yielded. Entries already in the stream are read first, so a reader that starts late loses
+    nothing (within :data:`STREAM_TTL_S`). Times are read from ``clock`` (seconds).
+    """
+
+    def __init__(
+        self,
+        redis: AsyncRedis,
+        job_id: str,
+        *,
+        first_timeout_s: float,
+        idle_timeout_s: float,
+        limits: StreamLimits | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        last_id: str = "0-0",
+    ) -> None:
+        self.redis = redis
+        self.job_id = job_id
+        self.first_timeout_s = first_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self.limits = limits or StreamLimits()
+        self.clock = clock
+        self.last_id = last_id
+        self.bytes_read = 0  # sealed bytes of the entries yielded
+        self.entries_read = 0
+        self.finished = False  # the job's last entry was yielded
+        self._script = redis.register_script(_BOUNDED_READ)
+
+    async def entries(self) -> AsyncIterator[bytes]:
+        key = stream_key(self.job_id)
+        limits = self.limits
+        started = self.clock()
+        wait = self.first_timeout_s if self.entries_read == 0 else self.idle_timeout_s
+        poll_s = POLL_MIN_S
+        while not self.finished:
+            entries, over_id, over_size = await self._read(key)
+            for entry_id, fields in entries:
+                if self.entries_read >= limits.entries:
+                    raise StreamOverrun(
+                        self.job_id, "entries", seen=self.entries_read + 1, limit=limits.entries
+                    )
+                self.last_id = _text(entry_id)
+                self.entries_read += 1
+                self.bytes_read += sum(len(k) + len(v) for k, v in fields.items())
+                self.finished = bool(fields.get(LAST_FIELD))
+                data = fields.get(DATA_FIELD)
+                if data is not None:
+                    yield data
+                if self.finished:
+                    return
+            if over_id:
+                if over_size > limits.entry_bytes:
+                    raise StreamOverrun(
+                        self.job_id, "entry_bytes", seen=over_size, limit=limits.entry_bytes
+                    )
+                raise StreamOverrun(
+                    self.job_id,
+                    "total_bytes",
+                    seen=self.bytes_read + over_size,
+                    limit=limits.total_bytes,
+                )
+            if entries:
+                # Timers run while the reader waits for the writer, not while its own
+                # consumer takes its time over what was read.
+                started = self.clock()
+                wait = self.idle_timeout_s
+                poll_s = POLL_MIN_S
+                continue
+            now = self.clock()
+            if limits.deadline is not None and now > limits.deadline:
+                late = math.ceil(now - limits.deadline)
+                raise StreamOverrun(self.job_id, "deadline", seen=late, limit=0)
+            if now - started > wait:
+                raise StreamTimeout(
+                    self.job_id, first_token=self.entries_read == 0, waited_s=now - started
+                )
+            await asyncio.sleep(poll_s)
+            poll_s = min(poll_s * 2, POLL_MAX_S)
+
+    async def _read(self, key: str) -> tuple[list[tuple[Any, dict[bytes, bytes]]], str, int]:
+        budget = max(0, self.limits.total_bytes - self.bytes_read)
+        reply = await self._script(
+            keys=[key], args=[self.last_id, READ_BATCH, budget, self.limits.entry_bytes]
+        )
+        raw_entries, over_id, over_size = reply
+        entries = [(entry_id, _pairs(fields)) for entry_id, fields in raw_entries]
+        return entries, _text(over_id or b""), int(over_size or 0)
+
+
 async def read_stream(
     redis: AsyncRedis,
     job_id: str,
@@ -188,57 +378,32 @@ async def read_stream(
     first_timeout_s: float,
     idle_timeout_s: float,
     last_id: str = "0-0",
+    limits: StreamLimits | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> AsyncIterator[bytes]:
-    """Yield the job's sealed entries in order, from ``last_id`` on, until its last entry.
-
-    Raises :class:`StreamTimeout` (``first_token=True``) when no entry arrives within
-    ``first_timeout_s``, or (``first_token=False``) when ``idle_timeout_s`` passes between two
-    entries. Entries already in the stream are read first, so a reader that starts late loses
-    nothing (within :data:`STREAM_TTL_S`).
-    """
-    key = stream_key(job_id)
-    got_any = False
-    started = time.monotonic()
-    deadline = started + first_timeout_s
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            waited = time.monotonic() - started
-            raise StreamTimeout(job_id, first_token=not got_any, waited_s=waited)
-        block_ms = max(1, int(min(remaining, MAX_BLOCK_S) * 1000))
-        reply = await redis.xread({key: last_id}, count=256, block=block_ms)
-        entries = _entries(reply)
-        if entries:
-            started = time.monotonic()
-            deadline = started + idle_timeout_s
-        for entry_id, fields in entries:
-            last_id = _text(entry_id)
-            data = fields.get(DATA_FIELD)
-            if data is None:
-                continue
-            got_any = True
-            yield data
-            if fields.get(LAST_FIELD):
-                return
+    """Yield the job's sealed entries in order, from ``last_id`` on, until its last entry:
+    one pass of a :class:`StreamReader` (its timeouts, limits and errors)."""
+    reader = StreamReader(
+        redis,
+        job_id,
+        first_timeout_s=first_timeout_s,
+        idle_timeout_s=idle_timeout_s,
+        limits=limits,
+        clock=clock,
+        last_id=last_id,
+    )
+    async for data in reader.entries():
+        yield data
 
 
 # -- internals --------------------------------------------------------------------------------
 
 
-def _entries(reply: Any) -> list[tuple[Any, dict[bytes, bytes]]]:
-    """Entries of a one-stream XREAD reply, RESP2 (list) or RESP3 (dict)."""
-    if not reply:
-        return []
-    if isinstance(reply, dict):
-        return [entry for entries in reply.values() for entry in _flatten(entries)]
-    return [entry for _key, entries in reply for entry in entries]
-
-
-def _flatten(entries: Any) -> list[Any]:
-    # RESP3 may nest the entries list one level deeper: {key: [[entries]]}
-    if entries and isinstance(entries[0], list):
-        return [entry for group in entries for entry in group]
-    return list(entries)
+def _pairs(fields: Any) -> dict[bytes, bytes]:
+    """An entry's fields, from the flat ``[name, value, ...]`` list a script returns."""
+    if isinstance(fields, dict):
+        return dict(fields)
+    return dict(zip(fields[::2], fields[1::2], strict=True))
 
 
 def _text(value: bytes | str) -> str:

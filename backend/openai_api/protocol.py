@@ -291,6 +291,7 @@ ERRORS: dict[ErrorCode, ErrorAnswer] = {
     ErrorCode.TIMEOUT: ErrorAnswer(504, "server_error"),
     ErrorCode.CANCELLED: ErrorAnswer(499, "server_error"),
     ErrorCode.WORKER_ERROR: ErrorAnswer(502, "server_error"),
+    ErrorCode.WORKER_MISBEHAVED: ErrorAnswer(502, "server_error"),
 }
 OTHER_ERROR = ErrorAnswer(500, "server_error")
 

@@ -32,6 +32,9 @@ async def cmd_stats(message: Message, db: Database, redis: object) -> None:
                 ),
                 _("Workers online: {workers}").format(workers=s.workers_online),
                 _("Queue depth: {depth}").format(depth=depth),
+                _("Bounds crossed by workers: {flags} (latest: {workers})").format(
+                    flags=s.flags, workers=", ".join(s.flagged_workers) or "-"
+                ),
             ]
         ),
         parse_mode=None,

@@ -136,5 +136,15 @@ class Engine(abc.ABC):
     async def close(self) -> None:
         """Stop in-flight generations and free the model. Safe to call twice."""
 
+    def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int | None:
+        """How many tokens the prompt of ``messages`` is for this engine (its chat template and
+        tokenizer), or None when the engine cannot tell without running a generation.
+
+        The node calls it, from a thread of its own, for a turn stopped after some tokens whose
+        engine did not report its usage in time: the prompt was read, so it is billed too.
+        Implementations must not wait for a generation in progress. Raises EngineError.
+        """
+        return None
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} model={self.model!r} version={self.version}>"

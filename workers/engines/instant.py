@@ -47,10 +47,13 @@ class InstantEngine(Engine):
         self._closed = True
         self._started = False
 
+    def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int:
+        return sum(len(m["content"].split()) for m in messages)
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TextDelta | Usage]:
         if not self._started:
             raise EngineError("the instant engine is not started (await engine.start() first)")
-        prompt_tokens = sum(len(m["content"].split()) for m in request.messages)
+        prompt_tokens = self.count_prompt_tokens(request.messages)
         last_user = next(
             (m["content"] for m in reversed(request.messages) if m["role"] == "user"), ""
         )

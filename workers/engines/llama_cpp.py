@@ -219,6 +219,9 @@ class LlamaCppEngine(Engine):
         # The template writes any BOS itself (as llama-cpp-python's chat handler assumes).
         return llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
 
+    def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int | None:
+        return len(self.prompt_tokens(messages))
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TextDelta | Usage]:
         self._require_started()
         tokens = await asyncio.to_thread(self.prompt_tokens, request.messages)

@@ -156,6 +156,9 @@ class VLLMEngine(Engine):
             ) from error
         return list(self._tokenizer.encode(prompt, add_special_tokens=False))
 
+    def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int | None:
+        return len(self.prompt_token_ids(messages))
+
     def _engine_input(self, prompt_ids: list[int]) -> Any:
         """The prompt as vLLM takes it: rendered by the engine's renderer where it has one.
 

@@ -1,0 +1,199 @@
+"""What a worker may bill and send for one turn: the backend's own bounds, never the worker's word.
+
+A worker is trusted only for what its attestation proves; its token counts, its reply's size and
+its timing are checked here against bounds the backend computes from what it knows itself: the
+prompt it sent, the turn's ``max_tokens``, and the reply text it actually received.
+
+Billing (:func:`bill`), from the worker's signed final record:
+
+* ``prompt_tokens`` ≤ :func:`prompt_token_bound` of the messages (the backend has no tokenizer:
+  a token of byte-level BPE is at least one byte of UTF-8, plus the chat template's tokens around
+  each message and before the reply, default system prompts included) and ≤ the model's
+  ``context_length``;
+* ``completion_tokens`` ≤ ``max_tokens`` and ≤ the bytes of reply text delivered plus
+  :data:`COMPLETION_SLACK_TOKENS` plus the longest stop string of the request (tokens an honest
+  engine counts without delivering their text: the end-of-turn token, an unfinished UTF-8
+  character, text held back as the start of a stop string, the stop string itself);
+* ``cached_prompt_tokens`` ≤ the ``prompt_tokens`` billed.
+
+A count over its bound is billed at the bound, and the turn carries a :class:`Flag` for it.
+
+Replies (:class:`ReplyBounds`), from ``max_tokens``: the reply text's bytes (a token decodes to
+at most :data:`BYTES_PER_TOKEN_MAX` bytes), one chunk's bytes, the number of chunks, and the
+sealed bytes the stream reader may pull for the whole job. A worker crossing one is cut off: the
+turn is billed :func:`delivered_floor` (the fewest tokens the text delivered can be, no prompt),
+the rest of the hold goes back, and the worker is flagged.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from workers.streams import MAX_CHUNK_CHARS, StreamLimits
+from workers.wire import ChatMessage, FinalRecord
+
+__all__ = [
+    "BYTES_PER_TOKEN_MAX",
+    "COMPLETION_SLACK_TOKENS",
+    "Bill",
+    "Flag",
+    "ReplyBounds",
+    "Violation",
+    "bill",
+    "completion_token_bound",
+    "delivered_floor",
+    "prompt_token_bound",
+]
+
+MESSAGE_OVERHEAD_TOKENS = 8
+"""Chat-template tokens a message can add around its text (role markers, separators)."""
+
+PROMPT_TEMPLATE_TOKENS = 256
+"""Chat-template tokens a prompt can carry besides its messages: the reply's header and a
+default system prompt (SmolLM2's template makes a lone empty user message 30 tokens)."""
+
+COMPLETION_SLACK_TOKENS = 32
+"""Tokens an honest engine may count beyond the bytes of text it delivered (see the module)."""
+
+BYTES_PER_TOKEN_MAX = 256
+"""The most UTF-8 bytes one token's text can take (SmolLM2's longest token is 32 bytes; the
+vocabularies of large models stay well under 256)."""
+
+REPLY_BYTES_SLACK = 1024
+"""Reply bytes allowed beyond ``max_tokens`` × :data:`BYTES_PER_TOKEN_MAX`."""
+
+CHUNK_SLACK = 16
+"""Chunks allowed beyond one per token (an engine's last flush of text it held back)."""
+
+JSON_ESCAPE_MAX = 6
+"""A character of text takes at most this many bytes per byte in the sealed JSON (``\\u0001``)."""
+
+ENTRY_OVERHEAD_BYTES = 512
+"""A sealed chunk's bytes besides its text: the sealed box, the JSON fields, the stream's."""
+
+LAST_ENTRY_BYTES = 128 * 1024
+"""The most a job's last entry (its final or error record) takes, sealed."""
+
+
+class Violation(enum.StrEnum):
+    """Which bound a worker crossed (the ``kind`` of a flag)."""
+
+    PROMPT_TOKENS = "prompt_tokens"
+    COMPLETION_TOKENS = "completion_tokens"
+    REPLY_BYTES = "reply_bytes"
+    CHUNK_BYTES = "chunk_bytes"
+    CHUNKS = "chunks"
+    DEADLINE = "deadline"
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A bound a worker crossed in one turn: what it claimed or sent, and the bound."""
+
+    kind: Violation
+    claimed: int
+    bound: int
+
+
+@dataclass(frozen=True)
+class Bill:
+    """The token counts a turn is billed for, and the bounds the worker's final record crossed."""
+
+    prompt_tokens: int
+    cached_prompt_tokens: int
+    completion_tokens: int
+    flags: tuple[Flag, ...] = ()
+
+
+@dataclass(frozen=True)
+class ReplyBounds:
+    """How much reply one turn may get, from its ``max_tokens``."""
+
+    text_bytes: int  # UTF-8 bytes of the reply text, all chunks together
+    chunk_bytes: int  # UTF-8 bytes of one chunk's text
+    chunks: int  # text chunks
+    sealed_bytes: int  # the job's sealed stream entries together, as the reader pulls them
+    sealed_entry_bytes: int  # one sealed stream entry
+
+    @classmethod
+    def for_max_tokens(cls, max_tokens: int) -> ReplyBounds:
+        text = max_tokens * BYTES_PER_TOKEN_MAX + REPLY_BYTES_SLACK
+        chunk = min(text, MAX_CHUNK_CHARS * 4)
+        chunks = max_tokens + CHUNK_SLACK + text // MAX_CHUNK_CHARS + 1
+        return cls(
+            text_bytes=text,
+            chunk_bytes=chunk,
+            chunks=chunks,
+            sealed_bytes=JSON_ESCAPE_MAX * text + chunks * ENTRY_OVERHEAD_BYTES + LAST_ENTRY_BYTES,
+            sealed_entry_bytes=max(
+                JSON_ESCAPE_MAX * chunk + ENTRY_OVERHEAD_BYTES, LAST_ENTRY_BYTES
+            ),
+        )
+
+    def stream_limits(self, deadline: float | None) -> StreamLimits:
+        """What the stream reader accepts for one job of the turn (its chunks and last entry)."""
+        return StreamLimits(
+            total_bytes=self.sealed_bytes,
+            entry_bytes=self.sealed_entry_bytes,
+            entries=self.chunks + 1,
+            deadline=deadline,
+        )
+
+
+def prompt_token_bound(messages: Sequence[ChatMessage]) -> int:
+    """An upper bound on the prompt's tokens without a tokenizer: byte-level BPE tokens are at
+    least one byte each, plus the chat template's tokens around each message and the prompt."""
+    return (
+        sum(len(m.content.encode()) + MESSAGE_OVERHEAD_TOKENS for m in messages)
+        + PROMPT_TEMPLATE_TOKENS
+    )
+
+
+def completion_token_bound(max_tokens: int, delivered_bytes: int, stop: Sequence[str]) -> int:
+    """The most completion tokens a reply of ``delivered_bytes`` bytes of text can have cost."""
+    longest_stop = max((len(s.encode()) for s in stop), default=0)
+    return min(max_tokens, delivered_bytes + COMPLETION_SLACK_TOKENS + longest_stop)
+
+
+def delivered_floor(delivered_bytes: int, max_tokens: int) -> int:
+    """The fewest tokens ``delivered_bytes`` bytes of text can be: what a turn cut off for
+    crossing a bound is billed (its prompt is not billed)."""
+    return min(max_tokens, -(-delivered_bytes // BYTES_PER_TOKEN_MAX))
+
+
+def bill(
+    final: FinalRecord,
+    *,
+    messages: Sequence[ChatMessage],
+    stop: Sequence[str],
+    max_tokens: int,
+    context_length: int,
+    delivered_bytes: int,
+) -> Bill:
+    """The counts to bill for ``final``: each at most its bound (see the module)."""
+    flags: list[Flag] = []
+
+    def bounded(kind: Violation, claimed: int, bound: int) -> int:
+        if claimed <= bound:
+            return claimed
+        flags.append(Flag(kind, claimed, bound))
+        return bound
+
+    prompt = bounded(
+        Violation.PROMPT_TOKENS,
+        final.prompt_tokens,
+        min(prompt_token_bound(messages), context_length),
+    )
+    completion = bounded(
+        Violation.COMPLETION_TOKENS,
+        final.completion_tokens,
+        completion_token_bound(max_tokens, delivered_bytes, stop),
+    )
+    return Bill(
+        prompt_tokens=prompt,
+        cached_prompt_tokens=min(final.cached_prompt_tokens, prompt),
+        completion_tokens=completion,
+        flags=tuple(flags),
+    )

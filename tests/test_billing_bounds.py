@@ -1,0 +1,660 @@
+"""The backend bounds every bill and every reply (issue 12, items 2, 4 and 7).
+
+A worker that lies (``tests/support/rogue.py``: registered with keys of its own, its records
+sealed and signed with them, written straight into Redis) is billed at the bounds, cut off when
+its reply is too large, too fragmented or too slow, and flagged: a metric, a row the operator
+sees in ``/stats``, its provider told once. Honest workers (the instant engine and the real
+SmolLM2 model) are billed exactly their signed usage. A turn whose engine misses the stop grace
+is billed its prompt too. Real Redis, real RQ queues, the real ledger on SQLite (the flags on
+PostgreSQL too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tracemalloc
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry
+from rq.job import Job
+from rq.serializers import JSONSerializer
+from sqlalchemy import select
+
+from backend import account
+from backend.bounds import (
+    COMPLETION_SLACK_TOKENS,
+    Flag,
+    ReplyBounds,
+    Violation,
+    bill,
+    delivered_floor,
+    prompt_token_bound,
+)
+from backend.db import Database
+from backend.dispatch import Dispatcher, Turn, TurnDone, TurnError, TurnRequest, TurnText
+from backend.flags import record_flags
+from backend.ledger import Ledger
+from backend.metrics import TurnMetrics
+from backend.models import TonNotification, WorkerFlag
+from backend.pricing import turn_cost
+from backend.settings import DEFAULT_MODEL, Settings
+from backend.users import get_or_create_user
+from bot.i18n import use_language
+from bot.outbox import render
+from tests.support.bot import ADMIN
+from tests.support.bot import Harness as BotHarness
+from tests.support.env import require_module
+from tests.support.ops import InstantNode
+from tests.support.rogue import RogueWorker
+from tests.support.turns import TON, Node, cancel_after, dev_stack, funded_user, open_holds
+from workers import job_run, registry, streams
+from workers.engines import GenerationRequest, TextDelta, Usage
+from workers.engines.instant import InstantEngine
+from workers.jobs import enqueue_job
+from workers.wire import (
+    ChatMessage,
+    FinalRecord,
+    JobRequest,
+    WorkerKeys,
+    new_reply_keypair,
+    open_event,
+    public_b64,
+    seal_request,
+)
+
+# -- harness ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    dispatcher: Dispatcher
+    ledger: Ledger
+    settings: Settings
+    metrics: CollectorRegistry
+
+    def flagged(self, kind: str) -> float:
+        """How many times the metric counted ``kind``."""
+        value = self.metrics.get_sample_value(
+            "cocoon_worker_flags_total", {"model": DEFAULT_MODEL, "kind": kind}
+        )
+        return value or 0.0
+
+    def cost(self, prompt: int, cached: int, completion: int) -> int:
+        return turn_cost(
+            self.settings.models[DEFAULT_MODEL],
+            prompt_tokens=prompt,
+            cached_prompt_tokens=cached,
+            completion_tokens=completion,
+        )
+
+    async def flags(self) -> set[tuple[str, str, int, int]]:
+        async with self.ledger.db.session() as session:
+            rows = await session.scalars(select(WorkerFlag))
+            return {(r.worker_id, r.kind, r.claimed, r.bound) for r in rows}
+
+    async def notifications(self, user_id: int) -> list[TonNotification]:
+        async with self.ledger.db.session() as session:
+            query = select(TonNotification).where(TonNotification.user_id == user_id)
+            return list(await session.scalars(query))
+
+
+@pytest.fixture
+async def stack(settings: Settings, redis_url: str) -> AsyncIterator[Stack]:
+    async with dev_stack(settings, redis_url, first_token_timeout_s=60, idle_timeout_s=60) as (
+        dispatcher,
+        ledger,
+    ):
+        metrics = CollectorRegistry()
+        dispatcher.metrics = TurnMetrics(metrics)
+        yield Stack(dispatcher, ledger, dispatcher.settings, metrics)
+
+
+@pytest.fixture
+async def rogues(redis_url: str) -> AsyncIterator[Callable[..., RogueWorker]]:
+    made: list[RogueWorker] = []
+
+    def make(**kw: object) -> RogueWorker:
+        rogue = RogueWorker(redis_url, **kw)  # type: ignore[arg-type]
+        made.append(rogue)
+        return rogue
+
+    yield make
+    for rogue in made:
+        await rogue.close()
+
+
+@pytest.fixture
+def nodes() -> Iterator[list[InstantNode | Node]]:
+    started: list[InstantNode | Node] = []
+    yield started
+    for node in started:
+        node.stop()
+
+
+def ask(user_id: int, text: str, max_tokens: int, **kw: object) -> TurnRequest:
+    return TurnRequest(
+        user_id=user_id,
+        model=DEFAULT_MODEL,
+        messages=[ChatMessage(role="user", content=text)],
+        max_tokens=max_tokens,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+@dataclass
+class Ending:
+    """What a client saw of a turn: the text, and the final event or the error."""
+
+    text: str
+    done: TurnDone | None
+    error: TurnError | None
+
+
+async def read_turn(turn: Turn, on_text: Callable[[str], Awaitable[None]] | None = None) -> Ending:
+    parts: list[str] = []
+    try:
+        async for event in turn.events():
+            if isinstance(event, TurnText):
+                parts.append(event.text)
+                if on_text is not None:
+                    await on_text(event.text)
+            else:
+                return Ending("".join(parts), event, None)
+    except TurnError as error:
+        return Ending("".join(parts), None, error)
+    raise AssertionError("the turn ended without a final event or an error")
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not await check():
+        assert loop.time() < deadline, "the condition never came true"
+        await asyncio.sleep(0.02)
+
+
+class FakeClock:
+    """The dispatcher's clock (deadlines, timeouts), moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# -- the bounds themselves -------------------------------------------------------------------
+
+
+def final(prompt: int, completion: int, cached: int = 0) -> FinalRecord:
+    return FinalRecord(
+        job_id="j-1",
+        prompt_tokens=prompt,
+        cached_prompt_tokens=cached,
+        completion_tokens=completion,
+        finish_reason="stop",
+    )
+
+
+def test_counts_within_the_bounds_are_billed_as_signed() -> None:
+    messages = [ChatMessage(role="user", content="Name three colors.")]
+    billed = bill(
+        final(31, 9, cached=12),
+        messages=messages,
+        stop=(),
+        max_tokens=24,
+        context_length=2048,
+        delivered_bytes=20,
+    )
+    assert (billed.prompt_tokens, billed.cached_prompt_tokens, billed.completion_tokens) == (
+        31,
+        12,
+        9,
+    )
+    assert billed.flags == ()
+
+
+def test_each_count_over_its_bound_is_billed_at_the_bound() -> None:
+    messages = [ChatMessage(role="user", content="hi")]  # 2 bytes
+    billed = bill(
+        final(10_000_000, 512, cached=10_000_000),
+        messages=messages,
+        stop=("END-OF-IT",),  # 9 bytes the engine counts but never delivers
+        max_tokens=512,
+        context_length=2048,
+        delivered_bytes=3,
+    )
+    prompt_bound = prompt_token_bound(messages)
+    assert prompt_bound < 2048
+    assert billed.prompt_tokens == prompt_bound
+    assert billed.cached_prompt_tokens == prompt_bound  # never more than the prompt billed
+    assert billed.completion_tokens == 3 + COMPLETION_SLACK_TOKENS + 9
+    assert billed.flags == (
+        Flag(Violation.PROMPT_TOKENS, 10_000_000, prompt_bound),
+        Flag(Violation.COMPLETION_TOKENS, 512, 3 + COMPLETION_SLACK_TOKENS + 9),
+    )
+    # The context length bounds a prompt too, and max_tokens a completion.
+    long = [ChatMessage(role="user", content="x" * 5000)]
+    billed = bill(
+        final(4000, 100),
+        messages=long,
+        stop=(),
+        max_tokens=16,
+        context_length=2048,
+        delivered_bytes=10_000,
+    )
+    assert (billed.prompt_tokens, billed.completion_tokens) == (2048, 16)
+
+
+def test_a_reply_of_max_tokens_1_may_be_a_few_kilobytes_never_megabytes() -> None:
+    bounds = ReplyBounds.for_max_tokens(1)
+    assert bounds.text_bytes < 2_000 and bounds.chunks < 20
+    assert bounds.sealed_bytes < 200_000
+    assert (
+        delivered_floor(0, 1) == 0 and delivered_floor(1, 1) == 1 and delivered_floor(10**6, 1) == 1
+    )
+    assert delivered_floor(257, 100) == 2
+
+
+# -- a worker that lies about its usage -------------------------------------------------------
+
+
+async def test_an_inflated_final_record_is_billed_at_the_bound_and_the_worker_flagged(
+    stack: Stack, rogues: Callable[..., RogueWorker]
+) -> None:
+    ledger = stack.ledger
+    provider = await funded_user(ledger, 800, amount=0)
+    user = await funded_user(ledger, 801)
+    rogue = rogues(provider_id=provider)
+    request = ask(user, "Say hi", max_tokens=512)
+
+    turn = await stack.dispatcher.start_turn(request)
+    job = await rogue.take()
+    await rogue.chunk(job, "Hi!")
+    # A one-token reply, billed as ten million prompt tokens of a 2,048-token model and the
+    # whole reply budget.
+    await rogue.final(job, prompt_tokens=10_000_000, completion_tokens=512)
+    seen = await read_turn(turn)
+
+    assert seen.error is None and seen.done is not None and seen.text == "Hi!"
+    prompt_bound = prompt_token_bound(request.messages)
+    completion_bound = len(b"Hi!") + COMPLETION_SLACK_TOKENS
+    done = seen.done
+    assert (done.prompt_tokens, done.completion_tokens) == (prompt_bound, completion_bound)
+    expected = stack.cost(prompt_bound, 0, completion_bound)
+    assert done.cost == expected
+    assert (await ledger.balances(user)).available == TON - expected
+    share = expected * stack.settings.provider_share_bps // 10_000
+    assert (await ledger.balances(provider)).earned == share
+    assert not await open_holds(ledger)
+    assert (await ledger.audit()).ok
+
+    # Flagged: a row per bound crossed, the metric, the provider told.
+    assert await stack.flags() == {
+        (rogue.worker_id, "prompt_tokens", 10_000_000, prompt_bound),
+        (rogue.worker_id, "completion_tokens", 512, completion_bound),
+    }
+    assert stack.flagged("prompt_tokens") == 1 and stack.flagged("completion_tokens") == 1
+    told = await stack.notifications(provider)
+    assert [n.kind for n in told] == [account.NOTIFY_WORKER_FLAGGED]
+    with use_language("en"):
+        text = render(told[0], None)
+    assert rogue.worker_id in text and "prompt_tokens" in text and "10000000" in text
+
+    # Again: billed at the bound again, counted again, but the provider is told only once.
+    turn = await stack.dispatcher.start_turn(ask(user, "Say hi", max_tokens=512))
+    job = await rogue.take()
+    await rogue.chunk(job, "Hi!")
+    await rogue.final(job, prompt_tokens=10_000_000, completion_tokens=512)
+    again = await read_turn(turn)
+    assert again.done is not None and again.done.cost == expected
+    assert stack.flagged("prompt_tokens") == 2
+    assert len(await stack.notifications(provider)) == 1
+
+    # The operator sees it in /stats.
+    stats = await account.stats(ledger.db, stack.dispatcher.redis)
+    assert stats.flags == 4 and stats.flagged_workers == (rogue.worker_id,)
+
+
+# -- a worker that sends too much, too often, or too slowly ---------------------------------------
+
+
+def oversized_chunk(job_id: str, size: int) -> bytes:
+    """A chunk's JSON carrying ``size`` bytes of text: past the wire's own limit, as a modified
+    node may write it."""
+    text = json.dumps({"v": 1, "type": "chunk", "job_id": job_id, "seq": 0, "text": "x" * size})
+    return text.encode()
+
+
+FLOODS = {
+    # name: (how the rogue floods the stream, the bound crossed, text bytes received)
+    "one 32 MB entry": ("entry", Violation.CHUNK_BYTES, 0),
+    "32 chunks of 1 MB": ("megabytes", Violation.CHUNK_BYTES, 0),
+    "1 kB chunks": ("kilobytes", Violation.REPLY_BYTES, 1000),
+    "a hundred 1-byte chunks": ("bytes", Violation.CHUNKS, ReplyBounds.for_max_tokens(1).chunks),
+}
+
+
+@pytest.mark.parametrize("name", FLOODS)
+async def test_a_flood_to_max_tokens_1_is_cut_off_at_its_bound_without_reading_it(
+    stack: Stack, rogues: Callable[..., RogueWorker], name: str
+) -> None:
+    how, violation, delivered = FLOODS[name]
+    ledger = stack.ledger
+    provider = await funded_user(ledger, 810, amount=0)
+    user = await funded_user(ledger, 811)
+    rogue = rogues(provider_id=provider)
+    turn = await stack.dispatcher.start_turn(ask(user, "One word please", max_tokens=1))
+    job = await rogue.take()
+    if how == "entry":
+        await rogue.raw_entry(job, oversized_chunk(job.job_id, 32 * 1024 * 1024))
+    elif how == "megabytes":
+        for _ in range(32):
+            await rogue.chunk(job, "x" * 1_000_000)
+    elif how == "kilobytes":
+        for _ in range(64):
+            await rogue.chunk(job, "y" * 1000)
+    else:
+        for _ in range(100):
+            await rogue.chunk(job, "z")
+    await rogue.final(job, prompt_tokens=5, completion_tokens=1)
+    stream_bytes = await rogue.redis.memory_usage(streams.stream_key(job.job_id))
+
+    tracemalloc.start()
+    try:
+        seen = await read_turn(turn)
+        _now, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert seen.error is not None and seen.error.code == "worker_misbehaved"
+    assert seen.done is None and len(seen.text.encode()) == delivered
+    # The reader stopped at the bound: what it pulled is the turn's budget, not the flood.
+    assert stream_bytes > 30_000_000 or how in ("kilobytes", "bytes")
+    assert turn._reader is not None and turn._reader.bytes_read <= turn.bounds.sealed_bytes
+    assert peak < 4_000_000
+    # Billed only what was delivered within the bounds (the fewest tokens it can be).
+    charged = stack.cost(0, 0, delivered_floor(delivered, 1))
+    assert (await ledger.balances(user)).available == TON - charged
+    assert not await open_holds(ledger) and (await ledger.audit()).ok
+    assert {kind for _w, kind, _c, _b in await stack.flags()} == {violation.value}
+    assert stack.flagged(violation.value) == 1
+    # The job was told to stop, its slot given back, its stream dropped.
+    assert await streams.is_cancel_requested(stack.dispatcher.redis, job.job_id)
+    assert not await stack.dispatcher.redis.exists(streams.stream_key(job.job_id))
+    assert await registry.reserve_slot(
+        stack.dispatcher.redis, rogue.worker_id, "probe", ttl_s=5
+    )  # capacity 4, nothing left reserved but the probe
+
+
+async def test_a_trickling_worker_is_cut_off_at_the_absolute_deadline(
+    stack: Stack, rogues: Callable[..., RogueWorker]
+) -> None:
+    dispatcher, ledger = stack.dispatcher, stack.ledger
+    clock = FakeClock()
+    dispatcher.clock = clock
+    dispatcher.first_token_timeout_s = 60
+    dispatcher.idle_timeout_s = 60
+    # The job may wait 60 s for its worker, run 600 s, and end 30 s late at most: 690 s.
+    allowed = 60 + dispatcher.job_timeout_s + dispatcher.deadline_grace_s
+    user = await funded_user(ledger, 821)
+    rogue = rogues()
+    turn = await dispatcher.start_turn(ask(user, "Tell me a long story", max_tokens=2048))
+    job = await rogue.take()
+
+    received: list[str] = []
+    arrived = asyncio.Event()
+
+    async def on_text(text: str) -> None:
+        received.append(text)
+        arrived.set()
+
+    reading = asyncio.create_task(read_turn(turn, on_text))
+    elapsed = 0.0
+    while elapsed <= allowed:  # one word every 59 s: never idle for the 60 s idle timeout
+        arrived.clear()
+        await rogue.chunk(job, f"word{len(received)} ")
+        await asyncio.wait_for(arrived.wait(), 10)
+        clock.now += 59
+        elapsed += 59
+    seen = await asyncio.wait_for(reading, 10)
+
+    assert seen.error is not None and seen.error.code == "worker_misbehaved"
+    assert len(received) == 12  # 11 × 59 s = 649 s < 690 s < 708 s = 12 × 59 s
+    delivered = len("".join(received).encode())
+    charged = stack.cost(0, 0, delivered_floor(delivered, 2048))
+    assert (await ledger.balances(user)).available == TON - charged
+    assert not await open_holds(ledger) and (await ledger.audit()).ok
+    ((_worker, kind, claimed, bound),) = await stack.flags()
+    assert (kind, bound) == ("deadline", allowed) and claimed > bound
+    assert await streams.is_cancel_requested(dispatcher.redis, job.job_id)
+
+
+async def test_a_flood_after_the_client_left_is_cut_off_in_the_background(
+    stack: Stack, rogues: Callable[..., RogueWorker]
+) -> None:
+    ledger = stack.ledger
+    user = await funded_user(ledger, 831)
+    rogue = rogues()
+    turn = await stack.dispatcher.start_turn(ask(user, "Hello there", max_tokens=4))
+    job = await rogue.take()
+    await rogue.chunk(job, "Hello")
+    async for event in turn.events():
+        assert isinstance(event, TurnText)
+        break  # the client walks away after the first words
+    for _ in range(8):
+        await rogue.chunk(job, "x" * 1_000_000)
+
+    async def settled_and_flagged() -> bool:
+        return not await open_holds(ledger) and bool(await stack.flags())
+
+    await eventually(settled_and_flagged)
+    assert {kind for _w, kind, _c, _b in await stack.flags()} == {"chunk_bytes"}
+    # The settling task picked up where the client stopped: the 5 bytes it had were billed.
+    charged = stack.cost(0, 0, delivered_floor(5, 4))
+    assert (await ledger.balances(user)).available == TON - charged
+    assert (await ledger.audit()).ok
+
+
+# -- honest workers are billed exactly what they signed -----------------------------------------
+
+
+@pytest.mark.slow
+async def test_an_honest_instant_worker_is_billed_exactly_its_usage(
+    stack: Stack, nodes: list[InstantNode | Node], redis_url: str
+) -> None:
+    ledger = stack.ledger
+    provider = await funded_user(ledger, 840, amount=0)
+    user = await funded_user(ledger, 841)
+    nodes.append(InstantNode(redis_url, provider_id=provider))
+
+    turn = await stack.dispatcher.start_turn(ask(user, "one two three four five", max_tokens=3))
+    seen = await read_turn(turn)
+
+    assert seen.done is not None and seen.text == "one two three"
+    done = seen.done
+    # The instant engine's tokens are words: 5 in the prompt, 3 echoed.
+    assert (done.prompt_tokens, done.cached_prompt_tokens, done.completion_tokens) == (5, 0, 3)
+    assert done.cost == stack.cost(5, 0, 3)
+    assert (await ledger.balances(user)).available == TON - done.cost
+    assert await stack.flags() == set()
+
+
+@pytest.mark.engine
+async def test_an_honest_smollm2_turn_is_billed_exactly_its_signed_usage(
+    stack: Stack, nodes: list[InstantNode | Node], redis_url: str
+) -> None:
+    """A lone "hi" is 31 tokens for SmolLM2 (its template adds a system prompt): more than the
+    old prompt bound (26), within the new one."""
+    require_module("llama_cpp")
+    from workers.engines.llama_cpp import LlamaCppEngine
+
+    ledger = stack.ledger
+    user = await funded_user(ledger, 851)
+    nodes.append(Node(redis_url))
+    asks = ["hi", "Count from one to twenty.", "Write a long poem about the sea."]
+
+    ends = []
+    for text in asks[:2]:
+        ends.append(await read_turn(await stack.dispatcher.start_turn(ask(user, text, 48))))
+    # Stopped after two chunks: the engine ends between two tokens, with text held back.
+    turn = await stack.dispatcher.start_turn(ask(user, asks[2], 200))
+    stopped = await cancel_after(turn, 2)
+    assert stopped is not None and stopped.finish_reason == "cancelled"
+
+    engine = LlamaCppEngine(DEFAULT_MODEL, n_threads=1)
+    await engine.start()
+    try:
+        prompts = [engine.count_prompt_tokens([{"role": "user", "content": t}]) for t in asks]
+    finally:
+        await engine.close()
+    assert prompts[0] is not None and prompts[0] > 26
+    for done, prompt in zip([e.done for e in ends] + [stopped], prompts, strict=True):
+        assert done is not None
+        assert done.prompt_tokens == prompt
+        assert 0 < done.completion_tokens <= 200
+        assert done.cost == stack.cost(
+            done.prompt_tokens, done.cached_prompt_tokens, done.completion_tokens
+        )
+    assert all(e.text.strip() for e in ends)
+    assert await stack.flags() == set()
+    assert stack.flagged("completion_tokens") == 0 and stack.flagged("prompt_tokens") == 0
+    assert not await open_holds(ledger) and (await ledger.audit()).ok
+
+
+# -- a stopped turn bills what was used ----------------------------------------------------------
+
+
+class DeafEngine(InstantEngine):
+    """An engine that streams a few words, then hangs, deaf to the stop signal (a wedged GPU
+    kernel): the node must cancel it and count the usage itself."""
+
+    name = "deaf"
+
+    async def generate(self, request: GenerationRequest):  # type: ignore[override]
+        for word in ("one", " two", " three"):
+            yield TextDelta(word)
+        await asyncio.Event().wait()
+        yield Usage(0, 0, 0, "stop")  # never reached
+
+
+async def test_a_turn_whose_engine_misses_the_stop_grace_bills_its_prompt_too(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(job_run, "STOP_GRACE_S", 0.05)
+    sync = redis.Redis.from_url(redis_url)
+    aredis = aioredis.Redis.from_url(redis_url)
+    keys = WorkerKeys.generate()
+    reply_key = new_reply_keypair()
+    messages = [
+        ChatMessage(role="system", content="You answer in three words."),
+        ChatMessage(role="user", content="Name the first three numbers, please."),
+    ]
+    request = JobRequest(
+        job_id="deaf-1",
+        model="echo",
+        messages=messages,
+        max_tokens=50,
+        reply_key=public_b64(reply_key),
+    )
+    enqueue_job(sync, "deaf", request.job_id, seal_request(request, keys.box_public_b64),
+                timeout_s=60, ttl_s=60)  # fmt: skip
+    job = Job.fetch(request.job_id, connection=sync, serializer=JSONSerializer)
+    engine = DeafEngine("echo")
+    await engine.start()
+    run = job_run.JobRun(job, engine=engine, keys=keys, redis=aredis)
+    try:
+        running = asyncio.create_task(run.run())
+
+        async def streamed() -> bool:
+            return run.deltas == 3
+
+        await eventually(streamed)
+        run.stop("cancel")  # the user pressed stop; the engine does not hear it
+        outcome = await asyncio.wait_for(running, 10)
+        entries = await aredis.xrange(streams.stream_key(request.job_id))
+    finally:
+        sync.close()
+        await aredis.aclose()
+
+    last = open_event(entries[-1][1][b"d"], reply_key, keys.verify_key_b64)
+    assert isinstance(last, FinalRecord) and last.finish_reason == "cancelled"
+    # The prompt was read (three words came of it): billed, as the engine counts it.
+    prompt = engine.count_prompt_tokens([m.model_dump() for m in messages])
+    assert prompt == 11
+    assert (last.prompt_tokens, last.completion_tokens) == (prompt, 3)
+    assert outcome.ok and outcome.usage is not None and outcome.usage.prompt_tokens == prompt
+
+
+# -- flags on both databases -------------------------------------------------------------------
+
+
+async def test_flags_are_kept_once_per_turn_and_kind_and_the_provider_told_once(
+    db: Database,
+) -> None:
+    provider = (await get_or_create_user(db, 860)).id
+    crossed = [Flag(Violation.REPLY_BYTES, 300_000_000, 1280), Flag(Violation.DEADLINE, 700, 690)]
+    assert (
+        await record_flags(
+            db, crossed, worker_id="w-1", provider_id=provider, turn_id="t-1", model="m"
+        )
+        == 2
+    )
+    # The same turn reported twice (a retry of the recording): nothing new.
+    assert (
+        await record_flags(
+            db, crossed, worker_id="w-1", provider_id=provider, turn_id="t-1", model="m"
+        )
+        == 0
+    )
+    assert (
+        await record_flags(
+            db, crossed[:1], worker_id="w-1", provider_id=provider, turn_id="t-2", model="m"
+        )
+        == 1
+    )
+    assert (
+        await record_flags(
+            db, crossed[:1], worker_id="w-2", provider_id=None, turn_id="t-3", model="m"
+        )
+        == 1
+    )
+    async with db.session() as session:
+        rows = list(await session.scalars(select(WorkerFlag).order_by(WorkerFlag.id)))
+        told = list(await session.scalars(select(TonNotification)))
+    assert [(r.worker_id, r.turn_id, r.kind) for r in rows] == [
+        ("w-1", "t-1", "reply_bytes"),
+        ("w-1", "t-1", "deadline"),
+        ("w-1", "t-2", "reply_bytes"),
+        ("w-2", "t-3", "reply_bytes"),
+    ]
+    assert [(n.user_id, n.kind) for n in told] == [(provider, account.NOTIFY_WORKER_FLAGGED)]
+    assert json.loads(told[0].data or "{}") == {
+        "worker_id": "w-1",
+        "kind": "reply_bytes",
+        "claimed": 300_000_000,
+        "bound": 1280,
+    }
+
+
+async def test_the_admin_sees_the_flags_in_stats_and_the_provider_is_told_in_the_bot(
+    bot: BotHarness,
+) -> None:
+    provider = (await get_or_create_user(bot.db, 870)).id
+    crossed = [Flag(Violation.COMPLETION_TOKENS, 512, 35)]
+    for worker, owner, turn in (("w-1", provider, "t-1"), ("w-2", None, "t-2")):
+        await record_flags(
+            bot.db, crossed, worker_id=worker, provider_id=owner, turn_id=turn, model="m"
+        )
+
+    await bot.send("/stats", user=ADMIN)
+    assert "Bounds crossed by workers: 2 (latest: w-2, w-1)" in bot.last().text
+    assert await bot.app.outbox.drain_once() == 1
+    told = bot.last()
+    assert told.chat_id == 870
+    assert "Worker w-1 went beyond what a turn allows (completion_tokens: 512 > 35)" in told.text
