@@ -178,7 +178,7 @@ def test_the_redis_acl_file_lets_the_operator_in_and_no_one_else(tmp_path: Path)
     )  # fmt: skip
     try:
         operator = redis.Redis(port=port, username="cocoon", password="s3cret")
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60  # an upper bound on redis-server's start
         while True:
             try:
                 assert operator.ping()
