@@ -149,6 +149,14 @@ class Dispatcher:
         # A turn's absolute deadline: read from this clock, after the job timeout and this grace.
         self.clock: Callable[[], float] = time.monotonic
         self.deadline_grace_s = DEADLINE_GRACE_S
+        # The registry as of its last read: no turn reads the worker index itself.
+        # `cocoon web` refreshes it in the background (workers.start()).
+        self.workers = registry.WorkerSnapshot(
+            redis_async,
+            refresh_s=settings.worker_snapshot_s,
+            default_capacity=settings.attestation.default_capacity,
+            limit=settings.max_workers,
+        )
 
     @classmethod
     def from_settings(cls, settings: Settings, ledger: Ledger) -> Dispatcher:
@@ -180,6 +188,7 @@ class Dispatcher:
         """Wait for turns whose client left to finish settling, then close the connections."""
         if self._background:
             await asyncio.wait(self._background, timeout=self.idle_timeout_s + 5)
+        await self.workers.close()
         await self.redis.aclose(close_connection_pool=True)
         self.redis_sync.close()
 
@@ -295,6 +304,7 @@ class Turn:
             slot_ttl_s=self.d.queue_ttl_s + self.d.job_timeout_s,
             # Attested workers always; unattested (directly registered) ones only in dev mode.
             attested_only=not self.d.settings.attestation.allow_dev,
+            snapshot=self.d.workers,
         )
         if worker is None:
             raise TurnError(

@@ -128,6 +128,12 @@ class Settings(BaseSettings):
     hold_timeout_s: int = Field(
         default=900, gt=0, description="a hold still open after this is released by the sweeper"
     )
+    worker_snapshot_s: float = Field(
+        default=1.0, gt=0, le=60, description="how often the dispatcher re-reads the registry"
+    )
+    max_workers: int = Field(
+        default=10_000, ge=1, le=1_000_000, description="worker index entries read, at most"
+    )
     stop_grace_s: float = Field(
         default=8.0, gt=0, le=3600, description="seconds a process takes to stop after SIGTERM"
     )

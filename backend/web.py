@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 import miniapp
 from backend import appkeys, metrics, openai_api, sweeper
 from backend.attestation import onboarding
 from backend.db import Database
 from backend.dispatch import Dispatcher
+from backend.errors import CocoonError, ErrorCode
 from backend.ledger import Ledger
+from backend.openai_api import protocol as openai_protocol
 from backend.settings import Settings
 from bot import webhook as bot_webhook
 from workers.lifecycle import (
@@ -22,6 +27,31 @@ from workers.lifecycle import (
     cancel_and_wait,
     run_command,
 )
+
+log = logging.getLogger("cocoon.web")
+
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError)
+
+
+@web.middleware
+async def redis_unavailable(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """A request that meets Redis unreachable (a restart, a failover, a network cut) is a 503
+    with a JSON error, never a 500: nothing was done, and the client may try again. (The Mini
+    App's API and onboarding answer the same in their own shapes.)"""
+    try:
+        return await handler(request)
+    except REDIS_DOWN as error:
+        log.warning("%s %s: Redis unreachable (%s)", request.method, request.path, error)
+        refusal = CocoonError(
+            ErrorCode.INTERNAL,
+            "Redis cannot be reached right now (restarting or failing over): nothing was done "
+            "and nothing was charged; try again in a few seconds",
+        )
+        return web.json_response(
+            openai_protocol.error_body(refusal), status=503, headers={"Retry-After": "2"}
+        )
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -45,6 +75,7 @@ def _database_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterat
         app[appkeys.DATABASE] = db
         app[appkeys.LEDGER] = ledger
         app[appkeys.DISPATCHER] = dispatcher
+        dispatcher.workers.start()  # the registry is read here, never on a request's path
         yield
         # Stopping: turns whose client left (cancelled handlers) settle, or their holds are
         # released, within their share of the grace period.
@@ -56,7 +87,7 @@ def _database_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterat
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application()
+    app = web.Application(middlewares=[redis_unavailable])
     app[appkeys.SETTINGS] = settings
     app.cleanup_ctx.append(_database_ctx(settings))
     app.cleanup_ctx.append(sweeper.sweeper_ctx(settings))  # releases holds of dead turns

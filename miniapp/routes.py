@@ -13,6 +13,8 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from backend import appkeys
 from backend.dispatch import TurnDone, TurnError, TurnText
@@ -152,6 +154,12 @@ async def api_errors(
         return error_response(_request_language(request), code, values, status=error.status)
     except ConnectionResetError:
         raise  # the client went away: nobody to answer
+    except (RedisConnectionError, RedisTimeoutError) as error:
+        # Redis restarting or failing over: nothing was done, try again (503, never 500).
+        log.warning(
+            "mini app API: %s %s: Redis unreachable (%s)", request.method, request.path, error
+        )
+        return error_response(_request_language(request), ErrorCode.INTERNAL, status=503)
     except Exception:
         # A bug or an outage (database down): a readable JSON error, the details in the log
         # (never a request body: it may hold a chat message).

@@ -55,7 +55,6 @@ async def test_a_worker_touches_its_own_jobs_and_streams_only(
         a.xadd(streams.stream_key(f"{A}_t1-1"), {"d": b"sealed"})
         assert a.get(streams.cancel_key(f"{A}_t1-1")) == b"1"
         a.hset(registry.worker_key(A), "load", 1)
-        a.zadd(registry.INDEX_KEY, {A: 1})
 
         # Another worker's: its queue, its jobs, its streams, its registry entry.
         for denied in (
@@ -87,15 +86,53 @@ async def test_a_worker_touches_its_own_jobs_and_streams_only(
                 denied()
         assert await admin.llen(qb) == 1 and await admin.exists(f"rq:job:{B}_t2-1")
 
-        # What RQ's layout leaves shared, as documented: the worker index and RQ's worker set.
-        a.zadd(registry.INDEX_KEY, {B: 1})
-        a.zrem(registry.INDEX_KEY, B)
-        a.sadd("rq:workers", f"rq:worker:{B}")
-        a.srem("rq:workers", f"rq:worker:{B}")
-        assert a.zrange(registry.INDEX_KEY, 0, -1) == [A.encode()]
+        # No shared key at all: not the worker index, not slots (its own neither: they are the
+        # backend's count of its load), not RQ's global worker set.
+        await admin.zadd(registry.INDEX_KEY, {A: 1, B: 1})
+        for denied in (
+            lambda: a.zadd(registry.INDEX_KEY, {"w-cccccccccccccccc": 1}),
+            lambda: a.zrem(registry.INDEX_KEY, B),
+            lambda: a.zrange(registry.INDEX_KEY, 0, -1),
+            lambda: a.delete(registry.INDEX_KEY),
+            lambda: a.zadd(registry.slots_key(A), {"x": 1}),
+            lambda: a.zrem(registry.slots_key(A), "x"),
+            lambda: a.sadd("rq:workers", f"rq:worker:{B}"),
+            lambda: a.srem("rq:workers", f"rq:worker:{B}"),
+            lambda: a.set("rq:suspended", 1),
+        ):
+            with pytest.raises(NoPermissionError):
+                denied()
+        assert await admin.zrange(registry.INDEX_KEY, 0, -1) == [A.encode(), B.encode()]
         assert a.get("rq:suspended") is None  # read-only
-        with pytest.raises(NoPermissionError):
-            a.set("rq:suspended", 1)
+    finally:
+        a.close()
+
+
+async def test_a_worker_runs_no_script_and_stays_in_its_database(
+    admin: aioredis.Redis, redis_url: str
+) -> None:
+    a = await login(admin, redis_url, A)
+    db = acl._db(admin)
+    other = 1 if db != 1 else 2
+    script = "while true do end"  # what froze the server for everyone: BUSY
+    try:
+        for denied in (
+            lambda: a.eval(script, 0),
+            lambda: a.eval("return 1", 0),
+            lambda: a.evalsha("a" * 40, 0),
+            lambda: a.script_load("return 1"),
+            lambda: a.execute_command("SCRIPT", "KILL"),
+            lambda: a.execute_command("FUNCTION", "LIST"),
+            lambda: a.execute_command("FCALL", "f", 0),
+            lambda: a.execute_command("SELECT", other),
+            lambda: a.execute_command("SELECT", 0 if db else 3),
+            lambda: a.execute_command("SWAPDB", db, other),
+            lambda: a.execute_command("MOVE", registry.worker_key(A), other),
+        ):
+            with pytest.raises(NoPermissionError):
+                denied()
+        assert a.execute_command("SELECT", db)  # its own database, as its URL says
+        assert a.ping()
     finally:
         a.close()
 
@@ -114,8 +151,25 @@ async def test_deleting_the_user_cuts_its_connections(
     assert A not in await acl.worker_users(admin)
 
 
+async def test_a_user_recreated_from_its_digest_takes_the_same_password(
+    admin: aioredis.Redis, redis_url: str
+) -> None:
+    user, password = await acl.create_worker_user(admin, A)
+    digest = await acl.user_digest(admin, A)
+    assert digest == acl.password_digest(password) and password not in digest
+    await acl.delete_worker_user(admin, A)  # what a Redis restart does to ACL users
+    assert await acl.user_digest(admin, A) is None
+    await acl.restore_worker_user(admin, A, digest)
+    a = redis.Redis.from_url(worker_redis_url(redis_url, user, password))
+    try:
+        assert a.hset(registry.worker_key(A), "load", 0) == 1
+    finally:
+        a.close()
+
+
 def test_only_attested_ids_get_an_acl() -> None:
+    for bogus in ("t-*", "w-aaaaaaaaaaaaaaaa_x", "w-aaaaaaaaaaaaaaaa\n", "w-AAAAAAAAAAAAAAAA"):
+        with pytest.raises(ValueError):
+            acl.key_patterns(bogus)
     with pytest.raises(ValueError):
-        acl.key_patterns("t-*")
-    with pytest.raises(ValueError):
-        acl.key_patterns("w-aaaaaaaaaaaaaaaa_x")
+        acl.acl_rules(A, "not a digest")

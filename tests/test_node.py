@@ -209,12 +209,21 @@ def worker_info(
     )
 
 
+async def reserve(aredis, worker_id: str, slots: int) -> None:
+    for n in range(slots):
+        assert await registry.reserve_slot(aredis, worker_id, f"{worker_id}-{n}", ttl_s=60)
+
+
 async def test_pick_worker_prefers_least_loaded_then_sticky_and_skips_dead_and_full(aredis):
-    await registry.register(aredis, worker_info("busy", load=3), ttl_s=10)
-    await registry.register(aredis, worker_info("idle", load=1), ttl_s=10)
-    await registry.register(aredis, worker_info("full", load=4), ttl_s=10)
+    await registry.register(aredis, worker_info("busy"), ttl_s=10)
+    await registry.register(aredis, worker_info("idle"), ttl_s=10)
+    await registry.register(aredis, worker_info("full"), ttl_s=10)
     await registry.register(aredis, worker_info("dead", load=0), ttl_s=1)
     await registry.register(aredis, worker_info("other-model", model="x"), ttl_s=10)
+    # Load is the backend's own count of the jobs it gave each worker (capacity 4).
+    await reserve(aredis, "busy", 3)
+    await reserve(aredis, "idle", 1)
+    await reserve(aredis, "full", 4)
     await asyncio.sleep(1.2)  # "dead" misses its heartbeat
 
     assert {w.worker_id for w in await registry.list_workers(aredis, "m")} == {
@@ -239,11 +248,16 @@ async def test_pick_worker_prefers_least_loaded_then_sticky_and_skips_dead_and_f
     assert await registry.pick_worker(aredis, "no-such-model") is None
 
 
-async def test_a_reported_load_change_moves_the_pick(aredis):
+async def test_reservations_move_the_pick_and_a_reported_load_does_not(aredis):
     await registry.register(aredis, worker_info("a", load=0), ttl_s=10)
-    await registry.register(aredis, worker_info("b", load=2), ttl_s=10)
+    await registry.register(aredis, worker_info("b", load=0), ttl_s=10)
+    await reserve(aredis, "b", 2)
     assert (await registry.pick_worker(aredis, "m")).worker_id == "a"
-    assert await registry.heartbeat(aredis, "a", 3, 10) is True
+    # What a node reports is shown, not trusted: reporting itself idle wins it nothing.
+    assert await registry.heartbeat(aredis, "b", 0, 10) is True
+    assert await registry.heartbeat(aredis, "a", 4, 10) is True
+    assert (await registry.pick_worker(aredis, "m")).worker_id == "a"
+    await reserve(aredis, "a", 3)
     assert (await registry.pick_worker(aredis, "m")).worker_id == "b"
 
 
@@ -311,7 +325,8 @@ async def test_a_job_streams_sealed_chunks_then_a_signed_final(start_node, aredi
     queue = Queue(queue_name(node.worker_id), connection=sredis, serializer=JSONSerializer)
     assert job.job_id in queue.finished_job_registry.get_job_ids()
     assert queue.started_job_registry.get_job_ids() == []
-    assert node.worker_id in [w.name for w in Worker.all(connection=sredis)]
+    # Listed in its queue's worker set (RQ's global one is shared: no worker writes it).
+    assert node.worker_id in [w.name for w in Worker.all(queue=queue)]
 
 
 @pytest.mark.slow
@@ -447,7 +462,8 @@ async def test_sigterm_unregisters_and_settles_every_job(start_node, aredis, sre
     assert running_events[-1].completion_tokens == len(text_of(running_events).split()) > 0
     assert rq_job(sredis, queued.job_id).get_status() == JobStatus.FAILED
     assert rq_job(sredis, running.job_id).get_status() == JobStatus.FAILED
-    assert node.worker_id not in [w.name for w in Worker.all(connection=sredis)]
+    queue = Queue(queue_name(node.worker_id), connection=sredis, serializer=JSONSerializer)
+    assert node.worker_id not in [w.name for w in Worker.all(queue=queue)]
 
 
 @pytest.mark.slow

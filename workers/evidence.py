@@ -220,6 +220,7 @@ class Registration(_Strict):
     expires_at: float
     renewal_token: str
     tee: TeeKind
+    redis_ca_pem: str | None = None  # CA bundle of the Redis server's TLS certificate
 
 
 def collect_evidence(

@@ -37,12 +37,14 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 from rq.utils import now
 from rq.worker import WorkerStatus
+from rq.worker_registration import WORKERS_BY_QUEUE_KEY
 
 from workers.registry import queue_name
 
 __all__ = [
     "JOB_FUNCTION",
     "JobBook",
+    "NodeRQWorker",
     "aenqueue_job",
     "enqueue_job",
     "job_id_for",
@@ -165,6 +167,27 @@ async def aenqueue_job(
     return job.id
 
 
+class NodeRQWorker(SimpleWorker):
+    """The node as RQ sees it, kept to keys of its own.
+
+    A stock RQ worker lists itself in RQ's global worker set ``rq:workers`` as well as in its
+    queue's ``rq:workers:<queue>``. The global set is shared by every worker, and an attested
+    worker's Redis user may write no shared key; so this worker's "global" set (RQ's
+    ``redis_workers_keys`` attribute, which ``register_birth`` and ``register_death`` write
+    through :mod:`rq.worker_registration`) is its queue's own. ``rq info --queue`` and
+    ``Worker.all(queue=...)`` list the node; RQ's global list does not.
+
+    This is the one place Cocoon leans on an RQ detail beyond its documented API; the test
+    ``test_the_rq_bookkeeping_needs_no_shared_key`` (``tests/test_registry_trust.py``) runs
+    it as a worker's ACL user on the real server, so an RQ release that writes the global set
+    again fails there, loudly.
+    """
+
+    def __init__(self, queues: list[Queue], **kwargs: Any) -> None:
+        super().__init__(queues, **kwargs)
+        self.redis_workers_keys = WORKERS_BY_QUEUE_KEY % queues[0].name
+
+
 class JobBook:
     """The node's bookkeeping in RQ, one call per transition. Synchronous: call in a thread.
 
@@ -180,7 +203,7 @@ class JobBook:
             # An attested worker's Redis user may not list other clients (CLIENT LIST): RQ then
             # records its address as unknown, which is all this warning says.
             warnings.filterwarnings("ignore", "CLIENT LIST command not supported")
-            self.rq_worker = SimpleWorker(
+            self.rq_worker = NodeRQWorker(
                 [self.queue], connection=connection, name=worker_id, serializer=JSONSerializer
             )
         self.name = worker_id

@@ -28,10 +28,15 @@ Attestation. With ``--register-url URL --token T`` the node first proves itself 
 backend (:func:`workers.evidence.register_with_backend`): it asks for a nonce, takes evidence
 bound to its keys, model and that nonce (a TDX quote through configfs-tsm, or, with ``--tee dev``
 or ``auto`` on a machine without TDX, the development TEE), and receives, sealed to its key, its
-worker id and Redis credentials of its own (an ACL user). It attests again before the evidence
-expires; if the backend refuses, the node has been revoked and shuts down. A node that cannot
-onboard (refused: exit 3; no evidence: exit 3; the backend unreachable for ``--register-wait``
-seconds: exit 1) says why and exits, so that a supervisor restarts it.
+worker id and Redis credentials of its own (an ACL user) that reach its own keys only: the
+backend indexes it, counts its load and releases its slots. Outside the development TEE it
+connects to Redis only with TLS (``rediss://``, checked against the CA bundle that came with
+the credentials; a plain ``redis://`` is refused: exit 3). It attests again before the evidence
+expires, and at once when Redis refuses its credentials (a Redis restart or failover: the
+backend recreates its user, or gives it a new password); if the backend refuses, the node has
+been revoked and shuts down. A node that cannot onboard (refused: exit 3; no evidence: exit 3;
+the backend unreachable for ``--register-wait`` seconds: exit 1) says why and exits, so that a
+supervisor restarts it.
 
 Without ``--register-url`` the node registers itself directly with ``--redis-url``: an
 unattested development worker, dispatched only by backends in dev mode
@@ -59,12 +64,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-import redis
-from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import AuthenticationError, RedisError
 from rq.job import Job
 
-from workers import registry, streams
+from workers import redis_auth, registry, streams
 from workers.engines import Engine, EngineError, create_engine
 from workers.evidence import (
     AttestationRefused,
@@ -122,6 +125,7 @@ class NodeConfig:
     register_wait_s: float = 120.0
     metrics_port: int | None = None  # serve Prometheus /metrics on this port (None: off)
     metrics_host: str = "0.0.0.0"
+    redis_ca_pem: str | None = None  # the CA bundle of the Redis server (from the credentials)
 
 
 class Attestation:
@@ -136,6 +140,7 @@ class Attestation:
         self.dev_key = nacl.signing.SigningKey.generate()  # the development TEE's software key
         self.registration: Registration | None = None
         self.revoked: AttestationRefused | None = None
+        self._renewing = asyncio.Lock()  # a renewal token is good for one attestation
         # The model file's hash, once (the engine is loaded: it does not change under us).
         self.model_sha256 = file_sha256(getattr(engine, "model_path", None))
 
@@ -176,8 +181,14 @@ class Attestation:
                 continue
             if not registration.redis_url and self.registration is not None:  # a renewal
                 registration = registration.model_copy(
-                    update={"redis_url": self.registration.redis_url}
+                    update={
+                        "redis_url": self.registration.redis_url,
+                        "redis_ca_pem": self.registration.redis_ca_pem,
+                    }
                 )
+            problem = redis_auth.tls_refusal(registration.redis_url, registration.tee)
+            if problem:
+                raise redis_auth.TlsRefused(problem)
             self.registration = registration
             log.info(
                 "attested as %s: tee=%s%s, until %s",
@@ -188,6 +199,22 @@ class Attestation:
             )
             return registration
 
+    async def renew(self) -> Registration:
+        """Attest again with the renewal token (one renewal at a time: a second caller gets
+        the first one's result). Raises AttestationRefused, TlsRefused, or a network error."""
+        assert self.registration is not None
+        token = self.registration.renewal_token
+        async with self._renewing:
+            if self.registration.renewal_token != token:  # renewed meanwhile
+                return self.registration
+            return await self.attest(token)
+
+    def refused(self, error: Exception) -> None:
+        log.critical("re-attestation refused, the worker is revoked: %s", error)
+        self.revoked = (
+            error if isinstance(error, AttestationRefused) else AttestationRefused(0, [str(error)])
+        )
+
     async def renew_forever(self) -> None:
         """Attest again before the evidence expires. Returns only when refused (revoked)."""
         while True:
@@ -195,10 +222,9 @@ class Attestation:
             left = self.registration.expires_at - time.time()
             await asyncio.sleep(max(1.0, left - max(30.0, min(3600.0, left / 10))))
             try:
-                await self.attest(self.registration.renewal_token)
-            except AttestationRefused as error:
-                log.critical("re-attestation refused, the worker is revoked: %s", error)
-                self.revoked = error
+                await self.renew()
+            except (AttestationRefused, redis_auth.TlsRefused) as error:
+                self.refused(error)
                 return
             except Exception as error:
                 log.warning("re-attestation failed (%s); trying again", type(error).__name__)
@@ -225,6 +251,10 @@ class Node:
             attestation.registration.tee if attestation and attestation.registration else "dev"
         )
         self.worker_id = config.worker_id or f"w-{self.keys.fingerprint()}"
+        # An attested node writes its own keys only; a direct dev node (operator credentials)
+        # indexes itself. Attested credentials can be replaced after a re-attestation.
+        self.shared = attestation is None
+        self.credentials = None if self.shared else redis_auth.NodeCredentials(config.redis_url)
         self.capacity = max(1, min(config.capacity, engine.max_concurrency))
         self.peak_load = 0
         self._running: dict[str, JobRun] = {}
@@ -258,9 +288,12 @@ class Node:
         Setting ``force`` ends the shutdown's grace period at once.
         """
         self._force = force or asyncio.Event()
-        self._sync = redis.Redis.from_url(self.config.redis_url)
+        url, ca_pem = self.config.redis_url, self.config.redis_ca_pem
+        self._sync = redis_auth.sync_client(url, credentials=self.credentials, ca_pem=ca_pem)
         # One connection per job writing a chunk, plus the heartbeat and the cancel watch.
-        self._redis = AsyncRedis.from_url(self.config.redis_url, max_connections=self.capacity + 16)
+        self._redis = redis_auth.async_client(
+            url, credentials=self.credentials, ca_pem=ca_pem, max_connections=self.capacity + 16
+        )
         self._book = JobBook(self._sync, self.worker_id)
         self._book_pool = ThreadPoolExecutor(BOOK_THREADS, thread_name_prefix="rq-book")
         self._dequeue_pool = ThreadPoolExecutor(1, thread_name_prefix="rq-dequeue")
@@ -268,7 +301,7 @@ class Node:
         background: list[asyncio.Task[None]] = []
         try:
             await self._in_thread(self._book.register_birth)
-            await registry.register(self._redis, self.info(), self.config.ttl_s)
+            await registry.register(self._redis, self.info(), self.config.ttl_s, shared=self.shared)
             self._accepting = True
             watching = asyncio.Event()
             background = [
@@ -326,7 +359,7 @@ class Node:
         # A revoked worker has lost its Redis user: the backend removed its entry already.
         revoked = self.attestation is not None and self.attestation.revoked is not None
         if not revoked:
-            await registry.unregister(self._redis, self.worker_id)
+            await registry.unregister(self._redis, self.worker_id, shared=self.shared)
         dequeuer.cancel()
         await asyncio.gather(dequeuer, return_exceptions=True)
         rejected = 0
@@ -358,7 +391,9 @@ class Node:
                     log.warning(
                         "worker %s fell out of the registry; registering again", self.worker_id
                     )
-                    await registry.register(self._redis, self.info(), self.config.ttl_s)
+                    await registry.register(
+                        self._redis, self.info(), self.config.ttl_s, shared=self.shared
+                    )
                 for job_id in await streams.cancelled_among(self._redis, list(self._running)):
                     self._on_cancel(job_id)
                 if time.monotonic() - last_rq >= RQ_HEARTBEAT_S:
@@ -370,10 +405,8 @@ class Node:
             except AuthenticationError as error:
                 if self.attestation is None:
                     log.warning("heartbeat failed: %s", error)
-                else:  # the backend deleted this worker's Redis user: it was revoked
-                    log.critical("Redis refuses this worker's credentials: revoked (%s)", error)
-                    self.attestation.revoked = AttestationRefused(0, [f"credentials: {error}"])
-                    return
+                elif not await self._reattest(error):
+                    return  # refused: revoked
             except RedisError as error:
                 log.warning("heartbeat failed: %s", error)
             except Exception as error:  # keep beating: a silent node would look dead
@@ -384,6 +417,25 @@ class Node:
             except TimeoutError:
                 continue
             await asyncio.sleep(0.05)  # report a burst of changes once
+
+    async def _reattest(self, error: Exception) -> bool:
+        """Redis refuses this worker's credentials: its user is gone (a Redis restart or
+        failover the backend has not repaired yet, or a revocation). Attest again with the
+        renewal token: the backend answers with the same credentials (it recreated the user),
+        new ones, or a refusal. False when refused (the worker is revoked)."""
+        assert self.attestation is not None
+        log.warning("Redis refuses this worker's credentials (%s); attesting again", error)
+        try:
+            registration = await self.attestation.renew()
+        except (AttestationRefused, redis_auth.TlsRefused) as refused:
+            self.attestation.refused(refused)
+            return False
+        except Exception as failure:  # the backend is unreachable: at the next heartbeat
+            log.warning("re-attestation failed (%s); trying again", describe_error(failure))
+            return True
+        if self.credentials is not None:
+            self.credentials.replace(registration.redis_url)
+        return True
 
     async def _dequeue_loop(self) -> None:
         """Take a job whenever a slot is free. Cancelled (by shutdown) only between jobs."""
@@ -442,8 +494,7 @@ class Node:
 
     async def _record(self, run: JobRun, outcome: Outcome) -> None:
         job = run.job
-        try:
-            await registry.release_slot(self._redis, self.worker_id, job.id)
+        try:  # its slot is the backend's to release (when the turn ends)
             if outcome.ok:
                 usage = outcome.usage
                 result = {
@@ -485,7 +536,6 @@ class Node:
         run = JobRun(job, engine=self.engine, keys=self.keys, redis=self._redis)
         try:
             await run.reject("worker_shutdown", "the worker is shutting down")
-            await registry.release_slot(self._redis, self.worker_id, job.id)
             await self._in_thread(self._book.fail, job, None, "worker_shutdown: never started")
         except RedisError as error:
             log.error("job %s: could not reject it: %s", job.id, error)
@@ -555,7 +605,10 @@ async def run_node(
                 log.info("stopped while onboarding: not attested")
                 return
             config = replace(
-                config, redis_url=registration.redis_url, worker_id=registration.worker_id
+                config,
+                redis_url=registration.redis_url,
+                worker_id=registration.worker_id,
+                redis_ca_pem=registration.redis_ca_pem,
             )
         await Node(config, engine, keys, attestation, metrics).serve(stop, force)
         if attestation is not None and attestation.revoked is not None:
@@ -702,6 +755,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 3
     except EvidenceError as error:
         log.error("no evidence can be taken on this machine: %s", error)
+        return 3
+    except redis_auth.TlsRefused as error:
+        log.error("not connecting to Redis: %s", error)
         return 3
     except BackendUnreachable as error:
         log.error("%s: not onboarded, exiting", error)

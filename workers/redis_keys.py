@@ -4,11 +4,15 @@ Every key Cocoon's worker modules use is built by :func:`redis_key` from a named
 below, so the layout can be read (and audited for plaintext) in one place:
 
 ========================================  ==========================================================
-``cocoon:workers``                        sorted set: every registered worker id (index only)
+``cocoon:workers``                        sorted set: the index of worker ids, written by the
+                                          backend only (at acceptance; dropped at revocation
+                                          or expiry), and by a directly registered dev worker
 ``cocoon:worker:<worker_id>``             hash: one worker's :class:`~workers.registry.WorkerInfo`
-                                          and live load; expires ``ttl_s`` after its last heartbeat
+                                          and live load; expires ``ttl_s`` after its last
+                                          heartbeat; the only key of the registry a worker writes
 ``cocoon:worker-slots:<worker_id>``       sorted set: job ids assigned to the worker by a
-                                          dispatcher, scored by their expiry (Redis clock)
+                                          dispatcher, scored by their expiry (Redis clock);
+                                          written by the backend only
 ``cocoon:route:<conversation_id>``        string: worker id of the conversation's last turn
 ``cocoon:queue:<worker_id>``              name (not key) of the worker's own RQ queue
 ``cocoon:stream:<job_id>``                stream: the job's sealed reply events
@@ -17,6 +21,9 @@ below, so the layout can be read (and audited for plaintext) in one place:
 ``cocoon:attestation:<worker_id>``        string: the backend's record of the worker's verified
                                           evidence (TEE kind, keys, provider, expiry); written
                                           only by the backend, expires with the evidence
+``cocoon:worker-acl:<worker_id>``         string: SHA-256 of the worker's Redis password, so the
+                                          backend can recreate its ACL user after a Redis restart
+                                          or failover; expires with the attestation record
 ``cocoon:reg-token:<sha256 of token>``    string: a provider's one-time registration token
 ``cocoon:renew-token:<sha256 of token>``  string: a worker's token for its next attestation
 ``cocoon:attest-nonce:<nonce>``           string: a nonce the backend issued, single-use
@@ -39,6 +46,7 @@ QUEUE = "queue"
 STREAM = "stream"
 CANCEL = "cancel"
 ATTESTATION = "attestation"
+WORKER_ACL = "worker-acl"
 REG_TOKEN = "reg-token"
 RENEW_TOKEN = "renew-token"
 ATTEST_NONCE = "attest-nonce"

@@ -18,6 +18,21 @@ HTTP API (served by ``cocoon web``; request and response bodies are JSON):
 again before the evidence expires, the renewal token from the previous credentials. A refused
 re-attestation revokes the worker: its record, its registry entry and its Redis user go, and it
 leaves dispatch at once. :func:`sweep` does the same for workers whose evidence expired.
+
+Shared state is the backend's: an accepted worker is put in the worker index here, with the
+capacity the policy allows its image (``AttestationRecord.capacity``); it leaves the index when
+it is revoked or expires. A worker outside the development TEE is told only a ``rediss://``
+URL (``COCOON_ATTESTATION__WORKER_REDIS_URL``, with the CA bundle of
+``COCOON_ATTESTATION__WORKER_REDIS_CA_FILE`` in its credentials); a backend configured with a
+plain ``redis://`` one answers 503 to such a worker and decides nothing.
+
+Redis restarts. ACL users live in the server's memory, not in its data. The SHA-256 of each
+worker's password is kept next to its record (:func:`store.keep_acl_digest`), and
+:meth:`Onboarding.restore_users` recreates the users of unexpired workers that Redis no longer
+knows, with the same password: at start-up, as soon as Redis's ``run_id`` changes (a restart
+or a failover) and every ten checks regardless (:func:`setup`'s keeper task). A renewal whose
+worker has no user is given one the same way; a node whose credentials Redis refuses attests
+again with its renewal token.
 """
 
 from __future__ import annotations
@@ -43,12 +58,17 @@ from backend.attestation import acl, store
 from backend.attestation.verifier import Verifier, VerifierUnavailable
 from workers import registry
 from workers.evidence import Evidence
+from workers.redis_auth import TLS_SCHEME
 from workers.wire import WireError, key_fingerprint
 
 log = logging.getLogger("cocoon.attestation")
 
 SWEEP_EVERY_S = 30.0
+USERS_CHECK_EVERY = 10
+"""The keeper recreates missing worker users on every ``run_id`` change, and at least every
+this many checks."""
 MAX_BODY_BYTES = 256 * 1024
+MAX_CA_BYTES = 256 * 1024
 
 
 class Credentials(BaseModel):
@@ -59,6 +79,7 @@ class Credentials(BaseModel):
     expires_at: float
     renewal_token: str
     tee: str
+    redis_ca_pem: str | None = None  # the CA bundle that signs the Redis server's certificate
 
 
 class OnboardingError(Exception):
@@ -66,6 +87,18 @@ class OnboardingError(Exception):
         super().__init__(message)
         self.status = status
         self.reasons = reasons or [message]
+
+
+def tls_problem(base: str, tee: str) -> str | None:
+    """Why ``base`` may not be given to a worker of ``tee`` (None: it may)."""
+    scheme = urlsplit(base).scheme
+    if tee == "dev" or scheme == TLS_SCHEME:
+        return None
+    return (
+        f"this backend tells workers a {scheme}:// Redis URL, and a worker outside the "
+        "development TEE is given only rediss:// (TLS): the operator must set "
+        "COCOON_ATTESTATION__WORKER_REDIS_URL to a rediss:// URL; nothing was decided"
+    )
 
 
 def worker_redis_url(base: str, user: str, password: str) -> str:
@@ -96,6 +129,7 @@ class Onboarding:
         self.redis = redis
         self.verifier = verifier
         self.clock = clock
+        self._ca_pem: str | None = None
 
     async def nonce(self, token: Any) -> dict[str, Any]:
         grant = await self._grant(token)
@@ -136,6 +170,10 @@ class Onboarding:
                     [str(error)],
                 ) from None
             reasons = list(verdict.reasons)
+        problem = None if reasons else tls_problem(self._base_url(), evidence.tee)
+        if problem:  # accepted, but this backend may not tell it a plain URL: decide nothing
+            log.error("worker %s not registered: %s", worker_id, problem)
+            raise OnboardingError(503, problem)
         if refused is None:
             used = await store.consume_nonce(self.redis, claims.nonce, grant)
             if used and not reasons:  # a concurrent attempt with this nonce was decided first
@@ -187,14 +225,12 @@ class Onboarding:
             image=verdict.image,
             measurements=verdict.measurements,
             nvidia=verdict.nvidia,
+            capacity=self.verifier.policy.capacity(verdict.image) or self.att.default_capacity,
         )
-        base = self.att.worker_redis_url or self.settings.redis_url
-        if grant.kind == "renewal" and await acl.user_exists(self.redis, worker_id):
-            redis_url = ""  # keep using the credentials it has: its connections stay valid
-        else:
-            user, password = await acl.create_worker_user(self.redis, worker_id)
-            redis_url = worker_redis_url(base, user, password)
+        redis_url, digest = await self._credentials(worker_id, grant)
+        await store.keep_acl_digest(self.redis, worker_id, digest, expires_at)
         await registry.write_attestation(self.redis, record)
+        await registry.add_to_index(self.redis, worker_id, now)
         await self._record(
             worker_id,
             "attested",
@@ -215,6 +251,7 @@ class Onboarding:
             expires_at=expires_at,
             renewal_token=renewal,
             tee=evidence.tee,
+            redis_ca_pem=self._ca() if redis_url else None,
         )
         box = nacl.public.SealedBox(nacl.public.PublicKey(base64.b64decode(claims.box_public_key)))
         sealed = box.encrypt(credentials.model_dump_json().encode())
@@ -237,6 +274,40 @@ class Onboarding:
             "expires_at": expires_at,
             "sealed": base64.b64encode(sealed).decode(),
         }
+
+    def _base_url(self) -> str:
+        return self.att.worker_redis_url or self.settings.redis_url
+
+    def _ca(self) -> str | None:
+        """The CA bundle workers are given (read once; None when none is configured)."""
+        path = self.att.worker_redis_ca_file
+        if path is None:
+            return None
+        if self._ca_pem is None:
+            data = path.read_bytes()[: MAX_CA_BYTES + 1]
+            if len(data) > MAX_CA_BYTES or b"-----BEGIN CERTIFICATE-----" not in data:
+                raise ValueError(f"{path} is not a PEM CA bundle of at most {MAX_CA_BYTES} bytes")
+            self._ca_pem = data.decode("ascii")
+        return self._ca_pem
+
+    async def _credentials(self, worker_id: str, grant: store.TokenGrant) -> tuple[str, str]:
+        """(the Redis URL to give the worker, its password's SHA-256).
+
+        A renewal keeps the password the worker has (URL ``""``): its user stays as it is, or,
+        when Redis lost it (a restart, a failover), is recreated from the kept digest. Else a
+        new password, and a URL that carries it.
+        """
+        if grant.kind == "renewal":
+            digest = await acl.user_digest(self.redis, worker_id)
+            if digest is not None:
+                return "", digest
+            kept = (await store.acl_digests(self.redis, [worker_id])).get(worker_id)
+            if kept is not None:
+                await acl.restore_worker_user(self.redis, worker_id, kept)
+                log.warning("worker %s: its Redis user was missing; recreated", worker_id)
+                return "", kept
+        user, password = await acl.create_worker_user(self.redis, worker_id)
+        return worker_redis_url(self._base_url(), user, password), acl.password_digest(password)
 
     async def _record(
         self,
@@ -273,7 +344,9 @@ class Onboarding:
 
     async def revoke(self, worker_id: str, *, record: bool = True) -> None:
         """Out of dispatch at once, and its Redis user (and connections) gone."""
-        # The user first: once its connections are cut, the node cannot write its entry again.
+        # The kept digest first (so that nothing recreates the user), then the user: once its
+        # connections are cut, the node cannot write its entry again.
+        await store.forget_acl_digest(self.redis, worker_id)
         with contextlib.suppress(ValueError):
             await acl.delete_worker_user(self.redis, worker_id)
         await registry.revoke_attestation(self.redis, worker_id)
@@ -289,6 +362,26 @@ class Onboarding:
                 await self.revoke(worker_id)
                 revoked.append(worker_id)
         return revoked
+
+    async def restore_users(self) -> list[str]:
+        """Recreate the Redis users of indexed, unexpired workers that Redis does not know
+        (after a restart or a failover), each with the password it was given."""
+        ids, _bogus = await registry.index_ids(self.redis, self.settings.max_workers)
+        present = set(await acl.worker_users(self.redis))
+        missing = [w for w in ids if acl.is_attested_id(w) and w not in present]
+        if not missing:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        for worker_id in missing:
+            pipe.exists(registry.attestation_key(worker_id))
+        attested = [w for w, alive in zip(missing, await pipe.execute(), strict=True) if alive]
+        restored = []
+        for worker_id, digest in (await store.acl_digests(self.redis, attested)).items():
+            await acl.restore_worker_user(self.redis, worker_id, digest)
+            restored.append(worker_id)
+        if restored:
+            log.warning("recreated the Redis users of %d workers: %s", len(restored), restored)
+        return restored
 
     async def _grant(self, token: Any) -> store.TokenGrant:
         grant = await store.lookup_token(self.redis, token) if isinstance(token, str) else None
@@ -362,7 +455,7 @@ def setup(app: web.Application, settings: Any) -> None:
         )
         app[ONBOARDING] = service
         stop = asyncio.Event()
-        sweeper = asyncio.create_task(_sweep_forever(service, stop))
+        sweeper = asyncio.create_task(_keep_forever(service, stop))
         yield
         # A flag as well as a cancel: a Redis client may turn a cancel inside a command into a
         # connection error, which the loop would log and carry on from.
@@ -376,13 +469,27 @@ def setup(app: web.Application, settings: Any) -> None:
     app.router.add_post("/v1/workers/register", register_view)
 
 
-async def _sweep_forever(service: Onboarding, stop: asyncio.Event) -> None:
+async def _keep_forever(service: Onboarding, stop: asyncio.Event) -> None:
+    """Every ``users_check_s``: recreate missing worker users when Redis's ``run_id`` changed
+    (a restart, a failover: also the first check, at start-up) or every ``USERS_CHECK_EVERY``
+    checks; every ``SWEEP_EVERY_S``: revoke expired workers."""
+    run_id: object = None
+    checks = 0
+    swept_at = -SWEEP_EVERY_S
+    interval = service.att.users_check_s
     while not stop.is_set():
         try:
-            await service.sweep()
+            now_run_id = (await service.redis.info("server")).get("run_id")
+            if now_run_id != run_id or checks % USERS_CHECK_EVERY == 0:
+                await service.restore_users()
+                run_id = now_run_id
+            checks += 1
+            if time.monotonic() - swept_at >= SWEEP_EVERY_S:
+                await service.sweep()
+                swept_at = time.monotonic()
         except Exception as error:  # Redis down, no ACL permission: keep serving
             if stop.is_set():
                 return
-            log.warning("attestation sweep failed: %s", error)
+            log.warning("attestation upkeep failed: %s", error)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), SWEEP_EVERY_S)
+            await asyncio.wait_for(stop.wait(), interval)

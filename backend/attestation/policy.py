@@ -4,8 +4,9 @@
 
     {
       "tcb_statuses": ["UpToDate"],
+      "max_capacity": 64,
       "images": [
-        {"name": "cocoon-worker", "version": "0.1.0",
+        {"name": "cocoon-worker", "version": "0.1.0", "max_capacity": 256,
          "mr_td": "<96 hex>", "rtmr0": "<96 hex>", "rtmr1": "...", "rtmr2": "...", "rtmr3": "..."}
       ]
     }
@@ -13,6 +14,11 @@
 ``tcb_statuses`` defaults to ``["UpToDate"]``: any other status (``SWHardeningNeeded``,
 ``ConfigurationNeeded``, ``OutOfDate``, ...) is refused unless listed. An image matches a quote
 when MRTD and all four RTMRs are equal.
+
+``max_capacity`` caps how many jobs at once the backend dispatches to a worker of that image
+(a released image runs one GPU model: the cap is that GPU's); the top-level value is the
+default for images that name none, and without either the backend's setting
+``COCOON_ATTESTATION__DEFAULT_CAPACITY`` applies. A worker's own claimed capacity only lowers it.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ class Image(BaseModel):
     rtmr1: str = Field(pattern=_HEX48)
     rtmr2: str = Field(pattern=_HEX48)
     rtmr3: str = Field(pattern=_HEX48)
+    max_capacity: int | None = Field(default=None, ge=1, le=1_000_000)
 
     @property
     def label(self) -> str:
@@ -51,6 +58,14 @@ class Policy(BaseModel):
 
     tcb_statuses: tuple[str, ...] = ("UpToDate",)
     images: tuple[Image, ...] = ()
+    max_capacity: int | None = Field(default=None, ge=1, le=1_000_000)
+
+    def capacity(self, image_label: str | None) -> int | None:
+        """The cap on jobs at once for a worker of this image (None: the policy sets none)."""
+        for image in self.images:
+            if image.label == image_label and image.max_capacity is not None:
+                return image.max_capacity
+        return self.max_capacity
 
     def match(self, measurements: dict[str, str]) -> tuple[Image | None, list[str]]:
         """The released image with exactly these measurements, else None and the reasons."""

@@ -31,7 +31,28 @@ class AttestationSettings(BaseModel):
     nonce_ttl_s: int = Field(default=300, gt=0, description="a nonce must be used this soon")
     token_ttl_s: int = Field(default=7 * 86_400, gt=0, description="registration token life")
     worker_redis_url: str | None = Field(
-        default=None, description="Redis URL workers connect to; default COCOON_REDIS_URL"
+        default=None,
+        description="Redis URL workers are told (rediss:// for attested workers); "
+        "default COCOON_REDIS_URL",
+    )
+    worker_redis_ca_file: Path | None = Field(
+        default=None,
+        description="PEM CA bundle given to workers to check the worker Redis URL's TLS "
+        "certificate; default: the worker's system CAs",
+    )
+    default_capacity: int = Field(
+        default=64,
+        ge=1,
+        le=1_000_000,
+        description="jobs at once dispatched to a worker whose image the policy gives no "
+        "max_capacity (and to unattested dev workers)",
+    )
+    users_check_s: float = Field(
+        default=1.0,
+        gt=0,
+        le=3600,
+        description="how often cocoon web checks that Redis was not restarted (then recreates "
+        "missing worker users at once; every 10 such checks regardless)",
     )
     require_nvidia: bool = Field(
         default=False, description="refuse TDX evidence that carries no NVIDIA GPU evidence"

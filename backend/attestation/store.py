@@ -9,18 +9,22 @@
   registration that fails on the backend's side (it cannot verify now, or crashes) decides
   nothing and leaves the nonce (and the token) as they were.
 
-Tokens are stored as their SHA-256 only.
+Tokens are stored as their SHA-256 only; so is each attested worker's Redis password
+(:func:`keep_acl_digest`), kept for as long as its attestation record so that the backend can
+recreate the worker's ACL user after a Redis restart or failover.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from workers.redis_keys import ATTEST_NONCE, REG_TOKEN, RENEW_TOKEN, redis_key
+from workers.redis_keys import ATTEST_NONCE, REG_TOKEN, RENEW_TOKEN, WORKER_ACL, redis_key
+from workers.registry import valid_worker_id
 
 REGISTRATION_PREFIX = "cct_"
 RENEWAL_PREFIX = "ccr_"
@@ -74,7 +78,8 @@ async def lookup_token(redis: Any, token: str) -> TokenGrant | None:
         return None
     data = json.loads(raw)
     kind = "registration" if token.startswith(REGISTRATION_PREFIX) else "renewal"
-    return TokenGrant(kind, _hash(token), data.get("provider_id"), data.get("worker_id"))
+    worker_id = valid_worker_id(data.get("worker_id"))
+    return TokenGrant(kind, _hash(token), data.get("provider_id"), worker_id)
 
 
 async def consume_token(redis: Any, token: str) -> bool:
@@ -144,3 +149,31 @@ async def consume_nonce(redis: Any, nonce: Any, grant: TokenGrant) -> str | None
 async def restore_nonce(redis: Any, nonce: str, grant: TokenGrant, ttl_s: int) -> None:
     """Put back a nonce consumed by a registration that then failed on the backend's side."""
     await redis.set(redis_key(ATTEST_NONCE, nonce), grant.token_hash, ex=ttl_s, nx=True)
+
+
+# -- worker passwords (their SHA-256) -----------------------------------------------------------
+
+
+def _acl_key(worker_id: str) -> str:
+    return redis_key(WORKER_ACL, worker_id)
+
+
+async def keep_acl_digest(redis: Any, worker_id: str, digest: str, expires_at: float) -> None:
+    """Remember the SHA-256 of the worker's Redis password until its evidence expires."""
+    await redis.set(_acl_key(worker_id), digest, exat=max(1, math.ceil(expires_at)))
+
+
+async def acl_digests(redis: Any, worker_ids: list[str]) -> dict[str, str]:
+    """The digests kept for these workers (those that have one), in one round trip."""
+    if not worker_ids:
+        return {}
+    values = await redis.mget([_acl_key(worker_id) for worker_id in worker_ids])
+    return {
+        worker_id: value.decode() if isinstance(value, bytes) else value
+        for worker_id, value in zip(worker_ids, values, strict=True)
+        if value is not None
+    }
+
+
+async def forget_acl_digest(redis: Any, worker_id: str) -> None:
+    await redis.delete(_acl_key(worker_id))

@@ -1,0 +1,154 @@
+"""A redis-server of a test's own, on a free loopback port: to restart it, to give it a TLS
+listener, without touching the shared test server. Certificates are made with the ``openssl``
+command (a CA, and a server certificate for 127.0.0.1 signed by it)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.support.env import IN_CI
+
+
+def require(program: str) -> str:
+    """The program's path; skip the test without it (fail in CI)."""
+    path = shutil.which(program)
+    if path is None:
+        if IN_CI:
+            pytest.fail(f"{program} is not installed", pytrace=False)
+        pytest.skip(f"{program} is not installed")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def make_certificates(directory: Path) -> TlsFiles:
+    """A throwaway CA and a server certificate for IP 127.0.0.1 signed by it (EC P-256)."""
+    openssl = require("openssl")
+    directory.mkdir(parents=True, exist_ok=True)
+    ca, ca_key = directory / "ca.crt", directory / "ca.key"
+    cert, key, csr = directory / "server.crt", directory / "server.key", directory / "server.csr"
+    ext = directory / "server.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    for command in (
+        [openssl, "req", "-x509", *ec, "-keyout", ca_key, "-out", ca, "-days", "2",
+         "-subj", "/CN=Cocoon test CA"],
+        [openssl, "req", *ec, "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
+        [openssl, "x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+         "-out", cert, "-days", "2", "-extfile", ext],
+    ):  # fmt: skip
+        subprocess.run([str(part) for part in command], check=True, capture_output=True)
+    return TlsFiles(ca=ca, cert=cert, key=key)
+
+
+class RedisServer:
+    """``redis-server`` on a free port, with append-only persistence (fsync always) so that a
+    restart keeps the data; ACL users made at run time are not persisted, as in production."""
+
+    def __init__(self, directory: Path, *, tls: TlsFiles | None = None) -> None:
+        self.binary = require("redis-server")
+        self.directory = directory
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.tls = tls
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+
+    def url(self, db: int = 0) -> str:
+        if self.tls is None:
+            return f"redis://127.0.0.1:{self.port}/{db}"
+        return f"rediss://127.0.0.1:{self.port}/{db}?ssl_ca_certs={self.tls.ca}"
+
+    def start(self) -> None:
+        command = [
+            self.binary, "--bind", "127.0.0.1", "--dir", str(self.directory), "--save", "",
+            "--appendonly", "yes", "--appendfsync", "always",
+        ]  # fmt: skip
+        if self.tls is None:
+            command += ["--port", str(self.port)]
+        else:  # TLS only: no plaintext listener at all
+            command += [
+                "--port", "0", "--tls-port", str(self.port),
+                "--tls-cert-file", str(self.tls.cert), "--tls-key-file", str(self.tls.key),
+                "--tls-ca-cert-file", str(self.tls.ca), "--tls-auth-clients", "no",
+            ]  # fmt: skip
+        log = (self.directory / "redis.log").open("ab")
+        self.process = subprocess.Popen(command, stdout=log, stderr=log)
+        log.close()
+        client = redis.Redis.from_url(self.url(), socket_timeout=1)
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    if client.ping():
+                        return
+                except (redis.ConnectionError, redis.TimeoutError):
+                    if self.process.poll() is not None or time.monotonic() > deadline:
+                        log_text = (self.directory / "redis.log").read_text()
+                        raise RuntimeError(f"redis-server did not start: {log_text}") from None
+                    time.sleep(0.05)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        """Stop it (SIGTERM: it flushes the append-only file and exits)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+        self.restarts += 1
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def start_node(
+    register_url: str, token: str, log: Path, *, model: str, extra: tuple[str, ...] = ()
+) -> subprocess.Popen[bytes]:
+    """A real worker node (instant engine) that onboards at ``register_url`` with dev evidence."""
+    import sys
+
+    command = [
+        sys.executable, "-m", "workers.node", "--model", model, "--engine", "instant",
+        "--register-url", register_url, "--token", token, "--tee", "dev", "--heartbeat", "0.5",
+        "--grace", "1", "--register-wait", "20", *extra,
+    ]  # fmt: skip
+    with log.open("ab") as out:
+        return subprocess.Popen(command, cwd=REPO, stdout=out, stderr=out)
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -1,0 +1,186 @@
+"""Workers survive Redis restarts and failovers (issue 12, item 6), with a redis-server of the
+test's own: append-only persistence keeps the data over a restart, and ACL users, as in
+production, are lost with it. The backend recreates the users of unexpired workers from the
+digests it kept; a node whose credentials are refused attests again with its renewal token
+instead of exiting; while Redis is away every HTTP surface answers 503 with a JSON error, and
+nothing is charged."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+import redis
+import redis.asyncio as aioredis
+from aiohttp.test_utils import TestServer
+from pydantic import SecretStr
+
+from backend.apikeys import create_key
+from backend.attestation import acl, store
+from backend.attestation.settings import AttestationSettings
+from backend.db import Database
+from backend.ledger import Ledger
+from backend.settings import ModelPrice, Settings
+from backend.users import get_or_create_user
+from backend.web import create_app
+from miniapp.auth import init_data_for
+from tests.support.redis_server import RedisServer, start_node, stop_process
+from workers import registry
+
+pytestmark = pytest.mark.slow  # a redis-server of its own, restarted, and a real node
+
+MODEL = "echo"
+BOT_TOKEN = "123456789:AAtest-token-of-the-restart-test"
+TON = 10**9
+
+
+@dataclass
+class Stack:
+    redis: RedisServer
+    admin: aioredis.Redis
+    url: str
+    api_key: str
+    ledger: Ledger
+    user_id: int
+    log: Path
+    node: object = None
+
+
+@pytest.fixture
+async def stack(settings: Settings, tmp_path: Path) -> AsyncIterator[Stack]:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    s = settings.model_copy(
+        update={
+            "redis_url": server.url(),
+            "bot_token": SecretStr(BOT_TOKEN),
+            "models": {MODEL: ModelPrice(prompt=1_000_000, completion=1_000_000)},
+            # The upkeep notices a restart within 0.2 s (COCOON_ATTESTATION__USERS_CHECK_S).
+            "attestation": AttestationSettings(allow_dev=True, users_check_s=0.2),
+        }
+    )
+    db = Database.from_settings(s)
+    await db.upgrade()
+    web = TestServer(create_app(s))
+    await web.start_server()
+    admin = aioredis.Redis.from_url(server.url())
+    ledger = Ledger(db)
+    user = await get_or_create_user(db, 8101)
+    await ledger.credit_deposit(user.id, TON, "dep:8101")
+    key, _ = await create_key(db, user.id)
+    log = tmp_path / "node.log"
+    url = str(web.make_url("")).rstrip("/")
+    token = await store.issue_registration_token(admin, None, 60)
+    node = start_node(url, token, log, model=MODEL)
+    result = Stack(server, admin, url, key, ledger, user.id, log, node)
+    try:
+        yield result
+    finally:
+        stop_process(node)
+        await web.close()
+        await admin.aclose()
+        await db.close()
+        server.stop()
+
+
+async def attested_worker(stack: Stack) -> str:
+    deadline = time.monotonic() + 30
+    while True:
+        workers = [w for w in await registry.list_workers(stack.admin, MODEL) if w.attested]
+        if workers:
+            return workers[0].worker_id
+        assert stack.node.poll() is None, stack.log.read_text()  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline, stack.log.read_text()
+        await asyncio.sleep(0.1)
+
+
+async def users(stack: Stack) -> list[str]:
+    """Worker users Redis knows ([] while the test's own client reconnects)."""
+    try:
+        return await acl.worker_users(stack.admin)
+    except redis.ConnectionError:
+        return []
+
+
+async def chat(session: aiohttp.ClientSession, stack: Stack) -> tuple[int, dict]:
+    async with session.post(
+        f"{stack.url}/v1/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": "still there?"}],
+              "max_tokens": 8},
+        headers={"Authorization": f"Bearer {stack.api_key}"},
+    ) as reply:  # fmt: skip
+        return reply.status, await reply.json(content_type=None)
+
+
+async def served_again(session: aiohttp.ClientSession, stack: Stack) -> dict:
+    """The first answered turn after an outage (503s until the node is back)."""
+    deadline = time.monotonic() + 40
+    while True:
+        status, body = await chat(session, stack)
+        if status == 200:
+            return body
+        assert status == 503, body  # never a 500 on the way
+        assert stack.node.poll() is None, stack.log.read_text()  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline, (body, stack.log.read_text())
+        await asyncio.sleep(0.2)
+
+
+async def test_a_redis_restart_ends_no_worker_and_redis_away_is_a_503(stack: Stack) -> None:
+    """Before: the node took the restart for a revocation and exited for good, and the first
+    request answered 500."""
+    worker_id = await attested_worker(stack)
+    async with aiohttp.ClientSession() as session:
+        status, body = await chat(session, stack)
+        assert status == 200, body
+        balance = await stack.ledger.balances(stack.user_id)
+
+        stack.redis.stop()
+        status, body = await chat(session, stack)
+        assert status == 503 and "Redis" in body["error"]["message"], body
+        async with session.post(f"{stack.url}/v1/workers/nonce", json={"token": "cct_x"}) as r:
+            assert r.status == 503 and "error" in await r.json()
+        miniapp = {"Authorization": f"tma {init_data_for(8101, BOT_TOKEN)}"}
+        async with session.post(
+            f"{stack.url}/app/api/chat",
+            json={
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "hi"}],
+                "conversation": "restart-test",
+            },
+            headers=miniapp,
+        ) as r:
+            assert r.status == 503, await r.text()
+            assert (await r.json())["error"]["code"]
+        assert await stack.ledger.balances(stack.user_id) == balance  # nothing held or charged
+
+        stack.redis.start()  # the same data (append-only file), no ACL users
+        deadline = time.monotonic() + 20
+        while worker_id not in await users(stack):
+            assert time.monotonic() < deadline, stack.log.read_text()
+            await asyncio.sleep(0.1)
+        body = await served_again(session, stack)
+        assert "w-" + body["cocoon"]["worker"]["key_fingerprint"] == worker_id  # the same node
+    assert stack.node.poll() is None  # type: ignore[attr-defined]
+    assert "revoked" not in stack.log.read_text()
+
+
+async def test_a_node_whose_credentials_are_refused_attests_again(stack: Stack) -> None:
+    """A Redis that lost the user and the backend that lost the digest (a failover to a replica
+    that never had either): the node attests again with its renewal token, is given a new
+    password, and goes on."""
+    worker_id = await attested_worker(stack)
+    async with aiohttp.ClientSession() as session:
+        assert (await chat(session, stack))[0] == 200
+        await store.forget_acl_digest(stack.admin, worker_id)
+        await acl.delete_worker_user(stack.admin, worker_id)  # its connections are cut too
+        await served_again(session, stack)
+    assert stack.node.poll() is None  # type: ignore[attr-defined]
+    log = stack.log.read_text()
+    assert "attesting again" in log and "revoked" not in log
+    assert worker_id in await acl.worker_users(stack.admin)
+    assert await store.acl_digests(stack.admin, [worker_id])  # kept anew

@@ -1,0 +1,435 @@
+"""Only the backend writes shared routing state (issue 12, item 3), on the real Redis with real
+worker ACL users: the index is the backend's, capacity is the attestation record's, load is the
+backend's own slot count, ids are checked, and reading the index is bounded and off a turn's
+path. Each attack is tried as a worker would, with its own credentials."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import AsyncIterator
+
+import nacl.public
+import pytest
+import redis
+import redis.asyncio as aioredis
+from redis.exceptions import NoPermissionError
+from rq import Worker
+from rq.serializers import JSONSerializer
+
+from backend.attestation import acl, store
+from backend.attestation.onboarding import Onboarding
+from backend.attestation.policy import Policy
+from backend.attestation.settings import AttestationSettings
+from backend.attestation.tdx import CollateralSource
+from backend.attestation.verifier import Verifier
+from backend.settings import ModelPrice, Settings
+from workers import evidence as ev
+from workers import registry
+from workers.jobs import JobBook, aenqueue_job, job_id_for
+from workers.registry import WorkerInfo
+from workers.wire import WorkerKeys
+
+MODEL = "echo"
+
+
+@pytest.fixture
+async def admin(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    before = set(await acl.worker_users(client))
+    yield client
+    for worker_id in set(await acl.worker_users(client)) - before:
+        await acl.delete_worker_user(client, worker_id)
+    await client.aclose()
+
+
+def onboarding(
+    settings: Settings, admin: aioredis.Redis, *, policy: Policy | None = None, **values: object
+) -> Onboarding:
+    attestation = AttestationSettings(allow_dev=True, **values)  # type: ignore[arg-type]
+    s = settings.model_copy(
+        update={
+            "attestation": attestation,
+            "models": {MODEL: ModelPrice(prompt=1_000_000, completion=1_000_000)},
+        }
+    )
+    verifier = Verifier(
+        attestation,
+        policy=policy or Policy(),
+        collateral=CollateralSource("https://pccs.test", settings.data_dir / "collateral"),
+        models=s.models,
+    )
+    return Onboarding(s, admin, verifier)
+
+
+class Onboarded:
+    """A worker onboarded through the real service (dev evidence), holding its own Redis user."""
+
+    def __init__(self, worker_id: str, keys: WorkerKeys, client: redis.Redis) -> None:
+        self.worker_id = worker_id
+        self.keys = keys
+        self.redis = client
+
+    def info(self, **update: object) -> WorkerInfo:
+        values: dict[str, object] = {
+            "worker_id": self.worker_id,
+            "model": MODEL,
+            "engine": "instant",
+            "engine_version": "1",
+            "box_public_key": self.keys.box_public_b64,
+            "verify_key": self.keys.verify_key_b64,
+            "capacity": 4,
+        }
+        values.update(update)
+        return WorkerInfo(**values)  # type: ignore[arg-type]
+
+    def register(self, **update: object) -> None:
+        registry.register(self.redis, self.info(**update), ttl_s=30, shared=False)
+
+
+async def onboard(service: Onboarding) -> Onboarded:
+    token = await store.issue_registration_token(service.redis, None, 60)
+    keys = WorkerKeys.generate()
+    nonce = (await service.nonce(token))["nonce"]
+    claims = ev.Claims(
+        box_public_key=keys.box_public_b64,
+        verify_key=keys.verify_key_b64,
+        model=MODEL,
+        engine="instant",
+        engine_version="1",
+        worker_version="0.1.0",
+        nonce=nonce,
+    )
+    reply = await service.register(token, ev.dev_evidence(claims).model_dump(mode="json"))
+    sealed = base64.b64decode(reply["sealed"])
+    credentials = json.loads(nacl.public.SealedBox(keys.box_key).decrypt(sealed))
+    return Onboarded(reply["worker_id"], keys, redis.Redis.from_url(credentials["redis_url"]))
+
+
+async def index(admin: aioredis.Redis) -> list[str]:
+    return [m.decode() for m in await admin.zrange(registry.INDEX_KEY, 0, -1)]
+
+
+# -- the index is the backend's ------------------------------------------------------------------
+
+
+async def test_acceptance_indexes_a_worker_and_revocation_takes_it_out(
+    settings: Settings, admin: aioredis.Redis
+) -> None:
+    service = onboarding(settings, admin, default_capacity=5)
+    worker = await onboard(service)
+    try:
+        # Indexed at acceptance, before its node wrote anything.
+        assert await index(admin) == [worker.worker_id]
+        record = await registry.read_attestation(admin, worker.worker_id)
+        assert record is not None and record.capacity == 5
+        worker.register()
+        assert [w.worker_id for w in await registry.list_workers(admin)] == [worker.worker_id]
+
+        await service.revoke(worker.worker_id)
+        assert await index(admin) == []
+        assert worker.worker_id not in await acl.worker_users(admin)
+        assert await store.acl_digests(admin, [worker.worker_id]) == {}
+    finally:
+        worker.redis.close()
+
+
+async def test_an_expired_worker_leaves_the_index(
+    settings: Settings, admin: aioredis.Redis
+) -> None:
+    service = onboarding(settings, admin)
+    worker = await onboard(service)
+    try:
+        worker.register()
+        # Expiry: Redis drops the record (it was written with the evidence's expiry), and the
+        # node, cut off by the sweep, stops beating.
+        await admin.delete(registry.attestation_key(worker.worker_id))
+        assert [w.attested for w in await registry.list_workers(admin)] == [False]
+        await admin.delete(registry.worker_key(worker.worker_id))
+        assert await registry.list_workers(admin) == []
+        assert await index(admin) == []
+    finally:
+        worker.redis.close()
+
+
+async def test_one_worker_cannot_take_the_others_out_of_dispatch(
+    settings: Settings, admin: aioredis.Redis
+) -> None:
+    """Before: a worker ZREMed every other id and 10 of 10 requests got no worker."""
+    service = onboarding(settings, admin)
+    honest, rogue = await onboard(service), await onboard(service)
+    try:
+        honest.register()
+        rogue.register()
+        for attack in (
+            lambda: rogue.redis.zrem(registry.INDEX_KEY, honest.worker_id),
+            lambda: rogue.redis.delete(registry.INDEX_KEY),
+            lambda: registry.unregister(rogue.redis, honest.worker_id),
+            lambda: rogue.redis.delete(registry.worker_key(honest.worker_id)),
+            lambda: rogue.redis.zadd(registry.INDEX_KEY, {"w-0000000000000000": 1}),
+            lambda: rogue.redis.zadd(registry.slots_key(honest.worker_id), {"x": 2e9}),
+        ):
+            with pytest.raises(NoPermissionError):
+                attack()
+        picks = [
+            await registry.pick_worker(
+                admin, MODEL, attested_only=True, exclude=[rogue.worker_id], job_id=f"j{n}"
+            )
+            for n in range(10)
+        ]
+        assert [p.worker_id if p else None for p in picks[:4]] == [honest.worker_id] * 4
+        # Its 4 slots are the backend's count: the fifth request finds it full, not gone.
+        assert picks[4:] == [None] * 6
+        assert sorted(await index(admin)) == sorted([honest.worker_id, rogue.worker_id])
+    finally:
+        honest.redis.close()
+        rogue.redis.close()
+
+
+async def test_an_advertised_capacity_is_capped_by_the_attestation_record(
+    settings: Settings, admin: aioredis.Redis
+) -> None:
+    """Before: a worker claiming capacity 10^9 took all traffic."""
+    service = onboarding(settings, admin, policy=Policy(max_capacity=3))
+    honest, greedy = await onboard(service), await onboard(service)
+    try:
+        honest.register(capacity=3)
+        greedy.register(capacity=1_000_000_000, load=0)
+        listed = {w.worker_id: w for w in await registry.list_workers(admin)}
+        assert listed[greedy.worker_id].capacity == 3
+        picks = [
+            await registry.pick_worker(admin, MODEL, attested_only=True, job_id=f"j{n}")
+            for n in range(8)
+        ]
+        chosen = [p.worker_id for p in picks if p is not None]
+        assert chosen.count(greedy.worker_id) == 3 and chosen.count(honest.worker_id) == 3
+        assert picks[6:] == [None, None]
+        # Reporting itself idle frees no slot: load is the backend's own count.
+        assert registry.heartbeat(greedy.redis, greedy.worker_id, 0, 30) is True
+        assert not await registry.reserve_slot(admin, greedy.worker_id, "more", ttl_s=60)
+    finally:
+        honest.redis.close()
+        greedy.redis.close()
+
+
+async def test_a_workers_bogus_entry_spoils_no_read_of_the_others(
+    settings: Settings, admin: aioredis.Redis
+) -> None:
+    service = onboarding(settings, admin)
+    honest, rogue = await onboard(service), await onboard(service)
+    key = registry.worker_key(rogue.worker_id)
+    try:
+        honest.register()
+        rogue.register()
+        reads = []
+        # Its own entry is all it can write: unparseable numbers, a huge entry, another type,
+        # and an entry that names another worker.
+        rogue.redis.hset(key, mapping={"load": "nan", "last_heartbeat": "inf"})
+        reads.append(await registry.list_workers(admin))
+        rogue.redis.hset(key, "load", "9" * 5000)
+        reads.append(await registry.list_workers(admin))
+        rogue.redis.hset(key, "info", "{" * 1_000_000)
+        reads.append(await registry.list_workers(admin))
+        rogue.redis.delete(key)
+        rogue.redis.rpush(key, "not a hash")
+        reads.append(await registry.list_workers(admin))
+        rogue.redis.delete(key)
+        rogue.register()
+        rogue.redis.hset(key, "info", rogue.info(worker_id=honest.worker_id).model_dump_json())
+        reads.append(await registry.list_workers(admin))
+        assert {w.worker_id for w in reads[0]} == {honest.worker_id, rogue.worker_id}
+        for listed in reads[1:4]:
+            assert [w.worker_id for w in listed] == [honest.worker_id]
+        # Listed under its own key's id, whatever its entry says.
+        assert sorted(w.worker_id for w in reads[4]) == sorted([honest.worker_id, rogue.worker_id])
+        assert {w.box_public_key for w in reads[4] if w.worker_id == honest.worker_id} == {
+            honest.keys.box_public_b64
+        }
+        # Reserving on a key of the wrong type skips that worker only.
+        rogue.redis.delete(key)
+        rogue.redis.rpush(key, "x")
+        picked = await registry.pick_worker(admin, MODEL, attested_only=True, job_id="j")
+        assert picked is not None and picked.worker_id == honest.worker_id
+    finally:
+        honest.redis.close()
+        rogue.redis.close()
+
+
+async def test_the_node_writes_its_own_entry_in_one_transaction_without_scripts(
+    settings: Settings, admin: aioredis.Redis
+) -> None:
+    service = onboarding(settings, admin)
+    worker = await onboard(service)
+    try:
+        worker.register()
+        assert registry.heartbeat(worker.redis, worker.worker_id, 2, 30) is True
+        registry.unregister(worker.redis, worker.worker_id, shared=False)
+        assert registry.heartbeat(worker.redis, worker.worker_id, 2, 30) is False
+        assert not await admin.exists(registry.worker_key(worker.worker_id))  # not resurrected
+        assert await index(admin) == [worker.worker_id]  # the index is the backend's
+    finally:
+        worker.redis.close()
+
+
+# -- worker ids ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["", "a b", "x" * 65, "w-*", "cocoon:workers", "a\n", "é", b"\xff", b"y" * 65, 7, None],
+)
+def test_a_worker_id_is_a_short_plain_name(value: object) -> None:
+    assert registry.valid_worker_id(value) is None
+
+
+def test_a_worker_id_from_redis_is_read_as_text() -> None:
+    assert registry.valid_worker_id(b"w-0123456789abcdef") == "w-0123456789abcdef"
+    assert registry.valid_worker_id("dev.worker_1-a") == "dev.worker_1-a"
+
+
+async def test_bogus_index_entries_are_skipped_dropped_and_read_in_bounded_steps(
+    settings: Settings, admin: aioredis.Redis
+) -> None:
+    service = onboarding(settings, admin)
+    worker = await onboard(service)
+    try:
+        worker.register()
+        await admin.zadd(registry.INDEX_KEY, {f"bogus-{n}": 0 for n in range(2_000)})
+        await admin.zadd(registry.INDEX_KEY, {b"\xff\xfe": 0, "a b": 0, "x" * 200: 0, "w-*": 0})
+        sizes = []
+        for _ in range(5):
+            listed = await registry.list_workers(admin, limit=500)
+            # The newest entries first: the worker accepted last is seen behind all of them.
+            assert [w.worker_id for w in listed] == [worker.worker_id]
+            sizes.append(await admin.zcard(registry.INDEX_KEY))
+        # Each read looks at 500 entries at most and drops those that name no worker.
+        assert sizes == [1_506, 1_007, 508, 9, 1]
+        assert await index(admin) == [worker.worker_id]
+        # A route (read from Redis) that names no worker is ignored.
+        await admin.set(registry.route_key("conv"), "../../x")
+        picked = await registry.pick_worker(admin, MODEL, conversation_id="conv")
+        assert picked is not None and picked.worker_id == worker.worker_id
+        assert await registry.get_worker(admin, "a b") is None
+        assert await registry.read_attestation(admin, "*") is None
+    finally:
+        worker.redis.close()
+
+
+class CommandLog(aioredis.Redis):
+    """The real client, noting the name of every command it sends on its own (not pipelined)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.sent: list[str] = []
+
+    async def execute_command(self, *args: object, **options: object) -> object:
+        self.sent.append(str(args[0]).upper())
+        return await super().execute_command(*args, **options)
+
+
+async def test_a_turn_reads_no_index_however_many_entries_it_has(
+    settings: Settings, admin: aioredis.Redis, redis_url: str
+) -> None:
+    """Before: 300,000 bogus ids froze the web server (/healthz 27 s): every turn read them."""
+    service = onboarding(settings, admin)
+    worker = await onboard(service)
+    client = CommandLog.from_url(redis_url)
+    snapshot = registry.WorkerSnapshot(client, refresh_s=3600)
+    try:
+        worker.register()
+        await snapshot.refresh()
+        pipe = admin.pipeline(transaction=False)
+        for start in range(0, 50_000, 10_000):
+            pipe.zadd(registry.INDEX_KEY, {f"bogus-{n}": 0 for n in range(start, start + 10_000)})
+        await pipe.execute()
+        client.sent.clear()
+        for n in range(3):
+            picked = await registry.pick_worker(
+                client, MODEL, attested_only=True, job_id=f"j{n}", snapshot=snapshot
+            )
+            assert picked is not None and picked.worker_id == worker.worker_id
+        assert client.sent == ["EVAL"] * 3  # one slot reservation each, no index read
+        assert await admin.zcard(registry.INDEX_KEY) == 50_001  # nothing was read
+    finally:
+        await snapshot.close()
+        await client.aclose()
+        worker.redis.close()
+
+
+async def test_the_snapshot_refreshes_in_the_background_and_keeps_its_copy_when_redis_fails(
+    settings: Settings, admin: aioredis.Redis, redis_url: str
+) -> None:
+    service = onboarding(settings, admin)
+    first = await onboard(service)
+    now = [0.0]
+    snapshot = registry.WorkerSnapshot(admin, refresh_s=5, clock=lambda: now[0])
+    try:
+        first.register()
+        assert [w.worker_id for w in await snapshot.workers(MODEL)] == [first.worker_id]
+        second = await onboard(service)
+        second.register()
+        assert len(await snapshot.workers(MODEL)) == 1  # a copy: not read again yet
+        now[0] = 6.0  # older than refresh_s: a read starts in the background
+        assert len(await snapshot.workers(MODEL)) == 1
+        for _ in range(100):
+            if len(await snapshot.workers(MODEL)) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert len(await snapshot.workers(MODEL)) == 2
+        second.redis.close()
+    finally:
+        await snapshot.close()
+        first.redis.close()
+
+
+# -- RQ's bookkeeping ----------------------------------------------------------------------------
+
+
+async def test_the_rq_bookkeeping_needs_no_shared_key(
+    settings: Settings, admin: aioredis.Redis, redis_url: str
+) -> None:
+    """RQ lists a worker in the shared set ``rq:workers``; the node's RQ worker lists itself in
+    its queue's set only (workers/jobs.py, NodeRQWorker). If an RQ release writes the shared
+    set again, the worker's ACL user refuses it here, with NOPERM."""
+    service = onboarding(settings, admin)
+    worker = await onboard(service)
+    book = JobBook(worker.redis, worker.worker_id)
+    try:
+        ok_id = job_id_for(worker.worker_id, "t1", 1)
+        bad_id = job_id_for(worker.worker_id, "t2", 1)
+        for job_id in (ok_id, bad_id):
+            await aenqueue_job(admin, worker.worker_id, job_id, b"sealed", timeout_s=60, ttl_s=60)
+        book.register_birth()
+        first = book.dequeue(None)
+        assert first is not None and first.id == ok_id
+        execution = book.start(first)
+        book.heartbeat([(first, execution)], True)
+        book.finish(first, execution, {"finish_reason": "stop"})
+        second = book.dequeue(None)
+        assert second is not None
+        book.fail(second, book.start(second), "engine failed")
+        queue_workers = Worker.all(queue=book.queue, serializer=JSONSerializer)
+        assert [w.name for w in queue_workers] == [worker.worker_id]
+        book.register_death()
+        assert not await admin.exists("rq:workers")
+        with pytest.raises(NoPermissionError):
+            worker.redis.sadd("rq:workers", "rq:worker:x")
+    finally:
+        worker.redis.close()
+
+
+async def test_a_kept_digest_is_the_passwords_sha256_and_goes_with_the_record(
+    settings: Settings, admin: aioredis.Redis
+) -> None:
+    service = onboarding(settings, admin, lifetime_s=600)
+    worker = await onboard(service)
+    try:
+        digest = (await store.acl_digests(admin, [worker.worker_id]))[worker.worker_id]
+        password = worker.redis.connection_pool.connection_kwargs["password"]
+        assert digest == acl.password_digest(password) != password
+        ttl = await admin.ttl(f"cocoon:worker-acl:{worker.worker_id}")
+        record_ttl = await admin.ttl(registry.attestation_key(worker.worker_id))
+        assert 0 < ttl and abs(ttl - record_ttl) <= 1
+    finally:
+        worker.redis.close()
