@@ -1,32 +1,30 @@
 """What a user or provider sees of their account, shared by the bot, the Mini App and the CLI.
 
-Usage and history, provider workers and earnings, withdrawals, Telegram Stars credits, the
-notification outbox, admin statistics and ``/forget``. Every function takes the services it
-needs explicitly; none of them touches prompt or reply text (the database never holds any).
+Usage and history, provider workers and earnings, withdrawals, Telegram Stars credits, admin
+statistics and ``/forget`` (what to tell a user: ``backend.notifications``). Every function
+takes the services it needs explicitly; none of them touches prompt or reply text (the
+database never holds any).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from sqlalchemy import delete, func, select, update
-from sqlalchemy.exc import IntegrityError
 
 from backend.db import Database
 from backend.errors import CocoonError, ErrorCode
-from backend.flags import NOTIFY_WORKER_FLAGGED as NOTIFY_WORKER_FLAGGED
 from backend.ledger import InsufficientFunds, InvalidAmount, Ledger, Receipt
 from backend.models import (
     Account,
     AccountKind,
     ApiKey,
     Entry,
+    Notification,
     Payout,
     PayoutState,
-    TonNotification,
     TonWallet,
     Transaction,
     TurnRecord,
@@ -35,22 +33,18 @@ from backend.models import (
     WorkerRecord,
     WorkerState,
 )
+from backend.notifications import (
+    NOTIFY_STARS,
+    NOTIFY_WORKER_ATTESTED,
+    NOTIFY_WORKER_FAILED,
+    NOTIFY_WORKER_OFFLINE,
+    notify,
+)
 from backend.settings import MAX_NANO, Settings
-from backend.ton.watcher import NOTIFY_DEPOSIT as NOTIFY_DEPOSIT
 
 HistoryKind = Literal["deposit", "turn", "payout"]
 HISTORY_KINDS: tuple[HistoryKind, ...] = ("deposit", "turn", "payout")
 MAX_PAGE_SIZE = 100
-
-# Notification kinds in the outbox (``ton_notifications``); the bot tells each one once.
-# NOTIFY_DEPOSIT (imported above) is written by the watcher, in the crediting transaction.
-NOTIFY_STARS = "stars_credited"
-NOTIFY_PAYOUT_CONFIRMED = "payout_confirmed"
-NOTIFY_PAYOUT_FAILED = "payout_failed"
-NOTIFY_WORKER_ATTESTED = "worker_attested"
-NOTIFY_WORKER_FAILED = "worker_failed"
-NOTIFY_WORKER_OFFLINE = "worker_offline"
-# NOTIFY_WORKER_FLAGGED (imported above) is written by backend.flags: a worker crossed a bound.
 
 
 class AccountError(CocoonError):
@@ -264,43 +258,6 @@ async def history(
         per_page=per_page,
         has_more=len(items) > start + per_page,
     )
-
-
-# ----------------------------------------------------------------------- notifications
-
-
-async def notify(
-    db: Database,
-    user_id: int,
-    kind: str,
-    key: str,
-    *,
-    amount: int = 0,
-    data: dict[str, Any] | None = None,
-) -> bool:
-    """Put a message for the user in the outbox, once per ``key``. False if already there."""
-    try:
-        async with db.session() as session, session.begin():
-            session.add(
-                TonNotification(
-                    key=key,
-                    user_id=user_id,
-                    kind=kind,
-                    amount=amount,
-                    data=json.dumps(data, sort_keys=True) if data else None,
-                )
-            )
-    except IntegrityError:
-        return False
-    return True
-
-
-def notification_data(notification: TonNotification) -> dict[str, Any]:
-    """The JSON details of an outbox entry (empty when it has none)."""
-    if not notification.data:
-        return {}
-    value = json.loads(notification.data)
-    return value if isinstance(value, dict) else {}
 
 
 # ----------------------------------------------------------------------------- Stars
@@ -730,7 +687,7 @@ async def forget_user(db: Database, user_id: int) -> None:
         await session.execute(
             delete(TonWallet).where(TonWallet.user_id == user_id, TonWallet.purpose == "user")
         )
-        await session.execute(delete(TonNotification).where(TonNotification.user_id == user_id))
+        await session.execute(delete(Notification).where(Notification.user_id == user_id))
         owed = await session.scalar(
             select(func.coalesce(func.sum(Account.balance), 0)).where(
                 Account.owner_id == user_id,

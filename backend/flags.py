@@ -1,31 +1,23 @@
 """Workers caught crossing a bound (:mod:`backend.bounds`): a durable record per turn and kind
 (``worker_flags``, shown in the admin's ``/stats``), and the provider told once per worker
-through the notification outbox (``ton_notifications``, kind :data:`NOTIFY_WORKER_FLAGGED`).
-The dispatcher counts them in its metrics too.
-
-This module imports no service of the account layer (the dispatcher imports it, and
-``backend.account`` reaches the composition root through ``backend.ton``): it writes its outbox
-row itself, as ``account.notify`` does, once per key."""
+through the notification outbox (:mod:`backend.notifications`, ``NOTIFY_WORKER_FLAGGED``).
+The dispatcher counts them in its metrics too."""
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 
 from backend.bounds import Flag
 from backend.db import Database
-from backend.models import TonNotification, WorkerFlag
+from backend.models import WorkerFlag
+from backend.notifications import NOTIFY_WORKER_FLAGGED, notify
 
-__all__ = ["NOTIFY_WORKER_FLAGGED", "record_flags"]
+__all__ = ["record_flags"]
 
 log = logging.getLogger("cocoon.flags")
-
-NOTIFY_WORKER_FLAGGED = "worker_flagged"
-"""The outbox kind that tells a provider its worker crossed a bound (once per worker)."""
 
 
 async def record_flags(
@@ -75,16 +67,8 @@ async def record_flags(
             "claimed": first.claimed,
             "bound": first.bound,
         }
-        try:
-            async with db.session() as session, session.begin():
-                session.add(
-                    TonNotification(
-                        key=f"worker-flagged:{worker_id}",  # once per worker, whatever comes next
-                        user_id=provider_id,
-                        kind=NOTIFY_WORKER_FLAGGED,
-                        data=json.dumps(data, sort_keys=True),
-                    )
-                )
-        except IntegrityError:
-            pass  # told already
+        # Once per worker, whatever comes next: a second flag finds the key told already.
+        await notify(
+            db, provider_id, NOTIFY_WORKER_FLAGGED, f"worker-flagged:{worker_id}", data=data
+        )
     return len(added)

@@ -249,10 +249,11 @@ class TonDeposit(Base):
     jetton_sender: Mapped[str | None] = mapped_column(String(80))
 
 
-class TonNotification(Base):
-    """Outbox of things to tell a user in the bot (a deposit was credited); the bot drains it."""
+class Notification(Base):
+    """The outbox of things to tell a user in the bot (``backend.notifications``): deposits and
+    Stars credited, payouts settled, worker events; the bot drains it."""
 
-    __tablename__ = "ton_notifications"
+    __tablename__ = "notifications"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     key: Mapped[str] = mapped_column(String(200), unique=True)

@@ -1,9 +1,10 @@
 """The notification outbox, told to users: deposits, Stars, payouts and worker events.
 
-Rows come from the deposit watcher, the payout sender, attestation and the Stars handler
-(``ton_notifications``). Each is *claimed* (marked delivered) before it is sent, so two bot
-replicas never tell one twice; a user who blocked the bot is skipped quietly. A payout's
-status message (the one ``/withdraw`` left) is edited in place when its payout settles.
+Rows come from the deposit watcher, the payout sender, attestation, the bounds checks and the
+Stars handler (``backend.notifications``). Each is *claimed* (marked delivered) before it is
+sent, so two bot replicas never tell one twice; a user who blocked the bot is skipped quietly.
+A payout's status message (the one ``/withdraw`` left) is edited in place when its payout
+settles.
 """
 
 from __future__ import annotations
@@ -16,13 +17,11 @@ from typing import Any
 import aiohttp
 from aiogram import Bot
 from aiogram.exceptions import TelegramAPIError, TelegramBadRequest, TelegramForbiddenError
-from sqlalchemy import select, update
 
-from backend import account
+from backend import account, notifications
 from backend.db import Database
 from backend.ledger import Ledger
-from backend.models import TonNotification, User
-from backend.ton.watcher import mark_delivered, pending_notifications
+from backend.models import Notification, User
 from bot.common import ton
 from bot.i18n import _, use_language
 from workers.redis_keys import redis_key
@@ -31,45 +30,46 @@ log = logging.getLogger("cocoon.bot.outbox")
 
 PAYOUT_MESSAGE = "bot:payout"
 PAYOUT_MESSAGE_TTL_S = 30 * 86_400
+PAYOUT_OUTCOMES = (notifications.NOTIFY_PAYOUT_CONFIRMED, notifications.NOTIFY_PAYOUT_FAILED)
 
 
 def payout_message_key(payout_id: int) -> str:
     return redis_key(PAYOUT_MESSAGE, str(payout_id))
 
 
-def render(notification: TonNotification, balance: int | None) -> str:
+def render(notification: Notification, balance: int | None) -> str:
     """The message for one outbox row, in the current language."""
-    data = account.notification_data(notification)
+    data = notifications.notification_data(notification)
     kind = notification.kind
     amount = ton(notification.amount)
-    if kind == account.NOTIFY_DEPOSIT:
+    if kind == notifications.NOTIFY_DEPOSIT:
         text = _("Your deposit of {amount} has arrived.").format(amount=amount)
-    elif kind == account.NOTIFY_STARS:
+    elif kind == notifications.NOTIFY_STARS:
         text = _("Thank you! {stars} Stars credited: {amount}.").format(
             stars=data.get("stars", "?"), amount=amount
         )
-    elif kind == account.NOTIFY_PAYOUT_CONFIRMED:
+    elif kind == notifications.NOTIFY_PAYOUT_CONFIRMED:
         return _("Payout #{id} of {amount} is confirmed on chain.").format(
             id=data.get("payout_id", "?"), amount=amount
         )
-    elif kind == account.NOTIFY_PAYOUT_FAILED:
+    elif kind == notifications.NOTIFY_PAYOUT_FAILED:
         return _("Payout #{id} of {amount} failed; the amount is back in your earnings.").format(
             id=data.get("payout_id", "?"), amount=amount
         )
-    elif kind == account.NOTIFY_WORKER_ATTESTED:
+    elif kind == notifications.NOTIFY_WORKER_ATTESTED:
         tee = _("development TEE") if data.get("tee") == "dev" else str(data.get("tee", "")).upper()
         return _("Worker {worker} is attested ({tee}) and serves {model}.").format(
             worker=data.get("worker_id", "?"), tee=tee, model=data.get("model") or "?"
         )
-    elif kind == account.NOTIFY_WORKER_FAILED:
+    elif kind == notifications.NOTIFY_WORKER_FAILED:
         return _("Worker {worker} failed attestation: {reason}").format(
             worker=data.get("worker_id", "?"), reason=data.get("note") or "?"
         )
-    elif kind == account.NOTIFY_WORKER_OFFLINE:
+    elif kind == notifications.NOTIFY_WORKER_OFFLINE:
         return _("Worker {worker} went offline: it gets no jobs until it attests again.").format(
             worker=data.get("worker_id", "?")
         )
-    elif kind == account.NOTIFY_WORKER_FLAGGED:
+    elif kind == notifications.NOTIFY_WORKER_FLAGGED:
         return _(
             "Worker {worker} went beyond what a turn allows ({kind}: {claimed} > {bound}): it "
             "was billed at the bound or cut off. Check that it runs the released node unmodified."
@@ -98,25 +98,24 @@ class Outbox:
         """Tell everything pending; returns how many were told."""
         told = 0
         async with self._lock:
-            for notification in await pending_notifications(self.db):
+            for notification in await notifications.pending_notifications(self.db):
                 if await self._deliver(notification):
                     told += 1
         return told
 
     async def deliver_key(self, key: str) -> bool:
-        async with self.db.session() as session:
-            row = await session.scalar(select(TonNotification).where(TonNotification.key == key))
+        row = await notifications.find(self.db, key)
         return row is not None and row.delivered_at is None and await self._deliver(row)
 
-    async def _deliver(self, notification: TonNotification) -> bool:
-        if not await mark_delivered(self.db, notification.id):
+    async def _deliver(self, notification: Notification) -> bool:
+        if not await notifications.mark_delivered(self.db, notification.id):
             return False  # another replica told it
         async with self.db.session() as session:
             user = await session.get(User, notification.user_id)
         if user is None:
             return False
         balance = None
-        if notification.kind in (account.NOTIFY_DEPOSIT, account.NOTIFY_STARS):
+        if notification.kind in (notifications.NOTIFY_DEPOSIT, notifications.NOTIFY_STARS):
             balance = (await self.ledger.balances(user.id)).available
         with use_language(user.language_code):
             text = render(notification, balance)
@@ -130,23 +129,14 @@ class Outbox:
         except (TelegramAPIError, aiohttp.ClientError, TimeoutError) as error:
             # Telegram is down or slow: give it back to the outbox for a later round.
             log.warning("notification %s not told yet: %s", notification.id, type(error).__name__)
-            await self._unclaim(notification.id)
+            await notifications.mark_undelivered(self.db, notification.id)
             return False
         return True
 
-    async def _unclaim(self, notification_id: int) -> None:
-        async with self.db.session() as session, session.begin():
-            await session.execute(
-                update(TonNotification)
-                .where(TonNotification.id == notification_id)
-                .values(delivered_at=None)
-                .execution_options(synchronize_session=False)
-            )
-
-    async def _edit_payout_status(self, notification: TonNotification, text: str) -> bool:
-        if notification.kind not in (account.NOTIFY_PAYOUT_CONFIRMED, account.NOTIFY_PAYOUT_FAILED):
+    async def _edit_payout_status(self, notification: Notification, text: str) -> bool:
+        if notification.kind not in PAYOUT_OUTCOMES:
             return False
-        payout_id = account.notification_data(notification).get("payout_id")
+        payout_id = notifications.notification_data(notification).get("payout_id")
         if payout_id is None:
             return False
         where = await self.redis.get(payout_message_key(int(payout_id)))

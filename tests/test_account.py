@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import redis.asyncio as aioredis
 
-from backend import account
+from backend import account, notifications
 from backend.account import AccountError
 from backend.db import Database
 from backend.ledger import Ledger, TurnUsage
 from backend.models import AccountKind, WorkerState
+from backend.notifications import pending_notifications
 from backend.settings import Settings
-from backend.ton.watcher import pending_notifications
 from backend.users import get_or_create_user
 
 TON = 1_000_000_000
@@ -83,7 +83,7 @@ async def test_stars_payment_is_credited_once(
     assert (await ledger.balances(user)).available == 100 * settings.stars_nano_per_star
     assert await ledger.balance(AccountKind.STARS_IN) == -100 * settings.stars_nano_per_star
     told = [n for n in await pending_notifications(db) if n.user_id == user]
-    assert [n.kind for n in told] == [account.NOTIFY_STARS]
+    assert [n.kind for n in told] == [notifications.NOTIFY_STARS]
     with pytest.raises(AccountError):
         await account.credit_stars(ledger, settings, user, 0, "tg-charge-2")
 
@@ -142,7 +142,7 @@ async def test_worker_records_tell_the_provider_of_changes(
     await _turn(ledger, user, provider, "r-turn", 10_000)
 
     told = [n.kind for n in await pending_notifications(db) if n.user_id == provider]
-    assert told == [account.NOTIFY_WORKER_ATTESTED, account.NOTIFY_WORKER_OFFLINE]
+    assert told == [notifications.NOTIFY_WORKER_ATTESTED, notifications.NOTIFY_WORKER_OFFLINE]
     redis = aioredis.from_url(redis_url)
     try:
         (view,) = await account.provider_workers(db, redis, provider)

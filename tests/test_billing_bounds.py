@@ -40,7 +40,8 @@ from backend.dispatch import Dispatcher, Turn, TurnDone, TurnError, TurnRequest,
 from backend.flags import record_flags
 from backend.ledger import Ledger
 from backend.metrics import TurnMetrics
-from backend.models import TonNotification, WorkerFlag
+from backend.models import Notification, WorkerFlag
+from backend.notifications import NOTIFY_WORKER_FLAGGED
 from backend.pricing import turn_cost
 from backend.settings import DEFAULT_MODEL, Settings
 from backend.users import get_or_create_user
@@ -97,9 +98,9 @@ class Stack:
             rows = await session.scalars(select(WorkerFlag))
             return {(r.worker_id, r.kind, r.claimed, r.bound) for r in rows}
 
-    async def notifications(self, user_id: int) -> list[TonNotification]:
+    async def notifications(self, user_id: int) -> list[Notification]:
         async with self.ledger.db.session() as session:
-            query = select(TonNotification).where(TonNotification.user_id == user_id)
+            query = select(Notification).where(Notification.user_id == user_id)
             return list(await session.scalars(query))
 
 
@@ -301,7 +302,7 @@ async def test_an_inflated_final_record_is_billed_at_the_bound_and_the_worker_fl
     }
     assert stack.flagged("prompt_tokens") == 1 and stack.flagged("completion_tokens") == 1
     told = await stack.notifications(provider)
-    assert [n.kind for n in told] == [account.NOTIFY_WORKER_FLAGGED]
+    assert [n.kind for n in told] == [NOTIFY_WORKER_FLAGGED]
     with use_language("en"):
         text = render(told[0], None)
     assert rogue.worker_id in text and "prompt_tokens" in text and "10000000" in text
@@ -626,14 +627,14 @@ async def test_flags_are_kept_once_per_turn_and_kind_and_the_provider_told_once(
     )
     async with db.session() as session:
         rows = list(await session.scalars(select(WorkerFlag).order_by(WorkerFlag.id)))
-        told = list(await session.scalars(select(TonNotification)))
+        told = list(await session.scalars(select(Notification)))
     assert [(r.worker_id, r.turn_id, r.kind) for r in rows] == [
         ("w-1", "t-1", "reply_bytes"),
         ("w-1", "t-1", "deadline"),
         ("w-1", "t-2", "reply_bytes"),
         ("w-2", "t-3", "reply_bytes"),
     ]
-    assert [(n.user_id, n.kind) for n in told] == [(provider, account.NOTIFY_WORKER_FLAGGED)]
+    assert [(n.user_id, n.kind) for n in told] == [(provider, NOTIFY_WORKER_FLAGGED)]
     assert json.loads(told[0].data or "{}") == {
         "worker_id": "w-1",
         "kind": "reply_bytes",

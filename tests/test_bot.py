@@ -19,6 +19,7 @@ from backend.attestation import store
 from backend.db import Database
 from backend.dispatch import WorkerProof
 from backend.models import Hold, HoldState, TonWallet, TurnRecord
+from backend.notifications import NOTIFY_DEPOSIT, NOTIFY_PAYOUT_CONFIRMED, notify
 from backend.settings import Settings
 from bot.app import running_bot
 from bot.context import Conversation, LastTurn
@@ -260,8 +261,8 @@ async def test_outbox_tells_deposits_in_the_users_language_and_skips_blocked_use
     await bot.send("/start", user=502)
     alice, bob = await bot.user(), await bot.user(502)
     await bot.ledger.credit_deposit(alice.id, 2 * TON, "dep:a")
-    await account.notify(bot.db, alice.id, account.NOTIFY_DEPOSIT, "dep:a", amount=2 * TON)
-    await account.notify(bot.db, bob.id, account.NOTIFY_DEPOSIT, "dep:b", amount=TON)
+    await notify(bot.db, alice.id, NOTIFY_DEPOSIT, "dep:a", amount=2 * TON)
+    await notify(bot.db, bob.id, NOTIFY_DEPOSIT, "dep:b", amount=TON)
     bot.tg.clear()
     # Alice's arrives (in Russian); Bob blocked the bot: skipped quietly, never retried.
     bot.tg.reply("sendMessage", message_update(ALICE, "sent")["message"])
@@ -272,7 +273,7 @@ async def test_outbox_tells_deposits_in_the_users_language_and_skips_blocked_use
     assert "2 TON" in to_alice.text and "пришёл" in to_alice.text
     assert await bot.app.outbox.drain_once() == 0
     # Telegram down: the notification waits for the next round instead of being lost.
-    await account.notify(bot.db, alice.id, account.NOTIFY_DEPOSIT, "dep:c", amount=TON)
+    await notify(bot.db, alice.id, NOTIFY_DEPOSIT, "dep:c", amount=TON)
     bot.tg.fail("sendMessage", 502, "Bad Gateway")
     assert await bot.app.outbox.drain_once() == 0
     assert await bot.app.outbox.drain_once() == 1
@@ -343,10 +344,10 @@ async def test_withdraw_validates_confirms_and_updates_the_status_message(bot: H
 
         payout = await session.scalar(select(Payout).where(Payout.provider_id == provider.id))
     await bot.ledger.confirm_payout(payout.id)
-    await account.notify(
+    await notify(
         bot.db,
         provider.id,
-        account.NOTIFY_PAYOUT_CONFIRMED,
+        NOTIFY_PAYOUT_CONFIRMED,
         f"payout:{payout.id}:confirmed",
         amount=payout.amount,
         data={"payout_id": payout.id},

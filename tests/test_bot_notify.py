@@ -7,17 +7,17 @@ from __future__ import annotations
 import pytest
 import redis.asyncio as aioredis
 
-from backend import account
+from backend import notifications
 from backend.attestation import acl, store
 from backend.attestation.onboarding import OnboardingError
 from backend.db import Database
 from backend.ledger import Ledger
 from backend.models import WorkerRecord, WorkerState
+from backend.notifications import pending_notifications
 from backend.settings import Settings
 from backend.ton.localnet import LocalTonCenter
 from backend.ton.toncenter import TonCenter
 from backend.ton.wallet import HotWallet
-from backend.ton.watcher import pending_notifications
 from backend.users import get_or_create_user
 from tests.support.attest import attest, service
 from tests.support.payouts import PROVIDER_WALLETS, Clock, earn, run_until_done, sender
@@ -42,11 +42,11 @@ async def test_payout_outcomes_go_to_the_providers_outbox_once(
     await run_until_done(lambda: sender(db, api, hot, clock))  # a second pass tells nothing new
     told = {(n.user_id, n.kind, n.amount) for n in await pending_notifications(db)}
     assert told == {
-        (good, account.NOTIFY_PAYOUT_CONFIRMED, 3 * TON),
-        (bad, account.NOTIFY_PAYOUT_FAILED, 2 * TON),
+        (good, notifications.NOTIFY_PAYOUT_CONFIRMED, 3 * TON),
+        (bad, notifications.NOTIFY_PAYOUT_FAILED, 2 * TON),
     }
     (confirmed,) = [n for n in await pending_notifications(db) if n.user_id == good]
-    assert account.notification_data(confirmed)["payout_id"] == paid.subject_id
+    assert notifications.notification_data(confirmed)["payout_id"] == paid.subject_id
 
 
 @pytest.fixture
@@ -71,10 +71,10 @@ async def test_onboarding_records_workers_and_tells_their_provider(
     accepting = service(settings, admin, allow_dev=True)
     accepting.db = db
     await attest(accepting, token, keys)
-    told = [(n.kind, account.notification_data(n)) for n in await pending_notifications(db)]
+    told = [(n.kind, notifications.notification_data(n)) for n in await pending_notifications(db)]
     assert [kind for kind, _ in told] == [
-        account.NOTIFY_WORKER_FAILED,
-        account.NOTIFY_WORKER_ATTESTED,
+        notifications.NOTIFY_WORKER_FAILED,
+        notifications.NOTIFY_WORKER_ATTESTED,
     ]
     assert told[0][1]["note"] and told[1][1]["tee"] == "dev"
     async with db.session() as session:
@@ -82,4 +82,4 @@ async def test_onboarding_records_workers_and_tells_their_provider(
     assert row is not None and row.state == WorkerState.ATTESTED
     assert row.provider_id == provider.id and row.expires_at is not None
     await accepting.revoke(row.worker_id)
-    assert (await pending_notifications(db))[-1].kind == account.NOTIFY_WORKER_OFFLINE
+    assert (await pending_notifications(db))[-1].kind == notifications.NOTIFY_WORKER_OFFLINE

@@ -23,6 +23,7 @@ from backend.db import Database
 from backend.ledger import Ledger
 from backend.models import AccountKind, TonDeposit, TonDepositStatus, User
 from backend.money import parse_ton
+from backend.notifications import mark_delivered, pending_notifications
 from backend.ton.comment import comment_cell, decode_comment, deposit_transaction
 from backend.ton.localnet import BOUNCE_FEE, LocalTonCenter, LocalTonCenterServer
 from backend.ton.toncenter import TonCenter
@@ -31,8 +32,6 @@ from backend.ton.watcher import (
     DepositWatcher,
     classify,
     jetton_notifications,
-    mark_delivered,
-    pending_notifications,
     resolve_unclaimed,
     unclaimed_deposits,
 )

@@ -36,7 +36,7 @@ from pytoniq_core import Cell
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from backend import account
+from backend import notifications
 from backend.db import Database
 from backend.ledger import Ledger
 from backend.models import (
@@ -352,10 +352,10 @@ class PayoutSender:
         """Put the outcome in the provider's outbox (the bot tells it, and edits the status
         message /withdraw left); once per payout, a replay after a crash included."""
         outcome = "confirmed" if paid else "failed"
-        await account.notify(
+        await notifications.notify(
             self.db,
             payout.provider_id,
-            account.NOTIFY_PAYOUT_CONFIRMED if paid else account.NOTIFY_PAYOUT_FAILED,
+            notifications.NOTIFY_PAYOUT_CONFIRMED if paid else notifications.NOTIFY_PAYOUT_FAILED,
             f"payout:{payout.id}:{outcome}",
             amount=payout.amount,
             data={"payout_id": payout.id, "destination": payout.destination},

@@ -40,9 +40,11 @@ from pytoniq_core import Cell
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
+from backend import notifications
 from backend.db import Database
 from backend.ledger import Ledger
-from backend.models import AccountKind, TonCursor, TonDeposit, TonDepositStatus, TonNotification
+from backend.models import AccountKind, Notification, TonCursor, TonDeposit, TonDepositStatus
+from backend.notifications import NOTIFY_DEPOSIT
 from backend.settings import MAX_NANO
 from backend.ton.comment import decode_comment, raw_address
 from backend.ton.toncenter import TonCenter, TonCenterError
@@ -51,7 +53,6 @@ from backend.users import find_by_memo
 log = logging.getLogger(__name__)
 
 MAX_MEMO_LOOKUP = 64  # a memo is 12 characters; longer comments are nobody's memo
-NOTIFY_DEPOSIT = "deposit_credited"
 MEMO_CACHE_SIZE = 10_000
 OVERLAP_S = 120  # chain seconds re-read below the cursor on every poll (late-indexed txs)
 OVERLAP_MAX = 100  # at most this many transactions re-read per poll
@@ -492,13 +493,12 @@ class DepositWatcher:
                         session.add(existing)
                         await session.flush()
                         if status == TonDepositStatus.CREDITED and user_id is not None:
-                            session.add(
-                                TonNotification(
-                                    key=f"deposit:{existing.id}",
-                                    user_id=user_id,
-                                    kind=NOTIFY_DEPOSIT,
-                                    amount=found.amount,
-                                )
+                            notifications.add(
+                                session,
+                                user_id,
+                                NOTIFY_DEPOSIT,
+                                f"deposit:{existing.id}",
+                                amount=found.amount,
                             )
                     moved = await session.execute(
                         update(TonCursor)
@@ -623,41 +623,10 @@ async def resolve_unclaimed(
         row.note = f"{row.note or ''}; resolved to user {user_id} by {by}".lstrip("; ")
         row.user_id = user_id
         told = await session.scalar(
-            select(TonNotification.id).where(TonNotification.key == f"deposit:{deposit_id}")
+            select(Notification.id).where(Notification.key == f"deposit:{deposit_id}")
         )
         if told is None:
-            session.add(
-                TonNotification(
-                    key=f"deposit:{deposit_id}",
-                    user_id=user_id,
-                    kind=NOTIFY_DEPOSIT,
-                    amount=deposit.amount,
-                )
+            notifications.add(
+                session, user_id, NOTIFY_DEPOSIT, f"deposit:{deposit_id}", amount=deposit.amount
             )
     return deposit
-
-
-async def pending_notifications(db: Database, limit: int = 100) -> list[TonNotification]:
-    """What the bot still has to tell users, oldest first."""
-    async with db.session() as session:
-        rows = await session.scalars(
-            select(TonNotification)
-            .where(TonNotification.delivered_at.is_(None))
-            .order_by(TonNotification.id)
-            .limit(limit)
-        )
-        return list(rows)
-
-
-async def mark_delivered(db: Database, notification_id: int) -> bool:
-    """Mark one notification told; False if it already was (another bot replica told it)."""
-    import datetime as dt
-
-    async with db.session() as session, session.begin():
-        result = await session.execute(
-            update(TonNotification)
-            .where(TonNotification.id == notification_id, TonNotification.delivered_at.is_(None))
-            .values(delivered_at=dt.datetime.now(dt.UTC))
-            .execution_options(synchronize_session=False)
-        )
-        return result.rowcount == 1

@@ -1,0 +1,101 @@
+"""Schema migrations keep what the database already holds, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from alembic import command
+from sqlalchemy import inspect, text
+from sqlalchemy.engine import Connection
+
+from backend import notifications
+from backend.db import Database
+from backend.migrate import alembic_config
+
+
+def _migrate(connection: Connection, step: str, revision: str) -> None:
+    config = alembic_config()
+    config.attributes["connection"] = connection
+    getattr(command, step)(config, revision)
+
+
+def _names(connection: Connection, table: str) -> dict[str, object]:
+    schema = inspect(connection)
+    return {
+        "pk": schema.get_pk_constraint(table)["name"],
+        "unique": sorted(u["name"] for u in schema.get_unique_constraints(table)),
+        "fk": sorted(f["name"] for f in schema.get_foreign_keys(table)),
+        "index": sorted(
+            i["name"] for i in schema.get_indexes(table) if "duplicates_constraint" not in i
+        ),
+    }
+
+
+async def test_the_outbox_is_renamed_notifications_with_every_row_kept(db_url: str) -> None:
+    db = Database(db_url)
+    try:
+        async with db.engine.begin() as conn:
+            await conn.run_sync(_migrate, "upgrade", "0006")
+            await conn.execute(
+                text(
+                    "INSERT INTO users (id, telegram_id, deposit_memo, created_at) "
+                    "VALUES (1, 1001, 'memo-one', :now)"
+                ),
+                {"now": dt.datetime(2026, 11, 30, tzinfo=dt.UTC)},
+            )
+            told = dt.datetime.now(dt.UTC)
+            for key, kind, delivered, data in (
+                ("deposit:7", "deposit_credited", None, None),
+                ("payout:3:confirmed", "payout_confirmed", told, '{"payout_id": 3}'),
+                ("worker:w1:attested:1", "worker_attested", None, '{"worker_id": "w1"}'),
+            ):
+                await conn.execute(
+                    text(
+                        "INSERT INTO ton_notifications "
+                        "(key, user_id, kind, amount, created_at, delivered_at, data) "
+                        "VALUES (:key, 1, :kind, 5, :now, :delivered, :data)"
+                    ),
+                    {
+                        "key": key,
+                        "kind": kind,
+                        "now": dt.datetime.now(dt.UTC),
+                        "delivered": delivered,
+                        "data": data,
+                    },
+                )
+            await conn.run_sync(_migrate, "upgrade", "head")
+            tables = await conn.run_sync(lambda c: set(inspect(c).get_table_names()))
+            assert "notifications" in tables and "ton_notifications" not in tables
+            names = await conn.run_sync(_names, "notifications")
+        assert names == {
+            "pk": "pk_notifications",
+            "unique": ["uq_notifications_key"],
+            "fk": ["fk_notifications_user_id_users"],
+            "index": ["ix_notifications_user_id"],
+        }
+
+        # The rows the bot had not told yet are still to be told, in order, with their details.
+        pending = await notifications.pending_notifications(db)
+        assert [(n.key, n.user_id, n.amount) for n in pending] == [
+            ("deposit:7", 1, 5),
+            ("worker:w1:attested:1", 1, 5),
+        ]
+        assert notifications.notification_data(pending[1]) == {"worker_id": "w1"}
+        told = await notifications.find(db, "payout:3:confirmed")
+        assert told is not None and told.delivered_at is not None
+        # New rows get fresh ids after the old ones, and a key is still written once.
+        assert await notifications.notify(db, 1, notifications.NOTIFY_STARS, "stars:x", amount=9)
+        assert not await notifications.notify(db, 1, notifications.NOTIFY_STARS, "stars:x")
+        new = await notifications.find(db, "stars:x")
+        assert new is not None and new.id > max(n.id for n in pending)
+
+        # And back: the downgrade keeps the rows too.
+        async with db.engine.begin() as conn:
+            await conn.run_sync(_migrate, "downgrade", "0006")
+            count = await conn.scalar(text("SELECT count(*) FROM ton_notifications"))
+            names = await conn.run_sync(_names, "ton_notifications")
+        assert count == 4
+        assert names["pk"] == "pk_ton_notifications"
+        assert names["index"] == ["ix_ton_notifications_user_id"]
+    finally:
+        await db.close()
