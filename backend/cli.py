@@ -7,11 +7,15 @@ import asyncio
 import sys
 import uuid
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from backend import cliutil
 from backend.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from backend.dispatch import Dispatcher, TurnDone
 
 # ---------------------------------------------------------------- commands
 
@@ -125,7 +129,6 @@ def cmd_chat(settings: Settings, args: argparse.Namespace) -> int:
         from backend.db import Database
         from backend.dispatch import Dispatcher, TurnDone, TurnError, TurnRequest, TurnText
         from backend.ledger import Ledger
-        from backend.money import format_ton
         from backend.users import get_or_create_user
         from workers.wire import ChatMessage
 
@@ -147,13 +150,7 @@ def cmd_chat(settings: Settings, args: argparse.Namespace) -> int:
                         print(event.text, end="", flush=True)
                     elif isinstance(event, TurnDone):
                         print()
-                        tee = "development TEE" if event.worker.tee == "dev" else event.worker.tee
-                        print(
-                            f"[{event.model} · {event.prompt_tokens}+{event.completion_tokens} "
-                            f"tokens · {format_ton(event.cost)} · {tee}, worker key "
-                            f"{event.worker.key_fingerprint}, signed usage verified]",
-                            file=sys.stderr,
-                        )
+                        print(await _served_by(dispatcher, event), file=sys.stderr)
             except TurnError as error:
                 print(file=sys.stderr)
                 cliutil.fail(f"{error} ({error.code})", code=1)
@@ -163,6 +160,33 @@ def cmd_chat(settings: Settings, args: argparse.Namespace) -> int:
         return 0
 
     return asyncio.run(run())
+
+
+async def _served_by(dispatcher: Dispatcher, done: TurnDone) -> str:
+    """The chat footer: what the turn cost, and who served it as the backend's attestation
+    record says (engine, image, TEE), never as the worker's own registry entry does."""
+    from redis import exceptions as redis_errors
+
+    from backend.money import format_ton
+    from workers import registry
+
+    worker = done.worker
+    try:
+        record = await registry.read_attestation(dispatcher.redis, worker.worker_id)
+    except (redis_errors.RedisError, ValueError):
+        record = None
+    tee = "development TEE" if worker.tee == "dev" else worker.tee
+    engine = f"{record.engine} {record.engine_version}" if record else "engine unknown"
+    if record is not None and record.image:
+        tee = f"{tee} {record.image}"
+    off = ""
+    if record is not None and record.off_machine:
+        off = " (sends prompts OFF the machine: development only)"
+    return (
+        f"[{done.model} · {done.prompt_tokens}+{done.completion_tokens} tokens · "
+        f"{format_ton(done.cost)} · {tee}, {engine}{off}, worker key {worker.key_fingerprint}, "
+        "signed usage verified]"
+    )
 
 
 def cmd_apikey_create(settings: Settings, args: argparse.Namespace) -> int:

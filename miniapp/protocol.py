@@ -231,6 +231,7 @@ class PrivacyReport(BaseModel):
     engine_version: str
     key_fingerprint: str
     usage_signature_verified: bool
+    off_machine: bool = False  # its engine sends prompts off the machine (dev TEE only)
     image: str | None = None  # the released worker image its measurements matched
     mrtd: str | None = None
     attested_until: str | None = None  # ISO 8601; None: expired or gone offline since

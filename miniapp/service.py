@@ -408,8 +408,10 @@ class MiniApp:
         return p.PrivacyReport(
             worker_id=worker.worker_id,
             tee=worker.tee,
-            engine=worker.engine,
-            engine_version=worker.engine_version,
+            # The engine its evidence bound (the record), never the worker's own entry's claim.
+            engine=record.engine if record else worker.engine,
+            engine_version=record.engine_version if record else worker.engine_version,
+            off_machine=record.off_machine if record else False,
             key_fingerprint=worker.key_fingerprint,
             usage_signature_verified=worker.usage_signature_verified,
             image=record.image if record else None,

@@ -37,7 +37,7 @@ from backend.attestation.tdx import (
 from backend.db import Database
 from backend.settings import Settings
 from backend.web import create_app
-from tests.support.attest import claims_for, with_attestation
+from tests.support.attest import ENGINE_CONFIG, MODELS, claims_for, with_attestation
 from workers import evidence as ev
 from workers import registry
 from workers.wire import WorkerKeys
@@ -111,12 +111,15 @@ IMAGES = {
 }
 
 
-def image(name: str) -> dict[str, str]:
-    return {"name": name, "version": "1", **IMAGES[name]}
+def image(name: str) -> dict[str, object]:
+    engines = [{"engine": "instant", "config": ENGINE_CONFIG}]  # what claims_for claims
+    return {"name": name, "version": "1", **IMAGES[name], "engines": engines}
 
 
 def allow(*names: str) -> Policy:
-    return Policy.model_validate({"images": [image(name) for name in names or IMAGES]})
+    return Policy.model_validate(
+        {"images": [image(name) for name in names or IMAGES], "models": MODELS}
+    )
 
 
 # -- a PCCS on loopback serving the recorded collateral ------------------------------------------
@@ -255,7 +258,7 @@ def run_cli(*args: str) -> tuple[int, dict[str, Any] | None, str]:
 @pytest.mark.slow
 def test_cli_shows_a_v5_quotes_td15_fields(tmp_path: Path) -> None:
     policy_file = tmp_path / "policy.json"
-    policy_file.write_text(json.dumps({"images": [image("td15ex")]}))
+    policy_file.write_text(json.dumps({"images": [image("td15ex")], "models": MODELS}))
     code, out, err = run_cli(
         "--quote", str(FIXTURES / "quote_v5_td15ex_b0c06f"),
         "--collateral", str(FIXTURES / "quote_v5_td15ex_b0c06f_collateral.json"),
@@ -440,7 +443,9 @@ async def backend(
     """``cocoon web`` with the local PCCS and an allow-list of the recorded images, its verifier
     at the 90C06F collateral's time."""
     policy_file = tmp_path / "policy.json"
-    policy_file.write_text(json.dumps({"images": [image(name) for name in IMAGES]}))
+    policy_file.write_text(
+        json.dumps({"images": [image(name) for name in IMAGES], "models": MODELS})
+    )
     s = with_attestation(
         settings,
         allow_dev=True,

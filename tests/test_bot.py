@@ -141,6 +141,8 @@ async def test_privacy_reports_the_last_replys_worker_plainly_dev(bot: Harness) 
         expires_at=time.time() + 3600,
         image="cocoon-worker 1.2.0",
         measurements={"mrtd": "f" * 96},
+        engine="llama-cpp",
+        engine_version="0.3",
     )
     await registry.write_attestation(bot.app.services.redis, record)
     await bot.send("/privacy")

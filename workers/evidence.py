@@ -3,8 +3,14 @@
 Both sides import this module (the worker collects evidence, the backend verifies it), so it
 stays light like :mod:`workers.wire`: stdlib, pydantic and PyNaCl only.
 
-* :class:`Claims`: the worker's public keys, model id and model file hash, engine name and
-  version, worker version, and the backend's fresh nonce.
+* :class:`Claims`: the worker's public keys, the model id and the digest of the weights its
+  engine loaded (:func:`workers.weights.weights_digest`), the engine's kind, version and
+  configuration (every option that changes what runs on a prompt or where it goes, as the
+  engine's ``attested_config()`` states it), the worker version, and the backend's fresh nonce.
+* :func:`off_machine_reason`: whether that engine configuration sends prompts off the machine
+  (the ``openai`` engine pointed anywhere but loopback). Both sides decide it with this one
+  function: the node refuses to start that way outside the development TEE, and the backend
+  refuses such evidence from an attested worker.
 * ``report_data`` = SHA-512 of the canonical JSON of the claims (64 bytes: exactly the TDX
   report-data field), so a quote whose report data matches binds those keys to that TD.
 * Evidence kinds:
@@ -21,13 +27,16 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
+import ipaddress
+import json
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
+from urllib.parse import urlsplit
 
 import nacl.signing
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from workers.wire import canonical_json
 
@@ -42,16 +51,20 @@ __all__ = [
     "EvidenceError",
     "Registration",
     "collect_evidence",
+    "config_json",
+    "config_sha256",
     "dev_evidence",
-    "file_sha256",
     "nvidia_evidence",
+    "off_machine_reason",
     "register_with_backend",
     "report_data",
+    "resolve_tee",
     "tdx_quote",
     "worker_version",
 ]
 
-CLAIMS_VERSION = 1
+CLAIMS_VERSION: Final = 2
+MAX_ENGINE_CONFIG_BYTES = 4096
 TSM_REPORT_ROOT = Path("/sys/kernel/config/tsm/report")
 MAX_QUOTE_BYTES = 64 * 1024
 MAX_NVIDIA_BYTES = 1024 * 1024
@@ -70,15 +83,33 @@ class _Strict(BaseModel):
 class Claims(_Strict):
     """What the worker states about itself; bound into the evidence by :func:`report_data`."""
 
-    v: Literal[1] = CLAIMS_VERSION
+    v: Literal[2] = CLAIMS_VERSION
     box_public_key: str = Field(min_length=1, max_length=64, description="X25519, base64")
     verify_key: str = Field(min_length=1, max_length=64, description="Ed25519, base64")
     model: str = Field(min_length=1, max_length=200)
-    model_sha256: str = Field(default="", max_length=64, description="hex; '' when no file")
+    model_sha256: str = Field(
+        default="",
+        pattern=r"^([0-9a-f]{64})?$",
+        description="digest of the weights the engine loaded (hex); '' when it loads no file",
+    )
     engine: str = Field(min_length=1, max_length=64)
     engine_version: str = Field(max_length=64)
+    engine_config: dict[str, Any] = Field(
+        default_factory=dict, description="the engine's attested configuration (JSON object)"
+    )
     worker_version: str = Field(max_length=64)
     nonce: str = Field(min_length=16, max_length=128)
+
+    @field_validator("engine_config")
+    @classmethod
+    def _bounded(cls, value: dict[str, Any]) -> dict[str, Any]:
+        try:
+            size = len(config_json(value))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"not a JSON object: {error}") from None
+        if size > MAX_ENGINE_CONFIG_BYTES:
+            raise ValueError(f"{size} bytes of canonical JSON, more than {MAX_ENGINE_CONFIG_BYTES}")
+        return value
 
 
 class DevProof(_Strict):
@@ -112,15 +143,63 @@ def worker_version() -> str:
         return "unknown"
 
 
-def file_sha256(path: str | os.PathLike[str] | None) -> str:
-    """Hex SHA-256 of a model file ('' when there is none, e.g. a remote engine)."""
-    if path is None or not Path(path).is_file():
-        return ""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+def config_json(config: Mapping[str, Any]) -> bytes:
+    """The canonical JSON of an engine configuration: sorted keys, no spaces, UTF-8."""
+    text = json.dumps(
+        dict(config), sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
+    return text.encode("utf-8")
+
+
+def config_sha256(config: Mapping[str, Any]) -> str:
+    """Hex SHA-256 of :func:`config_json`: how records and refusals name a configuration."""
+    return hashlib.sha256(config_json(config)).hexdigest()
+
+
+def _loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:  # a name: it could resolve anywhere
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return bool((mapped or address).is_loopback)
+
+
+def off_machine_reason(engine: str, config: Mapping[str, Any]) -> str | None:
+    """Why this engine configuration sends prompts off the worker's machine (None: it does not).
+
+    Only the ``openai`` engine sends prompts anywhere: to its ``base_url``, which must be a
+    loopback address (``127.0.0.0/8``, ``::1``, ``localhost``) for the server to be inside the
+    same TEE. Any other host, a host name included, is off the machine.
+    """
+    if engine != "openai":
+        return None
+    url = config.get("base_url")
+    host = None
+    # Only a plain http(s)://host[:port][/path]: parsers differ on the rest (userinfo, "\\").
+    if isinstance(url, str) and url.isprintable() and not any(c in url for c in "\\@ "):
+        try:
+            parts = urlsplit(url)
+            host = parts.hostname if parts.scheme in ("http", "https") else None
+        except ValueError:
+            host = None
+    if _loopback(host):
+        return None
+    return (
+        f"the openai engine sends every prompt to {str(url)[:200]!r}, which is not a loopback "
+        "address: off this machine, outside the TEE"
+    )
+
+
+def resolve_tee(kind: str) -> str:
+    """``auto`` → ``tdx`` when configfs-tsm is there, else ``dev``; other kinds as they are."""
+    if kind == "auto":
+        return "tdx" if TSM_REPORT_ROOT.is_dir() else "dev"
+    return kind
 
 
 # -- collection (worker side) -------------------------------------------------------------------
@@ -227,8 +306,7 @@ def collect_evidence(
     kind: str, claims: Claims, dev_key: nacl.signing.SigningKey | None
 ) -> Evidence:
     """``kind``: ``tdx``, ``dev``, or ``auto`` (TDX when configfs-tsm is there, else dev)."""
-    if kind == "auto":
-        kind = "tdx" if TSM_REPORT_ROOT.is_dir() else "dev"
+    kind = resolve_tee(kind)
     if kind == "tdx":
         return tdx_evidence(claims)
     if kind == "dev":

@@ -192,6 +192,14 @@ class AttestationRecord(BaseModel):
     capacity: int | None = Field(
         default=None, ge=1, description="most jobs at once dispatched to it (the policy's cap)"
     )
+    # What its evidence bound, checked against the policy: what users are shown.
+    engine: str = Field(default="unknown", max_length=64)
+    engine_version: str = Field(default="", max_length=64)
+    model_sha256: str = Field(default="", description="digest of the weights it loaded (hex)")
+    engine_config_sha256: str = Field(default="", description="its attested engine config")
+    off_machine: bool = Field(
+        default=False, description="its engine sends prompts off the machine (dev TEE only)"
+    )
 
 
 def queue_name(worker_id: str) -> str:
@@ -767,6 +775,8 @@ def _parse(
             return None
         cap = record.capacity or default_capacity
         update.update(
+            engine=record.engine,  # what its evidence bound, not what its entry says
+            engine_version=record.engine_version,
             tee=record.tee,
             attested=True,
             provider_id=record.provider_id,

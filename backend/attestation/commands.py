@@ -1,4 +1,5 @@
-"""``cocoon provider token`` and ``cocoon attest verify``: the operator's attestation commands."""
+"""``cocoon provider token``, ``cocoon attest verify`` and ``cocoon attest digest``: the
+operator's attestation commands."""
 
 from __future__ import annotations
 
@@ -97,6 +98,22 @@ def _attest_verify(settings: Any, args: argparse.Namespace) -> int:
     return 0 if verdict.accepted else EXIT_REFUSED
 
 
+def cmd_attest_digest(settings: Any, args: argparse.Namespace) -> int:
+    """Print the weights digest of each PATH (a GGUF file or a model folder), as a worker
+    computes it (the same code: :func:`workers.weights.weights_digest`), for the policy's
+    ``models`` allow-list. Exit 0, or 1 when a path cannot be hashed."""
+    from workers.weights import WeightsError, weights_digest
+
+    failed = False
+    for path in args.paths:
+        try:
+            print(f"{weights_digest(path)}  {path}", flush=True)
+        except (WeightsError, OSError) as error:
+            print(f"cocoon: error: {path}: {error}", file=sys.stderr)
+            failed = True
+    return 1 if failed else 0
+
+
 def add_commands(sub: Any, add: Any) -> None:
     provider = sub.add_parser(
         "provider", help="provider onboarding", description="provider onboarding commands"
@@ -137,3 +154,11 @@ def add_commands(sub: Any, add: Any) -> None:
     verify.add_argument(
         "--report-data", metavar="HEX", help="the report data the quote must carry (64 bytes)"
     )
+    digest = add(
+        "digest",
+        "print the weights digest of a GGUF file or a model folder, as a worker claims it (for "
+        "the policy's models allow-list)",
+        cmd_attest_digest,
+        attest_sub,
+    )
+    digest.add_argument("paths", nargs="+", metavar="PATH", help="a GGUF file or a model folder")

@@ -57,7 +57,7 @@ from backend import appkeys
 from backend.attestation import acl, store
 from backend.attestation.verifier import Verifier, VerifierUnavailable
 from workers import registry
-from workers.evidence import Evidence
+from workers.evidence import Evidence, config_sha256
 from workers.redis_auth import TLS_SCHEME
 from workers.wire import WireError, key_fingerprint
 
@@ -226,6 +226,11 @@ class Onboarding:
             measurements=verdict.measurements,
             nvidia=verdict.nvidia,
             capacity=self.verifier.policy.capacity(verdict.image) or self.att.default_capacity,
+            engine=claims.engine,
+            engine_version=claims.engine_version,
+            model_sha256=claims.model_sha256,
+            engine_config_sha256=config_sha256(claims.engine_config),
+            off_machine=verdict.off_machine,
         )
         redis_url, digest = await self._credentials(worker_id, grant)
         await store.keep_acl_digest(self.redis, worker_id, digest, expires_at)
@@ -256,7 +261,8 @@ class Onboarding:
         box = nacl.public.SealedBox(nacl.public.PublicKey(base64.b64decode(claims.box_public_key)))
         sealed = box.encrypt(credentials.model_dump_json().encode())
         log.info(
-            "worker %s attested (%s): tee=%s%s image=%s provider=%s model=%s until %s",
+            "worker %s attested (%s): tee=%s%s image=%s provider=%s model=%s engine=%s %s%s "
+            "until %s",
             worker_id,
             grant.kind,
             evidence.tee,
@@ -264,6 +270,9 @@ class Onboarding:
             verdict.image,
             grant.provider_id,
             claims.model,
+            claims.engine,
+            claims.engine_version,
+            " (sends prompts off the machine)" if verdict.off_machine else "",
             time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires_at)),
         )
         return {

@@ -4,6 +4,12 @@ The nonce is checked by the onboarding service (it lives in Redis); everything e
 the claims, the TEE-specific proof (TDX quote through :mod:`.tdx`, or the development TEE's
 software signature, only when dev mode is on), and the optional NVIDIA GPU evidence.
 
+The claimed configuration is checked as well, against the policy: an engine that sends prompts
+off the machine (:func:`workers.evidence.off_machine_reason`) only with the development TEE;
+the weights digest against the model's allow-list; and, for a TDX worker, the engine kind,
+version and configuration against those its image allows. The verdict's ``off_machine`` says
+so for the record, so that every place that shows the worker can say it.
+
 A verdict is a decision about the evidence. When the verifier cannot decide (it has no
 collateral, or its collateral is not valid now or is not the quote's platform's) it raises
 :class:`VerifierUnavailable` instead: that is the backend's fault, not the worker's, and must
@@ -32,7 +38,7 @@ from backend.attestation.tdx import (
     UnsupportedQuote,
     verify_quote,
 )
-from workers.evidence import Evidence, report_data
+from workers.evidence import Evidence, off_machine_reason, report_data
 from workers.wire import WireError, key_fingerprint
 
 DEV_REFUSED = (
@@ -51,6 +57,7 @@ class Verdict:
     reasons: list[str] = field(default_factory=list)
     quote: QuoteVerdict | None = None
     nvidia: bool = False
+    off_machine: bool = False  # the engine sends prompts off the machine (dev TEE only)
 
     @property
     def accepted(self) -> bool:
@@ -115,17 +122,41 @@ class Verifier:
             verdict.nvidia = not gpu
         elif evidence.tee == "tdx" and self.settings.require_nvidia:
             gpu = ["NVIDIA GPU evidence is required and the worker sent none"]
+        configuration = self._configuration(evidence, verdict)  # decided without collateral
         if evidence.tee == "dev":
             verdict.reasons.extend(self._check_dev(evidence, expected))
         else:
             try:
                 await self._check_tdx(evidence, expected, verdict)
             except VerifierUnavailable:
-                if not verdict.reasons and not gpu:
+                if not verdict.reasons and not gpu and not configuration:
                     raise
                 # Refused for what can be decided now, whatever the quote would say.
+        verdict.reasons.extend(configuration)
+        if verdict.image is not None:
+            verdict.reasons.extend(
+                self.policy.engine_problems(
+                    verdict.image, claims.engine, claims.engine_version, claims.engine_config
+                )
+            )
         verdict.reasons.extend(gpu)
         return verdict
+
+    def _configuration(self, evidence: Evidence, verdict: Verdict) -> list[str]:
+        """Where the engine sends prompts, and the weights it loaded."""
+        claims = evidence.claims
+        problems = []
+        off_machine = off_machine_reason(claims.engine, claims.engine_config)
+        verdict.off_machine = off_machine is not None
+        if off_machine is not None and evidence.tee != "dev":
+            problems.append(
+                f"{off_machine}: refused for an attested worker (such an engine is allowed only "
+                "with the development TEE)"
+            )
+        problems.extend(
+            self.policy.weights_problems(claims.model, claims.model_sha256, evidence.tee)
+        )
+        return problems
 
     def _check_dev(self, evidence: Evidence, expected: bytes) -> list[str]:
         if not self.settings.allow_dev:

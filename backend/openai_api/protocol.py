@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from backend.dispatch import TurnDone
 from backend.errors import CocoonError, ErrorCode
 from backend.settings import ModelPrice
+from workers.registry import AttestationRecord
 from workers.wire import ChatMessage
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -143,10 +144,29 @@ class Usage(BaseModel):
 
 
 class ServedBy(BaseModel):
+    """Who served the turn. Engine and image come from the backend's attestation record of the
+    worker (what its evidence bound), never from the worker's own registry entry."""
+
     tee: str
     key_fingerprint: str
     engine: str
+    engine_version: str
+    image: str | None = None  # the released worker image its measurements matched
+    off_machine: bool = False  # its engine sends prompts off the machine (dev TEE only)
     usage_signature_verified: bool
+
+    @classmethod
+    def of(cls, done: TurnDone, record: AttestationRecord | None) -> ServedBy:
+        worker = done.worker
+        return cls(
+            tee=worker.tee,
+            key_fingerprint=worker.key_fingerprint,
+            engine=record.engine if record else worker.engine,
+            engine_version=record.engine_version if record else worker.engine_version,
+            image=record.image if record else None,
+            off_machine=record.off_machine if record else False,
+            usage_signature_verified=worker.usage_signature_verified,
+        )
 
 
 class CocoonExtra(BaseModel):
@@ -156,16 +176,8 @@ class CocoonExtra(BaseModel):
     worker: ServedBy
 
     @classmethod
-    def of(cls, done: TurnDone) -> CocoonExtra:
-        return cls(
-            cost_nanoton=str(done.cost),
-            worker=ServedBy(
-                tee=done.worker.tee,
-                key_fingerprint=done.worker.key_fingerprint,
-                engine=done.worker.engine,
-                usage_signature_verified=done.worker.usage_signature_verified,
-            ),
-        )
+    def of(cls, done: TurnDone, record: AttestationRecord | None = None) -> CocoonExtra:
+        return cls(cost_nanoton=str(done.cost), worker=ServedBy.of(done, record))
 
 
 def finish_reason(done: TurnDone) -> str:
@@ -195,7 +207,13 @@ class ChatCompletion(BaseModel):
 
     @classmethod
     def of(
-        cls, completion_id: str, created: int, model: str, text: str, done: TurnDone
+        cls,
+        completion_id: str,
+        created: int,
+        model: str,
+        text: str,
+        done: TurnDone,
+        record: AttestationRecord | None = None,
     ) -> ChatCompletion:
         return cls(
             id=completion_id,
@@ -205,7 +223,7 @@ class ChatCompletion(BaseModel):
                 Choice(message=AssistantMessage(content=text), finish_reason=finish_reason(done))
             ],
             usage=Usage.of(done),
-            cocoon=CocoonExtra.of(done),
+            cocoon=CocoonExtra.of(done, record),
         )
 
 
@@ -260,8 +278,8 @@ class ChunkStream:
     def finish(self, done: TurnDone) -> bytes:
         return self.delta({}, finish_reason(done))
 
-    def usage(self, done: TurnDone) -> bytes:
-        return self._chunk([], usage=Usage.of(done), cocoon=CocoonExtra.of(done))
+    def usage(self, done: TurnDone, record: AttestationRecord | None = None) -> bytes:
+        return self._chunk([], usage=Usage.of(done), cocoon=CocoonExtra.of(done, record))
 
 
 def sse(payload: Mapping[str, Any]) -> bytes:

@@ -58,7 +58,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             text, done = await service.collect(turn)
         except TurnError as error:
             return error_response(error)
-        completion = p.ChatCompletion.of(completion_id, created, body.model, text, done)
+        record = await service.attestation(done)
+        completion = p.ChatCompletion.of(completion_id, created, body.model, text, done, record)
         return web.json_response(completion.model_dump())
 
     response = web.StreamResponse(
@@ -74,7 +75,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 continue
             await response.write(chunks.finish(event))
             if body.include_usage:
-                await response.write(chunks.usage(event))
+                await response.write(chunks.usage(event, await service.attestation(event)))
     except TurnError as error:
         await response.write(p.sse(p.error_body(error, with_param=False)))
     await response.write(p.SSE_DONE)

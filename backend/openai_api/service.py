@@ -7,12 +7,15 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
+import redis
+
 from backend.apikeys import user_for_key
 from backend.db import Database
 from backend.dispatch import Dispatcher, Turn, TurnDone, TurnRequest, TurnText
 from backend.errors import ErrorCode
 from backend.openai_api.protocol import ApiError, ChatCompletionRequest, ModelList
 from backend.settings import Settings
+from workers import registry
 from workers.wire import ChatMessage, SamplingParams
 
 NO_KEY = "missing API key: send 'Authorization: Bearer <key>' (get one from the bot's /apikey)"
@@ -68,6 +71,14 @@ class OpenAIService:
                 conversation_id=conversation_id_for(user_id, messages),
             )
         )
+
+    async def attestation(self, done: TurnDone) -> registry.AttestationRecord | None:
+        """The backend's record of the worker that served ``done`` (what the receipt shows of
+        it), or None when it has expired or cannot be read now."""
+        try:
+            return await registry.read_attestation(self.dispatcher.redis, done.worker.worker_id)
+        except (redis.RedisError, ValueError):
+            return None
 
     @staticmethod
     async def collect(turn: Turn) -> tuple[str, TurnDone]:

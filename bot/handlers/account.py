@@ -225,9 +225,20 @@ async def cmd_privacy(message: Message, contexts: ContextStore, redis: object) -
         )
     else:
         lines.append(_("The worker's attestation has expired or it went offline since."))
-    lines.append(
-        _("Engine: {engine} {version}").format(engine=worker.engine, version=worker.engine_version)
+    # The engine its evidence bound (the record), never what the worker's own entry says.
+    engine, version = (
+        (record.engine, record.engine_version)
+        if record is not None
+        else (worker.engine, worker.engine_version)
     )
+    lines.append(_("Engine: {engine} {version}").format(engine=engine, version=version))
+    if record is not None and record.off_machine:
+        lines.append(
+            _(
+                "This worker's engine sends prompts off its machine, to a server outside the "
+                "TEE: development only, not private."
+            )
+        )
     lines.append(
         _("Worker key fingerprint: {fingerprint}").format(fingerprint=worker.key_fingerprint)
     )

@@ -55,6 +55,9 @@
     lines.push(
       w.attested_until ? t("privacy_until", { when: C.formatDate(w.attested_until) }) : t("privacy_expired"),
       t("privacy_engine", { engine: w.engine, version: w.engine_version }),
+    );
+    if (w.off_machine) lines.push(t("privacy_off_machine"));
+    lines.push(
       t("privacy_key", { fingerprint: w.key_fingerprint }),
       t(w.usage_signature_verified ? "privacy_verified" : "privacy_unverified"),
     );

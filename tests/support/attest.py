@@ -1,10 +1,12 @@
 """Attestation test data and the onboarding service over it: the real TDX quote and its
 recorded Intel collateral (``tests/fixtures/tdx``, README there), an allow-list policy that
-admits the quote's measurements, and a worker's development-TEE or TDX evidence."""
+admits the quote's measurements (running the instant engine as configured by default) and the
+weights ``WEIGHTS`` for ``MODEL``, and a worker's development-TEE or TDX evidence claiming them."""
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -27,6 +29,9 @@ QUOTE = (FIXTURES / "tdx_quote").read_bytes()
 COLLATERAL = (FIXTURES / "tdx_quote_collateral.json").read_text()
 AT = 1751624163  # inside the collateral's window
 MODEL = "echo"
+WEIGHTS = hashlib.sha256(b"the weights of echo").hexdigest()  # what the workers here claim
+ENGINE_CONFIG = {"token_delay": 0.0}  # the instant engine's attested configuration, by default
+MODELS = {MODEL: {"weights_sha256": [WEIGHTS]}}  # the policy's weights allow-list
 
 MEASURED = {
     "mr_td": "91eb2b44d141d4ece09f0c75c2c53d247a3c68edd7fafe8a"
@@ -41,13 +46,17 @@ MEASURED = {
 }
 
 
-def image(**changes: str) -> dict[str, str]:
-    """The allow-list entry of the real quote's image, with ``changes``."""
-    return {"name": "cocoon-worker", "version": "0.1.0", **MEASURED, **changes}
+def image(**changes: object) -> dict[str, object]:
+    """The allow-list entry of the real quote's image (running the instant engine as configured
+    by default), with ``changes``."""
+    engines = [{"engine": "instant", "config": ENGINE_CONFIG}]
+    return {"name": "cocoon-worker", "version": "0.1.0", **MEASURED, "engines": engines, **changes}
 
 
-def policy(*images: dict[str, str], tcb: tuple[str, ...] = ("UpToDate",)) -> Policy:
-    return Policy.model_validate({"tcb_statuses": list(tcb), "images": list(images or [image()])})
+def policy(*images: dict[str, object], tcb: tuple[str, ...] = ("UpToDate",)) -> Policy:
+    return Policy.model_validate(
+        {"tcb_statuses": list(tcb), "images": list(images or [image()]), "models": MODELS}
+    )
 
 
 def with_attestation(settings: Settings, **values: object) -> Settings:
@@ -85,16 +94,21 @@ def service(
     return Onboarding(s, admin, verifier)
 
 
-def claims_for(keys: WorkerKeys, nonce: str) -> ev.Claims:
-    return ev.Claims(
-        box_public_key=keys.box_public_b64,
-        verify_key=keys.verify_key_b64,
-        model=MODEL,
-        engine="instant",
-        engine_version="1",
-        worker_version="0.1.0",
-        nonce=nonce,
-    )
+def claims_for(keys: WorkerKeys, nonce: str, **changes: object) -> ev.Claims:
+    """An honest worker's claims (allow-listed weights and engine configuration), with
+    ``changes``."""
+    values: dict[str, object] = {
+        "box_public_key": keys.box_public_b64,
+        "verify_key": keys.verify_key_b64,
+        "model": MODEL,
+        "model_sha256": WEIGHTS,
+        "engine": "instant",
+        "engine_version": "1",
+        "engine_config": ENGINE_CONFIG,
+        "worker_version": "0.1.0",
+        "nonce": nonce,
+    }
+    return ev.Claims(**{**values, **changes})  # type: ignore[arg-type]
 
 
 async def attest(

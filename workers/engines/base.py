@@ -14,7 +14,8 @@ import abc
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 FinishReason = Literal["stop", "length", "cancelled"]
 FINISH_REASONS: tuple[str, ...] = ("stop", "length", "cancelled")
@@ -144,6 +145,21 @@ class Engine(abc.ABC):
         engine did not report its usage in time: the prompt was read, so it is billed too.
         Implementations must not wait for a generation in progress. Raises EngineError.
         """
+        return None
+
+    def attested_config(self) -> dict[str, Any]:
+        """Every option of this engine that changes what runs on a prompt or where it goes, as
+        a JSON object: the worker's evidence binds it, the policy allow-lists it per image.
+
+        Left out: the weights' location (their digest stands for them, see
+        :meth:`weights_path`), secrets, and what only changes how much runs at once or how
+        fast (threads, concurrency, memory share, timeouts).
+        """
+        return {}
+
+    def weights_path(self) -> Path | None:
+        """The file or model folder the engine loaded its weights from (None: it loads none
+        itself). Called after ``start()``; the node hashes it for its evidence."""
         return None
 
     def __repr__(self) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 from workers.engines.base import Engine, EngineError, GenerationRequest, TextDelta, Usage
 
@@ -46,6 +47,9 @@ class InstantEngine(Engine):
     async def close(self) -> None:
         self._closed = True
         self._started = False
+
+    def attested_config(self) -> dict[str, Any]:
+        return {"token_delay": self.token_delay}
 
     def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int:
         return sum(len(m["content"].split()) for m in messages)

@@ -222,6 +222,13 @@ class LlamaCppEngine(Engine):
     def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int | None:
         return len(self.prompt_tokens(messages))
 
+    def attested_config(self) -> dict[str, Any]:
+        """Context size, prompt batch and sampler settings (not ``n_threads``: speed only)."""
+        return {"n_ctx": self.n_ctx, "n_batch": self.n_batch, **self._sampling}
+
+    def weights_path(self) -> Path | None:
+        return self.model_path  # the GGUF file: weights, tokenizer and chat template
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TextDelta | Usage]:
         self._require_started()
         tokens = await asyncio.to_thread(self.prompt_tokens, request.messages)

@@ -8,6 +8,11 @@ request.
 
 The final usage chunk is required (it is what the user pays for): a stream that ends without
 one raises EngineError rather than guessing.
+
+Pointed anywhere but a loopback address, this engine sends every decrypted prompt off the
+machine (:func:`workers.evidence.off_machine_reason`): the node then runs only with the
+development TEE, and the backend refuses it from attested workers. Redirects are never
+followed, so a loopback server cannot pass a prompt on to another host.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
@@ -39,7 +46,9 @@ class OpenAICompatEngine(Engine):
     ``read_timeout`` (seconds; the read timeout applies between two chunks, so it bounds the
     time to first token of a long prompt), ``server_version`` (reported as ``version``, e.g.
     "vllm 0.11.0"; by default the version reported by the server's ``/version`` endpoint when it
-    has one, else "openai-compatible").
+    has one, else "openai-compatible"), ``weights_path`` (the GGUF file or model folder the
+    server loads, inside the same TEE: the node hashes it for its evidence; without it the
+    worker claims no weights digest, which no policy accepts for an attested worker).
     """
 
     name = "openai"
@@ -55,6 +64,7 @@ class OpenAICompatEngine(Engine):
         connect_timeout: float = 10.0,
         read_timeout: float = 300.0,
         server_version: str | None = None,
+        weights_path: str | None = None,
     ) -> None:
         if not base_url:
             raise ValueError("the openai engine needs base_url (e.g. http://127.0.0.1:8000)")
@@ -69,11 +79,26 @@ class OpenAICompatEngine(Engine):
         self.max_concurrency = max_concurrency
         self.version = server_version or "openai-compatible"
         self._explicit_version = server_version is not None
+        self._weights_path = Path(weights_path) if weights_path else None
+        self._authenticated = bool(api_key)
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=connect_timeout, sock_read=read_timeout
         )
         self._session: aiohttp.ClientSession | None = None
+
+    def attested_config(self) -> dict[str, Any]:
+        """Where prompts go (``base_url``, any user:password in it masked), the model name the
+        server is asked for, and whether a key is sent (never the key)."""
+        parts = urlsplit(self.base_url)
+        base = self.base_url
+        if "@" in parts.netloc:
+            host = parts.netloc.rpartition("@")[2]
+            base = urlunsplit(parts._replace(netloc=f"***@{host}"))
+        return {"base_url": base, "served_model": self.served_model, "api_key": self._authenticated}
+
+    def weights_path(self) -> Path | None:
+        return self._weights_path
 
     @property
     def completions_url(self) -> str:
@@ -101,7 +126,7 @@ class OpenAICompatEngine(Engine):
         llama.cpp server lists a file path), and a wrong name fails clearly on the first request.
         """
         try:
-            async with session.get(f"{self.base_url}/v1/models") as response:
+            async with session.get(f"{self.base_url}/v1/models", allow_redirects=False) as response:
                 await response.read()
                 if response.status in (401, 403):
                     raise EngineError(
@@ -109,7 +134,9 @@ class OpenAICompatEngine(Engine):
                         f"(HTTP {response.status}); set api_key"
                     )
             if not self._explicit_version:
-                async with session.get(f"{self.base_url}/version") as response:
+                async with session.get(
+                    f"{self.base_url}/version", allow_redirects=False
+                ) as response:
                     if response.status == 200:
                         body = await response.json(content_type=None)
                         if isinstance(body, dict) and body.get("version"):
@@ -183,7 +210,9 @@ class OpenAICompatEngine(Engine):
         """POST the request and yield the stream's JSON chunks until ``[DONE]``."""
         completed = False
         try:
-            async with session.post(self.completions_url, json=payload) as response:
+            async with session.post(
+                self.completions_url, json=payload, allow_redirects=False
+            ) as response:
                 if response.status != 200:
                     raise EngineError(await _error_message(response))
                 try:

@@ -27,6 +27,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from pathlib import Path
 from typing import Any
 
 from workers.engines.base import Engine, EngineError, GenerationRequest, TextDelta, Usage
@@ -158,6 +159,33 @@ class VLLMEngine(Engine):
 
     def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int | None:
         return len(self.prompt_token_ids(messages))
+
+    #: vLLM arguments left out of the attested configuration: the weights' location (their
+    #: digest stands for it), the model id (claimed apart), and how much runs at once.
+    UNATTESTED_ARGS = frozenset(
+        {"model", "served_model_name", "max_num_seqs", "gpu_memory_utilization"}
+    )
+
+    def attested_config(self) -> dict[str, Any]:
+        """Every other ``AsyncEngineArgs`` field given: any of them (``tokenizer``,
+        ``trust_remote_code``, ``quantization``, ``speculative_config``, a tracing endpoint...)
+        can change what runs on a prompt or where it goes."""
+        return {k: v for k, v in self._engine_args.items() if k not in self.UNATTESTED_ARGS}
+
+    def weights_path(self) -> Path | None:
+        """The model folder: a local directory, or the Hugging Face cache's snapshot of the
+        repository vLLM loaded (None when it cannot be found)."""
+        local = Path(self.model_path)
+        if local.is_dir():
+            return local
+        try:
+            from huggingface_hub import snapshot_download
+
+            revision = self._engine_args.get("revision")
+            folder = snapshot_download(self.model_path, revision=revision, local_files_only=True)
+            return Path(folder)
+        except Exception:  # not installed, not cached, not a repository id
+            return None
 
     def _engine_input(self, prompt_ids: list[int]) -> Any:
         """The prompt as vLLM takes it: rendered by the engine's renderer where it has one.
