@@ -9,6 +9,7 @@ are single conditional ``UPDATE`` statements, so they need nothing stronger.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,12 @@ from sqlalchemy.ext.asyncio import (
 from backend.settings import Settings
 
 SQLITE_BUSY_TIMEOUT_S = 60
+
+
+def as_utc(value: dt.datetime) -> dt.datetime:
+    """A timestamp read back from the database, in UTC: SQLite returns the ``timezone=True``
+    columns naive (they were written in UTC), PostgreSQL returns them aware."""
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
 def is_sqlite(url: str) -> bool:

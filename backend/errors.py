@@ -32,7 +32,7 @@ class ErrorCode(StrEnum):
     WORKER_ERROR = "worker_error"
     WORKER_MISBEHAVED = "worker_misbehaved"  # crossed a bound of the turn (backend.bounds)
 
-    # The account (backend.account.AccountError)
+    # The account (backend.accounts.AccountError)
     NOT_PROVIDER = "not_provider"
     NO_PAYOUT_WALLET = "no_payout_wallet"
     BELOW_MINIMUM = "below_minimum"

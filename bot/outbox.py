@@ -18,7 +18,7 @@ import aiohttp
 from aiogram import Bot
 from aiogram.exceptions import TelegramAPIError, TelegramBadRequest, TelegramForbiddenError
 
-from backend import account, notifications
+from backend import accounts, notifications
 from backend.db import Database
 from backend.ledger import Ledger
 from backend.models import Notification, User
@@ -155,7 +155,7 @@ class Outbox:
     async def run(self, stop: asyncio.Event, interval_s: float = 2.0) -> None:
         while not stop.is_set():
             try:
-                await account.watch_workers(self.db, self.redis)
+                await accounts.watch_workers(self.db, self.redis)
                 await self.drain_once()
             except Exception as error:  # the database or Telegram is down: keep trying
                 log.warning("outbox: %s", type(error).__name__)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import redis.asyncio as aioredis
 
-from backend import account, notifications
-from backend.account import AccountError
+from backend import accounts, notifications
+from backend.accounts import AccountError
 from backend.db import Database
 from backend.ledger import Ledger, TurnUsage
 from backend.models import AccountKind, WorkerState
@@ -42,7 +42,7 @@ async def test_usage_lists_settled_turns_with_totals(db: Database, ledger: Ledge
     await ledger.hold(user, 500, "released-turn")
     await ledger.release("released-turn")
 
-    summary = await account.usage(db, user, limit=2)
+    summary = await accounts.usage(db, user, limit=2)
     assert summary.turns == 3
     assert summary.cost == 1000 + 1001 + 1002
     assert summary.prompt_tokens == 90 and summary.completion_tokens == 36
@@ -55,37 +55,37 @@ async def test_history_pages_deposits_turns_and_payouts(
 ) -> None:
     user = (await get_or_create_user(db, 502)).id
     await ledger.credit_deposit(user, 3 * TON, "ton:h1")
-    await account.credit_stars(ledger, settings, user, 50, "charge-h1")
+    await accounts.credit_stars(ledger, settings, user, 50, "charge-h1")
     for n in range(4):
         await _turn(ledger, user, None, f"h-turn-{n}", 2000)
 
-    first = await account.history(db, user, per_page=4)
-    second = await account.history(db, user, page=2, per_page=4)
+    first = await accounts.history(db, user, per_page=4)
+    second = await accounts.history(db, user, page=2, per_page=4)
     assert first.has_more and not second.has_more
     kinds = [item.kind for item in first.items + second.items]
     assert kinds.count("turn") == 4 and kinds.count("deposit") == 2
-    deposits = await account.history(db, user, kind="deposit")
+    deposits = await accounts.history(db, user, kind="deposit")
     assert {item.details["source"] for item in deposits.items} == {"ton", "stars"}
     assert sorted(item.amount for item in deposits.items) == sorted(
         [3 * TON, 50 * settings.stars_nano_per_star]
     )
     with pytest.raises(AccountError, match="page"):
-        await account.history(db, user, page=0)
+        await accounts.history(db, user, page=0)
 
 
 async def test_stars_payment_is_credited_once(
     db: Database, ledger: Ledger, settings: Settings
 ) -> None:
     user = (await get_or_create_user(db, 503)).id
-    first = await account.credit_stars(ledger, settings, user, 100, "tg-charge-1")
-    again = await account.credit_stars(ledger, settings, user, 100, "tg-charge-1")
+    first = await accounts.credit_stars(ledger, settings, user, 100, "tg-charge-1")
+    again = await accounts.credit_stars(ledger, settings, user, 100, "tg-charge-1")
     assert again.replayed and not first.replayed
     assert (await ledger.balances(user)).available == 100 * settings.stars_nano_per_star
     assert await ledger.balance(AccountKind.STARS_IN) == -100 * settings.stars_nano_per_star
     told = [n for n in await pending_notifications(db) if n.user_id == user]
     assert [n.kind for n in told] == [notifications.NOTIFY_STARS]
     with pytest.raises(AccountError):
-        await account.credit_stars(ledger, settings, user, 0, "tg-charge-2")
+        await accounts.credit_stars(ledger, settings, user, 0, "tg-charge-2")
 
 
 async def test_withdraw_needs_a_wallet_the_minimum_and_the_funds(
@@ -99,7 +99,7 @@ async def test_withdraw_needs_a_wallet_the_minimum_and_the_funds(
     await _turn(ledger, user, provider, "w-turn", 5 * TON // 2)  # provider earns 2 TON
 
     with pytest.raises(AccountError) as refused:
-        await account.withdraw(ledger, settings, provider, "all", "wd-0")
+        await accounts.withdraw(ledger, settings, provider, "all", "wd-0")
     assert refused.value.code == "no_payout_wallet"
     async with db.session() as session, session.begin():
         session.add(
@@ -108,17 +108,17 @@ async def test_withdraw_needs_a_wallet_the_minimum_and_the_funds(
             )
         )
     with pytest.raises(AccountError) as small:
-        await account.withdraw(ledger, settings, provider, TON // 2, "wd-1")
+        await accounts.withdraw(ledger, settings, provider, TON // 2, "wd-1")
     assert small.value.code == "below_minimum"
     with pytest.raises(AccountError) as much:
-        await account.withdraw(ledger, settings, provider, 3 * TON, "wd-2")
+        await accounts.withdraw(ledger, settings, provider, 3 * TON, "wd-2")
     assert much.value.code == "insufficient_funds"
 
-    payout = await account.withdraw(ledger, settings, provider, "all", "wd-3")
-    again = await account.withdraw(ledger, settings, provider, 2 * TON, "wd-3")
+    payout = await accounts.withdraw(ledger, settings, provider, "all", "wd-3")
+    again = await accounts.withdraw(ledger, settings, provider, 2 * TON, "wd-3")
     assert payout.id == again.id and payout.amount == 2 * TON
     assert payout.destination == "0:" + "ab" * 32
-    earned = await account.earnings(ledger, provider)
+    earned = await accounts.earnings(ledger, provider)
     assert (earned.available, earned.pending, earned.earned, earned.jobs) == (
         0,
         2 * TON,
@@ -133,11 +133,11 @@ async def test_worker_records_tell_the_provider_of_changes(
 ) -> None:
     provider = (await get_or_create_user(db, 506)).id
     user = (await get_or_create_user(db, 507)).id
-    assert await account.record_worker(
+    assert await accounts.record_worker(
         db, "w-1", WorkerState.ATTESTED, provider_id=provider, model="smollm2-135m", tee="dev"
     )
-    assert not await account.record_worker(db, "w-1", WorkerState.ATTESTED)
-    assert await account.record_worker(db, "w-1", WorkerState.OFFLINE)
+    assert not await accounts.record_worker(db, "w-1", WorkerState.ATTESTED)
+    assert await accounts.record_worker(db, "w-1", WorkerState.OFFLINE)
     await ledger.credit_deposit(user, TON, "ton:r1")
     await _turn(ledger, user, provider, "r-turn", 10_000)
 
@@ -145,7 +145,7 @@ async def test_worker_records_tell_the_provider_of_changes(
     assert told == [notifications.NOTIFY_WORKER_ATTESTED, notifications.NOTIFY_WORKER_OFFLINE]
     redis = aioredis.from_url(redis_url)
     try:
-        (view,) = await account.provider_workers(db, redis, provider)
+        (view,) = await accounts.provider_workers(db, redis, provider)
     finally:
         await redis.aclose()
     assert (view.worker_id, view.state, view.online, view.jobs, view.earned) == (
@@ -163,14 +163,14 @@ async def test_forget_deletes_personal_data_and_keeps_the_money(
     from backend import apikeys
 
     user = (await get_or_create_user(db, 508, "fr")).id
-    await account.set_referrer(db, user, "friend42")
+    await accounts.set_referrer(db, user, "friend42")
     await ledger.credit_deposit(user, TON, "ton:f1")
     await _turn(ledger, user, None, "f-turn", 1234)
     await apikeys.create_key(db, user, "laptop")
 
-    await account.forget_user(db, user)
+    await accounts.forget_user(db, user)
 
-    assert (await account.usage(db, user)).turns == 0
+    assert (await accounts.usage(db, user)).turns == 0
     assert await apikeys.list_keys(db, user) == []
     assert (await ledger.balances(user)).available == TON - 1234
     assert (await ledger.audit()).ok
@@ -181,12 +181,12 @@ async def test_stats_count_users_turns_and_revenue(
 ) -> None:
     user = (await get_or_create_user(db, 509)).id
     provider = (await get_or_create_user(db, 510)).id
-    await account.become_provider(db, provider)
+    await accounts.become_provider(db, provider)
     await ledger.credit_deposit(user, TON, "ton:s1")
     await _turn(ledger, user, provider, "s-turn", 10_000)
     redis = aioredis.from_url(redis_url)
     try:
-        figures = await account.stats(db, redis)
+        figures = await accounts.stats(db, redis)
     finally:
         await redis.aclose()
     assert (figures.users, figures.providers, figures.turns, figures.turns_24h) == (2, 1, 1, 1)
@@ -194,9 +194,9 @@ async def test_stats_count_users_turns_and_revenue(
 
 
 def test_stars_payloads_round_trip_and_foreign_ones_are_refused(settings: Settings) -> None:
-    invoice = account.stars_invoice(42, 100, settings)
-    assert account.parse_stars_payload(invoice.payload) == invoice
-    assert account.parse_stars_payload("stars:42:100") == account.StarsInvoice(42, 100, None)
+    invoice = accounts.stars_invoice(42, 100, settings)
+    assert accounts.parse_stars_payload(invoice.payload) == invoice
+    assert accounts.parse_stars_payload("stars:42:100") == accounts.StarsInvoice(42, 100, None)
     for foreign in (
         "",
         "stars:42",
@@ -209,4 +209,4 @@ def test_stars_payloads_round_trip_and_foreign_ones_are_refused(settings: Settin
         "stars:-1:5:5",
         "stars:42:5:5:5",
     ):
-        assert account.parse_stars_payload(foreign) is None, foreign
+        assert accounts.parse_stars_payload(foreign) is None, foreign

@@ -25,7 +25,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 from sqlalchemy import select
 
-from backend import account
+from backend import accounts
 from backend.bounds import (
     COMPLETION_SLACK_TOKENS,
     Flag,
@@ -318,7 +318,7 @@ async def test_an_inflated_final_record_is_billed_at_the_bound_and_the_worker_fl
     assert len(await stack.notifications(provider)) == 1
 
     # The operator sees it in /stats.
-    stats = await account.stats(ledger.db, stack.dispatcher.redis)
+    stats = await accounts.stats(ledger.db, stack.dispatcher.redis)
     assert stats.flags == 4 and stats.flagged_workers == (rogue.worker_id,)
 
 

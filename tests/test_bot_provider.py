@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 from pydantic import SecretStr
 
-from backend import account
+from backend import accounts
 from backend.attestation import acl
 from backend.attestation.settings import AttestationSettings
 from backend.db import Database
@@ -112,7 +112,7 @@ async def test_provider_onboards_a_dev_worker_that_serves_and_earns(
         await funded_user(bot.ledger, USER)
         await bot.send("hello provider", user=USER)
         assert "tokens" in bot.last().text and "development TEE" in bot.last().text
-        earned = (await account.earnings(bot.ledger, provider.id)).earned
+        earned = (await accounts.earnings(bot.ledger, provider.id)).earned
         assert earned > 0
 
         await bot.send("/workers", user=PROVIDER)
@@ -129,8 +129,8 @@ async def test_provider_onboards_a_dev_worker_that_serves_and_earns(
         while await registry.list_workers(admin, MODEL):
             assert time.monotonic() < deadline
             await asyncio.sleep(0.2)
-        assert await account.watch_workers(bot.db, admin, grace_s=0) == [worker.worker_id]
-        assert await account.watch_workers(bot.db, admin, grace_s=0) == []
+        assert await accounts.watch_workers(bot.db, admin, grace_s=0) == [worker.worker_id]
+        assert await accounts.watch_workers(bot.db, admin, grace_s=0) == []
         bot.tg.clear()
         assert await bot.app.outbox.drain_once() == 1
         assert "went offline" in bot.last().text and bot.last().chat_id == PROVIDER

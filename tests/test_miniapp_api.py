@@ -15,7 +15,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from pytoniq_core import Cell
 
-from backend import account, appkeys
+from backend import accounts, appkeys
 from backend.ledger import Ledger, TurnUsage
 from backend.models import WorkerState
 from backend.settings import Settings
@@ -332,7 +332,7 @@ async def _provider_with_earnings(client: TestClient, telegram_id: int, earned: 
     db = client.app[appkeys.DATABASE]
     ledger: Ledger = client.app[appkeys.LEDGER]
     provider = await get_or_create_user(db, telegram_id)
-    await account.become_provider(db, provider.id)
+    await accounts.become_provider(db, provider.id)
     customer = await get_or_create_user(db, telegram_id + 1)
     await ledger.credit_deposit(customer.id, 2 * earned, f"dep:{telegram_id}")
     await ledger.hold(customer.id, earned, f"turn-{telegram_id}")
@@ -340,7 +340,7 @@ async def _provider_with_earnings(client: TestClient, telegram_id: int, earned: 
     await ledger.settle(
         f"turn-{telegram_id}", earned, provider_id=provider.id, share_bps=10_000, usage=usage
     )
-    await account.record_worker(
+    await accounts.record_worker(
         db, "w-abc", WorkerState.ATTESTED, provider_id=provider.id, model="smollm2-135m", tee="dev"
     )
     return provider.id

@@ -20,7 +20,7 @@ from tests.support.miniapp_browser import require_browser
 
 require_browser()
 
-from backend import account, appkeys  # noqa: E402
+from backend import accounts, appkeys  # noqa: E402
 from backend.attestation.settings import AttestationSettings  # noqa: E402
 from backend.db import Database  # noqa: E402
 from backend.ledger import Ledger, TurnUsage  # noqa: E402
@@ -130,7 +130,7 @@ async def seeded_provider(stack: Stack, telegram_id: int, earned: int = 3 * TON)
     user = await get_or_create_user(stack.db, telegram_id, "en")
     if user.is_provider:
         return user.id
-    await account.become_provider(stack.db, user.id)
+    await accounts.become_provider(stack.db, user.id)
     customer = await get_or_create_user(stack.db, telegram_id + 50_000)
     await stack.ledger.credit_deposit(customer.id, 2 * earned, f"dep:{telegram_id}")
     await stack.ledger.hold(customer.id, earned, f"turn-{telegram_id}")
@@ -138,7 +138,7 @@ async def seeded_provider(stack: Stack, telegram_id: int, earned: int = 3 * TON)
     await stack.ledger.settle(
         f"turn-{telegram_id}", earned, provider_id=user.id, share_bps=10_000, usage=usage
     )
-    await account.record_worker(
+    await accounts.record_worker(
         stack.db,
         f"w-{telegram_id}",
         WorkerState.ATTESTED,
@@ -348,7 +348,7 @@ async def test_stars_open_telegrams_invoice_and_the_credit_shows(
     opened = [d for n, d in await page.evaluate("window.telegramEvents") if n.endswith("invoice")]
     assert opened == [{"slug": "testinvoice"}]
     # The user pays: the bot credits the payment; Telegram closes the invoice as paid.
-    await account.credit_stars(stack.ledger, stack.settings, user.id, 100, "charge-9700")
+    await accounts.credit_stars(stack.ledger, stack.settings, user.id, 100, "charge-9700")
     await page.evaluate(
         "Telegram.WebView.receiveEvent('invoice_closed', {slug: 'testinvoice', status: 'paid'})"
     )

@@ -37,7 +37,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from backend import notifications
-from backend.db import Database
+from backend.db import Database, as_utc
 from backend.ledger import Ledger
 from backend.models import (
     Payout,
@@ -173,7 +173,7 @@ class PayoutSender:
             since = (
                 None
                 if message.sent_at is None
-                else (dt.datetime.now(dt.UTC) - _aware(message.sent_at)).total_seconds()
+                else (dt.datetime.now(dt.UTC) - as_utc(message.sent_at)).total_seconds()
             )
             if (
                 message.state == TonMessageState.SIGNED
@@ -453,10 +453,6 @@ def _raw_hash(boc: str) -> str | None:
         return Cell.one_from_boc(base64.b64decode(boc)).hash.hex()
     except Exception:  # a stored BOC always parses; never let a bad one stop the sender
         return None
-
-
-def _aware(value: dt.datetime) -> dt.datetime:
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
 async def _sleep_or_stop(stop: asyncio.Event, delay: float) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiogram.filters import Command
 from aiogram.types import Message
 
-from backend import account
+from backend import accounts
 from backend.db import Database
 from backend.settings import Settings
 from bot.common import Handlers, price_pair, ton
@@ -16,7 +16,7 @@ handlers = Handlers("admin")
 
 @handlers.message(Command("stats"))
 async def cmd_stats(message: Message, db: Database, redis: object) -> None:
-    s = await account.stats(db, redis)
+    s = await accounts.stats(db, redis)
     depth = ", ".join(f"{model}: {n}" for model, n in sorted(s.queue_depth.items())) or "0"
     await message.answer(
         "\n".join(

@@ -17,7 +17,7 @@ from aiogram.types import (
     WebAppInfo,
 )
 
-from backend import account
+from backend import accounts
 from backend.attestation.store import issue_registration_token
 from backend.db import Database
 from backend.errors import ErrorCode
@@ -55,7 +55,7 @@ async def _require_provider(message: Message, user: User) -> bool:
 @handlers.message(Command("provider"))
 async def cmd_provider(message: Message, user: User, db: Database, settings: Settings) -> None:
     if not user.is_provider:
-        await account.become_provider(db, user.id)
+        await accounts.become_provider(db, user.id)
     wallet = await linked_wallet(db, user.id, "payout")
     lines = [
         _(
@@ -133,7 +133,7 @@ async def cmd_addworker(
 async def cmd_workers(message: Message, user: User, db: Database, redis: object) -> None:
     if not await _require_provider(message, user):
         return
-    views = await account.provider_workers(db, redis, user.id)
+    views = await accounts.provider_workers(db, redis, user.id)
     if not views:
         await message.answer(_("No workers yet. /addworker registers one."))
         return
@@ -167,7 +167,7 @@ async def cmd_workers(message: Message, user: User, db: Database, redis: object)
 async def cmd_earnings(message: Message, user: User, ledger: Ledger) -> None:
     if not await _require_provider(message, user):
         return
-    e = await account.earnings(ledger, user.id)
+    e = await accounts.earnings(ledger, user.id)
     await message.answer(
         "\n".join(
             [
@@ -210,7 +210,7 @@ async def cmd_withdraw(
     if wallet is None:
         await message.answer(code_text(ErrorCode.NO_PAYOUT_WALLET))
         return
-    problem = account.withdrawal_refusal(settings, amount, available)
+    problem = accounts.withdrawal_refusal(settings, amount, available)
     if problem is not None:
         await message.answer(error_text(problem))
         return
@@ -248,10 +248,10 @@ async def on_withdraw_confirm(
         await query.answer(_("This button is not valid any more."), show_alert=True)
         return
     try:
-        payout = await account.withdraw(
+        payout = await accounts.withdraw(
             ledger, settings, user.id, amount, f"bot:withdraw:{user.id}:{nonce}"
         )
-    except account.AccountError as error:
+    except accounts.AccountError as error:
         await query.answer()
         if isinstance(query.message, Message):
             await query.message.edit_text(error_text(error))

@@ -18,7 +18,7 @@ from aiogram.types import (
     WebAppInfo,
 )
 
-from backend import account
+from backend import accounts
 from backend.ledger import Ledger
 from backend.models import User
 from backend.settings import Settings
@@ -33,7 +33,7 @@ log = logging.getLogger("cocoon.bot.wallet")
 handlers = Handlers("wallet")
 
 STAR_AMOUNTS = (50, 100, 250, 1000)
-MAX_STARS = account.MAX_STARS
+MAX_STARS = accounts.MAX_STARS
 CURRENCY = "XTR"
 
 
@@ -123,7 +123,7 @@ async def on_stars_amount(query: CallbackQuery, bot: Bot, user: User, settings: 
         return
     await query.answer()
     chat_id = query.message.chat.id if query.message else query.from_user.id
-    invoice = account.stars_invoice(user.id, stars, settings)
+    invoice = accounts.stars_invoice(user.id, stars, settings)
     await bot.send_invoice(
         chat_id=chat_id,
         title=_("Cocoon balance"),
@@ -139,7 +139,7 @@ async def on_stars_amount(query: CallbackQuery, bot: Bot, user: User, settings: 
 @handlers.pre_checkout_query()
 async def on_pre_checkout(query: PreCheckoutQuery, user: User) -> None:
     """Answered at once (Telegram waits 10 s at most): only our own, well-formed invoices."""
-    invoice = account.parse_stars_payload(query.invoice_payload)
+    invoice = accounts.parse_stars_payload(query.invoice_payload)
     if (
         invoice is None
         or query.currency != CURRENCY
@@ -160,8 +160,8 @@ async def on_successful_payment(
     if payment.currency != CURRENCY:
         log.error("a successful payment in %s was not expected", payment.currency)
         return
-    invoice = account.parse_stars_payload(payment.invoice_payload)
-    receipt = await account.credit_stars(
+    invoice = accounts.parse_stars_payload(payment.invoice_payload)
+    receipt = await accounts.credit_stars(
         ledger,
         settings,
         user.id,
