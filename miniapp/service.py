@@ -1,7 +1,7 @@
 """What the Mini App does, apart from HTTP: one plain class over the backend's services.
 
 Routes (``miniapp.routes``) parse and render; money, wallets and turns go through the shared
-backend layers (``backend.account``, ``backend.ton``, the ledger and the dispatcher), so the
+backend layers (``backend.accounts``, ``backend.ton``, the ledger and the dispatcher), so the
 Mini App follows the same rules as the bot.
 """
 
@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import redis
 from sqlalchemy import delete
 
-from backend import account
+from backend import accounts
 from backend.db import Database
 from backend.dispatch import Dispatcher, TurnDone, TurnRequest, TurnText
 from backend.errors import CocoonError, ErrorCode
@@ -160,7 +160,7 @@ class MiniApp:
     async def choose_model(self, caller: Caller, model: str) -> None:
         if model not in self.settings.models:
             raise MiniAppError(ErrorCode.UNKNOWN_MODEL)
-        await account.set_model(self.db, caller.user.id, model)
+        await accounts.set_model(self.db, caller.user.id, model)
 
     # ----------------------------------------------------------------- wallets
 
@@ -260,7 +260,7 @@ class MiniApp:
                 description=label,
                 # The bot's pre_checkout_query and successful_payment handlers read this:
                 # stars:<user id>:<stars>:<rate> (the bot credits it, once per charge id).
-                payload=account.stars_invoice(caller.user.id, stars, self.settings).payload,
+                payload=accounts.stars_invoice(caller.user.id, stars, self.settings).payload,
                 currency="XTR",
                 prices=[LabeledPrice(label=label, amount=stars)],
             )
@@ -270,7 +270,7 @@ class MiniApp:
     # ----------------------------------------------------------------- history
 
     async def history(self, caller: Caller, kind: str | None, page: int) -> p.History:
-        result = await account.history(  # AccountError invalid_page for a bad kind or page
+        result = await accounts.history(  # AccountError invalid_page for a bad kind or page
             self.db,
             caller.user.id,
             kind=kind,  # type: ignore[arg-type]
@@ -311,8 +311,8 @@ class MiniApp:
 
     async def provider(self, caller: Caller) -> p.ProviderDashboard:
         self._require_provider(caller)
-        workers = await account.provider_workers(self.db, self.dispatcher.redis, caller.user.id)
-        earned = await account.earnings(self.ledger, caller.user.id)
+        workers = await accounts.provider_workers(self.db, self.dispatcher.redis, caller.user.id)
+        earned = await accounts.earnings(self.ledger, caller.user.id)
         payout = await ton_proof.linked_wallet(self.db, caller.user.id, "payout")
         return p.ProviderDashboard(
             workers=[
@@ -350,7 +350,7 @@ class MiniApp:
                 amount = parse_ton(body.amount)
             except AmountError as error:
                 raise MiniAppError(ErrorCode.INVALID_AMOUNT, str(error)) from None
-        payout = await account.withdraw(  # AccountError: the routes answer it
+        payout = await accounts.withdraw(  # AccountError: the routes answer it
             self.ledger,
             self.settings,
             caller.user.id,

@@ -13,7 +13,7 @@ import pytest
 from pydantic import SecretStr
 from sqlalchemy import select
 
-from backend import account
+from backend import accounts
 from backend.apikeys import list_keys
 from backend.attestation import store
 from backend.db import Database
@@ -333,12 +333,12 @@ async def test_withdraw_validates_confirms_and_updates_the_status_message(bot: H
     assert "Withdraw 2 TON to" in reply.text
     confirm, cancel = reply.reply_markup.inline_keyboard[0]
     await bot.press(cancel.callback_data)
-    assert (await account.earnings(bot.ledger, provider.id)).available == 2 * TON
+    assert (await accounts.earnings(bot.ledger, provider.id)).available == 2 * TON
     await bot.press(confirm.callback_data, message_id=77)
     await bot.press(confirm.callback_data, message_id=77)  # a double tap pays once
     status = bot.last("editMessageText")
     assert "Payout #" in status.text and "requested" in status.text
-    e = await account.earnings(bot.ledger, provider.id)
+    e = await accounts.earnings(bot.ledger, provider.id)
     assert e.available == 0 and e.pending == 2 * TON
     # The payout sender confirms it on chain: the status message changes in place.
     async with bot.db.session() as session:
@@ -442,7 +442,7 @@ async def test_an_unexpected_error_is_logged_without_the_message_text(
     async def broken(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(account, "usage", broken)
+    monkeypatch.setattr(accounts, "usage", broken)
     await bot.send("/usage")
     errors = [r for r in caplog.records if r.levelname == "ERROR"]
     assert errors and "RuntimeError" in errors[0].getMessage()

@@ -333,7 +333,7 @@ class Onboarding:
             return
         import datetime as dt
 
-        from backend.account import record_worker
+        from backend.accounts import record_worker
         from backend.models import WorkerState
 
         def when(epoch: float | None) -> dt.datetime | None:

@@ -8,7 +8,7 @@ from aiogram import F
 from aiogram.filters import Command, CommandObject, CommandStart
 from aiogram.types import CallbackQuery, InlineKeyboardButton, InlineKeyboardMarkup, Message
 
-from backend import account
+from backend import accounts
 from backend.db import Database
 from backend.i18n import LANGUAGE_NAMES, LANGUAGES
 from backend.ledger import Ledger
@@ -35,7 +35,7 @@ async def cmd_start(
     settings: Settings,
 ) -> None:
     if command.args:
-        await account.set_referrer(db, user.id, command.args.strip())
+        await accounts.set_referrer(db, user.id, command.args.strip())
     name = message.from_user.first_name if message.from_user else ""
     text = "\n\n".join(
         [
@@ -89,7 +89,7 @@ async def on_lang(query: CallbackQuery, user: User, db: Database) -> None:
     if code not in LANGUAGES:
         await query.answer(_("This language is not available."), show_alert=True)
         return
-    await account.set_language(db, user.id, code)
+    await accounts.set_language(db, user.id, code)
     with use_language(code):
         text = _("Language set: {language}.").format(language=LANGUAGE_NAMES[code])
         await query.answer()
@@ -133,7 +133,7 @@ async def on_model(query: CallbackQuery, user: User, db: Database, settings: Set
     if model is None:
         await query.answer(_("This model is not available any more."), show_alert=True)
         return
-    await account.set_model(db, user.id, model)
+    await accounts.set_model(db, user.id, model)
     await query.answer(_("Model set: {model}.").format(model=model))
     if isinstance(query.message, Message):
         await query.message.edit_reply_markup(reply_markup=model_keyboard(settings, model))
@@ -156,7 +156,7 @@ async def cmd_balance(message: Message, user: User, ledger: Ledger) -> None:
 
 @handlers.message(Command("usage"))
 async def cmd_usage(message: Message, user: User, db: Database) -> None:
-    summary = await account.usage(db, user.id, limit=10)
+    summary = await accounts.usage(db, user.id, limit=10)
     if not summary.turns:
         await message.answer(_("No messages yet. Just write to me."))
         return
@@ -287,7 +287,7 @@ async def on_forget_no(query: CallbackQuery) -> None:
 async def on_forget_yes(
     query: CallbackQuery, user: User, db: Database, contexts: ContextStore
 ) -> None:
-    await account.forget_user(db, user.id)
+    await accounts.forget_user(db, user.id)
     await contexts.clear(query.from_user.id)
     if query.message is not None and query.message.chat.id != query.from_user.id:
         await contexts.clear(query.message.chat.id)
