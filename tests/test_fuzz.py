@@ -36,7 +36,8 @@ from backend.settings import DEFAULT_MODEL, MAX_NANO, Settings
 from backend.ton.comment import comment_cell, decode_comment
 from backend.ton.proof import ProofError, verify_proof
 from backend.ton.toncenter import TonCenter, TonCenterError
-from backend.ton.watcher import DepositWatcher, classify
+from backend.ton.transactions import classify
+from backend.ton.watcher import DepositWatcher
 from backend.users import get_or_create_user
 from tests.support.attest import AT, COLLATERAL, QUOTE
 from tests.support.fuzz import FUZZ, json_values

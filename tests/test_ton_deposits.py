@@ -27,14 +27,9 @@ from backend.notifications import mark_delivered, pending_notifications
 from backend.ton.comment import comment_cell, decode_comment, deposit_transaction
 from backend.ton.localnet import BOUNCE_FEE, LocalTonCenter, LocalTonCenterServer
 from backend.ton.toncenter import TonCenter
-from backend.ton.watcher import (
-    DepositEvent,
-    DepositWatcher,
-    classify,
-    jetton_notifications,
-    resolve_unclaimed,
-    unclaimed_deposits,
-)
+from backend.ton.transactions import classify
+from backend.ton.unclaimed import jetton_notifications, resolve_unclaimed, unclaimed_deposits
+from backend.ton.watcher import DepositEvent, DepositWatcher
 from backend.users import get_or_create_user
 
 TON = 1_000_000_000

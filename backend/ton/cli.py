@@ -125,7 +125,7 @@ def cmd_unclaimed(settings: Settings, _args: argparse.Namespace) -> int:
     async def run() -> int:
         from backend.db import Database
         from backend.money import format_ton
-        from backend.ton.watcher import jetton_notifications, unclaimed_deposits
+        from backend.ton.unclaimed import jetton_notifications, unclaimed_deposits
 
         db = Database.from_settings(settings)
         try:
@@ -166,7 +166,7 @@ def cmd_resolve(settings: Settings, args: argparse.Namespace) -> int:
         from backend.db import Database
         from backend.ledger import Ledger, LedgerError
         from backend.money import format_ton
-        from backend.ton.watcher import resolve_unclaimed
+        from backend.ton.unclaimed import resolve_unclaimed
         from backend.users import get_or_create_user
 
         db = Database.from_settings(settings)

@@ -439,7 +439,7 @@ def _int(value: object) -> int:
 
 
 def _hash_hex(value: object) -> str | None:
-    from backend.ton.watcher import hash_hex
+    from backend.ton.transactions import hash_hex
 
     try:
         return hash_hex(str(value)) if value else None
