@@ -24,6 +24,7 @@ from nacl.signing import SigningKey
 from backend.db import Database
 from backend.models import TonProofPayload
 from backend.ton.comment import raw_address
+from backend.ton.contracts import read_state_init
 from backend.ton.localnet import LocalTonCenter, LocalTonCenterServer
 from backend.ton.proof import (
     CHAIN_UNAVAILABLE,
@@ -35,7 +36,6 @@ from backend.ton.proof import (
     linked_wallet,
     proof_from_json,
     proof_message,
-    read_state_init,
     verify_proof,
     verify_proof_on_chain,
 )
