@@ -26,14 +26,10 @@ from aiohttp import ClientSession, web
 from aiohttp.test_utils import TestServer
 
 from backend.attestation import store
+from backend.attestation.collateral import CollateralSource, load_collateral, platform_collateral
 from backend.attestation.onboarding import ONBOARDING
 from backend.attestation.policy import Policy
-from backend.attestation.tdx import (
-    CollateralSource,
-    load_collateral,
-    platform_collateral,
-    verify_quote,
-)
+from backend.attestation.tdx import verify_quote
 from backend.db import Database
 from backend.settings import Settings
 from backend.web import create_app

@@ -24,9 +24,10 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from pytoniq_core import begin_cell
 
+from backend.attestation.collateral import CollateralSource, load_collateral
 from backend.attestation.policy import Policy
 from backend.attestation.settings import AttestationSettings
-from backend.attestation.tdx import CollateralSource, load_collateral, verify_quote
+from backend.attestation.tdx import verify_quote
 from backend.attestation.verifier import Verifier
 from backend.db import Database
 from backend.ledger import Ledger

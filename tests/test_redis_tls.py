@@ -20,10 +20,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from backend.attestation import acl, store
+from backend.attestation.collateral import CollateralSource
 from backend.attestation.onboarding import Onboarding, OnboardingError
 from backend.attestation.policy import Policy
 from backend.attestation.settings import AttestationSettings
-from backend.attestation.tdx import CollateralSource
 from backend.attestation.verifier import Verdict, Verifier
 from backend.db import Database
 from backend.dispatch import Dispatcher, TurnDone, TurnRequest, TurnText

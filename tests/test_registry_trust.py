@@ -19,10 +19,10 @@ from rq import Worker
 from rq.serializers import JSONSerializer
 
 from backend.attestation import acl, store
+from backend.attestation.collateral import CollateralSource
 from backend.attestation.onboarding import Onboarding
 from backend.attestation.policy import Policy
 from backend.attestation.settings import AttestationSettings
-from backend.attestation.tdx import CollateralSource
 from backend.attestation.verifier import Verifier
 from backend.settings import ModelPrice, Settings
 from workers import evidence as ev

@@ -65,8 +65,9 @@ def cmd_attest_verify(settings: Any, args: argparse.Namespace) -> int:
 
 
 def _attest_verify(settings: Any, args: argparse.Namespace) -> int:
+    from backend.attestation.collateral import load_collateral
     from backend.attestation.policy import Policy, PolicyError, load_policy
-    from backend.attestation.tdx import load_collateral, verify_quote
+    from backend.attestation.tdx import verify_quote
 
     try:
         raw = Path(args.quote).read_bytes()

@@ -15,10 +15,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from backend.attestation import acl
+from backend.attestation.collateral import CollateralSource
 from backend.attestation.onboarding import Onboarding
 from backend.attestation.policy import Policy
 from backend.attestation.settings import AttestationSettings
-from backend.attestation.tdx import CollateralSource
 from backend.attestation.verifier import Verifier
 from backend.settings import ModelPrice, Settings
 from workers import evidence as ev
