@@ -157,7 +157,6 @@ async def dispatcher_on(
         dev_settings(settings),
         ledger,
         aioredis.Redis.from_url(redis_url),
-        redis.Redis.from_url(redis_url),
         **timeouts,  # type: ignore[arg-type]
     )
     try:
@@ -719,7 +718,7 @@ class WebProcess:
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
 
-    async def ready(self, timeout_s: float = 30) -> None:
+    async def ready(self, timeout_s: float = 120) -> None:
         deadline = time.monotonic() + timeout_s
         async with aiohttp.ClientSession() as http:
             while True:
@@ -729,8 +728,10 @@ class WebProcess:
                             return
                 except aiohttp.ClientError:
                     pass
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("cocoon web did not start")
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"cocoon web exited ({self.process.returncode})")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"cocoon web did not answer in {timeout_s:.0f} s")
                 await asyncio.sleep(0.1)
 
     def kill(self) -> None:
