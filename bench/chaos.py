@@ -157,6 +157,7 @@ async def dispatcher_on(
         dev_settings(settings),
         ledger,
         aioredis.Redis.from_url(redis_url),
+        redis.Redis.from_url(redis_url),
         **timeouts,  # type: ignore[arg-type]
     )
     try:
