@@ -3,8 +3,10 @@
 Every field can be set from the environment with the ``COCOON_`` prefix (``COCOON_REDIS_URL``)
 or from a ``.env`` file in the working directory. Nested values (the model price table) take
 JSON: ``COCOON_MODELS='{"smollm2-135m": {"prompt": 20000000, "completion": 80000000}}'``.
+The nested groups (``COCOON_ATTESTATION__<NAME>``, ``COCOON_TON__<NAME>``) are defined here
+too, so this module imports nothing of the packages that read it.
 
-This module imports nothing heavy: the worker node reads it too.
+It imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -16,9 +18,6 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-from backend.attestation.settings import AttestationSettings
-from backend.ton.config import TonSettings
 
 NANO_PER_TON = 1_000_000_000
 MAX_NANO = 2**63 - 1
@@ -56,6 +55,117 @@ def _default_models() -> dict[str, ModelPrice]:
             prompt=20_000_000, cached_prompt=10_000_000, completion=80_000_000, context_length=2048
         )
     }
+
+
+# ------------------------------------------------------------- attestation
+
+INTEL_PCS_URL = "https://api.trustedservices.intel.com"
+
+
+class AttestationSettings(BaseModel):
+    """How the backend verifies workers. See the README's settings table."""
+
+    allow_dev: bool = Field(
+        default=False,
+        description="accept development-TEE evidence and directly registered dev workers",
+    )
+    policy_file: Path | None = Field(
+        default=None,
+        description="JSON allow-list of released worker images and accepted TCB statuses",
+    )
+    pccs_url: str = Field(default=INTEL_PCS_URL, description="PCCS or Intel PCS base URL")
+    collateral_dir: Path | None = Field(
+        default=None, description="collateral cache on disk; default <data dir>/collateral"
+    )
+    collateral_refresh_s: int = Field(
+        default=3600, ge=0, description="cached collateral younger than this is used as is"
+    )
+    lifetime_s: int = Field(default=86_400, gt=0, description="how long evidence is good for")
+    nonce_ttl_s: int = Field(default=300, gt=0, description="a nonce must be used this soon")
+    token_ttl_s: int = Field(default=7 * 86_400, gt=0, description="registration token life")
+    worker_redis_url: str | None = Field(
+        default=None,
+        description="Redis URL workers are told (rediss:// for attested workers); "
+        "default COCOON_REDIS_URL",
+    )
+    worker_redis_ca_file: Path | None = Field(
+        default=None,
+        description="PEM CA bundle given to workers to check the worker Redis URL's TLS "
+        "certificate; default: the worker's system CAs",
+    )
+    default_capacity: int = Field(
+        default=64,
+        ge=1,
+        le=1_000_000,
+        description="jobs at once dispatched to a worker whose image the policy gives no "
+        "max_capacity (and to unattested dev workers)",
+    )
+    users_check_s: float = Field(
+        default=1.0,
+        gt=0,
+        le=3600,
+        description="how often cocoon web checks that Redis was not restarted (then recreates "
+        "missing worker users at once; every 10 such checks regardless)",
+    )
+    require_nvidia: bool = Field(
+        default=False, description="refuse TDX evidence that carries no NVIDIA GPU evidence"
+    )
+
+
+# -------------------------------------------------------------- TON payments
+
+TONCENTER_URLS = {
+    "mainnet": "https://toncenter.com",
+    "testnet": "https://testnet.toncenter.com",
+}
+
+
+class TonSettings(BaseModel):
+    """Deposit wallet, TON Center access, hot wallet and ton_proof rules."""
+
+    network: Literal["mainnet", "testnet"] = "mainnet"
+    api_url: str | None = Field(
+        default=None,
+        description="TON Center base URL; default toncenter.com or testnet.toncenter.com",
+    )
+    api_key: SecretStr | None = None
+    deposit_address: str | None = Field(
+        default=None, description="the service's deposit wallet (any address form)"
+    )
+    hot_wallet_mnemonic: SecretStr | None = Field(
+        default=None, description="24 words of the payout hot wallet (wallet v4r2); a secret"
+    )
+    poll_interval_s: float = Field(default=3.0, gt=0, le=3600)
+    page_size: int = Field(default=100, ge=1, le=1000)
+    backoff_max_s: float = Field(default=60.0, gt=0, le=3600)
+    payout_ttl_s: int = Field(
+        default=120, ge=10, le=3600, description="how long a signed payout message stays valid"
+    )
+    deposit_ttl_s: int = Field(
+        default=600, ge=60, le=86400, description="validUntil of a TON Connect top-up"
+    )
+    proof_domains: list[str] = Field(
+        default_factory=list, description="domains a ton_proof may name (the Mini App's host)"
+    )
+    proof_ttl_s: int = Field(
+        default=900, ge=30, le=86400, description="how old a ton_proof may be, and its payload"
+    )
+
+    @field_validator("api_url", "deposit_address")
+    @classmethod
+    def _empty_is_none(cls, value: str | None) -> str | None:
+        return value.strip() or None if value else None
+
+    @property
+    def base_url(self) -> str:
+        return (self.api_url or TONCENTER_URLS[self.network]).rstrip("/")
+
+    @property
+    def is_testnet(self) -> bool:
+        return self.network == "testnet"
+
+
+# -------------------------------------------------------------- the settings
 
 
 class Settings(BaseSettings):
@@ -157,10 +267,10 @@ class Settings(BaseSettings):
     )
     worker_engine: str = Field(default="llama-cpp", description="engine of the worker `up` runs")
 
-    # Attestation (COCOON_ATTESTATION__ALLOW_DEV, ...; see backend/attestation/settings.py)
+    # Attestation (COCOON_ATTESTATION__ALLOW_DEV, ...; AttestationSettings above)
     attestation: AttestationSettings = Field(default_factory=AttestationSettings)
 
-    # TON payments (backend/ton): COCOON_TON__DEPOSIT_ADDRESS, COCOON_TON__API_KEY, ...
+    # TON payments (backend/ton; TonSettings above): COCOON_TON__DEPOSIT_ADDRESS, ...
     ton: TonSettings = Field(default_factory=TonSettings)
 
     @field_validator("database_url")

@@ -33,11 +33,10 @@ from pathlib import Path
 import redis
 import redis.asyncio as aioredis
 
-from backend.attestation.settings import AttestationSettings
 from backend.db import Database
 from backend.dispatch import Dispatcher, TurnDone, TurnRequest, TurnText
 from backend.ledger import Ledger
-from backend.settings import DEFAULT_MODEL, ModelPrice, Settings
+from backend.settings import DEFAULT_MODEL, AttestationSettings, ModelPrice, Settings
 from backend.users import get_or_create_user
 from workers import registry
 from workers.engines import GenerationRequest, TextDelta, create_engine

@@ -23,12 +23,11 @@ import nacl.public
 import redis
 import redis.asyncio as aioredis
 
-from backend.attestation.settings import AttestationSettings
 from backend.db import Database
 from backend.dispatch import Dispatcher, TurnError, TurnRequest, TurnText
 from backend.ledger import Ledger
 from backend.pricing import turn_cost
-from backend.settings import DEFAULT_MODEL, Settings
+from backend.settings import DEFAULT_MODEL, AttestationSettings, Settings
 from backend.users import get_or_create_user
 from tests.support.rogue import RogueWorker
 from workers import streams

@@ -16,9 +16,9 @@ import pytest
 from backend.attestation.collateral import CollateralError, CollateralSource, load_collateral
 from backend.attestation.nvidia import verify_nvidia
 from backend.attestation.policy import Policy, PolicyError, load_policy
-from backend.attestation.settings import AttestationSettings
 from backend.attestation.tdx import verify_quote
 from backend.attestation.verifier import Verifier
+from backend.settings import AttestationSettings
 from tests.support.attest import AT, COLLATERAL, MEASURED, QUOTE, image, policy
 from workers import evidence as ev
 from workers.wire import WorkerKeys, canonical_json

@@ -20,12 +20,11 @@ from aiohttp.test_utils import TestServer
 
 from backend.attestation import acl, store
 from backend.attestation.onboarding import OnboardingError
-from backend.attestation.settings import AttestationSettings
 from backend.attestation.verifier import DEV_REFUSED
 from backend.db import Database
 from backend.dispatch import Dispatcher, TurnDone, TurnError, TurnRequest, TurnText
 from backend.ledger import Ledger
-from backend.settings import Settings
+from backend.settings import AttestationSettings, Settings
 from backend.users import get_or_create_user
 from backend.web import create_app
 from tests.support.attest import (

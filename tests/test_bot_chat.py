@@ -15,10 +15,9 @@ import redis
 from pydantic import SecretStr
 from sqlalchemy import select
 
-from backend.attestation.settings import AttestationSettings
 from backend.db import Database
 from backend.models import Hold, HoldState, TurnRecord
-from backend.settings import Settings
+from backend.settings import AttestationSettings, Settings
 from bot import streaming
 from bot.app import running_bot
 from bot.context import ContextStore

@@ -20,10 +20,9 @@ from pydantic import SecretStr
 
 from backend import accounts
 from backend.attestation import acl
-from backend.attestation.settings import AttestationSettings
 from backend.db import Database
 from backend.money import format_ton
-from backend.settings import ModelPrice, Settings
+from backend.settings import AttestationSettings, ModelPrice, Settings
 from backend.web import create_app
 from bot.app import running_bot
 from tests.support.bot import Harness

@@ -26,14 +26,13 @@ from pytoniq_core import begin_cell
 
 from backend.attestation.collateral import CollateralSource, load_collateral
 from backend.attestation.policy import Policy
-from backend.attestation.settings import AttestationSettings
 from backend.attestation.tdx import verify_quote
 from backend.attestation.verifier import Verifier
 from backend.db import Database
 from backend.ledger import Ledger
 from backend.models import AccountKind, TonDepositStatus
 from backend.money import AmountError, format_ton, parse_nano, parse_ton
-from backend.settings import DEFAULT_MODEL, MAX_NANO, Settings
+from backend.settings import DEFAULT_MODEL, MAX_NANO, AttestationSettings, Settings
 from backend.ton.comment import comment_cell, decode_comment
 from backend.ton.proof import ProofError, verify_proof
 from backend.ton.toncenter import TonCenter, TonCenterError

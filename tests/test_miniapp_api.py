@@ -18,9 +18,8 @@ from pytoniq_core import Cell
 from backend import accounts, appkeys
 from backend.ledger import Ledger, TurnUsage
 from backend.models import WorkerState
-from backend.settings import Settings
+from backend.settings import Settings, TonSettings
 from backend.ton.comment import decode_comment, friendly_address
-from backend.ton.config import TonSettings
 from backend.users import get_or_create_user
 from backend.web import create_app
 from tests.support.miniapp_helpers import (

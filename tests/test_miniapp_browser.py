@@ -21,13 +21,11 @@ from tests.support.miniapp_browser import require_browser
 require_browser()
 
 from backend import accounts, appkeys  # noqa: E402
-from backend.attestation.settings import AttestationSettings  # noqa: E402
 from backend.db import Database  # noqa: E402
 from backend.ledger import Ledger, TurnUsage  # noqa: E402
 from backend.models import WorkerState  # noqa: E402
-from backend.settings import Settings  # noqa: E402
+from backend.settings import AttestationSettings, Settings, TonSettings  # noqa: E402
 from backend.ton.comment import decode_comment, friendly_address  # noqa: E402
-from backend.ton.config import TonSettings  # noqa: E402
 from backend.ton.localnet import LocalTonCenter, LocalTonCenterServer  # noqa: E402
 from backend.ton.toncenter import TonCenter  # noqa: E402
 from backend.ton.watcher import DepositWatcher  # noqa: E402

@@ -10,10 +10,9 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from backend.apikeys import create_key
-from backend.attestation.settings import AttestationSettings
 from backend.db import Database
 from backend.ledger import Ledger
-from backend.settings import DEFAULT_MODEL, Settings
+from backend.settings import DEFAULT_MODEL, AttestationSettings, Settings
 from backend.users import get_or_create_user
 from backend.web import create_app
 from tests.support.env import require_module

@@ -22,10 +22,9 @@ from pydantic import SecretStr
 
 from backend.apikeys import create_key
 from backend.attestation import acl, store
-from backend.attestation.settings import AttestationSettings
 from backend.db import Database
 from backend.ledger import Ledger
-from backend.settings import ModelPrice, Settings
+from backend.settings import AttestationSettings, ModelPrice, Settings
 from backend.users import get_or_create_user
 from backend.web import create_app
 from miniapp.auth import init_data_for

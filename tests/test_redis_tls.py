@@ -23,12 +23,11 @@ from backend.attestation import acl, store
 from backend.attestation.collateral import CollateralSource
 from backend.attestation.onboarding import Onboarding, OnboardingError
 from backend.attestation.policy import Policy
-from backend.attestation.settings import AttestationSettings
 from backend.attestation.verifier import Verdict, Verifier
 from backend.db import Database
 from backend.dispatch import Dispatcher, TurnDone, TurnRequest, TurnText
 from backend.ledger import Ledger
-from backend.settings import ModelPrice, Settings
+from backend.settings import AttestationSettings, ModelPrice, Settings
 from backend.users import get_or_create_user
 from backend.web import create_app
 from tests.support.redis_server import (

@@ -22,9 +22,8 @@ from backend.attestation import acl, store
 from backend.attestation.collateral import CollateralSource
 from backend.attestation.onboarding import Onboarding
 from backend.attestation.policy import Policy
-from backend.attestation.settings import AttestationSettings
 from backend.attestation.verifier import Verifier
-from backend.settings import ModelPrice, Settings
+from backend.settings import AttestationSettings, ModelPrice, Settings
 from workers import evidence as ev
 from workers import registry
 from workers.jobs import JobBook, aenqueue_job, job_id_for

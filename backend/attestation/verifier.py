@@ -31,8 +31,8 @@ import nacl.signing
 from backend.attestation.collateral import CollateralError, CollateralSource
 from backend.attestation.nvidia import verify_nvidia
 from backend.attestation.policy import Policy, load_policy
-from backend.attestation.settings import AttestationSettings
 from backend.attestation.tdx import QuoteVerdict, UnsupportedQuote, verify_quote
+from backend.settings import AttestationSettings
 from workers.evidence import Evidence, off_machine_reason, report_data
 from workers.wire import WireError, key_fingerprint
 

@@ -1,6 +1,6 @@
 """TON payments: deposits credited once, payouts paid once, wallets linked by ton_proof.
 
-Modules: ``config`` (settings), ``comment`` (addresses, comment cells, top-up messages),
+Modules: ``comment`` (addresses, comment cells, top-up messages),
 ``toncenter`` (the TON Center HTTP client), ``transactions`` (what a deposit wallet's
 transaction means), ``watcher`` (deposits), ``unclaimed`` (deposits nobody's memo matched, for
 the operator), ``wallet`` (the hot wallet), ``payouts`` (the payout state machine),
@@ -8,5 +8,5 @@ the operator), ``wallet`` (the hot wallet), ``payouts`` (the payout state machin
 ``localnet`` (a local TON Center for tests and development), ``services`` (the watcher and the
 payout sender run together), ``cli`` (the ``cocoon ton`` and ``cocoon watcher`` commands).
 
-Nothing heavy is imported here: ``backend.settings`` imports ``backend.ton.config``.
+Its settings (``COCOON_TON__<NAME>``) are ``backend.settings.TonSettings``.
 """

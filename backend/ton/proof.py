@@ -36,7 +36,7 @@ from backend.ton.comment import AddressError, parse_address, raw_address
 from backend.ton.contracts import StateInitError, StateInitKey, read_state_init
 
 if TYPE_CHECKING:
-    from backend.ton.config import TonSettings
+    from backend.settings import TonSettings
 
 PREFIX = b"ton-proof-item-v2/"
 CONNECT_PREFIX = b"\xff\xff" + b"ton-connect"

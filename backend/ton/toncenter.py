@@ -1,7 +1,7 @@
 """A small TON Center HTTP client: the endpoints Cocoon uses, typed errors, no retries.
 
 Callers decide how to retry (the watcher and the payout sender back off; a payout resends the
-same BOC). Base URL and API key come from :class:`~backend.ton.config.TonSettings`.
+same BOC). Base URL and API key come from :class:`~backend.settings.TonSettings`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 
 import aiohttp
 
-from backend.ton.config import TonSettings
+from backend.settings import TonSettings
 
 TIMEOUT_S = 20
 

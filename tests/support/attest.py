@@ -18,9 +18,8 @@ from backend.attestation import acl
 from backend.attestation.collateral import CollateralSource
 from backend.attestation.onboarding import Onboarding
 from backend.attestation.policy import Policy
-from backend.attestation.settings import AttestationSettings
 from backend.attestation.verifier import Verifier
-from backend.settings import ModelPrice, Settings
+from backend.settings import AttestationSettings, ModelPrice, Settings
 from workers import evidence as ev
 from workers.wire import WorkerKeys
 

@@ -14,8 +14,7 @@ from aiohttp import web
 from nacl.signing import SigningKey
 from pydantic import SecretStr
 
-from backend.settings import Settings
-from backend.ton.config import TonSettings
+from backend.settings import Settings, TonSettings
 from backend.ton.proof import proof_message
 from backend.ton.wallet import HotWallet
 from miniapp.auth import init_data_for, sign_init_data

@@ -16,12 +16,11 @@ import redis
 import redis.asyncio as aioredis
 from sqlalchemy import select
 
-from backend.attestation.settings import AttestationSettings
 from backend.db import Database
 from backend.dispatch import Dispatcher, Turn, TurnDone, TurnText
 from backend.ledger import Ledger
 from backend.models import Hold, HoldState
-from backend.settings import DEFAULT_MODEL, Settings
+from backend.settings import DEFAULT_MODEL, AttestationSettings, Settings
 from backend.users import get_or_create_user
 from workers import registry
 
