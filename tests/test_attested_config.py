@@ -75,6 +75,7 @@ def sha256sum_manifest(folder: Path, names: list[str]) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
+@pytest.mark.slow
 def test_cocoon_attest_digest_prints_the_digest_the_node_claims(tmp_path: Path) -> None:
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF" + bytes(range(256)) * 4096)
@@ -357,6 +358,7 @@ def stop(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
+@pytest.mark.slow
 def test_the_node_will_not_send_prompts_off_the_machine_outside_the_dev_tee(
     tmp_path: Path,
 ) -> None:
