@@ -245,7 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     up = add(
         "up", "run the whole stack with embedded defaults (upgrades the database first)", cmd_up
     )
-    web = add("web", "serve the HTTP API (and, as they land, the Mini App and webhook)", cmd_web)
+    web = add(
+        "web",
+        "serve the HTTP API, the Mini App, worker onboarding, /metrics (+ bot webhook)",
+        cmd_web,
+    )
     for command in (up, web):
         command.add_argument("--host", help="address to listen on (setting COCOON_WEB_HOST)")
         command.add_argument("--port", type=int, help="port to listen on (COCOON_WEB_PORT)")
@@ -254,8 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     add("bot", "run the Telegram bot with long polling", cmd_bot)
-    # `cocoon worker ...` is handed to the worker node's own parser (see main()).
-    add("worker", "run a worker node serving one model (see cocoon worker --help)", cmd_up)
+    # Listed for `cocoon --help` only: main() hands `cocoon worker ...` to the worker node's own
+    # parser before this one runs, so it has no handler here.
+    sub.add_parser("worker", help="run a worker node serving one model (see cocoon worker --help)")
     chat = add("chat", "ask one question through the whole stack, streamed", cmd_chat)
     chat.add_argument("question", nargs="?", help="what to ask (default: standard input)")
     chat.add_argument("--model", help="model id (default: the first in COCOON_MODELS)")

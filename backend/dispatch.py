@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NoReturn
+from typing import NoReturn, Protocol
 
 import redis
 import redis.asyncio as aioredis
@@ -47,9 +47,6 @@ from workers.wire import (
     seal_request,
 )
 
-if TYPE_CHECKING:
-    from backend.metrics import TurnMetrics
-
 log = logging.getLogger("cocoon.dispatch")
 
 RETRYABLE_WORKER_ERRORS = frozenset({"worker_shutdown", "busy"})
@@ -66,6 +63,28 @@ _STREAM_VIOLATIONS = {
     "entries": Violation.CHUNKS,
     "deadline": Violation.DEADLINE,
 }
+
+
+class TurnCounter(Protocol):
+    """What the dispatcher counts: :class:`backend.metrics.TurnMetrics` on the process's
+    Prometheus registry (declared here, so the dispatcher imports nothing of the metrics)."""
+
+    def first_token_after(self, model: str, seconds: float) -> None: ...
+
+    def ended(
+        self,
+        model: str,
+        outcome: str,
+        seconds: float,
+        *,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        charged: int = 0,
+    ) -> None: ...
+
+    def error(self, code: str) -> None: ...
+
+    def flagged(self, model: str, kind: str) -> None: ...
 
 
 class TurnError(CocoonError):
@@ -93,14 +112,17 @@ class TurnText:
 
 @dataclass(frozen=True)
 class WorkerProof:
-    """What the client can show about who served the turn (the bot's /privacy report)."""
+    """What the client can show about who served the turn (the bot's /privacy report).
+
+    A turn ends with a :class:`TurnDone` only from a final record whose signature by this
+    worker's registered key verified (:func:`workers.wire.open_event`; any other signature ends
+    the turn with ``worker_error``): the usage billed is always the worker's signed usage."""
 
     worker_id: str
     tee: str
     engine: str
     engine_version: str
     key_fingerprint: str
-    usage_signature_verified: bool
 
 
 @dataclass(frozen=True)
@@ -126,8 +148,8 @@ class Dispatcher:
         settings: Settings,
         ledger: Ledger,
         redis_async: aioredis.Redis,
-        redis_sync: redis.Redis,
         *,
+        metrics: TurnCounter | None = None,
         first_token_timeout_s: float = 60.0,
         idle_timeout_s: float = 60.0,
         job_timeout_s: int = 600,
@@ -137,15 +159,14 @@ class Dispatcher:
         self.settings = settings
         self.ledger = ledger
         self.redis = redis_async
-        self.redis_sync = redis_sync
         self.first_token_timeout_s = first_token_timeout_s
         self.idle_timeout_s = idle_timeout_s
         self.job_timeout_s = job_timeout_s
         self.queue_ttl_s = queue_ttl_s
         self.max_attempts = max_attempts
         self._background: set[asyncio.Task[None]] = set()
-        # Prometheus turn metrics (backend.metrics.setup sets them); None: not counted.
-        self.metrics: TurnMetrics | None = None
+        # The process's Prometheus turn metrics (backend.metrics); None: not counted.
+        self.metrics = metrics
         # A turn's absolute deadline: read from this clock, after the job timeout and this grace.
         self.clock: Callable[[], float] = time.monotonic
         self.deadline_grace_s = DEADLINE_GRACE_S
@@ -159,18 +180,15 @@ class Dispatcher:
         )
 
     @classmethod
-    def from_settings(cls, settings: Settings, ledger: Ledger) -> Dispatcher:
+    def from_settings(
+        cls, settings: Settings, ledger: Ledger, *, metrics: TurnCounter | None = None
+    ) -> Dispatcher:
         # Each streaming turn holds a connection during its blocking reads: allow many, and
         # make the rest wait for one rather than fail.
         pool = aioredis.BlockingConnectionPool.from_url(
             settings.redis_url, max_connections=MAX_REDIS_CONNECTIONS, timeout=30
         )
-        return cls(
-            settings,
-            ledger,
-            aioredis.Redis(connection_pool=pool),
-            redis.Redis.from_url(settings.redis_url),
-        )
+        return cls(settings, ledger, aioredis.Redis(connection_pool=pool), metrics=metrics)
 
     async def wind_down(self, timeout_s: float) -> None:
         """Stopping: give turns whose client left up to ``timeout_s`` to settle; those still
@@ -190,7 +208,6 @@ class Dispatcher:
             await asyncio.wait(self._background, timeout=self.idle_timeout_s + 5)
         await self.workers.close()
         await self.redis.aclose(close_connection_pool=True)
-        self.redis_sync.close()
 
     def models(self) -> dict[str, ModelPrice]:
         return dict(self.settings.models)
@@ -615,7 +632,6 @@ class Turn:
             engine=self.worker.engine,
             engine_version=self.worker.engine_version,
             key_fingerprint=key_fingerprint(self.worker.box_public_key, self.worker.verify_key),
-            usage_signature_verified=True,
         )
 
     async def release(self) -> None:

@@ -1,4 +1,5 @@
-"""Prometheus metrics of the operator's processes: ``GET /metrics`` on ``cocoon web``.
+"""Prometheus metrics of the operator's processes: ``GET /metrics`` on ``cocoon web``, and the
+turn metrics of ``cocoon bot`` (long polling) on ``COCOON_BOT_METRICS_PORT`` (:func:`serve_turns`).
 
 One :class:`~prometheus_client.CollectorRegistry` per process (made by :func:`setup`, never at
 import time) holds two kinds of metrics:
@@ -23,10 +24,11 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from http.server import HTTPServer
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
@@ -42,7 +44,9 @@ __all__ = [
     "StateCollector",
     "StateSnapshot",
     "TurnMetrics",
+    "TurnsEndpoint",
     "read_state",
+    "serve_turns",
     "setup",
 ]
 
@@ -299,6 +303,29 @@ def _family(
     return family
 
 
+@dataclass
+class TurnsEndpoint:
+    """Turn metrics served on a port of their own (:func:`serve_turns`)."""
+
+    metrics: TurnMetrics
+    port: int
+    server: HTTPServer
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def serve_turns(host: str, port: int) -> TurnsEndpoint:
+    """``GET /metrics`` of a process without a web server (``cocoon bot`` polling): its turn
+    metrics, on a registry of their own, served from a thread on ``host:port`` (0: a free
+    port). The state gauges stay on ``cocoon web``."""
+    registry = CollectorRegistry()
+    metrics = TurnMetrics(registry)
+    server, _thread = start_http_server(port, host, registry=registry)
+    return TurnsEndpoint(metrics, int(server.server_address[1]), server)
+
+
 # ------------------------------------------------------------------------------ aiohttp
 
 
@@ -323,16 +350,10 @@ _LOCK = web.AppKey("metrics_lock", asyncio.Lock)
 TURN_METRICS = web.AppKey("turn_metrics", TurnMetrics)
 
 
-async def _attach(app: web.Application) -> None:
-    """After the dispatcher is made (``cleanup_ctx`` runs first): let it count turns."""
-    dispatcher = app.get(appkeys.DISPATCHER)
-    if dispatcher is not None:
-        dispatcher.metrics = app[TURN_METRICS]
-
-
 def setup(app: web.Application) -> CollectorRegistry:
     """Add ``GET /metrics`` to an application made by ``backend.web.create_app``: a registry of
-    this process's own, the dispatcher's turn metrics, and the state gauges. Idempotent."""
+    this process's own, the turn metrics (``app[TURN_METRICS]``, handed to the dispatcher when
+    the application starts), and the state gauges. Idempotent."""
     if REGISTRY in app:
         return app[REGISTRY]
     registry = CollectorRegistry()
@@ -342,6 +363,5 @@ def setup(app: web.Application) -> CollectorRegistry:
     app[_STATE] = collector
     app[_LOCK] = asyncio.Lock()
     app[TURN_METRICS] = TurnMetrics(registry)
-    app.on_startup.append(_attach)
     app.router.add_get("/metrics", _metrics)
     return registry

@@ -202,6 +202,9 @@ class Settings(BaseSettings):
         default="polling",
         description="how the bot gets updates: `cocoon bot` polls; webhook: `cocoon web` serves it",
     )
+    bot_metrics_port: int | None = Field(
+        default=None, ge=1, le=65535, description="port of `cocoon bot`'s GET /metrics (turns)"
+    )
     admin_ids: list[int] = Field(
         default_factory=list, description="Telegram ids allowed the admin commands, JSON list"
     )

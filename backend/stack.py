@@ -53,6 +53,8 @@ from workers.lifecycle import (
 if TYPE_CHECKING:
     from aiohttp import web
 
+    from backend.metrics import TurnMetrics
+
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
@@ -246,6 +248,7 @@ class LocalStack:
 
     async def _start(self, host: str, port: int) -> bool:
         """Start each part in turn; False when asked to stop before it was all up."""
+        from backend import metrics
         from backend.web import start_web
 
         stop = self.shutdown.stop
@@ -286,7 +289,9 @@ class LocalStack:
             '"content": "Hello"}]}\'',
             flush=True,
         )
-        self.bot = start_bot(settings, self.shutdown)
+        # The bot's turns are counted on the web server's /metrics.
+        turn_metrics = self.runner.app.get(metrics.TURN_METRICS)
+        self.bot = start_bot(settings, self.shutdown, metrics=turn_metrics)
         return True
 
     async def _stop(self) -> None:
@@ -348,16 +353,19 @@ async def _stop_process(process: subprocess.Popen[bytes], timeout_s: float) -> N
         await asyncio.sleep(0.05)
 
 
-def start_bot(settings: Settings, shutdown: Shutdown) -> asyncio.Task[None] | None:
+def start_bot(
+    settings: Settings, shutdown: Shutdown, *, metrics: TurnMetrics | None = None
+) -> asyncio.Task[None] | None:
     """The Telegram bot with long polling, when a bot token is set (in webhook mode the web
-    app serves it already). It stops at ``shutdown``'s request."""
+    app serves it already), its turns counted on ``metrics``. It stops at ``shutdown``'s
+    request."""
     if settings.bot_token is None or settings.bot_mode != "polling":
         return None
     from bot.app import run_polling
 
     async def run() -> None:
         try:
-            await run_polling(settings, shutdown)
+            await run_polling(settings, shutdown, metrics=metrics)
         except Exception as error:  # a bad token, Telegram unreachable: the rest keeps serving
             print(f"cocoon: the Telegram bot stopped: {type(error).__name__}: {error}", flush=True)
 

@@ -71,7 +71,10 @@ def _database_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterat
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         db = Database.from_settings(settings)
         ledger = Ledger(db, min_withdrawal=settings.min_withdrawal_nano)
-        dispatcher = Dispatcher.from_settings(settings, ledger)
+        # Turns are counted on the process's metrics (metrics.setup, when it was called).
+        dispatcher = Dispatcher.from_settings(
+            settings, ledger, metrics=app.get(metrics.TURN_METRICS)
+        )
         app[appkeys.DATABASE] = db
         app[appkeys.LEDGER] = ledger
         app[appkeys.DISPATCHER] = dispatcher

@@ -157,7 +157,6 @@ async def dispatcher_on(
         dev_settings(settings),
         ledger,
         aioredis.Redis.from_url(redis_url),
-        redis.Redis.from_url(redis_url),
         **timeouts,  # type: ignore[arg-type]
     )
     try:

@@ -87,7 +87,6 @@ class Bench:
             self.settings,
             self.ledger,
             aioredis.Redis.from_url(self.redis_url, max_connections=256),
-            redis.Redis.from_url(self.redis_url),
         )
         user = await get_or_create_user(self.db, 1)
         await self.ledger.credit_deposit(user.id, 10**18, "bench")

@@ -90,7 +90,6 @@ async def main(redis_url: str, flood_mb: int, trickle_s: float) -> None:
             settings,
             ledger,
             aioredis.Redis.from_url(redis_url),
-            redis.Redis.from_url(redis_url),
             first_token_timeout_s=10,
             idle_timeout_s=10,
         )

@@ -24,6 +24,7 @@ from aiogram.types import TelegramObject
 from backend.db import Database
 from backend.dispatch import Dispatcher as TurnDispatcher
 from backend.ledger import Ledger
+from backend.metrics import TurnMetrics, TurnsEndpoint, serve_turns
 from backend.settings import Settings
 from backend.telegram import create_bot
 from bot.commands import set_commands, set_menu_button
@@ -82,13 +83,15 @@ async def running_bot(
     turns: TurnDispatcher | None = None,
     outbox_interval_s: float | None = 2.0,
     tonconnect: ConnectorFactory | None = None,
+    metrics: TurnMetrics | None = None,
 ) -> AsyncIterator[BotApp]:
     """The bot with its services; the outbox is drained in the background every
-    ``outbox_interval_s`` (None: not at all, tests drain it by hand)."""
+    ``outbox_interval_s`` (None: not at all, tests drain it by hand). Without ``turns``, the
+    bot's own turn dispatcher counts its turns on ``metrics``."""
     bot = create_bot(settings, session)
     try:
         async with open_services(
-            settings, db=db, ledger=ledger, turns=turns, tonconnect=tonconnect
+            settings, db=db, ledger=ledger, turns=turns, tonconnect=tonconnect, metrics=metrics
         ) as services:
             outbox = Outbox(bot, services.db, services.ledger, services.redis)
             dp = build_dispatcher(settings, services, outbox)
@@ -152,10 +155,29 @@ class InFlight(BaseMiddleware):
                 await cancel_and_wait(late)
 
 
-async def run_polling(settings: Settings, shutdown: Shutdown) -> None:
+async def run_polling(
+    settings: Settings, shutdown: Shutdown, *, metrics: TurnMetrics | None = None
+) -> None:
     """``cocoon bot``: long polling until ``shutdown`` asks to stop; then no update is taken any
-    more, and :func:`running_bot` lets those being handled finish."""
-    async with running_bot(settings) as app:
+    more, and :func:`running_bot` lets those being handled finish.
+
+    Its turns are counted on ``metrics`` (``cocoon up`` hands the web server's), else on
+    ``GET /metrics`` on port ``COCOON_BOT_METRICS_PORT`` (all interfaces, as a worker's) when
+    that is set."""
+    endpoint: TurnsEndpoint | None = None
+    if metrics is None and settings.bot_metrics_port is not None:
+        endpoint = serve_turns("0.0.0.0", settings.bot_metrics_port)
+        metrics = endpoint.metrics
+        log.info("the bot's turn metrics are on port %d: GET /metrics", endpoint.port)
+    try:
+        await _poll(settings, shutdown, metrics)
+    finally:
+        if endpoint is not None:
+            endpoint.close()
+
+
+async def _poll(settings: Settings, shutdown: Shutdown, metrics: TurnMetrics | None) -> None:
+    async with running_bot(settings, metrics=metrics) as app:
         await app.bot.delete_webhook(drop_pending_updates=False)
         await set_commands(app.bot)
         await set_menu_button(app.bot, miniapp_url(settings))

@@ -12,7 +12,7 @@ import binascii
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +100,13 @@ def trim(
     return kept
 
 
+def _worker_proof(data: dict[str, Any]) -> WorkerProof:
+    """The proof as saved; keys it no longer has (``usage_signature_verified``, always true,
+    saved before it went) are left out, so an older context still opens."""
+    names = {f.name for f in fields(WorkerProof)}
+    return WorkerProof(**{k: v for k, v in data.items() if k in names})
+
+
 class ContextStore:
     """Per-chat context in Redis, sealed. One per bot process."""
 
@@ -138,7 +145,7 @@ class ContextStore:
         return Conversation(
             messages=list(data.get("messages") or []),
             last=LastTurn(
-                turn_id=last["turn_id"], model=last["model"], worker=WorkerProof(**last["worker"])
+                turn_id=last["turn_id"], model=last["model"], worker=_worker_proof(last["worker"])
             )
             if last
             else None,

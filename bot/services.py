@@ -19,6 +19,7 @@ from backend.db import Database
 from backend.dispatch import Dispatcher as TurnDispatcher
 from backend.dispatch import Turn
 from backend.ledger import Ledger
+from backend.metrics import TurnMetrics
 from backend.ratelimit import RateLimiter
 from backend.settings import Settings
 from bot.context import ContextStore, load_context_key
@@ -129,9 +130,11 @@ async def open_services(
     ledger: Ledger | None = None,
     turns: TurnDispatcher | None = None,
     tonconnect: ConnectorFactory | None = None,
+    metrics: TurnMetrics | None = None,
 ) -> AsyncIterator[Services]:
     """The services over the settings; the database, ledger and turn dispatcher are shared
-    with the caller's when given (the web app's, in webhook mode), else made and closed here."""
+    with the caller's when given (the web app's, in webhook mode), else made and closed here
+    (its turns counted on ``metrics``)."""
     async with contextlib.AsyncExitStack() as stack:
         if db is None:
             db = Database.from_settings(settings)
@@ -139,7 +142,7 @@ async def open_services(
         if ledger is None:
             ledger = Ledger(db, min_withdrawal=settings.min_withdrawal_nano)
         if turns is None:
-            turns = TurnDispatcher.from_settings(settings, ledger)
+            turns = TurnDispatcher.from_settings(settings, ledger, metrics=metrics)
             stack.push_async_callback(turns.close)
         client = aioredis.Redis.from_url(settings.redis_url)
         stack.push_async_callback(client.aclose)

@@ -229,8 +229,7 @@ class PrivacyReport(BaseModel):
     tee: str  # "tdx" (hardware-attested) or "dev" (software-signed, development only)
     engine: str
     engine_version: str
-    key_fingerprint: str
-    usage_signature_verified: bool
+    key_fingerprint: str  # the usage billed is always signed by this key (backend.dispatch)
     off_machine: bool = False  # its engine sends prompts off the machine (dev TEE only)
     image: str | None = None  # the released worker image its measurements matched
     mrtd: str | None = None

@@ -413,7 +413,6 @@ class MiniApp:
             engine_version=record.engine_version if record else worker.engine_version,
             off_machine=record.off_machine if record else False,
             key_fingerprint=worker.key_fingerprint,
-            usage_signature_verified=worker.usage_signature_verified,
             image=record.image if record else None,
             mrtd=record.measurements.get("mrtd") if record else None,
             attested_until=(

@@ -65,6 +65,7 @@ from workers.wire import (
     new_reply_keypair,
     open_event,
     public_b64,
+    seal_event,
     seal_request,
 )
 
@@ -106,12 +107,14 @@ class Stack:
 
 @pytest.fixture
 async def stack(settings: Settings, redis_url: str) -> AsyncIterator[Stack]:
-    async with dev_stack(settings, redis_url, first_token_timeout_s=60, idle_timeout_s=60) as (
-        dispatcher,
-        ledger,
-    ):
-        metrics = CollectorRegistry()
-        dispatcher.metrics = TurnMetrics(metrics)
+    metrics = CollectorRegistry()
+    async with dev_stack(
+        settings,
+        redis_url,
+        first_token_timeout_s=60,
+        idle_timeout_s=60,
+        metrics=TurnMetrics(metrics),
+    ) as (dispatcher, ledger):
         yield Stack(dispatcher, ledger, dispatcher.settings, metrics)
 
 
@@ -320,6 +323,41 @@ async def test_an_inflated_final_record_is_billed_at_the_bound_and_the_worker_fl
     # The operator sees it in /stats.
     stats = await accounts.stats(ledger.db, stack.dispatcher.redis)
     assert stats.flags == 4 and stats.flagged_workers == (rogue.worker_id,)
+
+
+async def test_usage_signed_by_another_key_is_refused_and_nothing_is_charged(
+    stack: Stack, rogues: Callable[..., RogueWorker]
+) -> None:
+    """A turn is billed only from a final record signed by the key its worker registered (so
+    every reply shown as settled carries verified usage): usage signed by any other key ends
+    the turn with ``worker_error``, and the whole hold goes back."""
+    ledger = stack.ledger
+    provider = await funded_user(ledger, 805, amount=0)
+    user = await funded_user(ledger, 806)
+    rogue = rogues(provider_id=provider)
+    turn = await stack.dispatcher.start_turn(ask(user, "Say hi", max_tokens=16))
+    job = await rogue.take()
+    await rogue.chunk(job, "Hi!")
+    record = FinalRecord(
+        job_id=job.job_id,
+        prompt_tokens=5,
+        cached_prompt_tokens=0,
+        completion_tokens=1,
+        finish_reason="stop",
+    )
+    forged = seal_event(record, job.request.reply_key, WorkerKeys.generate())
+    await streams.append(rogue.redis, job.job_id, forged, last=True)
+    seen = await read_turn(turn)
+
+    assert seen.done is None and seen.error is not None and seen.error.code == "worker_error"
+    await eventually(lambda: _no_open_holds(ledger))
+    assert (await ledger.balances(user)).available == TON
+    assert (await ledger.balances(provider)).earned == 0
+    assert (await ledger.audit()).ok
+
+
+async def _no_open_holds(ledger: Ledger) -> bool:
+    return not await open_holds(ledger)
 
 
 # -- a worker that sends too much, too often, or too slowly ---------------------------------------

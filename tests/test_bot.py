@@ -127,7 +127,7 @@ async def test_privacy_reports_the_last_replys_worker_plainly_dev(bot: Harness) 
             last=LastTurn(
                 "t1",
                 "smollm2-135m",
-                WorkerProof("w-abc", "dev", "llama-cpp", "0.3", "ab12cd", True),
+                WorkerProof("w-abc", "dev", "llama-cpp", "0.3", "ab12cd"),
             ),
         ),
     )

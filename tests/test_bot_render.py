@@ -11,8 +11,9 @@ import pytest
 import redis.asyncio as aioredis
 from pydantic import SecretStr
 
+from backend.dispatch import WorkerProof
 from backend.settings import Settings
-from bot.context import ContextStore, Conversation, load_context_key, trim
+from bot.context import ContextStore, Conversation, LastTurn, load_context_key, trim
 from bot.render import markdown_to_html, split_markdown, text_length
 
 TAG = re.compile(r"</?([a-z]+)[^>]*>")
@@ -105,6 +106,24 @@ async def test_context_is_sealed_bound_to_its_chat_and_expires(
     await store.clear(7)
     assert await client.get(store.redis_key(7)) is None
     await client.aclose()
+
+
+def test_a_context_saved_with_the_old_worker_proof_still_opens(settings: Settings) -> None:
+    """Contexts saved before ``usage_signature_verified`` left the worker proof (it was always
+    true) keep their messages and their last turn for /privacy."""
+    store = ContextStore(None, load_context_key(settings), ttl_s=60, max_messages=4)
+    saved = {
+        "worker_id": "w-abc", "tee": "dev", "engine": "llama-cpp", "engine_version": "0.3",
+        "key_fingerprint": "ab12cd", "usage_signature_verified": True,
+    }  # fmt: skip
+    old = Conversation(
+        messages=[{"role": "user", "content": "hi"}],
+        last=LastTurn("t1", "smollm2-135m", saved),  # type: ignore[arg-type]
+    )
+    opened = store.open(7, store.seal(7, old))
+    assert opened.messages == [{"role": "user", "content": "hi"}]
+    assert opened.last is not None
+    assert opened.last.worker == WorkerProof("w-abc", "dev", "llama-cpp", "0.3", "ab12cd")
 
 
 def test_a_configured_context_key_must_be_32_bytes(settings: Settings) -> None:

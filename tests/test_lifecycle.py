@@ -35,7 +35,7 @@ from backend.db import Database
 from backend.invariants import InvariantReport, check_invariants
 from backend.ledger import Ledger
 from backend.users import get_or_create_user
-from tests.support.fake_telegram import FakeTelegram
+from tests.support.fake_telegram import TelegramWithOneMessage
 from tests.support.ops import InstantNode, free_port
 
 pytestmark = pytest.mark.slow
@@ -573,30 +573,6 @@ async def test_web_stops_within_its_grace_period_with_a_turn_in_flight(
 
 
 # -- cocoon bot alone ----------------------------------------------------------------------------
-
-
-class TelegramWithOneMessage(FakeTelegram):
-    """The fake Bot API server, whose long polling delivers one message from a user once."""
-
-    def __init__(self, user_id: int, text: str) -> None:
-        super().__init__()
-        self.update: dict[str, object] | None = {
-            "update_id": 1,
-            "message": {
-                "message_id": 1,
-                "date": int(time.time()),
-                "chat": {"id": user_id, "type": "private", "first_name": "Ann"},
-                "from": {"id": user_id, "is_bot": False, "first_name": "Ann"},
-                "text": text,
-            },
-        }
-
-    async def _handle(self, request: web.Request) -> web.Response:
-        if request.match_info["method"].lower() == "getupdates" and self.update is not None:
-            update, self.update = self.update, None
-            self.calls.append(("getUpdates", {}))
-            return web.json_response({"ok": True, "result": [update]})
-        return await super()._handle(request)
 
 
 async def test_bot_stops_on_sigterm_with_a_turn_in_flight(tmp_path: Path, redis_url: str) -> None:

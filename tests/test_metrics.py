@@ -1,15 +1,20 @@
 """Prometheus metrics: ``GET /metrics`` of ``cocoon web`` after real turns through the OpenAI API
-with a real worker node (instant engine), and the node's own ``/metrics`` endpoint."""
+with a real worker node (instant engine), the node's own ``/metrics`` endpoint, and the polling
+bot's."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import SecretStr
 
+from backend.db import Database
 from backend.ledger import Ledger
 from backend.models import AccountKind
 from backend.settings import DEFAULT_MODEL, ModelPrice, Settings
@@ -17,9 +22,12 @@ from backend.ton.localnet import LocalTonCenter, LocalTonCenterServer
 from backend.ton.toncenter import TonCenter
 from backend.ton.watcher import DepositWatcher
 from backend.users import get_or_create_user
+from bot.app import run_polling
+from tests.support.fake_telegram import TelegramWithOneMessage
 from tests.support.ops import TON, Api, InstantNode, api_server, dev_settings, free_port
 from workers import registry
 from workers.jobs import aenqueue_job
+from workers.lifecycle import Shutdown
 
 DEPOSIT = "0:" + "D2" * 32
 GHOST = "ghost-model"  # priced, but no worker serves it
@@ -151,3 +159,48 @@ async def test_metrics_answer_when_redis_is_down(settings: Settings, redis_url: 
     assert value(found, "cocoon_state_up", source="redis") == 0
     assert value(found, "cocoon_state_up", source="database") == 1
     assert value(found, "cocoon_ledger_balance_nano", kind="user") == TON
+
+
+@pytest.mark.slow
+async def test_the_polling_bot_counts_its_turns_on_its_own_metrics(
+    settings: Settings, redis_url: str
+) -> None:
+    """``cocoon bot`` (long polling, no web server) serves its turn metrics on
+    ``COCOON_BOT_METRICS_PORT``: a turn asked in the chat is counted there."""
+    port = free_port()
+    telegram = TelegramWithOneMessage(5151, "alpha beta gamma")
+    await telegram.start()
+    s = dev_settings(
+        settings,
+        bot_token=SecretStr("4242:metrics-test-token"),
+        telegram_api_url=telegram.url,
+        bot_metrics_port=port,
+    )
+    db = Database.from_settings(s)
+    await db.upgrade()
+    user = await get_or_create_user(db, 5151)
+    await Ledger(db).credit_deposit(user.id, TON, "dep:5151")
+    node = InstantNode(redis_url)
+    shutdown = Shutdown(5)
+    polling = asyncio.create_task(run_polling(s, shutdown))
+    url = f"http://127.0.0.1:{port}/metrics"
+    try:
+        found: dict = {}
+        for _ in range(600):  # an upper bound of a minute on the turn, never a speed test
+            with contextlib.suppress(aiohttp.ClientConnectionError):
+                found = await scrape(url)
+            settled = value(found, "cocoon_turns_total", model=DEFAULT_MODEL, outcome="settled")
+            if settled or polling.done():
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        shutdown.request("the test is over")
+        await asyncio.wait_for(polling, 60)
+        node.stop()
+        await telegram.stop()
+        await db.close()
+
+    assert value(found, "cocoon_turns_total", model=DEFAULT_MODEL, outcome="settled") == 1
+    assert value(found, "cocoon_turn_tokens_total", model=DEFAULT_MODEL, kind="completion") == 3
+    replies = [p.get("text", "") for m, p in telegram.calls if m.lower() == "sendmessage"]
+    assert any("alpha beta gamma" in text for text in replies), telegram.calls

@@ -153,7 +153,9 @@ class ServedBy(BaseModel):
     engine_version: str
     image: str | None = None  # the released worker image its measurements matched
     off_machine: bool = False  # its engine sends prompts off the machine (dev TEE only)
-    usage_signature_verified: bool
+    # Always true: a turn is billed only from usage signed by the worker's registered key (any
+    # other signature fails the turn). Kept in the response for the clients that read it.
+    usage_signature_verified: Literal[True] = True
 
     @classmethod
     def of(cls, done: TurnDone, record: AttestationRecord | None) -> ServedBy:
@@ -165,7 +167,6 @@ class ServedBy(BaseModel):
             engine_version=record.engine_version if record else worker.engine_version,
             image=record.image if record else None,
             off_machine=record.off_machine if record else False,
-            usage_signature_verified=worker.usage_signature_verified,
         )
 
 

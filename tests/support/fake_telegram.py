@@ -100,3 +100,27 @@ class FakeTelegram:
         else:
             result = True
         return web.json_response({"ok": True, "result": result})
+
+
+class TelegramWithOneMessage(FakeTelegram):
+    """The fake Bot API server, whose long polling delivers one message from a user once."""
+
+    def __init__(self, user_id: int, text: str) -> None:
+        super().__init__()
+        self.update: dict[str, object] | None = {
+            "update_id": 1,
+            "message": {
+                "message_id": 1,
+                "date": int(time.time()),
+                "chat": {"id": user_id, "type": "private", "first_name": "Ann"},
+                "from": {"id": user_id, "is_bot": False, "first_name": "Ann"},
+                "text": text,
+            },
+        }
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        if request.match_info["method"].lower() == "getupdates" and self.update is not None:
+            update, self.update = self.update, None
+            self.calls.append(("getUpdates", {}))
+            return web.json_response({"ok": True, "result": [update]})
+        return await super()._handle(request)

@@ -19,6 +19,7 @@ from sqlalchemy import select
 from backend.db import Database
 from backend.dispatch import Dispatcher, Turn, TurnDone, TurnText
 from backend.ledger import Ledger
+from backend.metrics import TurnMetrics
 from backend.models import Hold, HoldState
 from backend.settings import DEFAULT_MODEL, AttestationSettings, Settings
 from backend.users import get_or_create_user
@@ -70,10 +71,16 @@ class Node:
 
 @contextlib.asynccontextmanager
 async def dev_stack(
-    settings: Settings, redis_url: str, *, first_token_timeout_s: float, idle_timeout_s: float
+    settings: Settings,
+    redis_url: str,
+    *,
+    first_token_timeout_s: float,
+    idle_timeout_s: float,
+    metrics: TurnMetrics | None = None,
 ) -> AsyncIterator[tuple[Dispatcher, Ledger]]:
-    """A dispatcher and ledger on a fresh database. The tests' nodes register directly
-    (unattested dev workers), so dev mode is on: they are dispatched only then."""
+    """A dispatcher (counting its turns on ``metrics``) and ledger on a fresh database. The
+    tests' nodes register directly (unattested dev workers), so dev mode is on: they are
+    dispatched only then."""
     settings = settings.model_copy(update={"attestation": AttestationSettings(allow_dev=True)})
     db = Database.from_settings(settings)
     await db.upgrade()
@@ -82,9 +89,9 @@ async def dev_stack(
         settings,
         ledger,
         aioredis.Redis.from_url(redis_url),
-        redis.Redis.from_url(redis_url),
         first_token_timeout_s=first_token_timeout_s,
         idle_timeout_s=idle_timeout_s,
+        metrics=metrics,
     )
     try:
         yield dispatcher, ledger
