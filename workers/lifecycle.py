@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Collection
-from typing import TypeVar
+from typing import Any, TypeVar
 
 __all__ = [
     "DEFAULT_GRACE_S",
@@ -49,6 +49,7 @@ __all__ = [
 log = logging.getLogger("cocoon.lifecycle")
 
 T = TypeVar("T")
+FutureT = TypeVar("FutureT", bound="asyncio.Future[Any]")
 
 DEFAULT_GRACE_S = 8.0
 """How long an operator process takes to stop, at most: under Docker's default 10 s."""
@@ -164,9 +165,7 @@ class Shutdown:
             return self.grace_s
         return max(0.0, self.stop_requested_at + self.grace_s - time.monotonic())
 
-    async def wait(
-        self, tasks: Collection[asyncio.Future[object]], timeout_s: float
-    ) -> set[asyncio.Future[object]]:
+    async def wait(self, tasks: Collection[FutureT], timeout_s: float) -> set[FutureT]:
         """Wait for ``tasks`` to end, for at most ``timeout_s``, and not past a second signal.
         Returns those still pending (the caller cancels them or lets them be)."""
         pending = {task for task in tasks if not task.done()}
@@ -223,7 +222,7 @@ def run_command(
     return asyncio.run(runner())
 
 
-async def cancel_and_wait(tasks: Collection[asyncio.Future[object]]) -> None:
+async def cancel_and_wait(tasks: Collection[asyncio.Future[Any]]) -> None:
     """Cancel ``tasks`` and wait until they have ended (their errors are theirs to log)."""
     for task in tasks:
         task.cancel()
@@ -238,7 +237,7 @@ def _prctl() -> Callable[..., int] | None:
     if not sys.platform.startswith("linux"):
         return None
     try:
-        return ctypes.CDLL(None, use_errno=True).prctl  # type: ignore[no-any-return]
+        return ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
         return None
 

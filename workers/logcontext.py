@@ -109,13 +109,11 @@ def json_formatter() -> logging.Formatter:
         from pythonjsonlogger.json import JsonFormatter
     except ImportError:  # python-json-logger < 3.1, or not installed
         try:
-            from pythonjsonlogger.jsonlogger import (  # type: ignore[no-redef]
-                JsonFormatter,
-            )
+            from pythonjsonlogger.jsonlogger import JsonFormatter
         except ImportError:
             return _JsonContextFormatter()
 
-    class _Formatter(JsonFormatter):  # type: ignore[misc,valid-type]
+    class _Formatter(JsonFormatter):
         def add_fields(
             self, log_record: dict[str, object], record: logging.LogRecord, message: dict
         ) -> None:

@@ -34,7 +34,10 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
+
+import redis
+import redis.asyncio
 
 PREFIX = "cocoon:"
 
@@ -52,6 +55,13 @@ RENEW_TOKEN = "renew-token"
 ATTEST_NONCE = "attest-nonce"
 
 T = TypeVar("T")
+
+SyncRedis: TypeAlias = redis.Redis
+AsyncRedis: TypeAlias = redis.asyncio.Redis
+AnyRedis: TypeAlias = redis.Redis | redis.asyncio.Redis
+"""Either client: the functions that take one (a node's own entry, its stream, its cancel flag)
+return the value with ``redis.Redis`` and an awaitable of it with ``redis.asyncio.Redis``, as
+redis-py's commands do; their overloads say which."""
 
 
 def redis_key(namespace: str, *parts: str) -> str:

@@ -51,8 +51,8 @@ import math
 import random
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, Literal, overload
 
 from pydantic import BaseModel, Field, ValidationError
 from redis.asyncio import Redis as AsyncRedis
@@ -65,6 +65,8 @@ from workers.redis_keys import (
     WORKER,
     WORKER_SLOTS,
     WORKERS_INDEX,
+    AnyRedis,
+    SyncRedis,
     finish,
     redis_key,
 )
@@ -119,8 +121,6 @@ MAX_NUMBER_BYTES = 32
 WORKER_ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 _WORKER_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _DYNAMIC_FIELDS = {"load", "last_heartbeat", "reserved", "attested", "expires_at", "image"}
-
-AnyRedis = Any  # redis.Redis | redis.asyncio.Redis: the writer side accepts either
 
 
 def valid_worker_id(value: object) -> str | None:
@@ -229,9 +229,17 @@ INDEX_KEY = redis_key(WORKERS_INDEX)
 # -- writer side (the node: its own entry) ----------------------------------------------------
 
 
+@overload
+def register(
+    redis: SyncRedis, info: WorkerInfo, ttl_s: int = ..., *, shared: bool = ...
+) -> None: ...
+@overload
+def register(
+    redis: AsyncRedis, info: WorkerInfo, ttl_s: int = ..., *, shared: bool = ...
+) -> Awaitable[None]: ...
 def register(
     redis: AnyRedis, info: WorkerInfo, ttl_s: int = DEFAULT_TTL_S, *, shared: bool = True
-) -> Any:
+) -> Awaitable[None] | None:
     """Publish ``info`` (replacing any previous entry of this worker id) with a fresh heartbeat.
 
     ``shared``: also put the id in the index. Only a development node registered directly, with
@@ -250,7 +258,15 @@ def register(
     return finish(pipe.execute(), lambda _: None)
 
 
-def heartbeat(redis: AnyRedis, worker_id: str, load: int, ttl_s: int = DEFAULT_TTL_S) -> Any:
+@overload
+def heartbeat(redis: SyncRedis, worker_id: str, load: int, ttl_s: int = ...) -> bool: ...
+@overload
+def heartbeat(
+    redis: AsyncRedis, worker_id: str, load: int, ttl_s: int = ...
+) -> Awaitable[bool]: ...
+def heartbeat(
+    redis: AnyRedis, worker_id: str, load: int, ttl_s: int = DEFAULT_TTL_S
+) -> bool | Awaitable[bool]:
     """Report ``load`` and extend the worker's life by ``ttl_s``: its own entry, nothing else.
 
     Returns (or, with the asyncio client, resolves to) False when the worker's entry is gone
@@ -268,7 +284,9 @@ def heartbeat(redis: AnyRedis, worker_id: str, load: int, ttl_s: int = DEFAULT_T
         async def _later() -> bool:
             alive = bool((await result)[0])
             if not alive:  # the MULTI made a partial hash: take it away again
-                await redis.delete(key)
+                deleted = redis.delete(key)
+                if inspect.isawaitable(deleted):  # it is: the client that answered `result`
+                    await deleted
             return alive
 
         return _later()
@@ -278,7 +296,11 @@ def heartbeat(redis: AnyRedis, worker_id: str, load: int, ttl_s: int = DEFAULT_T
     return alive
 
 
-def unregister(redis: AnyRedis, worker_id: str, *, shared: bool = True) -> Any:
+@overload
+def unregister(redis: SyncRedis, worker_id: str, *, shared: bool = ...) -> None: ...
+@overload
+def unregister(redis: AsyncRedis, worker_id: str, *, shared: bool = ...) -> Awaitable[None]: ...
+def unregister(redis: AnyRedis, worker_id: str, *, shared: bool = True) -> Awaitable[None] | None:
     """Remove the worker's entry at once: no dispatcher picks it after this returns.
 
     ``shared`` (operator credentials only): also its slots and its index entry.
@@ -309,7 +331,7 @@ async def index_ids(
     stale entries, which readers drop ``limit`` at a time."""
     valid: list[str] = []
     bogus: list[bytes | str] = []
-    for member in await redis.zrange(INDEX_KEY, 0, max(0, limit - 1), desc=True):
+    for member in _members(await redis.zrange(INDEX_KEY, 0, max(0, limit - 1), desc=True)):
         worker_id = valid_worker_id(member)
         if worker_id is None:
             bogus.append(member)
@@ -342,7 +364,11 @@ async def revoke_attestation(redis: AsyncRedis, worker_id: str) -> None:
     await pipe.execute()
 
 
-def release_slot(redis: AnyRedis, worker_id: str, job_id: str) -> Any:
+@overload
+def release_slot(redis: SyncRedis, worker_id: str, job_id: str) -> None: ...
+@overload
+def release_slot(redis: AsyncRedis, worker_id: str, job_id: str) -> Awaitable[None]: ...
+def release_slot(redis: AnyRedis, worker_id: str, job_id: str) -> Awaitable[None] | None:
     """Free the slot a dispatcher reserved for ``job_id`` (no-op when there is none)."""
     return finish(redis.zrem(slots_key(worker_id), job_id), lambda _: None)
 
@@ -481,15 +507,18 @@ async def list_workers(
     offset = seen = 0
     while seen < limit:
         count = min(READ_BATCH, limit - seen)
-        members = await redis.zrange(INDEX_KEY, offset, offset + count - 1, desc=True)
+        members = _members(await redis.zrange(INDEX_KEY, offset, offset + count - 1, desc=True))
         if not members:
             break
         seen += len(members)
         ids: list[str] = []
-        gone: list[Any] = []
+        gone: list[bytes | str] = []
         for member in members:
             worker_id = valid_worker_id(member)
-            (gone if worker_id is None else ids).append(member if worker_id is None else worker_id)
+            if worker_id is None:
+                gone.append(member)
+            else:
+                ids.append(worker_id)
         if now is None:
             now = await _redis_now(redis)
         if ids:
@@ -708,6 +737,11 @@ async def remember_route(
 
 
 # -- internals --------------------------------------------------------------------------------
+
+
+def _members(reply: Iterable[object]) -> list[bytes | str]:
+    """The members of a ZRANGE reply without scores (bytes, or str from a decoding client)."""
+    return [member for member in reply if isinstance(member, bytes | str)]
 
 
 def _reply(value: Any) -> Any:

@@ -37,13 +37,14 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.typing import EncodableT, FieldT
 
-from workers.redis_keys import CANCEL, STREAM, finish, redis_key
+from workers.redis_keys import CANCEL, STREAM, AnyRedis, SyncRedis, finish, redis_key
 
 __all__ = [
     "CANCEL_CHANNEL",
@@ -100,8 +101,6 @@ READ_BATCH = 256
 
 MAX_ENTRY_BYTES = 64 * 1024 * 1024
 """One entry a reader without limits of its own accepts, at most (the wire's sealed maximum)."""
-
-AnyRedis = Any  # redis.Redis | redis.asyncio.Redis
 
 # Entries after ARGV[1] (exclusive), at most ARGV[2] of them, as XRANGE gives them, stopping
 # before the first entry larger than ARGV[4] bytes or than what is left of ARGV[3] bytes: that
@@ -192,6 +191,14 @@ def cancel_key(job_id: str) -> str:
 # -- writer side --------------------------------------------------------------------------------
 
 
+@overload
+def append(
+    redis: SyncRedis, job_id: str, sealed: bytes, *, last: bool = ..., ttl_s: int | None = ...
+) -> str: ...
+@overload
+def append(
+    redis: AsyncRedis, job_id: str, sealed: bytes, *, last: bool = ..., ttl_s: int | None = ...
+) -> Awaitable[str]: ...
 def append(
     redis: AnyRedis,
     job_id: str,
@@ -207,7 +214,7 @@ def append(
     to skip refreshing it (one command instead of two, for a busy stream).
     """
     key = stream_key(job_id)
-    fields: dict[bytes, bytes] = {DATA_FIELD: sealed}
+    fields: dict[FieldT, EncodableT] = {DATA_FIELD: sealed}
     if last:
         fields[LAST_FIELD] = b"1"
     if ttl_s is None:
@@ -218,12 +225,22 @@ def append(
     return finish(pipe.execute(), lambda replies: _text(replies[0]))
 
 
-def delete_stream(redis: AnyRedis, job_id: str) -> Any:
+@overload
+def delete_stream(redis: SyncRedis, job_id: str) -> None: ...
+@overload
+def delete_stream(redis: AsyncRedis, job_id: str) -> Awaitable[None]: ...
+def delete_stream(redis: AnyRedis, job_id: str) -> Awaitable[None] | None:
     """Drop the job's stream now (a reader that has everything need not wait for the TTL)."""
     return finish(redis.delete(stream_key(job_id)), lambda _: None)
 
 
-def request_cancel(redis: AnyRedis, job_id: str, *, ttl_s: int = CANCEL_TTL_S) -> Any:
+@overload
+def request_cancel(redis: SyncRedis, job_id: str, *, ttl_s: int = ...) -> None: ...
+@overload
+def request_cancel(redis: AsyncRedis, job_id: str, *, ttl_s: int = ...) -> Awaitable[None]: ...
+def request_cancel(
+    redis: AnyRedis, job_id: str, *, ttl_s: int = CANCEL_TTL_S
+) -> Awaitable[None] | None:
     """Ask whichever node runs (or will run) ``job_id`` to stop it."""
     pipe = redis.pipeline(transaction=False)
     pipe.set(cancel_key(job_id), b"1", ex=ttl_s)
@@ -231,6 +248,10 @@ def request_cancel(redis: AnyRedis, job_id: str, *, ttl_s: int = CANCEL_TTL_S) -
     return finish(pipe.execute(), lambda _: None)
 
 
+@overload
+def is_cancel_requested(redis: SyncRedis, job_id: str) -> bool: ...
+@overload
+def is_cancel_requested(redis: AsyncRedis, job_id: str) -> Awaitable[bool]: ...
 def is_cancel_requested(redis: AnyRedis, job_id: str) -> bool | Awaitable[bool]:
     return finish(redis.exists(cancel_key(job_id)), lambda n: bool(n))
 

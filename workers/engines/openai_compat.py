@@ -18,7 +18,7 @@ followed, so a loopback server cannot pass a prompt on to another host.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -206,7 +206,7 @@ class OpenAICompatEngine(Engine):
 
     async def _chunks(
         self, session: aiohttp.ClientSession, payload: dict[str, Any]
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncGenerator[dict[str, Any], None]:
         """POST the request and yield the stream's JSON chunks until ``[DONE]``."""
         completed = False
         try:
@@ -247,7 +247,7 @@ def _finish_reason(reason: str | None) -> str:
     return "stop"  # "stop", "eos", "tool_calls", "content_filter", or none given
 
 
-async def _sse_data(response: aiohttp.ClientResponse) -> AsyncIterator[str]:
+async def _sse_data(response: aiohttp.ClientResponse) -> AsyncGenerator[str, None]:
     """The ``data`` field of each server-sent event (multi-line data joined by newlines)."""
     lines: list[str] = []
     buffer = b""
