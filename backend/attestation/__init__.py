@@ -1,5 +1,9 @@
 """Worker attestation: evidence verification, the image allow-list, onboarding, Redis ACLs.
 
-Kept light at import time: :mod:`backend.settings` imports :mod:`.settings` from here, and the
-worker node reads the settings too. ``dcap-qvl`` is imported only where a quote is verified.
+Modules: ``verifier`` (evidence to a verdict), ``tdx`` (TDX quotes), ``collateral`` (Intel's
+collateral, fetched and cached), ``nvidia`` (GPU evidence), ``policy`` (the allow-list),
+``onboarding`` (the HTTP flow), ``store`` (registration and renewal tokens, nonces), ``acl``
+(workers' Redis users), ``commands`` (``cocoon provider`` and ``cocoon attest``). Its settings
+(``COCOON_ATTESTATION__<NAME>``) are ``backend.settings.AttestationSettings``. ``dcap-qvl`` is
+imported only where a quote is verified.
 """
