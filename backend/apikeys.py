@@ -8,7 +8,7 @@ import secrets
 
 from sqlalchemy import select, update
 
-from backend.db import Database
+from backend.db import Database, rowcount
 from backend.models import ApiKey
 
 KEY_PREFIX = "cc-"
@@ -56,4 +56,4 @@ async def revoke_key(db: Database, user_id: int, key_id: int) -> bool:
             .values(revoked_at=dt.datetime.now(dt.UTC))
             .execution_options(synchronize_session=False)
         )
-        return result.rowcount == 1
+        return rowcount(result) == 1

@@ -9,28 +9,22 @@ are single conditional ``UPDATE`` statements, so they need nothing stronger.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Connection, CursorResult, Result, make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.pool import ConnectionPoolEntry
 
 from backend.settings import Settings
 
 SQLITE_BUSY_TIMEOUT_S = 60
-
-
-def as_utc(value: dt.datetime) -> dt.datetime:
-    """A timestamp read back from the database, in UTC: SQLite returns the ``timezone=True``
-    columns naive (they were written in UTC), PostgreSQL returns them aware."""
-    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
 def is_sqlite(url: str) -> bool:
@@ -51,7 +45,7 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
     )
 
     @event.listens_for(engine.sync_engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+    def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
         # Let SQLAlchemy, not the driver, decide when transactions begin.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
@@ -61,10 +55,18 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
         cursor.close()
 
     @event.listens_for(engine.sync_engine, "begin")
-    def _on_begin(conn: Any) -> None:
+    def _on_begin(conn: Connection) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def rowcount(result: Result[*tuple[Any, ...]]) -> int:
+    """Rows an UPDATE or DELETE matched. A session answers those with a ``CursorResult``, though
+    its types promise only a ``Result`` (it cannot for every statement: sqlalchemy#12913)."""
+    if not isinstance(result, CursorResult):
+        raise TypeError(f"no row count in a {type(result).__name__}: not an UPDATE or DELETE")
+    return result.rowcount
 
 
 class Database:

@@ -24,7 +24,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from backend.db import Database
+from backend.db import Database, rowcount
 from backend.models import (
     Account,
     AccountKind,
@@ -429,7 +429,7 @@ class Ledger:
                 .values(state=state, updated_at=dt.datetime.now(dt.UTC))
                 .execution_options(synchronize_session=False)
             )
-            if closed.rowcount != 1:
+            if rowcount(closed) != 1:
                 raise InvalidState(f"payout #{payout_id} is already {payout.state}")
             owner = payout.provider_id
             if state == PayoutState.CONFIRMED:
@@ -450,7 +450,7 @@ class Ledger:
             .values(state=state, closed_at=dt.datetime.now(dt.UTC))
             .execution_options(synchronize_session=False)
         )
-        if closed.rowcount != 1:
+        if rowcount(closed) != 1:
             await session.refresh(hold)
             raise InvalidState(f"hold {hold_key!r} is already {hold.state}")
         return hold
@@ -551,7 +551,7 @@ class Ledger:
             .values(balance=Account.balance + amount)
             .execution_options(synchronize_session=False)
         )
-        if result.rowcount == 1:
+        if rowcount(result) == 1:
             return
         if amount < 0 and not leg.kind.may_go_negative:
             raise InsufficientFunds(

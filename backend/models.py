@@ -13,6 +13,7 @@ from sqlalchemy import (
     Boolean,
     CheckConstraint,
     DateTime,
+    Dialect,
     ForeignKey,
     Index,
     Integer,
@@ -24,6 +25,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -36,6 +38,31 @@ NAMING = {
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """A moment in time: ``TIMESTAMP WITH TIME ZONE`` on PostgreSQL, text on SQLite, read back
+    as an aware UTC datetime on both (SQLite keeps no offset, so a value is converted to UTC
+    before it is written). A naive datetime is refused: its zone is a guess."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Dialect) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"a naive datetime ({value.isoformat()}) has no zone: pass it aware")
+        return value.astimezone(dt.UTC)
+
+    def process_result_value(
+        self, value: dt.datetime | None, dialect: Dialect
+    ) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:  # SQLite: written in UTC above
+            return value.replace(tzinfo=dt.UTC)
+        return value.astimezone(dt.UTC)
 
 
 def _now() -> dt.datetime:
@@ -76,7 +103,7 @@ class User(Base):
     referrer: Mapped[str | None] = mapped_column(String(64))  # /start deep-link parameter
     model: Mapped[str | None] = mapped_column(String(100))  # chosen model; None: the default
     is_provider: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=_now)
 
 
 class Account(Base):
@@ -112,7 +139,7 @@ class Transaction(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     # The hold or payout the transaction is about, if any.
     subject_id: Mapped[int | None] = mapped_column(Integer)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=_now)
 
     entries: Mapped[list[Entry]] = relationship(
         back_populates="transaction", order_by="Entry.id", lazy="selectin"
@@ -148,8 +175,8 @@ class Hold(Base):
     amount: Mapped[int] = mapped_column(BigInteger)
     state: Mapped[str] = mapped_column(String(16), default=HoldState.OPEN)
     charged: Mapped[int] = mapped_column(BigInteger, default=0)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
-    closed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=_now)
+    closed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
 
 
 class PayoutState(enum.StrEnum):
@@ -172,10 +199,8 @@ class Payout(Base):
     amount: Mapped[int] = mapped_column(BigInteger)
     destination: Mapped[str | None] = mapped_column(String(128))
     state: Mapped[str] = mapped_column(String(16), default=PayoutState.REQUESTED)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
-    updated_at: Mapped[dt.datetime] = mapped_column(
-        DateTime(timezone=True), default=_now, onupdate=_now
-    )
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=_now)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=_now, onupdate=_now)
 
 
 class ApiKey(Base):
@@ -188,8 +213,8 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     prefix: Mapped[str] = mapped_column(String(16))  # shown in lists: "cc-AbCd…"
     name: Mapped[str | None] = mapped_column(String(64))
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
-    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=_now)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
 
 
 # --- TON payments ---
@@ -206,9 +231,7 @@ class TonCursor(Base):
     account: Mapped[str] = mapped_column(String(80), primary_key=True)
     last_lt: Mapped[int] = mapped_column(BigInteger, default=0)
     last_hash: Mapped[str | None] = mapped_column(String(64))
-    updated_at: Mapped[dt.datetime] = mapped_column(
-        DateTime(timezone=True), default=_now, onupdate=_now
-    )
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=_now, onupdate=_now)
 
 
 class TonDepositStatus(enum.StrEnum):
@@ -244,7 +267,7 @@ class TonDeposit(Base):
     user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
     ledger_key: Mapped[str] = mapped_column(String(200))
     utime: Mapped[int] = mapped_column(BigInteger, default=0)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=_now)
     jetton_amount: Mapped[str | None] = mapped_column(String(40))
     jetton_sender: Mapped[str | None] = mapped_column(String(80))
 
@@ -260,8 +283,8 @@ class Notification(Base):
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
     kind: Mapped[str] = mapped_column(String(32))
     amount: Mapped[int] = mapped_column(BigInteger, default=0)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
-    delivered_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=_now)
+    delivered_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
     data: Mapped[str | None] = mapped_column(Text)  # JSON details (worker id, payout id, ...)
 
 
@@ -308,9 +331,9 @@ class TonPayoutMessage(Base):
     send_count: Mapped[int] = mapped_column(Integer, default=0)
     tx_hash: Mapped[str | None] = mapped_column(String(64))
     tx_lt: Mapped[int | None] = mapped_column(BigInteger)
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
-    sent_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
-    closed_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=_now)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    closed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
 
 
 class TonProofPayload(Base):
@@ -335,7 +358,7 @@ class TonWallet(Base):
     purpose: Mapped[str] = mapped_column(String(16))
     address: Mapped[str] = mapped_column(String(80))
     public_key: Mapped[str] = mapped_column(String(64))
-    linked_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    linked_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=_now)
 
 
 class TurnRecord(Base):
@@ -359,7 +382,7 @@ class TurnRecord(Base):
     worker_id: Mapped[str | None] = mapped_column(String(100), index=True)
     tee: Mapped[str | None] = mapped_column(String(32))
     finish_reason: Mapped[str] = mapped_column(String(32), default="stop")
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=_now)
 
 
 class WorkerState(enum.StrEnum):
@@ -382,11 +405,9 @@ class WorkerRecord(Base):
     mrtd: Mapped[str | None] = mapped_column(String(96))
     state: Mapped[str] = mapped_column(String(16), default=WorkerState.ATTESTED)
     note: Mapped[str | None] = mapped_column(Text)
-    attested_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
-    expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
-    updated_at: Mapped[dt.datetime] = mapped_column(
-        DateTime(timezone=True), default=_now, onupdate=_now
-    )
+    attested_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=_now, onupdate=_now)
 
 
 class WorkerFlag(Base):
@@ -408,4 +429,4 @@ class WorkerFlag(Base):
     kind: Mapped[str] = mapped_column(String(32))
     claimed: Mapped[int] = mapped_column(BigInteger)  # what the worker claimed or sent
     bound: Mapped[int] = mapped_column(BigInteger)  # the bound it crossed
-    created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=_now)

@@ -22,7 +22,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from backend.db import Database
+from backend.db import Database, rowcount
 from backend.models import Notification
 
 __all__ = [
@@ -142,7 +142,7 @@ async def mark_delivered(db: Database, notification_id: int) -> bool:
             .values(delivered_at=dt.datetime.now(dt.UTC))
             .execution_options(synchronize_session=False)
         )
-        return result.rowcount == 1
+        return rowcount(result) == 1
 
 
 async def mark_undelivered(db: Database, notification_id: int) -> None:

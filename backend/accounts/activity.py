@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.accounts.errors import AccountError
-from backend.db import Database, as_utc
+from backend.db import Database
 from backend.errors import ErrorCode
 from backend.models import Account, AccountKind, Entry, Payout, Transaction, TurnRecord
 
@@ -66,7 +66,7 @@ def _usage_row(row: TurnRecord) -> UsageRow:
         worker_id=row.worker_id,
         tee=row.tee,
         finish_reason=row.finish_reason,
-        created_at=as_utc(row.created_at),
+        created_at=row.created_at,
     )
 
 
@@ -152,7 +152,7 @@ async def _deposits(session: AsyncSession, user_id: int, limit: int) -> list[His
             (_DEPOSIT_SOURCES[kinds[e.account_id]] for e in tx.entries if e.amount < 0), "ton"
         )
         items.append(
-            HistoryItem("deposit", as_utc(tx.created_at), amount, {"source": source, "id": tx.id})
+            HistoryItem("deposit", tx.created_at, amount, {"source": source, "id": tx.id})
         )
     return items
 
@@ -167,7 +167,7 @@ async def _turns(session: AsyncSession, user_id: int, limit: int) -> list[Histor
     return [
         HistoryItem(
             "turn",
-            as_utc(row.created_at),
+            row.created_at,
             -row.cost,
             {
                 "model": row.model,
@@ -190,7 +190,7 @@ async def _payouts(session: AsyncSession, user_id: int, limit: int) -> list[Hist
     return [
         HistoryItem(
             "payout",
-            as_utc(row.created_at),
+            row.created_at,
             -row.amount,
             {"id": row.id, "state": row.state, "destination": row.destination},
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from sqlalchemy import delete, func, select, update
 
-from backend.db import Database
+from backend.db import Database, rowcount
 from backend.models import Account, AccountKind, ApiKey, Notification, TonWallet, TurnRecord, User
 
 __all__ = ["forget_user", "set_language", "set_model", "set_referrer"]
@@ -71,4 +71,4 @@ async def set_referrer(db: Database, user_id: int, referrer: str) -> bool:
             .values(referrer=referrer[:64])
             .execution_options(synchronize_session=False)
         )
-    return bool(done.rowcount)
+    return bool(rowcount(done))

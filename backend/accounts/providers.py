@@ -11,7 +11,7 @@ from typing import Any, Literal
 from sqlalchemy import func, select, update
 
 from backend.accounts.errors import AccountError
-from backend.db import Database, as_utc
+from backend.db import Database
 from backend.errors import ErrorCode
 from backend.ledger import InsufficientFunds, InvalidAmount, Ledger
 from backend.models import (
@@ -136,7 +136,7 @@ async def watch_workers(
     for worker_id, state, attested_at in rows:
         info = live.get(worker_id)
         if state == WorkerState.ATTESTED and info is None:
-            if attested_at is not None and as_utc(attested_at) > since:
+            if attested_at is not None and attested_at > since:
                 continue
             if await record_worker(db, worker_id, WorkerState.OFFLINE, note="no heartbeat"):
                 changed.append(worker_id)
@@ -199,7 +199,7 @@ async def provider_workers(db: Database, redis: Any, provider_id: int) -> list[W
                 mrtd=row.mrtd,
                 state=row.state,
                 online=info is not None and info.provider_id == provider_id,
-                expires_at=as_utc(row.expires_at) if row.expires_at else None,
+                expires_at=row.expires_at,
                 jobs=jobs,
                 earned=earned,
             )

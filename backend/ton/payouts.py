@@ -27,7 +27,6 @@ import base64
 import datetime as dt
 import enum
 import logging
-import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -37,7 +36,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from backend import notifications
-from backend.db import Database, as_utc
+from backend.db import Database, rowcount
 from backend.ledger import Ledger
 from backend.models import (
     Payout,
@@ -50,6 +49,7 @@ from backend.models import (
 from backend.ton.comment import AddressError, parse_address, raw_address
 from backend.ton.toncenter import TonCenter, TonCenterError
 from backend.ton.wallet import HotWallet, parse_external
+from workers.backoff import Backoff, sleep_or_stop
 
 log = logging.getLogger(__name__)
 
@@ -107,21 +107,19 @@ class PayoutSender:
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         stop = stop or asyncio.Event()
-        failures = 0
+        backoff = Backoff(self.poll_interval_s, self.backoff_max_s)
         while not stop.is_set():
             try:
                 step = await self.step()
             except (TonCenterError, DBAPIError) as error:
                 # Every step is safe to repeat: back off and carry on from the stored state.
-                failures += 1
-                delay = min(self.backoff_max_s, self.poll_interval_s * 2 ** min(failures, 16))
-                delay = random.uniform(delay / 2, delay)
+                delay = backoff.failed()
                 log.warning("payout sender: %s; retrying in %.1f s", error, delay)
-                await _sleep_or_stop(stop, delay)
+                await sleep_or_stop(stop, delay)
                 continue
-            failures = 0
+            backoff.succeeded()
             if step != Step.PROGRESS:
-                await _sleep_or_stop(stop, self.poll_interval_s)
+                await sleep_or_stop(stop, self.poll_interval_s)
 
     async def step(self) -> Step:
         """One move of the state machine. Raises TonCenterError when the API fails."""
@@ -173,7 +171,7 @@ class PayoutSender:
             since = (
                 None
                 if message.sent_at is None
-                else (dt.datetime.now(dt.UTC) - as_utc(message.sent_at)).total_seconds()
+                else (dt.datetime.now(dt.UTC) - message.sent_at).total_seconds()
             )
             if (
                 message.state == TonMessageState.SIGNED
@@ -230,7 +228,7 @@ class PayoutSender:
                     .values(state=TonPayoutStage.SIGNED, updated_at=dt.datetime.now(dt.UTC))
                     .execution_options(synchronize_session=False)
                 )
-                if moved.rowcount != 1:
+                if rowcount(moved) != 1:
                     raise _Moved  # closed meanwhile
                 if replacing is not None:
                     expired = await session.execute(
@@ -242,7 +240,7 @@ class PayoutSender:
                         .values(state=TonMessageState.EXPIRED, closed_at=dt.datetime.now(dt.UTC))
                         .execution_options(synchronize_session=False)
                     )
-                    if expired.rowcount != 1:
+                    if rowcount(expired) != 1:
                         raise _Moved  # a twin sender moved first
                 session.add(
                     TonPayoutMessage(
@@ -453,10 +451,3 @@ def _raw_hash(boc: str) -> str | None:
         return Cell.one_from_boc(base64.b64decode(boc)).hash.hex()
     except Exception:  # a stored BOC always parses; never let a bad one stop the sender
         return None
-
-
-async def _sleep_or_stop(stop: asyncio.Event, delay: float) -> None:
-    try:
-        await asyncio.wait_for(stop.wait(), timeout=delay)
-    except TimeoutError:
-        pass

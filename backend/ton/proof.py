@@ -30,7 +30,7 @@ from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 from sqlalchemy import select, update
 
-from backend.db import Database
+from backend.db import Database, rowcount
 from backend.models import TonProofPayload, TonWallet
 from backend.ton.comment import AddressError, parse_address, raw_address
 from backend.ton.contracts import StateInitError, StateInitKey, read_state_init
@@ -365,7 +365,7 @@ async def _consume_payload(db: Database, payload: str, now: int) -> None:
             .values(used_at=now)
             .execution_options(synchronize_session=False)
         )
-        if used.rowcount != 1:
+        if rowcount(used) != 1:
             raise ProofError("the proof's payload is unknown, expired or already used")
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +35,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from backend import notifications
-from backend.db import Database
+from backend.db import Database, rowcount
 from backend.ledger import Ledger
 from backend.models import AccountKind, TonCursor, TonDeposit, TonDepositStatus
 from backend.notifications import NOTIFY_DEPOSIT
@@ -44,6 +43,7 @@ from backend.ton.comment import raw_address
 from backend.ton.toncenter import TonCenter, TonCenterError
 from backend.ton.transactions import Classified, JettonNotification, classify, hash_hex
 from backend.users import find_by_memo
+from workers.backoff import Backoff, sleep_or_stop
 
 log = logging.getLogger(__name__)
 
@@ -189,21 +189,19 @@ class DepositWatcher:
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Poll until ``stop`` is set; back off on API errors, never skip a transaction."""
         stop = stop or asyncio.Event()
-        failures = 0
+        backoff = Backoff(self.poll_interval_s, self.backoff_max_s)
         while not stop.is_set():
             try:
                 handled = await self.poll_once()
             except (TonCenterError, DBAPIError) as error:
                 # Handling a transaction is safe to repeat: back off, then the same page again.
-                failures += 1
-                delay = min(self.backoff_max_s, self.poll_interval_s * 2 ** min(failures, 16))
-                delay = random.uniform(delay / 2, delay)
+                delay = backoff.failed()
                 log.warning("deposit watcher: %s; retrying in %.1f s", error, delay)
-                await _sleep_or_stop(stop, delay)
+                await sleep_or_stop(stop, delay)
                 continue
-            failures = 0
+            backoff.succeeded()
             if handled < self.page_size:
-                await _sleep_or_stop(stop, self.poll_interval_s)
+                await sleep_or_stop(stop, self.poll_interval_s)
 
     async def handle(self, tx: dict[str, Any]) -> TonDeposit:
         """Credit (or record) one transaction; safe to repeat. ValueError, before anything is
@@ -312,7 +310,7 @@ class DepositWatcher:
                         .values(last_lt=lt, last_hash=tx_hash)
                         .execution_options(synchronize_session=False)
                     )
-                    if moved.rowcount == 0 and await session.get(TonCursor, self.account) is None:
+                    if rowcount(moved) == 0 and await session.get(TonCursor, self.account) is None:
                         session.add(TonCursor(account=self.account, last_lt=lt, last_hash=tx_hash))
                 return existing, created
             except IntegrityError:
@@ -361,10 +359,3 @@ def _utime(value: object) -> int:
     except (TypeError, ValueError, OverflowError):
         return 0
     return now if 0 <= now < 2**63 else 0
-
-
-async def _sleep_or_stop(stop: asyncio.Event, delay: float) -> None:
-    try:
-        await asyncio.wait_for(stop.wait(), timeout=delay)
-    except TimeoutError:
-        pass
