@@ -15,9 +15,9 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import NoReturn, Protocol
+from typing import Any, NoReturn, Protocol
 
 import redis
 import redis.asyncio as aioredis
@@ -260,9 +260,9 @@ class Dispatcher:
             raise
         return turn
 
-    def keep(self, coro: object) -> None:
+    def keep(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a settlement in the background, out of reach of a client that went away."""
-        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -361,7 +361,7 @@ class Turn:
 
     # --------------------------------------------------------------- stream
 
-    async def events(self) -> AsyncIterator[TurnEvent]:
+    async def events(self) -> AsyncGenerator[TurnEvent, None]:
         """The reply as it streams, then one TurnDone. Raises TurnError on failure."""
         finished = False
         try:
