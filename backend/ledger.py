@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from sqlalchemy import func, select, update
@@ -217,8 +217,12 @@ class Ledger:
     async def audit(self) -> Audit:
         """Check the invariants over the whole ledger (for tests, operators and monitoring)."""
         async with self.db.session() as session:
-            balance_sum = await session.scalar(select(func.coalesce(func.sum(Account.balance), 0)))
-            entry_sum = await session.scalar(select(func.coalesce(func.sum(Entry.amount), 0)))
+            balance_sum = (
+                await session.execute(select(func.coalesce(func.sum(Account.balance), 0)))
+            ).scalar_one()
+            entry_sum = (
+                await session.execute(select(func.coalesce(func.sum(Entry.amount), 0)))
+            ).scalar_one()
             unbalanced = await session.scalars(
                 select(Entry.transaction_id)
                 .group_by(Entry.transaction_id)
@@ -456,7 +460,7 @@ class Ledger:
         return hold
 
     async def _run(
-        self, key: str, kind: str, request: dict[str, object], body: Body, reason: str | None
+        self, key: str, kind: str, request: Mapping[str, object], body: Body, reason: str | None
     ) -> Receipt:
         _validate_key(key)
         request_hash = hashlib.sha256(

@@ -197,10 +197,10 @@ async def read_db_state(db: Database, snapshot: StateSnapshot) -> None:
             ).group_by(Payout.state)
         )
         snapshot.payouts = {str(s): (int(n), int(a)) for s, n, a in rows}
-        rows = await session.execute(
+        balances = await session.execute(
             select(Account.kind, func.coalesce(func.sum(Account.balance), 0)).group_by(Account.kind)
         )
-        snapshot.balances = {str(k): int(total) for k, total in rows}
+        snapshot.balances = {str(k): int(total) for k, total in balances}
 
 
 async def read_state(db: Database | None, redis: object | None) -> StateSnapshot:

@@ -469,9 +469,7 @@ class LocalTonCenterServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
-        server = site._server
-        assert server is not None
-        port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        port = self._runner.addresses[0][1]  # the one site's (host, port, ...)
         return f"http://{self.host}:{port}"
 
     async def __aexit__(self, *_exc: object) -> None:

@@ -211,7 +211,7 @@ def _transactions(body: Any, path: str) -> list[dict[str, Any]]:
             raise TonCenterError(f"TON Center {path}: malformed transaction")
         lt, tx_hash = tx.get("lt"), tx.get("hash")
         try:
-            valid = not isinstance(lt, bool) and 0 < int(lt) < 2**64
+            valid = lt is not None and not isinstance(lt, bool) and 0 < int(lt) < 2**64
         except (TypeError, ValueError):
             valid = False
         if not valid or not isinstance(tx_hash, str):
