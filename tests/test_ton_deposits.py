@@ -335,6 +335,35 @@ async def test_jetton_notifications_are_recorded_as_such_and_never_credited_as_t
     assert await pending_notifications(db) == []
 
 
+async def test_a_jetton_notification_naming_an_external_address_stops_no_deposit(
+    db: Database, net: LocalTonCenter, api: TonCenter
+) -> None:
+    """Anyone can send the deposit wallet a transfer_notification body; one whose sender is an
+    ``addr_extern`` (no wallet has one) is recorded as unreadable, and the deposit after it is
+    credited: the watcher does not stop on it."""
+    user = await get_or_create_user(db, 705)
+    net.deploy(DEPOSIT)
+    extern = (
+        begin_cell()
+        .store_uint(0x7362D09C, 32)
+        .store_uint(10, 64)
+        .store_coins(1_000)
+        .store_uint(0b01, 2)  # addr_extern$01 len:(## 9) external_address:(bits len)
+        .store_uint(8, 9)
+        .store_uint(0xAB, 8)
+        .store_bit(0)
+        .end_cell()
+    )
+    net.add_incoming(DEPOSIT, 2 * TON, body=extern, source="0:" + "1E" * 32)
+    net.add_incoming(DEPOSIT, TON, comment=user.deposit_memo)
+
+    await drain(watcher(db, api))
+    [row] = await jetton_notifications(db)
+    assert (row.jetton_amount, row.jetton_sender, row.amount) == (None, None, 2 * TON)
+    assert "external address" in (row.note or "")
+    assert (await Ledger(db).balances(user.id)).available == TON
+
+
 # ------------------------------------------------------- late-indexed transactions
 
 

@@ -6,7 +6,7 @@ import base64
 import time
 from dataclasses import dataclass
 
-from pytoniq_core import Address, Cell, begin_cell
+from ton_core import Address, Cell, begin_cell
 
 TEXT_COMMENT = 0
 ENCRYPTED_COMMENT = 0x2167DA4B

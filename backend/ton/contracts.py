@@ -13,8 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pytoniq_core import Cell, Slice
-from pytoniq_core.tlb.account import StateInit
+from ton_core import Cell, Slice, StateInit
 
 from backend.ton.comment import AddressError, parse_address
 
@@ -112,7 +111,7 @@ def read_state_init(state_init_b64: str, address: str, network: str = "-239") ->
     if cell.hash != parsed.hash_part:
         raise StateInitError("the wallet's state init does not match its address")
     layout = wallet_layouts().get(state.code.hash) if state.code is not None else None
-    if layout is None or state.data is None:
+    if layout is None or state.code is None or state.data is None:
         code = state.code.hash.hex()[:8] if state.code is not None else "none"
         raise StateInitError(f"the wallet's contract is not a known wallet (code hash {code}…)")
     try:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from pytoniq_core import Address, Cell, begin_cell
+from ton_core import Address, Cell, begin_cell
 
 from backend.ton.comment import comment_cell, raw_address
 from backend.ton.wallet import ParsedExternal, WalletError, parse_external

@@ -31,9 +31,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pytoniq_core import Cell
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
+from ton_core import Cell
 
 from backend import notifications
 from backend.db import Database, rowcount

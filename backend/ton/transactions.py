@@ -16,7 +16,7 @@ import binascii
 from dataclasses import dataclass
 from typing import Any
 
-from pytoniq_core import Cell
+from ton_core import Address, Cell
 
 from backend.models import TonDepositStatus
 from backend.settings import MAX_NANO
@@ -88,6 +88,8 @@ def decode_jetton_notification(body_b64: str | None) -> JettonNotification | Non
         return JettonNotification(
             None, None, None, f"unreadable jetton notification ({type(error).__name__})"
         )
+    if address is not None and not isinstance(address, Address):  # addr_extern: no wallet's
+        return JettonNotification(None, None, None, "jetton notification from an external address")
     sender = None if address is None else raw_address(address)
     if amount is None or not 0 <= int(amount) <= MAX_JETTON_AMOUNT:
         return JettonNotification(None, sender, None, "jetton amount out of range")

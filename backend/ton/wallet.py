@@ -17,10 +17,8 @@ from dataclasses import dataclass
 
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
-from pytoniq_core import Address, Cell, Slice, begin_cell
-from pytoniq_core.tlb.account import StateInit
-from pytoniq_core.tlb.transaction import MessageAny
-from ton_core import normalize_hash
+from ton_core import Address, Cell, Slice, StateInit, begin_cell, normalize_hash
+from ton_core.tlb.transaction import ExternalMsgInfo, InternalMsgInfo, MessageAny
 from tonutils.contracts.wallet.messages import ExternalMessage, InternalMessage
 from tonutils.contracts.wallet.versions.v4 import WalletV4R2
 
@@ -86,6 +84,8 @@ class HotWallet:
         self._signing_key = SigningKey(seed)
         self.public_key: bytes = bytes(self._signing_key.verify_key)
         self.subwallet_id: int = wallet.config.subwallet_id
+        if wallet.state_init is None:
+            raise WalletError("the wallet library made no state init")
         self.state_init: StateInit = wallet.state_init
         self.address: Address = wallet.address
         if workchain != 0:
@@ -160,8 +160,10 @@ def parse_external(boc_b64: str) -> ParsedExternal:
     """Take a v4r2 external message apart. Raises WalletError on anything else."""
     try:
         message = MessageAny.deserialize(Slice.one_from_boc(base64.b64decode(boc_b64)))
-        if not message.is_external:
+        if not isinstance(message.info, ExternalMsgInfo):
             raise WalletError("not an external message")
+        if message.info.dest is None:
+            raise WalletError("an external message to no wallet")
         body: Slice = message.body.begin_parse()
         signature = body.load_bytes(64)
         unsigned: Cell = body.to_cell()
@@ -176,6 +178,8 @@ def parse_external(boc_b64: str) -> ParsedExternal:
             mode = body.load_uint(8)
             internal = MessageAny.deserialize(body.load_ref().begin_parse())
             info = internal.info
+            if not isinstance(info, InternalMsgInfo):
+                raise WalletError("a wallet transfer that is not an internal message")
             body_cell = internal.body
             comment = None
             if body_cell is not None and (body_cell.bits or body_cell.refs):
