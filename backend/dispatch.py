@@ -6,6 +6,7 @@ worker, seals the request to it, enqueues it on the worker's own RQ queue, and r
 :class:`TurnDone`. The turn settles exactly once from the worker's signed final record; every
 failure ends either retried on another worker (re-sealed, before the first token) or with the
 whole hold released. The hold's ledger key is the turn id, so a settlement can never repeat.
+What a turn is to its clients: :mod:`backend.turns`; how it settles: :mod:`backend.settlement`.
 """
 
 from __future__ import annotations
@@ -15,42 +16,59 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
-from typing import Any, NoReturn, Protocol
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
+from typing import Any, NoReturn
 
 import redis
 import redis.asyncio as aioredis
 
 from backend import bounds
 from backend.bounds import Bill, Flag, Violation, prompt_token_bound
-from backend.errors import CocoonError, ErrorCode
-from backend.flags import record_flags
-from backend.ledger import InsufficientFunds, InvalidState, Ledger, LedgerError, TurnUsage
-from backend.pricing import default_max_tokens, turn_cost, worst_case_cost
+from backend.errors import ErrorCode
+from backend.ledger import InsufficientFunds, Ledger
+from backend.pricing import default_max_tokens, worst_case_cost
 from backend.settings import ModelPrice, Settings
+from backend.settlement import TurnSettlement
+from backend.turns import (
+    TurnCounter,
+    TurnDone,
+    TurnError,
+    TurnEvent,
+    TurnRequest,
+    TurnText,
+    WorkerProof,
+)
 from workers import registry, streams
 from workers.jobs import aenqueue_job, job_id_for
 from workers.logcontext import bind as bind_log_context
 from workers.wire import (
-    ChatMessage,
     ErrorRecord,
     FinalRecord,
     JobRequest,
-    SamplingParams,
     StreamChunk,
     WireError,
-    key_fingerprint,
     new_reply_keypair,
     open_event,
     public_b64,
     seal_request,
 )
 
+__all__ = [
+    "Dispatcher",
+    "Turn",
+    "TurnCounter",
+    "TurnDone",
+    "TurnError",
+    "TurnEvent",
+    "TurnRequest",
+    "TurnText",
+    "WorkerProof",
+    "prompt_token_bound",
+]
+
 log = logging.getLogger("cocoon.dispatch")
 
 RETRYABLE_WORKER_ERRORS = frozenset({"worker_shutdown", "busy"})
-ROUTE_TTL_S = 3600
 MAX_REDIS_CONNECTIONS = 1024
 
 DEADLINE_GRACE_S = 30.0
@@ -63,81 +81,6 @@ _STREAM_VIOLATIONS = {
     "entries": Violation.CHUNKS,
     "deadline": Violation.DEADLINE,
 }
-
-
-class TurnCounter(Protocol):
-    """What the dispatcher counts: :class:`backend.metrics.TurnMetrics` on the process's
-    Prometheus registry (declared here, so the dispatcher imports nothing of the metrics)."""
-
-    def first_token_after(self, model: str, seconds: float) -> None: ...
-
-    def ended(
-        self,
-        model: str,
-        outcome: str,
-        seconds: float,
-        *,
-        prompt_tokens: int = 0,
-        completion_tokens: int = 0,
-        charged: int = 0,
-    ) -> None: ...
-
-    def error(self, code: str) -> None: ...
-
-    def flagged(self, model: str, kind: str) -> None: ...
-
-
-class TurnError(CocoonError):
-    """Why a turn could not run or finish. ``code`` is stable for clients; ``str()`` is readable.
-
-    Codes: ``invalid_request``, ``unknown_model``, ``insufficient_balance``,
-    ``no_worker``, ``timeout``, ``cancelled``, ``worker_error``, ``worker_misbehaved``.
-    """
-
-
-@dataclass(frozen=True)
-class TurnRequest:
-    user_id: int
-    model: str
-    messages: Sequence[ChatMessage]
-    max_tokens: int | None = None
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    conversation_id: str | None = None
-
-
-@dataclass(frozen=True)
-class TurnText:
-    text: str
-
-
-@dataclass(frozen=True)
-class WorkerProof:
-    """What the client can show about who served the turn (the bot's /privacy report).
-
-    A turn ends with a :class:`TurnDone` only from a final record whose signature by this
-    worker's registered key verified (:func:`workers.wire.open_event`; any other signature ends
-    the turn with ``worker_error``): the usage billed is always the worker's signed usage."""
-
-    worker_id: str
-    tee: str
-    engine: str
-    engine_version: str
-    key_fingerprint: str
-
-
-@dataclass(frozen=True)
-class TurnDone:
-    turn_id: str
-    model: str
-    prompt_tokens: int
-    cached_prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str
-    cost: int  # nanoTON charged
-    worker: WorkerProof
-
-
-TurnEvent = TurnText | TurnDone
 
 
 class Dispatcher:
@@ -267,9 +210,12 @@ class Dispatcher:
         task.add_done_callback(self._background.discard)
 
 
-class Turn:
+class Turn(TurnSettlement):
     """One running turn. Iterate ``events()`` once; ``cancel()`` stops it (billed for what was
-    generated). Leaving the iteration early cancels too."""
+    generated). Leaving the iteration early cancels too. Its settlement: :class:`TurnSettlement`
+    (``backend/settlement.py``)."""
+
+    d: Dispatcher
 
     def __init__(
         self,
@@ -518,159 +464,6 @@ class Turn:
             self.end_outcome = "failed"
             await self.release()
             raise
-
-    # ----------------------------------------------------------- settlement
-
-    async def _settle(self, final: FinalRecord) -> TurnDone:
-        """Bill the worker's signed usage, each count at most its bound (backend.bounds)."""
-        assert self.worker is not None
-        billed = bounds.bill(
-            final,
-            messages=self.request.messages,
-            stop=self.request.sampling.stop,
-            max_tokens=self.max_tokens,
-            context_length=self.price.context_length,
-            delivered_bytes=self._delivered_bytes,
-        )
-        outcome = "cancelled" if final.finish_reason == "cancelled" else "settled"
-        charged = await self._charge(billed, final.finish_reason, outcome=outcome)
-        await self._flag(billed.flags)
-        if self.request.conversation_id:
-            await registry.remember_route(
-                self.d.redis, self.request.conversation_id, self.worker.worker_id, ROUTE_TTL_S
-            )
-        log.info(
-            "turn %s settled: %d+%d tokens, %d nanoTON, %s",
-            self.turn_id,
-            billed.prompt_tokens,
-            billed.completion_tokens,
-            charged,
-            final.finish_reason,
-        )
-        return TurnDone(
-            turn_id=self.turn_id,
-            model=self.request.model,
-            prompt_tokens=billed.prompt_tokens,
-            cached_prompt_tokens=billed.cached_prompt_tokens,
-            completion_tokens=billed.completion_tokens,
-            finish_reason=final.finish_reason,
-            cost=charged,
-            worker=self.proof(),
-        )
-
-    async def _charge(self, billed: Bill, finish_reason: str, *, outcome: str) -> int:
-        """Close the turn: the user pays for ``billed`` out of the hold (at most the hold), the
-        rest goes back. Returns the nanoTON charged."""
-        cost = turn_cost(
-            self.price,
-            prompt_tokens=billed.prompt_tokens,
-            cached_prompt_tokens=billed.cached_prompt_tokens,
-            completion_tokens=billed.completion_tokens,
-        )
-        charged = min(cost, self.held)  # the ledger caps the charge at the hold the same way
-        if self.held:
-            try:
-                await self._settle_hold(billed, finish_reason, cost)
-            except InvalidState:
-                # The stale-hold sweeper gave the hold back first (the turn outlived the hold
-                # timeout): the user keeps it; a turn is never charged twice.
-                log.warning("turn %s: hold released before it settled; no charge", self.turn_id)
-                charged = 0
-        self._closed = True
-        self._count_end(
-            outcome,
-            prompt_tokens=billed.prompt_tokens,
-            completion_tokens=billed.completion_tokens,
-            charged=charged,
-        )
-        await self._after_job()
-        return charged
-
-    async def _settle_hold(self, billed: Bill, finish_reason: str, cost: int) -> None:
-        assert self.worker is not None
-        await self.d.ledger.settle(
-            self.turn_id,
-            cost,
-            provider_id=self.worker.provider_id,
-            share_bps=self.d.settings.provider_share_bps,
-            usage=TurnUsage(
-                model=self.request.model,
-                prompt_tokens=billed.prompt_tokens,
-                cached_prompt_tokens=billed.cached_prompt_tokens,
-                completion_tokens=billed.completion_tokens,
-                finish_reason=finish_reason,
-                worker_id=self.worker.worker_id,
-                tee=self.worker.tee,
-            ),
-        )
-
-    async def _flag(self, found: Sequence[Flag]) -> None:
-        """Count, record and tell the bounds the worker crossed (never fails the turn)."""
-        if not found:
-            return
-        assert self.worker is not None
-        if self.d.metrics is not None:
-            for flag in found:
-                self.d.metrics.flagged(self.request.model, flag.kind.value)
-        try:
-            await record_flags(
-                self.d.ledger.db,
-                found,
-                worker_id=self.worker.worker_id,
-                provider_id=self.worker.provider_id,
-                turn_id=self.turn_id,
-                model=self.request.model,
-            )
-        except Exception as error:  # the bill stands; the database's trouble is logged
-            log.error("turn %s: could not record the worker's flags: %r", self.turn_id, error)
-
-    def proof(self) -> WorkerProof:
-        assert self.worker is not None
-        return WorkerProof(
-            worker_id=self.worker.worker_id,
-            tee=self.worker.tee,
-            engine=self.worker.engine,
-            engine_version=self.worker.engine_version,
-            key_fingerprint=key_fingerprint(self.worker.box_public_key, self.worker.verify_key),
-        )
-
-    async def release(self) -> None:
-        """Give the whole hold back (once); the turn is over without a charge."""
-        if self._closed:
-            return
-        self._closed = True
-        if self.held:
-            try:
-                await self.d.ledger.release(self.turn_id)
-            except LedgerError as error:
-                log.error("turn %s: could not release its hold: %s", self.turn_id, error)
-        self._count_end(self.end_outcome)
-        await self._after_job()
-
-    async def _after_job(self) -> None:
-        if self.worker is not None:
-            with contextlib.suppress(redis.RedisError):
-                await registry.release_slot(self.d.redis, self.worker.worker_id, self.job_id)
-                await streams.delete_stream(self.d.redis, self.job_id)
-
-    # -------------------------------------------------------------- metrics
-
-    def _count_first_token(self) -> None:
-        if not self._first_token_seen:
-            self._first_token_seen = True
-            if self.d.metrics is not None:
-                self.d.metrics.first_token_after(
-                    self.request.model, time.monotonic() - self.started_at
-                )
-
-    def _count_end(self, outcome: str, **usage: int) -> None:
-        """Count the turn's end once (a settlement or a release closes it once too)."""
-        if self._counted or self.d.metrics is None:
-            return
-        self._counted = True
-        self.d.metrics.ended(
-            self.request.model, outcome, time.monotonic() - self.started_at, **usage
-        )
 
     async def cancel(self) -> None:
         """Ask the worker to stop; the turn ends with finish reason "cancelled", billed for the

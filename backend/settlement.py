@@ -1,0 +1,209 @@
+"""How a turn ends with money: the settlement from the worker's signed usage, held to the
+turn's bounds, or the release of the whole hold; once either way (:class:`TurnSettlement`).
+
+The user pays the actual cost out of the hold (at most the hold), the provider gets its share,
+the rest goes back; the worker's crossed bounds are flagged; the turn's end is counted once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+import redis
+import redis.asyncio as aioredis
+
+from backend import bounds
+from backend.bounds import Bill, Flag
+from backend.flags import record_flags
+from backend.ledger import InvalidState, Ledger, LedgerError, TurnUsage
+from backend.pricing import turn_cost
+from backend.settings import ModelPrice, Settings
+from backend.turns import TurnCounter, TurnDone, TurnRequest, WorkerProof
+from workers import registry, streams
+from workers.wire import FinalRecord, key_fingerprint
+
+log = logging.getLogger("cocoon.dispatch")
+
+ROUTE_TTL_S = 3600
+
+
+class SettlingDispatcher(Protocol):
+    """What a settling turn uses of its dispatcher (:class:`backend.dispatch.Dispatcher`)."""
+
+    settings: Settings
+    ledger: Ledger
+    redis: aioredis.Redis
+    metrics: TurnCounter | None
+
+
+class TurnSettlement:
+    """The settling half of :class:`backend.dispatch.Turn`: its charge, its release, the flags
+    of the bounds its worker crossed, its metrics. The turn holds the state declared here."""
+
+    d: SettlingDispatcher
+    request: TurnRequest
+    turn_id: str
+    price: ModelPrice
+    max_tokens: int
+    held: int
+    job_id: str
+    worker: registry.WorkerInfo | None
+    end_outcome: str
+    started_at: float
+    _delivered_bytes: int
+    _closed: bool
+    _counted: bool
+    _first_token_seen: bool
+
+    async def _settle(self, final: FinalRecord) -> TurnDone:
+        """Bill the worker's signed usage, each count at most its bound (backend.bounds)."""
+        assert self.worker is not None
+        billed = bounds.bill(
+            final,
+            messages=self.request.messages,
+            stop=self.request.sampling.stop,
+            max_tokens=self.max_tokens,
+            context_length=self.price.context_length,
+            delivered_bytes=self._delivered_bytes,
+        )
+        outcome = "cancelled" if final.finish_reason == "cancelled" else "settled"
+        charged = await self._charge(billed, final.finish_reason, outcome=outcome)
+        await self._flag(billed.flags)
+        if self.request.conversation_id:
+            await registry.remember_route(
+                self.d.redis, self.request.conversation_id, self.worker.worker_id, ROUTE_TTL_S
+            )
+        log.info(
+            "turn %s settled: %d+%d tokens, %d nanoTON, %s",
+            self.turn_id,
+            billed.prompt_tokens,
+            billed.completion_tokens,
+            charged,
+            final.finish_reason,
+        )
+        return TurnDone(
+            turn_id=self.turn_id,
+            model=self.request.model,
+            prompt_tokens=billed.prompt_tokens,
+            cached_prompt_tokens=billed.cached_prompt_tokens,
+            completion_tokens=billed.completion_tokens,
+            finish_reason=final.finish_reason,
+            cost=charged,
+            worker=self.proof(),
+        )
+
+    async def _charge(self, billed: Bill, finish_reason: str, *, outcome: str) -> int:
+        """Close the turn: the user pays for ``billed`` out of the hold (at most the hold), the
+        rest goes back. Returns the nanoTON charged."""
+        cost = turn_cost(
+            self.price,
+            prompt_tokens=billed.prompt_tokens,
+            cached_prompt_tokens=billed.cached_prompt_tokens,
+            completion_tokens=billed.completion_tokens,
+        )
+        charged = min(cost, self.held)  # the ledger caps the charge at the hold the same way
+        if self.held:
+            try:
+                await self._settle_hold(billed, finish_reason, cost)
+            except InvalidState:
+                # The stale-hold sweeper gave the hold back first (the turn outlived the hold
+                # timeout): the user keeps it; a turn is never charged twice.
+                log.warning("turn %s: hold released before it settled; no charge", self.turn_id)
+                charged = 0
+        self._closed = True
+        self._count_end(
+            outcome,
+            prompt_tokens=billed.prompt_tokens,
+            completion_tokens=billed.completion_tokens,
+            charged=charged,
+        )
+        await self._after_job()
+        return charged
+
+    async def _settle_hold(self, billed: Bill, finish_reason: str, cost: int) -> None:
+        assert self.worker is not None
+        await self.d.ledger.settle(
+            self.turn_id,
+            cost,
+            provider_id=self.worker.provider_id,
+            share_bps=self.d.settings.provider_share_bps,
+            usage=TurnUsage(
+                model=self.request.model,
+                prompt_tokens=billed.prompt_tokens,
+                cached_prompt_tokens=billed.cached_prompt_tokens,
+                completion_tokens=billed.completion_tokens,
+                finish_reason=finish_reason,
+                worker_id=self.worker.worker_id,
+                tee=self.worker.tee,
+            ),
+        )
+
+    async def _flag(self, found: Sequence[Flag]) -> None:
+        """Count, record and tell the bounds the worker crossed (never fails the turn)."""
+        if not found:
+            return
+        assert self.worker is not None
+        if self.d.metrics is not None:
+            for flag in found:
+                self.d.metrics.flagged(self.request.model, flag.kind.value)
+        try:
+            await record_flags(
+                self.d.ledger.db,
+                found,
+                worker_id=self.worker.worker_id,
+                provider_id=self.worker.provider_id,
+                turn_id=self.turn_id,
+                model=self.request.model,
+            )
+        except Exception as error:  # the bill stands; the database's trouble is logged
+            log.error("turn %s: could not record the worker's flags: %r", self.turn_id, error)
+
+    def proof(self) -> WorkerProof:
+        assert self.worker is not None
+        return WorkerProof(
+            worker_id=self.worker.worker_id,
+            tee=self.worker.tee,
+            engine=self.worker.engine,
+            engine_version=self.worker.engine_version,
+            key_fingerprint=key_fingerprint(self.worker.box_public_key, self.worker.verify_key),
+        )
+
+    async def release(self) -> None:
+        """Give the whole hold back (once); the turn is over without a charge."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.held:
+            try:
+                await self.d.ledger.release(self.turn_id)
+            except LedgerError as error:
+                log.error("turn %s: could not release its hold: %s", self.turn_id, error)
+        self._count_end(self.end_outcome)
+        await self._after_job()
+
+    async def _after_job(self) -> None:
+        if self.worker is not None:
+            with contextlib.suppress(redis.RedisError):
+                await registry.release_slot(self.d.redis, self.worker.worker_id, self.job_id)
+                await streams.delete_stream(self.d.redis, self.job_id)
+
+    def _count_first_token(self) -> None:
+        if not self._first_token_seen:
+            self._first_token_seen = True
+            if self.d.metrics is not None:
+                self.d.metrics.first_token_after(
+                    self.request.model, time.monotonic() - self.started_at
+                )
+
+    def _count_end(self, outcome: str, **usage: int) -> None:
+        """Count the turn's end once (a settlement or a release closes it once too)."""
+        if self._counted or self.d.metrics is None:
+            return
+        self._counted = True
+        self.d.metrics.ended(
+            self.request.model, outcome, time.monotonic() - self.started_at, **usage
+        )

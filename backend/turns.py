@@ -1,0 +1,86 @@
+"""What a chat turn is to its clients: the request, the events of its reply, how it ends, why it
+fails, and what the dispatcher counts (:mod:`backend.dispatch` runs the turn)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from backend.errors import CocoonError
+from workers.wire import ChatMessage, SamplingParams
+
+
+class TurnCounter(Protocol):
+    """What the dispatcher counts: :class:`backend.metrics.TurnMetrics` on the process's
+    Prometheus registry (declared here, so the dispatcher imports nothing of the metrics)."""
+
+    def first_token_after(self, model: str, seconds: float) -> None: ...
+
+    def ended(
+        self,
+        model: str,
+        outcome: str,
+        seconds: float,
+        *,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        charged: int = 0,
+    ) -> None: ...
+
+    def error(self, code: str) -> None: ...
+
+    def flagged(self, model: str, kind: str) -> None: ...
+
+
+class TurnError(CocoonError):
+    """Why a turn could not run or finish. ``code`` is stable for clients; ``str()`` is readable.
+
+    Codes: ``invalid_request``, ``unknown_model``, ``insufficient_balance``,
+    ``no_worker``, ``timeout``, ``cancelled``, ``worker_error``, ``worker_misbehaved``.
+    """
+
+
+@dataclass(frozen=True)
+class TurnRequest:
+    user_id: int
+    model: str
+    messages: Sequence[ChatMessage]
+    max_tokens: int | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    conversation_id: str | None = None
+
+
+@dataclass(frozen=True)
+class TurnText:
+    text: str
+
+
+@dataclass(frozen=True)
+class WorkerProof:
+    """What the client can show about who served the turn (the bot's /privacy report).
+
+    A turn ends with a :class:`TurnDone` only from a final record whose signature by this
+    worker's registered key verified (:func:`workers.wire.open_event`; any other signature ends
+    the turn with ``worker_error``): the usage billed is always the worker's signed usage."""
+
+    worker_id: str
+    tee: str
+    engine: str
+    engine_version: str
+    key_fingerprint: str
+
+
+@dataclass(frozen=True)
+class TurnDone:
+    turn_id: str
+    model: str
+    prompt_tokens: int
+    cached_prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    cost: int  # nanoTON charged
+    worker: WorkerProof
+
+
+TurnEvent = TurnText | TurnDone
