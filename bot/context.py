@@ -79,7 +79,10 @@ class Conversation:
     conversation_id: str = ""
 
     def chat_messages(self) -> list[ChatMessage]:
-        return [ChatMessage(role=m["role"], content=m["content"]) for m in self.messages]
+        return [
+            ChatMessage.model_validate({"role": m["role"], "content": m["content"]})
+            for m in self.messages
+        ]
 
 
 def trim(
@@ -92,7 +95,11 @@ def trim(
         candidate = [message, *kept]
         if len(candidate) > max_messages:
             break
-        if kept and prompt_token_bound([ChatMessage(**m) for m in candidate]) > budget_tokens:
+        if (
+            kept
+            and prompt_token_bound([ChatMessage.model_validate(m) for m in candidate])
+            > budget_tokens
+        ):
             break
         kept = candidate
     while len(kept) > 1 and kept[0]["role"] != "user":

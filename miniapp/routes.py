@@ -194,7 +194,7 @@ def _json(model: BaseModel, *, exclude_none: bool = False) -> web.Response:
 # ----------------------------------------------------------------------- pages
 
 
-def _page(name: str) -> Callable[[web.Request], Awaitable[dict[str, Any]]]:
+def _page(name: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     @aiohttp_jinja2.template(f"{name}.html", app_key=JINJA)
     async def view(request: web.Request) -> dict[str, Any]:
         settings = request.app[appkeys.SETTINGS]
