@@ -12,7 +12,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 import miniapp
 from backend import appkeys, metrics, openai_api, sweeper
-from backend.attestation import onboarding
+from backend.attestation import routes as onboarding_routes
 from backend.db import Database
 from backend.dispatch import Dispatcher
 from backend.errors import CocoonError, ErrorCode
@@ -96,7 +96,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(sweeper.sweeper_ctx(settings))  # releases holds of dead turns
     app.router.add_get("/healthz", healthz)
     openai_api.setup_routes(app)
-    onboarding.setup(app, settings)
+    onboarding_routes.setup(app, settings)
     miniapp.setup(app, settings)
     bot_webhook.setup(app, settings)  # the Telegram bot, when COCOON_BOT_MODE=webhook
     metrics.setup(app)  # GET /metrics (Prometheus)

@@ -2,7 +2,8 @@
 
 Modules: ``verifier`` (evidence to a verdict), ``tdx`` (TDX quotes), ``collateral`` (Intel's
 collateral, fetched and cached), ``nvidia`` (GPU evidence), ``policy`` (the allow-list),
-``onboarding`` (the HTTP flow), ``store`` (registration and renewal tokens, nonces), ``acl``
+``onboarding`` (the flow: token, nonce, evidence, credentials), ``routes`` (its HTTP side
+and keeper task), ``store`` (registration and renewal tokens, nonces), ``acl``
 (workers' Redis users), ``commands`` (``cocoon provider`` and ``cocoon attest``). Its settings
 (``COCOON_ATTESTATION__<NAME>``) are ``backend.settings.AttestationSettings``. ``dcap-qvl`` is
 imported only where a quote is verified.
