@@ -17,8 +17,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
+import json
 import logging
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -50,15 +53,21 @@ SESSION_TTL_S = 900
 CONNECT_TIMEOUT_S = 300
 
 
-def wallet_list() -> list[dict[str, Any]]:
-    """Wallets reachable through an HTTP bridge (pytonconnect's built-in list: no fetch)."""
-    from pytonconnect._wallets_list_manager import FALLBACK_WALLETS_LIST
+WALLETS_FILE = Path(__file__).with_name("wallets.json")
+"""The wallets the chat offers: those of TON's wallets list that a bot reaches through an HTTP
+bridge, each in the shape ``TonConnect.connect`` takes (``bridge_url``, ``universal_url``: what
+pytonconnect's ``WalletsListManager`` makes of a list entry). Ours, so nothing is fetched."""
 
-    return [
-        w
-        for w in FALLBACK_WALLETS_LIST
-        if w.get("universal_url") and any(b.get("type") == "sse" for b in w.get("bridge", []))
-    ]
+
+@functools.cache
+def _wallets() -> tuple[dict[str, str], ...]:
+    return tuple(json.loads(WALLETS_FILE.read_text(encoding="utf-8")))
+
+
+def wallet_list() -> list[dict[str, Any]]:
+    """The wallets the chat offers (:data:`WALLETS_FILE`), in order; copies, for a connector
+    to keep."""
+    return [dict(wallet) for wallet in _wallets()]
 
 
 class SealedRedisStorage(IStorage):

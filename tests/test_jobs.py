@@ -1,4 +1,5 @@
-"""The asyncio enqueue writes what RQ's own enqueue writes, in one round trip."""
+"""The RQ side of a job: the asyncio enqueue writes what RQ's own enqueue writes, in one round
+trip, and the node books the jobs it runs as a stock RQ worker would."""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ import base64
 
 import redis
 import redis.asyncio as aioredis
-from rq import Queue
+import rq
+from rq import Queue, SimpleWorker, Worker
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from workers.jobs import aenqueue_job, enqueue_job
+from workers.jobs import FAILURE_TTL_S, RESULT_TTL_S, JobBook, aenqueue_job, enqueue_job
 from workers.registry import queue_name
 
 
@@ -32,4 +34,96 @@ async def test_async_enqueue_matches_rq(redis_url: str) -> None:
     assert 0 < sync.ttl("rq:job:job-async") <= 30
     assert queue.key.encode() in sync.smembers("rq:queues")
     await client.aclose()
+    sync.close()
+
+
+# -- the node's bookkeeping, against a stock RQ worker's -------------------------------------------
+
+
+def stock_run(sync: redis.Redis) -> tuple[Job, Job]:
+    """A stock SimpleWorker runs one job that succeeds and one that fails, as RQ books them."""
+    queue = Queue("stock", connection=sync, serializer=JSONSerializer)
+    options = {"result_ttl": RESULT_TTL_S, "failure_ttl": FAILURE_TTL_S, "timeout": 60, "ttl": 60}
+    ok = queue.enqueue_call("builtins.dict", kwargs=RESULT, job_id="stock-ok", **options)
+    bad = queue.enqueue_call("builtins.int", args=("x",), job_id="stock-bad", **options)
+    SimpleWorker([queue], connection=sync, serializer=JSONSerializer, name="stock").work(burst=True)
+    return ok, bad
+
+
+def node_run(sync: redis.Redis) -> tuple[Job, Job, JobBook]:
+    """The node's JobBook books one job finished, one failed (its engine's words)."""
+    for job_id in ("node-ok", "node-bad"):
+        enqueue_job(sync, "w1", job_id, b"sealed", timeout_s=60, ttl_s=60)
+    book = JobBook(sync, "w1")
+    book.register_birth()
+    ok = book.dequeue(None)
+    assert ok is not None and ok.id == "node-ok"
+    book.finish(ok, book.start(ok), RESULT)
+    bad = book.dequeue(None)
+    assert bad is not None and bad.id == "node-bad"
+    book.fail(bad, book.start(bad), "engine failed")
+    return ok, bad, book
+
+
+RESULT = {"finish_reason": "stop", "prompt_tokens": 3, "completion_tokens": 3}
+
+
+def test_the_node_books_a_job_as_a_stock_rq_worker_does(redis_url: str) -> None:
+    """What RQ's readers see of a job the node finished or failed (status, registries, result,
+    the job's stored fields, the worker's counts) is what a stock RQ worker leaves. An RQ
+    release that books jobs differently fails here, naming its version."""
+    sync = redis.Redis.from_url(redis_url)
+    stock_ok, stock_bad = stock_run(sync)
+    node_ok, node_bad, book = node_run(sync)
+    version = f"rq {rq.__version__} books jobs differently than workers/jobs.py (JobBook)"
+
+    def seen(job: Job) -> dict[str, object]:
+        fresh = Job.fetch(job.id, connection=sync, serializer=JSONSerializer)
+        queue = Queue(fresh.origin, connection=sync, serializer=JSONSerializer)
+        latest = fresh.latest_result()
+        return {
+            "status": fresh.get_status(),
+            "fields": set(sync.hkeys(fresh.key)) - {b"data"},
+            "finished": fresh.id in queue.finished_job_registry.get_job_ids(),
+            "failed": fresh.id in queue.failed_job_registry.get_job_ids(),
+            "started": queue.started_job_registry.get_job_ids(),
+            "queued": queue.job_ids,
+            "result": latest.type if latest else None,
+            "results": len(fresh.results()),
+        }
+
+    assert seen(node_ok) == seen(stock_ok), version
+    assert seen(node_bad) == seen(stock_bad), version
+    for node_job, stock_job in ((node_ok, stock_ok), (node_bad, stock_bad)):
+        assert abs(sync.ttl(node_job.key) - sync.ttl(stock_job.key)) <= 2, version
+    ok = Job.fetch("node-ok", connection=sync, serializer=JSONSerializer)
+    assert ok.return_value() == RESULT and ok.worker_name == "w1"
+    bad = Job.fetch("node-bad", connection=sync, serializer=JSONSerializer)
+    latest = bad.latest_result()
+    assert latest is not None and latest.exc_string == "engine failed"
+    node = Worker.find_by_key(book.rq_worker.key, connection=sync, serializer=JSONSerializer)
+    stock = Worker.find_by_key(
+        Worker.redis_worker_namespace_prefix + "stock", connection=sync, serializer=JSONSerializer
+    )
+    assert node is not None
+    assert (node.successful_job_count, node.failed_job_count) == (1, 1), version
+    if stock is not None:  # a burst worker is gone once done; its counts went with it
+        assert (stock.successful_job_count, stock.failed_job_count) == (1, 1)
+    book.register_death()
+    sync.close()
+
+
+def test_a_job_never_started_is_failed_off_the_intermediate_queue(redis_url: str) -> None:
+    sync = redis.Redis.from_url(redis_url)
+    enqueue_job(sync, "w1", "node-late", b"sealed", timeout_s=60, ttl_s=60)
+    book = JobBook(sync, "w1")
+    job = book.dequeue(None)
+    assert job is not None
+    book.fail(job, None, "worker_shutdown: never started")
+    fresh = Job.fetch("node-late", connection=sync, serializer=JSONSerializer)
+    assert fresh.get_status() == JobStatus.FAILED
+    assert sync.llen(book.queue.intermediate_queue_key) == 0
+    assert "node-late" in book.queue.failed_job_registry.get_job_ids()
+    latest = fresh.latest_result()
+    assert latest is not None and latest.exc_string == "worker_shutdown: never started"
     sync.close()

@@ -389,7 +389,7 @@ async def test_the_rq_bookkeeping_needs_no_shared_key(
     settings: Settings, admin: aioredis.Redis, redis_url: str
 ) -> None:
     """RQ lists a worker in the shared set ``rq:workers``; the node's RQ worker lists itself in
-    its queue's set only (workers/jobs.py, NodeRQWorker). If an RQ release writes the shared
+    its queue's set only (workers/rq_compat.py, NodeRQWorker). If an RQ release writes the shared
     set again, the worker's ACL user refuses it here, with NOPERM."""
     service = onboarding(settings, admin)
     worker = await onboard(service)

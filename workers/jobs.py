@@ -30,21 +30,21 @@ from typing import Any, NoReturn
 
 import redis
 from redis.asyncio import Redis as AsyncRedis
-from rq import Queue, SimpleWorker
+from rq import Queue
 from rq.exceptions import DequeueTimeout
 from rq.executions import Execution
 from rq.job import Job, JobStatus
+from rq.results import Result
 from rq.serializers import JSONSerializer
 from rq.utils import now
 from rq.worker import WorkerStatus
-from rq.worker_registration import WORKERS_BY_QUEUE_KEY
 
 from workers.registry import queue_name
+from workers.rq_compat import NodeRQWorker, enqueue_commands, offline_queue
 
 __all__ = [
     "JOB_FUNCTION",
     "JobBook",
-    "NodeRQWorker",
     "aenqueue_job",
     "enqueue_job",
     "job_id_for",
@@ -105,24 +105,14 @@ def enqueue_job(
     )
 
 
-class _Recorder:
-    """Stands in for a Redis pipeline: records the commands RQ issues, to replay them on an
-    asyncio client. RQ's own code decides what an enqueue writes; we only carry it."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
-
-    def __getattr__(self, name: str) -> Any:
-        def record(*args: Any, **kwargs: Any) -> _Recorder:
-            self.calls.append((name, args, kwargs))
-            return self
-
-        return record
+_server_versions: dict[int, tuple[int, int, int]] = {}
 
 
-# A client RQ may hold but must never use: every command of an enqueue goes to the recorder.
-_OFFLINE = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.01)
-_server_versions: dict[int, tuple[int, ...]] = {}
+def _parse_version(text: str) -> tuple[int, int, int]:
+    """``"7.2.4"`` → ``(7, 2, 4)`` (missing parts are 0)."""
+    parts = [int(part) for part in text.split(".")[:3]]
+    parts += [0] * (3 - len(parts))
+    return parts[0], parts[1], parts[2]
 
 
 async def aenqueue_job(
@@ -136,17 +126,16 @@ async def aenqueue_job(
 ) -> str:
     """:func:`enqueue_job` for asyncio code, in one round trip and no thread.
 
-    RQ builds the job and issues its enqueue commands into a recorder; they are replayed on
-    ``redis_async`` as one MULTI/EXEC pipeline, so the queue, the job hash and RQ's queue set
-    come out exactly as a synchronous ``Queue.enqueue_call`` writes them.
+    RQ builds the job and issues its enqueue commands (:func:`workers.rq_compat.enqueue_commands`);
+    they are replayed on ``redis_async`` as one MULTI/EXEC pipeline, so the queue, the job hash
+    and RQ's queue set come out exactly as a synchronous ``Queue.enqueue_call`` writes them.
     """
     version = _server_versions.get(id(redis_async))
     if version is None:
         info = await redis_async.info("server")
-        version = tuple(int(part) for part in str(info["redis_version"]).split(".")[:3])
+        version = _parse_version(str(info["redis_version"]))
         _server_versions[id(redis_async)] = version
-    queue = Queue(queue_name(worker_id), connection=_OFFLINE, serializer=JSONSerializer)
-    queue.redis_server_version = version  # what RQ would ask the server for
+    queue = offline_queue(queue_name(worker_id), version)
     job = queue.create_job(
         run_job,
         args=(base64.b64encode(sealed).decode("ascii"),),
@@ -158,34 +147,11 @@ async def aenqueue_job(
         description="cocoon chat job",
         status=JobStatus.QUEUED,
     )
-    recorder = _Recorder()
-    queue.enqueue_job(job, pipeline=recorder)  # type: ignore[arg-type]
     pipe = redis_async.pipeline(transaction=True)
-    for name, args, kwargs in recorder.calls:
+    for name, args, kwargs in enqueue_commands(queue, job):
         getattr(pipe, name)(*args, **kwargs)
     await pipe.execute()
     return job.id
-
-
-class NodeRQWorker(SimpleWorker):
-    """The node as RQ sees it, kept to keys of its own.
-
-    A stock RQ worker lists itself in RQ's global worker set ``rq:workers`` as well as in its
-    queue's ``rq:workers:<queue>``. The global set is shared by every worker, and an attested
-    worker's Redis user may write no shared key; so this worker's "global" set (RQ's
-    ``redis_workers_keys`` attribute, which ``register_birth`` and ``register_death`` write
-    through :mod:`rq.worker_registration`) is its queue's own. ``rq info --queue`` and
-    ``Worker.all(queue=...)`` list the node; RQ's global list does not.
-
-    This is the one place Cocoon leans on an RQ detail beyond its documented API; the test
-    ``test_the_rq_bookkeeping_needs_no_shared_key`` (``tests/test_registry_trust.py``) runs
-    it as a worker's ACL user on the real server, so an RQ release that writes the global set
-    again fails there, loudly.
-    """
-
-    def __init__(self, queues: list[Queue], **kwargs: Any) -> None:
-        super().__init__(queues, **kwargs)
-        self.redis_workers_keys = WORKERS_BY_QUEUE_KEY % queues[0].name
 
 
 class JobBook:
@@ -193,7 +159,9 @@ class JobBook:
 
     It registers the node as an RQ worker (named after the worker id) and, per job, does what a
     stock worker does around ``job.perform()``: an Execution in the started registry, the job's
-    status and timestamps, the result or the failure, the finished / failed registries.
+    status and timestamps, the result or the failure, the finished / failed registries. All
+    through RQ's public classes (``tests/test_jobs.py`` holds it to what a stock worker leaves),
+    the node's worker registration aside (:class:`workers.rq_compat.NodeRQWorker`).
     """
 
     def __init__(self, connection: redis.Redis, worker_id: str) -> None:
@@ -254,17 +222,23 @@ class JobBook:
     def finish(self, job: Job, execution: Execution, result: dict[str, Any]) -> None:
         """Mark ``job`` finished with a JSON-able ``result`` (never text or keys)."""
         job.ended_at = now()
-        job._result = result
         result_ttl = job.get_result_ttl(RESULT_TTL_S)
         with self.connection.pipeline() as pipe:
-            job._handle_success(
+            job.set_status(JobStatus.FINISHED, pipeline=pipe)
+            job.save(pipeline=pipe, include_meta=False, include_result=False)
+            Result.create(
+                job,
+                Result.Type.SUCCESSFUL,
                 result_ttl,
-                pipeline=pipe,
+                return_value=result,
                 worker_name=self.name,
+                pipeline=pipe,
                 execution_id=execution.id,
                 execution_started_at=execution.created_at,
                 execution_ended_at=job.ended_at,
             )
+            if result_ttl != 0:
+                job.finished_job_registry.add(job, result_ttl, pipe)
             job.cleanup(result_ttl, pipeline=pipe, remove_from_queue=False)
             execution.delete(job=job, pipeline=pipe)
             self.rq_worker.increment_successful_job_count(pipeline=pipe)
@@ -280,10 +254,13 @@ class JobBook:
                 execution.delete(job=job, pipeline=pipe)
             else:  # never started: it is still in the intermediate queue
                 pipe.lrem(self.queue.intermediate_queue_key, 1, job.id)
-            job._handle_failure(
-                reason,
-                pipeline=pipe,
+            job.failed_job_registry.add(job, ttl=job.failure_ttl, exc_string=reason, pipeline=pipe)
+            Result.create_failure(
+                job,
+                job.failure_ttl,
+                exc_string=reason,
                 worker_name=self.name,
+                pipeline=pipe,
                 execution_id=execution.id if execution is not None else None,
                 execution_started_at=execution.created_at if execution is not None else None,
                 execution_ended_at=job.ended_at,

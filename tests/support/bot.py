@@ -38,6 +38,10 @@ class FakeConnector:
         self.connected: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
     async def connect(self, wallet: dict[str, Any], request: Any = None) -> str:
+        # What pytonconnect's bridge provider reads of the wallet (its HTTP bridge, its link):
+        # an entry without them fails there, so it fails here (tests/test_bot_tonconnect.py).
+        if not str(wallet.get("bridge_url", "")).startswith("https://"):
+            raise ValueError(f"no HTTP bridge for {wallet.get('name')}: bridge_url {wallet!r}")
         self.request = request
         return wallet["universal_url"] + "?v=2&id=test"
 
