@@ -22,8 +22,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from http.server import HTTPServer
 from typing import Any
 
@@ -32,6 +33,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
+from redis.asyncio import Redis as AsyncRedis
 from sqlalchemy import func, select
 
 from backend import appkeys
@@ -153,11 +155,11 @@ class StateSnapshot:
     balances: dict[str, int] = field(default_factory=dict)  # account kind -> sum of balances
 
 
-async def read_redis_state(redis: object, snapshot: StateSnapshot) -> None:
+async def read_redis_state(redis: AsyncRedis, snapshot: StateSnapshot) -> None:
     from workers import registry
 
-    workers = await registry.list_workers(redis)  # type: ignore[arg-type]
-    depths = await registry.queued_jobs(redis, workers)  # type: ignore[arg-type]
+    workers = await registry.list_workers(redis)
+    depths = await registry.queued_jobs(redis, workers)
     queue: dict[str, int] = defaultdict(int)
     online: dict[tuple[str, str], int] = defaultdict(int)
     load: dict[str, int] = defaultdict(int)
@@ -203,15 +205,17 @@ async def read_db_state(db: Database, snapshot: StateSnapshot) -> None:
         snapshot.balances = {str(k): int(total) for k, total in balances}
 
 
-async def read_state(db: Database | None, redis: object | None) -> StateSnapshot:
+async def read_state(db: Database | None, redis: AsyncRedis | None) -> StateSnapshot:
     """Read the state gauges' values; a source that fails is marked down, the rest still read."""
     snapshot = StateSnapshot()
-    sources = {"redis": (redis, read_redis_state), "database": (db, read_db_state)}
-    for name, (client, reader) in sources.items():
-        if client is None:
-            continue
+    readers: dict[str, Callable[[], Awaitable[None]]] = {}
+    if redis is not None:
+        readers["redis"] = partial(read_redis_state, redis, snapshot)
+    if db is not None:
+        readers["database"] = partial(read_db_state, db, snapshot)
+    for name, read in readers.items():
         try:
-            await reader(client, snapshot)  # type: ignore[arg-type]
+            await read()
             snapshot.up[name] = True
         except Exception as error:  # a scrape must answer even when a source is down
             log.warning("metrics: could not read %s: %s", name, type(error).__name__)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+
+from redis.asyncio import Redis as AsyncRedis
 
 from workers.redis_keys import redis_key
 
@@ -15,7 +16,9 @@ RATE = "chat:rate"  # cocoon:chat:rate:<user id>:<minute>: chat turns started in
 class RateLimiter:
     """At most ``per_minute`` turns per user in each clock minute."""
 
-    def __init__(self, redis: Any, per_minute: int, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, redis: AsyncRedis, per_minute: int, clock: Callable[[], float] = time.time
+    ) -> None:
         self.redis = redis
         self.per_minute = per_minute
         self.clock = clock

@@ -19,6 +19,7 @@ from typing import Any
 import nacl.bindings as sodium
 import nacl.exceptions
 import nacl.utils
+from redis.asyncio import Redis as AsyncRedis
 
 from backend.dispatch import WorkerProof, prompt_token_bound
 from backend.settings import Settings
@@ -117,7 +118,7 @@ def _worker_proof(data: dict[str, Any]) -> WorkerProof:
 class ContextStore:
     """Per-chat context in Redis, sealed. One per bot process."""
 
-    def __init__(self, redis: Any, key: bytes, *, ttl_s: int, max_messages: int) -> None:
+    def __init__(self, redis: AsyncRedis, key: bytes, *, ttl_s: int, max_messages: int) -> None:
         if len(key) != KEY_BYTES:
             raise ValueError("the context key must be 32 bytes")
         self.redis = redis
@@ -164,6 +165,8 @@ class ContextStore:
         if blob is None:
             return Conversation()
         try:
+            if not isinstance(blob, bytes):
+                raise TypeError("a decoded reply: the context store's client must not decode")
             return self.open(chat_id, blob)
         except (ValueError, TypeError, KeyError, nacl.exceptions.CryptoError):
             # A rotated key or a damaged blob: start over rather than fail the chat.

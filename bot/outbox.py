@@ -12,11 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
 
 import aiohttp
 from aiogram import Bot
 from aiogram.exceptions import TelegramAPIError, TelegramBadRequest, TelegramForbiddenError
+from redis.asyncio import Redis as AsyncRedis
 
 from backend import accounts, notifications
 from backend.db import Database
@@ -87,7 +87,7 @@ def render(notification: Notification, balance: int | None) -> str:
 
 
 class Outbox:
-    def __init__(self, bot: Bot, db: Database, ledger: Ledger, redis: Any) -> None:
+    def __init__(self, bot: Bot, db: Database, ledger: Ledger, redis: AsyncRedis) -> None:
         self.bot = bot
         self.db = db
         self.ledger = ledger
@@ -142,7 +142,8 @@ class Outbox:
         where = await self.redis.get(payout_message_key(int(payout_id)))
         if not where:
             return False
-        chat_id, message_id = (int(x) for x in where.decode().split(":"))
+        text_where = where.decode() if isinstance(where, bytes) else where
+        chat_id, message_id = (int(x) for x in text_where.split(":"))
         try:
             await self.bot.edit_message_text(
                 text=text, chat_id=chat_id, message_id=message_id, parse_mode=None

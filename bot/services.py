@@ -42,7 +42,7 @@ class RunningTurns:
     """One running turn per chat. A Redis lock keeps replicas from starting a second one; the
     lock's value is the job id, so a stop pressed on another replica still reaches it."""
 
-    def __init__(self, redis: Any) -> None:
+    def __init__(self, redis: aioredis.Redis) -> None:
         self.redis = redis
         self.local: dict[int, Running] = {}
 

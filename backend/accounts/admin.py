@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Any
 
+from redis.asyncio import Redis as AsyncRedis
 from sqlalchemy import func, select
 
 from backend.db import Database
@@ -29,7 +29,7 @@ class Stats:
     flagged_workers: tuple[str, ...] = ()  # the last few workers flagged, newest first
 
 
-async def stats(db: Database, redis: Any) -> Stats:
+async def stats(db: Database, redis: AsyncRedis) -> Stats:
     """Figures for the admin's ``/stats``: users, turns, revenue, workers, queue depth and the
     workers flagged for crossing a bound."""
     from workers import registry

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
+from redis.asyncio import Redis as AsyncRedis
 from sqlalchemy import func, select, update
 
 from backend.accounts.errors import AccountError
@@ -115,7 +116,7 @@ HEARTBEAT_GRACE_S = 60
 
 
 async def watch_workers(
-    db: Database, redis: Any, *, grace_s: float = HEARTBEAT_GRACE_S
+    db: Database, redis: AsyncRedis, *, grace_s: float = HEARTBEAT_GRACE_S
 ) -> list[str]:
     """Workers going offline: an attested worker whose heartbeat stopped is recorded offline
     (its provider is told through the outbox), and recorded attested again when it is back.
@@ -162,7 +163,7 @@ class WorkerView:
     earned: int
 
 
-async def provider_workers(db: Database, redis: Any, provider_id: int) -> list[WorkerView]:
+async def provider_workers(db: Database, redis: AsyncRedis, provider_id: int) -> list[WorkerView]:
     """The provider's workers: what the database remembers, whether each is online now (a live
     heartbeat in the registry), jobs served and nanoTON earned."""
     from workers import registry

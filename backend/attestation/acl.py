@@ -20,7 +20,8 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
-from typing import Any
+
+from redis.asyncio import Redis as AsyncRedis
 
 from workers.registry import queue_name
 
@@ -59,7 +60,7 @@ def user_name(worker_id: str, db: int = 0) -> str:
     return f"{USER_PREFIX}{db}-{worker_id}"
 
 
-def _db(redis: Any) -> int:
+def _db(redis: AsyncRedis) -> int:
     return int(redis.connection_pool.connection_kwargs.get("db", 0) or 0)
 
 
@@ -112,14 +113,14 @@ def new_password() -> str:
     return secrets.token_urlsafe(32)
 
 
-async def create_worker_user(redis: Any, worker_id: str) -> tuple[str, str]:
+async def create_worker_user(redis: AsyncRedis, worker_id: str) -> tuple[str, str]:
     """Create (or replace) the worker's user with a new password; returns (user, password)."""
     password = new_password()
     name = await restore_worker_user(redis, worker_id, password_digest(password))
     return name, password
 
 
-async def restore_worker_user(redis: Any, worker_id: str, digest: str) -> str:
+async def restore_worker_user(redis: AsyncRedis, worker_id: str, digest: str) -> str:
     """(Re)create the worker's user with the password whose SHA-256 is ``digest``."""
     db = _db(redis)
     name = user_name(worker_id, db)
@@ -127,7 +128,7 @@ async def restore_worker_user(redis: Any, worker_id: str, digest: str) -> str:
     return name
 
 
-async def user_digest(redis: Any, worker_id: str) -> str | None:
+async def user_digest(redis: AsyncRedis, worker_id: str) -> str | None:
     """The SHA-256 of the worker user's password, as Redis holds it (None: no such user)."""
     reply = await redis.execute_command("ACL", "GETUSER", user_name(worker_id, _db(redis)))
     if reply is None:
@@ -140,18 +141,18 @@ async def user_digest(redis: Any, worker_id: str) -> str | None:
     return None
 
 
-async def user_exists(redis: Any, worker_id: str) -> bool:
+async def user_exists(redis: AsyncRedis, worker_id: str) -> bool:
     return (
         await redis.execute_command("ACL", "GETUSER", user_name(worker_id, _db(redis))) is not None
     )
 
 
-async def delete_worker_user(redis: Any, worker_id: str) -> bool:
+async def delete_worker_user(redis: AsyncRedis, worker_id: str) -> bool:
     """Delete the worker's user; Redis disconnects its clients at once. True if it existed."""
     return bool(await redis.execute_command("ACL", "DELUSER", user_name(worker_id, _db(redis))))
 
 
-async def worker_users(redis: Any) -> list[str]:
+async def worker_users(redis: AsyncRedis) -> list[str]:
     """Worker ids that have an ACL user for this client's database."""
     prefix = user_name("", _db(redis))
     names = await redis.execute_command("ACL", "USERS")

@@ -23,6 +23,8 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
+from redis.asyncio import Redis as AsyncRedis
+
 from workers.redis_keys import ATTEST_NONCE, REG_TOKEN, RENEW_TOKEN, WORKER_ACL, redis_key
 from workers.registry import valid_worker_id
 
@@ -52,7 +54,7 @@ def _token_key(token: str) -> str | None:
     return None
 
 
-async def issue_registration_token(redis: Any, provider_id: int | None, ttl_s: int) -> str:
+async def issue_registration_token(redis: AsyncRedis, provider_id: int | None, ttl_s: int) -> str:
     token = REGISTRATION_PREFIX + secrets.token_urlsafe(24)
     await redis.set(
         redis_key(REG_TOKEN, _hash(token)), json.dumps({"provider_id": provider_id}), ex=ttl_s
@@ -61,7 +63,7 @@ async def issue_registration_token(redis: Any, provider_id: int | None, ttl_s: i
 
 
 async def issue_renewal_token(
-    redis: Any, worker_id: str, provider_id: int | None, ttl_s: int
+    redis: AsyncRedis, worker_id: str, provider_id: int | None, ttl_s: int
 ) -> str:
     token = RENEWAL_PREFIX + secrets.token_urlsafe(24)
     value = json.dumps({"provider_id": provider_id, "worker_id": worker_id})
@@ -69,7 +71,7 @@ async def issue_renewal_token(
     return token
 
 
-async def lookup_token(redis: Any, token: str) -> TokenGrant | None:
+async def lookup_token(redis: AsyncRedis, token: str) -> TokenGrant | None:
     key = _token_key(token) if isinstance(token, str) else None
     if key is None:
         return None
@@ -82,20 +84,20 @@ async def lookup_token(redis: Any, token: str) -> TokenGrant | None:
     return TokenGrant(kind, _hash(token), data.get("provider_id"), worker_id)
 
 
-async def consume_token(redis: Any, token: str) -> bool:
+async def consume_token(redis: AsyncRedis, token: str) -> bool:
     """Use the token up; False when it was already used (a concurrent registration won)."""
     key = _token_key(token)
     return key is not None and bool(await redis.delete(key))
 
 
-async def token_ttl_ms(redis: Any, token: str) -> int:
+async def token_ttl_ms(redis: AsyncRedis, token: str) -> int:
     """The token's remaining life in ms (0 when it is gone), to restore it with
     :func:`restore_token`."""
     key = _token_key(token)
     return max(0, int(await redis.pttl(key))) if key is not None else 0
 
 
-async def restore_token(redis: Any, token: str, grant: TokenGrant, ttl_ms: int) -> None:
+async def restore_token(redis: AsyncRedis, token: str, grant: TokenGrant, ttl_ms: int) -> None:
     """Put back a token consumed by a registration that then failed on the backend's side."""
     key = _token_key(token)
     if key is None or ttl_ms <= 0:
@@ -106,7 +108,7 @@ async def restore_token(redis: Any, token: str, grant: TokenGrant, ttl_ms: int) 
     await redis.set(key, json.dumps(value), px=ttl_ms, nx=True)
 
 
-async def issue_nonce(redis: Any, grant: TokenGrant, ttl_s: int) -> str:
+async def issue_nonce(redis: AsyncRedis, grant: TokenGrant, ttl_s: int) -> str:
     nonce = secrets.token_hex(32)
     await redis.set(redis_key(ATTEST_NONCE, nonce), grant.token_hash, ex=ttl_s)
     return nonce
@@ -129,7 +131,7 @@ def _holder_problem(holder: Any, grant: TokenGrant) -> str | None:
     return None
 
 
-async def check_nonce(redis: Any, nonce: Any, grant: TokenGrant) -> str | None:
+async def check_nonce(redis: AsyncRedis, nonce: Any, grant: TokenGrant) -> str | None:
     """None when the nonce is good (and still unused: see :func:`consume_nonce`); else why it is
     refused. Verification runs between the two, so a backend fault does not spend the nonce."""
     problem = _nonce_problem(nonce)
@@ -138,7 +140,7 @@ async def check_nonce(redis: Any, nonce: Any, grant: TokenGrant) -> str | None:
     return _holder_problem(await redis.get(redis_key(ATTEST_NONCE, nonce)), grant)
 
 
-async def consume_nonce(redis: Any, nonce: Any, grant: TokenGrant) -> str | None:
+async def consume_nonce(redis: AsyncRedis, nonce: Any, grant: TokenGrant) -> str | None:
     """None when the nonce is good (and now used up); else why it is refused."""
     problem = _nonce_problem(nonce)
     if problem:
@@ -146,7 +148,7 @@ async def consume_nonce(redis: Any, nonce: Any, grant: TokenGrant) -> str | None
     return _holder_problem(await redis.getdel(redis_key(ATTEST_NONCE, nonce)), grant)
 
 
-async def restore_nonce(redis: Any, nonce: str, grant: TokenGrant, ttl_s: int) -> None:
+async def restore_nonce(redis: AsyncRedis, nonce: str, grant: TokenGrant, ttl_s: int) -> None:
     """Put back a nonce consumed by a registration that then failed on the backend's side."""
     await redis.set(redis_key(ATTEST_NONCE, nonce), grant.token_hash, ex=ttl_s, nx=True)
 
@@ -158,12 +160,14 @@ def _acl_key(worker_id: str) -> str:
     return redis_key(WORKER_ACL, worker_id)
 
 
-async def keep_acl_digest(redis: Any, worker_id: str, digest: str, expires_at: float) -> None:
+async def keep_acl_digest(
+    redis: AsyncRedis, worker_id: str, digest: str, expires_at: float
+) -> None:
     """Remember the SHA-256 of the worker's Redis password until its evidence expires."""
     await redis.set(_acl_key(worker_id), digest, exat=max(1, math.ceil(expires_at)))
 
 
-async def acl_digests(redis: Any, worker_ids: list[str]) -> dict[str, str]:
+async def acl_digests(redis: AsyncRedis, worker_ids: list[str]) -> dict[str, str]:
     """The digests kept for these workers (those that have one), in one round trip."""
     if not worker_ids:
         return {}
@@ -175,5 +179,5 @@ async def acl_digests(redis: Any, worker_ids: list[str]) -> dict[str, str]:
     }
 
 
-async def forget_acl_digest(redis: Any, worker_id: str) -> None:
+async def forget_acl_digest(redis: AsyncRedis, worker_id: str) -> None:
     await redis.delete(_acl_key(worker_id))

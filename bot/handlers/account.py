@@ -7,6 +7,7 @@ import datetime as dt
 from aiogram import F
 from aiogram.filters import Command, CommandObject, CommandStart
 from aiogram.types import CallbackQuery, InlineKeyboardButton, InlineKeyboardMarkup, Message
+from redis.asyncio import Redis as AsyncRedis
 
 from backend import accounts
 from backend.db import Database
@@ -187,7 +188,7 @@ async def cmd_usage(message: Message, user: User, db: Database) -> None:
 
 
 @handlers.message(Command("privacy"))
-async def cmd_privacy(message: Message, contexts: ContextStore, redis: object) -> None:
+async def cmd_privacy(message: Message, contexts: ContextStore, redis: AsyncRedis) -> None:
     conversation = await contexts.load(message.chat.id)
     last = conversation.last
     if last is None:
@@ -199,7 +200,7 @@ async def cmd_privacy(message: Message, contexts: ContextStore, redis: object) -
         )
         return
     worker = last.worker
-    record = await registry.read_attestation(redis, worker.worker_id)  # type: ignore[arg-type]
+    record = await registry.read_attestation(redis, worker.worker_id)
     lines = [
         _("The last answer ({model}) was written by worker {worker}.").format(
             model=last.model, worker=worker.worker_id

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiogram.filters import Command
 from aiogram.types import Message
+from redis.asyncio import Redis as AsyncRedis
 
 from backend import accounts
 from backend.db import Database
@@ -15,7 +16,7 @@ handlers = Handlers("admin")
 
 
 @handlers.message(Command("stats"))
-async def cmd_stats(message: Message, db: Database, redis: object) -> None:
+async def cmd_stats(message: Message, db: Database, redis: AsyncRedis) -> None:
     s = await accounts.stats(db, redis)
     depth = ", ".join(f"{model}: {n}" for model, n in sorted(s.queue_depth.items())) or "0"
     await message.answer(

@@ -16,6 +16,7 @@ from aiogram.types import (
     Message,
     WebAppInfo,
 )
+from redis.asyncio import Redis as AsyncRedis
 
 from backend import accounts
 from backend.attestation.store import issue_registration_token
@@ -94,7 +95,7 @@ async def cmd_provider(message: Message, user: User, db: Database, settings: Set
 
 @handlers.message(Command("addworker"))
 async def cmd_addworker(
-    message: Message, command: CommandObject, user: User, settings: Settings, redis: object
+    message: Message, command: CommandObject, user: User, settings: Settings, redis: AsyncRedis
 ) -> None:
     if not await _require_provider(message, user):
         return
@@ -130,7 +131,7 @@ async def cmd_addworker(
 
 
 @handlers.message(Command("workers"))
-async def cmd_workers(message: Message, user: User, db: Database, redis: object) -> None:
+async def cmd_workers(message: Message, user: User, db: Database, redis: AsyncRedis) -> None:
     if not await _require_provider(message, user):
         return
     views = await accounts.provider_workers(db, redis, user.id)
@@ -239,7 +240,7 @@ async def on_withdraw_cancel(query: CallbackQuery) -> None:
 
 @handlers.callback_query(F.data.startswith("wd:"))
 async def on_withdraw_confirm(
-    query: CallbackQuery, user: User, ledger: Ledger, settings: Settings, redis: object
+    query: CallbackQuery, user: User, ledger: Ledger, settings: Settings, redis: AsyncRedis
 ) -> None:
     try:
         _prefix, amount_text, nonce = (query.data or "").split(":")
@@ -265,7 +266,7 @@ async def on_withdraw_confirm(
     ).format(id=payout.id, amount=ton(payout.amount), state=state_name(payout.state))
     message = await query.message.edit_text(status)
     message_id = message.message_id if isinstance(message, Message) else query.message.message_id
-    await redis.set(  # type: ignore[attr-defined]
+    await redis.set(
         payout_message_key(payout.id),
         f"{query.message.chat.id}:{message_id}",
         ex=PAYOUT_MESSAGE_TTL_S,
