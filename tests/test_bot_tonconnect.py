@@ -11,25 +11,11 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from aiohttp import web
-from pytonconnect.storage import IStorage
 
 from bot.tonconnect import CocoonTonConnect, wallet_list
+from tests.support.wallets import MemoryStorage
 
 MANIFEST = "https://cocoon.example/tonconnect-manifest.json"
-
-
-class MemoryStorage(IStorage):
-    def __init__(self) -> None:
-        self.items: dict[str, str] = {}
-
-    async def set_item(self, key: str, value: str) -> None:
-        self.items[key] = value
-
-    async def get_item(self, key: str, default_value: str | None = None) -> str | None:
-        return self.items.get(key, default_value)
-
-    async def remove_item(self, key: str) -> None:
-        self.items.pop(key, None)
 
 
 class Bridge:

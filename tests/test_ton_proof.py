@@ -41,7 +41,7 @@ from backend.ton.proof import (
 )
 from backend.ton.toncenter import TonCenter, TonCenterError
 from backend.users import get_or_create_user
-from tests.support.wallets import DOMAIN, NOW, UserWallet
+from tests.support.wallets import DOMAIN, NOW, MemoryStorage, UserWallet
 
 MAX_AGE = 900
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "tonproof"
@@ -110,22 +110,6 @@ def test_every_real_proof_is_accepted_at_its_own_time_domain_and_network(
     state = read_state_init(account["walletStateInit"], account["address"], account["network"])
     assert state.wallet.name == contract_of(entry) and state.public_key == verified.public_key
     assert checked[-1].startswith("signature: valid")
-
-
-class MemoryStorage:
-    """pytonconnect's IStorage, in memory."""
-
-    def __init__(self) -> None:
-        self.items: dict[str, str] = {}
-
-    async def set_item(self, key: str, value: str) -> None:
-        self.items[key] = value
-
-    async def get_item(self, key: str, default_value: str | None = None) -> str | None:
-        return self.items.get(key, default_value)
-
-    async def remove_item(self, key: str) -> None:
-        self.items.pop(key, None)
 
 
 def connect_event(account: dict[str, Any], proof: dict[str, Any] | None) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """A user's wallet app for the ton_proof tests: a fresh ed25519 key and the wallet contract it
-controls (any version the maintained library builds), signing proofs in Python."""
+controls (any version the maintained library builds), signing proofs in Python; and a TON
+Connect session store in memory for pytonconnect's connector."""
 
 from __future__ import annotations
 
@@ -74,3 +75,19 @@ class UserWallet:
             "signature": base64.b64encode((key or self.key).sign(digest).signature).decode(),
             "payload": payload,
         }
+
+
+class MemoryStorage:
+    """pytonconnect's IStorage, in memory."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, str] = {}
+
+    async def set_item(self, key: str, value: str) -> None:
+        self.items[key] = value
+
+    async def get_item(self, key: str, default_value: str | None = None) -> str | None:
+        return self.items.get(key, default_value)
+
+    async def remove_item(self, key: str) -> None:
+        self.items.pop(key, None)
