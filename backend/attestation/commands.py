@@ -9,14 +9,14 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from backend import cliutil
+from backend.settings import Settings
 
 __all__ = ["add_commands"]
 
 
-def cmd_provider_token(settings: Any, args: argparse.Namespace) -> int:
+def cmd_provider_token(settings: Settings, args: argparse.Namespace) -> int:
     telegram_id = cliutil.telegram_id(args.telegram_id)
 
     async def run() -> str:
@@ -51,7 +51,7 @@ EXIT_ERROR = 70  # the check itself failed (a bug, a crash in dcap-qvl): no verd
 MAX_UNIX_TIME = 2**63 - 1
 
 
-def cmd_attest_verify(settings: Any, args: argparse.Namespace) -> int:
+def cmd_attest_verify(settings: Settings, args: argparse.Namespace) -> int:
     """Exit 0 accepted, 1 refused, 2 bad input, 70 when the check itself failed."""
     try:
         return _attest_verify(settings, args)
@@ -64,7 +64,7 @@ def cmd_attest_verify(settings: Any, args: argparse.Namespace) -> int:
         return EXIT_ERROR
 
 
-def _attest_verify(settings: Any, args: argparse.Namespace) -> int:
+def _attest_verify(settings: Settings, args: argparse.Namespace) -> int:
     from backend.attestation.collateral import load_collateral
     from backend.attestation.policy import Policy, PolicyError, load_policy
     from backend.attestation.tdx import verify_quote
@@ -99,7 +99,7 @@ def _attest_verify(settings: Any, args: argparse.Namespace) -> int:
     return 0 if verdict.accepted else EXIT_REFUSED
 
 
-def cmd_attest_digest(settings: Any, args: argparse.Namespace) -> int:
+def cmd_attest_digest(settings: Settings, args: argparse.Namespace) -> int:
     """Print the weights digest of each PATH (a GGUF file or a model folder), as a worker
     computes it (the same code: :func:`workers.weights.weights_digest`), for the policy's
     ``models`` allow-list. Exit 0, or 1 when a path cannot be hashed."""
@@ -115,7 +115,7 @@ def cmd_attest_digest(settings: Any, args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def add_commands(sub: Any, add: Any) -> None:
+def add_commands(sub: argparse._SubParsersAction, add: cliutil.Add) -> None:
     provider = sub.add_parser(
         "provider", help="provider onboarding", description="provider onboarding commands"
     )

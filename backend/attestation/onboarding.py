@@ -51,7 +51,9 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from backend.attestation import acl, store
-from backend.attestation.verifier import Verifier, VerifierUnavailable
+from backend.attestation.verifier import Verdict, Verifier, VerifierUnavailable
+from backend.db import Database
+from backend.settings import Settings
 from workers import registry
 from workers.evidence import Evidence, config_sha256
 from workers.redis_auth import TLS_SCHEME
@@ -107,12 +109,12 @@ class Onboarding:
 
     def __init__(
         self,
-        settings: Any,
+        settings: Settings,
         redis: aioredis.Redis,
         verifier: Verifier,
         *,
         clock: Callable[[], float] = time.time,
-        db: Any = None,
+        db: Database | None = None,
     ) -> None:
         self.settings = settings
         self.db = db  # when set, worker states are recorded and providers notified
@@ -185,6 +187,8 @@ class Onboarding:
                 note="; ".join(reasons)[:1000],
             )
             raise OnboardingError(403, "evidence refused", reasons)
+        if verdict is None:  # no reason to refuse, so the verifier ran; fail closed all the same
+            raise OnboardingError(403, "evidence refused", ["the evidence was not verified"])
         token_ttl_ms = await store.token_ttl_ms(self.redis, token)
         if not await store.consume_token(self.redis, token):
             raise OnboardingError(401, "the token was used meanwhile")
@@ -199,7 +203,7 @@ class Onboarding:
             raise
 
     async def _admit(
-        self, worker_id: str, evidence: Evidence, grant: store.TokenGrant, verdict: Any
+        self, worker_id: str, evidence: Evidence, grant: store.TokenGrant, verdict: Verdict
     ) -> dict[str, Any]:
         now = self.clock()
         expires_at = now + self.att.lifetime_s

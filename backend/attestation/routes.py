@@ -19,6 +19,7 @@ from redis.exceptions import RedisError
 from backend import appkeys
 from backend.attestation.onboarding import ONBOARDING, Onboarding, OnboardingError
 from backend.attestation.verifier import Verifier
+from backend.settings import Settings
 
 log = logging.getLogger("cocoon.attestation")
 
@@ -79,7 +80,7 @@ async def register_view(request: web.Request) -> web.Response:
     )
 
 
-def setup(app: web.Application, settings: Any) -> None:
+def setup(app: web.Application, settings: Settings) -> None:
     """Add the onboarding routes and service (with its expiry sweep) to ``app``."""
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:

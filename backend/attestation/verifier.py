@@ -23,7 +23,6 @@ import binascii
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 import nacl.exceptions
 import nacl.signing
@@ -32,7 +31,7 @@ from backend.attestation.collateral import CollateralError, CollateralSource
 from backend.attestation.nvidia import verify_nvidia
 from backend.attestation.policy import Policy, load_policy
 from backend.attestation.tdx import QuoteVerdict, UnsupportedQuote, verify_quote
-from backend.settings import AttestationSettings
+from backend.settings import AttestationSettings, Settings
 from workers.evidence import Evidence, off_machine_reason, report_data
 from workers.wire import WireError, key_fingerprint
 
@@ -86,9 +85,9 @@ class Verifier:
         self.clock = clock
 
     @classmethod
-    def from_settings(cls, settings: Any) -> Verifier:
+    def from_settings(cls, settings: Settings) -> Verifier:
         """From the whole :class:`backend.settings.Settings`."""
-        attestation: AttestationSettings = settings.attestation
+        attestation = settings.attestation
         return cls(
             attestation,
             policy=load_policy(attestation.policy_file),
