@@ -29,6 +29,7 @@ import nacl.secret
 from aiogram import Bot
 from pytonconnect import TonConnect
 from pytonconnect.storage import IStorage
+from redis.asyncio import Redis as AsyncRedis
 
 from backend.db import Database
 from backend.settings import Settings
@@ -73,7 +74,7 @@ def wallet_list() -> list[dict[str, Any]]:
 class SealedRedisStorage(IStorage):
     """pytonconnect's storage, one namespace per user, sealed at rest."""
 
-    def __init__(self, redis: Any, key: bytes, user_id: int) -> None:
+    def __init__(self, redis: AsyncRedis, key: bytes, user_id: int) -> None:
         self.redis = redis
         self.box = nacl.secret.SecretBox(key)
         self.user_id = user_id
@@ -86,7 +87,7 @@ class SealedRedisStorage(IStorage):
 
     async def get_item(self, key: str, default_value: str | None = None) -> str | None:
         blob = await self.redis.get(self._key(key))
-        if blob is None:
+        if not isinstance(blob, bytes):  # none (or a decoding client's, which cannot open)
             return default_value
         try:
             return self.box.decrypt(blob).decode()
@@ -161,7 +162,7 @@ class ChatWallets:
         self,
         settings: Settings,
         db: Database,
-        redis: Any,
+        redis: AsyncRedis,
         key: bytes,
         *,
         factory: ConnectorFactory | None = None,
