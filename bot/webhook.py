@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING
 
 from aiogram.webhook.aiohttp_server import SimpleRequestHandler
 from aiohttp import web
 
 from backend import appkeys
 from backend.settings import Settings
+
+if TYPE_CHECKING:
+    from bot.app import BotApp
 
 log = logging.getLogger("cocoon.bot")
 
@@ -63,5 +66,5 @@ def setup(app: web.Application, settings: Settings) -> None:
     app.router.add_post(WEBHOOK_PATH, webhook_view)
 
 
-async def _shutdown(bot_app: Any) -> None:
+async def _shutdown(bot_app: BotApp) -> None:
     await bot_app.dp.emit_shutdown(bot=bot_app.bot)

@@ -11,7 +11,7 @@ import datetime as dt
 import hashlib
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import redis
@@ -34,6 +34,9 @@ from miniapp import protocol as p
 from miniapp.auth import TelegramCaller
 from miniapp.texts import N_, translate
 from workers.wire import ChatMessage
+
+if TYPE_CHECKING:
+    from aiogram import Bot
 
 TOPUP_PRESETS = ["1", "5", "10", "50"]
 STARS_PRESETS = [50, 100, 250, 1000]
@@ -91,13 +94,13 @@ class MiniApp:
         db: Database,
         ledger: Ledger,
         dispatcher: Dispatcher,
-        bot: Any | None = None,
+        bot: Bot | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
         self.ledger = ledger
         self.dispatcher = dispatcher
-        self.bot = bot  # aiogram Bot, for Stars invoices; None without a bot token
+        self.bot = bot  # for Stars invoices; None without a bot token
 
     # ------------------------------------------------------------------ users
 
