@@ -122,6 +122,8 @@ async def test_canary_never_reaches_rest(tmp_path: Path) -> None:
         COCOON_LOCAL_TELEGRAM_ID=str(USER),
         COCOON_DEV_CREDIT_NANO=str(10**9),
         COCOON_LOG_LEVEL="DEBUG",
+        # Short replies: the canary's way through is the same, and a busy machine's turns end.
+        COCOON_MAX_TOKENS_DEFAULT="16",
     )
     log = tmp_path / "up.log"
     up = _start_stack(env, tmp_path, log)
