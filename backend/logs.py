@@ -12,6 +12,7 @@ Log ids, counts, amounts, durations and error class names instead.
 from __future__ import annotations
 
 import logging
+from typing import TextIO
 from urllib.parse import urlsplit, urlunsplit
 
 from backend.settings import Settings
@@ -28,7 +29,7 @@ __all__ = [
 ]
 
 
-def setup_logging(settings: Settings, *, stream: object = None) -> None:
+def setup_logging(settings: Settings, *, stream: TextIO | None = None) -> None:
     """Configure this process's logging from the settings (call once, in ``main``)."""
     level = str(getattr(settings, "log_level", "INFO") or "INFO").upper()
     if level not in logging.getLevelNamesMapping():

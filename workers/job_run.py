@@ -189,8 +189,8 @@ class JobRun:
         """Write the unsent text unless a write is under way (its own task: a stop never
         cuts a write in half)."""
         writer = self._writer
-        if writer is not None and writer.done() and writer.exception() is not None:
-            raise writer.exception()  # type: ignore[misc]
+        if writer is not None and writer.done() and (failed := writer.exception()) is not None:
+            raise failed
         if writer is None or writer.done():
             self._writer = asyncio.create_task(self._write_unsent(request))
 
@@ -273,7 +273,7 @@ def _final(job_id: str, usage: Usage) -> FinalRecord:
         prompt_tokens=usage.prompt_tokens,
         cached_prompt_tokens=min(usage.cached_prompt_tokens, usage.prompt_tokens),
         completion_tokens=usage.completion_tokens,
-        finish_reason=usage.finish_reason,  # type: ignore[arg-type]
+        finish_reason=usage.finish_reason,
     )
 
 

@@ -17,6 +17,7 @@ import contextvars
 import logging
 import sys
 from collections.abc import Iterator
+from typing import TextIO
 
 __all__ = ["CONTEXT_FIELDS", "ContextFilter", "bind", "bound", "configure", "current"]
 
@@ -133,13 +134,13 @@ def json_formatter() -> logging.Formatter:
 
 
 def configure(
-    level: str | int = "INFO", *, json_lines: bool = False, stream: object = None
+    level: str | int = "INFO", *, json_lines: bool = False, stream: TextIO | None = None
 ) -> None:
     """Configure the root logger of this process: one handler, the context filter, text or JSON.
 
     Calling it again replaces the handler it added before (other handlers stay).
     """
-    handler = logging.StreamHandler(stream or sys.stderr)  # type: ignore[arg-type]
+    handler = logging.StreamHandler(stream or sys.stderr)
     handler.addFilter(ContextFilter())
     handler.setFormatter(json_formatter() if json_lines else logging.Formatter(TEXT_FORMAT))
     handler.set_name(HANDLER_NAME)

@@ -97,7 +97,7 @@ class Usage:
     prompt_tokens: int
     cached_prompt_tokens: int
     completion_tokens: int
-    finish_reason: str
+    finish_reason: FinishReason
 
     @property
     def total_tokens(self) -> int:

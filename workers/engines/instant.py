@@ -13,7 +13,14 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from workers.engines.base import Engine, EngineError, GenerationRequest, TextDelta, Usage
+from workers.engines.base import (
+    Engine,
+    EngineError,
+    FinishReason,
+    GenerationRequest,
+    TextDelta,
+    Usage,
+)
 
 
 class InstantEngine(Engine):
@@ -70,5 +77,5 @@ class InstantEngine(Engine):
                 yield Usage(prompt_tokens, 0, index, "cancelled")
                 return
             yield TextDelta(word if index == 0 else " " + word)
-        finish = "length" if len(words) > request.max_tokens else "stop"
+        finish: FinishReason = "length" if len(words) > request.max_tokens else "stop"
         yield Usage(prompt_tokens, 0, len(echoed), finish)

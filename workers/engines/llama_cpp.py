@@ -23,7 +23,14 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from workers.engines.base import Engine, EngineError, GenerationRequest, TextDelta, Usage
+from workers.engines.base import (
+    Engine,
+    EngineError,
+    FinishReason,
+    GenerationRequest,
+    TextDelta,
+    Usage,
+)
 
 # Used when a GGUF carries no chat template (SmolLM2's does): plain ChatML.
 CHATML_TEMPLATE = (
@@ -306,7 +313,7 @@ class LlamaCppEngine(Engine):
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         scanner = _StopScanner(request.stop + self._template_stops)
         completion = 0
-        finish = "length"
+        finish: FinishReason = "length"
         stop_string = False
         tokens = llm.generate(
             prompt,

