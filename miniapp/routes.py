@@ -96,8 +96,9 @@ def _request_language(request: web.Request) -> str:
 def error_body(language: str, code: ErrorCode, **values: object) -> dict[str, Any]:
     """``{"error": {"code", "message"}}``, the message in ``language`` (amounts as TON)."""
     for name in ("minimum", "available", "needed"):
-        if isinstance(values.get(name), int):
-            values[name] = format_ton(values[name])  # type: ignore[arg-type]
+        value = values.get(name)
+        if isinstance(value, int):
+            values[name] = format_ton(value)
     message = texts.error_message(language, code, **values)
     return p.ErrorBody(error=p.ErrorDetail(code=code.value, message=message)).model_dump()
 

@@ -11,7 +11,7 @@ import datetime as dt
 import hashlib
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 
 import redis
@@ -274,7 +274,7 @@ class MiniApp:
         result = await accounts.history(  # AccountError invalid_page for a bad kind or page
             self.db,
             caller.user.id,
-            kind=kind,  # type: ignore[arg-type]
+            kind=kind,
             page=page,
             per_page=20,
         )
@@ -343,7 +343,7 @@ class MiniApp:
 
     async def withdraw(self, caller: Caller, body: p.WithdrawRequest) -> p.PayoutView:
         self._require_provider(caller)
-        amount: int | str
+        amount: int | Literal["all"]
         if body.amount.strip().lower() == "all":
             amount = "all"
         else:
@@ -355,7 +355,7 @@ class MiniApp:
             self.ledger,
             self.settings,
             caller.user.id,
-            amount,  # type: ignore[arg-type]
+            amount,
             f"miniapp:{caller.user.id}:{body.key}",
         )
         return p.PayoutView(

@@ -85,6 +85,7 @@ def install(env: jinja2.Environment) -> None:
     """``_()`` and ``ngettext()`` in templates, in the language of the context's ``lang``.
     Old-style: the translated text comes back as is; fill placeholders with ``.format()``."""
     env.add_extension("jinja2.ext.i18n")
+    # jinja2.ext.i18n adds this method to the environment at run time; its stubs cannot know.
     env.install_gettext_callables(  # type: ignore[attr-defined]
         gettext=_gettext, ngettext=_ngettext, newstyle=False
     )

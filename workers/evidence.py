@@ -255,7 +255,7 @@ def nvidia_evidence(nonce: str) -> dict[str, Any] | None:
     The nonce given to the GPU is SHA-256 of the backend's nonce (the SDK takes 32 bytes, hex).
     """
     try:
-        from nv_attestation_sdk import attestation  # type: ignore[import-not-found]
+        from nv_attestation_sdk import attestation
     except ImportError:
         return None
     gpu_nonce = hashlib.sha256(nonce.encode()).hexdigest()

@@ -72,5 +72,6 @@ def enqueue_commands(queue: Queue, job: Job) -> list[Command]:
     client as one MULTI/EXEC and the queue, the job hash and RQ's queue set come out as RQ's own
     enqueue writes them."""
     recorder = _Recorder()
+    # The recorder stands in for a redis Pipeline (RQ's type): it only records the calls.
     queue.enqueue_job(job, pipeline=recorder)  # type: ignore[arg-type]
     return recorder.calls

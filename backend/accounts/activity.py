@@ -151,9 +151,7 @@ async def _deposits(session: AsyncSession, user_id: int, limit: int) -> list[His
         source = next(
             (_DEPOSIT_SOURCES[kinds[e.account_id]] for e in tx.entries if e.amount < 0), "ton"
         )
-        items.append(
-            HistoryItem("deposit", tx.created_at, amount, {"source": source, "id": tx.id})
-        )
+        items.append(HistoryItem("deposit", tx.created_at, amount, {"source": source, "id": tx.id}))
     return items
 
 
@@ -202,11 +200,12 @@ async def history(
     db: Database,
     user_id: int,
     *,
-    kind: HistoryKind | None = None,
+    kind: str | None = None,
     page: int = 1,
     per_page: int = 20,
 ) -> HistoryPage:
-    """Deposits, turns and payouts, newest first, one page at a time (pages count from 1)."""
+    """Deposits, turns and payouts, newest first, one page at a time (pages count from 1).
+    ``kind`` (one of :data:`HISTORY_KINDS`, or None for all) may come from a request as is."""
     if kind is not None and kind not in HISTORY_KINDS:
         raise AccountError(ErrorCode.INVALID_PAGE, f"history kind must be one of {HISTORY_KINDS}")
     if isinstance(page, bool) or not isinstance(page, int) or page < 1 or page > 10_000:
@@ -215,7 +214,7 @@ async def history(
         raise AccountError(ErrorCode.INVALID_PAGE, f"per_page must be 1..{MAX_PAGE_SIZE}")
     # Enough of each kind to fill pages 1..page, plus one to know whether more follow.
     need = page * per_page + 1
-    kinds = (kind,) if kind else HISTORY_KINDS
+    kinds = tuple(k for k in HISTORY_KINDS if k == kind) if kind else HISTORY_KINDS
     fetch = {"deposit": _deposits, "turn": _turns, "payout": _payouts}
     items: list[HistoryItem] = []
     async with db.session() as session:

@@ -299,6 +299,7 @@ async def withdraw(
             minimum=settings.min_withdrawal_nano,
             available=available,
         ) from error
-    payout = await ledger.get_payout(receipt.subject_id)  # type: ignore[arg-type]
+    assert receipt.subject_id is not None  # a withdrawal's receipt names its payout
+    payout = await ledger.get_payout(receipt.subject_id)
     assert payout is not None
     return payout

@@ -35,7 +35,7 @@ def verify_nvidia(evidence: Any, nonce: str) -> list[str]:
     if not isinstance(evidence["evidence"], list) or not evidence["evidence"]:
         return ["the NVIDIA GPU evidence is malformed: no GPU evidence entries"]
     try:
-        from nv_attestation_sdk import attestation  # type: ignore[import-not-found]
+        from nv_attestation_sdk import attestation
     except ImportError:
         return [
             "the worker attached NVIDIA GPU evidence, but this verifier cannot check it "

@@ -430,8 +430,10 @@ def _same(a: object, b: str | None) -> bool:
 
 
 def _int(value: object) -> int:
+    if not isinstance(value, int | str | float):  # what JSON gives a number as
+        return -1
     try:
-        return int(value)  # type: ignore[call-overload]
+        return int(value)
     except (TypeError, ValueError):
         return -1
 

@@ -80,6 +80,7 @@ class HotWallet:
         if len(seed) != 32:
             raise WalletError("an ed25519 seed is 32 bytes")
         private = PrivateKey(seed)
+        # No client: deriving the address and state init is offline (tonutils types ask for one).
         wallet = WalletV4R2.from_private_key(None, private)  # type: ignore[arg-type]
         self._signing_key = SigningKey(seed)
         self.public_key: bytes = bytes(self._signing_key.verify_key)
@@ -95,6 +96,7 @@ class HotWallet:
     def from_mnemonic(cls, mnemonic: str) -> HotWallet:
         words = mnemonic.strip().lower().split()
         try:
+            # No client, as above: the keys come from the words alone.
             _wallet, _public, private, _words = WalletV4R2.from_mnemonic(None, words)  # type: ignore[arg-type]
         except Exception:
             # Never echo the words themselves, not even in a chained traceback.

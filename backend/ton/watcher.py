@@ -354,8 +354,10 @@ def _jetton_amount(jetton: JettonNotification | None) -> str | None:
 
 def _utime(value: object) -> int:
     """The transaction's time (unix seconds), or 0 when the API gave something else."""
+    if not isinstance(value, int | str | float):  # what JSON gives a number as (None: 0)
+        return 0
     try:
-        now = int(value or 0)  # type: ignore[call-overload]
+        now = int(value or 0)
     except (TypeError, ValueError, OverflowError):
         return 0
     return now if 0 <= now < 2**63 else 0
