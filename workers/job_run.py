@@ -34,6 +34,7 @@ from typing import Any
 
 from redis.asyncio import Redis as AsyncRedis
 from rq import Queue
+from rq.executions import Execution
 from rq.job import Job
 
 from workers import streams
@@ -83,7 +84,7 @@ class JobRun:
         self.keys = keys
         self.redis = redis
         self.started = time.monotonic()
-        self.execution: Any = None  # the RQ Execution, kept by the node for its heartbeats
+        self.execution: Execution | None = None  # kept by the node for its heartbeats
         self.deltas = 0  # text pieces from the engine (its tokens, near enough)
         self.chunks = 0  # sealed chunks written
         self.stop_reason: str | None = None  # "cancel", "shutdown" or "timeout"

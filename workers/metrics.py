@@ -9,7 +9,7 @@ endpoint is turned on.
 from __future__ import annotations
 
 import os
-from typing import Any
+from wsgiref.simple_server import WSGIServer
 
 __all__ = ["METRICS_PORT_ENV", "WorkerMetrics", "metrics_port_from_env"]
 
@@ -63,7 +63,7 @@ class WorkerMetrics:
             registry=self.registry,
         )  # fmt: skip
         info.labels(model, engine).set(1)
-        self._server: Any = None
+        self._server: WSGIServer | None = None
 
     def serve(self, port: int, host: str = "0.0.0.0") -> int:
         """Start the HTTP endpoint in a thread; returns the port (0 picks a free one)."""
