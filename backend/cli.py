@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
         name: str,
         help_text: str,
         handler: Callable[[Settings, argparse.Namespace], int],
-        parent: argparse._SubParsersAction = sub,
+        parent: argparse._SubParsersAction[argparse.ArgumentParser] = sub,
     ) -> argparse.ArgumentParser:  # a cliutil.Add
         command = parent.add_parser(name, help=help_text, description=help_text)
         command.set_defaults(handler=handler)
@@ -332,7 +332,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from backend.logs import setup_logging
 
     setup_logging(settings)  # COCOON_LOG_LEVEL, COCOON_LOG_JSON; records carry turn/job/update ids
-    return args.handler(settings, args)
+    handler: Callable[[Settings, argparse.Namespace], int] = args.handler
+    return handler(settings, args)
 
 
 if __name__ == "__main__":

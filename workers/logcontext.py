@@ -17,7 +17,7 @@ import contextvars
 import logging
 import sys
 from collections.abc import Iterator
-from typing import TextIO
+from typing import Any, TextIO
 
 __all__ = ["CONTEXT_FIELDS", "ContextFilter", "bind", "bound", "configure", "current"]
 
@@ -107,16 +107,13 @@ class _JsonContextFormatter(logging.Formatter):
 def json_formatter() -> logging.Formatter:
     """One JSON object per line: time, level, logger, message, and the context's ids."""
     try:
-        from pythonjsonlogger.json import JsonFormatter
-    except ImportError:  # python-json-logger < 3.1, or not installed
-        try:
-            from pythonjsonlogger.jsonlogger import JsonFormatter
-        except ImportError:
-            return _JsonContextFormatter()
+        from pythonjsonlogger.json import JsonFormatter  # python-json-logger >= 3.1
+    except ImportError:  # not installed
+        return _JsonContextFormatter()
 
     class _Formatter(JsonFormatter):
         def add_fields(
-            self, log_record: dict[str, object], record: logging.LogRecord, message: dict
+            self, log_record: dict[str, Any], record: logging.LogRecord, message: dict[str, Any]
         ) -> None:
             super().add_fields(log_record, record, message)
             for name in CONTEXT_FIELDS:

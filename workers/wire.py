@@ -18,7 +18,7 @@ import binascii
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import nacl.exceptions
 import nacl.public
@@ -129,6 +129,7 @@ class ErrorRecord(_Versioned):
 
 
 Event = Annotated[StreamChunk | FinalRecord | ErrorRecord, Field(discriminator="type")]
+_T = TypeVar("_T")
 _EVENT: TypeAdapter[Event] = TypeAdapter(Event)
 _REQUEST: TypeAdapter[JobRequest] = TypeAdapter(JobRequest)
 
@@ -308,7 +309,7 @@ def _check_version(data: dict[str, Any]) -> None:
         raise WireError(f"unsupported wire version {str(v)[:20]}")
 
 
-def _validate(adapter: TypeAdapter[Any], data: dict[str, Any], what: str) -> Any:
+def _validate(adapter: TypeAdapter[_T], data: dict[str, Any], what: str) -> _T:
     try:
         return adapter.validate_python(data)
     except ValidationError as error:

@@ -115,7 +115,9 @@ def cmd_attest_digest(settings: Settings, args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def add_commands(sub: argparse._SubParsersAction, add: cliutil.Add) -> None:
+def add_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], add: cliutil.Add
+) -> None:
     provider = sub.add_parser(
         "provider", help="provider onboarding", description="provider onboarding commands"
     )

@@ -320,7 +320,9 @@ def cmd_verify_proof(settings: Settings, args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ parser
 
 
-def add_commands(sub: argparse._SubParsersAction, add: cliutil.Add) -> None:
+def add_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], add: cliutil.Add
+) -> None:
     watcher = add(
         "watcher",
         "watch the TON deposit wallet, credit deposits, and send payouts from the hot wallet",

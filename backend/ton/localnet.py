@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 from ton_core import Address, Cell, begin_cell
 
 from backend.ton.comment import comment_cell, raw_address
@@ -79,11 +80,13 @@ class LocalTonCenter:
     match_normalized_hashes: bool = True
     _by_raw: dict[str, dict[str, Any]] = field(default_factory=dict)
     _by_norm: dict[str, dict[str, Any]] = field(default_factory=dict)
-    _lt: itertools.count = field(default_factory=lambda: itertools.count(1_000_000, 1_000))
+    _lt: itertools.count[int] = field(default_factory=lambda: itertools.count(1_000_000, 1_000))
 
     # --------------------------------------------------------------- state
 
-    def add_wallet(self, address: str, public_key: bytes, *, balance: int, subwallet_id: int):
+    def add_wallet(
+        self, address: str, public_key: bytes, *, balance: int, subwallet_id: int
+    ) -> None:
         self.wallets[raw_address(address)] = LocalWallet(public_key, subwallet_id, 0, balance)
 
     def transactions_of(self, account: str) -> list[dict[str, Any]]:
@@ -331,7 +334,9 @@ class LocalTonCenter:
         return app
 
     @web.middleware
-    async def _faults_middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+    async def _faults_middleware(
+        self, request: web.Request, handler: Handler
+    ) -> web.StreamResponse:
         self.requests += 1
         if self.faults and request.path.startswith("/api/"):
             status = self.faults.pop(0)

@@ -127,9 +127,10 @@ class TonCenter:
             raise TonCenterError(f"TON Center /api/v3/walletInformation: bad seqno {seqno!r:.40}")
         return value
 
-    async def send_message(self, boc: str) -> dict[str, Any]:
-        """Hand an external message (base64 BOC) to the network."""
-        return await self._call("POST", "/api/v3/message", json={"boc": boc})
+    async def send_message(self, boc: str) -> None:
+        """Hand an external message (base64 BOC) to the network. Whether it landed is told by
+        the wallet's seqno, not by this answer."""
+        await self._call("POST", "/api/v3/message", json={"boc": boc})
 
     async def run_get_method(
         self, address: str, method: str, stack: list[dict[str, Any]] | None = None

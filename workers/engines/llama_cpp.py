@@ -224,7 +224,8 @@ class LlamaCppEngine(Engine):
                 f"the model's chat template rejected the messages: {error}"
             ) from error
         # The template writes any BOS itself (as llama-cpp-python's chat handler assumes).
-        return llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+        tokens: list[int] = llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+        return tokens
 
     def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int | None:
         return len(self.prompt_tokens(messages))

@@ -5,6 +5,7 @@ Revises: 0002
 Create Date: 2026-11-25
 """
 
+import datetime as dt
 from collections.abc import Sequence
 
 import sqlalchemy as sa
@@ -18,7 +19,7 @@ depends_on: str | Sequence[str] | None = None
 LIVE = "state IN ('signed', 'sent')"
 
 
-def _now() -> sa.Column:
+def _now() -> sa.Column[dt.datetime]:
     return sa.Column("created_at", sa.DateTime(timezone=True), nullable=False)
 
 
