@@ -147,14 +147,19 @@ class Network:
         return await store.issue_registration_token(self.admin, provider_id, 600)
 
     async def rogue(
-        self, *, model: str = SERVED, advertise: bool = True, **claims: Any
+        self, *, model: str = SERVED, capacity: int = 4, advertise: bool = True, **claims: Any
     ) -> RogueWorker:
         """A worker onboarded through the API with development-TEE evidence claiming the
         instant engine's claims changed by ``claims``, its own Redis user in hand, its provider
-        :attr:`rogue_provider`; with ``advertise``, in dispatch."""
+        :attr:`rogue_provider`; with ``advertise``, in dispatch (claiming ``capacity``)."""
         token = await self.token(self.rogue_provider)
         rogue = await RogueWorker.onboard(
-            self.url, token, model=model, claims=claims or None, advertise=advertise
+            self.url,
+            token,
+            model=model,
+            capacity=capacity,
+            claims=claims or None,
+            advertise=advertise,
         )
         self.rogues.append(rogue)
         if advertise:
@@ -182,7 +187,9 @@ class Network:
         conversation = conversation_id_for(self.user_id, messages)
         await registry.remember_route(self.admin, conversation, worker_id, 600)
 
-    def _request(self, text: str, max_tokens: int, stream: bool) -> dict[str, Any]:
+    def _request(
+        self, text: str, max_tokens: int | None, stream: bool, api_key: str | None = None
+    ) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": SERVED,
             "messages": [{"role": "user", "content": text}],
@@ -193,14 +200,23 @@ class Network:
         return {
             "url": f"{self.url}/v1/chat/completions",
             "json": body,
-            "headers": {"Authorization": f"Bearer {self.api_key}"},
+            "headers": {"Authorization": f"Bearer {api_key or self.api_key}"},
         }
 
-    async def chat(self, text: str, *, max_tokens: int = 8, to: str | None = None) -> Reply:
-        """One chat completion; ``to``: route it to that worker first."""
+    async def chat(
+        self,
+        text: str,
+        *,
+        max_tokens: int | None = 8,
+        to: str | None = None,
+        api_key: str | None = None,
+    ) -> Reply:
+        """One chat completion (``max_tokens`` None: the default; ``api_key``: another user's
+        than :attr:`user_id`'s); ``to``: route it to that worker first."""
         if to is not None:
             await self.route(text, to)
-        async with self.session.post(**self._request(text, max_tokens, False)) as reply:
+        request = self._request(text, max_tokens, False, api_key)
+        async with self.session.post(**request) as reply:
             return Reply(reply.status, await reply.json(content_type=None))
 
     async def stream(
@@ -232,6 +248,13 @@ class Network:
         return reply
 
     # -- money ----------------------------------------------------------------------------------
+
+    async def user(self, telegram_id: int, balance: int = 10 * TON) -> tuple[int, str]:
+        """Another funded user: (user id, API key)."""
+        user = await get_or_create_user(self.db, telegram_id)
+        await self.ledger.credit_deposit(user.id, balance, f"dep:{telegram_id}")
+        key, _row = await create_key(self.db, user.id)
+        return user.id, key
 
     async def available(self, user_id: int | None = None) -> int:
         return (await self.ledger.balances(user_id or self.user_id)).available

@@ -204,7 +204,8 @@ class RogueWorker:
         self, behaviour: Callable[[RogueWorker, RogueJob], Awaitable[None]], stop: asyncio.Event
     ) -> None:
         """Take every job that reaches the rogue until ``stop`` is set, each handled by
-        ``behaviour`` in a task of its own; then wait for those tasks."""
+        ``behaviour`` in a task of its own; then wait for those tasks. Redis away (a restart)
+        only pauses it, as it pauses a node."""
         running: set[asyncio.Task[None]] = set()
         try:
             while not stop.is_set():
@@ -212,12 +213,22 @@ class RogueWorker:
                     job = await self.take(timeout_s=0.2)
                 except AssertionError:
                     continue
+                except redis.RedisError:
+                    await asyncio.sleep(0.1)
+                    continue
                 task = asyncio.create_task(behaviour(self, job))
                 running.add(task)
+                task.add_done_callback(self._forget)
                 task.add_done_callback(running.discard)
         finally:
             if running:
                 await asyncio.gather(*running, return_exceptions=True)
+
+    @staticmethod
+    def _forget(task: asyncio.Task[None]) -> None:
+        """A job it could not finish (Redis away) is abandoned, as a crashed node abandons it."""
+        if not task.cancelled():
+            task.exception()
 
     async def answer_honestly(self, job: RogueJob) -> None:
         """Answer as the instant engine would: the words echoed, the usage as it counts it."""
