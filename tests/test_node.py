@@ -331,7 +331,9 @@ async def test_a_job_streams_sealed_chunks_then_a_signed_final(start_node, aredi
 
 @pytest.mark.slow
 async def test_sixty_jobs_run_concurrently(start_node, aredis, sredis):
-    node = await start_node("--engine-option", "token_delay=0.02")
+    # A heartbeat (with the node's load) every 0.1 s: several while the jobs, >= 0.5 s each,
+    # run together, however fast or slow the machine is.
+    node = await start_node("--heartbeat", "0.1", "--engine-option", "token_delay=0.02")
     submitted = [submit(sredis, node.info, words(25)) for _ in range(60)]
 
     observed_load = 0
