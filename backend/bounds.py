@@ -45,6 +45,8 @@ __all__ = [
     "completion_token_bound",
     "delivered_floor",
     "prompt_token_bound",
+    "sealed_prompt_bound",
+    "sealed_text_bound",
 ]
 
 MESSAGE_OVERHEAD_TOKENS = 8
@@ -151,6 +153,23 @@ def prompt_token_bound(messages: Sequence[ChatMessage]) -> int:
     )
 
 
+SEALED_BOX_OVERHEAD = 48
+"""Bytes a libsodium sealed box adds to its plaintext (ephemeral key and MAC)."""
+
+
+def sealed_prompt_bound(sealed_bytes: int) -> int:
+    """:func:`prompt_token_bound` from the length of a sealed request alone: its JSON holds every
+    message's text and at least 8 bytes more per message (``{"content":"","role":"user"}``),
+    so the plaintext's length bounds the sum that function takes."""
+    return max(0, sealed_bytes - SEALED_BOX_OVERHEAD) + PROMPT_TEMPLATE_TOKENS
+
+
+def sealed_text_bound(sealed_bytes: int) -> int:
+    """The most reply text bytes a sealed chunk of ``sealed_bytes`` can carry (JSON holds the
+    text at least once, escaped or not)."""
+    return max(0, sealed_bytes - SEALED_BOX_OVERHEAD)
+
+
 def completion_token_bound(max_tokens: int, delivered_bytes: int, stop: Sequence[str]) -> int:
     """The most completion tokens a reply of ``delivered_bytes`` bytes of text can have cost."""
     longest_stop = max((len(s.encode()) for s in stop), default=0)
@@ -171,8 +190,12 @@ def bill(
     max_tokens: int,
     context_length: int,
     delivered_bytes: int,
+    prompt_bound: int | None = None,
 ) -> Bill:
-    """The counts to bill for ``final``: each at most its bound (see the module)."""
+    """The counts to bill for ``final``: each at most its bound (see the module).
+
+    ``prompt_bound``: the prompt's bound when the backend cannot read the messages (a sealed
+    turn: :func:`sealed_prompt_bound` of the ciphertext's length)."""
     flags: list[Flag] = []
 
     def bounded(kind: Violation, claimed: int, bound: int) -> int:
@@ -184,7 +207,10 @@ def bill(
     prompt = bounded(
         Violation.PROMPT_TOKENS,
         final.prompt_tokens,
-        min(prompt_token_bound(messages), context_length),
+        min(
+            prompt_bound if prompt_bound is not None else prompt_token_bound(messages),
+            context_length,
+        ),
     )
     completion = bounded(
         Violation.COMPLETION_TOKENS,

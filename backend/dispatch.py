@@ -288,7 +288,7 @@ class Turn(TurnSettlement):
             reply_key=public_b64(self._reply_key),
             conversation_id=self.request.conversation_id,
         )
-        sealed = seal_request(job, worker.box_public_key)
+        sealed = self._keep_request(seal_request(job, worker.box_public_key))
         await aenqueue_job(
             self.d.redis,
             worker.worker_id,
@@ -380,7 +380,7 @@ class Turn(TurnSettlement):
 
     def _over_bounds(self, chunk: StreamChunk) -> Flag | None:
         """Count a chunk in; the bound it crosses, if it crosses one (then it is not counted)."""
-        size = len(chunk.text.encode("utf-8", "surrogatepass"))
+        size = self._reply_size(chunk.text)
         b = self.bounds
         if size > b.chunk_bytes:
             return Flag(Violation.CHUNK_BYTES, size, b.chunk_bytes)

@@ -430,3 +430,15 @@ class WorkerFlag(Base):
     claimed: Mapped[int] = mapped_column(BigInteger)  # what the worker claimed or sent
     bound: Mapped[int] = mapped_column(BigInteger)  # the bound it crossed
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=_now)
+
+
+class TurnReceipt(Base):
+    """A turn's receipt (``backend.receipts``): the worker's signed digests and usage, what was
+    billed, who served it. Digests and counts only, never text; served to its owner."""
+
+    __tablename__ = "receipts"
+
+    turn_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    body: Mapped[str] = mapped_column(Text)  # the receipt's JSON, as the API serves it
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=_now)

@@ -8,6 +8,7 @@ the rest goes back; the worker's crossed bounds are flagged; the turn's end is c
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from backend.bounds import Bill, Flag
 from backend.flags import record_flags
 from backend.ledger import InvalidState, Ledger, LedgerError, TurnUsage
 from backend.pricing import turn_cost
+from backend.receipts import BilledUsage, ReceiptRecord, open_receipt, store_receipt
 from backend.settings import ModelPrice, Settings
 from backend.turns import TurnCounter, TurnDone, TurnRequest, WorkerProof
 from workers import registry, streams
@@ -55,9 +57,28 @@ class TurnSettlement:
     end_outcome: str
     started_at: float
     _delivered_bytes: int
+    _reader: streams.StreamReader | None
     _closed: bool
     _counted: bool
     _first_token_seen: bool
+
+    # What the receipt's digests are checked against (backend.receipts): the sealed request
+    # as enqueued, and the reply text as read (a sealed turn reads neither: its client checks).
+    sealed_request_sha256: str | None = None
+    prompt_bound: int | None = None  # a sealed turn's: from the ciphertext's length
+    _reply_sha256: hashlib._Hash | None = None
+
+    def _keep_request(self, sealed: bytes) -> bytes:
+        self.sealed_request_sha256 = hashlib.sha256(sealed).hexdigest()
+        self._reply_sha256 = hashlib.sha256()
+        return sealed
+
+    def _reply_size(self, text: str) -> int:
+        """The UTF-8 bytes of a chunk of the reply, taken into the reply's digest."""
+        data = text.encode("utf-8", "surrogatepass")
+        if self._reply_sha256 is not None:
+            self._reply_sha256.update(data)
+        return len(data)
 
     async def _settle(self, final: FinalRecord) -> TurnDone:
         """Bill the worker's signed usage, each count at most its bound (backend.bounds)."""
@@ -69,10 +90,12 @@ class TurnSettlement:
             max_tokens=self.max_tokens,
             context_length=self.price.context_length,
             delivered_bytes=self._delivered_bytes,
+            prompt_bound=self.prompt_bound,
         )
         outcome = "cancelled" if final.finish_reason == "cancelled" else "settled"
         charged = await self._charge(billed, final.finish_reason, outcome=outcome)
         await self._flag(billed.flags)
+        receipt = await self._receipt(billed, charged)
         if self.request.conversation_id:
             await registry.remember_route(
                 self.d.redis, self.request.conversation_id, self.worker.worker_id, ROUTE_TTL_S
@@ -94,7 +117,48 @@ class TurnSettlement:
             finish_reason=final.finish_reason,
             cost=charged,
             worker=self.proof(),
+            receipt=receipt,
         )
+
+    async def _receipt(self, billed: Bill, charged: int) -> ReceiptRecord | None:
+        """The worker's receipt of this turn, checked and kept for the user (never fails the
+        turn: a worker without a valid receipt is logged, and its turn has none)."""
+        assert self.worker is not None
+        raw = self._reader.receipt if self._reader is not None else None
+        signed = open_receipt(raw, self.worker.verify_key, self.job_id)
+        if signed is None:
+            return None
+        problems = []
+        if signed.receipt.model != self.request.model:
+            problems.append("the receipt names another model")
+        if self.sealed_request_sha256 and self._reply_sha256 is not None:
+            if signed.receipt.request_sha256 != self.sealed_request_sha256:
+                problems.append("the receipt's request digest is not the sealed request's")
+            if signed.receipt.reply_sha256 != self._reply_sha256.hexdigest():
+                problems.append("the receipt's reply digest is not the reply's")
+        if problems:
+            log.warning("turn %s: refused the worker's receipt: %s", self.turn_id, problems)
+            return None
+        record = ReceiptRecord(
+            id=self.turn_id,
+            signed=signed,
+            worker_id=self.worker.worker_id,
+            tee=self.worker.tee,
+            verify_key=self.worker.verify_key,
+            box_public_key=self.worker.box_public_key,
+            billed=BilledUsage(
+                prompt_tokens=billed.prompt_tokens,
+                cached_prompt_tokens=billed.cached_prompt_tokens,
+                completion_tokens=billed.completion_tokens,
+            ),
+            cost_nanoton=str(charged),
+            sealed=self.prompt_bound is not None,
+        )
+        try:
+            await store_receipt(self.d.ledger.db, self.request.user_id, record)
+        except Exception as error:  # the turn stands; the database's trouble is logged
+            log.error("turn %s: could not keep its receipt: %r", self.turn_id, error)
+        return record
 
     async def _charge(self, billed: Bill, finish_reason: str, *, outcome: str) -> int:
         """Close the turn: the user pays for ``billed`` out of the hold (at most the hold), the

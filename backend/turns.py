@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from backend.errors import CocoonError
+from backend.receipts import ReceiptRecord
 from workers.wire import ChatMessage, SamplingParams
 
 
@@ -81,6 +82,8 @@ class TurnDone:
     finish_reason: str
     cost: int  # nanoTON charged
     worker: WorkerProof
+    # The worker's signed receipt (backend.receipts), when it sent one that verified.
+    receipt: ReceiptRecord | None = None
 
 
 TurnEvent = TurnText | TurnDone

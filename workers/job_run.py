@@ -24,6 +24,7 @@ A request that cannot be opened gets no reply at all: without it there is no rep
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import threading
 import time
@@ -40,6 +41,7 @@ from rq.job import Job
 from workers import streams
 from workers.engines import Engine, EngineError, GenerationRequest, TextDelta, Usage
 from workers.jobs import sealed_argument
+from workers.receipts import Receipt, sign_receipt
 from workers.wire import (
     ErrorRecord,
     Event,
@@ -95,6 +97,10 @@ class JobRun:
         self._generation: asyncio.Task[Usage] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._ttl_set_at = -STREAM_TTL_REFRESH_S
+        # The receipt's digests (workers.receipts): the sealed request as enqueued, and the
+        # reply's text as streamed.
+        self._request_sha256 = ""
+        self._reply_sha256 = hashlib.sha256()
 
     @property
     def job_id(self) -> str:
@@ -145,7 +151,9 @@ class JobRun:
 
     def open(self) -> JobRequest | Outcome:
         try:
-            request = open_request(sealed_argument(self.job), self.keys)
+            sealed = sealed_argument(self.job)
+            self._request_sha256 = hashlib.sha256(sealed).hexdigest()
+            request = open_request(sealed, self.keys)
         except (ValueError, WireError) as error:  # neither quotes the payload
             return Outcome(False, f"cannot open the request: {error}")
         except Exception as error:  # job data RQ could not deserialize
@@ -203,6 +211,7 @@ class JobRun:
                 self._unsent.append(text[MAX_CHUNK_CHARS:])
                 text = text[:MAX_CHUNK_CHARS]
             chunk = StreamChunk(job_id=self.job_id, seq=self.chunks, text=text)
+            self._reply_sha256.update(text.encode("utf-8", "surrogatepass"))
             self.chunks += 1
             await self._send(request, chunk)
 
@@ -251,12 +260,29 @@ class JobRun:
     async def _send(self, request: JobRequest, event: Event) -> None:
         sealed = seal_event(event, request.reply_key, self.keys)
         last = not isinstance(event, StreamChunk)
+        receipt = self._receipt(request, event) if isinstance(event, FinalRecord) else None
         ttl_s: int | None = streams.STREAM_TTL_S
         if not last and time.monotonic() - self._ttl_set_at < STREAM_TTL_REFRESH_S:
             ttl_s = None  # set moments ago: one command per chunk, not two
         elif not last:
             self._ttl_set_at = time.monotonic()
-        await streams.append(self.redis, self.job_id, sealed, last=last, ttl_s=ttl_s)
+        await streams.append(
+            self.redis, self.job_id, sealed, last=last, ttl_s=ttl_s, receipt=receipt
+        )
+
+    def _receipt(self, request: JobRequest, final: FinalRecord) -> bytes:
+        """The signed receipt of the job (workers.receipts): digests and counts, no text."""
+        receipt = Receipt(
+            job_id=self.job_id,
+            model=request.model,
+            request_sha256=self._request_sha256,
+            reply_sha256=self._reply_sha256.hexdigest(),
+            prompt_tokens=final.prompt_tokens,
+            cached_prompt_tokens=final.cached_prompt_tokens,
+            completion_tokens=final.completion_tokens,
+            finish_reason=final.finish_reason,
+        )
+        return sign_receipt(receipt, self.keys.signing_key).model_dump_json().encode()
 
     def _time_left(self) -> float | None:
         """Seconds left of the RQ job timeout (None: no limit, RQ's ``-1``)."""

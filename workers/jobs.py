@@ -18,6 +18,12 @@ The enqueue contract (backend → worker node):
 (a stock RQ worker runs one job at a time, and only the node holds the key that opens the
 request). :class:`JobBook` does the bookkeeping a stock worker would, so ``rq info``, the
 job's status, and the started / finished / failed registries tell the truth.
+
+A freshness challenge (the public attestation report, :mod:`backend.attestation.report`) is a
+job of its own on the same queue: function ``workers.jobs.answer_challenge``, one argument, the
+client's nonce (lower-case hex, not secret), job id ``<worker_id>_ch<hex>-0``. The node answers
+it by appending its signature (:func:`workers.receipts.sign_challenge`) in the clear as the
+job's one stream entry, so the worker writes no key but its own jobs'.
 """
 
 from __future__ import annotations
@@ -43,15 +49,19 @@ from workers.registry import queue_name
 from workers.rq_compat import NodeRQWorker, enqueue_commands, offline_queue
 
 __all__ = [
+    "CHALLENGE_FUNCTION",
     "JOB_FUNCTION",
     "JobBook",
+    "aenqueue_challenge",
     "aenqueue_job",
+    "challenge_argument",
     "enqueue_job",
     "job_id_for",
     "run_job",
 ]
 
 JOB_FUNCTION = "workers.jobs.run_job"
+CHALLENGE_FUNCTION = "workers.jobs.answer_challenge"
 
 RESULT_TTL_S = 300
 """How long RQ keeps a finished job (its data is sealed; the result holds token counts only)."""
@@ -80,6 +90,11 @@ def run_job(sealed_b64: str) -> NoReturn:
         "Cocoon jobs run only on the worker node that owns the queue (`cocoon worker`): "
         "the request is sealed to that node's key. Do not point a stock `rq worker` at it."
     )
+
+
+def answer_challenge(nonce_hex: str) -> NoReturn:
+    """The challenge function named in the queue. Only the worker node answers it."""
+    raise RuntimeError("Cocoon challenges are answered by the worker node that owns the queue")
 
 
 def enqueue_job(
@@ -130,6 +145,32 @@ async def aenqueue_job(
     they are replayed on ``redis_async`` as one MULTI/EXEC pipeline, so the queue, the job hash
     and RQ's queue set come out exactly as a synchronous ``Queue.enqueue_call`` writes them.
     """
+    argument = base64.b64encode(sealed).decode("ascii")
+    return await _aenqueue(
+        redis_async, worker_id, job_id, run_job, argument, timeout_s=timeout_s, ttl_s=ttl_s
+    )
+
+
+async def aenqueue_challenge(
+    redis_async: AsyncRedis, worker_id: str, job_id: str, nonce_hex: str, *, ttl_s: int
+) -> str:
+    """Ask the worker to sign ``nonce_hex`` (see the module doc); the answer is the job's
+    stream."""
+    return await _aenqueue(
+        redis_async, worker_id, job_id, answer_challenge, nonce_hex, timeout_s=ttl_s, ttl_s=ttl_s
+    )
+
+
+async def _aenqueue(
+    redis_async: AsyncRedis,
+    worker_id: str,
+    job_id: str,
+    func: Any,
+    argument: str,
+    *,
+    timeout_s: int,
+    ttl_s: int,
+) -> str:
     version = _server_versions.get(id(redis_async))
     if version is None:
         info = await redis_async.info("server")
@@ -137,8 +178,8 @@ async def aenqueue_job(
         _server_versions[id(redis_async)] = version
     queue = offline_queue(queue_name(worker_id), version)
     job = queue.create_job(
-        run_job,
-        args=(base64.b64encode(sealed).decode("ascii"),),
+        func,
+        args=(argument,),
         job_id=job_id,
         timeout=timeout_s,
         ttl=ttl_s,
@@ -274,6 +315,16 @@ class JobBook:
         if job.started_at is None or job.ended_at is None:
             return timedelta(0)
         return job.ended_at - job.started_at
+
+
+def challenge_argument(job: Job) -> str:
+    """The nonce (hex) of a challenge job; ValueError for any other job."""
+    args = job.args
+    if job.func_name != CHALLENGE_FUNCTION or job.kwargs or len(args) != 1:
+        raise ValueError("not a Cocoon challenge")
+    if not isinstance(args[0], str) or len(args[0]) > 128:
+        raise ValueError("a challenge's nonce is hex, at most 64 bytes")
+    return args[0]
 
 
 def sealed_argument(job: Job) -> bytes:

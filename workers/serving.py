@@ -37,11 +37,12 @@ from workers.attest_client import Attestation
 from workers.engines import Engine
 from workers.evidence import AttestationRefused
 from workers.job_run import JobRun, Outcome, describe_error
-from workers.jobs import JobBook
+from workers.jobs import CHALLENGE_FUNCTION, JobBook, challenge_argument
 from workers.logcontext import bind as bind_log_context
 from workers.metrics import WorkerMetrics
 from workers.node_cli import NodeConfig
-from workers.wire import WorkerKeys
+from workers.receipts import sign_challenge
+from workers.wire import WireError, WorkerKeys
 
 __all__ = ["Node"]
 
@@ -299,6 +300,9 @@ class Node:
 
     async def _run_job(self, job: Job) -> None:
         bind_log_context(job_id=job.id)  # this job's own task: its log records carry its id
+        if job.func_name == CHALLENGE_FUNCTION:
+            await self._answer_challenge(job)
+            return
         run = JobRun(job, engine=self.engine, keys=self.keys, redis=self._redis)
         self._running[job.id] = run
         if self.metrics is not None:
@@ -358,6 +362,25 @@ class Node:
             )
         else:
             log.info("job %s failed in %.3fs: %s", job.id, elapsed, outcome.detail)
+
+    async def _answer_challenge(self, job: Job) -> None:
+        """Sign a client's nonce with the attested key (the public attestation report's
+        freshness): the signature, in the clear, is the job's one stream entry."""
+        try:
+            execution = await self._in_thread(self._book.start, job)
+            try:
+                signature = sign_challenge(
+                    self.worker_id, challenge_argument(job), self.keys.signing_key
+                )
+            except (ValueError, WireError) as error:
+                await self._in_thread(self._book.fail, job, execution, f"bad challenge: {error}")
+                return
+            await streams.append(self._redis, job.id, signature.encode(), last=True)
+            await self._in_thread(self._book.finish, job, execution, {"challenge": "signed"})
+        except RedisError as error:
+            log.warning("challenge %s not answered: %s", job.id, error)
+        finally:
+            self._slots.release()
 
     async def _reject(self, job: Job) -> None:
         """Refuse a job that was never started (the node is shutting down)."""

@@ -86,6 +86,9 @@ CANCEL_CHANNEL = redis_key(CANCEL)
 
 DATA_FIELD = b"d"
 LAST_FIELD = b"last"
+RECEIPT_FIELD = b"r"
+"""A job's last entry may carry the worker's signed receipt (:mod:`workers.receipts`) in the
+clear next to its sealed record: digests and counts only, never text."""
 
 MAX_BLOCK_S = 2.0
 """One blocking wait (the cancel subscription) lasts at most this long: under redis-py's default
@@ -193,11 +196,23 @@ def cancel_key(job_id: str) -> str:
 
 @overload
 def append(
-    redis: SyncRedis, job_id: str, sealed: bytes, *, last: bool = ..., ttl_s: int | None = ...
+    redis: SyncRedis,
+    job_id: str,
+    sealed: bytes,
+    *,
+    last: bool = ...,
+    ttl_s: int | None = ...,
+    receipt: bytes | None = ...,
 ) -> str: ...
 @overload
 def append(
-    redis: AsyncRedis, job_id: str, sealed: bytes, *, last: bool = ..., ttl_s: int | None = ...
+    redis: AsyncRedis,
+    job_id: str,
+    sealed: bytes,
+    *,
+    last: bool = ...,
+    ttl_s: int | None = ...,
+    receipt: bytes | None = ...,
 ) -> Awaitable[str]: ...
 def append(
     redis: AnyRedis,
@@ -206,17 +221,21 @@ def append(
     *,
     last: bool = False,
     ttl_s: int | None = STREAM_TTL_S,
+    receipt: bytes | None = None,
 ) -> str | Awaitable[str]:
     """Append one sealed event to the job's stream; returns the entry id.
 
     ``last=True`` marks the job's final entry (its final or error record). The stream expires
     ``ttl_s`` after this append; a writer that set the TTL moments ago may pass ``ttl_s=None``
-    to skip refreshing it (one command instead of two, for a busy stream).
+    to skip refreshing it (one command instead of two, for a busy stream). ``receipt``: the
+    worker's signed receipt (JSON, :mod:`workers.receipts`), kept with the last entry.
     """
     key = stream_key(job_id)
     fields: dict[FieldT, EncodableT] = {DATA_FIELD: sealed}
     if last:
         fields[LAST_FIELD] = b"1"
+        if receipt is not None:
+            fields[RECEIPT_FIELD] = receipt
     if ttl_s is None:
         return finish(redis.xadd(key, fields, maxlen=STREAM_MAXLEN, approximate=True), _text)
     pipe = redis.pipeline(transaction=False)
@@ -329,6 +348,7 @@ class StreamReader:
         self.bytes_read = 0  # sealed bytes of the entries yielded
         self.entries_read = 0
         self.finished = False  # the job's last entry was yielded
+        self.receipt: bytes | None = None  # the last entry's receipt, once it was read
         self._script = redis.register_script(_BOUNDED_READ)
 
     async def entries(self) -> AsyncIterator[bytes]:
@@ -348,6 +368,8 @@ class StreamReader:
                 self.entries_read += 1
                 self.bytes_read += sum(len(k) + len(v) for k, v in fields.items())
                 self.finished = bool(fields.get(LAST_FIELD))
+                if self.finished:
+                    self.receipt = fields.get(RECEIPT_FIELD)
                 data = fields.get(DATA_FIELD)
                 if data is not None:
                     yield data

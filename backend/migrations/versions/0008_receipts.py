@@ -1,0 +1,34 @@
+"""Receipts: each turn's signed receipt (digests and usage, no text), served to its owner
+
+Revision ID: 0008
+Revises: 0007
+Create Date: 2026-12-02
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0008"
+down_revision: str | None = "0007"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "receipts",
+        sa.Column("turn_id", sa.String(length=64), nullable=False),
+        sa.Column("user_id", sa.Integer(), nullable=False),
+        sa.Column("body", sa.Text(), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.ForeignKeyConstraint(["user_id"], ["users.id"], name=op.f("fk_receipts_user_id_users")),
+        sa.PrimaryKeyConstraint("turn_id", name=op.f("pk_receipts")),
+    )
+    op.create_index("ix_receipts_user_id", "receipts", ["user_id"])
+
+
+def downgrade() -> None:
+    op.drop_index("ix_receipts_user_id", table_name="receipts")
+    op.drop_table("receipts")
