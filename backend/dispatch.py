@@ -68,7 +68,9 @@ __all__ = [
 
 log = logging.getLogger("cocoon.dispatch")
 
-RETRYABLE_WORKER_ERRORS = frozenset({"worker_shutdown", "busy"})
+RETRYABLE_WORKER_ERRORS = frozenset({"worker_shutdown", "busy", "worker_unavailable"})
+# Errors of a worker that may serve the retry itself when no other can (a passing fault).
+TRANSIENT_WORKER_ERRORS = frozenset({"worker_unavailable"})
 MAX_REDIS_CONNECTIONS = 1024
 
 DEADLINE_GRACE_S = 30.0
@@ -246,6 +248,7 @@ class Turn(TurnSettlement):
         self._reply_key = new_reply_keypair()
         self._closed = False
         self._cancel_requested = False
+        self._may_retry_same = False  # the last worker's fault was passing (a retry may use it)
         self.started_at = time.monotonic()
         # Metrics: how the turn ends when its hold is released, and whether it was counted.
         self.end_outcome = "released"
@@ -258,17 +261,22 @@ class Turn(TurnSettlement):
         """Pick a worker that has not failed this turn, seal to it, enqueue."""
         self.attempt += 1
         attempt = self.attempt
-        worker = await registry.pick_worker(
-            self.d.redis,
-            self.request.model,
-            conversation_id=self.request.conversation_id,
-            exclude=self.tried,
-            job_id=lambda worker_id: job_id_for(worker_id, self.turn_id, attempt),
-            slot_ttl_s=self.d.queue_ttl_s + self.d.job_timeout_s,
-            # Attested workers always; unattested (directly registered) ones only in dev mode.
-            attested_only=not self.d.settings.attestation.allow_dev,
-            snapshot=self.d.workers,
-        )
+        worker: registry.WorkerInfo | None = None
+        for exclude in (self.tried, []) if self._may_retry_same else (self.tried,):
+            worker = await registry.pick_worker(
+                self.d.redis,
+                self.request.model,
+                conversation_id=self.request.conversation_id,
+                exclude=exclude,
+                job_id=lambda worker_id: job_id_for(worker_id, self.turn_id, attempt),
+                slot_ttl_s=self.d.queue_ttl_s + self.d.job_timeout_s,
+                # Attested workers always; unattested (directly registered) ones only in dev mode.
+                attested_only=not self.d.settings.attestation.allow_dev,
+                snapshot=self.d.workers,
+            )
+            if worker is not None:
+                break
+        self._may_retry_same = False
         if worker is None:
             raise TurnError(
                 ErrorCode.NO_WORKER,
@@ -431,6 +439,7 @@ class Turn(TurnSettlement):
     async def _on_worker_error(self, error: ErrorRecord, got_text: bool) -> None:
         log.info("turn %s job %s: worker error %s", self.turn_id, self.job_id, error.code)
         if not got_text and error.code in RETRYABLE_WORKER_ERRORS and self._can_retry():
+            self._may_retry_same = error.code in TRANSIENT_WORKER_ERRORS
             await self._redispatch()
             return
         self.end_outcome = "cancelled" if error.code == "cancelled" else "failed"

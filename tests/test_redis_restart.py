@@ -19,17 +19,25 @@ import redis
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 from pydantic import SecretStr
+from rq.job import Job
 
 from backend.apikeys import create_key
 from backend.attestation import acl, store
 from backend.db import Database
+from backend.dispatch import TurnDone, TurnRequest, TurnText
 from backend.ledger import Ledger
-from backend.settings import AttestationSettings, ModelPrice, Settings
+from backend.settings import DEFAULT_MODEL, AttestationSettings, ModelPrice, Settings
 from backend.users import get_or_create_user
 from backend.web import create_app
 from miniapp.auth import init_data_for
 from tests.support.redis_server import RedisServer, start_node, stop_process
+from tests.support.turns import dev_stack, funded_user
 from workers import registry
+from workers.engines.instant import InstantEngine
+from workers.jobs import JobBook
+from workers.node_cli import NodeConfig
+from workers.serving import Node
+from workers.wire import ChatMessage
 
 pytestmark = pytest.mark.slow  # a redis-server of its own, restarted, and a real node
 
@@ -183,3 +191,52 @@ async def test_a_node_whose_credentials_are_refused_attests_again(stack: Stack) 
     assert "attesting again" in log and "revoked" not in log
     assert worker_id in await acl.worker_users(stack.admin)
     assert await store.acl_digests(stack.admin, [worker_id])  # kept anew
+
+
+async def test_a_job_the_node_could_not_start_goes_on_at_once(
+    settings: Settings, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: a node whose Redis came back under a job it had just taken (its bookkeeping
+    failing with ConnectionError) left the turn waiting out the first-token timeout (60 s),
+    then answered 503 "no worker": the only worker had been tried. Now the node says so at
+    once and the turn goes on, on that same node when no other serves the model."""
+    real_start = JobBook.start
+    failures = []
+
+    def start_once_failing(book: JobBook, job: Job) -> object:
+        if not failures:
+            failures.append(job.id)
+            raise redis.ConnectionError("Connection closed by server.")
+        return real_start(book, job)
+
+    monkeypatch.setattr(JobBook, "start", start_once_failing)
+    engine = InstantEngine(DEFAULT_MODEL)
+    await engine.start()
+    node = Node(NodeConfig(DEFAULT_MODEL, "instant", redis_url, heartbeat_s=0.2), engine)
+    stop = asyncio.Event()
+    serving = asyncio.create_task(node.serve(stop))
+    # First-token and idle timeouts far past the test's own: a turn left waiting fails it.
+    async with dev_stack(settings, redis_url, first_token_timeout_s=3600, idle_timeout_s=3600) as (
+        dispatcher,
+        ledger,
+    ):
+        while await registry.get_worker(dispatcher.redis, node.worker_id) is None:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+        user = await funded_user(ledger, 8102)
+        turn = await dispatcher.start_turn(
+            TurnRequest(user, DEFAULT_MODEL, [ChatMessage(role="user", content="one two")], 8)
+        )
+        parts, done = [], None
+        async with asyncio.timeout(300):
+            async for event in turn.events():
+                if isinstance(event, TurnText):
+                    parts.append(event.text)
+                else:
+                    done = event
+        assert "".join(parts) == "one two" and isinstance(done, TurnDone)
+        assert turn.tried == [node.worker_id, node.worker_id] and len(failures) == 1
+        assert (await ledger.balances(user)).available == TON - done.cost
+        assert (await ledger.audit()).ok
+    stop.set()
+    await serving
+    await engine.close()

@@ -316,6 +316,11 @@ class Node:
         except Exception as error:
             log.error("job %s: internal error: %s", job.id, describe_error(error))
             outcome = Outcome(False, f"internal error ({type(error).__name__})")
+            if run.chunks == 0:
+                # Nothing was sent (Redis came back under this job, say): tell the backend at
+                # once, so the turn goes on elsewhere instead of waiting out its first token.
+                with contextlib.suppress(Exception):
+                    await run.reject("worker_unavailable", "the worker could not start this job")
         finally:
             del self._running[job.id]
             if self.metrics is not None:
