@@ -467,6 +467,7 @@ class Turn(TurnSettlement):
     async def _redispatch(self) -> None:
         assert self.worker is not None
         await registry.release_slot(self.d.redis, self.worker.worker_id, self.job_id)
+        self.d.workers.released(self.worker.worker_id)
         try:
             await self.dispatch()
         except TurnError:

@@ -40,6 +40,7 @@ class SettlingDispatcher(Protocol):
     ledger: Ledger
     redis: aioredis.Redis
     metrics: TurnCounter | None
+    workers: registry.WorkerSnapshot
 
 
 class TurnSettlement:
@@ -253,6 +254,7 @@ class TurnSettlement:
         if self.worker is not None:
             with contextlib.suppress(redis.RedisError):
                 await registry.release_slot(self.d.redis, self.worker.worker_id, self.job_id)
+                self.d.workers.released(self.worker.worker_id)
                 await streams.delete_stream(self.d.redis, self.job_id)
 
     def _count_first_token(self) -> None:

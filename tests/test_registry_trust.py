@@ -382,6 +382,35 @@ async def test_the_snapshot_refreshes_in_the_background_and_keeps_its_copy_when_
         first.redis.close()
 
 
+async def test_a_slot_freed_here_is_free_in_the_snapshot_at_once(admin: aioredis.Redis) -> None:
+    """Before: a worker that runs one job at a time looked full in the dispatcher's copy
+    until its next read (a second), so the turn right after another answered 503 no_worker."""
+    worker = WorkerInfo(
+        worker_id="one-at-a-time",
+        model=MODEL,
+        engine="instant",
+        engine_version="1",
+        box_public_key=WorkerKeys.generate().box_public_b64,
+        verify_key=WorkerKeys.generate().verify_key_b64,
+        capacity=1,
+    )
+    await registry.register(admin, worker, ttl_s=60)
+    now = [0.0]  # the copy is never old enough to be read again
+    snapshot = registry.WorkerSnapshot(admin, refresh_s=3600, clock=lambda: now[0])
+    try:
+        first = await registry.pick_worker(admin, MODEL, job_id="turn-1", snapshot=snapshot)
+        assert first is not None
+        assert await registry.pick_worker(admin, MODEL, job_id="turn-2", snapshot=snapshot) is None
+        await registry.release_slot(admin, worker.worker_id, "turn-1")
+        snapshot.released(worker.worker_id)
+        again = await registry.pick_worker(admin, MODEL, job_id="turn-2", snapshot=snapshot)
+        assert again is not None and again.worker_id == worker.worker_id
+        snapshot.released("never-seen")  # nothing to count: no error
+    finally:
+        await snapshot.close()
+        await registry.unregister(admin, worker.worker_id)
+
+
 # -- RQ's bookkeeping ----------------------------------------------------------------------------
 
 

@@ -85,6 +85,15 @@ class WorkerSnapshot:
         if self._workers and (worker := self._workers.get(worker_id)) is not None:
             self._workers[worker_id] = worker.model_copy(update={"reserved": worker.reserved + 1})
 
+    def released(self, worker_id: str) -> None:
+        """This process freed a slot on the worker: count it free until the next read (a worker
+        that looked full in the copy takes the next turn at once, not a refresh later)."""
+        if self._workers and (worker := self._workers.get(worker_id)) is not None:
+            if worker.reserved > 0:
+                self._workers[worker_id] = worker.model_copy(
+                    update={"reserved": worker.reserved - 1}
+                )
+
     def forget(self, worker_id: str) -> None:
         """The worker is gone (found so by a reservation): drop it until the next read."""
         if self._workers:
