@@ -30,7 +30,7 @@ def cmd_db_upgrade(settings: Settings, _args: argparse.Namespace) -> int:
 
 
 def cmd_ledger_credit(settings: Settings, args: argparse.Namespace) -> int:
-    from backend.money import format_ton
+    from backend.money import format_gram
 
     telegram_id = cliutil.telegram_id(args.telegram_id)
     amount = cliutil.nano(args.amount)
@@ -60,17 +60,17 @@ def cmd_ledger_credit(settings: Settings, args: argparse.Namespace) -> int:
             await db.close()
         note = " (already applied earlier: nothing changed)" if receipt.replayed else ""
         print(
-            f"credited {amount} nanoTON ({format_ton(amount)}) to Telegram user {telegram_id}"
+            f"credited {amount} nanoTON ({format_gram(amount)}) to Telegram user {telegram_id}"
             f"{note}; transaction {receipt.transaction_id}, key {key}"
         )
-        print(f"available: {balances.available} nanoTON ({format_ton(balances.available)})")
+        print(f"available: {balances.available} nanoTON ({format_gram(balances.available)})")
         return 0
 
     return asyncio.run(run())
 
 
 def cmd_ledger_balance(settings: Settings, args: argparse.Namespace) -> int:
-    from backend.money import format_ton
+    from backend.money import format_gram
 
     telegram_id = cliutil.telegram_id(args.telegram_id)
 
@@ -94,7 +94,7 @@ def cmd_ledger_balance(settings: Settings, args: argparse.Namespace) -> int:
             ("earned", balances.earned),
             ("pending payout", balances.pending_payout),
         ):
-            print(f"{label:>15}: {value} nanoTON ({format_ton(value)})")
+            print(f"{label:>15}: {value} nanoTON ({format_gram(value)})")
         return 0
 
     return asyncio.run(run())
@@ -167,7 +167,7 @@ async def _served_by(dispatcher: Dispatcher, done: TurnDone) -> str:
     record says (engine, image, TEE), never as the worker's own registry entry does."""
     from redis import exceptions as redis_errors
 
-    from backend.money import format_ton
+    from backend.money import format_gram
     from workers import registry
 
     worker = done.worker
@@ -184,7 +184,7 @@ async def _served_by(dispatcher: Dispatcher, done: TurnDone) -> str:
         off = " (sends prompts OFF the machine: development only)"
     return (
         f"[{done.model} · {done.prompt_tokens}+{done.completion_tokens} tokens · "
-        f"{format_ton(done.cost)} · {tee}, {engine}{off}, worker key {worker.key_fingerprint}, "
+        f"{format_gram(done.cost)} · {tee}, {engine}{off}, worker key {worker.key_fingerprint}, "
         "signed usage verified]"
     )
 

@@ -20,7 +20,7 @@ USER_COMMANDS: tuple[tuple[str, str], ...] = (
     ("retry", N_("regenerate the last answer")),
     ("model", N_("choose the model")),
     ("balance", N_("your balance")),
-    ("topup", N_("add TON or Stars")),
+    ("topup", N_("add GRAM or Stars")),
     ("usage", N_("recent messages and their cost")),
     ("privacy", N_("who answered, and the proof")),
     ("lang", N_("language")),

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 from aiogram import Router
 
 from backend.models import User
-from backend.money import format_ton
+from backend.money import format_gram
 from backend.settings import ModelPrice, Settings
 from bot.i18n import N_, _
 
@@ -33,11 +33,11 @@ def model_by_token(settings: Settings, token: str) -> str | None:
 
 
 def ton(nano: int) -> str:
-    return format_ton(nano)
+    return format_gram(nano)
 
 
 def price_pair(price: ModelPrice) -> tuple[str, str]:
-    return format_ton(price.prompt), format_ton(price.completion)
+    return format_gram(price.prompt), format_gram(price.completion)
 
 
 class Handlers:

@@ -1,13 +1,13 @@
 """The bot's words for a refusal (a turn's, the account's): one text per error code.
 
-Amounts in the details (``needed``, ``available``, ``minimum``, nanoTON) are shown as TON; a
+Amounts in the details (``needed``, ``available``, ``minimum``, nano units) are shown in GRAM; a
 turn's texts name the ``model``.
 """
 
 from __future__ import annotations
 
 from backend.errors import CocoonError, ErrorCode
-from backend.money import format_ton
+from backend.money import format_gram
 from bot.i18n import N_, _
 
 TEXTS: dict[ErrorCode, str] = {
@@ -38,7 +38,7 @@ TEXTS: dict[ErrorCode, str] = {
     ErrorCode.NO_PAYOUT_WALLET: N_("Link a payout wallet first: /provider."),
     ErrorCode.BELOW_MINIMUM: N_("The smallest withdrawal is {minimum}."),
     ErrorCode.INSUFFICIENT_FUNDS: N_("That is more than your available earnings ({available})."),
-    ErrorCode.INVALID_AMOUNT: N_("The amount must be a positive number of TON, like 1.5, or all."),
+    ErrorCode.INVALID_AMOUNT: N_("The amount must be a positive number of GRAM, like 1.5, or all."),
 }
 FALLBACK = ErrorCode.WORKER_ERROR
 AMOUNTS = ("needed", "available", "minimum")
@@ -57,7 +57,7 @@ def code_text(code: ErrorCode, **values: object) -> str:
     for name in AMOUNTS:
         amount = values.get(name)
         if isinstance(amount, int):
-            shown[name] = format_ton(amount)
+            shown[name] = format_gram(amount)
     return _(TEXTS.get(code, TEXTS[FALLBACK])).format_map(shown)
 
 

@@ -20,7 +20,7 @@ from backend import appkeys
 from backend.dispatch import TurnDone, TurnError, TurnText
 from backend.errors import CocoonError, ErrorCode
 from backend.i18n import LANGUAGES
-from backend.money import format_ton
+from backend.money import format_gram
 from backend.settings import Settings
 from miniapp import protocol as p
 from miniapp import texts
@@ -98,7 +98,7 @@ def error_body(language: str, code: ErrorCode, **values: object) -> dict[str, An
     for name in ("minimum", "available", "needed"):
         value = values.get(name)
         if isinstance(value, int):
-            values[name] = format_ton(value)
+            values[name] = format_gram(value)
     message = texts.error_message(language, code, **values)
     return p.ErrorBody(error=p.ErrorDetail(code=code.value, message=message)).model_dump()
 
@@ -286,7 +286,7 @@ async def post_stars(request: web.Request, caller: Caller) -> web.Response:
     label = texts.translate(
         caller.language,
         texts.N_("{amount} on your Cocoon balance"),
-        amount=format_ton(amount),
+        amount=format_gram(amount),
     )
     url = await service.stars_invoice(caller, body.stars, title, label)
     return _json(p.StarsInvoice(invoice_url=url, stars=body.stars, amount=str(amount)))

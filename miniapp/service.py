@@ -24,7 +24,7 @@ from backend.errors import CocoonError, ErrorCode
 from backend.i18n import pick_language
 from backend.ledger import Ledger
 from backend.models import TonWallet, User
-from backend.money import AmountError, parse_ton
+from backend.money import AmountError, parse_amount
 from backend.ratelimit import RateLimiter
 from backend.settings import Settings
 from backend.ton import proof as ton_proof
@@ -230,7 +230,7 @@ class MiniApp:
         if ton.deposit_address is None:
             raise MiniAppError(ErrorCode.TOPUP_UNAVAILABLE)
         try:
-            amount = parse_ton(amount_text)
+            amount = parse_amount(amount_text)
         except AmountError as error:
             raise MiniAppError(ErrorCode.INVALID_AMOUNT, str(error)) from None
         request = deposit_transaction(
@@ -348,7 +348,7 @@ class MiniApp:
             amount = "all"
         else:
             try:
-                amount = parse_ton(body.amount)
+                amount = parse_amount(body.amount)
             except AmountError as error:
                 raise MiniAppError(ErrorCode.INVALID_AMOUNT, str(error)) from None
         payout = await accounts.withdraw(  # AccountError: the routes answer it

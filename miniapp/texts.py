@@ -38,7 +38,7 @@ ERRORS: dict[ErrorCode, str] = {
     ErrorCode.PROOF_UNAVAILABLE: N_(
         "Wallet linking is not configured on this server (no TON Connect domain)."
     ),
-    ErrorCode.TOPUP_UNAVAILABLE: N_("Top-ups in TON are not available on this server right now."),
+    ErrorCode.TOPUP_UNAVAILABLE: N_("Top-ups in GRAM are not available on this server right now."),
     ErrorCode.STARS_UNAVAILABLE: N_("Payments in Telegram Stars are not available on this server."),
     ErrorCode.STARS_FAILED: N_("Telegram could not make the invoice. Try again in a minute."),
     ErrorCode.NOT_PROVIDER: N_(

@@ -79,8 +79,8 @@ async def test_model_keyboard_shows_prices_and_marks_the_current_model(bot: Harn
     await bot.send("/model")
     rows = bot.last().reply_markup.inline_keyboard
     labels = [row[0].text for row in rows]
-    assert labels[0].startswith("✓ smollm2-135m") and "0.02 TON" in labels[0]
-    assert "1.5 TON" in labels[1] and "3 TON" in labels[1] and not labels[1].startswith("✓")
+    assert labels[0].startswith("✓ smollm2-135m") and "0.02 GRAM" in labels[0]
+    assert "1.5 GRAM" in labels[1] and "3 GRAM" in labels[1] and not labels[1].startswith("✓")
     await bot.press(rows[1][0].callback_data)
     assert (await bot.user()).model == "big-model"
     rows = bot.last("editMessageReplyMarkup").reply_markup.inline_keyboard
@@ -94,7 +94,7 @@ async def test_balance_shows_exact_ton(bot: Harness) -> None:
     user = await bot.user()
     await bot.ledger.credit_deposit(user.id, 1_234_500_000, "dep:1")
     await bot.send("/balance")
-    assert "1.2345 TON" in bot.last().text
+    assert "1.2345 GRAM" in bot.last().text
 
 
 # ---------------------------------------------------------------------------- usage
@@ -110,7 +110,7 @@ async def test_usage_lists_recent_turns_and_totals(bot: Harness) -> None:
     await bot.send("/usage")
     text = bot.last().text
     assert text.count("smollm2-135m · 11 + 22") == 2
-    assert "0.000003 TON" in text and "2" in text and "0.000007 TON" in text
+    assert "0.000003 GRAM" in text and "2" in text and "0.000007 GRAM" in text
 
 
 # --------------------------------------------------------------------------- privacy
@@ -241,7 +241,7 @@ async def test_stars_payment_is_credited_once_when_delivered_twice(bot: Harness)
     credited = 100 * bot.settings.stars_nano_per_star
     assert (await bot.ledger.balances(user.id)).available == credited
     thanks = [t for t in bot.tg.texts() if "Stars" in t]
-    assert len(thanks) == 1 and "0.4 TON" in thanks[0]
+    assert len(thanks) == 1 and "0.4 GRAM" in thanks[0]
     assert await bot.app.outbox.drain_once() == 0  # told already, never twice
 
     # The operator changes the rate after an invoice went out: it is paid at its own rate.
@@ -272,7 +272,7 @@ async def test_outbox_tells_deposits_in_the_users_language_and_skips_blocked_use
     assert await bot.app.outbox.drain_once() == 1
     to_alice, to_bob = bot.tg.calls("sendMessage")
     assert to_alice.chat_id == ALICE and to_bob.chat_id == 502
-    assert "2 TON" in to_alice.text and "пришёл" in to_alice.text
+    assert "2 GRAM" in to_alice.text and "пришёл" in to_alice.text
     assert await bot.app.outbox.drain_once() == 0
     # Telegram down: the notification waits for the next round instead of being lost.
     await notify(bot.db, alice.id, NOTIFY_DEPOSIT, "dep:c", amount=TON)
@@ -303,7 +303,7 @@ async def test_provider_commands_without_a_worker(bot: Harness) -> None:
     await bot.send("/workers")
     assert "No workers" in bot.last().text
     await bot.send("/earnings")
-    assert "0 TON" in bot.last().text
+    assert "0 GRAM" in bot.last().text
 
 
 async def test_withdraw_validates_confirms_and_updates_the_status_message(bot: Harness) -> None:
@@ -317,20 +317,20 @@ async def test_withdraw_validates_confirms_and_updates_the_status_message(bot: H
                 user_id=provider.id, purpose="payout", address="0:" + "ab" * 32, public_key="00"
             )
         )
-    # Earnings: a user's turn served by this provider (80 % of 2.5 TON).
+    # Earnings: a user's turn served by this provider (80 % of 2.5 GRAM).
     await bot.send("/start", user=503)
     payer = await bot.user(503)
     await bot.ledger.credit_deposit(payer.id, 5 * TON, "dep:payer")
     await record_turn(bot.ledger, payer.id, 2_500_000_000, provider_id=provider.id)
     await bot.send("/withdraw 0.5")
-    assert "smallest withdrawal is 1 TON" in bot.last().text
+    assert "smallest withdrawal is 1 GRAM" in bot.last().text
     await bot.send("/withdraw 3")
-    assert "more than your available earnings (2 TON)" in bot.last().text
+    assert "more than your available earnings (2 GRAM)" in bot.last().text
     await bot.send("/withdraw 1,2.3")
-    assert "positive number of TON" in bot.last().text
+    assert "positive number of GRAM" in bot.last().text
     await bot.send("/withdraw all")
     reply = bot.last()
-    assert "Withdraw 2 TON to" in reply.text
+    assert "Withdraw 2 GRAM to" in reply.text
     confirm, cancel = reply.reply_markup.inline_keyboard[0]
     await bot.press(cancel.callback_data)
     assert (await accounts.earnings(bot.ledger, provider.id)).available == 2 * TON
@@ -359,7 +359,7 @@ async def test_withdraw_validates_confirms_and_updates_the_status_message(bot: H
     edit = bot.last("editMessageText")
     assert edit.message_id == 77 and "confirmed on chain" in edit.text
     await bot.send("/earnings")
-    assert "Paid out: 2 TON" in bot.last().text
+    assert "Paid out: 2 GRAM" in bot.last().text
 
 
 # ------------------------------------------------------------------------------- admin
@@ -372,7 +372,7 @@ async def test_admin_commands_only_for_admins(bot: Harness) -> None:
     text = bot.last().text
     assert "Users: 2" in text and "Workers online: 0" in text
     await bot.send("/prices", user=ADMIN)
-    assert "smollm2-135m: 0.02 TON / 0.08 TON, context 2048 tokens" in bot.last().text
+    assert "smollm2-135m: 0.02 GRAM / 0.08 GRAM, context 2048 tokens" in bot.last().text
 
 
 # ---------------------------------------------------------------------- abuse and limits
@@ -402,7 +402,7 @@ async def test_too_long_prompt_and_rate_limit_get_clear_messages(
 async def test_insufficient_balance_says_how_much_and_holds_nothing(bot: Harness) -> None:
     await bot.send("What is TON?")
     text = bot.last().text
-    assert "Not enough balance" in text and "you have 0 TON" in text and "/topup" in text
+    assert "Not enough balance" in text and "you have 0 GRAM" in text and "/topup" in text
     async with bot.db.session() as session:
         assert not list(await session.scalars(select(Hold).where(Hold.state == HoldState.OPEN)))
 
@@ -485,7 +485,7 @@ async def test_topup_through_ton_connect_from_the_chat(bot: Harness) -> None:
     await bot.send("/topup")
     await bot.press("topup:ton")
     amounts = bot.last().reply_markup.inline_keyboard[0]
-    assert [b.text for b in amounts] == ["1 TON", "5 TON", "10 TON"]
+    assert [b.text for b in amounts] == ["1 GRAM", "5 GRAM", "10 GRAM"]
     await bot.press(amounts[1].callback_data)
     wallets = bot.last().reply_markup.inline_keyboard
     await bot.press(wallets[1][0].callback_data)  # Tonkeeper
@@ -501,7 +501,7 @@ async def test_topup_through_ton_connect_from_the_chat(bot: Harness) -> None:
     assert message["amount"] == "5000000000"
     user = await bot.user()
     assert decode_comment(message["payload"]).memo == user.deposit_memo
-    assert "Sent 5 TON" in bot.last().text
+    assert "Sent 5 GRAM" in bot.last().text
 
 
 async def test_payout_wallet_linked_only_with_a_valid_proof(bot: Harness) -> None:

@@ -21,7 +21,7 @@ from pydantic import SecretStr
 from backend import accounts
 from backend.attestation import acl
 from backend.db import Database
-from backend.money import format_ton
+from backend.money import format_gram
 from backend.settings import AttestationSettings, ModelPrice, Settings
 from backend.web import create_app
 from bot.app import running_bot
@@ -117,9 +117,9 @@ async def test_provider_onboards_a_dev_worker_that_serves_and_earns(
         await bot.send("/workers", user=PROVIDER)
         text = bot.last().text
         assert worker.worker_id in text and "online" in text and "1 jobs" in text
-        assert f"earned {format_ton(earned)}" in text
+        assert f"earned {format_gram(earned)}" in text
         await bot.send("/earnings", user=PROVIDER)
-        assert f"Earned: {format_ton(earned)} from 1 jobs" in bot.last().text
+        assert f"Earned: {format_gram(earned)} from 1 jobs" in bot.last().text
 
         # The worker stops: its provider hears it went offline (once).
         node.terminate()

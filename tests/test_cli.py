@@ -54,7 +54,7 @@ def test_credit_then_balance(tmp_path: Path) -> None:
         "--reason", "unclaimed deposit tx abc", "--key", "resolve:abc",
     )  # fmt: skip
     assert credit.returncode == 0, credit.stderr
-    assert "2.5 TON" in credit.stdout
+    assert "2.5 GRAM" in credit.stdout
 
     again = cocoon(
         data,
@@ -65,7 +65,7 @@ def test_credit_then_balance(tmp_path: Path) -> None:
 
     balance = cocoon(data, "ledger", "balance", "--telegram-id", "5001")
     assert balance.returncode == 0, balance.stderr
-    assert "available: 2500000000 nanoTON (2.5 TON)" in balance.stdout
+    assert "available: 2500000000 nanoTON (2.5 GRAM)" in balance.stdout
 
 
 @pytest.mark.parametrize("amount", ["-5", "1.5", "abc", "0", "99999999999999999999"])

@@ -58,7 +58,7 @@ def test_the_mini_app_has_a_status_and_words_for_every_code_but_the_api_key_ones
     api_only = {ErrorCode.INVALID_API_KEY, ErrorCode.BODY_TOO_LARGE}
     assert set(MINIAPP_STATUS) == set(ErrorCode) - api_only
     assert set(MINIAPP_WORDS) == set(ErrorCode) - api_only
-    assert "1.5 TON" in error_message("en", ErrorCode.BELOW_MINIMUM, minimum="1.5 TON")
+    assert "1.5 GRAM" in error_message("en", ErrorCode.BELOW_MINIMUM, minimum="1.5 GRAM")
 
 
 def test_the_openai_api_answers_every_turn_code_with_its_own_status() -> None:
@@ -83,7 +83,7 @@ def test_the_bot_has_words_for_every_turn_and_withdrawal_code() -> None:
     poor = CocoonError(ErrorCode.INSUFFICIENT_BALANCE, "", needed=2_500_000_000, available=10**9)
     with use_language("en"):
         text = error_text(poor, model="m")
-        assert "up to 2.5 TON" in text and "you have 1 TON" in text
+        assert "up to 2.5 GRAM" in text and "you have 1 GRAM" in text
         # A detail the raiser left out shows as "?", never as an error in the handler.
         assert "smallest withdrawal is ?" in error_text(CocoonError(ErrorCode.BELOW_MINIMUM))
 

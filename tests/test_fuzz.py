@@ -31,7 +31,7 @@ from backend.attestation.verifier import Verifier
 from backend.db import Database
 from backend.ledger import Ledger
 from backend.models import AccountKind, TonDepositStatus
-from backend.money import AmountError, format_ton, parse_nano, parse_ton
+from backend.money import AmountError, format_gram, parse_amount, parse_nano
 from backend.settings import DEFAULT_MODEL, MAX_NANO, AttestationSettings, Settings
 from backend.ton.comment import comment_cell, decode_comment
 from backend.ton.proof import ProofError, verify_proof
@@ -62,7 +62,7 @@ def b64(data: bytes) -> str:
 @example("٣")  # an Arabic-Indic digit: isdigit() but not ASCII
 @example("9223372036854775808")
 def test_typed_amounts_are_parsed_exactly_or_refused_with_a_reason(text: str) -> None:
-    for parse in (parse_nano, parse_ton):
+    for parse in (parse_nano, parse_amount):
         try:
             value = parse(text, "amount")
         except AmountError as error:
@@ -74,8 +74,8 @@ def test_typed_amounts_are_parsed_exactly_or_refused_with_a_reason(text: str) ->
 @FUZZ
 @given(st.integers(min_value=1, max_value=MAX_NANO))
 def test_every_amount_survives_being_shown_and_typed_back(nano: int) -> None:
-    shown = format_ton(nano).removesuffix(" TON")
-    assert parse_ton(shown) == nano
+    shown = format_gram(nano)
+    assert parse_amount(shown) == parse_amount(shown.removesuffix(" GRAM")) == nano
     assert parse_nano(str(nano)) == nano
 
 

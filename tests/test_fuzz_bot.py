@@ -528,7 +528,7 @@ async def test_the_fuzzed_world_is_one_where_money_could_move(world: World) -> N
     assert await handle(world, message_update(ALICE, "hello"))
     assert "No worker is serving" in h.last().text
     assert await handle(world, message_update(PROVIDER, "/withdraw all"))
-    assert "smallest withdrawal is 1 TON" in h.last().text
+    assert "smallest withdrawal is 1 GRAM" in h.last().text
     earned = (await h.ledger.balances(world.users[PROVIDER])).earned
     assert earned > 0
     assert await handle(world, callback_update(PROVIDER, f"wd:{earned}:n0nce"))

@@ -251,7 +251,7 @@ async def test_the_top_up_transaction_pays_the_deposit_wallet_with_the_memo(
 
 @pytest.mark.parametrize(
     ("amount", "fragment"),
-    [("0", "positive"), ("1.0000000001", "decimal places"), ("1e400", ""), ("abc", "")],
+    [("0", "more than 0"), ("1.0000000001", "9 decimals"), ("1e400", ""), ("abc", "")],
 )
 async def test_a_bad_top_up_amount_is_refused(
     client: TestClient, amount: str, fragment: str
@@ -400,10 +400,10 @@ async def test_the_provider_dashboard_and_withdrawals(client: TestClient, redis_
         withdraw, headers=headers, json={"amount": "0.5", "key": "k0000002"}
     )
     error = await error_of(response, 400)
-    assert error["code"] == "below_minimum" and "1 TON" in error["message"]
+    assert error["code"] == "below_minimum" and "1 GRAM" in error["message"]
     response = await client.post(withdraw, headers=headers, json={"amount": "4", "key": "k0000003"})
     error = await error_of(response, 409)
-    assert error["code"] == "insufficient_funds" and "3 TON" in error["message"]
+    assert error["code"] == "insufficient_funds" and "3 GRAM" in error["message"]
 
     request = {"amount": "1.25", "key": "k0000004"}
     first = await (await client.post(withdraw, headers=headers, json=request)).json()
@@ -437,7 +437,7 @@ async def test_the_manifest_and_its_icon(client: TestClient) -> None:
 @pytest.mark.parametrize(
     ("path", "lang", "words"),
     [
-        ("/app", "en", "Top up with TON"),
+        ("/app", "en", "Top up with GRAM"),
         ("/app/history?lang=ru", "ru", "История"),
         ("/app/provider", "fr", "Fournisseur"),
         ("/app/chat", "ru", "Новый чат"),
@@ -521,7 +521,7 @@ async def test_chat_refusals_are_json_errors(
         }
         response = await client.post("/app/api/chat", headers=headers, json=chat)
         error = await error_of(response, 402)
-        assert error["code"] == "insufficient_balance" and "TON" in error["message"]
+        assert error["code"] == "insufficient_balance" and "GRAM" in error["message"]
         assert "баланс" in error["message"].lower()
         unknown = {**chat, "model": "gpt-17"}
         response = await client.post("/app/api/chat", headers=headers, json=unknown)

@@ -210,7 +210,7 @@ async def test_development_mode_works_outside_telegram_and_says_so(
         origin = f"http://127.0.0.1:{port}"
         page = await open_page(context, origin)
         await page.goto(origin + "/app")  # no Telegram launch data at all
-        await page.wait_for_selector("#balance:text('0 TON')")
+        await page.wait_for_selector("#balance:text('0 GRAM')")
         banner = await page.locator("#dev-banner").text_content()
         assert "Development mode" in banner and "9800" in banner
         assert await page.locator("#auth-banner").is_hidden()
@@ -240,7 +240,7 @@ async def test_connect_a_wallet_top_up_and_see_the_balance(stack: Stack, context
     user = await get_or_create_user(stack.db, 9200, "en")
     page = await open_page(context, stack.origin, injected)
     await page.goto(stack.origin + "/app" + launch_hash(9200))
-    await page.wait_for_selector("#balance:text('0 TON')")
+    await page.wait_for_selector("#balance:text('0 GRAM')")
 
     # Connect: the wallet is asked for a ton_proof of the server's payload; the server checks
     # it and the page shows the linked address in its user-friendly form.
@@ -267,16 +267,16 @@ async def test_connect_a_wallet_top_up_and_see_the_balance(stack: Stack, context
     stack.net.add_incoming(
         DEPOSIT, 1_500_000_000, body=InjectedWallet.body(message), source=injected.wallet.raw
     )
-    await page.wait_for_selector("#balance:text('1.5 TON')", timeout=20_000)
+    await page.wait_for_selector("#balance:text('1.5 GRAM')", timeout=20_000)
     await page.wait_for_selector("#topup-status[data-kind='ok']")
-    assert "1.5 TON" in await page.locator("#topup-status").text_content()
+    assert "1.5 GRAM" in await page.locator("#topup-status").text_content()
     assert (await stack.ledger.balances(user.id)).available == 1_500_000_000
     await screenshot(page, "wallet-credited")
 
     # History shows the deposit.
     await page.click("nav a[data-tab='history']")
     await page.wait_for_selector("#history-list li.item-deposit")
-    assert "+1.5 TON" in await page.locator("#history-list li.item-deposit").text_content()
+    assert "+1.5 GRAM" in await page.locator("#history-list li.item-deposit").text_content()
     await screenshot(page, "history-after-top-up")
 
     # Disconnect unlinks the wallet on the server.
@@ -308,7 +308,7 @@ async def test_telegrams_main_button_sends_the_top_up(stack: Stack, context: Any
     assert ["web_app_setup_back_button", {"is_visible": True}] in events
     await page.evaluate("Telegram.WebView.receiveEvent('back_button_pressed')")
     await page.wait_for_url(stack.origin + "/app")
-    await page.wait_for_selector("#balance:text('0 TON')")
+    await page.wait_for_selector("#balance:text('0 GRAM')")
     assert await page.locator("#topup-send").is_hidden()  # the MainButton stands in for it
     await page.click("#connect")
     await page.wait_for_selector("#disconnect:visible")
@@ -318,7 +318,7 @@ async def test_telegrams_main_button_sends_the_top_up(stack: Stack, context: Any
         for name, data in await page.evaluate("window.telegramEvents")
         if name == "web_app_setup_main_button"
     ]
-    assert buttons[-1]["text"] == "Top up 2 TON" and buttons[-1]["is_visible"]
+    assert buttons[-1]["text"] == "Top up 2 GRAM" and buttons[-1]["is_visible"]
     assert buttons[-1]["is_active"]
     await page.evaluate("Telegram.WebView.receiveEvent('main_button_pressed')")
     await page.wait_for_selector("#topup-status[data-kind='pending']")
@@ -335,9 +335,9 @@ async def test_stars_open_telegrams_invoice_and_the_credit_shows(
     page = await open_page(context, stack.origin)
     await page.add_init_script(TELEGRAM_CLIENT)
     await page.goto(stack.origin + "/app" + launch_hash(9700, platform="ios"))
-    await page.wait_for_selector("#balance:text('0 TON')")
+    await page.wait_for_selector("#balance:text('0 GRAM')")
     chip = page.locator("#stars-presets [data-stars='100']")
-    assert await chip.text_content() == "100 Stars · 0.4 TON"
+    assert await chip.text_content() == "100 Stars · 0.4 GRAM"
     await chip.click()
     # Telegram is asked to open the invoice that the Bot API made.
     await page.wait_for_function(
@@ -350,7 +350,7 @@ async def test_stars_open_telegrams_invoice_and_the_credit_shows(
     await page.evaluate(
         "Telegram.WebView.receiveEvent('invoice_closed', {slug: 'testinvoice', status: 'paid'})"
     )
-    await page.wait_for_selector("#balance:text('0.4 TON')")
+    await page.wait_for_selector("#balance:text('0.4 GRAM')")
     await page.wait_for_selector("#stars-status[data-kind='ok']")
     await screenshot(page, "wallet-stars-paid")
     no_console_errors(page)
@@ -385,7 +385,7 @@ async def test_a_provider_links_a_payout_wallet_and_withdraws(stack: Stack, cont
     provider = await seeded_provider(stack, 9600)
     page = await open_page(context, stack.origin, injected)
     await page.goto(stack.origin + "/app/provider" + launch_hash(9600))
-    await page.wait_for_selector("#earn-available:text('3 TON')")
+    await page.wait_for_selector("#earn-available:text('3 GRAM')")
     worker = await page.locator("#workers li").text_content()
     assert "w-9600" in worker and "development TEE" in worker and "Replies: 1" in worker
     assert "attested until" in worker
@@ -397,12 +397,12 @@ async def test_a_provider_links_a_payout_wallet_and_withdraws(stack: Stack, cont
     await page.fill("#withdraw-amount", "0.5")
     await page.click("#withdraw")
     await page.wait_for_selector("#withdraw-status[data-kind='error']")
-    assert "1 TON" in await page.locator("#withdraw-status").text_content()
+    assert "1 GRAM" in await page.locator("#withdraw-status").text_content()
     await page.click("#withdraw-all")
     await page.click("#withdraw")
     await page.wait_for_selector("#withdraw-status[data-kind='ok']")
-    assert "3 TON" in await page.locator("#withdraw-status").text_content()
-    await page.wait_for_selector("#earn-pending:text('3 TON')")
+    assert "3 GRAM" in await page.locator("#withdraw-status").text_content()
+    await page.wait_for_selector("#earn-pending:text('3 GRAM')")
     assert (await stack.ledger.balances(provider)).earned == 0
     await screenshot(page, "provider-withdrawn")
     no_console_errors(page, expected=("status of 400 (Bad Request)",))
@@ -450,7 +450,7 @@ async def test_the_chat_streams_a_reply_from_the_small_model(stack: Stack, conte
         assert "Signed token usage: verified" in privacy and "Engine: llama-cpp" in privacy
         cost_line = await page.locator(".message-assistant .cost").text_content()
         balance = (await stack.ledger.balances(user.id)).available
-        assert 0 < TON - balance and f"balance {format_ton(balance)}" in cost_line
+        assert 0 < TON - balance and f"balance {format_gram(balance)}" in cost_line
         await screenshot(page, "chat-reply")
 
         # Stop a long reply: the worker stops, the turn is billed for what it wrote, and
@@ -473,7 +473,7 @@ async def test_the_chat_streams_a_reply_from_the_small_model(stack: Stack, conte
         await asyncio.to_thread(node.stop)
 
 
-def format_ton(nano: int) -> str:
-    from backend.money import format_ton as fmt
+def format_gram(nano: int) -> str:
+    from backend.money import format_gram as fmt
 
     return fmt(nano)

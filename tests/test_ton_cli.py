@@ -59,7 +59,7 @@ async def test_deposit_payload_prints_the_ton_connect_transaction(data: Path) ->
     code, _out, err = await cocoon(
         data, "ton", "deposit-payload", "--telegram-id", "9001", "--amount", "1.5"
     )
-    assert code == 2 and err.count("\n") == 1 and "whole number of nanoTON" in err
+    assert code == 2 and err.count("\n") == 1 and "whole number of nano units" in err
 
 
 async def test_sign_transfer_prints_a_signed_message_and_never_the_words(data: Path) -> None:
@@ -107,7 +107,7 @@ async def test_watcher_once_credits_and_admins_resolve_the_unclaimed(data: Path)
             )
             assert code == 0, err
     code, out, _ = await cocoon(data, "ledger", "balance", "--telegram-id", "9002")
-    assert "available: 3000000000 nanoTON (3 TON)" in out
+    assert "available: 3000000000 nanoTON (3 GRAM)" in out
 
     code, out, _ = await cocoon(data, "ton", "unclaimed")
     assert "700000000 nanoTON" in out and "'wrong memo'" in out
@@ -118,7 +118,7 @@ async def test_watcher_once_credits_and_admins_resolve_the_unclaimed(data: Path)
         )
         assert code == 0, err
     code, out, _ = await cocoon(data, "ledger", "balance", "--telegram-id", "9002")
-    assert "available: 3700000000 nanoTON (3.7 TON)" in out
+    assert "available: 3700000000 nanoTON (3.7 GRAM)" in out
     code, out, _ = await cocoon(data, "ton", "unclaimed")
     assert out.strip() == "no unclaimed deposits"
 

@@ -49,12 +49,12 @@ def _deposit_account(settings: Settings) -> str:
 
 
 def cmd_deposit_payload(settings: Settings, args: argparse.Namespace) -> int:
-    from backend.money import AmountError, parse_ton
+    from backend.money import AmountError, parse_amount
 
     telegram_id = cliutil.telegram_id(args.telegram_id)
     if args.ton is not None:
         try:
-            amount = parse_ton(args.ton, "--ton")
+            amount = parse_amount(args.ton, "--ton")
         except AmountError as error:
             fail(str(error))
     elif args.amount is not None:
@@ -124,7 +124,7 @@ def cmd_wallet(settings: Settings, _args: argparse.Namespace) -> int:
 def cmd_unclaimed(settings: Settings, _args: argparse.Namespace) -> int:
     async def run() -> int:
         from backend.db import Database
-        from backend.money import format_ton
+        from backend.money import format_gram
         from backend.ton.unclaimed import jetton_notifications, unclaimed_deposits
 
         db = Database.from_settings(settings)
@@ -137,7 +137,7 @@ def cmd_unclaimed(settings: Settings, _args: argparse.Namespace) -> int:
             print("no unclaimed deposits")
         for row in rows:
             print(
-                f"#{row.id} {row.amount} nanoTON ({format_ton(row.amount)}) from {row.source} "
+                f"#{row.id} {row.amount} nanoTON ({format_gram(row.amount)}) from {row.source} "
                 f"lt {row.lt} tx {row.tx_hash}: {row.note}; comment {row.memo!r}"
             )
             print(f"    resolve: cocoon ton resolve --deposit {row.id} --telegram-id N")
@@ -165,7 +165,7 @@ def cmd_resolve(settings: Settings, args: argparse.Namespace) -> int:
     async def run() -> int:
         from backend.db import Database
         from backend.ledger import Ledger, LedgerError
-        from backend.money import format_ton
+        from backend.money import format_gram
         from backend.ton.unclaimed import resolve_unclaimed
         from backend.users import get_or_create_user
 
@@ -181,7 +181,7 @@ def cmd_resolve(settings: Settings, args: argparse.Namespace) -> int:
         finally:
             await db.close()
         print(
-            f"credited deposit #{deposit_id} ({format_ton(deposit.amount)}, tx {deposit.tx_hash}) "
+            f"credited deposit #{deposit_id} ({format_gram(deposit.amount)}, tx {deposit.tx_hash}) "
             f"to Telegram user {telegram_id}, key {deposit.ledger_key}"
         )
         return 0

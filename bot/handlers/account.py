@@ -40,7 +40,9 @@ async def cmd_start(
     name = message.from_user.first_name if message.from_user else ""
     text = "\n\n".join(
         [
-            _("Hello, {name}! I am Cocoon: private AI chat, paid in TON.").format(name=name),
+            _("Hello, {name}! I am Cocoon: private AI chat, paid in Gram (GRAM) on TON.").format(
+                name=name
+            ),
             _(
                 "How it works: your message is encrypted to a GPU worker running inside a "
                 "trusted execution environment. Only that attested worker can read it; not the "

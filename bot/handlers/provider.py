@@ -24,7 +24,7 @@ from backend.db import Database
 from backend.errors import ErrorCode
 from backend.ledger import Ledger
 from backend.models import AccountKind, User
-from backend.money import AmountError, parse_ton
+from backend.money import AmountError, parse_amount
 from backend.settings import Settings
 from backend.ton.comment import friendly_address
 from backend.ton.proof import linked_wallet
@@ -203,7 +203,7 @@ async def cmd_withdraw(
         amount = available
     else:
         try:
-            amount = parse_ton(raw)
+            amount = parse_amount(raw)
         except AmountError:
             await message.answer(code_text(ErrorCode.INVALID_AMOUNT))
             return

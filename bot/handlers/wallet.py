@@ -77,7 +77,7 @@ async def cmd_topup(message: Message, user: User, settings: Settings) -> None:
     if address:
         lines.append(
             _(
-                "Send TON to {address} with this comment (memo): {memo}. It is credited once "
+                "Send GRAM to {address} with this comment (memo): {memo}. It is credited once "
                 "the transfer is on chain."
             ).format(address=address, memo=user.deposit_memo)
         )

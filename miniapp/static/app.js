@@ -1,5 +1,5 @@
 // Cocoon Mini App: what every page shares. Telegram WebApp glue (theme, MainButton,
-// BackButton), the authenticated JSON API, exact TON amounts, and TON Connect.
+// BackButton), the authenticated JSON API, exact GRAM amounts, and TON Connect.
 // No user-facing words here: they come translated from the server (#cocoon-strings).
 (function () {
   "use strict";
@@ -20,13 +20,13 @@
 
   // ------------------------------------------------------------------ amounts (no floats)
 
-  function formatTon(nano) {
+  function formatGram(nano) {
     let value = BigInt(nano);
-    const sign = value < 0n ? "-" : "";
+    const sign = value < 0n ? "\u2212" : ""; // a minus sign, not a hyphen
     if (value < 0n) value = -value;
     const whole = value / NANO;
     const frac = (value % NANO).toString().padStart(9, "0").replace(/0+$/, "");
-    return sign + whole.toString() + (frac ? "." + frac : "") + " TON";
+    return sign + whole.toString() + (frac ? "." + frac : "") + " GRAM";
   }
 
   function formatDate(iso) {
@@ -264,7 +264,7 @@
     tg,
     inTelegram,
     t,
-    formatTon,
+    formatGram,
     formatDate,
     ApiError,
     request,

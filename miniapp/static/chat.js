@@ -36,10 +36,10 @@
     const cost = document.createElement("div");
     cost.className = "hint cost";
     cost.textContent = t("reply_cost", {
-      cost: C.formatTon(done.cost),
+      cost: C.formatGram(done.cost),
       prompt: done.prompt_tokens,
       completion: done.completion_tokens,
-      balance: C.formatTon(done.balance),
+      balance: C.formatGram(done.balance),
     });
     // The privacy report, as the bot's /privacy gives it: who answered, and the proof.
     const w = done.privacy;
@@ -74,8 +74,8 @@
     const model = me.models.find((m) => m.id === $("model").value);
     if (!model) return;
     $("model-price").textContent = t("price", {
-      prompt: C.formatTon(model.prompt),
-      completion: C.formatTon(model.completion),
+      prompt: C.formatGram(model.prompt),
+      completion: C.formatGram(model.completion),
     });
   }
 

@@ -31,7 +31,7 @@
     title.textContent = t("kind_" + item.kind);
     const amount = document.createElement("span");
     amount.className = "item-amount " + (BigInt(item.amount) >= 0n ? "plus" : "minus");
-    amount.textContent = (BigInt(item.amount) > 0n ? "+" : "") + C.formatTon(item.amount);
+    amount.textContent = (BigInt(item.amount) > 0n ? "+" : "") + C.formatGram(item.amount);
     head.append(title, amount);
     const sub = document.createElement("div");
     sub.className = "hint";
@@ -71,7 +71,7 @@
 
   C.me()
     .then((me) => {
-      $("balance").textContent = C.formatTon(me.balance.available);
+      $("balance").textContent = C.formatGram(me.balance.available);
       return load(true);
     })
     .catch((error) => C.toast(error.message));

@@ -29,7 +29,7 @@
     const lines = [
       (w.model || "?") + " · " + (w.tee === "dev" ? t("tee_dev") : w.tee === "tdx" ? t("tee_tdx") : w.tee || "?"),
       w.attestation_expires_at ? t("attested_until", { date: C.formatDate(w.attestation_expires_at) }) : w.state,
-      t("worker_jobs", { jobs: w.jobs, amount: C.formatTon(w.earned) }),
+      t("worker_jobs", { jobs: w.jobs, amount: C.formatGram(w.earned) }),
     ];
     li.append(head);
     for (const text of lines) {
@@ -44,15 +44,15 @@
   function render(value) {
     board = value;
     $("provider").hidden = false;
-    $("earn-available").textContent = C.formatTon(board.earnings.available);
-    $("earn-pending").textContent = C.formatTon(board.earnings.pending);
-    $("earn-paid").textContent = C.formatTon(board.earnings.paid);
-    $("earn-total").textContent = C.formatTon(board.earnings.earned);
+    $("earn-available").textContent = C.formatGram(board.earnings.available);
+    $("earn-pending").textContent = C.formatGram(board.earnings.pending);
+    $("earn-paid").textContent = C.formatGram(board.earnings.paid);
+    $("earn-total").textContent = C.formatGram(board.earnings.earned);
     $("earn-jobs").textContent = String(board.earnings.jobs);
     $("payout-wallet").textContent = board.payout_wallet
       ? t("payout_wallet", { address: board.payout_wallet.address })
       : t("no_payout_wallet");
-    $("min-withdrawal").textContent = t("min_withdrawal", { amount: C.formatTon(board.min_withdrawal) });
+    $("min-withdrawal").textContent = t("min_withdrawal", { amount: C.formatGram(board.min_withdrawal) });
     $("workers").textContent = "";
     for (const w of board.workers) $("workers").appendChild(worker(w));
     if (board.workers.length === 0) {
@@ -84,7 +84,7 @@
         body: { amount, key },
       });
       key = newKey();
-      C.status($("withdraw-status"), t("withdraw_done", { amount: C.formatTon(payout.amount) }), "ok");
+      C.status($("withdraw-status"), t("withdraw_done", { amount: C.formatGram(payout.amount) }), "ok");
       C.haptic("success");
       $("withdraw-amount").value = "";
       await load();

@@ -1,4 +1,4 @@
-// The wallet page: balance, the linked TON wallet, top-ups in TON and in Telegram Stars.
+// The wallet page: balance, the linked TON wallet, top-ups in GRAM and in Telegram Stars.
 (function () {
   "use strict";
   const C = window.Cocoon;
@@ -6,16 +6,16 @@
   const { $, t } = C;
 
   let me = null;
-  let choice = ""; // decimal TON text of the chosen amount
+  let choice = ""; // decimal GRAM text of the chosen amount
   let waiting = null; // {before, timer, deadline} while a top-up is on its way
   let resumeTopUp = false;
 
   function render(value) {
     me = value;
-    $("balance").textContent = C.formatTon(me.balance.available);
+    $("balance").textContent = C.formatGram(me.balance.available);
     const held = BigInt(me.balance.held);
     $("held").hidden = held === 0n;
-    $("held").textContent = t("held", { amount: C.formatTon(me.balance.held) });
+    $("held").textContent = t("held", { amount: C.formatGram(me.balance.held) });
     $("memo").textContent = me.deposit_memo;
     if (me.wallet) {
       $("wallet-address").textContent = me.wallet.address;
@@ -37,7 +37,7 @@
       const chip = document.createElement("button");
       chip.type = "button";
       chip.className = "chip";
-      chip.textContent = preset + " TON";
+      chip.textContent = preset + " GRAM";
       chip.dataset.amount = preset;
       chip.addEventListener("click", () => {
         $("topup-amount").value = preset;
@@ -53,7 +53,7 @@
       chip.className = "chip";
       chip.dataset.stars = String(count);
       const nano = BigInt(me.topup.nano_per_star) * BigInt(count);
-      chip.textContent = t("stars_chip", { stars: count, amount: C.formatTon(nano.toString()) });
+      chip.textContent = t("stars_chip", { stars: count, amount: C.formatGram(nano.toString()) });
       chip.addEventListener("click", () => payStars(count));
       stars.appendChild(chip);
     }
@@ -65,7 +65,7 @@
       chip.classList.toggle("chip-active", chip.dataset.amount === choice);
     }
     const valid = /^\d+([.,]\d{1,9})?$/.test(choice) && !/^0+([.,]0*)?$/.test(choice);
-    const label = valid ? t("top_up", { amount: choice.replace(",", ".") + " TON" }) : t("top_up_choose");
+    const label = valid ? t("top_up", { amount: choice.replace(",", ".") + " GRAM" }) : t("top_up_choose");
     C.mainAction($("topup-send"), label, valid && !waiting, topUp);
   }
 
@@ -134,7 +134,7 @@
       return;
     }
     C.mainProgress(button, false);
-    C.status($("topup-status"), t("top_up_sent", { amount: C.formatTon(order.amount) }), "pending");
+    C.status($("topup-status"), t("top_up_sent", { amount: C.formatGram(order.amount) }), "pending");
     waitForCredit(before, "top_up_credited", $("topup-status"));
   }
 
@@ -151,7 +151,7 @@
           const added = (now - waiting.before).toString();
           waiting = null;
           render(value);
-          C.status(element, t(message, { amount: C.formatTon(added), balance: C.formatTon(value.balance.available) }), "ok");
+          C.status(element, t(message, { amount: C.formatGram(added), balance: C.formatGram(value.balance.available) }), "ok");
           C.haptic("success");
           choose(choice);
           return;
