@@ -222,6 +222,30 @@ class Settings(BaseSettings):
         default=4_000_000, gt=0, le=MAX_NANO, description="nanoTON credited per Telegram Star"
     )
 
+    # The OpenAI-compatible API (backend/openai_api)
+    api_max_concurrent_per_user: int = Field(
+        default=16, ge=1, le=100_000, description="API turns one user may run at once"
+    )
+    api_max_concurrent_per_key: int = Field(
+        default=8, ge=1, le=100_000, description="API turns one API key may run at once"
+    )
+    api_rate_limit_per_key_per_minute: int = Field(
+        default=60, ge=1, le=1_000_000, description="API turns one key may start per minute"
+    )
+    api_queue_timeout_s: float = Field(
+        default=30.0,
+        ge=0,
+        le=600,
+        description="how long a turn waits for a free worker slot before a 503 with Retry-After",
+    )
+    api_idempotency_ttl_s: int = Field(
+        default=3600, ge=60, le=86_400, description="how long an Idempotency-Key's result is kept"
+    )
+    api_cors_origins: list[str] = Field(
+        default_factory=lambda: ["*"],
+        description='origins browsers may call the API from, JSON list (["*"]: any; []: none)',
+    )
+
     # Mini App
     initdata_max_age_s: int = Field(
         default=86_400, gt=0, description="how old a Mini App's Telegram initData may be"

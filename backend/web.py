@@ -11,7 +11,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 import miniapp
-from backend import appkeys, metrics, openai_api, sweeper
+from backend import appkeys, metrics, openai_api, sealed_api, sweeper
 from backend.attestation import routes as onboarding_routes
 from backend.db import Database
 from backend.dispatch import Dispatcher
@@ -90,12 +90,16 @@ def _database_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterat
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[redis_unavailable])
+    # One body limit, the OpenAI-compatible API's documented 4 MiB (aiohttp's default is 1 MiB).
+    app = web.Application(
+        middlewares=[redis_unavailable], client_max_size=openai_protocol.MAX_BODY_BYTES
+    )
     app[appkeys.SETTINGS] = settings
     app.cleanup_ctx.append(_database_ctx(settings))
     app.cleanup_ctx.append(sweeper.sweeper_ctx(settings))  # releases holds of dead turns
     app.router.add_get("/healthz", healthz)
     openai_api.setup_routes(app)
+    sealed_api.setup_routes(app)  # sealed turns, receipts (backend.sealed_api)
     onboarding_routes.setup(app, settings)
     miniapp.setup(app, settings)
     bot_webhook.setup(app, settings)  # the Telegram bot, when COCOON_BOT_MODE=webhook

@@ -25,7 +25,12 @@ from tests.support.env import TEST_POSTGRES_URL, TEST_REDIS_URL, unavailable
 from tests.support.ops import admin_sql
 
 # Fixtures shared by several test modules live with their harnesses in tests/support/.
-pytest_plugins = ["tests.support.attest", "tests.support.bot", "tests.support.payouts"]
+pytest_plugins = [
+    "tests.support.api",
+    "tests.support.attest",
+    "tests.support.bot",
+    "tests.support.payouts",
+]
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -2,53 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
-
 import aiohttp
 import openai
 import pytest
-from aiohttp.test_utils import TestServer
 
-from backend.apikeys import create_key
-from backend.db import Database
-from backend.ledger import Ledger
-from backend.settings import DEFAULT_MODEL, AttestationSettings, Settings
-from backend.users import get_or_create_user
-from backend.web import create_app
+from backend.settings import DEFAULT_MODEL
+from tests.support.api import Api
 from tests.support.env import require_module
 from tests.support.turns import TON, Node
 
 require_module("llama_cpp")
 
 
-@pytest.fixture
-def node(redis_url: str) -> Iterator[Node]:
-    started = Node(redis_url)
-    yield started
-    started.stop()
-
-
-@pytest.fixture
-async def api(settings: Settings, redis_url: str) -> AsyncIterator[tuple[str, str, Ledger, int]]:
-    """The web server's base URL, a funded user's API key, the ledger and the user id."""
-    db = Database.from_settings(settings)
-    await db.upgrade()
-    ledger = Ledger(db)
-    user = await get_or_create_user(db, 4242)
-    await ledger.credit_deposit(user.id, TON, "dep")
-    key, _row = await create_key(db, user.id)
-    # The node registers directly (an unattested dev worker): dispatched only in dev mode.
-    dev = settings.model_copy(update={"attestation": AttestationSettings(allow_dev=True)})
-    server = TestServer(create_app(dev))
-    await server.start_server()
-    yield str(server.make_url("/v1")), key, ledger, user.id
-    await server.close()
-    await db.close()
-
-
 @pytest.mark.engine
-async def test_completion_not_streamed(api: tuple[str, str, Ledger, int], node: Node) -> None:
-    base_url, key, ledger, user = api
+async def test_completion_not_streamed(v1: Api, node: Node) -> None:
+    base_url, key, ledger, user = v1.base_url, v1.key, v1.ledger, v1.user_id
     client = openai.AsyncOpenAI(base_url=base_url, api_key=key)
     reply = await client.chat.completions.create(
         model=DEFAULT_MODEL, messages=[{"role": "user", "content": "Say hello."}], max_tokens=16
@@ -62,10 +30,8 @@ async def test_completion_not_streamed(api: tuple[str, str, Ledger, int], node: 
 
 
 @pytest.mark.engine
-async def test_completion_streamed_with_usage(
-    api: tuple[str, str, Ledger, int], node: Node
-) -> None:
-    base_url, key, ledger, user = api
+async def test_completion_streamed_with_usage(v1: Api, node: Node) -> None:
+    base_url, key, ledger, user = v1.base_url, v1.key, v1.ledger, v1.user_id
     client = openai.AsyncOpenAI(base_url=base_url, api_key=key)
     stream = await client.chat.completions.create(
         model=DEFAULT_MODEL,
@@ -88,8 +54,8 @@ async def test_completion_streamed_with_usage(
     await client.close()
 
 
-async def test_errors_are_openai_shaped(api: tuple[str, str, Ledger, int]) -> None:
-    base_url, key, ledger, user = api
+async def test_errors_are_openai_shaped(v1: Api) -> None:
+    base_url, key, ledger, user = v1.base_url, v1.key, v1.ledger, v1.user_id
     bad = openai.AsyncOpenAI(base_url=base_url, api_key="cc-not-a-key", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         await bad.chat.completions.create(
@@ -122,8 +88,8 @@ async def test_errors_are_openai_shaped(api: tuple[str, str, Ledger, int]) -> No
     await client.close()
 
 
-async def test_models_are_listed_with_prices(api: tuple[str, str, Ledger, int]) -> None:
-    base_url, key, _ledger, _user = api
+async def test_models_are_listed_with_prices(v1: Api) -> None:
+    base_url, key = v1.base_url, v1.key
     client = openai.AsyncOpenAI(base_url=base_url, api_key=key)
     models = await client.models.list()
     [model] = models.data

@@ -311,27 +311,45 @@ ERRORS: dict[ErrorCode, ErrorAnswer] = {
     ErrorCode.CANCELLED: ErrorAnswer(499, "server_error"),
     ErrorCode.WORKER_ERROR: ErrorAnswer(502, "server_error"),
     ErrorCode.WORKER_MISBEHAVED: ErrorAnswer(502, "server_error"),
+    ErrorCode.RATE_LIMITED: ErrorAnswer(429, "rate_limit_error", "rate_limit_exceeded"),
+    ErrorCode.NOT_FOUND: ErrorAnswer(404, "invalid_request_error"),
 }
 OTHER_ERROR = ErrorAnswer(500, "server_error")
 
 
 class ApiError(CocoonError):
     """A refusal at the API's own edge (the key, the body); ``details["param"]`` names the
-    field at fault, where one is."""
+    field at fault, where one is.
+
+    Details any refusal may carry for this API: ``status`` (an HTTP status other than its
+    code's), ``openai_code`` (OpenAI's own code, e.g. ``context_length_exceeded``) and
+    ``retry_after`` (seconds, sent as ``Retry-After``)."""
 
 
 def error_status(error: CocoonError) -> int:
+    status = error.details.get("status")
+    if isinstance(status, int) and 400 <= status <= 599:
+        return status
     return ERRORS.get(error.code, OTHER_ERROR).status
+
+
+def error_headers(error: CocoonError) -> dict[str, str]:
+    """``Retry-After`` for a refusal that says when to come back."""
+    retry_after = error.details.get("retry_after")
+    if isinstance(retry_after, int | float) and retry_after > 0:
+        return {"Retry-After": str(max(1, round(retry_after)))}
+    return {}
 
 
 def error_body(error: CocoonError, *, with_param: bool = True) -> dict[str, Any]:
     """``{"error": {...}}`` for any refusal; a stream's last event carries it without
     ``param``."""
     answer = ERRORS.get(error.code, OTHER_ERROR)
+    openai_code = error.details.get("openai_code")
     body: dict[str, Any] = {
         "message": str(error),
         "type": answer.type,
-        "code": answer.code or error.code.value,
+        "code": openai_code if isinstance(openai_code, str) else answer.code or error.code.value,
     }
     if with_param:
         body["param"] = error.details.get("param")

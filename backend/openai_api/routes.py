@@ -1,20 +1,24 @@
-"""The OpenAI-compatible API's HTTP side: ``GET /v1/models`` and ``POST /v1/chat/completions``
-(JSON, or Server-Sent Events with ``stream``). Thin: read the request, call
-:class:`~backend.openai_api.service.OpenAIService`, write the answer."""
+"""The OpenAI-compatible API's HTTP side: ``GET /v1/models``, ``GET /v1/models/{id}``,
+``POST /v1/chat/completions`` (JSON, or Server-Sent Events with ``stream``) and ``GET /health``.
+Thin: read the request, call :class:`~backend.openai_api.service.OpenAIService`, write the
+answer (:mod:`backend.openai_api.completions`). What every answer carries (request id, CORS,
+JSON errors): :mod:`backend.openai_api.edge`."""
 
 from __future__ import annotations
 
 import json
-import time
 
 from aiohttp import web
 from pydantic import ValidationError
 
 from backend import appkeys
-from backend.dispatch import TurnError, TurnText
 from backend.errors import CocoonError, ErrorCode
+from backend.openai_api import completions, edge, idempotency, limits, params
 from backend.openai_api import protocol as p
-from backend.openai_api.service import OpenAIService
+from backend.openai_api.service import OpenAIService, bearer_key
+
+IDEMPOTENCY_WAIT_S = 60.0
+"""How long a repeat waits for its key's first request to end before a 409."""
 
 
 def _service(request: web.Request) -> OpenAIService:
@@ -22,67 +26,92 @@ def _service(request: web.Request) -> OpenAIService:
     return OpenAIService(app[appkeys.SETTINGS], app[appkeys.DATABASE], app[appkeys.DISPATCHER])
 
 
-def error_response(error: CocoonError) -> web.Response:
-    return web.json_response(p.error_body(error), status=p.error_status(error))
-
-
-async def _parse_body(request: web.Request) -> p.ChatCompletionRequest:
+async def _read_body(request: web.Request) -> tuple[bytes, p.ChatCompletionRequest]:
+    """The raw body and the request it holds: ``null`` read as defaults, every parameter that
+    cannot be honoured refused by name."""
     if request.content_length and request.content_length > p.MAX_BODY_BYTES:
-        raise p.ApiError(ErrorCode.BODY_TOO_LARGE, "request body too large")
+        raise p.ApiError(ErrorCode.BODY_TOO_LARGE, "request body too large", status=413)
     try:
-        raw = await request.json()
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise p.ApiError(ErrorCode.BODY_TOO_LARGE, "request body too large", status=413) from None
+    try:
+        parsed = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise p.ApiError(ErrorCode.INVALID_JSON, "the body is not valid JSON") from None
-    return p.ChatCompletionRequest.model_validate(raw)
+    parsed = params.drop_nulls(parsed)
+    params.refuse_unsupported(parsed)
+    return raw, p.ChatCompletionRequest.model_validate(parsed)
 
 
 async def list_models(request: web.Request) -> web.Response:
     return web.json_response(_service(request).models().model_dump())
 
 
+async def get_model(request: web.Request) -> web.Response:
+    model_id = request.match_info["model"]
+    for card in _service(request).models().data:
+        if card.id == model_id:
+            return web.json_response(card.model_dump())
+    refusal = p.ApiError(
+        ErrorCode.UNKNOWN_MODEL, f"unknown model {model_id!r}; see GET /v1/models", param="model"
+    )
+    return completions.error_response(refusal)
+
+
+async def health(request: web.Request) -> web.Response:
+    """Liveness of the API for clients and probes: the models it offers and whether a worker
+    serves each right now (from the dispatcher's registry snapshot; no request reads Redis)."""
+    dispatcher = request.app[appkeys.DISPATCHER]
+    workers = await dispatcher.workers.workers()
+    serving = {w.model for w in workers}
+    models = {name: name in serving for name in sorted(request.app[appkeys.SETTINGS].models)}
+    return web.json_response({"status": "ok", "models": models})
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     service = _service(request)
+    settings = service.settings
+    dispatcher = service.dispatcher
     try:
+        api_key = bearer_key(request.headers.get("Authorization"))
         user_id = await service.authenticate(request.headers.get("Authorization"))
-        body = await _parse_body(request)
-        turn = await service.start(user_id, body)
+        raw, body = await _read_body(request)
+        idem_key = idempotency.parse_key(request.headers.get(idempotency.HEADER))
+        lease_s = dispatcher.queue_ttl_s + dispatcher.job_timeout_s + dispatcher.deadline_grace_s
+        idem = None
+        if idem_key is not None:
+            idem = idempotency.IdempotencyKey(
+                dispatcher.redis,
+                user_id,
+                api_key,
+                idem_key,
+                raw,
+                ttl_s=settings.api_idempotency_ttl_s,
+                running_ttl_s=int(lease_s + settings.api_queue_timeout_s),
+            )
+            kept = await idem.begin(IDEMPOTENCY_WAIT_S)
+            if kept is not None:
+                return await completions.replay(request, body, kept)
     except CocoonError as error:  # ApiError, TurnError
-        return error_response(error)
+        return completions.error_response(error)
     except ValidationError as error:
-        return error_response(p.invalid_request(error))
-
-    completion_id = f"chatcmpl-{turn.turn_id}"
-    created = int(time.time())
-    if not body.stream:
-        try:
-            text, done = await service.collect(turn)
-        except TurnError as error:
-            return error_response(error)
-        record = await service.attestation(done)
-        completion = p.ChatCompletion.of(completion_id, created, body.model, text, done, record)
-        return web.json_response(completion.model_dump())
-
-    response = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-    )
-    await response.prepare(request)
-    chunks = p.ChunkStream(completion_id, created, body.model)
-    await response.write(chunks.start())
+        return completions.error_response(p.invalid_request(error))
     try:
-        async for event in turn.events():
-            if isinstance(event, TurnText):
-                await response.write(chunks.text(event.text))
-                continue
-            await response.write(chunks.finish(event))
-            if body.include_usage:
-                await response.write(chunks.usage(event, await service.attestation(event)))
-    except TurnError as error:
-        await response.write(p.sse(p.error_body(error, with_param=False)))
-    await response.write(p.SSE_DONE)
-    await response.write_eof()
-    return response
+        async with limits.turn_limits(
+            dispatcher.redis, settings, user_id, api_key, lease_s=lease_s
+        ):
+            turn = await service.start(user_id, body)
+            return await completions.answer(request, service, body, turn, idem)
+    except CocoonError as error:  # the limits, a turn that could not start
+        if idem is not None:
+            await idem.abandon()
+        return completions.error_response(error)
 
 
 def setup_routes(app: web.Application) -> None:
+    edge.setup(app)
+    app.router.add_get("/health", health)
     app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model:.+}", get_model)
     app.router.add_post("/v1/chat/completions", chat_completions)

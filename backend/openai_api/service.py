@@ -31,6 +31,14 @@ def conversation_id_for(user_id: int, messages: Sequence[ChatMessage]) -> str:
     return "api-" + digest.hexdigest()[:32]
 
 
+def bearer_key(authorization: str | None) -> str:
+    """The key of an ``Authorization: Bearer <key>`` header; ApiError if there is none."""
+    scheme, _, key = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise ApiError(ErrorCode.INVALID_API_KEY, NO_KEY)
+    return key.strip()
+
+
 class OpenAIService:
     """One per request: plain references to the process's services."""
 
@@ -41,10 +49,7 @@ class OpenAIService:
 
     async def authenticate(self, authorization: str | None) -> int:
         """The user of the ``Authorization: Bearer <key>`` header; ApiError if there is none."""
-        scheme, _, key = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            raise ApiError(ErrorCode.INVALID_API_KEY, NO_KEY)
-        user_id = await user_for_key(self.db, key.strip())
+        user_id = await user_for_key(self.db, bearer_key(authorization))
         if user_id is None:
             raise ApiError(ErrorCode.INVALID_API_KEY, BAD_KEY)
         return user_id

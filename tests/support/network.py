@@ -304,6 +304,11 @@ def network_settings(settings: Settings, workdir: Path, *, capacity: int) -> Set
         update={
             "attestation": attestation,
             "models": {SERVED: price, attest.MODEL: price},
+            # The attacks drive many turns of one user: no 429 from the API's limits.
+            "rate_limit_per_minute": 100_000,
+            "api_rate_limit_per_key_per_minute": 100_000,
+            "api_max_concurrent_per_key": 1_000,
+            "api_max_concurrent_per_user": 1_000,
         }
     )
 

@@ -1,0 +1,191 @@
+"""One chat completion answered over HTTP, as clients expect it answered:
+
+* **Not streamed.** The reply is collected while the connection is watched: a client that goes
+  away (its own timeout) cancels the turn, which is billed only for what was generated, as a
+  stopped stream is. With an ``Idempotency-Key`` the turn runs to its end instead, and its
+  result is kept for the client's retry (:mod:`backend.openai_api.idempotency`): billed once.
+* **Streamed.** The status and headers are sent only once the first event is known: a turn that
+  fails before its first token answers with its real status and an OpenAI-shaped body, not a
+  200 followed by an error event.
+* The cost of a non-streamed turn is in the ``X-Cocoon-Cost-Nanoton`` header and the body's
+  ``cocoon`` object; a stream carries it in its usage chunk (``stream_options.include_usage``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from aiohttp import web
+
+from backend.dispatch import Turn, TurnDone, TurnError, TurnEvent, TurnText
+from backend.errors import CocoonError
+from backend.openai_api import protocol as p
+from backend.openai_api.idempotency import IdempotencyKey, Replay
+from backend.openai_api.service import OpenAIService
+
+COST_HEADER = "X-Cocoon-Cost-Nanoton"
+REPLAYED_HEADER = "Idempotent-Replayed"
+DISCONNECT_POLL_S = 0.25
+
+
+def client_gone(request: web.Request) -> bool:
+    """True once the client closed its connection."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def error_response(error: CocoonError) -> web.Response:
+    return web.json_response(
+        p.error_body(error), status=p.error_status(error), headers=p.error_headers(error)
+    )
+
+
+async def _collect_watching(
+    request: web.Request, turn: Turn, *, cancel_on_disconnect: bool
+) -> tuple[str, TurnDone]:
+    """The whole reply; the turn is cancelled (billed what was generated) if the client leaves
+    and ``cancel_on_disconnect``."""
+    task = asyncio.ensure_future(OpenAIService.collect(turn))
+    cancelled = False
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if cancel_on_disconnect and not cancelled and client_gone(request):
+                cancelled = True
+                await turn.cancel()
+    finally:
+        if not task.done():  # this handler is being cancelled (a stop): the turn is abandoned
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, TurnError):
+                await task
+
+
+async def answer(
+    request: web.Request,
+    service: OpenAIService,
+    body: p.ChatCompletionRequest,
+    turn: Turn,
+    idem: IdempotencyKey | None,
+) -> web.StreamResponse:
+    """The turn's answer, JSON or a stream; kept under ``idem`` when it ends with a reply."""
+    completion_id = f"chatcmpl-{turn.turn_id}"
+    created = int(time.time())
+    if body.stream:
+        return await _stream(request, service, body, turn, idem, completion_id, created)
+    try:
+        text, done = await _collect_watching(request, turn, cancel_on_disconnect=idem is None)
+    except TurnError as error:
+        if idem is not None:
+            await idem.abandon()
+        return error_response(error)
+    record = await service.attestation(done)
+    completion = p.ChatCompletion.of(completion_id, created, body.model, text, done, record)
+    payload = completion.model_dump()
+    if idem is not None:
+        await idem.finish(200, payload)
+    return web.json_response(payload, headers={COST_HEADER: str(done.cost)})
+
+
+async def _stream(
+    request: web.Request,
+    service: OpenAIService,
+    body: p.ChatCompletionRequest,
+    turn: Turn,
+    idem: IdempotencyKey | None,
+    completion_id: str,
+    created: int,
+) -> web.StreamResponse:
+    chunks = p.ChunkStream(completion_id, created, body.model)
+    events: AsyncGenerator[TurnEvent, None] = turn.events()
+    async with contextlib.aclosing(events):
+        try:
+            first = await anext(events)
+        except TurnError as error:  # before anything was sent: its real status
+            if idem is not None:
+                await idem.abandon()
+            return error_response(error)
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        await response.write(chunks.start())
+        parts: list[str] = []
+        done: TurnDone | None = None
+        try:
+            event: TurnEvent | None = first
+            while event is not None:
+                if isinstance(event, TurnText):
+                    parts.append(event.text)
+                    await response.write(chunks.text(event.text))
+                else:
+                    done = event
+                    await response.write(chunks.finish(event))
+                    record = await service.attestation(event)
+                    if body.include_usage:
+                        await response.write(chunks.usage(event, record))
+                    if idem is not None:
+                        completion = p.ChatCompletion.of(
+                            completion_id, created, body.model, "".join(parts), event, record
+                        )
+                        await idem.finish(200, completion.model_dump())
+                event = await anext(events, None)
+        except TurnError as error:
+            await response.write(p.sse(p.error_body(error, with_param=False)))
+        finally:
+            if done is None and idem is not None:
+                with contextlib.suppress(Exception):
+                    await idem.abandon()
+        await response.write(p.SSE_DONE)
+        await response.write_eof()
+        return response
+
+
+async def replay(
+    request: web.Request, body: p.ChatCompletionRequest, kept: Replay
+) -> web.StreamResponse:
+    """The kept result of an ``Idempotency-Key``'s first request, as JSON or as a stream."""
+    headers = {REPLAYED_HEADER: "true"}
+    cost = kept.body.get("cocoon", {}).get("cost_nanoton")
+    if isinstance(cost, str):
+        headers[COST_HEADER] = cost
+    if not body.stream or kept.status != 200:
+        return web.json_response(kept.body, status=kept.status, headers=headers)
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers}
+    )
+    await response.prepare(request)
+    for event in _replayed_events(kept.body, include_usage=body.include_usage):
+        await response.write(p.sse(event))
+    await response.write(p.SSE_DONE)
+    await response.write_eof()
+    return response
+
+
+def _replayed_events(completion: dict[str, Any], *, include_usage: bool) -> list[dict[str, Any]]:
+    head = {
+        "id": completion["id"],
+        "object": "chat.completion.chunk",
+        "created": completion["created"],
+        "model": completion["model"],
+    }
+    [choice] = completion["choices"]
+
+    def chunk(delta: dict[str, str], finish: str | None = None) -> dict[str, Any]:
+        return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+    events = [
+        chunk({"role": "assistant", "content": ""}),
+        chunk({"content": choice["message"]["content"]}),
+        chunk({}, choice["finish_reason"]),
+    ]
+    if include_usage:
+        events.append(
+            {**head, "choices": [], "usage": completion["usage"], "cocoon": completion["cocoon"]}
+        )
+    return events

@@ -1,0 +1,79 @@
+"""``cocoon web`` on loopback for the OpenAI-compatible API's tests: a funded user with an API
+key, the ledger to check what was billed, and a worker node on the small model when a test asks
+for one (the ``node`` fixture)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestServer
+
+from backend.apikeys import create_key
+from backend.db import Database
+from backend.ledger import Ledger
+from backend.settings import AttestationSettings, Settings
+from backend.users import get_or_create_user
+from backend.web import create_app
+from tests.support.turns import TON, Node
+
+
+@dataclass
+class Api:
+    """A running API: its ``/v1`` URL, a funded user's key, the ledger, the user's id."""
+
+    base_url: str
+    key: str
+    ledger: Ledger
+    user_id: int
+    settings: Settings
+
+    async def new_key(self) -> str:
+        key, _row = await create_key(self.ledger.db, self.user_id)
+        return key
+
+
+ApiFactory = Callable[..., Awaitable[Api]]
+
+
+@pytest.fixture
+async def v1_server(settings: Settings, redis_url: str) -> AsyncIterator[ApiFactory]:
+    """Start the API with ``settings`` changed by the keywords given (dev mode on: the tests'
+    nodes register directly, as unattested dev workers)."""
+    started: list[tuple[TestServer, Database]] = []
+
+    async def start(**overrides: Any) -> Api:
+        update: dict[str, Any] = {"attestation": AttestationSettings(allow_dev=True)}
+        update.update(overrides)
+        dev = settings.model_copy(update=update)
+        db = Database.from_settings(dev)
+        await db.upgrade()
+        ledger = Ledger(db)
+        user = await get_or_create_user(db, 4242)
+        await ledger.credit_deposit(user.id, TON, "dep")
+        key, _row = await create_key(db, user.id)
+        server = TestServer(create_app(dev))
+        await server.start_server()
+        started.append((server, db))
+        return Api(str(server.make_url("/v1")), key, ledger, user.id, dev)
+
+    yield start
+    for server, db in started:
+        await server.close()
+        await db.close()
+
+
+@pytest.fixture
+async def v1(v1_server: ApiFactory) -> Api:
+    """The API with the test settings."""
+    return await v1_server()
+
+
+@pytest.fixture
+def node(redis_url: str) -> Iterator[Node]:
+    """A worker node process on the small model (llama.cpp)."""
+    started = Node(redis_url)
+    yield started
+    started.stop()
