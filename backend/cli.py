@@ -336,5 +336,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return handler(settings, args)
 
 
+def entry() -> None:
+    """The process entry (``cocoon``, ``python -m backend.cli``): :func:`main`, then an exit
+    that a thread stuck in a blocking call cannot hold up."""
+    from workers.lifecycle import exit_within
+
+    sys.exit(exit_within(main()))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

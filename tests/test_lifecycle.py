@@ -680,3 +680,21 @@ async def test_payout_sender_stops_on_sigterm(tmp_path: Path) -> None:
             proc.kill_everything()
     assert "SIGTERM: stopping within" in proc.text()
     assert (await audit(data)).ok
+
+
+def test_a_process_that_said_it_stopped_exits_even_with_a_thread_stuck() -> None:
+    """Before: a node that logged "stopped" stayed alive about one time in six after a Redis
+    restart, its dequeue thread stuck in a blocking read the interpreter joins before exiting.
+    The entries (``cocoon``, ``cocoon-worker``) end the process ``FORCE_EXIT_S`` after main
+    returned, with main's exit code."""
+    program = (
+        "import sys, threading\n"
+        "from workers.lifecycle import exit_within\n"
+        "threading.Thread(target=threading.Event().wait).start()  # never ends, not a daemon\n"
+        "print('stopped', flush=True)\n"
+        "sys.exit(exit_within(7, 0.2))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 7 and done.stdout == "stopped\n", done.stderr

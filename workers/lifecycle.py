@@ -22,6 +22,7 @@ Standard library only: the worker node imports it without the operator's stack.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import os
@@ -41,6 +42,7 @@ __all__ = [
     "Shutdown",
     "cancel_and_wait",
     "die_with_parent",
+    "exit_within",
     "parent_death_preexec",
     "run_command",
     "watch_parent",
@@ -200,6 +202,20 @@ class Shutdown:
         finally:
             stopping.cancel()
         return task.result()
+
+
+def exit_within(code: int, seconds: float = FORCE_EXIT_S) -> int:
+    """Return ``code``, and end the process with it ``seconds`` from now if the interpreter's
+    exit has not ended it by then: a thread that cannot be interrupted (a blocking Redis read
+    on a connection a restart left half open) would otherwise keep a process that said it
+    stopped alive for good, as the interpreter joins such threads before exiting."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    watchdog = threading.Timer(seconds, os._exit, args=(code,))
+    watchdog.daemon = True
+    watchdog.start()
+    return code
 
 
 def run_command(

@@ -57,7 +57,7 @@ from workers.attest_client import (
 )
 from workers.engines import EngineError, create_engine
 from workers.evidence import AttestationRefused, EvidenceError
-from workers.lifecycle import Shutdown, die_with_parent, watch_parent
+from workers.lifecycle import Shutdown, die_with_parent, exit_within, watch_parent
 from workers.logcontext import configure as configure_logging
 from workers.metrics import WorkerMetrics
 from workers.node_cli import NodeConfig, build_parser, config_from_args, parse_engine_options
@@ -187,5 +187,11 @@ async def _serve_until_signalled(config: NodeConfig, parent_pid: int | None = No
     return shutdown.exit_code()
 
 
+def entry() -> None:
+    """The process entry (``cocoon-worker``, ``python -m workers.node``): :func:`main`, then an
+    exit that a thread stuck in a blocking call cannot hold up (:func:`exit_within`)."""
+    sys.exit(exit_within(main()))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
