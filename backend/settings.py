@@ -257,6 +257,10 @@ class Settings(BaseSettings):
     tonconnect_ui_url: str | None = Field(
         default=None, description="CDN URL of @tonconnect/ui; default: served by cocoon web"
     )
+    tonconnect_wallets_url: str | None = Field(
+        default=None,
+        description="TON's wallets list for TON Connect from the chat; default: pytonconnect's",
+    )
     app_name: str = Field(default="Cocoon", description="name shown by TON Connect wallets")
 
     # Operations

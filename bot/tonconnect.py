@@ -1,13 +1,19 @@
 """TON Connect from the chat itself (pytonconnect), for people who do not open the Mini App.
 
-The user picks a wallet; the bot opens a TON Connect session through the wallet's bridge and
-gives the wallet's universal link as a button. Once the wallet connects:
+The user picks a wallet of TON's wallets list (one with an HTTP bridge); the bot opens a TON
+Connect session through that wallet's bridge and gives the wallet's universal link as a
+button. Once the wallet connects:
 
 * top-up: the bot asks the wallet to send the chosen amount to the deposit wallet with the
   user's memo as the comment (the same request the Mini App makes); the deposit watcher
   credits it once it is on chain, and the outbox tells the user;
 * payout wallet (providers): the connect request carries a single-use ``ton_proof`` payload;
   the proof is verified (signature, domain, age, payload) before the wallet is linked.
+
+Every ending is told to the user: connected and sent, declined, not answered in time, the
+bridge lost; the connection to the bridge is closed in each (and when the user cancels, or
+picks another wallet). TON Connect is offered only where it can work: a public https address
+for the manifest (a wallet app fetches it), and a deposit wallet for top-ups.
 
 The session's keys live in Redis sealed with the operator's context key, for a few minutes.
 """
@@ -16,18 +22,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
-import functools
-import json
 import logging
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import nacl.secret
 from aiogram import Bot
-from pytonconnect import TonConnect
+from pytonconnect import WalletsListManager
+from pytonconnect.exceptions import UserRejectsError
 from pytonconnect.storage import IStorage
 from redis.asyncio import Redis as AsyncRedis
 
@@ -45,6 +48,13 @@ from backend.ton.proof import (
 )
 from bot.common import ton
 from bot.i18n import _, use_language
+from bot.tonconnect_client import (
+    BridgeUnreachable,
+    CocoonTonConnect,
+    public_https,
+    usable_wallets,
+    wallet_id,
+)
 from workers.redis_keys import redis_key
 
 log = logging.getLogger("cocoon.bot.tonconnect")
@@ -52,23 +62,7 @@ log = logging.getLogger("cocoon.bot.tonconnect")
 SESSION = "bot:tonconnect"
 SESSION_TTL_S = 900
 CONNECT_TIMEOUT_S = 300
-
-
-WALLETS_FILE = Path(__file__).with_name("wallets.json")
-"""The wallets the chat offers: those of TON's wallets list that a bot reaches through an HTTP
-bridge, each in the shape ``TonConnect.connect`` takes (``bridge_url``, ``universal_url``: what
-pytonconnect's ``WalletsListManager`` makes of a list entry). Ours, so nothing is fetched."""
-
-
-@functools.cache
-def _wallets() -> tuple[dict[str, str], ...]:
-    return tuple(json.loads(WALLETS_FILE.read_text(encoding="utf-8")))
-
-
-def wallet_list() -> list[dict[str, Any]]:
-    """The wallets the chat offers (:data:`WALLETS_FILE`), in order; copies, for a connector
-    to keep."""
-    return [dict(wallet) for wallet in _wallets()]
+WALLETS_CACHE_S = 3600
 
 
 class SealedRedisStorage(IStorage):
@@ -98,21 +92,17 @@ class SealedRedisStorage(IStorage):
         await self.redis.delete(self._key(key))
 
 
-class CocoonTonConnect(TonConnect):
-    """pytonconnect's TonConnect, for a wallet that sends no ``walletStateInit``: pytonconnect
-    0.4 reads that field unguarded, and the KeyError inside its bridge listener would leave
-    the connection unanswered. The proof check then says what is missing instead."""
-
-    def _on_wallet_connected(self, payload: Any) -> None:
-        items = payload.get("items") if isinstance(payload, dict) else None
-        for item in items if isinstance(items, list) else []:
-            if isinstance(item, dict) and item.get("name") == "ton_addr":
-                item.setdefault("walletStateInit", None)
-        super()._on_wallet_connected(payload)
-
-
-Connector = Any  # pytonconnect.TonConnect, or a test's stand-in with the same methods
+Connector = Any  # CocoonTonConnect (or a test's subclass of it)
 ConnectorFactory = Callable[[str, IStorage], Connector]
+
+
+class WalletError(Exception):
+    """TON Connect cannot start: ``unavailable`` (not offered here, or an unknown wallet) or
+    ``unreachable`` (the wallet's bridge does not answer)."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__(code)
+        self.code = code
 
 
 def account_dict(wallet: Any) -> dict[str, Any]:
@@ -166,19 +156,39 @@ class ChatWallets:
         key: bytes,
         *,
         factory: ConnectorFactory | None = None,
+        timeout_s: float = CONNECT_TIMEOUT_S,
     ) -> None:
         self.settings = settings
         self.db = db
         self.redis = redis
         self.key = key
-        self.factory = factory or (lambda url, storage: CocoonTonConnect(url, storage=storage))
+        self.factory: ConnectorFactory = factory or (
+            lambda url, storage: CocoonTonConnect(url, storage)
+        )
+        self.timeout_s = timeout_s
+        self.lists = WalletsListManager(
+            wallets_list_source=settings.tonconnect_wallets_url, cache_ttl=WALLETS_CACHE_S
+        )
         self.tasks: dict[int, asyncio.Task[None]] = {}
 
     @property
     def manifest_url(self) -> str | None:
-        if not self.settings.public_url:
+        if not public_https(self.settings.public_url):
             return None
-        return self.settings.public_url.rstrip("/") + "/tonconnect-manifest.json"
+        return str(self.settings.public_url).rstrip("/") + "/tonconnect-manifest.json"
+
+    def available(self, *, topup: bool) -> bool:
+        """Whether TON Connect can work here: a manifest a wallet app can fetch, and a
+        deposit wallet for top-ups."""
+        if self.manifest_url is None:
+            return False
+        return bool(self.settings.ton.deposit_address) or not topup
+
+    async def wallets(self) -> list[dict[str, Any]]:
+        """The wallets offered: TON's wallets list as pytonconnect reads it (fetched from
+        ``COCOON_TONCONNECT_WALLETS_URL`` or pytonconnect's source, cached for an hour; its
+        built-in list when that fails), those a bot reaches through an HTTP bridge."""
+        return usable_wallets(await asyncio.to_thread(self.lists.get_wallets))
 
     def proof_domains(self) -> list[str]:
         if self.settings.ton.proof_domains:
@@ -186,41 +196,87 @@ class ChatWallets:
         host = urlsplit(self.settings.public_url or "").hostname
         return [host] if host else []
 
+    def cancel(self, user_id: int) -> bool:
+        """End the user's pending connection (its bridge connection closes); whether one was."""
+        task = self.tasks.pop(user_id, None)
+        if task is None or task.done():
+            return False
+        task.cancel()
+        return True
+
     async def _open(
         self,
+        bot: Bot,
+        chat_id: int,
         user_id: int,
-        wallet_index: int,
+        wallet_key: str,
         request: dict[str, Any] | None,
         then: Callable[[Any, Any], Awaitable[None]],
-    ) -> str | None:
-        wallets = wallet_list()
-        if self.manifest_url is None or not 0 <= wallet_index < len(wallets):
-            return None
-        previous = self.tasks.pop(user_id, None)
-        if previous is not None:
-            previous.cancel()
-        connector = self.factory(
-            self.manifest_url, SealedRedisStorage(self.redis, self.key, user_id)
-        )
-        url = await connector.connect(wallets[wallet_index], request)
+        language: str,
+    ) -> tuple[str, str]:
+        """The wallet's name and universal link; raises :class:`WalletError`."""
+        manifest = self.manifest_url
+        if manifest is None:
+            raise WalletError("unavailable")
+        wallet = next((w for w in await self.wallets() if wallet_id(w) == wallet_key), None)
+        if wallet is None:
+            raise WalletError("unavailable")
+        self.cancel(user_id)
+        connector = self.factory(manifest, SealedRedisStorage(self.redis, self.key, user_id))
+        try:
+            url = await connector.connect(wallet, request)
+        except BridgeUnreachable as error:
+            log.warning("a TON Connect bridge could not be reached: %s", error)
+            raise WalletError("unreachable") from None
+        except Exception as error:
+            connector.close()
+            log.warning("TON Connect from the chat could not start: %s", type(error).__name__)
+            raise WalletError("unreachable") from None
+
+        async def tell(text: Callable[[], str]) -> None:
+            with use_language(language):
+                await bot.send_message(chat_id, text())
 
         async def wait() -> None:
+            lost = asyncio.ensure_future(connector.gave_up.wait())
             try:
-                wallet = await asyncio.wait_for(connector.wait_for_connection(), CONNECT_TIMEOUT_S)
-                if wallet is None or isinstance(wallet, Exception):
+                connected = connector.wait_for_connection()
+                finished, _pending = await asyncio.wait(
+                    {connected, lost},
+                    timeout=self.timeout_s,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if not finished:
+                    await tell(lambda: _("The wallet did not answer in time: nothing was done."))
                     return
-                await then(connector, wallet)
-            except TimeoutError:
-                log.info("a TON Connect session from the chat was not answered in time")
-            except Exception as error:  # the bridge, the wallet: tell nothing secret
+                if not connected.done():
+                    await tell(
+                        lambda: _(
+                            "The connection to your wallet was lost: nothing was done. "
+                            "Try again, or use another way to pay."
+                        )
+                    )
+                    return
+                wallet_info = connected.result()
+                if isinstance(wallet_info, UserRejectsError):
+                    await tell(lambda: _("You declined the connection in your wallet."))
+                    return
+                if wallet_info is None or isinstance(wallet_info, Exception):
+                    await tell(lambda: _("The wallet did not connect: nothing was done."))
+                    return
+                await then(connector, wallet_info)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # the bridge, the wallet, Telegram: tell nothing secret
                 log.warning("TON Connect from the chat failed: %s", type(error).__name__)
             finally:
-                self.tasks.pop(user_id, None)
-                with contextlib.suppress(Exception):
-                    await connector.disconnect()
+                lost.cancel()
+                if self.tasks.get(user_id) is asyncio.current_task():
+                    del self.tasks[user_id]
+                await connector.finish()
 
         self.tasks[user_id] = asyncio.create_task(wait())
-        return str(url)
+        return str(wallet.get("name")), str(url)
 
     async def topup(
         self,
@@ -229,29 +285,41 @@ class ChatWallets:
         user_id: int,
         memo: str,
         amount: int,
-        wallet_index: int,
+        wallet_key: str,
         language: str,
-    ) -> str | None:
-        """The wallet's link; when it connects, the wallet is asked for the transfer."""
+    ) -> tuple[str, str]:
+        """The wallet's name and link; when it connects, the wallet is asked for the
+        transfer. Raises :class:`WalletError`."""
         address = self.settings.ton.deposit_address
-        if not address:
-            return None
+        if not address or not self.available(topup=True):
+            raise WalletError("unavailable")
 
         async def send(connector: Any, _wallet: Any) -> None:
-            request = deposit_transaction(
+            asked = deposit_transaction(
                 address,
                 memo,
                 amount,
                 ttl_s=self.settings.ton.deposit_ttl_s,
                 testnet=self.settings.ton.is_testnet,
             )
+            request = {  # pytonconnect's names (it sends them as the protocol's)
+                "valid_until": asked["validUntil"],
+                "network": "-3" if self.settings.ton.is_testnet else "-239",
+                "messages": asked["messages"],
+            }
             with use_language(language):
                 await bot.send_message(
                     chat_id, _("Wallet connected. Confirm the transfer in your wallet.")
                 )
             try:
-                await connector.send_transaction(request)
-            except Exception as error:  # the user declined, or the wallet failed
+                await asyncio.wait_for(connector.send_transaction(request), self.timeout_s)
+            except UserRejectsError:
+                with use_language(language):
+                    await bot.send_message(
+                        chat_id, _("You declined the transfer: nothing was sent.")
+                    )
+                return
+            except Exception as error:  # no answer in time, or the wallet failed
                 log.info("TON Connect top-up not sent: %s", type(error).__name__)
                 with use_language(language):
                     await bot.send_message(chat_id, _("The transfer was not sent."))
@@ -265,13 +333,15 @@ class ChatWallets:
                     ).format(amount=ton(amount)),
                 )
 
-        return await self._open(user_id, wallet_index, None, send)
+        return await self._open(bot, chat_id, user_id, wallet_key, None, send, language)
 
     async def link_payout(
-        self, bot: Bot, chat_id: int, user_id: int, wallet_index: int, language: str
-    ) -> str | None:
-        """The wallet's link; when it connects, its ton_proof is verified and it becomes the
-        provider's payout wallet."""
+        self, bot: Bot, chat_id: int, user_id: int, wallet_key: str, language: str
+    ) -> tuple[str, str]:
+        """The wallet's name and link; when it connects, its ton_proof is verified and it
+        becomes the provider's payout wallet. Raises :class:`WalletError`."""
+        if not self.available(topup=False):
+            raise WalletError("unavailable")
         payload = await issue_payload(self.db, self.settings.ton.proof_ttl_s)
 
         async def link(_connector: Any, wallet: Any) -> None:
@@ -303,10 +373,12 @@ class ChatWallets:
                     chat_id, _("Payout wallet linked: {address}").format(address=address)
                 )
 
-        return await self._open(user_id, wallet_index, {"ton_proof": payload}, link)
+        request = {"ton_proof": payload}
+        return await self._open(bot, chat_id, user_id, wallet_key, request, link, language)
 
     async def close(self) -> None:
-        for task in list(self.tasks.values()):
+        tasks = list(self.tasks.values())
+        for task in tasks:
             task.cancel()
-        if self.tasks:
-            await asyncio.wait(list(self.tasks.values()), timeout=5)
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)

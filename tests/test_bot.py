@@ -5,7 +5,6 @@ test_bot_provider.py."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -457,72 +456,6 @@ async def test_usage_of_another_user_is_never_shown(bot: Harness) -> None:
     assert "No messages yet" in bot.last().text
     async with bot.db.session() as session:
         assert len(list(await session.scalars(select(TurnRecord)))) == 1
-
-
-# ------------------------------------------------------------- TON Connect from the chat
-
-
-def connected_wallet(account: dict[str, Any], proof: dict[str, Any] | None) -> Any:
-    from pytonconnect.parsers import ConnectEventParser
-
-    items: list[dict[str, Any]] = [{"name": "ton_addr", **account}]
-    if proof is not None:
-        items.append({"name": "ton_proof", "proof": proof})
-    device = {
-        "platform": "android",
-        "appName": "Tonkeeper",
-        "appVersion": "5",
-        "maxProtocolVersion": 2,
-        "features": ["SendTransaction"],
-    }
-    return ConnectEventParser.parse_response({"items": items, "device": device})
-
-
-async def test_topup_through_ton_connect_from_the_chat(bot: Harness) -> None:
-    from backend.ton.comment import decode_comment
-    from tests.support.wallets import UserWallet
-
-    await bot.send("/topup")
-    await bot.press("topup:ton")
-    amounts = bot.last().reply_markup.inline_keyboard[0]
-    assert [b.text for b in amounts] == ["1 GRAM", "5 GRAM", "10 GRAM"]
-    await bot.press(amounts[1].callback_data)
-    wallets = bot.last().reply_markup.inline_keyboard
-    await bot.press(wallets[1][0].callback_data)  # Tonkeeper
-    link = bot.last().reply_markup.inline_keyboard[0][0]
-    assert link.url.startswith("https://app.tonkeeper.com/ton-connect")
-    (connector,) = bot.connectors
-    assert connector.manifest_url == "https://cocoon.example/tonconnect-manifest.json"
-    wallet = UserWallet()
-    connector.connected.set_result(connected_wallet(wallet.account(), None))
-    await asyncio.wait_for(asyncio.gather(*bot.app.services.wallets.tasks.values()), 10)
-    (transaction,) = connector.sent
-    (message,) = transaction["messages"]
-    assert message["amount"] == "5000000000"
-    user = await bot.user()
-    assert decode_comment(message["payload"]).memo == user.deposit_memo
-    assert "Sent 5 GRAM" in bot.last().text
-
-
-async def test_payout_wallet_linked_only_with_a_valid_proof(bot: Harness) -> None:
-    from backend.ton.proof import linked_wallet
-    from tests.support.wallets import UserWallet
-
-    await bot.send("/provider")
-    assert bot.last().reply_markup.inline_keyboard[-1][0].callback_data == "tcw:p"
-    provider = await bot.user()
-    for domain, expected in (("evil.example", "did not verify"), ("cocoon.example", "linked")):
-        await bot.press("tcw:p")
-        await bot.press(bot.last().reply_markup.inline_keyboard[1][0].callback_data)
-        connector = bot.connectors[-1]
-        payload = connector.request["ton_proof"]
-        wallet = UserWallet()
-        proof = wallet.proof(payload, domain=domain, timestamp=int(time.time()))
-        connector.connected.set_result(connected_wallet(wallet.account(), proof))
-        await asyncio.wait_for(asyncio.gather(*bot.app.services.wallets.tasks.values()), 10)
-        assert expected in bot.last().text
-    linked = await linked_wallet(bot.db, provider.id, "payout")
-    assert linked is not None and linked.public_key == wallet.public_key.hex()
 
 
 # ---------------------------------------------------------------------------- webhook

@@ -562,34 +562,40 @@ async def test_a_payload_is_single_use_and_links_the_wallet(db: Database) -> Non
 
 
 @pytest.fixture
-async def bot_on_chain(settings: Any, redis_url: str) -> AsyncIterator[tuple[Any, LocalTonCenter]]:
-    """The bot (as tests/support/bot.py runs it) with TON Center on loopback."""
+async def bot_on_chain(
+    settings: Any, redis_url: str
+) -> AsyncIterator[tuple[Any, LocalTonCenter, Any]]:
+    """The bot (as tests/support/bot.py runs it) with TON Center and a TON Connect bridge
+    on loopback."""
     from tests.support.bot import bot_settings, running_harness
+    from tests.support.tonconnect_bridge import running_bridge
 
     net = LocalTonCenter()
-    async with LocalTonCenterServer(net) as url:
-        s = bot_settings(settings)
+    async with LocalTonCenterServer(net) as url, running_bridge() as bridge:
+        s = bot_settings(settings, tonconnect_wallets_url=bridge.wallets_url)
         s = s.model_copy(update={"ton": s.ton.model_copy(update={"api_url": url})})
         async with running_harness(s) as harness:
-            yield harness, net
+            yield harness, net, bridge
 
 
 async def test_the_bot_says_what_is_missing_when_a_wallet_sends_no_state_init(
-    bot_on_chain: tuple[Any, LocalTonCenter],
+    bot_on_chain: tuple[Any, LocalTonCenter, Any],
 ) -> None:
-    bot, net = bot_on_chain
+    from tests.support.tonconnect_bridge import BridgeWallet
+
+    bot, net, bridge = bot_on_chain
     user = UserWallet()
-    account = {k: v for k, v in user.account().items() if k != "walletStateInit"}
     await bot.send("/provider", language="ru")
     for deployed, expected in ((False, "ещё не развёрнут"), (True, "Кошелёк для выплат привязан")):
         if deployed:
             net.add_wallet(user.raw, user.public_key, balance=10**9, subwallet_id=0)
         await bot.press("tcw:p", language="ru")
-        await bot.press(bot.last().reply_markup.inline_keyboard[1][0].callback_data, language="ru")
-        connector = bot.connectors[-1]
-        proof = user.proof(connector.request["ton_proof"], timestamp=int(time.time()))
-        connector.connected.set_result(bridge_delivers(connect_event(account, proof)))
-        await asyncio.wait_for(asyncio.gather(*bot.app.services.wallets.tasks.values()), 10)
+        await bot.press(bot.last().reply_markup.inline_keyboard[0][0].callback_data, language="ru")
+        wallet = BridgeWallet(bridge, user, state_init=False)
+        await wallet.connect(
+            bot.last().reply_markup.inline_keyboard[0][0].url, timestamp=int(time.time())
+        )
+        await asyncio.wait_for(asyncio.gather(*bot.app.services.wallets.tasks.values()), 30)
         assert expected in bot.last().text
     linked = await linked_wallet(bot.db, (await bot.user()).id, "payout")
     assert linked is not None and linked.public_key == user.public_key.hex()

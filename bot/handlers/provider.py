@@ -30,10 +30,10 @@ from backend.ton.comment import friendly_address
 from backend.ton.proof import linked_wallet
 from bot.common import Handlers, state_name, ton
 from bot.errors import code_text, error_text
-from bot.handlers.wallet import link_keyboard, miniapp_url, wallet_keyboard
+from bot.handlers.wallet import link_keyboard, miniapp_url, wallet_error_text, wallet_keyboard
 from bot.i18n import _
 from bot.outbox import PAYOUT_MESSAGE_TTL_S, payout_message_key
-from bot.tonconnect import ChatWallets
+from bot.tonconnect import ChatWallets, WalletError
 
 handlers = Handlers("provider")
 
@@ -54,7 +54,9 @@ async def _require_provider(message: Message, user: User) -> bool:
 
 
 @handlers.message(Command("provider"))
-async def cmd_provider(message: Message, user: User, db: Database, settings: Settings) -> None:
+async def cmd_provider(
+    message: Message, user: User, db: Database, settings: Settings, wallets: ChatWallets
+) -> None:
     if not user.is_provider:
         await accounts.become_provider(db, user.id)
     wallet = await linked_wallet(db, user.id, "payout")
@@ -83,7 +85,7 @@ async def cmd_provider(message: Message, user: User, db: Database, settings: Set
         rows.append(
             [InlineKeyboardButton(text=_("Link a payout wallet"), web_app=WebAppInfo(url=url))]
         )
-    if settings.public_url:
+    if wallets.available(topup=False) and message.chat.type == ChatType.PRIVATE:
         rows.append(
             [InlineKeyboardButton(text=_("Connect a wallet from the chat"), callback_data="tcw:p")]
         )
@@ -274,31 +276,36 @@ async def on_withdraw_confirm(
 
 
 @handlers.callback_query(F.data == "tcw:p")
-async def on_payout_wallets(query: CallbackQuery) -> None:
+async def on_payout_wallets(query: CallbackQuery, wallets: ChatWallets) -> None:
+    if not wallets.available(topup=False):
+        await query.answer(_("TON Connect is not available here: use /topup."), show_alert=True)
+        return
     await query.answer()
+    keyboard = await wallet_keyboard(wallets, "tcw:p")
     if query.message is not None:
-        await query.message.answer(
-            _("Which wallet do you use?"), reply_markup=wallet_keyboard("tcw:p")
-        )
+        if keyboard is None:
+            await query.message.answer(_("TON Connect is not available here: use /topup."))
+            return
+        await query.message.answer(_("Which wallet do you use?"), reply_markup=keyboard)
 
 
 @handlers.callback_query(F.data.startswith("tcw:p:"))
 async def on_payout_wallet(
     query: CallbackQuery, bot: Bot, user: User, wallets: ChatWallets, lang: str
 ) -> None:
-    index_text = (query.data or "").rsplit(":", 1)[1]
-    index = int(index_text) if index_text.isdecimal() else -1
+    key = (query.data or "").split(":", 2)[2]
+    await query.answer()  # the bridge may take a while: no spinner meanwhile
     chat_id = query.message.chat.id if query.message else query.from_user.id
-    url = await wallets.link_payout(bot, chat_id, user.id, index, lang)
-    if url is None:
-        await query.answer(_("TON Connect is not available here: use /topup."), show_alert=True)
+    try:
+        name, url = await wallets.link_payout(bot, chat_id, user.id, key, lang)
+    except WalletError as error:
+        await bot.send_message(chat_id, wallet_error_text(error))
         return
-    await query.answer()
     await bot.send_message(
         chat_id,
         _(
             "Open your wallet and approve the connection: it signs a proof that the wallet "
             "is yours."
         ),
-        reply_markup=link_keyboard(url, index),
+        reply_markup=link_keyboard(url, name),
     )

@@ -26,7 +26,8 @@ from backend.ton.comment import AddressError, friendly_address
 from bot.common import Handlers, ton
 from bot.i18n import _
 from bot.outbox import Outbox
-from bot.tonconnect import ChatWallets, wallet_list
+from bot.tonconnect import ChatWallets, WalletError
+from bot.tonconnect_client import wallet_id
 
 log = logging.getLogger("cocoon.bot.wallet")
 
@@ -55,12 +56,14 @@ def deposit_address(settings: Settings) -> str | None:
         return None
 
 
-def topup_keyboard(settings: Settings, private: bool) -> InlineKeyboardMarkup:
+def topup_keyboard(
+    settings: Settings, private: bool, ton_connect: bool = False
+) -> InlineKeyboardMarkup:
     rows = []
     url = miniapp_url(settings)
     if url and private:
         rows.append([InlineKeyboardButton(text=_("Open the wallet"), web_app=WebAppInfo(url=url))])
-    if deposit_address(settings):
+    if deposit_address(settings) and private and ton_connect:
         rows.append(
             [InlineKeyboardButton(text=_("Pay from a TON wallet"), callback_data="topup:ton")]
         )
@@ -71,7 +74,7 @@ def topup_keyboard(settings: Settings, private: bool) -> InlineKeyboardMarkup:
 
 
 @handlers.message(Command("topup"))
-async def cmd_topup(message: Message, user: User, settings: Settings) -> None:
+async def cmd_topup(message: Message, user: User, settings: Settings, wallets: ChatWallets) -> None:
     lines = [_("Add funds to your balance:")]
     address = deposit_address(settings)
     if address:
@@ -88,7 +91,11 @@ async def cmd_topup(message: Message, user: User, settings: Settings) -> None:
     )
     await message.answer(
         "\n\n".join(lines),
-        reply_markup=topup_keyboard(settings, message.chat.type == ChatType.PRIVATE),
+        reply_markup=topup_keyboard(
+            settings,
+            message.chat.type == ChatType.PRIVATE,
+            ton_connect=wallets.available(topup=True),
+        ),
     )
 
 
@@ -180,42 +187,58 @@ async def on_successful_payment(
 # ------------------------------------------------------------- TON Connect from the chat
 
 TON_AMOUNTS = (1, 5, 10)
+MAX_TOPUP = 10**6 * 1_000_000_000
 
 
-def wallet_keyboard(prefix: str) -> InlineKeyboardMarkup:
+async def wallet_keyboard(wallets: ChatWallets, prefix: str) -> InlineKeyboardMarkup | None:
+    """One button per wallet offered (callback ``<prefix>:<wallet id>``); None when none is."""
+    found = await wallets.wallets()
+    if not found:
+        return None
+    rows = [
+        [InlineKeyboardButton(text=str(w["name"]), callback_data=f"{prefix}:{wallet_id(w)}")]
+        for w in found
+    ]
+    return InlineKeyboardMarkup(inline_keyboard=rows)
+
+
+def link_keyboard(url: str, name: str) -> InlineKeyboardMarkup:
     return InlineKeyboardMarkup(
         inline_keyboard=[
-            [InlineKeyboardButton(text=w["name"], callback_data=f"{prefix}:{i}")]
-            for i, w in enumerate(wallet_list())
+            [InlineKeyboardButton(text=_("Open {wallet}").format(wallet=name), url=url)],
+            [InlineKeyboardButton(text=_("Cancel"), callback_data="tcx")],
         ]
     )
 
 
-def link_keyboard(url: str, index: int) -> InlineKeyboardMarkup:
-    name = wallet_list()[index]["name"]
-    return InlineKeyboardMarkup(
-        inline_keyboard=[
-            [InlineKeyboardButton(text=_("Open {wallet}").format(wallet=name), url=url)]
-        ]
-    )
+def wallet_error_text(error: WalletError) -> str:
+    if error.code == "unreachable":
+        return _(
+            "This wallet cannot be reached right now: nothing was done. Try another wallet, "
+            "or pay with the address and memo of /topup."
+        )
+    return _("TON Connect is not available here: use /topup.")
+
+
+def ton_connect_amounts(amounts: list[int]) -> list[InlineKeyboardButton]:
+    return [
+        InlineKeyboardButton(text=ton(amount), callback_data=f"tonamt:{amount}")
+        for amount in amounts
+    ]
 
 
 @handlers.callback_query(F.data == "topup:ton")
-async def on_topup_ton(query: CallbackQuery, settings: Settings) -> None:
+async def on_topup_ton(query: CallbackQuery, wallets: ChatWallets) -> None:
+    if not wallets.available(topup=True):
+        await query.answer(_("TON Connect is not available here: use /topup."), show_alert=True)
+        return
     await query.answer()
     if query.message is None:
         return
-    rows = [
-        [
-            InlineKeyboardButton(
-                text=ton(n * 1_000_000_000), callback_data=f"tonamt:{n * 1_000_000_000}"
-            )
-            for n in TON_AMOUNTS
-        ]
-    ]
+    row = ton_connect_amounts([n * 1_000_000_000 for n in TON_AMOUNTS])
     await query.message.answer(
         _("How much? (Any other amount: send it to the address above with your memo.)"),
-        reply_markup=InlineKeyboardMarkup(inline_keyboard=rows),
+        reply_markup=InlineKeyboardMarkup(inline_keyboard=[row]),
     )
 
 
@@ -224,40 +247,55 @@ def _amount(text: str) -> int:
         value = int(text)
     except ValueError:
         return 0
-    return value if 0 < value <= 10**6 * 1_000_000_000 else 0
+    return value if 0 < value <= MAX_TOPUP else 0
 
 
 @handlers.callback_query(F.data.startswith("tonamt:"))
-async def on_ton_amount(query: CallbackQuery, settings: Settings) -> None:
+async def on_ton_amount(query: CallbackQuery, wallets: ChatWallets) -> None:
     amount = _amount((query.data or "").split(":", 1)[1])
     if not amount:
         await query.answer(_("This amount is not available."), show_alert=True)
         return
+    if not wallets.available(topup=True):
+        await query.answer(_("TON Connect is not available here: use /topup."), show_alert=True)
+        return
     await query.answer()
+    keyboard = await wallet_keyboard(wallets, f"tcw:t:{amount}")
     if query.message is not None:
-        await query.message.answer(
-            _("Which wallet do you use?"), reply_markup=wallet_keyboard(f"tcw:t:{amount}")
-        )
+        if keyboard is None:
+            await query.message.answer(_("TON Connect is not available here: use /topup."))
+            return
+        await query.message.answer(_("Which wallet do you use?"), reply_markup=keyboard)
 
 
 @handlers.callback_query(F.data.startswith("tcw:t:"))
 async def on_topup_wallet(
     query: CallbackQuery, bot: Bot, user: User, wallets: ChatWallets, lang: str
 ) -> None:
-    _prefix, _kind, amount_text, index_text = ((query.data or "") + ":::").split(":")[:4]
-    amount, index = _amount(amount_text), int(index_text) if index_text.isdecimal() else -1
-    chat_id = query.message.chat.id if query.message else query.from_user.id
-    url = None
-    if amount:
-        url = await wallets.topup(bot, chat_id, user.id, user.deposit_memo, amount, index, lang)
-    if url is None:
-        await query.answer(_("TON Connect is not available here: use /topup."), show_alert=True)
+    _prefix, _kind, amount_text, key = ((query.data or "") + ":::").split(":")[:4]
+    amount = _amount(amount_text)
+    if not amount:
+        await query.answer(_("This amount is not available."), show_alert=True)
         return
-    await query.answer()
+    await query.answer()  # the bridge may take a while: no spinner meanwhile
+    chat_id = query.message.chat.id if query.message else query.from_user.id
+    try:
+        name, url = await wallets.topup(bot, chat_id, user.id, user.deposit_memo, amount, key, lang)
+    except WalletError as error:
+        await bot.send_message(chat_id, wallet_error_text(error))
+        return
     await bot.send_message(
         chat_id,
         _(
             "Open your wallet and approve the connection; then confirm the transfer of {amount}."
         ).format(amount=ton(amount)),
-        reply_markup=link_keyboard(url, index),
+        reply_markup=link_keyboard(url, name),
     )
+
+
+@handlers.callback_query(F.data == "tcx")
+async def on_ton_connect_cancel(query: CallbackQuery, user: User, wallets: ChatWallets) -> None:
+    if wallets.cancel(user.id):
+        await query.answer(_("Cancelled: the wallet connection is closed."))
+    else:
+        await query.answer(_("Nothing is waiting for your wallet."))

@@ -1,14 +1,14 @@
 """The bot as its tests run it: ``running_bot`` with Telegram faked at the session layer
-(tests/support/bot_fakes.py), a TON Connect connector the test connects by hand, the real
-database and Redis; and a turn recorded in the ledger as a served one would be."""
+(tests/support/bot_fakes.py), pytonconnect's real connector (the TON Connect tests give it a
+loopback bridge: tests/support/tonconnect_bridge.py), the real database and Redis; and a turn
+recorded in the ledger as a served one would be."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -21,6 +21,7 @@ from backend.settings import Settings
 from backend.stack import DEV_DEPOSIT_ADDRESS
 from backend.users import get_user
 from bot.app import BotApp, running_bot
+from bot.tonconnect import ConnectorFactory
 from tests.support.bot_fakes import TOKEN, FakeTelegram, callback_update, feed, message_update
 
 TON = 1_000_000_000
@@ -28,40 +29,11 @@ ADMIN = 900
 ALICE = 501
 
 
-class FakeConnector:
-    """pytonconnect's TonConnect as the bot uses it, without a bridge: the test connects."""
-
-    def __init__(self, manifest_url: str, storage: object) -> None:
-        self.manifest_url = manifest_url
-        self.request: Any = None
-        self.sent: list[dict[str, Any]] = []
-        self.connected: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-
-    async def connect(self, wallet: dict[str, Any], request: Any = None) -> str:
-        # What pytonconnect's bridge provider reads of the wallet (its HTTP bridge, its link):
-        # an entry without them fails there, so it fails here (tests/test_bot_tonconnect.py).
-        if not str(wallet.get("bridge_url", "")).startswith("https://"):
-            raise ValueError(f"no HTTP bridge for {wallet.get('name')}: bridge_url {wallet!r}")
-        self.request = request
-        return wallet["universal_url"] + "?v=2&id=test"
-
-    def wait_for_connection(self) -> asyncio.Future[Any]:
-        return self.connected
-
-    async def send_transaction(self, transaction: dict[str, Any]) -> dict[str, Any]:
-        self.sent.append(transaction)
-        return {"boc": "te6c"}
-
-    async def disconnect(self) -> None:
-        pass
-
-
 @dataclass
 class Harness:
     app: BotApp
     tg: FakeTelegram
     settings: Settings
-    connectors: list[FakeConnector] = field(default_factory=list)
 
     @property
     def db(self) -> Database:
@@ -95,28 +67,27 @@ def bot_settings(settings: Settings, **values: Any) -> Settings:
         "admin_ids": [ADMIN],
         "public_url": "https://cocoon.example",
         "ton": ton,
+        # No wallets list from the internet: pytonconnect's built-in one, at once.
+        "tonconnect_wallets_url": "http://127.0.0.1:9/wallets-v2.json",
         **values,
     }
     return settings.model_copy(update=update)
 
 
 @contextlib.asynccontextmanager
-async def running_harness(s: Settings) -> AsyncIterator[Harness]:
-    """The bot with settings ``s`` over a fresh database, Telegram faked, the outbox not polled."""
+async def running_harness(
+    s: Settings, tonconnect: ConnectorFactory | None = None
+) -> AsyncIterator[Harness]:
+    """The bot with settings ``s`` over a fresh database, Telegram faked, the outbox not polled
+    (and TON Connect's connectors made by ``tonconnect`` when given)."""
     db = Database.from_settings(s)
     await db.upgrade()
     tg = FakeTelegram()
-    connectors: list[FakeConnector] = []
-
-    def factory(url: str, storage: object) -> FakeConnector:
-        connectors.append(FakeConnector(url, storage))
-        return connectors[-1]
-
     try:
         async with running_bot(
-            s, session=tg, db=db, outbox_interval_s=None, tonconnect=factory
+            s, session=tg, db=db, outbox_interval_s=None, tonconnect=tonconnect
         ) as app:
-            yield Harness(app, tg, s, connectors)
+            yield Harness(app, tg, s)
     finally:
         await db.close()
 
