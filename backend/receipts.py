@@ -12,7 +12,7 @@ a prompt or a reply.
 The API returns the record as ``cocoon.receipt`` (a streamed reply: the last event before
 ``[DONE]``), ``GET /v1/receipts/{id}`` serves it to its owner, and anyone can check it offline
 against a public attestation report (``cocoon verify-receipt``,
-:func:`backend.client.verify.check_receipt`).
+:func:`backend.attestation.checks.check_receipt`).
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from backend.attestation import acl, store
+from backend.attestation import acl, report, store
 from backend.attestation.verifier import Verdict, Verifier, VerifierUnavailable
 from backend.db import Database
 from backend.settings import Settings
@@ -230,6 +230,7 @@ class Onboarding:
         redis_url, digest = await self._credentials(worker_id, grant)
         await store.keep_acl_digest(self.redis, worker_id, digest, expires_at)
         await registry.write_attestation(self.redis, record)
+        await report.keep_evidence(self.redis, worker_id, evidence, expires_at)
         await registry.add_to_index(self.redis, worker_id, now)
         await self._record(
             worker_id,

@@ -1,6 +1,7 @@
 """Onboarding over HTTP: the routes ``POST /v1/workers/nonce`` and ``POST /v1/workers/register``
 (bodies and answers: :mod:`backend.attestation.onboarding`), the service's lifetime in the web
-app, and its keeper task (expiry sweep, worker users restored after a Redis restart)."""
+app, and its keeper task (expiry sweep, worker users restored after a Redis restart); and the
+public ``GET /v1/attestation/report`` (:mod:`backend.attestation.report`)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from redis.exceptions import RedisError
 
 from backend import appkeys
 from backend.attestation.onboarding import ONBOARDING, Onboarding, OnboardingError
+from backend.attestation.report import REPORTS, ReportService, report_view
 from backend.attestation.verifier import Verifier
 from backend.settings import Settings
 
@@ -89,6 +91,9 @@ def setup(app: web.Application, settings: Settings) -> None:
             settings, client, Verifier.from_settings(settings), db=app.get(appkeys.DATABASE)
         )
         app[ONBOARDING] = service
+        app[REPORTS] = ReportService(
+            settings, client, service.verifier, app[appkeys.DISPATCHER].workers
+        )
         stop = asyncio.Event()
         sweeper = asyncio.create_task(_keep_forever(service, stop))
         yield
@@ -102,6 +107,7 @@ def setup(app: web.Application, settings: Settings) -> None:
     app.cleanup_ctx.append(ctx)
     app.router.add_post("/v1/workers/nonce", nonce_view)
     app.router.add_post("/v1/workers/register", register_view)
+    app.router.add_get("/v1/attestation/report", report_view)  # public (backend.attestation.report)
 
 
 async def _keep_forever(service: Onboarding, stop: asyncio.Event) -> None:

@@ -129,6 +129,8 @@ async def _stream(
                     record = await service.attestation(event)
                     if body.include_usage:
                         await response.write(chunks.usage(event, record))
+                    else:  # the receipt, as the stream's trailing event (issue 13)
+                        await response.write(chunks.receipt(event))
                     if idem is not None:
                         completion = p.ChatCompletion.of(
                             completion_id, created, body.model, "".join(parts), event, record

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from backend.dispatch import TurnDone
 from backend.errors import CocoonError, ErrorCode
+from backend.receipts import ReceiptRecord
 from backend.settings import ModelPrice
 from workers.registry import AttestationRecord
 from workers.wire import ChatMessage
@@ -175,10 +176,14 @@ class CocoonExtra(BaseModel):
 
     cost_nanoton: str
     worker: ServedBy
+    # The worker's signed receipt of the turn (backend.receipts); None when it sent none.
+    receipt: ReceiptRecord | None = None
 
     @classmethod
     def of(cls, done: TurnDone, record: AttestationRecord | None = None) -> CocoonExtra:
-        return cls(cost_nanoton=str(done.cost), worker=ServedBy.of(done, record))
+        return cls(
+            cost_nanoton=str(done.cost), worker=ServedBy.of(done, record), receipt=done.receipt
+        )
 
 
 def finish_reason(done: TurnDone) -> str:
@@ -281,6 +286,21 @@ class ChunkStream:
 
     def usage(self, done: TurnDone, record: AttestationRecord | None = None) -> bytes:
         return self._chunk([], usage=Usage.of(done), cocoon=CocoonExtra.of(done, record))
+
+    def receipt(self, done: TurnDone) -> bytes:
+        """A stream's trailing event without ``include_usage``: a chunk with no choices whose
+        ``cocoon`` holds only the turn's receipt (with ``include_usage`` the usage chunk has it)."""
+        receipt = done.receipt.model_dump(mode="json") if done.receipt else None
+        return sse(
+            {
+                "id": self.completion_id,
+                "object": "chat.completion.chunk",
+                "created": self.created,
+                "model": self.model,
+                "choices": [],
+                "cocoon": {"receipt": receipt},
+            }
+        )
 
 
 def sse(payload: Mapping[str, Any]) -> bytes:
