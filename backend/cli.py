@@ -7,6 +7,7 @@ import asyncio
 import sys
 import uuid
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
@@ -120,6 +121,10 @@ def cmd_chat(settings: Settings, args: argparse.Namespace) -> int:
     )
     if not question:
         cliutil.fail('say what to ask: cocoon chat "What is TON?"')
+    if args.sealed:  # sealed here, to a worker verified here (backend.client)
+        from backend.client.chat import run_sealed_chat
+
+        return run_sealed_chat(settings, args, question)
     telegram_id = (
         cliutil.telegram_id(args.telegram_id) if args.telegram_id else settings.local_telegram_id
     )
@@ -267,6 +272,17 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-tokens", type=int, help="longest answer, in tokens")
     chat.add_argument(
         "--telegram-id", metavar="N", help="act as this user (default COCOON_LOCAL_TELEGRAM_ID)"
+    )
+    chat.add_argument(
+        "--sealed",
+        action="store_true",
+        help="verify the attestation report here, seal to the worker, check the receipt",
+    )
+    chat.add_argument("--url", help="with --sealed: the web server (default the local one)")
+    chat.add_argument("--api-key", help="with --sealed: your API key (default cocoon up's)")
+    chat.add_argument("--policy", type=Path, help="with --sealed: your allow-list (JSON)")
+    chat.add_argument(
+        "--allow-dev", action="store_true", help="with --sealed: trust development-TEE evidence"
     )
 
     apikey = sub.add_parser(
