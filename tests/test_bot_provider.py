@@ -123,7 +123,7 @@ async def test_provider_onboards_a_dev_worker_that_serves_and_earns(
 
         # The worker stops: its provider hears it went offline (once).
         node.terminate()
-        node.wait(15)
+        await asyncio.to_thread(node.wait, 60)  # the event loop serves the web app meanwhile
         deadline = time.monotonic() + 30
         while await registry.list_workers(admin, MODEL):
             assert time.monotonic() < deadline
@@ -136,7 +136,7 @@ async def test_provider_onboards_a_dev_worker_that_serves_and_earns(
     finally:
         node.terminate()
         try:
-            node.wait(15)
+            await asyncio.to_thread(node.wait, 60)
         except subprocess.TimeoutExpired:
             node.kill()
             node.wait()

@@ -77,7 +77,9 @@ async def test_turns_tokens_and_state_move_on_metrics_after_real_turns(
     api: Api, redis_url: str
 ) -> None:
     worker_port = free_port()
-    node = InstantNode(redis_url, metrics_port=worker_port)
+    node = InstantNode(
+        redis_url, metrics_port=worker_port, ttl=60
+    )  # online however slow the machine
     try:
         before = await scrape(f"{api.url}/metrics")
         assert value(before, "cocoon_turns_total", model=DEFAULT_MODEL, outcome="settled") == 0
