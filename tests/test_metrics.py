@@ -77,9 +77,8 @@ async def test_turns_tokens_and_state_move_on_metrics_after_real_turns(
     api: Api, redis_url: str
 ) -> None:
     worker_port = free_port()
-    node = InstantNode(
-        redis_url, metrics_port=worker_port, ttl=60
-    )  # online however slow the machine
+    # Registered for 60 s: online however slow the machine (unregistered when it stops).
+    node = InstantNode(redis_url, metrics_port=worker_port, ttl=60)
     try:
         before = await scrape(f"{api.url}/metrics")
         assert value(before, "cocoon_turns_total", model=DEFAULT_MODEL, outcome="settled") == 0
