@@ -19,7 +19,6 @@ from typing import Any
 from urllib.parse import quote as urlquote
 
 import dcap_qvl
-import nacl.public
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import ClientSession, web
@@ -30,10 +29,16 @@ from backend.attestation.collateral import CollateralSource, load_collateral, pl
 from backend.attestation.onboarding import ONBOARDING
 from backend.attestation.policy import Policy
 from backend.attestation.tdx import verify_quote
-from backend.db import Database
 from backend.settings import Settings
-from backend.web import create_app
-from tests.support.attest import ENGINE_CONFIG, MODELS, claims_for, with_attestation
+from tests.support.attest import (
+    ENGINE_CONFIG,
+    MODELS,
+    base_url,
+    claims_for,
+    open_credentials,
+    serve_backend,
+    with_attestation,
+)
 from workers import evidence as ev
 from workers import registry
 from workers.wire import WorkerKeys
@@ -421,18 +426,6 @@ def test_a_fault_of_the_verifier_is_raised_not_a_refusal() -> None:
 
 
 @pytest.fixture
-async def admin(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    from backend.attestation import acl
-
-    client = aioredis.Redis.from_url(redis_url)
-    before = set(await acl.worker_users(client))
-    yield client
-    for worker_id in set(await acl.worker_users(client)) - before:
-        await acl.delete_worker_user(client, worker_id)
-    await client.aclose()
-
-
-@pytest.fixture
 async def backend(
     settings: Settings, pccs: RecordedPccs, tmp_path: Path, admin: aioredis.Redis
 ) -> AsyncIterator[tuple[str, web.Application]]:
@@ -449,14 +442,9 @@ async def backend(
         policy_file=policy_file,
         collateral_dir=tmp_path / "collateral",
     )
-    db = Database.from_settings(s)
-    await db.upgrade()
-    await db.close()
-    app = create_app(s)
-    server = TestServer(app)
-    await server.start_server()
-    app[ONBOARDING].verifier.clock = lambda: AT_90C06F
-    yield str(server.make_url("")).rstrip("/"), app
+    server = await serve_backend(s)
+    server.app[ONBOARDING].verifier.clock = lambda: AT_90C06F
+    yield base_url(server), server.app
     await server.close()
 
 
@@ -547,8 +535,7 @@ async def test_a_renewal_that_meets_a_backend_fault_revokes_nothing(
         status, body = await register(http, url, token, ev.dev_evidence(claims_for(keys, nonce)))
         assert status == 200, body
         worker_id = body["worker_id"]
-        sealed = base64.b64decode(body["sealed"])
-        renewal = json.loads(nacl.public.SealedBox(keys.box_key).decrypt(sealed))["renewal_token"]
+        renewal = open_credentials(body, keys)["renewal_token"]
         await pccs.stop()
         nonce = await fresh_nonce(http, url, renewal)
         status, body = await register(http, url, renewal, tdx_evidence(keys, nonce, HOST_A))

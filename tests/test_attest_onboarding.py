@@ -4,15 +4,12 @@ refusals with reasons; expiry and revocation; and dispatch only to attested work
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import nacl.public
 import pytest
 import redis
 import redis.asyncio as aioredis
@@ -26,25 +23,21 @@ from backend.dispatch import Dispatcher, TurnDone, TurnError, TurnRequest, TurnT
 from backend.ledger import Ledger
 from backend.settings import AttestationSettings, Settings
 from backend.users import get_or_create_user
-from backend.web import create_app
 from tests.support.attest import (
     AT,
     MODEL,
     attest,
+    base_url,
     claims_for,
+    open_credentials,
+    serve_backend,
     service,
     with_attestation,
 )
+from tests.support.redis_server import REPO, attested_worker, start_node, stop_process
 from workers import evidence as ev
 from workers import registry
 from workers.wire import ChatMessage, WorkerKeys
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def open_credentials(reply: dict, keys: WorkerKeys) -> dict:
-    sealed = base64.b64decode(reply["sealed"])
-    return json.loads(nacl.public.SealedBox(keys.box_key).decrypt(sealed))
 
 
 async def refused(call) -> list[str]:
@@ -181,38 +174,13 @@ async def web(settings: Settings, admin: aioredis.Redis) -> AsyncIterator[object
     servers: list[TestServer] = []
 
     async def start(**values: object) -> str:
-        s = with_attestation(settings, **values)
-        db = Database.from_settings(s)
-        await db.upgrade()
-        await db.close()
-        server = TestServer(create_app(s))
-        await server.start_server()
+        server = await serve_backend(with_attestation(settings, **values))
         servers.append(server)
-        return str(server.make_url("")).rstrip("/")
+        return base_url(server)
 
     yield start
     for server in servers:
         await server.close()
-
-
-def start_node(url: str, token: str, log: Path) -> subprocess.Popen[bytes]:
-    command = [
-        sys.executable, "-m", "workers.node", "--model", MODEL, "--engine", "instant",
-        "--register-url", url, "--token", token, "--tee", "dev", "--heartbeat", "0.5",
-        "--grace", "1",
-    ]  # fmt: skip
-    with log.open("wb") as out:
-        return subprocess.Popen(command, cwd=REPO, stdout=out, stderr=out)
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def start_direct_node(redis_url: str, worker_id: str) -> subprocess.Popen[bytes]:
@@ -241,14 +209,10 @@ async def test_an_onboarded_worker_serves_turns_through_its_own_redis_user(
 ) -> None:
     url = await web(allow_dev=True)
     token = await store.issue_registration_token(admin, None, 60)
-    node = start_node(url, token, tmp_path / "node.log")
+    node = start_node(url, token, tmp_path / "node.log", model=MODEL)
     db, ledger, dispatcher = await ledger_and_dispatcher(settings)
     try:
-        deadline = time.monotonic() + 30
-        while not [w for w in await registry.list_workers(admin, MODEL) if w.attested]:
-            assert node.poll() is None, (tmp_path / "node.log").read_text()
-            assert time.monotonic() < deadline, (tmp_path / "node.log").read_text()
-            await asyncio.sleep(0.1)
+        await attested_worker(admin, node, tmp_path / "node.log", MODEL)
         user = await get_or_create_user(db, 5150)
         await ledger.credit_deposit(user.id, 10**9, "dep:5150")
         turn = await dispatcher.start_turn(
@@ -264,7 +228,7 @@ async def test_an_onboarded_worker_serves_turns_through_its_own_redis_user(
         log = (tmp_path / "node.log").read_text()
         assert "tee=dev (development TEE" in log and "NOPERM" not in log
     finally:
-        stop(node)
+        stop_process(node)
         await dispatcher.close()
         await db.close()
 
@@ -279,11 +243,11 @@ async def test_a_refused_worker_receives_no_job(
 ) -> None:
     url = await web(allow_dev=False)
     token = await store.issue_registration_token(admin, None, 60)
-    node = start_node(url, token, tmp_path / "refused.log")
+    node = start_node(url, token, tmp_path / "refused.log", model=MODEL)
     deadline = time.monotonic() + 30
     while node.poll() is None:  # the server runs on this loop: never block it
         if time.monotonic() > deadline:
-            stop(node)
+            stop_process(node)
             raise AssertionError("the refused node did not exit")
         await asyncio.sleep(0.1)
     assert node.returncode == 3  # refused: it says why and exits
@@ -308,7 +272,7 @@ async def test_a_refused_worker_receives_no_job(
         assert not await admin.keys("rq:job:t-direct_*")  # nothing was enqueued for it
         assert (await ledger.balances(user.id)).held == 0
     finally:
-        stop(direct)
+        stop_process(direct)
         await dispatcher.close()
         await db.close()
 
@@ -319,16 +283,10 @@ async def test_a_node_attests_again_before_expiry_and_stops_when_refused(
 ) -> None:
     from backend.attestation.onboarding import ONBOARDING
 
-    s = with_attestation(settings, allow_dev=True, lifetime_s=4)
-    db = Database.from_settings(s)
-    await db.upgrade()
-    await db.close()
-    app = create_app(s)
-    server = TestServer(app)
-    await server.start_server()
+    server = await serve_backend(with_attestation(settings, allow_dev=True, lifetime_s=4))
     log = tmp_path / "renew.log"
     token = await store.issue_registration_token(admin, None, 60)
-    node = start_node(str(server.make_url("")).rstrip("/"), token, log)
+    node = start_node(base_url(server), token, log, model=MODEL)
     try:
 
         async def record() -> registry.AttestationRecord | None:
@@ -345,7 +303,7 @@ async def test_a_node_attests_again_before_expiry_and_stops_when_refused(
         renewed = await record()
         assert renewed is not None and renewed.expires_at > first.expires_at, log.read_text()
         # The operator turns dev mode off: the next re-attestation is refused, the worker revoked.
-        app[ONBOARDING].verifier.settings = AttestationSettings(allow_dev=False)
+        server.app[ONBOARDING].verifier.settings = AttestationSettings(allow_dev=False)
         deadline = time.monotonic() + 20
         while node.poll() is None:
             assert time.monotonic() < deadline, log.read_text()
@@ -356,7 +314,7 @@ async def test_a_node_attests_again_before_expiry_and_stops_when_refused(
         assert first.worker_id not in await acl.worker_users(admin), log.read_text()
         assert await registry.get_worker(admin, first.worker_id) is None
     finally:
-        stop(node)
+        stop_process(node)
         await server.close()
 
 

@@ -11,7 +11,6 @@ engine (the protocol as vLLM's server speaks it)."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import ipaddress
@@ -39,7 +38,6 @@ from backend.ledger import Ledger
 from backend.openai_api.protocol import CocoonExtra
 from backend.settings import Settings
 from backend.users import get_or_create_user
-from backend.web import create_app
 from bot.context import Conversation, LastTurn
 from miniapp.service import MiniApp
 from tests.support.attest import (
@@ -48,11 +46,14 @@ from tests.support.attest import (
     MODEL,
     QUOTE,
     WEIGHTS,
+    base_url,
     claims_for,
+    serve_backend,
     service,
     with_attestation,
 )
 from tests.support.bot import ALICE, Harness
+from tests.support.redis_server import REPO, attested_worker, stop_process
 from workers import evidence as ev
 from workers import registry
 from workers.engines import create_engine
@@ -60,7 +61,6 @@ from workers.engines.instant import InstantEngine
 from workers.weights import DigestCache, weights_digest
 from workers.wire import ChatMessage, WorkerKeys
 
-REPO = Path(__file__).resolve().parent.parent
 OFF_MACHINE = "http://203.0.113.7:8000"  # TEST-NET-3: an address outside this machine
 
 
@@ -344,20 +344,6 @@ def start_node(command: list[str], log: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(command, cwd=REPO, stdout=out, stderr=out, env=env)
 
 
-def read_log(log: Path) -> str:
-    return log.read_text()
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 @pytest.mark.slow
 def test_the_node_will_not_send_prompts_off_the_machine_outside_the_dev_tee(
     tmp_path: Path,
@@ -373,7 +359,7 @@ def test_the_node_will_not_send_prompts_off_the_machine_outside_the_dev_tee(
     try:
         assert node.wait(60) == 3, log.read_text()
     finally:
-        stop(node)
+        stop_process(node)
     text = log.read_text()
     assert "the engine is refused" in text and "not a loopback address" in text, text
     assert "--tee dev" in text and "backend not reachable" not in text
@@ -436,24 +422,9 @@ def openai_server_app() -> web.Application:
 @pytest.fixture
 async def backend(settings: Settings, admin: aioredis.Redis) -> AsyncIterator[str]:
     """``cocoon web`` with dev mode on (its policy lists no weights: dev workers pass)."""
-    s = with_attestation(settings, allow_dev=True)
-    db = Database.from_settings(s)
-    await db.upgrade()
-    await db.close()
-    server = TestServer(create_app(s))
-    await server.start_server()
-    yield str(server.make_url("")).rstrip("/")
+    server = await serve_backend(with_attestation(settings, allow_dev=True))
+    yield base_url(server)
     await server.close()
-
-
-async def attested_worker(admin: aioredis.Redis, node: subprocess.Popen[bytes], log: Path) -> str:
-    deadline = time.monotonic() + 30
-    while True:
-        attested = [w for w in await registry.list_workers(admin, MODEL) if w.attested]
-        if attested:
-            return attested[0].worker_id
-        assert node.poll() is None and time.monotonic() < deadline, read_log(log)
-        await asyncio.sleep(0.1)
 
 
 async def one_turn(settings: Settings) -> tuple[TurnDone, str, Dispatcher, Database]:
@@ -502,7 +473,7 @@ async def test_users_are_shown_the_engine_the_record_holds_not_the_workers_claim
     node = start_node(node_command(backend, token, "--engine", "instant", "--tee", "dev"), log)
     dispatcher = db = None
     try:
-        worker_id = await attested_worker(admin, node, log)
+        worker_id = await attested_worker(admin, node, log, MODEL)
         # The worker rewrites its own entry (its key: it may) to claim another engine.
         raw = await admin.hget(registry.worker_key(worker_id), "info")
         entry = json.loads(raw)
@@ -525,7 +496,7 @@ async def test_users_are_shown_the_engine_the_record_holds_not_the_workers_claim
         for view in views.values():
             assert "off the machine" not in json.dumps(view).lower()
     finally:
-        stop(node)
+        stop_process(node)
         if dispatcher is not None:
             await dispatcher.close()
         if db is not None:
@@ -549,8 +520,8 @@ async def test_a_dev_worker_that_sends_prompts_off_the_machine_is_labelled_every
     node = start_node(command, log)
     dispatcher = db = None
     try:
-        worker_id = await attested_worker(admin, node, log)
-        assert "allowed with the development TEE only" in read_log(log)
+        worker_id = await attested_worker(admin, node, log, MODEL)
+        assert "allowed with the development TEE only" in log.read_text()
         record = await registry.read_attestation(admin, worker_id)
         assert record is not None and record.off_machine and record.engine == "openai"
 
@@ -564,7 +535,7 @@ async def test_a_dev_worker_that_sends_prompts_off_the_machine_is_labelled_every
         assert "sends prompts OFF the machine" in views["cli"]
         assert "development TEE" in views["cli"]
     finally:
-        stop(node)
+        stop_process(node)
         await server.close()
         if dispatcher is not None:
             await dispatcher.close()

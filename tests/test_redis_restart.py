@@ -8,6 +8,7 @@ nothing is charged."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from backend.settings import DEFAULT_MODEL, AttestationSettings, ModelPrice, Set
 from backend.users import get_or_create_user
 from backend.web import create_app
 from miniapp.auth import init_data_for
-from tests.support.redis_server import RedisServer, start_node, stop_process
+from tests.support.redis_server import RedisServer, attested_worker, start_node, stop_process
 from tests.support.turns import dev_stack, funded_user
 from workers import registry
 from workers.engines.instant import InstantEngine
@@ -55,7 +56,7 @@ class Stack:
     ledger: Ledger
     user_id: int
     log: Path
-    node: object = None
+    node: subprocess.Popen[bytes]
 
 
 @pytest.fixture
@@ -95,17 +96,6 @@ async def stack(settings: Settings, tmp_path: Path) -> AsyncIterator[Stack]:
         server.stop()
 
 
-async def attested_worker(stack: Stack) -> str:
-    deadline = time.monotonic() + 30
-    while True:
-        workers = [w for w in await registry.list_workers(stack.admin, MODEL) if w.attested]
-        if workers:
-            return workers[0].worker_id
-        assert stack.node.poll() is None, stack.log.read_text()  # type: ignore[attr-defined]
-        assert time.monotonic() < deadline, stack.log.read_text()
-        await asyncio.sleep(0.1)
-
-
 async def users(stack: Stack) -> list[str]:
     """Worker users Redis knows ([] while the test's own client reconnects)."""
     try:
@@ -132,7 +122,7 @@ async def served_again(session: aiohttp.ClientSession, stack: Stack) -> dict:
         if status == 200:
             return body
         assert status == 503, body  # never a 500 on the way
-        assert stack.node.poll() is None, stack.log.read_text()  # type: ignore[attr-defined]
+        assert stack.node.poll() is None, stack.log.read_text()
         assert time.monotonic() < deadline, (body, stack.log.read_text())
         await asyncio.sleep(0.2)
 
@@ -140,7 +130,7 @@ async def served_again(session: aiohttp.ClientSession, stack: Stack) -> dict:
 async def test_a_redis_restart_ends_no_worker_and_redis_away_is_a_503(stack: Stack) -> None:
     """Before: the node took the restart for a revocation and exited for good, and the first
     request answered 500."""
-    worker_id = await attested_worker(stack)
+    worker_id = await attested_worker(stack.admin, stack.node, stack.log, MODEL)
     async with aiohttp.ClientSession() as session:
         status, body = await chat(session, stack)
         assert status == 200, body
@@ -172,7 +162,7 @@ async def test_a_redis_restart_ends_no_worker_and_redis_away_is_a_503(stack: Sta
             await asyncio.sleep(0.1)
         body = await served_again(session, stack)
         assert "w-" + body["cocoon"]["worker"]["key_fingerprint"] == worker_id  # the same node
-    assert stack.node.poll() is None  # type: ignore[attr-defined]
+    assert stack.node.poll() is None
     assert "revoked" not in stack.log.read_text()
 
 
@@ -180,13 +170,13 @@ async def test_a_node_whose_credentials_are_refused_attests_again(stack: Stack) 
     """A Redis that lost the user and the backend that lost the digest (a failover to a replica
     that never had either): the node attests again with its renewal token, is given a new
     password, and goes on."""
-    worker_id = await attested_worker(stack)
+    worker_id = await attested_worker(stack.admin, stack.node, stack.log, MODEL)
     async with aiohttp.ClientSession() as session:
         assert (await chat(session, stack))[0] == 200
         await store.forget_acl_digest(stack.admin, worker_id)
         await acl.delete_worker_user(stack.admin, worker_id)  # its connections are cut too
         await served_again(session, stack)
-    assert stack.node.poll() is None  # type: ignore[attr-defined]
+    assert stack.node.poll() is None
     log = stack.log.read_text()
     assert "attesting again" in log and "revoked" not in log
     assert worker_id in await acl.worker_users(stack.admin)

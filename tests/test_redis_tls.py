@@ -20,19 +20,27 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from backend.attestation import acl, store
-from backend.attestation.collateral import CollateralSource
-from backend.attestation.onboarding import Onboarding, OnboardingError
+from backend.attestation.onboarding import OnboardingError
 from backend.attestation.policy import Policy
 from backend.attestation.verifier import Verdict, Verifier
 from backend.db import Database
 from backend.dispatch import Dispatcher, TurnDone, TurnRequest, TurnText
 from backend.ledger import Ledger
-from backend.settings import AttestationSettings, ModelPrice, Settings
+from backend.settings import Settings
 from backend.users import get_or_create_user
 from backend.web import create_app
+from tests.support.attest import (
+    MODEL,
+    QUOTE,
+    plain_claims,
+    plain_service,
+    register_plain,
+    with_attestation,
+)
 from tests.support.redis_server import (
     RedisServer,
     TlsFiles,
+    attested_worker,
     free_port,
     make_certificates,
     start_node,
@@ -41,9 +49,6 @@ from tests.support.redis_server import (
 from workers import evidence as ev
 from workers import registry
 from workers.wire import ChatMessage, WorkerKeys
-
-MODEL = "echo"
-QUOTE = (Path(__file__).parent / "fixtures" / "tdx" / "tdx_quote").read_bytes()
 
 
 @pytest.fixture
@@ -66,53 +71,24 @@ async def admin(tls_redis: RedisServer) -> AsyncIterator[aioredis.Redis]:
     await client.aclose()
 
 
-def with_tls(settings: Settings, server: RedisServer, tls: TlsFiles, **values: object) -> Settings:
-    attestation = AttestationSettings(
+def with_tls(settings: Settings, server: RedisServer, tls: TlsFiles) -> Settings:
+    s = with_attestation(
+        settings,
         allow_dev=True,
         worker_redis_url=f"rediss://127.0.0.1:{server.port}/0",
         worker_redis_ca_file=tls.ca,
-        **values,  # type: ignore[arg-type]
     )
-    return settings.model_copy(
-        update={
-            "redis_url": server.url(),  # the backend's own connection is TLS as well
-            "attestation": attestation,
-            "models": {MODEL: ModelPrice(prompt=1_000_000, completion=1_000_000)},
-        }
-    )
-
-
-def service(s: Settings, client: aioredis.Redis) -> Onboarding:
-    collateral = CollateralSource("https://pccs.test", s.data_dir / "collateral")
-    verifier = Verifier(s.attestation, policy=Policy(), collateral=collateral, models=s.models)
-    return Onboarding(s, client, verifier)
-
-
-def claims(keys: WorkerKeys, nonce: str) -> ev.Claims:
-    return ev.Claims(
-        box_public_key=keys.box_public_b64,
-        verify_key=keys.verify_key_b64,
-        model=MODEL,
-        engine="instant",
-        engine_version="1",
-        worker_version="0.1.0",
-        nonce=nonce,
-    )
+    # The backend's own connection is TLS as well.
+    return s.model_copy(update={"redis_url": server.url()})
 
 
 @pytest.mark.slow  # a redis-server of its own
 async def test_a_worker_is_told_a_rediss_url_and_the_ca_that_checks_it(
     settings: Settings, tls_redis: RedisServer, tls: TlsFiles, admin: aioredis.Redis
 ) -> None:
-    onboarding = service(with_tls(settings, tls_redis, tls), admin)
+    onboarding = plain_service(with_tls(settings, tls_redis, tls), admin)
     token = await store.issue_registration_token(admin, None, 60)
-    keys = WorkerKeys.generate()
-    nonce = (await onboarding.nonce(token))["nonce"]
-    reply = await onboarding.register(
-        token, ev.dev_evidence(claims(keys, nonce)).model_dump(mode="json")
-    )
-    sealed = base64.b64decode(reply["sealed"])
-    credentials = json.loads(nacl.public.SealedBox(keys.box_key).decrypt(sealed))
+    reply, credentials = await register_plain(onboarding, token, WorkerKeys.generate())
     assert credentials["redis_url"].startswith(f"rediss://cocoon-worker-0-{reply['worker_id']}:")
     assert credentials["redis_ca_pem"] == tls.ca.read_text()
     worker = redis.Redis.from_url(credentials["redis_url"], ssl_ca_data=credentials["redis_ca_pem"])
@@ -144,10 +120,7 @@ async def test_an_onboarded_node_serves_a_turn_over_tls_only(
     ledger = Ledger(db)
     dispatcher = Dispatcher.from_settings(s, ledger)
     try:
-        deadline = time.monotonic() + 30
-        while not [w for w in await registry.list_workers(admin, MODEL) if w.attested]:
-            assert node.poll() is None and time.monotonic() < deadline, log.read_text()
-            await asyncio.sleep(0.1)
+        await attested_worker(admin, node, log, MODEL)
         user = await get_or_create_user(db, 7001)
         await ledger.credit_deposit(user.id, 10**9, "dep:7001")
         turn = await dispatcher.start_turn(
@@ -179,21 +152,16 @@ class GenuineQuote(Verifier):
 async def test_a_backend_without_tls_gives_no_attested_worker_a_plain_url(
     settings: Settings, redis_url: str
 ) -> None:
-    s = settings.model_copy(
-        update={
-            "attestation": AttestationSettings(worker_redis_url="redis://redis.example:6379/0"),
-            "models": {MODEL: ModelPrice(prompt=1_000_000, completion=1_000_000)},
-        }
-    )
+    s = with_attestation(settings, worker_redis_url="redis://redis.example:6379/0")
     client = aioredis.Redis.from_url(redis_url)
     try:
-        onboarding = service(s, client)
+        onboarding = plain_service(s, client)
         onboarding.verifier = GenuineQuote(s.attestation, policy=Policy(), collateral=None)  # type: ignore[arg-type]
         token = await store.issue_registration_token(client, None, 60)
         nonce = (await onboarding.nonce(token))["nonce"]
         tdx = ev.Evidence(
             tee="tdx",
-            claims=claims(WorkerKeys.generate(), nonce),
+            claims=plain_claims(WorkerKeys.generate(), nonce),
             quote=base64.b64encode(QUOTE).decode(),
         )
         with pytest.raises(OnboardingError) as caught:

@@ -6,11 +6,8 @@ path. Each attack is tried as a worker would, with its own credentials."""
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 from collections.abc import AsyncIterator
 
-import nacl.public
 import pytest
 import redis
 import redis.asyncio as aioredis
@@ -19,47 +16,20 @@ from rq import Worker
 from rq.serializers import JSONSerializer
 
 from backend.attestation import acl, store
-from backend.attestation.collateral import CollateralSource
 from backend.attestation.onboarding import Onboarding
 from backend.attestation.policy import Policy
-from backend.attestation.verifier import Verifier
-from backend.settings import AttestationSettings, ModelPrice, Settings
-from workers import evidence as ev
+from backend.settings import Settings
+from tests.support.attest import MODEL, plain_service, register_plain, with_attestation
 from workers import registry
 from workers.jobs import JobBook, aenqueue_job, job_id_for
 from workers.registry import WorkerInfo
 from workers.wire import WorkerKeys
 
-MODEL = "echo"
-
-
-@pytest.fixture
-async def admin(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url)
-    before = set(await acl.worker_users(client))
-    yield client
-    for worker_id in set(await acl.worker_users(client)) - before:
-        await acl.delete_worker_user(client, worker_id)
-    await client.aclose()
-
 
 def onboarding(
     settings: Settings, admin: aioredis.Redis, *, policy: Policy | None = None, **values: object
 ) -> Onboarding:
-    attestation = AttestationSettings(allow_dev=True, **values)  # type: ignore[arg-type]
-    s = settings.model_copy(
-        update={
-            "attestation": attestation,
-            "models": {MODEL: ModelPrice(prompt=1_000_000, completion=1_000_000)},
-        }
-    )
-    verifier = Verifier(
-        attestation,
-        policy=policy or Policy(),
-        collateral=CollateralSource("https://pccs.test", settings.data_dir / "collateral"),
-        models=s.models,
-    )
-    return Onboarding(s, admin, verifier)
+    return plain_service(with_attestation(settings, allow_dev=True, **values), admin, policy=policy)
 
 
 class Onboarded:
@@ -87,23 +57,30 @@ class Onboarded:
         registry.register(self.redis, self.info(**update), ttl_s=30, shared=False)
 
 
-async def onboard(service: Onboarding) -> Onboarded:
-    token = await store.issue_registration_token(service.redis, None, 60)
-    keys = WorkerKeys.generate()
-    nonce = (await service.nonce(token))["nonce"]
-    claims = ev.Claims(
-        box_public_key=keys.box_public_b64,
-        verify_key=keys.verify_key_b64,
-        model=MODEL,
-        engine="instant",
-        engine_version="1",
-        worker_version="0.1.0",
-        nonce=nonce,
-    )
-    reply = await service.register(token, ev.dev_evidence(claims).model_dump(mode="json"))
-    sealed = base64.b64decode(reply["sealed"])
-    credentials = json.loads(nacl.public.SealedBox(keys.box_key).decrypt(sealed))
-    return Onboarded(reply["worker_id"], keys, redis.Redis.from_url(credentials["redis_url"]))
+class Onboarder:
+    """Onboards workers (through ``service``, by default one with dev mode on) and closes their
+    Redis connections when the test is over."""
+
+    def __init__(self, service: Onboarding) -> None:
+        self.service = service
+        self.onboarded: list[Onboarded] = []
+
+    async def __call__(self, service: Onboarding | None = None) -> Onboarded:
+        service = service or self.service
+        token = await store.issue_registration_token(service.redis, None, 60)
+        keys = WorkerKeys.generate()
+        reply, credentials = await register_plain(service, token, keys)
+        worker = Onboarded(reply["worker_id"], keys, redis.Redis.from_url(credentials["redis_url"]))
+        self.onboarded.append(worker)
+        return worker
+
+
+@pytest.fixture
+async def onboard(settings: Settings, admin: aioredis.Redis) -> AsyncIterator[Onboarder]:
+    onboarder = Onboarder(onboarding(settings, admin))
+    yield onboarder
+    for worker in onboarder.onboarded:
+        worker.redis.close()
 
 
 async def index(admin: aioredis.Redis) -> list[str]:
@@ -114,161 +91,136 @@ async def index(admin: aioredis.Redis) -> list[str]:
 
 
 async def test_acceptance_indexes_a_worker_and_revocation_takes_it_out(
-    settings: Settings, admin: aioredis.Redis
+    settings: Settings, admin: aioredis.Redis, onboard: Onboarder
 ) -> None:
     service = onboarding(settings, admin, default_capacity=5)
     worker = await onboard(service)
-    try:
-        # Indexed at acceptance, before its node wrote anything.
-        assert await index(admin) == [worker.worker_id]
-        record = await registry.read_attestation(admin, worker.worker_id)
-        assert record is not None and record.capacity == 5
-        worker.register()
-        assert [w.worker_id for w in await registry.list_workers(admin)] == [worker.worker_id]
+    # Indexed at acceptance, before its node wrote anything.
+    assert await index(admin) == [worker.worker_id]
+    record = await registry.read_attestation(admin, worker.worker_id)
+    assert record is not None and record.capacity == 5
+    worker.register()
+    assert [w.worker_id for w in await registry.list_workers(admin)] == [worker.worker_id]
 
-        await service.revoke(worker.worker_id)
-        assert await index(admin) == []
-        assert worker.worker_id not in await acl.worker_users(admin)
-        assert await store.acl_digests(admin, [worker.worker_id]) == {}
-    finally:
-        worker.redis.close()
+    await service.revoke(worker.worker_id)
+    assert await index(admin) == []
+    assert worker.worker_id not in await acl.worker_users(admin)
+    assert await store.acl_digests(admin, [worker.worker_id]) == {}
 
 
 async def test_an_expired_worker_leaves_the_index(
-    settings: Settings, admin: aioredis.Redis
+    admin: aioredis.Redis, onboard: Onboarder
 ) -> None:
-    service = onboarding(settings, admin)
-    worker = await onboard(service)
-    try:
-        worker.register()
-        # Expiry: Redis drops the record (it was written with the evidence's expiry), and the
-        # node, cut off by the sweep, stops beating.
-        await admin.delete(registry.attestation_key(worker.worker_id))
-        assert [w.attested for w in await registry.list_workers(admin)] == [False]
-        await admin.delete(registry.worker_key(worker.worker_id))
-        assert await registry.list_workers(admin) == []
-        assert await index(admin) == []
-    finally:
-        worker.redis.close()
+    worker = await onboard()
+    worker.register()
+    # Expiry: Redis drops the record (it was written with the evidence's expiry), and the
+    # node, cut off by the sweep, stops beating.
+    await admin.delete(registry.attestation_key(worker.worker_id))
+    assert [w.attested for w in await registry.list_workers(admin)] == [False]
+    await admin.delete(registry.worker_key(worker.worker_id))
+    assert await registry.list_workers(admin) == []
+    assert await index(admin) == []
 
 
 async def test_one_worker_cannot_take_the_others_out_of_dispatch(
-    settings: Settings, admin: aioredis.Redis
+    admin: aioredis.Redis, onboard: Onboarder
 ) -> None:
     """Before: a worker ZREMed every other id and 10 of 10 requests got no worker."""
-    service = onboarding(settings, admin)
-    honest, rogue = await onboard(service), await onboard(service)
-    try:
-        honest.register()
-        rogue.register()
-        for attack in (
-            lambda: rogue.redis.zrem(registry.INDEX_KEY, honest.worker_id),
-            lambda: rogue.redis.delete(registry.INDEX_KEY),
-            lambda: registry.unregister(rogue.redis, honest.worker_id),
-            lambda: rogue.redis.delete(registry.worker_key(honest.worker_id)),
-            lambda: rogue.redis.zadd(registry.INDEX_KEY, {"w-0000000000000000": 1}),
-            lambda: rogue.redis.zadd(registry.slots_key(honest.worker_id), {"x": 2e9}),
-        ):
-            with pytest.raises(NoPermissionError):
-                attack()
-        picks = [
-            await registry.pick_worker(
-                admin, MODEL, attested_only=True, exclude=[rogue.worker_id], job_id=f"j{n}"
-            )
-            for n in range(10)
-        ]
-        assert [p.worker_id if p else None for p in picks[:4]] == [honest.worker_id] * 4
-        # Its 4 slots are the backend's count: the fifth request finds it full, not gone.
-        assert picks[4:] == [None] * 6
-        assert sorted(await index(admin)) == sorted([honest.worker_id, rogue.worker_id])
-    finally:
-        honest.redis.close()
-        rogue.redis.close()
+    honest, rogue = await onboard(), await onboard()
+    honest.register()
+    rogue.register()
+    for attack in (
+        lambda: rogue.redis.zrem(registry.INDEX_KEY, honest.worker_id),
+        lambda: rogue.redis.delete(registry.INDEX_KEY),
+        lambda: registry.unregister(rogue.redis, honest.worker_id),
+        lambda: rogue.redis.delete(registry.worker_key(honest.worker_id)),
+        lambda: rogue.redis.zadd(registry.INDEX_KEY, {"w-0000000000000000": 1}),
+        lambda: rogue.redis.zadd(registry.slots_key(honest.worker_id), {"x": 2e9}),
+    ):
+        with pytest.raises(NoPermissionError):
+            attack()
+    picks = [
+        await registry.pick_worker(
+            admin, MODEL, attested_only=True, exclude=[rogue.worker_id], job_id=f"j{n}"
+        )
+        for n in range(10)
+    ]
+    assert [p.worker_id if p else None for p in picks[:4]] == [honest.worker_id] * 4
+    # Its 4 slots are the backend's count: the fifth request finds it full, not gone.
+    assert picks[4:] == [None] * 6
+    assert sorted(await index(admin)) == sorted([honest.worker_id, rogue.worker_id])
 
 
 async def test_an_advertised_capacity_is_capped_by_the_attestation_record(
-    settings: Settings, admin: aioredis.Redis
+    settings: Settings, admin: aioredis.Redis, onboard: Onboarder
 ) -> None:
     """Before: a worker claiming capacity 10^9 took all traffic."""
     service = onboarding(settings, admin, policy=Policy(max_capacity=3))
     honest, greedy = await onboard(service), await onboard(service)
-    try:
-        honest.register(capacity=3)
-        greedy.register(capacity=1_000_000_000, load=0)
-        listed = {w.worker_id: w for w in await registry.list_workers(admin)}
-        assert listed[greedy.worker_id].capacity == 3
-        picks = [
-            await registry.pick_worker(admin, MODEL, attested_only=True, job_id=f"j{n}")
-            for n in range(8)
-        ]
-        chosen = [p.worker_id for p in picks if p is not None]
-        assert chosen.count(greedy.worker_id) == 3 and chosen.count(honest.worker_id) == 3
-        assert picks[6:] == [None, None]
-        # Reporting itself idle frees no slot: load is the backend's own count.
-        assert registry.heartbeat(greedy.redis, greedy.worker_id, 0, 30) is True
-        assert not await registry.reserve_slot(admin, greedy.worker_id, "more", ttl_s=60)
-    finally:
-        honest.redis.close()
-        greedy.redis.close()
+    honest.register(capacity=3)
+    greedy.register(capacity=1_000_000_000, load=0)
+    listed = {w.worker_id: w for w in await registry.list_workers(admin)}
+    assert listed[greedy.worker_id].capacity == 3
+    picks = [
+        await registry.pick_worker(admin, MODEL, attested_only=True, job_id=f"j{n}")
+        for n in range(8)
+    ]
+    chosen = [p.worker_id for p in picks if p is not None]
+    assert chosen.count(greedy.worker_id) == 3 and chosen.count(honest.worker_id) == 3
+    assert picks[6:] == [None, None]
+    # Reporting itself idle frees no slot: load is the backend's own count.
+    assert registry.heartbeat(greedy.redis, greedy.worker_id, 0, 30) is True
+    assert not await registry.reserve_slot(admin, greedy.worker_id, "more", ttl_s=60)
 
 
 async def test_a_workers_bogus_entry_spoils_no_read_of_the_others(
-    settings: Settings, admin: aioredis.Redis
+    admin: aioredis.Redis, onboard: Onboarder
 ) -> None:
-    service = onboarding(settings, admin)
-    honest, rogue = await onboard(service), await onboard(service)
+    honest, rogue = await onboard(), await onboard()
     key = registry.worker_key(rogue.worker_id)
-    try:
-        honest.register()
-        rogue.register()
-        reads = []
-        # Its own entry is all it can write: unparseable numbers, a huge entry, another type,
-        # and an entry that names another worker.
-        rogue.redis.hset(key, mapping={"load": "nan", "last_heartbeat": "inf"})
-        reads.append(await registry.list_workers(admin))
-        rogue.redis.hset(key, "load", "9" * 5000)
-        reads.append(await registry.list_workers(admin))
-        rogue.redis.hset(key, "info", "{" * 1_000_000)
-        reads.append(await registry.list_workers(admin))
-        rogue.redis.delete(key)
-        rogue.redis.rpush(key, "not a hash")
-        reads.append(await registry.list_workers(admin))
-        rogue.redis.delete(key)
-        rogue.register()
-        rogue.redis.hset(key, "info", rogue.info(worker_id=honest.worker_id).model_dump_json())
-        reads.append(await registry.list_workers(admin))
-        assert {w.worker_id for w in reads[0]} == {honest.worker_id, rogue.worker_id}
-        for listed in reads[1:4]:
-            assert [w.worker_id for w in listed] == [honest.worker_id]
-        # Listed under its own key's id, whatever its entry says.
-        assert sorted(w.worker_id for w in reads[4]) == sorted([honest.worker_id, rogue.worker_id])
-        assert {w.box_public_key for w in reads[4] if w.worker_id == honest.worker_id} == {
-            honest.keys.box_public_b64
-        }
-        # Reserving on a key of the wrong type skips that worker only.
-        rogue.redis.delete(key)
-        rogue.redis.rpush(key, "x")
-        picked = await registry.pick_worker(admin, MODEL, attested_only=True, job_id="j")
-        assert picked is not None and picked.worker_id == honest.worker_id
-    finally:
-        honest.redis.close()
-        rogue.redis.close()
+    honest.register()
+    rogue.register()
+    reads = []
+    # Its own entry is all it can write: unparseable numbers, a huge entry, another type,
+    # and an entry that names another worker.
+    rogue.redis.hset(key, mapping={"load": "nan", "last_heartbeat": "inf"})
+    reads.append(await registry.list_workers(admin))
+    rogue.redis.hset(key, "load", "9" * 5000)
+    reads.append(await registry.list_workers(admin))
+    rogue.redis.hset(key, "info", "{" * 1_000_000)
+    reads.append(await registry.list_workers(admin))
+    rogue.redis.delete(key)
+    rogue.redis.rpush(key, "not a hash")
+    reads.append(await registry.list_workers(admin))
+    rogue.redis.delete(key)
+    rogue.register()
+    rogue.redis.hset(key, "info", rogue.info(worker_id=honest.worker_id).model_dump_json())
+    reads.append(await registry.list_workers(admin))
+    assert {w.worker_id for w in reads[0]} == {honest.worker_id, rogue.worker_id}
+    for listed in reads[1:4]:
+        assert [w.worker_id for w in listed] == [honest.worker_id]
+    # Listed under its own key's id, whatever its entry says.
+    assert sorted(w.worker_id for w in reads[4]) == sorted([honest.worker_id, rogue.worker_id])
+    assert {w.box_public_key for w in reads[4] if w.worker_id == honest.worker_id} == {
+        honest.keys.box_public_b64
+    }
+    # Reserving on a key of the wrong type skips that worker only.
+    rogue.redis.delete(key)
+    rogue.redis.rpush(key, "x")
+    picked = await registry.pick_worker(admin, MODEL, attested_only=True, job_id="j")
+    assert picked is not None and picked.worker_id == honest.worker_id
 
 
 async def test_the_node_writes_its_own_entry_in_one_transaction_without_scripts(
-    settings: Settings, admin: aioredis.Redis
+    admin: aioredis.Redis, onboard: Onboarder
 ) -> None:
-    service = onboarding(settings, admin)
-    worker = await onboard(service)
-    try:
-        worker.register()
-        assert registry.heartbeat(worker.redis, worker.worker_id, 2, 30) is True
-        registry.unregister(worker.redis, worker.worker_id, shared=False)
-        assert registry.heartbeat(worker.redis, worker.worker_id, 2, 30) is False
-        assert not await admin.exists(registry.worker_key(worker.worker_id))  # not resurrected
-        assert await index(admin) == [worker.worker_id]  # the index is the backend's
-    finally:
-        worker.redis.close()
+    worker = await onboard()
+    worker.register()
+    assert registry.heartbeat(worker.redis, worker.worker_id, 2, 30) is True
+    registry.unregister(worker.redis, worker.worker_id, shared=False)
+    assert registry.heartbeat(worker.redis, worker.worker_id, 2, 30) is False
+    assert not await admin.exists(registry.worker_key(worker.worker_id))  # not resurrected
+    assert await index(admin) == [worker.worker_id]  # the index is the backend's
 
 
 # -- worker ids ----------------------------------------------------------------------------------
@@ -288,31 +240,27 @@ def test_a_worker_id_from_redis_is_read_as_text() -> None:
 
 
 async def test_bogus_index_entries_are_skipped_dropped_and_read_in_bounded_steps(
-    settings: Settings, admin: aioredis.Redis
+    admin: aioredis.Redis, onboard: Onboarder
 ) -> None:
-    service = onboarding(settings, admin)
-    worker = await onboard(service)
-    try:
-        worker.register()
-        await admin.zadd(registry.INDEX_KEY, {f"bogus-{n}": 0 for n in range(2_000)})
-        await admin.zadd(registry.INDEX_KEY, {b"\xff\xfe": 0, "a b": 0, "x" * 200: 0, "w-*": 0})
-        sizes = []
-        for _ in range(5):
-            listed = await registry.list_workers(admin, limit=500)
-            # The newest entries first: the worker accepted last is seen behind all of them.
-            assert [w.worker_id for w in listed] == [worker.worker_id]
-            sizes.append(await admin.zcard(registry.INDEX_KEY))
-        # Each read looks at 500 entries at most and drops those that name no worker.
-        assert sizes == [1_506, 1_007, 508, 9, 1]
-        assert await index(admin) == [worker.worker_id]
-        # A route (read from Redis) that names no worker is ignored.
-        await admin.set(registry.route_key("conv"), "../../x")
-        picked = await registry.pick_worker(admin, MODEL, conversation_id="conv")
-        assert picked is not None and picked.worker_id == worker.worker_id
-        assert await registry.get_worker(admin, "a b") is None
-        assert await registry.read_attestation(admin, "*") is None
-    finally:
-        worker.redis.close()
+    worker = await onboard()
+    worker.register()
+    await admin.zadd(registry.INDEX_KEY, {f"bogus-{n}": 0 for n in range(2_000)})
+    await admin.zadd(registry.INDEX_KEY, {b"\xff\xfe": 0, "a b": 0, "x" * 200: 0, "w-*": 0})
+    sizes = []
+    for _ in range(5):
+        listed = await registry.list_workers(admin, limit=500)
+        # The newest entries first: the worker accepted last is seen behind all of them.
+        assert [w.worker_id for w in listed] == [worker.worker_id]
+        sizes.append(await admin.zcard(registry.INDEX_KEY))
+    # Each read looks at 500 entries at most and drops those that name no worker.
+    assert sizes == [1_506, 1_007, 508, 9, 1]
+    assert await index(admin) == [worker.worker_id]
+    # A route (read from Redis) that names no worker is ignored.
+    await admin.set(registry.route_key("conv"), "../../x")
+    picked = await registry.pick_worker(admin, MODEL, conversation_id="conv")
+    assert picked is not None and picked.worker_id == worker.worker_id
+    assert await registry.get_worker(admin, "a b") is None
+    assert await registry.read_attestation(admin, "*") is None
 
 
 class CommandLog(aioredis.Redis):
@@ -328,11 +276,10 @@ class CommandLog(aioredis.Redis):
 
 
 async def test_a_turn_reads_no_index_however_many_entries_it_has(
-    settings: Settings, admin: aioredis.Redis, redis_url: str
+    admin: aioredis.Redis, redis_url: str, onboard: Onboarder
 ) -> None:
     """Before: 300,000 bogus ids froze the web server (/healthz 27 s): every turn read them."""
-    service = onboarding(settings, admin)
-    worker = await onboard(service)
+    worker = await onboard()
     client = CommandLog.from_url(redis_url)
     snapshot = registry.WorkerSnapshot(client, refresh_s=3600)
     try:
@@ -353,20 +300,18 @@ async def test_a_turn_reads_no_index_however_many_entries_it_has(
     finally:
         await snapshot.close()
         await client.aclose()
-        worker.redis.close()
 
 
 async def test_the_snapshot_refreshes_in_the_background_and_keeps_its_copy_when_redis_fails(
-    settings: Settings, admin: aioredis.Redis, redis_url: str
+    admin: aioredis.Redis, onboard: Onboarder
 ) -> None:
-    service = onboarding(settings, admin)
-    first = await onboard(service)
+    first = await onboard()
     now = [0.0]
     snapshot = registry.WorkerSnapshot(admin, refresh_s=5, clock=lambda: now[0])
     try:
         first.register()
         assert [w.worker_id for w in await snapshot.workers(MODEL)] == [first.worker_id]
-        second = await onboard(service)
+        second = await onboard()
         second.register()
         assert len(await snapshot.workers(MODEL)) == 1  # a copy: not read again yet
         now[0] = 6.0  # older than refresh_s: a read starts in the background
@@ -376,10 +321,8 @@ async def test_the_snapshot_refreshes_in_the_background_and_keeps_its_copy_when_
                 break
             await asyncio.sleep(0.01)
         assert len(await snapshot.workers(MODEL)) == 2
-        second.redis.close()
     finally:
         await snapshot.close()
-        first.redis.close()
 
 
 async def test_a_slot_freed_here_is_free_in_the_snapshot_at_once(admin: aioredis.Redis) -> None:
@@ -415,49 +358,41 @@ async def test_a_slot_freed_here_is_free_in_the_snapshot_at_once(admin: aioredis
 
 
 async def test_the_rq_bookkeeping_needs_no_shared_key(
-    settings: Settings, admin: aioredis.Redis, redis_url: str
+    admin: aioredis.Redis, onboard: Onboarder
 ) -> None:
     """RQ lists a worker in the shared set ``rq:workers``; the node's RQ worker lists itself in
     its queue's set only (workers/rq_compat.py, NodeRQWorker). If an RQ release writes the shared
     set again, the worker's ACL user refuses it here, with NOPERM."""
-    service = onboarding(settings, admin)
-    worker = await onboard(service)
+    worker = await onboard()
     book = JobBook(worker.redis, worker.worker_id)
-    try:
-        ok_id = job_id_for(worker.worker_id, "t1", 1)
-        bad_id = job_id_for(worker.worker_id, "t2", 1)
-        for job_id in (ok_id, bad_id):
-            await aenqueue_job(admin, worker.worker_id, job_id, b"sealed", timeout_s=60, ttl_s=60)
-        book.register_birth()
-        first = book.dequeue(None)
-        assert first is not None and first.id == ok_id
-        execution = book.start(first)
-        book.heartbeat([(first, execution)], True)
-        book.finish(first, execution, {"finish_reason": "stop"})
-        second = book.dequeue(None)
-        assert second is not None
-        book.fail(second, book.start(second), "engine failed")
-        queue_workers = Worker.all(queue=book.queue, serializer=JSONSerializer)
-        assert [w.name for w in queue_workers] == [worker.worker_id]
-        book.register_death()
-        assert not await admin.exists("rq:workers")
-        with pytest.raises(NoPermissionError):
-            worker.redis.sadd("rq:workers", "rq:worker:x")
-    finally:
-        worker.redis.close()
+    ok_id = job_id_for(worker.worker_id, "t1", 1)
+    bad_id = job_id_for(worker.worker_id, "t2", 1)
+    for job_id in (ok_id, bad_id):
+        await aenqueue_job(admin, worker.worker_id, job_id, b"sealed", timeout_s=60, ttl_s=60)
+    book.register_birth()
+    first = book.dequeue(None)
+    assert first is not None and first.id == ok_id
+    execution = book.start(first)
+    book.heartbeat([(first, execution)], True)
+    book.finish(first, execution, {"finish_reason": "stop"})
+    second = book.dequeue(None)
+    assert second is not None
+    book.fail(second, book.start(second), "engine failed")
+    queue_workers = Worker.all(queue=book.queue, serializer=JSONSerializer)
+    assert [w.name for w in queue_workers] == [worker.worker_id]
+    book.register_death()
+    assert not await admin.exists("rq:workers")
+    with pytest.raises(NoPermissionError):
+        worker.redis.sadd("rq:workers", "rq:worker:x")
 
 
 async def test_a_kept_digest_is_the_passwords_sha256_and_goes_with_the_record(
-    settings: Settings, admin: aioredis.Redis
+    settings: Settings, admin: aioredis.Redis, onboard: Onboarder
 ) -> None:
-    service = onboarding(settings, admin, lifetime_s=600)
-    worker = await onboard(service)
-    try:
-        digest = (await store.acl_digests(admin, [worker.worker_id]))[worker.worker_id]
-        password = worker.redis.connection_pool.connection_kwargs["password"]
-        assert digest == acl.password_digest(password) != password
-        ttl = await admin.ttl(f"cocoon:worker-acl:{worker.worker_id}")
-        record_ttl = await admin.ttl(registry.attestation_key(worker.worker_id))
-        assert 0 < ttl and abs(ttl - record_ttl) <= 1
-    finally:
-        worker.redis.close()
+    worker = await onboard(onboarding(settings, admin, lifetime_s=600))
+    digest = (await store.acl_digests(admin, [worker.worker_id]))[worker.worker_id]
+    password = worker.redis.connection_pool.connection_kwargs["password"]
+    assert digest == acl.password_digest(password) != password
+    ttl = await admin.ttl(f"cocoon:worker-acl:{worker.worker_id}")
+    record_ttl = await admin.ttl(registry.attestation_key(worker.worker_id))
+    assert 0 < ttl and abs(ttl - record_ttl) <= 1

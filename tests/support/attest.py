@@ -1,25 +1,32 @@
 """Attestation test data and the onboarding service over it: the real TDX quote and its
 recorded Intel collateral (``tests/fixtures/tdx``, README there), an allow-list policy that
 admits the quote's measurements (running the instant engine as configured by default) and the
-weights ``WEIGHTS`` for ``MODEL``, and a worker's development-TEE or TDX evidence claiming them."""
+weights ``WEIGHTS`` for ``MODEL``, and a worker's development-TEE or TDX evidence claiming them;
+a plain onboarding service (no allow-list) for development-TEE workers; ``cocoon web`` on
+loopback."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import nacl.public
 import pytest
 import redis.asyncio as aioredis
+from aiohttp.test_utils import TestServer
 
 from backend.attestation import acl
 from backend.attestation.collateral import CollateralSource
 from backend.attestation.onboarding import Onboarding
 from backend.attestation.policy import Policy
 from backend.attestation.verifier import Verifier
+from backend.db import Database
 from backend.settings import AttestationSettings, ModelPrice, Settings
+from backend.web import create_app
 from workers import evidence as ev
 from workers.wire import WorkerKeys
 
@@ -121,3 +128,58 @@ async def attest(
     else:
         evidence = ev.Evidence(tee="tdx", claims=claims, quote=base64.b64encode(QUOTE).decode())
     return await onboarding.register(token, evidence.model_dump(mode="json"))
+
+
+def plain_service(
+    s: Settings, admin: aioredis.Redis, *, policy: Policy | None = None
+) -> Onboarding:
+    """The onboarding service of the settings ``s`` under ``policy`` (by default one that lists
+    no image and no weights), no collateral recorded: development-TEE workers pass."""
+    collateral = CollateralSource("https://pccs.test", s.data_dir / "collateral")
+    verifier = Verifier(
+        s.attestation, policy=policy or Policy(), collateral=collateral, models=s.models
+    )
+    return Onboarding(s, admin, verifier)
+
+
+def plain_claims(keys: WorkerKeys, nonce: str) -> ev.Claims:
+    """A development worker's claims for ``MODEL`` on the instant engine, no weights digest."""
+    return ev.Claims(
+        box_public_key=keys.box_public_b64,
+        verify_key=keys.verify_key_b64,
+        model=MODEL,
+        engine="instant",
+        engine_version="1",
+        worker_version="0.1.0",
+        nonce=nonce,
+    )
+
+
+def open_credentials(reply: dict, keys: WorkerKeys) -> dict:
+    """The credentials an accepted registration sealed to the worker's box key."""
+    sealed = base64.b64decode(reply["sealed"])
+    return json.loads(nacl.public.SealedBox(keys.box_key).decrypt(sealed))
+
+
+async def register_plain(onboarding: Onboarding, token: str, keys: WorkerKeys) -> tuple[dict, dict]:
+    """Register a development worker (:func:`plain_claims`) with ``token``: the reply, and the
+    credentials it sealed."""
+    nonce = (await onboarding.nonce(token))["nonce"]
+    evidence = ev.dev_evidence(plain_claims(keys, nonce))
+    reply = await onboarding.register(token, evidence.model_dump(mode="json"))
+    return reply, open_credentials(reply, keys)
+
+
+async def serve_backend(s: Settings) -> TestServer:
+    """``cocoon web`` with the settings ``s`` on loopback, its database upgraded first (the app
+    is ``server.app``, its URL :func:`base_url`)."""
+    db = Database.from_settings(s)
+    await db.upgrade()
+    await db.close()
+    server = TestServer(create_app(s))
+    await server.start_server()
+    return server
+
+
+def base_url(server: TestServer) -> str:
+    return str(server.make_url("")).rstrip("/")

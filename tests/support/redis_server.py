@@ -1,9 +1,12 @@
 """A redis-server of a test's own, on a free loopback port: to restart it, to give it a TLS
 listener, without touching the shared test server. Certificates are made with the ``openssl``
-command (a CA, and a server certificate for 127.0.0.1 signed by it)."""
+command (a CA, and a server certificate for 127.0.0.1 signed by it). And a real worker node
+process that onboards over HTTP: started, stopped, waited for until the registry lists it
+attested."""
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import socket
 import subprocess
@@ -13,8 +16,10 @@ from pathlib import Path
 
 import pytest
 import redis
+import redis.asyncio as aioredis
 
 from tests.support.env import IN_CI
+from workers import registry
 
 
 def require(program: str) -> str:
@@ -152,3 +157,17 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+async def attested_worker(
+    admin: aioredis.Redis, node: subprocess.Popen[bytes], log: Path, model: str
+) -> str:
+    """The id of the first attested worker of ``model`` once the registry lists one (within
+    30 s, while ``node`` runs; else fail with its log)."""
+    deadline = time.monotonic() + 30
+    while True:
+        attested = [w for w in await registry.list_workers(admin, model) if w.attested]
+        if attested:
+            return attested[0].worker_id
+        assert node.poll() is None and time.monotonic() < deadline, log.read_text()
+        await asyncio.sleep(0.1)
