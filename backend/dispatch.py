@@ -266,7 +266,7 @@ class Turn(TurnSettlement):
             worker = await registry.pick_worker(
                 self.d.redis,
                 self.request.model,
-                conversation_id=self.request.conversation_id,
+                conversation_id=self._route_id(),
                 exclude=exclude,
                 job_id=lambda worker_id: job_id_for(worker_id, self.turn_id, attempt),
                 slot_ttl_s=self.d.queue_ttl_s + self.d.job_timeout_s,

@@ -211,7 +211,12 @@ class Settings(BaseSettings):
     context_key: SecretStr | None = Field(
         default=None,
         description="32-byte key (hex or base64) sealing chat context at rest; "
-        "default: a key generated once in data_dir/context.key",
+        "default: a key generated once in secrets_dir/context.key",
+    )
+    secrets_dir: Path | None = Field(
+        default=None,
+        description="where generated secrets live (the context key); default "
+        "$XDG_CONFIG_HOME/cocoon: outside data_dir (backend.serverkeys)",
     )
     context_ttl_s: int = Field(default=7 * 86_400, gt=0, description="chat context lifetime")
     context_max_messages: int = Field(default=20, ge=2, le=200, description="messages kept")

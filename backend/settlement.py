@@ -23,6 +23,7 @@ from backend.flags import record_flags
 from backend.ledger import InvalidState, Ledger, LedgerError, TurnUsage
 from backend.pricing import turn_cost
 from backend.receipts import BilledUsage, ReceiptRecord, open_receipt, store_receipt
+from backend.serverkeys import route_id, route_secret
 from backend.settings import ModelPrice, Settings
 from backend.turns import TurnCounter, TurnDone, TurnRequest, WorkerProof
 from workers import registry, streams
@@ -69,6 +70,14 @@ class TurnSettlement:
     prompt_bound: int | None = None  # a sealed turn's: from the ciphertext's length
     _reply_sha256: hashlib._Hash | None = None
 
+    def _route_id(self) -> str | None:
+        """The conversation's route name in Redis: keyed with the server's route secret
+        (backend.serverkeys), never a hash of what the user wrote that anyone can recompute."""
+        conversation = self.request.conversation_id
+        if not conversation:
+            return None
+        return route_id(route_secret(self.d.settings), conversation)
+
     def _keep_request(self, sealed: bytes) -> bytes:
         self.sealed_request_sha256 = hashlib.sha256(sealed).hexdigest()
         self._reply_sha256 = hashlib.sha256()
@@ -97,10 +106,8 @@ class TurnSettlement:
         charged = await self._charge(billed, final.finish_reason, outcome=outcome)
         await self._flag(billed.flags)
         receipt = await self._receipt(billed, charged)
-        if self.request.conversation_id:
-            await registry.remember_route(
-                self.d.redis, self.request.conversation_id, self.worker.worker_id, ROUTE_TTL_S
-            )
+        if (route := self._route_id()) is not None:
+            await registry.remember_route(self.d.redis, route, self.worker.worker_id, ROUTE_TTL_S)
         log.info(
             "turn %s settled: %d+%d tokens, %d nanoTON, %s",
             self.turn_id,

@@ -191,6 +191,25 @@ def start_worker(
     return subprocess.Popen(command, stdin=subprocess.DEVNULL)
 
 
+def _say_where_the_key_is(settings: Settings) -> None:
+    """Where the context key is kept (made now if it is new), and a warning when that is the
+    data folder: a copy of the data would then carry the key that opens it."""
+    from backend import serverkeys
+
+    if settings.context_key is not None:
+        print("cocoon: context key from COCOON_CONTEXT_KEY", flush=True)
+        return
+    serverkeys.load_context_key(settings)
+    path = serverkeys.context_key_file(settings)
+    print(f"cocoon: context key in {path} (COCOON_SECRETS_DIR)", flush=True)
+    if serverkeys.shares_data_dir(settings):
+        print(
+            f"cocoon: warning: the context key is in the data folder {settings.data_dir}: a copy "
+            "of the data carries the key that opens it; set COCOON_SECRETS_DIR elsewhere",
+            flush=True,
+        )
+
+
 class StackError(Exception):
     """``cocoon up`` cannot go on (said in one line, exit 1)."""
 
@@ -199,6 +218,7 @@ def run_stack(settings: Settings, *, host: str | None = None, port: int | None =
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade_database(settings.db_url)
     print(f"cocoon: data in {settings.data_dir}", flush=True)
+    _say_where_the_key_is(settings)
     attestation = settings.attestation.model_copy(update={"allow_dev": True})
     settings = settings.model_copy(update={"attestation": attestation})
     print("cocoon: development TEE allowed for this local stack (not hardware-attested)")

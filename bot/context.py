@@ -7,13 +7,9 @@ Nothing else about a conversation is stored: no plaintext, no hashes of it.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import logging
-import os
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 import nacl.bindings as sodium
@@ -21,6 +17,7 @@ import nacl.exceptions
 import nacl.utils
 from redis.asyncio import Redis as AsyncRedis
 
+from backend import serverkeys
 from backend.dispatch import WorkerProof, prompt_token_bound
 from backend.settings import Settings
 from workers.redis_keys import redis_key
@@ -34,34 +31,10 @@ CONTEXT = "bot:ctx"
 VERSION = b"\x01"
 
 
-def _decode_key(text: str) -> bytes:
-    text = text.strip()
-    for decode in (bytes.fromhex, base64.b64decode, base64.urlsafe_b64decode):
-        try:
-            key = decode(text)
-        except (ValueError, binascii.Error):
-            continue
-        if len(key) == KEY_BYTES:
-            return key
-    raise ValueError("COCOON_CONTEXT_KEY must be 32 bytes, written in hex or base64")
-
-
 def load_context_key(settings: Settings) -> bytes:
-    """The operator's context key: the setting, else one generated once in the data directory
-    (mode 0600). Every bot replica must share it: set COCOON_CONTEXT_KEY in production."""
-    if settings.context_key is not None:
-        return _decode_key(settings.context_key.get_secret_value())
-    path = Path(settings.data_dir) / "context.key"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass
-        else:
-            with os.fdopen(fd, "w") as out:
-                out.write(nacl.utils.random(KEY_BYTES).hex() + "\n")
-    return _decode_key(path.read_text())
+    """The operator's context key: the setting, else one generated once in the secrets
+    directory, outside the data directory (:func:`backend.serverkeys.load_context_key`)."""
+    return serverkeys.load_context_key(settings)
 
 
 @dataclass

@@ -48,6 +48,7 @@ def settings(tmp_path: Path) -> Settings:
     return Settings(
         _env_file=None,
         data_dir=tmp_path / "data",
+        secrets_dir=tmp_path / "secrets",
         redis_url=TEST_REDIS_URL,
     )
 

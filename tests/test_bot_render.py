@@ -91,7 +91,8 @@ async def test_context_is_sealed_bound_to_its_chat_and_expires(
     client = aioredis.Redis.from_url(redis_url)
     key = load_context_key(settings)
     assert load_context_key(settings) == key  # generated once, kept
-    assert (Path(settings.data_dir) / "context.key").stat().st_mode & 0o777 == 0o600
+    assert (Path(str(settings.secrets_dir)) / "context.key").stat().st_mode & 0o777 == 0o600
+    assert not (Path(settings.data_dir) / "context.key").exists()  # not beside the data
     store = ContextStore(client, key, ttl_s=60, max_messages=4)
     secret = "my card PIN is 1234"
     await store.save(7, Conversation(messages=[{"role": "user", "content": secret}] * 6))

@@ -16,6 +16,7 @@ from backend.dispatch import Dispatcher, TurnDone, TurnError, TurnRequest, TurnT
 from backend.ledger import Balances, Ledger
 from backend.models import AccountKind
 from backend.pricing import turn_cost
+from backend.serverkeys import route_id, route_secret
 from backend.settings import DEFAULT_MODEL, Settings
 from tests.support.env import require_module
 from tests.support.turns import TON, Node, cancel_after, dev_stack, funded_user, open_holds
@@ -136,7 +137,8 @@ async def test_a_worker_frozen_before_the_first_token_is_replaced(
     healthy = Node(redis_url)
     nodes.append(healthy)
     # Make the frozen one the obvious choice: the conversation's previous worker.
-    await registry.remember_route(dispatcher.redis, "stuck", frozen.worker_id, 60)
+    route = route_id(route_secret(dispatcher.settings), "stuck")  # as the dispatcher names it
+    await registry.remember_route(dispatcher.redis, route, frozen.worker_id, 60)
 
     # The frozen worker is given up after a short first-token wait; the healthy one, however
     # slow this machine is, gets the fixture's long one. Each attempt reads the timeout when

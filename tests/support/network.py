@@ -48,6 +48,7 @@ from backend.invariants import InvariantReport, check_invariants
 from backend.ledger import Ledger
 from backend.models import Hold, HoldState, WorkerFlag
 from backend.openai_api.service import conversation_id_for
+from backend.serverkeys import route_id, route_secret
 from backend.settings import DEFAULT_MODEL, AttestationSettings, Settings
 from backend.users import get_or_create_user
 from backend.web import create_app
@@ -185,7 +186,8 @@ class Network:
         """Send the next turns that open with ``text`` to ``worker_id`` while it has room."""
         messages = [ChatMessage(role="user", content=text)]
         conversation = conversation_id_for(self.user_id, messages)
-        await registry.remember_route(self.admin, conversation, worker_id, 600)
+        route = route_id(route_secret(self.settings), conversation)  # as the dispatcher names it
+        await registry.remember_route(self.admin, route, worker_id, 600)
 
     def _request(
         self, text: str, max_tokens: int | None, stream: bool, api_key: str | None = None
