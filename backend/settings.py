@@ -142,7 +142,10 @@ class TonSettings(BaseModel):
         default=120, ge=10, le=3600, description="how long a signed payout message stays valid"
     )
     deposit_ttl_s: int = Field(
-        default=600, ge=60, le=86400, description="validUntil of a TON Connect top-up"
+        default=300,
+        ge=60,
+        le=300,
+        description="validUntil of a TON Connect top-up (wallets warn past 5 minutes)",
     )
     proof_domains: list[str] = Field(
         default_factory=list, description="domains a ton_proof may name (the Mini App's host)"

@@ -1,5 +1,12 @@
-"""The browser libraries the pages load: served from ``miniapp/node_modules`` (``npm ci`` in
-``miniapp/``, pinned by ``package-lock.json``), so no CDN is needed at run time.
+"""The files the pages load, served from memory: the Mini App's own (``miniapp/static``) and
+the browser libraries from ``miniapp/node_modules`` (``npm ci`` in ``miniapp/``, pinned by
+``package-lock.json``: ``@tonconnect/ui``, Telegram's script from ``@twa-dev/sdk``, the QR code
+generator ``qrcode-generator``), so no CDN is needed at run time.
+
+Each file is read once at start, gzipped once, and named in the pages with its content's hash
+(``/app/static/app.js?v=1a2b3c…``): a versioned URL is cached for a year (``immutable``), any
+other is revalidated (``no-cache`` with an ``ETag``), so a new release is seen at once and an
+unchanged file never travels twice.
 
 ``COCOON_TONCONNECT_UI_URL`` points the pages at a CDN copy of ``@tonconnect/ui`` instead.
 Without either, the pages still load but cannot connect a wallet, and the server says so when
@@ -8,44 +15,119 @@ it starts.
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import logging
+import mimetypes
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from aiohttp import web
 
 from backend.settings import Settings
 
 log = logging.getLogger("cocoon.miniapp")
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+STATIC_DIR = PACKAGE_DIR / "static"
 NODE_MODULES = PACKAGE_DIR / "node_modules"
 TONCONNECT_DIST = NODE_MODULES / "@tonconnect" / "ui" / "dist"
 TONCONNECT_FILE = "tonconnect-ui.min.js"
 TELEGRAM_JS = NODE_MODULES / "@twa-dev" / "sdk" / "src" / "telegram-web-apps.js"
+QRCODE_JS = NODE_MODULES / "qrcode-generator" / "dist" / "qrcode.js"
 TELEGRAM_CDN = "https://telegram.org/js/telegram-web-app.js"
 
-TONCONNECT_ROUTE = "/app/vendor/tonconnect/"
-TELEGRAM_ROUTE = "/app/vendor/telegram-web-app.js"
+STATIC_ROUTE = "/app/static/"
+VENDOR_ROUTE = "/app/vendor/"
+TONCONNECT_ROUTE = VENDOR_ROUTE + "tonconnect/"
+TELEGRAM_ROUTE = VENDOR_ROUTE + "telegram-web-app.js"
+QRCODE_ROUTE = VENDOR_ROUTE + "qrcode.js"
+
+IMMUTABLE = "public, max-age=31536000, immutable"
+REVALIDATE = "no-cache"
+COMPRESSIBLE = ("text/", "application/javascript", "application/json", "image/svg+xml")
+
+
+@dataclass(frozen=True)
+class Asset:
+    """One file, as it is served: its bytes, gzipped where that helps, and its version."""
+
+    body: bytes
+    content_type: str
+    version: str  # the first 16 hex digits of its SHA-256
+    gzipped: bytes | None = None
+
+    @classmethod
+    def load(cls, path: Path) -> Asset:
+        body = path.read_bytes()
+        content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        if content_type == "text/javascript":
+            content_type = "application/javascript"
+        squeezed = None
+        if content_type.startswith(COMPRESSIBLE):
+            packed = gzip.compress(body, compresslevel=9, mtime=0)
+            squeezed = packed if len(packed) < len(body) else None
+        return cls(body, content_type, hashlib.sha256(body).hexdigest()[:16], squeezed)
+
+
+@dataclass
+class Files:
+    """Files served under one route prefix, by name."""
+
+    route: str
+    files: dict[str, Asset] = field(default_factory=dict)
+
+    def add(self, name: str, path: Path) -> None:
+        self.files[name] = Asset.load(path)
+
+    def url(self, name: str) -> str:
+        """The versioned URL of ``name`` (cached for a year: its version changes with it)."""
+        return f"{self.route}{name}?v={self.files[name].version}"
+
+    async def handle(self, request: web.Request) -> web.Response:
+        asset = self.files.get(request.match_info["name"])
+        if asset is None:
+            raise web.HTTPNotFound()
+        etag = f'"{asset.version}"'
+        versioned = request.query.get("v") == asset.version
+        headers = {
+            "Cache-Control": IMMUTABLE if versioned else REVALIDATE,
+            "ETag": etag,
+            "Vary": "Accept-Encoding",
+            "X-Content-Type-Options": "nosniff",
+        }
+        if request.headers.get("If-None-Match") == etag:
+            return web.Response(status=304, headers=headers)
+        body = asset.body
+        if asset.gzipped is not None and "gzip" in request.headers.get("Accept-Encoding", ""):
+            body = asset.gzipped
+            headers["Content-Encoding"] = "gzip"
+        return web.Response(body=body, content_type=asset.content_type, headers=headers)
 
 
 @dataclass(frozen=True)
 class Assets:
     tonconnect_url: str | None  # None: no TON Connect (the page says so)
     telegram_url: str
-    tonconnect_dir: Path | None = None  # served by us
-    telegram_file: Path | None = None
+    static: Files
+    vendor: Files
+    qrcode_url: str | None = None  # None: the deposit address is shown without a QR code
     problems: list[str] = field(default_factory=list)
 
 
 def find_assets(settings: Settings, node_modules: Path = NODE_MODULES) -> Assets:
-    dist = node_modules / "@tonconnect" / "ui" / "dist"
-    telegram = node_modules / "@twa-dev" / "sdk" / "src" / "telegram-web-apps.js"
+    static = Files(STATIC_ROUTE)
+    for path in sorted(STATIC_DIR.iterdir()):
+        if path.is_file():
+            static.add(path.name, path)
+    vendor = Files(VENDOR_ROUTE)
     problems = []
-    tonconnect_dir: Path | None = None
+    tonconnect = node_modules / "@tonconnect" / "ui" / "dist" / TONCONNECT_FILE
     if settings.tonconnect_ui_url:
         tonconnect_url: str | None = settings.tonconnect_ui_url
-    elif (dist / TONCONNECT_FILE).is_file():
-        tonconnect_dir = dist
-        tonconnect_url = TONCONNECT_ROUTE + TONCONNECT_FILE
+    elif tonconnect.is_file():
+        vendor.add("tonconnect/" + TONCONNECT_FILE, tonconnect)
+        tonconnect_url = vendor.url("tonconnect/" + TONCONNECT_FILE)
     else:
         tonconnect_url = None
         problems.append(
@@ -53,12 +135,18 @@ def find_assets(settings: Settings, node_modules: Path = NODE_MODULES) -> Assets
             f"wallet. Run `npm ci` in {PACKAGE_DIR} (Node.js 18+), or set "
             "COCOON_TONCONNECT_UI_URL to a copy of tonconnect-ui.min.js on a CDN."
         )
+    telegram = node_modules / "@twa-dev" / "sdk" / "src" / "telegram-web-apps.js"
     if telegram.is_file():
-        telegram_file: Path | None = telegram
-        telegram_url = TELEGRAM_ROUTE
+        vendor.add("telegram-web-app.js", telegram)
+        telegram_url = vendor.url("telegram-web-app.js")
     else:
-        telegram_file, telegram_url = None, TELEGRAM_CDN
-    return Assets(tonconnect_url, telegram_url, tonconnect_dir, telegram_file, problems)
+        telegram_url = TELEGRAM_CDN
+    qrcode = node_modules / "qrcode-generator" / "dist" / "qrcode.js"
+    qrcode_url = None
+    if qrcode.is_file():
+        vendor.add("qrcode.js", qrcode)
+        qrcode_url = vendor.url("qrcode.js")
+    return Assets(tonconnect_url, telegram_url, static, vendor, qrcode_url, problems)
 
 
 def report(assets: Assets) -> None:

@@ -18,8 +18,11 @@ class Strict(BaseModel):
 
 
 class ErrorDetail(BaseModel):
-    code: str
-    message: str
+    code: str  # stable: backend.errors.ErrorCode
+    message: str  # in the page's language
+    details: dict[str, str | int] = Field(
+        default_factory=dict
+    )  # what the page needs to say it itself (miniapp.routes)
 
 
 class ErrorBody(BaseModel):
@@ -48,7 +51,8 @@ class ModelView(BaseModel):
 
 class TopUpOptions(BaseModel):
     ton: bool  # a deposit wallet is configured
-    presets: list[str]  # decimal TON
+    deposit_address: str | None = None  # for a transfer by hand, with deposit_memo as comment
+    presets: list[str]  # decimal GRAM
     stars: bool  # Telegram Stars invoices can be made
     stars_presets: list[int]
     nano_per_star: Nano
@@ -220,6 +224,10 @@ class ChatRequest(Strict):
     model: str = Field(max_length=100)
     messages: list[ChatMessageIn] = Field(min_length=1, max_length=200)
     conversation: str = Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+
+
+class StopRequest(Strict):
+    turn: str = Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
 
 
 class PrivacyReport(BaseModel):

@@ -20,18 +20,11 @@ from backend import appkeys
 from backend.dispatch import TurnDone, TurnError, TurnText
 from backend.errors import CocoonError, ErrorCode
 from backend.i18n import LANGUAGES
-from backend.money import format_gram
+from backend.money import decimal_comma, format_gram
 from backend.settings import Settings
 from miniapp import protocol as p
 from miniapp import texts
-from miniapp.assets import (
-    PACKAGE_DIR,
-    TELEGRAM_ROUTE,
-    TONCONNECT_ROUTE,
-    Assets,
-    find_assets,
-    report,
-)
+from miniapp.assets import STATIC_ROUTE, VENDOR_ROUTE, Assets, find_assets, report
 from miniapp.auth import InitDataError, InitDataVerifier, init_data_from_header
 from miniapp.service import Caller, MiniApp, MiniAppError
 
@@ -79,6 +72,13 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.STARS_UNAVAILABLE: 503,
     ErrorCode.TIMEOUT: 504,
 }
+PAGE_PATHS = frozenset(PAGES.values()) | {"/app/"}
+TITLES = {
+    "wallet": texts.N_("Wallet"),
+    "history": texts.N_("History"),
+    "provider": texts.N_("Provider"),
+    "chat": texts.N_("Chat"),
+}
 # aiohttp's own refusals under /app/api/ (unknown path, wrong method, body too large).
 HTTP_CODES = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.NOT_FOUND}
 
@@ -89,18 +89,47 @@ Handler = Callable[[web.Request, Caller], Awaitable[web.StreamResponse]]
 # ---------------------------------------------------------------------- errors
 
 
+LANGUAGE_HEADER = "X-Cocoon-Language"  # the page's language: the API answers in it
+
+
 def _request_language(request: web.Request) -> str:
     return texts.page_language(request.query.get("lang"), request.headers.get("Accept-Language"))
 
 
+def _answer_language(request: web.Request, saved: str) -> str:
+    """The page's language when it names one, else the one saved at the user's first contact."""
+    wanted = request.headers.get(LANGUAGE_HEADER, "")
+    return wanted if wanted in LANGUAGES else saved
+
+
+AMOUNTS = ("minimum", "available", "needed")  # nano units, shown in GRAM
+NUMBERS = ("limit", "retry_after")
+WORDS = ("problem",)  # a stable code of its own (an amount's: backend.money.AmountProblem)
+
+
 def error_body(language: str, code: ErrorCode, **values: object) -> dict[str, Any]:
-    """``{"error": {"code", "message"}}``, the message in ``language`` (amounts as TON)."""
-    for name in ("minimum", "available", "needed"):
+    """``{"error": {"code", "message", "details"}}``: the stable code, the sentence in
+    ``language`` (amounts in GRAM) and the values a page needs to say it in its own words
+    (amounts as nano strings, limits as numbers); never an exception's text."""
+    details: dict[str, str | int] = {}
+    for name in AMOUNTS:
         value = values.get(name)
         if isinstance(value, int):
+            details[name] = str(value)
             values[name] = format_gram(value)
+    for name in NUMBERS:
+        value = values.get(name)
+        if isinstance(value, int):
+            details[name] = value
+    for name in WORDS:
+        value = values.get(name)
+        if isinstance(value, str):
+            details[name] = value
+    if code is ErrorCode.INVALID_AMOUNT and isinstance(values.get("problem"), str):
+        values["detail"] = texts.amount_problem(language, str(values["problem"]))
     message = texts.error_message(language, code, **values)
-    return p.ErrorBody(error=p.ErrorDetail(code=code.value, message=message)).model_dump()
+    detail = p.ErrorDetail(code=code.value, message=message, details=details)
+    return p.ErrorBody(error=detail).model_dump()
 
 
 def error_response(
@@ -132,9 +161,9 @@ async def _body(request: web.Request, model: type[Body]) -> Body:
         return model.model_validate(raw)
     except ValidationError as error:
         first = error.errors()[0]
+        # The field's name only: pydantic's own words are English developer text.
         where = ".".join(str(part) for part in first["loc"])
-        detail = f"{where}: {first['msg']}" if where else first["msg"]
-        raise MiniAppError(ErrorCode.INVALID_REQUEST, detail) from None
+        raise MiniAppError(ErrorCode.INVALID_REQUEST, where or "body") from None
 
 
 @web.middleware
@@ -172,14 +201,14 @@ def api(handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamRespons
     """Verify ``initData``, find the user, run the handler; every refusal is a JSON error."""
 
     async def wrapped(request: web.Request) -> web.StreamResponse:
-        language = _request_language(request)
+        language = _answer_language(request, _request_language(request))
         try:
             header = request.headers.get("Authorization")
             telegram = request.app[VERIFIER].verify(init_data_from_header(header))
         except InitDataError as error:
             return refusal(language, error)
         service = request.app[MINIAPP]
-        caller = await service.caller(telegram)
+        caller = await service.caller(telegram, _answer_language(request, ""))
         try:
             return await handler(request, caller)
         except CocoonError as error:  # MiniAppError, AccountError, TurnError
@@ -196,7 +225,7 @@ def _json(model: BaseModel, *, exclude_none: bool = False) -> web.Response:
 
 
 def _page(name: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    @aiohttp_jinja2.template(f"{name}.html", app_key=JINJA)
+    @aiohttp_jinja2.template("base.html", app_key=JINJA)
     async def view(request: web.Request) -> dict[str, Any]:
         settings = request.app[appkeys.SETTINGS]
         verifier = request.app[VERIFIER]
@@ -212,11 +241,22 @@ def _page(name: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
             "pages": PAGES,
             "manifestUrl": f"{base}/tonconnect-manifest.json" if base else None,
             "tonconnect": assets.tonconnect_url is not None,
+            "tonconnectUrl": assets.tonconnect_url,
+            "qrcodeUrl": assets.qrcode_url,
+            "decimalComma": decimal_comma(lang),
             "dev": verifier.dev,
             "devInitData": verifier.dev_init_data(lang) if verifier.dev else None,
             "devUser": settings.local_telegram_id if verifier.dev else None,
         }
-        return {"lang": lang, "page": name, "config": config, "assets": assets, "pages": PAGES}
+        return {
+            "lang": lang,
+            "page": name,
+            "config": config,
+            "assets": assets,
+            "pages": PAGES,
+            "page_errors": texts.page_errors(lang),
+            "page_title": texts.translate(lang, TITLES[name]),
+        }
 
     return view
 
@@ -231,11 +271,16 @@ async def manifest(request: web.Request) -> web.Response:
     )
 
 
-async def telegram_js(request: web.Request) -> web.FileResponse:
-    path = request.app[ASSETS].telegram_file
-    if path is None:
-        raise web.HTTPNotFound()
-    return web.FileResponse(path, headers={"Content-Type": "application/javascript"})
+@web.middleware
+async def pages(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """The pages are compressed and revalidated on every open (their assets are versioned)."""
+    response = await handler(request)
+    if request.path in PAGE_PATHS and isinstance(response, web.Response):
+        response.headers["Cache-Control"] = "no-cache"
+        response.enable_compression()
+    return response
 
 
 # ------------------------------------------------------------------------- API
@@ -320,16 +365,19 @@ async def post_chat(request: web.Request, caller: Caller) -> web.StreamResponse:
     Errors before the first line are plain JSON errors with their HTTP status."""
     body = await _body(request, p.ChatRequest)
     service = request.app[MINIAPP]
-    events = await service.chat(caller, body)
+    turn = await service.chat(caller, body)
+    events = turn.events()
+    token = service.track(caller, turn)
     response = web.StreamResponse(
         headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-store"}
     )
-    await response.prepare(request)
 
     async def send(line: dict[str, Any]) -> None:
         await response.write(json.dumps(line).encode() + b"\n")
 
     try:
+        await response.prepare(request)
+        await send({"type": "start", "turn": token})  # POST /app/api/chat/stop takes it
         async with contextlib.aclosing(events):  # a client that leaves cancels the turn
             async for event in events:
                 if isinstance(event, TurnText):
@@ -347,8 +395,20 @@ async def post_chat(request: web.Request, caller: Caller) -> web.StreamResponse:
                     await send(done.model_dump(mode="json"))
     except TurnError as error:
         await send({"type": "error", **error_body(caller.language, error.code, **_values(error))})
+    except ConnectionResetError:  # the page went away: its turn was stopped and billed above
+        log.info("mini app chat: the page left before the reply ended")
+        return response
+    finally:
+        service.untrack(token)
     await response.write_eof()
     return response
+
+
+@api
+async def post_chat_stop(request: web.Request, caller: Caller) -> web.Response:
+    body = await _body(request, p.StopRequest)
+    await request.app[MINIAPP].stop(caller, body.turn)
+    return web.json_response({"stopping": True})
 
 
 # ----------------------------------------------------------------------- setup
@@ -399,18 +459,18 @@ def setup(app: web.Application, settings: Settings) -> None:
     assets = find_assets(settings)
     report(assets)
     app[ASSETS] = assets
+    env.globals["static"] = assets.static.url
     app.cleanup_ctx.append(_service_ctx(settings))
     app.middlewares.append(api_errors)
+    app.middlewares.append(pages)
 
     router = app.router
     for name, path in PAGES.items():
         router.add_get(path, _page(name))
     router.add_get("/app/", _page("wallet"))
     router.add_get("/tonconnect-manifest.json", manifest)
-    router.add_static("/app/static/", PACKAGE_DIR / "static", name="miniapp_static")
-    if assets.tonconnect_dir is not None:
-        router.add_static(TONCONNECT_ROUTE, assets.tonconnect_dir)
-    router.add_get(TELEGRAM_ROUTE, telegram_js)
+    router.add_get(STATIC_ROUTE + "{name}", assets.static.handle)
+    router.add_get(VENDOR_ROUTE + "{name:.+}", assets.vendor.handle)
     router.add_get("/app/api/me", get_me)
     router.add_post("/app/api/model", post_model)
     router.add_post("/app/api/wallet/payload", post_proof_payload)
@@ -422,3 +482,4 @@ def setup(app: web.Application, settings: Settings) -> None:
     router.add_get("/app/api/provider", get_provider)
     router.add_post("/app/api/provider/withdraw", post_withdraw)
     router.add_post("/app/api/chat", post_chat)
+    router.add_post("/app/api/chat/stop", post_chat_stop)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from collections.abc import AsyncGenerator
+import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
@@ -19,12 +19,12 @@ from sqlalchemy import delete
 
 from backend import accounts
 from backend.db import Database
-from backend.dispatch import Dispatcher, TurnDone, TurnRequest, TurnText
+from backend.dispatch import Dispatcher, Turn, TurnDone, TurnRequest
 from backend.errors import CocoonError, ErrorCode
 from backend.i18n import pick_language
 from backend.ledger import Ledger
 from backend.models import TonWallet, User
-from backend.money import AmountError, parse_amount
+from backend.money import AmountError, decimal_comma, parse_amount
 from backend.ratelimit import RateLimiter
 from backend.settings import Settings
 from backend.ton import proof as ton_proof
@@ -75,6 +75,16 @@ class Caller:
     language: str
 
 
+def _amount(caller: Caller, text: str) -> int:
+    """A typed amount in the grammar the page checks too (a comma where the language has one)."""
+    try:
+        return parse_amount(text, comma=decimal_comma(pick_language(caller.language)))
+    except AmountError as error:
+        raise MiniAppError(
+            ErrorCode.INVALID_AMOUNT, str(error), problem=error.problem.value
+        ) from None
+
+
 def _nano(value: int) -> str:
     return str(int(value))
 
@@ -101,12 +111,16 @@ class MiniApp:
         self.ledger = ledger
         self.dispatcher = dispatcher
         self.bot = bot  # for Stars invoices; None without a bot token
+        # Turns streaming from this process, by the token their page was given: (user, turn).
+        self.running: dict[str, tuple[int, Turn]] = {}
 
     # ------------------------------------------------------------------ users
 
-    async def caller(self, telegram: TelegramCaller) -> Caller:
+    async def caller(self, telegram: TelegramCaller, page_language: str = "") -> Caller:
+        """The user behind a verified ``initData``; answers go in the page's language where
+        it names one, else in the one saved at first contact."""
         user = await get_or_create_user(self.db, telegram.telegram_id, telegram.language_code)
-        language = user.language_code or telegram.language_code or "en"
+        language = page_language or user.language_code or telegram.language_code or "en"
         return Caller(user, telegram, language)
 
     def _wallet_view(self, wallet: TonWallet | None) -> p.LinkedWallet | None:
@@ -150,6 +164,7 @@ class MiniApp:
             models=models,
             topup=p.TopUpOptions(
                 ton=self.settings.ton.deposit_address is not None,
+                deposit_address=self._deposit_address(),
                 presets=TOPUP_PRESETS,
                 stars=self.bot is not None,
                 stars_presets=STARS_PRESETS,
@@ -229,10 +244,7 @@ class MiniApp:
         ton = self.settings.ton
         if ton.deposit_address is None:
             raise MiniAppError(ErrorCode.TOPUP_UNAVAILABLE)
-        try:
-            amount = parse_amount(amount_text)
-        except AmountError as error:
-            raise MiniAppError(ErrorCode.INVALID_AMOUNT, str(error)) from None
+        amount = _amount(caller, amount_text)
         request = deposit_transaction(
             ton.deposit_address,
             caller.user.deposit_memo,
@@ -296,6 +308,12 @@ class MiniApp:
             has_more=result.has_more,
         )
 
+    def _deposit_address(self) -> str | None:
+        ton = self.settings.ton
+        if ton.deposit_address is None:
+            return None
+        return friendly_address(ton.deposit_address, bounceable=False, testnet=ton.is_testnet)
+
     def _address(self, value: object) -> object:
         if not isinstance(value, str) or not value:
             return value
@@ -347,10 +365,7 @@ class MiniApp:
         if body.amount.strip().lower() == "all":
             amount = "all"
         else:
-            try:
-                amount = parse_amount(body.amount)
-            except AmountError as error:
-                raise MiniAppError(ErrorCode.INVALID_AMOUNT, str(error)) from None
+            amount = _amount(caller, body.amount)
         payout = await accounts.withdraw(  # AccountError: the routes answer it
             self.ledger,
             self.settings,
@@ -369,14 +384,13 @@ class MiniApp:
 
     async def _rate_limit(self, user_id: int) -> None:
         limiter = RateLimiter(self.dispatcher.redis, self.settings.rate_limit_per_minute)
-        if await limiter.allow(user_id):
-            raise MiniAppError(ErrorCode.RATE_LIMITED)
+        wait = await limiter.allow(user_id)
+        if wait:
+            raise MiniAppError(ErrorCode.RATE_LIMITED, retry_after=wait)
 
-    async def chat(
-        self, caller: Caller, body: p.ChatRequest
-    ) -> AsyncGenerator[TurnText | TurnDone, None]:
-        """Start a turn (held and billed like the bot's) and stream its events. The text
-        passes through and is kept nowhere: the conversation lives in the page."""
+    async def chat(self, caller: Caller, body: p.ChatRequest) -> Turn:
+        """Start a turn (held and billed like the bot's); the caller streams its events. The
+        text passes through and is kept nowhere: the conversation lives in the page."""
         limit = self.settings.max_prompt_chars
         if any(len(m.content) > limit for m in body.messages):
             raise MiniAppError(ErrorCode.MESSAGE_TOO_LONG, limit=limit)
@@ -394,7 +408,24 @@ class MiniApp:
                 conversation_id="miniapp-" + conversation.hexdigest()[:32],
             )
         )
-        return turn.events()
+        return turn
+
+    def track(self, caller: Caller, turn: Turn) -> str:
+        """A token the page can stop ``turn`` with (:meth:`stop`), until :meth:`untrack`."""
+        token = secrets.token_urlsafe(16)
+        self.running[token] = (caller.user.id, turn)
+        return token
+
+    def untrack(self, token: str) -> None:
+        self.running.pop(token, None)
+
+    async def stop(self, caller: Caller, token: str) -> None:
+        """Stop a reply: it ends with finish reason "cancelled", billed for what was generated
+        (the stream still brings its cost). Another user's token is no token."""
+        running = self.running.get(token)
+        if running is None or running[0] != caller.user.id:
+            raise MiniAppError(ErrorCode.NOT_FOUND)
+        await running[1].cancel()
 
     async def privacy(self, done: TurnDone) -> p.PrivacyReport:
         """The privacy report of a finished turn: the worker's proof, and what the backend

@@ -12,6 +12,7 @@ import jinja2
 
 from backend.errors import ErrorCode
 from backend.i18n import DEFAULT_LANGUAGE, LANGUAGES, pick_language, translations
+from backend.money import AmountProblem
 
 DOMAIN = "miniapp"
 
@@ -66,6 +67,18 @@ ERRORS: dict[ErrorCode, str] = {
 }
 
 
+# Why a typed amount was refused (backend.money's grammar; the page checks it with the same).
+AMOUNT_PROBLEMS: dict[AmountProblem, str] = {
+    AmountProblem.EMPTY: N_("Enter an amount."),
+    AmountProblem.FORMAT: N_("Enter digits only, like 1.5."),
+    AmountProblem.COMMA: N_("Use a point for decimals, like 1.5."),
+    AmountProblem.PRECISION: N_("At most 9 digits after the point."),
+    AmountProblem.NOT_WHOLE: N_("Enter digits only, like 1.5."),
+    AmountProblem.NOT_POSITIVE: N_("The amount must be more than 0."),
+    AmountProblem.TOO_LARGE: N_("This amount is too large."),
+}
+
+
 def translate(language: str, message: str, /, **values: object) -> str:
     text = translations(pick_language(language), DOMAIN).gettext(message)
     return text.format(**values) if values else text
@@ -104,3 +117,26 @@ def page_language(query_lang: str | None, accept_language: str | None) -> str:
 
 def error_message(language: str, code: ErrorCode, **values: Any) -> str:
     return translate(language, ERRORS.get(code, ERRORS[ErrorCode.INTERNAL]), **values)
+
+
+def amount_problem(language: str, problem: str) -> str:
+    """Why an amount was refused, in ``language`` (an unknown problem: the format's words)."""
+    try:
+        words = AMOUNT_PROBLEMS[AmountProblem(problem)]
+    except ValueError:
+        words = AMOUNT_PROBLEMS[AmountProblem.FORMAT]
+    return translate(language, words)
+
+
+def page_errors(language: str) -> dict[str, str]:
+    """The words of every error code and amount problem in ``language``, placeholders left in
+    (``err_<code>``, ``amount_<problem>``): the page says a refusal in its own language, from
+    the code and details the API answers with."""
+    words = {f"err_{code.value}": translate(language, text) for code, text in ERRORS.items()}
+    words.update(
+        {
+            f"amount_{problem.value}": translate(language, text)
+            for problem, text in AMOUNT_PROBLEMS.items()
+        }
+    )
+    return words

@@ -5,154 +5,38 @@ and a real worker running the small model for the chat. One browser for the modu
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from aiohttp import web
-from aiohttp.test_utils import TestServer
-from pydantic import SecretStr
 
 from tests.support.miniapp_browser import require_browser
 
 require_browser()
 
-from backend import accounts, appkeys  # noqa: E402
-from backend.db import Database  # noqa: E402
-from backend.ledger import Ledger, TurnUsage  # noqa: E402
-from backend.models import WorkerState  # noqa: E402
-from backend.settings import AttestationSettings, Settings, TonSettings  # noqa: E402
+from backend import accounts  # noqa: E402
 from backend.ton.comment import decode_comment, friendly_address  # noqa: E402
-from backend.ton.localnet import LocalTonCenter, LocalTonCenterServer  # noqa: E402
-from backend.ton.toncenter import TonCenter  # noqa: E402
-from backend.ton.watcher import DepositWatcher  # noqa: E402
 from backend.users import get_or_create_user  # noqa: E402
 from backend.web import create_app  # noqa: E402
 from tests.support.env import TEST_REDIS_URL  # noqa: E402
 from tests.support.miniapp_browser import (  # noqa: E402
-    CHROMIUM,
-    CHROMIUM_ARGS,
     InjectedWallet,
     launch_hash,
     open_page,
     screenshot,
 )
-from tests.support.miniapp_helpers import BOT_TOKEN, DEPOSIT, TON, FakeBotApi  # noqa: E402
+from tests.support.miniapp_helpers import DEPOSIT, TON  # noqa: E402
+from tests.support.miniapp_stack import (  # noqa: E402
+    VIEWPORT,
+    Stack,
+    context_fixture,  # noqa: F401 (the context fixture)
+    no_console_errors,
+    seeded_provider,
+    stack_fixture,  # noqa: F401 (the stack fixture)
+)
 from tests.support.ops import free_port  # noqa: E402
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.browser]
-
-VIEWPORT = {"width": 360, "height": 720}  # a small phone: everything must fit
-
-
-@dataclass
-class Stack:
-    origin: str
-    settings: Settings
-    db: Database
-    ledger: Ledger
-    net: LocalTonCenter
-    browser: Any
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
-    import redis
-    from playwright.async_api import async_playwright
-
-    client = redis.Redis.from_url(TEST_REDIS_URL)
-    try:
-        client.flushdb()
-    except redis.RedisError as error:
-        from tests.support.env import unavailable
-
-        unavailable("Redis", error)
-    port = free_port()
-    origin = f"http://127.0.0.1:{port}"
-    net = LocalTonCenter()
-    bot_api = TestServer(FakeBotApi().create_app())
-    await bot_api.start_server()
-    async with LocalTonCenterServer(net) as ton_url:
-        settings = Settings(
-            _env_file=None,
-            data_dir=tmp_path_factory.mktemp("miniapp") / "data",
-            redis_url=TEST_REDIS_URL,
-            bot_token=SecretStr(BOT_TOKEN),
-            telegram_api_url=str(bot_api.make_url("")).rstrip("/"),
-            public_url=origin,
-            ton=TonSettings(
-                api_url=ton_url, deposit_address=DEPOSIT, proof_domains=[f"127.0.0.1:{port}"]
-            ),
-            # The chat test's node registers directly (a dev worker): dispatched in dev mode.
-            attestation=AttestationSettings(allow_dev=True),
-        )
-        runner = web.AppRunner(create_app(settings), access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        app = runner.app
-        db, ledger = app[appkeys.DATABASE], app[appkeys.LEDGER]
-        await db.upgrade()
-        stop = asyncio.Event()
-        async with TonCenter(ton_url) as api:
-            watcher = DepositWatcher(db, ledger, api, DEPOSIT, poll_interval_s=0.2)
-            watching = asyncio.create_task(watcher.run(stop))
-            async with async_playwright() as playwright:
-                browser = await playwright.chromium.launch(
-                    executable_path=str(CHROMIUM), args=CHROMIUM_ARGS
-                )
-                try:
-                    yield Stack(origin, settings, db, ledger, net, browser)
-                finally:
-                    await browser.close()
-                    stop.set()
-                    await watching
-        await runner.cleanup()
-    await bot_api.close()
-    client.flushdb()
-    client.close()
-
-
-@pytest_asyncio.fixture(loop_scope="module")
-async def context(stack: Stack) -> AsyncIterator[Any]:
-    context = await stack.browser.new_context(viewport=VIEWPORT, locale="en-US")
-    context.set_default_timeout(15_000)
-    yield context
-    await context.close()
-
-
-async def seeded_provider(stack: Stack, telegram_id: int, earned: int = 3 * TON) -> int:
-    """A provider with a worker that served one turn (a customer paid ``earned`` for it)."""
-    user = await get_or_create_user(stack.db, telegram_id, "en")
-    if user.is_provider:
-        return user.id
-    await accounts.become_provider(stack.db, user.id)
-    customer = await get_or_create_user(stack.db, telegram_id + 50_000)
-    await stack.ledger.credit_deposit(customer.id, 2 * earned, f"dep:{telegram_id}")
-    await stack.ledger.hold(customer.id, earned, f"turn-{telegram_id}")
-    usage = TurnUsage("smollm2-135m", 12, 0, 30, "stop", worker_id=f"w-{telegram_id}", tee="dev")
-    await stack.ledger.settle(
-        f"turn-{telegram_id}", earned, provider_id=user.id, share_bps=10_000, usage=usage
-    )
-    await accounts.record_worker(
-        stack.db,
-        f"w-{telegram_id}",
-        WorkerState.ATTESTED,
-        provider_id=user.id,
-        model="smollm2-135m",
-        tee="dev",
-        expires_at=dt.datetime.now(dt.UTC) + dt.timedelta(hours=20),
-    )
-    return user.id
-
-
-def no_console_errors(page: Any, *, expected: tuple[str, ...] = ()) -> None:
-    """No errors in the console, but for ``expected`` ones (the browser logs every refused
-    request it made, such as a withdrawal the server answered 400)."""
-    errors = [e for e in page.console_errors if not any(part in e for part in expected)]
-    assert errors == [], errors
 
 
 # --------------------------------------------------------------------------- pages
@@ -162,7 +46,7 @@ def no_console_errors(page: Any, *, expected: tuple[str, ...] = ()) -> None:
     ("path", "name", "ready"),
     [
         ("/app", "wallet", "#balance:not(:text('…'))"),
-        ("/app/history", "history", "#history-list li"),
+        ("/app/history", "history", "#history-list[aria-busy='false']"),
         ("/app/chat", "chat", "#model option"),
         ("/app/provider", "provider", "#workers li"),
     ],
@@ -181,7 +65,7 @@ async def test_each_page_loads_without_console_errors(
     color = await page.evaluate(
         "getComputedStyle(document.documentElement).getPropertyValue('--tg-theme-button-color')"
     )
-    assert color.strip() == "#3390ec"
+    assert color.strip() == "#007aff"
     # Nothing wider than a 360 px phone.
     width = await page.evaluate("document.documentElement.scrollWidth")
     assert width <= VIEWPORT["width"]
@@ -275,8 +159,8 @@ async def test_connect_a_wallet_top_up_and_see_the_balance(stack: Stack, context
 
     # History shows the deposit.
     await page.click("nav a[data-tab='history']")
-    await page.wait_for_selector("#history-list li.item-deposit")
-    assert "+1.5 GRAM" in await page.locator("#history-list li.item-deposit").text_content()
+    await page.wait_for_selector("#history-list .item-deposit")
+    assert "+1.5 GRAM" in await page.locator("#history-list .item-deposit").text_content()
     await screenshot(page, "history-after-top-up")
 
     # Disconnect unlinks the wallet on the server.
@@ -303,7 +187,7 @@ async def test_telegrams_main_button_sends_the_top_up(stack: Stack, context: Any
     page = await open_page(context, stack.origin, injected)
     await page.add_init_script(TELEGRAM_CLIENT)
     await page.goto(stack.origin + "/app/history" + launch_hash(9300, platform="android"))
-    await page.wait_for_selector("#history-list li", state="attached")
+    await page.wait_for_selector("#history-list[aria-busy='false']", state="attached")
     events = await page.evaluate("window.telegramEvents")
     assert ["web_app_setup_back_button", {"is_visible": True}] in events
     await page.evaluate("Telegram.WebView.receiveEvent('back_button_pressed')")

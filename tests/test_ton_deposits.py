@@ -482,7 +482,7 @@ async def test_restarts_anywhere_in_a_backlog_of_1000_credit_each_deposit_once(
 
 def test_comments_and_topup_messages_are_exact() -> None:
     message = deposit_transaction(DEPOSIT, "CCABCDEF0123", parse_amount("1.5"), now=1_000)
-    assert message["validUntil"] == 1_600
+    assert message["validUntil"] == 1_300
     (item,) = message["messages"]  # type: ignore[misc]
     assert item["amount"] == "1500000000"
     assert decode_comment(item["payload"]).memo == "CCABCDEF0123"

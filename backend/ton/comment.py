@@ -102,7 +102,7 @@ def deposit_transaction(
     memo: str,
     amount: int,
     *,
-    ttl_s: int = 600,
+    ttl_s: int = 300,
     testnet: bool = False,
     now: float | None = None,
 ) -> dict[str, object]:

@@ -1,6 +1,9 @@
-// Cocoon Mini App: what every page shares. Telegram WebApp glue (theme, MainButton,
-// BackButton), the authenticated JSON API, exact GRAM amounts, and TON Connect.
-// No user-facing words here: they come translated from the server (#cocoon-strings).
+// Cocoon Mini App: what every view shares. One page, four views (Wallet, History, Chat,
+// Provider) switched without a reload; Telegram's glue (theme, header and bottom bar colours,
+// MainButton, BackButton); the authenticated JSON API with errors said in the page's language;
+// exact GRAM amounts in the same grammar as the server (backend/money.py); TON Connect, loaded
+// only when a view needs it. No user-facing words here: they come translated from the server
+// (#cocoon-strings).
 (function () {
   "use strict";
 
@@ -9,6 +12,12 @@
   const tg = window.Telegram && window.Telegram.WebApp;
   const inTelegram = Boolean(tg && tg.platform && tg.platform !== "unknown");
   const NANO = 1000000000n;
+  const MAX_NANO = 9223372036854775807n;
+  const MINUS = "\u2212";
+
+  function $(id) {
+    return document.getElementById(id);
+  }
 
   function t(key, values) {
     let text = Object.prototype.hasOwnProperty.call(strings, key) ? strings[key] : key;
@@ -20,40 +29,97 @@
 
   // ------------------------------------------------------------------ amounts (no floats)
 
-  function formatGram(nano) {
+  function formatAmount(nano) {
     let value = BigInt(nano);
-    const sign = value < 0n ? "\u2212" : ""; // a minus sign, not a hyphen
+    const sign = value < 0n ? MINUS : "";
     if (value < 0n) value = -value;
     const whole = value / NANO;
     const frac = (value % NANO).toString().padStart(9, "0").replace(/0+$/, "");
-    return sign + whole.toString() + (frac ? "." + frac : "") + " GRAM";
+    return sign + whole.toString() + (frac ? "." + frac : "");
   }
 
-  function formatDate(iso) {
+  function formatGram(nano) {
+    return formatAmount(nano) + " GRAM";
+  }
+
+  function signedGram(nano) {
+    return (BigInt(nano) > 0n ? "+" : "") + formatGram(nano);
+  }
+
+  // The amount grammar of backend/money.py, rule for rule: ASCII digits, at most one decimal
+  // separator (a comma only where the language writes one), at most 9 decimals, nothing else
+  // but an optional "GRAM" or "TON" after it. {nano} or {problem}.
+  function parseAmount(text, comma) {
+    const useComma = comma === undefined ? config.decimalComma : comma;
+    if (text.length > 40) return { problem: "format" };
+    const raw = text.trim().replace(/\s*(gram|ton)$/i, "");
+    if (!raw) return { problem: "empty" };
+    const match = /^([0-9]*)(?:([.,])([0-9]*))?$/.exec(raw);
+    if (!match || !(match[1] || match[3])) return { problem: "format" };
+    if (match[2] === "," && !useComma) return { problem: "comma" };
+    const frac = match[3] || "";
+    if (frac.length > 9) return { problem: "precision" };
+    const nano = BigInt(match[1] || "0") * NANO + BigInt(frac.padEnd(9, "0"));
+    if (nano <= 0n) return { problem: "not_positive" };
+    if (nano > MAX_NANO) return { problem: "too_large" };
+    return { nano: nano.toString() };
+  }
+
+  function formatDate(iso, options) {
     try {
-      return new Date(iso).toLocaleString(config.lang, { dateStyle: "medium", timeStyle: "short" });
+      return new Date(iso).toLocaleString(config.lang, options || { dateStyle: "medium", timeStyle: "short" });
     } catch (error) {
       return iso;
     }
   }
 
-  // ------------------------------------------------------------------------- the API
+  // ------------------------------------------------------------------------- errors
 
+  // A refusal in the page's language, from the stable code and details the API answers with;
+  // the server's own sentence (in the page's language too) only where the page has no words.
   class ApiError extends Error {
-    constructor(status, code, message) {
+    constructor(status, code, message, details) {
       super(message);
       this.status = status;
       this.code = code;
+      this.details = details || {};
     }
   }
+
+  function errorText(code, details, fallback) {
+    const d = details || {};
+    if (code === "invalid_amount" && d.problem) return t("amount_" + d.problem);
+    const key = "err_" + code;
+    if (!Object.prototype.hasOwnProperty.call(strings, key)) return fallback || t("error");
+    const values = {};
+    for (const name of ["minimum", "available", "needed"]) {
+      if (d[name] !== undefined) values[name] = formatGram(d[name]);
+    }
+    if (d.limit !== undefined) values.limit = d.limit;
+    const text = t(key, values);
+    if (/\{[a-z_]+\}/.test(text)) return fallback || t("error"); // words it cannot fill
+    return text;
+  }
+
+  // ------------------------------------------------------------------------- the API
 
   function initData() {
     return (tg && tg.initData) || config.devInitData || "";
   }
 
+  let online = true;
+  function setOnline(value) {
+    if (online === value) return;
+    online = value;
+    $("offline-banner").hidden = value;
+    if (value) for (const view of Object.values(views)) if (view.started && view.online) view.online();
+  }
+  window.addEventListener("online", () => setOnline(true));
+  window.addEventListener("offline", () => setOnline(false));
+
   async function request(path, options) {
     const opts = options || {};
-    const headers = { Authorization: "tma " + initData() };
+    const headers = { Authorization: "tma " + initData(), "X-Cocoon-Language": config.lang };
     let body;
     if (opts.body !== undefined) {
       headers["Content-Type"] = "application/json";
@@ -69,35 +135,42 @@
       });
     } catch (error) {
       if (error.name === "AbortError") throw error;
-      throw new ApiError(0, "network", t("offline_network"));
+      setOnline(false);
+      throw new ApiError(0, "offline", t("offline_network"));
     }
+    return answer(response, opts);
+  }
+
+  async function answer(response, opts) {
+    setOnline(true);
     if (!response.ok) {
       let code = "http_" + response.status;
       let message = t("error");
+      let details = {};
       try {
         const payload = await response.json();
         code = payload.error.code;
-        message = payload.error.message;
+        details = payload.error.details || {};
+        message = errorText(code, details, payload.error.message);
       } catch (error) {
-        // not our JSON: keep the generic message
+        // not our JSON (a proxy's page): the generic words
       }
-      if (response.status === 401) showAuthProblem(message);
-      throw new ApiError(response.status, code, message);
+      if (response.status === 401) endSession(message);
+      throw new ApiError(response.status, code, message, details);
     }
     return opts.raw ? response : response.json();
   }
 
-  function showAuthProblem(message) {
-    const banner = document.getElementById("auth-banner");
-    banner.textContent = message;
-    banner.hidden = false;
+  // An expired or refused session: one clean screen with a way back, nothing half-working.
+  function endSession(message) {
+    $("session-reason").textContent = message;
+    $("session-screen").hidden = false;
+    $("main").hidden = true;
+    document.querySelector("nav.tabs").hidden = true;
+    if (inTelegram) tg.MainButton.hide();
   }
 
   // ---------------------------------------------------------------------- page bits
-
-  function $(id) {
-    return document.getElementById(id);
-  }
 
   let toastTimer = null;
   function toast(message) {
@@ -120,13 +193,30 @@
     }
   }
 
-  // Telegram's MainButton carries the page's main action inside Telegram; in a browser the
-  // page's own button does. mainAction(button, text, enabled) keeps both in step.
+  async function copy(text) {
+    try {
+      await navigator.clipboard.writeText(text);
+    } catch (error) {
+      const area = document.createElement("textarea");
+      area.value = text;
+      document.body.appendChild(area);
+      area.select();
+      document.execCommand("copy");
+      area.remove();
+    }
+    haptic("success");
+    toast(t("copied"));
+  }
+
+  // Telegram's MainButton carries the view's main action inside Telegram; in a browser the
+  // view's own button does. mainAction(button, text, enabled, handler) keeps both in step.
   let mainHandler = null;
+  let mainOwner = null;
   function mainAction(button, text, enabled, handler) {
     button.textContent = text;
     button.disabled = !enabled;
     if (handler) mainHandler = handler;
+    mainOwner = button;
     if (!inTelegram) return;
     button.hidden = true;
     tg.MainButton.setParams({ text: text, is_visible: true, is_active: enabled });
@@ -138,60 +228,177 @@
     else tg.MainButton.hideProgress();
   }
 
-  function languageFromTelegram() {
-    const user = tg && tg.initDataUnsafe && tg.initDataUnsafe.user;
-    const code = ((user && user.language_code) || "").toLowerCase().split(/[-_]/)[0];
-    return config.languages.includes(code) ? code : null;
+  // -------------------------------------------------------------------------- theme
+
+  // The page on secondary_bg_color, sections on section_bg_color (app.css); the header, the
+  // background behind the page and the bottom bar in the same colours. A theme that gives
+  // sections the page's own colour gets sections lifted a little, so cards never vanish.
+  function applyTheme() {
+    const root = document.documentElement;
+    const theme = (tg && tg.themeParams) || {};
+    const page = theme.secondary_bg_color;
+    const section = theme.section_bg_color || theme.bg_color;
+    if (page && section && page.toLowerCase() === section.toLowerCase()) {
+      root.style.setProperty("--section-lift", "color-mix(in srgb, " + section + " 92%, " + (theme.text_color || "#808080") + ")");
+    } else {
+      root.style.removeProperty("--section-lift");
+    }
+    root.dataset.scheme = scheme();
+    if (inTelegram && tg.isVersionAtLeast("6.1")) {
+      tg.setHeaderColor("secondary_bg_color");
+      tg.setBackgroundColor("secondary_bg_color");
+    }
+    if (inTelegram && tg.isVersionAtLeast("7.10")) tg.setBottomBarColor("bottom_bar_bg_color");
+    if (tonConnectUI) tonConnectUI.uiOptions = { uiPreferences: { theme: scheme() === "dark" ? "DARK" : "LIGHT" } };
+  }
+
+  function scheme() {
+    if (inTelegram) return tg.colorScheme === "dark" ? "dark" : "light";
+    return window.matchMedia("(prefers-color-scheme: dark)").matches ? "dark" : "light";
+  }
+
+  // --------------------------------------------------------------------------- views
+
+  const views = {}; // name -> {start, show, hide, online, started}
+  let current = null;
+
+  function view(name, handlers) {
+    views[name] = Object.assign({ started: false }, handlers);
   }
 
   function link(path) {
     return config.langFixed ? path + "?lang=" + encodeURIComponent(config.lang) : path;
   }
 
-  function setUpTelegram() {
-    if (!tg) return;
-    tg.ready();
-    if (!inTelegram) return;
-    tg.expand();
-    if (config.page !== "wallet" && tg.isVersionAtLeast("6.1")) {
-      tg.BackButton.show();
-      tg.BackButton.onClick(() => (window.location.href = link(config.pages.wallet)));
+  function viewOf(pathname) {
+    for (const [name, path] of Object.entries(config.pages)) if (path === pathname) return name;
+    return "wallet";
+  }
+
+  // Switch views in place: no request, no reload; the address follows (deep links work).
+  function show(name, push) {
+    if (!views[name] || name === current) return;
+    const previous = current;
+    current = name;
+    for (const section of document.querySelectorAll("[data-view]")) {
+      section.hidden = section.dataset.view !== name;
     }
-    tg.MainButton.onClick(() => mainHandler && mainHandler());
+    for (const anchor of document.querySelectorAll("nav.tabs a")) {
+      if (anchor.dataset.tab === name) anchor.setAttribute("aria-current", "page");
+      else anchor.removeAttribute("aria-current");
+    }
+    document.title = t("title_" + name) + " · Cocoon";
+    if (push) history.pushState({ view: name }, "", link(config.pages[name]));
+    if (previous && views[previous].hide) views[previous].hide();
+    if (inTelegram) {
+      tg.MainButton.hide();
+      if (tg.isVersionAtLeast("6.1")) {
+        if (name === "wallet") tg.BackButton.hide();
+        else tg.BackButton.show();
+      }
+    }
+    const v = views[name];
+    if (!v.started) {
+      v.started = true;
+      Promise.resolve(v.start()).catch((error) => toast(error.message));
+    } else if (v.show) {
+      v.show();
+    }
+    window.scrollTo(0, 0);
   }
 
   function setUpNavigation() {
     for (const anchor of document.querySelectorAll("nav.tabs a")) {
       anchor.href = link(anchor.getAttribute("href"));
-      if (anchor.dataset.tab === config.page) anchor.setAttribute("aria-current", "page");
+      anchor.addEventListener("click", (event) => {
+        if (event.metaKey || event.ctrlKey || event.shiftKey) return;
+        event.preventDefault();
+        show(anchor.dataset.tab, true);
+      });
     }
+    window.addEventListener("popstate", () => show(viewOf(location.pathname), false));
+  }
+
+  function setUpTelegram() {
+    if (!tg) return;
+    tg.ready();
+    applyTheme();
+    if (!inTelegram) {
+      window.matchMedia("(prefers-color-scheme: dark)").addEventListener("change", applyTheme);
+      return;
+    }
+    tg.expand();
+    tg.onEvent("themeChanged", applyTheme);
+    if (tg.isVersionAtLeast("6.1")) tg.BackButton.onClick(() => show("wallet", true));
+    // The MainButton acts for the view on screen only.
+    tg.MainButton.onClick(() => {
+      const owner = mainOwner && mainOwner.closest("[data-view]");
+      if (mainHandler && owner && !owner.hidden) mainHandler();
+    });
+  }
+
+  function languageFromTelegram() {
+    const user = tg && tg.initDataUnsafe && tg.initDataUnsafe.user;
+    const code = ((user && user.language_code) || "").toLowerCase().split(/[-_]/)[0];
+    return config.languages.includes(code) ? code : null;
   }
 
   let mePromise = null;
   function me(refresh) {
     if (!mePromise || refresh) {
-      mePromise = request("/me").then((value) => {
+      // The first one was asked for by the page's head, before the scripts arrived.
+      const boot = window.CocoonBoot;
+      let loading;
+      if (!refresh && boot && boot.me && boot.initData === initData()) {
+        loading = boot.me.then((response) => (response ? answer(response, {}) : request("/me")));
+        boot.me = null;
+      } else {
+        loading = request("/me");
+      }
+      mePromise = loading.then((value) => {
         $("tab-provider").hidden = !value.is_provider;
         return value;
       });
+      mePromise.catch(() => (mePromise = null)); // a failed load is tried again next time
     }
     return mePromise;
   }
 
   // ---------------------------------------------------------------------- TON Connect
 
+  const scripts = {};
+  function loadScript(url) {
+    if (!scripts[url]) {
+      scripts[url] = new Promise((resolve, reject) => {
+        const script = document.createElement("script");
+        script.src = url;
+        script.async = true;
+        script.onload = resolve;
+        script.onerror = () => {
+          delete scripts[url];
+          reject(new ApiError(0, "offline", t("offline_network")));
+        };
+        document.head.appendChild(script);
+      });
+    }
+    return scripts[url];
+  }
+
   let tonConnectUI = null;
   let linking = null; // {purpose, resolve, reject} while a connect with ton_proof runs
   const walletListeners = [];
 
-  function tonConnect() {
+  // The TON Connect UI, loaded on first use (only the views that pay or link a wallet).
+  async function tonConnect() {
     if (tonConnectUI) return tonConnectUI;
-    if (!window.TON_CONNECT_UI) return null;
+    if (!config.tonconnectUrl) return null;
+    await loadScript(config.tonconnectUrl);
+    if (tonConnectUI) return tonConnectUI;
     tonConnectUI = new window.TON_CONNECT_UI.TonConnectUI({
       manifestUrl: config.manifestUrl || window.location.origin + "/tonconnect-manifest.json",
       language: config.lang === "ru" ? "ru" : "en",
       analytics: { mode: "off" },
-      uiPreferences: { theme: tg && tg.colorScheme === "dark" ? "DARK" : "LIGHT" },
+      uiPreferences: { theme: scheme() === "dark" ? "DARK" : "LIGHT" },
     });
     tonConnectUI.onStatusChange(onWallet, (error) => {
       if (linking) linking.reject(error);
@@ -203,6 +410,7 @@
         linking = null;
       }
     });
+    await tonConnectUI.connectionRestored;
     return tonConnectUI;
   }
 
@@ -232,7 +440,7 @@
   // Connect a wallet with a fresh single-use ton_proof payload; the server verifies the
   // proof and links the wallet (purpose "user" or "payout"). Resolves with the linked wallet.
   async function connectWallet(purpose) {
-    const ui = tonConnect();
+    const ui = await tonConnect();
     if (!ui) throw new ApiError(0, "no_tonconnect", t("no_tonconnect"));
     if (ui.connected) await ui.disconnect();
     ui.setConnectRequestParameters({ state: "loading" });
@@ -255,7 +463,11 @@
     }
     setUpTelegram();
     setUpNavigation();
-    if (!initData()) showAuthProblem(t("open_in_telegram"));
+    if (!initData()) {
+      $("auth-banner").textContent = t("open_in_telegram");
+      $("auth-banner").hidden = false;
+    }
+    document.addEventListener("DOMContentLoaded", () => show(viewOf(location.pathname), false));
     return true;
   }
 
@@ -264,20 +476,29 @@
     tg,
     inTelegram,
     t,
+    formatAmount,
     formatGram,
+    signedGram,
+    parseAmount,
     formatDate,
+    errorText,
     ApiError,
     request,
     me,
+    view,
+    show,
+    loadScript,
     $,
     toast,
     status,
     haptic,
+    copy,
     mainAction,
     mainProgress,
     tonConnect,
     connectWallet,
     onWalletChange: (listener) => walletListeners.push(listener),
+    isOnline: () => online,
     ready: start(),
   };
 })();

@@ -1,5 +1,6 @@
-// The web chat: the same turns as the bot (holds, billing, sealed to an attested worker),
-// streamed as NDJSON. The conversation lives only in this page's memory.
+// The Chat view: the same turns as the bot (holds, billing, sealed to an attested worker),
+// streamed as NDJSON. The conversation lives only in this page's memory. What the user typed
+// is never lost: a refusal puts it back and says how to fix it.
 (function () {
   "use strict";
   const C = window.Cocoon;
@@ -9,12 +10,74 @@
   let me = null;
   let history = []; // [{role, content}]
   let conversation = newId();
-  let running = null; // AbortController of the reply being streamed
+  let running = null; // {controller, turn, stopTimer} of the reply being streamed
+  let follow = true; // the view follows the stream unless the user scrolled up
 
   function newId() {
     const bytes = new Uint8Array(16);
     window.crypto.getRandomValues(bytes);
     return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+  }
+
+  // ------------------------------------------------------------------ safe Markdown
+
+  // Paragraphs, ``` code blocks ```, `code`, **bold** and *italic*, built as DOM nodes from
+  // text: nothing the model writes is ever parsed as HTML.
+  function inline(parent, text) {
+    const pattern = /(`[^`\n]+`|\*\*[^*\n]+\*\*|\*[^*\n]+\*)/g;
+    let last = 0;
+    for (const match of text.matchAll(pattern)) {
+      if (match.index > last) parent.append(text.slice(last, match.index));
+      const token = match[0];
+      let node;
+      if (token.startsWith("`")) {
+        node = document.createElement("code");
+        node.textContent = token.slice(1, -1);
+      } else if (token.startsWith("**")) {
+        node = document.createElement("strong");
+        node.textContent = token.slice(2, -2);
+      } else {
+        node = document.createElement("em");
+        node.textContent = token.slice(1, -1);
+      }
+      parent.append(node);
+      last = match.index + token.length;
+    }
+    if (last < text.length) parent.append(text.slice(last));
+  }
+
+  function markdown(element, text) {
+    element.textContent = "";
+    const parts = text.split(/```[^\n]*\n?/);
+    parts.forEach((part, index) => {
+      if (index % 2 === 1) {
+        const pre = document.createElement("pre");
+        const code = document.createElement("code");
+        code.textContent = part.replace(/\n$/, "");
+        pre.append(code);
+        element.append(pre);
+        return;
+      }
+      for (const paragraph of part.split(/\n{2,}/)) {
+        if (!paragraph.trim()) continue;
+        const p = document.createElement("p");
+        inline(p, paragraph);
+        element.append(p);
+      }
+    });
+  }
+
+  // ------------------------------------------------------------------------ the view
+
+  function atBottom() {
+    return window.innerHeight + window.scrollY >= document.documentElement.scrollHeight - 48;
+  }
+  window.addEventListener("scroll", () => {
+    if (running) follow = atBottom();
+  }, { passive: true });
+
+  function keepInView() {
+    if (follow) window.scrollTo(0, document.documentElement.scrollHeight);
   }
 
   function bubble(role, text) {
@@ -28,15 +91,24 @@
     body.textContent = text;
     li.append(who, body);
     $("messages").appendChild(li);
-    li.scrollIntoView({ block: "end" });
+    keepInView();
     return li;
   }
 
   function footnote(li, done) {
-    const cost = document.createElement("div");
-    cost.className = "hint cost";
-    cost.textContent = t("reply_cost", {
-      cost: C.formatGram(done.cost),
+    const mark = document.createElement("div");
+    const cost = C.formatGram(done.cost);
+    if (done.finish_reason === "cancelled") {
+      mark.className = "mark mark-stopped";
+      mark.textContent = t("reply_stopped", { cost });
+    } else if (done.finish_reason === "length") {
+      mark.className = "mark mark-cut";
+      mark.textContent = t("reply_cut", { cost });
+    }
+    const line = document.createElement("div");
+    line.className = "hint cost";
+    line.textContent = t("reply_cost", {
+      cost,
       prompt: done.prompt_tokens,
       completion: done.completion_tokens,
       balance: C.formatGram(done.balance),
@@ -57,17 +129,15 @@
       t("privacy_engine", { engine: w.engine, version: w.engine_version }),
     );
     if (w.off_machine) lines.push(t("privacy_off_machine"));
-    lines.push(
-      t("privacy_key", { fingerprint: w.key_fingerprint }),
-      t("privacy_verified"),
-    );
+    lines.push(t("privacy_key", { fingerprint: w.key_fingerprint }), t("privacy_verified"));
     privacy.append(summary);
     for (const text of lines) {
-      const line = document.createElement("div");
-      line.textContent = text;
-      privacy.append(line);
+      const row = document.createElement("div");
+      row.textContent = text;
+      privacy.append(row);
     }
-    li.append(cost, privacy);
+    if (mark.textContent) li.append(mark);
+    li.append(line, privacy);
   }
 
   function showPrice() {
@@ -79,34 +149,65 @@
     });
   }
 
-  function setRunning(controller) {
-    running = controller;
-    $("stop").hidden = !controller;
-    $("send").disabled = Boolean(controller);
-    $("prompt").disabled = Boolean(controller);
+  function setRunning(value) {
+    running = value;
+    $("stop").hidden = !value;
+    $("send").hidden = Boolean(value);
+  }
+
+  // A refusal: the message goes back into the composer, with the way to fix it.
+  function refused(text, error) {
+    $("prompt").value = text;
+    const box = $("composer-error");
+    box.textContent = "";
+    let words = error.message;
+    if (error.code === "message_too_long" && error.details.limit) words = t("fix_shorten", { limit: error.details.limit });
+    if (error.code === "rate_limited" && error.details.retry_after) words = t("fix_wait", { seconds: error.details.retry_after });
+    if (error.code === "offline") words = t("reply_lost");
+    box.append(words);
+    if (error.code === "insufficient_balance") {
+      const fix = document.createElement("button");
+      fix.type = "button";
+      fix.className = "link-button";
+      fix.textContent = t("fix_top_up");
+      fix.addEventListener("click", () => C.show("wallet", true));
+      box.append(" ", fix);
+    }
+    box.hidden = false;
   }
 
   async function send(event) {
     if (event) event.preventDefault();
     const text = $("prompt").value.trim();
     if (!text || running) return;
-    $("prompt").value = "";
-    history.push({ role: "user", content: text });
-    bubble("user", text);
-    const li = bubble("assistant", "");
-    const body = li.querySelector(".text");
-    li.classList.add("streaming");
-    body.dataset.placeholder = t("thinking");
+    $("composer-error").hidden = true;
     const controller = new AbortController();
-    setRunning(controller);
-    let reply = "";
+    setRunning({ controller, turn: null, stopTimer: null });
+    follow = true;
+    history.push({ role: "user", content: text });
+    let response;
     try {
-      const response = await C.request("/chat", {
+      response = await C.request("/chat", {
         method: "POST",
         body: { model: $("model").value, messages: history, conversation },
         signal: controller.signal,
         raw: true,
       });
+    } catch (error) {
+      history.pop();
+      setRunning(null);
+      if (error.name !== "AbortError") refused(text, error);
+      return;
+    }
+    $("prompt").value = ""; // taken: the message is in the conversation now
+    bubble("user", text);
+    const li = bubble("assistant", "");
+    const body = li.querySelector(".text");
+    li.classList.add("streaming");
+    body.dataset.placeholder = t("thinking");
+    let reply = "";
+    let ended = false;
+    try {
       const reader = response.body.getReader();
       const decoder = new TextDecoder();
       let buffer = "";
@@ -119,60 +220,87 @@
           const line = buffer.slice(0, newline);
           buffer = buffer.slice(newline + 1);
           if (!line.trim()) continue;
-          const event = JSON.parse(line);
-          if (event.type === "text") {
-            reply += event.text;
+          const item = JSON.parse(line);
+          if (item.type === "start") {
+            running.turn = item.turn;
+          } else if (item.type === "text") {
+            reply += item.text;
             body.textContent = reply;
-          } else if (event.type === "done") {
-            footnote(li, event);
-          } else if (event.type === "error") {
+            keepInView();
+          } else if (item.type === "done") {
+            ended = true;
+            markdown(body, reply);
+            footnote(li, item);
+            $("reply-announcer").textContent = reply; // read once, when it is whole
+          } else if (item.type === "error") {
+            ended = true;
             li.classList.add("failed");
             const note = document.createElement("div");
             note.className = "hint error";
-            note.textContent = event.error.message;
+            note.textContent = C.errorText(item.error.code, item.error.details, item.error.message);
             li.append(note);
           }
         }
       }
+      if (!ended) throw new C.ApiError(0, "offline", t("reply_lost"));
     } catch (error) {
       if (error.name !== "AbortError") {
         li.classList.add("failed");
         body.textContent = reply;
         const note = document.createElement("div");
         note.className = "hint error";
-        note.textContent = error.message;
+        note.textContent = t("reply_lost");
         li.append(note);
+        if (!reply) $("prompt").value = text; // nothing came back: the question is kept
       }
     } finally {
       li.classList.remove("streaming");
+      if (running && running.stopTimer) clearTimeout(running.stopTimer);
       setRunning(null);
       if (reply) history.push({ role: "assistant", content: reply });
       else history.pop(); // nothing came back: the question can be asked again
-      $("prompt").focus();
+      keepInView();
     }
+  }
+
+  // Stop: the server ends the reply and still sends its cost; if it cannot be reached, the
+  // stream is dropped (the server stops and bills the turn when its reader leaves).
+  async function stop() {
+    const current = running;
+    if (!current) return;
+    if (current.turn) {
+      try {
+        await C.request("/chat/stop", { method: "POST", body: { turn: current.turn } });
+        current.stopTimer = setTimeout(() => current.controller.abort(), 10000);
+        return;
+      } catch (error) {
+        // fall through: drop the stream
+      }
+    }
+    current.controller.abort();
   }
 
   $("chat-form").addEventListener("submit", send);
   $("prompt").addEventListener("keydown", (event) => {
     if (event.key === "Enter" && !event.shiftKey) send(event);
   });
-  $("stop").addEventListener("click", () => running && running.abort());
+  $("prompt").addEventListener("input", () => ($("composer-error").hidden = true));
+  $("stop").addEventListener("click", stop);
   $("new-chat").addEventListener("click", () => {
-    if (running) running.abort();
+    if (running) running.controller.abort();
     history = [];
     conversation = newId();
     $("messages").textContent = "";
   });
   $("model").addEventListener("change", () => {
     showPrice();
-    C.request("/model", { method: "POST", body: { model: $("model").value } }).catch((e) =>
-      C.toast(e.message),
-    );
+    C.request("/model", { method: "POST", body: { model: $("model").value } }).catch((e) => C.toast(e.message));
   });
 
-  C.me()
-    .then((value) => {
-      me = value;
+  C.view("chat", {
+    async start() {
+      me = await C.me();
+      $("model").textContent = "";
       for (const model of me.models) {
         const option = document.createElement("option");
         option.value = model.id;
@@ -181,6 +309,6 @@
       }
       $("model").value = me.model;
       showPrice();
-    })
-    .catch((error) => C.toast(error.message));
+    },
+  });
 })();

@@ -1,4 +1,4 @@
-// The provider dashboard: workers (TEE, attestation expiry, online, jobs, earnings),
+// The Provider view: workers (TEE, attestation expiry, online, jobs, earnings),
 // earnings, the payout wallet and withdrawals (the same rules as the bot's /withdraw).
 (function () {
   "use strict";
@@ -74,9 +74,23 @@
     render(await C.request("/provider"));
   }
 
-  async function withdraw() {
+  // The amount, checked as the server checks it ("all" too); the problem shows by the field.
+  function checkAmount() {
     const amount = $("withdraw-amount").value.trim();
-    if (!amount) return;
+    const parsed = amount.toLowerCase() === "all" ? { nano: "all" } : C.parseAmount(amount);
+    const error = $("withdraw-amount-error");
+    const problem = amount && !parsed.nano ? t("amount_" + parsed.problem) : "";
+    error.textContent = problem;
+    error.hidden = !problem;
+    $("withdraw-amount").setAttribute("aria-invalid", problem ? "true" : "false");
+    return parsed.nano ? amount : null;
+  }
+
+  let withdrawing = false;
+  async function withdraw() {
+    const amount = checkAmount();
+    if (!amount || withdrawing) return;
+    withdrawing = true;
     C.mainProgress($("withdraw"), true);
     try {
       const payout = await C.request("/provider/withdraw", {
@@ -89,8 +103,14 @@
       $("withdraw-amount").value = "";
       await load();
     } catch (error) {
-      C.status($("withdraw-status"), error.message, "error");
+      if (error.code === "invalid_amount") {
+        $("withdraw-amount-error").textContent = error.message;
+        $("withdraw-amount-error").hidden = false;
+      } else {
+        C.status($("withdraw-status"), error.message, "error");
+      }
     } finally {
+      withdrawing = false;
       C.mainProgress($("withdraw"), false);
     }
   }
@@ -106,9 +126,15 @@
   }
 
   $("withdraw").addEventListener("click", withdraw);
-  $("withdraw-all").addEventListener("click", () => ($("withdraw-amount").value = "all"));
-  $("withdraw-amount").addEventListener("input", () => (key = newKey()));
+  $("withdraw-all").addEventListener("click", () => {
+    $("withdraw-amount").value = "all";
+    checkAmount();
+  });
+  $("withdraw-amount").addEventListener("input", () => {
+    key = newKey();
+    checkAmount();
+  });
   $("link-payout").addEventListener("click", linkPayout);
-  if (!window.TON_CONNECT_UI) $("link-payout").disabled = true;
-  load().catch((error) => C.toast(error.message));
+  $("link-payout").disabled = !C.config.tonconnect;
+  C.view("provider", { start: load, show: () => load().catch((error) => C.toast(error.message)) });
 })();

@@ -1,33 +1,52 @@
-// The wallet page: balance, the linked TON wallet, top-ups in GRAM and in Telegram Stars.
+// The Wallet view: balance, the linked TON wallet, top-ups in GRAM (TON Connect, or a transfer
+// by hand to the deposit address with its QR code) and in Telegram Stars.
 (function () {
   "use strict";
   const C = window.Cocoon;
   if (!C.ready) return;
   const { $, t } = C;
+  const PENDING = "cocoon.pending-topups"; // [{amount, at}] top-ups sent, not yet credited
 
   let me = null;
-  let choice = ""; // decimal GRAM text of the chosen amount
-  let waiting = null; // {before, timer, deadline} while a top-up is on its way
-  let resumeTopUp = false;
+  let choice = null; // {nano} of the amount typed or chosen, or null
+  let sending = false; // one top-up request at a time
+  let starsBusy = false; // one Stars invoice per tap
+  let watch = null; // {before, timer, element, message} while a credit is awaited
+
+  // ------------------------------------------------------------------ pending top-ups
+
+  function pendingTopUps() {
+    try {
+      return JSON.parse(localStorage.getItem(PENDING) || "[]");
+    } catch (error) {
+      return [];
+    }
+  }
+  function savePending(list) {
+    localStorage.setItem(PENDING, JSON.stringify(list.slice(-10)));
+  }
+
+  // ----------------------------------------------------------------------- render
 
   function render(value) {
     me = value;
-    $("balance").textContent = C.formatGram(me.balance.available);
+    const balance = $("balance");
+    balance.classList.remove("skeleton");
+    balance.textContent = C.formatGram(me.balance.available);
     const held = BigInt(me.balance.held);
     $("held").hidden = held === 0n;
     $("held").textContent = t("held", { amount: C.formatGram(me.balance.held) });
     $("memo").textContent = me.deposit_memo;
-    if (me.wallet) {
-      $("wallet-address").textContent = me.wallet.address;
-      $("wallet-address").dataset.raw = me.wallet.raw;
-    } else {
-      $("wallet-address").textContent = t("not_linked");
-      delete $("wallet-address").dataset.raw;
-    }
+    $("wallet-address").textContent = me.wallet ? me.wallet.address : t("not_linked");
+    if (me.wallet) $("wallet-address").dataset.raw = me.wallet.raw;
+    else delete $("wallet-address").dataset.raw;
     $("connect").hidden = Boolean(me.wallet);
     $("disconnect").hidden = !me.wallet;
+    $("connect").disabled = !C.config.tonconnect;
     $("topup-card").hidden = !me.topup.ton;
     $("stars-card").hidden = !me.topup.stars;
+    $("deposit-card").hidden = !me.topup.deposit_address;
+    $("deposit-address").textContent = me.topup.deposit_address || "";
   }
 
   function renderPresets() {
@@ -41,7 +60,7 @@
       chip.dataset.amount = preset;
       chip.addEventListener("click", () => {
         $("topup-amount").value = preset;
-        choose(preset);
+        choose(preset, true);
       });
       box.appendChild(chip);
     }
@@ -59,14 +78,33 @@
     }
   }
 
-  function choose(text) {
-    choice = text.trim();
+  // The deposit address as a QR code (ton:// link with the amount-free transfer and the
+  // comment), drawn by qrcode-generator, served by us and loaded only when shown.
+  async function renderQr() {
+    if (!me.topup.deposit_address || !C.config.qrcodeUrl) return;
+    await C.loadScript(C.config.qrcodeUrl);
+    const qr = window.qrcode(0, "M");
+    qr.addData("ton://transfer/" + me.topup.deposit_address + "?text=" + encodeURIComponent(me.deposit_memo));
+    qr.make();
+    const box = $("deposit-qr");
+    box.innerHTML = qr.createSvgTag({ cellSize: 4, margin: 0, scalable: true });
+    box.hidden = false;
+  }
+
+  // The amount, checked as the server will check it; the problem is said next to the field.
+  function choose(text, fromChip) {
+    const parsed = C.parseAmount(text);
+    choice = parsed.nano ? parsed : null;
     for (const chip of $("topup-presets").children) {
-      chip.classList.toggle("chip-active", chip.dataset.amount === choice);
+      chip.classList.toggle("chip-active", Boolean(choice) && chip.dataset.amount === text.trim());
     }
-    const valid = /^\d+([.,]\d{1,9})?$/.test(choice) && !/^0+([.,]0*)?$/.test(choice);
-    const label = valid ? t("top_up", { amount: choice.replace(",", ".") + " GRAM" }) : t("top_up_choose");
-    C.mainAction($("topup-send"), label, valid && !waiting, topUp);
+    const error = $("topup-amount-error");
+    const show = !choice && text.trim() !== "" && !fromChip;
+    error.hidden = !show;
+    error.textContent = show ? t("amount_" + parsed.problem) : "";
+    $("topup-amount").setAttribute("aria-invalid", show ? "true" : "false");
+    const label = choice ? t("top_up", { amount: C.formatGram(choice.nano) }) : t("top_up_choose");
+    C.mainAction($("topup-send"), label, Boolean(choice) && !sending, topUp);
   }
 
   async function refresh() {
@@ -75,7 +113,7 @@
 
   // ------------------------------------------------------------------ wallet linking
 
-  async function connect(purposeAfter) {
+  async function connect(thenTopUp) {
     const button = $("connect");
     button.disabled = true;
     C.status($("topup-status"), "");
@@ -84,16 +122,16 @@
       C.toast(t("linked", { address: linked.address }));
       C.haptic("success");
       await refresh();
-      if (purposeAfter) await topUp();
+      if (thenTopUp) await topUp();
     } catch (error) {
       if (error.code !== "cancelled") C.toast(error.message || t("error"));
     } finally {
-      button.disabled = false;
+      button.disabled = !C.config.tonconnect;
     }
   }
 
   async function disconnect() {
-    const ui = C.tonConnect();
+    const ui = await C.tonConnect();
     if (ui && ui.connected) await ui.disconnect();
     render(await C.request("/wallet", { method: "DELETE" }));
     C.toast(t("unlinked"));
@@ -102,94 +140,123 @@
   // -------------------------------------------------------------------------- top-up
 
   async function topUp() {
-    if (!choice || waiting) return;
-    const ui = C.tonConnect();
-    if (!ui) {
-      C.status($("topup-status"), t("no_tonconnect"), "error");
-      return;
-    }
-    if (!ui.connected || !me.wallet) {
-      C.status($("topup-status"), t("connect_first"));
-      resumeTopUp = true;
-      await connect(true);
-      return;
-    }
-    resumeTopUp = false;
+    if (!choice || sending) return;
+    sending = true;
     const button = $("topup-send");
     C.mainProgress(button, true);
-    let order;
+    choose($("topup-amount").value || choice.nano, true);
     try {
-      order = await C.request("/topup", { method: "POST", body: { amount: choice } });
-    } catch (error) {
+      const ui = await C.tonConnect();
+      if (!ui) {
+        C.status($("topup-status"), t("no_tonconnect"), "error");
+        return;
+      }
+      if (!ui.connected || !me.wallet) {
+        C.status($("topup-status"), t("connect_first"));
+        sending = false;
+        await connect(true);
+        return;
+      }
+      let order;
+      try {
+        order = await C.request("/topup", { method: "POST", body: { amount: $("topup-amount").value || C.formatAmount(choice.nano) } });
+      } catch (error) {
+        if (error.code === "invalid_amount") {
+          $("topup-amount-error").textContent = error.message;
+          $("topup-amount-error").hidden = false;
+        } else {
+          C.status($("topup-status"), error.message, "error");
+        }
+        return;
+      }
+      const before = BigInt(me.balance.available);
+      try {
+        await ui.sendTransaction(order.transaction);
+      } catch (error) {
+        C.status($("topup-status"), t("top_up_cancelled"), "error");
+        return;
+      }
+      savePending(pendingTopUps().concat([{ amount: order.amount, at: new Date().toISOString() }]));
+      C.status($("topup-status"), t("top_up_sent", { amount: C.formatGram(order.amount) }), "pending");
+      awaitCredit(before, "top_up_credited", $("topup-status"));
+    } finally {
+      sending = false;
       C.mainProgress(button, false);
-      C.status($("topup-status"), error.message, "error");
-      return;
+      choose($("topup-amount").value, true);
     }
-    const before = BigInt(me.balance.available);
-    try {
-      await ui.sendTransaction(order.transaction);
-    } catch (error) {
-      C.mainProgress(button, false);
-      C.status($("topup-status"), t("top_up_cancelled"), "error");
-      return;
-    }
-    C.mainProgress(button, false);
-    C.status($("topup-status"), t("top_up_sent", { amount: C.formatGram(order.amount) }), "pending");
-    waitForCredit(before, "top_up_credited", $("topup-status"));
   }
 
-  // Poll the balance until the watcher credits the deposit: no reload needed.
-  function waitForCredit(before, message, element) {
-    if (waiting) clearTimeout(waiting.timer);
-    waiting = { before, deadline: Date.now() + 15 * 60 * 1000, timer: null };
-    choose(choice);
+  // Poll the balance until the credit shows: no reload needed. A top-up that is slow can be
+  // dismissed; it is still credited when it lands.
+  function awaitCredit(before, message, element) {
+    if (watch) clearTimeout(watch.timer);
+    watch = { before, message, element, timer: null, deadline: Date.now() + 15 * 60 * 1000 };
+    $("topup-pending").hidden = element !== $("topup-status");
     const tick = async () => {
+      const current = watch;
+      if (!current) return;
       try {
         const value = await C.me(true);
         const now = BigInt(value.balance.available);
-        if (now > waiting.before) {
-          const added = (now - waiting.before).toString();
-          waiting = null;
+        if (now > current.before) {
+          const added = (now - current.before).toString();
+          stopWaiting();
+          savePending([]);
           render(value);
-          C.status(element, t(message, { amount: C.formatGram(added), balance: C.formatGram(value.balance.available) }), "ok");
+          C.status(current.element, t(current.message, { amount: C.formatGram(added), balance: C.formatGram(value.balance.available) }), "ok");
           C.haptic("success");
-          choose(choice);
           return;
         }
       } catch (error) {
-        // a lost poll is retried
+        // a lost poll is tried again
       }
-      if (Date.now() > waiting.deadline) {
-        waiting = null;
-        C.status(element, t("top_up_slow"));
-        choose(choice);
+      if (Date.now() > current.deadline) {
+        stopWaiting();
+        C.status(current.element, t("top_up_slow"));
         return;
       }
-      waiting.timer = setTimeout(tick, 2000);
+      current.timer = setTimeout(tick, 2000);
     };
-    waiting.timer = setTimeout(tick, 1500);
+    watch.timer = setTimeout(tick, 1500);
+  }
+
+  function stopWaiting() {
+    if (watch) clearTimeout(watch.timer);
+    watch = null;
+    $("topup-pending").hidden = true;
   }
 
   // --------------------------------------------------------------------------- Stars
 
   async function payStars(stars) {
+    if (starsBusy) return; // a double tap opens one invoice
+    starsBusy = true;
+    const chips = Array.from($("stars-presets").children);
+    for (const chip of chips) chip.disabled = true;
     const element = $("stars-status");
+    const release = () => {
+      starsBusy = false;
+      for (const chip of chips) chip.disabled = false;
+    };
     let invoice;
     try {
       invoice = await C.request("/stars", { method: "POST", body: { stars } });
     } catch (error) {
       C.status(element, error.message, "error");
+      release();
       return;
     }
     const before = BigInt(me.balance.available);
     if (C.inTelegram && C.tg.isVersionAtLeast("6.1")) {
       C.tg.openInvoice(invoice.invoice_url, (state) => {
-        if (state === "paid") waitForCredit(before, "stars_credited", element);
+        release();
+        if (state === "paid") awaitCredit(before, "stars_credited", element);
         else if (state === "failed") C.status(element, t("stars_failed"), "error");
       });
     } else {
       window.open(invoice.invoice_url, "_blank", "noopener");
       C.status(element, t("stars_outside"));
+      release();
     }
   }
 
@@ -197,16 +264,30 @@
 
   $("connect").addEventListener("click", () => connect(false));
   $("disconnect").addEventListener("click", () => disconnect().catch((e) => C.toast(e.message)));
-  $("topup-amount").addEventListener("input", (event) => choose(event.target.value));
+  $("topup-amount").addEventListener("input", (event) => choose(event.target.value, false));
   $("topup-send").addEventListener("click", topUp);
-  if (!window.TON_CONNECT_UI) $("connect").disabled = true;
+  $("topup-dismiss").addEventListener("click", () => {
+    stopWaiting();
+    savePending([]);
+    C.status($("topup-status"), t("top_up_dismissed"));
+  });
+  $("deposit-address").addEventListener("click", () => C.copy(me.topup.deposit_address));
+  $("memo").addEventListener("click", () => C.copy(me.deposit_memo));
 
-  C.me()
-    .then((value) => {
-      render(value);
+  C.view("wallet", {
+    async start() {
+      render(await C.me());
       renderPresets();
-      choose("");
-      C.tonConnect();
-    })
-    .catch((error) => C.toast(error.message));
+      choose("", true);
+      renderQr().catch(() => {});
+      if (C.config.tonconnect) setTimeout(() => C.tonConnect().catch(() => {}), 0);
+    },
+    show() {
+      choose($("topup-amount").value, true);
+      C.me(true).then(render).catch((error) => C.toast(error.message));
+    },
+    online() {
+      C.me(true).then(render).catch(() => {});
+    },
+  });
 })();

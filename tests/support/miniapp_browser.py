@@ -54,21 +54,57 @@ def require_browser() -> None:
         pytest.skip(reason, allow_module_level=True)
 
 
-def launch_hash(telegram_id: int, *, language: str = "en", platform: str | None = None) -> str:
-    """The fragment Telegram opens a Mini App with: signed initData, version, theme."""
-    theme = {
+# Telegram's real theme parameters, as its apps send them (tgWebAppThemeParams). iOS light:
+# the page on #efeff4 with white sections, iOS's system colours. Android dark: bg_color and
+# section_bg_color both #212121 (cards must not vanish), the page #181818; no bottom bar colour.
+THEMES: dict[str, dict[str, str]] = {
+    "ios-light": {
         "bg_color": "#ffffff",
+        "secondary_bg_color": "#efeff4",
+        "section_bg_color": "#ffffff",
+        "header_bg_color": "#f8f8f8",
+        "bottom_bar_bg_color": "#f2f2f2",
         "text_color": "#000000",
-        "hint_color": "#707579",
-        "link_color": "#3390ec",
-        "button_color": "#3390ec",
+        "hint_color": "#8e8e93",
+        "subtitle_text_color": "#8e8e93",
+        "section_header_text_color": "#6d6d72",
+        "section_separator_color": "#c8c7cc",
+        "link_color": "#007aff",
+        "accent_text_color": "#007aff",
+        "button_color": "#007aff",
         "button_text_color": "#ffffff",
-        "secondary_bg_color": "#f4f4f5",
-    }
+        "destructive_text_color": "#ff3b30",
+    },
+    "android-dark": {
+        "bg_color": "#212121",
+        "secondary_bg_color": "#181818",
+        "section_bg_color": "#212121",
+        "header_bg_color": "#212121",
+        "text_color": "#ffffff",
+        "hint_color": "#aaaaaa",
+        "subtitle_text_color": "#aaaaaa",
+        "section_header_text_color": "#8774e1",
+        "link_color": "#8774e1",
+        "accent_text_color": "#8774e1",
+        "button_color": "#8774e1",
+        "button_text_color": "#ffffff",
+        "destructive_text_color": "#ff595a",
+    },
+}
+
+
+def launch_hash(
+    telegram_id: int,
+    *,
+    language: str = "en",
+    platform: str | None = None,
+    theme: str = "ios-light",
+) -> str:
+    """The fragment Telegram opens a Mini App with: signed initData, version, theme."""
     parts = {
         "tgWebAppData": init_data(telegram_id, language=language),
         "tgWebAppVersion": "8.0",
-        "tgWebAppThemeParams": json.dumps(theme, separators=(",", ":")),
+        "tgWebAppThemeParams": json.dumps(THEMES[theme], separators=(",", ":")),
     }
     if platform:
         parts["tgWebAppPlatform"] = platform
