@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 import redis
 import redis.asyncio as aioredis
 
-from backend import bounds
+from backend import admission, bounds
 from backend.bounds import Bill, Flag, Violation, prompt_token_bound
 from backend.errors import ErrorCode
 from backend.ledger import InsufficientFunds, Ledger
@@ -175,6 +175,7 @@ class Dispatcher:
             )
         if not request.messages:
             raise TurnError(ErrorCode.INVALID_REQUEST, "a turn needs at least one message")
+        admission.check_context(request.model, request.messages, price)
         prompt_bound = prompt_token_bound(request.messages)
         max_tokens = request.max_tokens or default_max_tokens(self.settings, price)
         if max_tokens < 1 or max_tokens > price.context_length:
@@ -277,6 +278,8 @@ class Turn(TurnSettlement):
             if worker is not None:
                 break
         self._may_retry_same = False
+        if worker is None and attempt == 1:  # every worker busy: queue (backend.admission)
+            worker = await admission.wait_for_room(self.d, self.request, self.turn_id, attempt)
         if worker is None:
             raise TurnError(
                 ErrorCode.NO_WORKER,
@@ -444,6 +447,8 @@ class Turn(TurnSettlement):
             return
         self.end_outcome = "cancelled" if error.code == "cancelled" else "failed"
         await self.release()
+        if (refusal := admission.client_error(error)) is not None:
+            raise refusal  # the client's to fix (a prompt over the context): a 400
         if error.code == "cancelled":
             raise TurnError(ErrorCode.CANCELLED, "the turn was cancelled")
         raise TurnError(ErrorCode.WORKER_ERROR, f"the worker could not answer: {error.message}")

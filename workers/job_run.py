@@ -40,9 +40,11 @@ from rq.job import Job
 
 from workers import streams
 from workers.engines import Engine, EngineError, GenerationRequest, TextDelta, Usage
+from workers.engines.base import ContextLengthExceeded
 from workers.jobs import sealed_argument
 from workers.receipts import Receipt, sign_receipt
 from workers.wire import (
+    CONTEXT_LENGTH_EXCEEDED,
     ErrorRecord,
     Event,
     FinalRecord,
@@ -234,7 +236,12 @@ class JobRun:
             assert task is not None
             error = task.exception()
             message = str(error) if isinstance(error, EngineError) else "the engine failed"
-            record = ErrorRecord(job_id=self.job_id, code="engine_error", message=message[:4096])
+            code = (
+                CONTEXT_LENGTH_EXCEEDED
+                if isinstance(error, ContextLengthExceeded)
+                else "engine_error"
+            )
+            record = ErrorRecord(job_id=self.job_id, code=code, message=message[:4096])
             await self._send(request, record)
             return Outcome(False, f"engine error ({describe_error(error)})")
         # The engine did not stop in time and was cancelled: it gave no usage, so count what it

@@ -121,6 +121,11 @@ class FinalRecord(_Versioned):
         return self
 
 
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
+"""An :class:`ErrorRecord`'s code when the prompt does not fit the model's context: the
+client's to fix (a 400 for API clients), never retried on another worker."""
+
+
 class ErrorRecord(_Versioned):
     type: Literal["error"] = "error"
     job_id: JobId

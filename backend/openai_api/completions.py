@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -26,6 +27,8 @@ from backend.errors import CocoonError
 from backend.openai_api import protocol as p
 from backend.openai_api.idempotency import IdempotencyKey, Replay
 from backend.openai_api.service import OpenAIService
+
+log = logging.getLogger("cocoon.openai_api")
 
 COST_HEADER = "X-Cocoon-Cost-Nanoton"
 REPLAYED_HEADER = "Idempotent-Replayed"
@@ -78,18 +81,60 @@ async def answer(
     created = int(time.time())
     if body.stream:
         return await _stream(request, service, body, turn, idem, completion_id, created)
+    if idem is not None:
+        outcome = await _kept(service, body, turn, idem, completion_id, created)
+        if isinstance(outcome, CocoonError):
+            return error_response(outcome)
+        return web.json_response(outcome, headers={COST_HEADER: _cost(outcome)})
     try:
-        text, done = await _collect_watching(request, turn, cancel_on_disconnect=idem is None)
+        text, done = await _collect_watching(request, turn, cancel_on_disconnect=True)
     except TurnError as error:
-        if idem is not None:
-            await idem.abandon()
         return error_response(error)
     record = await service.attestation(done)
     completion = p.ChatCompletion.of(completion_id, created, body.model, text, done, record)
-    payload = completion.model_dump()
-    if idem is not None:
-        await idem.finish(200, payload)
-    return web.json_response(payload, headers={COST_HEADER: str(done.cost)})
+    return web.json_response(completion.model_dump(), headers={COST_HEADER: str(done.cost)})
+
+
+def _cost(completion: dict[str, Any]) -> str:
+    return str(completion.get("cocoon", {}).get("cost_nanoton", ""))
+
+
+async def _kept(
+    service: OpenAIService,
+    body: p.ChatCompletionRequest,
+    turn: Turn,
+    idem: IdempotencyKey,
+    completion_id: str,
+    created: int,
+) -> dict[str, Any] | CocoonError:
+    """A turn whose result is kept for its key's retries: it runs in a task of the dispatcher's
+    own, to its end even if this request's client leaves (or its handler is cancelled)."""
+    loop = asyncio.get_running_loop()
+    outcome: asyncio.Future[dict[str, Any] | CocoonError] = loop.create_future()
+
+    async def run() -> None:
+        try:
+            text, done = await OpenAIService.collect(turn)
+        except TurnError as error:
+            await idem.abandon()
+            outcome.set_result(error)
+            return
+        except BaseException:  # a stop: the turn is given back, so is the key
+            with contextlib.suppress(Exception):
+                await idem.abandon()
+            outcome.cancel()
+            raise
+        record = await service.attestation(done)
+        completion = p.ChatCompletion.of(completion_id, created, body.model, text, done, record)
+        payload = completion.model_dump()
+        try:
+            await idem.finish(200, payload)
+        except Exception as error:  # Redis went away: answer this request, keep nothing
+            log.warning("turn %s: its result was not kept: %s", turn.turn_id, error)
+        outcome.set_result(payload)
+
+    service.dispatcher.keep(run())
+    return await asyncio.shield(outcome)
 
 
 async def _stream(

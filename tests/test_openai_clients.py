@@ -1,0 +1,195 @@
+"""The official ``openai`` Python SDK (sync, async, streamed) against ``cocoon web`` on loopback
+with a real worker node (llama.cpp, SmolLM2), doing what real clients do: give up on a slow
+reply (billed only what was generated), retry with an ``Idempotency-Key`` (billed once), send a
+prompt longer than the context (their own ``BadRequestError``, streamed or not), and send more
+requests at once than the engine runs (they queue; none fails)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import openai
+import pytest
+from sqlalchemy import select
+
+from backend.models import TurnRecord
+from backend.settings import DEFAULT_MODEL
+from tests.support.api import Api, ApiFactory
+from tests.support.env import require_module
+from tests.support.turns import TON, Node, open_holds
+
+require_module("llama_cpp")
+
+pytestmark = pytest.mark.engine
+
+LONG = [{"role": "user", "content": "Count from 1 to 500, one number per line."}]
+
+
+async def settled_turns(v1: Api, timeout_s: float = 60.0) -> list[TurnRecord]:
+    """The user's settled turns, once no hold is open (the last turn has settled)."""
+    deadline = time.monotonic() + timeout_s
+    while await open_holds(v1.ledger):
+        assert time.monotonic() < deadline, "a hold is still open"
+        await asyncio.sleep(0.2)
+    async with v1.ledger.db.session() as session:
+        return list(await session.scalars(select(TurnRecord).order_by(TurnRecord.id)))
+
+
+async def a_turn_running(v1: Api, timeout_s: float = 60.0) -> None:
+    """Return once a turn holds money (it was dispatched)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if await open_holds(v1.ledger):
+            return
+        assert time.monotonic() < deadline, "no turn started"
+        await asyncio.sleep(0.05)
+
+
+async def test_sync_async_and_streamed_clients(v1: Api, node: Node) -> None:
+    def sync_chat() -> openai.types.chat.ChatCompletion:
+        with openai.OpenAI(base_url=v1.base_url, api_key=v1.key) as client:
+            return client.chat.completions.create(
+                model=DEFAULT_MODEL,
+                messages=[{"role": "user", "content": "Say hello."}],
+                max_tokens=8,
+                temperature=None,  # what the SDK sends for "not given" in some wrappers
+            )
+
+    reply = await asyncio.to_thread(sync_chat)
+    assert reply.choices[0].message.content and reply.usage is not None
+
+    client = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key)
+    raw = await client.chat.completions.with_raw_response.create(
+        model=DEFAULT_MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=8
+    )
+    completion = raw.parse()
+    cost = int(completion.model_extra["cocoon"]["cost_nanoton"])
+    assert raw.headers["X-Cocoon-Cost-Nanoton"] == str(cost) and cost > 0
+    assert raw.headers["X-Request-Id"]
+
+    stream = await client.chat.completions.create(
+        model=DEFAULT_MODEL,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=8,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    text, usage = "", None
+    async for chunk in stream:
+        text += "".join(c.delta.content or "" for c in chunk.choices)
+        usage = chunk.usage or usage
+    assert text and usage is not None
+    turns = await settled_turns(v1)
+    assert len(turns) == 3
+    spent = sum(t.cost for t in turns)
+    assert (await v1.ledger.balances(v1.user_id)).available == TON - spent
+    await client.close()
+
+
+async def test_a_client_that_times_out_pays_only_what_was_generated(v1: Api, node: Node) -> None:
+    # The issue's client: openai's timeout=3 (retries off here; a retry is a new turn).
+    client = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key, max_retries=0, timeout=3)
+    with pytest.raises(openai.APITimeoutError):
+        await client.chat.completions.create(
+            model=DEFAULT_MODEL, messages=LONG, max_tokens=1500, temperature=0
+        )
+    # The server saw the client leave and stopped the turn: billed for what was generated,
+    # not the 1500 tokens asked for (nothing at all if it had not started).
+    turns = await settled_turns(v1)
+    assert all(t.finish_reason == "cancelled" and t.completion_tokens < 1500 for t in turns)
+    assert (await v1.ledger.balances(v1.user_id)).available == TON - sum(t.cost for t in turns)
+    await client.close()
+
+
+async def test_a_retry_with_an_idempotency_key_is_billed_once(v1: Api, node: Node) -> None:
+    headers = {"Idempotency-Key": "retry-me-1"}
+    ask = {"model": DEFAULT_MODEL, "messages": LONG, "max_tokens": 40, "temperature": 0}
+    hasty = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key, max_retries=0)
+    first_try = asyncio.create_task(hasty.chat.completions.create(**ask, extra_headers=headers))
+    await a_turn_running(v1)  # now the client gives up
+    first_try.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first_try
+    patient = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key, max_retries=0, timeout=120)
+    raw = await patient.chat.completions.with_raw_response.create(**ask, extra_headers=headers)
+    first = raw.parse()
+    assert raw.headers["Idempotent-Replayed"] == "true"
+    assert first.choices[0].finish_reason == "length"  # it ran to its end for the retry
+    again = await patient.chat.completions.create(**ask, extra_headers=headers)
+    assert again.id == first.id
+    assert again.choices[0].message.content == first.choices[0].message.content
+    [turn] = await settled_turns(v1)
+    assert turn.cost == int(first.model_extra["cocoon"]["cost_nanoton"])
+    assert (await v1.ledger.balances(v1.user_id)).available == TON - turn.cost
+    # The same key with another request is refused, not replayed.
+    with pytest.raises(openai.BadRequestError, match="another request body"):
+        await patient.chat.completions.create(
+            model=DEFAULT_MODEL, messages=LONG, max_tokens=12, extra_headers=headers
+        )
+    await hasty.close()
+    await patient.close()
+
+
+async def test_a_prompt_over_the_context_is_a_400_streamed_or_not(v1: Api, node: Node) -> None:
+    # About 3,600 tokens for SmolLM2 (context 2,048): the worker's tokenizer decides it.
+    words = [{"role": "user", "content": "apple banana cherry " * 1200}]
+    client = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as refused:
+        await client.chat.completions.create(model=DEFAULT_MODEL, messages=words, max_tokens=8)
+    assert refused.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as refused:  # before any byte of a stream
+        await client.chat.completions.create(
+            model=DEFAULT_MODEL, messages=words, max_tokens=8, stream=True
+        )
+    assert refused.value.code == "context_length_exceeded"
+    # Far over it: the backend decides alone, before holding or dispatching anything.
+    huge = [{"role": "user", "content": "x" * 600_000}]
+    with pytest.raises(openai.BadRequestError, match="at least") as refused:
+        await client.chat.completions.create(model=DEFAULT_MODEL, messages=huge, max_tokens=8)
+    assert refused.value.code == "context_length_exceeded"
+    assert await settled_turns(v1) == []
+    assert (await v1.ledger.balances(v1.user_id)).available == TON
+    await client.close()
+
+
+async def test_more_requests_than_the_engine_runs_queue_instead_of_failing(
+    v1_server: ApiFactory, node: Node
+) -> None:
+    # The llama.cpp worker runs one turn at a time (capacity 1): the others wait in the
+    # backend's queue (long enough here for a busy test machine), none fails.
+    v1 = await v1_server(api_queue_timeout_s=300)
+    client = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key, max_retries=0)
+
+    async def ask(n: int) -> str | None:
+        reply = await client.chat.completions.create(
+            model=DEFAULT_MODEL,
+            messages=[{"role": "user", "content": f"Say the number {n}."}],
+            max_tokens=12,
+        )
+        return reply.choices[0].finish_reason
+
+    finishes = await asyncio.gather(*(ask(n) for n in range(4)))
+    assert all(finish in ("stop", "length") for finish in finishes)
+    assert len(await settled_turns(v1)) == 4
+    await client.close()
+
+
+async def test_a_saturated_model_answers_503_with_retry_after(
+    v1_server: ApiFactory, node: Node
+) -> None:
+    v1 = await v1_server(api_queue_timeout_s=0.5)
+    client = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key, max_retries=0)
+    busy = asyncio.create_task(
+        client.chat.completions.create(model=DEFAULT_MODEL, messages=LONG, max_tokens=300)
+    )
+    await asyncio.sleep(1.0)  # the one slot of the llama.cpp worker is taken
+    with pytest.raises(openai.InternalServerError) as refused:
+        await client.chat.completions.with_raw_response.create(
+            model=DEFAULT_MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+        )
+    assert refused.value.status_code == 503
+    assert refused.value.response.headers["Retry-After"] == "5"
+    assert "busy" in refused.value.message
+    await busy
+    await client.close()
