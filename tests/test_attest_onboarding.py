@@ -19,22 +19,30 @@ from backend.attestation import acl, store
 from backend.attestation.onboarding import OnboardingError
 from backend.attestation.verifier import DEV_REFUSED
 from backend.db import Database
-from backend.dispatch import Dispatcher, TurnDone, TurnError, TurnRequest, TurnText
-from backend.ledger import Ledger
+from backend.dispatch import TurnDone, TurnError, TurnRequest, TurnText
 from backend.settings import AttestationSettings, Settings
 from backend.users import get_or_create_user
 from tests.support.attest import (
     AT,
     MODEL,
     attest,
+    attested_dispatch,
     base_url,
     claims_for,
     open_credentials,
     serve_backend,
     service,
     with_attestation,
+    worker_info,
 )
-from tests.support.redis_server import REPO, attested_worker, start_node, stop_process
+from tests.support.redis_server import (
+    REPO,
+    attested_worker,
+    exit_status,
+    start_node,
+    stop_process,
+)
+from tests.support.turns import funded_user
 from workers import evidence as ev
 from workers import registry
 from workers.wire import ChatMessage, WorkerKeys
@@ -120,16 +128,7 @@ async def test_evidence_past_its_lifetime_leaves_dispatch_and_loses_its_user(
     keys = WorkerKeys.generate()
     reply = await attest(onboarding, await store.issue_registration_token(admin, 1, 60), keys)
     worker_id = reply["worker_id"]
-    info = registry.WorkerInfo(
-        worker_id=worker_id,
-        model=MODEL,
-        engine="instant",
-        engine_version="1",
-        box_public_key=keys.box_public_b64,
-        verify_key=keys.verify_key_b64,
-        capacity=4,
-    )
-    await registry.register(admin, info, ttl_s=30)
+    await registry.register(admin, worker_info(worker_id, keys), ttl_s=30)
     picked = await registry.pick_worker(admin, MODEL, attested_only=True)
     assert picked is not None and picked.attested and picked.tee == "dev"
     async with asyncio.timeout(30):  # the record expires (in Redis) 3 s after it was taken
@@ -192,14 +191,6 @@ def start_direct_node(redis_url: str, worker_id: str) -> subprocess.Popen[bytes]
     return subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-async def ledger_and_dispatcher(settings: Settings) -> tuple[Database, Ledger, Dispatcher]:
-    s = with_attestation(settings, allow_dev=False)  # dispatch to attested workers only
-    db = Database.from_settings(s)
-    await db.upgrade()
-    ledger = Ledger(db)
-    return db, ledger, Dispatcher.from_settings(s, ledger)
-
-
 @pytest.mark.slow
 async def test_an_onboarded_worker_serves_turns_through_its_own_redis_user(
     settings: Settings,
@@ -210,15 +201,14 @@ async def test_an_onboarded_worker_serves_turns_through_its_own_redis_user(
     url = await web(allow_dev=True)
     token = await store.issue_registration_token(admin, None, 60)
     node = start_node(url, token, tmp_path / "node.log", model=MODEL)
-    db, ledger, dispatcher = await ledger_and_dispatcher(settings)
     try:
         await attested_worker(admin, node, tmp_path / "node.log", MODEL)
-        user = await get_or_create_user(db, 5150)
-        await ledger.credit_deposit(user.id, 10**9, "dep:5150")
-        turn = await dispatcher.start_turn(
-            TurnRequest(user.id, MODEL, [ChatMessage(role="user", content="hello attested")], 8)
-        )
-        events = [event async for event in turn.events()]
+        async with attested_dispatch(settings) as (ledger, dispatcher):
+            user_id = await funded_user(ledger, 5150)
+            turn = await dispatcher.start_turn(
+                TurnRequest(user_id, MODEL, [ChatMessage(role="user", content="hello attested")], 8)
+            )
+            events = [event async for event in turn.events()]
         done = events[-1]
         assert isinstance(done, TurnDone) and done.worker.tee == "dev"
         assert done.worker.worker_id.startswith("w-") and turn.job_id.startswith(
@@ -229,8 +219,6 @@ async def test_an_onboarded_worker_serves_turns_through_its_own_redis_user(
         assert "tee=dev (development TEE" in log and "NOPERM" not in log
     finally:
         stop_process(node)
-        await dispatcher.close()
-        await db.close()
 
 
 @pytest.mark.slow
@@ -244,37 +232,28 @@ async def test_a_refused_worker_receives_no_job(
     url = await web(allow_dev=False)
     token = await store.issue_registration_token(admin, None, 60)
     node = start_node(url, token, tmp_path / "refused.log", model=MODEL)
-    deadline = time.monotonic() + 30
-    while node.poll() is None:  # the server runs on this loop: never block it
-        if time.monotonic() > deadline:
-            stop_process(node)
-            raise AssertionError("the refused node did not exit")
-        await asyncio.sleep(0.1)
-    assert node.returncode == 3  # refused: it says why and exits
+    assert await exit_status(node, tmp_path / "refused.log") == 3  # refused: says why, exits
     assert "dev mode is off" in (tmp_path / "refused.log").read_text()
     assert not [w for w in await registry.list_workers(admin) if w.attested]
 
     # A node that registers itself directly, unattested, is not dispatched either.
     direct = start_direct_node(redis_url, "t-direct")
-    db, ledger, dispatcher = await ledger_and_dispatcher(settings)
     try:
         deadline = time.monotonic() + 30
         while await registry.get_worker(admin, "t-direct") is None:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.1)
-        user = await get_or_create_user(db, 5151)
-        await ledger.credit_deposit(user.id, 10**9, "dep:5151")
-        with pytest.raises(TurnError) as caught:
-            await dispatcher.start_turn(
-                TurnRequest(user.id, MODEL, [ChatMessage(role="user", content="hi")], 8)
-            )
-        assert caught.value.code == "no_worker"
-        assert not await admin.keys("rq:job:t-direct_*")  # nothing was enqueued for it
-        assert (await ledger.balances(user.id)).held == 0
+        async with attested_dispatch(settings) as (ledger, dispatcher):
+            user_id = await funded_user(ledger, 5151)
+            with pytest.raises(TurnError) as caught:
+                await dispatcher.start_turn(
+                    TurnRequest(user_id, MODEL, [ChatMessage(role="user", content="hi")], 8)
+                )
+            assert caught.value.code == "no_worker"
+            assert not await admin.keys("rq:job:t-direct_*")  # nothing was enqueued for it
+            assert (await ledger.balances(user_id)).held == 0
     finally:
         stop_process(direct)
-        await dispatcher.close()
-        await db.close()
 
 
 @pytest.mark.slow
@@ -304,11 +283,7 @@ async def test_a_node_attests_again_before_expiry_and_stops_when_refused(
         assert renewed is not None and renewed.expires_at > first.expires_at, log.read_text()
         # The operator turns dev mode off: the next re-attestation is refused, the worker revoked.
         server.app[ONBOARDING].verifier.settings = AttestationSettings(allow_dev=False)
-        deadline = time.monotonic() + 20
-        while node.poll() is None:
-            assert time.monotonic() < deadline, log.read_text()
-            await asyncio.sleep(0.1)
-        assert node.returncode == 3, log.read_text()
+        assert await exit_status(node, log, timeout_s=20) == 3, log.read_text()
         assert "re-attestation refused" in log.read_text()
         assert await registry.read_attestation(admin, first.worker_id) is None
         assert first.worker_id not in await acl.worker_users(admin), log.read_text()
@@ -405,17 +380,7 @@ async def test_the_http_api_answers_json_with_reasons(
 
 async def test_a_workers_own_claims_count_for_nothing(admin: aioredis.Redis) -> None:
     keys = WorkerKeys.generate()
-    claimed = registry.WorkerInfo(
-        worker_id="w-claims",
-        model=MODEL,
-        engine="instant",
-        engine_version="1",
-        box_public_key=keys.box_public_b64,
-        verify_key=keys.verify_key_b64,
-        capacity=2,
-        tee="tdx",  # claimed, not attested
-        provider_id=99,
-    )
+    claimed = worker_info("w-claims", keys, capacity=2, tee="tdx", provider_id=99)  # claimed
     await registry.register(admin, claimed, ttl_s=30)
     listed = await registry.get_worker(admin, "w-claims")
     assert listed is not None and listed.tee == "dev" and not listed.attested

@@ -32,7 +32,6 @@ from aiohttp.test_utils import TestServer
 from backend.attestation import store
 from backend.attestation.onboarding import Onboarding, OnboardingError
 from backend.cli import _served_by
-from backend.db import Database
 from backend.dispatch import Dispatcher, TurnDone, TurnRequest, TurnText
 from backend.ledger import Ledger
 from backend.openai_api.protocol import CocoonExtra
@@ -46,6 +45,7 @@ from tests.support.attest import (
     MODEL,
     QUOTE,
     WEIGHTS,
+    attested_dispatch,
     base_url,
     claims_for,
     serve_backend,
@@ -427,13 +427,8 @@ async def backend(settings: Settings, admin: aioredis.Redis) -> AsyncIterator[st
     await server.close()
 
 
-async def one_turn(settings: Settings) -> tuple[TurnDone, str, Dispatcher, Database]:
-    s = with_attestation(settings, allow_dev=False)  # dispatch to attested workers only
-    db = Database.from_settings(s)
-    await db.upgrade()
-    ledger = Ledger(db)
-    dispatcher = Dispatcher.from_settings(s, ledger)
-    user = await get_or_create_user(db, ALICE)
+async def one_turn(ledger: Ledger, dispatcher: Dispatcher) -> tuple[TurnDone, str]:
+    user = await get_or_create_user(ledger.db, ALICE)
     await ledger.credit_deposit(user.id, 10**9, f"dep:{time.monotonic_ns()}")
     turn = await dispatcher.start_turn(
         TurnRequest(user.id, MODEL, [ChatMessage(role="user", content="who serves me")], 8)
@@ -441,13 +436,13 @@ async def one_turn(settings: Settings) -> tuple[TurnDone, str, Dispatcher, Datab
     events = [event async for event in turn.events()]
     done = events[-1]
     assert isinstance(done, TurnDone)
-    return done, "".join(e.text for e in events if isinstance(e, TurnText)), dispatcher, db
+    return done, "".join(e.text for e in events if isinstance(e, TurnText))
 
 
-async def shown(done: TurnDone, dispatcher: Dispatcher, db: Database, bot: Harness) -> dict:
+async def shown(done: TurnDone, ledger: Ledger, dispatcher: Dispatcher, bot: Harness) -> dict:
     """What each surface shows of the worker that served ``done``."""
     record = await registry.read_attestation(dispatcher.redis, done.worker.worker_id)
-    miniapp = MiniApp(bot.settings, db, Ledger(db), dispatcher)
+    miniapp = MiniApp(bot.settings, ledger.db, ledger, dispatcher)
     await bot.app.services.contexts.save(
         ALICE,
         Conversation(
@@ -471,7 +466,6 @@ async def test_users_are_shown_the_engine_the_record_holds_not_the_workers_claim
     log = tmp_path / "node.log"
     token = await store.issue_registration_token(admin, None, 60)
     node = start_node(node_command(backend, token, "--engine", "instant", "--tee", "dev"), log)
-    dispatcher = db = None
     try:
         worker_id = await attested_worker(admin, node, log, MODEL)
         # The worker rewrites its own entry (its key: it may) to claim another engine.
@@ -485,10 +479,11 @@ async def test_users_are_shown_the_engine_the_record_holds_not_the_workers_claim
         listed = await registry.get_worker(admin, worker_id)
         assert listed is not None and (listed.engine, listed.engine_version) == ("instant", "1")
 
-        done, text, dispatcher, db = await one_turn(settings)
+        async with attested_dispatch(settings) as (ledger, dispatcher):
+            done, text = await one_turn(ledger, dispatcher)
+            views = await shown(done, ledger, dispatcher, bot)
         assert text.strip() == "who serves me" and done.worker.worker_id == worker_id
         assert (done.worker.engine, done.worker.engine_version) == ("instant", "1")
-        views = await shown(done, dispatcher, db, bot)
         assert "Engine: instant 1" in views["bot"] and "vllm" not in views["bot"]
         assert (views["miniapp"]["engine"], views["miniapp"]["engine_version"]) == ("instant", "1")
         assert (views["api"]["engine"], views["api"]["engine_version"]) == ("instant", "1")
@@ -497,10 +492,6 @@ async def test_users_are_shown_the_engine_the_record_holds_not_the_workers_claim
             assert "off the machine" not in json.dumps(view).lower()
     finally:
         stop_process(node)
-        if dispatcher is not None:
-            await dispatcher.close()
-        if db is not None:
-            await db.close()
 
 
 @pytest.mark.slow  # real processes
@@ -518,16 +509,16 @@ async def test_a_dev_worker_that_sends_prompts_off_the_machine_is_labelled_every
         "--engine-option", f"base_url={base_url}",
     )  # fmt: skip
     node = start_node(command, log)
-    dispatcher = db = None
     try:
         worker_id = await attested_worker(admin, node, log, MODEL)
         assert "allowed with the development TEE only" in log.read_text()
         record = await registry.read_attestation(admin, worker_id)
         assert record is not None and record.off_machine and record.engine == "openai"
 
-        done, text, dispatcher, db = await one_turn(settings)
+        async with attested_dispatch(settings) as (ledger, dispatcher):
+            done, text = await one_turn(ledger, dispatcher)
+            views = await shown(done, ledger, dispatcher, bot)
         assert text.strip() == "who serves me" and done.worker.tee == "dev"
-        views = await shown(done, dispatcher, db, bot)
         assert "sends prompts off its machine" in views["bot"]
         assert "development TEE" in views["bot"]
         assert views["miniapp"]["off_machine"] is True and views["miniapp"]["tee"] == "dev"
@@ -537,10 +528,6 @@ async def test_a_dev_worker_that_sends_prompts_off_the_machine_is_labelled_every
     finally:
         stop_process(node)
         await server.close()
-        if dispatcher is not None:
-            await dispatcher.close()
-        if db is not None:
-            await db.close()
 
 
 def test_the_node_takes_its_default_redis_url_from_the_environment(

@@ -24,6 +24,7 @@ from rq import Queue, Worker
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
+from tests.support import attest
 from workers import registry, streams, wire
 from workers.jobs import enqueue_job
 from workers.registry import WorkerInfo, queue_name
@@ -197,16 +198,7 @@ def worker_info(
     worker_id: str, *, model: str = "m", capacity: int = 4, load: int = 0
 ) -> WorkerInfo:
     keys = wire.WorkerKeys.generate()
-    return WorkerInfo(
-        worker_id=worker_id,
-        model=model,
-        engine="instant",
-        engine_version="1",
-        box_public_key=keys.box_public_b64,
-        verify_key=keys.verify_key_b64,
-        capacity=capacity,
-        load=load,
-    )
+    return attest.worker_info(worker_id, keys, model=model, capacity=capacity, load=load)
 
 
 async def reserve(aredis, worker_id: str, slots: int) -> None:

@@ -5,7 +5,6 @@ server with."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import time
@@ -41,6 +40,7 @@ from tests.support.redis_server import (
     RedisServer,
     TlsFiles,
     attested_worker,
+    exit_status,
     free_port,
     make_certificates,
     start_node,
@@ -209,11 +209,7 @@ async def test_an_attested_node_refuses_a_plain_redis_url(tmp_path: Path) -> Non
     log = tmp_path / "node.log"
     node = start_node(str(backend.make_url("")).rstrip("/"), "cct_x", log, model=MODEL)
     try:
-        deadline = time.monotonic() + 30
-        while node.poll() is None:
-            assert time.monotonic() < deadline, log.read_text()
-            await asyncio.sleep(0.1)
-        assert node.returncode == 3, log.read_text()
+        assert await exit_status(node, log) == 3, log.read_text()
         assert "rediss://" in log.read_text()
     finally:
         stop_process(node)

@@ -19,7 +19,13 @@ from backend.attestation import acl, store
 from backend.attestation.onboarding import Onboarding
 from backend.attestation.policy import Policy
 from backend.settings import Settings
-from tests.support.attest import MODEL, plain_service, register_plain, with_attestation
+from tests.support.attest import (
+    MODEL,
+    plain_service,
+    register_plain,
+    with_attestation,
+    worker_info,
+)
 from workers import registry
 from workers.jobs import JobBook, aenqueue_job, job_id_for
 from workers.registry import WorkerInfo
@@ -41,17 +47,7 @@ class Onboarded:
         self.redis = client
 
     def info(self, **update: object) -> WorkerInfo:
-        values: dict[str, object] = {
-            "worker_id": self.worker_id,
-            "model": MODEL,
-            "engine": "instant",
-            "engine_version": "1",
-            "box_public_key": self.keys.box_public_b64,
-            "verify_key": self.keys.verify_key_b64,
-            "capacity": 4,
-        }
-        values.update(update)
-        return WorkerInfo(**values)  # type: ignore[arg-type]
+        return worker_info(self.worker_id, self.keys, **update)
 
     def register(self, **update: object) -> None:
         registry.register(self.redis, self.info(**update), ttl_s=30, shared=False)
@@ -328,15 +324,7 @@ async def test_the_snapshot_refreshes_in_the_background_and_keeps_its_copy_when_
 async def test_a_slot_freed_here_is_free_in_the_snapshot_at_once(admin: aioredis.Redis) -> None:
     """Before: a worker that runs one job at a time looked full in the dispatcher's copy
     until its next read (a second), so the turn right after another answered 503 no_worker."""
-    worker = WorkerInfo(
-        worker_id="one-at-a-time",
-        model=MODEL,
-        engine="instant",
-        engine_version="1",
-        box_public_key=WorkerKeys.generate().box_public_b64,
-        verify_key=WorkerKeys.generate().verify_key_b64,
-        capacity=1,
-    )
+    worker = worker_info("one-at-a-time", WorkerKeys.generate(), capacity=1)
     await registry.register(admin, worker, ttl_s=60)
     now = [0.0]  # the copy is never old enough to be read again
     snapshot = registry.WorkerSnapshot(admin, refresh_s=3600, clock=lambda: now[0])

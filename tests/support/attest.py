@@ -3,11 +3,12 @@ recorded Intel collateral (``tests/fixtures/tdx``, README there), an allow-list 
 admits the quote's measurements (running the instant engine as configured by default) and the
 weights ``WEIGHTS`` for ``MODEL``, and a worker's development-TEE or TDX evidence claiming them;
 a plain onboarding service (no allow-list) for development-TEE workers; ``cocoon web`` on
-loopback."""
+loopback, and a dispatcher that sends turns to attested workers only."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import time
@@ -25,9 +26,12 @@ from backend.attestation.onboarding import Onboarding
 from backend.attestation.policy import Policy
 from backend.attestation.verifier import Verifier
 from backend.db import Database
+from backend.dispatch import Dispatcher
+from backend.ledger import Ledger
 from backend.settings import AttestationSettings, ModelPrice, Settings
 from backend.web import create_app
 from workers import evidence as ev
+from workers.registry import WorkerInfo
 from workers.wire import WorkerKeys
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "tdx"
@@ -98,6 +102,21 @@ def service(
         clock=(lambda: clock) if clock else time.time,
     )
     return Onboarding(s, admin, verifier)
+
+
+def worker_info(worker_id: str, keys: WorkerKeys, /, **changes: object) -> WorkerInfo:
+    """A worker's registry entry: ``MODEL`` on the instant engine 1 with ``keys``, 4 jobs at
+    once, with ``changes``."""
+    values: dict[str, object] = {
+        "worker_id": worker_id,
+        "model": MODEL,
+        "engine": "instant",
+        "engine_version": "1",
+        "box_public_key": keys.box_public_b64,
+        "verify_key": keys.verify_key_b64,
+        "capacity": 4,
+    }
+    return WorkerInfo(**{**values, **changes})  # type: ignore[arg-type]
 
 
 def claims_for(keys: WorkerKeys, nonce: str, **changes: object) -> ev.Claims:
@@ -183,3 +202,19 @@ async def serve_backend(s: Settings) -> TestServer:
 
 def base_url(server: TestServer) -> str:
     return str(server.make_url("")).rstrip("/")
+
+
+@contextlib.asynccontextmanager
+async def attested_dispatch(settings: Settings) -> AsyncIterator[tuple[Ledger, Dispatcher]]:
+    """A ledger on the test database and a dispatcher that sends turns to attested workers only
+    (dev mode off), closed on the way out."""
+    s = with_attestation(settings, allow_dev=False)
+    db = Database.from_settings(s)
+    await db.upgrade()
+    ledger = Ledger(db)
+    dispatcher = Dispatcher.from_settings(s, ledger)
+    try:
+        yield ledger, dispatcher
+    finally:
+        await dispatcher.close()
+        await db.close()

@@ -2,7 +2,7 @@
 listener, without touching the shared test server. Certificates are made with the ``openssl``
 command (a CA, and a server certificate for 127.0.0.1 signed by it). And a real worker node
 process that onboards over HTTP: started, stopped, waited for until the registry lists it
-attested."""
+attested or until it exits."""
 
 from __future__ import annotations
 
@@ -159,6 +159,10 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
+async def read_log(log: Path) -> str:
+    return await asyncio.to_thread(log.read_text)
+
+
 async def attested_worker(
     admin: aioredis.Redis, node: subprocess.Popen[bytes], log: Path, model: str
 ) -> str:
@@ -169,5 +173,17 @@ async def attested_worker(
         attested = [w for w in await registry.list_workers(admin, model) if w.attested]
         if attested:
             return attested[0].worker_id
-        assert node.poll() is None and time.monotonic() < deadline, log.read_text()
+        assert node.poll() is None and time.monotonic() < deadline, await read_log(log)
         await asyncio.sleep(0.1)
+
+
+async def exit_status(node: subprocess.Popen[bytes], log: Path, timeout_s: float = 30) -> int:
+    """The exit status of ``node``, waited for without blocking the event loop (the server it
+    talks to may run on it); stopped, and failed with its log, after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while node.poll() is None:
+        if time.monotonic() > deadline:
+            stop_process(node)
+            raise AssertionError(f"the node did not exit: {await read_log(log)}")
+        await asyncio.sleep(0.1)
+    return node.returncode
