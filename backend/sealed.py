@@ -15,7 +15,8 @@ sees the model, ``max_tokens``, the worker and job ids, and the ciphertext; neve
   (:mod:`workers.receipts`): its signature by the attested key, the job id, the model and the
   ciphertext's digest are checked, and each count is billed at most its bound (the completion
   bounded by the ciphertext the worker delivered). A job that ends without a valid receipt (an
-  error record, a worker that lies) is not billed: the whole hold goes back.
+  error record, a worker that lies) is not billed: the whole hold goes back. A bound crossed
+  is enforced, but flags no worker: the sealed request's limits are the client's to set.
 
 The client checks the rest: the reply digest of the receipt against the text it opened, the
 final record's signature, and the receipt against the report (:mod:`backend.client`).
@@ -29,12 +30,13 @@ import hashlib
 import logging
 import re
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
 import redis
 
 from backend import bounds
+from backend.bounds import Flag
 from backend.dispatch import Dispatcher, Turn, TurnError
 from backend.errors import ErrorCode
 from backend.ledger import InsufficientFunds
@@ -154,6 +156,19 @@ class SealedTurn(Turn):
 
     def _can_retry(self) -> bool:
         return False  # the request opens on its one worker only
+
+    async def _flag(self, found: Sequence[Flag]) -> None:
+        """Bounds hold on a sealed turn as on any other (billed at the bound, cut off), but no
+        worker is flagged: the sealed request's own limits are the client's word, which the
+        backend cannot read, so a client could make an honest worker cross them."""
+        for flag in found:
+            log.info(
+                "sealed turn %s: %s %d over its bound %d (not flagged: the request is sealed)",
+                self.turn_id,
+                flag.kind.value,
+                flag.claimed,
+                flag.bound,
+            )
 
     async def dispatch(self) -> None:
         d = self.d

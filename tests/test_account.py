@@ -3,6 +3,9 @@ records and their notifications, /forget — on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
+import base64
+
+import nacl.signing
 import pytest
 import redis.asyncio as aioredis
 
@@ -12,8 +15,10 @@ from backend.db import Database
 from backend.ledger import Ledger, TurnUsage
 from backend.models import AccountKind, WorkerState
 from backend.notifications import pending_notifications
+from backend.receipts import BilledUsage, ReceiptRecord, load_receipt, store_receipt
 from backend.settings import Settings
 from backend.users import get_or_create_user
+from workers.receipts import Receipt, sign_receipt
 
 TON = 1_000_000_000
 
@@ -157,6 +162,31 @@ async def test_worker_records_tell_the_provider_of_changes(
     )
 
 
+def _receipt(turn_id: str) -> ReceiptRecord:
+    """A turn's receipt as the settlement keeps it (signed by a worker's key)."""
+    key = nacl.signing.SigningKey.generate()
+    receipt = Receipt(
+        job_id=f"w-0123456789abcdef_{turn_id}-1",
+        model="m",
+        request_sha256="a" * 64,
+        reply_sha256="b" * 64,
+        prompt_tokens=1,
+        cached_prompt_tokens=0,
+        completion_tokens=2,
+        finish_reason="stop",
+    )
+    return ReceiptRecord(
+        id=turn_id,
+        signed=sign_receipt(receipt, key),
+        worker_id="w-0123456789abcdef",
+        tee="dev",
+        verify_key=base64.b64encode(bytes(key.verify_key)).decode(),
+        box_public_key="",
+        billed=BilledUsage(prompt_tokens=1, cached_prompt_tokens=0, completion_tokens=2),
+        cost_nanoton="1234",
+    )
+
+
 async def test_forget_deletes_personal_data_and_keeps_the_money(
     db: Database, ledger: Ledger
 ) -> None:
@@ -167,8 +197,11 @@ async def test_forget_deletes_personal_data_and_keeps_the_money(
     await ledger.credit_deposit(user, TON, "ton:f1")
     await _turn(ledger, user, None, "f-turn", 1234)
     await apikeys.create_key(db, user, "laptop")
+    await store_receipt(db, user, _receipt("f-turn"))
+    assert await load_receipt(db, user, "f-turn") is not None
 
     await accounts.forget_user(db, user)
+    assert await load_receipt(db, user, "f-turn") is None
 
     assert (await accounts.usage(db, user)).turns == 0
     assert await apikeys.list_keys(db, user) == []

@@ -13,14 +13,24 @@ below, so the layout can be read (and audited for plaintext) in one place:
 ``cocoon:worker-slots:<worker_id>``       sorted set: job ids assigned to the worker by a
                                           dispatcher, scored by their expiry (Redis clock);
                                           written by the backend only
-``cocoon:route:<conversation_id>``        string: worker id of the conversation's last turn
+``cocoon:route:<route id>``               string: worker id of the conversation's last turn; the
+                                          backend names it ``r-`` + HMAC of the conversation id
+                                          (``backend.serverkeys``)
 ``cocoon:queue:<worker_id>``              name (not key) of the worker's own RQ queue
-``cocoon:stream:<job_id>``                stream: the job's sealed reply events
+``cocoon:stream:<job_id>``                stream: the job's sealed reply events (its last entry
+                                          also carries the worker's signed receipt in the clear:
+                                          digests and counts); a challenge job's one entry is
+                                          the worker's signature of a client's nonce
 ``cocoon:cancel:<job_id>``                string: set when the job's cancellation was requested
 ``cocoon:cancel``                         pub/sub channel: job ids whose cancellation was requested
 ``cocoon:attestation:<worker_id>``        string: the backend's record of the worker's verified
                                           evidence (TEE kind, keys, provider, expiry); written
                                           only by the backend, expires with the evidence
+``cocoon:evidence:<worker_id>``           string: the evidence the backend accepted, as the
+                                          worker sent it, for the public attestation report
+                                          (``backend.attestation.report``); backend only, expires
+                                          with the attestation record
+``cocoon:sealed-job:<job_id>``            string: a sealed turn's job id, used once (a week)
 ``cocoon:worker-acl:<worker_id>``         string: SHA-256 of the worker's Redis password, so the
                                           backend can recreate its ACL user after a Redis restart
                                           or failover; expires with the attestation record

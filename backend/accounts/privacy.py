@@ -6,19 +6,29 @@ from __future__ import annotations
 from sqlalchemy import delete, func, select, update
 
 from backend.db import Database, rowcount
-from backend.models import Account, AccountKind, ApiKey, Notification, TonWallet, TurnRecord, User
+from backend.models import (
+    Account,
+    AccountKind,
+    ApiKey,
+    Notification,
+    TonWallet,
+    TurnReceipt,
+    TurnRecord,
+    User,
+)
 
 __all__ = ["forget_user", "set_language", "set_model", "set_referrer"]
 
 
 async def forget_user(db: Database, user_id: int) -> None:
-    """Delete what is personal and not needed for accounting: usage records, API keys, the
-    top-up wallet link, the referral and language, delivered and pending notifications. The
-    ledger (balances and its transactions) stays, as the law on accounting requires, and so
-    does a provider's payout wallet while money is still owed to it. The chat context lives in
-    Redis and is deleted by the caller (the bot owns it)."""
+    """Delete what is personal and not needed for accounting: usage records and receipts,
+    API keys, the top-up wallet link, the referral and language, delivered and pending
+    notifications. The ledger (balances and its transactions) stays, as the law on accounting
+    requires, and so does a provider's payout wallet while money is still owed to it. The chat
+    context lives in Redis and is deleted by the caller (the bot owns it)."""
     async with db.session() as session, session.begin():
         await session.execute(delete(TurnRecord).where(TurnRecord.user_id == user_id))
+        await session.execute(delete(TurnReceipt).where(TurnReceipt.user_id == user_id))
         await session.execute(delete(ApiKey).where(ApiKey.user_id == user_id))
         await session.execute(
             delete(TonWallet).where(TonWallet.user_id == user_id, TonWallet.purpose == "user")

@@ -30,7 +30,7 @@ from backend.attestation.verifier import Verifier, VerifierUnavailable
 from backend.settings import AttestationSettings
 from workers.evidence import Evidence
 from workers.receipts import SignedReceipt, verify_challenge, verify_receipt_signature
-from workers.wire import WireError, key_fingerprint
+from workers.wire import WireError, canonical_json, key_fingerprint
 
 __all__ = ["ReportError", "WorkerCheck", "check_receipt", "check_report"]
 
@@ -118,6 +118,8 @@ async def _check_worker(
         check.reasons.append("its evidence is malformed")
         return check
     claims = evidence.claims
+    if entry.get("claims_json") != canonical_json(claims).decode("utf-8"):
+        check.reasons.append("its claims_json is not the canonical JSON of its claims")
     check.tee, check.engine = evidence.tee, f"{claims.engine} {claims.engine_version}"
     check.box_public_key, check.verify_key = claims.box_public_key, claims.verify_key
     check.model_sha256 = claims.model_sha256

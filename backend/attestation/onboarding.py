@@ -355,6 +355,7 @@ class Onboarding:
         with contextlib.suppress(ValueError):
             await acl.delete_worker_user(self.redis, worker_id)
         await registry.revoke_attestation(self.redis, worker_id)
+        await self.redis.delete(report.evidence_key(worker_id))  # out of the public report
         log.warning("worker %s revoked: it gets no more jobs", worker_id)
         if record:
             await self._record(worker_id, "revoked")

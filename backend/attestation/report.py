@@ -44,6 +44,7 @@ from workers.evidence import Evidence
 from workers.jobs import aenqueue_challenge, job_id_for
 from workers.receipts import NONCE_PATTERN
 from workers.redis_keys import redis_key
+from workers.wire import canonical_json
 
 __all__ = [
     "REPORTS",
@@ -160,6 +161,9 @@ class ReportService:
             "attested_at": record.attested_at,
             "expires_at": record.expires_at,
             "evidence": evidence.model_dump(mode="json"),
+            # The exact bytes whose SHA-512 is the report data (numbers as written here: a
+            # client in another language hashes these, not its own rendering of the claims).
+            "claims_json": canonical_json(evidence.claims).decode("utf-8"),
             "collateral": await self._collateral(evidence),
         }
         signature = await self._challenge(worker_id, nonce)
