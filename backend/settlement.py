@@ -12,6 +12,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Protocol
 
 import redis
@@ -124,7 +125,7 @@ class TurnSettlement:
             completion_tokens=billed.completion_tokens,
             finish_reason=final.finish_reason,
             cost=charged,
-            worker=self.proof(),
+            worker=replace(self.proof(), receipt_id=receipt.id if receipt else None),
             receipt=receipt,
         )
 

@@ -70,6 +70,9 @@ class WorkerProof:
     engine: str
     engine_version: str
     key_fingerprint: str
+    # The turn's receipt id when the worker's receipt verified with its attested key and was
+    # kept (backend.receipts; GET /v1/receipts/{id}): what "verified" is shown from.
+    receipt_id: str | None = None
 
 
 @dataclass(frozen=True)

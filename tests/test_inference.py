@@ -4,6 +4,7 @@ small model, the real ledger on SQLite. Billing must happen once, from the signe
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import signal
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -81,6 +82,9 @@ async def test_a_turn_streams_and_is_billed_once_from_signed_usage(
     assert text.strip()
     assert done.completion_tokens > 0 and done.prompt_tokens > 0
     assert done.worker.tee == "dev"
+    # The worker's receipt verified and was kept: what /privacy and the Mini App show.
+    assert done.receipt is not None and done.worker.receipt_id == done.turn_id
+    assert done.receipt.signed.receipt.reply_sha256 == hashlib.sha256(text.encode()).hexdigest()
     expected = turn_cost(
         settings.models[DEFAULT_MODEL],
         prompt_tokens=done.prompt_tokens,

@@ -6,11 +6,15 @@ not taken for the claims it comes with is refused."""
 from __future__ import annotations
 
 import base64
+from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from backend.attestation.checks import check_report
+from backend.attestation.checks import ReportError, check_receipt, check_report
 from tests.support import attest
+from tests.support.fuzz import FUZZ, json_values
 from workers.receipts import sign_challenge
 from workers.wire import WorkerKeys, canonical_json, key_fingerprint
 
@@ -73,3 +77,20 @@ async def test_a_tampered_entry_is_refused(change: dict[str, object], reason: st
         {"workers": [entry]}, model=attest.MODEL, nonce=NONCE, policy=attest.policy(), now=attest.AT
     )
     assert not check.trusted and any(reason in r for r in check.reasons), check.reasons
+
+
+@FUZZ
+@given(
+    report=json_values() | st.fixed_dictionaries({"workers": st.lists(json_values(), max_size=3)}),
+    receipt=json_values(),
+)
+async def test_any_report_or_receipt_gets_a_verdict_not_a_crash(report: Any, receipt: Any) -> None:
+    """What a backend (or anyone in between) sends: a verdict with reasons, never an exception
+    the client did not expect, and never trust."""
+    try:
+        checks = await check_report(report, model=attest.MODEL, nonce=NONCE, policy=attest.policy())
+    except ReportError:
+        checks = []
+    assert not any(check.trusted for check in checks)
+    reasons, _signed = check_receipt(receipt, checks)
+    assert reasons
