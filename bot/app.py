@@ -2,7 +2,8 @@
 with a lifetime (the ``Bot`` of :func:`backend.telegram.create_bot`, services, the outbox task)
 for polling and webhook alike.
 
-Router order (first match wins): account, wallet (Stars payments must be seen before chat
+Router order (first match wins): groups (what a group may not ask, and its admins' switch),
+account, wallet (Stars payments must be seen before chat
 takes messages), API keys, provider, admin (only for admin ids), then chat last, since it takes
 every text no command took.
 """
@@ -27,7 +28,9 @@ from backend.ledger import Ledger
 from backend.metrics import TurnMetrics, TurnsEndpoint, serve_turns
 from backend.settings import Settings
 from backend.telegram import create_bot
+from bot import groups
 from bot.commands import set_commands, set_menu_button
+from bot.groups import ButtonOwners, OwnedButtons
 from bot.handlers import account, admin, apikeys, chat, provider, wallet
 from bot.handlers.wallet import miniapp_url
 from bot.middlewares import UserMiddleware
@@ -43,8 +46,10 @@ log = logging.getLogger("cocoon.bot")
 def build_dispatcher(settings: Settings, services: Services, outbox: Outbox) -> Dispatcher:
     dp = Dispatcher(**services.workflow_data(), outbox=outbox)
     dp.update.outer_middleware(UserMiddleware())
+    dp.callback_query.outer_middleware(OwnedButtons())
     dp.errors.register(on_error)
     dp.include_routers(
+        groups.handlers.router(),
         account.handlers.router(),
         wallet.handlers.router(),
         apikeys.handlers.router(),
@@ -93,6 +98,7 @@ async def running_bot(
         async with open_services(
             settings, db=db, ledger=ledger, turns=turns, tonconnect=tonconnect, metrics=metrics
         ) as services:
+            bot.session.middleware(ButtonOwners(services.redis))
             outbox = Outbox(bot, services.db, services.ledger, services.redis)
             dp = build_dispatcher(settings, services, outbox)
             in_flight = InFlight()

@@ -89,7 +89,8 @@ def _worker_proof(data: dict[str, Any]) -> WorkerProof:
 
 
 class ContextStore:
-    """Per-chat context in Redis, sealed. One per bot process."""
+    """Per-place context in Redis, sealed: a private chat's, or in a group one asker's in one
+    topic (:attr:`bot.groups.Place.scope`). One per bot process."""
 
     def __init__(self, redis: AsyncRedis, key: bytes, *, ttl_s: int, max_messages: int) -> None:
         if len(key) != KEY_BYTES:
@@ -100,13 +101,13 @@ class ContextStore:
         self.max_messages = max_messages
 
     @staticmethod
-    def redis_key(chat_id: int) -> str:
+    def redis_key(chat_id: int | str) -> str:
         return redis_key(CONTEXT, str(chat_id))
 
-    def _aad(self, chat_id: int) -> bytes:
+    def _aad(self, chat_id: int | str) -> bytes:
         return f"cocoon-bot-context:{chat_id}".encode()
 
-    def seal(self, chat_id: int, conversation: Conversation) -> bytes:
+    def seal(self, chat_id: int | str, conversation: Conversation) -> bytes:
         plain = json.dumps(asdict(conversation), separators=(",", ":")).encode()
         nonce = nacl.utils.random(NONCE_BYTES)
         box = sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(
@@ -114,7 +115,7 @@ class ContextStore:
         )
         return VERSION + nonce + box
 
-    def open(self, chat_id: int, blob: bytes) -> Conversation:
+    def open(self, chat_id: int | str, blob: bytes) -> Conversation:
         if not blob.startswith(VERSION):
             raise ValueError("unknown context format")
         nonce, box = blob[1 : 1 + NONCE_BYTES], blob[1 + NONCE_BYTES :]
@@ -133,7 +134,7 @@ class ContextStore:
             conversation_id=str(data.get("conversation_id") or ""),
         )
 
-    async def load(self, chat_id: int) -> Conversation:
+    async def load(self, chat_id: int | str) -> Conversation:
         blob = await self.redis.get(self.redis_key(chat_id))
         if blob is None:
             return Conversation()
@@ -146,11 +147,19 @@ class ContextStore:
             log.warning("chat context of one chat did not open; starting over")
             return Conversation()
 
-    async def save(self, chat_id: int, conversation: Conversation) -> None:
+    async def save(self, chat_id: int | str, conversation: Conversation) -> None:
         conversation.messages = conversation.messages[-self.max_messages :]
         await self.redis.set(
             self.redis_key(chat_id), self.seal(chat_id, conversation), ex=self.ttl_s
         )
 
-    async def clear(self, chat_id: int) -> None:
+    async def clear(self, chat_id: int | str) -> None:
         await self.redis.delete(self.redis_key(chat_id))
+
+    async def clear_user(self, telegram_id: int) -> int:
+        """Delete a person's contexts in groups (``<chat>:<topic>:<user>``); how many."""
+        pattern = redis_key(CONTEXT, "*", "*", str(telegram_id))
+        keys = [key async for key in self.redis.scan_iter(match=pattern, count=500)]
+        if keys:
+            await self.redis.delete(*keys)
+        return len(keys)

@@ -10,6 +10,7 @@ from aiogram.types import TelegramObject, Update
 from aiogram.types import User as TelegramUser
 
 from backend.users import get_or_create_user
+from bot.groups import reset_asker, set_asker
 from bot.i18n import use_language
 from workers.logcontext import bound
 
@@ -39,6 +40,10 @@ class UserMiddleware(BaseMiddleware):
                     return await handler(event, data)
             user = await get_or_create_user(data["db"], sender.id, sender.language_code)
             data["user"] = user
-            with use_language(user.language_code or sender.language_code) as lang:
-                data["lang"] = lang
-                return await handler(event, data)
+            asker = set_asker(sender.id)  # the buttons sent meanwhile are theirs
+            try:
+                with use_language(user.language_code or sender.language_code) as lang:
+                    data["lang"] = lang
+                    return await handler(event, data)
+            finally:
+                reset_asker(asker)

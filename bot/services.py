@@ -39,18 +39,19 @@ class Running:
 
 
 class RunningTurns:
-    """One running turn per chat. A Redis lock keeps replicas from starting a second one; the
+    """One running turn per place (a private chat; in a group, one asker in one topic: see
+    :attr:`bot.groups.Place.scope`). A Redis lock keeps replicas from starting a second one; the
     lock's value is the job id, so a stop pressed on another replica still reaches it."""
 
     def __init__(self, redis: aioredis.Redis) -> None:
         self.redis = redis
-        self.local: dict[int, Running] = {}
+        self.local: dict[int | str, Running] = {}
 
     @staticmethod
-    def key(chat_id: int) -> str:
+    def key(chat_id: int | str) -> str:
         return redis_key(RUNNING, str(chat_id))
 
-    async def acquire(self, chat_id: int, draft_id: int, owner: int) -> bool:
+    async def acquire(self, chat_id: int | str, draft_id: int, owner: int) -> bool:
         """Claim the chat for a turn of ``owner`` (a Telegram user id)."""
         if chat_id in self.local:
             return False
@@ -60,18 +61,18 @@ class RunningTurns:
         self.local[chat_id] = Running(None, draft_id, owner)
         return True
 
-    async def attach(self, chat_id: int, turn: Turn) -> None:
+    async def attach(self, chat_id: int | str, turn: Turn) -> None:
         entry = self.local[chat_id]
         entry.turn = turn
         value = f"{entry.owner}:{turn.job_id}"
         await self.redis.set(self.key(chat_id), value, ex=RUNNING_TTL_S)
 
-    async def release(self, chat_id: int) -> None:
+    async def release(self, chat_id: int | str) -> None:
         self.local.pop(chat_id, None)
         await self.redis.delete(self.key(chat_id))
 
     async def stop(
-        self, chat_id: int, *, draft_id: int | None = None, by: int | None = None
+        self, chat_id: int | str, *, draft_id: int | None = None, by: int | None = None
     ) -> bool:
         """Ask the chat's running turn to stop (billed for what was generated). ``by``: only
         the user who started it may (in a group, others cannot stop someone's answer)."""

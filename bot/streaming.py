@@ -15,6 +15,7 @@ import html
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 from aiogram import Bot
 from aiogram.enums import ParseMode
@@ -50,9 +51,11 @@ class ReplyStream:
         draft_interval_s: float | None = None,
         edit_interval_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
+        options: dict[str, Any] | None = None,
     ) -> None:
         self.bot = bot
         self.chat_id = chat_id
+        self.options = options or {}  # send_message's: the forum topic, the reply to the asker
         self.draft_id = draft_id
         self.use_draft = use_draft
         self.draft_interval_s = DRAFT_INTERVAL_S if draft_interval_s is None else draft_interval_s
@@ -76,7 +79,7 @@ class ReplyStream:
                 log.info("drafts refused (%s): editing a message instead", error.message)
                 self.use_draft = False
         message = await self.bot.send_message(
-            self.chat_id, "…", parse_mode=None, reply_markup=stop_keyboard()
+            self.chat_id, "…", parse_mode=None, reply_markup=stop_keyboard(), **self.options
         )
         self.message_id = message.message_id
         self._last_sent = self.clock()
@@ -149,7 +152,7 @@ class ReplyStream:
             except TelegramBadRequest as error:
                 if not_modified(error):
                     return
-        await self.bot.send_message(self.chat_id, text, parse_mode=None)
+        await self.bot.send_message(self.chat_id, text, parse_mode=None, **self.options)
 
     async def _put(self, html_text: str, plain: str, message_id: int | None) -> Message:
         try:
@@ -162,7 +165,7 @@ class ReplyStream:
 
     async def _send(self, text: str, mode: str | None, message_id: int | None) -> Message:
         if message_id is None:
-            return await self.bot.send_message(self.chat_id, text, parse_mode=mode)
+            return await self.bot.send_message(self.chat_id, text, parse_mode=mode, **self.options)
         # Even the last edit keeps to one edit per interval.
         wait = self._last_sent + self.edit_interval_s - self.clock()
         if wait > 0:

@@ -29,7 +29,6 @@ from urllib.parse import urlsplit
 
 import nacl.secret
 from aiogram import Bot
-from pytonconnect import WalletsListManager
 from pytonconnect.exceptions import UserRejectsError
 from pytonconnect.storage import IStorage
 from redis.asyncio import Redis as AsyncRedis
@@ -51,8 +50,8 @@ from bot.i18n import _, use_language
 from bot.tonconnect_client import (
     BridgeUnreachable,
     CocoonTonConnect,
+    WalletsList,
     public_https,
-    usable_wallets,
     wallet_id,
 )
 from workers.redis_keys import redis_key
@@ -62,7 +61,6 @@ log = logging.getLogger("cocoon.bot.tonconnect")
 SESSION = "bot:tonconnect"
 SESSION_TTL_S = 900
 CONNECT_TIMEOUT_S = 300
-WALLETS_CACHE_S = 3600
 
 
 class SealedRedisStorage(IStorage):
@@ -166,9 +164,7 @@ class ChatWallets:
             lambda url, storage: CocoonTonConnect(url, storage)
         )
         self.timeout_s = timeout_s
-        self.lists = WalletsListManager(
-            wallets_list_source=settings.tonconnect_wallets_url, cache_ttl=WALLETS_CACHE_S
-        )
+        self.lists = WalletsList(settings.tonconnect_wallets_url)
         self.tasks: dict[int, asyncio.Task[None]] = {}
 
     @property
@@ -185,10 +181,10 @@ class ChatWallets:
         return bool(self.settings.ton.deposit_address) or not topup
 
     async def wallets(self) -> list[dict[str, Any]]:
-        """The wallets offered: TON's wallets list as pytonconnect reads it (fetched from
-        ``COCOON_TONCONNECT_WALLETS_URL`` or pytonconnect's source, cached for an hour; its
-        built-in list when that fails), those a bot reaches through an HTTP bridge."""
-        return usable_wallets(await asyncio.to_thread(self.lists.get_wallets))
+        """The wallets offered: TON's wallets list (``COCOON_TONCONNECT_WALLETS_URL`` or
+        pytonconnect's source, read once an hour; pytonconnect's built-in list when it cannot
+        be read), those a bot reaches through an HTTP bridge."""
+        return await self.lists.get()
 
     def proof_domains(self) -> list[str]:
         if self.settings.ton.proof_domains:

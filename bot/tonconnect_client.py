@@ -1,6 +1,6 @@
 """pytonconnect's connector as the bot uses it: the wallets of TON's wallets list with their HTTP
-bridges, a bridge connection that retries with a backoff and gives up, and a connector that can
-be closed.
+bridges (pytonconnect's source and its built-in list when that cannot be read), a bridge
+connection that retries with a backoff and gives up, and a connector that can be closed.
 
 pytonconnect 0.4 restarts a failed bridge subscription at once and forever (an unreachable
 bridge meant dozens of tracebacks a second until the process stopped), and has no public way to
@@ -15,12 +15,15 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 from httpx_sse import aconnect_sse
-from pytonconnect import TonConnect
+from pytonconnect import TonConnect, WalletsListManager
+from pytonconnect._wallets_list_manager import FALLBACK_WALLETS_LIST
 from pytonconnect.exceptions import UserRejectsError
 from pytonconnect.parsers import ConnectEventParser
 from pytonconnect.provider import BridgeProvider
@@ -35,6 +38,7 @@ __all__ = [
     "BRIDGE_GIVE_UP",
     "BridgeUnreachable",
     "CocoonTonConnect",
+    "WalletsList",
     "public_https",
     "usable_wallets",
 ]
@@ -77,15 +81,28 @@ def wallet_id(wallet: dict[str, Any]) -> str:
     return str(wallet.get("app_name") or wallet.get("name") or "")
 
 
-def usable_wallets(entries: list[Any]) -> list[dict[str, Any]]:
-    """What pytonconnect made of the wallets list, kept where a bot can reach the wallet: an
-    HTTP bridge and a universal link (http or https), a name that fits in callback data;
-    copies, at most :data:`MAX_WALLETS`."""
+def _bridge_url(entry: dict[str, Any]) -> Any:
+    """The wallet's HTTP bridge: ``bridge_url`` (pytonconnect's shape), else the first
+    ``sse`` bridge of the wallets list's ``bridge`` entries (what pytonconnect takes)."""
+    if "bridge_url" in entry:
+        return entry["bridge_url"]
+    bridges = entry.get("bridge")
+    for bridge in bridges if isinstance(bridges, list) else []:
+        if isinstance(bridge, dict) and bridge.get("type") == "sse":
+            return bridge.get("url")
+    return None
+
+
+def usable_wallets(entries: Any) -> list[dict[str, Any]]:
+    """The wallets of a wallets list (TON's ``wallets-v2.json`` shape, or pytonconnect's) a bot
+    can reach: an HTTP bridge and a universal link (http or https), a name that fits in
+    callback data; in pytonconnect's shape (``bridge_url``, ``universal_url``), at most
+    :data:`MAX_WALLETS`."""
     found: list[dict[str, Any]] = []
-    for entry in entries:
+    for entry in entries if isinstance(entries, list) else []:
         if not isinstance(entry, dict):
             continue
-        bridge, link, ident = entry.get("bridge_url"), entry.get("universal_url"), wallet_id(entry)
+        bridge, link, ident = _bridge_url(entry), entry.get("universal_url"), wallet_id(entry)
         if not (isinstance(bridge, str) and urlsplit(bridge).scheme in {"http", "https"}):
             continue
         if not (isinstance(link, str) and urlsplit(link).scheme in {"http", "https"}):
@@ -94,10 +111,60 @@ def usable_wallets(entries: list[Any]) -> list[dict[str, Any]]:
             continue
         if any(wallet_id(w) == ident for w in found):
             continue
-        found.append(dict(entry))
+        found.append(
+            {
+                "name": str(entry.get("name") or ident)[:64],
+                "app_name": entry.get("app_name"),
+                "image": entry.get("image"),
+                "about_url": entry.get("about_url"),
+                "bridge_url": bridge,
+                "universal_url": link,
+            }
+        )
         if len(found) == MAX_WALLETS:
             break
     return found
+
+
+class WalletsList:
+    """TON's wallets list, read from ``source`` (pytonconnect's by default) at most once an
+    hour, without blocking the event loop; pytonconnect's built-in list while it cannot be
+    read (tried again after a few minutes)."""
+
+    def __init__(
+        self,
+        source: str | None,
+        *,
+        ttl_s: float = 3600,
+        retry_s: float = 300,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.source = source or WalletsListManager._wallets_list_source
+        self.ttl_s, self.retry_s, self.clock = ttl_s, retry_s, clock
+        self.cached: list[dict[str, Any]] = []
+        self.expires = float("-inf")
+        self.lock = asyncio.Lock()
+
+    async def get(self) -> list[dict[str, Any]]:
+        async with self.lock:
+            if self.clock() < self.expires:
+                return [dict(w) for w in self.cached]
+            try:
+                async with httpx.AsyncClient(timeout=5.0) as client:
+                    response = await client.get(self.source)
+                    response.raise_for_status()
+                    found = usable_wallets(response.json())
+                if not found:
+                    raise ValueError("no wallet with an HTTP bridge")
+                self.cached, self.expires = found, self.clock() + self.ttl_s
+            except Exception as error:
+                log.warning(
+                    "TON's wallets list could not be read (%s): pytonconnect's own list",
+                    type(error).__name__,
+                )
+                self.cached = usable_wallets(FALLBACK_WALLETS_LIST)
+                self.expires = self.clock() + self.retry_s
+            return [dict(w) for w in self.cached]
 
 
 class _Gateway(BridgeGateway):

@@ -197,9 +197,13 @@ async def test_in_a_group_the_reply_is_edited_at_most_once_a_second_and_has_a_st
         await asyncio.sleep(0.02)
     placeholder = chat.tg.calls("sendMessage")[0]
     assert placeholder.text == "…" and placeholder.reply_markup.inline_keyboard[0][0].callback_data
-    await feed(chat.app.dp, chat.app.bot, callback_update(USER + 1, "stop", chat_id=GROUP))
-    assert chat.last("answerCallbackQuery").text == "Nothing is running."  # not theirs to stop
-    await feed(chat.app.dp, chat.app.bot, callback_update(USER, "stop", chat_id=GROUP))
+    assert placeholder.reply_parameters.message_id == update["message"]["message_id"]
+    shown = chat.tg.sent("sendMessage")[0].message_id
+    stop = callback_update(USER + 1, "stop", chat_id=GROUP, message_id=shown)
+    await feed(chat.app.dp, chat.app.bot, stop)  # not theirs to stop
+    assert chat.last("answerCallbackQuery").text == "This button is for the person who asked."
+    stop = callback_update(USER, "stop", chat_id=GROUP, message_id=shown)
+    await feed(chat.app.dp, chat.app.bot, stop)
     await asyncio.wait_for(task, 60)
     assert not chat.tg.calls("sendMessageDraft")  # no drafts outside private chats
     edits = [t for t, _m in chat.tg.timed("editMessageText")]
@@ -236,3 +240,49 @@ async def test_a_user_who_blocked_the_bot_leaves_no_hold_behind(chat: Harness) -
         assert time.monotonic() < deadline, "the hold was never settled or released"
         await asyncio.sleep(0.2)
     assert await chat.app.services.redis.get(chat.app.services.running.key(USER)) is None
+
+
+async def test_in_forum_topics_each_asker_has_a_context_and_new_and_retry_are_theirs(
+    chat: Harness,
+) -> None:
+    """Alice and Bob ask in one topic, Alice in another too: each has their own context per
+    topic; Bob's /new and /retry touch only his, and only he pays for his."""
+    bob = USER + 1
+    await funded_user(chat.ledger, bob)
+    contexts: ContextStore = chat.app.services.contexts
+
+    async def ask(user: int, text: str, topic: int) -> None:
+        update = message_update(
+            user,
+            text,
+            chat_id=GROUP,
+            chat_type="supergroup",
+            message_thread_id=topic,
+            is_topic_message=True,
+        )
+        await feed(chat.app.dp, chat.app.bot, update)
+
+    await ask(USER, "/ask Name a color.", 1)
+    await ask(USER, "/ask Name a fruit.", 2)
+    await ask(bob, "/ask Name a bird.", 1)
+    replies = [m for m in chat.tg.calls("sendMessage") if m.chat_id == GROUP]
+    assert {m.message_thread_id for m in replies} == {1, 2}  # never the General topic
+
+    def asked(scope: str) -> list[str]:
+        return [m["content"] for m in loaded[scope].messages if m["role"] == "user"]
+
+    scopes = (f"{GROUP}:1:{USER}", f"{GROUP}:2:{USER}", f"{GROUP}:1:{bob}")
+    loaded = {scope: await contexts.load(scope) for scope in scopes}
+    assert asked(scopes[0]) == ["Name a color."] and asked(scopes[1]) == ["Name a fruit."]
+    assert asked(scopes[2]) == ["Name a bird."]
+
+    bob_user = (await turns_of(chat))[-1].user_id
+    await ask(bob, "/retry", 1)
+    turns = await turns_of(chat)
+    assert len(turns) == 4 and turns[-1].user_id == bob_user  # Bob's question, Bob's bill
+    await ask(bob, "/new", 1)
+    loaded = {scope: await contexts.load(scope) for scope in scopes}
+    assert asked(scopes[2]) == [] and asked(scopes[0]) == ["Name a color."]
+    await ask(bob, "/retry", 1)
+    assert chat.tg.texts()[-1] == "There is no answer to regenerate yet. Just write to me."
+    assert len(await turns_of(chat)) == 4

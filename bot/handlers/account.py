@@ -18,6 +18,7 @@ from backend.settings import Settings
 from bot.commands import help_text
 from bot.common import Handlers, model_by_token, model_token, price_pair, ton, user_model
 from bot.context import ContextStore
+from bot.groups import Place
 from bot.i18n import _, use_language
 from workers import registry
 
@@ -190,8 +191,10 @@ async def cmd_usage(message: Message, user: User, db: Database) -> None:
 
 
 @handlers.message(Command("privacy"))
-async def cmd_privacy(message: Message, contexts: ContextStore, redis: AsyncRedis) -> None:
-    conversation = await contexts.load(message.chat.id)
+async def cmd_privacy(
+    message: Message, user: User, contexts: ContextStore, redis: AsyncRedis
+) -> None:
+    conversation = await contexts.load(Place.of(message, user.telegram_id).scope)
     last = conversation.last
     if last is None:
         await message.answer(
@@ -288,9 +291,8 @@ async def on_forget_yes(
     query: CallbackQuery, user: User, db: Database, contexts: ContextStore
 ) -> None:
     await accounts.forget_user(db, user.id)
-    await contexts.clear(query.from_user.id)
-    if query.message is not None and query.message.chat.id != query.from_user.id:
-        await contexts.clear(query.message.chat.id)
+    await contexts.clear(query.from_user.id)  # the private chat
+    await contexts.clear_user(query.from_user.id)  # and what they asked in groups
     await query.answer()
     if isinstance(query.message, Message):
         await query.message.edit_text(

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import secrets
 import uuid
 
 from aiogram import Bot, F
 from aiogram.enums import ChatType
-from aiogram.filters import Command
+from aiogram.filters import Command, CommandObject
 from aiogram.types import CallbackQuery, Message, MessageGenerationStopped
+from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import RedisError
 
 from backend.dispatch import Dispatcher as TurnDispatcher
@@ -23,6 +25,7 @@ from backend.settings import Settings
 from bot.common import Handlers, ton, user_model
 from bot.context import ContextStore, Conversation, LastTurn, trim
 from bot.errors import error_text
+from bot.groups import Place, group_is_on, group_prompt
 from bot.i18n import _
 from bot.services import RunningTurns
 from bot.streaming import STOP, ReplyStream
@@ -51,8 +54,7 @@ def footer(done: TurnDone) -> str:
 
 async def answer(
     bot: Bot,
-    chat_id: int,
-    private: bool,
+    place: Place,
     user: User,
     prompt: str,
     conversation: Conversation,
@@ -62,8 +64,10 @@ async def answer(
     contexts: ContextStore,
     running: RunningTurns,
 ) -> None:
-    """Run one turn for ``prompt`` after ``conversation``, streaming the reply into the chat,
-    and remember both in the chat's context."""
+    """Run one turn for ``prompt`` after ``conversation``, streaming the reply into the chat
+    (the asker's topic, as a reply to them in a group), and remember both in the place's
+    context."""
+    scope, options = place.scope, place.send_options()
     model = user_model(settings, user)
     price = settings.models[model]
     max_tokens = default_max_tokens(settings, price)
@@ -75,9 +79,11 @@ async def answer(
     if not conversation.conversation_id:
         conversation.conversation_id = uuid.uuid4().hex
     draft_id = secrets.randbelow(2**31 - 1) + 1
-    if not await running.acquire(chat_id, draft_id, user.telegram_id):
+    if not await running.acquire(scope, draft_id, user.telegram_id):
         await bot.send_message(
-            chat_id, _("I am still writing the previous answer. Wait for it, or press stop.")
+            place.chat_id,
+            _("I am still writing the previous answer. Wait for it, or press stop."),
+            **options,
         )
         return
     try:
@@ -92,14 +98,18 @@ async def answer(
         try:
             turn = await turns.start_turn(request)
         except TurnError as error:
-            await bot.send_message(chat_id, error_text(error, model=model), parse_mode=None)
+            await bot.send_message(
+                place.chat_id, error_text(error, model=model), parse_mode=None, **options
+            )
             return
         bind(turn_id=turn.turn_id)
-        stream = ReplyStream(bot, chat_id, draft_id=draft_id, use_draft=private)
+        stream = ReplyStream(
+            bot, place.chat_id, draft_id=draft_id, use_draft=place.private, options=options
+        )
         text = ""
         done: TurnDone | None = None
         try:
-            await running.attach(chat_id, turn)
+            await running.attach(scope, turn)
             await stream.start()
         except BaseException:
             # Telegram refused even the placeholder (blocked, chat gone): stop the job, and
@@ -126,9 +136,9 @@ async def answer(
         if reply:
             conversation.messages = [*history, {"role": "assistant", "content": reply}]
         conversation.last = LastTurn(turn_id=done.turn_id, model=done.model, worker=done.worker)
-        await contexts.save(chat_id, conversation)
+        await contexts.save(scope, conversation)
     finally:
-        await running.release(chat_id)
+        await running.release(scope)
 
 
 async def _drain(turn: Turn) -> None:
@@ -160,9 +170,13 @@ async def _checked(
 
 
 @handlers.message(Command("new"))
-async def cmd_new(message: Message, contexts: ContextStore) -> None:
-    await contexts.clear(message.chat.id)
-    await message.answer(_("Started over: I forgot this chat's earlier messages."))
+async def cmd_new(message: Message, user: User, contexts: ContextStore) -> None:
+    place = Place.of(message, user.telegram_id)
+    await contexts.clear(place.scope)
+    if place.private:
+        await message.answer(_("Started over: I forgot this chat's earlier messages."))
+    else:
+        await message.reply(_("Started over: I forgot our earlier messages here."))
 
 
 @handlers.message(Command("retry"))
@@ -176,7 +190,7 @@ async def cmd_retry(
     running: RunningTurns,
     limiter: RateLimiter,
 ) -> None:
-    conversation = await contexts.load(message.chat.id)
+    conversation = await contexts.load(Place.of(message, user.telegram_id).scope)
     messages = list(conversation.messages)
     while messages and messages[-1]["role"] == "assistant":
         messages.pop()
@@ -207,12 +221,12 @@ async def _reply(
     try:
         if not await _checked(message, prompt, settings, limiter, user):
             return
+        place = Place.of(message, user.telegram_id)
         if conversation is None:
-            conversation = await contexts.load(message.chat.id)
+            conversation = await contexts.load(place.scope)
         await answer(
             bot,
-            message.chat.id,
-            message.chat.type == ChatType.PRIVATE,
+            place,
             user,
             prompt,
             conversation,
@@ -228,8 +242,12 @@ async def _reply(
 
 @handlers.callback_query(F.data == STOP)
 async def on_stop_button(query: CallbackQuery, running: RunningTurns) -> None:
-    chat_id = query.message.chat.id if query.message else query.from_user.id
-    stopped = await running.stop(chat_id, by=query.from_user.id)
+    message = query.message
+    if isinstance(message, Message):
+        scope = Place.of(message, query.from_user.id).scope
+    else:
+        scope = message.chat.id if message is not None else query.from_user.id
+    stopped = await running.stop(scope, by=query.from_user.id)
     await query.answer(_("Stopping…") if stopped else _("Nothing is running."))
 
 
@@ -238,14 +256,44 @@ async def on_draft_stopped(event: MessageGenerationStopped, running: RunningTurn
     await running.stop(event.chat.id, draft_id=event.draft_id)
 
 
-@handlers.message(F.text.startswith("/"), F.chat.type == ChatType.PRIVATE)
+COMMAND = re.compile(r"^/[A-Za-z0-9_]{1,32}(@[A-Za-z0-9_]{3,64})?$")
+
+
+def looks_like_command(text: str | None) -> bool:
+    """ "/help" or "/help@bot", not "/etc/hosts — what is this?"."""
+    words = (text or "").split(maxsplit=1)
+    return bool(words) and COMMAND.match(words[0]) is not None
+
+
+@handlers.message(F.text.func(looks_like_command), F.chat.type == ChatType.PRIVATE)
 async def unknown_command(message: Message) -> None:
     await message.answer(_("I do not know that command. /help lists what I can do."))
 
 
-@handlers.message(
-    F.text, (F.chat.type == ChatType.PRIVATE) | (F.reply_to_message.from_user.is_bot.is_(True))
-)
+@handlers.message(Command("ask"))
+async def cmd_ask(
+    message: Message,
+    command: CommandObject,
+    bot: Bot,
+    user: User,
+    settings: Settings,
+    turns: TurnDispatcher,
+    contexts: ContextStore,
+    running: RunningTurns,
+    limiter: RateLimiter,
+    redis: AsyncRedis,
+) -> None:
+    """``/ask QUESTION``: a turn in any chat (in a group, the way to ask without a mention)."""
+    if message.chat.type != ChatType.PRIVATE and not await group_is_on(redis, message.chat.id):
+        return
+    prompt = (command.args or "").strip()
+    if not prompt:
+        await message.reply(_("Ask like this: /ask what is 2+2?"))
+        return
+    await _reply(message, bot, user, prompt, None, settings, turns, contexts, running, limiter)
+
+
+@handlers.message(F.text, F.chat.type == ChatType.PRIVATE)
 async def on_text(
     message: Message,
     bot: Bot,
@@ -259,6 +307,28 @@ async def on_text(
     prompt = (message.text or "").strip()
     if prompt:
         await _reply(message, bot, user, prompt, None, settings, turns, contexts, running, limiter)
+
+
+@handlers.message(F.text, group_prompt)
+async def on_group_text(
+    message: Message,
+    prompt: str,
+    bot: Bot,
+    user: User,
+    settings: Settings,
+    turns: TurnDispatcher,
+    contexts: ContextStore,
+    running: RunningTurns,
+    limiter: RateLimiter,
+    redis: AsyncRedis,
+) -> None:
+    """A group message meant for the bot (a mention of it, a reply to it), while it is on."""
+    if not await group_is_on(redis, message.chat.id):
+        return
+    if not prompt:
+        await message.reply(_("Yes? Ask me something: /ask what is 2+2?"))
+        return
+    await _reply(message, bot, user, prompt, None, settings, turns, contexts, running, limiter)
 
 
 @handlers.message(F.chat.type == ChatType.PRIVATE)

@@ -29,6 +29,7 @@ class FakeTelegram(BaseSession):
     def __init__(self) -> None:
         super().__init__()
         self.requests: list[TelegramMethod[Any]] = []
+        self.results: list[Any] = []  # what each request returned (None when it failed)
         self.times: list[float] = []  # time.monotonic() of each request
         self.queued: dict[str, deque[tuple[int, dict[str, Any]]]] = {}
         self._ids = itertools.count(1000)
@@ -69,7 +70,16 @@ class FakeTelegram(BaseSession):
             if r.__api_method__ == method
         ]
 
+    def sent(self, method: str) -> list[Any]:
+        """What each ``method`` call returned (a sent message, with its id)."""
+        return [
+            result
+            for request, result in zip(self.requests, self.results, strict=True)
+            if request.__api_method__ == method
+        ]
+
     def clear(self) -> None:
+        self.results.clear()
         self.requests.clear()
         self.times.clear()
 
@@ -89,7 +99,9 @@ class FakeTelegram(BaseSession):
             status, body = queue.popleft()
         else:
             status, body = 200, {"ok": True, "result": self._default(bot, method)}
+        self.results.append(None)
         response = self.check_response(bot, method, status, json.dumps(body))
+        self.results[-1] = response.result
         return response.result
 
     def _default(self, bot: Bot, method: TelegramMethod[Any]) -> Any:
