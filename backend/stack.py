@@ -228,6 +228,8 @@ def run_stack(settings: Settings, *, host: str | None = None, port: int | None =
         print("cocoon: Mini App development mode: its pages act as the local user")
     host = host or settings.web_host
     port = port or settings.web_port
+    # What the bot prints (/apikey, /addworker) names the address really served.
+    settings = settings.model_copy(update={"web_host": host, "web_port": port})
     try:
         return run_command(
             lambda shutdown: LocalStack(settings, shutdown).serve(host, port),

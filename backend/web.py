@@ -143,6 +143,7 @@ async def serve_web(settings: Settings, shutdown: Shutdown, host: str, port: int
 
 def run_web(settings: Settings, *, host: str | None = None, port: int | None = None) -> int:
     host, port = host or settings.web_host, port or settings.web_port
+    settings = settings.model_copy(update={"web_host": host, "web_port": port})  # the bot's URLs
     return run_command(
         lambda shutdown: serve_web(settings, shutdown, host, port), settings.stop_grace_s
     )

@@ -5,6 +5,7 @@ test_bot_provider.py."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -22,7 +23,15 @@ from backend.notifications import NOTIFY_DEPOSIT, NOTIFY_PAYOUT_CONFIRMED, notif
 from backend.settings import Settings
 from bot.app import running_bot
 from bot.context import Conversation, LastTurn
-from tests.support.bot import ADMIN, ALICE, TON, Harness, bot_settings, record_turn
+from tests.support.bot import (
+    ADMIN,
+    ALICE,
+    TON,
+    Harness,
+    bot_settings,
+    record_turn,
+    running_harness,
+)
 from tests.support.bot_fakes import (
     FakeTelegram,
     feed,
@@ -456,6 +465,38 @@ async def test_usage_of_another_user_is_never_shown(bot: Harness) -> None:
     assert "No messages yet" in bot.last().text
     async with bot.db.session() as session:
         assert len(list(await session.scalars(select(TurnRecord)))) == 1
+
+
+async def test_without_a_public_url_the_bot_prints_the_port_really_served(
+    settings: Settings, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``cocoon up --port 18732`` on all addresses: /apikey and /addworker name that port."""
+    from backend import stack
+
+    seen: list[Settings] = []
+
+    class Recorded:
+        def __init__(self, s: Settings, shutdown: object) -> None:
+            seen.append(s)
+
+        def serve(self, host: str, port: int) -> None:
+            pass
+
+    def run_command(run: Any, grace: float, announce: Any = None) -> int:
+        run(None)
+        return 0
+
+    monkeypatch.setattr(stack, "LocalStack", Recorded)
+    monkeypatch.setattr(stack, "run_command", run_command)
+    s = bot_settings(settings, public_url=None, web_host="0.0.0.0")
+    assert await asyncio.to_thread(stack.run_stack, s, port=18732) == 0
+    async with running_harness(seen[0]) as harness:
+        await harness.send("/apikey create")
+        assert "http://127.0.0.1:18732/v1" in harness.last().text
+        await harness.send("/provider")
+        await harness.send("/addworker")
+        assert "--register-url http://127.0.0.1:18732 --token" in harness.last().text
+        assert "8080" not in harness.tg.all_text()
 
 
 # ---------------------------------------------------------------------------- webhook

@@ -41,9 +41,17 @@ TOKEN_TTL_S = 3600
 
 
 def backend_url(settings: Settings) -> str:
+    """Where ``cocoon web`` is reached: the public URL, else the address and port it serves
+    (``cocoon up --port`` and ``cocoon web --port`` put theirs in the settings; a wildcard
+    address is reached on loopback)."""
     if settings.public_url:
         return settings.public_url.rstrip("/")
-    return f"http://{settings.web_host}:{settings.web_port}"
+    host = settings.web_host
+    if host in {"0.0.0.0", "::", ""}:
+        host = "127.0.0.1"
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{settings.web_port}"
 
 
 async def _require_provider(message: Message, user: User) -> bool:
