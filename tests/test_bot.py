@@ -121,6 +121,29 @@ async def test_usage_lists_recent_turns_and_totals(bot: Harness) -> None:
     assert "0.000003 GRAM" in text and "2" in text and "0.000007 GRAM" in text
 
 
+@pytest.mark.parametrize(
+    ("language", "expected"),
+    [
+        ("en", ["1 answer,", "2 answers,", "5 answers,"]),
+        ("ru", ["1 ответ,", "2 ответа,", "5 ответов,"]),
+        ("fr", ["1 réponse,", "2 réponses,", "5 réponses,"]),
+    ],
+)
+async def test_counts_take_the_plural_their_language_wants(
+    bot: Harness, language: str, expected: list[str]
+) -> None:
+    await bot.send("/start", language=language)
+    user = await bot.user()
+    await bot.ledger.credit_deposit(user.id, TON, "dep:plurals")
+    made = 0
+    for total, words in zip((1, 2, 5), expected, strict=True):
+        while made < total:
+            await record_turn(bot.ledger, user.id, 1_000)
+            made += 1
+        await bot.send("/usage", language=language)
+        assert words in bot.last().text
+
+
 # --------------------------------------------------------------------------- privacy
 
 

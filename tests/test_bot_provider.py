@@ -116,10 +116,10 @@ async def test_provider_onboards_a_dev_worker_that_serves_and_earns(
 
         await bot.send("/workers", user=PROVIDER)
         text = bot.last().text
-        assert worker.worker_id in text and "online" in text and "1 jobs" in text
+        assert worker.worker_id in text and "online" in text and "1 job," in text
         assert f"earned {format_gram(earned)}" in text
         await bot.send("/earnings", user=PROVIDER)
-        assert f"Earned: {format_gram(earned)} from 1 jobs" in bot.last().text
+        assert f"Earned: {format_gram(earned)} from 1 job" in bot.last().text
 
         # The worker stops: its provider hears it went offline (once).
         node.terminate()

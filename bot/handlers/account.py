@@ -19,7 +19,7 @@ from bot.commands import help_text
 from bot.common import Handlers, model_by_token, model_token, price_pair, ton, user_model
 from bot.context import ContextStore
 from bot.groups import Place
-from bot.i18n import _, use_language
+from bot.i18n import _, ngettext, use_language
 from workers import registry
 
 handlers = Handlers("account")
@@ -177,8 +177,8 @@ async def cmd_usage(message: Message, user: User, db: Database) -> None:
         )
     lines.append("")
     lines.append(
-        _("All time: {turns} answers, {prompt} + {completion} tokens, {cost}.").format(
-            turns=summary.turns,
+        _("All time: {turns}, {prompt} + {completion} tokens, {cost}.").format(
+            turns=ngettext("{n} answer", "{n} answers", summary.turns).format(n=summary.turns),
             prompt=summary.prompt_tokens,
             completion=summary.completion_tokens,
             cost=ton(summary.cost),

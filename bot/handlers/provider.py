@@ -31,7 +31,7 @@ from backend.ton.proof import linked_wallet
 from bot.common import Handlers, state_name, ton
 from bot.errors import code_text, error_text
 from bot.handlers.wallet import link_keyboard, miniapp_url, wallet_error_text, wallet_keyboard
-from bot.i18n import _
+from bot.i18n import _, ngettext
 from bot.outbox import PAYOUT_MESSAGE_TTL_S, payout_message_key
 from bot.tonconnect import ChatWallets, WalletError
 
@@ -159,7 +159,7 @@ async def cmd_workers(message: Message, user: User, db: Database, redis: AsyncRe
         lines.append(
             _(
                 "{worker}: {model}, {tee}, {state}, attested until {expires} UTC, {online}; "
-                "{jobs} jobs, earned {earned}"
+                "{jobs}, earned {earned}"
             ).format(
                 worker=view.worker_id,
                 model=view.model or "?",
@@ -167,7 +167,7 @@ async def cmd_workers(message: Message, user: User, db: Database, redis: AsyncRe
                 state=state_name(view.state),
                 expires=expires,
                 online=_("online") if view.online else _("offline"),
-                jobs=view.jobs,
+                jobs=ngettext("{n} job", "{n} jobs", view.jobs).format(n=view.jobs),
                 earned=ton(view.earned),
             )
         )
@@ -182,7 +182,10 @@ async def cmd_earnings(message: Message, user: User, ledger: Ledger) -> None:
     await message.answer(
         "\n".join(
             [
-                _("Earned: {earned} from {jobs} jobs").format(earned=ton(e.earned), jobs=e.jobs),
+                _("Earned: {earned} from {jobs}").format(
+                    earned=ton(e.earned),
+                    jobs=ngettext("{n} job", "{n} jobs", e.jobs).format(n=e.jobs),
+                ),
                 _("Available to withdraw: {available}").format(available=ton(e.available)),
                 _("In payouts on their way: {pending}").format(pending=ton(e.pending)),
                 _("Paid out: {paid}").format(paid=ton(e.paid)),
