@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
         name: str,
         help_text: str,
         handler: Callable[[Settings, argparse.Namespace], int],
-        parent: argparse._SubParsersAction[argparse.ArgumentParser] = sub,
+        parent: cliutil.SubParsers = sub,
     ) -> argparse.ArgumentParser:  # a cliutil.Add
         command = parent.add_parser(name, help=help_text, description=help_text)
         command.set_defaults(handler=handler)
@@ -285,29 +285,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-dev", action="store_true", help="with --sealed: trust development-TEE evidence"
     )
 
-    apikey = sub.add_parser(
-        "apikey", help="API keys of the OpenAI-compatible API", description="API keys"
+    apikey_sub = cliutil.add_group(
+        sub, "apikey", "API keys of the OpenAI-compatible API", "API keys"
     )
-    apikey_sub = apikey.add_subparsers(dest="apikey_command", metavar="COMMAND", required=True)
     create = add("create", "print a new API key for a user", cmd_apikey_create, apikey_sub)
-    create.add_argument("--telegram-id", required=True, metavar="N", help="the user's Telegram id")
+    cliutil.add_telegram_id(create)
     create.add_argument("--name", help="a label for the key")
 
-    db = sub.add_parser("db", help="database schema", description="database schema")
-    db_sub = db.add_subparsers(dest="db_command", metavar="COMMAND", required=True)
+    db_sub = cliutil.add_group(sub, "db", "database schema", "database schema")
     add("upgrade", "create or upgrade the schema to the newest version", cmd_db_upgrade, db_sub)
 
-    ledger = sub.add_parser(
-        "ledger", help="operator commands on the ledger", description="operator ledger commands"
+    ledger_sub = cliutil.add_group(
+        sub, "ledger", "operator commands on the ledger", "operator ledger commands"
     )
-    ledger_sub = ledger.add_subparsers(dest="ledger_command", metavar="COMMAND", required=True)
     credit = add(
         "credit",
         "credit a user by hand (e.g. to resolve an unclaimed deposit); the reason is recorded",
         cmd_ledger_credit,
         ledger_sub,
     )
-    credit.add_argument("--telegram-id", required=True, metavar="N", help="the user's Telegram id")
+    cliutil.add_telegram_id(credit)
     credit.add_argument("--amount", required=True, metavar="NANO", help="amount in nanoTON")
     credit.add_argument("--reason", required=True, metavar="TEXT", help="why (kept in the ledger)")
     credit.add_argument(
@@ -316,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="idempotency key: the same key never credits twice (default: a new random key)",
     )
     balance = add("balance", "show a user's balances", cmd_ledger_balance, ledger_sub)
-    balance.add_argument("--telegram-id", required=True, metavar="N", help="the user's Telegram id")
+    cliutil.add_telegram_id(balance)
 
     import importlib
 

@@ -1,5 +1,6 @@
-"""What every ``cocoon`` subcommand shares: the one-line refusal and the parsers of the
-arguments several commands take (an amount of nanoTON, a Telegram id, a 32-bit number).
+"""What every ``cocoon`` subcommand shares: the one-line refusal, a command group, and the
+parsers of the arguments several commands take (an amount of nanoTON, a Telegram id, a 32-bit
+number, a unix time).
 
 The command modules (``backend.cli``, ``backend.ton.cli``, ``backend.attestation.commands``)
 import this one and never each other, so no command group reaches the composition root.
@@ -10,9 +11,20 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from typing import NoReturn
+from typing import NoReturn, TypeAlias
 
-__all__ = ["EXIT_USAGE", "Add", "fail", "nano", "telegram_id", "uint32"]
+__all__ = [
+    "EXIT_USAGE",
+    "Add",
+    "SubParsers",
+    "add_group",
+    "add_telegram_id",
+    "fail",
+    "nano",
+    "telegram_id",
+    "uint32",
+    "unix_time",
+]
 
 EXIT_USAGE = 2
 """The exit status of a bad command line (argparse's own)."""
@@ -20,6 +32,22 @@ EXIT_USAGE = 2
 Add = Callable[..., argparse.ArgumentParser]
 """``add(name, help, handler[, parent])``: how a command group adds a subcommand
 (``backend.cli.build_parser`` passes it to each group's ``add_commands``)."""
+
+SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+"""Where subcommands are added: ``cocoon``'s own, or a group's (:func:`add_group`)."""
+
+
+def add_group(sub: SubParsers, name: str, help_text: str, description: str) -> SubParsers:
+    """The command group ``cocoon NAME COMMAND``: where its subcommands are added."""
+    group = sub.add_parser(name, help=help_text, description=description)
+    return group.add_subparsers(dest=f"{name}_command", metavar="COMMAND", required=True)
+
+
+def add_telegram_id(
+    command: argparse.ArgumentParser, help_text: str = "the user's Telegram id"
+) -> None:
+    """The required ``--telegram-id N`` (read with :func:`telegram_id`)."""
+    command.add_argument("--telegram-id", required=True, metavar="N", help=help_text)
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
@@ -48,12 +76,23 @@ def telegram_id(text: str) -> int:
         fail(f"--telegram-id must be a Telegram user id (a positive whole number), got {text!r}")
 
 
-def uint32(text: str, what: str) -> int:
-    """A whole number that fits 32 bits (a wallet's seqno, a ``valid_until``), or exit 2."""
+def _whole_number(text: str, what: str, bits: int, kind: str, fits: str) -> int:
+    """``text`` as a whole number from 0 below ``2**bits``; else exit 2 saying ``what`` must be
+    ``kind`` (not a number) or must ``fits`` (out of range)."""
     try:
         value = int(text.strip())
     except ValueError:
-        fail(f"{what} must be a whole number, got {text!r}")
-    if not 0 <= value < 2**32:
-        fail(f"{what} must fit 32 bits, got {value}")
+        fail(f"{what} must be {kind}, got {text!r}")
+    if not 0 <= value < 2**bits:
+        fail(f"{what} must {fits}, got {value}")
     return value
+
+
+def uint32(text: str, what: str) -> int:
+    """A whole number that fits 32 bits (a wallet's seqno, a ``valid_until``), or exit 2."""
+    return _whole_number(text, what, 32, "a whole number", "fit 32 bits")
+
+
+def unix_time(text: str, what: str) -> int:
+    """A unix time in whole seconds (from 0, below 2**63), or exit 2."""
+    return _whole_number(text, what, 63, "a unix time in whole seconds", "be a unix time")

@@ -242,16 +242,6 @@ def cmd_localnet(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _unix_time(text: str) -> int:
-    try:
-        value = int(text.strip())
-    except ValueError:
-        fail(f"--at must be a unix time in whole seconds, got {text!r}")
-    if not 0 <= value < 2**63:
-        fail(f"--at must be a unix time, got {value}")
-    return value
-
-
 def cmd_verify_proof(settings: Settings, args: argparse.Namespace) -> int:
     """Check a ton_proof the way linking does, and say which check refused it."""
     import datetime as dt
@@ -281,7 +271,7 @@ def cmd_verify_proof(settings: Settings, args: argparse.Namespace) -> int:
         account, proof = proof_from_json(json.loads(text))
     except ValueError as error:  # JSONDecodeError and ProofError
         fail(f"{args.file}: {error}")
-    at = _unix_time(args.at) if args.at is not None else int(time.time())
+    at = cliutil.unix_time(args.at, "--at") if args.at is not None else int(time.time())
     network = args.network or settings.ton.network
     domains = list(args.domain or settings.ton.proof_domains)
     if not domains and settings.public_url:
@@ -320,9 +310,7 @@ def cmd_verify_proof(settings: Settings, args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ parser
 
 
-def add_commands(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser], add: cliutil.Add
-) -> None:
+def add_commands(sub: cliutil.SubParsers, add: cliutil.Add) -> None:
     watcher = add(
         "watcher",
         "watch the TON deposit wallet, credit deposits, and send payouts from the hot wallet",
@@ -333,8 +321,7 @@ def add_commands(
         "--no-payouts", action="store_true", help="credit deposits only (no hot wallet)"
     )
 
-    ton = sub.add_parser("ton", help="TON payments", description="TON payments")
-    ton_sub = ton.add_subparsers(dest="ton_command", metavar="COMMAND", required=True)
+    ton_sub = cliutil.add_group(sub, "ton", "TON payments", "TON payments")
 
     payload = add(
         "deposit-payload",
@@ -342,7 +329,7 @@ def add_commands(
         cmd_deposit_payload,
         ton_sub,
     )
-    payload.add_argument("--telegram-id", required=True, metavar="N", help="the user's Telegram id")
+    cliutil.add_telegram_id(payload)
     amount = payload.add_mutually_exclusive_group()
     amount.add_argument("--amount", metavar="NANO", help="amount in nanoTON")
     amount.add_argument("--ton", metavar="DECIMAL", help="amount in TON, exactly (1.5)")
@@ -363,7 +350,7 @@ def add_commands(
     add("unclaimed", "list deposits whose memo matched nobody", cmd_unclaimed, ton_sub)
     resolve = add("resolve", "credit an unclaimed deposit to a user (once)", cmd_resolve, ton_sub)
     resolve.add_argument("--deposit", required=True, metavar="ID", help="the deposit's number")
-    resolve.add_argument("--telegram-id", required=True, metavar="N", help="the user's Telegram id")
+    cliutil.add_telegram_id(resolve)
     payouts = add("payouts", "send requested payouts from the hot wallet", cmd_payouts, ton_sub)
     payouts.add_argument("--once", action="store_true", help="do what can be done now, then exit")
     localnet = add(

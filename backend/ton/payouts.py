@@ -32,7 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import func, select, update
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import IntegrityError
 from ton_core import Cell
 
 from backend import notifications
@@ -47,9 +47,9 @@ from backend.models import (
     TonWallet,
 )
 from backend.ton.comment import AddressError, parse_address, raw_address
+from backend.ton.polling import poll_until_stopped
 from backend.ton.toncenter import TonCenter, TonCenterError
 from backend.ton.wallet import HotWallet, parse_external
-from workers.backoff import Backoff, sleep_or_stop
 
 log = logging.getLogger(__name__)
 
@@ -106,20 +106,19 @@ class PayoutSender:
     # ------------------------------------------------------------------ loop
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
-        stop = stop or asyncio.Event()
-        backoff = Backoff(self.poll_interval_s, self.backoff_max_s)
-        while not stop.is_set():
-            try:
-                step = await self.step()
-            except (TonCenterError, DBAPIError) as error:
-                # Every step is safe to repeat: back off and carry on from the stored state.
-                delay = backoff.failed()
-                log.warning("payout sender: %s; retrying in %.1f s", error, delay)
-                await sleep_or_stop(stop, delay)
-                continue
-            backoff.succeeded()
-            if step != Step.PROGRESS:
-                await sleep_or_stop(stop, self.poll_interval_s)
+        """Step until ``stop`` is set; on errors back off and carry on from the stored state."""
+
+        async def step() -> bool:
+            return await self.step() == Step.PROGRESS
+
+        await poll_until_stopped(
+            stop,
+            step,
+            poll_interval_s=self.poll_interval_s,
+            backoff_max_s=self.backoff_max_s,
+            log=log,
+            name="payout sender",
+        )
 
     async def step(self) -> Step:
         """One move of the state machine. Raises TonCenterError when the API fails."""

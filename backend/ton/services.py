@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 from backend.settings import Settings
 
@@ -17,6 +17,13 @@ if TYPE_CHECKING:
     from backend.ton.wallet import HotWallet
 
 __all__ = ["TonSetupError", "deposit_account", "hot_wallet", "run_services"]
+
+
+class _Pace(TypedDict):
+    """How often both services poll, and how long they back off at most."""
+
+    poll_interval_s: float
+    backoff_max_s: float
 
 
 class TonSetupError(ValueError):
@@ -72,32 +79,13 @@ async def run_services(
     ledger = Ledger(db, min_withdrawal=settings.min_withdrawal_nano)
     try:
         async with TonCenter.from_settings(ton) as api:
-            watcher = (
-                DepositWatcher(
-                    db,
-                    ledger,
-                    api,
-                    account,
-                    page_size=ton.page_size,
-                    poll_interval_s=ton.poll_interval_s,
-                    backoff_max_s=ton.backoff_max_s,
-                )
-                if account
-                else None
-            )
-            sender = (
-                PayoutSender(
-                    db,
-                    ledger,
-                    api,
-                    wallet,
-                    ttl_s=ton.payout_ttl_s,
-                    poll_interval_s=ton.poll_interval_s,
-                    backoff_max_s=ton.backoff_max_s,
-                )
-                if wallet
-                else None
-            )
+            pace = _Pace(poll_interval_s=ton.poll_interval_s, backoff_max_s=ton.backoff_max_s)
+            watcher: DepositWatcher | None = None
+            sender: PayoutSender | None = None
+            if account:
+                watcher = DepositWatcher(db, ledger, api, account, page_size=ton.page_size, **pace)
+            if wallet:
+                sender = PayoutSender(db, ledger, api, wallet, ttl_s=ton.payout_ttl_s, **pace)
             if once:
                 if watcher:
                     total = 0

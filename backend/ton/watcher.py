@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func, select, update
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import IntegrityError
 
 from backend import notifications
 from backend.db import Database, rowcount
@@ -40,10 +40,10 @@ from backend.ledger import Ledger
 from backend.models import AccountKind, TonCursor, TonDeposit, TonDepositStatus
 from backend.notifications import NOTIFY_DEPOSIT
 from backend.ton.comment import raw_address
-from backend.ton.toncenter import TonCenter, TonCenterError
+from backend.ton.polling import poll_until_stopped
+from backend.ton.toncenter import TonCenter
 from backend.ton.transactions import Classified, JettonNotification, classify, hash_hex
 from backend.users import find_by_memo
-from workers.backoff import Backoff, sleep_or_stop
 
 log = logging.getLogger(__name__)
 
@@ -188,20 +188,19 @@ class DepositWatcher:
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
         """Poll until ``stop`` is set; back off on API errors, never skip a transaction."""
-        stop = stop or asyncio.Event()
-        backoff = Backoff(self.poll_interval_s, self.backoff_max_s)
-        while not stop.is_set():
-            try:
-                handled = await self.poll_once()
-            except (TonCenterError, DBAPIError) as error:
-                # Handling a transaction is safe to repeat: back off, then the same page again.
-                delay = backoff.failed()
-                log.warning("deposit watcher: %s; retrying in %.1f s", error, delay)
-                await sleep_or_stop(stop, delay)
-                continue
-            backoff.succeeded()
-            if handled < self.page_size:
-                await sleep_or_stop(stop, self.poll_interval_s)
+
+        async def step() -> bool:  # a full page: more may wait behind it
+            # Handling a transaction is safe to repeat: after an error, the same page again.
+            return await self.poll_once() >= self.page_size
+
+        await poll_until_stopped(
+            stop,
+            step,
+            poll_interval_s=self.poll_interval_s,
+            backoff_max_s=self.backoff_max_s,
+            log=log,
+            name="deposit watcher",
+        )
 
     async def handle(self, tx: dict[str, Any]) -> TonDeposit:
         """Credit (or record) one transaction; safe to repeat. ValueError, before anything is
