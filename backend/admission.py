@@ -28,7 +28,7 @@ from backend.settings import ModelPrice, Settings
 from backend.turns import TurnError, TurnRequest
 from workers import registry
 from workers.jobs import job_id_for
-from workers.wire import CONTEXT_LENGTH_EXCEEDED, ChatMessage, ErrorRecord
+from workers.wire import CONTEXT_LENGTH_EXCEEDED, INVALID_REQUEST, ChatMessage, ErrorRecord
 
 
 class Queue(Protocol):
@@ -79,6 +79,8 @@ def client_error(error: ErrorRecord) -> TurnError | None:
     """A worker's refusal that is the client's to fix, as the client's error (None if not)."""
     if error.code == CONTEXT_LENGTH_EXCEEDED:
         return context_exceeded(error.message)
+    if error.code == INVALID_REQUEST:  # e.g. a JSON schema the engine cannot compile
+        return TurnError(ErrorCode.INVALID_REQUEST, error.message, status=400)
     return None
 
 

@@ -7,6 +7,7 @@ requests at once than the engine runs (they queue; none fails)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import openai
@@ -129,6 +130,51 @@ async def test_a_retry_with_an_idempotency_key_is_billed_once(v1: Api, node: Nod
         )
     await hasty.close()
     await patient.close()
+
+
+async def test_json_replies_parse_and_penalties_are_taken(v1: Api, node: Node) -> None:
+    client = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key, max_retries=0)
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 20}, "year": {"type": "integer"}},
+        "required": ["city", "year"],
+        "additionalProperties": False,
+    }
+    reply = await client.chat.completions.create(
+        model=DEFAULT_MODEL,
+        messages=[{"role": "user", "content": "Where and when was the Eiffel Tower built?"}],
+        max_tokens=60,
+        temperature=0,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "place", "schema": schema, "strict": True},
+        },
+    )
+    assert reply.choices[0].finish_reason == "stop"
+    answer = json.loads(reply.choices[0].message.content or "")
+    assert set(answer) == {"city", "year"}
+    assert isinstance(answer["city"], str) and isinstance(answer["year"], int)
+
+    stream = await client.chat.completions.create(
+        model=DEFAULT_MODEL,
+        messages=[{"role": "user", "content": "Describe a cat as JSON."}],
+        max_tokens=80,
+        temperature=0,
+        presence_penalty=1.0,
+        frequency_penalty=1.0,
+        response_format={"type": "json_object"},
+        stream=True,
+    )
+    text, finish = "", None
+    async for chunk in stream:
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            finish = choice.finish_reason or finish
+    if finish == "stop":  # a reply cut by max_tokens is JSON cut short
+        assert isinstance(json.loads(text), dict)
+    else:
+        assert text.lstrip().startswith("{")
+    await client.close()
 
 
 async def test_a_prompt_over_the_context_is_a_400_streamed_or_not(v1: Api, node: Node) -> None:

@@ -22,6 +22,7 @@ from tests.support.api import Api, ApiFactory
 from tests.support.turns import TON
 
 HI = [{"role": "user", "content": "hi"}]
+BIG = {"type": "object", "description": "x" * 40_000}  # a schema over the wire's 32 KiB
 
 
 async def post(v1: Api, body: Any, *, key: str | None = None, **headers: str) -> Any:
@@ -124,17 +125,37 @@ async def test_null_means_the_default(v1: Api) -> None:
     assert status == 503 and body["error"]["code"] == "no_worker"  # it got past validation
 
 
+async def test_what_is_honoured_gets_through(v1: Api) -> None:
+    honoured = {
+        "presence_penalty": 0.5,
+        "frequency_penalty": -1,
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "n", "schema": {"type": "object"}, "strict": True},
+        },
+        "tool_choice": "none",
+        "logprobs": False,
+        "logit_bias": {},
+    }
+    status, _, body = await post(v1, {"model": DEFAULT_MODEL, "messages": HI, **honoured})
+    assert status == 503 and body["error"]["code"] == "no_worker"  # it got past validation
+
+
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
-        ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"response_format": {"type": "nonsense"}}, "response_format"),
+        ({"response_format": {"type": "nonsense"}}, "response_format.type"),
+        ({"response_format": {"type": "json_schema"}}, "response_format"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": BIG}}},
+            "response_format.json_schema",
+        ),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"tool_choice": "required"}, "tool_choice"),
         ({"logprobs": True}, "logprobs"),
         ({"top_logprobs": 2}, "top_logprobs"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
-        ({"frequency_penalty": -1}, "frequency_penalty"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -3}, "frequency_penalty"),
         ({"logit_bias": {"50256": -100}}, "logit_bias"),
         ({"n": 2}, "n"),
         (

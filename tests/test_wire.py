@@ -15,6 +15,7 @@ from workers.wire import (
     ErrorRecord,
     FinalRecord,
     JobRequest,
+    ResponseFormat,
     SamplingParams,
     StreamChunk,
     WireError,
@@ -179,6 +180,14 @@ def test_extra_field_in_nested_message_is_refused(worker, reply_key):
         ("sampling", {"stop": ["a", "b", "c", "d", "e"]}),
         ("sampling", {"stop": [""]}),
         ("messages", [{"role": "tool", "content": "x"}]),
+        ("sampling", {"presence_penalty": 2.01}),
+        ("sampling", {"frequency_penalty": -1e9}),
+        ("sampling", {"presence_penalty": "NaN"}),
+        ("sampling", {"response_format": {"type": "json_schema", "json_schema": "{" * 32_769}}),
+        ("sampling", {"response_format": {"type": "json_schema"}}),
+        ("sampling", {"response_format": {"type": "json_object", "json_schema": "{}"}}),
+        ("sampling", {"response_format": {"type": "grammar", "json_schema": None}}),
+        ("sampling", {"response_format": {"type": "json_object", "extra": 1}}),
     ],
 )
 def test_out_of_bounds_request_is_refused(worker, reply_key, field, value):
@@ -186,6 +195,18 @@ def test_out_of_bounds_request_is_refused(worker, reply_key, field, value):
     data[field] = value
     with pytest.raises(WireError, match=f"invalid request: {field}"):
         open_request(seal_json_to_worker(data, worker), worker)
+
+
+def test_a_json_reply_request_round_trips(worker, reply_key):
+    schema = json.dumps({"type": "object", "properties": {"n": {"type": "integer"}}})
+    sampling = SamplingParams(
+        presence_penalty=0.5,
+        frequency_penalty=-0.5,
+        response_format=ResponseFormat(type="json_schema", json_schema=schema),
+    )
+    request = make_request(reply_key).model_copy(update={"sampling": sampling})
+    opened = open_request(seal_request(request, worker.box_public_b64), worker)
+    assert opened.sampling == sampling
 
 
 def test_validation_errors_do_not_echo_the_prompt(worker, reply_key):

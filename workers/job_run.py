@@ -40,11 +40,12 @@ from rq.job import Job
 
 from workers import streams
 from workers.engines import Engine, EngineError, GenerationRequest, TextDelta, Usage
-from workers.engines.base import ContextLengthExceeded
+from workers.engines.base import ContextLengthExceeded, RequestRefused
 from workers.jobs import sealed_argument
 from workers.receipts import Receipt, sign_receipt
 from workers.wire import (
     CONTEXT_LENGTH_EXCEEDED,
+    INVALID_REQUEST,
     ErrorRecord,
     Event,
     FinalRecord,
@@ -176,6 +177,12 @@ class JobRun:
                 top_p=sampling.top_p,
                 stop=tuple(sampling.stop),
                 seed=sampling.seed,
+                presence_penalty=sampling.presence_penalty,
+                frequency_penalty=sampling.frequency_penalty,
+                json_mode=sampling.response_format.type if sampling.response_format else None,
+                json_schema=(
+                    sampling.response_format.json_schema if sampling.response_format else None
+                ),
                 stop_signal=self._stop_signal,
             )
         )
@@ -239,6 +246,8 @@ class JobRun:
             code = (
                 CONTEXT_LENGTH_EXCEEDED
                 if isinstance(error, ContextLengthExceeded)
+                else INVALID_REQUEST
+                if isinstance(error, RequestRefused)
                 else "engine_error"
             )
             record = ErrorRecord(job_id=self.job_id, code=code, message=message[:4096])

@@ -68,6 +68,24 @@ class ChatMessage(_Wire):
     content: str = Field(max_length=MAX_CONTENT_CHARS)
 
 
+MAX_SCHEMA_CHARS = 32_768
+"""The longest JSON schema a request may constrain its reply with (its canonical JSON text)."""
+
+
+class ResponseFormat(_Wire):
+    """The reply constrained to JSON: any JSON object, or one valid against ``json_schema``
+    (the schema's JSON text; the engine compiles it to a grammar or structured-output spec)."""
+
+    type: Literal["json_object", "json_schema"]
+    json_schema: str | None = Field(default=None, min_length=2, max_length=MAX_SCHEMA_CHARS)
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is given with type json_schema, and only then")
+        return self
+
+
 class SamplingParams(_Wire):
     temperature: float = Field(default=0.7, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
@@ -75,6 +93,9 @@ class SamplingParams(_Wire):
         default_factory=list, max_length=4
     )
     seed: int | None = None
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    response_format: ResponseFormat | None = None
 
 
 class JobRequest(_Versioned):
@@ -124,6 +145,10 @@ class FinalRecord(_Versioned):
 CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
 """An :class:`ErrorRecord`'s code when the prompt does not fit the model's context: the
 client's to fix (a 400 for API clients), never retried on another worker."""
+
+INVALID_REQUEST = "invalid_request"
+"""An :class:`ErrorRecord`'s code for a request the engine refuses as the client's to fix (a
+JSON schema it cannot compile): a 400 for API clients, never retried on another worker."""
 
 
 class ErrorRecord(_Versioned):

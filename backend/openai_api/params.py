@@ -6,8 +6,8 @@ OpenAI's SDKs send ``null`` for a parameter left ``None`` (openai-python does fo
 ``top_p``, ``n``, ``stream``...): :func:`drop_nulls` removes those before validation, so the
 request model's defaults apply. :func:`refuse_unsupported` then looks at what the request model
 does not carry and refuses, by name, each parameter that would change the reply if it were
-honoured: structured output, tools, log probabilities, penalties, logit bias, a tool
-conversation's messages and an assistant prefill.
+honoured: tools, log probabilities, logit bias, a tool conversation's messages and an assistant
+prefill. (``response_format`` and the penalties are honoured: the request model carries them.)
 """
 
 from __future__ import annotations
@@ -72,10 +72,6 @@ def drop_nulls(raw: object) -> object:
     return {k: v for k, v in raw.items() if not (v is None and k in NULL_MEANS_DEFAULT)}
 
 
-def _is_zero(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and value == 0
-
-
 def refuse_unsupported(raw: object) -> None:
     """ApiError (400, ``param`` set) for the first parameter of ``raw`` that cannot be honoured.
     ``raw`` is the body after :func:`drop_nulls`; anything not a JSON object is left to the
@@ -90,9 +86,6 @@ def refuse_unsupported(raw: object) -> None:
 
 
 def _refuse_sampling_extras(raw: Mapping[str, Any]) -> None:
-    for name in ("presence_penalty", "frequency_penalty"):
-        if name in raw and not _is_zero(raw[name]):
-            raise _refuse(name, "send 0 or leave it out")
     if raw.get("logit_bias") not in (None, {}):
         raise _refuse("logit_bias", "send {} or leave it out")
     if raw.get("logprobs") not in (None, False):
@@ -112,11 +105,6 @@ def _refuse_sampling_extras(raw: Mapping[str, Any]) -> None:
 
 
 def _refuse_output_shapes(raw: Mapping[str, Any]) -> None:
-    response_format = raw.get("response_format")
-    if response_format is not None:
-        kind = response_format.get("type") if isinstance(response_format, Mapping) else None
-        if kind != "text":
-            raise _refuse("response_format", 'only {"type": "text"}')
     for name in ("tools", "functions"):
         if raw.get(name) not in (None, []):
             raise _refuse(name)

@@ -11,14 +11,22 @@ import json
 from collections.abc import Mapping
 from typing import Any, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from backend.dispatch import TurnDone
 from backend.errors import CocoonError, ErrorCode
 from backend.receipts import ReceiptRecord
 from backend.settings import ModelPrice
 from workers.registry import AttestationRecord
-from workers.wire import ChatMessage
+from workers.wire import MAX_SCHEMA_CHARS, ChatMessage
+from workers.wire import ResponseFormat as WireResponseFormat
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_STOP_SEQUENCES = 4
@@ -49,6 +57,44 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaSpec(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = Field(default="reply", max_length=64)
+    description: str | None = Field(default=None, max_length=1024)
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """``text`` (the default), ``json_object`` (any JSON object) or ``json_schema`` (an object
+    valid against the schema); the engines sample under a grammar, so the reply parses."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+    @field_validator("json_schema")
+    @classmethod
+    def _bounded(cls, spec: JsonSchemaSpec | None) -> JsonSchemaSpec | None:
+        if spec is not None and len(json.dumps(spec.schema_)) > MAX_SCHEMA_CHARS:
+            raise ValueError(f"the schema is over {MAX_SCHEMA_CHARS} characters of JSON")
+        return spec
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("json_schema is required with type json_schema")
+        return self
+
+    def to_wire(self) -> WireResponseFormat | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object" or self.json_schema is None:
+            return WireResponseFormat(type="json_object")
+        schema = json.dumps(self.json_schema.schema_, sort_keys=True)
+        return WireResponseFormat(type="json_schema", json_schema=schema)
+
+
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -60,6 +106,9 @@ class ChatCompletionRequest(BaseModel):
     top_p: float = Field(default=1.0, gt=0, le=1)
     stop: str | list[str] | None = None
     seed: int | None = None
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    response_format: ResponseFormat | None = None
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
     stream_options: StreamOptions | None = None

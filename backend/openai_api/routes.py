@@ -103,9 +103,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         ):
             turn = await service.start(user_id, body)
             return await completions.answer(request, service, body, turn, idem)
-    except CocoonError as error:  # the limits, a turn that could not start
+    except (CocoonError, ValidationError) as error:  # the limits, a turn that did not start
         if idem is not None:
             await idem.abandon()
+        if isinstance(error, ValidationError):
+            return completions.error_response(p.invalid_request(error))
         return completions.error_response(error)
 
 

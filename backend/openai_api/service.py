@@ -72,6 +72,11 @@ class OpenAIService:
                     top_p=body.top_p,
                     stop=body.stop_sequences,
                     seed=body.seed,
+                    presence_penalty=body.presence_penalty,
+                    frequency_penalty=body.frequency_penalty,
+                    response_format=body.response_format.to_wire()
+                    if body.response_format
+                    else None,
                 ),
                 conversation_id=conversation_id_for(user_id, messages),
             )

@@ -34,6 +34,11 @@ class ContextLengthExceeded(EngineError):
     another worker (the node answers it with the error code ``context_length_exceeded``)."""
 
 
+class RequestRefused(EngineError):
+    """A request the engine cannot serve as asked and the client can fix (a JSON schema it
+    cannot compile): the node answers it with the error code ``invalid_request``."""
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """One chat completion to run.
@@ -49,6 +54,12 @@ class GenerationRequest:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    #: The reply constrained to JSON: ``"json_object"`` (any object) or ``"json_schema"`` (one
+    #: valid against ``json_schema``, a JSON text); None: free text.
+    json_mode: Literal["json_object", "json_schema"] | None = None
+    json_schema: str | None = None
     #: Set it to end the generation between two tokens: the engine then yields its Usage with
     #: ``finish_reason="cancelled"`` and the real counts, so what was generated can be billed.
     #: (Closing the generator also stops it, but then no Usage comes back.)
@@ -80,6 +91,11 @@ class GenerationRequest:
             )
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop strings must be non-empty strings")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be between -2 and 2, got {getattr(self, name)}")
+        if (self.json_mode == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is given with json_mode 'json_schema', and only then")
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from workers.engines.base import (
     EngineError,
     FinishReason,
     GenerationRequest,
+    RequestRefused,
     TextDelta,
     Usage,
 )
@@ -95,6 +96,24 @@ class _StopScanner:
     def flush(self) -> str:
         held, self._held = self._held, ""
         return held
+
+
+def _grammar(request: GenerationRequest) -> Any:
+    """The llama.cpp grammar a JSON reply is sampled under (None for free text); RequestRefused
+    for a schema it cannot compile."""
+    if request.json_mode is None:
+        return None
+    from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+
+    try:
+        if request.json_schema is None:
+            return LlamaGrammar.from_string(JSON_GBNF, verbose=False)  # root ::= object
+        return LlamaGrammar.from_json_schema(request.json_schema, verbose=False)
+    except Exception:  # its converter asserts, or fails to parse (messages quote the schema)
+        raise RequestRefused(
+            "response_format: this JSON schema cannot be compiled to a grammar here "
+            "(invalid, or uses a keyword llama.cpp does not support)"
+        ) from None
 
 
 class LlamaCppEngine(Engine):
@@ -248,6 +267,7 @@ class LlamaCppEngine(Engine):
                 f"the prompt is {len(tokens)} tokens but {self.model}'s context holds "
                 f"{self.n_ctx} tokens for prompt and reply together; shorten the conversation"
             )
+        grammar = await asyncio.to_thread(_grammar, request)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[TextDelta | Usage | BaseException] = asyncio.Queue()
         stop_event = threading.Event()
@@ -260,7 +280,7 @@ class LlamaCppEngine(Engine):
 
         try:
             future = loop.run_in_executor(
-                self._executor, self._run, tokens, request, stop_event, emit
+                self._executor, self._run, tokens, request, grammar, stop_event, emit
             )
         except RuntimeError as error:  # the executor was shut down by close()
             raise EngineError("the llama-cpp engine is closed") from error
@@ -287,13 +307,14 @@ class LlamaCppEngine(Engine):
         self,
         prompt: list[int],
         request: GenerationRequest,
+        grammar: Any,
         stop_event: threading.Event,
         emit: _Emit,
     ) -> None:
         """Runs on the engine thread; reports through ``emit`` and never raises."""
         try:
             with self._lock:
-                usage = self._generate_locked(prompt, request, stop_event, emit)
+                usage = self._generate_locked(prompt, request, grammar, stop_event, emit)
         except BaseException as error:
             emit(error)
         else:
@@ -303,6 +324,7 @@ class LlamaCppEngine(Engine):
         self,
         prompt: list[int],
         request: GenerationRequest,
+        grammar: Any,
         stop_event: threading.Event,
         emit: _Emit,
     ) -> Usage:
@@ -324,6 +346,9 @@ class LlamaCppEngine(Engine):
             temp=request.temperature,
             top_p=request.top_p,
             reset=True,
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
+            grammar=grammar,
             **self._sampling,
         )
         try:

@@ -172,6 +172,18 @@ class OpenAICompatEngine(Engine):
             payload["stop"] = list(request.stop)
         if request.seed is not None:
             payload["seed"] = request.seed
+        if request.presence_penalty:
+            payload["presence_penalty"] = request.presence_penalty
+        if request.frequency_penalty:
+            payload["frequency_penalty"] = request.frequency_penalty
+        if request.json_mode == "json_object":
+            payload["response_format"] = {"type": "json_object"}
+        elif request.json_schema is not None:
+            schema = json.loads(request.json_schema)
+            payload["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "reply", "schema": schema},
+            }
         return payload
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TextDelta | Usage]:

@@ -23,6 +23,7 @@ import contextlib
 import gc
 import importlib.metadata
 import inspect
+import json
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -36,6 +37,7 @@ from workers.engines.base import (
     EngineError,
     FinishReason,
     GenerationRequest,
+    RequestRefused,
     TextDelta,
     Usage,
 )
@@ -51,6 +53,25 @@ def _library_version() -> str:
         except importlib.metadata.PackageNotFoundError:
             continue
     return "not installed"
+
+
+def _structured_outputs(request: GenerationRequest) -> dict[str, Any]:
+    """vLLM's structured-output option for a JSON reply: ``structured_outputs`` (vLLM >= 0.10.2)
+    or ``guided_decoding`` (before); RequestRefused where this vLLM has neither."""
+    if request.json_mode is None:
+        return {}
+    import vllm.sampling_params as sp
+
+    spec: dict[str, Any] = (
+        {"json": json.loads(request.json_schema)}
+        if request.json_schema is not None
+        else {"json_object": True}
+    )
+    if hasattr(sp, "StructuredOutputsParams"):
+        return {"structured_outputs": sp.StructuredOutputsParams(**spec)}
+    if hasattr(sp, "GuidedDecodingParams"):
+        return {"guided_decoding": sp.GuidedDecodingParams(**spec)}
+    raise RequestRefused("response_format: this vLLM has no structured outputs")
 
 
 class VLLMEngine(Engine):
@@ -229,7 +250,10 @@ class VLLMEngine(Engine):
             top_p=request.top_p,
             stop=list(request.stop) or None,
             seed=request.seed,
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
             output_kind=RequestOutputKind.DELTA,
+            **_structured_outputs(request),
         )
         request_id = f"cocoon-{uuid.uuid4().hex}"
         prompt_tokens = len(prompt_ids)
