@@ -19,6 +19,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
+from tests.support.engines import chat, collect
 from workers.engines import (
     ENGINE_NAMES,
     Engine,
@@ -32,23 +33,6 @@ from workers.engines import (
 
 MODEL = "smollm2-135m"
 module_loop = pytest.mark.asyncio(loop_scope="module")
-
-
-def chat(text: str, **kwargs: Any) -> GenerationRequest:
-    kwargs.setdefault("max_tokens", 8)
-    kwargs.setdefault("temperature", 0.0)
-    return GenerationRequest(messages=[{"role": "user", "content": text}], **kwargs)
-
-
-async def collect(engine: Engine, request: GenerationRequest) -> tuple[str, Usage]:
-    """Run a request to the end; check the stream's shape (deltas, then one Usage, last)."""
-    items = [item async for item in engine.generate(request)]
-    assert items, "the stream was empty"
-    usage = items[-1]
-    assert isinstance(usage, Usage), f"the last item is {usage!r}, not a Usage"
-    deltas = items[:-1]
-    assert all(isinstance(item, TextDelta) and item.text for item in deltas), deltas
-    return "".join(item.text for item in deltas), usage
 
 
 async def wait_until_idle(engine: Engine, first_tokens_s: float) -> float:

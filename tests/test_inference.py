@@ -15,12 +15,19 @@ import redis
 
 from backend.dispatch import Dispatcher, TurnDone, TurnError, TurnRequest, TurnText
 from backend.ledger import Balances, Ledger
-from backend.models import AccountKind
-from backend.pricing import turn_cost
 from backend.serverkeys import route_id, route_secret
 from backend.settings import DEFAULT_MODEL, Settings
 from tests.support.env import require_module
-from tests.support.turns import TON, Node, cancel_after, dev_stack, funded_user, open_holds
+from tests.support.turns import (
+    TON,
+    Node,
+    assert_billed_once,
+    cancel_after,
+    dev_stack,
+    funded_user,
+    open_holds,
+    usage_cost,
+)
 from workers import registry
 from workers.wire import ChatMessage
 
@@ -85,20 +92,7 @@ async def test_a_turn_streams_and_is_billed_once_from_signed_usage(
     # The worker's receipt verified and was kept: what /privacy and the Mini App show.
     assert done.receipt is not None and done.worker.receipt_id == done.turn_id
     assert done.receipt.signed.receipt.reply_sha256 == hashlib.sha256(text.encode()).hexdigest()
-    expected = turn_cost(
-        settings.models[DEFAULT_MODEL],
-        prompt_tokens=done.prompt_tokens,
-        cached_prompt_tokens=done.cached_prompt_tokens,
-        completion_tokens=done.completion_tokens,
-    )
-    assert done.cost == expected > 0
-    balances = await ledger.balances(user)
-    assert balances.available == TON - expected and balances.held == 0
-    share = expected * settings.provider_share_bps // 10_000
-    assert (await ledger.balances(provider)).earned == share
-    assert await ledger.balance(AccountKind.PLATFORM) == expected - share
-    assert not await open_holds(ledger)
-    assert (await ledger.audit()).ok
+    await assert_billed_once(ledger, settings, done, user=user, provider=provider)
 
     # The next turn of the conversation goes to the same worker (prefix cache).
     _text, again = await run_turn(dispatcher, ask(user, "And two more.", conversation_id="c1"))
@@ -205,12 +199,7 @@ async def test_cancel_stops_generation_and_bills_what_was_generated(
     assert done is not None and done.finish_reason == "cancelled"
     assert 3 <= done.completion_tokens < 1500
     assert done.prompt_tokens > 0  # the engine's real usage, not a guess
-    assert done.cost == turn_cost(
-        settings.models[DEFAULT_MODEL],
-        prompt_tokens=done.prompt_tokens,
-        cached_prompt_tokens=done.cached_prompt_tokens,
-        completion_tokens=done.completion_tokens,
-    )
+    assert done.cost == usage_cost(settings, done)
     assert (await ledger.balances(user)).available == TON - done.cost
     assert not await open_holds(ledger)
 

@@ -19,29 +19,38 @@ from backend.ton.toncenter import TonCenter, TonCenterError
 from backend.ton.wallet import HotWallet, new_mnemonic, parse_external
 from tests.support.payouts import (
     PROVIDER_WALLETS,
+    TON,
     Clock,
     Crash,
-    earn,
     run_until_done,
     sender,
     transfers_to,
+    withdraw,
 )
 
-TON = 1_000_000_000
+
+@pytest.fixture
+def ledger(db: Database) -> Ledger:
+    return Ledger(db, min_withdrawal=TON)
 
 
 @pytest.mark.parametrize("point", ["signed", "sent", "before_confirm"])
 async def test_crashes_at_every_step_pay_each_payout_exactly_once(
-    db: Database, net: LocalTonCenter, api: TonCenter, hot: HotWallet, clock: Clock, point: str
+    db: Database,
+    net: LocalTonCenter,
+    api: TonCenter,
+    hot: HotWallet,
+    clock: Clock,
+    point: str,
+    ledger: Ledger,
 ) -> None:
-    ledger = Ledger(db, min_withdrawal=TON)
     payouts = []
     for i, wallet in enumerate(PROVIDER_WALLETS[:3]):
-        provider = await earn(db, 700 + i, (5 + i) * TON)
-        receipt = await ledger.request_withdrawal(
-            provider, (2 + i) * TON, f"withdraw:{i}", destination=wallet
+        amount = (2 + i) * TON
+        provider, payout_id = await withdraw(
+            ledger, 700 + i, (5 + i) * TON, amount, wallet, key=f"withdraw:{i}"
         )
-        payouts.append((provider, receipt.subject_id, wallet, (2 + i) * TON))
+        payouts.append((provider, payout_id, wallet, amount))
 
     budget = {"left": 7}  # the process dies each time it reaches the point, seven times
 
@@ -72,14 +81,15 @@ async def test_crashes_at_every_step_pay_each_payout_exactly_once(
 
 
 async def test_a_lost_message_is_resigned_only_after_it_expired_unseen(
-    db: Database, net: LocalTonCenter, api: TonCenter, hot: HotWallet, clock: Clock
+    db: Database,
+    net: LocalTonCenter,
+    api: TonCenter,
+    hot: HotWallet,
+    clock: Clock,
+    ledger: Ledger,
 ) -> None:
-    ledger = Ledger(db, min_withdrawal=TON)
-    provider = await earn(db, 710, 3 * TON)
     wallet = PROVIDER_WALLETS[3]
-    payout_id = (
-        await ledger.request_withdrawal(provider, 3 * TON, "w:710", destination=wallet)
-    ).subject_id
+    _provider, payout_id = await withdraw(ledger, 710, 3 * TON, 3 * TON, wallet)
     net.drop_messages = 1_000  # the network loses everything for now
     s = sender(db, api, hot, clock)
 
@@ -108,12 +118,15 @@ async def test_a_lost_message_is_resigned_only_after_it_expired_unseen(
 
 
 async def test_api_errors_while_sending_resend_the_same_message(
-    db: Database, net: LocalTonCenter, api: TonCenter, hot: HotWallet, clock: Clock
+    db: Database,
+    net: LocalTonCenter,
+    api: TonCenter,
+    hot: HotWallet,
+    clock: Clock,
+    ledger: Ledger,
 ) -> None:
-    ledger = Ledger(db, min_withdrawal=TON)
-    provider = await earn(db, 720, 2 * TON)
     wallet = PROVIDER_WALLETS[4]
-    await ledger.request_withdrawal(provider, 2 * TON, "w:720", destination=wallet)
+    await withdraw(ledger, 720, 2 * TON, 2 * TON, wallet)
     s = sender(db, api, hot, clock)
     net.faults.extend([502])  # the seqno read fails: nothing is signed
     with pytest.raises(TonCenterError):
@@ -134,16 +147,15 @@ async def test_a_payout_is_found_by_whichever_message_hash_the_indexer_knows(
     hot: HotWallet,
     clock: Clock,
     indexed_by: str,
+    ledger: Ledger,
 ) -> None:
     # TON Center matches both hashes; an indexer that knows only one must still confirm.
     net.match_raw_hashes = indexed_by == "raw"
     net.match_normalized_hashes = indexed_by == "normalized"
-    ledger = Ledger(db, min_withdrawal=TON)
     paid = []
     for i, wallet in enumerate(PROVIDER_WALLETS[:2]):  # seqno 0 carries the state init
-        provider = await earn(db, 740 + i, 3 * TON)
-        receipt = await ledger.request_withdrawal(provider, 2 * TON, f"w:74{i}", destination=wallet)
-        paid.append((receipt.subject_id, wallet))
+        _provider, payout_id = await withdraw(ledger, 740 + i, 3 * TON, 2 * TON, wallet)
+        paid.append((payout_id, wallet))
 
     assert await run_until_done(lambda: sender(db, api, hot, clock)) == 0
 
@@ -159,18 +171,16 @@ async def test_a_payout_is_found_by_whichever_message_hash_the_indexer_knows(
 
 
 async def test_failed_payouts_give_the_money_back(
-    db: Database, net: LocalTonCenter, api: TonCenter, hot: HotWallet, clock: Clock
+    db: Database,
+    net: LocalTonCenter,
+    api: TonCenter,
+    hot: HotWallet,
+    clock: Clock,
+    ledger: Ledger,
 ) -> None:
-    ledger = Ledger(db, min_withdrawal=TON)
-    poor = await earn(db, 730, 50 * TON)
-    nowhere = await earn(db, 731, 2 * TON)
     net.wallets[hot.raw].balance = 10 * TON  # the hot wallet cannot cover 40 TON
-    big = (
-        await ledger.request_withdrawal(poor, 40 * TON, "w:730", destination=PROVIDER_WALLETS[5])
-    ).subject_id
-    bad = (
-        await ledger.request_withdrawal(nowhere, 2 * TON, "w:731", destination="not-an-address")
-    ).subject_id
+    poor, big = await withdraw(ledger, 730, 50 * TON, 40 * TON, PROVIDER_WALLETS[5])
+    nowhere, bad = await withdraw(ledger, 731, 2 * TON, 2 * TON, "not-an-address")
     assert (await ledger.balances(poor)).earned == 10 * TON
 
     await run_until_done(lambda: sender(db, api, hot, clock))
@@ -219,15 +229,18 @@ def test_the_signed_message_verifies_and_says_what_it_pays(hot: HotWallet) -> No
 
 
 async def test_two_senders_at_once_never_hold_two_live_signatures(
-    db: Database, net: LocalTonCenter, api: TonCenter, hot: HotWallet, clock: Clock
+    db: Database,
+    net: LocalTonCenter,
+    api: TonCenter,
+    hot: HotWallet,
+    clock: Clock,
+    ledger: Ledger,
 ) -> None:
     import asyncio
 
-    ledger = Ledger(db, min_withdrawal=TON)
     wanted = {}
     for i, wallet in enumerate(PROVIDER_WALLETS[:4]):
-        provider = await earn(db, 740 + i, 5 * TON)
-        await ledger.request_withdrawal(provider, (1 + i) * TON, f"w:74{i}", destination=wallet)
+        await withdraw(ledger, 740 + i, 5 * TON, (1 + i) * TON, wallet)
         wanted[wallet] = [(1 + i) * TON]
     net.drop_messages = 2  # some sends are lost too
     live_seen: list[int] = []
@@ -255,12 +268,15 @@ async def test_two_senders_at_once_never_hold_two_live_signatures(
 
 
 async def test_a_lagging_seqno_read_does_not_make_a_message_that_cannot_land(
-    db: Database, net: LocalTonCenter, api: TonCenter, hot: HotWallet, clock: Clock
+    db: Database,
+    net: LocalTonCenter,
+    api: TonCenter,
+    hot: HotWallet,
+    clock: Clock,
+    ledger: Ledger,
 ) -> None:
-    ledger = Ledger(db, min_withdrawal=TON)
     for i, wallet in enumerate(PROVIDER_WALLETS[:2]):
-        provider = await earn(db, 750 + i, 3 * TON)
-        await ledger.request_withdrawal(provider, 2 * TON, f"w:75{i}", destination=wallet)
+        await withdraw(ledger, 750 + i, 3 * TON, 2 * TON, wallet)
     s = sender(db, api, hot, clock)
     while (await s.step()) != Step.IDLE and not net.executed:
         pass
@@ -271,13 +287,14 @@ async def test_a_lagging_seqno_read_does_not_make_a_message_that_cannot_land(
 
 
 async def test_a_payout_failed_by_hand_while_out_is_not_resent_nor_resigned(
-    db: Database, net: LocalTonCenter, api: TonCenter, hot: HotWallet, clock: Clock
+    db: Database,
+    net: LocalTonCenter,
+    api: TonCenter,
+    hot: HotWallet,
+    clock: Clock,
+    ledger: Ledger,
 ) -> None:
-    ledger = Ledger(db, min_withdrawal=TON)
-    provider = await earn(db, 760, 3 * TON)
-    payout_id = (
-        await ledger.request_withdrawal(provider, 3 * TON, "w:760", destination=PROVIDER_WALLETS[2])
-    ).subject_id
+    provider, payout_id = await withdraw(ledger, 760, 3 * TON, 3 * TON, PROVIDER_WALLETS[2])
     net.drop_messages = 1
     s = sender(db, api, hot, clock)
     assert await s.step() == Step.PROGRESS  # signed, sent, lost

@@ -29,7 +29,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -51,10 +50,17 @@ from sqlalchemy import func, select  # noqa: E402
 
 from backend.dispatch import Dispatcher, TurnDone, TurnRequest, TurnText  # noqa: E402
 from backend.ledger import Ledger  # noqa: E402
-from backend.models import AccountKind, Transaction  # noqa: E402
-from backend.pricing import turn_cost  # noqa: E402
+from backend.models import Transaction  # noqa: E402
 from backend.settings import DEFAULT_MODEL, Settings  # noqa: E402
-from tests.support.turns import TON, cancel_after, dev_stack, funded_user, open_holds  # noqa: E402
+from tests.support.engines import chat, collect, stream  # noqa: E402
+from tests.support.turns import (  # noqa: E402
+    assert_billed_once,
+    cancel_after,
+    dev_stack,
+    funded_user,
+    open_holds,
+    usage_cost,
+)
 from workers import registry  # noqa: E402
 from workers.engines import (  # noqa: E402
     Engine,
@@ -109,23 +115,6 @@ def model_dir() -> str:
         pytest.skip(f"no model for vLLM ({error}); set {MODEL_DIR_ENV}")
 
 
-def chat(text: str, **kwargs: Any) -> GenerationRequest:
-    kwargs.setdefault("max_tokens", 8)
-    kwargs.setdefault("temperature", 0.0)
-    return GenerationRequest(messages=[{"role": "user", "content": text}], **kwargs)
-
-
-async def collect(engine: Engine, request: GenerationRequest) -> tuple[str, Usage, int]:
-    """Run a request to the end; check the stream's shape (deltas, then one Usage, last)."""
-    items = [item async for item in engine.generate(request)]
-    assert items, "the stream was empty"
-    usage = items[-1]
-    assert isinstance(usage, Usage), f"the last item is {usage!r}, not a Usage"
-    deltas = items[:-1]
-    assert all(isinstance(item, TextDelta) and item.text for item in deltas), deltas
-    return "".join(item.text for item in deltas), usage, len(deltas)
-
-
 def unfinished_requests(engine: Engine) -> int:
     """Requests vLLM's front end still tracks (an aborted one is forgotten)."""
     processor = engine._engine.output_processor  # type: ignore[attr-defined]
@@ -171,9 +160,10 @@ class TestEngine:
 
     async def test_deltas_then_usage(self, vllm: Engine) -> None:
         request = chat("Tell me a long story about a brave cat.", max_tokens=8)
-        text, usage, deltas = await collect(vllm, request)
+        deltas, usage = await stream(vllm, request)
+        text = "".join(delta.text for delta in deltas)
         assert text.strip()
-        assert deltas >= 2, "the reply came in one piece: it did not stream"
+        assert len(deltas) >= 2, "the reply came in one piece: it did not stream"
         prompt = vllm.prompt_token_ids(request.messages)  # type: ignore[attr-defined]
         assert usage.prompt_tokens == len(prompt) > 5
         assert usage.completion_tokens == 8
@@ -183,7 +173,7 @@ class TestEngine:
 
     async def test_the_model_ends_its_turn_and_speed(self, vllm: Engine) -> None:
         started = time.monotonic()
-        text, usage, _ = await collect(vllm, chat("Say hello.", max_tokens=200))
+        text, usage = await collect(vllm, chat("Say hello.", max_tokens=200))
         assert text.strip()
         assert usage.finish_reason == "stop"
         assert 0 < usage.completion_tokens < 200
@@ -202,11 +192,11 @@ class TestEngine:
 
     async def test_stop_string_and_seed(self, vllm: Engine) -> None:
         question = "List three fruits, one per line."
-        full, _, _ = await collect(vllm, chat(question, max_tokens=30))
+        full, _ = await collect(vllm, chat(question, max_tokens=30))
         words = full.split()
         assert len(words) >= 3, full
         stop = words[2]
-        cut, usage, _ = await collect(vllm, chat(question, max_tokens=30, stop=(stop,)))
+        cut, usage = await collect(vllm, chat(question, max_tokens=30, stop=(stop,)))
         assert cut == full[: full.index(stop)]
         assert usage.finish_reason == "stop"
         seeded = chat("Invent a name for a dog.", max_tokens=10, temperature=1.0, seed=1234)
@@ -217,8 +207,8 @@ class TestEngine:
             {"role": "system", "content": LONG_SYSTEM},
             {"role": "user", "content": "What is the capital of France?"},
         ]
-        _, first, _ = await collect(vllm, GenerationRequest(history, max_tokens=4, temperature=0))
-        _, again, _ = await collect(vllm, GenerationRequest(history, max_tokens=4, temperature=0))
+        _, first = await collect(vllm, GenerationRequest(history, max_tokens=4, temperature=0))
+        _, again = await collect(vllm, GenerationRequest(history, max_tokens=4, temperature=0))
         assert again.prompt_tokens == first.prompt_tokens > 200
         # vLLM caches whole blocks, and always recomputes at least the prompt's last token.
         assert 0 < again.cached_prompt_tokens < again.prompt_tokens
@@ -227,7 +217,7 @@ class TestEngine:
     async def test_prompt_longer_than_the_context_is_refused(self, vllm: Engine) -> None:
         with pytest.raises(EngineError, match=f"context holds {CONTEXT} tokens"):
             await collect(vllm, chat("apple banana cherry " * 1200, max_tokens=4))
-        _, usage, _ = await collect(vllm, chat("Hi!", max_tokens=2))
+        _, usage = await collect(vllm, chat("Hi!", max_tokens=2))
         assert usage.completion_tokens <= 2
 
     async def test_closing_early_aborts_the_request(self, vllm: Engine) -> None:
@@ -244,7 +234,7 @@ class TestEngine:
         assert time.monotonic() - started < 2.0
         # 1500 tokens take minutes here: vLLM forgot the request at once instead.
         await wait_until_no_requests(vllm)
-        _, usage, _ = await collect(vllm, chat("Hi!", max_tokens=4))
+        _, usage = await collect(vllm, chat("Hi!", max_tokens=4))
         assert usage.completion_tokens <= 4
 
     async def test_cancelling_the_consumer_task_aborts_the_request(self, vllm: Engine) -> None:
@@ -267,7 +257,7 @@ class TestEngine:
         prompts = ["Name a color.", "Name an animal.", "Name a city.", "Name a fruit."]
         started = time.monotonic()
         results = await asyncio.gather(*(collect(vllm, chat(p, max_tokens=6)) for p in prompts))
-        for text, usage, _ in results:
+        for text, usage in results:
             assert text
             assert 0 < usage.completion_tokens <= 6
             assert usage.finish_reason in ("stop", "length")
@@ -352,7 +342,6 @@ async def test_a_vllm_node_serves_a_turn_billed_once_from_signed_usage(
     provider = await funded_user(ledger, 950, amount=0)
     nodes.append(VLLMNode(redis_url, model_dir, provider_id=provider))
     user = await funded_user(ledger, 951)
-    price = settings.models[DEFAULT_MODEL]
 
     request = TurnRequest(
         user_id=user,
@@ -389,21 +378,8 @@ async def test_a_vllm_node_serves_a_turn_billed_once_from_signed_usage(
     assert done.prompt_tokens > 5
     assert done.worker.engine == "vllm"
     assert done.worker.engine_version == __import__("vllm").__version__
-    expected = turn_cost(
-        price,
-        prompt_tokens=done.prompt_tokens,
-        cached_prompt_tokens=done.cached_prompt_tokens,
-        completion_tokens=done.completion_tokens,
-    )
-    assert done.cost == expected > 0
-    balances = await ledger.balances(user)
-    assert balances.available == TON - expected and balances.held == 0
-    share = expected * settings.provider_share_bps // 10_000
-    assert (await ledger.balances(provider)).earned == share
-    assert await ledger.balance(AccountKind.PLATFORM) == expected - share
+    await assert_billed_once(ledger, settings, done, user=user, provider=provider)
     assert await transactions_for(ledger, done.turn_id) == 2  # the hold, and one settlement
-    assert not await open_holds(ledger)
-    assert (await ledger.audit()).ok
 
     # A turn cancelled mid-stream: vLLM stops, and the tokens generated so far are billed.
     before = (await ledger.balances(user)).available
@@ -427,12 +403,7 @@ async def test_a_vllm_node_serves_a_turn_billed_once_from_signed_usage(
     stopped = await cancel_after(cancelled, 3)
     assert stopped is not None and stopped.finish_reason == "cancelled"
     assert 3 <= stopped.completion_tokens < 1500
-    assert stopped.cost == turn_cost(
-        price,
-        prompt_tokens=stopped.prompt_tokens,
-        cached_prompt_tokens=stopped.cached_prompt_tokens,
-        completion_tokens=stopped.completion_tokens,
-    )
+    assert stopped.cost == usage_cost(settings, stopped)
     assert (await ledger.balances(user)).available == before - stopped.cost
     assert not await open_holds(ledger)
     assert (await ledger.audit()).ok

@@ -81,6 +81,19 @@ async def earn(db: Database, telegram_id: int, amount: int) -> int:
     return user.id
 
 
+async def withdraw(
+    ledger: Ledger, telegram_id: int, earned: int, amount: int, destination: str, key: str = ""
+) -> tuple[int, int]:
+    """A provider (``telegram_id``) with ``earned`` of earnings asks for ``amount`` to be paid
+    to ``destination`` (idempotency key ``key``, by default ``w:<telegram_id>``): the
+    provider's user id and the payout's id."""
+    provider = await earn(ledger.db, telegram_id, earned)
+    receipt = await ledger.request_withdrawal(
+        provider, amount, key or f"w:{telegram_id}", destination=destination
+    )
+    return provider, receipt.subject_id
+
+
 async def run_until_done(make: object, *, max_steps: int = 500) -> int:
     """Drive fresh senders (``make()``) until nothing is left; returns the crashes seen."""
     crashes = 0

@@ -1,6 +1,6 @@
 """Helpers shared by the end-to-end turn tests (llama-cpp and vLLM): a worker node process on the
-real small model, a dispatcher over the test settings and Redis, funded users, and the holds
-still open."""
+real small model, a dispatcher over the test settings and Redis, funded users, the holds still
+open, and what a turn's signed usage costs and who it pays."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from backend.db import Database
 from backend.dispatch import Dispatcher, Turn, TurnDone, TurnText
 from backend.ledger import Ledger
 from backend.metrics import TurnMetrics
-from backend.models import Hold, HoldState
+from backend.models import AccountKind, Hold, HoldState
+from backend.pricing import turn_cost
 from backend.settings import DEFAULT_MODEL, AttestationSettings, Settings
 from backend.users import get_or_create_user
 from workers import registry
@@ -125,3 +126,30 @@ async def cancel_after(turn: Turn, chunks: int) -> TurnDone | None:
         else:
             done = event
     return done
+
+
+def usage_cost(settings: Settings, done: TurnDone) -> int:
+    """What ``done`` costs at the default model's price for the usage its worker signed."""
+    return turn_cost(
+        settings.models[DEFAULT_MODEL],
+        prompt_tokens=done.prompt_tokens,
+        cached_prompt_tokens=done.cached_prompt_tokens,
+        completion_tokens=done.completion_tokens,
+    )
+
+
+async def assert_billed_once(
+    ledger: Ledger, settings: Settings, done: TurnDone, *, user: int, provider: int
+) -> None:
+    """``done`` was billed once, for its signed usage: the user (funded with ``TON``) paid it,
+    the provider earned its share and the platform the rest; no hold is open, the ledger
+    audits."""
+    expected = usage_cost(settings, done)
+    assert done.cost == expected > 0
+    balances = await ledger.balances(user)
+    assert balances.available == TON - expected and balances.held == 0
+    share = expected * settings.provider_share_bps // 10_000
+    assert (await ledger.balances(provider)).earned == share
+    assert await ledger.balance(AccountKind.PLATFORM) == expected - share
+    assert not await open_holds(ledger)
+    assert (await ledger.audit()).ok
