@@ -29,21 +29,11 @@ from tests.support.payouts import (
 )
 
 
-@pytest.fixture
-def ledger(db: Database) -> Ledger:
-    return Ledger(db, min_withdrawal=TON)
-
-
 @pytest.mark.parametrize("point", ["signed", "sent", "before_confirm"])
 async def test_crashes_at_every_step_pay_each_payout_exactly_once(
-    db: Database,
-    net: LocalTonCenter,
-    api: TonCenter,
-    hot: HotWallet,
-    clock: Clock,
-    point: str,
-    ledger: Ledger,
+    db: Database, net: LocalTonCenter, api: TonCenter, hot: HotWallet, clock: Clock, point: str
 ) -> None:
+    ledger = Ledger(db, min_withdrawal=TON)
     payouts = []
     for i, wallet in enumerate(PROVIDER_WALLETS[:3]):
         amount = (2 + i) * TON
@@ -81,13 +71,9 @@ async def test_crashes_at_every_step_pay_each_payout_exactly_once(
 
 
 async def test_a_lost_message_is_resigned_only_after_it_expired_unseen(
-    db: Database,
-    net: LocalTonCenter,
-    api: TonCenter,
-    hot: HotWallet,
-    clock: Clock,
-    ledger: Ledger,
+    db: Database, net: LocalTonCenter, api: TonCenter, hot: HotWallet, clock: Clock
 ) -> None:
+    ledger = Ledger(db, min_withdrawal=TON)
     wallet = PROVIDER_WALLETS[3]
     _provider, payout_id = await withdraw(ledger, 710, 3 * TON, 3 * TON, wallet)
     net.drop_messages = 1_000  # the network loses everything for now
@@ -118,13 +104,9 @@ async def test_a_lost_message_is_resigned_only_after_it_expired_unseen(
 
 
 async def test_api_errors_while_sending_resend_the_same_message(
-    db: Database,
-    net: LocalTonCenter,
-    api: TonCenter,
-    hot: HotWallet,
-    clock: Clock,
-    ledger: Ledger,
+    db: Database, net: LocalTonCenter, api: TonCenter, hot: HotWallet, clock: Clock
 ) -> None:
+    ledger = Ledger(db, min_withdrawal=TON)
     wallet = PROVIDER_WALLETS[4]
     await withdraw(ledger, 720, 2 * TON, 2 * TON, wallet)
     s = sender(db, api, hot, clock)
@@ -147,8 +129,8 @@ async def test_a_payout_is_found_by_whichever_message_hash_the_indexer_knows(
     hot: HotWallet,
     clock: Clock,
     indexed_by: str,
-    ledger: Ledger,
 ) -> None:
+    ledger = Ledger(db, min_withdrawal=TON)
     # TON Center matches both hashes; an indexer that knows only one must still confirm.
     net.match_raw_hashes = indexed_by == "raw"
     net.match_normalized_hashes = indexed_by == "normalized"
@@ -171,13 +153,9 @@ async def test_a_payout_is_found_by_whichever_message_hash_the_indexer_knows(
 
 
 async def test_failed_payouts_give_the_money_back(
-    db: Database,
-    net: LocalTonCenter,
-    api: TonCenter,
-    hot: HotWallet,
-    clock: Clock,
-    ledger: Ledger,
+    db: Database, net: LocalTonCenter, api: TonCenter, hot: HotWallet, clock: Clock
 ) -> None:
+    ledger = Ledger(db, min_withdrawal=TON)
     net.wallets[hot.raw].balance = 10 * TON  # the hot wallet cannot cover 40 TON
     poor, big = await withdraw(ledger, 730, 50 * TON, 40 * TON, PROVIDER_WALLETS[5])
     nowhere, bad = await withdraw(ledger, 731, 2 * TON, 2 * TON, "not-an-address")
@@ -229,13 +207,9 @@ def test_the_signed_message_verifies_and_says_what_it_pays(hot: HotWallet) -> No
 
 
 async def test_two_senders_at_once_never_hold_two_live_signatures(
-    db: Database,
-    net: LocalTonCenter,
-    api: TonCenter,
-    hot: HotWallet,
-    clock: Clock,
-    ledger: Ledger,
+    db: Database, net: LocalTonCenter, api: TonCenter, hot: HotWallet, clock: Clock
 ) -> None:
+    ledger = Ledger(db, min_withdrawal=TON)
     import asyncio
 
     wanted = {}
@@ -268,13 +242,9 @@ async def test_two_senders_at_once_never_hold_two_live_signatures(
 
 
 async def test_a_lagging_seqno_read_does_not_make_a_message_that_cannot_land(
-    db: Database,
-    net: LocalTonCenter,
-    api: TonCenter,
-    hot: HotWallet,
-    clock: Clock,
-    ledger: Ledger,
+    db: Database, net: LocalTonCenter, api: TonCenter, hot: HotWallet, clock: Clock
 ) -> None:
+    ledger = Ledger(db, min_withdrawal=TON)
     for i, wallet in enumerate(PROVIDER_WALLETS[:2]):
         await withdraw(ledger, 750 + i, 3 * TON, 2 * TON, wallet)
     s = sender(db, api, hot, clock)
@@ -287,13 +257,9 @@ async def test_a_lagging_seqno_read_does_not_make_a_message_that_cannot_land(
 
 
 async def test_a_payout_failed_by_hand_while_out_is_not_resent_nor_resigned(
-    db: Database,
-    net: LocalTonCenter,
-    api: TonCenter,
-    hot: HotWallet,
-    clock: Clock,
-    ledger: Ledger,
+    db: Database, net: LocalTonCenter, api: TonCenter, hot: HotWallet, clock: Clock
 ) -> None:
+    ledger = Ledger(db, min_withdrawal=TON)
     provider, payout_id = await withdraw(ledger, 760, 3 * TON, 3 * TON, PROVIDER_WALLETS[2])
     net.drop_messages = 1
     s = sender(db, api, hot, clock)
