@@ -43,6 +43,10 @@ TONCONNECT_ROUTE = VENDOR_ROUTE + "tonconnect/"
 TELEGRAM_ROUTE = VENDOR_ROUTE + "telegram-web-app.js"
 QRCODE_ROUTE = VENDOR_ROUTE + "qrcode.js"
 
+# The page's own scripts, served as one: the shared part first, then each view.
+BUNDLE = "cocoon.js"
+BUNDLED = ["app.js", "wallet.js", "history.js", "chat.js", "provider.js"]
+
 IMMUTABLE = "public, max-age=31536000, immutable"
 REVALIDATE = "no-cache"
 COMPRESSIBLE = ("text/", "application/javascript", "application/json", "image/svg+xml")
@@ -58,8 +62,7 @@ class Asset:
     gzipped: bytes | None = None
 
     @classmethod
-    def load(cls, path: Path) -> Asset:
-        body = path.read_bytes()
+    def load(cls, path: Path, body: bytes) -> Asset:
         content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         if content_type == "text/javascript":
             content_type = "application/javascript"
@@ -78,7 +81,11 @@ class Files:
     files: dict[str, Asset] = field(default_factory=dict)
 
     def add(self, name: str, path: Path) -> None:
-        self.files[name] = Asset.load(path)
+        self.files[name] = Asset.load(path, path.read_bytes())
+
+    def bundle(self, name: str, paths: list[Path]) -> None:
+        """One file of several (fewer requests: the first load's round trips are its cost)."""
+        self.files[name] = Asset.load(Path(name), b"\n".join(p.read_bytes() for p in paths))
 
     def url(self, name: str) -> str:
         """The versioned URL of ``name`` (cached for a year: its version changes with it)."""
@@ -120,6 +127,7 @@ def find_assets(settings: Settings, node_modules: Path = NODE_MODULES) -> Assets
     for path in sorted(STATIC_DIR.iterdir()):
         if path.is_file():
             static.add(path.name, path)
+    static.bundle(BUNDLE, [STATIC_DIR / name for name in BUNDLED])
     vendor = Files(VENDOR_ROUTE)
     problems = []
     tonconnect = node_modules / "@tonconnect" / "ui" / "dist" / TONCONNECT_FILE

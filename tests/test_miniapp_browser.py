@@ -20,6 +20,7 @@ from backend.users import get_or_create_user  # noqa: E402
 from backend.web import create_app  # noqa: E402
 from tests.support.env import TEST_REDIS_URL  # noqa: E402
 from tests.support.miniapp_browser import (  # noqa: E402
+    TELEGRAM_CLIENT,
     InjectedWallet,
     launch_hash,
     open_page,
@@ -238,14 +239,6 @@ async def test_stars_open_telegrams_invoice_and_the_credit_shows(
     await page.wait_for_selector("#stars-status[data-kind='ok']")
     await screenshot(page, "wallet-stars-paid")
     no_console_errors(page)
-
-
-TELEGRAM_CLIENT = """
-window.telegramEvents = [];
-window.TelegramWebviewProxy = {
-  postEvent(name, data) { window.telegramEvents.push([name, data ? JSON.parse(data) : null]); },
-};
-"""
 
 
 async def test_a_declined_transfer_is_not_pending(stack: Stack, context: Any) -> None:

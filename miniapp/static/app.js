@@ -300,7 +300,12 @@
     const v = views[name];
     if (!v.started) {
       v.started = true;
-      Promise.resolve(v.start()).catch((error) => toast(error.message));
+      Promise.resolve(v.start())
+        .then(() => {
+          // When the first view shows its data (the loading budget is measured to here).
+          if (!performance.getEntriesByName("cocoon:first-data").length) performance.mark("cocoon:first-data");
+        })
+        .catch((error) => error.status !== 401 && toast(error.message));
     } else if (v.show) {
       v.show();
     }

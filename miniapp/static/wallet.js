@@ -278,7 +278,7 @@
     async start() {
       render(await C.me());
       renderPresets();
-      choose("", true);
+      choose($("topup-amount").value, true); // typed before the scripts arrived: kept
       renderQr().catch(() => {});
       if (C.config.tonconnect) setTimeout(() => C.tonConnect().catch(() => {}), 0);
     },

@@ -98,17 +98,30 @@ def launch_hash(
     *,
     language: str = "en",
     platform: str | None = None,
-    theme: str = "ios-light",
+    theme: str | None = "ios-light",
+    auth_date: int | None = None,
 ) -> str:
-    """The fragment Telegram opens a Mini App with: signed initData, version, theme."""
+    """The fragment Telegram opens a Mini App with: signed initData, version, theme (None: no
+    theme, as a plain browser in development mode has)."""
     parts = {
-        "tgWebAppData": init_data(telegram_id, language=language),
+        "tgWebAppData": init_data(telegram_id, language=language, auth_date=auth_date),
         "tgWebAppVersion": "8.0",
-        "tgWebAppThemeParams": json.dumps(THEMES[theme], separators=(",", ":")),
     }
+    if theme is not None:
+        parts["tgWebAppThemeParams"] = json.dumps(THEMES[theme], separators=(",", ":"))
     if platform:
         parts["tgWebAppPlatform"] = platform
     return "#" + "&".join(f"{key}={quote(value, safe='')}" for key, value in parts.items())
+
+
+# Telegram's side of the page, played as its apps do: the page's events land in
+# window.telegramEvents; a test delivers Telegram's with Telegram.WebView.receiveEvent.
+TELEGRAM_CLIENT = """
+window.telegramEvents = [];
+window.TelegramWebviewProxy = {
+  postEvent(name, data) { window.telegramEvents.push([name, data ? JSON.parse(data) : null]); },
+};
+"""
 
 
 def wallets_list(origin: str) -> list[dict[str, Any]]:
