@@ -40,3 +40,15 @@ def default_max_tokens(settings: Settings, price: ModelPrice) -> int:
     without ``max_tokens``): ``COCOON_MAX_TOKENS_DEFAULT``, at most half the model's context,
     so the prompt keeps the other half."""
     return max(1, min(settings.max_tokens_default, price.context_length // 2))
+
+
+def affordable_completion_tokens(price: ModelPrice, available: int, *, prompt_tokens: int) -> int:
+    """The most completion tokens whose worst case (``prompt_tokens`` uncached) ``available``
+    covers: the largest ``c`` with ``worst_case_cost(price, prompt_tokens, c) <= available``
+    (0 when not even the prompt is covered; the context length when tokens are free)."""
+    budget = available * PER - prompt_tokens * price.prompt
+    if budget < 0:
+        return 0
+    if price.completion <= 0:
+        return price.context_length
+    return min(budget // price.completion, price.context_length)

@@ -99,7 +99,7 @@ async def running_bot(
             settings, db=db, ledger=ledger, turns=turns, tonconnect=tonconnect, metrics=metrics
         ) as services:
             bot.session.middleware(ButtonOwners(services.redis))
-            outbox = Outbox(bot, services.db, services.ledger, services.redis)
+            outbox = Outbox(bot, services.db, services.ledger, services.redis, services.contexts)
             dp = build_dispatcher(settings, services, outbox)
             in_flight = InFlight()
             dp.update.outer_middleware(in_flight)

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from aiogram import Router
+from aiogram.types import InlineKeyboardButton
 
 from backend.models import User
 from backend.money import format_gram
@@ -95,3 +96,11 @@ STATE_NAMES = {
 def state_name(state: str) -> str:
     """A payout's or worker's state, in the current language."""
     return _(STATE_NAMES[state]) if state in STATE_NAMES else state
+
+
+AGAIN = "again"
+"""Callback data: ask the question a refusal for balance kept (bot/handlers/chat.py)."""
+
+
+def again_button() -> InlineKeyboardButton:
+    return InlineKeyboardButton(text=_("Ask my question again"), callback_data=AGAIN)

@@ -51,6 +51,7 @@ class Conversation:
     messages: list[dict[str, str]] = field(default_factory=list)
     last: LastTurn | None = None
     conversation_id: str = ""
+    pending: str = ""  # a question refused for balance, offered again after a top-up
 
     def chat_messages(self) -> list[ChatMessage]:
         return [
@@ -132,6 +133,7 @@ class ContextStore:
             if last
             else None,
             conversation_id=str(data.get("conversation_id") or ""),
+            pending=str(data.get("pending") or ""),
         )
 
     async def load(self, chat_id: int | str) -> Conversation:

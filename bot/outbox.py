@@ -16,13 +16,15 @@ import logging
 import aiohttp
 from aiogram import Bot
 from aiogram.exceptions import TelegramAPIError, TelegramBadRequest, TelegramForbiddenError
+from aiogram.types import InlineKeyboardMarkup
 from redis.asyncio import Redis as AsyncRedis
 
 from backend import accounts, notifications
 from backend.db import Database
 from backend.ledger import Ledger
 from backend.models import Notification, User
-from bot.common import ton
+from bot.common import again_button, ton
+from bot.context import ContextStore
 from bot.i18n import _, use_language
 from workers.redis_keys import redis_key
 
@@ -87,11 +89,19 @@ def render(notification: Notification, balance: int | None) -> str:
 
 
 class Outbox:
-    def __init__(self, bot: Bot, db: Database, ledger: Ledger, redis: AsyncRedis) -> None:
+    def __init__(
+        self,
+        bot: Bot,
+        db: Database,
+        ledger: Ledger,
+        redis: AsyncRedis,
+        contexts: ContextStore | None = None,
+    ) -> None:
         self.bot = bot
         self.db = db
         self.ledger = ledger
         self.redis = redis
+        self.contexts = contexts  # to offer a question refused for balance again
         self._lock = asyncio.Lock()
 
     async def drain_once(self) -> int:
@@ -107,6 +117,17 @@ class Outbox:
         row = await notifications.find(self.db, key)
         return row is not None and row.delivered_at is None and await self._deliver(row)
 
+    async def _again(self, notification: Notification, user: User) -> InlineKeyboardMarkup | None:
+        """Under money that arrived: the question a refusal kept, to ask again."""
+        if self.contexts is None or notification.kind not in (
+            notifications.NOTIFY_DEPOSIT,
+            notifications.NOTIFY_STARS,
+        ):
+            return None
+        if not (await self.contexts.load(user.telegram_id)).pending:
+            return None
+        return InlineKeyboardMarkup(inline_keyboard=[[again_button()]])
+
     async def _deliver(self, notification: Notification) -> bool:
         if not await notifications.mark_delivered(self.db, notification.id):
             return False  # another replica told it
@@ -121,7 +142,10 @@ class Outbox:
             text = render(notification, balance)
         try:
             if not await self._edit_payout_status(notification, text):
-                await self.bot.send_message(user.telegram_id, text, parse_mode=None)
+                markup = await self._again(notification, user)
+                await self.bot.send_message(
+                    user.telegram_id, text, parse_mode=None, reply_markup=markup
+                )
         except (TelegramForbiddenError, TelegramBadRequest) as error:
             # Blocked, or the chat is gone: telling again would not help.
             log.info("notification %s not told: %s", notification.id, error.message)

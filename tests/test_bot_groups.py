@@ -165,3 +165,11 @@ async def _user(bot: Harness, telegram_id: int = ALICE) -> Any:
     from backend.users import get_or_create_user
 
     return await get_or_create_user(bot.db, telegram_id)
+
+
+async def test_an_unknown_or_stale_button_is_answered(bot: Harness) -> None:
+    for data in ("nosuch", "model:ffffffffffffffff", "x" * 64, "lang:xx"):
+        bot.tg.clear()
+        await bot.press(data)
+        (answer,) = bot.tg.calls("answerCallbackQuery")  # never a spinner left turning
+        assert answer.text

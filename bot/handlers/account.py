@@ -14,17 +14,24 @@ from backend.db import Database
 from backend.i18n import LANGUAGE_NAMES, LANGUAGES
 from backend.ledger import Ledger
 from backend.models import User
+from backend.pricing import turn_cost
 from backend.settings import Settings
 from bot.commands import help_text
 from bot.common import Handlers, model_by_token, model_token, price_pair, ton, user_model
 from bot.context import ContextStore
 from bot.groups import Place
+from bot.handlers.wallet import topup_keyboard
 from bot.i18n import _, ngettext, use_language
+from bot.tonconnect import ChatWallets
 from workers import registry
 
 handlers = Handlers("account")
 
 MRTD_PREFIX = 16
+
+
+SHORT_PROMPT_TOKENS = 100
+SHORT_ANSWER_TOKENS = 300
 
 
 @handlers.message(CommandStart(deep_link=True))
@@ -34,11 +41,23 @@ async def cmd_start(
     command: CommandObject,
     user: User,
     db: Database,
+    ledger: Ledger,
     settings: Settings,
+    wallets: ChatWallets,
 ) -> None:
+    """Hello, how it works, the balance and what a first answer costs; a top-up button when
+    the balance does not cover one."""
     if command.args:
         await accounts.set_referrer(db, user.id, command.args.strip())
     name = message.from_user.first_name if message.from_user else ""
+    model = user_model(settings, user)
+    balances = await ledger.balances(user.id)
+    short = turn_cost(
+        settings.models[model],
+        prompt_tokens=SHORT_PROMPT_TOKENS,
+        cached_prompt_tokens=0,
+        completion_tokens=SHORT_ANSWER_TOKENS,
+    )
     text = "\n\n".join(
         [
             _("Hello, {name}! I am Cocoon: private AI chat, paid in Gram (GRAM) on TON.").format(
@@ -50,11 +69,18 @@ async def cmd_start(
                 "operator, not the GPU's owner. You pay per token from your balance."
             ),
             _("Just write your question. Your model: {model}. /help lists the commands.").format(
-                model=user_model(settings, user)
+                model=model
             ),
+            _(
+                "Your balance: {balance}. A short answer (about 200 words) costs about {cost}."
+            ).format(balance=ton(balances.available), cost=ton(short)),
         ]
     )
-    await message.answer(text, parse_mode=None)
+    keyboard = None
+    if balances.available < short:
+        text += "\n\n" + _("Top up to get your first answer: /topup, or the button below.")
+        keyboard = topup_keyboard(settings, True, ton_connect=wallets.available(topup=True))
+    await message.answer(text, parse_mode=None, reply_markup=keyboard)
 
 
 @handlers.message(Command("help"))

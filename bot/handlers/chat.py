@@ -12,21 +12,28 @@ import uuid
 from aiogram import Bot, F
 from aiogram.enums import ChatType
 from aiogram.filters import Command, CommandObject
-from aiogram.types import CallbackQuery, Message, MessageGenerationStopped
+from aiogram.types import (
+    CallbackQuery,
+    InlineKeyboardButton,
+    InlineKeyboardMarkup,
+    Message,
+    MessageGenerationStopped,
+)
 from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import RedisError
 
 from backend.dispatch import Dispatcher as TurnDispatcher
-from backend.dispatch import Turn, TurnDone, TurnError, TurnRequest, TurnText
+from backend.dispatch import Turn, TurnDone, TurnError, TurnRequest, TurnText, prompt_token_bound
+from backend.errors import ErrorCode
 from backend.models import User
-from backend.pricing import default_max_tokens
+from backend.pricing import affordable_completion_tokens, default_max_tokens
 from backend.ratelimit import RateLimiter
 from backend.settings import Settings
-from bot.common import Handlers, ton, user_model
+from bot.common import AGAIN, Handlers, again_button, ton, user_model
 from bot.context import ContextStore, Conversation, LastTurn, trim
 from bot.errors import error_text
 from bot.groups import Place, group_is_on, group_prompt
-from bot.i18n import _
+from bot.i18n import _, ngettext
 from bot.services import RunningTurns
 from bot.streaming import STOP, ReplyStream
 from workers.logcontext import bind
@@ -34,6 +41,9 @@ from workers.logcontext import bind
 log = logging.getLogger("cocoon.bot.chat")
 
 handlers = Handlers("chat")
+
+MIN_REPLY_TOKENS = 32
+"""A balance that covers fewer tokens than this gets a refusal, not a stub of an answer."""
 
 
 def footer(done: TurnDone) -> str:
@@ -76,6 +86,18 @@ async def answer(
         budget_tokens=price.context_length - max_tokens,
         max_messages=settings.context_max_messages,
     )
+    # A balance that covers a shorter answer gets one (with a note), not a refusal.
+    note = ""
+    affordable = affordable_completion_tokens(
+        price,
+        (await turns.ledger.balances(user.id)).available,
+        prompt_tokens=prompt_token_bound(Conversation(messages=history).chat_messages()),
+    )
+    if MIN_REPLY_TOKENS <= affordable < max_tokens:
+        max_tokens = affordable
+        note = _("a shorter answer: your balance covers {tokens}; /topup").format(
+            tokens=ngettext("{n} token", "{n} tokens", affordable).format(n=affordable)
+        )
     if not conversation.conversation_id:
         conversation.conversation_id = uuid.uuid4().hex
     draft_id = secrets.randbelow(2**31 - 1) + 1
@@ -98,8 +120,18 @@ async def answer(
         try:
             turn = await turns.start_turn(request)
         except TurnError as error:
+            keyboard = None
+            if error.code == ErrorCode.INSUFFICIENT_BALANCE and place.private:
+                # Kept (sealed with the context) and offered again once there is money.
+                conversation.messages, conversation.pending = history[:-1], prompt
+                await contexts.save(scope, conversation)
+                keyboard = refused_keyboard()
             await bot.send_message(
-                place.chat_id, error_text(error, model=model), parse_mode=None, **options
+                place.chat_id,
+                error_text(error, model=model),
+                parse_mode=None,
+                reply_markup=keyboard,
+                **options,
             )
             return
         bind(turn_id=turn.turn_id)
@@ -132,7 +164,8 @@ async def answer(
             return
         assert done is not None
         reply = text.strip()
-        await stream.finish(reply or _("(no answer)"), footer(done))
+        shown_footer = footer(done) + (" · " + note if note else "")
+        await stream.finish(reply or _("(no answer)"), shown_footer)
         if reply:
             conversation.messages = [*history, {"role": "assistant", "content": reply}]
         conversation.last = LastTurn(turn_id=done.turn_id, model=done.model, worker=done.worker)
@@ -249,6 +282,52 @@ async def on_stop_button(query: CallbackQuery, running: RunningTurns) -> None:
         scope = message.chat.id if message is not None else query.from_user.id
     stopped = await running.stop(scope, by=query.from_user.id)
     await query.answer(_("Stopping…") if stopped else _("Nothing is running."))
+
+
+def refused_keyboard() -> InlineKeyboardMarkup:
+    """Under a refusal for balance: top up, then ask the kept question again."""
+    return InlineKeyboardMarkup(
+        inline_keyboard=[
+            [InlineKeyboardButton(text=_("Top up"), callback_data="topup:open")],
+            [again_button()],
+        ]
+    )
+
+
+@handlers.callback_query(F.data == AGAIN)
+async def on_ask_again(
+    query: CallbackQuery,
+    bot: Bot,
+    user: User,
+    settings: Settings,
+    turns: TurnDispatcher,
+    contexts: ContextStore,
+    running: RunningTurns,
+    limiter: RateLimiter,
+) -> None:
+    """The question a refusal kept, asked again (in the private chat it was asked in)."""
+    message = query.message
+    if not isinstance(message, Message) or message.chat.type != ChatType.PRIVATE:
+        await query.answer(_("This button is not valid any more."), show_alert=True)
+        return
+    scope = Place.of(message, user.telegram_id).scope
+    conversation = await contexts.load(scope)
+    prompt, conversation.pending = conversation.pending, ""
+    if not prompt:
+        await query.answer(_("There is no question waiting: just write to me."), show_alert=True)
+        return
+    await query.answer()
+    await contexts.save(scope, conversation)  # asked once; a new refusal keeps it again
+    await _reply(
+        message, bot, user, prompt, conversation, settings, turns, contexts, running, limiter
+    )
+
+
+@handlers.callback_query()
+async def stale_button(query: CallbackQuery) -> None:
+    """A button no handler knows (an old message's, a forged one): answered, so the user's
+    app stops its spinner."""
+    await query.answer(_("This button is not valid any more."), show_alert=True)
 
 
 @handlers.stopped_message_generation()

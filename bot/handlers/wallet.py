@@ -3,11 +3,13 @@ Telegram Stars (invoice in XTR, pre-checkout answered at once, each payment cred
 
 from __future__ import annotations
 
+import html
 import logging
+from urllib.parse import urlencode
 
 from aiogram import Bot, F
-from aiogram.enums import ChatType
-from aiogram.filters import Command
+from aiogram.enums import ChatType, ParseMode
+from aiogram.filters import Command, CommandObject
 from aiogram.types import (
     CallbackQuery,
     InlineKeyboardButton,
@@ -19,11 +21,14 @@ from aiogram.types import (
 )
 
 from backend import accounts
+from backend.errors import ErrorCode
 from backend.ledger import Ledger
 from backend.models import User
+from backend.money import AmountError, decimal_comma, parse_amount
 from backend.settings import Settings
 from backend.ton.comment import AddressError, friendly_address
 from bot.common import Handlers, ton
+from bot.errors import code_text
 from bot.i18n import _
 from bot.outbox import Outbox
 from bot.tonconnect import ChatWallets, WalletError
@@ -34,6 +39,7 @@ log = logging.getLogger("cocoon.bot.wallet")
 handlers = Handlers("wallet")
 
 STAR_AMOUNTS = (50, 100, 250, 1000)
+MAX_TOPUP = 10**6 * 1_000_000_000
 MAX_STARS = accounts.MAX_STARS
 CURRENCY = "XTR"
 
@@ -57,46 +63,105 @@ def deposit_address(settings: Settings) -> str | None:
 
 
 def topup_keyboard(
-    settings: Settings, private: bool, ton_connect: bool = False
+    settings: Settings, private: bool, ton_connect: bool = False, amount: int | None = None
 ) -> InlineKeyboardMarkup:
     rows = []
     url = miniapp_url(settings)
     if url and private:
         rows.append([InlineKeyboardButton(text=_("Open the wallet"), web_app=WebAppInfo(url=url))])
     if deposit_address(settings) and private and ton_connect:
-        rows.append(
-            [InlineKeyboardButton(text=_("Pay from a TON wallet"), callback_data="topup:ton")]
-        )
+        data = "topup:ton" if amount is None else f"tonamt:{amount}"
+        rows.append([InlineKeyboardButton(text=_("Pay from a TON wallet"), callback_data=data)])
     rows.append(
         [InlineKeyboardButton(text=_("Pay with Telegram Stars"), callback_data="topup:stars")]
     )
     return InlineKeyboardMarkup(inline_keyboard=rows)
 
 
-@handlers.message(Command("topup"))
-async def cmd_topup(message: Message, user: User, settings: Settings, wallets: ChatWallets) -> None:
-    lines = [_("Add funds to your balance:")]
+def transfer_link(address: str, memo: str, amount: int | None) -> str:
+    """The ``ton://transfer`` link any TON wallet opens with the address, amount and comment."""
+    query = {"text": memo} if amount is None else {"amount": str(amount), "text": memo}
+    return f"ton://transfer/{address}?{urlencode(query)}"
+
+
+def topup_text(settings: Settings, user: User, amount: int | None) -> str:
+    """/topup's words (HTML): the address and memo to copy, the transfer link, Stars."""
+    lines = [html.escape(_("Add funds to your balance:"))]
     address = deposit_address(settings)
     if address:
+        code = "<code>{}</code>"
         lines.append(
-            _(
-                "Send GRAM to {address} with this comment (memo): {memo}. It is credited once "
-                "the transfer is on chain."
-            ).format(address=address, memo=user.deposit_memo)
+            html.escape(
+                _(
+                    "Send GRAM to {address} with this comment (memo): {memo}. It is credited "
+                    "once the transfer is on chain."
+                )
+            ).format(
+                address=code.format(html.escape(address)),
+                memo=code.format(html.escape(user.deposit_memo)),
+            )
+        )
+        if amount is not None:
+            lines.append(html.escape(_("Amount: {amount}").format(amount=ton(amount))))
+        lines.append(
+            html.escape(_("Or open this link in a TON wallet app: {link}")).format(
+                link=code.format(html.escape(transfer_link(address, user.deposit_memo, amount)))
+            )
         )
     lines.append(
-        _("Or pay with Telegram Stars: 1 Star = {rate}.").format(
-            rate=ton(settings.stars_nano_per_star)
+        html.escape(
+            _("Or pay with Telegram Stars: 1 Star = {rate}.").format(
+                rate=ton(settings.stars_nano_per_star)
+            )
         )
     )
+    return "\n\n".join(lines)
+
+
+@handlers.message(Command("topup"))
+async def cmd_topup(
+    message: Message,
+    command: CommandObject,
+    user: User,
+    settings: Settings,
+    wallets: ChatWallets,
+    lang: str,
+) -> None:
+    """``/topup [AMOUNT]``: how to add funds (with AMOUNT, the link and TON Connect ask it)."""
+    amount = None
+    if command.args:
+        try:
+            amount = parse_amount(command.args, comma=decimal_comma(lang))
+        except AmountError:
+            await message.answer(code_text(ErrorCode.INVALID_AMOUNT))
+            return
+        if amount > MAX_TOPUP:
+            await message.answer(_("This amount is not available."))
+            return
     await message.answer(
-        "\n\n".join(lines),
+        topup_text(settings, user, amount),
+        parse_mode=ParseMode.HTML,
         reply_markup=topup_keyboard(
             settings,
             message.chat.type == ChatType.PRIVATE,
             ton_connect=wallets.available(topup=True),
+            amount=amount,
         ),
     )
+
+
+@handlers.callback_query(F.data == "topup:open")
+async def on_topup_open(
+    query: CallbackQuery, user: User, settings: Settings, wallets: ChatWallets
+) -> None:
+    """/topup from a button (under a refusal for balance, under /start)."""
+    await query.answer()
+    if query.message is not None:
+        await query.message.answer(
+            topup_text(settings, user, None),
+            parse_mode=ParseMode.HTML,
+            reply_markup=topup_keyboard(settings, True, ton_connect=wallets.available(topup=True)),
+        )
 
 
 @handlers.callback_query(F.data == "topup:stars")
@@ -187,7 +252,6 @@ async def on_successful_payment(
 # ------------------------------------------------------------- TON Connect from the chat
 
 TON_AMOUNTS = (1, 5, 10)
-MAX_TOPUP = 10**6 * 1_000_000_000
 
 
 async def wallet_keyboard(wallets: ChatWallets, prefix: str) -> InlineKeyboardMarkup | None:

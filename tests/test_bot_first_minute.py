@@ -1,0 +1,97 @@
+"""A newcomer's first minute (Telegram faked at the session layer, the rest real): /start shows
+the balance and a way to top up; /topup gives an address and memo to copy, a ton://transfer
+link and takes an amount; a question refused for balance is kept (sealed) and offered again
+once money arrives; a balance that covers a shorter answer gets one instead of a refusal."""
+
+from __future__ import annotations
+
+import html
+from urllib.parse import parse_qs, urlsplit
+
+from sqlalchemy import select
+
+from backend import notifications
+from backend.models import Hold
+from backend.pricing import worst_case_cost
+from bot.handlers.wallet import deposit_address
+from tests.support.bot import ALICE, TON, Harness
+
+
+def buttons(message: object) -> list[str]:
+    markup = getattr(message, "reply_markup", None)
+    rows = markup.inline_keyboard if markup is not None else []
+    return [str(b.callback_data) for row in rows for b in row if b.callback_data]
+
+
+async def test_start_shows_the_balance_and_a_way_to_top_up(bot: Harness) -> None:
+    await bot.send("/start")
+    hello = bot.last()
+    assert "Your balance: 0 GRAM" in hello.text and "short answer" in hello.text
+    assert {"topup:ton", "topup:stars"} <= set(buttons(hello))
+    await bot.ledger.credit_deposit((await bot.user()).id, TON, "dep:start")
+    await bot.send("/start")
+    assert "Your balance: 1 GRAM" in bot.last().text and bot.last().reply_markup is None
+
+
+async def test_topup_gives_what_to_copy_a_transfer_link_and_takes_an_amount(bot: Harness) -> None:
+    await bot.send("/topup 2.5")
+    shown = bot.last()
+    me = await bot.user()
+    address = deposit_address(bot.settings)
+    assert address and shown.parse_mode == "HTML"
+    assert (
+        f"<code>{address}</code>" in shown.text and f"<code>{me.deposit_memo}</code>" in shown.text
+    )
+    assert "Amount: 2.5 GRAM" in shown.text
+    link = html.unescape(shown.text.split("<code>ton://")[1].split("</code>")[0])
+    parts = urlsplit("ton://" + link)
+    assert parts.netloc == "transfer" and parts.path == "/" + address
+    assert parse_qs(parts.query) == {"amount": ["2500000000"], "text": [me.deposit_memo]}
+    assert "tonamt:2500000000" in buttons(shown)  # TON Connect asks that amount
+    for wrong in ("/topup abc", "/topup -1", "/topup 1e9", "/topup 0.0000000001"):
+        await bot.send(wrong)
+        assert "The amount must be a positive number" in bot.last().text, wrong
+
+
+async def test_a_question_refused_for_balance_is_kept_and_offered_again(bot: Harness) -> None:
+    await bot.send("What is the capital of France?")
+    refusal = bot.last()
+    assert "Not enough balance" in refusal.text
+    assert buttons(refusal) == ["topup:open", "again"]
+    contexts = bot.app.services.contexts
+    raw = await bot.app.services.redis.get(contexts.redis_key(ALICE))
+    assert raw and b"France" not in raw  # kept sealed, never in plaintext
+    assert (await contexts.load(ALICE)).pending == "What is the capital of France?"
+    await bot.press("again")  # still no money: nothing to do but say so again
+    assert "Not enough balance" in bot.last().text
+
+    await bot.press("topup:open")
+    assert "<code>" in bot.last().text  # the top-up page
+
+    user = await bot.user()
+    await bot.ledger.credit_deposit(user.id, TON, "dep:again")
+    await notifications.notify(
+        bot.db, user.id, notifications.NOTIFY_DEPOSIT, "deposit:9", amount=TON
+    )
+    assert await bot.app.outbox.drain_once() == 1
+    assert buttons(bot.last()) == ["again"]  # the deposit notice offers the question again
+    bot.tg.clear()
+    await bot.press("again")
+    assert (await contexts.load(ALICE)).pending == ""
+    assert "Not enough balance" not in bot.tg.all_text()
+    async with bot.db.session() as session:
+        holds = list(await session.scalars(select(Hold).where(Hold.user_id == user.id)))
+    assert holds  # the question was asked (and its hold released: no worker here)
+
+
+async def test_a_balance_that_covers_a_shorter_answer_gets_one(bot: Harness) -> None:
+    await bot.send("/start")
+    me = await bot.user()
+    price = bot.settings.models[bot.settings.default_model()]
+    affordable = worst_case_cost(price, prompt_tokens=200, max_tokens=100)
+    await bot.ledger.credit_deposit(me.id, affordable, "dep:short")
+    await bot.send("Hi")
+    assert "Not enough balance" not in bot.tg.all_text()
+    async with bot.db.session() as session:
+        (hold,) = list(await session.scalars(select(Hold).where(Hold.user_id == me.id)))
+    assert 0 < hold.amount <= affordable  # held what the balance covers, not 512 tokens
