@@ -164,6 +164,7 @@ class History(BaseModel):
     page: int
     per_page: int
     has_more: bool
+    next_cursor: str | None = None  # ?cursor= for the next page: new items never repeat a row
 
 
 # ------------------------------------------------------------------------ provider

@@ -344,7 +344,8 @@ async def get_history(request: web.Request, caller: Caller) -> web.Response:
         page = int(request.query.get("page", "1"))
     except ValueError:
         raise MiniAppError(ErrorCode.INVALID_PAGE) from None
-    return _json(await request.app[MINIAPP].history(caller, kind, page))
+    cursor = request.query.get("cursor")
+    return _json(await request.app[MINIAPP].history(caller, kind, page, cursor))
 
 
 @api

@@ -282,13 +282,16 @@ class MiniApp:
 
     # ----------------------------------------------------------------- history
 
-    async def history(self, caller: Caller, kind: str | None, page: int) -> p.History:
-        result = await accounts.history(  # AccountError invalid_page for a bad kind or page
+    async def history(
+        self, caller: Caller, kind: str | None, page: int, cursor: str | None = None
+    ) -> p.History:
+        result = await accounts.history(  # AccountError invalid_page: bad kind, page or cursor
             self.db,
             caller.user.id,
             kind=kind,
             page=page,
             per_page=20,
+            cursor=cursor,
         )
         return p.History(
             items=[
@@ -306,6 +309,7 @@ class MiniApp:
             page=result.page,
             per_page=result.per_page,
             has_more=result.has_more,
+            next_cursor=result.next_cursor,
         )
 
     def _deposit_address(self) -> str | None:

@@ -390,6 +390,28 @@ async def test_history_pages_deposits_and_turns(client: TestClient, redis_url: s
     assert (await error_of(response, 400))["code"] == "invalid_page"
 
 
+async def test_history_pages_by_cursor_never_repeat_a_row(client: TestClient) -> None:
+    """Paging by offset repeats rows when new ones arrive between pages; by cursor it cannot."""
+    ledger: Ledger = client.app[appkeys.LEDGER]
+    user = await get_or_create_user(client.app[appkeys.DATABASE], 7301)
+    for n in range(25):
+        await ledger.credit_deposit(user.id, TON + n, f"dep:cursor:{n}")
+    headers = auth(init_data(7301))
+    first = await (await client.get("/app/api/history", headers=headers)).json()
+    assert len(first["items"]) == 20 and first["has_more"] and first["next_cursor"]
+    for n in range(3):  # top-ups land while the user reads the first page
+        await ledger.credit_deposit(user.id, 5 * TON + n, f"dep:cursor:new:{n}")
+    query = f"/app/api/history?cursor={first['next_cursor']}"
+    second = await (await client.get(query, headers=headers)).json()
+    amounts = [int(i["amount"]) for i in first["items"] + second["items"]]
+    assert sorted(amounts) == [TON + n for n in range(25)]  # each row once, none skipped
+    assert not second["has_more"] and second["next_cursor"] is None
+    for bad in ("garbage", "x" * 200, "MjAyNnww"):
+        response = await client.get(f"/app/api/history?cursor={bad}", headers=headers)
+        error = await error_of(response, 400)
+        assert error["code"] == "invalid_page" and "cursor" not in error["message"]
+
+
 async def test_the_provider_dashboard_and_withdrawals(client: TestClient, redis_url: str) -> None:
     response = await client.get("/app/api/provider", headers=auth(init_data(ALICE)))
     assert (await error_of(response, 403))["code"] == "not_provider"

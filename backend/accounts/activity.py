@@ -1,13 +1,16 @@
 """A user's usage (settled turns and their totals) and history (deposits, turns and payouts,
-one page at a time, newest first)."""
+one page at a time, newest first: by page number, or after a cursor, which new items never
+shift)."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, and_, func, or_, select, true
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.accounts.errors import AccountError
@@ -108,6 +111,11 @@ class HistoryItem:
     at: dt.datetime
     amount: int
     details: dict[str, Any] = field(default_factory=dict)
+    key: int = 0  # its row's id: with ``at`` and ``kind``, its place in the history
+
+    @property
+    def order(self) -> tuple[dt.datetime, int, int]:
+        return self.at, HISTORY_KINDS.index(self.kind), self.key
 
 
 @dataclass(frozen=True)
@@ -116,6 +124,45 @@ class HistoryPage:
     page: int
     per_page: int
     has_more: bool
+    next_cursor: str | None = None  # where the page after this one starts
+
+
+Cursor = tuple[dt.datetime, int, int]  # (at, kind's index, key) of the last item seen
+
+
+def _cursor_text(item: HistoryItem) -> str:
+    at, kind, key = item.order
+    raw = f"{at.astimezone(dt.UTC).isoformat()}|{kind}|{key}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def parse_cursor(text: str) -> Cursor:
+    """A cursor from a request, or AccountError invalid_page (never an exception's text)."""
+    try:
+        if len(text) > 100:
+            raise ValueError("too long")
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)).decode("ascii")
+        at_text, kind_text, key_text = raw.split("|")
+        at = dt.datetime.fromisoformat(at_text)
+        kind, key = int(kind_text), int(key_text)
+        if at.tzinfo is None or not 0 <= kind < len(HISTORY_KINDS) or not 0 <= key < 2**63:
+            raise ValueError("out of range")
+    except (ValueError, UnicodeDecodeError, binascii.Error):
+        raise AccountError(ErrorCode.INVALID_PAGE, "not a history cursor") from None
+    return at, kind, key
+
+
+def _before(cursor: Cursor | None, kind: HistoryKind, at: Any, key: Any) -> ColumnElement[bool]:
+    """Rows of ``kind`` that come after ``cursor`` in the history (older, newest first)."""
+    if cursor is None:
+        return true()
+    c_at, c_kind, c_key = cursor
+    index = HISTORY_KINDS.index(kind)
+    if index < c_kind:
+        return at <= c_at  # type: ignore[no-any-return]
+    if index > c_kind:
+        return at < c_at  # type: ignore[no-any-return]
+    return or_(at < c_at, and_(at == c_at, key < c_key))
 
 
 _DEPOSIT_SOURCES = {
@@ -125,7 +172,9 @@ _DEPOSIT_SOURCES = {
 }
 
 
-async def _deposits(session: AsyncSession, user_id: int, limit: int) -> list[HistoryItem]:
+async def _deposits(
+    session: AsyncSession, user_id: int, limit: int, after: Cursor | None
+) -> list[HistoryItem]:
     user_account = await session.scalar(
         select(Account.id).where(Account.kind == AccountKind.USER, Account.owner_id == user_id)
     )
@@ -136,6 +185,7 @@ async def _deposits(session: AsyncSession, user_id: int, limit: int) -> list[His
             select(Transaction)
             .join(Entry, Entry.transaction_id == Transaction.id)
             .where(Transaction.kind == "deposit", Entry.account_id == user_account)
+            .where(_before(after, "deposit", Transaction.created_at, Transaction.id))
             .order_by(Transaction.created_at.desc(), Transaction.id.desc())
             .limit(limit)
         )
@@ -151,14 +201,19 @@ async def _deposits(session: AsyncSession, user_id: int, limit: int) -> list[His
         source = next(
             (_DEPOSIT_SOURCES[kinds[e.account_id]] for e in tx.entries if e.amount < 0), "ton"
         )
-        items.append(HistoryItem("deposit", tx.created_at, amount, {"source": source, "id": tx.id}))
+        items.append(
+            HistoryItem("deposit", tx.created_at, amount, {"source": source, "id": tx.id}, tx.id)
+        )
     return items
 
 
-async def _turns(session: AsyncSession, user_id: int, limit: int) -> list[HistoryItem]:
+async def _turns(
+    session: AsyncSession, user_id: int, limit: int, after: Cursor | None
+) -> list[HistoryItem]:
     rows = await session.scalars(
         select(TurnRecord)
         .where(TurnRecord.user_id == user_id)
+        .where(_before(after, "turn", TurnRecord.created_at, TurnRecord.id))
         .order_by(TurnRecord.created_at.desc(), TurnRecord.id.desc())
         .limit(limit)
     )
@@ -173,15 +228,19 @@ async def _turns(session: AsyncSession, user_id: int, limit: int) -> list[Histor
                 "completion_tokens": row.completion_tokens,
                 "finish_reason": row.finish_reason,
             },
+            row.id,
         )
         for row in rows
     ]
 
 
-async def _payouts(session: AsyncSession, user_id: int, limit: int) -> list[HistoryItem]:
+async def _payouts(
+    session: AsyncSession, user_id: int, limit: int, after: Cursor | None
+) -> list[HistoryItem]:
     rows = await session.scalars(
         select(Payout)
         .where(Payout.provider_id == user_id)
+        .where(_before(after, "payout", Payout.created_at, Payout.id))
         .order_by(Payout.created_at.desc(), Payout.id.desc())
         .limit(limit)
     )
@@ -191,6 +250,7 @@ async def _payouts(session: AsyncSession, user_id: int, limit: int) -> list[Hist
             row.created_at,
             -row.amount,
             {"id": row.id, "state": row.state, "destination": row.destination},
+            row.id,
         )
         for row in rows
     ]
@@ -203,15 +263,21 @@ async def history(
     kind: str | None = None,
     page: int = 1,
     per_page: int = 20,
+    cursor: str | None = None,
 ) -> HistoryPage:
-    """Deposits, turns and payouts, newest first, one page at a time (pages count from 1).
-    ``kind`` (one of :data:`HISTORY_KINDS`, or None for all) may come from a request as is."""
+    """Deposits, turns and payouts, newest first, one page at a time: page ``page`` (from 1),
+    or the page after ``cursor`` (a page's ``next_cursor``: items that arrive meanwhile never
+    repeat a row). ``kind`` (one of :data:`HISTORY_KINDS`, or None for all) and ``cursor`` may
+    come from a request as is."""
     if kind is not None and kind not in HISTORY_KINDS:
         raise AccountError(ErrorCode.INVALID_PAGE, f"history kind must be one of {HISTORY_KINDS}")
     if isinstance(page, bool) or not isinstance(page, int) or page < 1 or page > 10_000:
         raise AccountError(ErrorCode.INVALID_PAGE, "page must be a whole number from 1 to 10000")
     if not 1 <= per_page <= MAX_PAGE_SIZE:
         raise AccountError(ErrorCode.INVALID_PAGE, f"per_page must be 1..{MAX_PAGE_SIZE}")
+    after = parse_cursor(cursor) if cursor is not None else None
+    if after is not None:
+        page = 1
     # Enough of each kind to fill pages 1..page, plus one to know whether more follow.
     need = page * per_page + 1
     kinds = tuple(k for k in HISTORY_KINDS if k == kind) if kind else HISTORY_KINDS
@@ -219,12 +285,15 @@ async def history(
     items: list[HistoryItem] = []
     async with db.session() as session:
         for name in kinds:
-            items.extend(await fetch[name](session, user_id, need))
-    items.sort(key=lambda item: item.at, reverse=True)
+            items.extend(await fetch[name](session, user_id, need, after))
+    items.sort(key=lambda item: item.order, reverse=True)
     start = (page - 1) * per_page
+    shown = items[start : start + per_page]
+    more = len(items) > start + per_page
     return HistoryPage(
-        items=items[start : start + per_page],
+        items=shown,
         page=page,
         per_page=per_page,
-        has_more=len(items) > start + per_page,
+        has_more=more,
+        next_cursor=_cursor_text(shown[-1]) if more and shown else None,
     )
