@@ -99,6 +99,12 @@ class Stack:
             rows = await session.scalars(select(WorkerFlag))
             return {(r.worker_id, r.kind, r.claimed, r.bound) for r in rows}
 
+    async def provider_and_user(self, telegram_id: int) -> tuple[int, int]:
+        """A provider (nothing on its balance), Telegram id ``telegram_id``, and a user funded
+        with ``TON``, the next id."""
+        provider = await funded_user(self.ledger, telegram_id, amount=0)
+        return provider, await funded_user(self.ledger, telegram_id + 1)
+
     async def notifications(self, user_id: int) -> list[Notification]:
         async with self.ledger.db.session() as session:
             query = select(Notification).where(Notification.user_id == user_id)
@@ -272,8 +278,7 @@ async def test_an_inflated_final_record_is_billed_at_the_bound_and_the_worker_fl
     stack: Stack, rogues: Callable[..., RogueWorker]
 ) -> None:
     ledger = stack.ledger
-    provider = await funded_user(ledger, 800, amount=0)
-    user = await funded_user(ledger, 801)
+    provider, user = await stack.provider_and_user(800)
     rogue = rogues(provider_id=provider)
     request = ask(user, "Say hi", max_tokens=512)
 
@@ -332,8 +337,7 @@ async def test_usage_signed_by_another_key_is_refused_and_nothing_is_charged(
     every reply shown as settled carries verified usage): usage signed by any other key ends
     the turn with ``worker_error``, and the whole hold goes back."""
     ledger = stack.ledger
-    provider = await funded_user(ledger, 805, amount=0)
-    user = await funded_user(ledger, 806)
+    provider, user = await stack.provider_and_user(805)
     rogue = rogues(provider_id=provider)
     turn = await stack.dispatcher.start_turn(ask(user, "Say hi", max_tokens=16))
     job = await rogue.take()
@@ -385,8 +389,7 @@ async def test_a_flood_to_max_tokens_1_is_cut_off_at_its_bound_without_reading_i
 ) -> None:
     how, violation, delivered = FLOODS[name]
     ledger = stack.ledger
-    provider = await funded_user(ledger, 810, amount=0)
-    user = await funded_user(ledger, 811)
+    provider, user = await stack.provider_and_user(810)
     rogue = rogues(provider_id=provider)
     turn = await stack.dispatcher.start_turn(ask(user, "One word please", max_tokens=1))
     job = await rogue.take()
@@ -508,8 +511,7 @@ async def test_an_honest_instant_worker_is_billed_exactly_its_usage(
     stack: Stack, nodes: list[InstantNode | Node], redis_url: str
 ) -> None:
     ledger = stack.ledger
-    provider = await funded_user(ledger, 840, amount=0)
-    user = await funded_user(ledger, 841)
+    provider, user = await stack.provider_and_user(840)
     nodes.append(InstantNode(redis_url, provider_id=provider))
 
     turn = await stack.dispatcher.start_turn(ask(user, "one two three four five", max_tokens=3))

@@ -39,6 +39,19 @@ async def collect(client: redis.asyncio.Redis, job_id: str, **timeouts: float) -
     return [entry async for entry in read_stream(client, job_id, **options)]
 
 
+def write_later(
+    client: redis.asyncio.Redis, job_id: str, entries: list[bytes], every_s: float
+) -> asyncio.Task[None]:
+    """Write ``entries`` to the job's stream, one every ``every_s`` seconds; the last ends it."""
+
+    async def writer() -> None:
+        for n, entry in enumerate(entries, 1):
+            await asyncio.sleep(every_s)
+            await append(client, job_id, entry, last=n == len(entries))
+
+    return asyncio.create_task(writer())
+
+
 async def test_entries_come_back_in_order_and_the_last_one_ends_the_read(aredis):
     blobs = [os.urandom(40) + b"\x00\xff" for _ in range(5)]
     for blob in blobs[:-1]:
@@ -50,12 +63,7 @@ async def test_entries_come_back_in_order_and_the_last_one_ends_the_read(aredis)
 
 
 async def test_a_reader_waiting_first_gets_entries_as_they_are_written(aredis):
-    async def writer() -> None:
-        for i in range(3):
-            await asyncio.sleep(0.05)
-            await append(aredis, "job-2", b"chunk %d" % i, last=i == 2)
-
-    task = asyncio.create_task(writer())
+    task = write_later(aredis, "job-2", [b"chunk 0", b"chunk 1", b"chunk 2"], 0.05)
     got = await collect(aredis, "job-2")
     await task
     assert got == [b"chunk 0", b"chunk 1", b"chunk 2"]
@@ -89,12 +97,7 @@ async def test_a_stall_after_some_entries_is_an_idle_timeout(aredis):
 
 
 async def test_the_idle_timer_restarts_with_each_entry(aredis):
-    async def slow_writer() -> None:
-        for i in range(4):
-            await asyncio.sleep(0.2)
-            await append(aredis, "job-slow", b"%d" % i, last=i == 3)
-
-    task = asyncio.create_task(slow_writer())
+    task = write_later(aredis, "job-slow", [b"0", b"1", b"2", b"3"], 0.2)
     # 0.8 s in all, more than the idle timeout, but never 0.5 s between two entries.
     got = await collect(aredis, "job-slow", first_timeout_s=1.0, idle_timeout_s=0.5)
     await task

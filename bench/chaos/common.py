@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 
 from backend.db import Database
 from backend.dispatch import Dispatcher, TurnDone, TurnError, TurnRequest
-from backend.invariants import InvariantReport
+from backend.invariants import InvariantReport, check_invariants
 from backend.ledger import Ledger
 from backend.settings import DEFAULT_MODEL, Settings
 from tests.support.ops import InstantNode, dev_settings
@@ -53,6 +53,14 @@ class Figures:
     @property
     def violations(self) -> int:
         return len(self.report.violations)
+
+    async def check(self, db: Database, started: float) -> InvariantReport:
+        """The scenario's last step: the ledger's invariants checked (what they find joins the
+        violations) and the time since ``started`` taken. The invariants' report."""
+        report = await check_invariants(db)
+        self.report.violations.extend(report.violations)
+        self.seconds = time.monotonic() - started
+        return report
 
     def line(self) -> str:
         notes = f"; {', '.join(self.notes)}" if self.notes else ""

@@ -8,7 +8,6 @@ import random
 import time
 
 from backend.db import Database
-from backend.invariants import check_invariants
 from backend.ledger import Ledger
 from backend.models import AccountKind
 from backend.ton.localnet import LocalTonCenter, LocalTonCenterServer
@@ -99,8 +98,7 @@ async def payout_kills(db: Database, *, payouts: int, kills: int) -> Figures:
         for out in tx["out_msgs"]:
             comment = (out["message_content"].get("decoded") or {}).get("comment") or ""
             paid[comment] = paid.get(comment, 0) + 1
-    report = await check_invariants(db)
-    figures.report.violations.extend(report.violations)
+    await figures.check(db, started)
     for payout_id in destinations:
         payout = await ledger.get_payout(payout_id)
         assert payout is not None
@@ -111,5 +109,4 @@ async def payout_kills(db: Database, *, payouts: int, kills: int) -> Figures:
                 f"payout #{payout_id} ({payout.state}) left the hot wallet {times} times"
             )
         figures.succeeded += payout.state == "confirmed"
-    figures.seconds = time.monotonic() - started
     return figures

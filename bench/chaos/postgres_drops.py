@@ -16,7 +16,6 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 from backend.db import Database
-from backend.invariants import check_invariants
 from backend.ledger import Ledger
 from backend.users import get_or_create_user
 from bench.chaos.common import (
@@ -123,7 +122,5 @@ async def postgres_drops(
             f"user balance {balance}, expected {start_balance - charged + credited}: an "
             "operation applied twice or not at all"
         )
-    report = await check_invariants(db)
-    figures.report.violations.extend(report.violations)
-    figures.seconds = time.monotonic() - started
+    await figures.check(db, started)
     return figures

@@ -14,7 +14,6 @@ from pathlib import Path
 import redis
 
 from backend.db import Database
-from backend.invariants import check_invariants
 from backend.ledger import Ledger
 from backend.settings import Settings
 from backend.users import get_or_create_user
@@ -116,7 +115,5 @@ async def redis_restarts(settings: Settings, db: Database, *, turns: int, restar
         for worker in workers:
             worker.stop()
         server.close()
-    report = await check_invariants(db)
-    figures.report.violations.extend(report.violations)
-    figures.seconds = time.monotonic() - started
+    await figures.check(db, started)
     return figures

@@ -16,7 +16,6 @@ import aiohttp
 
 from backend.apikeys import create_key
 from backend.db import Database
-from backend.invariants import check_invariants
 from backend.ledger import Ledger
 from backend.settings import DEFAULT_MODEL, Settings
 from backend.sweeper import run_sweeper
@@ -160,7 +159,5 @@ async def web_restarts(
         if web is not None:
             web.kill()
         worker.stop()
-    report = await check_invariants(db)
-    figures.report.violations.extend(report.violations)
-    figures.seconds = time.monotonic() - started
+    await figures.check(db, started)
     return figures
