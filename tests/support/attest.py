@@ -12,13 +12,14 @@ import contextlib
 import hashlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import nacl.public
 import pytest
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
+from redis.exceptions import NoPermissionError
 
 from backend.attestation import acl
 from backend.attestation.collateral import CollateralSource
@@ -102,6 +103,13 @@ def service(
         clock=(lambda: clock) if clock else time.time,
     )
     return Onboarding(s, admin, verifier)
+
+
+def assert_no_permission(*attempts: Callable[[], object]) -> None:
+    """Each of ``attempts`` (a worker's Redis commands) is refused by its ACL: NOPERM."""
+    for attempt in attempts:
+        with pytest.raises(NoPermissionError):
+            attempt()
 
 
 def worker_info(worker_id: str, keys: WorkerKeys, /, **changes: object) -> WorkerInfo:
