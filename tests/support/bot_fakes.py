@@ -1,8 +1,9 @@
 """A fake Telegram for the bot tests, at aiogram's session layer only.
 
 :class:`FakeTelegram` is a ``BaseSession``: it records every request the bot makes and answers
-with queued results, or, when none is queued, with what the Bot API would (a sent or edited
-message with a fresh id, ``True``, ``getMe``'s user). Queued errors travel through aiogram's
+with queued results, or, when none is queued, with what the Bot API would: a refusal where
+Telegram's rules refuse the request (tests/support/telegram_rules.py), else a sent or edited
+message with a fresh id, ``True``, ``getMe``'s user. Queued errors travel through aiogram's
 own ``check_response``, so they raise exactly what a real Bot API error would. Updates are
 built as Bot API JSON and fed with ``dispatcher.feed_update``.
 """
@@ -21,6 +22,8 @@ from aiogram.client.session.base import BaseSession
 from aiogram.methods import TelegramMethod
 from aiogram.types import Update
 
+from tests.support import telegram_rules
+
 BOT_ID = 42
 TOKEN = f"{BOT_ID}:TEST-TOKEN"
 
@@ -30,6 +33,7 @@ class FakeTelegram(BaseSession):
         super().__init__()
         self.requests: list[TelegramMethod[Any]] = []
         self.results: list[Any] = []  # what each request returned (None when it failed)
+        self.shown: dict[tuple[int, int], str] = {}  # (chat, message) → what it shows
         self.times: list[float] = []  # time.monotonic() of each request
         self.queued: dict[str, deque[tuple[int, dict[str, Any]]]] = {}
         self._ids = itertools.count(1000)
@@ -95,10 +99,15 @@ class FakeTelegram(BaseSession):
         self.times.append(time.monotonic())
         name = method.__api_method__
         queue = self.queued.get(name)
+        refused = None if queue else telegram_rules.check(name, method, self.shown)
         if queue:
             status, body = queue.popleft()
+        elif refused is not None:
+            status, body = refused[0], {"ok": False, "error_code": refused[0]}
+            body["description"] = refused[1]
         else:
             status, body = 200, {"ok": True, "result": self._default(bot, method)}
+            telegram_rules.remember(name, method, body["result"], self.shown)
         self.results.append(None)
         response = self.check_response(bot, method, status, json.dumps(body))
         self.results[-1] = response.result
