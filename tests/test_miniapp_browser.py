@@ -14,7 +14,7 @@ from tests.support.miniapp_browser import require_browser
 
 require_browser()
 
-from backend import accounts  # noqa: E402
+from backend import accounts, appkeys  # noqa: E402
 from backend.ton.comment import decode_comment, friendly_address  # noqa: E402
 from backend.users import get_or_create_user  # noqa: E402
 from backend.web import create_app  # noqa: E402
@@ -328,6 +328,14 @@ async def test_the_chat_streams_a_reply_from_the_small_model(stack: Stack, conte
         cost_line = await page.locator(".message-assistant .cost").text_content()
         balance = (await stack.ledger.balances(user.id)).available
         assert 0 < TON - balance and f"balance {format_gram(balance)}" in cost_line
+        # The composer never covers a message: the newest ends above it.
+        last = await page.locator(".message-assistant").last.bounding_box()
+        composer = await page.locator(".composer").bounding_box()
+        assert last["y"] + last["height"] <= composer["y"] + 0.5
+        # Screen readers hear finished replies only: the list itself is not a live region.
+        assert await page.get_attribute("#messages", "aria-live") is None
+        assert await page.get_attribute("#reply-announcer", "aria-live") == "polite"
+        assert (await page.text_content("#reply-announcer")).strip() == text.strip()
         await screenshot(page, "chat-reply")
 
         # Stop a long reply: the worker stops, the turn is billed for what it wrote, and
@@ -338,13 +346,29 @@ async def test_the_chat_streams_a_reply_from_the_small_model(stack: Stack, conte
             "document.querySelector('.message-assistant.streaming .text')?.textContent.length > 20"
         )
         await page.click("#stop")
+        # Stopped through the server: the reply is marked, with what it cost.
+        stopped = page.locator(".message-assistant .mark-stopped")
+        await stopped.wait_for(timeout=30_000)
+        assert (await stopped.text_content()).startswith("Stopped · ")
         await page.wait_for_selector("#send:enabled")
-        for _ in range(100):
-            balances = await stack.ledger.balances(user.id)
-            if balances.held == 0 and balances.available < balance:
-                break
-            await asyncio.sleep(0.1)
+        balances = await stack.ledger.balances(user.id)
         assert balances.held == 0 and balances.available < balance
+        mark = await stopped.text_content()
+        assert format_gram(balance - balances.available) in mark
+
+        # A reply cut by its length limit is marked too (a budget of 4 tokens, for this turn).
+        dispatcher = stack.app[appkeys.DISPATCHER]
+        kept = dispatcher.settings
+        dispatcher.settings = kept.model_copy(update={"max_tokens_default": 4})
+        try:
+            await page.fill("#prompt", "Count from one to one hundred in words.")
+            await page.click("#send")
+            cut = page.locator(".message-assistant .mark-cut")
+            await cut.wait_for(timeout=60_000)
+            assert "length limit" in await cut.text_content()
+        finally:
+            dispatcher.settings = kept
+        await screenshot(page, "chat-stopped-and-cut")
         no_console_errors(page)
     finally:
         await asyncio.to_thread(node.stop)

@@ -39,5 +39,10 @@
     const box = el.getBoundingClientRect();
     if (box.height < 44 - 0.5) problems.push("target under 44 px: " + (el.id || el.className || el.tagName) + " " + Math.round(box.height));
   }
+  for (const list of view.querySelectorAll("[role=tablist]")) {
+    for (const tab of list.children) {
+      if (tab.getAttribute("role") !== "tab" || !tab.hasAttribute("aria-selected")) problems.push("a tab list's child is not a tab: " + tab.textContent);
+    }
+  }
   return problems;
 }

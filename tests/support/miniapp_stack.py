@@ -42,6 +42,7 @@ class Stack:
     ledger: Ledger
     net: LocalTonCenter
     browser: Any
+    app: web.Application
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module", name="stack")
@@ -90,7 +91,7 @@ async def stack_fixture(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterat
                     executable_path=str(CHROMIUM), args=CHROMIUM_ARGS
                 )
                 try:
-                    yield Stack(origin, settings, db, ledger, net, browser)
+                    yield Stack(origin, settings, db, ledger, net, browser, app)
                 finally:
                     await browser.close()
                     stop.set()
