@@ -19,7 +19,12 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from tests.support.engines import chat, collect
+from tests.support.engines import (
+    assert_ends_its_turn,
+    assert_stop_string_cuts,
+    chat,
+    collect,
+)
 from workers.engines import (
     ENGINE_NAMES,
     Engine,
@@ -148,24 +153,13 @@ async def test_short_chat_streams_text_then_usage(llama: Engine) -> None:
 @pytest.mark.engine
 @module_loop
 async def test_the_model_ends_its_turn(llama: Engine) -> None:
-    text, usage = await collect(llama, chat("Say hello.", max_tokens=200))
-    assert text.strip()
-    assert usage.finish_reason == "stop"
-    assert usage.completion_tokens < 200
-    assert "<|im_end|>" not in text
+    await assert_ends_its_turn(llama)
 
 
 @pytest.mark.engine
 @module_loop
 async def test_stop_string_cuts_the_reply(llama: Engine) -> None:
-    question = "List three fruits, one per line."
-    full, _ = await collect(llama, chat(question, max_tokens=40))
-    words = full.split()
-    assert len(words) >= 3, full
-    stop = words[2]
-    cut, usage = await collect(llama, chat(question, max_tokens=40, stop=(stop,)))
-    assert cut == full[: full.index(stop)]
-    assert usage.finish_reason == "stop"
+    await assert_stop_string_cuts(llama, max_tokens=40)
 
 
 @pytest.mark.engine

@@ -52,7 +52,13 @@ from backend.dispatch import Dispatcher, TurnDone, TurnRequest, TurnText  # noqa
 from backend.ledger import Ledger  # noqa: E402
 from backend.models import Transaction  # noqa: E402
 from backend.settings import DEFAULT_MODEL, Settings  # noqa: E402
-from tests.support.engines import chat, collect, stream  # noqa: E402
+from tests.support.engines import (  # noqa: E402
+    assert_ends_its_turn,
+    assert_stop_string_cuts,
+    chat,
+    collect,
+    stream,
+)
 from tests.support.turns import (  # noqa: E402
     assert_billed_once,
     cancel_after,
@@ -173,15 +179,11 @@ class TestEngine:
 
     async def test_the_model_ends_its_turn_and_speed(self, vllm: Engine) -> None:
         started = time.monotonic()
-        text, usage = await collect(vllm, chat("Say hello.", max_tokens=200))
-        assert text.strip()
-        assert usage.finish_reason == "stop"
-        assert 0 < usage.completion_tokens < 200
-        assert "<|im_end|>" not in text
+        await assert_ends_its_turn(vllm)
         # Speed: a reply that runs to its limit, timed from the first token.
-        stream = vllm.generate(chat("Write a long story about the sea.", max_tokens=64))
+        generation = vllm.generate(chat("Write a long story about the sea.", max_tokens=64))
         first = time.monotonic()
-        items = [item async for item in stream]
+        items = [item async for item in generation]
         usage = items[-1]
         assert isinstance(usage, Usage) and usage.completion_tokens == 64
         elapsed = time.monotonic() - first
@@ -191,14 +193,7 @@ class TestEngine:
         )
 
     async def test_stop_string_and_seed(self, vllm: Engine) -> None:
-        question = "List three fruits, one per line."
-        full, _ = await collect(vllm, chat(question, max_tokens=30))
-        words = full.split()
-        assert len(words) >= 3, full
-        stop = words[2]
-        cut, usage = await collect(vllm, chat(question, max_tokens=30, stop=(stop,)))
-        assert cut == full[: full.index(stop)]
-        assert usage.finish_reason == "stop"
+        await assert_stop_string_cuts(vllm, max_tokens=30)
         seeded = chat("Invent a name for a dog.", max_tokens=10, temperature=1.0, seed=1234)
         assert (await collect(vllm, seeded))[0] == (await collect(vllm, seeded))[0]
 

@@ -1,6 +1,6 @@
 """What the engine tests (tests/test_engines.py for llama.cpp and the openai engine,
-tests/test_vllm.py for vLLM) share: a one-message chat request, and a stream read to its end
-with its shape checked (text deltas, then one Usage, last)."""
+tests/test_vllm.py for vLLM) share: a one-message chat request, a stream read to its end with
+its shape checked (text deltas, then one Usage, last), and the checks every engine passes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 from workers.engines import Engine, GenerationRequest, TextDelta, Usage
 
-__all__ = ["chat", "collect", "stream"]
+__all__ = ["assert_ends_its_turn", "assert_stop_string_cuts", "chat", "collect", "stream"]
 
 
 def chat(text: str, **kwargs: Any) -> GenerationRequest:
@@ -33,3 +33,25 @@ async def collect(engine: Engine, request: GenerationRequest) -> tuple[str, Usag
     """:func:`stream`'s text and usage."""
     deltas, usage = await stream(engine, request)
     return "".join(delta.text for delta in deltas), usage
+
+
+async def assert_ends_its_turn(engine: Engine) -> None:
+    """Asked to say hello, with room for much more, the model ends its turn by itself (and the
+    chat template's end marker is not in the text)."""
+    text, usage = await collect(engine, chat("Say hello.", max_tokens=200))
+    assert text.strip()
+    assert usage.finish_reason == "stop"
+    assert 0 < usage.completion_tokens < 200
+    assert "<|im_end|>" not in text
+
+
+async def assert_stop_string_cuts(engine: Engine, max_tokens: int) -> None:
+    """A stop string (the reply's third word) cuts the greedy reply just before it."""
+    question = "List three fruits, one per line."
+    full, _ = await collect(engine, chat(question, max_tokens=max_tokens))
+    words = full.split()
+    assert len(words) >= 3, full
+    stop = words[2]
+    cut, usage = await collect(engine, chat(question, max_tokens=max_tokens, stop=(stop,)))
+    assert cut == full[: full.index(stop)]
+    assert usage.finish_reason == "stop"
