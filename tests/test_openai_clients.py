@@ -177,6 +177,72 @@ async def test_json_replies_parse_and_penalties_are_taken(v1: Api, node: Node) -
     await client.close()
 
 
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city now.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 30}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+async def test_a_forced_tool_call_and_a_whole_round_trip(v1: Api, node: Node) -> None:
+    client = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key, max_retries=0)
+    question = {"role": "user", "content": "What is the weather in Paris?"}
+    reply = await client.chat.completions.create(
+        model=DEFAULT_MODEL,
+        messages=[question],
+        tools=[WEATHER],
+        tool_choice="required",
+        max_tokens=60,
+        temperature=0,
+    )
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls or []
+    assert call.function.name == "get_weather"
+    assert isinstance(json.loads(call.function.arguments)["city"], str)
+
+    # The round trip: the call and its result go back, the model answers in words.
+    answer = await client.chat.completions.create(
+        model=DEFAULT_MODEL,
+        messages=[
+            question,
+            choice.message.model_dump(exclude_none=True),
+            {"role": "tool", "tool_call_id": call.id, "content": '{"celsius": 21, "sky": "clear"}'},
+        ],
+        tools=[WEATHER],
+        tool_choice="none",
+        max_tokens=30,
+    )
+    assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
+
+    # Streamed, a call named by tool_choice arrives whole, as the SDK expects.
+    stream = await client.chat.completions.create(
+        model=DEFAULT_MODEL,
+        messages=[question],
+        tools=[WEATHER],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=60,
+        temperature=0,
+        stream=True,
+    )
+    calls, finish = [], None
+    async for chunk in stream:
+        for streamed in chunk.choices:
+            calls += streamed.delta.tool_calls or []
+            finish = streamed.finish_reason or finish
+    assert finish == "tool_calls" and calls[0].function.name == "get_weather"
+    assert "city" in json.loads(calls[0].function.arguments)
+    await client.close()
+
+
 async def test_a_prompt_over_the_context_is_a_400_streamed_or_not(v1: Api, node: Node) -> None:
     # About 3,600 tokens for SmolLM2 (context 2,048): the worker's tokenizer decides it.
     words = [{"role": "user", "content": "apple banana cherry " * 1200}]

@@ -22,6 +22,7 @@ from tests.support.api import Api, ApiFactory
 from tests.support.turns import TON
 
 HI = [{"role": "user", "content": "hi"}]
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
 BIG = {"type": "object", "description": "x" * 40_000}  # a schema over the wire's 32 KiB
 
 
@@ -133,12 +134,33 @@ async def test_what_is_honoured_gets_through(v1: Api) -> None:
             "type": "json_schema",
             "json_schema": {"name": "n", "schema": {"type": "object"}, "strict": True},
         },
-        "tool_choice": "none",
         "logprobs": False,
         "logit_bias": {},
     }
     status, _, body = await post(v1, {"model": DEFAULT_MODEL, "messages": HI, **honoured})
     assert status == 503 and body["error"]["code"] == "no_worker"  # it got past validation
+    tool_round_trip = [
+        *HI,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "42"},
+    ]
+    for choice in ("auto", "required", "none", {"type": "function", "function": {"name": "f"}}):
+        status, _, body = await post(
+            v1,
+            {
+                "model": DEFAULT_MODEL,
+                "messages": tool_round_trip,
+                "tools": [TOOL],
+                "tool_choice": choice,
+            },
+        )
+        assert status == 503 and body["error"]["code"] == "no_worker"
 
 
 @pytest.mark.parametrize(
@@ -150,8 +172,19 @@ async def test_what_is_honoured_gets_through(v1: Api) -> None:
             {"response_format": {"type": "json_schema", "json_schema": {"schema": BIG}}},
             "response_format.json_schema",
         ),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"tool_choice": "required"}, "tool_choice"),
+        (
+            {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "g"}}},
+            "tool_choice",
+        ),
+        (
+            {"tools": [{"type": "function", "function": {"name": "bad name"}}]},
+            "tools.0.function.name",
+        ),
+        ({"functions": [{"name": "f"}]}, "functions"),
+        (
+            {"messages": [*HI, {"role": "function", "name": "f", "content": "1"}]},
+            "messages[1].role",
+        ),
         ({"logprobs": True}, "logprobs"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"presence_penalty": 2.5}, "presence_penalty"),
@@ -163,10 +196,6 @@ async def test_what_is_honoured_gets_through(v1: Api) -> None:
             "messages[1]",
         ),
         (
-            {"messages": [*HI, {"role": "tool", "tool_call_id": "c1", "content": "42"}]},
-            "messages[1].role",
-        ),
-        (
             {
                 "messages": [
                     *HI,
@@ -174,7 +203,7 @@ async def test_what_is_honoured_gets_through(v1: Api) -> None:
                     {"role": "user", "content": "and?"},
                 ]
             },
-            "messages[1].tool_calls",
+            "messages.1.tool_calls.0.function",
         ),
     ],
 )

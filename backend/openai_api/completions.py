@@ -25,6 +25,7 @@ from aiohttp import web
 from backend.dispatch import Turn, TurnDone, TurnError, TurnEvent, TurnText
 from backend.errors import CocoonError
 from backend.openai_api import protocol as p
+from backend.openai_api import tools
 from backend.openai_api.idempotency import IdempotencyKey, Replay
 from backend.openai_api.service import OpenAIService
 
@@ -91,7 +92,9 @@ async def answer(
     except TurnError as error:
         return error_response(error)
     record = await service.attestation(done)
-    completion = p.ChatCompletion.of(completion_id, created, body.model, text, done, record)
+    completion = p.ChatCompletion.of(
+        completion_id, created, body.model, text, done, record, tools.tool_call(body, text)
+    )
     return web.json_response(completion.model_dump(), headers={COST_HEADER: str(done.cost)})
 
 
@@ -125,7 +128,9 @@ async def _kept(
             outcome.cancel()
             raise
         record = await service.attestation(done)
-        completion = p.ChatCompletion.of(completion_id, created, body.model, text, done, record)
+        completion = p.ChatCompletion.of(
+            completion_id, created, body.model, text, done, record, tools.tool_call(body, text)
+        )
         payload = completion.model_dump()
         try:
             await idem.finish(200, payload)
@@ -162,15 +167,24 @@ async def _stream(
         await response.write(chunks.start())
         parts: list[str] = []
         done: TurnDone | None = None
+        held_back = bool(tools.offered(body))  # a tool call is sent whole, once known
         try:
             event: TurnEvent | None = first
             while event is not None:
                 if isinstance(event, TurnText):
                     parts.append(event.text)
-                    await response.write(chunks.text(event.text))
+                    if not held_back:
+                        await response.write(chunks.text(event.text))
                 else:
                     done = event
-                    await response.write(chunks.finish(event))
+                    text = "".join(parts)
+                    call = tools.tool_call(body, text) if held_back else None
+                    if call is not None:
+                        await response.write(chunks.tool_call(call))
+                    else:
+                        if held_back and text:
+                            await response.write(chunks.text(text))
+                        await response.write(chunks.finish(event))
                     record = await service.attestation(event)
                     if body.include_usage:
                         await response.write(chunks.usage(event, record))
@@ -178,7 +192,7 @@ async def _stream(
                         await response.write(chunks.receipt(event))
                     if idem is not None:
                         completion = p.ChatCompletion.of(
-                            completion_id, created, body.model, "".join(parts), event, record
+                            completion_id, created, body.model, text, event, record, call
                         )
                         await idem.finish(200, completion.model_dump())
                 event = await anext(events, None)
@@ -223,14 +237,16 @@ def _replayed_events(completion: dict[str, Any], *, include_usage: bool) -> list
     }
     [choice] = completion["choices"]
 
-    def chunk(delta: dict[str, str], finish: str | None = None) -> dict[str, Any]:
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
 
-    events = [
-        chunk({"role": "assistant", "content": ""}),
-        chunk({"content": choice["message"]["content"]}),
-        chunk({}, choice["finish_reason"]),
-    ]
+    events = [chunk({"role": "assistant", "content": ""})]
+    calls = choice["message"].get("tool_calls")
+    if calls:
+        events.append(chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]}))
+    else:
+        events.append(chunk({"content": choice["message"]["content"]}))
+    events.append(chunk({}, choice["finish_reason"]))
     if include_usage:
         events.append(
             {**head, "choices": [], "usage": completion["usage"], "cocoon": completion["cocoon"]}

@@ -6,8 +6,8 @@ OpenAI's SDKs send ``null`` for a parameter left ``None`` (openai-python does fo
 ``top_p``, ``n``, ``stream``...): :func:`drop_nulls` removes those before validation, so the
 request model's defaults apply. :func:`refuse_unsupported` then looks at what the request model
 does not carry and refuses, by name, each parameter that would change the reply if it were
-honoured: tools, log probabilities, logit bias, a tool conversation's messages and an assistant
-prefill. (``response_format`` and the penalties are honoured: the request model carries them.)
+honoured: log probabilities, logit bias, the legacy ``functions``, an assistant prefill.
+(``response_format``, the penalties and tools are honoured: the request model carries them.)
 """
 
 from __future__ import annotations
@@ -105,11 +105,8 @@ def _refuse_sampling_extras(raw: Mapping[str, Any]) -> None:
 
 
 def _refuse_output_shapes(raw: Mapping[str, Any]) -> None:
-    for name in ("tools", "functions"):
-        if raw.get(name) not in (None, []):
-            raise _refuse(name)
-    if raw.get("tool_choice") not in (None, "none", "auto"):
-        raise _refuse("tool_choice")
+    if raw.get("functions") not in (None, []):
+        raise _refuse("functions", "use tools")
     if raw.get("function_call") not in (None, "none", "auto"):
         raise _refuse("function_call")
 
@@ -118,10 +115,9 @@ def _refuse_messages(messages: list[Any]) -> None:
     for index, message in enumerate(messages):
         if not isinstance(message, Mapping):
             continue  # the request model refuses it, by place
-        role = message.get("role")
-        if role in ("tool", "function"):
-            raise _refuse(f"messages[{index}].role", f"{role!r} messages (tools)")
-        for name in ("tool_calls", "function_call", "audio"):
+        if message.get("role") == "function":
+            raise _refuse(f"messages[{index}].role", "'function' messages: use 'tool'")
+        for name in ("function_call", "audio"):
             if message.get(name) not in (None, []):
                 raise _refuse(f"messages[{index}].{name}")
         if message.get("prefix"):

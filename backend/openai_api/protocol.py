@@ -22,6 +22,7 @@ from pydantic import (
 
 from backend.dispatch import TurnDone
 from backend.errors import CocoonError, ErrorCode
+from backend.openai_api.tool_types import MAX_TOOLS, NamedToolChoice, Tool, ToolCall
 from backend.receipts import ReceiptRecord
 from backend.settings import ModelPrice
 from workers.registry import AttestationRecord
@@ -42,15 +43,30 @@ class ContentPart(BaseModel):
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    tool_calls: list[ToolCall] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_call_id: str | None = Field(default=None, max_length=128)
 
-    def to_wire(self) -> ChatMessage:
-        text = (
+    @property
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        return (
             self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
         )
-        role = "system" if self.role == "developer" else self.role
-        return ChatMessage(role=role, content=text)
+
+    def to_wire(self) -> ChatMessage:
+        """A system, user or assistant message as the worker gets it (a tool conversation's
+        messages: :mod:`backend.openai_api.tools`)."""
+        roles: dict[str, Literal["system", "user", "assistant"]] = {
+            "system": "system",
+            "developer": "system",
+            "user": "user",
+            "assistant": "assistant",
+            "tool": "user",
+        }
+        return ChatMessage(role=roles[self.role], content=self.text)
 
 
 class StreamOptions(BaseModel):
@@ -109,6 +125,9 @@ class ChatCompletionRequest(BaseModel):
     presence_penalty: float = Field(default=0.0, ge=-2, le=2)
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
     response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -242,7 +261,8 @@ def finish_reason(done: TurnDone) -> str:
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class Choice(BaseModel):
@@ -269,14 +289,18 @@ class ChatCompletion(BaseModel):
         text: str,
         done: TurnDone,
         record: AttestationRecord | None = None,
+        tool_call: ToolCall | None = None,
     ) -> ChatCompletion:
+        if tool_call is not None:
+            message = AssistantMessage(content=None, tool_calls=[tool_call])
+            finish = "tool_calls"
+        else:
+            message, finish = AssistantMessage(content=text), finish_reason(done)
         return cls(
             id=completion_id,
             created=created,
             model=model,
-            choices=[
-                Choice(message=AssistantMessage(content=text), finish_reason=finish_reason(done))
-            ],
+            choices=[Choice(message=message, finish_reason=finish)],
             usage=Usage.of(done),
             cocoon=CocoonExtra.of(done, record),
         )
@@ -284,7 +308,7 @@ class ChatCompletion(BaseModel):
 
 class ChunkChoice(BaseModel):
     index: int = 0
-    delta: dict[str, str]
+    delta: dict[str, Any]
     finish_reason: str | None = None
 
 
@@ -321,7 +345,7 @@ class ChunkStream:
         )
         return sse(chunk.payload())
 
-    def delta(self, delta: dict[str, str], finish: str | None = None) -> bytes:
+    def delta(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
         return self._chunk([ChunkChoice(delta=delta, finish_reason=finish)])
 
     def start(self) -> bytes:
@@ -332,6 +356,11 @@ class ChunkStream:
 
     def finish(self, done: TurnDone) -> bytes:
         return self.delta({}, finish_reason(done))
+
+    def tool_call(self, call: ToolCall) -> bytes:
+        """A whole tool call as one delta, then the finish "tool_calls"."""
+        delta = {"tool_calls": [{"index": 0, **call.model_dump()}]}
+        return self.delta(delta) + self.delta({}, "tool_calls")
 
     def usage(self, done: TurnDone, record: AttestationRecord | None = None) -> bytes:
         return self._chunk([], usage=Usage.of(done), cocoon=CocoonExtra.of(done, record))

@@ -13,6 +13,7 @@ from backend.apikeys import user_for_key
 from backend.db import Database
 from backend.dispatch import Dispatcher, Turn, TurnDone, TurnRequest, TurnText
 from backend.errors import ErrorCode
+from backend.openai_api import tools
 from backend.openai_api.protocol import ApiError, ChatCompletionRequest, ModelList
 from backend.settings import Settings
 from workers import registry
@@ -60,7 +61,7 @@ class OpenAIService:
     async def start(self, user_id: int, body: ChatCompletionRequest) -> Turn:
         """Hold and dispatch the turn; TurnError when it cannot start (nothing is held then).
         Without ``max_tokens`` the dispatcher applies the default of every chat turn."""
-        messages = [m.to_wire() for m in body.messages]
+        messages = tools.prompt(body)  # a tool conversation written out (tools.py)
         return await self.dispatcher.start_turn(
             TurnRequest(
                 user_id=user_id,
@@ -74,9 +75,7 @@ class OpenAIService:
                     seed=body.seed,
                     presence_penalty=body.presence_penalty,
                     frequency_penalty=body.frequency_penalty,
-                    response_format=body.response_format.to_wire()
-                    if body.response_format
-                    else None,
+                    response_format=tools.response_format(body),
                 ),
                 conversation_id=conversation_id_for(user_id, messages),
             )
