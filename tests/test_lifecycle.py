@@ -408,6 +408,15 @@ def worker_command(register_url: str, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+async def worker_run(data: Path, register_url: str, *extra: str) -> tuple[int, str]:
+    """``cocoon worker`` (:func:`worker_command`) run to its end: its exit code, its log."""
+    proc = Proc(worker_command(register_url, *extra), base_env(data), data / "worker.log")
+    try:
+        return await proc.exit_code(), proc.text()
+    finally:
+        proc.kill_everything()
+
+
 @contextlib.asynccontextmanager
 async def hanging_backend() -> AsyncIterator[tuple[str, asyncio.Event]]:
     """An onboarding API that takes the nonce request and never answers it."""
@@ -446,17 +455,10 @@ async def test_a_signal_stops_a_worker_that_is_onboarding(tmp_path: Path, signum
 
 async def test_a_worker_that_cannot_onboard_exits_non_zero(tmp_path: Path) -> None:
     closed = free_port()  # nothing listens there
-    proc = Proc(
-        worker_command(f"http://127.0.0.1:{closed}", "--register-wait", "1"),
-        base_env(tmp_path),
-        tmp_path / "worker.log",
-    )
-    try:
-        assert await proc.exit_code() == 1, proc.text()
-    finally:
-        proc.kill_everything()
-    assert f"the backend at http://127.0.0.1:{closed} could not be reached for 1 s" in proc.text()
-    assert "not onboarded, exiting" in proc.text()
+    code, text = await worker_run(tmp_path, f"http://127.0.0.1:{closed}", "--register-wait", "1")
+    assert code == 1, text
+    assert f"the backend at http://127.0.0.1:{closed} could not be reached for 1 s" in text
+    assert "not onboarded, exiting" in text
 
 
 async def test_a_worker_stops_when_its_parent_dies(tmp_path: Path) -> None:
@@ -486,16 +488,9 @@ async def test_a_worker_stops_when_its_parent_dies(tmp_path: Path) -> None:
 async def test_a_worker_whose_parent_is_already_gone_stops_by_itself(tmp_path: Path) -> None:
     async with hanging_backend() as (url, _asked):
         gone = ended_pid()  # a pid that is not this worker's parent
-        proc = Proc(
-            worker_command(url, "--parent-pid", str(gone)),
-            base_env(tmp_path),
-            tmp_path / "worker.log",
-        )
-        try:
-            assert await proc.exit_code() == 0, proc.text()
-        finally:
-            proc.kill_everything()
-    assert f"the parent process {gone} is gone: stopping" in proc.text()
+        code, text = await worker_run(tmp_path, url, "--parent-pid", str(gone))
+        assert code == 0, text
+    assert f"the parent process {gone} is gone: stopping" in text
 
 
 def ended_pid() -> int:

@@ -16,7 +16,7 @@ from backend.ton.comment import raw_address
 from backend.ton.localnet import LocalTonCenter
 from backend.ton.payouts import PayoutSender, Step, payout_comment
 from backend.ton.toncenter import TonCenter, TonCenterError
-from backend.ton.wallet import HotWallet, new_mnemonic, parse_external
+from backend.ton.wallet import HotWallet, SignedTransfer, new_mnemonic, parse_external
 from tests.support.payouts import (
     PROVIDER_WALLETS,
     TON,
@@ -174,13 +174,17 @@ async def test_failed_payouts_give_the_money_back(
 
 def test_the_signed_message_verifies_and_says_what_it_pays(hot: HotWallet) -> None:
     other = HotWallet.from_mnemonic(new_mnemonic())
-    signed = hot.sign_transfer(
-        PROVIDER_WALLETS[0],
-        1_500_000_000,
-        seqno=7,
-        valid_until=1_800_000_060,
-        comment=payout_comment(9),
-    )
+
+    def sign() -> SignedTransfer:
+        return hot.sign_transfer(
+            PROVIDER_WALLETS[0],
+            1_500_000_000,
+            seqno=7,
+            valid_until=1_800_000_060,
+            comment=payout_comment(9),
+        )
+
+    signed = sign()
     parsed = parse_external(signed.boc)
     assert parsed.verifies(hot.public_key)
     assert not parsed.verifies(other.public_key)
@@ -192,14 +196,7 @@ def test_the_signed_message_verifies_and_says_what_it_pays(hot: HotWallet) -> No
     assert parsed.msg_hash == signed.msg_hash
     assert parsed.state_init is None  # seqno 7: the wallet is deployed
     # Same inputs, same bytes: a resend is the same message.
-    again = hot.sign_transfer(
-        PROVIDER_WALLETS[0],
-        1_500_000_000,
-        seqno=7,
-        valid_until=1_800_000_060,
-        comment=payout_comment(9),
-    )
-    assert again.boc == signed.boc
+    assert sign().boc == signed.boc
     tampered = bytearray(base64.b64decode(signed.boc))
     tampered[-5] ^= 1
     forged = parse_external(base64.b64encode(bytes(tampered)).decode())
