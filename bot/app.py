@@ -4,7 +4,8 @@ for polling and webhook alike.
 
 Router order (first match wins): groups (what a group may not ask, and its admins' switch),
 account, wallet (Stars payments must be seen before chat
-takes messages), API keys, provider, admin (only for admin ids), then chat last, since it takes
+takes messages), API keys, provider, admin (only for admin ids), persona (/system, captions,
+edits), then chat last, since it takes
 every text no command took.
 """
 
@@ -31,7 +32,7 @@ from backend.telegram import create_bot
 from bot import groups
 from bot.commands import set_commands, set_menu_button
 from bot.groups import ButtonOwners, OwnedButtons
-from bot.handlers import account, admin, apikeys, chat, provider, wallet
+from bot.handlers import account, admin, apikeys, chat, persona, provider, wallet
 from bot.handlers.wallet import miniapp_url
 from bot.middlewares import UserMiddleware
 from bot.outbox import Outbox
@@ -55,6 +56,7 @@ def build_dispatcher(settings: Settings, services: Services, outbox: Outbox) -> 
         apikeys.handlers.router(),
         provider.handlers.router(),
         admin.handlers.router(F.from_user.id.in_(set(settings.admin_ids))),
+        persona.handlers.router(),
         chat.handlers.router(),
     )
     return dp

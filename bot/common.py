@@ -60,6 +60,9 @@ class Handlers:
     def message(self, *filters: Any) -> Callable[[F], F]:
         return self._on("message", filters)
 
+    def edited_message(self, *filters: Any) -> Callable[[F], F]:
+        return self._on("edited_message", filters)
+
     def callback_query(self, *filters: Any) -> Callable[[F], F]:
         return self._on("callback_query", filters)
 

@@ -52,11 +52,14 @@ class Conversation:
     last: LastTurn | None = None
     conversation_id: str = ""
     pending: str = ""  # a question refused for balance, offered again after a top-up
+    system: str = ""  # the place's system prompt (/system)
 
     def chat_messages(self) -> list[ChatMessage]:
+        """The messages a turn sends: the system prompt (when set), then the history."""
+        system = [{"role": "system", "content": self.system}] if self.system else []
         return [
             ChatMessage.model_validate({"role": m["role"], "content": m["content"]})
-            for m in self.messages
+            for m in [*system, *self.messages]
         ]
 
 
@@ -134,6 +137,7 @@ class ContextStore:
             else None,
             conversation_id=str(data.get("conversation_id") or ""),
             pending=str(data.get("pending") or ""),
+            system=str(data.get("system") or ""),
         )
 
     async def load(self, chat_id: int | str) -> Conversation:

@@ -62,7 +62,18 @@ PRIVATE_COMMANDS = (
 )
 """Commands about money, keys or personal data: answered in the private chat only."""
 
-PRIVATE_BUTTONS = ("topup:", "stars:", "tonamt:", "tcw:", "tcx", "wd:", "forget:", "apikey:")
+PRIVATE_BUTTONS = (
+    "topup:",
+    "stars:",
+    "tonamt:",
+    "tcw:",
+    "tcx",
+    "wd:",
+    "forget:",
+    "apikey:",
+    "aw:",
+    "again",
+)
 """Callback data of those commands' buttons (an old message, a forged update)."""
 
 OWNER = "bot:button"

@@ -81,9 +81,13 @@ async def answer(
     model = user_model(settings, user)
     price = settings.models[model]
     max_tokens = default_max_tokens(settings, price)
+    system = 0  # what the system prompt adds to the prompt's bound
+    if conversation.system:
+        with_system = Conversation(system=conversation.system).chat_messages()
+        system = prompt_token_bound(with_system) - prompt_token_bound([])
     history = trim(
         [*conversation.messages, {"role": "user", "content": prompt}],
-        budget_tokens=price.context_length - max_tokens,
+        budget_tokens=price.context_length - max_tokens - system,
         max_messages=settings.context_max_messages,
     )
     # A balance that covers a shorter answer gets one (with a note), not a refusal.
@@ -91,7 +95,9 @@ async def answer(
     affordable = affordable_completion_tokens(
         price,
         (await turns.ledger.balances(user.id)).available,
-        prompt_tokens=prompt_token_bound(Conversation(messages=history).chat_messages()),
+        prompt_tokens=prompt_token_bound(
+            Conversation(messages=history, system=conversation.system).chat_messages()
+        ),
     )
     if MIN_REPLY_TOKENS <= affordable < max_tokens:
         max_tokens = affordable
@@ -113,7 +119,7 @@ async def answer(
         request = TurnRequest(
             user_id=user.id,
             model=model,
-            messages=Conversation(messages=history).chat_messages(),
+            messages=Conversation(messages=history, system=conversation.system).chat_messages(),
             max_tokens=max_tokens,
             conversation_id=f"tg-{conversation.conversation_id}",
         )
@@ -235,6 +241,22 @@ async def cmd_retry(
     await _reply(
         message, bot, user, prompt, conversation, settings, turns, contexts, running, limiter
     )
+
+
+async def reply_to(
+    message: Message,
+    bot: Bot,
+    user: User,
+    prompt: str,
+    settings: Settings,
+    turns: TurnDispatcher,
+    contexts: ContextStore,
+    running: RunningTurns,
+    limiter: RateLimiter,
+) -> None:
+    """A turn for ``prompt`` after the place's context (for other handlers: captions, edits)."""
+    if prompt:
+        await _reply(message, bot, user, prompt, None, settings, turns, contexts, running, limiter)
 
 
 async def _reply(

@@ -28,7 +28,7 @@ from backend.money import AmountError, parse_amount
 from backend.settings import Settings
 from backend.ton.comment import friendly_address
 from backend.ton.proof import linked_wallet
-from bot.common import Handlers, state_name, ton
+from bot.common import Handlers, model_by_token, model_token, state_name, ton
 from bot.errors import code_text, error_text
 from bot.handlers.wallet import link_keyboard, miniapp_url, wallet_error_text, wallet_keyboard
 from bot.i18n import _, ngettext
@@ -107,9 +107,22 @@ async def cmd_provider(
 async def cmd_addworker(
     message: Message, command: CommandObject, user: User, settings: Settings, redis: AsyncRedis
 ) -> None:
+    """``/addworker MODEL``: a one-time token and the command; without MODEL, where several
+    models are offered, it asks which one the worker will serve."""
     if not await _require_provider(message, user):
         return
-    model = (command.args or "").strip() or settings.default_model()
+    model = (command.args or "").strip()
+    if not model and len(settings.models) > 1:
+        rows = [
+            [InlineKeyboardButton(text=name, callback_data=f"aw:{model_token(name)}")]
+            for name in settings.models
+        ]
+        await message.answer(
+            _("Which model will this worker serve?"),
+            reply_markup=InlineKeyboardMarkup(inline_keyboard=rows),
+        )
+        return
+    model = model or settings.default_model()
     if model not in settings.models:
         await message.answer(
             _("Unknown model {model}. Models: {models}").format(
@@ -117,12 +130,34 @@ async def cmd_addworker(
             )
         )
         return
+    await message.answer(
+        await worker_command(settings, redis, user, model), parse_mode=ParseMode.HTML
+    )
+
+
+@handlers.callback_query(F.data.startswith("aw:"))
+async def on_addworker_model(
+    query: CallbackQuery, user: User, settings: Settings, redis: AsyncRedis
+) -> None:
+    model = model_by_token(settings, (query.data or "").split(":", 1)[1])
+    if model is None or not user.is_provider:
+        await query.answer(_("This button is not valid any more."), show_alert=True)
+        return
+    await query.answer()
+    if query.message is not None:
+        await query.message.answer(
+            await worker_command(settings, redis, user, model), parse_mode=ParseMode.HTML
+        )
+
+
+async def worker_command(settings: Settings, redis: AsyncRedis, user: User, model: str) -> str:
+    """A one-time registration token and the exact ``cocoon worker`` command (HTML)."""
     token = await issue_registration_token(redis, user.id, TOKEN_TTL_S)
     line = (
         f"cocoon worker --model {model} --engine vllm "
         f"--register-url {backend_url(settings)} --token {token}"
     )
-    text = "\n\n".join(
+    return "\n\n".join(
         [
             html.escape(
                 _(
@@ -137,7 +172,6 @@ async def cmd_addworker(
             ),
         ]
     )
-    await message.answer(text, parse_mode=ParseMode.HTML)
 
 
 @handlers.message(Command("workers"))

@@ -1,0 +1,87 @@
+"""What peers offer beyond plain text (Telegram faked at the session layer, the rest real): a
+system prompt per place (/system), sealed with the context and sent first with every turn;
+a caption read as the question; an edited question answered again."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from backend.dispatch import TurnRequest
+from tests.support.bot import ALICE, Harness
+from tests.support.bot_fakes import feed, message_update
+
+
+@pytest.fixture
+def asked(bot: Harness, monkeypatch: pytest.MonkeyPatch) -> list[TurnRequest]:
+    """Each turn the bot asks the backend for (the real dispatcher still runs it)."""
+    seen: list[TurnRequest] = []
+    turns = bot.app.services.turns
+    real = turns.start_turn
+
+    async def spy(request: TurnRequest, *args: Any, **kw: Any) -> Any:
+        seen.append(request)
+        return await real(request, *args, **kw)
+
+    monkeypatch.setattr(turns, "start_turn", spy)
+    return seen
+
+
+async def test_a_system_prompt_is_kept_sealed_and_sent_first(
+    bot: Harness, asked: list[TurnRequest]
+) -> None:
+    await bot.send("/system")
+    assert "No system prompt here" in bot.last().text
+    await bot.send("/system Answer like a pirate.")
+    assert "System prompt set" in bot.last().text
+    raw = await bot.app.services.redis.get(bot.app.services.contexts.redis_key(ALICE))
+    assert raw and b"pirate" not in raw  # sealed at rest
+    await bot.send("/system")
+    assert "Answer like a pirate." in bot.last().text
+    await bot.send("Where is the treasure?")
+    (request,) = asked
+    assert [(m.role, m.content) for m in request.messages] == [
+        ("system", "Answer like a pirate."),
+        ("user", "Where is the treasure?"),
+    ]
+    await bot.send("/system " + "x" * 2001)
+    assert "at most 2000 characters" in bot.last().text
+    await bot.send("/system off")
+    await bot.send("And now?")
+    assert [m.role for m in asked[-1].messages] == ["user"]
+
+
+async def test_a_caption_is_the_question_and_an_edit_is_asked_again(
+    bot: Harness, asked: list[TurnRequest]
+) -> None:
+    photo = [{"file_id": "p", "file_unique_id": "u", "width": 10, "height": 10}]
+    await bot.send(None, photo=photo, caption="What is in this picture?")
+    assert "the attachment itself is not sent" in bot.tg.texts()[-2]
+    assert asked[-1].messages[-1].content == "What is in this picture?"
+    edited = message_update(ALICE, "What is 3+3?")
+    edited["edited_message"] = {**edited.pop("message"), "edit_date": 1}
+    await feed(bot.app.dp, bot.app.bot, edited)
+    assert asked[-1].messages[-1].content == "What is 3+3?"
+
+
+async def test_addworker_asks_which_model_when_there_are_several(
+    settings: Any, redis_url: str
+) -> None:
+    from backend.settings import ModelPrice
+    from tests.support.bot import bot_settings, running_harness
+
+    models = {
+        "small": ModelPrice(prompt=1, completion=2, context_length=2048),
+        "large": ModelPrice(prompt=3, completion=4, context_length=8192),
+    }
+    async with running_harness(bot_settings(settings, models=models)) as bot:
+        await bot.send("/provider")
+        await bot.send("/addworker")
+        assert bot.last().text == "Which model will this worker serve?"
+        choices = bot.last().reply_markup.inline_keyboard
+        assert [row[0].text for row in choices] == ["small", "large"]
+        await bot.press(choices[1][0].callback_data)
+        assert "cocoon worker --model large --engine vllm" in bot.last().text
+        await bot.press("aw:0000000000000000")
+        assert bot.last("answerCallbackQuery").show_alert
