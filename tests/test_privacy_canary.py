@@ -15,7 +15,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -26,7 +25,7 @@ import redis.asyncio as aioredis
 
 from tests.support.env import require_module
 from tests.support.fake_telegram import FakeTelegram
-from tests.support.ops import free_port
+from tests.support.ops import free_port, start_cocoon_up
 
 require_module("llama_cpp")
 
@@ -44,18 +43,6 @@ def _read(path: Path) -> str:
 
 def _exists(path: str) -> bool:
     return os.path.exists(path)
-
-
-def _start_stack(env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "backend.cli", "up"],
-            env=env,
-            cwd=cwd,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
 
 
 async def _wait_ready(up: subprocess.Popen[bytes], log: Path, base: str, key: str) -> None:
@@ -126,7 +113,7 @@ async def test_canary_never_reaches_rest(tmp_path: Path) -> None:
         COCOON_MAX_TOKENS_DEFAULT="16",
     )
     log = tmp_path / "up.log"
-    up = _start_stack(env, tmp_path, log)
+    up = start_cocoon_up(env, tmp_path, log)
     try:
         await _wait_ready(up, log, base, str(data / "local-api-key"))
         api_key = (data / "local-api-key").read_text().strip()

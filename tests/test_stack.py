@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from tests.support.env import require_module
-from tests.support.ops import free_port
+from tests.support.ops import free_port, start_cocoon_up
 
 require_module("llama_cpp")
 
@@ -31,15 +31,7 @@ def test_up_then_chat(tmp_path: Path) -> None:
         COCOON_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
         COCOON_WEB_PORT=str(web_port),
     )
-    log = (tmp_path / "up.log").open("w+")
-    up = subprocess.Popen(
-        [sys.executable, "-m", "backend.cli", "up"],
-        env=env,
-        cwd=tmp_path,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    up = start_cocoon_up(env, tmp_path, tmp_path / "up.log")
     try:
         key_file = tmp_path / "data" / "local-api-key"
         deadline = time.monotonic() + 120
@@ -113,7 +105,6 @@ def test_up_then_chat(tmp_path: Path) -> None:
     finally:
         os.killpg(up.pid, signal.SIGINT)
         up.wait(timeout=60)
-        log.close()
     # Everything it started is gone with it: the Redis it ran no longer answers.
     client = redis.Redis(port=redis_port, socket_connect_timeout=1)
     try:

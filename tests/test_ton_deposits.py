@@ -31,6 +31,7 @@ from backend.ton.transactions import classify
 from backend.ton.unclaimed import jetton_notifications, resolve_unclaimed, unclaimed_deposits
 from backend.ton.watcher import DepositEvent, DepositWatcher
 from backend.users import get_or_create_user
+from tests.support.payouts import Clock
 
 TON = 1_000_000_000
 DEPOSIT = "0:" + "D1" * 32
@@ -367,16 +368,8 @@ async def test_a_jetton_notification_naming_an_external_address_stops_no_deposit
 # ------------------------------------------------------- late-indexed transactions
 
 
-class ChainClock:
-    def __init__(self) -> None:
-        self.now = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 async def test_a_lower_lt_indexed_after_a_higher_one_is_still_credited_once(db: Database) -> None:
-    clock = ChainClock()
+    clock = Clock()
     net = LocalTonCenter(clock=clock)
     user = await get_or_create_user(db, 705)
     memo = user.deposit_memo

@@ -1,5 +1,6 @@
 """Helpers of the operations tests (metrics, logs, sweeper, chaos): a worker node process on the
-instant engine, the web application on loopback with a funded user's API key, and free ports."""
+instant engine, the web application on loopback with a funded user's API key, ``cocoon up`` as
+a process, and free ports."""
 
 from __future__ import annotations
 
@@ -42,6 +43,20 @@ async def admin_sql(url: str, *statements: str) -> None:
                 await conn.execute(text(statement))
     finally:
         await engine.dispose()
+
+
+def start_cocoon_up(env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:
+    """``cocoon up`` in a session of its own (SIGINT to its process group stops it and all it
+    started), its output in ``log``."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "backend.cli", "up"],
+            env=env,
+            cwd=cwd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def free_port() -> int:

@@ -25,6 +25,8 @@ class Crash(Exception):
 
 
 class Clock:
+    """The chain's and the sender's time, moved by the test (it starts in 2027)."""
+
     def __init__(self) -> None:
         self.now = 1_800_000_000.0
 
