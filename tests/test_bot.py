@@ -256,6 +256,22 @@ async def test_topup_offers_the_mini_app_the_memo_and_stars(bot: Harness) -> Non
     assert bot.last("answerCallbackQuery").show_alert
 
 
+async def test_stars_are_credited_only_at_the_rate_the_bot_issues(bot: Harness) -> None:
+    await bot.send("/start")
+    user = await bot.user()
+    rate = bot.settings.stars_nano_per_star
+    inflated = f"stars:{user.id}:100:{rate * 10}"
+    await feed(bot.app.dp, bot.app.bot, pre_checkout_update(ALICE, inflated, 100))
+    assert bot.last("answerPreCheckoutQuery").ok is False  # not a rate the bot issues
+    await feed(
+        bot.app.dp, bot.app.bot, pre_checkout_update(ALICE, f"stars:{user.id}:100:{rate}", 100)
+    )
+    assert bot.last("answerPreCheckoutQuery").ok is True
+    # Paid anyway (a rate changed between the two): credited at the rate the bot issues.
+    await feed(bot.app.dp, bot.app.bot, payment_update(ALICE, inflated, 100, "charge-x"))
+    assert (await bot.ledger.balances(user.id)).available == 100 * rate
+
+
 async def test_stars_payment_is_credited_once_when_delivered_twice(bot: Harness) -> None:
     await bot.send("/start")
     user = await bot.user()

@@ -208,15 +208,28 @@ async def on_stars_amount(query: CallbackQuery, bot: Bot, user: User, settings: 
     )
 
 
+def stars_rate(invoice: accounts.StarsInvoice | None, settings: Settings) -> int:
+    """The rate a paid invoice is credited at: the one it showed, when the bot issues that rate
+    (pre-checkout let only those through); never more than the bot issues now."""
+    issued = settings.stars_nano_per_star
+    shown = invoice.nano_per_star if invoice is not None else None
+    if shown is None or shown == issued:
+        return issued
+    log.warning("a Stars invoice at a rate the bot does not issue was paid: credited at %d", issued)
+    return min(shown, issued)
+
+
 @handlers.pre_checkout_query()
-async def on_pre_checkout(query: PreCheckoutQuery, user: User) -> None:
-    """Answered at once (Telegram waits 10 s at most): only our own, well-formed invoices."""
+async def on_pre_checkout(query: PreCheckoutQuery, user: User, settings: Settings) -> None:
+    """Answered at once (Telegram waits 10 s at most): only our own, well-formed invoices, at
+    the rate the bot issues now (an invoice of another rate: ask for a new one)."""
     invoice = accounts.parse_stars_payload(query.invoice_payload)
     if (
         invoice is None
         or query.currency != CURRENCY
         or invoice.user_id != user.id
         or invoice.stars != query.total_amount
+        or invoice.nano_per_star not in (None, settings.stars_nano_per_star)
     ):
         await query.answer(ok=False, error_message=_("This invoice is not valid any more."))
         return
@@ -239,8 +252,7 @@ async def on_successful_payment(
         user.id,
         payment.total_amount,
         payment.telegram_payment_charge_id,
-        # The rate the invoice showed (pre_checkout let only our own invoices through).
-        nano_per_star=invoice.nano_per_star if invoice is not None else None,
+        nano_per_star=stars_rate(invoice, settings),
     )
     if receipt.replayed:
         log.info("a Stars payment arrived again: already credited, nothing changed")
