@@ -305,3 +305,40 @@ async def test_a_saturated_model_answers_503_with_retry_after(
     assert "busy" in refused.value.message
     await busy
     await client.close()
+
+
+async def test_langchain_openai(v1: Api, node: Node) -> None:
+    """langchain-openai's ChatOpenAI: plain and streamed chat, a forced tool call whose
+    arguments parse, a structured (json_schema) reply, and a context overflow as openai's
+    own exception, all billed as the ledger says."""
+    from langchain_openai import ChatOpenAI
+
+    chat = ChatOpenAI(
+        model=DEFAULT_MODEL, base_url=v1.base_url, api_key=v1.key, max_retries=0, max_tokens=12
+    )
+    reply = await chat.ainvoke("Say hello.")
+    assert reply.content
+    streamed = [chunk.content async for chunk in chat.astream("Say hi.")]
+    assert "".join(str(part) for part in streamed)
+
+    caller = chat.bind_tools([WEATHER], tool_choice="get_weather")
+    called = await caller.ainvoke("What is the weather in Rome?", max_tokens=60, temperature=0)
+    [call] = called.tool_calls
+    assert call["name"] == "get_weather" and isinstance(call["args"]["city"], str)
+
+    schema = {
+        "title": "Answer",
+        "type": "object",
+        "properties": {"yes": {"type": "boolean"}},
+        "required": ["yes"],
+        "additionalProperties": False,
+    }
+    structured = chat.with_structured_output(schema, method="json_schema")
+    answer = await structured.ainvoke("Is the sky blue?", max_tokens=20, temperature=0)
+    assert isinstance(answer, dict) and isinstance(answer["yes"], bool)
+
+    with pytest.raises(openai.BadRequestError, match="context"):
+        await chat.ainvoke("apple banana cherry " * 1200)
+    turns = await settled_turns(v1)
+    assert len(turns) == 4
+    assert (await v1.ledger.balances(v1.user_id)).available == TON - sum(t.cost for t in turns)
