@@ -100,6 +100,27 @@ class Ledger:
             pending_payout=found.get(AccountKind.PROVIDER_PENDING, 0),
         )
 
+    async def available_after(self, user_id: int, key: str) -> int | None:
+        """The user's available balance right after the transaction ``key`` (what a notice of
+        that deposit shows, whatever moved since); None when there is no such transaction."""
+        async with self.db.session() as session:
+            transaction_id = await session.scalar(
+                select(Transaction.id).where(Transaction.idempotency_key == key)
+            )
+            if transaction_id is None:
+                return None
+            account = (
+                select(Account.id)
+                .where(Account.kind == AccountKind.USER, Account.owner_id == user_id)
+                .scalar_subquery()
+            )
+            total = await session.scalar(
+                select(func.coalesce(func.sum(Entry.amount), 0)).where(
+                    Entry.account_id == account, Entry.transaction_id <= transaction_id
+                )
+            )
+        return int(total or 0)
+
     async def balance(self, kind: AccountKind, owner_id: int = 0) -> int:
         async with self.db.session() as session:
             value = await session.scalar(

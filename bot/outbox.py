@@ -22,7 +22,7 @@ from redis.asyncio import Redis as AsyncRedis
 from backend import accounts, notifications
 from backend.db import Database
 from backend.ledger import Ledger
-from backend.models import Notification, User
+from backend.models import Notification, TonDeposit, User
 from bot.common import again_button, ton
 from bot.context import ContextStore
 from bot.i18n import _, use_language
@@ -128,6 +128,19 @@ class Outbox:
             return None
         return InlineKeyboardMarkup(inline_keyboard=[[again_button()]])
 
+    async def _balance_then(self, notification: Notification, user: User) -> int:
+        """The balance right after the money this notice tells of arrived (the current one
+        when its ledger transaction cannot be found)."""
+        key: str | None = None
+        if notification.kind == notifications.NOTIFY_STARS:
+            key = notification.key  # credited under the same key (stars:<charge id>)
+        elif notification.key.startswith("deposit:") and notification.key[8:].isdecimal():
+            async with self.db.session() as session:
+                deposit = await session.get(TonDeposit, int(notification.key[8:]))
+            key = deposit.ledger_key if deposit is not None else None
+        then = await self.ledger.available_after(user.id, key) if key else None
+        return then if then is not None else (await self.ledger.balances(user.id)).available
+
     async def _deliver(self, notification: Notification) -> bool:
         if not await notifications.mark_delivered(self.db, notification.id):
             return False  # another replica told it
@@ -137,7 +150,7 @@ class Outbox:
             return False
         balance = None
         if notification.kind in (notifications.NOTIFY_DEPOSIT, notifications.NOTIFY_STARS):
-            balance = (await self.ledger.balances(user.id)).available
+            balance = await self._balance_then(notification, user)
         with use_language(user.language_code):
             text = render(notification, balance)
         try:

@@ -95,3 +95,19 @@ async def test_a_balance_that_covers_a_shorter_answer_gets_one(bot: Harness) -> 
     async with bot.db.session() as session:
         (hold,) = list(await session.scalars(select(Hold).where(Hold.user_id == me.id)))
     assert 0 < hold.amount <= affordable  # held what the balance covers, not 512 tokens
+
+
+async def test_a_deposit_notice_shows_the_balance_as_of_that_deposit(bot: Harness) -> None:
+    from backend import accounts
+    from tests.support.bot import record_turn
+
+    await bot.send("/start")
+    user = await bot.user()
+    rate = bot.settings.stars_nano_per_star
+    await accounts.credit_stars(bot.ledger, bot.settings, user.id, 100, "charge-a")
+    await accounts.credit_stars(bot.ledger, bot.settings, user.id, 100, "charge-b")
+    await record_turn(bot.ledger, user.id, 50 * rate)  # spent before the notices go out
+    bot.tg.clear()
+    assert await bot.app.outbox.drain_once() == 2
+    first, second = bot.tg.texts()
+    assert "Balance: 0.4 GRAM" in first and "Balance: 0.8 GRAM" in second
