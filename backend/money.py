@@ -2,7 +2,7 @@
 (1 GRAM = 10^9), exact decimals at the edges. No floats.
 
 One grammar for an amount a person types, shared by every surface (the Mini App's page
-implements the same rules in ``miniapp/static/amount.js``, and a test runs both on one table):
+implements the same rules in ``miniapp/static/app.js``, and a test runs both on one table):
 ASCII digits, at most one decimal separator (a point; a comma too where the language writes
 decimals with one), at most 9 decimals, no sign, exponent, underscore, spaces or other digits,
 optionally followed by the coin's name ("GRAM", or "TON" as people still write it). A refusal

@@ -7,9 +7,6 @@ from __future__ import annotations
 import base64
 import struct
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
-from typing import Any
 from urllib.parse import parse_qsl
 
 import pytest
@@ -23,6 +20,11 @@ from backend.settings import Settings, TonSettings
 from backend.ton.comment import decode_comment, friendly_address
 from backend.users import get_or_create_user
 from backend.web import create_app
+from tests.support.miniapp_api import (  # the fixtures, imported by other names
+    client_fixture,  # noqa: F401
+    error_of,
+    node_modules_fixture,  # noqa: F401
+)
 from tests.support.miniapp_helpers import (
     DEPOSIT,
     DOMAIN,
@@ -37,40 +39,6 @@ from tests.support.miniapp_helpers import (
 )
 
 ALICE = 7001
-
-
-@pytest.fixture
-def node_modules() -> None:
-    """The npm packages in miniapp/node_modules (skipped without them, except in CI)."""
-    from miniapp.assets import TONCONNECT_DIST, TONCONNECT_FILE
-    from tests.support.env import IN_CI
-
-    if not (TONCONNECT_DIST / TONCONNECT_FILE).is_file():
-        message = "miniapp/node_modules is missing: run npm ci in miniapp/"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-
-
-@pytest.fixture
-async def client(settings: Settings, db_url: str) -> AsyncIterator[TestClient]:
-    client = TestClient(TestServer(create_app(app_settings(settings, db_url))))
-    await client.start_server()
-    await client.app[appkeys.DATABASE].upgrade()
-    yield client
-    await client.close()
-
-
-async def error_of(response, status: int) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-    """The error of a refusal: a stable code, a sentence, and the details a page needs to say
-    it itself; never an exception's text, an internal limit or nanoTON."""
-    assert response.status == status, await response.text()
-    body = await response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details"}
-    message = body["error"]["message"]
-    assert message and "nanoTON" not in message and "9223372036854775807" not in message
-    assert "Traceback" not in message and "got '" not in message
-    return body["error"]
 
 
 # ----------------------------------------------------------------------- initData
@@ -254,41 +222,6 @@ async def test_the_top_up_transaction_pays_the_deposit_wallet_with_the_memo(
     assert cell.load_uint(32) == 0 and cell.load_snake_string() == me["deposit_memo"]
 
 
-@pytest.mark.parametrize(
-    ("amount", "language", "problem", "words"),
-    [
-        ("0", "en", "not_positive", "more than 0"),
-        ("1.0000000001", "en", "precision", "9 digits"),
-        ("1e9", "en", "format", "digits only"),
-        ("1_000", "en", "format", "digits only"),
-        ("+5", "en", "format", "digits only"),
-        ("\u0663", "en", "format", "digits only"),  # an Arabic-Indic three
-        ("1,000", "en", "comma", "point for decimals"),  # never read as 1
-        ("99999999999", "en", "too_large", "too large"),
-        ("1.5.5", "ru", "format", "только цифры"),
-        ("0,0", "fr", "not_positive", "supérieur à 0"),
-    ],
-)
-async def test_a_bad_top_up_amount_is_refused_in_the_pages_language(
-    client: TestClient, amount: str, language: str, problem: str, words: str
-) -> None:
-    headers = {**auth(init_data(ALICE)), "X-Cocoon-Language": language}
-    response = await client.post("/app/api/topup", headers=headers, json={"amount": amount})
-    error = await error_of(response, 400)
-    assert error["code"] == "invalid_amount" and error["details"] == {"problem": problem}
-    assert words in error["message"], error["message"]
-
-
-async def test_a_comma_is_a_decimal_separator_where_the_language_has_one(
-    client: TestClient,
-) -> None:
-    for language, amount in (("ru", "1,5"), ("fr", "1,5 GRAM"), ("en", "1.5 TON")):
-        headers = {**auth(init_data(ALICE)), "X-Cocoon-Language": language}
-        response = await client.post("/app/api/topup", headers=headers, json={"amount": amount})
-        assert response.status == 200, await response.text()
-        assert (await response.json())["amount"] == "1500000000"
-
-
 async def test_no_deposit_wallet_no_ton_top_ups(settings: Settings, db_url: str) -> None:
     bare = app_settings(settings, db_url, ton=TonSettings(), bot_token=None)
     async with TestClient(TestServer(create_app(bare))) as client:
@@ -388,28 +321,6 @@ async def test_history_pages_deposits_and_turns(client: TestClient, redis_url: s
     assert (await error_of(response, 400))["code"] == "invalid_page"
     response = await client.get("/app/api/history?kind=bets", headers=customer)
     assert (await error_of(response, 400))["code"] == "invalid_page"
-
-
-async def test_history_pages_by_cursor_never_repeat_a_row(client: TestClient) -> None:
-    """Paging by offset repeats rows when new ones arrive between pages; by cursor it cannot."""
-    ledger: Ledger = client.app[appkeys.LEDGER]
-    user = await get_or_create_user(client.app[appkeys.DATABASE], 7301)
-    for n in range(25):
-        await ledger.credit_deposit(user.id, TON + n, f"dep:cursor:{n}")
-    headers = auth(init_data(7301))
-    first = await (await client.get("/app/api/history", headers=headers)).json()
-    assert len(first["items"]) == 20 and first["has_more"] and first["next_cursor"]
-    for n in range(3):  # top-ups land while the user reads the first page
-        await ledger.credit_deposit(user.id, 5 * TON + n, f"dep:cursor:new:{n}")
-    query = f"/app/api/history?cursor={first['next_cursor']}"
-    second = await (await client.get(query, headers=headers)).json()
-    amounts = [int(i["amount"]) for i in first["items"] + second["items"]]
-    assert sorted(amounts) == [TON + n for n in range(25)]  # each row once, none skipped
-    assert not second["has_more"] and second["next_cursor"] is None
-    for bad in ("garbage", "x" * 200, "MjAyNnww"):
-        response = await client.get(f"/app/api/history?cursor={bad}", headers=headers)
-        error = await error_of(response, 400)
-        assert error["code"] == "invalid_page" and "cursor" not in error["message"]
 
 
 async def test_the_provider_dashboard_and_withdrawals(client: TestClient, redis_url: str) -> None:
@@ -514,42 +425,6 @@ async def test_unknown_api_paths_and_methods_are_json_errors(client: TestClient)
     assert (await error_of(response, 404))["code"] == "not_found"
     response = await client.put("/app/api/me", headers=auth(init_data(ALICE)))
     assert (await error_of(response, 405))["code"] == "not_found"
-
-
-# ------------------------------------------------------------------- the libraries
-
-
-def test_without_node_modules_the_server_says_what_to_do(
-    tmp_path: Path, settings: Settings
-) -> None:
-    from miniapp.assets import TELEGRAM_CDN, find_assets
-
-    bare = find_assets(settings, node_modules=tmp_path / "node_modules")
-    assert bare.tonconnect_url is None and bare.telegram_url == TELEGRAM_CDN
-    [problem] = bare.problems
-    assert "npm ci" in problem and "COCOON_TONCONNECT_UI_URL" in problem
-    cdn = "https://cdn.example/@tonconnect/ui@2.4.4/dist/tonconnect-ui.min.js"
-    with_cdn = find_assets(
-        settings.model_copy(update={"tonconnect_ui_url": cdn}),
-        node_modules=tmp_path / "node_modules",
-    )
-    assert with_cdn.tonconnect_url == cdn and with_cdn.problems == []
-
-
-async def test_a_cdn_setting_replaces_the_local_copy(settings: Settings, db_url: str) -> None:
-    cdn = "https://cdn.example/tonconnect-ui.min.js"
-    configured = app_settings(settings, db_url, tonconnect_ui_url=cdn)
-    async with TestClient(TestServer(create_app(configured))) as client:
-        page = await (await client.get("/app")).text()
-        assert f'"tonconnectUrl": "{cdn}"' in page  # loaded by the views that use it
-        assert "/app/vendor/tonconnect/" not in page
-
-
-async def test_the_local_copy_is_served(client: TestClient, node_modules: None) -> None:
-    response = await client.get("/app/vendor/tonconnect/tonconnect-ui.min.js")
-    assert response.status == 200 and "TON_CONNECT_UI" in await response.text()
-    response = await client.get("/app/vendor/telegram-web-app.js")
-    assert response.status == 200 and "Telegram" in await response.text()
 
 
 # ---------------------------------------------------------------------------- chat

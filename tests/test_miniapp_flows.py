@@ -5,6 +5,7 @@ with its QR code and copy, and one amount grammar on the page and the server."""
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -161,6 +162,25 @@ async def test_an_expired_session_is_one_clean_screen(stack: Stack, context: Any
     assert text.count("too old") == 1, text  # said once, not over a half-working page
     assert await page.locator("#session-reopen").is_visible()
     await screenshot(page, "session-ended")
+    async with page.expect_navigation():  # outside Telegram, reopening loads the page again
+        await page.click("#session-reopen")
+
+
+async def test_a_pending_top_up_shows_in_history_and_can_be_dismissed(
+    stack: Stack, context: Any
+) -> None:
+    await get_or_create_user(stack.db, 9970, "en")
+    page = await open_page(context, stack.origin)
+    sent = [{"amount": "2500000000", "at": "2026-01-02T03:04:05Z"}]
+    stored = json.dumps(json.dumps(sent))  # what the Wallet view keeps for a sent top-up
+    await page.add_init_script(f"localStorage.setItem('cocoon.pending-topups', {stored})")
+    await page.goto(stack.origin + "/app/history" + launch_hash(9970))
+    row = page.locator("#history-list .item-pending")
+    await row.wait_for()
+    assert "+2.5 GRAM" in await row.text_content() and "pending" in await row.text_content()
+    await row.locator("button.link-button").click()  # Dismiss
+    await row.wait_for(state="detached")
+    assert await page.evaluate("localStorage.getItem('cocoon.pending-topups')") == "[]"
 
 
 async def test_a_refused_message_keeps_its_text_and_offers_the_fix(

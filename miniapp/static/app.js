@@ -163,6 +163,7 @@
 
   // An expired or refused session: one clean screen with a way back, nothing half-working.
   function endSession(message) {
+    $("session-reopen").onclick = () => (inTelegram ? tg.close() : window.location.reload());
     $("session-reason").textContent = message;
     $("session-screen").hidden = false;
     $("main").hidden = true;
@@ -171,6 +172,12 @@
   }
 
   // ---------------------------------------------------------------------- page bits
+
+  // An error a view could not show itself, as a toast; not when the offline banner or the
+  // session screen already says it.
+  function quietly(error) {
+    if (error && error.status !== 401 && error.code !== "offline") toast(error.message);
+  }
 
   let toastTimer = null;
   function toast(message) {
@@ -305,7 +312,7 @@
           // When the first view shows its data (the loading budget is measured to here).
           if (!performance.getEntriesByName("cocoon:first-data").length) performance.mark("cocoon:first-data");
         })
-        .catch((error) => error.status !== 401 && toast(error.message));
+        .catch(quietly);
     } else if (v.show) {
       v.show();
     }
@@ -495,6 +502,7 @@
     loadScript,
     $,
     toast,
+    quietly,
     status,
     haptic,
     copy,

@@ -294,7 +294,7 @@
   });
   $("model").addEventListener("change", () => {
     showPrice();
-    C.request("/model", { method: "POST", body: { model: $("model").value } }).catch((e) => C.toast(e.message));
+    C.request("/model", { method: "POST", body: { model: $("model").value } }).catch(C.quietly);
   });
 
   C.view("chat", {

@@ -177,7 +177,7 @@
       other.setAttribute("aria-selected", on ? "true" : "false");
       other.tabIndex = on ? 0 : -1;
     }
-    load(true).catch((error) => C.toast(error.message));
+    load(true).catch(C.quietly);
   }
 
   const chips = Array.from($("history-filter").children);
@@ -192,7 +192,7 @@
       select(next);
     });
   });
-  $("history-more").addEventListener("click", () => load(false).catch((e) => C.toast(e.message)));
+  $("history-more").addEventListener("click", () => load(false).catch(C.quietly));
 
   function showBalance(me) {
     const balance = $("history-balance");
@@ -207,7 +207,7 @@
     },
     show() {
       C.me(true).then(showBalance).catch(() => {});
-      load(true).catch((error) => C.toast(error.message));
+      load(true).catch(C.quietly);
     },
     online() {
       load(true).catch(() => {});

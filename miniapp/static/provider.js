@@ -136,5 +136,5 @@
   });
   $("link-payout").addEventListener("click", linkPayout);
   $("link-payout").disabled = !C.config.tonconnect;
-  C.view("provider", { start: load, show: () => load().catch((error) => C.toast(error.message)) });
+  C.view("provider", { start: load, show: () => load().catch(C.quietly) });
 })();

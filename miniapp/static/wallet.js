@@ -263,7 +263,7 @@
   // --------------------------------------------------------------------------- start
 
   $("connect").addEventListener("click", () => connect(false));
-  $("disconnect").addEventListener("click", () => disconnect().catch((e) => C.toast(e.message)));
+  $("disconnect").addEventListener("click", () => disconnect().catch(C.quietly));
   $("topup-amount").addEventListener("input", (event) => choose(event.target.value, false));
   $("topup-send").addEventListener("click", topUp);
   $("topup-dismiss").addEventListener("click", () => {
@@ -284,7 +284,7 @@
     },
     show() {
       choose($("topup-amount").value, true);
-      C.me(true).then(render).catch((error) => C.toast(error.message));
+      C.me(true).then(render).catch(C.quietly);
     },
     online() {
       C.me(true).then(render).catch(() => {});

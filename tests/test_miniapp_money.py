@@ -1,0 +1,141 @@
+"""The Mini App's API on money and what it serves: the one amount grammar (refusals as stable
+problems said in the page's language), history paged by cursor, and its files (gzipped,
+versioned, cached)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from backend import appkeys
+from backend.ledger import Ledger
+from backend.settings import Settings
+from backend.users import get_or_create_user
+from backend.web import create_app
+from tests.support.miniapp_api import (  # the fixtures, imported by other names
+    client_fixture,  # noqa: F401
+    error_of,
+    node_modules_fixture,  # noqa: F401
+)
+from tests.support.miniapp_helpers import TON, app_settings, auth, init_data
+
+ALICE = 7101
+
+
+@pytest.mark.parametrize(
+    ("amount", "language", "problem", "words"),
+    [
+        ("0", "en", "not_positive", "more than 0"),
+        ("1.0000000001", "en", "precision", "9 digits"),
+        ("1e9", "en", "format", "digits only"),
+        ("1_000", "en", "format", "digits only"),
+        ("+5", "en", "format", "digits only"),
+        ("\u0663", "en", "format", "digits only"),  # an Arabic-Indic three
+        ("1,000", "en", "comma", "point for decimals"),  # never read as 1
+        ("99999999999", "en", "too_large", "too large"),
+        ("1.5.5", "ru", "format", "только цифры"),
+        ("0,0", "fr", "not_positive", "supérieur à 0"),
+    ],
+)
+async def test_a_bad_top_up_amount_is_refused_in_the_pages_language(
+    client: TestClient, amount: str, language: str, problem: str, words: str
+) -> None:
+    headers = {**auth(init_data(ALICE)), "X-Cocoon-Language": language}
+    response = await client.post("/app/api/topup", headers=headers, json={"amount": amount})
+    error = await error_of(response, 400)
+    assert error["code"] == "invalid_amount" and error["details"] == {"problem": problem}
+    assert words in error["message"], error["message"]
+
+
+async def test_a_comma_is_a_decimal_separator_where_the_language_has_one(
+    client: TestClient,
+) -> None:
+    for language, amount in (("ru", "1,5"), ("fr", "1,5 GRAM"), ("en", "1.5 TON")):
+        headers = {**auth(init_data(ALICE)), "X-Cocoon-Language": language}
+        response = await client.post("/app/api/topup", headers=headers, json={"amount": amount})
+        assert response.status == 200, await response.text()
+        assert (await response.json())["amount"] == "1500000000"
+
+
+async def test_history_pages_by_cursor_never_repeat_a_row(client: TestClient) -> None:
+    """Paging by offset repeats rows when new ones arrive between pages; by cursor it cannot."""
+    ledger: Ledger = client.app[appkeys.LEDGER]
+    user = await get_or_create_user(client.app[appkeys.DATABASE], 7301)
+    for n in range(25):
+        await ledger.credit_deposit(user.id, TON + n, f"dep:cursor:{n}")
+    headers = auth(init_data(7301))
+    first = await (await client.get("/app/api/history", headers=headers)).json()
+    assert len(first["items"]) == 20 and first["has_more"] and first["next_cursor"]
+    for n in range(3):  # top-ups land while the user reads the first page
+        await ledger.credit_deposit(user.id, 5 * TON + n, f"dep:cursor:new:{n}")
+    query = f"/app/api/history?cursor={first['next_cursor']}"
+    second = await (await client.get(query, headers=headers)).json()
+    amounts = [int(i["amount"]) for i in first["items"] + second["items"]]
+    assert sorted(amounts) == [TON + n for n in range(25)]  # each row once, none skipped
+    assert not second["has_more"] and second["next_cursor"] is None
+    for bad in ("garbage", "x" * 200, "MjAyNnww"):
+        response = await client.get(f"/app/api/history?cursor={bad}", headers=headers)
+        error = await error_of(response, 400)
+        assert error["code"] == "invalid_page" and "cursor" not in error["message"]
+
+
+# ------------------------------------------------------------------- the libraries
+
+
+def test_without_node_modules_the_server_says_what_to_do(
+    tmp_path: Path, settings: Settings
+) -> None:
+    from miniapp.assets import TELEGRAM_CDN, find_assets
+
+    bare = find_assets(settings, node_modules=tmp_path / "node_modules")
+    assert bare.tonconnect_url is None and bare.telegram_url == TELEGRAM_CDN
+    [problem] = bare.problems
+    assert "npm ci" in problem and "COCOON_TONCONNECT_UI_URL" in problem
+    cdn = "https://cdn.example/@tonconnect/ui@2.4.4/dist/tonconnect-ui.min.js"
+    with_cdn = find_assets(
+        settings.model_copy(update={"tonconnect_ui_url": cdn}),
+        node_modules=tmp_path / "node_modules",
+    )
+    assert with_cdn.tonconnect_url == cdn and with_cdn.problems == []
+
+
+async def test_a_cdn_setting_replaces_the_local_copy(settings: Settings, db_url: str) -> None:
+    cdn = "https://cdn.example/tonconnect-ui.min.js"
+    configured = app_settings(settings, db_url, tonconnect_ui_url=cdn)
+    async with TestClient(TestServer(create_app(configured))) as client:
+        page = await (await client.get("/app")).text()
+        assert f'"tonconnectUrl": "{cdn}"' in page  # loaded by the views that use it
+        assert "/app/vendor/tonconnect/" not in page
+
+
+async def test_the_local_copy_is_served(client: TestClient, node_modules: None) -> None:
+    response = await client.get("/app/vendor/tonconnect/tonconnect-ui.min.js")
+    assert response.status == 200 and "TON_CONNECT_UI" in await response.text()
+    response = await client.get("/app/vendor/telegram-web-app.js")
+    assert response.status == 200 and "Telegram" in await response.text()
+
+
+async def test_files_are_gzipped_versioned_and_cached(client: TestClient) -> None:
+    page = await client.get("/app", headers={"Accept-Encoding": "gzip"})
+    assert page.headers["Cache-Control"] == "no-cache"
+    assert page.headers["Content-Encoding"] in ("gzip", "deflate")
+    html = await page.text()
+    bundle = html.split('src="/app/static/cocoon.js?v=', 1)[1].split('"', 1)[0]
+    versioned = await client.get(
+        f"/app/static/cocoon.js?v={bundle}", headers={"Accept-Encoding": "gzip"}
+    )
+    assert versioned.status == 200
+    assert versioned.headers["Cache-Control"] == "public, max-age=31536000, immutable"
+    assert versioned.headers["Content-Encoding"] == "gzip"
+    assert "Cocoon.view" not in html and "window.Cocoon" in await versioned.text()
+    plain = await client.get("/app/static/cocoon.js", headers={"Accept-Encoding": "identity"})
+    assert plain.headers["Cache-Control"] == "no-cache" and "Content-Encoding" not in plain.headers
+    etag = plain.headers["ETag"]
+    again = await client.get("/app/static/cocoon.js", headers={"If-None-Match": etag})
+    assert again.status == 304 and not await again.read()
+    stale = await client.get("/app/static/cocoon.js?v=0000000000000000")
+    assert stale.headers["Cache-Control"] == "no-cache"  # an old version is never pinned
+    missing = await client.get("/app/static/nothing.js")
+    assert missing.status == 404
