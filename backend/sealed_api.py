@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 from typing import Any
 
@@ -116,25 +117,31 @@ async def sealed_completions(request: web.Request) -> web.StreamResponse:
     if not body.stream:
         events: list[str] = []
         try:
-            async for event in turn.sealed_events():
-                if isinstance(event, SealedEvent):
-                    events.append(_b64(event.data))
-                else:
-                    return web.json_response({**head, "events": events, **_ending(event)})
+            async with contextlib.aclosing(turn.sealed_events()) as stream:
+                async for event in stream:
+                    if isinstance(event, SealedEvent):
+                        events.append(_b64(event.data))
+                    else:
+                        return web.json_response({**head, "events": events, **_ending(event)})
         except CocoonError as error:
-            return web.json_response({**head, "events": events, **p.error_body(error)}, status=502)
+            status = p.error_status(error)
+            return web.json_response(
+                {**head, "events": events, **p.error_body(error)}, status=status
+            )
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     )
     await response.prepare(request)
     await response.write(p.sse({"object": "cocoon.sealed.start", **head}))
     try:
-        async for event in turn.sealed_events():
-            if isinstance(event, SealedEvent):
-                sealed_event = {"object": "cocoon.sealed.event", "sealed": _b64(event.data)}
-                await response.write(p.sse({**sealed_event, "last": event.last}))
-            else:
-                await response.write(p.sse(_ending(event)))
+        # Closed however the handler ends: a client that left hands the turn to a settling task.
+        async with contextlib.aclosing(turn.sealed_events()) as stream:
+            async for event in stream:
+                if isinstance(event, SealedEvent):
+                    sealed_event = {"object": "cocoon.sealed.event", "sealed": _b64(event.data)}
+                    await response.write(p.sse({**sealed_event, "last": event.last}))
+                else:
+                    await response.write(p.sse(_ending(event)))
     except CocoonError as error:
         await response.write(p.sse(p.error_body(error, with_param=False)))
     await response.write(p.SSE_DONE)

@@ -113,6 +113,9 @@ async def test_cocoon_attest_report_exit_codes(net: Network, tmp_path: Path) -> 
     assert json.loads(saved.read_text())["workers"][0]["worker_id"] == net.honest_id
     assert await asyncio.to_thread(cocoon, args) == 1  # dev evidence not allowed
     assert await asyncio.to_thread(cocoon, [*args[:3], "http://127.0.0.1:9", *args[4:]]) == 70
+    with pytest.raises(SystemExit) as bad:
+        await asyncio.to_thread(cocoon, [*args[:3], "127.0.0.1:9", *args[4:]])
+    assert bad.value.code == 2
 
 
 # -- receipts -----------------------------------------------------------------------------------
@@ -248,3 +251,33 @@ async def test_cocoon_chat_sealed(net: Network, capsys: pytest.CaptureFixture[st
     assert "verified here" in err and "development TEE" in err and net.honest_id in err
     assert await asyncio.to_thread(cocoon, [*args, "sealed words"]) == 1  # dev not trusted
     assert "no_trusted_worker" in capsys.readouterr().err
+
+
+async def test_a_sealed_turn_whose_client_leaves_settles_from_its_receipt(net: Network) -> None:
+    nonce, report = await trusted_report(net)
+    [worker] = await check_report(report, model=SERVED, nonce=nonce, policy=DEV, allow_dev=True)
+    job_id = f"{net.honest_id}_{secrets.token_hex(16)}-1"
+    words = " ".join(f"w{i}" for i in range(40))
+    request = JobRequest(
+        job_id=job_id,
+        model=SERVED,
+        messages=[ChatMessage(role="user", content=words)],
+        max_tokens=64,
+        reply_key=public_b64(new_reply_keypair()),
+    )
+    body = {
+        "model": SERVED,
+        "worker_id": net.honest_id,
+        "job_id": job_id,
+        "max_tokens": 64,
+        "sealed_request": base64.b64encode(seal_request(request, worker.box_public_key)).decode(),
+    }
+    before = await net.available()
+    headers = {"Authorization": f"Bearer {net.api_key}"}
+    url = f"{net.url}/v1/sealed/chat/completions"
+    async with net.session.post(url, json=body, headers=headers) as reply:
+        assert reply.status == 200
+        assert b"cocoon.sealed.start" in await reply.content.readline()
+    # Gone after the first event: the turn settles in the background, from the receipt.
+    assert (await net.audit()).ok
+    assert await net.available() < before

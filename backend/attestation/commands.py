@@ -231,6 +231,8 @@ def cmd_attest_report(settings: Settings, args: argparse.Namespace) -> int:
 
     from backend.attestation.checks import check_report
 
+    if not str(args.url).startswith(("http://", "https://")):
+        cliutil.fail("--url must be an http(s) URL, e.g. http://127.0.0.1:8080")
     policy = _client_policy(settings, args.policy)
     nonce = secrets.token_hex(32)
     try:
