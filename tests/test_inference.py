@@ -45,6 +45,13 @@ def nodes(redis_url: str) -> Iterator[list[Node]]:
 
 
 @pytest.fixture
+def node(nodes: list[Node], redis_url: str) -> Node:
+    """One worker node on the small model, registered directly (a dev worker)."""
+    nodes.append(Node(redis_url))
+    return nodes[-1]
+
+
+@pytest.fixture
 async def stack(settings: Settings, redis_url: str) -> AsyncIterator[tuple[Dispatcher, Ledger]]:
     """The dispatcher's timeouts are long here (a loaded machine is slow, never a frozen
     worker); a test about a timeout sets its own, short one."""
@@ -167,13 +174,11 @@ async def test_a_worker_frozen_before_the_first_token_is_replaced(
 
 
 async def test_a_worker_killed_mid_stream_refunds_the_turn(
-    stack: tuple[Dispatcher, Ledger], nodes: list[Node], redis_url: str
+    stack: tuple[Dispatcher, Ledger], node: Node
 ) -> None:
     dispatcher, ledger = stack
     dispatcher.idle_timeout_s = 2  # the worker is dead: no machine is too slow for this
     user = await funded_user(ledger, 905)
-    node = Node(redis_url)
-    nodes.append(node)
 
     turn = await dispatcher.start_turn(ask(user, "Write a long story about the sea.", 1000))
     with pytest.raises(TurnError) as raised:
@@ -188,11 +193,10 @@ async def test_a_worker_killed_mid_stream_refunds_the_turn(
 
 
 async def test_cancel_stops_generation_and_bills_what_was_generated(
-    stack: tuple[Dispatcher, Ledger], nodes: list[Node], redis_url: str, settings: Settings
+    stack: tuple[Dispatcher, Ledger], node: Node, settings: Settings
 ) -> None:
     dispatcher, ledger = stack
     user = await funded_user(ledger, 906)
-    nodes.append(Node(redis_url))
 
     turn = await dispatcher.start_turn(ask(user, "Count from one to five hundred.", 1500))
     done = await cancel_after(turn, 3)
@@ -205,11 +209,10 @@ async def test_cancel_stops_generation_and_bills_what_was_generated(
 
 
 async def test_a_client_that_walks_away_is_billed_once_in_the_background(
-    stack: tuple[Dispatcher, Ledger], nodes: list[Node], redis_url: str
+    stack: tuple[Dispatcher, Ledger], node: Node
 ) -> None:
     dispatcher, ledger = stack
     user = await funded_user(ledger, 907)
-    nodes.append(Node(redis_url))
 
     turn = await dispatcher.start_turn(ask(user, "Tell me about rivers.", 800))
     events = turn.events()
@@ -226,11 +229,10 @@ async def test_a_client_that_walks_away_is_billed_once_in_the_background(
 
 
 async def test_a_prompt_leaves_no_plaintext_in_redis_or_the_database(
-    stack: tuple[Dispatcher, Ledger], nodes: list[Node], redis_url: str, settings: Settings
+    stack: tuple[Dispatcher, Ledger], node: Node, redis_url: str, settings: Settings
 ) -> None:
     dispatcher, ledger = stack
     user = await funded_user(ledger, 908)
-    nodes.append(Node(redis_url))
     canary = "CANARY-" + uuid.uuid4().hex
 
     await run_turn(dispatcher, ask(user, f"Repeat this word exactly: {canary}", 40))
