@@ -243,6 +243,29 @@ async def test_a_forced_tool_call_and_a_whole_round_trip(v1: Api, node: Node) ->
     await client.close()
 
 
+async def test_logit_bias_steers_the_reply(v1: Api, node: Node) -> None:
+    from llama_cpp import Llama
+
+    from workers.engines import default_model_path
+
+    vocab = Llama(str(default_model_path()), vocab_only=True, verbose=False)
+    [banana] = vocab.tokenize(b" banana", add_bos=False, special=False)
+    client = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key, max_retries=0)
+    reply = await client.chat.completions.create(
+        model=DEFAULT_MODEL,
+        messages=[{"role": "user", "content": "Name a color."}],
+        max_tokens=3,
+        logit_bias={str(banana): 100},
+    )
+    assert (reply.choices[0].message.content or "").count("banana") == 3
+    with pytest.raises(openai.BadRequestError, match="token ids must be below"):
+        await client.chat.completions.create(
+            model=DEFAULT_MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
+            logit_bias={"999999999": 1},
+        )  # fmt: skip
+    await client.close()
+
+
 async def test_a_prompt_over_the_context_is_a_400_streamed_or_not(v1: Api, node: Node) -> None:
     # About 3,600 tokens for SmolLM2 (context 2,048): the worker's tokenizer decides it.
     words = [{"role": "user", "content": "apple banana cherry " * 1200}]

@@ -135,7 +135,7 @@ async def test_what_is_honoured_gets_through(v1: Api) -> None:
             "json_schema": {"name": "n", "schema": {"type": "object"}, "strict": True},
         },
         "logprobs": False,
-        "logit_bias": {},
+        "logit_bias": {"17": -5, "42": 100},
     }
     status, _, body = await post(v1, {"model": DEFAULT_MODEL, "messages": HI, **honoured})
     assert status == 503 and body["error"]["code"] == "no_worker"  # it got past validation
@@ -189,7 +189,8 @@ async def test_what_is_honoured_gets_through(v1: Api) -> None:
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"presence_penalty": 2.5}, "presence_penalty"),
         ({"frequency_penalty": -3}, "frequency_penalty"),
-        ({"logit_bias": {"50256": -100}}, "logit_bias"),
+        ({"logit_bias": {"50256": -101}}, "logit_bias"),
+        ({"logit_bias": {str(n): 1 for n in range(301)}}, "logit_bias"),
         ({"n": 2}, "n"),
         (
             {"messages": [*HI, {"role": "assistant", "content": "Once upon"}]},

@@ -188,6 +188,10 @@ def test_extra_field_in_nested_message_is_refused(worker, reply_key):
         ("sampling", {"response_format": {"type": "json_object", "json_schema": "{}"}}),
         ("sampling", {"response_format": {"type": "grammar", "json_schema": None}}),
         ("sampling", {"response_format": {"type": "json_object", "extra": 1}}),
+        ("sampling", {"logit_bias": {"1": 100.5}}),
+        ("sampling", {"logit_bias": {"-1": 1.0}}),
+        ("sampling", {"logit_bias": {"1234567890": 1.0}}),
+        ("sampling", {"logit_bias": {str(n): 1.0 for n in range(301)}}),
     ],
 )
 def test_out_of_bounds_request_is_refused(worker, reply_key, field, value):
@@ -203,6 +207,7 @@ def test_a_json_reply_request_round_trips(worker, reply_key):
         presence_penalty=0.5,
         frequency_penalty=-0.5,
         response_format=ResponseFormat(type="json_schema", json_schema=schema),
+        logit_bias={"42": -100.0, "7": 5.5},
     )
     request = make_request(reply_key).model_copy(update={"sampling": sampling})
     opened = open_request(seal_request(request, worker.box_public_b64), worker)

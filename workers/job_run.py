@@ -183,6 +183,7 @@ class JobRun:
                 json_schema=(
                     sampling.response_format.json_schema if sampling.response_format else None
                 ),
+                logit_bias=tuple((int(t), b) for t, b in sampling.logit_bias.items()),
                 stop_signal=self._stop_signal,
             )
         )

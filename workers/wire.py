@@ -72,6 +72,12 @@ MAX_SCHEMA_CHARS = 32_768
 """The longest JSON schema a request may constrain its reply with (its canonical JSON text)."""
 
 
+MAX_LOGIT_BIAS = 300
+"""The most tokens one request may bias (OpenAI's own limit)."""
+
+TokenId = Annotated[str, Field(pattern=r"^[0-9]{1,9}$")]
+
+
 class ResponseFormat(_Wire):
     """The reply constrained to JSON: any JSON object, or one valid against ``json_schema``
     (the schema's JSON text; the engine compiles it to a grammar or structured-output spec)."""
@@ -96,6 +102,10 @@ class SamplingParams(_Wire):
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     response_format: ResponseFormat | None = None
+    # Token id (decimal) -> bias added to its logit, as OpenAI's logit_bias.
+    logit_bias: dict[TokenId, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]] = (
+        Field(default_factory=dict, max_length=MAX_LOGIT_BIAS)
+    )
 
 
 class JobRequest(_Versioned):

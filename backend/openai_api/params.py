@@ -6,8 +6,8 @@ OpenAI's SDKs send ``null`` for a parameter left ``None`` (openai-python does fo
 ``top_p``, ``n``, ``stream``...): :func:`drop_nulls` removes those before validation, so the
 request model's defaults apply. :func:`refuse_unsupported` then looks at what the request model
 does not carry and refuses, by name, each parameter that would change the reply if it were
-honoured: log probabilities, logit bias, the legacy ``functions``, an assistant prefill.
-(``response_format``, the penalties and tools are honoured: the request model carries them.)
+honoured: log probabilities, the legacy ``functions``, an assistant prefill. (``response_format``,
+the penalties, ``logit_bias`` and tools are honoured: the request model carries them.)
 """
 
 from __future__ import annotations
@@ -86,8 +86,6 @@ def refuse_unsupported(raw: object) -> None:
 
 
 def _refuse_sampling_extras(raw: Mapping[str, Any]) -> None:
-    if raw.get("logit_bias") not in (None, {}):
-        raise _refuse("logit_bias", "send {} or leave it out")
     if raw.get("logprobs") not in (None, False):
         raise _refuse("logprobs")
     if raw.get("top_logprobs") not in (None, 0):

@@ -26,7 +26,7 @@ from backend.openai_api.tool_types import MAX_TOOLS, NamedToolChoice, Tool, Tool
 from backend.receipts import ReceiptRecord
 from backend.settings import ModelPrice
 from workers.registry import AttestationRecord
-from workers.wire import MAX_SCHEMA_CHARS, ChatMessage
+from workers.wire import MAX_LOGIT_BIAS, MAX_SCHEMA_CHARS, ChatMessage, TokenId
 from workers.wire import ResponseFormat as WireResponseFormat
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -125,6 +125,7 @@ class ChatCompletionRequest(BaseModel):
     presence_penalty: float = Field(default=0.0, ge=-2, le=2)
     frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
     response_format: ResponseFormat | None = None
+    logit_bias: dict[TokenId, float] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)
     tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -141,6 +142,13 @@ class ChatCompletionRequest(BaseModel):
         if len(stops) > MAX_STOP_SEQUENCES:
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
         return stops
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _biases(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value and any(not -100 <= bias <= 100 for bias in value.values()):
+            raise ValueError("each bias must be between -100 and 100")
+        return value
 
     @property
     def stop_sequences(self) -> list[str]:

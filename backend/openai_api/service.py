@@ -76,6 +76,7 @@ class OpenAIService:
                     presence_penalty=body.presence_penalty,
                     frequency_penalty=body.frequency_penalty,
                     response_format=tools.response_format(body),
+                    logit_bias=body.logit_bias or {},
                 ),
                 conversation_id=conversation_id_for(user_id, messages),
             )

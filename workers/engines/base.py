@@ -60,6 +60,8 @@ class GenerationRequest:
     #: valid against ``json_schema``, a JSON text); None: free text.
     json_mode: Literal["json_object", "json_schema"] | None = None
     json_schema: str | None = None
+    #: (token id, bias added to its logit) pairs, as OpenAI's ``logit_bias``.
+    logit_bias: tuple[tuple[int, float], ...] = ()
     #: Set it to end the generation between two tokens: the engine then yields its Usage with
     #: ``finish_reason="cancelled"`` and the real counts, so what was generated can be billed.
     #: (Closing the generator also stops it, but then no Usage comes back.)

@@ -268,6 +268,7 @@ class LlamaCppEngine(Engine):
                 f"{self.n_ctx} tokens for prompt and reply together; shorten the conversation"
             )
         grammar = await asyncio.to_thread(_grammar, request)
+        biases = self._logit_bias(request)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[TextDelta | Usage | BaseException] = asyncio.Queue()
         stop_event = threading.Event()
@@ -280,7 +281,7 @@ class LlamaCppEngine(Engine):
 
         try:
             future = loop.run_in_executor(
-                self._executor, self._run, tokens, request, grammar, stop_event, emit
+                self._executor, self._run, tokens, request, (grammar, biases), stop_event, emit
             )
         except RuntimeError as error:  # the executor was shut down by close()
             raise EngineError("the llama-cpp engine is closed") from error
@@ -307,14 +308,14 @@ class LlamaCppEngine(Engine):
         self,
         prompt: list[int],
         request: GenerationRequest,
-        grammar: Any,
+        constraints: tuple[Any, Any],
         stop_event: threading.Event,
         emit: _Emit,
     ) -> None:
         """Runs on the engine thread; reports through ``emit`` and never raises."""
         try:
             with self._lock:
-                usage = self._generate_locked(prompt, request, grammar, stop_event, emit)
+                usage = self._generate_locked(prompt, request, constraints, stop_event, emit)
         except BaseException as error:
             emit(error)
         else:
@@ -324,10 +325,11 @@ class LlamaCppEngine(Engine):
         self,
         prompt: list[int],
         request: GenerationRequest,
-        grammar: Any,
+        constraints: tuple[Any, Any],
         stop_event: threading.Event,
         emit: _Emit,
     ) -> Usage:
+        grammar, logits_processor = constraints
         llm = self._llm
         if llm is None or self._closing.is_set() or stop_event.is_set():
             return Usage(len(prompt), 0, 0, "cancelled")
@@ -349,6 +351,7 @@ class LlamaCppEngine(Engine):
             presence_penalty=request.presence_penalty,
             frequency_penalty=request.frequency_penalty,
             grammar=grammar,
+            logits_processor=logits_processor,
             **self._sampling,
         )
         try:
@@ -397,6 +400,26 @@ class LlamaCppEngine(Engine):
                 break
             common += 1
         return min(common, len(prompt) - 1)
+
+    def _logit_bias(self, request: GenerationRequest) -> Any:
+        """A logits processor adding ``logit_bias`` (None without one); RequestRefused for a
+        token id outside the vocabulary."""
+        if not request.logit_bias:
+            return None
+        import numpy as np
+        from llama_cpp import LogitsProcessorList
+
+        vocab = self._require_started().n_vocab()
+        ids = np.array([token for token, _ in request.logit_bias], dtype=np.int64)
+        if int(ids.max()) >= vocab:
+            raise RequestRefused(f"logit_bias: token ids must be below {vocab} for {self.model}")
+        bias = np.array([b for _, b in request.logit_bias], dtype=np.float32)
+
+        def add_bias(_input_ids: Any, scores: Any) -> Any:
+            scores[ids] += bias
+            return scores
+
+        return LogitsProcessorList([add_bias])
 
     def _require_started(self) -> Any:
         if self._llm is None:

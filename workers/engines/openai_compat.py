@@ -176,6 +176,8 @@ class OpenAICompatEngine(Engine):
             payload["presence_penalty"] = request.presence_penalty
         if request.frequency_penalty:
             payload["frequency_penalty"] = request.frequency_penalty
+        if request.logit_bias:
+            payload["logit_bias"] = {str(token): bias for token, bias in request.logit_bias}
         if request.json_mode == "json_object":
             payload["response_format"] = {"type": "json_object"}
         elif request.json_schema is not None:

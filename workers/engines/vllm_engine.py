@@ -252,6 +252,7 @@ class VLLMEngine(Engine):
             seed=request.seed,
             presence_penalty=request.presence_penalty,
             frequency_penalty=request.frequency_penalty,
+            logit_bias=dict(request.logit_bias) or None,
             output_kind=RequestOutputKind.DELTA,
             **_structured_outputs(request),
         )
