@@ -7,6 +7,8 @@ Mini App follows the same rules as the bot.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as dt
 import hashlib
 import secrets
@@ -299,10 +301,7 @@ class MiniApp:
                     kind=item.kind,
                     at=_iso(item.at) or "",
                     amount=_nano(item.amount),
-                    details={
-                        key: (self._address(value) if key == "destination" else value)
-                        for key, value in item.details.items()
-                    },
+                    details=self._details(item.details),
                 )
                 for item in result.items
             ],
@@ -311,6 +310,24 @@ class MiniApp:
             has_more=result.has_more,
             next_cursor=result.next_cursor,
         )
+
+    def _details(self, details: dict[str, object]) -> dict[str, object]:
+        """A history row's details as the page shows them: addresses user-friendly, a chain
+        transaction with its explorer link."""
+        shown = {
+            key: (self._address(value) if key == "destination" else value)
+            for key, value in details.items()
+        }
+        tx_hash = details.get("tx_hash")
+        if isinstance(tx_hash, str):
+            try:
+                raw = base64.b64decode(tx_hash, validate=True)
+            except binascii.Error:
+                raw = b""
+            if len(raw) == 32:
+                host = "testnet.tonviewer.com" if self.settings.ton.is_testnet else "tonviewer.com"
+                shown["tx_url"] = f"https://{host}/transaction/{raw.hex()}"
+        return shown
 
     def _deposit_address(self) -> str | None:
         ton = self.settings.ton

@@ -4,6 +4,7 @@ versioned, cached)."""
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from backend import appkeys
 from backend.ledger import Ledger
+from backend.models import AccountKind
 from backend.settings import Settings
 from backend.users import get_or_create_user
 from backend.web import create_app
@@ -57,6 +59,19 @@ async def test_a_comma_is_a_decimal_separator_where_the_language_has_one(
         response = await client.post("/app/api/topup", headers=headers, json={"amount": amount})
         assert response.status == 200, await response.text()
         assert (await response.json())["amount"] == "1500000000"
+
+
+async def test_a_ton_top_up_in_history_links_its_chain_transaction(client: TestClient) -> None:
+    ledger: Ledger = client.app[appkeys.LEDGER]
+    user = await get_or_create_user(client.app[appkeys.DATABASE], 7302)
+    tx_hash = base64.b64encode(bytes(range(32))).decode()
+    await ledger.credit_deposit(user.id, TON, f"ton:0:{'ab' * 32}:4242:{tx_hash}")
+    await ledger.credit_deposit(user.id, TON, "manual:7302", source=AccountKind.OPERATOR)
+    history = await (await client.get("/app/api/history", headers=auth(init_data(7302)))).json()
+    (ton,) = (i for i in history["items"] if i["details"]["source"] == "ton")
+    assert ton["details"]["tx_url"] == "https://tonviewer.com/transaction/" + bytes(range(32)).hex()
+    (other,) = (i for i in history["items"] if i["details"]["source"] == "operator")
+    assert "tx_url" not in other["details"]
 
 
 async def test_history_pages_by_cursor_never_repeat_a_row(client: TestClient) -> None:

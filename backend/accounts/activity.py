@@ -201,9 +201,10 @@ async def _deposits(
         source = next(
             (_DEPOSIT_SOURCES[kinds[e.account_id]] for e in tx.entries if e.amount < 0), "ton"
         )
-        items.append(
-            HistoryItem("deposit", tx.created_at, amount, {"source": source, "id": tx.id}, tx.id)
-        )
+        details: dict[str, Any] = {"source": source, "id": tx.id}
+        if source == "ton" and tx.idempotency_key.startswith("ton:"):
+            details["tx_hash"] = tx.idempotency_key.rsplit(":", 1)[1]  # ton:<account>:<lt>:<hash>
+        items.append(HistoryItem("deposit", tx.created_at, amount, details, tx.id))
     return items
 
 

@@ -57,6 +57,11 @@
         a.target = "_blank";
         a.rel = "noopener";
         a.textContent = t("detail_open_tx");
+        a.addEventListener("click", (event) => {
+          if (!C.inTelegram) return;
+          event.preventDefault(); // Telegram opens outside links in its own browser
+          C.tg.openLink(url);
+        });
         dd.append(a);
       } else {
         dd.textContent = value;
