@@ -32,10 +32,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from backend import appkeys
 from backend.dispatch import TurnDone
 from backend.errors import CocoonError, ErrorCode
+from backend.openai_api import limits
 from backend.openai_api import protocol as p
-from backend.openai_api.service import OpenAIService
+from backend.openai_api.service import OpenAIService, bearer_key
 from backend.receipts import load_receipt
-from backend.sealed import SealedEvent, SealedRequest, start_sealed_turn
+from backend.sealed import SealedEvent, SealedRequest, SealedTurn, start_sealed_turn
 from workers.registry import WORKER_ID_PATTERN
 from workers.wire import MAX_SEALED_BYTES
 
@@ -93,8 +94,11 @@ def _ending(done: TurnDone) -> dict[str, Any]:
 
 
 async def sealed_completions(request: web.Request) -> web.StreamResponse:
+    """A sealed turn, within the same per-user and per-key limits as every API turn."""
     service = _service(request)
+    dispatcher = service.dispatcher
     try:
+        api_key = bearer_key(request.headers.get("Authorization"))
         user_id = await service.authenticate(request.headers.get("Authorization"))
         body = await _body(request)
         try:
@@ -103,22 +107,30 @@ async def sealed_completions(request: web.Request) -> web.StreamResponse:
             raise p.ApiError(
                 ErrorCode.INVALID_REQUEST, "sealed_request is not base64", param="sealed_request"
             ) from None
-        turn = await start_sealed_turn(
-            request.app[appkeys.DISPATCHER],
-            SealedRequest(
-                user_id, body.model, body.worker_id, body.job_id, body.max_tokens, sealed
-            ),
-        )
+        lease_s = dispatcher.queue_ttl_s + dispatcher.job_timeout_s + dispatcher.deadline_grace_s
+        async with limits.turn_limits(
+            dispatcher.redis, service.settings, user_id, api_key, lease_s=lease_s
+        ):
+            turn = await start_sealed_turn(
+                dispatcher,
+                SealedRequest(
+                    user_id, body.model, body.worker_id, body.job_id, body.max_tokens, sealed
+                ),
+            )
+            return await _answer(request, turn, body.stream)
     except CocoonError as error:
         return _error(error)
     except ValidationError as error:
         return _error(p.invalid_request(error))
+
+
+async def _answer(request: web.Request, turn: SealedTurn, stream: bool) -> web.StreamResponse:
     head = {"id": f"chatcmpl-{turn.turn_id}", "job_id": turn.job_id, "worker_id": turn.wanted}
-    if not body.stream:
+    if not stream:
         events: list[str] = []
         try:
-            async with contextlib.aclosing(turn.sealed_events()) as stream:
-                async for event in stream:
+            async with contextlib.aclosing(turn.sealed_events()) as entries:
+                async for event in entries:
                     if isinstance(event, SealedEvent):
                         events.append(_b64(event.data))
                     else:
@@ -135,8 +147,8 @@ async def sealed_completions(request: web.Request) -> web.StreamResponse:
     await response.write(p.sse({"object": "cocoon.sealed.start", **head}))
     try:
         # Closed however the handler ends: a client that left hands the turn to a settling task.
-        async with contextlib.aclosing(turn.sealed_events()) as stream:
-            async for event in stream:
+        async with contextlib.aclosing(turn.sealed_events()) as entries:
+            async for event in entries:
                 if isinstance(event, SealedEvent):
                     sealed_event = {"object": "cocoon.sealed.event", "sealed": _b64(event.data)}
                     await response.write(p.sse({**sealed_event, "last": event.last}))

@@ -281,3 +281,11 @@ async def test_a_sealed_turn_whose_client_leaves_settles_from_its_receipt(net: N
     # Gone after the first event: the turn settles in the background, from the receipt.
     assert (await net.audit()).ok
     assert await net.available() < before
+
+
+async def test_sealed_turns_count_against_the_api_limits(net: Network) -> None:
+    net.settings.api_rate_limit_per_key_per_minute = 1
+    async with SealedClient(net.url, net.api_key, policy=DEV, allow_dev=True) as client:
+        await client.chat(SERVED, [{"role": "user", "content": "one"}], max_tokens=4)
+        with pytest.raises(SealedError, match="HTTP 429"):
+            await client.chat(SERVED, [{"role": "user", "content": "two"}], max_tokens=4)
