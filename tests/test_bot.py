@@ -78,16 +78,34 @@ async def test_lang_switches_the_language_of_every_later_reply(bot: Harness) -> 
 # ----------------------------------------------------------------------- model, balance
 
 
+async def online_worker(bot: Harness, worker_id: str, model: str) -> None:
+    """A worker of ``model`` in the registry (what a node's heartbeat keeps there)."""
+    from workers import registry
+
+    info = registry.WorkerInfo(
+        worker_id=worker_id, model=model, engine="instant", engine_version="1",
+        box_public_key="A" * 44, verify_key="A" * 44, capacity=4,
+    )  # fmt: skip
+    await registry.register(bot.app.services.redis, info, ttl_s=30)
+
+
 async def test_model_keyboard_shows_prices_and_marks_the_current_model(bot: Harness) -> None:
     models = dict(bot.settings.models)
     models["big-model"] = models["smollm2-135m"].model_copy(
         update={"prompt": 1_500_000_000, "completion": 3 * TON}
     )
+    models["offline-model"] = models["smollm2-135m"]
     bot.settings.models = models  # the same object the dispatcher holds
+    await bot.send("/model")
+    assert "No model has a worker online" in bot.last().text
+    await online_worker(bot, "w-small", "smollm2-135m")
+    await online_worker(bot, "w-big", "big-model")
     await bot.send("/model")
     rows = bot.last().reply_markup.inline_keyboard
     labels = [row[0].text for row in rows]
+    assert len(labels) == 2  # the model with no worker is not offered
     assert labels[0].startswith("✓ smollm2-135m") and "0.02 GRAM" in labels[0]
+    assert "development TEE" in labels[0]
     assert "1.5 GRAM" in labels[1] and "3 GRAM" in labels[1] and not labels[1].startswith("✓")
     await bot.press(rows[1][0].callback_data)
     assert (await bot.user()).model == "big-model"

@@ -75,22 +75,24 @@ async def test_money_buttons_pressed_in_a_group_are_refused(bot: Harness) -> Non
 
 
 async def test_a_groups_buttons_answer_only_the_person_who_asked(bot: Harness) -> None:
-    await in_group(bot, "/model")
+    await in_group(bot, "/lang")
     shown = bot.tg.sent("sendMessage")[-1].message_id
-    choice = bot.last().reply_markup.inline_keyboard[0][0].callback_data
+    choice = bot.last().reply_markup.inline_keyboard[-1][0].callback_data
+    assert choice.startswith("lang:") and choice != "lang:en"
     await feed(
         bot.app.dp, bot.app.bot, callback_update(BOB, choice, chat_id=GROUP, message_id=shown)
     )
     refused = bot.last("answerCallbackQuery")
     assert refused.text == "This button is for the person who asked." and refused.show_alert
-    assert (await _user(bot, BOB)).model is None  # Bob's choice did not happen
+    assert (await _user(bot, BOB)).language_code == "en"  # the choice did not happen
     await feed(
         bot.app.dp, bot.app.bot, callback_update(ALICE, choice, chat_id=GROUP, message_id=shown)
     )
     assert bot.last("answerCallbackQuery").text != refused.text
     # A button of a message the bot has no owner for (forged, or too old): refused too.
     await feed(bot.app.dp, bot.app.bot, callback_update(ALICE, choice, chat_id=GROUP, message_id=1))
-    assert bot.last("answerCallbackQuery").text == "This button is for the person who asked."
+    refused_again = bot.last("answerCallbackQuery").text  # in the language Alice just chose
+    assert refused_again == "Ce bouton est pour la personne qui a demandé."
 
 
 # ------------------------------------------------------------------------ triggers

@@ -130,17 +130,24 @@ async def on_lang(query: CallbackQuery, user: User, db: Database) -> None:
 # --------------------------------------------------------------------------------- model
 
 
-def model_keyboard(settings: Settings, current: str) -> InlineKeyboardMarkup:
+def model_keyboard(
+    settings: Settings, current: str, online: dict[str, set[str]]
+) -> InlineKeyboardMarkup:
+    """One button per model with a worker online: its prices and what its workers run in."""
     rows = []
     for model, price in settings.models.items():
+        if model not in online:
+            continue
         prompt, completion = price_pair(price)
         label = _("{model}: {prompt} in, {completion} out").format(
             model=model, prompt=prompt, completion=completion
         )
+        kinds = sorted(online[model])
+        tee = ", ".join(_("development TEE") if kind == "dev" else kind.upper() for kind in kinds)
         rows.append(
             [
                 InlineKeyboardButton(
-                    text=("✓ " if model == current else "") + label,
+                    text=("✓ " if model == current else "") + label + " · " + tee,
                     callback_data=f"model:{model_token(model)}",
                 )
             ]
@@ -148,25 +155,44 @@ def model_keyboard(settings: Settings, current: str) -> InlineKeyboardMarkup:
     return InlineKeyboardMarkup(inline_keyboard=rows)
 
 
+async def models_online(redis: AsyncRedis, settings: Settings) -> dict[str, set[str]]:
+    """The offered models with a healthy worker, and the TEE kinds their workers run in."""
+    online: dict[str, set[str]] = {}
+    for worker in await registry.list_workers(redis):
+        if worker.model in settings.models:
+            online.setdefault(worker.model, set()).add(worker.tee)
+    return online
+
+
 @handlers.message(Command("model"))
-async def cmd_model(message: Message, user: User, settings: Settings) -> None:
+async def cmd_model(message: Message, user: User, settings: Settings, redis: AsyncRedis) -> None:
+    """The models a turn can run on now (a worker online), with prices and TEE."""
     current = user_model(settings, user)
-    await message.answer(
-        _("Choose a model. Prices are per 1M tokens (your message in, the answer out)."),
-        reply_markup=model_keyboard(settings, current),
-    )
+    online = await models_online(redis, settings)
+    if not online:
+        await message.answer(_("No model has a worker online right now. Try again in a while."))
+        return
+    text = _("Choose a model. Prices are per 1M tokens (your message in, the answer out).")
+    if current not in online:
+        text += "\n\n" + _("Your model {model} has no worker online right now.").format(
+            model=current
+        )
+    await message.answer(text, reply_markup=model_keyboard(settings, current, online))
 
 
 @handlers.callback_query(F.data.startswith("model:"))
-async def on_model(query: CallbackQuery, user: User, db: Database, settings: Settings) -> None:
+async def on_model(
+    query: CallbackQuery, user: User, db: Database, settings: Settings, redis: AsyncRedis
+) -> None:
     model = model_by_token(settings, (query.data or "").split(":", 1)[1])
     if model is None:
         await query.answer(_("This model is not available any more."), show_alert=True)
         return
     await accounts.set_model(db, user.id, model)
     await query.answer(_("Model set: {model}.").format(model=model))
-    if isinstance(query.message, Message):
-        await query.message.edit_reply_markup(reply_markup=model_keyboard(settings, model))
+    online = await models_online(redis, settings)
+    if isinstance(query.message, Message) and online:
+        await query.message.edit_reply_markup(reply_markup=model_keyboard(settings, model, online))
 
 
 # ------------------------------------------------------------------------------- balance
