@@ -22,6 +22,7 @@ import pytest
 
 from backend.attestation.checks import check_receipt, check_report
 from backend.attestation.policy import Policy
+from backend.attestation.report import MAX_PER_CLIENT, REPORTS
 from backend.cli import main as cocoon
 from backend.client import SealedClient, SealedError
 from backend.settings import Settings
@@ -289,3 +290,15 @@ async def test_sealed_turns_count_against_the_api_limits(net: Network) -> None:
         await client.chat(SERVED, [{"role": "user", "content": "one"}], max_tokens=4)
         with pytest.raises(SealedError, match="HTTP 429"):
             await client.chat(SERVED, [{"role": "user", "content": "two"}], max_tokens=4)
+
+
+async def test_a_silent_worker_is_unanswered_and_reports_are_bounded(net: Network) -> None:
+    rogue = await net.rogue()  # onboarded and dispatched to, but it answers no challenge
+    net.server.app[REPORTS].timeout_s = 1.0
+    nonces = [secrets.token_hex(16) for _ in range(MAX_PER_CLIENT + 1)]
+    answers = await asyncio.gather(*(fetch(net, nonce) for nonce in nonces))
+    statuses = sorted(status for status, _ in answers)
+    assert statuses == [200] * MAX_PER_CLIENT + [429]
+    report = next(body for status, body in answers if status == 200)
+    assert [w["worker_id"] for w in report["workers"]] == [net.honest_id]
+    assert report["unanswered"] == [rogue.worker_id]

@@ -12,7 +12,8 @@ The nonce reaches the worker as a challenge job on its own queue (:mod:`workers.
 its signature comes back as that job's one stream entry: the worker writes only its own keys.
 A worker that does not answer within :data:`CHALLENGE_TIMEOUT_S` is listed under
 ``unanswered``, not in ``workers``. At most :data:`MAX_IN_FLIGHT` reports are built at once
-(one job per worker each); past that the answer is 503, and the client asks again.
+(one job per worker each), :data:`MAX_PER_CLIENT` for one client address; past that the answer
+is 503 (or 429), and the client asks again.
 
 The policy's released images are published with the report (``policy``), so a client can see
 what the operator allows; a careful client checks against its own copy
@@ -60,6 +61,7 @@ log = logging.getLogger("cocoon.attestation")
 EVIDENCE = "evidence"
 MAX_WORKERS = 16
 MAX_IN_FLIGHT = 8
+MAX_PER_CLIENT = 2
 CHALLENGE_TIMEOUT_S = 5.0
 MAX_SIGNATURE_BYTES = 128
 
@@ -110,8 +112,9 @@ class ReportService:
         self.snapshot = snapshot
         self.timeout_s = CHALLENGE_TIMEOUT_S
         self._in_flight = 0
+        self._by_client: dict[str, int] = {}
 
-    async def report(self, model: Any, nonce: Any) -> dict[str, Any]:
+    async def report(self, model: Any, nonce: Any, client: str = "") -> dict[str, Any]:
         if not isinstance(model, str) or model not in self.settings.models:
             known = ", ".join(sorted(self.settings.models))
             raise ReportError(404, f"unknown model {str(model)[:200]!r}; available: {known}")
@@ -119,11 +122,16 @@ class ReportService:
             raise ReportError(400, "nonce must be 16 to 64 random bytes in lower-case hex")
         if self._in_flight >= MAX_IN_FLIGHT:
             raise ReportError(503, "too many attestation reports are being built; try again")
+        if self._by_client.get(client, 0) >= MAX_PER_CLIENT:
+            raise ReportError(429, "your earlier reports are still being built; wait for them")
         self._in_flight += 1
+        self._by_client[client] = self._by_client.get(client, 0) + 1
         try:
             return await self._build(model, nonce)
         finally:
             self._in_flight -= 1
+            if (left := self._by_client.pop(client) - 1) > 0:
+                self._by_client[client] = left
 
     async def _build(self, model: str, nonce: str) -> dict[str, Any]:
         workers = [w for w in await self.snapshot.workers(model) if w.attested][:MAX_WORKERS]
@@ -221,7 +229,8 @@ async def report_view(request: web.Request) -> web.Response:
     """``GET /v1/attestation/report?model=M&nonce=HEX``: public, no key."""
     try:
         service = request.app[REPORTS]
-        body = await service.report(request.query.get("model"), request.query.get("nonce"))
+        query = request.query
+        body = await service.report(query.get("model"), query.get("nonce"), request.remote or "")
     except ReportError as error:
         return web.json_response({"error": str(error)}, status=error.status)
     except RedisError as error:
