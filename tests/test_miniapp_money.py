@@ -12,7 +12,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from backend import appkeys
 from backend.ledger import Ledger
-from backend.models import AccountKind
+from backend.models import AccountKind, TonWallet
 from backend.settings import Settings
 from backend.users import get_or_create_user
 from backend.web import create_app
@@ -21,7 +21,7 @@ from tests.support.miniapp_api import (  # the fixtures, imported by other names
     error_of,
     node_modules_fixture,  # noqa: F401
 )
-from tests.support.miniapp_helpers import TON, app_settings, auth, init_data
+from tests.support.miniapp_helpers import TON, TestWallet, app_settings, auth, init_data
 
 ALICE = 7101
 
@@ -154,3 +154,26 @@ async def test_files_are_gzipped_versioned_and_cached(client: TestClient) -> Non
     assert stale.headers["Cache-Control"] == "no-cache"  # an old version is never pinned
     missing = await client.get("/app/static/nothing.js")
     assert missing.status == 404
+
+
+async def test_withdrawing_all_of_nothing_is_said_in_the_pages_words(client: TestClient) -> None:
+    from backend import accounts
+
+    user = await get_or_create_user(client.app[appkeys.DATABASE], 7303)
+    await accounts.become_provider(client.app[appkeys.DATABASE], user.id)
+    wallet = TestWallet()
+    async with client.app[appkeys.DATABASE].session() as session, session.begin():
+        session.add(
+            TonWallet(
+                user_id=user.id,
+                purpose="payout",
+                address=wallet.raw,
+                public_key=wallet.account()["publicKey"],
+            )
+        )
+    headers = {**auth(init_data(7303)), "X-Cocoon-Language": "ru"}
+    body = {"amount": "all", "key": "withdraw-all-of-nothing"}
+    response = await client.post("/app/api/provider/withdraw", headers=headers, json=body)
+    error = await error_of(response, 400)
+    assert error["code"] == "invalid_amount" and error["details"] == {"problem": "not_positive"}
+    assert "больше 0" in error["message"]

@@ -24,6 +24,7 @@ from backend.models import (
     WorkerRecord,
     WorkerState,
 )
+from backend.money import AmountProblem
 from backend.notifications import (
     NOTIFY_WORKER_ATTESTED,
     NOTIFY_WORKER_FAILED,
@@ -282,7 +283,11 @@ async def withdraw(
     if amount == "all":
         amount = available
     if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
-        raise AccountError(ErrorCode.INVALID_AMOUNT, "the amount must be a positive number of TON")
+        raise AccountError(
+            ErrorCode.INVALID_AMOUNT,
+            "the amount must be a positive number of GRAM",
+            problem=AmountProblem.NOT_POSITIVE.value,  # each surface says it in its words
+        )
     refusal = withdrawal_refusal(settings, amount, available)
     if refusal is not None:
         raise refusal

@@ -243,7 +243,7 @@
   function applyTheme() {
     const root = document.documentElement;
     const theme = (tg && tg.themeParams) || {};
-    const page = theme.secondary_bg_color;
+    const page = theme.secondary_bg_color || theme.bg_color;
     const section = theme.section_bg_color || theme.bg_color;
     if (page && section && page.toLowerCase() === section.toLowerCase()) {
       root.style.setProperty("--section-lift", "color-mix(in srgb, " + section + " 92%, " + (theme.text_color || "#808080") + ")");
