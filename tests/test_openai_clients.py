@@ -266,6 +266,22 @@ async def test_logit_bias_steers_the_reply(v1: Api, node: Node) -> None:
     await client.close()
 
 
+async def test_an_assistant_message_last_is_continued(v1: Api, node: Node) -> None:
+    client = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key, max_retries=0)
+    reply = await client.chat.completions.create(
+        model=DEFAULT_MODEL,
+        messages=[
+            {"role": "user", "content": "Count from 1 to 10, separated by commas."},
+            {"role": "assistant", "content": "1, 2, 3, 4, 5,"},
+        ],
+        max_tokens=8,
+        temperature=0,
+    )
+    # The reply goes on from the prefill, it does not start a new answer.
+    assert (reply.choices[0].message.content or "").lstrip().startswith("6")
+    await client.close()
+
+
 async def test_a_prompt_over_the_context_is_a_400_streamed_or_not(v1: Api, node: Node) -> None:
     # About 3,600 tokens for SmolLM2 (context 2,048): the worker's tokenizer decides it.
     words = [{"role": "user", "content": "apple banana cherry " * 1200}]

@@ -188,6 +188,7 @@ def test_extra_field_in_nested_message_is_refused(worker, reply_key):
         ("sampling", {"response_format": {"type": "json_object", "json_schema": "{}"}}),
         ("sampling", {"response_format": {"type": "grammar", "json_schema": None}}),
         ("sampling", {"response_format": {"type": "json_object", "extra": 1}}),
+        ("sampling", {"continue_final_message": 1}),
         ("sampling", {"logit_bias": {"1": 100.5}}),
         ("sampling", {"logit_bias": {"-1": 1.0}}),
         ("sampling", {"logit_bias": {"1234567890": 1.0}}),
@@ -212,6 +213,15 @@ def test_a_json_reply_request_round_trips(worker, reply_key):
     request = make_request(reply_key).model_copy(update={"sampling": sampling})
     opened = open_request(seal_request(request, worker.box_public_b64), worker)
     assert opened.sampling == sampling
+
+
+def test_only_an_assistant_message_last_can_be_continued(worker, reply_key):
+    data = json.loads(canonical_json(make_request(reply_key)))
+    data["sampling"]["continue_final_message"] = True  # the last message is the user's
+    with pytest.raises(WireError, match="continue_final_message needs an assistant"):
+        open_request(seal_json_to_worker(data, worker), worker)
+    data["messages"].append({"role": "assistant", "content": "Once upon"})
+    assert open_request(seal_json_to_worker(data, worker), worker).sampling.continue_final_message
 
 
 def test_validation_errors_do_not_echo_the_prompt(worker, reply_key):

@@ -184,6 +184,7 @@ class JobRun:
                     sampling.response_format.json_schema if sampling.response_format else None
                 ),
                 logit_bias=tuple((int(t), b) for t, b in sampling.logit_bias.items()),
+                continue_final=sampling.continue_final_message,
                 stop_signal=self._stop_signal,
             )
         )

@@ -106,6 +106,8 @@ class SamplingParams(_Wire):
     logit_bias: dict[TokenId, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]] = (
         Field(default_factory=dict, max_length=MAX_LOGIT_BIAS)
     )
+    # The reply continues the last message, an assistant's (prefill), instead of a new turn.
+    continue_final_message: bool = False
 
 
 class JobRequest(_Versioned):
@@ -122,6 +124,12 @@ class JobRequest(_Versioned):
     def _valid_reply_key(cls, value: str) -> str:
         _public_key(value, "reply_key")
         return value
+
+    @model_validator(mode="after")
+    def _continues_an_assistant(self) -> JobRequest:
+        if self.sampling.continue_final_message and self.messages[-1].role != "assistant":
+            raise ValueError("continue_final_message needs an assistant message last")
+        return self
 
     @model_validator(mode="after")
     def _bounded_total(self) -> JobRequest:

@@ -6,8 +6,8 @@ OpenAI's SDKs send ``null`` for a parameter left ``None`` (openai-python does fo
 ``top_p``, ``n``, ``stream``...): :func:`drop_nulls` removes those before validation, so the
 request model's defaults apply. :func:`refuse_unsupported` then looks at what the request model
 does not carry and refuses, by name, each parameter that would change the reply if it were
-honoured: log probabilities, the legacy ``functions``, an assistant prefill. (``response_format``,
-the penalties, ``logit_bias`` and tools are honoured: the request model carries them.)
+honoured: log probabilities and the legacy ``functions``. (``response_format``, the penalties,
+``logit_bias``, tools and an assistant prefill are honoured: the request model carries them.)
 """
 
 from __future__ import annotations
@@ -118,11 +118,3 @@ def _refuse_messages(messages: list[Any]) -> None:
         for name in ("function_call", "audio"):
             if message.get(name) not in (None, []):
                 raise _refuse(f"messages[{index}].{name}")
-        if message.get("prefix"):
-            raise _refuse(f"messages[{index}].prefix", "assistant prefill")
-    last = messages[-1] if messages else None
-    if isinstance(last, Mapping) and last.get("role") == "assistant":
-        raise _refuse(
-            f"messages[{len(messages) - 1}]",
-            "continuing an assistant message (prefill); end with a user message",
-        )

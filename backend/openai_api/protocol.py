@@ -151,6 +151,12 @@ class ChatCompletionRequest(BaseModel):
         return value
 
     @property
+    def continues_final_message(self) -> bool:
+        """An assistant message (not a tool call) last: the reply continues it (prefill)."""
+        last = self.messages[-1]
+        return last.role == "assistant" and not last.tool_calls
+
+    @property
     def stop_sequences(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 

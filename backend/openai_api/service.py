@@ -77,6 +77,8 @@ class OpenAIService:
                     frequency_penalty=body.frequency_penalty,
                     response_format=tools.response_format(body),
                     logit_bias=body.logit_bias or {},
+                    # An assistant message last is continued (prefill), as vLLM's server does.
+                    continue_final_message=body.continues_final_message,
                 ),
                 conversation_id=conversation_id_for(user_id, messages),
             )

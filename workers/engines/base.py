@@ -62,6 +62,8 @@ class GenerationRequest:
     json_schema: str | None = None
     #: (token id, bias added to its logit) pairs, as OpenAI's ``logit_bias``.
     logit_bias: tuple[tuple[int, float], ...] = ()
+    #: The reply continues the last message, an assistant's (prefill): no new turn is opened.
+    continue_final: bool = False
     #: Set it to end the generation between two tokens: the engine then yields its Usage with
     #: ``finish_reason="cancelled"`` and the real counts, so what was generated can be billed.
     #: (Closing the generator also stops it, but then no Usage comes back.)
@@ -96,6 +98,8 @@ class GenerationRequest:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name} must be between -2 and 2, got {getattr(self, name)}")
+        if self.continue_final and self.messages[-1].get("role") != "assistant":
+            raise ValueError("continue_final needs an assistant message last")
         if (self.json_mode == "json_schema") != (self.json_schema is not None):
             raise ValueError("json_schema is given with json_mode 'json_schema', and only then")
 

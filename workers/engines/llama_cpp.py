@@ -236,11 +236,19 @@ class LlamaCppEngine(Engine):
 
     # -- generation --------------------------------------------------------------------------
 
-    def prompt_tokens(self, messages: list[dict[str, str]]) -> list[int]:
-        """The chat-templated prompt as the model's tokens (thread-safe: reads the vocab only)."""
+    def prompt_tokens(
+        self, messages: list[dict[str, str]], *, continue_final: bool = False
+    ) -> list[int]:
+        """The chat-templated prompt as the model's tokens (thread-safe: reads the vocab only).
+        ``continue_final``: the last (assistant) message is left open for the reply to continue:
+        the template's prompt for a new assistant turn, then that message's text."""
         llm = self._require_started()
         try:
-            prompt = self._formatter(messages=messages).prompt
+            if continue_final:
+                head = self._formatter(messages=messages[:-1]).prompt
+                prompt = head + messages[-1]["content"]
+            else:
+                prompt = self._formatter(messages=messages).prompt
         except Exception as error:  # jinja2 errors, raise_exception() in the template
             raise EngineError(
                 f"the model's chat template rejected the messages: {error}"
@@ -261,7 +269,9 @@ class LlamaCppEngine(Engine):
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TextDelta | Usage]:
         self._require_started()
-        tokens = await asyncio.to_thread(self.prompt_tokens, request.messages)
+        tokens = await asyncio.to_thread(
+            lambda: self.prompt_tokens(request.messages, continue_final=request.continue_final)
+        )
         if len(tokens) >= self.n_ctx:
             raise ContextLengthExceeded(
                 f"the prompt is {len(tokens)} tokens but {self.model}'s context holds "

@@ -176,6 +176,9 @@ class OpenAICompatEngine(Engine):
             payload["presence_penalty"] = request.presence_penalty
         if request.frequency_penalty:
             payload["frequency_penalty"] = request.frequency_penalty
+        if request.continue_final:  # vLLM's server extension (others refuse it: a 400)
+            payload["continue_final_message"] = True
+            payload["add_generation_prompt"] = False
         if request.logit_bias:
             payload["logit_bias"] = {str(token): bias for token, bias in request.logit_bias}
         if request.json_mode == "json_object":

@@ -172,13 +172,19 @@ class VLLMEngine(Engine):
             del engine
             gc.collect()
 
-    def prompt_token_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        """The chat-templated prompt as token ids (the template writes any BOS itself)."""
+    def prompt_token_ids(
+        self, messages: list[dict[str, str]], *, continue_final: bool = False
+    ) -> list[int]:
+        """The chat-templated prompt as token ids (the template writes any BOS itself);
+        ``continue_final``: the last (assistant) message left open for the reply to continue."""
         if self._tokenizer is None:
             raise EngineError("the vllm engine is not started (await engine.start() first)")
         try:
             prompt = self._tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
+                messages,
+                tokenize=False,
+                add_generation_prompt=not continue_final,
+                continue_final_message=continue_final,
             )
         except Exception as error:
             raise EngineError(
@@ -234,7 +240,7 @@ class VLLMEngine(Engine):
         if engine is None:
             raise EngineError("the vllm engine is not started (await engine.start() first)")
         SamplingParams, RequestOutputKind = self._vllm
-        prompt_ids = self.prompt_token_ids(request.messages)
+        prompt_ids = self.prompt_token_ids(request.messages, continue_final=request.continue_final)
         limit = self.max_model_len or 0
         if limit and len(prompt_ids) >= limit:
             raise ContextLengthExceeded(
