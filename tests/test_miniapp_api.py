@@ -457,8 +457,11 @@ async def test_chat_refusals_are_json_errors(
         assert (await error_of(response, 503))["code"] == "no_worker"
         assert (await ledger.balances(user.id)).available == TON  # the hold came back
         response = await client.post("/app/api/chat", headers=headers, json=chat)
-        assert (await error_of(response, 429))["code"] == "rate_limited"
+        limited = await error_of(response, 429)
+        assert limited["code"] == "rate_limited"
+        assert 1 <= limited["details"]["retry_after"] <= 60  # the page says "wait N s"
 
         long = {**chat, "messages": [{"role": "user", "content": "x" * 51}]}
         response = await client.post("/app/api/chat", headers=headers, json=long)
-        assert (await error_of(response, 400))["code"] == "message_too_long"
+        too_long = await error_of(response, 400)
+        assert too_long["code"] == "message_too_long" and too_long["details"] == {"limit": 50}
