@@ -38,6 +38,7 @@
     $("held").textContent = t("held", { amount: C.formatGram(me.balance.held) });
     $("memo").textContent = me.deposit_memo;
     $("wallet-address").textContent = me.wallet ? me.wallet.address : t("not_linked");
+    $("wallet-address").classList.toggle("none", !me.wallet);
     if (me.wallet) $("wallet-address").dataset.raw = me.wallet.raw;
     else delete $("wallet-address").dataset.raw;
     $("connect").hidden = Boolean(me.wallet);
