@@ -99,6 +99,7 @@ async def test_canary_never_reaches_rest(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("COCOON_")}
     env.update(
         COCOON_DATA_DIR=str(data),
+        COCOON_SECRETS_DIR=str(tmp_path / "secrets"),
         COCOON_REDIS_URL=redis_url,
         COCOON_WEB_PORT=str(web_port),
         COCOON_PUBLIC_URL=base,

@@ -28,6 +28,7 @@ def test_up_then_chat(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("COCOON_")}
     env.update(
         COCOON_DATA_DIR=str(tmp_path / "data"),
+        COCOON_SECRETS_DIR=str(tmp_path / "secrets"),
         COCOON_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
         COCOON_WEB_PORT=str(web_port),
     )
@@ -46,6 +47,12 @@ def test_up_then_chat(tmp_path: Path) -> None:
                 pass
             time.sleep(0.3)
         assert "started" in (tmp_path / "up.log").read_text()  # it said which Redis it ran
+        # It said where the context key is: outside the data directory.
+        assert (
+            f"context key in {tmp_path / 'secrets' / 'context.key'}"
+            in (tmp_path / "up.log").read_text()
+        )
+        assert not (tmp_path / "data" / "context.key").exists()
 
         chat = subprocess.run(
             [sys.executable, "-m", "backend.cli", "chat", "Say hello.", "--max-tokens", "12"],
@@ -58,6 +65,18 @@ def test_up_then_chat(tmp_path: Path) -> None:
         assert chat.returncode == 0, chat.stderr
         assert chat.stdout.strip()
         assert "development TEE" in chat.stderr and "signed usage verified" in chat.stderr
+
+        # Sealed here, to the worker verified here (its development TEE allowed explicitly).
+        sealed = subprocess.run(
+            [sys.executable, "-m", "backend.cli", "chat", "--sealed", "--allow-dev", "Say hi."],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert sealed.returncode == 0, sealed.stderr
+        assert sealed.stdout.strip() and "verified here" in sealed.stderr
 
         request = urllib.request.Request(
             f"http://127.0.0.1:{web_port}/v1/chat/completions",
