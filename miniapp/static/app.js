@@ -200,6 +200,20 @@
     }
   }
 
+  // Top-ups sent from this device and not yet seen credited: [{amount, at}] (Wallet writes
+  // them, History shows them as pending rows that can be dismissed).
+  const PENDING = "cocoon.pending-topups";
+  function pendingTopUps() {
+    try {
+      return JSON.parse(localStorage.getItem(PENDING) || "[]");
+    } catch (error) {
+      return [];
+    }
+  }
+  function savePending(list) {
+    localStorage.setItem(PENDING, JSON.stringify(list.slice(-10)));
+  }
+
   async function copy(text) {
     try {
       await navigator.clipboard.writeText(text);
@@ -506,6 +520,8 @@
     status,
     haptic,
     copy,
+    pendingTopUps,
+    savePending,
     mainAction,
     mainProgress,
     tonConnect,

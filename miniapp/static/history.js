@@ -4,8 +4,7 @@
   "use strict";
   const C = window.Cocoon;
   if (!C.ready) return;
-  const { $, t } = C;
-  const PENDING = "cocoon.pending-topups"; // written by the Wallet view
+  const { $, t, pendingTopUps } = C;
 
   let kind = "";
   let cursor = null; // where the next page starts (the server's opaque cursor)
@@ -107,21 +106,12 @@
       dismiss.className = "link-button";
       dismiss.textContent = t("dismiss");
       dismiss.addEventListener("click", () => {
-        const left = pendingTopUps().filter((p) => p.at !== item.at);
-        localStorage.setItem(PENDING, JSON.stringify(left));
+        C.savePending(pendingTopUps().filter((p) => p.at !== item.at));
         li.remove();
       });
       li.append(dismiss);
     }
     return li;
-  }
-
-  function pendingTopUps() {
-    try {
-      return JSON.parse(localStorage.getItem(PENDING) || "[]");
-    } catch (error) {
-      return [];
-    }
   }
 
   function add(item, pending) {

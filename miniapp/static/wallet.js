@@ -4,27 +4,13 @@
   "use strict";
   const C = window.Cocoon;
   if (!C.ready) return;
-  const { $, t } = C;
-  const PENDING = "cocoon.pending-topups"; // [{amount, at}] top-ups sent, not yet credited
+  const { $, t, pendingTopUps, savePending } = C;
 
   let me = null;
   let choice = null; // {nano} of the amount typed or chosen, or null
   let sending = false; // one top-up request at a time
   let starsBusy = false; // one Stars invoice per tap
   let watch = null; // {before, timer, element, message} while a credit is awaited
-
-  // ------------------------------------------------------------------ pending top-ups
-
-  function pendingTopUps() {
-    try {
-      return JSON.parse(localStorage.getItem(PENDING) || "[]");
-    } catch (error) {
-      return [];
-    }
-  }
-  function savePending(list) {
-    localStorage.setItem(PENDING, JSON.stringify(list.slice(-10)));
-  }
 
   // ----------------------------------------------------------------------- render
 
