@@ -1,9 +1,9 @@
 // Cocoon Mini App: what every view shares. One page, four views (Wallet, History, Chat,
 // Provider) switched without a reload; Telegram's glue (theme, header and bottom bar colours,
 // MainButton, BackButton); the authenticated JSON API with errors said in the page's language;
-// exact GRAM amounts in the same grammar as the server (backend/money.py); TON Connect, loaded
-// only when a view needs it. No user-facing words here: they come translated from the server
-// (#cocoon-strings).
+// exact GRAM amounts in the same grammar as the server (backend/money.py); scripts loaded on
+// demand (TON Connect: tonconnect.js). No user-facing words here: they come translated from the
+// server (#cocoon-strings).
 (function () {
   "use strict";
 
@@ -270,9 +270,10 @@
       tg.setBackgroundColor("secondary_bg_color");
     }
     if (inTelegram && tg.isVersionAtLeast("7.10")) tg.setBottomBarColor("bottom_bar_bg_color");
-    if (tonConnectUI) tonConnectUI.uiOptions = { uiPreferences: { theme: scheme() === "dark" ? "DARK" : "LIGHT" } };
+    for (const listener of themeListeners) listener(scheme());
   }
 
+  const themeListeners = [];
   function scheme() {
     if (inTelegram) return tg.colorScheme === "dark" ? "dark" : "light";
     return window.matchMedia("(prefers-color-scheme: dark)").matches ? "dark" : "light";
@@ -390,7 +391,7 @@
     return mePromise;
   }
 
-  // ---------------------------------------------------------------------- TON Connect
+  // ------------------------------------------------------------------ scripts on demand
 
   const scripts = {};
   function loadScript(url) {
@@ -408,73 +409,6 @@
       });
     }
     return scripts[url];
-  }
-
-  let tonConnectUI = null;
-  let linking = null; // {purpose, resolve, reject} while a connect with ton_proof runs
-  const walletListeners = [];
-
-  // The TON Connect UI, loaded on first use (only the views that pay or link a wallet).
-  async function tonConnect() {
-    if (tonConnectUI) return tonConnectUI;
-    if (!config.tonconnectUrl) return null;
-    await loadScript(config.tonconnectUrl);
-    if (tonConnectUI) return tonConnectUI;
-    tonConnectUI = new window.TON_CONNECT_UI.TonConnectUI({
-      manifestUrl: config.manifestUrl || window.location.origin + "/tonconnect-manifest.json",
-      language: config.lang === "ru" ? "ru" : "en",
-      analytics: { mode: "off" },
-      uiPreferences: { theme: scheme() === "dark" ? "DARK" : "LIGHT" },
-    });
-    tonConnectUI.onStatusChange(onWallet, (error) => {
-      if (linking) linking.reject(error);
-      linking = null;
-    });
-    tonConnectUI.onModalStateChange((state) => {
-      if (state.status === "closed" && linking && !tonConnectUI.connected) {
-        linking.reject(new ApiError(0, "cancelled", ""));
-        linking = null;
-      }
-    });
-    await tonConnectUI.connectionRestored;
-    return tonConnectUI;
-  }
-
-  async function onWallet(wallet) {
-    for (const listener of walletListeners) listener(wallet);
-    if (!wallet || !linking) return;
-    const current = linking;
-    linking = null;
-    const item = wallet.connectItems && wallet.connectItems.tonProof;
-    if (!item || !("proof" in item)) {
-      await tonConnectUI.disconnect();
-      current.reject(new ApiError(400, "proof_refused", t("error")));
-      return;
-    }
-    try {
-      const linked = await request("/wallet", {
-        method: "POST",
-        body: { purpose: current.purpose, account: wallet.account, proof: item.proof },
-      });
-      current.resolve(linked);
-    } catch (error) {
-      await tonConnectUI.disconnect();
-      current.reject(error);
-    }
-  }
-
-  // Connect a wallet with a fresh single-use ton_proof payload; the server verifies the
-  // proof and links the wallet (purpose "user" or "payout"). Resolves with the linked wallet.
-  async function connectWallet(purpose) {
-    const ui = await tonConnect();
-    if (!ui) throw new ApiError(0, "no_tonconnect", t("no_tonconnect"));
-    if (ui.connected) await ui.disconnect();
-    ui.setConnectRequestParameters({ state: "loading" });
-    const { payload } = await request("/wallet/payload", { method: "POST" });
-    ui.setConnectRequestParameters({ state: "ready", value: { tonProof: payload } });
-    const done = new Promise((resolve, reject) => (linking = { purpose, resolve, reject }));
-    await ui.openModal();
-    return done;
   }
 
   // --------------------------------------------------------------------------- start
@@ -524,9 +458,8 @@
     savePending,
     mainAction,
     mainProgress,
-    tonConnect,
-    connectWallet,
-    onWalletChange: (listener) => walletListeners.push(listener),
+    scheme,
+    onThemeChange: (listener) => themeListeners.push(listener),
     isOnline: () => online,
     ready: start(),
   };
