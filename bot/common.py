@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from aiogram import Router
-from aiogram.types import InlineKeyboardButton
+from aiogram.types import InlineKeyboardButton, InlineKeyboardMarkup
 
 from backend.models import User
 from backend.money import format_gram
@@ -107,3 +107,29 @@ AGAIN = "again"
 
 def again_button() -> InlineKeyboardButton:
     return InlineKeyboardButton(text=_("Ask my question again"), callback_data=AGAIN)
+
+
+REGENERATE, CONTINUE = "regen", "cont"
+"""Callback data of the buttons under a finished answer (bot/handlers/persona.py)."""
+
+
+def answer_keyboard() -> InlineKeyboardMarkup:
+    """Under a finished answer: answer again, or go on from where it stopped."""
+    return InlineKeyboardMarkup(
+        inline_keyboard=[
+            [
+                InlineKeyboardButton(text=_("↻ Regenerate"), callback_data=REGENERATE),
+                InlineKeyboardButton(text=_("→ Continue"), callback_data=CONTINUE),
+            ]
+        ]
+    )
+
+
+def refused_keyboard() -> InlineKeyboardMarkup:
+    """Under a refusal for balance: top up, then ask the kept question again."""
+    return InlineKeyboardMarkup(
+        inline_keyboard=[
+            [InlineKeyboardButton(text=_("Top up"), callback_data="topup:open")],
+            [again_button()],
+        ]
+    )

@@ -127,18 +127,21 @@ class ReplyStream:
             else:
                 raise
 
-    async def finish(self, text: str, footer: str = "") -> list[Message]:
-        """The final reply as real messages, the footer (plain text, shown in italics) on the
-        last one; the placeholder (if any) becomes the first of them."""
+    async def finish(
+        self, text: str, footer: str = "", markup: InlineKeyboardMarkup | None = None
+    ) -> list[Message]:
+        """The final reply as real messages, the footer (plain text, shown in italics) and
+        ``markup`` on the last one; the placeholder (if any) becomes the first of them."""
         pieces = split_markdown(text)
         sent: list[Message] = []
         for index, piece in enumerate(pieces):
             body, plain = markdown_to_html(piece), piece
-            if footer and index == len(pieces) - 1:
+            last = index == len(pieces) - 1
+            if footer and last:
                 body = f"{body}\n\n<i>{html.escape(footer, quote=False)}</i>"
                 plain = f"{plain}\n\n{footer}"
             reuse = self.message_id if index == 0 else None
-            sent.append(await self._put(body, plain, reuse))
+            sent.append(await self._put(body, plain, reuse, markup if last else None))
         return sent
 
     async def fail(self, text: str) -> None:
@@ -154,18 +157,32 @@ class ReplyStream:
                     return
         await self.bot.send_message(self.chat_id, text, parse_mode=None, **self.options)
 
-    async def _put(self, html_text: str, plain: str, message_id: int | None) -> Message:
+    async def _put(
+        self,
+        html_text: str,
+        plain: str,
+        message_id: int | None,
+        markup: InlineKeyboardMarkup | None = None,
+    ) -> Message:
         try:
-            return await self._send(html_text, ParseMode.HTML, message_id)
+            return await self._send(html_text, ParseMode.HTML, message_id, markup)
         except TelegramBadRequest as error:
             if not cannot_parse(error):
                 raise
             log.warning("Telegram refused the reply's HTML; sending it as plain text")
-        return await self._send(plain, None, message_id)
+        return await self._send(plain, None, message_id, markup)
 
-    async def _send(self, text: str, mode: str | None, message_id: int | None) -> Message:
+    async def _send(
+        self,
+        text: str,
+        mode: str | None,
+        message_id: int | None,
+        markup: InlineKeyboardMarkup | None = None,
+    ) -> Message:
         if message_id is None:
-            return await self.bot.send_message(self.chat_id, text, parse_mode=mode, **self.options)
+            return await self.bot.send_message(
+                self.chat_id, text, parse_mode=mode, reply_markup=markup, **self.options
+            )
         # Even the last edit keeps to one edit per interval.
         wait = self._last_sent + self.edit_interval_s - self.clock()
         if wait > 0:
@@ -177,7 +194,7 @@ class ReplyStream:
                 chat_id=self.chat_id,
                 message_id=message_id,
                 parse_mode=mode,
-                reply_markup=None,
+                reply_markup=markup,
             )
         except TelegramBadRequest as error:
             if not not_modified(error):

@@ -143,6 +143,15 @@ async def test_a_turn_streams_as_drafts_and_ends_with_the_footer_and_the_charge(
     assert len(await turns_of(chat)) == 2
     conversation = await contexts.load(USER)
     assert [m["role"] for m in conversation.messages] == ["user", "assistant"]
+    # Under the answer: Regenerate and Continue.
+    buttons = final(chat).reply_markup.inline_keyboard[0]
+    assert [b.callback_data for b in buttons] == ["regen", "cont"]
+    await feed(chat.app.dp, chat.app.bot, callback_update(USER, "cont"))
+    assert len(await turns_of(chat)) == 3
+    conversation = await contexts.load(USER)
+    assert [m["content"] for m in conversation.messages if m["role"] == "user"][-1] == "Continue."
+    await feed(chat.app.dp, chat.app.bot, callback_update(USER, "regen"))
+    assert len(await turns_of(chat)) == 4
     # /new starts over.
     await chat.send("/new", user=USER)
     assert (await contexts.load(USER)).messages == []
@@ -209,7 +218,8 @@ async def test_in_a_group_the_reply_is_edited_at_most_once_a_second_and_has_a_st
     edits = [t for t, _m in chat.tg.timed("editMessageText")]
     assert len(edits) >= 3 and all(b - a >= 0.99 for a, b in itertools.pairwise(edits))
     last = final(chat)
-    assert last.__api_method__ == "editMessageText" and last.reply_markup is None
+    assert last.__api_method__ == "editMessageText"  # the stop button gives way to these:
+    assert [b.callback_data for b in last.reply_markup.inline_keyboard[0]] == ["regen", "cont"]
     assert "stopped" in last.text
 
 

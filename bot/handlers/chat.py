@@ -14,8 +14,6 @@ from aiogram.enums import ChatType
 from aiogram.filters import Command, CommandObject
 from aiogram.types import (
     CallbackQuery,
-    InlineKeyboardButton,
-    InlineKeyboardMarkup,
     Message,
     MessageGenerationStopped,
 )
@@ -29,7 +27,7 @@ from backend.models import User
 from backend.pricing import affordable_completion_tokens, default_max_tokens
 from backend.ratelimit import RateLimiter
 from backend.settings import Settings
-from bot.common import AGAIN, Handlers, again_button, ton, user_model
+from bot.common import Handlers, answer_keyboard, refused_keyboard, ton, user_model
 from bot.context import ContextStore, Conversation, LastTurn, trim
 from bot.errors import error_text
 from bot.groups import Place, group_is_on, group_prompt
@@ -171,7 +169,9 @@ async def answer(
         assert done is not None
         reply = text.strip()
         shown_footer = footer(done) + (" · " + note if note else "")
-        await stream.finish(reply or _("(no answer)"), shown_footer)
+        await stream.finish(
+            reply or _("(no answer)"), shown_footer, answer_keyboard() if reply else None
+        )
         if reply:
             conversation.messages = [*history, {"role": "assistant", "content": reply}]
         conversation.last = LastTurn(turn_id=done.turn_id, model=done.model, worker=done.worker)
@@ -229,6 +229,20 @@ async def cmd_retry(
     running: RunningTurns,
     limiter: RateLimiter,
 ) -> None:
+    await retry(message, bot, user, settings, turns, contexts, running, limiter)
+
+
+async def retry(
+    message: Message,
+    bot: Bot,
+    user: User,
+    settings: Settings,
+    turns: TurnDispatcher,
+    contexts: ContextStore,
+    running: RunningTurns,
+    limiter: RateLimiter,
+) -> None:
+    """The caller's last question in this place, answered again (replacing the answer)."""
     conversation = await contexts.load(Place.of(message, user.telegram_id).scope)
     messages = list(conversation.messages)
     while messages and messages[-1]["role"] == "assistant":
@@ -304,45 +318,6 @@ async def on_stop_button(query: CallbackQuery, running: RunningTurns) -> None:
         scope = message.chat.id if message is not None else query.from_user.id
     stopped = await running.stop(scope, by=query.from_user.id)
     await query.answer(_("Stopping…") if stopped else _("Nothing is running."))
-
-
-def refused_keyboard() -> InlineKeyboardMarkup:
-    """Under a refusal for balance: top up, then ask the kept question again."""
-    return InlineKeyboardMarkup(
-        inline_keyboard=[
-            [InlineKeyboardButton(text=_("Top up"), callback_data="topup:open")],
-            [again_button()],
-        ]
-    )
-
-
-@handlers.callback_query(F.data == AGAIN)
-async def on_ask_again(
-    query: CallbackQuery,
-    bot: Bot,
-    user: User,
-    settings: Settings,
-    turns: TurnDispatcher,
-    contexts: ContextStore,
-    running: RunningTurns,
-    limiter: RateLimiter,
-) -> None:
-    """The question a refusal kept, asked again (in the private chat it was asked in)."""
-    message = query.message
-    if not isinstance(message, Message) or message.chat.type != ChatType.PRIVATE:
-        await query.answer(_("This button is not valid any more."), show_alert=True)
-        return
-    scope = Place.of(message, user.telegram_id).scope
-    conversation = await contexts.load(scope)
-    prompt, conversation.pending = conversation.pending, ""
-    if not prompt:
-        await query.answer(_("There is no question waiting: just write to me."), show_alert=True)
-        return
-    await query.answer()
-    await contexts.save(scope, conversation)  # asked once; a new refusal keeps it again
-    await _reply(
-        message, bot, user, prompt, conversation, settings, turns, contexts, running, limiter
-    )
 
 
 @handlers.callback_query()

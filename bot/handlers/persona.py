@@ -1,22 +1,23 @@
-"""What peers offer beyond plain text: a system prompt per chat (``/system``, with presets from
-the operator's settings), a photo's caption read as the question, an edited question answered
-again. Registered before chat, whose last handler answers other content."""
+"""What peers offer beyond plain text: a system prompt per chat (``/system``), a photo's caption
+read as the question, an edited question answered again, Regenerate and Continue under an
+answer, and a question refused for balance asked again. Registered before chat, whose last
+handlers answer other content and unknown buttons."""
 
 from __future__ import annotations
 
 from aiogram import Bot, F
 from aiogram.enums import ChatType
 from aiogram.filters import Command, CommandObject
-from aiogram.types import Message
+from aiogram.types import CallbackQuery, Message
 
 from backend.dispatch import Dispatcher as TurnDispatcher
 from backend.models import User
 from backend.ratelimit import RateLimiter
 from backend.settings import Settings
-from bot.common import Handlers
+from bot.common import AGAIN, CONTINUE, REGENERATE, Handlers
 from bot.context import ContextStore
 from bot.groups import Place
-from bot.handlers.chat import reply_to
+from bot.handlers.chat import reply_to, retry
 from bot.i18n import _
 from bot.services import RunningTurns
 
@@ -97,3 +98,60 @@ async def on_edited(
     prompt = (message.text or "").strip()
     if prompt and not prompt.startswith("/"):
         await reply_to(message, bot, user, prompt, settings, turns, contexts, running, limiter)
+
+
+CONTINUE_PROMPT = "Continue."
+"""What Continue asks the model (not shown to the user)."""
+
+
+@handlers.callback_query(F.data.in_({REGENERATE, CONTINUE}))
+async def on_answer_button(
+    query: CallbackQuery,
+    bot: Bot,
+    user: User,
+    settings: Settings,
+    turns: TurnDispatcher,
+    contexts: ContextStore,
+    running: RunningTurns,
+    limiter: RateLimiter,
+) -> None:
+    """Regenerate (as /retry) or Continue (a turn asking the model to go on); in a group only
+    the asker's buttons pass (bot/groups.py)."""
+    message = query.message
+    if not isinstance(message, Message):
+        await query.answer(_("This button is not valid any more."), show_alert=True)
+        return
+    await query.answer()
+    if query.data == REGENERATE:
+        await retry(message, bot, user, settings, turns, contexts, running, limiter)
+    else:
+        await reply_to(
+            message, bot, user, CONTINUE_PROMPT, settings, turns, contexts, running, limiter
+        )
+
+
+@handlers.callback_query(F.data == AGAIN)
+async def on_ask_again(
+    query: CallbackQuery,
+    bot: Bot,
+    user: User,
+    settings: Settings,
+    turns: TurnDispatcher,
+    contexts: ContextStore,
+    running: RunningTurns,
+    limiter: RateLimiter,
+) -> None:
+    """The question a refusal kept, asked again (in the private chat it was asked in)."""
+    message = query.message
+    if not isinstance(message, Message) or message.chat.type != ChatType.PRIVATE:
+        await query.answer(_("This button is not valid any more."), show_alert=True)
+        return
+    scope = Place.of(message, user.telegram_id).scope
+    conversation = await contexts.load(scope)
+    prompt, conversation.pending = conversation.pending, ""
+    if not prompt:
+        await query.answer(_("There is no question waiting: just write to me."), show_alert=True)
+        return
+    await query.answer()
+    await contexts.save(scope, conversation)  # asked once; a new refusal keeps it again
+    await reply_to(message, bot, user, prompt, settings, turns, contexts, running, limiter)
