@@ -319,3 +319,32 @@ async def test_a_bad_amount_is_said_next_to_its_field(stack: Stack, context: Any
     await page.wait_for_selector("#topup-amount-error", state="hidden")
     assert "1.5 GRAM" in await page.locator("#topup-send").text_content()
     await screenshot(page, "wallet-amount-fr")
+
+
+async def test_replies_are_markdown_built_from_text_never_html(stack: Stack, context: Any) -> None:
+    await get_or_create_user(stack.db, 9971, "en")
+    page = await open_page(context, stack.origin)
+    await page.goto(stack.origin + "/app/chat" + launch_hash(9971))
+    await page.wait_for_function("Boolean(window.Cocoon && window.Cocoon.markdown)")
+    reply = (
+        "**Bold** and *soft* with `x < y`.\n\n"
+        '<img src=x onerror="window.owned = 1"> <script>window.owned = 2</script>\n\n'
+        "```python\nprint('<b>')\n```"
+    )
+    shape = await page.evaluate(
+        """text => {
+            const box = document.createElement("div");
+            Cocoon.markdown(box, text);
+            document.body.append(box);
+            return {
+                tags: Array.from(box.querySelectorAll("*"), (el) => el.tagName),
+                code: box.querySelector("pre code").textContent,
+                text: box.textContent,
+            };
+        }""",
+        reply,
+    )
+    assert shape["tags"] == ["P", "STRONG", "EM", "CODE", "P", "PRE", "CODE"]
+    assert shape["code"] == "print('<b>')"
+    assert '<img src=x onerror="window.owned = 1">' in shape["text"]  # shown, as text
+    assert await page.evaluate("window.owned") is None
