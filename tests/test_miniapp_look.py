@@ -123,6 +123,16 @@ async def test_a_theme_change_is_followed_at_once(stack: Stack, context: Any) ->
     card = await page.evaluate("getComputedStyle(document.querySelector('.card')).backgroundColor")
     assert card != rgb(dark["secondary_bg_color"])
     assert await page.evaluate("document.documentElement.dataset.scheme") == "dark"
+    # Safe-area insets (the home bar, a fullscreen header) keep the tab bar and page clear.
+    insets = {"top": 0, "bottom": 34, "left": 0, "right": 0}
+    await page.evaluate("i => Telegram.WebView.receiveEvent('safe_area_changed', i)", insets)
+    content = {"top": 56, "bottom": 0, "left": 0, "right": 0}
+    await page.evaluate(
+        "i => Telegram.WebView.receiveEvent('content_safe_area_changed', i)", content
+    )
+    nav = await page.evaluate("getComputedStyle(document.querySelector('nav.tabs')).paddingBottom")
+    top = await page.evaluate("getComputedStyle(document.body).paddingTop")
+    assert nav == "34px" and top == "56px"
 
 
 async def test_development_mode_follows_the_browsers_scheme(stack: Stack, context: Any) -> None:
