@@ -202,6 +202,16 @@ async def test_a_refused_message_keeps_its_text_and_offers_the_fix(
     await error.locator("button").click()  # "Top up"
     await page.wait_for_selector("[data-view='wallet']:not([hidden])")
     assert page.url.startswith(stack.origin + "/app")
+    # Offline, the message is kept as well, and the page says why.
+    await page.click("nav a[data-tab='chat']")
+    await context.set_offline(True)
+    try:
+        await page.fill("#prompt", "Still here?")
+        await page.click("#send")
+        await page.wait_for_selector("#composer-error:has-text('No connection')")
+        assert await page.input_value("#prompt") == "Still here?"
+    finally:
+        await context.set_offline(False)
 
 
 async def test_a_double_tap_on_stars_opens_one_invoice(stack: Stack, context: Any) -> None:

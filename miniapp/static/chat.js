@@ -115,7 +115,6 @@
     let words = error.message;
     if (error.code === "message_too_long" && error.details.limit) words = t("fix_shorten", { limit: error.details.limit });
     if (error.code === "rate_limited" && error.details.retry_after) words = t("fix_wait", { seconds: error.details.retry_after });
-    if (error.code === "offline") words = t("reply_lost");
     box.append(words);
     if (error.code === "insufficient_balance") {
       const fix = document.createElement("button");
