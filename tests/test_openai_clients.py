@@ -381,3 +381,5 @@ async def test_langchain_openai(v1: Api, node: Node) -> None:
     turns = await settled_turns(v1)
     assert len(turns) == 4
     assert (await v1.ledger.balances(v1.user_id)).available == TON - sum(t.cost for t in turns)
+    assert chat.root_async_client is not None
+    await chat.root_async_client.close()
