@@ -38,7 +38,7 @@ async def post(v1: Api, body: Any, *, key: str | None = None, **headers: str) ->
                 **headers,
             },
         ) as response:
-            return response.status, dict(response.headers), await response.json()
+            return response.status, response.headers.copy(), await response.json()
 
 
 async def test_statuses_without_a_route_are_openai_json(v1: Api) -> None:
@@ -271,3 +271,17 @@ async def test_a_bad_or_reused_idempotency_key_is_refused(v1: Api) -> None:
             v1, {"model": DEFAULT_MODEL, "messages": HI}, **{"Idempotency-Key": "k-1"}
         )
         assert status == 503 and body["error"]["code"] == "no_worker"
+
+
+async def test_a_stream_that_cannot_start_answers_its_real_status(v1: Api) -> None:
+    # No worker: before any event the stream's status is still free, so it is the real one.
+    status, headers, body = await post(
+        v1, {"model": DEFAULT_MODEL, "messages": HI, "stream": True}, Origin="https://a.example"
+    )
+    assert status == 503 and body["error"]["code"] == "no_worker"
+    assert headers["Content-Type"].startswith("application/json")
+    assert headers["X-Request-Id"] and headers["Access-Control-Allow-Origin"] == "*"
+    client = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key, max_retries=0)
+    with pytest.raises(openai.InternalServerError, match="no worker"):
+        await client.chat.completions.create(model=DEFAULT_MODEL, messages=HI, stream=True)  # type: ignore[arg-type]
+    await client.close()
