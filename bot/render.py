@@ -2,8 +2,8 @@
 
 Everything is HTML-escaped first; tags are only ever added in matched pairs (a fenced code
 block, inline code, ``**bold**``, ``*italic*``/``_italic_`` on one line, ``[text](https://...)``
-links). An unbalanced ``*`` simply stays a ``*``: a send never fails because of the model's
-Markdown.
+links, ``> `` quotes as a blockquote, a pipe table as aligned monospace columns). An unbalanced
+``*`` simply stays a ``*``: a send never fails because of the model's Markdown.
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ _ITALIC_UNDERSCORE = re.compile(r"(?<![\w_])_(?=\S)([^_\n]+?)(?<=\S)_(?![\w_])")
 _STRIKE = re.compile(r"~~(?=\S)([^~\n]+?)(?<=\S)~~")
 _LINK = re.compile(r"\[([^\]\n]+)\]\((https?://[^\s)]+)\)")
 _HEADING = re.compile(r"^(#{1,6})\s+(.+)$")
+_QUOTE = re.compile(r"^\s{0,3}> ?")
+_TABLE_ROW = re.compile(r"^\s*\|.*\|\s*$")
+_TABLE_RULE = re.compile(r"^\s*\|?\s*:?-+:?\s*(\|\s*:?-+:?\s*)*\|?\s*$")
 
 
 def text_length(text: str) -> int:
@@ -63,12 +66,67 @@ def _inline(line: str) -> str:
     return re.sub("\x00(\\d+)\x00", lambda m: codes[int(m.group(1))], text)
 
 
+def _quote(lines: list[str]) -> str:
+    """``> `` lines as one blockquote (their Markdown inside rendered)."""
+    body = "\n".join(_inline(_QUOTE.sub("", line, count=1)) for line in lines)
+    return f"<blockquote>{body}</blockquote>"
+
+
+def _cells(line: str) -> list[str]:
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def _table(lines: list[str]) -> str:
+    """A pipe table as aligned monospace columns (Telegram has no tables); its separator row
+    becomes a rule."""
+    rows = [_cells(line) for line in lines if not _TABLE_RULE.match(line)]
+    width = max(len(row) for row in rows)
+    rows = [row + [""] * (width - len(row)) for row in rows]
+    sizes = [max(text_length(row[i]) for row in rows) for i in range(width)]
+    shown = [
+        " | ".join(cell.ljust(sizes[i]) for i, cell in enumerate(row)).rstrip() for row in rows
+    ]
+    if len(shown) > 1:
+        shown.insert(1, "-+-".join("-" * size for size in sizes))
+    return "<pre>" + html.escape("\n".join(shown), quote=False) + "</pre>"
+
+
+def _blocks(lines: list[str]) -> list[str]:
+    """Lines outside code: quotes and tables grouped, the rest line by line."""
+    out: list[str] = []
+    index = 0
+    while index < len(lines):
+        line = lines[index]
+        kind = "quote" if _QUOTE.match(line) else "table" if _TABLE_ROW.match(line) else None
+        if kind is None:
+            out.append(_inline(line))
+            index += 1
+            continue
+        pattern = _QUOTE if kind == "quote" else _TABLE_ROW
+        end = index
+        while end < len(lines) and pattern.match(lines[end]):
+            end += 1
+        group = lines[index:end]
+        if kind == "table" and not (len(group) >= 2 and _TABLE_RULE.match(group[1])):
+            out.extend(_inline(item) for item in group)  # pipes, but not a table
+        else:
+            out.append(_quote(group) if kind == "quote" else _table(group))
+        index = end
+    return out
+
+
 def markdown_to_html(text: str) -> str:
     """Telegram HTML for a model's Markdown; always well formed."""
     out: list[str] = []
     code: list[str] | None = None
     language = ""
+    plain: list[str] = []
     for line in text.split("\n"):
+        if code is None and not _FENCE.match(line):
+            plain.append(line)
+            continue
+        out.extend(_blocks(plain))
+        plain = []
         if _FENCE.match(line):
             if code is None:
                 code = []
@@ -81,8 +139,7 @@ def markdown_to_html(text: str) -> str:
             continue
         if code is not None:
             code.append(line)
-        else:
-            out.append(_inline(line))
+    out.extend(_blocks(plain))
     if code is not None:  # an unclosed fence: close it
         body = html.escape("\n".join(code), quote=False)
         out.append(f"<pre><code>{body}</code></pre>")

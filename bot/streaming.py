@@ -84,14 +84,26 @@ class ReplyStream:
         self.message_id = message.message_id
         self._last_sent = self.clock()
 
-    async def _draft(self, text: str) -> None:
+    async def _draft(self, text: str, mode: str | None = None) -> None:
         await self.bot.send_message_draft(
             chat_id=self.chat_id,
             draft_id=self.draft_id,
             text=text,
-            parse_mode=None,
+            parse_mode=mode,
             can_stop=True,
         )
+
+    async def _show(self, preview: str, mode: str | None) -> None:
+        if self.use_draft:
+            await self._draft(preview, mode)
+        else:
+            await self.bot.edit_message_text(
+                text=preview,
+                chat_id=self.chat_id,
+                message_id=self.message_id,
+                parse_mode=mode,
+                reply_markup=stop_keyboard(),
+            )
 
     async def update(self, text: str) -> None:
         """Show the reply so far, unless the last update was too recent."""
@@ -104,16 +116,12 @@ class ReplyStream:
             return
         self._last_sent = now
         try:
-            if self.use_draft:
-                await self._draft(preview)
-            else:
-                await self.bot.edit_message_text(
-                    text=preview,
-                    chat_id=self.chat_id,
-                    message_id=self.message_id,
-                    parse_mode=None,
-                    reply_markup=stop_keyboard(),
-                )
+            try:  # as it will look: safe HTML of the Markdown so far
+                await self._show(markdown_to_html(preview), ParseMode.HTML)
+            except TelegramBadRequest as error:
+                if not cannot_parse(error):
+                    raise
+                await self._show(preview, None)
             self._shown = preview
         except TelegramRetryAfter as error:
             self._paused_until = self.clock() + error.retry_after

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -31,6 +32,7 @@ from tests.support.bot_fakes import (
     stopped_update,
 )
 from tests.support.env import IN_CI, TEST_REDIS_URL, require_module
+from tests.support.telegram_rules import visible
 from tests.support.turns import TON, funded_user
 
 require_module("llama_cpp")
@@ -107,7 +109,9 @@ async def test_a_turn_streams_as_drafts_and_ends_with_the_footer_and_the_charge(
     drafts = chat.tg.calls("sendMessageDraft")
     assert drafts and drafts[0].text == "" and drafts[0].can_stop  # "Thinking…" with stop
     assert len({d.draft_id for d in drafts}) == 1
-    shown = [d.text for d in drafts if d.text]
+    # Each draft is the reply so far as HTML; what a person reads (markers aside) only grows.
+    assert all(d.parse_mode == "HTML" for d in drafts if d.text)
+    shown = [re.sub(r"[*_`~#>|-]", "", visible(d.text, "HTML")[0]) for d in drafts if d.text]
     assert shown and all(b.startswith(a[: len(a) // 2]) for a, b in itertools.pairwise(shown))
     last = final(chat)
     assert last.__api_method__ == "sendMessage" and last.parse_mode == "HTML"

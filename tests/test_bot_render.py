@@ -45,6 +45,14 @@ def balanced(text: str) -> bool:
         ),
         ("# Title", "<b>Title</b>"),
         ("<script>alert(1)</script>", "&lt;script&gt;alert(1)&lt;/script&gt;"),
+        ("> quoted **line**\n> and more", "<blockquote>quoted <b>line</b>\nand more</blockquote>"),
+        ("a > b, not a quote", "a &gt; b, not a quote"),
+        (
+            "| name | n |\n|---|:-:|\n| <x> | 10 |",
+            "<pre>name | n\n-----+---\n&lt;x&gt;  | 10</pre>",
+        ),
+        ("a | b | not a table", "a | b | not a table"),
+        ("| one | row |", "| one | row |"),
     ],
 )
 def test_markdown_renders_to_safe_html(source: str, expected: str) -> None:
@@ -153,3 +161,22 @@ async def test_one_turn_per_chat_and_stop_reaches_another_replica(redis_url: str
     await here.release(5)
     assert await there.acquire(5, draft_id=3, owner=78)
     await client.aclose()
+
+
+async def test_drafts_show_the_markdown_so_far_as_safe_html() -> None:
+    from aiogram import Bot
+
+    from bot.streaming import ReplyStream
+    from tests.support.bot_fakes import TOKEN, FakeTelegram
+
+    tg = FakeTelegram()
+    bot = Bot(TOKEN, session=tg)
+    stream = ReplyStream(bot, 7, draft_id=3, use_draft=True, draft_interval_s=0.0)
+    for text in ("**Paris** is", "**Paris** is the capital.\n> a quote\n| a | b |\n|--|--|"):
+        await stream.update(text)
+    first, second = tg.calls("sendMessageDraft")
+    assert first.parse_mode == "HTML" and first.text == "<b>Paris</b> is"
+    assert "<blockquote>a quote</blockquote>" in second.text and "<pre>a | b" in second.text
+    await stream.update("**unclosed so far")  # an unbalanced marker stays a character
+    assert tg.calls("sendMessageDraft")[-1].text == "**unclosed so far"
+    await bot.session.close()
