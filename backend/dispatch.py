@@ -307,6 +307,7 @@ class Turn(TurnSettlement):
             sealed,
             timeout_s=self.d.job_timeout_s,
             ttl_s=self.d.queue_ttl_s,
+            max_tokens=self.max_tokens,
         )
         log.info(
             "turn %s job %s -> worker %s (attempt %d)",

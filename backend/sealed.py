@@ -7,6 +7,10 @@ sees the model, ``max_tokens``, the worker and job ids, and the ciphertext; neve
 
 * **Hold**: the worst case of ``max_tokens`` and a prompt bounded by the ciphertext's length
   (:func:`backend.bounds.sealed_prompt_bound`: its JSON holds every message's text).
+  ``max_tokens`` goes to the node in the clear with the job (:mod:`workers.jobs`), and the node
+  generates at most the smaller of it and the client's sealed one: a client that seals more
+  than it declared gets a reply cut at the declared bound, billed, not an honest worker's
+  reply cut off unpaid.
 * **Routing**: that worker only (a slot reserved on it, as for any turn); no retry elsewhere,
   since the request opens only there. Each job id is used once (:data:`USED_TTL_S`).
 * **Relay**: each stream entry goes to the client as it is (sealed to the client's reply key),
@@ -200,6 +204,7 @@ class SealedTurn(Turn):
             self.sealed,
             timeout_s=d.job_timeout_s,
             ttl_s=d.queue_ttl_s,
+            max_tokens=self.max_tokens,  # the node generates at most this, whatever is sealed
         )
         log.info("sealed turn %s job %s -> worker %s", self.turn_id, self.job_id, worker.worker_id)
 

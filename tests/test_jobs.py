@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 
+import pytest
 import redis
 import redis.asyncio as aioredis
 import rq
@@ -12,15 +13,24 @@ from rq import Queue, SimpleWorker, Worker
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from workers.jobs import FAILURE_TTL_S, RESULT_TTL_S, JobBook, aenqueue_job, enqueue_job
+from workers.jobs import (
+    FAILURE_TTL_S,
+    RESULT_TTL_S,
+    JobBook,
+    aenqueue_job,
+    enqueue_job,
+    outer_max_tokens,
+)
 from workers.registry import queue_name
 
 
 async def test_async_enqueue_matches_rq(redis_url: str) -> None:
     sync = redis.Redis.from_url(redis_url)
     client = aioredis.Redis.from_url(redis_url)
-    enqueue_job(sync, "w1", "job-sync", b"sealed-1", timeout_s=60, ttl_s=30)
-    assert await aenqueue_job(client, "w1", "job-async", b"sealed-2", timeout_s=60, ttl_s=30)
+    enqueue_job(sync, "w1", "job-sync", b"sealed-1", timeout_s=60, ttl_s=30, max_tokens=7)
+    assert await aenqueue_job(
+        client, "w1", "job-async", b"sealed-2", timeout_s=60, ttl_s=30, max_tokens=7
+    )
 
     queue = Queue(queue_name("w1"), connection=sync, serializer=JSONSerializer)
     assert queue.job_ids == ["job-sync", "job-async"]
@@ -30,10 +40,24 @@ async def test_async_enqueue_matches_rq(redis_url: str) -> None:
     assert ours.origin == theirs.origin == queue.name
     assert ours.timeout == 60 and ours.func_name == theirs.func_name
     assert base64.b64decode(ours.args[0]) == b"sealed-2"
+    assert outer_max_tokens(ours) == outer_max_tokens(theirs) == 7  # the backend's bound
     assert set(sync.hkeys("rq:job:job-async")) == set(sync.hkeys("rq:job:job-sync"))
     assert 0 < sync.ttl("rq:job:job-async") <= 30
     assert queue.key.encode() in sync.smembers("rq:queues")
     await client.aclose()
+    sync.close()
+
+
+def test_a_jobs_bound_is_a_positive_integer_or_the_job_is_refused(redis_url: str) -> None:
+    sync = redis.Redis.from_url(redis_url)
+    job = enqueue_job(sync, "w1", "job-bound", b"sealed", timeout_s=60, ttl_s=30)
+    assert outer_max_tokens(job) is None  # an older enqueuer: the sealed request's own bound
+    for bad in ("7", 0, -1, True, 1.5, 10**7, [7]):
+        job.meta = {"max_tokens": bad}
+        with pytest.raises(ValueError, match="max_tokens"):
+            outer_max_tokens(job)
+    with pytest.raises(ValueError, match="max_tokens"):
+        enqueue_job(sync, "w1", "job-zero", b"sealed", timeout_s=60, ttl_s=30, max_tokens=0)
     sync.close()
 
 

@@ -28,7 +28,16 @@ from backend.client import SealedClient, SealedError
 from backend.settings import Settings
 from tests.support.network import SERVED, Network, network
 from workers.receipts import parse_signed_receipt
-from workers.wire import ChatMessage, JobRequest, new_reply_keypair, public_b64, seal_request
+from workers.wire import (
+    ChatMessage,
+    FinalRecord,
+    JobRequest,
+    StreamChunk,
+    new_reply_keypair,
+    open_event,
+    public_b64,
+    seal_request,
+)
 
 pytestmark = pytest.mark.slow  # cocoon web, a worker node process
 
@@ -241,6 +250,51 @@ async def test_sealed_requests_are_bounded_and_used_once(net: Network) -> None:
     with pytest.raises(SealedError, match="no worker"):
         async with SealedClient(net.url, net.api_key, policy=DEV) as client:
             await client.chat(SERVED, [{"role": "user", "content": "x"}], max_tokens=4)
+    assert (await net.audit()).ok
+
+
+async def test_a_sealed_request_asking_more_than_it_declared_stops_at_the_declared_bound(
+    net: Network,
+) -> None:
+    """Sealed max_tokens 4096, declared 2: the node generates 2 tokens (the bound it gets in the
+    clear with the job), the turn is billed for them, and no reply is cut off unpaid."""
+    nonce, report = await trusted_report(net)
+    [worker] = await check_report(report, model=SERVED, nonce=nonce, policy=DEV, allow_dev=True)
+    job_id = f"{net.honest_id}_{secrets.token_hex(16)}-1"
+    reply_key = new_reply_keypair()
+    words = " ".join(f"word{i:04d}" for i in range(300))  # 2,700 bytes: past 2 tokens' bound
+    request = JobRequest(
+        job_id=job_id,
+        model=SERVED,
+        messages=[ChatMessage(role="user", content=words)],
+        max_tokens=4096,
+        reply_key=public_b64(reply_key),
+    )
+    body = {
+        "model": SERVED,
+        "worker_id": net.honest_id,
+        "job_id": job_id,
+        "max_tokens": 2,
+        "sealed_request": base64.b64encode(seal_request(request, worker.box_public_key)).decode(),
+        "stream": False,
+    }
+    before = await net.available()
+    headers = {"Authorization": f"Bearer {net.api_key}"}
+    url = f"{net.url}/v1/sealed/chat/completions"
+    async with net.session.post(url, json=body, headers=headers) as reply:
+        answer = await reply.json()
+        assert reply.status == 200, answer
+    events = [
+        open_event(base64.b64decode(e), reply_key, worker.verify_key, expected_job_id=job_id)
+        for e in answer["events"]
+    ]
+    assert "".join(e.text for e in events if isinstance(e, StreamChunk)) == "word0000 word0001"
+    final = events[-1]
+    assert isinstance(final, FinalRecord)
+    assert (final.completion_tokens, final.finish_reason) == (2, "length")
+    assert answer["usage"]["completion_tokens"] == 2
+    assert answer["receipt"]["signed"]["receipt"]["completion_tokens"] == 2
+    assert 0 < int(answer["cost_nanoton"]) == before - await net.available()
     assert (await net.audit()).ok
 
 

@@ -18,6 +18,11 @@ engine that does not end with its usage within :data:`STOP_GRACE_S` is cancelled
 counts the usage itself: the text deltas it streamed, and (when there were any) the prompt, with
 the engine's own tokenizer (``Engine.count_prompt_tokens``).
 
+The reply is at most the smaller of the sealed request's ``max_tokens`` and the backend's
+bound the job carries in the clear (:func:`workers.jobs.outer_max_tokens`): a sealed client
+chooses its own, and the backend holds and pays for its bound only, so a node that generated
+past it would be cut off unpaid.
+
 A request that cannot be opened gets no reply at all: without it there is no reply key.
 """
 
@@ -41,7 +46,7 @@ from rq.job import Job
 from workers import streams
 from workers.engines import Engine, EngineError, GenerationRequest, TextDelta, Usage
 from workers.engines.base import ContextLengthExceeded, RequestRefused
-from workers.jobs import sealed_argument
+from workers.jobs import outer_max_tokens, sealed_argument
 from workers.receipts import Receipt, sign_receipt
 from workers.wire import (
     CONTEXT_LENGTH_EXCEEDED,
@@ -104,6 +109,7 @@ class JobRun:
         # reply's text as streamed.
         self._request_sha256 = ""
         self._reply_sha256 = hashlib.sha256()
+        self._outer_max_tokens: int | None = None  # the backend's bound (the job's meta)
 
     @property
     def job_id(self) -> str:
@@ -155,6 +161,7 @@ class JobRun:
     def open(self) -> JobRequest | Outcome:
         try:
             sealed = sealed_argument(self.job)
+            self._outer_max_tokens = outer_max_tokens(self.job)
             self._request_sha256 = hashlib.sha256(sealed).hexdigest()
             request = open_request(sealed, self.keys)
         except (ValueError, WireError) as error:  # neither quotes the payload
@@ -172,7 +179,7 @@ class JobRun:
         generation = self.engine.generate(
             GenerationRequest(
                 messages=[message.model_dump() for message in request.messages],
-                max_tokens=request.max_tokens,
+                max_tokens=min(request.max_tokens, self._outer_max_tokens or request.max_tokens),
                 temperature=sampling.temperature,
                 top_p=sampling.top_p,
                 stop=tuple(sampling.stop),

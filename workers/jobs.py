@@ -6,6 +6,11 @@ The enqueue contract (backend → worker node):
 * serializer: ``rq.serializers.JSONSerializer`` (never pickle);
 * function: ``workers.jobs.run_job``, with one positional argument, the sealed request
   (:func:`workers.wire.seal_request`) as a base64 ``str``;
+* job meta ``{"max_tokens": N}``: the backend's bound on the reply, in the clear (the sealed
+  request carries the client's own ``max_tokens``, which a sealed client chooses and the backend
+  cannot read). The node generates at most the smaller of the two (:func:`outer_max_tokens`),
+  so the usage it signs stays within what the backend holds and pays for; a job without it
+  (an older enqueuer) is bounded by its sealed request alone;
 * job id: the wire ``job_id`` (the reply stream is ``cocoon:stream:<job_id>``), built by
   :func:`job_id_for`: ``<worker_id>_<turn>-<attempt>``, so that every key of a job (``rq:job:``,
   ``rq:results:``, ``rq:execution(s):``, ``cocoon:stream:``, ``cocoon:cancel:``) starts with its
@@ -57,6 +62,7 @@ __all__ = [
     "challenge_argument",
     "enqueue_job",
     "job_id_for",
+    "outer_max_tokens",
     "run_job",
 ]
 
@@ -68,6 +74,12 @@ RESULT_TTL_S = 300
 
 FAILURE_TTL_S = 86_400
 """How long RQ keeps a failed job, for ``rq info`` and post-mortems."""
+
+MAX_TOKENS_META = "max_tokens"
+"""The job meta key of the backend's bound on the reply (see the module doc)."""
+
+MAX_TOKENS_LIMIT = 1_000_000
+"""The largest bound a job may carry (the wire's own limit on ``max_tokens``)."""
 
 EXECUTION_TTL_S = 90
 """An execution not heartbeaten for this long is abandoned (the node beats every ~15 s)."""
@@ -105,8 +117,10 @@ def enqueue_job(
     *,
     timeout_s: int,
     ttl_s: int,
+    max_tokens: int | None = None,
 ) -> Job:
-    """Enqueue a sealed request on the worker's own queue (see the module doc for the contract)."""
+    """Enqueue a sealed request on the worker's own queue (see the module doc for the contract);
+    ``max_tokens``: the backend's bound on the reply."""
     queue = Queue(queue_name(worker_id), connection=redis_sync, serializer=JSONSerializer)
     return queue.enqueue_call(
         run_job,
@@ -117,7 +131,16 @@ def enqueue_job(
         result_ttl=RESULT_TTL_S,
         failure_ttl=FAILURE_TTL_S,
         description="cocoon chat job",  # RQ's default would repeat the (sealed) argument
+        meta=_meta(max_tokens),
     )
+
+
+def _meta(max_tokens: int | None) -> dict[str, Any] | None:
+    if max_tokens is None:
+        return None
+    if not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
+        raise ValueError(f"max_tokens must be 1..{MAX_TOKENS_LIMIT}")
+    return {MAX_TOKENS_META: max_tokens}
 
 
 _server_versions: dict[int, tuple[int, int, int]] = {}
@@ -138,6 +161,7 @@ async def aenqueue_job(
     *,
     timeout_s: int,
     ttl_s: int,
+    max_tokens: int | None = None,
 ) -> str:
     """:func:`enqueue_job` for asyncio code, in one round trip and no thread.
 
@@ -147,7 +171,14 @@ async def aenqueue_job(
     """
     argument = base64.b64encode(sealed).decode("ascii")
     return await _aenqueue(
-        redis_async, worker_id, job_id, run_job, argument, timeout_s=timeout_s, ttl_s=ttl_s
+        redis_async,
+        worker_id,
+        job_id,
+        run_job,
+        argument,
+        timeout_s=timeout_s,
+        ttl_s=ttl_s,
+        meta=_meta(max_tokens),
     )
 
 
@@ -170,6 +201,7 @@ async def _aenqueue(
     *,
     timeout_s: int,
     ttl_s: int,
+    meta: dict[str, Any] | None = None,
 ) -> str:
     version = _server_versions.get(id(redis_async))
     if version is None:
@@ -186,6 +218,7 @@ async def _aenqueue(
         result_ttl=RESULT_TTL_S,
         failure_ttl=FAILURE_TTL_S,
         description="cocoon chat job",
+        meta=meta,
         status=JobStatus.QUEUED,
     )
     pipe = redis_async.pipeline(transaction=True)
@@ -338,3 +371,15 @@ def sealed_argument(job: Job) -> bytes:
         return base64.b64decode(args[0], validate=True)
     except ValueError as error:
         raise ValueError("the job's sealed request is not valid base64") from error
+
+
+def outer_max_tokens(job: Job) -> int | None:
+    """The backend's bound on the job's reply (its meta), None when the job carries none;
+    ValueError for one that is not an integer in 1..:data:`MAX_TOKENS_LIMIT`."""
+    meta = job.meta if isinstance(job.meta, dict) else {}
+    bound = meta.get(MAX_TOKENS_META)
+    if bound is None:
+        return None
+    if type(bound) is not int or not 1 <= bound <= MAX_TOKENS_LIMIT:
+        raise ValueError(f"the job's max_tokens must be an integer 1..{MAX_TOKENS_LIMIT}")
+    return bound
