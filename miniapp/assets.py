@@ -45,7 +45,15 @@ QRCODE_ROUTE = VENDOR_ROUTE + "qrcode.js"
 
 # The page's own scripts, served as one: the shared part first, then each view.
 BUNDLE = "cocoon.js"
-BUNDLED = ["app.js", "tonconnect.js", "markdown.js", "wallet.js", "history.js", "chat.js", "provider.js"]
+BUNDLED = [
+    "app.js",
+    "tonconnect.js",
+    "markdown.js",
+    "wallet.js",
+    "history.js",
+    "chat.js",
+    "provider.js",
+]
 
 IMMUTABLE = "public, max-age=31536000, immutable"
 REVALIDATE = "no-cache"
