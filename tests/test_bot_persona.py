@@ -85,3 +85,34 @@ async def test_addworker_asks_which_model_when_there_are_several(
         assert "cocoon worker --model large --engine vllm" in bot.last().text
         await bot.press("aw:0000000000000000")
         assert bot.last("answerCallbackQuery").show_alert
+
+
+def document(file_id: str, name: str, size: int, mime: str = "text/plain") -> dict[str, Any]:
+    return {
+        "file_id": file_id,
+        "file_unique_id": "u" + file_id,
+        "file_name": name,
+        "mime_type": mime,
+        "file_size": size,
+    }
+
+
+async def test_a_text_document_is_read_into_the_prompt(
+    bot: Harness, asked: list[TurnRequest]
+) -> None:
+    notes = b"Meeting at 10.\nBring the GRAM report."
+    bot.tg.files["doc1"] = notes
+    await bot.send(None, document=document("doc1", "notes.md", len(notes)), caption="When?")
+    prompt = asked[-1].messages[-1].content
+    assert prompt.startswith("When?") and "--- notes.md ---" in prompt and "GRAM report" in prompt
+    bot.tg.files["bin"] = b"\xff\xfe\x00binary"
+    await bot.send(None, document=document("bin", "x.txt", 9))
+    assert "not UTF-8 text" in bot.last().text
+    await bot.send(None, document=document("pdf", "paper.pdf", 10, "application/pdf"))
+    assert "I can read text documents" in bot.last().text
+    await bot.send(None, document=document("big", "big.txt", 10**7))
+    assert "too large" in bot.last().text
+    bot.tg.files["long"] = b"x" * 9000
+    await bot.send(None, document=document("long", "long.txt", 9000))
+    assert "too long for one message" in bot.last().text
+    assert len(asked) == 1  # only the readable one became a turn

@@ -1,9 +1,11 @@
-"""What peers offer beyond plain text: a system prompt per chat (``/system``), a photo's caption
-read as the question, an edited question answered again, Regenerate and Continue under an
-answer, and a question refused for balance asked again. Registered before chat, whose last
-handlers answer other content and unknown buttons."""
+"""What peers offer beyond plain text: a system prompt per chat (``/system``), text documents
+read into the prompt, a photo's caption read as the question, an edited question answered again,
+Regenerate and Continue under an answer, and a question refused for balance asked again.
+Registered before chat, whose last handlers answer other content and unknown buttons."""
 
 from __future__ import annotations
+
+import io
 
 from aiogram import Bot, F
 from aiogram.enums import ChatType
@@ -63,6 +65,63 @@ async def cmd_system(
     conversation.system = text
     await contexts.save(scope, conversation)
     await message.answer(_("System prompt set: my next answers here follow it."))
+
+
+TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".csv", ".json", ".log", ".py", ".html", ".xml")
+MAX_DOCUMENT_BYTES = 256 * 1024
+DOCUMENT_QUESTION = "Summarize this document."
+"""What a document without a caption asks (sent to the model, not shown)."""
+
+
+def readable(name: str, mime: str | None) -> bool:
+    return (mime or "").startswith("text/") or name.lower().endswith(TEXT_SUFFIXES)
+
+
+@handlers.message(F.document, F.chat.type == ChatType.PRIVATE)
+async def on_document(
+    message: Message,
+    bot: Bot,
+    user: User,
+    settings: Settings,
+    turns: TurnDispatcher,
+    contexts: ContextStore,
+    running: RunningTurns,
+    limiter: RateLimiter,
+) -> None:
+    """A text document (UTF-8) read into the prompt, with its caption as the question; within
+    the message limit. Others are refused plainly."""
+    document = message.document
+    assert document is not None
+    name = (document.file_name or "document")[:100]
+    if not readable(name, document.mime_type):
+        await message.answer(
+            _("I can read text documents (.txt, .md, .csv, .json and the like); not this one.")
+        )
+        return
+    if document.file_size is not None and document.file_size > MAX_DOCUMENT_BYTES:
+        await message.answer(
+            _("This document is too large: I read up to {limit} KB.").format(
+                limit=MAX_DOCUMENT_BYTES // 1024
+            )
+        )
+        return
+    data = await bot.download(document, destination=io.BytesIO())
+    raw = data.read(MAX_DOCUMENT_BYTES + 1) if data is not None else b""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        await message.answer(_("This document is not UTF-8 text, so I cannot read it."))
+        return
+    question = (message.caption or "").strip() or DOCUMENT_QUESTION
+    prompt = f"{question}\n\n--- {name} ---\n{text}"
+    if len(raw) > MAX_DOCUMENT_BYTES or len(prompt) > settings.max_prompt_chars:
+        await message.answer(
+            _("This document is too long for one message: up to {limit} characters.").format(
+                limit=settings.max_prompt_chars
+            )
+        )
+        return
+    await reply_to(message, bot, user, prompt, settings, turns, contexts, running, limiter)
 
 
 @handlers.message(F.caption, F.chat.type == ChatType.PRIVATE)

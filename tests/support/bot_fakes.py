@@ -34,6 +34,7 @@ class FakeTelegram(BaseSession):
         self.requests: list[TelegramMethod[Any]] = []
         self.results: list[Any] = []  # what each request returned (None when it failed)
         self.shown: dict[tuple[int, int], str] = {}  # (chat, message) → what it shows
+        self.files: dict[str, bytes] = {}  # file_id → content, for getFile and downloads
         self.times: list[float] = []  # time.monotonic() of each request
         self.queued: dict[str, deque[tuple[int, dict[str, Any]]]] = {}
         self._ids = itertools.count(1000)
@@ -131,6 +132,15 @@ class FakeTelegram(BaseSession):
             if isinstance(text, str):
                 result["text"] = text
             return result
+        if name == "getFile":
+            file_id = str(getattr(method, "file_id", ""))
+            content = self.files.get(file_id, b"")
+            return {
+                "file_id": file_id,
+                "file_unique_id": "u-" + file_id,
+                "file_size": len(content),
+                "file_path": f"documents/{file_id}",
+            }
         if "str" in returning:
             return "https://t.me/$invoice"
         return True
@@ -139,7 +149,9 @@ class FakeTelegram(BaseSession):
         pass
 
     async def stream_content(self, *args: Any, **kwargs: Any) -> AsyncGenerator[bytes, None]:
-        yield b""
+        """A download: the bytes of the file its URL names (``.../documents/<file_id>``)."""
+        url = str(kwargs.get("url") or (args[0] if args else ""))
+        yield self.files.get(url.rsplit("/", 1)[-1], b"")
 
 
 # -------------------------------------------------------------------------- updates
