@@ -99,6 +99,8 @@ class User(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     telegram_id: Mapped[int] = mapped_column(BigInteger, unique=True)
     language_code: Mapped[str | None] = mapped_column(String(16))
+    # Chosen with /lang; else language_code follows the Telegram app's language.
+    language_chosen: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     deposit_memo: Mapped[str] = mapped_column(String(32), unique=True)
     referrer: Mapped[str | None] = mapped_column(String(64))  # /start deep-link parameter
     model: Mapped[str | None] = mapped_column(String(100))  # chosen model; None: the default

@@ -9,6 +9,7 @@ from aiogram import BaseMiddleware
 from aiogram.types import TelegramObject, Update
 from aiogram.types import User as TelegramUser
 
+from backend import accounts
 from backend.users import get_or_create_user
 from bot.groups import reset_asker, set_asker
 from bot.i18n import use_language
@@ -18,7 +19,8 @@ from workers.logcontext import bound
 class UserMiddleware(BaseMiddleware):
     """Adds ``user`` (created on first contact) and ``lang`` to the handler's data, and
     translates the handler's replies into that language: the user's ``/lang`` choice, else
-    their Telegram language, else English."""
+    their Telegram app's language as of this update (kept for their notifications), else
+    English."""
 
     async def __call__(
         self,
@@ -39,6 +41,11 @@ class UserMiddleware(BaseMiddleware):
                     data["lang"] = lang
                     return await handler(event, data)
             user = await get_or_create_user(data["db"], sender.id, sender.language_code)
+            seen = (sender.language_code or "")[:16]
+            if seen and not user.language_chosen and seen != user.language_code:
+                # Not chosen with /lang: the language follows the Telegram app's.
+                if await accounts.follow_language(data["db"], user.id, seen):
+                    user.language_code = seen
             data["user"] = user
             asker = set_asker(sender.id)  # the buttons sent meanwhile are theirs
             try:

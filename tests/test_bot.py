@@ -162,6 +162,21 @@ async def test_counts_take_the_plural_their_language_wants(
         assert words in bot.last().text
 
 
+async def test_the_language_follows_telegram_until_one_is_chosen(bot: Harness) -> None:
+    await bot.send("/balance", language="en")
+    assert bot.last().text.startswith("Balance")
+    await bot.send("/balance", language="ru")  # the Telegram app switched to Russian
+    assert bot.last().text.startswith("Баланс")
+    assert (await bot.user()).language_code == "ru"  # notifications speak it too
+    await bot.press("lang:fr", language="ru")
+    await bot.send("/balance", language="ru")  # chosen: Telegram's language no longer leads
+    assert bot.last().text.startswith("Solde")
+    await bot.send("/forget")
+    await bot.press("forget:yes")
+    await bot.send("/balance", language="en")  # forgotten: it follows Telegram again
+    assert bot.last().text.startswith("Balance")
+
+
 # --------------------------------------------------------------------------- privacy
 
 

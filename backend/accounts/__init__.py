@@ -28,7 +28,13 @@ from backend.accounts.activity import (
 )
 from backend.accounts.admin import Stats, stats
 from backend.accounts.errors import AccountError
-from backend.accounts.privacy import forget_user, set_language, set_model, set_referrer
+from backend.accounts.privacy import (
+    follow_language,
+    forget_user,
+    set_language,
+    set_model,
+    set_referrer,
+)
 from backend.accounts.providers import (
     HEARTBEAT_GRACE_S,
     Earnings,
@@ -67,6 +73,7 @@ __all__ = [
     "become_provider",
     "credit_stars",
     "earnings",
+    "follow_language",
     "forget_user",
     "history",
     "parse_stars_payload",

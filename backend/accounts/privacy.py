@@ -17,7 +17,7 @@ from backend.models import (
     User,
 )
 
-__all__ = ["forget_user", "set_language", "set_model", "set_referrer"]
+__all__ = ["follow_language", "forget_user", "set_language", "set_model", "set_referrer"]
 
 
 async def forget_user(db: Database, user_id: int) -> None:
@@ -47,19 +47,33 @@ async def forget_user(db: Database, user_id: int) -> None:
         await session.execute(
             update(User)
             .where(User.id == user_id)
-            .values(referrer=None, language_code=None)
+            .values(referrer=None, language_code=None, language_chosen=False)
             .execution_options(synchronize_session=False)
         )
 
 
 async def set_language(db: Database, user_id: int, language: str) -> None:
+    """The language the user chose (/lang): kept until they choose again."""
     async with db.session() as session, session.begin():
         await session.execute(
             update(User)
             .where(User.id == user_id)
+            .values(language_code=language[:16], language_chosen=True)
+            .execution_options(synchronize_session=False)
+        )
+
+
+async def follow_language(db: Database, user_id: int, language: str) -> bool:
+    """The Telegram app's language, for a user who never chose one (their notifications then
+    speak it too); False when they chose one."""
+    async with db.session() as session, session.begin():
+        result = await session.execute(
+            update(User)
+            .where(User.id == user_id, User.language_chosen.is_(False))
             .values(language_code=language[:16])
             .execution_options(synchronize_session=False)
         )
+    return bool(rowcount(result))
 
 
 async def set_model(db: Database, user_id: int, model: str) -> None:
