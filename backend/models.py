@@ -373,7 +373,8 @@ class TurnRecord(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     turn_id: Mapped[str] = mapped_column(String(200), unique=True)
-    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    # None once the user is forgotten: the record stays for the provider's statistics.
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
     model: Mapped[str] = mapped_column(String(100))
     prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
     cached_prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)

@@ -177,6 +177,25 @@ async def test_the_language_follows_telegram_until_one_is_chosen(bot: Harness) -
     assert bot.last().text.startswith("Balance")
 
 
+async def test_forget_leaves_a_providers_statistics_as_they_were(bot: Harness) -> None:
+    provider_tg = 777
+    await bot.send("/provider", user=provider_tg)
+    provider = await bot.user(provider_tg)
+    await bot.send("/start")
+    alice = await bot.user()
+    await bot.ledger.credit_deposit(alice.id, TON, "dep:forget")
+    await record_turn(bot.ledger, alice.id, 5_000, provider_id=provider.id)
+    await bot.send("/earnings", user=provider_tg)
+    before = bot.last().text
+    assert "from 1 job" in before
+    await bot.send("/forget")
+    await bot.press("forget:yes")
+    await bot.send("/usage")
+    assert "No messages yet" in bot.last().text  # nothing of hers is linked to her any more
+    await bot.send("/earnings", user=provider_tg)
+    assert bot.last().text == before
+
+
 # --------------------------------------------------------------------------- privacy
 
 

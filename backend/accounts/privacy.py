@@ -21,13 +21,22 @@ __all__ = ["follow_language", "forget_user", "set_language", "set_model", "set_r
 
 
 async def forget_user(db: Database, user_id: int) -> None:
-    """Delete what is personal and not needed for accounting: usage records and receipts,
+    """Delete what is personal and not needed for accounting: usage records (a provider's
+    served turns stay in its statistics, unlinked from the user) and receipts,
     API keys, the top-up wallet link, the referral and language, delivered and pending
     notifications. The ledger (balances and its transactions) stays, as the law on accounting
     requires, and so does a provider's payout wallet while money is still owed to it. The chat
     context lives in Redis and is deleted by the caller (the bot owns it)."""
     async with db.session() as session, session.begin():
-        await session.execute(delete(TurnRecord).where(TurnRecord.user_id == user_id))
+        mine = TurnRecord.user_id == user_id
+        await session.execute(delete(TurnRecord).where(mine, TurnRecord.provider_id.is_(None)))
+        # A turn a provider served stays in its statistics, no longer linked to the user.
+        await session.execute(
+            update(TurnRecord)
+            .where(mine, TurnRecord.provider_id.is_not(None))
+            .values(user_id=None)
+            .execution_options(synchronize_session=False)
+        )
         await session.execute(delete(TurnReceipt).where(TurnReceipt.user_id == user_id))
         await session.execute(delete(ApiKey).where(ApiKey.user_id == user_id))
         await session.execute(
