@@ -40,7 +40,7 @@ from backend.sealed import SealedEvent, SealedRequest, SealedTurn, start_sealed_
 from workers.registry import WORKER_ID_PATTERN
 from workers.wire import MAX_SEALED_BYTES
 
-__all__ = ["setup_routes"]
+__all__ = ["SealedCompletionRequest", "relay", "setup_routes"]
 
 MAX_SEALED_B64 = (MAX_SEALED_BYTES // 3 + 1) * 4
 
@@ -117,14 +117,15 @@ async def sealed_completions(request: web.Request) -> web.StreamResponse:
                     user_id, body.model, body.worker_id, body.job_id, body.max_tokens, sealed
                 ),
             )
-            return await _answer(request, turn, body.stream)
+            return await relay(request, turn, body.stream)
     except CocoonError as error:
         return _error(error)
     except ValidationError as error:
         return _error(p.invalid_request(error))
 
 
-async def _answer(request: web.Request, turn: SealedTurn, stream: bool) -> web.StreamResponse:
+async def relay(request: web.Request, turn: SealedTurn, stream: bool) -> web.StreamResponse:
+    """Answer a started sealed turn as the module doc says (the Mini App's sealed chat too)."""
     head = {"id": f"chatcmpl-{turn.turn_id}", "job_id": turn.job_id, "worker_id": turn.wanted}
     if not stream:
         events: list[str] = []

@@ -1,7 +1,8 @@
 """The files the pages load, served from memory: the Mini App's own (``miniapp/static``) and
 the browser libraries from ``miniapp/node_modules`` (``npm ci`` in ``miniapp/``, pinned by
 ``package-lock.json``: ``@tonconnect/ui``, Telegram's script from ``@twa-dev/sdk``, the QR code
-generator ``qrcode-generator``), so no CDN is needed at run time.
+generator ``qrcode-generator``, libsodium from ``libsodium-wrappers`` for the sealed chat, loaded
+by the page when it is first used), so no CDN is needed at run time.
 
 Each file is read once at start, gzipped once, and named in the pages with its content's hash
 (``/app/static/app.js?v=1a2b3c…``): a versioned URL is cached for a year (``immutable``), any
@@ -35,6 +36,11 @@ TONCONNECT_DIST = NODE_MODULES / "@tonconnect" / "ui" / "dist"
 TONCONNECT_FILE = "tonconnect-ui.min.js"
 TELEGRAM_JS = NODE_MODULES / "@twa-dev" / "sdk" / "src" / "telegram-web-apps.js"
 QRCODE_JS = NODE_MODULES / "qrcode-generator" / "dist" / "qrcode.js"
+# libsodium (WebAssembly inside, asm.js fallback) and its wrappers: global ``sodium``.
+SODIUM_JS = {
+    "libsodium.js": "libsodium/dist/modules/libsodium.js",
+    "libsodium-wrappers.js": "libsodium-wrappers/dist/modules/libsodium-wrappers.js",
+}
 TELEGRAM_CDN = "https://telegram.org/js/telegram-web-app.js"
 
 STATIC_ROUTE = "/app/static/"
@@ -52,6 +58,7 @@ BUNDLED = [
     "wallet.js",
     "history.js",
     "chat.js",
+    "sealed.js",
     "provider.js",
 ]
 
@@ -162,6 +169,16 @@ def find_assets(settings: Settings, node_modules: Path = NODE_MODULES) -> Assets
     if qrcode.is_file():
         vendor.add("qrcode.js", qrcode)
         qrcode_url = vendor.url("qrcode.js")
+    for name, relative in SODIUM_JS.items():
+        path = node_modules / relative
+        if path.is_file():
+            vendor.add(name, path)
+        else:
+            problems.append(
+                f"Mini App: {path.name} is not installed, so the sealed chat cannot run in the "
+                f"page. Run `npm ci` in {PACKAGE_DIR}."
+            )
+            break
     return Assets(tonconnect_url, telegram_url, static, vendor, qrcode_url, problems)
 
 

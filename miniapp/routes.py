@@ -23,7 +23,7 @@ from backend.i18n import LANGUAGES
 from backend.money import decimal_comma, format_gram
 from backend.settings import Settings
 from miniapp import protocol as p
-from miniapp import texts
+from miniapp import sealed, texts
 from miniapp.assets import STATIC_ROUTE, VENDOR_ROUTE, Assets, find_assets, report
 from miniapp.auth import InitDataError, InitDataVerifier, init_data_from_header
 from miniapp.service import Caller, MiniApp, MiniAppError
@@ -406,6 +406,13 @@ async def post_chat(request: web.Request, caller: Caller) -> web.StreamResponse:
 
 
 @api
+async def post_sealed_chat(request: web.Request, caller: Caller) -> web.StreamResponse:
+    """A turn the page sealed itself (:mod:`miniapp.sealed`)."""
+    body = await _body(request, sealed.SealedCompletionRequest)
+    return await sealed.post_sealed_chat(request, caller, body)
+
+
+@api
 async def post_chat_stop(request: web.Request, caller: Caller) -> web.Response:
     body = await _body(request, p.StopRequest)
     await request.app[MINIAPP].stop(caller, body.turn)
@@ -484,3 +491,4 @@ def setup(app: web.Application, settings: Settings) -> None:
     router.add_post("/app/api/provider/withdraw", post_withdraw)
     router.add_post("/app/api/chat", post_chat)
     router.add_post("/app/api/chat/stop", post_chat_stop)
+    router.add_post("/app/api/sealed/chat", post_sealed_chat)

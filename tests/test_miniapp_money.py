@@ -106,14 +106,15 @@ def test_without_node_modules_the_server_says_what_to_do(
 
     bare = find_assets(settings, node_modules=tmp_path / "node_modules")
     assert bare.tonconnect_url is None and bare.telegram_url == TELEGRAM_CDN
-    [problem] = bare.problems
-    assert "npm ci" in problem and "COCOON_TONCONNECT_UI_URL" in problem
+    tonconnect, sodium = bare.problems
+    assert "npm ci" in tonconnect and "COCOON_TONCONNECT_UI_URL" in tonconnect
+    assert "npm ci" in sodium and "sealed chat" in sodium  # libsodium-wrappers
     cdn = "https://cdn.example/@tonconnect/ui@2.4.4/dist/tonconnect-ui.min.js"
     with_cdn = find_assets(
         settings.model_copy(update={"tonconnect_ui_url": cdn}),
         node_modules=tmp_path / "node_modules",
     )
-    assert with_cdn.tonconnect_url == cdn and with_cdn.problems == []
+    assert with_cdn.tonconnect_url == cdn and with_cdn.problems == [sodium]
 
 
 async def test_a_cdn_setting_replaces_the_local_copy(settings: Settings, db_url: str) -> None:

@@ -135,6 +135,15 @@
     const controller = new AbortController();
     setRunning({ controller, turn: null, stopTimer: null });
     follow = true;
+    if (C.sealed && C.sealed.active()) { // sealed in this page (sealed.js): its own context
+      $("prompt").value = "";
+      try {
+        await C.sealed.send(text, controller.signal);
+      } finally {
+        setRunning(null);
+      }
+      return;
+    }
     history.push({ role: "user", content: text });
     let response;
     try {
@@ -247,6 +256,8 @@
     showPrice();
     C.request("/model", { method: "POST", body: { model: $("model").value } }).catch(C.quietly);
   });
+
+  C.chatView = { bubble, keepInView }; // for the sealed chat (sealed.js)
 
   C.view("chat", {
     async start() {
