@@ -243,6 +243,9 @@ class PrivacyReport(BaseModel):
     image: str | None = None  # the released worker image its measurements matched
     mrtd: str | None = None
     attested_until: str | None = None  # ISO 8601; None: expired or gone offline since
+    # The turn's receipt (GET /v1/receipts/{id}) when the worker's signature on it verified
+    # with its attested key: what "verified" is shown from. None: no receipt verified.
+    receipt_id: str | None = None
 
 
 class ChatDone(BaseModel):

@@ -471,6 +471,7 @@ class MiniApp:
             attested_until=(
                 _iso(dt.datetime.fromtimestamp(record.expires_at, dt.UTC)) if record else None
             ),
+            receipt_id=worker.receipt_id,
         )
 
     async def balance(self, caller: Caller) -> int:

@@ -115,6 +115,13 @@ async def test_model_keyboard_shows_prices_and_marks_the_current_model(bot: Harn
     assert bot.last("answerCallbackQuery").show_alert
 
 
+async def test_start_says_what_the_operator_sees_on_the_bot_path(bot: Harness) -> None:
+    await bot.send("/start")
+    text = bot.last().text
+    assert "in plaintext" in text and "Sealed in this page" in text  # and where to go instead
+    assert "not the operator" not in text
+
+
 async def test_balance_shows_exact_ton(bot: Harness) -> None:
     await bot.send("/start")
     user = await bot.user()
@@ -210,7 +217,7 @@ async def test_privacy_reports_the_last_replys_worker_plainly_dev(bot: Harness) 
             last=LastTurn(
                 "t1",
                 "smollm2-135m",
-                WorkerProof("w-abc", "dev", "llama-cpp", "0.3", "ab12cd"),
+                WorkerProof("w-abc", "dev", "llama-cpp", "0.3", "ab12cd", receipt_id="t1"),
             ),
         ),
     )
@@ -232,7 +239,21 @@ async def test_privacy_reports_the_last_replys_worker_plainly_dev(bot: Harness) 
     text = bot.last().text
     assert "development TEE" in text and "NOT hardware-attested" in text
     assert "cocoon-worker 1.2.0" in text and "f" * 16 + "…" in text and "f" * 17 not in text
-    assert "ab12cd" in text and "verified" in text and "llama-cpp 0.3" in text
+    assert "ab12cd" in text and "llama-cpp 0.3" in text
+    assert "Receipt t1: signed by the worker's attested key, verified" in text
+    assert "in plaintext" in text and "Sealed in this page" in text  # the bot path, honestly
+    # No receipt verified for the answer: nothing says "verified".
+    unverified = LastTurn(
+        "t2", "smollm2-135m", WorkerProof("w-abc", "dev", "llama-cpp", "0.3", "x")
+    )
+    await contexts.save(
+        ALICE, Conversation(messages=[{"role": "user", "content": "hi"}], last=unverified)
+    )
+    await bot.send("/privacy")
+    text = bot.last().text
+    assert "Receipt: none was verified" in text and "verified" not in text.replace(
+        "none was verified", ""
+    )
 
 
 # ---------------------------------------------------------------------------- forget

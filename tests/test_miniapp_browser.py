@@ -324,7 +324,8 @@ async def test_the_chat_streams_a_reply_from_the_small_model(stack: Stack, conte
         await report.locator("summary").click()  # open the privacy report
         privacy = await report.inner_text()
         assert "development TEE" in privacy and "NOT hardware-attested" in privacy
-        assert "Signed token usage: verified" in privacy and "Engine: llama-cpp" in privacy
+        assert "signed by the worker's attested key, verified" in privacy  # from its receipt
+        assert "Engine: llama-cpp" in privacy
         cost_line = await page.locator(".message-assistant .cost").text_content()
         balance = (await stack.ledger.balances(user.id)).available
         assert 0 < TON - balance and f"balance {format_gram(balance)}" in cost_line

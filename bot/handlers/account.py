@@ -64,10 +64,11 @@ async def cmd_start(
                 name=name
             ),
             _(
-                "How it works: your message is encrypted to a GPU worker running inside a "
-                "trusted execution environment. Only that attested worker can read it; not the "
-                "operator, not the GPU's owner. You pay per token from your balance."
+                "How it works: your message is sealed to a GPU worker attested inside a trusted "
+                "execution environment; the GPU's owner cannot read it, and Redis, the database "
+                "and the logs hold only ciphertext. You pay per token from your balance."
             ),
+            bot_path_note(),
             _("Just write your question. Your model: {model}. /help lists the commands.").format(
                 model=model
             ),
@@ -242,6 +243,16 @@ async def cmd_usage(message: Message, user: User, db: Database) -> None:
 # ------------------------------------------------------------------------------- privacy
 
 
+def bot_path_note() -> str:
+    """What the operator sees on the bot path, and where to go instead (/start, /privacy)."""
+    return _(
+        "Telegram delivers messages to this bot in plaintext, so the operator's bot process "
+        "reads yours while it seals them. For a chat the operator cannot read, open the Mini "
+        "App's chat and turn on “Sealed in this page”: your device checks the worker and seals "
+        "each message itself."
+    )
+
+
 @handlers.message(Command("privacy"))
 async def cmd_privacy(
     message: Message, user: User, contexts: ContextStore, redis: AsyncRedis
@@ -300,8 +311,16 @@ async def cmd_privacy(
     lines.append(
         _("Worker key fingerprint: {fingerprint}").format(fingerprint=worker.key_fingerprint)
     )
-    # Always so: a turn is billed only from usage its worker's key signed (backend.dispatch).
-    lines.append(_("Signed token usage: verified"))
+    # "Verified" only from the turn's receipt, checked against the worker's attested key.
+    if worker.receipt_id:
+        lines.append(
+            _("Receipt {receipt}: signed by the worker's attested key, verified").format(
+                receipt=worker.receipt_id
+            )
+        )
+    else:
+        lines.append(_("Receipt: none was verified for this answer"))
+    lines.append(bot_path_note())
     await message.answer("\n".join(lines), parse_mode=None)
 
 

@@ -81,7 +81,10 @@
       t("privacy_engine", { engine: w.engine, version: w.engine_version }),
     );
     if (w.off_machine) lines.push(t("privacy_off_machine"));
-    lines.push(t("privacy_key", { fingerprint: w.key_fingerprint }), t("privacy_verified"));
+    lines.push(
+      t("privacy_key", { fingerprint: w.key_fingerprint }),
+      w.receipt_id ? t("privacy_verified", { receipt: w.receipt_id }) : t("privacy_unverified"),
+    );
     privacy.append(summary);
     for (const text of lines) {
       const row = document.createElement("div");
