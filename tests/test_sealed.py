@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from nacl.public import PrivateKey
 
-from backend.attestation.checks import check_receipt, check_report
+from backend.attestation.checks import WorkerCheck, check_receipt, check_report
 from backend.attestation.policy import Policy
 from backend.attestation.report import MAX_PER_CLIENT, REPORTS
 from backend.cli import main as cocoon
@@ -61,6 +62,32 @@ async def trusted_report(net: Network) -> tuple[str, dict[str, Any]]:
     status, report = await fetch(net, nonce)
     assert status == 200, report
     return nonce, report
+
+
+async def hand_sealed(
+    net: Network, content: str, *, model: str = SERVED, sealed_max: int, declared: int
+) -> tuple[dict[str, Any], PrivateKey, WorkerCheck]:
+    """A sealed request built here, as any client would (``"max_tokens": declared`` outside,
+    ``sealed_max`` inside), to the honest worker of a fresh report: the body, the reply key."""
+    nonce, report = await trusted_report(net)
+    [worker] = await check_report(report, model=SERVED, nonce=nonce, policy=DEV, allow_dev=True)
+    job_id = f"{net.honest_id}_{secrets.token_hex(16)}-1"
+    reply_key = new_reply_keypair()
+    request = JobRequest(
+        job_id=job_id,
+        model=model,
+        messages=[ChatMessage(role="user", content=content)],
+        max_tokens=sealed_max,
+        reply_key=public_b64(reply_key),
+    )
+    body = {
+        "model": SERVED,
+        "worker_id": net.honest_id,
+        "job_id": job_id,
+        "max_tokens": declared,
+        "sealed_request": base64.b64encode(seal_request(request, worker.box_public_key)).decode(),
+    }
+    return body, reply_key, worker
 
 
 # -- the public report --------------------------------------------------------------------------
@@ -202,24 +229,10 @@ async def test_a_sealed_turn_is_verified_and_billed_from_its_receipt(net: Networ
 async def test_sealed_requests_are_bounded_and_used_once(net: Network) -> None:
     headers = {"Authorization": f"Bearer {net.api_key}"}
     url = f"{net.url}/v1/sealed/chat/completions"
-    nonce, report = await trusted_report(net)
-    [worker] = await check_report(report, model=SERVED, nonce=nonce, policy=DEV, allow_dev=True)
-    job_id = f"{net.honest_id}_{secrets.token_hex(16)}-1"
-    request = JobRequest(
-        job_id=job_id,
-        model="another-model",
-        messages=[ChatMessage(role="user", content="hi")],
-        max_tokens=4,
-        reply_key=public_b64(new_reply_keypair()),
+    body, _key, _worker = await hand_sealed(
+        net, "hi", model="another-model", sealed_max=4, declared=4
     )
-    body = {
-        "model": SERVED,
-        "worker_id": net.honest_id,
-        "job_id": job_id,
-        "max_tokens": 4,
-        "sealed_request": base64.b64encode(seal_request(request, worker.box_public_key)).decode(),
-        "stream": False,
-    }
+    body["stream"] = False
     before = await net.available()
     async with net.session.post(url, json=body, headers=headers) as reply:
         answer = await reply.json()
@@ -258,26 +271,10 @@ async def test_a_sealed_request_asking_more_than_it_declared_stops_at_the_declar
 ) -> None:
     """Sealed max_tokens 4096, declared 2: the node generates 2 tokens (the bound it gets in the
     clear with the job), the turn is billed for them, and no reply is cut off unpaid."""
-    nonce, report = await trusted_report(net)
-    [worker] = await check_report(report, model=SERVED, nonce=nonce, policy=DEV, allow_dev=True)
-    job_id = f"{net.honest_id}_{secrets.token_hex(16)}-1"
-    reply_key = new_reply_keypair()
     words = " ".join(f"word{i:04d}" for i in range(300))  # 2,700 bytes: past 2 tokens' bound
-    request = JobRequest(
-        job_id=job_id,
-        model=SERVED,
-        messages=[ChatMessage(role="user", content=words)],
-        max_tokens=4096,
-        reply_key=public_b64(reply_key),
-    )
-    body = {
-        "model": SERVED,
-        "worker_id": net.honest_id,
-        "job_id": job_id,
-        "max_tokens": 2,
-        "sealed_request": base64.b64encode(seal_request(request, worker.box_public_key)).decode(),
-        "stream": False,
-    }
+    body, reply_key, worker = await hand_sealed(net, words, sealed_max=4096, declared=2)
+    job_id = body["job_id"]
+    body["stream"] = False
     before = await net.available()
     headers = {"Authorization": f"Bearer {net.api_key}"}
     url = f"{net.url}/v1/sealed/chat/completions"
@@ -309,24 +306,8 @@ async def test_cocoon_chat_sealed(net: Network, capsys: pytest.CaptureFixture[st
 
 
 async def test_a_sealed_turn_whose_client_leaves_settles_from_its_receipt(net: Network) -> None:
-    nonce, report = await trusted_report(net)
-    [worker] = await check_report(report, model=SERVED, nonce=nonce, policy=DEV, allow_dev=True)
-    job_id = f"{net.honest_id}_{secrets.token_hex(16)}-1"
     words = " ".join(f"w{i}" for i in range(40))
-    request = JobRequest(
-        job_id=job_id,
-        model=SERVED,
-        messages=[ChatMessage(role="user", content=words)],
-        max_tokens=64,
-        reply_key=public_b64(new_reply_keypair()),
-    )
-    body = {
-        "model": SERVED,
-        "worker_id": net.honest_id,
-        "job_id": job_id,
-        "max_tokens": 64,
-        "sealed_request": base64.b64encode(seal_request(request, worker.box_public_key)).decode(),
-    }
+    body, _key, _worker = await hand_sealed(net, words, sealed_max=64, declared=64)
     before = await net.available()
     headers = {"Authorization": f"Bearer {net.api_key}"}
     url = f"{net.url}/v1/sealed/chat/completions"
