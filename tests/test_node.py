@@ -127,6 +127,7 @@ def submit(
     max_tokens: int = 100,
     timeout_s: int = 60,
     seal_to: str | None = None,
+    bound: int | None = None,
 ) -> Submitted:
     """What the backend does: seal a request to the worker and enqueue it on its queue."""
     reply_key = wire.new_reply_keypair()
@@ -139,7 +140,9 @@ def submit(
         reply_key=wire.public_b64(reply_key),
     )
     sealed = wire.seal_request(request, seal_to or worker.box_public_key)
-    enqueue_job(sredis, worker.worker_id, job_id, sealed, timeout_s=timeout_s, ttl_s=60)
+    enqueue_job(
+        sredis, worker.worker_id, job_id, sealed, timeout_s=timeout_s, ttl_s=60, max_tokens=bound
+    )
     return Submitted(job_id, reply_key, worker)
 
 
@@ -402,6 +405,18 @@ async def test_a_job_for_another_model_gets_an_error_record(start_node, aredis, 
     assert events[0].code == "wrong_model"
     rq = await wait_for_status(sredis, job.job_id, JobStatus.FAILED)
     assert "wrong model" in rq.latest_result().exc_string
+
+
+@pytest.mark.slow
+async def test_the_node_generates_within_the_bound_its_job_carries(start_node, aredis, sredis):
+    """The sealed request asks for 100 tokens, the backend's bound (the job's meta) is 3."""
+    node = await start_node()
+    job = submit(sredis, node.info, words(10), max_tokens=100, bound=3)
+    events = await events_of(aredis, job)
+    final = events[-1]
+    assert isinstance(final, wire.FinalRecord)
+    assert (final.completion_tokens, final.finish_reason) == (3, "length")
+    assert text_of(events) == "w0 w1 w2"
 
 
 @pytest.mark.slow
