@@ -263,14 +263,20 @@
     return b64(s, key);
   }
 
+  function cloudStorage() {
+    const tg = C.tg;
+    return C.inTelegram && tg.CloudStorage && tg.isVersionAtLeast("6.9") ? tg.CloudStorage : null;
+  }
+
   async function saveContext() {
     const s = await sodium();
     const nonce = s.randombytes_buf(s.crypto_secretbox_NONCEBYTES);
     const box = s.crypto_secretbox_easy(enc.encode(JSON.stringify(history)), nonce, await contextKey(s));
     const value = toB64(s, join(nonce, box));
     localStorage.setItem(CONTEXT, value);
-    const cloud = C.tg && C.tg.CloudStorage;
-    if (cloud && C.inTelegram && value.length <= 4096) cloud.setItem(CONTEXT, value, () => {});
+    // Telegram's CloudStorage keeps a copy when it fits: ciphertext only (the key stays here).
+    const cloud = cloudStorage();
+    if (cloud && value.length <= 4096) cloud.setItem(CONTEXT, value, () => {});
   }
 
   async function loadContext() {
@@ -291,8 +297,8 @@
   function forget() {
     history = [];
     localStorage.removeItem(CONTEXT);
-    const cloud = C.tg && C.tg.CloudStorage;
-    if (cloud && C.inTelegram) cloud.removeItem(CONTEXT, () => {});
+    const cloud = cloudStorage();
+    if (cloud) cloud.removeItem(CONTEXT, () => {});
   }
 
   // ------------------------------------------------------------------------ the view
