@@ -64,11 +64,13 @@ def decimal_comma(language: str | None) -> bool:
     return language is None or language in COMMA_LANGUAGES
 
 
-def parse_amount(text: str, what: str = "amount", *, comma: bool = True) -> int:
+def parse_amount(text: str, what: str = "amount", *, comma: bool) -> int:
     """An exact decimal amount of GRAM ("1.5", "0.000000001", "2 TON") as nano units.
 
-    ``comma``: a comma is a decimal separator too (``decimal_comma(language)``); where it is
-    not, "1,000" is refused rather than read as one.
+    ``comma``: a comma is a decimal separator too (``decimal_comma(language)`` of the person
+    typing; ``False`` where no language applies, as on the command line). Where it is not,
+    "1,000" is refused (:attr:`AmountProblem.COMMA`) rather than read as one. Every caller
+    says which: there is no default to forget.
     """
     if len(text) > MAX_TEXT:
         raise AmountError(AmountProblem.FORMAT, what)

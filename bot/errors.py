@@ -7,7 +7,7 @@ turn's texts name the ``model``.
 from __future__ import annotations
 
 from backend.errors import CocoonError, ErrorCode
-from backend.money import format_gram
+from backend.money import AmountError, AmountProblem, format_gram
 from bot.i18n import N_, _
 
 TEXTS: dict[ErrorCode, str] = {
@@ -40,6 +40,16 @@ TEXTS: dict[ErrorCode, str] = {
     ErrorCode.INSUFFICIENT_FUNDS: N_("That is more than your available earnings ({available})."),
     ErrorCode.INVALID_AMOUNT: N_("The amount must be a positive number of GRAM, like 1.5, or all."),
 }
+# A typed amount refused for a reason of its own (backend.money's grammar); the others get
+# INVALID_AMOUNT's words.
+AMOUNT_PROBLEMS: dict[AmountProblem, str] = {
+    AmountProblem.COMMA: N_(
+        "Write decimals with a point, like 1.5: {amount} could mean a whole number or a "
+        "fraction, so nothing was done."
+    ),
+    AmountProblem.PRECISION: N_("At most 9 digits after the point: nothing was done."),
+    AmountProblem.TOO_LARGE: N_("This amount is too large: nothing was done."),
+}
 FALLBACK = ErrorCode.WORKER_ERROR
 AMOUNTS = ("needed", "available", "minimum")
 
@@ -64,3 +74,11 @@ def code_text(code: ErrorCode, **values: object) -> str:
 def error_text(error: CocoonError, **values: object) -> str:
     """The text of a refusal: its details, and ``values`` the caller knows (the ``model``)."""
     return code_text(error.code, **{**error.details, **values})
+
+
+def amount_text(error: AmountError, typed: str) -> str:
+    """Why the amount a person ``typed`` was refused, in the current language."""
+    words = AMOUNT_PROBLEMS.get(error.problem)
+    if words is None:
+        return code_text(ErrorCode.INVALID_AMOUNT)
+    return _(words).format(amount=typed.strip()[:40])

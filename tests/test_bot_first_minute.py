@@ -48,9 +48,11 @@ async def test_topup_gives_what_to_copy_a_transfer_link_and_takes_an_amount(bot:
     assert parts.netloc == "transfer" and parts.path == "/" + address
     assert parse_qs(parts.query) == {"amount": ["2500000000"], "text": [me.deposit_memo]}
     assert "tonamt:2500000000" in buttons(shown)  # TON Connect asks that amount
-    for wrong in ("/topup abc", "/topup -1", "/topup 1e9", "/topup 0.0000000001"):
+    for wrong in ("/topup abc", "/topup -1", "/topup 1e9"):
         await bot.send(wrong)
         assert "The amount must be a positive number" in bot.last().text, wrong
+    await bot.send("/topup 0.0000000001")
+    assert "At most 9 digits after the point" in bot.last().text
 
 
 async def test_a_question_refused_for_balance_is_kept_and_offered_again(bot: Harness) -> None:

@@ -62,7 +62,12 @@ def b64(data: bytes) -> str:
 @example("٣")  # an Arabic-Indic digit: isdigit() but not ASCII
 @example("9223372036854775808")
 def test_typed_amounts_are_parsed_exactly_or_refused_with_a_reason(text: str) -> None:
-    for parse in (parse_nano, parse_amount):
+    parsers = (
+        parse_nano,
+        lambda text, what: parse_amount(text, what, comma=False),
+        lambda text, what: parse_amount(text, what, comma=True),
+    )
+    for parse in parsers:
         try:
             value = parse(text, "amount")
         except AmountError as error:
@@ -75,7 +80,9 @@ def test_typed_amounts_are_parsed_exactly_or_refused_with_a_reason(text: str) ->
 @given(st.integers(min_value=1, max_value=MAX_NANO))
 def test_every_amount_survives_being_shown_and_typed_back(nano: int) -> None:
     shown = format_gram(nano)
-    assert parse_amount(shown) == parse_amount(shown.removesuffix(" GRAM")) == nano
+    for comma in (False, True):
+        typed_back = parse_amount(shown, comma=comma)
+        assert typed_back == parse_amount(shown.removesuffix(" GRAM"), comma=comma) == nano
     assert parse_nano(str(nano)) == nano
 
 

@@ -66,7 +66,9 @@ async def test_a_deposit_with_the_users_memo_is_credited_once_and_told(
     db: Database, net: LocalTonCenter, api: TonCenter
 ) -> None:
     user = await get_or_create_user(db, 501)
-    net.add_incoming(DEPOSIT, parse_amount("1.5"), comment=user.deposit_memo.lower() + " ")
+    net.add_incoming(
+        DEPOSIT, parse_amount("1.5", comma=False), comment=user.deposit_memo.lower() + " "
+    )
     told: list[DepositEvent] = []
 
     async def notify(event: DepositEvent) -> None:
@@ -474,7 +476,9 @@ async def test_restarts_anywhere_in_a_backlog_of_1000_credit_each_deposit_once(
 
 
 def test_comments_and_topup_messages_are_exact() -> None:
-    message = deposit_transaction(DEPOSIT, "CCABCDEF0123", parse_amount("1.5"), now=1_000)
+    message = deposit_transaction(
+        DEPOSIT, "CCABCDEF0123", parse_amount("1.5", comma=False), now=1_000
+    )
     assert message["validUntil"] == 1_300
     (item,) = message["messages"]  # type: ignore[misc]
     assert item["amount"] == "1500000000"
@@ -482,8 +486,8 @@ def test_comments_and_topup_messages_are_exact() -> None:
     assert item["address"].startswith("UQ")  # non-bounceable: a deposit never bounces back
     long = "é" * 200  # longer than one cell: a snake string over refs
     assert decode_comment(_b64(comment_cell(long))).memo == long
-    assert parse_amount("0.000000001") == 1
-    assert parse_amount("1,5") == 1_500_000_000
+    assert parse_amount("0.000000001", comma=False) == 1
+    assert parse_amount("1,5", comma=True) == 1_500_000_000
 
 
 def _b64(cell: object) -> str:

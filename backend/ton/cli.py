@@ -54,7 +54,7 @@ def cmd_deposit_payload(settings: Settings, args: argparse.Namespace) -> int:
     telegram_id = cliutil.telegram_id(args.telegram_id)
     if args.ton is not None:
         try:
-            amount = parse_amount(args.ton, "--ton")
+            amount = parse_amount(args.ton, "--ton", comma=False)  # no language: a point only
         except AmountError as error:
             fail(str(error))
     elif args.amount is not None:

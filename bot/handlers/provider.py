@@ -24,12 +24,12 @@ from backend.db import Database
 from backend.errors import ErrorCode
 from backend.ledger import Ledger
 from backend.models import AccountKind, User
-from backend.money import AmountError, parse_amount
+from backend.money import AmountError, decimal_comma, parse_amount
 from backend.settings import Settings
 from backend.ton.comment import friendly_address
 from backend.ton.proof import linked_wallet
 from bot.common import Handlers, model_by_token, model_token, state_name, ton
-from bot.errors import code_text, error_text
+from bot.errors import amount_text, code_text, error_text
 from bot.handlers.wallet import link_keyboard, miniapp_url, wallet_error_text, wallet_keyboard
 from bot.i18n import _, ngettext
 from bot.outbox import PAYOUT_MESSAGE_TTL_S, payout_message_key
@@ -238,6 +238,7 @@ async def cmd_withdraw(
     db: Database,
     ledger: Ledger,
     settings: Settings,
+    lang: str,
 ) -> None:
     if not await _require_provider(message, user):
         return
@@ -250,9 +251,11 @@ async def cmd_withdraw(
         amount = available
     else:
         try:
-            amount = parse_amount(raw)
-        except AmountError:
-            await message.answer(code_text(ErrorCode.INVALID_AMOUNT))
+            # The one grammar, in the user's language: "1,000" is one only where a comma
+            # is how decimals are written; elsewhere it is refused, never guessed.
+            amount = parse_amount(raw, comma=decimal_comma(lang))
+        except AmountError as error:
+            await message.answer(amount_text(error, raw), parse_mode=None)
             return
     wallet = await linked_wallet(db, user.id, "payout")
     if wallet is None:

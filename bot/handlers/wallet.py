@@ -21,14 +21,13 @@ from aiogram.types import (
 )
 
 from backend import accounts
-from backend.errors import ErrorCode
 from backend.ledger import Ledger
 from backend.models import User
 from backend.money import AmountError, decimal_comma, parse_amount
 from backend.settings import Settings
 from backend.ton.comment import AddressError, friendly_address
 from bot.common import Handlers, ton
-from bot.errors import code_text
+from bot.errors import amount_text
 from bot.i18n import _
 from bot.outbox import Outbox
 from bot.tonconnect import ChatWallets, WalletError
@@ -132,8 +131,8 @@ async def cmd_topup(
     if command.args:
         try:
             amount = parse_amount(command.args, comma=decimal_comma(lang))
-        except AmountError:
-            await message.answer(code_text(ErrorCode.INVALID_AMOUNT))
+        except AmountError as error:
+            await message.answer(amount_text(error, command.args), parse_mode=None)
             return
         if amount > MAX_TOPUP:
             await message.answer(_("This amount is not available."))
