@@ -523,7 +523,7 @@ async def test_a_real_model_on_llama_cpp(start_node, aredis, sredis):
 
     too_long = submit(sredis, node.info, "word " * 3000)  # more than the model's context
     events = await events_of(aredis, too_long, timeout_s=60)
-    assert [(e.type, e.code) for e in events] == [("error", "engine_error")]
+    assert [(e.type, e.code) for e in events] == [("error", "context_length_exceeded")]
     assert "context" in events[0].message
 
 
