@@ -322,7 +322,7 @@ class Turn(TurnReading):
                         if isinstance(event, StreamChunk):
                             got_text = True
                             self._count_first_token()
-                            yield TurnText(event.text)
+                            yield TurnText.of(event, self.request.sampling)
                         elif isinstance(event, FinalRecord):
                             done = await self._settle(event)
                             finished = True

@@ -9,7 +9,7 @@ from typing import Protocol
 
 from backend.errors import CocoonError
 from backend.receipts import ReceiptRecord
-from workers.wire import ChatMessage, SamplingParams
+from workers.wire import ChatMessage, SamplingParams, StreamChunk, TokenLogprob
 
 
 class TurnCounter(Protocol):
@@ -55,6 +55,24 @@ class TurnRequest:
 @dataclass(frozen=True)
 class TurnText:
     text: str
+    # The log probabilities of this text's tokens, when the request asked for them
+    # (SamplingParams.logprobs): what the worker sent, cut to the alternatives asked for.
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+    @classmethod
+    def of(cls, chunk: StreamChunk, sampling: SamplingParams) -> TurnText:
+        if not sampling.logprobs or not chunk.logprobs:
+            return cls(chunk.text)
+        top = sampling.top_logprobs
+        return cls(
+            chunk.text,
+            tuple(
+                t
+                if len(t.top_logprobs) <= top
+                else t.model_copy(update={"top_logprobs": t.top_logprobs[:top]})
+                for t in chunk.logprobs
+            ),
+        )
 
 
 @dataclass(frozen=True)

@@ -188,7 +188,7 @@ async def test_what_is_honoured_gets_through(v1: Api) -> None:
             {"messages": [*HI, {"role": "function", "name": "f", "content": "1"}]},
             "messages[1].role",
         ),
-        ({"logprobs": True}, "logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"presence_penalty": 2.5}, "presence_penalty"),
         ({"frequency_penalty": -3}, "frequency_penalty"),

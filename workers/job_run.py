@@ -47,15 +47,18 @@ from workers import streams
 from workers.engines import Engine, EngineError, GenerationRequest, TextDelta, Usage
 from workers.engines.base import ContextLengthExceeded, RequestRefused
 from workers.jobs import outer_max_tokens, sealed_argument
+from workers.logprobs import to_wire
 from workers.receipts import Receipt, sign_receipt
 from workers.wire import (
     CONTEXT_LENGTH_EXCEEDED,
     INVALID_REQUEST,
+    MAX_LOGPROBS_PER_CHUNK,
     ErrorRecord,
     Event,
     FinalRecord,
     JobRequest,
     StreamChunk,
+    TokenLogprob,
     WireError,
     WorkerKeys,
     open_request,
@@ -99,6 +102,7 @@ class JobRun:
         self.chunks = 0  # sealed chunks written
         self.stop_reason: str | None = None  # "cancel", "shutdown" or "timeout"
         self._unsent: list[str] = []
+        self._unsent_logprobs: list[TokenLogprob] = []  # with sampling.logprobs only
         # Asks the engine to end between two tokens and report its real usage; the task is
         # cancelled outright only if the engine has not stopped STOP_GRACE_S later.
         self._stop_signal = threading.Event()
@@ -192,6 +196,7 @@ class JobRun:
                 ),
                 logit_bias=tuple((int(t), b) for t, b in sampling.logit_bias.items()),
                 continue_final=sampling.continue_final_message,
+                logprobs=sampling.top_logprobs if sampling.logprobs else None,
                 stop_signal=self._stop_signal,
             )
         )
@@ -200,9 +205,11 @@ class JobRun:
             async for item in generation:
                 if isinstance(item, Usage):
                     usage = item
-                elif isinstance(item, TextDelta) and item.text:
+                elif isinstance(item, TextDelta) and (item.text or item.logprobs):
                     self.deltas += 1
                     self._unsent.append(item.text)
+                    if sampling.logprobs:
+                        self._unsent_logprobs += to_wire(item.logprobs, sampling.top_logprobs)
                     self._ensure_writer(request)
         finally:
             aclose = getattr(generation, "aclose", None)
@@ -222,13 +229,17 @@ class JobRun:
             self._writer = asyncio.create_task(self._write_unsent(request))
 
     async def _write_unsent(self, request: JobRequest) -> None:
-        while self._unsent:
+        while self._unsent or self._unsent_logprobs:
             text = "".join(self._unsent)
             self._unsent.clear()
             if len(text) > MAX_CHUNK_CHARS:
                 self._unsent.append(text[MAX_CHUNK_CHARS:])
                 text = text[:MAX_CHUNK_CHARS]
-            chunk = StreamChunk(job_id=self.job_id, seq=self.chunks, text=text)
+            logprobs = None
+            if request.sampling.logprobs:
+                logprobs = self._unsent_logprobs[:MAX_LOGPROBS_PER_CHUNK]
+                del self._unsent_logprobs[:MAX_LOGPROBS_PER_CHUNK]
+            chunk = StreamChunk(job_id=self.job_id, seq=self.chunks, text=text, logprobs=logprobs)
             self._reply_sha256.update(text.encode("utf-8", "surrogatepass"))
             self.chunks += 1
             await self._send(request, chunk)

@@ -27,9 +27,11 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     TypeAdapter,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -77,6 +79,39 @@ MAX_LOGIT_BIAS = 300
 
 TokenId = Annotated[str, Field(pattern=r"^[0-9]{1,9}$")]
 
+MAX_TOP_LOGPROBS = 20
+"""The most alternatives a token's log probability may come with (OpenAI's own limit)."""
+
+MAX_LOGPROBS_PER_CHUNK = 256
+"""The most tokens one stream chunk may carry log probabilities of (the node splits more)."""
+
+MAX_TOKEN_CHARS = 128
+"""The longest text of one token in a log probability (the node cuts longer ones)."""
+
+MIN_LOGPROB = -9999.0
+"""The lowest log probability on the wire: an impossible token (-inf) is sent as this, as
+OpenAI does."""
+
+Logprob = Annotated[float, Field(ge=MIN_LOGPROB, le=0.0, allow_inf_nan=False)]
+TokenBytes = Annotated[
+    list[Annotated[int, Field(ge=0, le=255)]], Field(max_length=4 * MAX_TOKEN_CHARS)
+]
+
+
+class TopLogprob(_Wire):
+    """One of the likeliest tokens at a place of the reply: its text, UTF-8 bytes (a token
+    may hold part of a character) and log probability."""
+
+    token: str = Field(max_length=MAX_TOKEN_CHARS)
+    logprob: Logprob
+    bytes: TokenBytes
+
+
+class TokenLogprob(TopLogprob):
+    """A token of the reply with its log probability and the likeliest alternatives."""
+
+    top_logprobs: list[TopLogprob] = Field(default_factory=list, max_length=MAX_TOP_LOGPROBS)
+
 
 class ResponseFormat(_Wire):
     """The reply constrained to JSON: any JSON object, or one valid against ``json_schema``
@@ -108,6 +143,16 @@ class SamplingParams(_Wire):
     )
     # The reply continues the last message, an assistant's (prefill), instead of a new turn.
     continue_final_message: bool = False
+    # Each reply token's log probability comes back (StreamChunk.logprobs), with the
+    # ``top_logprobs`` likeliest alternatives at its place (OpenAI's logprobs / top_logprobs).
+    logprobs: bool = False
+    top_logprobs: int = Field(default=0, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_with_logprobs(self) -> SamplingParams:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs")
+        return self
 
 
 class JobRequest(_Versioned):
@@ -143,6 +188,16 @@ class StreamChunk(_Versioned):
     job_id: JobId
     seq: int = Field(ge=0)
     text: str = Field(max_length=MAX_CONTENT_CHARS)
+    # The log probabilities of this chunk's tokens, when the request asked for them.
+    logprobs: list[TokenLogprob] | None = Field(default=None, max_length=MAX_LOGPROBS_PER_CHUNK)
+
+    @model_serializer(mode="wrap")
+    def _logprobs_only_when_given(self, handler: SerializerFunctionWrapHandler) -> Any:
+        """A chunk without log probabilities is written as before they existed."""
+        data = handler(self)
+        if isinstance(data, dict) and data.get("logprobs") is None:
+            data.pop("logprobs", None)
+        return data
 
 
 class FinalRecord(_Versioned):

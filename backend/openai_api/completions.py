@@ -27,7 +27,8 @@ from backend.errors import CocoonError
 from backend.openai_api import protocol as p
 from backend.openai_api import tools
 from backend.openai_api.idempotency import IdempotencyKey, Replay
-from backend.openai_api.service import OpenAIService
+from backend.openai_api.service import OpenAIService, Reply
+from workers.wire import TokenLogprob
 
 log = logging.getLogger("cocoon.openai_api")
 
@@ -50,7 +51,7 @@ def error_response(error: CocoonError) -> web.Response:
 
 async def _collect_watching(
     request: web.Request, turn: Turn, *, cancel_on_disconnect: bool
-) -> tuple[str, TurnDone]:
+) -> Reply:
     """The whole reply; the turn is cancelled (billed what was generated) if the client leaves
     and ``cancel_on_disconnect``."""
     task = asyncio.ensure_future(OpenAIService.collect(turn))
@@ -88,12 +89,19 @@ async def answer(
             return error_response(outcome)
         return web.json_response(outcome, headers={COST_HEADER: _cost(outcome)})
     try:
-        text, done = await _collect_watching(request, turn, cancel_on_disconnect=True)
+        text, done, logprobs = await _collect_watching(request, turn, cancel_on_disconnect=True)
     except TurnError as error:
         return error_response(error)
     record = await service.attestation(done)
     completion = p.ChatCompletion.of(
-        completion_id, created, body.model, text, done, record, tools.tool_call(body, text)
+        completion_id,
+        created,
+        body.model,
+        text,
+        done,
+        record,
+        tools.tool_call(body, text),
+        logprobs,
     )
     return web.json_response(completion.model_dump(), headers={COST_HEADER: str(done.cost)})
 
@@ -117,7 +125,7 @@ async def _kept(
 
     async def run() -> None:
         try:
-            text, done = await OpenAIService.collect(turn)
+            text, done, logprobs = await OpenAIService.collect(turn)
         except TurnError as error:
             await idem.abandon()
             outcome.set_result(error)
@@ -128,8 +136,9 @@ async def _kept(
             outcome.cancel()
             raise
         record = await service.attestation(done)
+        call = tools.tool_call(body, text)
         completion = p.ChatCompletion.of(
-            completion_id, created, body.model, text, done, record, tools.tool_call(body, text)
+            completion_id, created, body.model, text, done, record, call, logprobs
         )
         payload = completion.model_dump()
         try:
@@ -166,6 +175,7 @@ async def _stream(
         await response.prepare(request)
         await response.write(chunks.start())
         parts: list[str] = []
+        logprobs: list[TokenLogprob] | None = [] if body.logprobs else None
         done: TurnDone | None = None
         held_back = bool(tools.offered(body))  # a tool call is sent whole, once known
         try:
@@ -173,8 +183,11 @@ async def _stream(
             while event is not None:
                 if isinstance(event, TurnText):
                     parts.append(event.text)
+                    if logprobs is not None:
+                        logprobs += event.logprobs
                     if not held_back:
-                        await response.write(chunks.text(event.text))
+                        tokens = list(event.logprobs) if logprobs is not None else None
+                        await response.write(chunks.text(event.text, tokens))
                 else:
                     done = event
                     text = "".join(parts)
@@ -183,7 +196,7 @@ async def _stream(
                         await response.write(chunks.tool_call(call))
                     else:
                         if held_back and text:
-                            await response.write(chunks.text(text))
+                            await response.write(chunks.text(text, logprobs))
                         await response.write(chunks.finish(event))
                     record = await service.attestation(event)
                     if body.include_usage:
@@ -192,7 +205,7 @@ async def _stream(
                         await response.write(chunks.receipt(event))
                     if idem is not None:
                         completion = p.ChatCompletion.of(
-                            completion_id, created, body.model, text, event, record, call
+                            completion_id, created, body.model, text, event, record, call, logprobs
                         )
                         await idem.finish(200, completion.model_dump())
                 event = await anext(events, None)
@@ -245,7 +258,9 @@ def _replayed_events(completion: dict[str, Any], *, include_usage: bool) -> list
     if calls:
         events.append(chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]}))
     else:
-        events.append(chunk({"content": choice["message"]["content"]}))
+        content = chunk({"content": choice["message"]["content"]})
+        content["choices"][0]["logprobs"] = choice.get("logprobs")
+        events.append(content)
     events.append(chunk({}, choice["finish_reason"]))
     if include_usage:
         events.append(

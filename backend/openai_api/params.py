@@ -6,8 +6,9 @@ OpenAI's SDKs send ``null`` for a parameter left ``None`` (openai-python does fo
 ``top_p``, ``n``, ``stream``...): :func:`drop_nulls` removes those before validation, so the
 request model's defaults apply. :func:`refuse_unsupported` then looks at what the request model
 does not carry and refuses, by name, each parameter that would change the reply if it were
-honoured: log probabilities and the legacy ``functions``. (``response_format``, the penalties,
-``logit_bias``, tools and an assistant prefill are honoured: the request model carries them.)
+honoured: the legacy ``functions``, audio, predictions. (``response_format``, the penalties,
+``logit_bias``, log probabilities, tools and an assistant prefill are honoured: the request
+model carries them; an engine that cannot give log probabilities refuses them, a 400.)
 """
 
 from __future__ import annotations
@@ -86,10 +87,6 @@ def refuse_unsupported(raw: object) -> None:
 
 
 def _refuse_sampling_extras(raw: Mapping[str, Any]) -> None:
-    if raw.get("logprobs") not in (None, False):
-        raise _refuse("logprobs")
-    if raw.get("top_logprobs") not in (None, 0):
-        raise _refuse("top_logprobs")
     if "prediction" in raw:
         raise _refuse("prediction")
     if "audio" in raw:

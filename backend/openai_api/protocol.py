@@ -16,6 +16,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -26,7 +27,14 @@ from backend.openai_api.tool_types import MAX_TOOLS, NamedToolChoice, Tool, Tool
 from backend.receipts import ReceiptRecord
 from backend.settings import ModelPrice
 from workers.registry import AttestationRecord
-from workers.wire import MAX_LOGIT_BIAS, MAX_SCHEMA_CHARS, ChatMessage, TokenId
+from workers.wire import (
+    MAX_LOGIT_BIAS,
+    MAX_SCHEMA_CHARS,
+    MAX_TOP_LOGPROBS,
+    ChatMessage,
+    TokenId,
+    TokenLogprob,
+)
 from workers.wire import ResponseFormat as WireResponseFormat
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -132,6 +140,15 @@ class ChatCompletionRequest(BaseModel):
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_with_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("logprobs must be true when top_logprobs is used")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -279,9 +296,21 @@ class AssistantMessage(BaseModel):
     tool_calls: list[ToolCall] | None = None
 
 
+class ChoiceLogprobs(BaseModel):
+    """A choice's ``logprobs``: each token of its content, in order (``content``)."""
+
+    content: list[TokenLogprob] | None
+    refusal: None = None
+
+    @classmethod
+    def of(cls, tokens: list[TokenLogprob] | None) -> ChoiceLogprobs | None:
+        return None if tokens is None else cls(content=tokens)
+
+
 class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: str
 
 
@@ -304,6 +333,7 @@ class ChatCompletion(BaseModel):
         done: TurnDone,
         record: AttestationRecord | None = None,
         tool_call: ToolCall | None = None,
+        logprobs: list[TokenLogprob] | None = None,
     ) -> ChatCompletion:
         if tool_call is not None:
             message = AssistantMessage(content=None, tool_calls=[tool_call])
@@ -314,7 +344,9 @@ class ChatCompletion(BaseModel):
             id=completion_id,
             created=created,
             model=model,
-            choices=[Choice(message=message, finish_reason=finish)],
+            choices=[
+                Choice(message=message, logprobs=ChoiceLogprobs.of(logprobs), finish_reason=finish)
+            ],
             usage=Usage.of(done),
             cocoon=CocoonExtra.of(done, record),
         )
@@ -323,6 +355,7 @@ class ChatCompletion(BaseModel):
 class ChunkChoice(BaseModel):
     index: int = 0
     delta: dict[str, Any]
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
 
 
@@ -359,14 +392,22 @@ class ChunkStream:
         )
         return sse(chunk.payload())
 
-    def delta(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
-        return self._chunk([ChunkChoice(delta=delta, finish_reason=finish)])
+    def delta(
+        self,
+        delta: dict[str, Any],
+        finish: str | None = None,
+        logprobs: list[TokenLogprob] | None = None,
+    ) -> bytes:
+        choice = ChunkChoice(
+            delta=delta, logprobs=ChoiceLogprobs.of(logprobs), finish_reason=finish
+        )
+        return self._chunk([choice])
 
     def start(self) -> bytes:
         return self.delta({"role": "assistant", "content": ""})
 
-    def text(self, text: str) -> bytes:
-        return self.delta({"content": text})
+    def text(self, text: str, logprobs: list[TokenLogprob] | None = None) -> bytes:
+        return self.delta({"content": text}, logprobs=logprobs)
 
     def finish(self, done: TurnDone) -> bytes:
         return self.delta({}, finish_reason(done))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import redis
 
@@ -17,7 +18,7 @@ from backend.openai_api import tools
 from backend.openai_api.protocol import ApiError, ChatCompletionRequest, ModelList
 from backend.settings import Settings
 from workers import registry
-from workers.wire import ChatMessage, SamplingParams
+from workers.wire import ChatMessage, SamplingParams, TokenLogprob
 
 NO_KEY = "missing API key: send 'Authorization: Bearer <key>' (get one from the bot's /apikey)"
 BAD_KEY = "invalid or revoked API key"
@@ -38,6 +39,15 @@ def bearer_key(authorization: str | None) -> str:
     if scheme.lower() != "bearer" or not key.strip():
         raise ApiError(ErrorCode.INVALID_API_KEY, NO_KEY)
     return key.strip()
+
+
+class Reply(NamedTuple):
+    """A whole reply: its text, how the turn ended, its tokens' log probabilities (None when
+    the request asked for none)."""
+
+    text: str
+    done: TurnDone
+    logprobs: list[TokenLogprob] | None
 
 
 class OpenAIService:
@@ -79,6 +89,8 @@ class OpenAIService:
                     logit_bias=body.logit_bias or {},
                     # An assistant message last is continued (prefill), as vLLM's server does.
                     continue_final_message=body.continues_final_message,
+                    logprobs=body.logprobs,
+                    top_logprobs=body.top_logprobs or 0,
                 ),
                 conversation_id=conversation_id_for(user_id, messages),
             )
@@ -93,14 +105,17 @@ class OpenAIService:
             return None
 
     @staticmethod
-    async def collect(turn: Turn) -> tuple[str, TurnDone]:
+    async def collect(turn: Turn) -> Reply:
         """The whole reply of a turn that is not streamed; TurnError if it fails."""
         parts: list[str] = []
+        logprobs: list[TokenLogprob] = []
         done: TurnDone | None = None
         async for event in turn.events():
             if isinstance(event, TurnText):
                 parts.append(event.text)
+                logprobs += event.logprobs
             else:
                 done = event
         assert done is not None  # events() ends with TurnDone or raises
-        return "".join(parts), done
+        asked = turn.request.sampling.logprobs
+        return Reply("".join(parts), done, logprobs if asked else None)

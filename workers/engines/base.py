@@ -64,6 +64,10 @@ class GenerationRequest:
     logit_bias: tuple[tuple[int, float], ...] = ()
     #: The reply continues the last message, an assistant's (prefill): no new turn is opened.
     continue_final: bool = False
+    #: None: no log probabilities. N (0..20): each reply token's log probability comes back on
+    #: its TextDelta, with the N likeliest alternatives; an engine that cannot raises
+    #: RequestRefused.
+    logprobs: int | None = None
     #: Set it to end the generation between two tokens: the engine then yields its Usage with
     #: ``finish_reason="cancelled"`` and the real counts, so what was generated can be billed.
     #: (Closing the generator also stops it, but then no Usage comes back.)
@@ -100,15 +104,35 @@ class GenerationRequest:
                 raise ValueError(f"{name} must be between -2 and 2, got {getattr(self, name)}")
         if self.continue_final and self.messages[-1].get("role") != "assistant":
             raise ValueError("continue_final needs an assistant message last")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError(f"logprobs must be between 0 and 20, got {self.logprobs}")
         if (self.json_mode == "json_schema") != (self.json_schema is not None):
             raise ValueError("json_schema is given with json_mode 'json_schema', and only then")
 
 
 @dataclass(frozen=True)
+class TopToken:
+    """A token at one place of the reply: its text, UTF-8 bytes and log probability."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TokenLogprob(TopToken):
+    """A token of the reply, its log probability and the likeliest tokens at its place."""
+
+    top: tuple[TopToken, ...] = ()
+
+
+@dataclass(frozen=True)
 class TextDelta:
-    """A piece of the reply's text, in order."""
+    """A piece of the reply's text, in order; with ``GenerationRequest.logprobs``, the tokens
+    generated since the last delta (its text may then be empty: part of a character)."""
 
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from workers.engines.base import (
     EngineError,
     FinishReason,
     GenerationRequest,
+    RequestRefused,
     TextDelta,
     Usage,
 )
@@ -64,6 +65,8 @@ class InstantEngine(Engine):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TextDelta | Usage]:
         if not self._started:
             raise EngineError("the instant engine is not started (await engine.start() first)")
+        if request.logprobs is not None:
+            raise RequestRefused("logprobs: the instant engine has no model to give them")
         prompt_tokens = self.count_prompt_tokens(request.messages)
         last_user = next(
             (m["content"] for m in reversed(request.messages) if m["role"] == "user"), ""

@@ -33,6 +33,8 @@ from workers.engines.base import (
     GenerationRequest,
     RequestRefused,
     TextDelta,
+    TokenLogprob,
+    TopToken,
     Usage,
 )
 
@@ -114,6 +116,25 @@ def _grammar(request: GenerationRequest) -> Any:
             "response_format: this JSON schema cannot be compiled to a grammar here "
             "(invalid, or uses a keyword llama.cpp does not support)"
         ) from None
+
+
+def _token_logprob(llm: Any, token: int, top: int) -> TokenLogprob:
+    """The log probability of ``token``, just sampled, and the ``top`` likeliest tokens at its
+    place: from the logits of the last evaluation (the model's own distribution, before the
+    sampler's temperature and filters, as OpenAI reports them)."""
+    import numpy as np
+
+    logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))
+    logprobs = llm.logits_to_logprobs(logits)
+
+    def of(candidate: int) -> TopToken:
+        raw = bytes(llm.detokenize([candidate]))
+        text = raw.decode("utf-8", errors="replace")
+        return TopToken(text, float(logprobs[candidate]), tuple(raw))
+
+    best = np.argsort(-logprobs)[:top].tolist() if top else []
+    chosen = of(token)
+    return TokenLogprob(chosen.token, chosen.logprob, chosen.bytes, tuple(of(t) for t in best))
 
 
 class LlamaCppEngine(Engine):
@@ -374,7 +395,9 @@ class LlamaCppEngine(Engine):
                     finish = "stop"
                     break
                 text, stop_string = scanner.feed(decoder.decode(llm.detokenize([token])))
-                if text:
+                if request.logprobs is not None:
+                    emit(TextDelta(text, (_token_logprob(llm, token, request.logprobs),)))
+                elif text:
                     emit(TextDelta(text))
                 if stop_string:
                     finish = "stop"

@@ -32,6 +32,7 @@ from workers.engines.base import (
     EngineError,
     FinishReason,
     GenerationRequest,
+    RequestRefused,
     TextDelta,
     Usage,
 )
@@ -194,6 +195,8 @@ class OpenAICompatEngine(Engine):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TextDelta | Usage]:
         if self._session is None:
             raise EngineError("the openai engine is not started (await engine.start() first)")
+        if request.logprobs is not None:  # not asked of its server yet
+            raise RequestRefused("logprobs: not available from this worker's engine (openai)")
         finish_reason: str | None = None
         usage: dict[str, Any] | None = None
         pieces = 0

@@ -39,6 +39,8 @@ from workers.engines.base import (
     GenerationRequest,
     RequestRefused,
     TextDelta,
+    TokenLogprob,
+    TopToken,
     Usage,
 )
 
@@ -72,6 +74,24 @@ def _structured_outputs(request: GenerationRequest) -> dict[str, Any]:
     if hasattr(sp, "GuidedDecodingParams"):
         return {"guided_decoding": sp.GuidedDecodingParams(**spec)}
     raise RequestRefused("response_format: this vLLM has no structured outputs")
+
+
+def _logprobs(choice: Any, top: int) -> tuple[TokenLogprob, ...]:
+    """The tokens of a delta output with their log probabilities (``SamplingParams.logprobs``:
+    per token, a mapping of token id to ``Logprob(logprob, rank, decoded_token)`` holding the
+    sampled token and the ``top`` likeliest, ranked from 1)."""
+
+    def of(token_id: int, entry: Any) -> TopToken:
+        text = entry.decoded_token or ""
+        return TopToken(text, float(entry.logprob), tuple(text.encode("utf-8", "replace")))
+
+    tokens = []
+    for token_id, step in zip(choice.token_ids, choice.logprobs or [], strict=False):
+        ranked = sorted(step.items(), key=lambda item: item[1].rank or 0)
+        best = tuple(of(t, e) for t, e in ranked if e.rank is not None and e.rank <= top)
+        chosen = of(token_id, step[token_id])
+        tokens.append(TokenLogprob(chosen.token, chosen.logprob, chosen.bytes, best))
+    return tuple(tokens)
 
 
 class VLLMEngine(Engine):
@@ -259,6 +279,7 @@ class VLLMEngine(Engine):
             presence_penalty=request.presence_penalty,
             frequency_penalty=request.frequency_penalty,
             logit_bias=dict(request.logit_bias) or None,
+            logprobs=request.logprobs,
             output_kind=RequestOutputKind.DELTA,
             **_structured_outputs(request),
         )
@@ -280,7 +301,9 @@ class VLLMEngine(Engine):
                         completion += len(choice.token_ids)
                         if choice.finish_reason:
                             finish_reason = choice.finish_reason
-                        if choice.text:
+                        if request.logprobs is not None:
+                            yield TextDelta(choice.text, _logprobs(choice, request.logprobs))
+                        elif choice.text:
                             yield TextDelta(choice.text)
             finished = True
         except EngineError:

@@ -1,0 +1,124 @@
+"""Log probabilities (``logprobs`` / ``top_logprobs``) through the official ``openai`` SDK
+against ``cocoon web`` and a real worker node (llama.cpp, SmolLM2), plain and streamed, and the
+bounds a worker's reply is held to on the wire."""
+
+from __future__ import annotations
+
+import math
+
+import openai
+import pytest
+
+from backend.settings import DEFAULT_MODEL
+from backend.turns import TurnText
+from tests.support.api import Api
+from tests.support.env import require_module
+from tests.support.turns import Node
+from workers.wire import (
+    MAX_LOGPROBS_PER_CHUNK,
+    SamplingParams,
+    StreamChunk,
+    TokenLogprob,
+    TopLogprob,
+)
+
+require_module("llama_cpp")
+
+HELLO = [{"role": "user", "content": "Say hello."}]
+
+
+def _token(text: str = "a", logprob: float = -0.5, top: int = 0) -> dict[str, object]:
+    alternative = {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+    return {**alternative, "top_logprobs": [alternative] * top}
+
+
+def _chunk(logprobs: list[dict[str, object]]) -> dict[str, object]:
+    return {"v": 1, "type": "chunk", "job_id": "j1", "seq": 0, "text": "a", "logprobs": logprobs}
+
+
+@pytest.mark.parametrize(
+    "logprobs",
+    [
+        [_token()] * (MAX_LOGPROBS_PER_CHUNK + 1),  # a flood of tokens in one chunk
+        [_token(top=21)],  # more alternatives than anyone may ask for
+        [_token(logprob=0.5)],  # a probability above 1
+        [_token(logprob=-1e9)],  # below the floor (-inf is sent as -9999)
+        [_token(text="x" * 129)],  # a token's text past its bound
+        [{**_token(), "bytes": [256]}],  # not a byte
+    ],
+)
+def test_a_worker_cannot_send_unbounded_logprobs(logprobs: list[dict[str, object]]) -> None:
+    with pytest.raises(ValueError):
+        StreamChunk.model_validate(_chunk(logprobs))
+
+
+def test_a_turn_keeps_only_the_logprobs_it_asked_for() -> None:
+    top = TopLogprob(token="b", logprob=-1.0, bytes=[98])
+    token = TokenLogprob(token="a", logprob=-0.1, bytes=[97], top_logprobs=[top] * 5)
+    chunk = StreamChunk(job_id="j1", seq=0, text="a", logprobs=[token])
+    assert TurnText.of(chunk, SamplingParams()).logprobs == ()  # none asked: none passed on
+    [kept] = TurnText.of(chunk, SamplingParams(logprobs=True, top_logprobs=2)).logprobs
+    assert len(kept.top_logprobs) == 2
+    with pytest.raises(ValueError):
+        SamplingParams(top_logprobs=2)  # alternatives without logprobs
+
+
+def _check_tokens(content: str, tokens: list[openai.types.chat.ChatCompletionTokenLogprob]) -> None:
+    """Greedy tokens whose bytes spell the reply, each the likeliest of its alternatives."""
+    assert tokens
+    assert b"".join(bytes(t.bytes or []) for t in tokens).decode() == content
+    for token in tokens:
+        assert token.logprob <= 0
+        assert len(token.top_logprobs) == 3
+        best = token.top_logprobs[0]
+        assert (best.token, best.logprob) == (token.token, token.logprob)  # temperature 0
+        assert [t.logprob for t in token.top_logprobs] == sorted(
+            (t.logprob for t in token.top_logprobs), reverse=True
+        )
+        assert sum(math.exp(t.logprob) for t in token.top_logprobs) <= 1.0 + 1e-3
+
+
+@pytest.mark.engine
+async def test_logprobs_plain_and_streamed(v1: Api, node: Node) -> None:
+    client = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key)
+    reply = await client.chat.completions.create(
+        model=DEFAULT_MODEL,
+        messages=HELLO,
+        max_tokens=8,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    choice = reply.choices[0]
+    assert choice.message.content and choice.logprobs and choice.logprobs.content
+    _check_tokens(choice.message.content, choice.logprobs.content)
+
+    stream = await client.chat.completions.create(
+        model=DEFAULT_MODEL,
+        messages=HELLO,
+        max_tokens=8,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+        stream=True,
+    )
+    text, streamed = "", []
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            text += chunk.choices[0].delta.content
+        if chunk.choices and chunk.choices[0].logprobs and chunk.choices[0].logprobs.content:
+            streamed += chunk.choices[0].logprobs.content
+    assert text == choice.message.content  # greedy: the same reply
+    _check_tokens(text, streamed)
+    assert [t.token for t in streamed] == [t.token for t in choice.logprobs.content]
+
+    plain = await client.chat.completions.create(model=DEFAULT_MODEL, messages=HELLO, max_tokens=4)
+    assert plain.choices[0].logprobs is None  # not asked: none
+
+    for bad in ({"top_logprobs": 21, "logprobs": True}, {"top_logprobs": 2}):
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.chat.completions.create(
+                model=DEFAULT_MODEL, messages=HELLO, max_tokens=4, **bad
+            )
+        assert "top_logprobs" in str(refused.value)
+    await client.close()
