@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,7 @@ from backend.settings import Settings
 from backend.telegram import create_bot
 from bot import groups
 from bot.commands import set_commands, set_menu_button
+from bot.common import NextHandler
 from bot.groups import ButtonOwners, OwnedButtons
 from bot.handlers import account, admin, apikeys, chat, persona, provider, wallet
 from bot.handlers.wallet import miniapp_url
@@ -39,13 +40,17 @@ from bot.outbox import Outbox
 from bot.services import Services, open_services
 from bot.telegram import on_error
 from bot.tonconnect import ConnectorFactory
+from bot.turn_runner import TurnRunner
 from workers.lifecycle import REQUESTS_SHARE, SETTLE_SHARE, Shutdown, cancel_and_wait
 
 log = logging.getLogger("cocoon.bot")
 
 
 def build_dispatcher(settings: Settings, services: Services, outbox: Outbox) -> Dispatcher:
-    dp = Dispatcher(**services.workflow_data(), outbox=outbox)
+    runner = TurnRunner(
+        services.settings, services.turns, services.contexts, services.running, services.limiter
+    )
+    dp = Dispatcher(**services.workflow_data(), outbox=outbox, runner=runner)
     dp.update.outer_middleware(UserMiddleware())
     dp.callback_query.outer_middleware(OwnedButtons())
     dp.errors.register(on_error)
@@ -136,10 +141,7 @@ class InFlight(BaseMiddleware):
         self.tasks: set[asyncio.Task[Any]] = set()
 
     async def __call__(
-        self,
-        handler: Callable[[TelegramObject, dict[str, Any]], Awaitable[Any]],
-        event: TelegramObject,
-        data: dict[str, Any],
+        self, handler: NextHandler, event: TelegramObject, data: dict[str, Any]
     ) -> Any:
         task = asyncio.current_task()
         if task is None:

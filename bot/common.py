@@ -7,7 +7,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from aiogram import Router
-from aiogram.types import InlineKeyboardButton, InlineKeyboardMarkup
+from aiogram.dispatcher.event.bases import NextMiddlewareType
+from aiogram.types import InlineKeyboardButton, InlineKeyboardMarkup, TelegramObject
 
 from backend.models import User
 from backend.money import format_gram
@@ -15,6 +16,9 @@ from backend.settings import ModelPrice, Settings
 from bot.i18n import N_, _
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+NextHandler = NextMiddlewareType[TelegramObject]
+"""What an update middleware's ``__call__`` hands the update on to."""
 
 
 def user_model(settings: Settings, user: User) -> str:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextvars
 import logging
 import re
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +38,7 @@ from aiogram.types import (
 )
 from redis.asyncio import Redis as AsyncRedis
 
-from bot.common import Handlers
+from bot.common import Handlers, NextHandler
 from bot.i18n import _
 from workers.redis_keys import redis_key
 
@@ -231,10 +230,7 @@ class OwnedButtons(BaseMiddleware):
     (never a spinner left turning)."""
 
     async def __call__(
-        self,
-        handler: Callable[[TelegramObject, dict[str, Any]], Awaitable[Any]],
-        event: TelegramObject,
-        data: dict[str, Any],
+        self, handler: NextHandler, event: TelegramObject, data: dict[str, Any]
     ) -> Any:
         assert isinstance(event, CallbackQuery)
         message = event.message

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiogram import BaseMiddleware
@@ -11,6 +10,7 @@ from aiogram.types import User as TelegramUser
 
 from backend import accounts
 from backend.users import get_or_create_user
+from bot.common import NextHandler
 from bot.groups import reset_asker, set_asker
 from bot.i18n import use_language
 from workers.logcontext import bound
@@ -23,10 +23,7 @@ class UserMiddleware(BaseMiddleware):
     English."""
 
     async def __call__(
-        self,
-        handler: Callable[[TelegramObject, dict[str, Any]], Awaitable[Any]],
-        event: TelegramObject,
-        data: dict[str, Any],
+        self, handler: NextHandler, event: TelegramObject, data: dict[str, Any]
     ) -> Any:
         update_id = event.update_id if isinstance(event, Update) else None
         with bound(update_id=update_id):  # every log line of this update carries its id

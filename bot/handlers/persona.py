@@ -12,16 +12,12 @@ from aiogram.enums import ChatType
 from aiogram.filters import Command, CommandObject
 from aiogram.types import CallbackQuery, Message
 
-from backend.dispatch import Dispatcher as TurnDispatcher
 from backend.models import User
-from backend.ratelimit import RateLimiter
-from backend.settings import Settings
 from bot.common import AGAIN, CONTINUE, REGENERATE, Handlers
 from bot.context import ContextStore
 from bot.groups import Place
-from bot.handlers.chat import reply_to, retry
 from bot.i18n import _
-from bot.services import RunningTurns
+from bot.turn_runner import TurnRunner
 
 handlers = Handlers("persona")
 
@@ -78,18 +74,10 @@ def readable(name: str, mime: str | None) -> bool:
 
 
 @handlers.message(F.document, F.chat.type == ChatType.PRIVATE)
-async def on_document(
-    message: Message,
-    bot: Bot,
-    user: User,
-    settings: Settings,
-    turns: TurnDispatcher,
-    contexts: ContextStore,
-    running: RunningTurns,
-    limiter: RateLimiter,
-) -> None:
+async def on_document(message: Message, bot: Bot, user: User, runner: TurnRunner) -> None:
     """A text document (UTF-8) read into the prompt, with its caption as the question; within
     the message limit. Others are refused plainly."""
+    settings = runner.settings
     document = message.document
     assert document is not None
     name = (document.file_name or "document")[:100]
@@ -121,42 +109,23 @@ async def on_document(
             )
         )
         return
-    await reply_to(message, bot, user, prompt, settings, turns, contexts, running, limiter)
+    await runner.reply(message, bot, user, prompt)
 
 
 @handlers.message(F.caption, F.chat.type == ChatType.PRIVATE)
-async def on_caption(
-    message: Message,
-    bot: Bot,
-    user: User,
-    settings: Settings,
-    turns: TurnDispatcher,
-    contexts: ContextStore,
-    running: RunningTurns,
-    limiter: RateLimiter,
-) -> None:
+async def on_caption(message: Message, bot: Bot, user: User, runner: TurnRunner) -> None:
     """A photo, document or other media with a caption: the caption is the question (the
     attachment itself is not sent to the model, and the user is told)."""
     await message.answer(_("I read your caption; the attachment itself is not sent to the model."))
-    prompt = (message.caption or "").strip()
-    await reply_to(message, bot, user, prompt, settings, turns, contexts, running, limiter)
+    await runner.reply(message, bot, user, (message.caption or "").strip())
 
 
 @handlers.edited_message(F.text, F.chat.type == ChatType.PRIVATE)
-async def on_edited(
-    message: Message,
-    bot: Bot,
-    user: User,
-    settings: Settings,
-    turns: TurnDispatcher,
-    contexts: ContextStore,
-    running: RunningTurns,
-    limiter: RateLimiter,
-) -> None:
+async def on_edited(message: Message, bot: Bot, user: User, runner: TurnRunner) -> None:
     """An edited question is answered again, as asked now."""
     prompt = (message.text or "").strip()
     if prompt and not prompt.startswith("/"):
-        await reply_to(message, bot, user, prompt, settings, turns, contexts, running, limiter)
+        await runner.reply(message, bot, user, prompt)
 
 
 CONTINUE_PROMPT = "Continue."
@@ -164,16 +133,7 @@ CONTINUE_PROMPT = "Continue."
 
 
 @handlers.callback_query(F.data.in_({REGENERATE, CONTINUE}))
-async def on_answer_button(
-    query: CallbackQuery,
-    bot: Bot,
-    user: User,
-    settings: Settings,
-    turns: TurnDispatcher,
-    contexts: ContextStore,
-    running: RunningTurns,
-    limiter: RateLimiter,
-) -> None:
+async def on_answer_button(query: CallbackQuery, bot: Bot, user: User, runner: TurnRunner) -> None:
     """Regenerate (as /retry) or Continue (a turn asking the model to go on); in a group only
     the asker's buttons pass (bot/groups.py)."""
     message = query.message
@@ -182,25 +142,15 @@ async def on_answer_button(
         return
     await query.answer()
     if query.data == REGENERATE:
-        await retry(message, bot, user, settings, turns, contexts, running, limiter)
+        await runner.retry(message, bot, user)
     else:
-        await reply_to(
-            message, bot, user, CONTINUE_PROMPT, settings, turns, contexts, running, limiter
-        )
+        await runner.reply(message, bot, user, CONTINUE_PROMPT)
 
 
 @handlers.callback_query(F.data == AGAIN)
-async def on_ask_again(
-    query: CallbackQuery,
-    bot: Bot,
-    user: User,
-    settings: Settings,
-    turns: TurnDispatcher,
-    contexts: ContextStore,
-    running: RunningTurns,
-    limiter: RateLimiter,
-) -> None:
+async def on_ask_again(query: CallbackQuery, bot: Bot, user: User, runner: TurnRunner) -> None:
     """The question a refusal kept, asked again (in the private chat it was asked in)."""
+    contexts = runner.contexts
     message = query.message
     if not isinstance(message, Message) or message.chat.type != ChatType.PRIVATE:
         await query.answer(_("This button is not valid any more."), show_alert=True)
@@ -213,4 +163,4 @@ async def on_ask_again(
         return
     await query.answer()
     await contexts.save(scope, conversation)  # asked once; a new refusal keeps it again
-    await reply_to(message, bot, user, prompt, settings, turns, contexts, running, limiter)
+    await runner.reply(message, bot, user, prompt)

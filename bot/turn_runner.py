@@ -1,0 +1,240 @@
+"""One chat turn, as every handler that starts one runs it (a message, /ask, /retry, a caption, a
+document, an edit, Regenerate, Continue, a kept question): the prompt's checks, the reply
+streamed into the chat, and the place's context kept. Handlers take it by name as ``runner``
+(:class:`TurnRunner`, made once with the services in :func:`bot.app.build_dispatcher`)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import uuid
+from dataclasses import dataclass
+
+from aiogram import Bot
+from aiogram.types import Message
+from redis.exceptions import RedisError
+
+from backend.dispatch import Dispatcher as TurnDispatcher
+from backend.dispatch import Turn, TurnDone, TurnError, TurnRequest, TurnText, prompt_token_bound
+from backend.errors import ErrorCode
+from backend.models import User
+from backend.pricing import affordable_completion_tokens, default_max_tokens
+from backend.ratelimit import RateLimiter
+from backend.settings import Settings
+from bot.common import answer_keyboard, refused_keyboard, ton, user_model
+from bot.context import ContextStore, Conversation, LastTurn, trim
+from bot.errors import error_text
+from bot.groups import Place
+from bot.i18n import _, ngettext
+from bot.services import RunningTurns
+from bot.streaming import ReplyStream
+from workers.logcontext import bind
+
+log = logging.getLogger("cocoon.bot.chat")
+
+MIN_REPLY_TOKENS = 32
+"""A balance that covers fewer tokens than this gets a refusal, not a stub of an answer."""
+
+
+def footer(done: TurnDone) -> str:
+    tee = _("development TEE") if done.worker.tee == "dev" else done.worker.tee.upper()
+    text = _("{model} · {prompt} + {completion} tokens · {cost} · {tee}").format(
+        model=done.model,
+        prompt=done.prompt_tokens,
+        completion=done.completion_tokens,
+        cost=ton(done.cost),
+        tee=tee,
+    )
+    if done.finish_reason == "cancelled":
+        text += " · " + _("stopped")
+    elif done.finish_reason == "length":
+        text += " · " + _("cut at the length limit")
+    return text
+
+
+@dataclass(frozen=True)
+class TurnRunner:
+    """The services a chat turn runs on."""
+
+    settings: Settings
+    turns: TurnDispatcher
+    contexts: ContextStore
+    running: RunningTurns
+    limiter: RateLimiter
+
+    async def reply(self, message: Message, bot: Bot, user: User, prompt: str) -> None:
+        """A turn for ``prompt`` (none when it is empty) after the place's context."""
+        if prompt:
+            await self._reply(message, bot, user, prompt, None)
+
+    async def _reply(
+        self,
+        message: Message,
+        bot: Bot,
+        user: User,
+        prompt: str,
+        conversation: Conversation | None,
+    ) -> None:
+        """Check the prompt and the rate, then answer it after ``conversation`` (default: the
+        chat's context), telling the user plainly when Redis is down."""
+        try:
+            if not await self._checked(message, prompt, user):
+                return
+            place = Place.of(message, user.telegram_id)
+            if conversation is None:
+                conversation = await self.contexts.load(place.scope)
+            await self.answer(bot, place, user, prompt, conversation)
+        except RedisError as error:
+            log.warning("chat turn failed on Redis: %s", type(error).__name__)
+            await message.answer(_("The service is busy right now. Please try again in a minute."))
+
+    async def retry(self, message: Message, bot: Bot, user: User) -> None:
+        """The caller's last question in this place, answered again (replacing the answer)."""
+        conversation = await self.contexts.load(Place.of(message, user.telegram_id).scope)
+        messages = list(conversation.messages)
+        while messages and messages[-1]["role"] == "assistant":
+            messages.pop()
+        if not messages:
+            await message.answer(_("There is no answer to regenerate yet. Just write to me."))
+            return
+        prompt = messages.pop()["content"]
+        conversation.messages = messages
+        await self._reply(message, bot, user, prompt, conversation)
+
+    async def _checked(self, message: Message, prompt: str, user: User) -> bool:
+        settings = self.settings
+        if len(prompt) > settings.max_prompt_chars:
+            await message.answer(
+                _(
+                    "Your message is too long: {length} characters, and the limit is {limit}. "
+                    "Please shorten it."
+                ).format(length=len(prompt), limit=settings.max_prompt_chars)
+            )
+            return False
+        wait = await self.limiter.allow(user.id)
+        if wait:
+            await message.answer(
+                _("Too many messages: up to {limit} a minute. Try again in {seconds} s.").format(
+                    limit=settings.rate_limit_per_minute, seconds=wait
+                )
+            )
+            return False
+        return True
+
+    async def answer(
+        self, bot: Bot, place: Place, user: User, prompt: str, conversation: Conversation
+    ) -> None:
+        """Run one turn for ``prompt`` after ``conversation``, streaming the reply into the chat
+        (the asker's topic, as a reply to them in a group), and remember both in the place's
+        context."""
+        settings, turns, contexts, running = self.settings, self.turns, self.contexts, self.running
+        scope, options = place.scope, place.send_options()
+        model = user_model(settings, user)
+        price = settings.models[model]
+        max_tokens = default_max_tokens(settings, price)
+        system = 0  # what the system prompt adds to the prompt's bound
+        if conversation.system:
+            with_system = Conversation(system=conversation.system).chat_messages()
+            system = prompt_token_bound(with_system) - prompt_token_bound([])
+        history = trim(
+            [*conversation.messages, {"role": "user", "content": prompt}],
+            budget_tokens=price.context_length - max_tokens - system,
+            max_messages=settings.context_max_messages,
+        )
+        # A balance that covers a shorter answer gets one (with a note), not a refusal.
+        note = ""
+        affordable = affordable_completion_tokens(
+            price,
+            (await turns.ledger.balances(user.id)).available,
+            prompt_tokens=prompt_token_bound(
+                Conversation(messages=history, system=conversation.system).chat_messages()
+            ),
+        )
+        if MIN_REPLY_TOKENS <= affordable < max_tokens:
+            max_tokens = affordable
+            note = _("a shorter answer: your balance covers {tokens}; /topup").format(
+                tokens=ngettext("{n} token", "{n} tokens", affordable).format(n=affordable)
+            )
+        if not conversation.conversation_id:
+            conversation.conversation_id = uuid.uuid4().hex
+        draft_id = secrets.randbelow(2**31 - 1) + 1
+        if not await running.acquire(scope, draft_id, user.telegram_id):
+            await bot.send_message(
+                place.chat_id,
+                _("I am still writing the previous answer. Wait for it, or press stop."),
+                **options,
+            )
+            return
+        try:
+            conversation.messages = history
+            request = TurnRequest(
+                user_id=user.id,
+                model=model,
+                messages=Conversation(messages=history, system=conversation.system).chat_messages(),
+                max_tokens=max_tokens,
+                conversation_id=f"tg-{conversation.conversation_id}",
+            )
+            try:
+                turn = await turns.start_turn(request)
+            except TurnError as error:
+                keyboard = None
+                if error.code == ErrorCode.INSUFFICIENT_BALANCE and place.private:
+                    # Kept (sealed with the context) and offered again once there is money.
+                    conversation.messages, conversation.pending = history[:-1], prompt
+                    await contexts.save(scope, conversation)
+                    keyboard = refused_keyboard()
+                await bot.send_message(
+                    place.chat_id,
+                    error_text(error, model=model),
+                    parse_mode=None,
+                    reply_markup=keyboard,
+                    **options,
+                )
+                return
+            bind(turn_id=turn.turn_id)
+            stream = ReplyStream(
+                bot, place.chat_id, draft_id=draft_id, use_draft=place.private, options=options
+            )
+            text = ""
+            done: TurnDone | None = None
+            try:
+                await running.attach(scope, turn)
+                await stream.start()
+            except BaseException:
+                # Telegram refused even the placeholder (blocked, chat gone): stop the job, and
+                # settle it in the background (billed for what was generated, if anything).
+                await turn.cancel()
+                turns.keep(_drain(turn))
+                raise
+            try:
+                # aclosing: leaving early (Telegram failed, shutdown) stops the job at once and
+                # settles it in the background, billed for what was generated.
+                async with contextlib.aclosing(turn.events()) as events:
+                    async for event in events:
+                        if isinstance(event, TurnText):
+                            text += event.text
+                            await stream.update(text)
+                        elif isinstance(event, TurnDone):
+                            done = event
+            except TurnError as error:
+                await stream.fail(error_text(error, model=model))
+                return
+            assert done is not None
+            reply = text.strip()
+            shown_footer = footer(done) + (" · " + note if note else "")
+            await stream.finish(
+                reply or _("(no answer)"), shown_footer, answer_keyboard() if reply else None
+            )
+            if reply:
+                conversation.messages = [*history, {"role": "assistant", "content": reply}]
+            conversation.last = LastTurn(turn_id=done.turn_id, model=done.model, worker=done.worker)
+            await contexts.save(scope, conversation)
+        finally:
+            await running.release(scope)
+
+
+async def _drain(turn: Turn) -> None:
+    with contextlib.suppress(TurnError):
+        async for _event in turn.events():
+            pass
