@@ -3,7 +3,6 @@ manifest, and the static files. Thin: parse, call :class:`miniapp.service.MiniAp
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -17,13 +16,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from backend import appkeys
-from backend.dispatch import TurnDone, TurnError, TurnText
 from backend.errors import CocoonError, ErrorCode
 from backend.i18n import LANGUAGES
 from backend.money import decimal_comma, format_gram
 from backend.settings import Settings
+from miniapp import chat, sealed, texts
 from miniapp import protocol as p
-from miniapp import sealed, texts
 from miniapp.assets import STATIC_ROUTE, VENDOR_ROUTE, Assets, find_assets, report
 from miniapp.auth import InitDataError, InitDataVerifier, init_data_from_header
 from miniapp.service import Caller, MiniApp, MiniAppError
@@ -361,48 +359,18 @@ async def post_withdraw(request: web.Request, caller: Caller) -> web.Response:
 
 @api
 async def post_chat(request: web.Request, caller: Caller) -> web.StreamResponse:
-    """A chat turn, streamed as NDJSON lines: ``{"type": "text", "text"}``…, then one
-    ``{"type": "done", ...}`` (cost, tokens, privacy report) or ``{"type": "error", "error"}``.
-    Errors before the first line are plain JSON errors with their HTTP status."""
+    """A chat turn, streamed as NDJSON lines (:mod:`miniapp.chat`). Errors before the first
+    line are plain JSON errors with their HTTP status."""
     body = await _body(request, p.ChatRequest)
     service = request.app[MINIAPP]
     turn = await service.chat(caller, body)
-    events = turn.events()
-    token = service.track(caller, turn)
-    response = web.StreamResponse(
-        headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-store"}
+    return await chat.stream_turn(
+        request,
+        service,
+        caller,
+        turn,
+        lambda error: error_body(caller.language, error.code, **_values(error)),
     )
-
-    async def send(line: dict[str, Any]) -> None:
-        await response.write(json.dumps(line).encode() + b"\n")
-
-    try:
-        await response.prepare(request)
-        await send({"type": "start", "turn": token})  # POST /app/api/chat/stop takes it
-        async with contextlib.aclosing(events):  # a client that leaves cancels the turn
-            async for event in events:
-                if isinstance(event, TurnText):
-                    await send({"type": "text", "text": event.text})
-                elif isinstance(event, TurnDone):
-                    done = p.ChatDone(
-                        model=event.model,
-                        prompt_tokens=event.prompt_tokens,
-                        completion_tokens=event.completion_tokens,
-                        finish_reason=event.finish_reason,
-                        cost=str(event.cost),
-                        balance=str(await service.balance(caller)),
-                        privacy=await service.privacy(event),
-                    )
-                    await send(done.model_dump(mode="json"))
-    except TurnError as error:
-        await send({"type": "error", **error_body(caller.language, error.code, **_values(error))})
-    except ConnectionResetError:  # the page went away: its turn was stopped and billed above
-        log.info("mini app chat: the page left before the reply ended")
-        return response
-    finally:
-        service.untrack(token)
-    await response.write_eof()
-    return response
 
 
 @api
