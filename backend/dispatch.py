@@ -17,7 +17,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 import redis.asyncio as aioredis
@@ -177,31 +177,45 @@ class Dispatcher:
         worst = worst_case_cost(price, prompt_tokens=prompt_bound, max_tokens=max_tokens)
         turn_id = uuid.uuid4().hex
         bind_log_context(turn_id=turn_id, job_id=None)
-        if worst > 0:
-            try:
-                await self.ledger.hold(request.user_id, worst, turn_id)
-            except InsufficientFunds:
-                available = (await self.ledger.balances(request.user_id)).available
-                raise TurnError(
-                    ErrorCode.INSUFFICIENT_BALANCE,
-                    f"this turn can cost up to {worst} nanoTON and the balance is {available}",
-                    needed=worst,
-                    available=available,
-                ) from None
-        turn = Turn(self, request, turn_id, price, max_tokens, held=worst)
+        await self.hold(request.user_id, worst, turn_id)
+        return await dispatched(Turn(self, request, turn_id, price, max_tokens, held=worst))
+
+    async def hold(self, user_id: int, worst: int, turn_id: str) -> None:
+        """Hold a turn's worst case on the user's balance (nothing for a free turn); TurnError
+        INSUFFICIENT_BALANCE, saying what is needed and what is available, when it does not
+        cover it."""
+        if worst <= 0:
+            return
         try:
-            await turn.dispatch()
-        except BaseException:
-            turn.end_outcome = "failed"
-            await turn.release()
-            raise
-        return turn
+            await self.ledger.hold(user_id, worst, turn_id)
+        except InsufficientFunds:
+            available = (await self.ledger.balances(user_id)).available
+            raise TurnError(
+                ErrorCode.INSUFFICIENT_BALANCE,
+                f"this turn can cost up to {worst} nanoTON and the balance is {available}",
+                needed=worst,
+                available=available,
+            ) from None
 
     def keep(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a settlement in the background, out of reach of a client that went away."""
         task = asyncio.ensure_future(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+TurnT = TypeVar("TurnT", bound="Turn")
+
+
+async def dispatched(turn: TurnT) -> TurnT:
+    """``turn`` sent to its worker; when that fails, it ends failed and its hold is released."""
+    try:
+        await turn.dispatch()
+    except BaseException:
+        turn.end_outcome = "failed"
+        await turn.release()
+        raise
+    return turn
 
 
 class Turn(TurnReading):

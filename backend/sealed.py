@@ -41,9 +41,8 @@ import redis
 
 from backend import bounds
 from backend.bounds import Flag
-from backend.dispatch import Dispatcher, Turn, TurnError
+from backend.dispatch import Dispatcher, Turn, TurnError, dispatched
 from backend.errors import ErrorCode
-from backend.ledger import InsufficientFunds
 from backend.pricing import worst_case_cost
 from backend.receipts import open_receipt
 from backend.turns import TurnDone, TurnRequest
@@ -115,25 +114,10 @@ async def start_sealed_turn(dispatcher: Dispatcher, request: SealedRequest) -> S
         raise TurnError(ErrorCode.INVALID_REQUEST, "this job_id was used already: choose a new one")
     turn_id = uuid.uuid4().hex
     bind_log_context(turn_id=turn_id, job_id=request.job_id)
-    if worst > 0:
-        try:
-            await dispatcher.ledger.hold(request.user_id, worst, turn_id)
-        except InsufficientFunds:
-            available = (await dispatcher.ledger.balances(request.user_id)).available
-            raise TurnError(
-                ErrorCode.INSUFFICIENT_BALANCE,
-                f"this turn can cost up to {worst} nanoTON and the balance is {available}",
-                needed=worst,
-                available=available,
-            ) from None
-    turn = SealedTurn(dispatcher, request, turn_id, held=worst, prompt_bound=prompt_bound)
-    try:
-        await turn.dispatch()
-    except BaseException:
-        turn.end_outcome = "failed"
-        await turn.release()
-        raise
-    return turn
+    await dispatcher.hold(request.user_id, worst, turn_id)
+    return await dispatched(
+        SealedTurn(dispatcher, request, turn_id, held=worst, prompt_bound=prompt_bound)
+    )
 
 
 class SealedTurn(Turn):
