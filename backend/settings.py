@@ -229,6 +229,13 @@ class Settings(BaseSettings):
     stars_nano_per_star: int = Field(
         default=4_000_000, gt=0, le=MAX_NANO, description="nanoTON credited per Telegram Star"
     )
+    welcome_credit_nano: int = Field(
+        default=0,
+        ge=0,
+        le=MAX_NANO,
+        description="credit each bot user gets once, at their first /start, from the operator "
+        "(0: none)",
+    )
 
     # The OpenAI-compatible API (backend/openai_api)
     api_max_concurrent_per_user: int = Field(

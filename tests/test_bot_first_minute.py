@@ -5,16 +5,19 @@ once money arrives; a balance that covers a shorter answer gets one instead of a
 
 from __future__ import annotations
 
+import asyncio
 import html
 from urllib.parse import parse_qs, urlsplit
 
 from sqlalchemy import select
 
 from backend import notifications
-from backend.models import Hold
+from backend.models import AccountKind, Hold
 from backend.pricing import worst_case_cost
+from backend.settings import Settings
 from bot.handlers.wallet import deposit_address
-from tests.support.bot import ALICE, TON, Harness
+from tests.support.bot import ALICE, TON, Harness, bot_settings, running_harness
+from tests.support.bot_fakes import feed, message_update
 
 
 def buttons(message: object) -> list[str]:
@@ -113,3 +116,39 @@ async def test_a_deposit_notice_shows_the_balance_as_of_that_deposit(bot: Harnes
     assert await bot.app.outbox.drain_once() == 2
     first, second = bot.tg.texts()
     assert "Balance: 0.4 GRAM" in first and "Balance: 0.8 GRAM" in second
+
+
+async def test_the_welcome_credit_is_given_once_even_to_twin_and_replayed_starts(
+    settings: Settings, db_url: str, redis_url: str
+) -> None:
+    gift = TON // 2
+    configured = bot_settings(settings, database_url=db_url, welcome_credit_nano=gift)
+    async with running_harness(configured) as bot:
+        # The first /start twice at once (a double tap), then the same update delivered again.
+        first = message_update(ALICE, "/start")
+        await asyncio.gather(
+            feed(bot.app.dp, bot.app.bot, first), bot.send("/start"), bot.send("/start")
+        )
+        await feed(bot.app.dp, bot.app.bot, first)
+        await bot.send("/start")
+        user = await bot.user()
+        assert (await bot.ledger.balances(user.id)).available == gift
+        assert await bot.ledger.balance(AccountKind.OPERATOR) == -gift  # the operator paid it
+        assert (await bot.ledger.audit()).ok
+        welcomes = [t for t in bot.tg.texts() if "was added to your balance" in t]
+        assert welcomes == [welcomes[0]] and "Welcome! 0.5 GRAM was added" in welcomes[0]
+        assert all("Your balance: 0.5 GRAM" in t for t in bot.tg.texts())
+
+        # Another newcomer gets theirs; the operator changing the amount later gives none again.
+        await bot.send("/start", user=ALICE + 1, language="ru")
+        assert "Добро пожаловать! На ваш баланс зачислено 0.5 GRAM" in bot.last().text
+        bot.settings.welcome_credit_nano = TON  # the same object the handlers read
+        await bot.send("/start")
+        assert (await bot.ledger.balances(user.id)).available == gift
+        assert "was added" not in bot.last().text
+
+
+async def test_no_welcome_credit_unless_the_operator_sets_one(bot: Harness) -> None:
+    await bot.send("/start")
+    assert "Your balance: 0 GRAM" in bot.last().text and "was added" not in bot.last().text
+    assert await bot.ledger.balance(AccountKind.OPERATOR) == 0

@@ -4,6 +4,7 @@ One module per idea:
 
 - :mod:`~backend.accounts.activity`: usage and history (deposits, turns, payouts);
 - :mod:`~backend.accounts.stars`: Telegram Stars invoices and credits;
+- :mod:`~backend.accounts.welcome`: the welcome credit, once per user;
 - :mod:`~backend.accounts.providers`: providers, their workers' states, earnings, withdrawals;
 - :mod:`~backend.accounts.admin`: the admin's figures;
 - :mod:`~backend.accounts.privacy`: the profile (language, model, referral) and ``/forget``;
@@ -54,6 +55,7 @@ from backend.accounts.stars import (
     parse_stars_payload,
     stars_invoice,
 )
+from backend.accounts.welcome import give_welcome_credit
 
 __all__ = [
     "HEARTBEAT_GRACE_S",
@@ -75,6 +77,7 @@ __all__ = [
     "earnings",
     "follow_language",
     "forget_user",
+    "give_welcome_credit",
     "history",
     "parse_stars_payload",
     "provider_workers",

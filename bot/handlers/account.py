@@ -51,6 +51,7 @@ async def cmd_start(
         await accounts.set_referrer(db, user.id, command.args.strip())
     name = message.from_user.first_name if message.from_user else ""
     model = user_model(settings, user)
+    welcome = await accounts.give_welcome_credit(ledger, settings, user.id)
     balances = await ledger.balances(user.id)
     short = turn_cost(
         settings.models[model],
@@ -77,6 +78,10 @@ async def cmd_start(
             ).format(balance=ton(balances.available), cost=ton(short)),
         ]
     )
+    if welcome:
+        text += "\n\n" + _("Welcome! {amount} was added to your balance to try Cocoon.").format(
+            amount=ton(welcome)
+        )
     keyboard = None
     if balances.available < short:
         text += "\n\n" + _("Top up to get your first answer: /topup, or the button below.")
