@@ -86,6 +86,17 @@ def test_catalog_has_every_string_translated(domain: str, language: str) -> None
     assert not problems, f"{language}/{domain}.po: " + "; ".join(problems[:10])
 
 
+@pytest.mark.parametrize("domain", sorted(DOMAINS))
+@pytest.mark.parametrize("language", LANGUAGES)
+def test_catalog_has_no_string_the_code_no_longer_uses(domain: str, language: str) -> None:
+    """A msgid no code or template uses is dead weight a translator keeps translating (and a
+    sign that its words were changed in the source but not here)."""
+    if not (ROOT / domain / "__init__.py").exists():
+        pytest.skip(f"{domain}/ is not a package")
+    unused = sorted(_catalog(language, domain).keys() - _source_messages(domain))
+    assert not unused, f"{language}/{domain}.po has strings no code uses: {unused[:10]}"
+
+
 def test_language_is_chosen_from_telegram_code() -> None:
     assert pick_language("ru") == "ru"
     assert pick_language("fr-CA") == "fr"
