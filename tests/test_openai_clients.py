@@ -12,11 +12,9 @@ import time
 
 import openai
 import pytest
-from sqlalchemy import select
 
-from backend.models import TurnRecord
 from backend.settings import DEFAULT_MODEL
-from tests.support.api import Api, ApiFactory
+from tests.support.api import Api, ApiFactory, settled_turns
 from tests.support.env import require_module
 from tests.support.turns import TON, Node, open_holds
 
@@ -25,16 +23,6 @@ require_module("llama_cpp")
 pytestmark = pytest.mark.engine
 
 LONG = [{"role": "user", "content": "Count from 1 to 500, one number per line."}]
-
-
-async def settled_turns(v1: Api, timeout_s: float = 60.0) -> list[TurnRecord]:
-    """The user's settled turns, once no hold is open (the last turn has settled)."""
-    deadline = time.monotonic() + timeout_s
-    while await open_holds(v1.ledger):
-        assert time.monotonic() < deadline, "a hold is still open"
-        await asyncio.sleep(0.2)
-    async with v1.ledger.db.session() as session:
-        return list(await session.scalars(select(TurnRecord).order_by(TurnRecord.id)))
 
 
 async def a_turn_running(v1: Api, timeout_s: float = 60.0) -> None:

@@ -35,6 +35,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +198,7 @@ class JobRun:
                 logit_bias=tuple((int(t), b) for t, b in sampling.logit_bias.items()),
                 continue_final=sampling.continue_final_message,
                 logprobs=sampling.top_logprobs if sampling.logprobs else None,
+                chat_template=sampling.chat_template,
                 stop_signal=self._stop_signal,
             )
         )
@@ -287,7 +289,12 @@ class JobRun:
         """The prompt's tokens as the engine counts them; 0 when it cannot tell."""
         messages = [message.model_dump() for message in request.messages]
         try:
-            count = await asyncio.to_thread(self.engine.count_prompt_tokens, messages)
+            count = await asyncio.to_thread(
+                partial(
+                    self.engine.count_prompt_tokens, chat_template=request.sampling.chat_template
+                ),
+                messages,
+            )
         except Exception as error:  # the engine's trouble: bill no prompt rather than fail
             log.warning("job %s: cannot count the prompt: %s", self.job_id, describe_error(error))
             return 0

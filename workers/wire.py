@@ -147,6 +147,9 @@ class SamplingParams(_Wire):
     # ``top_logprobs`` likeliest alternatives at its place (OpenAI's logprobs / top_logprobs).
     logprobs: bool = False
     top_logprobs: int = Field(default=0, ge=0, le=MAX_TOP_LOGPROBS)
+    # False: the engine applies no chat template; the request's one user message is the prompt
+    # itself, tokenized as it is (the legacy text completions).
+    chat_template: bool = True
 
     @model_validator(mode="after")
     def _top_with_logprobs(self) -> SamplingParams:
@@ -174,6 +177,16 @@ class JobRequest(_Versioned):
     def _continues_an_assistant(self) -> JobRequest:
         if self.sampling.continue_final_message and self.messages[-1].role != "assistant":
             raise ValueError("continue_final_message needs an assistant message last")
+        return self
+
+    @model_validator(mode="after")
+    def _raw_prompt_alone(self) -> JobRequest:
+        if not self.sampling.chat_template and (
+            len(self.messages) != 1
+            or self.messages[0].role != "user"
+            or self.sampling.continue_final_message
+        ):
+            raise ValueError("a prompt without chat template is one user message")
         return self
 
     @model_validator(mode="after")

@@ -49,7 +49,7 @@ def error_response(error: CocoonError) -> web.Response:
     )
 
 
-async def _collect_watching(
+async def collect_watching(
     request: web.Request, turn: Turn, *, cancel_on_disconnect: bool
 ) -> Reply:
     """The whole reply; the turn is cancelled (billed what was generated) if the client leaves
@@ -89,7 +89,7 @@ async def answer(
             return error_response(outcome)
         return web.json_response(outcome, headers={COST_HEADER: _cost(outcome)})
     try:
-        text, done, logprobs = await _collect_watching(request, turn, cancel_on_disconnect=True)
+        text, done, logprobs = await collect_watching(request, turn, cancel_on_disconnect=True)
     except TurnError as error:
         return error_response(error)
     record = await service.attestation(done)

@@ -1,5 +1,6 @@
 """The OpenAI-compatible API's HTTP side: ``GET /v1/models``, ``GET /v1/models/{id}``,
-``POST /v1/chat/completions`` (JSON, or Server-Sent Events with ``stream``) and ``GET /health``.
+``POST /v1/chat/completions`` (JSON, or Server-Sent Events with ``stream``), ``POST
+/v1/completions`` (:mod:`backend.openai_api.text_completions`) and ``GET /health``.
 Thin: read the request, call :class:`~backend.openai_api.service.OpenAIService`, write the
 answer (:mod:`backend.openai_api.completions`). What every answer carries (request id, CORS,
 JSON errors): :mod:`backend.openai_api.edge`."""
@@ -13,7 +14,7 @@ from pydantic import ValidationError
 
 from backend import appkeys
 from backend.errors import CocoonError, ErrorCode
-from backend.openai_api import completions, edge, idempotency, limits, params
+from backend.openai_api import completions, edge, idempotency, limits, params, text_completions
 from backend.openai_api import protocol as p
 from backend.openai_api.service import OpenAIService, bearer_key
 
@@ -29,6 +30,14 @@ def _service(request: web.Request) -> OpenAIService:
 async def _read_body(request: web.Request) -> tuple[bytes, p.ChatCompletionRequest]:
     """The raw body and the request it holds: ``null`` read as defaults, every parameter that
     cannot be honoured refused by name."""
+    raw, parsed = await _read_json(request)
+    params.refuse_unsupported(parsed)
+    return raw, p.ChatCompletionRequest.model_validate(parsed)
+
+
+async def _read_json(request: web.Request) -> tuple[bytes, object]:
+    """The raw body and its JSON, ``null`` read as defaults; ApiError for a body too large or
+    not JSON."""
     if request.content_length and request.content_length > p.MAX_BODY_BYTES:
         raise p.ApiError(ErrorCode.BODY_TOO_LARGE, "request body too large", status=413)
     try:
@@ -39,9 +48,7 @@ async def _read_body(request: web.Request) -> tuple[bytes, p.ChatCompletionReque
         parsed = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise p.ApiError(ErrorCode.INVALID_JSON, "the body is not valid JSON") from None
-    parsed = params.drop_nulls(parsed)
-    params.refuse_unsupported(parsed)
-    return raw, p.ChatCompletionRequest.model_validate(parsed)
+    return raw, params.drop_nulls(parsed)
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -111,9 +118,34 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return completions.error_response(error)
 
 
+async def legacy_completions(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/completions``: :mod:`backend.openai_api.text_completions`."""
+    service = _service(request)
+    dispatcher = service.dispatcher
+    try:
+        api_key = bearer_key(request.headers.get("Authorization"))
+        user_id = await service.authenticate(request.headers.get("Authorization"))
+        _, parsed = await _read_json(request)
+        body = text_completions.parse(parsed)
+        if request.headers.get(idempotency.HEADER) is not None:
+            message = f"{idempotency.HEADER} is not supported on /v1/completions"
+            raise p.ApiError(ErrorCode.INVALID_REQUEST, message)
+        lease_s = dispatcher.queue_ttl_s + dispatcher.job_timeout_s + dispatcher.deadline_grace_s
+        async with limits.turn_limits(
+            dispatcher.redis, service.settings, user_id, api_key, lease_s=lease_s
+        ):
+            turn = await dispatcher.start_turn(body.turn(user_id))
+            return await text_completions.answer(request, service, body, turn)
+    except CocoonError as error:  # ApiError, TurnError, the limits
+        return completions.error_response(error)
+    except ValidationError as error:
+        return completions.error_response(p.invalid_request(error))
+
+
 def setup_routes(app: web.Application) -> None:
     edge.setup(app)
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model:.+}", get_model)
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", legacy_completions)

@@ -4,20 +4,24 @@ for one (the ``node`` fixture)."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from aiohttp import web
+from sqlalchemy import select
 
 from backend.apikeys import create_key
 from backend.db import Database
 from backend.ledger import Ledger
+from backend.models import TurnRecord
 from backend.settings import AttestationSettings, Settings
 from backend.users import get_or_create_user
 from backend.web import start_web
-from tests.support.turns import TON, Node
+from tests.support.turns import TON, Node, open_holds
 
 
 @dataclass
@@ -36,6 +40,16 @@ class Api:
 
 
 ApiFactory = Callable[..., Awaitable[Api]]
+
+
+async def settled_turns(v1: Api, timeout_s: float = 60.0) -> list[TurnRecord]:
+    """The user's settled turns, once no hold is open (the last turn has settled)."""
+    deadline = time.monotonic() + timeout_s
+    while await open_holds(v1.ledger):
+        assert time.monotonic() < deadline, "a hold is still open"
+        await asyncio.sleep(0.2)
+    async with v1.ledger.db.session() as session:
+        return list(await session.scalars(select(TurnRecord).order_by(TurnRecord.id)))
 
 
 @pytest.fixture

@@ -68,6 +68,9 @@ class GenerationRequest:
     #: its TextDelta, with the N likeliest alternatives; an engine that cannot raises
     #: RequestRefused.
     logprobs: int | None = None
+    #: False: no chat template; the one message's content is the prompt, tokenized as it is
+    #: (with the model's BOS where it takes one): the legacy text completions.
+    chat_template: bool = True
     #: Set it to end the generation between two tokens: the engine then yields its Usage with
     #: ``finish_reason="cancelled"`` and the real counts, so what was generated can be billed.
     #: (Closing the generator also stops it, but then no Usage comes back.)
@@ -104,6 +107,8 @@ class GenerationRequest:
                 raise ValueError(f"{name} must be between -2 and 2, got {getattr(self, name)}")
         if self.continue_final and self.messages[-1].get("role") != "assistant":
             raise ValueError("continue_final needs an assistant message last")
+        if not self.chat_template and (len(self.messages) != 1 or self.continue_final):
+            raise ValueError("a prompt without chat template is one message, not continued")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError(f"logprobs must be between 0 and 20, got {self.logprobs}")
         if (self.json_mode == "json_schema") != (self.json_schema is not None):
@@ -188,7 +193,9 @@ class Engine(abc.ABC):
     async def close(self) -> None:
         """Stop in-flight generations and free the model. Safe to call twice."""
 
-    def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int | None:
+    def count_prompt_tokens(
+        self, messages: list[dict[str, str]], *, chat_template: bool = True
+    ) -> int | None:
         """How many tokens the prompt of ``messages`` is for this engine (its chat template and
         tokenizer), or None when the engine cannot tell without running a generation.
 

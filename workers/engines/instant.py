@@ -59,7 +59,9 @@ class InstantEngine(Engine):
     def attested_config(self) -> dict[str, Any]:
         return {"token_delay": self.token_delay}
 
-    def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int:
+    def count_prompt_tokens(
+        self, messages: list[dict[str, str]], *, chat_template: bool = True
+    ) -> int:
         return sum(len(m["content"].split()) for m in messages)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TextDelta | Usage]:

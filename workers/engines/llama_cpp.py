@@ -258,12 +258,19 @@ class LlamaCppEngine(Engine):
     # -- generation --------------------------------------------------------------------------
 
     def prompt_tokens(
-        self, messages: list[dict[str, str]], *, continue_final: bool = False
+        self,
+        messages: list[dict[str, str]],
+        *,
+        continue_final: bool = False,
+        chat_template: bool = True,
     ) -> list[int]:
         """The chat-templated prompt as the model's tokens (thread-safe: reads the vocab only).
         ``continue_final``: the last (assistant) message is left open for the reply to continue:
         the template's prompt for a new assistant turn, then that message's text."""
         llm = self._require_started()
+        if not chat_template:  # the text itself, with the model's BOS where it takes one
+            raw: list[int] = llm.tokenize(messages[-1]["content"].encode("utf-8"), add_bos=True)
+            return raw
         try:
             if continue_final:
                 head = self._formatter(messages=messages[:-1]).prompt
@@ -278,8 +285,10 @@ class LlamaCppEngine(Engine):
         tokens: list[int] = llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
         return tokens
 
-    def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int | None:
-        return len(self.prompt_tokens(messages))
+    def count_prompt_tokens(
+        self, messages: list[dict[str, str]], *, chat_template: bool = True
+    ) -> int | None:
+        return len(self.prompt_tokens(messages, chat_template=chat_template))
 
     def attested_config(self) -> dict[str, Any]:
         """Context size, prompt batch and sampler settings (not ``n_threads``: speed only)."""
@@ -291,7 +300,11 @@ class LlamaCppEngine(Engine):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TextDelta | Usage]:
         self._require_started()
         tokens = await asyncio.to_thread(
-            lambda: self.prompt_tokens(request.messages, continue_final=request.continue_final)
+            lambda: self.prompt_tokens(
+                request.messages,
+                continue_final=request.continue_final,
+                chat_template=request.chat_template,
+            )
         )
         if len(tokens) >= self.n_ctx:
             raise ContextLengthExceeded(

@@ -197,6 +197,8 @@ class OpenAICompatEngine(Engine):
             raise EngineError("the openai engine is not started (await engine.start() first)")
         if request.logprobs is not None:  # not asked of its server yet
             raise RequestRefused("logprobs: not available from this worker's engine (openai)")
+        if not request.chat_template:  # its server's chat endpoint templates every prompt
+            raise RequestRefused("a prompt without chat template: not available from this engine")
         finish_reason: str | None = None
         usage: dict[str, Any] | None = None
         pieces = 0

@@ -193,12 +193,18 @@ class VLLMEngine(Engine):
             gc.collect()
 
     def prompt_token_ids(
-        self, messages: list[dict[str, str]], *, continue_final: bool = False
+        self,
+        messages: list[dict[str, str]],
+        *,
+        continue_final: bool = False,
+        chat_template: bool = True,
     ) -> list[int]:
         """The chat-templated prompt as token ids (the template writes any BOS itself);
         ``continue_final``: the last (assistant) message left open for the reply to continue."""
         if self._tokenizer is None:
             raise EngineError("the vllm engine is not started (await engine.start() first)")
+        if not chat_template:  # the text itself, with the model's BOS where it takes one
+            return list(self._tokenizer.encode(messages[-1]["content"]))
         try:
             prompt = self._tokenizer.apply_chat_template(
                 messages,
@@ -212,8 +218,10 @@ class VLLMEngine(Engine):
             ) from error
         return list(self._tokenizer.encode(prompt, add_special_tokens=False))
 
-    def count_prompt_tokens(self, messages: list[dict[str, str]]) -> int | None:
-        return len(self.prompt_token_ids(messages))
+    def count_prompt_tokens(
+        self, messages: list[dict[str, str]], *, chat_template: bool = True
+    ) -> int | None:
+        return len(self.prompt_token_ids(messages, chat_template=chat_template))
 
     #: vLLM arguments left out of the attested configuration: the weights' location (their
     #: digest stands for it), the model id (claimed apart), and how much runs at once.
@@ -260,7 +268,11 @@ class VLLMEngine(Engine):
         if engine is None:
             raise EngineError("the vllm engine is not started (await engine.start() first)")
         SamplingParams, RequestOutputKind = self._vllm
-        prompt_ids = self.prompt_token_ids(request.messages, continue_final=request.continue_final)
+        prompt_ids = self.prompt_token_ids(
+            request.messages,
+            continue_final=request.continue_final,
+            chat_template=request.chat_template,
+        )
         limit = self.max_model_len or 0
         if limit and len(prompt_ids) >= limit:
             raise ContextLengthExceeded(
