@@ -398,6 +398,20 @@ class Turn(TurnReading):
         self._cancel_requested = True
         await streams.request_cancel(self.d.redis, self.job_id)
 
+    async def end_unread(self) -> None:
+        """The client is gone before it read anything (its response could not even start),
+        so no iteration of the events will end the turn: stop the job and give the whole
+        hold back now, not when the sweeper comes by. Nothing reached the client, so nothing
+        is charged (a turn whose events were read ends through them: billed for what was
+        generated)."""
+        self.end_outcome = "cancelled"
+        try:
+            await self.cancel()
+        except redis.RedisError as error:  # the hold goes back all the same
+            log.warning("turn %s: could not ask the worker to stop: %s", self.turn_id, error)
+        finally:
+            await self.release()
+
     async def _abandon(self) -> None:
         """The client stopped reading before the end: stop the job and settle, in a task of
         its own (the client's task may be being cancelled, and its Redis connection with it)."""

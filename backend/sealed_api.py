@@ -144,8 +144,16 @@ async def relay(request: web.Request, turn: SealedTurn, stream: bool) -> web.Str
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     )
-    await response.prepare(request)
-    await response.write(p.sse({"object": "cocoon.sealed.start", **head}))
+    try:
+        await response.prepare(request)
+        await response.write(p.sse({"object": "cocoon.sealed.start", **head}))
+    except BaseException as error:
+        # Nothing reached the client (it left): the entries will never be read, so nothing
+        # else would end the turn but the sweeper. Its hold comes back now.
+        await turn.end_unread()
+        if isinstance(error, ConnectionResetError):
+            return response
+        raise
     try:
         # Closed however the handler ends: a client that left hands the turn to a settling task.
         async with contextlib.aclosing(turn.sealed_events()) as entries:

@@ -11,7 +11,6 @@ import base64
 import binascii
 import datetime as dt
 import hashlib
-import logging
 import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -40,8 +39,6 @@ from workers.wire import ChatMessage
 
 if TYPE_CHECKING:
     from aiogram import Bot
-
-log = logging.getLogger("cocoon.miniapp")
 
 TOPUP_PRESETS = ["1", "5", "10", "50"]
 STARS_PRESETS = [50, 100, 250, 1000]
@@ -445,17 +442,9 @@ class MiniApp:
 
     async def drop_unread(self, token: str, turn: Turn) -> None:
         """The page is gone before it read a word of ``turn`` (its response could not start):
-        stop the job and give the whole hold back now, not when the sweeper comes by. Nothing
-        reached the page, so nothing is charged (a read turn ends through its events instead:
-        billed for what was generated)."""
+        the hold comes back now (:meth:`~backend.dispatch.Turn.end_unread`)."""
         self.untrack(token)
-        turn.end_outcome = "cancelled"
-        try:
-            await turn.cancel()
-        except redis.RedisError as error:  # the hold goes back all the same
-            log.warning("mini app chat: could not ask the worker to stop: %s", error)
-        finally:
-            await turn.release()
+        await turn.end_unread()
 
     async def stop(self, caller: Caller, token: str) -> None:
         """Stop a reply: it ends with finish reason "cancelled", billed for what was generated

@@ -1,21 +1,26 @@
-"""The Mini App's chat turn when the page is gone before its reply starts (cocoon web served
-as `cocoon web` serves it, a real socket that closes after its request, the real ledger on
-SQLite and PostgreSQL, Redis): the turn's hold comes back as the request ends, not when the
-sweeper comes by 15 minutes later."""
+"""The Mini App's chat turns when the page is gone before the reply starts (cocoon web served
+as `cocoon web` serves it, a real socket that closes after its request, the real ledger,
+Redis): the turn's hold comes back as the request ends, not when the sweeper comes by 15
+minutes later. Both chats: the one the server seals, and the one the page seals itself."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import json
-from collections.abc import Awaitable, Callable
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from backend import appkeys
 from backend.db import Database
 from backend.ledger import Ledger
-from backend.models import Hold, HoldState
+from backend.models import Account, AccountKind, Hold, HoldState
 from backend.settings import AttestationSettings, Settings
 from backend.users import get_or_create_user
 from backend.web import create_app
@@ -26,6 +31,7 @@ from workers.wire import WorkerKeys
 
 ALICE = 7101
 MODEL = "smollm2-135m"
+WORKER = "w-one"
 BUSY_JOB = "someone-elses-job"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -34,18 +40,62 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 async def until(condition: Callable[[], Awaitable[bool]]) -> None:
     """Wait for ``condition`` (a bound for a broken build only: never a timing assertion)."""
     async with asyncio.timeout(30):
-        while not await condition():  # noqa: ASYNC110 (a database row, a socket: no event to wait on)
+        while not await condition():  # noqa: ASYNC110 (a row, a socket: no event to wait on)
             await asyncio.sleep(0.02)
 
 
-async def holds_of(db: Database, user_id: int) -> list[HoldState]:
-    async with db.session() as session:
-        return list(await session.scalars(select(Hold.state).where(Hold.user_id == user_id)))
+@dataclass
+class Web:
+    app: web.Application
+    host: str
+    port: int
+    user_id: int
+    seen: list[web.Request] = field(default_factory=list)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def db(self) -> Database:
+        return self.app[appkeys.DATABASE]
+
+    @property
+    def ledger(self) -> Ledger:
+        return self.app[appkeys.LEDGER]
+
+    async def holds(self) -> list[HoldState]:
+        async with self.db.session() as session:
+            return list(
+                await session.scalars(select(Hold.state).where(Hold.user_id == self.user_id))
+            )
+
+    async def post_and_leave(
+        self, path: str, body: dict[str, Any], before_leaving: Callable[[], Awaitable[bool]]
+    ) -> None:
+        """POST ``body`` on a socket of its own, close it once ``before_leaving`` holds, and
+        return when cocoon web has seen the close."""
+        raw = json.dumps(body).encode()
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            f"Authorization: tma {init_data(ALICE)}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(raw)}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        _reader, writer = await asyncio.open_connection(self.host, self.port)
+        writer.write(head + raw)
+        await writer.drain()
+        await until(before_leaving)
+        writer.close()  # the page is gone (a closed tab, a lost network) before any answer
+        await writer.wait_closed()
+
+        async def connection_gone() -> bool:
+            return self.seen[-1].transport is None
+
+        await until(connection_gone)
 
 
-async def test_a_page_that_leaves_before_the_reply_starts_gets_its_hold_back_at_once(
-    settings: Settings, db_url: str, redis_url: str
-) -> None:
+@contextlib.asynccontextmanager
+async def serving(settings: Settings, db_url: str) -> AsyncIterator[Web]:
+    """cocoon web as backend.web.start_web serves it (a handler is not cancelled when its
+    client goes away, as aiohttp's TestServer would: it finds out when it answers), a funded
+    user, and the model's one worker online (its registry entry: it never answers)."""
     configured = app_settings(settings, db_url, attestation=AttestationSettings(allow_dev=True))
     app = create_app(configured)
     seen: list[web.Request] = []
@@ -57,62 +107,90 @@ async def test_a_page_that_leaves_before_the_reply_starts_gets_its_hold_back_at_
         try:
             return await handler(request)
         finally:
-            if request.path == "/app/api/chat":
+            if request.path.startswith("/app/api/") and request.path.endswith("chat"):
                 ended.set()
 
     app.middlewares.append(watch)
-    # Served as backend.web.start_web serves it: a handler is not cancelled when its client
-    # goes away (aiohttp's TestServer would cancel it), it finds out when it answers.
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     try:
         await web.TCPSite(runner, "127.0.0.1", 0).start()
         host, port = runner.addresses[0][:2]
-        db = app[appkeys.DATABASE]
-        await db.upgrade()
-        ledger: Ledger = app[appkeys.LEDGER]
-        user = await get_or_create_user(db, ALICE)
-        await ledger.credit_deposit(user.id, TON, "dep:leaves")
-        # The model's one worker is busy: the turn is held and waits for its slot.
-        redis = app[appkeys.DISPATCHER].redis
-        info = worker_info("w-busy", WorkerKeys.generate(), model=MODEL, capacity=1)
-        await registry.register(redis, info, ttl_s=30)
-        assert await registry.reserve_slot(redis, "w-busy", BUSY_JOB, ttl_s=60)
-
-        body = json.dumps(
-            {
-                "model": MODEL,
-                "messages": [{"role": "user", "content": "Hello"}],
-                "conversation": "c0nversation-1",
-            }
-        ).encode()
-        head = (
-            f"POST /app/api/chat HTTP/1.1\r\nHost: {host}:{port}\r\n"
-            f"Authorization: tma {init_data(ALICE)}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-        ).encode()
-        _reader, writer = await asyncio.open_connection(host, port)
-        writer.write(head + body)
-        await writer.drain()
-
-        async def held() -> bool:
-            return await holds_of(db, user.id) == [HoldState.OPEN]
-
-        await until(held)
-        writer.close()  # the page is gone (a closed tab, a lost network) before any answer
-        await writer.wait_closed()
-
-        async def connection_gone() -> bool:
-            return seen[-1].transport is None
-
-        await until(connection_gone)
-        await registry.release_slot(redis, "w-busy", BUSY_JOB)  # the turn gets its worker
-        async with asyncio.timeout(30):  # a bound for a broken build only
-            await ended.wait()
-
-        balances = await ledger.balances(user.id)
-        assert balances.available == TON and balances.held == 0  # back now, no sweeper
-        assert await holds_of(db, user.id) == [HoldState.RELEASED]  # nothing charged
-        assert await redis.keys(streams.cancel_key("*")), "the worker is told not to run it"
+        await app[appkeys.DATABASE].upgrade()
+        user = await get_or_create_user(app[appkeys.DATABASE], ALICE)
+        await app[appkeys.LEDGER].credit_deposit(user.id, TON, "dep:leaves")
+        info = worker_info(WORKER, WorkerKeys.generate(), model=MODEL, capacity=1)
+        await registry.register(app[appkeys.DISPATCHER].redis, info, ttl_s=30)
+        yield Web(app, host, port, user.id, seen, ended)
     finally:
         await runner.cleanup()
+
+
+async def assert_given_back(server: Web) -> None:
+    async with asyncio.timeout(30):  # a bound for a broken build only
+        await server.ended.wait()
+    balances = await server.ledger.balances(server.user_id)
+    assert balances.available == TON and balances.held == 0  # back now, no sweeper
+    assert await server.holds() == [HoldState.RELEASED]  # nothing charged
+    redis = server.app[appkeys.DISPATCHER].redis
+    assert await redis.keys(streams.cancel_key("*")), "the worker is told not to run it"
+
+
+async def test_a_page_that_leaves_before_the_reply_starts_gets_its_hold_back_at_once(
+    settings: Settings, db_url: str, redis_url: str
+) -> None:
+    async with serving(settings, db_url) as server:
+        # The model's one worker is busy: the turn is held and waits for its slot.
+        redis = server.app[appkeys.DISPATCHER].redis
+        assert await registry.reserve_slot(redis, WORKER, BUSY_JOB, ttl_s=60)
+
+        async def held() -> bool:
+            return await server.holds() == [HoldState.OPEN]
+
+        chat = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "Hello"}],
+            "conversation": "c0nversation-1",
+        }
+        await server.post_and_leave("/app/api/chat", chat, held)
+        await registry.release_slot(redis, WORKER, BUSY_JOB)  # the turn gets its worker
+        await assert_given_back(server)
+
+
+async def test_a_sealed_chat_whose_page_leaves_before_the_reply_gets_its_hold_back(
+    settings: Settings, postgres_url: str, redis_url: str
+) -> None:
+    """The page's own sealed turn (miniapp/sealed.py, backend.sealed_api.relay). The turn
+    is kept between the page's request and its answer by a lock on the user's balance row
+    (PostgreSQL's), so the page is surely gone when cocoon web answers."""
+    async with serving(settings, postgres_url) as server:
+        locker = Database(postgres_url)
+        try:
+            async with locker.session() as session, session.begin():
+                await session.execute(
+                    select(Account)
+                    .where(Account.kind == AccountKind.USER, Account.owner_id == server.user_id)
+                    .with_for_update()
+                )
+
+                async def hold_waits() -> bool:  # cocoon web read the request and holds now
+                    waiting = await session.execute(
+                        text(
+                            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = "
+                            "'Lock' AND datname = current_database()"
+                        )
+                    )
+                    return bool(waiting.scalar_one())
+
+                sealed = {
+                    "model": MODEL,
+                    "worker_id": WORKER,
+                    "job_id": f"{WORKER}_{secrets.token_hex(16)}-1",
+                    "max_tokens": 64,
+                    "sealed_request": base64.b64encode(secrets.token_bytes(200)).decode(),
+                }
+                await server.post_and_leave("/app/api/sealed/chat", sealed, hold_waits)
+            # The lock is gone: the turn is held, dispatched, and finds the page gone.
+            await assert_given_back(server)
+        finally:
+            await locker.close()
