@@ -60,6 +60,11 @@ async def test_deposit_payload_prints_the_ton_connect_transaction(data: Path) ->
         data, "ton", "deposit-payload", "--telegram-id", "9001", "--amount", "1.5"
     )
     assert code == 2 and err.count("\n") == 1 and "whole number of nano units" in err
+    # No language on the command line: "1,000" is neither one nor a thousand, it is refused.
+    code, out, err = await cocoon(
+        data, "ton", "deposit-payload", "--telegram-id", "9001", "--ton", "1,000"
+    )
+    assert code == 2 and not out and "--ton must use a point for decimals" in err
 
 
 async def test_sign_transfer_prints_a_signed_message_and_never_the_words(data: Path) -> None:
