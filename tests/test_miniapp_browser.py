@@ -10,34 +10,29 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from tests.support.miniapp_browser import require_browser
-
-require_browser()
-
-from backend import accounts, appkeys  # noqa: E402
-from backend.ton.comment import decode_comment, friendly_address  # noqa: E402
-from backend.users import get_or_create_user  # noqa: E402
-from backend.web import create_app  # noqa: E402
-from tests.support.env import TEST_REDIS_URL  # noqa: E402
-from tests.support.miniapp_browser import (  # noqa: E402
+from backend import accounts, appkeys
+from backend.ton.comment import decode_comment, friendly_address
+from backend.users import get_or_create_user
+from backend.web import create_app
+from tests.support.env import TEST_REDIS_URL
+from tests.support.miniapp_browser import (
     TELEGRAM_CLIENT,
     InjectedWallet,
     launch_hash,
     open_page,
     screenshot,
 )
-from tests.support.miniapp_helpers import DEPOSIT, TON  # noqa: E402
-from tests.support.miniapp_stack import (  # noqa: E402
+from tests.support.miniapp_helpers import DEPOSIT, TON
+from tests.support.miniapp_stack import (
     VIEWPORT,
     Stack,
-    context_fixture,  # noqa: F401 (the context fixture)
+    browser_module,
     no_console_errors,
     seeded_provider,
-    stack_fixture,  # noqa: F401 (the stack fixture)
 )
-from tests.support.ops import free_port  # noqa: E402
+from tests.support.ops import free_port
 
-pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.browser]
+pytestmark, stack_fixture, context_fixture = browser_module()
 
 
 # --------------------------------------------------------------------------- pages

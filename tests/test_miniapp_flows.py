@@ -9,31 +9,14 @@ import json
 import time
 from typing import Any
 
-import pytest
+from backend.money import AmountError, parse_amount
+from backend.ton.comment import friendly_address
+from backend.users import get_or_create_user
+from tests.support.miniapp_browser import TELEGRAM_CLIENT, launch_hash, open_page, screenshot
+from tests.support.miniapp_helpers import DEPOSIT
+from tests.support.miniapp_stack import Stack, browser_module, no_console_errors, seeded_provider
 
-from tests.support.miniapp_browser import require_browser
-
-require_browser()
-
-from backend.money import AmountError, parse_amount  # noqa: E402
-from backend.ton.comment import friendly_address  # noqa: E402
-from backend.users import get_or_create_user  # noqa: E402
-from tests.support.miniapp_browser import (  # noqa: E402
-    TELEGRAM_CLIENT,
-    launch_hash,
-    open_page,
-    screenshot,
-)
-from tests.support.miniapp_helpers import DEPOSIT  # noqa: E402
-from tests.support.miniapp_stack import (  # noqa: E402
-    Stack,
-    context_fixture,  # noqa: F401 (the context fixture)
-    no_console_errors,
-    seeded_provider,
-    stack_fixture,  # noqa: F401 (the stack fixture)
-)
-
-pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.browser]
+pytestmark, stack_fixture, context_fixture = browser_module()
 
 # Chromium DevTools' "Fast 3G" preset (its network throttling presets).
 FAST_3G = {

@@ -11,29 +11,19 @@ from typing import Any
 import pytest
 from sqlalchemy import insert, select
 
-from tests.support.miniapp_browser import require_browser
-
-require_browser()
-
-from backend import accounts  # noqa: E402
-from backend.models import TonWallet  # noqa: E402
-from tests.support.miniapp_browser import (  # noqa: E402
+from backend import accounts
+from backend.models import TonWallet
+from tests.support.miniapp_browser import (
     TELEGRAM_CLIENT,
     THEMES,
     launch_hash,
     open_page,
     screenshot,
 )
-from tests.support.miniapp_helpers import TON, TestWallet  # noqa: E402
-from tests.support.miniapp_stack import (  # noqa: E402
-    Stack,
-    context_fixture,  # noqa: F401 (the context fixture)
-    no_console_errors,
-    seeded_provider,
-    stack_fixture,  # noqa: F401 (the stack fixture)
-)
+from tests.support.miniapp_helpers import TON, TestWallet
+from tests.support.miniapp_stack import Stack, browser_module, no_console_errors, seeded_provider
 
-pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.browser]
+pytestmark, stack_fixture, context_fixture = browser_module()
 
 VIEWS = ("wallet", "history", "chat", "provider")
 

@@ -27,7 +27,7 @@ from backend.ton.watcher import DepositWatcher
 from backend.users import get_or_create_user
 from backend.web import create_app
 from tests.support.env import TEST_REDIS_URL
-from tests.support.miniapp_browser import CHROMIUM, CHROMIUM_ARGS
+from tests.support.miniapp_browser import CHROMIUM, CHROMIUM_ARGS, require_browser
 from tests.support.miniapp_helpers import BOT_TOKEN, DEPOSIT, TON, FakeBotApi
 from tests.support.ops import free_port
 
@@ -43,6 +43,17 @@ class Stack:
     net: LocalTonCenter
     browser: Any
     app: web.Application
+
+
+def browser_module() -> tuple[list[pytest.MarkDecorator], Any, Any]:
+    """What a Mini App browser test module starts with, as
+    ``pytestmark, stack_fixture, context_fixture = browser_module()``: the module skipped
+    without Chromium, Playwright or the npm packages (failed in CI: ``require_browser``), its
+    tests on the module's event loop and marked ``browser``, the ``stack`` and ``context``
+    fixtures."""
+    require_browser()
+    marks = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.browser]
+    return marks, stack_fixture, context_fixture
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module", name="stack")
