@@ -1,6 +1,7 @@
 """The OpenAI-compatible API's HTTP side: ``GET /v1/models``, ``GET /v1/models/{id}``,
 ``POST /v1/chat/completions`` (JSON, or Server-Sent Events with ``stream``), ``POST
-/v1/completions`` (:mod:`backend.openai_api.text_completions`) and ``GET /health``.
+/v1/completions`` (:mod:`backend.openai_api.text_completions`), ``POST /v1/responses``
+(:mod:`backend.openai_api.responses`) and ``GET /health``.
 Thin: read the request, call :class:`~backend.openai_api.service.OpenAIService`, write the
 answer (:mod:`backend.openai_api.completions`). What every answer carries (request id, CORS,
 JSON errors): :mod:`backend.openai_api.edge`."""
@@ -8,15 +9,28 @@ JSON errors): :mod:`backend.openai_api.edge`."""
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeVar
 
 from aiohttp import web
 from pydantic import ValidationError
 
 from backend import appkeys
+from backend.dispatch import Turn, TurnRequest
 from backend.errors import CocoonError, ErrorCode
-from backend.openai_api import completions, edge, idempotency, limits, params, text_completions
+from backend.openai_api import (
+    completions,
+    edge,
+    idempotency,
+    limits,
+    params,
+    responses,
+    text_completions,
+)
 from backend.openai_api import protocol as p
 from backend.openai_api.service import OpenAIService, bearer_key
+
+_B = TypeVar("_B", bound="_TextBody")
 
 IDEMPOTENCY_WAIT_S = 60.0
 """How long a repeat waits for its key's first request to end before a 409."""
@@ -118,28 +132,50 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return completions.error_response(error)
 
 
-async def legacy_completions(request: web.Request) -> web.StreamResponse:
-    """``POST /v1/completions``: :mod:`backend.openai_api.text_completions`."""
+class _TextBody(Protocol):
+    def turn(self, user_id: int) -> TurnRequest: ...
+
+
+async def _text_turn(
+    request: web.Request,
+    endpoint: str,
+    parse: Callable[[object], _B],
+    answer: Callable[[web.Request, OpenAIService, _B, Turn], Awaitable[web.StreamResponse]],
+) -> web.StreamResponse:
+    """A turn of ``/v1/completions`` or ``/v1/responses``: the key, the body (``parse``), the
+    limits, the turn, then ``answer``; no ``Idempotency-Key`` (kept results are chat's)."""
     service = _service(request)
     dispatcher = service.dispatcher
     try:
         api_key = bearer_key(request.headers.get("Authorization"))
         user_id = await service.authenticate(request.headers.get("Authorization"))
         _, parsed = await _read_json(request)
-        body = text_completions.parse(parsed)
+        body = parse(parsed)
         if request.headers.get(idempotency.HEADER) is not None:
-            message = f"{idempotency.HEADER} is not supported on /v1/completions"
+            message = f"{idempotency.HEADER} is not supported on {endpoint}"
             raise p.ApiError(ErrorCode.INVALID_REQUEST, message)
         lease_s = dispatcher.queue_ttl_s + dispatcher.job_timeout_s + dispatcher.deadline_grace_s
         async with limits.turn_limits(
             dispatcher.redis, service.settings, user_id, api_key, lease_s=lease_s
         ):
             turn = await dispatcher.start_turn(body.turn(user_id))
-            return await text_completions.answer(request, service, body, turn)
+            return await answer(request, service, body, turn)
     except CocoonError as error:  # ApiError, TurnError, the limits
         return completions.error_response(error)
     except ValidationError as error:
         return completions.error_response(p.invalid_request(error))
+
+
+async def legacy_completions(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/completions``: :mod:`backend.openai_api.text_completions`."""
+    return await _text_turn(
+        request, "/v1/completions", text_completions.parse, text_completions.answer
+    )
+
+
+async def create_response(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/responses``: :mod:`backend.openai_api.responses`."""
+    return await _text_turn(request, "/v1/responses", responses.parse, responses.answer)
 
 
 def setup_routes(app: web.Application) -> None:
@@ -149,3 +185,4 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/v1/models/{model:.+}", get_model)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", legacy_completions)
+    app.router.add_post("/v1/responses", create_response)
