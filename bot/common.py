@@ -106,7 +106,7 @@ def state_name(state: str) -> str:
 
 
 AGAIN = "again"
-"""Callback data: ask the question a refusal for balance kept (bot/handlers/chat.py)."""
+"""Callback data: ask the question a refusal for balance kept (bot/handlers/persona.py)."""
 
 
 def again_button() -> InlineKeyboardButton:
