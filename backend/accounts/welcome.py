@@ -3,7 +3,7 @@ at their first ``/start`` (``COCOON_WELCOME_CREDIT_NANO``, 0 for none), so a new
 a first question before topping up. It is a ledger transaction from the operator's account
 (like ``cocoon ledger credit``) under one key per user: a second ``/start``, two at once or a
 replayed update credit nothing more, and ``/forget`` (which keeps the user's row) gives none
-again.
+again. Users who came before the operator set it get theirs at their next ``/start``.
 """
 
 from __future__ import annotations
