@@ -20,9 +20,11 @@ A count over its bound is billed at the bound, and the turn carries a :class:`Fl
 
 Replies (:class:`ReplyBounds`), from ``max_tokens``: the reply text's bytes (a token decodes to
 at most :data:`BYTES_PER_TOKEN_MAX` bytes), one chunk's bytes, the number of chunks, and the
-sealed bytes the stream reader may pull for the whole job. A worker crossing one is cut off: the
-turn is billed :func:`delivered_floor` (the fewest tokens the text delivered can be, no prompt),
-the rest of the hold goes back, and the worker is flagged.
+sealed bytes the stream reader may pull for the whole job (more when the turn asked for log
+probabilities: each token's record, with its alternatives, :data:`LOGPROB_RECORD_BYTES` each).
+A worker crossing one is cut off: the turn is billed :func:`delivered_floor` (the fewest tokens
+the text delivered can be, no prompt), the rest of the hold goes back, and the worker is
+flagged.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from workers.streams import MAX_CHUNK_CHARS, StreamLimits
-from workers.wire import ChatMessage, FinalRecord
+from workers.wire import MAX_LOGPROBS_PER_CHUNK, MAX_TOKEN_CHARS, ChatMessage, FinalRecord
 
 __all__ = [
     "BYTES_PER_TOKEN_MAX",
@@ -120,17 +122,28 @@ class ReplyBounds:
     sealed_entry_bytes: int  # one sealed stream entry
 
     @classmethod
-    def for_max_tokens(cls, max_tokens: int) -> ReplyBounds:
+    def for_max_tokens(cls, max_tokens: int, *, logprobs: int | None = None) -> ReplyBounds:
+        """``logprobs``: the alternatives asked per token (None: no log probabilities), whose
+        records (one per token, :data:`LOGPROB_RECORD_BYTES` each with each alternative) the
+        chunks carry besides their text."""
         text = max_tokens * BYTES_PER_TOKEN_MAX + REPLY_BYTES_SLACK
         chunk = min(text, MAX_CHUNK_CHARS * 4)
         chunks = max_tokens + CHUNK_SLACK + text // MAX_CHUNK_CHARS + 1
+        per_token = 0 if logprobs is None else (1 + logprobs) * LOGPROB_RECORD_BYTES
+        if logprobs is not None:
+            chunks += max_tokens // MAX_LOGPROBS_PER_CHUNK + 1
+        records = (max_tokens + COMPLETION_SLACK_TOKENS) * per_token
         return cls(
             text_bytes=text,
             chunk_bytes=chunk,
             chunks=chunks,
-            sealed_bytes=JSON_ESCAPE_MAX * text + chunks * ENTRY_OVERHEAD_BYTES + LAST_ENTRY_BYTES,
+            sealed_bytes=JSON_ESCAPE_MAX * text
+            + records
+            + chunks * ENTRY_OVERHEAD_BYTES
+            + LAST_ENTRY_BYTES,
             sealed_entry_bytes=max(
-                JSON_ESCAPE_MAX * chunk + ENTRY_OVERHEAD_BYTES, LAST_ENTRY_BYTES
+                JSON_ESCAPE_MAX * chunk + MAX_LOGPROBS_PER_CHUNK * per_token + ENTRY_OVERHEAD_BYTES,
+                LAST_ENTRY_BYTES,
             ),
         )
 
@@ -152,6 +165,10 @@ def prompt_token_bound(messages: Sequence[ChatMessage]) -> int:
         + PROMPT_TEMPLATE_TOKENS
     )
 
+
+LOGPROB_RECORD_BYTES = JSON_ESCAPE_MAX * MAX_TOKEN_CHARS + 4 * MAX_TOKEN_CHARS + 128
+"""The most bytes one token's log probability record (or one alternative) takes in a sealed
+chunk: its text JSON-escaped, its bytes as a JSON list, the log probability and the keys."""
 
 SEALED_BOX_OVERHEAD = 48
 """Bytes a libsodium sealed box adds to its plaintext (ephemeral key and MAC)."""

@@ -243,7 +243,10 @@ class Turn(TurnReading):
         self.max_tokens = max_tokens
         self.held = held  # nanoTON held for the worst case (0: a free model, nothing held)
         # What the job's worker may send (backend.bounds), and what it sent so far.
-        self.bounds = bounds.ReplyBounds.for_max_tokens(max_tokens)
+        sampling = request.sampling
+        self.bounds = bounds.ReplyBounds.for_max_tokens(
+            max_tokens, logprobs=sampling.top_logprobs if sampling.logprobs else None
+        )
         self._reader: streams.StreamReader | None = None
         self._reading_since = 0.0
         self._delivered_bytes = 0

@@ -9,6 +9,7 @@ import math
 import openai
 import pytest
 
+from backend.bounds import ReplyBounds
 from backend.settings import DEFAULT_MODEL
 from backend.turns import TurnText
 from tests.support.api import Api
@@ -16,10 +17,16 @@ from tests.support.env import require_module
 from tests.support.turns import Node
 from workers.wire import (
     MAX_LOGPROBS_PER_CHUNK,
+    MAX_TOKEN_CHARS,
+    MAX_TOP_LOGPROBS,
     SamplingParams,
     StreamChunk,
     TokenLogprob,
     TopLogprob,
+    WorkerKeys,
+    new_reply_keypair,
+    public_b64,
+    seal_event,
 )
 
 require_module("llama_cpp")
@@ -43,13 +50,35 @@ def _chunk(logprobs: list[dict[str, object]]) -> dict[str, object]:
         [_token(top=21)],  # more alternatives than anyone may ask for
         [_token(logprob=0.5)],  # a probability above 1
         [_token(logprob=-1e9)],  # below the floor (-inf is sent as -9999)
-        [_token(text="x" * 129)],  # a token's text past its bound
+        [_token(text="x" * (MAX_TOKEN_CHARS + 1))],  # a token's text past its bound
         [{**_token(), "bytes": [256]}],  # not a byte
     ],
 )
 def test_a_worker_cannot_send_unbounded_logprobs(logprobs: list[dict[str, object]]) -> None:
     with pytest.raises(ValueError):
         StreamChunk.model_validate(_chunk(logprobs))
+
+
+def test_the_largest_honest_records_fit_the_turns_bounds_only_when_asked() -> None:
+    """Chunks of the most records, each with the most alternatives of the longest escaped text,
+    sealed: within the stream reader's bounds of a turn that asked for them (one token's record
+    each, 512 tokens); a worker sending them unasked is cut off by the reader."""
+    worst = '"\x01' * (MAX_TOKEN_CHARS // 2)  # JSON-escaped to 2 and 6 bytes a character
+    alternative = TopLogprob(token=worst, logprob=-1.2345678901234567, bytes=[255] * 64)
+    record = TokenLogprob(**alternative.model_dump(), top_logprobs=[alternative] * 20)
+    reply_key = public_b64(new_reply_keypair())
+
+    def sealed(text: str) -> int:
+        records = [record] * MAX_LOGPROBS_PER_CHUNK
+        chunk = StreamChunk(job_id="j1", seq=0, text=text, logprobs=records)
+        return len(seal_event(chunk, reply_key, WorkerKeys.generate()))
+
+    asked = ReplyBounds.for_max_tokens(512, logprobs=MAX_TOP_LOGPROBS)
+    assert sealed("é" * 1000) <= asked.sealed_entry_bytes
+    assert (512 // MAX_LOGPROBS_PER_CHUNK) * sealed("") <= asked.sealed_bytes
+    assert (512 // MAX_LOGPROBS_PER_CHUNK) * sealed("") > ReplyBounds.for_max_tokens(
+        512
+    ).sealed_bytes
 
 
 def test_a_turn_keeps_only_the_logprobs_it_asked_for() -> None:

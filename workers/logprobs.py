@@ -1,5 +1,5 @@
 """An engine's log probabilities as the wire carries them: within :mod:`workers.wire`'s bounds
-(a token's text and bytes cut to ``MAX_TOKEN_CHARS``, ``-inf`` and anything lower sent as
+(a token's text and bytes cut to ``MAX_TOKEN_CHARS`` each, ``-inf`` and anything lower sent as
 ``MIN_LOGPROB``, at most the alternatives the request asked for), whatever the engine gave."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def _top(token: TopToken) -> TopLogprob:
     return TopLogprob(
         token=token.token[:MAX_TOKEN_CHARS],
         logprob=_value(token.logprob),
-        bytes=[b & 0xFF for b in token.bytes[: 4 * MAX_TOKEN_CHARS]],
+        bytes=[b & 0xFF for b in token.bytes[:MAX_TOKEN_CHARS]],
     )
 
 

@@ -82,20 +82,19 @@ TokenId = Annotated[str, Field(pattern=r"^[0-9]{1,9}$")]
 MAX_TOP_LOGPROBS = 20
 """The most alternatives a token's log probability may come with (OpenAI's own limit)."""
 
-MAX_LOGPROBS_PER_CHUNK = 256
+MAX_LOGPROBS_PER_CHUNK = 64
 """The most tokens one stream chunk may carry log probabilities of (the node splits more)."""
 
-MAX_TOKEN_CHARS = 128
-"""The longest text of one token in a log probability (the node cuts longer ones)."""
+MAX_TOKEN_CHARS = 64
+"""The longest text, and most UTF-8 bytes, of one token in a log probability (the node cuts
+longer ones)."""
 
 MIN_LOGPROB = -9999.0
 """The lowest log probability on the wire: an impossible token (-inf) is sent as this, as
 OpenAI does."""
 
 Logprob = Annotated[float, Field(ge=MIN_LOGPROB, le=0.0, allow_inf_nan=False)]
-TokenBytes = Annotated[
-    list[Annotated[int, Field(ge=0, le=255)]], Field(max_length=4 * MAX_TOKEN_CHARS)
-]
+TokenBytes = Annotated[list[Annotated[int, Field(ge=0, le=255)]], Field(max_length=MAX_TOKEN_CHARS)]
 
 
 class TopLogprob(_Wire):
