@@ -5,6 +5,7 @@ bounds a worker's reply is held to on the wire."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import openai
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from backend.bounds import ReplyBounds
 from backend.settings import DEFAULT_MODEL
 from backend.turns import TurnText
-from tests.support.api import Api
+from tests.support.api import Api, settled_turns
 from tests.support.env import require_module
 from tests.support.turns import Node
 from workers.wire import (
@@ -150,4 +151,31 @@ async def test_logprobs_plain_and_streamed(v1: Api, node: Node) -> None:
                 model=DEFAULT_MODEL, messages=HELLO, max_tokens=4, **bad
             )
         assert "top_logprobs" in str(refused.value)
+    await client.close()
+
+
+@pytest.mark.engine
+async def test_a_kept_stream_is_replayed_with_its_logprobs(v1: Api, node: Node) -> None:
+    client = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key, max_retries=0)
+    ask: dict[str, Any] = {
+        "model": DEFAULT_MODEL,
+        "messages": HELLO,
+        "max_tokens": 6,
+        "logprobs": True,
+        "top_logprobs": 2,
+        "stream": True,
+        "extra_headers": {"Idempotency-Key": "logprobs-1"},
+    }
+
+    async def streamed() -> list[tuple[str, float]]:
+        tokens = []
+        async for chunk in await client.chat.completions.create(**ask):
+            if chunk.choices and chunk.choices[0].logprobs and chunk.choices[0].logprobs.content:
+                tokens += [(t.token, t.logprob) for t in chunk.choices[0].logprobs.content]
+        return tokens
+
+    first = await streamed()
+    assert first
+    assert await streamed() == first  # the kept reply, replayed
+    assert len(await settled_turns(v1)) == 1  # billed once
     await client.close()
