@@ -241,8 +241,12 @@ class Node:
             except Exception as error:  # keep beating: a silent node would look dead
                 log.error("heartbeat failed: %s", describe_error(error))
             self._load_changed.clear()
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for returns instead of raising
+            # when it is cancelled just as the event is set (a job ending at shutdown), and this
+            # loop, which ends only by cancellation, then beat forever after "stopped".
             try:
-                await asyncio.wait_for(self._load_changed.wait(), self.config.heartbeat_s)
+                async with asyncio.timeout(self.config.heartbeat_s):
+                    await self._load_changed.wait()
             except TimeoutError:
                 continue
             await asyncio.sleep(0.05)  # report a burst of changes once
