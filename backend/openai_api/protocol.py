@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from backend.dispatch import TurnDone
+from backend.errors import ErrorCode
 from backend.openai_api.api_errors import (
     ERRORS as ERRORS,
 )
@@ -60,6 +61,24 @@ from workers.wire import ResponseFormat as WireResponseFormat
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_STOP_SEQUENCES = 4
+
+
+def checked_logit_bias(value: dict[str, float] | None) -> dict[str, float] | None:
+    """A ``logit_bias`` within OpenAI's range (each bias -100..100); ValueError otherwise."""
+    if value and any(not -100 <= bias <= 100 for bias in value.values()):
+        raise ValueError("each bias must be between -100 and 100")
+    return value
+
+
+def refuse_unsupported(raw: object, refused: Mapping[str, tuple[object, ...]], path: str) -> None:
+    """ApiError naming the first parameter of ``raw`` (a JSON body) whose value this server
+    cannot honour on ``path`` (``refused``: each name's values that can be taken)."""
+    if isinstance(raw, dict):
+        for name, allowed in refused.items():
+            if name in raw and raw[name] not in allowed:
+                message = f"{name} is not supported by this server on {path}"
+                raise ApiError(ErrorCode.INVALID_REQUEST, message, param=name)
+
 
 # ------------------------------------------------------------------- requests
 
@@ -184,9 +203,7 @@ class ChatCompletionRequest(BaseModel):
     @field_validator("logit_bias")
     @classmethod
     def _biases(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        if value and any(not -100 <= bias <= 100 for bias in value.values()):
-            raise ValueError("each bias must be between -100 and 100")
-        return value
+        return checked_logit_bias(value)
 
     @property
     def continues_final_message(self) -> bool:

@@ -22,7 +22,6 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from backend.dispatch import Turn, TurnDone, TurnError, TurnEvent, TurnRequest, TurnText
-from backend.errors import ErrorCode
 from backend.openai_api import completions
 from backend.openai_api import protocol as p
 from backend.openai_api.service import OpenAIService, conversation_id_for
@@ -99,11 +98,7 @@ class ResponsesRequest(BaseModel):
 def parse(raw: object) -> ResponsesRequest:
     """The request of a JSON body (nulls already dropped); ApiError naming what is refused,
     ValidationError for what is malformed."""
-    if isinstance(raw, dict):
-        for name, allowed in REFUSED.items():
-            if name in raw and raw[name] not in allowed:
-                message = f"{name} is not supported by this server on /v1/responses"
-                raise p.ApiError(ErrorCode.INVALID_REQUEST, message, param=name)
+    p.refuse_unsupported(raw, REFUSED, "/v1/responses")
     return ResponsesRequest.model_validate(raw)
 
 

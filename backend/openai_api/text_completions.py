@@ -20,7 +20,6 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from backend.dispatch import Turn, TurnDone, TurnError, TurnEvent, TurnRequest, TurnText
-from backend.errors import ErrorCode
 from backend.openai_api import completions
 from backend.openai_api import protocol as p
 from backend.openai_api.service import OpenAIService, conversation_id_for
@@ -64,9 +63,7 @@ class CompletionRequest(BaseModel):
     @field_validator("logit_bias")
     @classmethod
     def _biases(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        if value and any(not -100 <= bias <= 100 for bias in value.values()):
-            raise ValueError("each bias must be between -100 and 100")
-        return value
+        return p.checked_logit_bias(value)
 
     @property
     def text(self) -> str:
@@ -97,11 +94,7 @@ class CompletionRequest(BaseModel):
 def parse(raw: object) -> CompletionRequest:
     """The request of a JSON body (nulls already dropped); ApiError naming what is refused,
     ValidationError for what is malformed."""
-    if isinstance(raw, dict):
-        for name, allowed in REFUSED.items():
-            if name in raw and raw[name] not in allowed:
-                message = f"{name} is not supported by this server on /v1/completions"
-                raise p.ApiError(ErrorCode.INVALID_REQUEST, message, param=name)
+    p.refuse_unsupported(raw, REFUSED, "/v1/completions")
     return CompletionRequest.model_validate(raw)
 
 
