@@ -12,11 +12,13 @@ import time
 
 import openai
 import pytest
+import redis.asyncio as aioredis
 
 from backend.settings import DEFAULT_MODEL
 from tests.support.api import Api, ApiFactory, settled_turns
 from tests.support.env import require_module
 from tests.support.turns import TON, Node, open_holds
+from workers import registry
 
 require_module("llama_cpp")
 
@@ -77,16 +79,26 @@ async def test_sync_async_and_streamed_clients(v1: Api, node: Node) -> None:
 
 
 async def test_a_client_that_times_out_pays_only_what_was_generated(v1: Api, node: Node) -> None:
-    # The issue's client: openai's timeout=3 (retries off here; a retry is a new turn).
-    client = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key, max_retries=0, timeout=3)
-    with pytest.raises(openai.APITimeoutError):
-        await client.chat.completions.create(
+    """The issue's client gave up (openai's timeout=3) and was billed three full turns. A client
+    that gives up closes its connection, as the SDK's timeout does; it gives up here once its
+    turn is running (not after a fixed time a fast machine may not need: the reply could be
+    whole by then). Retries off: a retry is a new turn (see the idempotency test)."""
+    client = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key, max_retries=0, timeout=120)
+    request = asyncio.create_task(
+        client.chat.completions.create(
             model=DEFAULT_MODEL, messages=LONG, max_tokens=1500, temperature=0
         )
+    )
+    await a_turn_running(v1)
+    request.cancel()  # the client gives up: its connection closes
+    with pytest.raises(asyncio.CancelledError):
+        await request
     # The server saw the client leave and stopped the turn: billed for what was generated,
-    # not the 1500 tokens asked for (nothing at all if it had not started).
+    # not the 1500 tokens asked for.
     turns = await settled_turns(v1)
-    assert all(t.finish_reason == "cancelled" and t.completion_tokens < 1500 for t in turns)
+    assert turns and all(
+        t.finish_reason == "cancelled" and t.completion_tokens < 1500 for t in turns
+    )
     assert (await v1.ledger.balances(v1.user_id)).available == TON - sum(t.cost for t in turns)
     await client.close()
 
@@ -319,18 +331,30 @@ async def test_a_saturated_model_answers_503_with_retry_after(
 ) -> None:
     v1 = await v1_server(api_queue_timeout_s=0.5)
     client = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key, max_retries=0)
-    busy = asyncio.create_task(
-        client.chat.completions.create(model=DEFAULT_MODEL, messages=LONG, max_tokens=300)
+    # The one slot of the llama.cpp worker is taken (by a turn of another dispatcher, say) for
+    # as long as the test needs: a turn of its own could end first on a fast machine.
+    admin = aioredis.Redis.from_url(v1.settings.redis_url)
+    deadline = time.monotonic() + 120
+    while not await registry.reserve_slot(admin, node.worker_id, "held-by-the-test", ttl_s=120):
+        assert time.monotonic() < deadline, "the node never registered"
+        await asyncio.sleep(0.1)
+    try:
+        with pytest.raises(openai.InternalServerError) as refused:
+            await client.chat.completions.with_raw_response.create(
+                model=DEFAULT_MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+            )
+        assert refused.value.status_code == 503
+        assert refused.value.response.headers["Retry-After"] == "5"
+        assert "busy" in refused.value.message
+        assert (await v1.ledger.balances(v1.user_id)).available == TON  # nothing held or charged
+    finally:
+        await registry.release_slot(admin, node.worker_id, "held-by-the-test")
+        await admin.aclose()
+    # The slot free again, the same request is served.
+    served = await client.chat.completions.create(
+        model=DEFAULT_MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4
     )
-    await asyncio.sleep(1.0)  # the one slot of the llama.cpp worker is taken
-    with pytest.raises(openai.InternalServerError) as refused:
-        await client.chat.completions.with_raw_response.create(
-            model=DEFAULT_MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4
-        )
-    assert refused.value.status_code == 503
-    assert refused.value.response.headers["Retry-After"] == "5"
-    assert "busy" in refused.value.message
-    await busy
+    assert served.choices[0].message.content is not None
     await client.close()
 
 
