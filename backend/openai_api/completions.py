@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from aiohttp import web
@@ -47,6 +47,24 @@ def error_response(error: CocoonError) -> web.Response:
     return web.json_response(
         p.error_body(error), status=p.error_status(error), headers=p.error_headers(error)
     )
+
+
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+
+
+async def open_stream(
+    request: web.Request, events: AsyncIterator[TurnEvent]
+) -> tuple[web.StreamResponse, TurnEvent] | web.Response:
+    """A stream's status goes out with its first event only: a turn that fails before it is
+    answered with its real status (the web.Response returned); otherwise the prepared event
+    stream and that first event."""
+    try:
+        first = await anext(events)
+    except TurnError as error:  # before anything was sent
+        return error_response(error)
+    response = web.StreamResponse(headers=SSE_HEADERS)
+    await response.prepare(request)
+    return response, first
 
 
 async def collect_watching(
@@ -163,16 +181,12 @@ async def _stream(
     chunks = p.ChunkStream(completion_id, created, body.model)
     events: AsyncGenerator[TurnEvent, None] = turn.events()
     async with contextlib.aclosing(events):
-        try:
-            first = await anext(events)
-        except TurnError as error:  # before anything was sent: its real status
+        opened = await open_stream(request, events)
+        if isinstance(opened, web.Response):
             if idem is not None:
                 await idem.abandon()
-            return error_response(error)
-        response = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-        )
-        await response.prepare(request)
+            return opened
+        response, first = opened
         await response.write(chunks.start())
         parts: list[str] = []
         logprobs: list[TokenLogprob] | None = [] if body.logprobs else None
@@ -230,9 +244,7 @@ async def replay(
         headers[COST_HEADER] = cost
     if not body.stream or kept.status != 200:
         return web.json_response(kept.body, status=kept.status, headers=headers)
-    response = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **headers}
-    )
+    response = web.StreamResponse(headers={**SSE_HEADERS, **headers})
     await response.prepare(request)
     for event in _replayed_events(kept.body, include_usage=body.include_usage):
         await response.write(p.sse(event))

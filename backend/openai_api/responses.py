@@ -187,14 +187,11 @@ async def _stream(
 ) -> web.StreamResponse:
     events: AsyncGenerator[TurnEvent, None] = turn.events()
     async with contextlib.aclosing(events):
-        try:
-            event: TurnEvent | None = await anext(events)
-        except TurnError as error:  # before anything was sent: its real status
-            return completions.error_response(error)
-        response = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-        )
-        await response.prepare(request)
+        opened = await completions.open_stream(request, events)
+        if isinstance(opened, web.Response):
+            return opened
+        response, first = opened
+        event: TurnEvent | None = first
         place = {"item_id": shape.message_id, "output_index": 0, "content_index": 0}
         await response.write(shape.event("response.created", response=shape.response("", None)))
         await response.write(shape.event("response.in_progress", response=shape.response("", None)))

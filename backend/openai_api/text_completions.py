@@ -147,14 +147,11 @@ async def _stream(
 ) -> web.StreamResponse:
     events: AsyncGenerator[TurnEvent, None] = turn.events()
     async with contextlib.aclosing(events):
-        try:
-            event: TurnEvent | None = await anext(events)
-        except TurnError as error:  # before anything was sent: its real status
-            return completions.error_response(error)
-        response = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-        )
-        await response.prepare(request)
+        opened = await completions.open_stream(request, events)
+        if isinstance(opened, web.Response):
+            return opened
+        response, first = opened
+        event: TurnEvent | None = first
         try:
             while event is not None:
                 if isinstance(event, TurnText):
