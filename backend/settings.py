@@ -223,6 +223,11 @@ class Settings(BaseSettings):
     )
     context_ttl_s: int = Field(default=7 * 86_400, gt=0, description="chat context lifetime")
     context_max_messages: int = Field(default=20, ge=2, le=200, description="messages kept")
+    group_context: Literal["asker", "topic"] = Field(
+        default="asker",
+        description="in groups, a context per asker in each topic, or one per topic its "
+        "members share (/new and /retry stay each member's own)",
+    )
     max_prompt_chars: int = Field(default=8000, gt=0, description="longest message accepted")
     rate_limit_per_minute: int = Field(default=20, gt=0, description="turns per user per minute")
     max_tokens_default: int = Field(default=512, gt=0, description="reply budget of a chat turn")

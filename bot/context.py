@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nacl.bindings as sodium
 import nacl.exceptions
@@ -22,6 +22,9 @@ from backend.dispatch import WorkerProof, prompt_token_bound
 from backend.settings import Settings
 from workers.redis_keys import redis_key
 from workers.wire import ChatMessage
+
+if TYPE_CHECKING:
+    from bot.groups import Place
 
 log = logging.getLogger("cocoon.bot.context")
 
@@ -57,10 +60,20 @@ class Conversation:
     def chat_messages(self) -> list[ChatMessage]:
         """The messages a turn sends: the system prompt (when set), then the history."""
         system = [{"role": "system", "content": self.system}] if self.system else []
-        return [
-            ChatMessage.model_validate({"role": m["role"], "content": m["content"]})
-            for m in [*system, *self.messages]
-        ]
+        return [_chat_message(m) for m in [*system, *self.messages]]
+
+    def without_asker(self, telegram_id: int) -> bool:
+        """Drop one member's questions and the answers to them from a topic's shared context
+        (each kept message names its asker: ``by``); whether any were there."""
+        kept = [m for m in self.messages if m.get("by") != str(telegram_id)]
+        dropped = len(kept) != len(self.messages)
+        self.messages = kept
+        return dropped
+
+
+def _chat_message(message: dict[str, str]) -> ChatMessage:
+    """A kept message as a turn sends it (without its asker)."""
+    return ChatMessage.model_validate({"role": message["role"], "content": message["content"]})
 
 
 def trim(
@@ -73,11 +86,7 @@ def trim(
         candidate = [message, *kept]
         if len(candidate) > max_messages:
             break
-        if (
-            kept
-            and prompt_token_bound([ChatMessage.model_validate(m) for m in candidate])
-            > budget_tokens
-        ):
+        if kept and prompt_token_bound([_chat_message(m) for m in candidate]) > budget_tokens:
             break
         kept = candidate
     while len(kept) > 1 and kept[0]["role"] != "user":
@@ -94,15 +103,33 @@ def _worker_proof(data: dict[str, Any]) -> WorkerProof:
 
 class ContextStore:
     """Per-place context in Redis, sealed: a private chat's, or in a group one asker's in one
-    topic (:attr:`bot.groups.Place.scope`). One per bot process."""
+    topic (:attr:`bot.groups.Place.scope`), or the topic's own when its members share one
+    (``shared_topics``: the operator's ``COCOON_GROUP_CONTEXT=topic``). One per bot process."""
 
-    def __init__(self, redis: AsyncRedis, key: bytes, *, ttl_s: int, max_messages: int) -> None:
+    def __init__(
+        self,
+        redis: AsyncRedis,
+        key: bytes,
+        *,
+        ttl_s: int,
+        max_messages: int,
+        shared_topics: bool = False,
+    ) -> None:
         if len(key) != KEY_BYTES:
             raise ValueError("the context key must be 32 bytes")
         self.redis = redis
         self._key = key
         self.ttl_s = ttl_s
         self.max_messages = max_messages
+        self.shared_topics = shared_topics
+
+    def scope_of(self, place: Place) -> int | str:
+        """The name of ``place``'s context."""
+        return place.context_scope(self.shared_topics)
+
+    def shared(self, place: Place) -> bool:
+        """Whether ``place``'s context is its topic's, shared by its members."""
+        return self.shared_topics and not place.private
 
     @staticmethod
     def redis_key(chat_id: int | str) -> str:
@@ -163,9 +190,20 @@ class ContextStore:
         await self.redis.delete(self.redis_key(chat_id))
 
     async def clear_user(self, telegram_id: int) -> int:
-        """Delete a person's contexts in groups (``<chat>:<topic>:<user>``); how many."""
+        """Delete a person's contexts in groups (``<chat>:<topic>:<user>``) and their questions
+        and answers in topics' shared contexts (``<chat>:<topic>``); how many contexts."""
         pattern = redis_key(CONTEXT, "*", "*", str(telegram_id))
         keys = [key async for key in self.redis.scan_iter(match=pattern, count=500)]
         if keys:
             await self.redis.delete(*keys)
-        return len(keys)
+        prefix = redis_key(CONTEXT, "-")[:-1]
+        changed = 0
+        async for raw in self.redis.scan_iter(match=redis_key(CONTEXT, "-*:*"), count=500):
+            name = (raw.decode() if isinstance(raw, bytes) else str(raw))[len(prefix) :]
+            if name.count(":") != 1:
+                continue  # one asker's (deleted above), not a topic's
+            conversation = await self.load(name)
+            if conversation.without_asker(telegram_id):
+                await self.save(name, conversation)
+                changed += 1
+        return len(keys) + changed

@@ -1,9 +1,11 @@
 """The bot in groups and forum topics: where a turn lives, what a group may see, who may press.
 
 * **Where.** A :class:`Place` is the chat, the forum topic and the asker. Its :attr:`Place.scope`
-  names the context and the running turn: the chat itself in a private chat; in a group, the
-  asker in that topic (``<chat>:<topic>:<user>``), so topics never share a context and one
-  member's ``/new`` or ``/retry`` touches only their own. Answers go to the asker's topic, as
+  names the running turn and, by default, the context: the chat itself in a private chat; in a
+  group, the asker in that topic (``<chat>:<topic>:<user>``), so topics never share a context.
+  Where the operator chooses one context per topic (``COCOON_GROUP_CONTEXT=topic``), its
+  members share ``<chat>:<topic>`` (:meth:`Place.context_scope`); either way one member's
+  ``/new`` or ``/retry`` touches only their own questions. Answers go to the asker's topic, as
   replies to the asker's message.
 * **What a group may see.** Money, keys and personal data are for the private chat only: in a
   group those commands (and their buttons) get a button that opens the private chat.
@@ -110,6 +112,13 @@ class Place:
         if self.private:
             return self.chat_id
         return f"{self.chat_id}:{self.thread_id or 0}:{self.user_id}"
+
+    def context_scope(self, shared_topics: bool) -> int | str:
+        """The context's name: :attr:`scope`, or in a group the topic's own when its members
+        share one (``shared_topics``)."""
+        if shared_topics and not self.private:
+            return f"{self.chat_id}:{self.thread_id or 0}"
+        return self.scope
 
     @classmethod
     def of(cls, message: Message, user_id: int) -> Place:
@@ -265,6 +274,14 @@ async def private_only(message: Message, bot: Bot) -> None:
     )
 
 
+async def is_group_admin(bot: Bot, message: Message) -> bool:
+    """Whether the message's sender is an admin (or the creator) of its group."""
+    sender = message.from_user
+    assert sender is not None  # the user middleware serves people only
+    member = await bot.get_chat_member(message.chat.id, sender.id)
+    return member.status in {ChatMemberStatus.CREATOR, ChatMemberStatus.ADMINISTRATOR}
+
+
 BOT_SWITCH = re.compile(r"^(on|off)$")
 
 
@@ -279,10 +296,7 @@ async def cmd_bot_switch(
             _("Group admins: /bot off stops my answers here, /bot on resumes them.")
         )
         return
-    sender = message.from_user
-    assert sender is not None  # the user middleware serves people only
-    member = await bot.get_chat_member(message.chat.id, sender.id)
-    if member.status not in {ChatMemberStatus.CREATOR, ChatMemberStatus.ADMINISTRATOR}:
+    if not await is_group_admin(bot, message):
         await message.reply(_("Only the group's admins can turn me on or off."))
         return
     key = redis_key(GROUP_OFF, str(message.chat.id))

@@ -153,6 +153,7 @@ async def open_services(
             key,
             ttl_s=settings.context_ttl_s,
             max_messages=settings.context_max_messages,
+            shared_topics=settings.group_context == "topic",
         )
         wallets = ChatWallets(settings, db, client, key, factory=tonconnect)
         stack.push_async_callback(wallets.close)

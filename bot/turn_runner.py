@@ -83,23 +83,35 @@ class TurnRunner:
                 return
             place = Place.of(message, user.telegram_id)
             if conversation is None:
-                conversation = await self.contexts.load(place.scope)
+                conversation = await self.contexts.load(self.contexts.scope_of(place))
             await self.answer(bot, place, user, prompt, conversation)
         except RedisError as error:
             log.warning("chat turn failed on Redis: %s", type(error).__name__)
             await message.answer(_("The service is busy right now. Please try again in a minute."))
 
     async def retry(self, message: Message, bot: Bot, user: User) -> None:
-        """The caller's last question in this place, answered again (replacing the answer)."""
-        conversation = await self.contexts.load(Place.of(message, user.telegram_id).scope)
+        """The caller's last question in this place, answered again (replacing the answer). In
+        a topic's shared context, the caller's own last question, never another member's."""
+        place = Place.of(message, user.telegram_id)
+        conversation = await self.contexts.load(self.contexts.scope_of(place))
         messages = list(conversation.messages)
-        while messages and messages[-1]["role"] == "assistant":
-            messages.pop()
-        if not messages:
+        shared = self.contexts.shared(place)
+        asked = [
+            i
+            for i, m in enumerate(messages)
+            if m["role"] == "user" and (not shared or m.get("by") == str(user.telegram_id))
+        ]
+        if not asked:
             await message.answer(_("There is no answer to regenerate yet. Just write to me."))
             return
-        prompt = messages.pop()["content"]
-        conversation.messages = messages
+        start = end = asked[-1]
+        end += 1
+        while end < len(messages) and messages[end]["role"] == "assistant":
+            end += 1
+        prompt = messages[start]["content"]
+        conversation.messages = messages[:start] + messages[end:]
+        if shared:  # the topic's context is read again before the new answer is kept
+            await self.contexts.save(self.contexts.scope_of(place), conversation)
         await self._reply(message, bot, user, prompt, conversation)
 
     async def _checked(self, message: Message, prompt: str, user: User) -> bool:
@@ -130,6 +142,8 @@ class TurnRunner:
         context."""
         settings, turns, contexts, running = self.settings, self.turns, self.contexts, self.running
         scope, options = place.scope, place.send_options()
+        context_scope, shared = contexts.scope_of(place), contexts.shared(place)
+        asker = {} if place.private else {"by": str(user.telegram_id)}
         model = user_model(settings, user)
         price = settings.models[model]
         max_tokens = default_max_tokens(settings, price)
@@ -138,7 +152,7 @@ class TurnRunner:
             with_system = Conversation(system=conversation.system).chat_messages()
             system = prompt_token_bound(with_system) - prompt_token_bound([])
         history = trim(
-            [*conversation.messages, {"role": "user", "content": prompt}],
+            [*conversation.messages, {"role": "user", "content": prompt, **asker}],
             budget_tokens=price.context_length - max_tokens - system,
             max_messages=settings.context_max_messages,
         )
@@ -182,7 +196,7 @@ class TurnRunner:
                 if error.code == ErrorCode.INSUFFICIENT_BALANCE and place.private:
                     # Kept (sealed with the context) and offered again once there is money.
                     conversation.messages, conversation.pending = history[:-1], prompt
-                    await contexts.save(scope, conversation)
+                    await contexts.save(context_scope, conversation)
                     keyboard = refused_keyboard()
                 await bot.send_message(
                     place.chat_id,
@@ -226,10 +240,19 @@ class TurnRunner:
             await stream.finish(
                 reply or _("(no answer)"), shown_footer, answer_keyboard() if reply else None
             )
+            exchange = [history[-1]]
             if reply:
-                conversation.messages = [*history, {"role": "assistant", "content": reply}]
+                exchange.append({"role": "assistant", "content": reply, **asker})
+            if shared:
+                # Others may have asked in this topic meanwhile: theirs stay, this one follows.
+                latest = await contexts.load(context_scope)
+                latest.messages = [*latest.messages, *exchange]
+                latest.conversation_id = latest.conversation_id or conversation.conversation_id
+                conversation = latest
+            else:
+                conversation.messages = [*history[:-1], *exchange]
             conversation.last = LastTurn(turn_id=done.turn_id, model=done.model, worker=done.worker)
-            await contexts.save(scope, conversation)
+            await contexts.save(context_scope, conversation)
         finally:
             await running.release(scope)
 

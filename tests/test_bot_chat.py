@@ -5,6 +5,7 @@ worker serves the whole module."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import re
 import time
@@ -66,12 +67,21 @@ def worker() -> Iterator[str]:
 async def chat(
     settings: Settings, worker: str, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[Harness]:
+    async with chat_harness(settings, monkeypatch) as harness:
+        yield harness
+
+
+@contextlib.asynccontextmanager
+async def chat_harness(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, **values: Any
+) -> AsyncIterator[Harness]:
     monkeypatch.setattr(streaming, "DRAFT_INTERVAL_S", 0.0)  # every chunk shows: easy to see
     s = settings.model_copy(
         update={
             "bot_token": SecretStr(TOKEN),
             "attestation": AttestationSettings(allow_dev=True),
             "max_tokens_default": 48,
+            **values,
         }
     )
     db = Database.from_settings(s)
@@ -300,3 +310,70 @@ async def test_in_forum_topics_each_asker_has_a_context_and_new_and_retry_are_th
     await ask(bob, "/retry", 1)
     assert chat.tg.texts()[-1] == "There is no answer to regenerate yet. Just write to me."
     assert len(await turns_of(chat)) == 4
+
+
+async def test_where_a_topic_shares_one_context_new_and_retry_stay_the_callers(
+    settings: Settings, worker: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """COCOON_GROUP_CONTEXT=topic: Alice and Bob share their topic's context (each answer
+    follows both questions), another topic has its own; Bob's /retry asks his question again
+    (billed to him), his /new drops only his questions, his /system is refused (not an admin),
+    and his /forget takes his questions out of the topic's context."""
+    async with chat_harness(settings, monkeypatch, group_context="topic") as chat:
+        bob = USER + 1
+        await funded_user(chat.ledger, bob)
+        contexts: ContextStore = chat.app.services.contexts
+
+        async def ask(user: int, text: str, topic: int) -> None:
+            update = message_update(
+                user,
+                text,
+                chat_id=GROUP,
+                chat_type="supergroup",
+                message_thread_id=topic,
+                is_topic_message=True,
+            )
+            await feed(chat.app.dp, chat.app.bot, update)
+
+        async def asked(topic: int) -> list[tuple[str, str]]:
+            loaded = await contexts.load(f"{GROUP}:{topic}")
+            return [(m["by"], m["content"]) for m in loaded.messages if m["role"] == "user"]
+
+        await ask(USER, "/ask Name a color.", 1)
+        await ask(bob, "/ask Name a bird.", 1)
+        await ask(USER, "/ask Name a fruit.", 2)
+        alice, bobs = str(USER), str(bob)
+        assert await asked(1) == [(alice, "Name a color."), (bobs, "Name a bird.")]
+        assert await asked(2) == [(alice, "Name a fruit.")]
+        # Bob's turn was sent Alice's exchange first: the topic's context is shared.
+        turns = await turns_of(chat)
+        assert turns[1].prompt_tokens > turns[0].prompt_tokens
+        raw = await chat.app.services.redis.get(contexts.redis_key(f"{GROUP}:1"))
+        assert raw and b"bird" not in raw and b"color" not in raw  # sealed at rest
+
+        await ask(USER, "/ask Name a tree.", 1)
+        await ask(bob, "/retry", 1)  # Bob's own last question, not Alice's later one
+        turns = await turns_of(chat)
+        assert len(turns) == 5 and turns[-1].user_id == turns[1].user_id
+        assert await asked(1) == [
+            (alice, "Name a color."),
+            (alice, "Name a tree."),
+            (bobs, "Name a bird."),
+        ]
+        person = {"id": bob, "is_bot": False, "first_name": "Bob"}
+        chat.tg.reply("getChatMember", {"status": "member", "user": person})
+        await ask(bob, "/system You are a pirate.", 1)
+        assert chat.tg.texts()[-1] == (
+            "Here the system prompt is the topic's: only group admins set it."
+        )
+        assert (await contexts.load(f"{GROUP}:1")).system == ""
+        await ask(bob, "/new", 1)
+        assert await asked(1) == [(alice, "Name a color."), (alice, "Name a tree.")]
+        await ask(bob, "/retry", 1)
+        assert chat.tg.texts()[-1] == "There is no answer to regenerate yet. Just write to me."
+
+        await ask(bob, "/ask Name a fish.", 1)
+        assert (bobs, "Name a fish.") in await asked(1)
+        assert await contexts.clear_user(bob) == 1
+        assert await asked(1) == [(alice, "Name a color."), (alice, "Name a tree.")]
+        assert await asked(2) == [(alice, "Name a fruit.")]

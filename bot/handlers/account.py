@@ -262,7 +262,7 @@ def bot_path_note() -> str:
 async def cmd_privacy(
     message: Message, user: User, contexts: ContextStore, redis: AsyncRedis
 ) -> None:
-    conversation = await contexts.load(Place.of(message, user.telegram_id).scope)
+    conversation = await contexts.load(contexts.scope_of(Place.of(message, user.telegram_id)))
     last = conversation.last
     if last is None:
         await message.answer(

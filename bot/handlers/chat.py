@@ -26,7 +26,13 @@ handlers = Handlers("chat")
 @handlers.message(Command("new"))
 async def cmd_new(message: Message, user: User, contexts: ContextStore) -> None:
     place = Place.of(message, user.telegram_id)
-    await contexts.clear(place.scope)
+    if contexts.shared(place):  # the topic's context: only the caller's questions go
+        scope = contexts.scope_of(place)
+        conversation = await contexts.load(scope)
+        if conversation.without_asker(user.telegram_id):
+            await contexts.save(scope, conversation)
+    else:
+        await contexts.clear(place.scope)
     if place.private:
         await message.answer(_("Started over: I forgot this chat's earlier messages."))
     else:

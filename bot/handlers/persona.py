@@ -15,7 +15,7 @@ from aiogram.types import CallbackQuery, Message
 from backend.models import User
 from bot.common import AGAIN, CONTINUE, REGENERATE, Handlers
 from bot.context import ContextStore
-from bot.groups import Place
+from bot.groups import Place, is_group_admin
 from bot.i18n import _
 from bot.turn_runner import TurnRunner
 
@@ -27,13 +27,18 @@ OFF = {"off", "none", "clear", "reset"}
 
 @handlers.message(Command("system"))
 async def cmd_system(
-    message: Message, command: CommandObject, user: User, contexts: ContextStore
+    message: Message, command: CommandObject, bot: Bot, user: User, contexts: ContextStore
 ) -> None:
     """``/system`` shows this chat's system prompt; ``/system TEXT`` sets it; ``/system off``
-    clears it. In a group it is the caller's own, like their context."""
-    scope = Place.of(message, user.telegram_id).scope
+    clears it. In a group it is the caller's own, like their context; where a topic's members
+    share one context, the topic's, which only the group's admins change."""
+    place = Place.of(message, user.telegram_id)
+    scope = contexts.scope_of(place)
     conversation = await contexts.load(scope)
     text = (command.args or "").strip()
+    if text and contexts.shared(place) and not await is_group_admin(bot, message):
+        await message.reply(_("Here the system prompt is the topic's: only group admins set it."))
+        return
     if not text:
         if conversation.system:
             await message.answer(
