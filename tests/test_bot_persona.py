@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from backend.dispatch import TurnRequest
+from tests.support import pdfs
 from tests.support.bot import ALICE, Harness
 from tests.support.bot_fakes import feed, message_update
 
@@ -108,11 +109,49 @@ async def test_a_text_document_is_read_into_the_prompt(
     bot.tg.files["bin"] = b"\xff\xfe\x00binary"
     await bot.send(None, document=document("bin", "x.txt", 9))
     assert "not UTF-8 text" in bot.last().text
-    await bot.send(None, document=document("pdf", "paper.pdf", 10, "application/pdf"))
-    assert "I can read text documents" in bot.last().text
+    await bot.send(None, document=document("doc", "paper.docx", 10, "application/msword"))
+    assert "I read PDF and text documents" in bot.last().text
     await bot.send(None, document=document("big", "big.txt", 10**7))
     assert "too large" in bot.last().text
     bot.tg.files["long"] = b"x" * 9000
     await bot.send(None, document=document("long", "long.txt", 9000))
     assert "too long for one message" in bot.last().text
     assert len(asked) == 1  # only the readable one became a turn
+
+
+async def test_a_pdf_is_read_into_the_prompt_and_a_bad_one_is_refused_plainly(
+    bot: Harness, asked: list[TurnRequest]
+) -> None:
+    """A PDF's text (pypdf, in a bounded child process) with the caption as the question; a
+    password-protected, damaged, scanned, many-paged or inflating one gets a clear message and
+    no turn, and the bot goes on answering."""
+    paper = pdfs.build([["Meeting at 10.", "Bring the GRAM report."], ["Room 4 (top floor)."]])
+    bot.tg.files["pdf"] = paper
+    await bot.send(
+        None, document=document("pdf", "paper.pdf", len(paper), "application/pdf"), caption="Where?"
+    )
+    prompt = asked[-1].messages[-1].content
+    assert prompt.startswith("Where?") and "--- paper.pdf ---" in prompt
+    assert "Bring the GRAM report." in prompt and "Room 4 (top floor)." in prompt
+
+    refused = {
+        "locked": (pdfs.with_password(paper), "protected with a password"),
+        "junk": (b"%PDF-1.4\n" + bytes(range(256)) * 40, "damaged or is not a PDF"),
+        "scan": (pdfs.blank_pages(2), "no text in this PDF"),
+        "many": (pdfs.blank_pages(201), "This PDF has 201 pages; I read PDFs of up to 200 pages."),
+        "tree": (pdfs.page_tree_bomb(), "damaged or is not a PDF"),
+        "bomb": (pdfs.inflating(100), "damaged or is not a PDF"),
+        "long": (pdfs.build([["x" * 90] * 40] * 3), "too long for one message"),
+    }
+    for file_id, (data, told) in refused.items():
+        bot.tg.files[file_id] = data
+        # Named without .pdf: the MIME type alone makes it a PDF.
+        await bot.send(None, document=document(file_id, file_id, len(data), "application/pdf"))
+        assert told in bot.last().text, file_id
+    await bot.send(None, document=document("huge", "huge.pdf", 9 * 2**20, "application/pdf"))
+    assert "too large: I read up to 8192 KB" in bot.last().text
+    assert len(asked) == 1
+
+    locked = document("locked", "a.pdf", 1000, "application/pdf")
+    await bot.send(None, document=locked, language="ru")  # the Telegram app's language
+    assert "паролем" in bot.last().text

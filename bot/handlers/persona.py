@@ -1,7 +1,8 @@
-"""What peers offer beyond plain text: a system prompt per chat (``/system``), text documents
-read into the prompt, a photo's caption read as the question, an edited question answered again,
-Regenerate and Continue under an answer, and a question refused for balance asked again.
-Registered before chat, whose last handlers answer other content and unknown buttons."""
+"""What peers offer beyond plain text: a system prompt per chat (``/system``), PDF and text
+documents read into the prompt, a photo's caption read as the question, an edited question
+answered again, Regenerate and Continue under an answer, and a question refused for balance
+asked again. Registered before chat, whose last handlers answer other content and unknown
+buttons."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from aiogram.filters import Command, CommandObject
 from aiogram.types import CallbackQuery, Message
 
 from backend.models import User
+from bot import pdf
 from bot.common import AGAIN, CONTINUE, REGENERATE, Handlers
 from bot.context import ContextStore
 from bot.groups import Place, is_group_admin
-from bot.i18n import _
+from bot.i18n import _, ngettext
+from bot.pdf import PdfText
 from bot.turn_runner import TurnRunner
 
 handlers = Handlers("persona")
@@ -78,36 +81,75 @@ def readable(name: str, mime: str | None) -> bool:
     return (mime or "").startswith("text/") or name.lower().endswith(TEXT_SUFFIXES)
 
 
+def is_pdf(name: str, mime: str | None) -> bool:
+    return mime == "application/pdf" or name.lower().endswith(".pdf")
+
+
+def pdf_refusal(read: PdfText, max_chars: int) -> str:
+    """What the user is told when a PDF gave no text to ask about."""
+    if read.outcome == "encrypted":
+        return _("This PDF is protected with a password, so I cannot read it. Send one without.")
+    if read.outcome == "pages":
+        return ngettext(
+            "This PDF has {n} page; I read PDFs of up to {limit} pages.",
+            "This PDF has {n} pages; I read PDFs of up to {limit} pages.",
+            read.pages,
+        ).format(n=read.pages, limit=pdf.MAX_PAGES)
+    if read.outcome == "long":
+        return _("This document is too long for one message: up to {limit} characters.").format(
+            limit=max_chars
+        )
+    if read.outcome == "empty":
+        return _("I found no text in this PDF (is it a scan?), so I cannot read it.")
+    if read.outcome == "timeout":
+        return _("This PDF took too long to read, so I stopped. Try a smaller or simpler one.")
+    return _("This PDF is damaged or is not a PDF, so I cannot read it.")
+
+
 @handlers.message(F.document, F.chat.type == ChatType.PRIVATE)
 async def on_document(message: Message, bot: Bot, user: User, runner: TurnRunner) -> None:
-    """A text document (UTF-8) read into the prompt, with its caption as the question; within
-    the message limit. Others are refused plainly."""
+    """A PDF or a UTF-8 text document read into the prompt, with its caption as the question;
+    within the message limit. Others are refused plainly. A PDF is read in a bounded child
+    process (bot/pdf.py)."""
     settings = runner.settings
     document = message.document
     assert document is not None
     name = (document.file_name or "document")[:100]
-    if not readable(name, document.mime_type):
+    pdf_file = is_pdf(name, document.mime_type)
+    if not pdf_file and not readable(name, document.mime_type):
         await message.answer(
-            _("I can read text documents (.txt, .md, .csv, .json and the like); not this one.")
+            _("I read PDF and text documents (.pdf, .txt, .md, .csv…), not this one.")
         )
         return
-    if document.file_size is not None and document.file_size > MAX_DOCUMENT_BYTES:
+    limit = pdf.MAX_PDF_BYTES if pdf_file else MAX_DOCUMENT_BYTES
+    if document.file_size is not None and document.file_size > limit:
         await message.answer(
-            _("This document is too large: I read up to {limit} KB.").format(
-                limit=MAX_DOCUMENT_BYTES // 1024
-            )
+            _("This document is too large: I read up to {limit} KB.").format(limit=limit // 1024)
         )
         return
     data = await bot.download(document, destination=io.BytesIO())
-    raw = data.read(MAX_DOCUMENT_BYTES + 1) if data is not None else b""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        await message.answer(_("This document is not UTF-8 text, so I cannot read it."))
+    raw = data.read(limit + 1) if data is not None else b""
+    if len(raw) > limit:
+        await message.answer(
+            _("This document is too large: I read up to {limit} KB.").format(limit=limit // 1024)
+        )
         return
+    if pdf_file:
+        await bot.send_chat_action(message.chat.id, "typing")
+        read = await pdf.pdf_text(raw, max_chars=settings.max_prompt_chars)
+        if read.outcome != "ok":
+            await message.answer(pdf_refusal(read, settings.max_prompt_chars))
+            return
+        text = read.text
+    else:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            await message.answer(_("This document is not UTF-8 text, so I cannot read it."))
+            return
     question = (message.caption or "").strip() or DOCUMENT_QUESTION
     prompt = f"{question}\n\n--- {name} ---\n{text}"
-    if len(raw) > MAX_DOCUMENT_BYTES or len(prompt) > settings.max_prompt_chars:
+    if len(prompt) > settings.max_prompt_chars:
         await message.answer(
             _("This document is too long for one message: up to {limit} characters.").format(
                 limit=settings.max_prompt_chars
