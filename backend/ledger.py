@@ -184,7 +184,12 @@ class Ledger:
     ) -> Receipt:
         """Money from outside (TON, Stars, an operator's manual credit) onto a user's balance."""
         validate_amount(amount)
-        if source not in (AccountKind.TON_IN, AccountKind.STARS_IN, AccountKind.OPERATOR):
+        if source not in (
+            AccountKind.TON_IN,
+            AccountKind.STARS_IN,
+            AccountKind.USDT_IN,
+            AccountKind.OPERATOR,
+        ):
             raise LedgerError(f"a deposit cannot come from a {source} account")
 
         async def body(_session: AsyncSession, _tx: Transaction) -> tuple[list[Leg], None]:

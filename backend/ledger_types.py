@@ -134,5 +134,6 @@ PLATFORM_KINDS = (
     AccountKind.TON_IN,
     AccountKind.TON_OUT,
     AccountKind.STARS_IN,
+    AccountKind.USDT_IN,
     AccountKind.OPERATOR,
 )

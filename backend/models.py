@@ -80,6 +80,7 @@ class AccountKind(enum.StrEnum):
     TON_IN = "ton_in"  # the outside world: TON deposited
     TON_OUT = "ton_out"  # the outside world: TON paid out
     STARS_IN = "stars_in"  # the outside world: Telegram Stars paid
+    USDT_IN = "usdt_in"  # the outside world: USDT deposited (credited in nanoTON at a rate)
     OPERATOR = "operator"  # the outside world: manual credits by an operator
 
     @property
@@ -88,7 +89,13 @@ class AccountKind(enum.StrEnum):
 
 
 WORLD_KINDS = frozenset(
-    {AccountKind.TON_IN, AccountKind.TON_OUT, AccountKind.STARS_IN, AccountKind.OPERATOR}
+    {
+        AccountKind.TON_IN,
+        AccountKind.TON_OUT,
+        AccountKind.STARS_IN,
+        AccountKind.USDT_IN,
+        AccountKind.OPERATOR,
+    }
 )
 """Accounts standing for money outside the ledger: their balances mirror the others'."""
 
@@ -115,7 +122,7 @@ class Account(Base):
     __table_args__ = (
         UniqueConstraint("kind", "owner_id", name="uq_accounts_kind_owner"),
         CheckConstraint(
-            "balance >= 0 OR kind IN ('ton_in', 'ton_out', 'stars_in', 'operator')",
+            "balance >= 0 OR kind IN ('ton_in', 'ton_out', 'stars_in', 'usdt_in', 'operator')",
             name="no_overdraft",
         ),
     )
@@ -249,6 +256,9 @@ class TonDeposit(Base):
     ``amount`` is the nanoTON the incoming message carried, whatever the status (an ignored
     row keeps it, and ``note`` says why it was ignored). A jetton notification also keeps the
     jetton amount (decimal digits: up to 2^120) and the sender the notification names.
+    A USDT deposit (a notification from the service's own jetton wallet of the USDT master)
+    keeps the master, the rate it was credited at (nanoTON per USDT micro-unit) and the
+    nanoTON credited (``jetton_amount`` × ``nano_per_unit``, exactly).
     """
 
     __tablename__ = "ton_deposits"
@@ -272,6 +282,9 @@ class TonDeposit(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=_now)
     jetton_amount: Mapped[str | None] = mapped_column(String(40))
     jetton_sender: Mapped[str | None] = mapped_column(String(80))
+    jetton_master: Mapped[str | None] = mapped_column(String(80))
+    nano_per_unit: Mapped[int | None] = mapped_column(BigInteger)
+    credited: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class Notification(Base):

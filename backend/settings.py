@@ -153,8 +153,18 @@ class TonSettings(BaseModel):
     proof_ttl_s: int = Field(
         default=900, ge=30, le=86400, description="how old a ton_proof may be, and its payload"
     )
+    usdt_master: str | None = Field(
+        default=None,
+        description="the USDT jetton master (any address form); unset: USDT is not taken",
+    )
+    usdt_nano_per_micro: int = Field(
+        default=0,
+        ge=0,
+        le=10**12,
+        description="nanoTON credited per USDT micro-unit (10^-6 USDT); 0: USDT is not taken",
+    )
 
-    @field_validator("api_url", "deposit_address")
+    @field_validator("api_url", "deposit_address", "usdt_master")
     @classmethod
     def _empty_is_none(cls, value: str | None) -> str | None:
         return value.strip() or None if value else None
@@ -166,6 +176,11 @@ class TonSettings(BaseModel):
     @property
     def is_testnet(self) -> bool:
         return self.network == "testnet"
+
+    @property
+    def takes_usdt(self) -> bool:
+        """USDT deposits are on: a master, a rate and a deposit wallet are set."""
+        return bool(self.usdt_master and self.usdt_nano_per_micro and self.deposit_address)
 
 
 # -------------------------------------------------------------- the settings

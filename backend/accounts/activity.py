@@ -16,7 +16,15 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from backend.accounts.errors import AccountError
 from backend.db import Database
 from backend.errors import ErrorCode
-from backend.models import Account, AccountKind, Entry, Payout, Transaction, TurnRecord
+from backend.models import (
+    Account,
+    AccountKind,
+    Entry,
+    Payout,
+    TonDeposit,
+    Transaction,
+    TurnRecord,
+)
 
 __all__ = [
     "HISTORY_KINDS",
@@ -168,6 +176,7 @@ def _before(cursor: Cursor | None, kind: HistoryKind, at: Any, key: Any) -> Colu
 _DEPOSIT_SOURCES = {
     AccountKind.TON_IN.value: "ton",
     AccountKind.STARS_IN.value: "stars",
+    AccountKind.USDT_IN.value: "usdt",
     AccountKind.OPERATOR.value: "operator",
 }
 
@@ -196,14 +205,35 @@ async def _deposits(
         select(Account.id, Account.kind).where(Account.id.in_(account_ids))
     )
     kinds = {account_id: kind for account_id, kind in rows}
-    for tx in txs:
-        amount = sum(e.amount for e in tx.entries if e.account_id == user_account)
-        source = next(
+    sources = {
+        tx.id: next(
             (_DEPOSIT_SOURCES[kinds[e.account_id]] for e in tx.entries if e.amount < 0), "ton"
         )
+        for tx in txs
+    }
+    usdt_keys = [tx.idempotency_key for tx in txs if sources[tx.id] == "usdt"]
+    usdt = (
+        {
+            key: (units, rate)
+            for key, units, rate in await session.execute(
+                select(
+                    TonDeposit.ledger_key, TonDeposit.jetton_amount, TonDeposit.nano_per_unit
+                ).where(TonDeposit.ledger_key.in_(usdt_keys))
+            )
+        }
+        if usdt_keys
+        else {}
+    )
+    for tx in txs:
+        amount = sum(e.amount for e in tx.entries if e.account_id == user_account)
+        source = sources[tx.id]
         details: dict[str, Any] = {"source": source, "id": tx.id}
-        if source == "ton" and tx.idempotency_key.startswith("ton:"):
+        if source in ("ton", "usdt") and tx.idempotency_key.startswith("ton:"):
             details["tx_hash"] = tx.idempotency_key.rsplit(":", 1)[1]  # ton:<account>:<lt>:<hash>
+        if tx.idempotency_key in usdt:  # the USDT paid (micro-units) and the rate it got
+            units, rate = usdt[tx.idempotency_key]
+            details["usdt_micro"] = int(units or 0)
+            details["nano_per_micro"] = rate
         items.append(HistoryItem("deposit", tx.created_at, amount, details, tx.id))
     return items
 

@@ -136,18 +136,27 @@ def cmd_unclaimed(settings: Settings, _args: argparse.Namespace) -> int:
         if not rows:
             print("no unclaimed deposits")
         for row in rows:
-            print(
-                f"#{row.id} {row.amount} nanoTON ({format_gram(row.amount)}) from {row.source} "
-                f"lt {row.lt} tx {row.tx_hash}: {row.note}; comment {row.memo!r}"
-            )
+            if row.credited is not None:  # USDT from our own jetton wallet, nobody's memo
+                print(
+                    f"#{row.id} {row.jetton_amount} USDT micro-units from {row.jetton_sender} "
+                    f"at {row.nano_per_unit} nanoTON each = {row.credited} nanoTON "
+                    f"({format_gram(row.credited)}), lt {row.lt} tx {row.tx_hash}: {row.note}; "
+                    f"comment {row.memo!r}"
+                )
+            else:
+                print(
+                    f"#{row.id} {row.amount} nanoTON ({format_gram(row.amount)}) from "
+                    f"{row.source} lt {row.lt} tx {row.tx_hash}: {row.note}; comment {row.memo!r}"
+                )
             print(f"    resolve: cocoon ton resolve --deposit {row.id} --telegram-id N")
         if jettons:
             print("jetton transfer notifications (recorded, not credited; not resolvable as TON):")
         for row in jettons:
             print(
-                f"#{row.id} {row.jetton_amount} jetton units from {row.jetton_sender} through "
-                f"jetton wallet {row.source}, with {row.amount} nanoTON, lt {row.lt} "
-                f"tx {row.tx_hash}: comment {row.memo!r}"
+                f"#{row.id} {row.jetton_amount} units of jetton {row.jetton_master or 'unknown'} "
+                f"from {row.jetton_sender} through jetton wallet {row.source}, with "
+                f"{row.amount} nanoTON, lt {row.lt} tx {row.tx_hash}: {row.note}; "
+                f"comment {row.memo!r}"
             )
         return 0
 

@@ -83,7 +83,16 @@ async def run_services(
             watcher: DepositWatcher | None = None
             sender: PayoutSender | None = None
             if account:
-                watcher = DepositWatcher(db, ledger, api, account, page_size=ton.page_size, **pace)
+                watcher = DepositWatcher(
+                    db,
+                    ledger,
+                    api,
+                    account,
+                    page_size=ton.page_size,
+                    usdt_master=ton.usdt_master if ton.takes_usdt else None,
+                    usdt_nano_per_micro=ton.usdt_nano_per_micro,
+                    **pace,
+                )
             if wallet:
                 sender = PayoutSender(db, ledger, api, wallet, ttl_s=ton.payout_ttl_s, **pace)
             if once:

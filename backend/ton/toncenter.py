@@ -6,12 +6,15 @@ same BOC). Base URL and API key come from :class:`~backend.settings.TonSettings`
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+from ton_core import Address, Cell, begin_cell
 
 from backend.settings import TonSettings
+from backend.ton.comment import raw_address
 
 TIMEOUT_S = 20
 
@@ -172,6 +175,30 @@ class TonCenter:
             raise TonCenterError("get_public_key returned no 256-bit key", transient=False)
         return value.to_bytes(32, "big")
 
+    async def jetton_wallet_address(self, master: str, owner: str) -> str | None:
+        """The jetton wallet that the jetton ``master`` gives ``owner`` (its
+        ``get_wallet_address``), raw; None when the master has no code. Raises
+        TonCenterError (``transient=False`` when the master answers with no address)."""
+        owner_cell = begin_cell().store_address(Address(owner)).end_cell()
+        stack = [{"type": "slice", "value": base64.b64encode(owner_cell.to_boc()).decode()}]
+        result = await self.run_get_method(master, "get_wallet_address", stack)
+        if result.exit_code == EXIT_NO_CODE:
+            return None
+        address = result.address(0) if result.exit_code == 0 else None
+        if address is None:
+            raise TonCenterError(
+                f"get_wallet_address failed (exit code {result.exit_code})", transient=False
+            )
+        return address
+
+    async def jetton_wallet_master(self, wallet: str) -> str | None:
+        """The master a jetton wallet names in its ``get_wallet_data`` (balance, owner,
+        master, code), raw; None when the account answers no such thing (no code, not a
+        jetton wallet). Only the master's own ``get_wallet_address`` proves the wallet is
+        its: this is what the wallet *claims*, for telling an operator which jetton came."""
+        result = await self.run_get_method(wallet, "get_wallet_data")
+        return result.address(2) if result.exit_code == 0 else None
+
 
 EXIT_NO_CODE = -13  # a get-method run on an account without code (uninit or nonexist)
 MAX_STACK = 256
@@ -197,6 +224,26 @@ class GetMethodResult:
             return int(value, 16) if value.lstrip("-").startswith("0x") else int(value)
         except ValueError:
             return None
+
+    def address(self, index: int) -> str | None:
+        """The address in the ``cell`` or ``slice`` entry at ``index`` (a base64 BOC), raw,
+        or None when there is none (or it is not an internal address)."""
+        if not 0 <= index < len(self.stack):
+            return None
+        item = self.stack[index]
+        value = item.get("value")
+        if item.get("type") not in ("cell", "slice") or not isinstance(value, str):
+            return None
+        if len(value) > MAX_CELL_B64:
+            return None
+        try:
+            address = Cell.one_from_boc(base64.b64decode(value)).begin_parse().load_address()
+        except Exception:  # any malformed BOC or slice: not an address
+            return None
+        return raw_address(address) if isinstance(address, Address) else None
+
+
+MAX_CELL_B64 = 4096  # an address cell is under 100 bytes of BOC
 
 
 def _transactions(body: Any, path: str) -> list[dict[str, Any]]:

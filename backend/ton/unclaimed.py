@@ -1,6 +1,8 @@
 """Deposits the watcher could not credit by itself, for the operator: those whose comment is
 nobody's memo (``cocoon ton unclaimed``, then ``cocoon ton resolve`` credits one, once) and the
-jetton transfer notifications (recorded, never credited as TON)."""
+jetton transfer notifications (recorded, never credited as TON). An unclaimed USDT deposit
+(from the deposit wallet's own USDT jetton wallet, with no user's memo) is resolved at the rate
+stored with it; a refused jetton notification (a fake wallet, another jetton) never is."""
 
 from __future__ import annotations
 
@@ -31,8 +33,8 @@ async def unclaimed_deposits(db: Database) -> list[TonDeposit]:
 
 
 async def jetton_notifications(db: Database) -> list[TonDeposit]:
-    """Jetton transfer notifications the deposit wallet received, oldest first (recorded
-    only: nothing credits them yet)."""
+    """Jetton transfer notifications the deposit wallet received that credit nothing, oldest
+    first: refused senders (``jetton_master`` is the master they claim) and unreadable ones."""
     async with db.session() as session:
         rows = await session.scalars(
             select(TonDeposit)
@@ -56,12 +58,15 @@ async def resolve_unclaimed(
     if deposit is None or deposit.status != TonDepositStatus.UNCLAIMED:
         why = "" if deposit is None else f" (#{deposit_id} is {deposit.status}: {deposit.note})"
         raise LookupError(f"no unclaimed deposit #{deposit_id}{why}")
+    usdt = deposit.credited is not None
+    amount = deposit.credited if deposit.credited is not None else deposit.amount
     await ledger.credit_deposit(
         user_id,
-        deposit.amount,
+        amount,
         deposit.ledger_key,
-        source=AccountKind.TON_IN,
-        reason=f"unclaimed TON deposit {deposit.tx_hash} (lt {deposit.lt}) resolved by {by}",
+        source=AccountKind.USDT_IN if usdt else AccountKind.TON_IN,
+        reason=f"unclaimed {'USDT' if usdt else 'TON'} deposit {deposit.tx_hash} "
+        f"(lt {deposit.lt}) resolved by {by}",
     )
     async with db.session() as session, session.begin():
         row = await session.get(TonDeposit, deposit_id)
@@ -73,6 +78,6 @@ async def resolve_unclaimed(
         )
         if told is None:
             notifications.add(
-                session, user_id, NOTIFY_DEPOSIT, f"deposit:{deposit_id}", amount=deposit.amount
+                session, user_id, NOTIFY_DEPOSIT, f"deposit:{deposit_id}", amount=amount
             )
     return deposit

@@ -5,8 +5,10 @@ For every transaction, in logical-time order, from a cursor kept in the database
 1. classify it (:func:`backend.ton.transactions.classify`): external, bounced and zero-value
    messages, and aborted transactions whose value really went back to the sender, are
    ignored, each row keeping its amount and the reason; a jetton transfer notification is
-   recorded as one, never as TON; a text comment that is some user's deposit memo is
-   credited; anything else with value is *unclaimed* (:mod:`backend.ton.unclaimed`);
+   recorded as one, never as TON, unless it is USDT from the deposit wallet's own USDT jetton
+   wallet (:mod:`backend.ton.jettons`): then its memo's user is credited the USDT at the
+   operator's rate; a text comment that is some user's deposit memo is credited; anything
+   else with value is *unclaimed* (:mod:`backend.ton.unclaimed`);
 2. credit the ledger under the key ``ton:<account>:<lt>:<hash>`` (the ledger applies a key
    once, so a crash between steps never credits twice);
 3. in one database transaction: record the deposit (unique on account, lt, hash), queue the
@@ -39,7 +41,9 @@ from backend.db import Database, rowcount
 from backend.ledger import Ledger
 from backend.models import AccountKind, TonCursor, TonDeposit, TonDepositStatus
 from backend.notifications import NOTIFY_DEPOSIT
+from backend.settings import MAX_NANO
 from backend.ton.comment import raw_address
+from backend.ton.jettons import UsdtWallet, usdt_credit
 from backend.ton.polling import poll_until_stopped
 from backend.ton.toncenter import TonCenter
 from backend.ton.transactions import Classified, JettonNotification, classify, hash_hex
@@ -88,6 +92,8 @@ class DepositWatcher:
         overlap_max: int = OVERLAP_MAX,
         notify: Notify | None = None,
         checkpoint: Checkpoint | None = None,
+        usdt_master: str | None = None,
+        usdt_nano_per_micro: int = 0,
     ) -> None:
         self.db = db
         self.ledger = ledger
@@ -101,6 +107,12 @@ class DepositWatcher:
         self.notify = notify
         self._checkpoint = checkpoint or (lambda _name: None)
         self._memo_users: dict[str, int] = {}
+        self.usdt = (
+            UsdtWallet(api, raw_address(usdt_master), self.account)
+            if usdt_master and 0 < usdt_nano_per_micro <= MAX_NANO
+            else None
+        )
+        self.usdt_nano_per_micro = usdt_nano_per_micro
 
     async def cursor(self) -> int:
         async with self.db.session() as session:
@@ -215,7 +227,24 @@ class DepositWatcher:
         key = deposit_key(self.account, lt, tx_hash)
         found = classify(tx, self.account)
         status, note, user_id = found.status, found.note, None
-        if status == TonDepositStatus.CREDITED:
+        usdt: Usdt | None = None
+        if status == TonDepositStatus.JETTON and self.usdt is not None:
+            usdt = await self._usdt(found)
+            status, note = usdt.status, usdt.note
+            if status == TonDepositStatus.CREDITED:
+                user_id = await self._user_for(found.jetton.memo if found.jetton else None)
+                if user_id is None:
+                    status, note = TonDepositStatus.UNCLAIMED, "USDT: memo matches no user"
+                else:
+                    await self.ledger.credit_deposit(
+                        user_id,
+                        usdt.credited or 0,
+                        key,
+                        source=AccountKind.USDT_IN,
+                        reason=f"USDT deposit {tx_hash} (lt {lt})",
+                    )
+                    self._checkpoint("credited")
+        elif status == TonDepositStatus.CREDITED:
             user_id = await self._user_for(found.memo)
             if user_id is None:
                 status, note = TonDepositStatus.UNCLAIMED, "memo matches no user"
@@ -228,18 +257,45 @@ class DepositWatcher:
                     reason=f"TON deposit {tx_hash} (lt {lt})",
                 )
                 self._checkpoint("credited")
-        deposit, created = await self._record(tx, lt, tx_hash, key, found, status, note, user_id)
+        deposit, created = await self._record(
+            tx, lt, tx_hash, key, found, status, note, user_id, usdt
+        )
         self._checkpoint("recorded")
         if created:
             _log_recorded(deposit)
         if created and status == TonDepositStatus.CREDITED and self.notify is not None:
+            amount = found.amount if usdt is None else usdt.credited or 0
             try:
-                await self.notify(
-                    DepositEvent(deposit.user_id or 0, found.amount, deposit.id, tx_hash)
-                )
+                await self.notify(DepositEvent(deposit.user_id or 0, amount, deposit.id, tx_hash))
             except Exception:
                 log.exception("deposit notification hook failed (the outbox still has it)")
         return deposit
+
+    async def _usdt(self, found: Classified) -> Usdt:
+        """What a jetton notification is worth: USDT to credit (CREDITED, to be matched to a
+        memo) only from the deposit wallet's own USDT jetton wallet; anything else stays a
+        refused jetton notification (JETTON), with the master its sender claims. Raises
+        TonCenterError while the USDT wallet's address cannot be read (retried later)."""
+        assert self.usdt is not None and found.source is not None
+        jetton = found.jetton
+        rate = self.usdt_nano_per_micro
+        refused = await self.usdt.refusal(found.source)
+        if refused is not None:
+            why, claimed = refused
+            return Usdt(TonDepositStatus.JETTON, f"refused: {why}", claimed, None, None)
+        master = self.usdt.master
+        if jetton is None or jetton.amount is None:
+            unread = jetton.note if jetton is not None else None
+            note = f"USDT: {unread or 'unreadable'}"
+            return Usdt(TonDepositStatus.JETTON, note, master, None, None)
+        credited = usdt_credit(jetton.amount, rate)
+        if credited is None:
+            note = f"USDT: {jetton.amount} micro-units at {rate} nanoTON each is out of range"
+            return Usdt(TonDepositStatus.JETTON, note, master, rate, None)
+        if jetton.memo is None:
+            note = f"USDT: {jetton.note or 'no comment'}"
+            return Usdt(TonDepositStatus.UNCLAIMED, note, master, rate, credited)
+        return Usdt(TonDepositStatus.CREDITED, None, master, rate, credited)
 
     async def _user_for(self, memo: str | None) -> int | None:
         """The user whose memo this is (memos never change, so found ones are remembered)."""
@@ -265,6 +321,7 @@ class DepositWatcher:
         status: TonDepositStatus,
         note: str | None,
         user_id: int | None,
+        usdt: Usdt | None = None,
     ) -> tuple[TonDeposit, bool]:
         for _attempt in range(3):
             try:
@@ -292,6 +349,9 @@ class DepositWatcher:
                             utime=_utime(tx.get("now")),
                             jetton_amount=_jetton_amount(found.jetton),
                             jetton_sender=found.jetton.sender if found.jetton else None,
+                            jetton_master=usdt.master if usdt else None,
+                            nano_per_unit=usdt.rate if usdt else None,
+                            credited=usdt.credited if usdt else None,
                         )
                         session.add(existing)
                         await session.flush()
@@ -301,7 +361,7 @@ class DepositWatcher:
                                 user_id,
                                 NOTIFY_DEPOSIT,
                                 f"deposit:{existing.id}",
-                                amount=found.amount,
+                                amount=found.amount if usdt is None else usdt.credited or 0,
                             )
                     moved = await session.execute(
                         update(TonCursor)
@@ -317,9 +377,29 @@ class DepositWatcher:
         raise RuntimeError(f"could not record deposit {key}")
 
 
+@dataclass(frozen=True)
+class Usdt:
+    """What the watcher made of a jetton notification when it takes USDT."""
+
+    status: TonDepositStatus
+    note: str | None
+    master: str | None  # USDT's, or the one a refused sender claims
+    rate: int | None  # nanoTON per micro-unit it is (or would be) credited at
+    credited: int | None  # nanoTON it credits (or would, once an operator resolves it)
+
+
 def _log_recorded(deposit: TonDeposit) -> None:
     """One line for every transaction that was not credited, with its amount and reason."""
-    if deposit.status == TonDepositStatus.UNCLAIMED:
+    if deposit.status == TonDepositStatus.UNCLAIMED and deposit.credited is not None:
+        log.warning(
+            "unclaimed USDT deposit #%s: %s micro-units (%s nanoTON at its rate), lt %s (%s)",
+            deposit.id,
+            deposit.jetton_amount,
+            deposit.credited,
+            deposit.lt,
+            deposit.note,
+        )
+    elif deposit.status == TonDepositStatus.UNCLAIMED:
         log.warning(
             "unclaimed TON deposit #%s: %s nanoTON, lt %s (%s)",
             deposit.id,
@@ -329,9 +409,12 @@ def _log_recorded(deposit: TonDeposit) -> None:
         )
     elif deposit.status == TonDepositStatus.JETTON:
         log.warning(
-            "jetton notification #%s: %s jetton units from %s through %s, %s nanoTON, lt %s",
+            "jetton notification #%s (%s): %s units of jetton %s from %s through %s, "
+            "%s nanoTON, lt %s",
             deposit.id,
+            deposit.note,
             deposit.jetton_amount,
+            deposit.jetton_master or "unknown",
             deposit.jetton_sender,
             deposit.source,
             deposit.amount,
