@@ -22,7 +22,7 @@ from aiohttp.test_utils import TestServer
 from hypothesis import example, given
 from hypothesis import strategies as st
 from pydantic import ValidationError
-from pytoniq_core import begin_cell
+from pytoniq_core import Address, begin_cell
 
 from backend.attestation.collateral import CollateralSource, load_collateral
 from backend.attestation.policy import Policy
@@ -30,10 +30,11 @@ from backend.attestation.tdx import verify_quote
 from backend.attestation.verifier import Verifier
 from backend.db import Database
 from backend.ledger import Ledger
-from backend.models import AccountKind, TonDepositStatus
+from backend.models import AccountKind, TonDepositStatus, User
 from backend.money import AmountError, format_gram, parse_amount, parse_nano
 from backend.settings import DEFAULT_MODEL, MAX_NANO, AttestationSettings, Settings
-from backend.ton.comment import comment_cell, decode_comment
+from backend.ton.comment import comment_cell, decode_comment, raw_address
+from backend.ton.localnet import LocalTonCenter, LocalTonCenterServer, jetton_notification
 from backend.ton.proof import ProofError, verify_proof
 from backend.ton.toncenter import TonCenter, TonCenterError
 from backend.ton.transactions import classify
@@ -170,6 +171,68 @@ async def test_garbage_transactions_are_recorded_or_refused_and_never_credited(
     assert await w.ledger.balance(AccountKind.TON_IN) == 0
 
 
+USDT = "0:" + "7E" * 32
+GRAM = "0:" + "6A" * 32  # a jetton named GRAM: not the native coin
+USDT_RATE = 400
+
+
+@pytest.fixture
+async def usdt_watcher(
+    db: Database,
+) -> AsyncIterator[tuple[DepositWatcher, LocalTonCenter, User]]:
+    user = await get_or_create_user(db, 4321)
+    net = LocalTonCenter()
+    net.deploy(DEPOSIT)
+    net.add_jetton(USDT)
+    net.add_jetton(GRAM)
+    async with LocalTonCenterServer(net) as url, TonCenter(url) as api:
+        w = DepositWatcher(
+            db, Ledger(db), api, DEPOSIT, usdt_master=USDT, usdt_nano_per_micro=USDT_RATE
+        )
+        yield w, net, user
+
+
+@FUZZ
+@given(
+    units=st.integers(min_value=0, max_value=2**120 - 1)
+    | st.integers(min_value=0, max_value=10**12),
+    sender=st.sampled_from(["usdt", "usdt_other_owner", "gram", "fake", "external"]),
+    comment=st.none() | st.sampled_from(["memo", "memo_lower"]) | st.text(max_size=30),
+    value=st.integers(min_value=0, max_value=10**9),
+    twice=st.booleans(),
+)
+async def test_jetton_notifications_credit_usdt_only_from_our_usdt_wallet_once(
+    usdt_watcher: tuple[DepositWatcher, LocalTonCenter, User],
+    units: int,
+    sender: str,
+    comment: str | None,
+    value: int,
+    twice: bool,
+) -> None:
+    w, net, user = usdt_watcher
+    memo = {"memo": user.deposit_memo, "memo_lower": user.deposit_memo.lower()}
+    text = memo.get(comment or "", comment)
+    source = {
+        "usdt": net.jetton_wallet(USDT, DEPOSIT),
+        "usdt_other_owner": net.jetton_wallet(USDT, "0:" + "0B" * 32),
+        "gram": net.jetton_wallet(GRAM, DEPOSIT),
+        "fake": "0:" + "FA" * 32,
+        "external": None,
+    }[sender]
+    body = jetton_notification(units, "0:" + "A1" * 32, text)
+    tx = net.add_incoming(DEPOSIT, value, body=body, source=source)
+    before = (await w.ledger.balances(user.id)).available
+    for _ in range(2 if twice else 1):
+        deposit = await w.handle(tx)
+    gained = (await w.ledger.balances(user.id)).available - before
+    ours = sender == "usdt" and text is not None and text.strip().upper() == user.deposit_memo
+    expected = units * USDT_RATE if ours and 0 < units * USDT_RATE <= MAX_NANO else 0
+    assert gained == expected
+    assert (deposit.status == TonDepositStatus.CREDITED) == (expected > 0)
+    assert await w.ledger.balance(AccountKind.TON_IN) == 0  # never credited as the coin
+    assert (await w.ledger.audit()).ok
+
+
 class Replies:
     """A TON Center stand-in at the network boundary that answers whatever it is told to."""
 
@@ -198,7 +261,18 @@ async def toncenter() -> AsyncIterator[tuple[Replies, TonCenter]]:
     status=st.sampled_from([200, 200, 200, 400, 404, 429, 500, 502]),
     body=json_values().map(lambda v: json.dumps(v).encode())
     | st.binary(max_size=60)
-    | st.just(b'{"transactions": [{"lt": "5"}]}'),
+    | st.just(b'{"transactions": [{"lt": "5"}]}')
+    | st.builds(
+        lambda kind, value, code: json.dumps(
+            {"exit_code": code, "stack": [{"type": kind, "value": value}] * 3}
+        ).encode(),
+        st.sampled_from(["cell", "slice", "num"]),
+        st.binary(max_size=80).map(b64)
+        | st.just(b64(begin_cell().store_address(None).end_cell().to_boc()))
+        | st.just(b64(begin_cell().store_address(Address(DEPOSIT)).end_cell().to_boc()))
+        | json_values(2),
+        st.sampled_from([0, 0, -13, 7]),
+    ),
 )
 async def test_any_toncenter_reply_is_data_or_a_toncenter_error(
     toncenter: tuple[Replies, TonCenter], status: int, body: bytes
@@ -209,6 +283,8 @@ async def test_any_toncenter_reply_is_data_or_a_toncenter_error(
         api.transactions(DEPOSIT, start_lt=1, limit=10),
         api.transactions_by_message("00" * 32),
         api.wallet_seqno(DEPOSIT),
+        api.jetton_wallet_address(DEPOSIT, DEPOSIT),
+        api.jetton_wallet_master(DEPOSIT),
     )
     for call in calls:
         try:
@@ -216,7 +292,9 @@ async def test_any_toncenter_reply_is_data_or_a_toncenter_error(
         except TonCenterError:
             continue
         assert status == 200
-        if isinstance(result, list):
+        if result is None or isinstance(result, str):  # an address read from a stack
+            assert result is None or raw_address(result) == result
+        elif isinstance(result, list):
             assert all(isinstance(tx, dict) and int(tx["lt"]) > 0 for tx in result)
         else:
             assert 0 <= result < 2**32
