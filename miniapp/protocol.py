@@ -56,6 +56,9 @@ class TopUpOptions(BaseModel):
     stars: bool  # Telegram Stars invoices can be made
     stars_presets: list[int]
     nano_per_star: Nano
+    usdt: bool = False  # USDT top-ups are taken (a USDT master and a rate are set)
+    nano_per_usdt: Nano | None = None  # what 1 USDT credits now
+    usdt_presets: list[str] = []  # decimal USDT
 
 
 class Me(BaseModel):
@@ -136,6 +139,19 @@ class TopUp(BaseModel):
     amount: Nano
     memo: str
     deposit_address: str
+    transaction: TonConnectTransaction
+
+
+class UsdtTopUpRequest(Strict):
+    amount: str = Field(min_length=1, max_length=40, description="decimal USDT, e.g. 12.5")
+
+
+class UsdtTopUp(BaseModel):
+    usdt: str  # decimal USDT, as the wallet will show it
+    units: str  # USDT micro-units (10^-6)
+    amount: Nano  # what it credits at today's rate
+    nano_per_usdt: Nano
+    memo: str
     transaction: TonConnectTransaction
 
 

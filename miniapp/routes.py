@@ -321,6 +321,13 @@ async def post_topup(request: web.Request, caller: Caller) -> web.Response:
 
 
 @api
+async def post_topup_usdt(request: web.Request, caller: Caller) -> web.Response:
+    body = await _body(request, p.UsdtTopUpRequest)
+    service = request.app[MINIAPP]
+    return _json(await service.top_up_usdt(caller, body.amount), exclude_none=True)
+
+
+@api
 async def post_stars(request: web.Request, caller: Caller) -> web.Response:
     body = await _body(request, p.StarsRequest)
     service = request.app[MINIAPP]
@@ -453,6 +460,7 @@ def setup(app: web.Application, settings: Settings) -> None:
     router.add_post("/app/api/wallet", post_wallet)
     router.add_delete("/app/api/wallet", delete_wallet)
     router.add_post("/app/api/topup", post_topup)
+    router.add_post("/app/api/topup/usdt", post_topup_usdt)
     router.add_post("/app/api/stars", post_stars)
     router.add_get("/app/api/history", get_history)
     router.add_get("/app/api/provider", get_provider)

@@ -31,6 +31,14 @@ from backend.ratelimit import RateLimiter
 from backend.settings import Settings
 from backend.ton import proof as ton_proof
 from backend.ton.comment import deposit_transaction, friendly_address
+from backend.ton.jettons import (
+    MAX_USDT_UNITS,
+    USDT_DECIMALS,
+    format_usdt,
+    jetton_topup_transaction,
+    usdt_credit,
+)
+from backend.ton.toncenter import TonCenter, TonCenterError
 from backend.users import get_or_create_user
 from miniapp import protocol as p
 from miniapp.auth import TelegramCaller
@@ -42,6 +50,7 @@ if TYPE_CHECKING:
 
 TOPUP_PRESETS = ["1", "5", "10", "50"]
 STARS_PRESETS = [50, 100, 250, 1000]
+USDT_PRESETS = ["5", "10", "25", "100"]
 
 
 class MiniAppError(CocoonError):
@@ -171,6 +180,11 @@ class MiniApp:
                 stars=self.bot is not None,
                 stars_presets=STARS_PRESETS,
                 nano_per_star=_nano(self.settings.stars_nano_per_star),
+                usdt=self.settings.ton.takes_usdt,
+                nano_per_usdt=_nano(self.settings.ton.usdt_nano_per_micro * 10**USDT_DECIMALS)
+                if self.settings.ton.takes_usdt
+                else None,
+                usdt_presets=USDT_PRESETS if self.settings.ton.takes_usdt else [],
             ),
             network=self.settings.ton.network,
         )
@@ -260,6 +274,46 @@ class MiniApp:
             deposit_address=friendly_address(
                 ton.deposit_address, bounceable=False, testnet=ton.is_testnet
             ),
+            transaction=p.TonConnectTransaction.model_validate(request),
+        )
+
+    async def top_up_usdt(self, caller: Caller, amount_text: str) -> p.UsdtTopUp:
+        """The jetton transfer the linked wallet signs: ``amount_text`` USDT from its own USDT
+        jetton wallet to the deposit wallet, the memo as the forward comment. Credited at
+        the rate in force when the watcher reads it (shown here)."""
+        ton = self.settings.ton
+        if not ton.takes_usdt or ton.usdt_master is None or ton.deposit_address is None:
+            raise MiniAppError(ErrorCode.TOPUP_UNAVAILABLE)
+        nano = _amount(caller, amount_text)  # 9 decimals; USDT has 6
+        units, rest = divmod(nano, 10 ** (9 - USDT_DECIMALS))
+        credited = usdt_credit(units, ton.usdt_nano_per_micro)
+        if rest or units > MAX_USDT_UNITS or credited is None:
+            raise MiniAppError(ErrorCode.INVALID_AMOUNT)
+        wallet = await ton_proof.linked_wallet(self.db, caller.user.id, "user")
+        if wallet is None:
+            raise MiniAppError(ErrorCode.INVALID_REQUEST, "connect a wallet first")
+        try:
+            async with TonCenter.from_settings(ton) as api:
+                jetton_wallet = await api.jetton_wallet_address(ton.usdt_master, wallet.address)
+        except TonCenterError:
+            raise MiniAppError(ErrorCode.TOPUP_UNAVAILABLE) from None
+        if jetton_wallet is None:
+            raise MiniAppError(ErrorCode.TOPUP_UNAVAILABLE)
+        request = jetton_topup_transaction(
+            jetton_wallet,
+            wallet.address,
+            ton.deposit_address,
+            caller.user.deposit_memo,
+            units,
+            ttl_s=ton.deposit_ttl_s,
+            testnet=ton.is_testnet,
+        )
+        return p.UsdtTopUp(
+            usdt=format_usdt(units),
+            units=str(units),
+            amount=_nano(credited),
+            nano_per_usdt=_nano(ton.usdt_nano_per_micro * 10**USDT_DECIMALS),
+            memo=caller.user.deposit_memo,
             transaction=p.TonConnectTransaction.model_validate(request),
         )
 

@@ -329,6 +329,21 @@ async def test_topup_offers_the_mini_app_the_memo_and_stars(bot: Harness) -> Non
     assert bot.last("answerCallbackQuery").show_alert
 
 
+async def test_topup_offers_usdt_at_its_rate_only_when_the_operator_takes_it(
+    bot: Harness,
+) -> None:
+    await bot.send("/topup")
+    assert "USDT" not in bot.last().text
+    bot.settings.ton = bot.settings.ton.model_copy(
+        update={"usdt_master": "0:" + "7E" * 32, "usdt_nano_per_micro": 400}
+    )
+    await bot.send("/topup")
+    text = bot.last().text
+    user = await bot.user()
+    assert "Or send USDT (on TON) to the same address" in text and user.deposit_memo in text
+    assert "1 USDT = 0.4 GRAM" in text
+
+
 async def test_stars_are_credited_only_at_the_rate_the_bot_issues(bot: Harness) -> None:
     await bot.send("/start")
     user = await bot.user()

@@ -9,11 +9,16 @@ from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from ton_core import Address, Cell
 
 from backend import appkeys
 from backend.ledger import Ledger
 from backend.models import AccountKind, TonWallet
-from backend.settings import Settings
+from backend.settings import Settings, TonSettings
+from backend.ton.comment import decode_comment, raw_address
+from backend.ton.localnet import LocalTonCenter, LocalTonCenterServer
+from backend.ton.toncenter import TonCenter
+from backend.ton.watcher import DepositWatcher
 from backend.users import get_or_create_user
 from backend.web import create_app
 from tests.support.miniapp_api import (  # the fixtures, imported by other names
@@ -21,7 +26,14 @@ from tests.support.miniapp_api import (  # the fixtures, imported by other names
     error_of,
     node_modules_fixture,  # noqa: F401
 )
-from tests.support.miniapp_helpers import TON, TestWallet, app_settings, auth, init_data
+from tests.support.miniapp_helpers import (
+    DEPOSIT,
+    TON,
+    TestWallet,
+    app_settings,
+    auth,
+    init_data,
+)
 
 ALICE = 7101
 
@@ -178,3 +190,99 @@ async def test_withdrawing_all_of_nothing_is_said_in_the_pages_words(client: Tes
     error = await error_of(response, 400)
     assert error["code"] == "invalid_amount" and error["details"] == {"problem": "not_positive"}
     assert "больше 0" in error["message"]
+
+
+async def test_a_usdt_top_up_is_offered_at_its_rate_built_for_the_wallet_and_shown_in_history(
+    settings: Settings, db_url: str
+) -> None:
+    """The Mini App's USDT top-up end to end against the local TON Center: the rate shown,
+    the jetton transfer the linked wallet signs (executed as the jetton wallets do), the
+    watcher's credit, and the history row with the USDT paid."""
+    usdt_master = "0:" + "7E" * 32
+    net = LocalTonCenter()
+    net.add_jetton(usdt_master)
+    wallet = TestWallet()
+    net.mint_jetton(usdt_master, wallet.raw, 100 * 10**6)
+    async with LocalTonCenterServer(net) as url:
+        ton = TonSettings(
+            deposit_address=DEPOSIT,
+            proof_domains=["cocoon.example"],
+            api_url=url,
+            usdt_master=usdt_master,
+            usdt_nano_per_micro=400,
+        )
+        client = TestClient(TestServer(create_app(app_settings(settings, db_url, ton=ton))))
+        await client.start_server()
+        try:
+            db = client.app[appkeys.DATABASE]
+            await db.upgrade()
+            headers = auth(init_data(7304))
+            me = await (await client.get("/app/api/me", headers=headers)).json()
+            topup = me["topup"]
+            assert (topup["usdt"], topup["nano_per_usdt"]) == (True, "400000000")
+            response = await client.post(
+                "/app/api/topup/usdt", headers=headers, json={"amount": "5"}
+            )
+            assert response.status == 400  # no wallet linked: nothing to sign with
+            user = await get_or_create_user(db, 7304)
+            async with db.session() as session, session.begin():
+                session.add(
+                    TonWallet(
+                        user_id=user.id,
+                        purpose="user",
+                        address=wallet.raw,
+                        public_key=wallet.account()["publicKey"],
+                    )
+                )
+            for bad in ("0", "1.0000001", "99999999999"):  # USDT has 6 decimals
+                response = await client.post(
+                    "/app/api/topup/usdt", headers=headers, json={"amount": bad}
+                )
+                assert (await error_of(response, 400))["code"] == "invalid_amount"
+            response = await client.post(
+                "/app/api/topup/usdt", headers=headers, json={"amount": "12.5"}
+            )
+            assert response.status == 200, await response.text()
+            order = await response.json()
+            assert (order["usdt"], order["units"], order["amount"]) == (
+                "12.5",
+                "12500000",
+                str(12_500_000 * 400),
+            )
+            (message,) = order["transaction"]["messages"]
+            assert raw_address(message["address"]) == net.jetton_wallet(usdt_master, wallet.raw)
+            assert "network" not in order["transaction"]  # TON Connect refuses null keys
+            # The wallet signs it; its jetton wallet moves the USDT and notifies the deposit
+            # wallet with the memo, as the contracts do.
+            body = Cell.one_from_boc(base64.b64decode(message["payload"])).begin_parse()
+            assert body.load_uint(32) == 0x0F8A7EA5
+            body.load_uint(64)
+            units, destination = body.load_coins(), body.load_address()
+            body.load_address(), body.load_bit(), body.load_coins(), body.load_bit()
+            memo = decode_comment(base64.b64encode(body.load_ref().to_boc()).decode()).memo
+            assert isinstance(destination, Address)
+            net.transfer_jetton(
+                usdt_master, wallet.raw, raw_address(destination), units, comment=memo
+            )
+            async with TonCenter(url) as api:
+                w = DepositWatcher(
+                    db,
+                    client.app[appkeys.LEDGER],
+                    api,
+                    DEPOSIT,
+                    usdt_master=usdt_master,
+                    usdt_nano_per_micro=400,
+                )
+                while await w.poll_once():
+                    pass
+            me = await (await client.get("/app/api/me", headers=headers)).json()
+            assert me["balance"]["available"] == str(12_500_000 * 400)
+            history = await (await client.get("/app/api/history", headers=headers)).json()
+            (item,) = history["items"]
+            assert item["details"]["source"] == "usdt"
+            assert (item["details"]["usdt_micro"], item["details"]["nano_per_micro"]) == (
+                12_500_000,
+                400,
+            )
+        finally:
+            await client.close()

@@ -27,10 +27,12 @@ from backend.ton.toncenter import TonCenter
 
 __all__ = [
     "JETTON_TRANSFER",
+    "MAX_USDT_UNITS",
     "TOPUP_FORWARD_NANO",
     "TOPUP_GAS_NANO",
     "USDT_DECIMALS",
     "UsdtWallet",
+    "format_usdt",
     "jetton_topup_transaction",
     "usdt_credit",
 ]
@@ -39,6 +41,14 @@ JETTON_TRANSFER = 0x0F8A7EA5
 USDT_DECIMALS = 6
 TOPUP_GAS_NANO = 50_000_000  # TON sent with the transfer for the jetton wallets' fees
 TOPUP_FORWARD_NANO = 1  # TON forwarded with the notification: it must be > 0 to be sent
+MAX_USDT_UNITS = 10**12  # the most one Mini App top-up asks for: 1,000,000 USDT
+
+
+def format_usdt(units: int) -> str:
+    """Micro-units as decimal USDT, exactly, without trailing zeros: 12340000 → ``12.34``."""
+    whole, part = divmod(units, 10**USDT_DECIMALS)
+    fraction = f"{part:06d}".rstrip("0")
+    return f"{whole}.{fraction}" if fraction else str(whole)
 
 
 def usdt_credit(units: int, nano_per_micro: int) -> int | None:

@@ -26,6 +26,7 @@ from backend.models import User
 from backend.money import AmountError, decimal_comma, parse_amount
 from backend.settings import Settings
 from backend.ton.comment import AddressError, friendly_address
+from backend.ton.jettons import USDT_DECIMALS
 from bot.common import Handlers, ton
 from bot.errors import amount_text
 from bot.i18n import _
@@ -105,6 +106,16 @@ def topup_text(settings: Settings, user: User, amount: int | None) -> str:
         lines.append(
             html.escape(_("Or open this link in a TON wallet app: {link}")).format(
                 link=code.format(html.escape(transfer_link(address, user.deposit_memo, amount)))
+            )
+        )
+    if address and settings.ton.takes_usdt:
+        rate = settings.ton.usdt_nano_per_micro * 10**USDT_DECIMALS
+        lines.append(
+            html.escape(
+                _(
+                    "Or send USDT (on TON) to the same address with the same comment: "
+                    "1 USDT = {rate}, credited at the rate in force when it arrives."
+                ).format(rate=ton(rate))
             )
         )
     lines.append(

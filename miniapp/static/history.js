@@ -22,8 +22,17 @@
     return C.formatDate(iso, { dateStyle: "long" });
   }
 
+  // USDT micro-units (10^-6) as decimal USDT, exactly.
+  function usdt(micro) {
+    const units = BigInt(micro);
+    const whole = units / 1000000n;
+    const fraction = (units % 1000000n).toString().padStart(6, "0").replace(/0+$/, "");
+    return fraction ? whole + "." + fraction : whole.toString();
+  }
+
   function summary(item) {
     const d = item.details || {};
+    if (item.kind === "deposit" && d.usdt_micro != null) return usdt(d.usdt_micro) + " " + t("source_usdt");
     if (item.kind === "deposit") return t("source_" + (d.source || "ton"));
     if (item.kind === "turn") return d.model || "";
     return t("state_" + d.state);
@@ -34,6 +43,10 @@
     const rows = [[t("detail_amount"), C.signedGram(item.amount)]];
     if (item.kind === "deposit") {
       rows.push([t("detail_fee"), t("detail_fee_none")]);
+      if (d.usdt_micro != null && d.nano_per_micro != null) {
+        const rate = (BigInt(d.nano_per_micro) * 1000000n).toString();
+        rows.push([t("source_usdt"), t("usdt_details", { usdt: usdt(d.usdt_micro), rate: C.formatGram(rate) })]);
+      }
       if (d.tx_hash) rows.push([t("detail_tx"), d.tx_hash, d.tx_url]);
     } else if (item.kind === "turn") {
       rows.push([t("detail_model"), d.model || ""]);

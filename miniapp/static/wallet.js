@@ -32,6 +32,8 @@
     $("connect").disabled = !C.config.tonconnect;
     $("topup-card").hidden = !me.topup.ton;
     $("stars-card").hidden = !me.topup.stars;
+    $("usdt-card").hidden = !me.topup.usdt;
+    if (me.topup.usdt) $("usdt-rate").textContent = t("usdt_rate", { amount: C.formatGram(me.topup.nano_per_usdt) });
     $("deposit-card").hidden = !me.topup.deposit_address;
     $("deposit-address").textContent = me.topup.deposit_address || "";
   }
@@ -50,6 +52,18 @@
         choose(preset, true);
       });
       box.appendChild(chip);
+    }
+    const usdt = $("usdt-presets");
+    usdt.textContent = "";
+    for (const preset of me.topup.usdt_presets || []) {
+      const chip = document.createElement("button");
+      chip.type = "button";
+      chip.className = "chip";
+      chip.textContent = preset + " USDT";
+      chip.addEventListener("click", () => {
+        $("usdt-amount").value = preset;
+      });
+      usdt.appendChild(chip);
     }
     const stars = $("stars-presets");
     stars.textContent = "";
@@ -213,6 +227,51 @@
     $("topup-pending").hidden = true;
   }
 
+  // ---------------------------------------------------------------------------- USDT
+
+  // The wallet signs a jetton transfer to its own USDT jetton wallet, which sends the USDT
+  // to the deposit wallet with the memo; the server builds it and credits it on arrival.
+  async function topUpUsdt() {
+    if (sending) return;
+    const element = $("usdt-status");
+    const amount = $("usdt-amount").value.trim();
+    if (!amount) return;
+    sending = true;
+    $("usdt-send").disabled = true;
+    try {
+      const ui = await C.tonConnect();
+      if (!ui) {
+        C.status(element, t("no_tonconnect"), "error");
+        return;
+      }
+      if (!ui.connected || !me.wallet) {
+        C.status(element, t("connect_first"));
+        sending = false;
+        await connect(false);
+        return;
+      }
+      let order;
+      try {
+        order = await C.request("/topup/usdt", { method: "POST", body: { amount } });
+      } catch (error) {
+        C.status(element, error.message, "error");
+        return;
+      }
+      const before = BigInt(me.balance.available);
+      try {
+        await ui.sendTransaction(order.transaction);
+      } catch (error) {
+        C.status(element, t("top_up_cancelled"), "error");
+        return;
+      }
+      C.status(element, t("usdt_sent", { usdt: order.usdt, amount: C.formatGram(order.amount) }), "pending");
+      awaitCredit(before, "top_up_credited", element);
+    } finally {
+      sending = false;
+      $("usdt-send").disabled = false;
+    }
+  }
+
   // --------------------------------------------------------------------------- Stars
 
   async function payStars(stars) {
@@ -253,6 +312,7 @@
   $("disconnect").addEventListener("click", () => disconnect().catch(C.quietly));
   $("topup-amount").addEventListener("input", (event) => choose(event.target.value, false));
   $("topup-send").addEventListener("click", topUp);
+  $("usdt-send").addEventListener("click", () => topUpUsdt().catch(C.quietly));
   $("topup-dismiss").addEventListener("click", () => {
     stopWaiting();
     savePending([]);
