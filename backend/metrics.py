@@ -1,4 +1,6 @@
-"""Prometheus metrics of the operator's processes: ``GET /metrics`` on ``cocoon web``, and the
+"""Prometheus metrics of the operator's processes: ``GET /metrics`` of ``cocoon web`` (on
+``COCOON_METRICS_PORT``, or on the main port behind ``COCOON_METRICS_TOKEN``; never public by
+default: it shows revenue and users' funds), and the
 turn metrics of ``cocoon bot`` (long polling) on ``COCOON_BOT_METRICS_PORT`` (:func:`serve_turns`).
 
 One :class:`~prometheus_client.CollectorRegistry` per process (made by :func:`setup`, never at
@@ -20,6 +22,7 @@ ledger.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -48,8 +51,10 @@ __all__ = [
     "TurnMetrics",
     "TurnsEndpoint",
     "read_state",
+    "render",
     "serve_turns",
     "setup",
+    "start_endpoint",
 ]
 
 log = logging.getLogger("cocoon.metrics")
@@ -333,8 +338,8 @@ def serve_turns(host: str, port: int) -> TurnsEndpoint:
 # ------------------------------------------------------------------------------ aiohttp
 
 
-async def _metrics(request: web.Request) -> web.Response:
-    app = request.app
+async def render(app: web.Application) -> web.Response:
+    """The exposition of ``app``'s registry, its state gauges read afresh."""
     registry = app[REGISTRY]
     collector = app[_STATE]
     async with app[_LOCK]:
@@ -349,15 +354,54 @@ async def _metrics(request: web.Request) -> web.Response:
     return response
 
 
+async def _metrics(request: web.Request) -> web.Response:
+    """``GET /metrics`` on the main port: only with ``Authorization: Bearer <COCOON_METRICS_TOKEN>``
+    (it shows revenue and users' funds); 401 otherwise, compared in constant time."""
+    token = request.app[_TOKEN]
+    given = request.headers.get("Authorization", "")
+    expected = f"Bearer {token}"
+    if not hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode()):
+        return web.json_response(
+            {"error": "metrics need Authorization: Bearer COCOON_METRICS_TOKEN"},
+            status=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return await render(request.app)
+
+
+async def start_endpoint(app: web.Application, host: str, port: int) -> web.AppRunner:
+    """``GET /metrics`` of ``app`` (made by :func:`setup`) alone, on ``host:port`` of its own
+    (``COCOON_METRICS_PORT``): the main port's routes are not served there, and the port is
+    meant for the operator's network only. Stop it with ``runner.cleanup()``."""
+    endpoint = web.Application()
+
+    async def get(_request: web.Request) -> web.Response:
+        return await render(app)
+
+    endpoint.router.add_get("/metrics", get)
+    runner = web.AppRunner(endpoint, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
+
+
 _STATE = web.AppKey("metrics_state", StateCollector)
 _LOCK = web.AppKey("metrics_lock", asyncio.Lock)
+_TOKEN = web.AppKey("metrics_token", str)
 TURN_METRICS = web.AppKey("turn_metrics", TurnMetrics)
 
 
 def setup(app: web.Application) -> CollectorRegistry:
-    """Add ``GET /metrics`` to an application made by ``backend.web.create_app``: a registry of
-    this process's own, the turn metrics (``app[TURN_METRICS]``, handed to the dispatcher when
-    the application starts), and the state gauges. Idempotent."""
+    """Give an application made by ``backend.web.create_app`` a registry of this process's own,
+    the turn metrics (``app[TURN_METRICS]``, handed to the dispatcher when the application
+    starts), and the state gauges. ``GET /metrics`` is added to the main port only when
+    ``COCOON_METRICS_TOKEN`` is set (and then asks for it); ``COCOON_METRICS_PORT`` serves it on
+    a port of its own (:func:`start_endpoint`, started by ``backend.web.start_web``); with
+    neither it is not served. Idempotent."""
     if REGISTRY in app:
         return app[REGISTRY]
     registry = CollectorRegistry()
@@ -367,5 +411,8 @@ def setup(app: web.Application) -> CollectorRegistry:
     app[_STATE] = collector
     app[_LOCK] = asyncio.Lock()
     app[TURN_METRICS] = TurnMetrics(registry)
-    app.router.add_get("/metrics", _metrics)
+    settings = app.get(appkeys.SETTINGS)
+    if settings is not None and settings.metrics_token is not None:
+        app[_TOKEN] = settings.metrics_token.get_secret_value()
+        app.router.add_get("/metrics", _metrics)
     return registry

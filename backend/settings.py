@@ -40,6 +40,9 @@ class ModelPrice(BaseModel):
     )
     completion: int = Field(ge=0, le=MAX_NANO, description="per 1M completion tokens")
     context_length: int = Field(default=2048, gt=0, description="tokens the model can attend to")
+    vision: bool = Field(
+        default=False, description="the model reads images (the bot sends it photos)"
+    )
 
     @model_validator(mode="after")
     def _cached_defaults_to_prompt(self) -> ModelPrice:
@@ -313,6 +316,33 @@ class Settings(BaseSettings):
     stop_grace_s: float = Field(
         default=8.0, gt=0, le=3600, description="seconds a process takes to stop after SIGTERM"
     )
+    metrics_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="port of `cocoon web`'s GET /metrics alone, on COCOON_WEB_HOST (keep it to "
+        "the operator's network); none: not served there",
+    )
+    metrics_token: SecretStr | None = Field(
+        default=None,
+        min_length=16,
+        description="bearer token that opens GET /metrics on the main port; none: /metrics is "
+        "not served on the main port (it shows revenue and users' funds)",
+    )
+    http_header_timeout_s: float = Field(
+        default=15.0,
+        gt=0,
+        le=3600,
+        description="a connection whose request line and headers are not all in within this "
+        "(from its start, or from its last response) is closed; also the keep-alive idle time",
+    )
+    http_body_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="a request whose body is not all in within this after its headers is "
+        "answered 408 and its connection closed",
+    )
 
     # Money
     models: dict[str, ModelPrice] = Field(default_factory=_default_models)
@@ -343,6 +373,11 @@ class Settings(BaseSettings):
     @classmethod
     def _no_empty_url(cls, value: str | None) -> str | None:
         return value or None
+
+    @field_validator("metrics_token", mode="before")
+    @classmethod
+    def _no_empty_token(cls, value: object) -> object:
+        return value or None  # COCOON_METRICS_TOKEN= (empty): no token
 
     @cached_property
     def db_url(self) -> str:

@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -54,6 +55,34 @@ async def redis_unavailable(
         )
 
 
+def body_deadline(timeout_s: float) -> Middleware:
+    """A middleware that reads each request's body (at most ``client_max_size``) before its
+    handler runs, within ``timeout_s`` (``COCOON_HTTP_BODY_TIMEOUT_S``): a client that trickles
+    its body (slowloris) gets a 408 and its connection is closed, instead of holding a handler
+    and a connection open for ever. Handlers then read the body aiohttp keeps."""
+
+    @web.middleware
+    async def middleware(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if request.body_exists:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await request.read()
+            except TimeoutError:
+                log.warning(
+                    "%s %s: body not in within %gs", request.method, request.path, timeout_s
+                )
+                response = web.json_response(
+                    {"error": {"message": "request body too slow", "type": "timeout"}}, status=408
+                )
+                response.force_close()
+                return response
+        return await handler(request)
+
+    return middleware
+
+
 async def healthz(request: web.Request) -> web.Response:
     """Liveness and database reachability, for load balancers and compose health checks."""
     from sqlalchemy import text
@@ -89,10 +118,26 @@ def _database_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterat
     return ctx
 
 
+def _metrics_port_ctx(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        if settings.metrics_port is None:
+            yield
+            return
+        # GET /metrics alone on COCOON_METRICS_PORT, as long as the application runs.
+        endpoint = await metrics.start_endpoint(app, settings.web_host, settings.metrics_port)
+        try:
+            yield
+        finally:
+            await endpoint.cleanup()
+
+    return ctx
+
+
 def create_app(settings: Settings) -> web.Application:
     # One body limit, the OpenAI-compatible API's documented 4 MiB (aiohttp's default is 1 MiB).
     app = web.Application(
-        middlewares=[redis_unavailable], client_max_size=openai_protocol.MAX_BODY_BYTES
+        middlewares=[body_deadline(settings.http_body_timeout_s), redis_unavailable],
+        client_max_size=openai_protocol.MAX_BODY_BYTES,
     )
     app[appkeys.SETTINGS] = settings
     app.cleanup_ctx.append(_database_ctx(settings))
@@ -103,7 +148,8 @@ def create_app(settings: Settings) -> web.Application:
     onboarding_routes.setup(app, settings)
     miniapp.setup(app, settings)
     bot_webhook.setup(app, settings)  # the Telegram bot, when COCOON_BOT_MODE=webhook
-    metrics.setup(app)  # GET /metrics (Prometheus)
+    metrics.setup(app)  # GET /metrics (Prometheus): behind a token, or on its own port
+    app.cleanup_ctx.append(_metrics_port_ctx(settings))
     return app
 
 
@@ -111,8 +157,14 @@ async def start_web(settings: Settings, host: str, port: int) -> web.AppRunner:
     """``create_app`` listening on ``host:port``. Stop it with :func:`stop_web`."""
     # At a stop, requests in flight get their share of the grace period, then are cancelled:
     # aiohttp waits shutdown_timeout for them to end, then as long again once cancelled.
+    # A connection must have sent a whole request line and headers within
+    # COCOON_HTTP_HEADER_TIMEOUT_S of its start (or of its last response): aiohttp's keep-alive
+    # timer runs from the connection's start and is not put off by bytes trickling in, so a
+    # slowloris client is cut off by it (tests/test_web_ops.py).
     runner = web.AppRunner(
-        create_app(settings), shutdown_timeout=settings.stop_grace_s * REQUESTS_SHARE / 2
+        create_app(settings),
+        shutdown_timeout=settings.stop_grace_s * REQUESTS_SHARE / 2,
+        keepalive_timeout=settings.http_header_timeout_s,
     )
     await runner.setup()
     try:

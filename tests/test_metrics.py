@@ -31,6 +31,7 @@ from workers.lifecycle import Shutdown
 
 DEPOSIT = "0:" + "D2" * 32
 GHOST = "ghost-model"  # priced, but no worker serves it
+TOKEN = "metrics-token-of-the-operator"  # COCOON_METRICS_TOKEN: /metrics on the main port
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -47,7 +48,8 @@ def value(found: dict, name: str, **labels: str) -> float:
 
 
 async def scrape(url: str) -> dict:
-    async with aiohttp.ClientSession() as http, http.get(url) as response:
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with aiohttp.ClientSession() as http, http.get(url, headers=headers) as response:
         assert response.status == 200
         assert response.content_type == "text/plain"
         return samples(await response.text())
@@ -68,7 +70,8 @@ async def chat(api: Api, text: str, *, model: str = DEFAULT_MODEL) -> tuple[int,
 @pytest.fixture
 async def api(settings: Settings, redis_url: str) -> AsyncIterator[Api]:
     models = {**settings.models, GHOST: ModelPrice(prompt=1000, completion=1000)}
-    async with api_server(dev_settings(settings, models=models)) as server:
+    opened = dev_settings(settings, models=models, metrics_token=SecretStr(TOKEN))
+    async with api_server(opened) as server:
         yield server
 
 
@@ -154,7 +157,11 @@ async def test_turns_tokens_and_state_move_on_metrics_after_real_turns(
 
 
 async def test_metrics_answer_when_redis_is_down(settings: Settings, redis_url: str) -> None:
-    down = dev_settings(settings, redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    down = dev_settings(
+        settings,
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",
+        metrics_token=SecretStr(TOKEN),
+    )
     async with api_server(down) as server:
         found = await scrape(f"{server.url}/metrics")
     assert value(found, "cocoon_state_up", source="redis") == 0
