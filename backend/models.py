@@ -351,6 +351,57 @@ class TonPayoutMessage(Base):
     closed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
 
 
+class TonPayoutBatch(Base):
+    """One signed external message of the Highload Wallet v3 hot wallet paying up to 254
+    payouts (its items), under its own query id.
+
+    Stored with its items before it is sent. ``sequence`` numbers the wallet's batches
+    (unique: a query id, derived from it, is never given twice); one batch per wallet is live
+    at a time (partial unique index), so no other external message cleans the contract's
+    query dictionary before a batch's fate is known.
+    """
+
+    __tablename__ = "ton_payout_batches"
+    __table_args__ = (
+        UniqueConstraint("wallet", "sequence", name="uq_ton_payout_batches_sequence"),
+        Index(
+            "ix_ton_payout_batches_live",
+            "wallet",
+            unique=True,
+            sqlite_where=text("state IN ('signed', 'sent')"),
+            postgresql_where=text("state IN ('signed', 'sent')"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    wallet: Mapped[str] = mapped_column(String(80))
+    sequence: Mapped[int] = mapped_column(BigInteger)
+    query_id: Mapped[int] = mapped_column(Integer)
+    created_at_chain: Mapped[int] = mapped_column(BigInteger)  # the message's created_at
+    timeout: Mapped[int] = mapped_column(Integer)  # valid while now < created_at + timeout
+    boc: Mapped[str] = mapped_column(Text)
+    msg_hash: Mapped[str] = mapped_column(String(64), unique=True)  # normalized, hex
+    state: Mapped[str] = mapped_column(String(16), default=TonMessageState.SIGNED)
+    send_count: Mapped[int] = mapped_column(Integer, default=0)
+    tx_hash: Mapped[str | None] = mapped_column(String(64))
+    tx_lt: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=_now)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    closed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+
+
+class TonPayoutBatchItem(Base):
+    """A payout in a batch: where and what this batch pays it (an expired batch's payouts go
+    into a later batch)."""
+
+    __tablename__ = "ton_payout_batch_items"
+
+    batch_id: Mapped[int] = mapped_column(ForeignKey("ton_payout_batches.id"), primary_key=True)
+    payout_id: Mapped[int] = mapped_column(ForeignKey("payouts.id"), primary_key=True, index=True)
+    destination: Mapped[str] = mapped_column(String(80))  # raw
+    amount: Mapped[int] = mapped_column(BigInteger)
+
+
 class TonProofPayload(Base):
     """A ton_proof payload the server issued: accepted once, before ``expires_at``."""
 

@@ -144,6 +144,21 @@ class TonSettings(BaseModel):
     payout_ttl_s: int = Field(
         default=120, ge=10, le=3600, description="how long a signed payout message stays valid"
     )
+    hot_wallet_kind: Literal["v4r2", "highload_v3"] = Field(
+        default="v4r2",
+        description="the hot wallet's contract: v4r2 (one payout per message) or highload_v3 "
+        "(batches of up to 253 payouts per message); the same words, another address",
+    )
+    highload_timeout_s: int = Field(
+        default=3600,
+        ge=60,
+        le=86400,
+        description="the highload wallet's replay window (part of its address: changing it "
+        "changes the wallet)",
+    )
+    payout_batch_size: int = Field(
+        default=253, ge=1, le=253, description="payouts in one highload batch at most"
+    )
     deposit_ttl_s: int = Field(
         default=300,
         ge=60,

@@ -20,6 +20,13 @@ the balance lasts, mode 3 ignoring errors), and lets a test:
   ``get_wallet_address`` and its wallets ``get_wallet_data`` through ``runGetMethod``; a
   transfer moves the balance between the owners' jetton wallets and, with a forward amount,
   sends the receiver's owner a ``transfer_notification`` from the receiver's jetton wallet;
+- keep Highload Wallet v3 hot wallets (``add_highload_wallet``) and run their external
+  messages as the contract does: signature, subwallet, timeout and ``created_at`` checked, the
+  query id looked up in the two query dictionaries (replay refused) and set, the dictionaries
+  cleaned after ``timeout``; after the commit a message with a state init or a source is
+  dropped (the query id stays used), else sent with +2 (ignore errors); an
+  ``internal_transfer`` to itself runs its action list in a second transaction (up to 255
+  actions), each transfer paid while the balance lasts; ``processed?`` answers as the get-method;
 - make the API fail (``faults``: statuses to answer the next requests with), make the
   network lose messages (``drop_messages``: accept them and never execute them), or make
   seqno reads lag behind (``stale_seqno_reads``).
@@ -40,7 +47,14 @@ from aiohttp.typedefs import Handler
 from ton_core import Address, Cell, begin_cell
 
 from backend.ton.comment import comment_cell, raw_address
-from backend.ton.wallet import ParsedExternal, WalletError, parse_external
+from backend.ton.wallet import (
+    INTERNAL_TRANSFER,
+    ParsedExternal,
+    ParsedHighload,
+    WalletError,
+    parse_external,
+    parse_highload,
+)
 
 BOUNCE_FEE = 266_669  # what a bounce costs the bounced value here (forwarding fees)
 
@@ -67,6 +81,18 @@ class LocalWallet:
 
 
 @dataclass
+class LocalHighload:
+    """A Highload Wallet v3's data: the two query dictionaries (shift → bits set)."""
+
+    public_key: bytes
+    subwallet_id: int
+    timeout: int
+    queries: dict[int, set[int]] = field(default_factory=dict)
+    old_queries: dict[int, set[int]] = field(default_factory=dict)
+    last_clean_time: int = 0
+
+
+@dataclass
 class LocalTonCenter:
     clock: Callable[[], float] = time.time
     accounts: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
@@ -83,6 +109,8 @@ class LocalTonCenter:
     jetton_wallets: dict[str, tuple[str, str]] = field(default_factory=dict)  # → master, owner
     jetton_balances: dict[str, int] = field(default_factory=dict)
     jetton_masters: set[str] = field(default_factory=set)
+    highload: dict[str, LocalHighload] = field(default_factory=dict)
+    executed_highload: list[ParsedHighload] = field(default_factory=list)
     match_raw_hashes: bool = True
     match_normalized_hashes: bool = True
     _by_raw: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -95,6 +123,23 @@ class LocalTonCenter:
         self, address: str, public_key: bytes, *, balance: int, subwallet_id: int
     ) -> None:
         self.wallets[raw_address(address)] = LocalWallet(public_key, subwallet_id, 0, balance)
+
+    def add_highload_wallet(
+        self,
+        address: str,
+        public_key: bytes,
+        *,
+        balance: int,
+        subwallet_id: int,
+        timeout: int,
+        deployed: bool = True,
+    ) -> None:
+        """A Highload Wallet v3 holding ``balance``; not ``deployed``: its first external
+        message must carry the state init."""
+        account = raw_address(address)
+        self.highload[account] = LocalHighload(public_key, subwallet_id, timeout)
+        self.balances[account] = balance
+        self.statuses[account] = "active" if deployed else "uninit"
 
     def transactions_of(self, account: str) -> list[dict[str, Any]]:
         return self.accounts.setdefault(raw_address(account), [])
@@ -353,6 +398,13 @@ class LocalTonCenter:
 
     def accept_external(self, boc: str) -> dict[str, str]:
         """What the network does with an external message; raises ValueError if refused."""
+        if self.highload:
+            try:
+                highload = parse_highload(boc)
+            except WalletError:
+                highload = None
+            if highload is not None and highload.wallet in self.highload:
+                return self._accept_highload(boc, highload)
         parsed = parse_external(boc)
         wallet = self.wallets.get(parsed.wallet)
         if wallet is None:
@@ -409,6 +461,167 @@ class LocalTonCenter:
         self._add_tx(parsed.wallet, lt, now, in_msg, out_msgs, description, "active")
         self.executed.append(parsed)
         return answer
+
+    # ----------------------------------------------------- Highload Wallet v3
+
+    def _accept_highload(self, boc: str, parsed: ParsedHighload) -> dict[str, str]:
+        """recv_external of the contract: refused (ValueError, nothing changes) before its
+        accept; after it the query id is used whatever the message to send turns out to be."""
+        wallet = self.highload[parsed.wallet]
+        now = int(self.clock())
+        status = self.status_of(parsed.wallet)
+        if status != "active":
+            init = parsed.state_init
+            if init is None or raw_address(f"0:{init.serialize().hash.hex()}") != parsed.wallet:
+                raise ValueError("the wallet is not deployed and the message has no state init")
+        queries, old_queries = wallet.queries, wallet.old_queries
+        last_clean = wallet.last_clean_time
+        if last_clean < now - wallet.timeout:
+            queries, old_queries = {}, queries
+            if last_clean < now - 2 * wallet.timeout:
+                old_queries = {}
+            last_clean = now
+        if not parsed.verifies(wallet.public_key):
+            raise ValueError("exit code 33: bad signature")
+        if parsed.subwallet_id != wallet.subwallet_id:
+            raise ValueError("exit code 34: wrong subwallet id")
+        if parsed.timeout != wallet.timeout:
+            raise ValueError("exit code 38: wrong timeout")
+        if not now - wallet.timeout < parsed.created_at <= now:
+            raise ValueError("exit code 35: created_at out of the window")
+        shift, bit = parsed.shift, parsed.bit_number
+        if bit >= 1023:
+            raise ValueError("exit code 9: bit number past the bitmap")
+        if bit in old_queries.get(shift, set()) or bit in queries.get(shift, set()):
+            raise ValueError("exit code 36: already executed")
+        answer = {
+            "message_hash": _b64(Cell.one_from_boc(base64.b64decode(boc)).hash),
+            "message_hash_norm": _b64(bytes.fromhex(parsed.msg_hash)),
+        }
+        if self.drop_messages > 0:
+            self.drop_messages -= 1
+            return answer  # lost on its way: never executes
+        # accept_message(); the data is set and committed
+        self.statuses[parsed.wallet] = "active"
+        queries = {k: set(v) for k, v in queries.items()}
+        queries.setdefault(shift, set()).add(bit)
+        wallet.queries, wallet.old_queries = queries, old_queries
+        wallet.last_clean_time = last_clean
+        lt = next(self._lt)
+        out_msgs: list[dict[str, Any]] = []
+        internal = _readable_internal(parsed.message_to_send)
+        follow: tuple[str, int, Cell] | None = None
+        if internal is not None:
+            destination, value, body = internal
+            if value <= self.balances.get(parsed.wallet, 0):  # +2: skipped when it cannot pay
+                self.balances[parsed.wallet] -= value
+                out = _out_msg(parsed.wallet, destination, value, body, lt, now)
+                out_msgs.append(out)
+                if destination == parsed.wallet:
+                    follow = (out["hash"], value, body)
+                else:
+                    self._keep(destination, value)
+        in_msg = {
+            "hash": answer["message_hash"],
+            "hash_norm": answer["message_hash_norm"],
+            "source": None,
+            "destination": parsed.wallet,
+            "value": None,
+            "bounced": False,
+            "message_content": {"body": None, "decoded": None},
+        }
+        description = {
+            "type": "ord",
+            "aborted": False,
+            "destroyed": False,
+            "credit_first": False,
+            "compute_ph": _computed("active", False),
+            "action": {"success": True, "valid": True, "result_code": 0},
+        }
+        self._add_tx(parsed.wallet, lt, now, in_msg, out_msgs, description, status)
+        self.executed_highload.append(parsed)
+        if follow is not None:
+            self._highload_internal(parsed.wallet, *follow)
+        return answer
+
+    def _highload_internal(self, wallet: str, msg_hash: str, value: int, body: Cell) -> None:
+        """recv_internal of the wallet for a message from itself: ``internal_transfer`` sets
+        its action list (run in this transaction), anything else is a plain top-up."""
+        self.balances[wallet] = self.balances.get(wallet, 0) + value
+        lt = next(self._lt)
+        now = int(self.clock())
+        actions = _internal_transfer_actions(body)
+        out_msgs: list[dict[str, Any]] = []
+        action: dict[str, Any] = {"success": True, "valid": True, "result_code": 0}
+        if actions is not None and len(actions) > 255:
+            action = {"success": False, "valid": False, "result_code": 33}  # too many actions
+            actions = []
+        for mode, cell in actions or []:
+            internal = _readable_internal(cell)
+            if internal is None:
+                continue
+            destination, amount, out_body = internal
+            if amount > self.balances[wallet]:
+                if mode & 2:
+                    continue  # this one is skipped, the others go
+                action = {"success": False, "valid": True, "result_code": 37}
+                out_msgs = []
+                break
+            self.balances[wallet] -= amount
+            out_msgs.append(_out_msg(wallet, destination, amount, out_body, lt, now))
+        if not action["success"]:  # a failed action phase sends nothing: undo what it took
+            self.balances[wallet] += sum(int(m["value"]) for m in out_msgs)
+            out_msgs = []
+        for out in out_msgs:
+            if out["destination"] != wallet:
+                self._keep(out["destination"], int(out["value"]))
+        in_msg = {
+            "hash": msg_hash,
+            "hash_norm": msg_hash,
+            "source": wallet,
+            "destination": wallet,
+            "value": str(value),
+            "bounced": False,
+            "opcode": f"0x{INTERNAL_TRANSFER:08x}" if actions is not None else None,
+            "message_content": {"body": _b64(body.to_boc()), "decoded": None},
+        }
+        description = {
+            "type": "ord",
+            "aborted": not action["success"],
+            "destroyed": False,
+            "credit_first": True,
+            "credit_ph": {"credit": str(value)},
+            "compute_ph": _computed("active", False),
+            "action": action,
+        }
+        self._add_tx(wallet, lt, now, in_msg, out_msgs, description, "active")
+
+    def _highload_get_method(self, address: str, method: str, stack: object) -> dict[str, Any]:
+        wallet = self.highload[address]
+        values = {
+            "get_public_key": int.from_bytes(wallet.public_key, "big"),
+            "get_subwallet_id": wallet.subwallet_id,
+            "get_timeout": wallet.timeout,
+            "get_last_clean_time": wallet.last_clean_time,
+        }
+        if method == "processed?":
+            try:
+                assert isinstance(stack, list) and len(stack) == 2
+                query_id, need_clean = (int(str(item["value"]), 0) for item in stack)
+            except Exception:  # the contract fails on a stack that is not two numbers
+                return {"gas_used": 500, "exit_code": 7, "stack": []}
+            now = int(self.clock())
+            shift, bit = query_id >> 10, query_id & 1023
+            queries, old_queries = wallet.queries, wallet.old_queries
+            if need_clean and wallet.last_clean_time < now - wallet.timeout:
+                queries, old_queries = {}, queries
+                if wallet.last_clean_time < now - 2 * wallet.timeout:
+                    old_queries = {}
+            found = bit in old_queries.get(shift, set()) or bit in queries.get(shift, set())
+            return {"gas_used": 3000, "exit_code": 0, "stack": [_num(-1 if found else 0)]}
+        if method not in values:
+            return {"gas_used": 0, "exit_code": 11, "stack": []}
+        return {"gas_used": 1000, "exit_code": 0, "stack": [_num(values[method])]}
 
     # ------------------------------------------------------------- the app
 
@@ -507,6 +720,8 @@ class LocalTonCenter:
         jetton = self._jetton_get_method(address, method, body.get("stack"))
         if jetton is not None:
             return web.json_response(jetton)
+        if address in self.highload and self.status_of(address) == "active":
+            return web.json_response(self._highload_get_method(address, method, body.get("stack")))
         wallet = self.wallets.get(address)
         if wallet is None:
             return web.json_response({"gas_used": 0, "exit_code": -13, "stack": []})
@@ -543,6 +758,72 @@ class LocalTonCenter:
                 status=422,
             )
         return web.json_response({"lt": tx["lt"], "hash": tx["hash"]})
+
+
+def _num(value: int) -> dict[str, str]:
+    return {"type": "num", "value": hex(value)}
+
+
+def _readable_internal(cell: Cell) -> tuple[str, int, Cell] | None:
+    """(destination, value, body) of a message a highload wallet may send: an internal
+    message without a source and without a state init (the contract drops anything else)."""
+    from ton_core.tlb.transaction import InternalMsgInfo, MessageAny
+
+    try:
+        message = MessageAny.deserialize(cell.begin_parse())
+    except Exception:
+        return None
+    info = message.info
+    if not isinstance(info, InternalMsgInfo) or info.src is not None or message.init is not None:
+        return None
+    if info.bounced:
+        return None
+    return raw_address(info.dest), int(info.value.grams), message.body or Cell.empty()
+
+
+def _internal_transfer_actions(body: Cell) -> list[tuple[int, Cell]] | None:
+    """The send-message actions of an ``internal_transfer`` body (``op query_id ^OutList``),
+    first to run first; None for any other body."""
+    try:
+        head = body.begin_parse()
+        if len(body.bits) != 96 or len(body.refs) != 1 or head.load_uint(32) != INTERNAL_TRANSFER:
+            return None
+        actions: list[tuple[int, Cell]] = []
+        node = body.refs[0].begin_parse()
+        while node.remaining_refs:
+            previous = node.load_ref()
+            if node.load_uint(32) != 0x0EC3C86D:  # action_send_msg
+                raise ValueError("not a send-message action")
+            actions.append((node.load_uint(8), node.load_ref()))
+            node = previous.begin_parse()
+    except Exception:
+        return []
+    actions.reverse()
+    return actions
+
+
+def _out_msg(
+    source: str, destination: str, value: int, body: Cell, lt: int, now: int
+) -> dict[str, Any]:
+    """An outgoing message as TON Center v3 shows it (with its hash, to be looked up)."""
+    digest = hashlib.sha256(f"{source}:{destination}:{value}:{lt}:".encode() + body.hash)
+    comment = None
+    if body.bits and len(body.bits) >= 32 and body.begin_parse().load_uint(32) == 0:
+        from backend.ton.comment import decode_comment
+
+        comment = decode_comment(_b64(body.to_boc())).memo
+    return {
+        "hash": _b64(digest.digest()),
+        "source": source,
+        "destination": destination,
+        "value": str(value),
+        "bounced": False,
+        "created_at": str(now),
+        "message_content": {
+            "body": _b64(body.to_boc()),
+            "decoded": {"type": "text_comment", "comment": comment} if comment else None,
+        },
+    }
 
 
 def _address_item(address: str) -> dict[str, str]:

@@ -42,6 +42,8 @@ from backend.models import (
     Payout,
     PayoutState,
     TonMessageState,
+    TonPayoutBatch,
+    TonPayoutBatchItem,
     TonPayoutMessage,
     TonPayoutStage,
     TonWallet,
@@ -378,6 +380,12 @@ class PayoutSender:
                     # a payout with a live message on any wallet is never signed again
                     Payout.id.not_in(
                         select(TonPayoutMessage.payout_id).where(TonPayoutMessage.state.in_(LIVE))
+                    ),
+                    # nor one in a live Highload Wallet v3 batch (a switch of wallet kind)
+                    Payout.id.not_in(
+                        select(TonPayoutBatchItem.payout_id)
+                        .join(TonPayoutBatch, TonPayoutBatch.id == TonPayoutBatchItem.batch_id)
+                        .where(TonPayoutBatch.state.in_(LIVE))
                     ),
                 )
                 .order_by(Payout.id)

@@ -14,9 +14,15 @@ from typing import TYPE_CHECKING, TypedDict
 from backend.settings import Settings
 
 if TYPE_CHECKING:
-    from backend.ton.wallet import HotWallet
+    from backend.ton.wallet import HighloadHotWallet, HotWallet
 
-__all__ = ["TonSetupError", "deposit_account", "hot_wallet", "run_services"]
+__all__ = [
+    "TonSetupError",
+    "deposit_account",
+    "highload_wallet",
+    "hot_wallet",
+    "run_services",
+]
 
 
 class _Pace(TypedDict):
@@ -44,6 +50,13 @@ def hot_wallet(settings: Settings) -> HotWallet:
         raise TonSetupError(f"COCOON_TON__HOT_WALLET_MNEMONIC: {error}") from None
 
 
+def highload_wallet(settings: Settings) -> HighloadHotWallet:
+    """The Highload Wallet v3 of the same words (``COCOON_TON__HOT_WALLET_KIND=highload_v3``)."""
+    from backend.ton.wallet import HighloadHotWallet
+
+    return HighloadHotWallet(hot_wallet(settings).seed, timeout=settings.ton.highload_timeout_s)
+
+
 def deposit_account(settings: Settings) -> str:
     """The raw address of ``COCOON_TON__DEPOSIT_ADDRESS``, the wallet deposits are watched on."""
     from backend.ton.comment import AddressError, raw_address
@@ -68,20 +81,23 @@ async def run_services(
     step it is on: every step is safe to repeat, and a cut one is picked up at the next start)."""
     from backend.db import Database
     from backend.ledger import Ledger
+    from backend.ton.highload import HighloadPayoutSender
     from backend.ton.payouts import PayoutSender, Step
     from backend.ton.toncenter import TonCenter
     from backend.ton.watcher import DepositWatcher
 
     ton = settings.ton
     account = deposit_account(settings) if deposits else None
-    wallet = hot_wallet(settings) if payouts else None
+    highload = payouts and ton.hot_wallet_kind == "highload_v3"
+    wallet = hot_wallet(settings) if payouts and not highload else None
+    batch_wallet = highload_wallet(settings) if highload else None
     db = Database.from_settings(settings)
     ledger = Ledger(db, min_withdrawal=settings.min_withdrawal_nano)
     try:
         async with TonCenter.from_settings(ton) as api:
             pace = _Pace(poll_interval_s=ton.poll_interval_s, backoff_max_s=ton.backoff_max_s)
             watcher: DepositWatcher | None = None
-            sender: PayoutSender | None = None
+            sender: PayoutSender | HighloadPayoutSender | None = None
             if account:
                 watcher = DepositWatcher(
                     db,
@@ -95,6 +111,10 @@ async def run_services(
                 )
             if wallet:
                 sender = PayoutSender(db, ledger, api, wallet, ttl_s=ton.payout_ttl_s, **pace)
+            if batch_wallet:
+                sender = HighloadPayoutSender(
+                    db, ledger, api, batch_wallet, batch_size=ton.payout_batch_size, **pace
+                )
             if once:
                 if watcher:
                     total = 0

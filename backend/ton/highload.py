@@ -1,0 +1,500 @@
+"""Payouts in batches from a Highload Wallet v3 hot wallet, each paid exactly once.
+
+A batch is one external message paying up to 253 payouts (one transaction of the wallet
+runs them all: an ``internal_transfer`` to itself whose action list holds the transfers),
+under its own query id. It moves ``signed → sent → landed | expired``:
+
+- **signed**: the batch (query id, ``created_at``, BOC, hash) and its items are stored, and its
+  payouts move to ``signed``, in one database transaction *before* anything is sent. Query ids
+  come from the wallet's batch sequence (unique per wallet), so one is never given twice. One
+  batch per wallet is live at a time (a partial unique index): no other external message of
+  ours cleans the contract's query dictionaries while a batch's fate is open.
+- **sent**: the same bytes are handed to TON Center on every poll while the message is valid
+  (``created_at > now - timeout``, the contract's replay window) and not found.
+- **landed**: the external message's transaction is found (by its normalized, then raw hash);
+  the ``internal_transfer`` it sent to the wallet is followed to the transaction that ran the
+  transfers. Each payout is confirmed when an outgoing message pays its address its amount
+  with its comment; otherwise it failed and the money returns to the provider.
+- **expired**: only after ``created_at + timeout`` (plus a grace for clock skew) has passed,
+  the message is not found, and the contract's ``processed?`` get-method says its query id
+  was never used: then the message can never execute (the contract refuses an old
+  ``created_at``), and its payouts go into a new batch under a new query id. A query id the
+  contract says is used while the index has no transaction: wait, never sign again.
+
+Crash anywhere: the next run finds the live batch and carries on from the chain's state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+
+from backend import notifications
+from backend.db import Database, rowcount
+from backend.ledger import Ledger
+from backend.models import (
+    Payout,
+    PayoutState,
+    TonMessageState,
+    TonPayoutBatch,
+    TonPayoutBatchItem,
+    TonPayoutMessage,
+    TonPayoutStage,
+    TonWallet,
+)
+from backend.ton.comment import AddressError, decode_comment, parse_address, raw_address
+from backend.ton.payouts import LIVE, OPEN_PAYOUT, Step, _raw_hash, payout_comment
+from backend.ton.polling import poll_until_stopped
+from backend.ton.toncenter import TonCenter, TonCenterError
+from backend.ton.wallet import (
+    HIGHLOAD_MAX_MESSAGES,
+    BatchTransfer,
+    HighloadHotWallet,
+    highload_query_id,
+)
+
+log = logging.getLogger(__name__)
+
+CREATED_AT_LAG_S = 30  # created_at this far back: a node whose clock is behind still accepts it
+EXPIRY_GRACE_S = 30
+RESEND_EVERY_S = 10
+
+
+class _Moved(Exception):
+    """Another sender changed a payout first: roll back and look again."""
+
+
+class HighloadPayoutSender:
+    """Pays requested payouts in batches of up to ``batch_size`` from one highload wallet."""
+
+    def __init__(
+        self,
+        db: Database,
+        ledger: Ledger,
+        api: TonCenter,
+        wallet: HighloadHotWallet,
+        *,
+        batch_size: int = HIGHLOAD_MAX_MESSAGES,
+        poll_interval_s: float = 3.0,
+        backoff_max_s: float = 60.0,
+        expiry_grace_s: float = EXPIRY_GRACE_S,
+        resend_every_s: float = RESEND_EVERY_S,
+        clock: Callable[[], float] = time.time,
+        checkpoint: Callable[[str], None] | None = None,
+    ) -> None:
+        if not 1 <= batch_size <= HIGHLOAD_MAX_MESSAGES:
+            raise ValueError(f"a batch pays 1..{HIGHLOAD_MAX_MESSAGES} payouts")
+        self.db = db
+        self.ledger = ledger
+        self.api = api
+        self.wallet = wallet
+        self.batch_size = batch_size
+        self.poll_interval_s = poll_interval_s
+        self.backoff_max_s = backoff_max_s
+        self.expiry_grace_s = expiry_grace_s
+        self.resend_every_s = resend_every_s
+        self.clock = clock
+        self._checkpoint = checkpoint or (lambda _name: None)
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Step until ``stop`` is set; on errors back off and carry on from the stored state."""
+
+        async def step() -> bool:
+            return await self.step() == Step.PROGRESS
+
+        await poll_until_stopped(
+            stop,
+            step,
+            poll_interval_s=self.poll_interval_s,
+            backoff_max_s=self.backoff_max_s,
+            log=log,
+            name="highload payout sender",
+        )
+
+    async def step(self) -> Step:
+        """One move of the state machine. Raises TonCenterError when the API fails."""
+        live = await self._live_batch()
+        if live is not None:
+            return await self._drive(live)
+        payouts = await self._next_payouts()
+        if not payouts:
+            return Step.IDLE
+        ready: list[tuple[Payout, str]] = []
+        for payout in payouts:
+            destination = payout.destination or await self._linked_wallet(payout.provider_id)
+            try:
+                if destination is None:
+                    raise AddressError("no payout wallet is linked")
+                parse_address(destination)
+            except AddressError as error:
+                await self.ledger.fail_payout(payout.id, reason=f"cannot pay: {error}")
+                log.warning("payout #%s failed: %s", payout.id, error)
+                await self._tell(payout, paid=False)
+                continue
+            ready.append((payout, raw_address(destination)))
+        if ready:
+            await self._sign(ready)
+        return Step.PROGRESS
+
+    # ------------------------------------------------------------- the steps
+
+    async def _sign(self, payouts: list[tuple[Payout, str]]) -> None:
+        async with self.db.session() as session:
+            top = await session.scalar(
+                select(func.max(TonPayoutBatch.sequence)).where(
+                    TonPayoutBatch.wallet == self.wallet.raw
+                )
+            )
+            landed = await session.scalar(
+                select(TonPayoutBatch.id)
+                .where(
+                    TonPayoutBatch.wallet == self.wallet.raw,
+                    TonPayoutBatch.state == TonMessageState.LANDED,
+                )
+                .limit(1)
+            )
+        sequence = 0 if top is None else int(top) + 1
+        signed = await self.wallet.sign_batch(
+            [BatchTransfer(dest, p.amount, payout_comment(p.id)) for p, dest in payouts],
+            query_id=highload_query_id(sequence),
+            created_at=int(self.clock()) - CREATED_AT_LAG_S,
+            deploy=landed is None,  # until a batch landed, the wallet may not be deployed
+        )
+        now = dt.datetime.now(dt.UTC)
+        try:
+            async with self.db.session() as session, session.begin():
+                # Lock order everywhere: the payout rows, then the batch.
+                for payout, _dest in payouts:
+                    moved = await session.execute(
+                        update(Payout)
+                        .where(Payout.id == payout.id, Payout.state.in_(OPEN_PAYOUT))
+                        .values(state=TonPayoutStage.SIGNED, updated_at=now)
+                        .execution_options(synchronize_session=False)
+                    )
+                    if rowcount(moved) != 1:
+                        raise _Moved  # closed meanwhile
+                batch = TonPayoutBatch(
+                    wallet=self.wallet.raw,
+                    sequence=sequence,
+                    query_id=signed.query_id,
+                    created_at_chain=signed.created_at,
+                    timeout=signed.timeout,
+                    boc=signed.boc,
+                    msg_hash=signed.msg_hash,
+                    state=TonMessageState.SIGNED,
+                    send_count=0,
+                )
+                session.add(batch)
+                await session.flush()
+                for payout, dest in payouts:
+                    session.add(
+                        TonPayoutBatchItem(
+                            batch_id=batch.id, payout_id=payout.id, destination=dest,
+                            amount=payout.amount,
+                        )
+                    )  # fmt: skip
+        except _Moved:
+            return
+        except IntegrityError:
+            log.info("another batch of this wallet is live (or took the sequence); not signing")
+            return
+        self._checkpoint("signed")
+        live = await self._live_batch()
+        if live is not None and live.msg_hash == signed.msg_hash:
+            await self._send(live)
+
+    async def _drive(self, batch: TonPayoutBatch) -> Step:
+        found = await self._find(batch.msg_hash, batch.boc)
+        if found:
+            return await self._settle(batch, found[0])
+        now = self.clock()
+        valid_until = batch.created_at_chain + batch.timeout  # created_at > now - timeout
+        if now < valid_until:
+            since = (
+                None
+                if batch.sent_at is None
+                else (dt.datetime.now(dt.UTC) - batch.sent_at).total_seconds()
+            )
+            if (
+                batch.state == TonMessageState.SIGNED
+                or since is None
+                or since >= self.resend_every_s
+            ):
+                await self._send(batch)
+            return Step.WAITING
+        if now < valid_until + self.expiry_grace_s:
+            return Step.WAITING
+        if await self._processed(batch.query_id):
+            # It executed and the index has not caught up: never sign again on a guess.
+            log.warning(
+                "batch %s: query id %s is used on chain but the message is not found yet; waiting",
+                batch.id,
+                batch.query_id,
+            )
+            return Step.WAITING
+        await self._expire(batch)
+        return Step.PROGRESS
+
+    async def _send(self, batch: TonPayoutBatch) -> None:
+        error: TonCenterError | None = None
+        try:
+            await self.api.send_message(batch.boc)
+        except TonCenterError as exc:
+            # Not delivered, or refused (already executed: the query id is used). The chain
+            # decides; the same bytes go again next time while they are valid.
+            error = exc
+            log.info("batch %s: send failed (%s); will check and resend", batch.id, exc)
+        self._checkpoint("sent")
+        now = dt.datetime.now(dt.UTC)
+        async with self.db.session() as session, session.begin():
+            await session.execute(
+                update(Payout)
+                .where(
+                    Payout.id.in_(
+                        select(TonPayoutBatchItem.payout_id).where(
+                            TonPayoutBatchItem.batch_id == batch.id
+                        )
+                    ),
+                    Payout.state == TonPayoutStage.SIGNED,
+                )
+                .values(state=TonPayoutStage.SENT, updated_at=now)
+                .execution_options(synchronize_session=False)
+            )
+            await session.execute(
+                update(TonPayoutBatch)
+                .where(TonPayoutBatch.id == batch.id, TonPayoutBatch.state.in_(LIVE))
+                .values(
+                    state=TonMessageState.SENT,
+                    send_count=TonPayoutBatch.send_count + 1,
+                    sent_at=now,
+                )
+                .execution_options(synchronize_session=False)
+            )
+        if error is not None and not error.transient:
+            log.warning("batch %s: TON Center refused the message: %s", batch.id, error)
+
+    async def _expire(self, batch: TonPayoutBatch) -> None:
+        """The batch can never execute: close it; its open payouts wait for the next batch."""
+        now = dt.datetime.now(dt.UTC)
+        async with self.db.session() as session, session.begin():
+            closed = await session.execute(
+                update(TonPayoutBatch)
+                .where(TonPayoutBatch.id == batch.id, TonPayoutBatch.state.in_(LIVE))
+                .values(state=TonMessageState.EXPIRED, closed_at=now)
+                .execution_options(synchronize_session=False)
+            )
+            if rowcount(closed) != 1:
+                return
+        log.info("batch %s (query id %s) expired unseen; its payouts go again", batch.id,
+                 batch.query_id)  # fmt: skip
+
+    async def _settle(self, batch: TonPayoutBatch, tx: dict[str, Any]) -> Step:
+        """The batch landed: each payout is paid or failed by the transfers that left."""
+        sent = await self._transfers(batch, tx)
+        if sent is None:
+            return Step.WAITING  # the internal transfer's transaction is not indexed yet
+        async with self.db.session() as session:
+            items = list(
+                await session.scalars(
+                    select(TonPayoutBatchItem)
+                    .where(TonPayoutBatchItem.batch_id == batch.id)
+                    .order_by(TonPayoutBatchItem.payout_id)
+                )
+            )
+        self._checkpoint("before_confirm")
+        # The ledger first (idempotent by key), then the batch: a crash in between finds the
+        # batch live again, finds it on chain again, and the ledger replays.
+        for item in items:
+            wanted = (item.destination, item.amount, payout_comment(item.payout_id))
+            paid = wanted in sent
+            if paid:
+                sent.remove(wanted)
+            payout = await self.ledger.get_payout(item.payout_id)
+            assert payout is not None
+            if payout.state == PayoutState.FAILED and paid:
+                log.error(
+                    "payout #%s was failed by hand but batch %s paid it on chain: the provider "
+                    "was refunded AND paid; recover %s nanoTON by hand",
+                    payout.id,
+                    batch.id,
+                    payout.amount,
+                )
+            if payout.state not in (PayoutState.CONFIRMED, PayoutState.FAILED):
+                if paid:
+                    await self.ledger.confirm_payout(payout.id)
+                else:
+                    await self.ledger.fail_payout(payout.id, reason="payout not sent on chain")
+                    log.warning("payout #%s failed on chain (batch %s)", payout.id, batch.id)
+            await self._tell(payout, paid=paid)
+        async with self.db.session() as session, session.begin():
+            await session.execute(
+                update(TonPayoutBatch)
+                .where(TonPayoutBatch.id == batch.id, TonPayoutBatch.state.in_(LIVE))
+                .values(
+                    state=TonMessageState.LANDED,
+                    tx_hash=_hash_hex(tx.get("hash")),
+                    tx_lt=_int(tx.get("lt")),
+                    closed_at=dt.datetime.now(dt.UTC),
+                )
+                .execution_options(synchronize_session=False)
+            )
+        return Step.PROGRESS
+
+    async def _transfers(
+        self, batch: TonPayoutBatch, tx: dict[str, Any]
+    ) -> list[tuple[str, int, str | None]] | None:
+        """(destination, amount, comment) of every transfer the batch made; None while the
+        transaction of its ``internal_transfer`` is not indexed yet."""
+        if _aborted(tx):
+            return []
+        sent: list[tuple[str, int, str | None]] = []
+        pending = [tx]
+        for _ in range(HIGHLOAD_MAX_MESSAGES + 2):  # links to further action lists, bounded
+            if not pending:
+                return sent
+            current = pending.pop()
+            for out in current.get("out_msgs") or []:
+                if _raw(out.get("destination")) != self.wallet.raw:
+                    sent.append(_transfer(out))
+                    continue
+                follow = out.get("hash")
+                if not isinstance(follow, str) or not follow:
+                    return None
+                found = await self.api.transactions_by_message(follow)
+                if not found:
+                    return None
+                inner = found[0]
+                if _raw(inner.get("account")) in (None, self.wallet.raw) and not _aborted(inner):
+                    pending.append(inner)
+        return sent
+
+    # -------------------------------------------------------------- queries
+
+    async def _find(self, msg_hash: str, boc: str) -> list[dict[str, Any]]:
+        found = await self.api.transactions_by_message(msg_hash)
+        raw = _raw_hash(boc)
+        if not found and raw is not None and raw != msg_hash:
+            found = await self.api.transactions_by_message(raw)
+        return found
+
+    async def _processed(self, query_id: int) -> bool:
+        """The contract's ``processed?(query_id, need_clean = 0)``: its stored dictionaries,
+        which only an accepted external message of ours cleans."""
+        result = await self.api.run_get_method(
+            self.wallet.raw,
+            "processed?",
+            [{"type": "num", "value": hex(query_id)}, {"type": "num", "value": "0x0"}],
+        )
+        if result.exit_code == -13:
+            return False  # no code: the wallet was never deployed, it ran no message
+        answer = result.number(0)
+        if result.exit_code != 0 or answer is None:
+            raise TonCenterError(f"processed? answered exit code {result.exit_code}")
+        return answer != 0
+
+    async def _live_batch(self) -> TonPayoutBatch | None:
+        async with self.db.session() as session:
+            return await session.scalar(
+                select(TonPayoutBatch).where(
+                    TonPayoutBatch.wallet == self.wallet.raw, TonPayoutBatch.state.in_(LIVE)
+                )
+            )
+
+    async def _next_payouts(self) -> list[Payout]:
+        live_batch = (
+            select(TonPayoutBatchItem.payout_id)
+            .join(TonPayoutBatch, TonPayoutBatch.id == TonPayoutBatchItem.batch_id)
+            .where(TonPayoutBatch.state.in_(LIVE))
+        )
+        async with self.db.session() as session:
+            return list(
+                await session.scalars(
+                    select(Payout)
+                    .where(
+                        Payout.state.in_(OPEN_PAYOUT),
+                        # a payout with a live message or batch is never signed again
+                        Payout.id.not_in(
+                            select(TonPayoutMessage.payout_id).where(
+                                TonPayoutMessage.state.in_(LIVE)
+                            )
+                        ),
+                        Payout.id.not_in(live_batch),
+                    )
+                    .order_by(Payout.id)
+                    .limit(self.batch_size)
+                )
+            )
+
+    async def _linked_wallet(self, provider_id: int) -> str | None:
+        async with self.db.session() as session:
+            return await session.scalar(
+                select(TonWallet.address).where(
+                    TonWallet.user_id == provider_id, TonWallet.purpose == "payout"
+                )
+            )
+
+    async def _tell(self, payout: Payout, *, paid: bool) -> None:
+        outcome = "confirmed" if paid else "failed"
+        await notifications.notify(
+            self.db,
+            payout.provider_id,
+            notifications.NOTIFY_PAYOUT_CONFIRMED if paid else notifications.NOTIFY_PAYOUT_FAILED,
+            f"payout:{payout.id}:{outcome}",
+            amount=payout.amount,
+            data={"payout_id": payout.id, "destination": payout.destination},
+        )
+
+
+def _aborted(tx: dict[str, Any]) -> bool:
+    return bool((tx.get("description") or {}).get("aborted"))
+
+
+def _raw(value: object) -> str | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return raw_address(value)
+    except AddressError:
+        return None
+
+
+def _transfer(out: dict[str, Any]) -> tuple[str, int, str | None]:
+    """(destination, amount, comment) of an outgoing message as TON Center shows it."""
+    content = out.get("message_content") or {}
+    decoded = content.get("decoded") if isinstance(content, dict) else None
+    comment = decoded.get("comment") if isinstance(decoded, dict) else None
+    body = content.get("body") if isinstance(content, dict) else None
+    if comment is None and isinstance(body, str) and body:
+        try:
+            comment = decode_comment(body).memo
+        except Exception:  # a body that is no comment pays no payout
+            comment = None
+    return _raw(out.get("destination")) or "", _int(out.get("value")), comment
+
+
+def _int(value: object) -> int:
+    if not isinstance(value, int | str | float) or isinstance(value, bool):
+        return -1
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return -1
+
+
+def _hash_hex(value: object) -> str | None:
+    from backend.ton.transactions import hash_hex
+
+    try:
+        return hash_hex(str(value)) if value else None
+    except ValueError:
+        return None
+
+
+__all__ = ["HighloadPayoutSender"]
