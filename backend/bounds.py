@@ -90,6 +90,7 @@ class Violation(enum.StrEnum):
     CHUNK_BYTES = "chunk_bytes"
     CHUNKS = "chunks"
     DEADLINE = "deadline"
+    SEQUENCE = "sequence"  # a chunk out of order: one missing, repeated or sent ahead
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,10 @@
 entry opened with the job's reply key and checked against the worker's attested key, each chunk
 counted against the bytes, chunk size and chunk count the turn allows, the stream against its
 absolute deadline; a worker crossing one is cut off (billed only what it delivered within the
-bounds, flagged, the turn ended with ``worker_misbehaved``). The reading half of
+bounds, flagged, the turn ended with ``worker_misbehaved``). Chunks must come in the order
+the worker numbered them (``seq`` 0, 1, 2, ...): a gap, a repeat or a reorder would drop or
+double text without anyone noticing, so it is the worker's fault like a crossed bound. The
+reading half of
 :class:`backend.dispatch.Turn`."""
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class TurnReading(TurnSettlement):
     _reply_key: nacl.public.PrivateKey
     _reading_since: float
     _chunks: int
+    _next_seq: int
 
     async def _job_events(self) -> AsyncIterator[StreamChunk | FinalRecord | ErrorRecord]:
         """The job's events, opened and held to the turn's bounds. Reading resumes where it
@@ -76,6 +80,9 @@ class TurnReading(TurnSettlement):
                         ErrorCode.WORKER_ERROR, "the worker sent a reply that does not verify"
                     ) from None
                 if isinstance(event, StreamChunk):
+                    if event.seq != self._next_seq:  # a chunk lost, repeated or reordered
+                        await self._cut_off(Flag(Violation.SEQUENCE, event.seq, self._next_seq))
+                    self._next_seq += 1
                     flag = self._over_bounds(event)
                     if flag is not None:
                         await self._cut_off(flag)
@@ -89,6 +96,7 @@ class TurnReading(TurnSettlement):
         d = self.d
         self._delivered_bytes = 0
         self._chunks = 0
+        self._next_seq = 0
         self._reading_since = d.clock()
         waiting = min(d.first_token_timeout_s, d.queue_ttl_s)
         deadline = self._reading_since + waiting + d.job_timeout_s + d.deadline_grace_s
@@ -144,9 +152,12 @@ class TurnReading(TurnSettlement):
         else:
             await self.release()
         await self._flag((flag,))
+        if flag.kind is Violation.SEQUENCE:
+            broke = f"sent chunk {flag.claimed} where chunk {flag.bound} was due"
+        else:
+            broke = f"broke this turn's {flag.kind.value} bound ({flag.claimed} > {flag.bound})"
         raise TurnError(
             ErrorCode.WORKER_MISBEHAVED,
-            f"the worker broke this turn's {flag.kind.value} bound ({flag.claimed} > "
-            f"{flag.bound}) and was stopped; you paid only for the text it delivered",
+            f"the worker {broke} and was stopped; you paid only for the text it delivered",
             kind=flag.kind.value,
         )

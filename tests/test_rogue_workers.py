@@ -37,6 +37,7 @@ from backend.settings import Settings
 from tests.support import attest
 from tests.support.network import SERVED, Network, Reply, Streamed, network, tdx_evidence
 from tests.support.redis_server import RedisServer
+from tests.support.rogue import RogueJob, RogueWorker
 from workers import registry
 from workers.evidence import AttestationRefused
 from workers.wire import ChatMessage, WorkerKeys
@@ -141,6 +142,68 @@ async def test_an_endless_reply_is_cut_off_at_its_bound_while_the_honest_worker_
     charged = before - await net.available() - honest.cost
     assert charged == cost(net, 0, delivered_floor(delivered, 16))
     assert await net.flags() == {(rogue.worker_id, "chunks")}
+    await serves_on(net)
+
+
+async def told_to_stop(rogue: RogueWorker, job: RogueJob) -> None:
+    """Wait until the backend asked the rogue's job to stop."""
+    deadline = time.monotonic() + 60
+    while not await rogue.cancel_requested(job):
+        assert time.monotonic() < deadline, "the job was never told to stop"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_chunk_skipped_in_a_stream_ends_the_turn_billed_for_what_arrived(
+    net: Network,
+) -> None:
+    """A worker that skips a chunk number (a lost token, or text kept back) does not get a
+    reply with a silent hole: the turn ends with ``worker_misbehaved``, the user pays for the
+    text that arrived in order, and the worker is flagged."""
+    rogue = await net.rogue()
+    before = await net.available()
+    asking = asyncio.create_task(net.streamed("Say hello world", max_tokens=16, to=rogue.worker_id))
+    job = await rogue.take()
+    await rogue.chunk(job, "Hello")
+    await rogue.chunk(job, " world", seq=2)  # chunk 1 never comes
+    await told_to_stop(rogue, job)
+    await rogue.final(job, prompt_tokens=5, completion_tokens=3)
+    seen: Streamed = await asking
+
+    assert seen.error is not None and seen.error["code"] == "worker_misbehaved", seen
+    assert "chunk 2 where chunk 1 was due" in seen.error["message"]
+    assert seen.text == "Hello" and seen.usage is None
+    charged = before - await net.available()
+    assert charged == cost(net, 0, delivered_floor(len(b"Hello"), 16))
+    assert await net.flags() == {(rogue.worker_id, "sequence")}
+    await serves_on(net)
+
+
+async def test_a_chunk_sent_twice_or_out_of_order_is_never_delivered(net: Network) -> None:
+    rogue = await net.rogue()
+    before = await net.available()
+    asking = asyncio.create_task(net.chat("Say one two", max_tokens=16, to=rogue.worker_id))
+    job = await rogue.take()
+    await rogue.chunk(job, "two", seq=1)  # ahead of chunk 0
+    await rogue.chunk(job, "one", seq=0)
+    await told_to_stop(rogue, job)
+    await rogue.final(job, prompt_tokens=5, completion_tokens=2)
+    reply = await asking
+
+    assert reply.status == 502 and reply.error == "worker_misbehaved", reply.body
+    assert await net.available() == before  # nothing arrived in order: nothing is charged
+    assert await net.flags() == {(rogue.worker_id, "sequence")}
+
+    # A repeated chunk number (the same text twice, or another text in its place).
+    again = await net.rogue()
+    asking = asyncio.create_task(net.streamed("Say one two", max_tokens=16, to=again.worker_id))
+    job = await again.take()
+    await again.chunk(job, "one")
+    await again.chunk(job, " one", seq=0)
+    await told_to_stop(again, job)
+    seen: Streamed = await asking
+    assert seen.error is not None and seen.error["code"] == "worker_misbehaved", seen
+    assert seen.text == "one"
+    assert (again.worker_id, "sequence") in await net.flags()
     await serves_on(net)
 
 

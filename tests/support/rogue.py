@@ -245,8 +245,9 @@ class RogueWorker:
         """Whether the backend asked this job to stop (read with the rogue's own credentials)."""
         return bool(await streams.is_cancel_requested(self.redis, job.job_id))
 
-    async def chunk(self, job: RogueJob, text: str) -> None:
-        event = StreamChunk(job_id=job.job_id, seq=job.chunks, text=text)
+    async def chunk(self, job: RogueJob, text: str, *, seq: int | None = None) -> None:
+        """The next chunk of the reply, numbered in order unless ``seq`` says otherwise."""
+        event = StreamChunk(job_id=job.job_id, seq=job.chunks if seq is None else seq, text=text)
         job.chunks += 1
         await self._append(job, seal_event(event, job.request.reply_key))
 
