@@ -261,9 +261,12 @@ class TurnSettlement:
     async def _after_job(self) -> None:
         if self.worker is not None:
             with contextlib.suppress(redis.RedisError):
-                await registry.release_slot(self.d.redis, self.worker.worker_id, self.job_id)
+                # The slot back and the stream gone, in one round trip.
+                async with self.d.redis.pipeline(transaction=False) as pipe:
+                    pipe.zrem(registry.slots_key(self.worker.worker_id), self.job_id)
+                    pipe.delete(streams.stream_key(self.job_id))
+                    await pipe.execute()
                 self.d.workers.released(self.worker.worker_id)
-                await streams.delete_stream(self.d.redis, self.job_id)
 
     def _count_first_token(self) -> None:
         if not self._first_token_seen:

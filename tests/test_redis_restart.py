@@ -20,7 +20,8 @@ import redis
 import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
 from pydantic import SecretStr
-from rq.job import Job
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
 
 from backend.apikeys import create_key
 from backend.attestation import acl, store
@@ -188,8 +189,9 @@ async def test_a_job_the_node_could_not_start_goes_on_at_once(
 ) -> None:
     """Before: a node whose Redis came back under a job it had just taken (its bookkeeping
     failing with ConnectionError) left the turn waiting out the first-token timeout (60 s),
-    then answered 503 "no worker": the only worker had been tried. Now the node says so at
-    once and the turn goes on, on that same node when no other serves the model."""
+    then answered 503 "no worker": the only worker had been tried. Now the node's bookkeeping
+    runs beside the job, off its first token's path, and the job is served all the same (a job
+    the node cannot run at all is answered worker_unavailable at once and goes on elsewhere)."""
     real_start = JobBook.start
     failures = []
 
@@ -224,9 +226,14 @@ async def test_a_job_the_node_could_not_start_goes_on_at_once(
                 else:
                     done = event
         assert "".join(parts) == "one two" and isinstance(done, TurnDone)
-        assert turn.tried == [node.worker_id, node.worker_id] and len(failures) == 1
+        assert turn.tried == [node.worker_id] and len(failures) == 1
         assert (await ledger.balances(user)).available == TON - done.cost
         assert (await ledger.audit()).ok
     stop.set()
     await serving
     await engine.close()
+    # RQ still tells the truth: the job is finished, nothing left in its intermediate queue.
+    with redis.Redis.from_url(redis_url) as sync:
+        job = Job.fetch(failures[0], connection=sync, serializer=JSONSerializer)
+        assert job.get_status() == JobStatus.FINISHED
+        assert sync.llen(JobBook(sync, node.worker_id).queue.intermediate_queue_key) == 0

@@ -293,8 +293,9 @@ class JobBook:
             pipe.execute()
         return execution
 
-    def finish(self, job: Job, execution: Execution, result: dict[str, Any]) -> None:
-        """Mark ``job`` finished with a JSON-able ``result`` (never text or keys)."""
+    def finish(self, job: Job, execution: Execution | None, result: dict[str, Any]) -> None:
+        """Mark ``job`` finished with a JSON-able ``result`` (never text or keys); ``execution``
+        None: its start could not be booked (the job is still in the intermediate queue)."""
         job.ended_at = now()
         result_ttl = job.get_result_ttl(RESULT_TTL_S)
         with self.connection.pipeline() as pipe:
@@ -307,14 +308,17 @@ class JobBook:
                 return_value=result,
                 worker_name=self.name,
                 pipeline=pipe,
-                execution_id=execution.id,
-                execution_started_at=execution.created_at,
+                execution_id=execution.id if execution is not None else None,
+                execution_started_at=execution.created_at if execution is not None else None,
                 execution_ended_at=job.ended_at,
             )
             if result_ttl != 0:
                 job.finished_job_registry.add(job, result_ttl, pipe)
             job.cleanup(result_ttl, pipeline=pipe, remove_from_queue=False)
-            execution.delete(job=job, pipeline=pipe)
+            if execution is not None:
+                execution.delete(job=job, pipeline=pipe)
+            else:
+                pipe.lrem(self.queue.intermediate_queue_key, 1, job.id)
             self.rq_worker.increment_successful_job_count(pipeline=pipe)
             self.rq_worker.increment_total_working_time(self._working_time(job), pipe)
             pipe.execute()

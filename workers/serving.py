@@ -314,8 +314,11 @@ class Node:
         self.peak_load = max(self.peak_load, self.load)
         self._load_changed.set()
         outcome = Outcome(False, "internal error")
+        # RQ's bookkeeping (a thread and a round trip) runs beside the job, off its first
+        # token's path; the job's end is booked once its start is.
+        starting = asyncio.ensure_future(self._in_thread(self._book.start, job))
+        starting.add_done_callback(lambda done: self._started(run, done))
         try:
-            run.execution = await self._in_thread(self._book.start, job)
             outcome = await run.run()
         except Exception as error:
             log.error("job %s: internal error: %s", job.id, describe_error(error))
@@ -331,7 +334,19 @@ class Node:
                 self.metrics.set_running(self.load)
             self._slots.release()
             self._load_changed.set()
+            await asyncio.wait({starting})
             await self._record(run, outcome)
+
+    @staticmethod
+    def _started(run: JobRun, starting: asyncio.Future[Any]) -> None:
+        """The job's start is booked in RQ (its execution kept for the heartbeats), or could
+        not be: the job runs all the same, and its end is booked without an execution."""
+        if starting.cancelled():
+            return
+        if (error := starting.exception()) is not None:
+            log.warning("job %s: its start could not be booked in RQ: %s", run.job_id, error)
+        else:
+            run.execution = starting.result()
 
     async def _record(self, run: JobRun, outcome: Outcome) -> None:
         job = run.job
