@@ -141,10 +141,17 @@ def cmd_ledger_balance(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_web(settings: Settings, args: argparse.Namespace) -> int:
+    import logging
+
+    from backend.db import upgrade_database
+    from backend.logs import redact_url
     from backend.web import run_web
 
-    if args.upgrade:
-        cmd_db_upgrade(settings, args)
+    if args.upgrade:  # said as a log line: one JSON object per line with COCOON_LOG_JSON
+        upgrade_database(settings.db_url)
+        logging.getLogger("cocoon.web").info(
+            "database is up to date: %s", redact_url(settings.db_url)
+        )
     return run_web(settings, host=args.host, port=args.port)
 
 

@@ -186,7 +186,7 @@ async def stop_web(runner: web.AppRunner, shutdown: Shutdown) -> None:
 async def serve_web(settings: Settings, shutdown: Shutdown, host: str, port: int) -> None:
     """``cocoon web``: serve until ``shutdown`` asks to stop, then stop within its grace."""
     runner = await start_web(settings, host, port)
-    print(f"cocoon web: serving on http://{host}:{port}", flush=True)
+    log.info("cocoon web: serving on http://%s:%d", host, port)
     try:
         await shutdown.stop.wait()
     finally:

@@ -8,7 +8,7 @@ The mnemonic is read from the settings only and is never printed, not even in er
 from __future__ import annotations
 
 import asyncio
-import sys
+import logging
 from typing import TYPE_CHECKING, TypedDict
 
 from backend.settings import Settings
@@ -23,6 +23,8 @@ __all__ = [
     "hot_wallet",
     "run_services",
 ]
+
+log = logging.getLogger("cocoon.ton")
 
 
 class _Pace(TypedDict):
@@ -128,10 +130,13 @@ async def run_services(
                         step = await sender.step()
                     print(f"payouts: {step.value}")
                 return 0
-            print(
-                f"watching {ton.network} through {ton.base_url}: "
-                f"deposits {'on' if watcher else 'off'}, payouts {'on' if sender else 'off'}",
-                file=sys.stderr,
+            # A log line (JSON with COCOON_LOG_JSON), like everything a service says.
+            log.info(
+                "watching %s through %s: deposits %s, payouts %s",
+                ton.network,
+                ton.base_url,
+                "on" if watcher else "off",
+                "on" if sender else "off",
             )
             tasks = [t.run(stop) for t in (watcher, sender) if t is not None]
             await asyncio.gather(*tasks)
