@@ -85,6 +85,13 @@ async def test_each_payout_leaves_once_through_sender_kills(db: Database) -> Non
 
 
 @pytest.mark.slow
+async def test_each_payout_leaves_once_through_highload_sender_kills(db: Database) -> None:
+    figures = await chaos.payout_kills(db, payouts=8, kills=10, highload=True)
+    assert_held(figures)
+    assert figures.succeeded == 8
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server binary")
 async def test_turns_through_a_redis_restart(settings: Settings, tmp_path) -> None:
     db = Database(f"sqlite+aiosqlite:///{tmp_path / 'chaos.db'}")

@@ -10,10 +10,11 @@ import time
 from backend.db import Database
 from backend.ledger import Ledger
 from backend.models import AccountKind
+from backend.ton.highload import HighloadPayoutSender
 from backend.ton.localnet import LocalTonCenter, LocalTonCenterServer
 from backend.ton.payouts import PayoutSender, Step
 from backend.ton.toncenter import TonCenter, TonCenterError
-from backend.ton.wallet import HotWallet, new_mnemonic
+from backend.ton.wallet import HighloadHotWallet, HotWallet, new_mnemonic
 from backend.users import get_or_create_user
 from bench.chaos.common import (
     TON,
@@ -30,15 +31,28 @@ class Clock:
         return self.now
 
 
-async def payout_kills(db: Database, *, payouts: int, kills: int) -> Figures:
+async def payout_kills(
+    db: Database, *, payouts: int, kills: int, highload: bool = False
+) -> Figures:
     """Payouts with the sender killed after signing, after sending and before confirming, and
-    messages lost on the way. Each payout must leave the hot wallet exactly once."""
-    figures = Figures("payout-kills", operations=payouts)
+    messages lost on the way. Each payout must leave the hot wallet exactly once. ``highload``:
+    from a Highload Wallet v3 in batches (``payout-kills-highload``)."""
+    figures = Figures("payout-kills-highload" if highload else "payout-kills", operations=payouts)
     started = time.monotonic()
     clock = Clock()
     hot = HotWallet.from_mnemonic(new_mnemonic())
     net = LocalTonCenter(clock=clock)
     net.add_wallet(hot.raw, hot.public_key, balance=10**6 * TON, subwallet_id=hot.subwallet_id)
+    batches = HighloadHotWallet(hot.seed, timeout=600)
+    net.add_highload_wallet(
+        batches.raw,
+        batches.public_key,
+        balance=10**6 * TON,
+        subwallet_id=batches.subwallet_id,
+        timeout=600,
+        deployed=False,
+    )
+    paying = batches.raw if highload else hot.raw
     ledger = Ledger(db, min_withdrawal=TON)
     destinations: dict[int, str] = {}
     for i in range(payouts):
@@ -65,7 +79,12 @@ async def payout_kills(db: Database, *, payouts: int, kills: int) -> Figures:
 
     async with LocalTonCenterServer(net) as url, TonCenter(url) as api:
 
-        def make() -> PayoutSender:
+        def make() -> PayoutSender | HighloadPayoutSender:
+            if highload:  # small batches, so that kills land between them too
+                return HighloadPayoutSender(
+                    db, ledger, api, batches, batch_size=3, clock=clock, resend_every_s=0,
+                    checkpoint=checkpoint,
+                )  # fmt: skip
             return PayoutSender(
                 db, ledger, api, hot, ttl_s=60, clock=clock, resend_every_s=0,
                 checkpoint=checkpoint,
@@ -87,15 +106,17 @@ async def payout_kills(db: Database, *, payouts: int, kills: int) -> Figures:
             if step == Step.IDLE:
                 break
             if step == Step.WAITING:
-                clock.now += 20
+                clock.now += 60 if highload else 20
         else:
             figures.report.violations.append("payouts did not finish")
     figures.faults += lost
     figures.notes.append(f"{lost} messages lost")
     # On chain: each confirmed payout paid exactly once, failed ones never.
     paid: dict[str, int] = {}
-    for tx in net.transactions_of(hot.raw):
+    for tx in net.transactions_of(paying):
         for out in tx["out_msgs"]:
+            if out["destination"] == paying:
+                continue  # a highload batch's link to its own action list
             comment = (out["message_content"].get("decoded") or {}).get("comment") or ""
             paid[comment] = paid.get(comment, 0) + 1
     await figures.check(db, started)
