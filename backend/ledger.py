@@ -55,6 +55,13 @@ from backend.settings import MAX_NANO
 
 BPS = 10_000
 
+
+def provider_cut(charged: int, share_bps: int) -> int:
+    """The provider's share of a turn's price: rounded down, once per turn (the platform keeps
+    the rest, so nothing is lost)."""
+    return charged * share_bps // BPS
+
+
 __all__ = [
     "USER_SIDE_KINDS",
     "Audit",
@@ -271,7 +278,7 @@ class Ledger:
             hold = await self._close_hold(session, hold_key, HoldState.SETTLED)
             charged = min(cost, hold.amount)
             hold.charged = charged
-            to_provider = charged * share_bps // BPS if provider_id is not None else 0
+            to_provider = provider_cut(charged, share_bps) if provider_id is not None else 0
             legs = [
                 Leg(AccountKind.HOLD, hold.user_id, -hold.amount),
                 Leg(AccountKind.USER, hold.user_id, hold.amount - charged),

@@ -206,11 +206,28 @@ class EarningsView(BaseModel):
     jobs: int
 
 
+class NextPayoutView(BaseModel):
+    kind: Literal["on_its_way", "ready", "after_online", "unknown"]
+    at: str | None = None  # ISO 8601, UTC
+    online_s: int | None = None  # more online time at the rate so far (after_online)
+
+
+class EconomicsView(BaseModel):
+    online_s: int
+    tokens: int
+    per_hour: Nano | None  # per hour of online time; None: not online long enough yet
+    per_million_tokens: Nano | None
+    fees: Nano  # what the network kept of the price of the replies served
+    fee_bps: int  # the network's part of each reply's price, 1/10000
+    next_payout: NextPayoutView
+
+
 class ProviderDashboard(BaseModel):
     workers: list[WorkerEntry]
     earnings: EarningsView
     payout_wallet: LinkedWallet | None
     min_withdrawal: Nano
+    economics: EconomicsView | None = None
 
 
 class WithdrawRequest(Strict):

@@ -20,6 +20,7 @@ import redis
 from sqlalchemy import delete
 
 from backend import accounts
+from backend.accounts.economics import economics
 from backend.db import Database
 from backend.dispatch import Dispatcher, Turn, TurnDone, TurnRequest
 from backend.errors import CocoonError, ErrorCode
@@ -407,6 +408,7 @@ class MiniApp:
         self._require_provider(caller)
         workers = await accounts.provider_workers(self.db, self.dispatcher.redis, caller.user.id)
         earned = await accounts.earnings(self.ledger, caller.user.id)
+        x = await economics(self.ledger, self.dispatcher.redis, self.settings, caller.user.id)
         payout = await ton_proof.linked_wallet(self.db, caller.user.id, "payout")
         return p.ProviderDashboard(
             workers=[
@@ -432,6 +434,21 @@ class MiniApp:
             ),
             payout_wallet=self._wallet_view(payout),
             min_withdrawal=_nano(self.settings.min_withdrawal_nano),
+            economics=p.EconomicsView(
+                online_s=x.online_s,
+                tokens=x.tokens,
+                per_hour=None if x.per_hour is None else _nano(x.per_hour),
+                per_million_tokens=None
+                if x.per_million_tokens is None
+                else _nano(x.per_million_tokens),
+                fees=_nano(x.fees),
+                fee_bps=x.fee_bps,
+                next_payout=p.NextPayoutView(
+                    kind=x.next_payout.kind,
+                    at=_iso(x.next_payout.at),
+                    online_s=x.next_payout.online_s,
+                ),
+            ),
         )
 
     async def withdraw(self, caller: Caller, body: p.WithdrawRequest) -> p.PayoutView:

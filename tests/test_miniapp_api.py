@@ -341,6 +341,11 @@ async def test_the_provider_dashboard_and_withdrawals(client: TestClient, redis_
     assert worker["worker_id"] == "w-abc" and worker["tee"] == "dev" and worker["jobs"] == 1
     assert worker["online"] is False and worker["earned"] == str(3 * TON)
     assert board["payout_wallet"] is None and board["min_withdrawal"] == str(TON)
+    economics = board["economics"]  # no online time counted yet: no hourly rate to show
+    assert (economics["per_hour"], economics["fee_bps"], economics["tokens"]) == (None, 2000, 30)
+    assert economics["per_million_tokens"] == str(3 * TON * 1_000_000 // 30)
+    assert economics["fees"] == "0"  # this turn was settled with the whole price to the provider
+    assert economics["next_payout"]["kind"] == "ready"  # 3 GRAM available, 1 GRAM minimum
 
     withdraw = "/app/api/provider/withdraw"
     response = await client.post(withdraw, headers=headers, json={"amount": "1", "key": "k0000001"})

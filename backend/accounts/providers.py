@@ -5,12 +5,14 @@ and earnings, and withdrawals."""
 from __future__ import annotations
 
 import datetime as dt
+import time
 from dataclasses import dataclass
 from typing import Literal
 
 from redis.asyncio import Redis as AsyncRedis
 from sqlalchemy import func, select, update
 
+from backend.accounts.economics import count_online
 from backend.accounts.errors import AccountError
 from backend.db import Database
 from backend.errors import ErrorCode
@@ -125,6 +127,8 @@ async def watch_workers(
     from workers import registry
 
     live = {w.worker_id: w for w in await registry.list_workers(redis)}
+    serving = [(w.worker_id, w.provider_id) for w in live.values() if w.attested and w.provider_id]
+    await count_online(redis, serving, now=time.time())  # online time, for the economics
     since = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=grace_s)
     async with db.session() as session:
         rows = list(

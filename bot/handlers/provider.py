@@ -19,6 +19,7 @@ from aiogram.types import (
 from redis.asyncio import Redis as AsyncRedis
 
 from backend import accounts
+from backend.accounts.economics import Economics, economics
 from backend.attestation.store import issue_registration_token
 from backend.db import Database
 from backend.errors import ErrorCode
@@ -208,11 +209,70 @@ async def cmd_workers(message: Message, user: User, db: Database, redis: AsyncRe
     await message.answer("\n".join(lines), parse_mode=None)
 
 
+def _duration(seconds: int) -> str:
+    hours, minutes = divmod(seconds // 60, 60)
+    return _("{hours} h {minutes} min").format(hours=hours, minutes=minutes)
+
+
+def _percent(bps: int) -> str:
+    whole, part = divmod(bps, 100)
+    return f"{whole}.{part:02d}".rstrip("0").rstrip(".") if part else str(whole)
+
+
+def _when(at: dt.datetime) -> str:
+    return at.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def economics_lines(x: Economics) -> list[str]:
+    """What an hour online and a million tokens earn, the fees, the next payout."""
+    lines = []
+    if x.per_hour is None:
+        lines.append(_("Not online long enough yet to say what an hour earns."))
+    else:
+        lines.append(
+            _("Online: {online}; {per_hour} per hour online").format(
+                online=_duration(x.online_s), per_hour=ton(x.per_hour)
+            )
+        )
+    if x.per_million_tokens is not None:
+        lines.append(_("Per 1M tokens served: {amount}").format(amount=ton(x.per_million_tokens)))
+    lines.append(
+        _(
+            "Fees: the network keeps {percent}% of each reply's price ({fees} of the "
+            "replies you served)"
+        ).format(percent=_percent(x.fee_bps), fees=ton(x.fees))
+    )
+    payout = x.next_payout
+    if payout.kind == "on_its_way" and payout.at is not None:
+        lines.append(_("Next payout: on its way, expected by {at}").format(at=_when(payout.at)))
+    elif payout.kind == "ready":
+        lines.append(_("Next payout: ready now, with /withdraw"))
+    elif payout.kind == "after_online" and payout.at is not None and payout.online_s:
+        lines.append(
+            _(
+                "Next payout: after about {online} more online at your rate so far (around "
+                "{at}), when you reach {minimum}"
+            ).format(
+                online=_duration(payout.online_s),
+                at=_when(payout.at),
+                minimum=ton(x.min_withdrawal),
+            )
+        )
+    else:
+        lines.append(
+            _("Next payout: once you have earned {minimum}").format(minimum=ton(x.min_withdrawal))
+        )
+    return lines
+
+
 @handlers.message(Command("earnings"))
-async def cmd_earnings(message: Message, user: User, ledger: Ledger) -> None:
+async def cmd_earnings(
+    message: Message, user: User, ledger: Ledger, redis: AsyncRedis, settings: Settings
+) -> None:
     if not await _require_provider(message, user):
         return
     e = await accounts.earnings(ledger, user.id)
+    x = await economics(ledger, redis, settings, user.id)
     await message.answer(
         "\n".join(
             [
@@ -220,6 +280,7 @@ async def cmd_earnings(message: Message, user: User, ledger: Ledger) -> None:
                     earned=ton(e.earned),
                     jobs=ngettext("{n} job", "{n} jobs", e.jobs).format(n=e.jobs),
                 ),
+                *economics_lines(x),
                 _("Available to withdraw: {available}").format(available=ton(e.available)),
                 _("In payouts on their way: {pending}").format(pending=ton(e.pending)),
                 _("Paid out: {paid}").format(paid=ton(e.paid)),

@@ -41,6 +41,35 @@
     return li;
   }
 
+  function hours(seconds) {
+    const minutes = Math.floor(seconds / 60);
+    return t("duration", { hours: Math.floor(minutes / 60), minutes: minutes % 60 });
+  }
+
+  function percent(bps) {
+    return (bps / 100).toString(); // basis points: at most two decimals, exact in a double
+  }
+
+  // Per hour online, per 1M tokens, the fees and the next payout (backend/accounts/economics.py).
+  function renderEconomics(x) {
+    $("economics").hidden = !x;
+    if (!x) return;
+    $("econ-hour").textContent = x.per_hour === null
+      ? t("econ_not_enough_online")
+      : t("econ_per_hour", { amount: C.formatGram(x.per_hour), online: hours(x.online_s) });
+    $("econ-million").textContent = x.per_million_tokens === null ? "—" : C.formatGram(x.per_million_tokens);
+    $("econ-fees").textContent = t("econ_fees", { percent: percent(x.fee_bps), amount: C.formatGram(x.fees) });
+    const next = x.next_payout;
+    const at = next.at ? C.formatDate(next.at, { dateStyle: "medium", timeStyle: "short" }) : "";
+    const words = {
+      on_its_way: () => t("econ_next_on_its_way", { at }),
+      ready: () => t("econ_next_ready"),
+      after_online: () => t("econ_next_after", { online: hours(next.online_s || 0), at, minimum: C.formatGram(board.min_withdrawal) }),
+      unknown: () => t("econ_next_unknown", { minimum: C.formatGram(board.min_withdrawal) }),
+    };
+    $("econ-next").textContent = (words[next.kind] || words.unknown)();
+  }
+
   function render(value) {
     board = value;
     $("provider").hidden = false;
@@ -49,6 +78,7 @@
     $("earn-paid").textContent = C.formatGram(board.earnings.paid);
     $("earn-total").textContent = C.formatGram(board.earnings.earned);
     $("earn-jobs").textContent = String(board.earnings.jobs);
+    renderEconomics(board.economics);
     $("payout-wallet").textContent = board.payout_wallet
       ? t("payout_wallet", { address: board.payout_wallet.address })
       : t("no_payout_wallet");
