@@ -38,7 +38,7 @@ from backend.turns import (
     TurnText,
     WorkerProof,
 )
-from workers import registry, streams
+from workers import redisconn, registry, streams
 from workers.jobs import aenqueue_job, job_id_for
 from workers.logcontext import bind as bind_log_context
 from workers.wire import (
@@ -121,10 +121,10 @@ class Dispatcher:
     ) -> Dispatcher:
         # Each streaming turn holds a connection during its blocking reads: allow many, and
         # make the rest wait for one rather than fail.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            settings.redis_url, max_connections=MAX_REDIS_CONNECTIONS, timeout=30
+        client = redisconn.async_client(
+            settings.redis_url, max_connections=MAX_REDIS_CONNECTIONS, blocking_timeout=30
         )
-        return cls(settings, ledger, aioredis.Redis(connection_pool=pool), metrics=metrics)
+        return cls(settings, ledger, client, metrics=metrics)
 
     async def wind_down(self, timeout_s: float) -> None:
         """Stopping: give turns whose client left up to ``timeout_s`` to settle; those still

@@ -221,7 +221,11 @@ class Settings(BaseSettings):
         default=None,
         description="SQLAlchemy async URL; default: SQLite file cocoon.db in data_dir",
     )
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        description="redis://, rediss://, or redis+sentinel://host:port,.../SERVICE/DB "
+        "(workers/redisconn.py)",
+    )
 
     # Web server
     web_host: str = "127.0.0.1"

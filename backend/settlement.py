@@ -108,7 +108,12 @@ class TurnSettlement:
         await self._flag(billed.flags)
         receipt = await self._receipt(billed, charged)
         if (route := self._route_id()) is not None:
-            await registry.remember_route(self.d.redis, route, self.worker.worker_id, ROUTE_TTL_S)
+            # A hint for the next turn: Redis away now (a failover) must not lose this turn's
+            # answer, which is billed already (the client would be told 503, nothing charged).
+            with contextlib.suppress(redis.RedisError):
+                await registry.remember_route(
+                    self.d.redis, route, self.worker.worker_id, ROUTE_TTL_S
+                )
         log.info(
             "turn %s settled: %d+%d tokens, %d nanoTON, %s",
             self.turn_id,

@@ -42,6 +42,7 @@ import redis
 from backend.db import Database, upgrade_database
 from backend.logs import redact_url
 from backend.settings import DEFAULT_MODEL, Settings
+from workers import redisconn
 from workers.lifecycle import (
     WORKER_SHARE,
     Shutdown,
@@ -59,7 +60,7 @@ LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
 def redis_answers(url: str) -> bool:
-    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+    client = redisconn.sync_client(url, socket_connect_timeout=1, socket_timeout=1)
     try:
         return bool(client.ping())
     except redis.RedisError:
@@ -94,7 +95,7 @@ def start_local_redis(settings: Settings) -> tuple[subprocess.Popen[bytes], str]
         print(f"cocoon: using Redis at {redact_url(settings.redis_url)}", flush=True)
         return None
     parts = urlsplit(settings.redis_url)
-    if parts.hostname not in LOCAL_HOSTS:
+    if redisconn.is_sentinel(settings.redis_url) or parts.hostname not in LOCAL_HOSTS:
         raise StackError(f"Redis at {redact_url(settings.redis_url)} does not answer")
     found = find_redis_server()
     if found is None:
@@ -165,11 +166,10 @@ async def prepare_local_user(settings: Settings) -> Path:
 
 async def local_worker_token(settings: Settings) -> str:
     """A one-time registration token for the local worker (no provider to credit)."""
-    import redis.asyncio as aioredis
 
     from backend.attestation.store import issue_registration_token
 
-    client = aioredis.Redis.from_url(settings.redis_url)
+    client = redisconn.async_client(settings.redis_url)
     try:
         return await issue_registration_token(client, None, 3600)
     finally:
@@ -426,11 +426,10 @@ async def wait_for_local_worker(
     timeout_s: float = 600,
 ) -> bool:
     """Wait until the local worker has attested (False: asked to stop first)."""
-    import redis.asyncio as aioredis
 
     from workers import registry
 
-    client = aioredis.Redis.from_url(settings.redis_url)
+    client = redisconn.async_client(settings.redis_url)
     deadline = time.monotonic() + timeout_s
     try:
         while True:

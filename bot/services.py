@@ -24,7 +24,7 @@ from backend.ratelimit import RateLimiter
 from backend.settings import Settings
 from bot.context import ContextStore, load_context_key
 from bot.tonconnect import ChatWallets, ConnectorFactory
-from workers import streams
+from workers import redisconn, streams
 from workers.redis_keys import redis_key
 
 RUNNING = "bot:turn"
@@ -145,7 +145,7 @@ async def open_services(
         if turns is None:
             turns = TurnDispatcher.from_settings(settings, ledger, metrics=metrics)
             stack.push_async_callback(turns.close)
-        client = aioredis.Redis.from_url(settings.redis_url)
+        client = redisconn.async_client(settings.redis_url)
         stack.push_async_callback(client.aclose)
         key = load_context_key(settings)
         contexts = ContextStore(

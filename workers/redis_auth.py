@@ -1,9 +1,10 @@
 """How a worker node reaches Redis: TLS outside the development TEE, and credentials that can
 be replaced without rebuilding its clients.
 
-* An attested worker in a real TEE accepts only a ``rediss://`` URL (:func:`tls_refusal`): its
-  ACL password and every sealed job cross the network, and the TLS certificate is checked
-  against the CA bundle the backend sent with the credentials (``redis_ca_pem``), or against
+* An attested worker in a real TEE accepts only a ``rediss://`` (or ``rediss+sentinel://``)
+  URL (:func:`tls_refusal`): its ACL password and every sealed job cross the network, and the
+  TLS certificate is checked against the CA bundle the backend sent with the credentials
+  (``redis_ca_pem``), or against
   the system's CAs. Only a development-TEE worker may be told a plain ``redis://``.
 * The clients take their username and password from a :class:`NodeCredentials` (redis-py's
   ``CredentialProvider``) at every (re)connection, so that a node given new credentials after a
@@ -15,11 +16,13 @@ Imports only redis-py: the node carries no operator code.
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.credentials import CredentialProvider
+
+from workers import redisconn
 
 __all__ = ["NodeCredentials", "TlsRefused", "async_client", "sync_client", "tls_refusal"]
 
@@ -33,7 +36,7 @@ class TlsRefused(Exception):
 def tls_refusal(url: str, tee: str) -> str | None:
     """Why a worker of TEE kind ``tee`` must not use ``url`` (None: it may)."""
     scheme = urlsplit(url).scheme
-    if tee == "dev" or scheme == TLS_SCHEME:
+    if tee == "dev" or redisconn.is_tls(url):
         return None
     return (
         f"the backend gave a {scheme or 'schemeless'}:// Redis URL; a worker outside the "
@@ -68,20 +71,11 @@ class NodeCredentials(CredentialProvider):
         return bool(self.username or self.password)
 
 
-def _without_credentials(url: str) -> str:
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = host + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-
-
 def _options(url: str, credentials: NodeCredentials | None, ca_pem: str | None) -> dict[str, Any]:
     options: dict[str, Any] = {}
     if credentials:
         options["credential_provider"] = credentials
-    if ca_pem and urlsplit(url).scheme == TLS_SCHEME:
+    if ca_pem and redisconn.is_tls(url):
         options["ssl_ca_data"] = ca_pem
     return options
 
@@ -90,8 +84,8 @@ def sync_client(
     url: str, *, credentials: NodeCredentials | None = None, ca_pem: str | None = None
 ) -> redis.Redis:
     """A ``redis.Redis`` for ``url``; with ``credentials``, its userinfo is theirs."""
-    target = _without_credentials(url) if credentials else url
-    return redis.Redis.from_url(target, **_options(url, credentials, ca_pem))
+    target = redisconn.without_credentials(url) if credentials else url
+    return redisconn.sync_client(target, **_options(url, credentials, ca_pem))
 
 
 def async_client(
@@ -102,8 +96,6 @@ def async_client(
     max_connections: int | None = None,
 ) -> AsyncRedis:
     """A ``redis.asyncio.Redis`` for ``url``; with ``credentials``, its userinfo is theirs."""
-    target = _without_credentials(url) if credentials else url
+    target = redisconn.without_credentials(url) if credentials else url
     options = _options(url, credentials, ca_pem)
-    if max_connections is not None:
-        options["max_connections"] = max_connections
-    return AsyncRedis.from_url(target, **options)
+    return redisconn.async_client(target, max_connections=max_connections, **options)

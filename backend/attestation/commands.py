@@ -26,14 +26,13 @@ def cmd_provider_token(settings: Settings, args: argparse.Namespace) -> int:
     telegram_id = cliutil.telegram_id(args.telegram_id)
 
     async def run() -> str:
-        import redis.asyncio as aioredis
-
         from backend.attestation.store import issue_registration_token
         from backend.db import Database
         from backend.users import get_or_create_user
+        from workers import redisconn
 
         db = Database.from_settings(settings)
-        client = aioredis.Redis.from_url(settings.redis_url)
+        client = redisconn.async_client(settings.redis_url)
         try:
             user = await get_or_create_user(db, telegram_id)
             return await issue_registration_token(client, user.id, settings.attestation.token_ttl_s)

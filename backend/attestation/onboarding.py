@@ -43,7 +43,7 @@ import logging
 import time
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import nacl.public
 import redis.asyncio as aioredis
@@ -54,9 +54,8 @@ from backend.attestation import acl, report, store
 from backend.attestation.verifier import Verdict, Verifier, VerifierUnavailable
 from backend.db import Database
 from backend.settings import Settings
-from workers import registry
+from workers import redisconn, registry
 from workers.evidence import Evidence, config_sha256
-from workers.redis_auth import TLS_SCHEME
 from workers.wire import WireError, key_fingerprint
 
 log = logging.getLogger("cocoon.attestation")
@@ -85,7 +84,7 @@ class OnboardingError(Exception):
 def tls_problem(base: str, tee: str) -> str | None:
     """Why ``base`` may not be given to a worker of ``tee`` (None: it may)."""
     scheme = urlsplit(base).scheme
-    if tee == "dev" or scheme == TLS_SCHEME:
+    if tee == "dev" or redisconn.is_tls(base):
         return None
     return (
         f"this backend tells workers a {scheme}:// Redis URL, and a worker outside the "
@@ -95,13 +94,8 @@ def tls_problem(base: str, tee: str) -> str | None:
 
 
 def worker_redis_url(base: str, user: str, password: str) -> str:
-    parts = urlsplit(base)
-    host = parts.hostname or "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
-    port = f":{parts.port}" if parts.port else ""
-    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}{port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+    """``base`` (one server, or the sentinels of a primary) with a worker's user in it."""
+    return redisconn.with_credentials(base, user, password)
 
 
 class Onboarding:

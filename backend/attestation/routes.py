@@ -13,7 +13,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import redis.asyncio as aioredis
 from aiohttp import web
 from redis.exceptions import RedisError
 
@@ -22,6 +21,7 @@ from backend.attestation.onboarding import ONBOARDING, Onboarding, OnboardingErr
 from backend.attestation.report import REPORTS, ReportService, report_view
 from backend.attestation.verifier import Verifier
 from backend.settings import Settings
+from workers import redisconn
 
 log = logging.getLogger("cocoon.attestation")
 
@@ -86,7 +86,7 @@ def setup(app: web.Application, settings: Settings) -> None:
     """Add the onboarding routes and service (with its expiry sweep) to ``app``."""
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        client = aioredis.Redis.from_url(settings.redis_url)
+        client = redisconn.async_client(settings.redis_url)
         service = Onboarding(
             settings, client, Verifier.from_settings(settings), db=app.get(appkeys.DATABASE)
         )

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import uuid
 from collections.abc import AsyncIterator
 
 from redis.asyncio import Redis as AsyncRedis
+from redis.exceptions import RedisError
 
 from backend.errors import ErrorCode
 from backend.openai_api.protocol import ApiError
@@ -23,6 +25,8 @@ from backend.ratelimit import ConcurrencyLimiter, RateLimiter
 from backend.settings import Settings
 
 CONCURRENCY_RETRY_S = 1
+
+log = logging.getLogger("cocoon.openai_api")
 
 
 def key_subject(api_key: str) -> str:
@@ -73,6 +77,16 @@ async def turn_limits(
                 )
             yield
         finally:
-            await per_user.release(user, token)
+            await _release(per_user, user, token)
     finally:
-        await per_key.release(key, token)
+        await _release(per_key, key, token)
+
+
+async def _release(limiter: ConcurrencyLimiter, subject: str, token: str) -> None:
+    """Give the place back. Redis away (a failover) at the end of a turn that was answered and
+    billed must not turn the answer into a 503 that says nothing was charged: the place then
+    goes back when its lease ends."""
+    try:
+        await limiter.release(subject, token)
+    except RedisError as error:
+        log.warning("a turn's place is left to its lease (Redis unreachable: %s)", error)
