@@ -55,20 +55,29 @@ async def redis_unavailable(
         )
 
 
-def body_deadline(timeout_s: float) -> Middleware:
-    """A middleware that reads each request's body (at most ``client_max_size``) before its
-    handler runs, within ``timeout_s`` (``COCOON_HTTP_BODY_TIMEOUT_S``): a client that trickles
-    its body (slowloris) gets a 408 and its connection is closed, instead of holding a handler
-    and a connection open for ever. Handlers then read the body aiohttp keeps."""
+def body_deadline(timeout_s: float, max_bytes: int) -> Middleware:
+    """A middleware that reads each request's body (at most ``max_bytes``, the application's
+    ``client_max_size``) before its handler runs, within ``timeout_s``
+    (``COCOON_HTTP_BODY_TIMEOUT_S``): a client that trickles its body (slowloris) gets a 408 and
+    its connection is closed, instead of holding a handler and a connection open for ever.
+    Handlers then read the body aiohttp keeps. A body announced over ``max_bytes`` is left to
+    the handler, which refuses it unread; one that grows past it (chunked) is a 413 here."""
 
     @web.middleware
     async def middleware(
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        if request.body_exists:
+        announced = request.content_length
+        if request.body_exists and (announced is None or announced <= max_bytes):
             try:
                 async with asyncio.timeout(timeout_s):
                     await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                # Never let the handler read on: what is left of the body is not the body.
+                refusal = CocoonError(ErrorCode.BODY_TOO_LARGE, "request body too large")
+                response = web.json_response(openai_protocol.error_body(refusal), status=413)
+                response.force_close()
+                return response
             except TimeoutError:
                 log.warning(
                     "%s %s: body not in within %gs", request.method, request.path, timeout_s
@@ -136,7 +145,10 @@ def _metrics_port_ctx(settings: Settings) -> Callable[[web.Application], AsyncIt
 def create_app(settings: Settings) -> web.Application:
     # One body limit, the OpenAI-compatible API's documented 4 MiB (aiohttp's default is 1 MiB).
     app = web.Application(
-        middlewares=[body_deadline(settings.http_body_timeout_s), redis_unavailable],
+        middlewares=[
+            body_deadline(settings.http_body_timeout_s, openai_protocol.MAX_BODY_BYTES),
+            redis_unavailable,
+        ],
         client_max_size=openai_protocol.MAX_BODY_BYTES,
     )
     app[appkeys.SETTINGS] = settings

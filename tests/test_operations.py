@@ -254,3 +254,26 @@ async def _read_and_close(db: Database, user_ids: list[int]) -> dict[int, object
         return await read_back(db, user_ids)
     finally:
         await db.close()
+
+
+async def test_a_chunked_body_past_4_mib_is_refused_not_read_on(
+    settings: Settings, redis_url: str
+) -> None:
+    """A body of unannounced length that grows past the limit is a 413 at once; the handler
+    never reads what is left of it as if it were the body."""
+    async with web_server(settings) as url:
+        port = int(url.rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        chunk = b"x" * (1024 * 1024)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(5):
+                writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                await writer.drain()
+        answer = await reader.read()
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+        assert b"body_too_large" in answer
