@@ -155,6 +155,7 @@ async def test_canary_never_reaches_rest(tmp_path: Path) -> None:
                     "text": f"Echo {canary} now",
                 },
             }
+            telegram.saw(update)  # Telegram delivered it: the bot may reply to it
             async with http.post(
                 f"{base}/telegram/webhook",
                 headers={"X-Telegram-Bot-Api-Secret-Token": WEBHOOK_SECRET},
@@ -169,6 +170,7 @@ async def test_canary_never_reaches_rest(tmp_path: Path) -> None:
             await asyncio.sleep(0.3)
         # The bot told the user (the reply reached Telegram, where it belongs).
         assert any(m in telegram.methods() for m in ("sendMessage", "editMessageText"))
+        assert not telegram.refused  # nothing the bot sent is what Telegram would refuse
 
         dump = await _redis_dump(redis_url)
         assert len(dump) > 1000  # the dump did see the stack's keys

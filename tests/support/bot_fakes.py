@@ -2,10 +2,12 @@
 
 :class:`FakeTelegram` is a ``BaseSession``: it records every request the bot makes and answers
 with queued results, or, when none is queued, with what the Bot API would: a refusal where
-Telegram's rules refuse the request (tests/support/telegram_rules.py), else a sent or edited
-message with a fresh id, ``True``, ``getMe``'s user. Queued errors travel through aiogram's
+Telegram's rules refuse the request (tests/support/telegram_rules.py: content, state and flood
+control, the same rules as the HTTP stand-in's), else a sent or edited message with a fresh id,
+``True``, ``getMe``'s user. Queued errors travel through aiogram's
 own ``check_response``, so they raise exactly what a real Bot API error would. Updates are
-built as Bot API JSON and fed with ``dispatcher.feed_update``.
+built as Bot API JSON and fed with :func:`feed` (which tells the rules what Telegram delivered:
+a reply to a message the bot never saw is refused, as Telegram would).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import itertools
 import json
 import time
 from collections import deque
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from aiogram import Bot, Dispatcher
@@ -29,11 +31,11 @@ TOKEN = f"{BOT_ID}:TEST-TOKEN"
 
 
 class FakeTelegram(BaseSession):
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__()
         self.requests: list[TelegramMethod[Any]] = []
         self.results: list[Any] = []  # what each request returned (None when it failed)
-        self.shown: dict[tuple[int, int], str] = {}  # (chat, message) → what it shows
+        self.rules = telegram_rules.TelegramState(clock)
         self.files: dict[str, bytes] = {}  # file_id → content, for getFile and downloads
         self.times: list[float] = []  # time.monotonic() of each request
         self.queued: dict[str, deque[tuple[int, dict[str, Any]]]] = {}
@@ -100,15 +102,17 @@ class FakeTelegram(BaseSession):
         self.times.append(time.monotonic())
         name = method.__api_method__
         queue = self.queued.get(name)
-        refused = None if queue else telegram_rules.check(name, method, self.shown)
+        refused = None if queue else self.rules.check(name, method)
         if queue:
             status, body = queue.popleft()
         elif refused is not None:
-            status, body = refused[0], {"ok": False, "error_code": refused[0]}
-            body["description"] = refused[1]
+            status, body = refused.status, {"ok": False, "error_code": refused.status}
+            body["description"] = refused.description
+            if refused.retry_after is not None:
+                body["parameters"] = {"retry_after": refused.retry_after}
         else:
             status, body = 200, {"ok": True, "result": self._default(bot, method)}
-            telegram_rules.remember(name, method, body["result"], self.shown)
+            self.rules.remember(name, method, body["result"])
         self.results.append(None)
         response = self.check_response(bot, method, status, json.dumps(body))
         self.results[-1] = response.result
@@ -131,6 +135,9 @@ class FakeTelegram(BaseSession):
             text = getattr(method, "text", None)
             if isinstance(text, str):
                 result["text"] = text
+            thread = getattr(method, "message_thread_id", None)
+            if thread is not None:
+                result["message_thread_id"], result["is_topic_message"] = thread, True
             return result
         if name == "getFile":
             file_id = str(getattr(method, "file_id", ""))
@@ -253,4 +260,6 @@ def stopped_update(chat_id: int, draft_id: int) -> dict[str, Any]:
 
 
 async def feed(dp: Dispatcher, bot: Bot, update: dict[str, Any]) -> Any:
+    if isinstance(bot.session, FakeTelegram):
+        bot.session.rules.saw(update)
     return await dp.feed_update(bot, Update.model_validate(update, context={"bot": bot}))

@@ -1,8 +1,15 @@
 """A Telegram Bot API server on loopback, for tests that run the bot in another process.
 
 It speaks the Bot API's HTTP shape (``POST /bot<token>/<method>`` → ``{"ok": true, "result":
-...}``), records every call, and answers each method with a plausible result. In-process bot
-tests fake Telegram at aiogram's session layer instead.
+...}`` or ``{"ok": false, "error_code": ..., "description": ..., "parameters": ...}``), records
+every call, reads each request into aiogram's own method type (a request Telegram could not read
+is a 400), refuses what Telegram's rules refuse (tests/support/telegram_rules.py, the same
+:class:`~tests.support.telegram_rules.TelegramState` as the session-layer stand-in: message
+length, HTML, "not modified", callback answered once, replies and edits of messages that are
+not there, unknown topics, flood control with ``retry_after``), and answers the rest with what
+Telegram would. Updates it delivers by long polling, or that a test hands the bot's webhook,
+are told to it with :meth:`FakeTelegram.saw`. In-process bot tests fake Telegram at aiogram's
+session layer instead (tests/support/bot_fakes.py).
 """
 
 from __future__ import annotations
@@ -11,9 +18,15 @@ import asyncio
 import itertools
 import json
 import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from aiogram import methods
+from aiogram.methods import TelegramMethod
 from aiohttp import web
+from pydantic import ValidationError
+
+from tests.support.telegram_rules import TelegramState
 
 BOT_USER = {
     "id": 424242,
@@ -38,9 +51,34 @@ TRUE_METHODS = {
 }
 
 
+METHODS: dict[str, type[TelegramMethod[Any]]] = {
+    cls.__api_method__.lower(): cls
+    for cls in (getattr(methods, name) for name in methods.__all__)
+    if isinstance(cls, type) and issubclass(cls, TelegramMethod) and cls is not TelegramMethod
+}
+"""The Bot API's methods by lowercase name (Telegram's method names are case-insensitive)."""
+
+JSON_FIELDS = {
+    "reply_markup",
+    "reply_parameters",
+    "entities",
+    "caption_entities",
+    "link_preview_options",
+    "prices",
+    "media",
+    "allowed_updates",
+    "commands",
+    "scope",
+    "menu_button",
+}
+"""Form fields that carry JSON (aiogram sends the rest as plain strings)."""
+
+
 class FakeTelegram:
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.rules = TelegramState(clock)
+        self.refused: list[tuple[str, str]] = []  # (method, description) of each refusal
         self._ids = itertools.count(1000)
         self.app = web.Application()
         self.app.router.add_route("*", "/bot{token}/{method}", self._handle)
@@ -63,6 +101,10 @@ class FakeTelegram:
     def methods(self) -> list[str]:
         return [method for method, _ in self.calls]
 
+    def saw(self, update: Mapping[str, Any]) -> None:
+        """An update the bot got (by its webhook, say): its messages now exist for the rules."""
+        self.rules.saw(update)
+
     async def _params(self, request: web.Request) -> dict[str, Any]:
         if request.content_type == "application/json":
             return dict(await request.json())
@@ -70,9 +112,12 @@ class FakeTelegram:
         params: dict[str, Any] = {}
         for key, value in data.items():
             text = value if isinstance(value, str) else "<file>"
-            try:
-                params[key] = json.loads(text)
-            except ValueError:
+            if key in JSON_FIELDS:
+                try:
+                    params[key] = json.loads(text)
+                except ValueError:
+                    params[key] = text  # refused below, as Telegram would
+            else:
                 params[key] = text
         return params
 
@@ -81,25 +126,54 @@ class FakeTelegram:
         params = await self._params(request)
         self.calls.append((method, params))
         name = method.lower()
+        kind = METHODS.get(name)
+        if kind is None:
+            return self._refuse(method, 404, "Not Found")
+        try:
+            call = kind.model_validate(params)
+        except ValidationError as error:
+            field = ".".join(str(part) for part in error.errors()[0]["loc"])
+            return self._refuse(method, 400, f"Bad Request: invalid parameter {field}")
+        refused = self.rules.check(kind.__api_method__, call)
+        if refused is not None:
+            return self._refuse(method, *refused)
+        result = await self._result(name, params)
+        self.rules.remember(kind.__api_method__, call, result)
+        return web.json_response({"ok": True, "result": result})
+
+    def _refuse(
+        self, method: str, status: int, description: str, retry_after: int | None = None
+    ) -> web.Response:
+        self.refused.append((method, description))
+        body: dict[str, Any] = {"ok": False, "error_code": status, "description": description}
+        if retry_after is not None:
+            body["parameters"] = {"retry_after": retry_after}
+        return web.json_response(body, status=status)
+
+    async def _result(self, name: str, params: dict[str, Any]) -> Any:
         if name == "getme":
-            result: Any = BOT_USER
-        elif name == "getupdates":
+            return BOT_USER
+        if name == "getupdates":
             await asyncio.sleep(min(float(params.get("timeout") or 0), 0.5))
-            result = []
-        elif name in TRUE_METHODS:
-            result = True
-        elif name == "createinvoicelink":
-            result = "https://t.me/$fake-invoice"
-        elif name in {"sendmessage", "editmessagetext", "sendinvoice", "sendphoto"}:
-            result = {
+            return []
+        if name in TRUE_METHODS:
+            return True
+        if name == "createinvoicelink":
+            return "https://t.me/$fake-invoice"
+        if name in {"sendmessage", "editmessagetext", "sendinvoice", "sendphoto"}:
+            chat = int(params.get("chat_id") or 0)
+            result: dict[str, Any] = {
                 "message_id": int(params.get("message_id") or next(self._ids)),
                 "date": int(time.time()),
-                "chat": {"id": int(params.get("chat_id") or 0), "type": "private"},
+                "chat": {"id": chat, "type": "private" if chat > 0 else "supergroup"},
+                "from": {k: BOT_USER[k] for k in ("id", "is_bot", "first_name", "username")},
                 "text": str(params.get("text") or ""),
             }
-        else:
-            result = True
-        return web.json_response({"ok": True, "result": result})
+            if params.get("message_thread_id") is not None:
+                result["message_thread_id"] = int(params["message_thread_id"])
+                result["is_topic_message"] = True
+            return result
+        return True
 
 
 class TelegramWithOneMessage(FakeTelegram):
@@ -122,5 +196,6 @@ class TelegramWithOneMessage(FakeTelegram):
         if request.match_info["method"].lower() == "getupdates" and self.update is not None:
             update, self.update = self.update, None
             self.calls.append(("getUpdates", {}))
+            self.saw(update)
             return web.json_response({"ok": True, "result": [update]})
         return await super()._handle(request)

@@ -1,20 +1,37 @@
-"""Telegram's Bot API rules, as the stand-in Bot API (tests/support/bot_fakes.py) enforces them.
+"""Telegram's Bot API rules, as both stand-in Bot APIs enforce them: the session-layer one
+(tests/support/bot_fakes.py) and the HTTP server (tests/support/fake_telegram.py), through one
+:class:`TelegramState` each.
 
 A request the real Bot API would refuse is refused here with the status and description it
-sends (so aiogram raises what it would): text over 4096 characters (after HTML parsing),
-a caption over 1024, HTML Telegram cannot parse (an unknown or unbalanced tag, a bad entity),
-callback data over 64 bytes, a URL button whose scheme is not http(s) or tg, an alert over 200
-characters, drafts outside private chats or with a zero id, and an edit that changes nothing
-("message is not modified"). Sources: core.telegram.org/bots/api (sendMessage, formatting
-options, InlineKeyboardButton, answerCallbackQuery, sendMessageDraft).
+sends (so aiogram raises what it would):
+
+* content: text over 4096 characters (after HTML parsing), a caption over 1024, HTML Telegram
+  cannot parse (an unknown or unbalanced tag, a bad entity), an empty text, callback data over
+  64 bytes, a URL button whose scheme is not http(s) or tg, an alert over 200 characters, drafts
+  outside private chats or with a zero id;
+* state: an edit that changes nothing ("message is not modified"), an edit or delete of a message
+  that is not in that chat (or, for edits, not the bot's), a reply to a message that is not in
+  the chat it names (unless ``allow_sending_without_reply``), a ``message_thread_id`` that is
+  no topic seen in that chat, a callback query answered twice;
+* flood control (429 with ``retry_after``): more than 20 new messages a minute in one group,
+  more than 30 a second in all, and in one private chat more than one a second after a burst
+  of five (Telegram documents "about one a second" without the burst's size: five is this
+  stand-in's choice). Edits and drafts are not counted (Telegram does not document their limit).
+
+Sources: core.telegram.org/bots/api (sendMessage, formatting options, InlineKeyboardButton,
+answerCallbackQuery, sendMessageDraft, ReplyParameters), core.telegram.org/bots/faq (limits).
 """
 
 from __future__ import annotations
 
 import html
 import json
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
 from html.parser import HTMLParser
-from typing import Any
+from typing import Any, NamedTuple
 
 MAX_TEXT = 4096
 MAX_CAPTION = 1024
@@ -39,7 +56,30 @@ TAGS = {
     "blockquote",
 }
 
-Refusal = tuple[int, str]
+GROUP_PER_MINUTE = 20
+ALL_PER_SECOND = 30
+PRIVATE_BURST = 5
+PRIVATE_PER_SECOND = 1.0
+NEW_MESSAGES = {
+    "sendMessage",
+    "sendPhoto",
+    "sendDocument",
+    "sendInvoice",
+    "sendAudio",
+    "sendVoice",
+    "sendVideo",
+    "sendAnimation",
+    "sendSticker",
+    "sendMediaGroup",
+    "copyMessage",
+    "forwardMessage",
+}
+
+
+class Refusal(NamedTuple):
+    status: int
+    description: str
+    retry_after: int | None = None
 
 
 class _TelegramHTML(HTMLParser):
@@ -94,49 +134,48 @@ def _buttons(markup: Any) -> list[Any]:
 
 
 def check(name: str, method: Any, shown: dict[tuple[int, int], str]) -> Refusal | None:
-    """Telegram's answer to ``method`` when it refuses it; None when it accepts it."""
+    """Telegram's answer to ``method`` when its content is refused; None when it is not."""
     bad = "Bad Request: "
     for button in _buttons(getattr(method, "reply_markup", None)):
         data = getattr(button, "callback_data", None)
         if data is not None and not 1 <= len(data.encode()) <= MAX_CALLBACK_DATA:
-            return 400, bad + "BUTTON_DATA_INVALID"
+            return Refusal(400, bad + "BUTTON_DATA_INVALID")
         url = getattr(button, "url", None)
         if url is not None and not url.startswith(("http://", "https://", "tg://")):
-            return 400, bad + "BUTTON_URL_INVALID"
+            return Refusal(400, bad + "BUTTON_URL_INVALID")
     text = getattr(method, "text", None)
     if name == "answerCallbackQuery":
         if text is not None and len(text) > MAX_ALERT:
-            return 400, bad + "MESSAGE_TOO_LONG"
+            return Refusal(400, bad + "MESSAGE_TOO_LONG")
         return None
     if name == "sendMessageDraft":
         if int(method.chat_id) < 0:
-            return 400, bad + "TEXTDRAFT_PEER_INVALID"
+            return Refusal(400, bad + "TEXTDRAFT_PEER_INVALID")
         if not method.draft_id:
-            return 400, bad + "draft_id must be non-zero"
+            return Refusal(400, bad + "draft_id must be non-zero")
     caption = getattr(method, "caption", None)
     if caption is not None:
         seen, error = visible(caption, getattr(method, "parse_mode", None))
         if error is not None:
-            return 400, bad + "can't parse entities: " + error
+            return Refusal(400, bad + "can't parse entities: " + error)
         if len(seen) > MAX_CAPTION:
-            return 400, bad + "message caption is too long"
+            return Refusal(400, bad + "message caption is too long")
     if text is None:
         return None
     seen, error = visible(text, getattr(method, "parse_mode", None))
     if error is not None:
-        return 400, bad + "can't parse entities: " + error
+        return Refusal(400, bad + "can't parse entities: " + error)
     if name != "sendMessageDraft" and not seen.strip():
-        return 400, bad + "message text is empty"
+        return Refusal(400, bad + "message text is empty")
     if len(seen) > MAX_TEXT:
-        return 400, bad + "message is too long"
+        return Refusal(400, bad + "message is too long")
     if name == "editMessageText":
         key = (int(method.chat_id or 0), int(method.message_id or 0))
-        markup = getattr(method, "reply_markup", None)
-        state = json.dumps([seen, markup.model_dump() if markup is not None else None])
-        if shown.get(key) == state:
-            return 400, bad + (
-                "message is not modified: specified new message content and reply markup are "
-                "exactly the same as a current content and reply markup of the message"
+        if shown.get(key) == _state(seen, method):
+            return Refusal(
+                400,
+                bad + "message is not modified: specified new message content and reply markup "
+                "are exactly the same as a current content and reply markup of the message",
             )
     return None
 
@@ -150,6 +189,160 @@ def remember(name: str, method: Any, result: Any, shown: dict[tuple[int, int], s
     if chat is None or text is None:
         return
     seen, _error = visible(text, getattr(method, "parse_mode", None))
+    shown[(int(chat), int(result["message_id"]))] = _state(seen, method)
+
+
+def _state(seen: str, method: Any) -> str:
     markup = getattr(method, "reply_markup", None)
-    state = json.dumps([seen, markup.model_dump() if markup is not None else None])
-    shown[(int(chat), int(result["message_id"]))] = state
+    if markup is not None and not isinstance(markup, dict):
+        markup = markup.model_dump(exclude_none=True)
+    return json.dumps([seen, markup], sort_keys=True)
+
+
+def _set(value: Any) -> bool:
+    """A flag given as true (aiogram's unresolved ``Default`` sentinels are not)."""
+    return value is True or value == "true"
+
+
+class TelegramState:
+    """What one bot's Telegram knows that its rules depend on: the messages of each chat
+    (incoming ones as :meth:`saw` them, the bot's as sent), the topics seen, the callback
+    queries answered, what each message shows, and recent sends for flood control. Time comes
+    from ``clock`` (inject one to test flood control without waiting)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.shown: dict[tuple[int, int], str] = {}
+        self.messages: dict[tuple[int, int], bool] = {}  # (chat, id) → sent by the bot
+        self.topics: dict[int, set[int]] = {}
+        self.answered: set[str] = set()
+        self.sends: dict[int, deque[float]] = {}
+        self.all_sends: deque[float] = deque()
+        self.tokens: dict[int, tuple[float, float]] = {}  # private chat → (tokens, at)
+
+    # -- what Telegram delivered ------------------------------------------------------
+
+    def saw(self, update: Mapping[str, Any]) -> None:
+        """An update delivered to the bot: its messages now exist in their chats."""
+        for kind in ("message", "edited_message", "channel_post"):
+            if isinstance(update.get(kind), Mapping):
+                self._saw_message(update[kind])
+        query = update.get("callback_query")
+        if isinstance(query, Mapping) and isinstance(query.get("message"), Mapping):
+            self._saw_message(query["message"])
+
+    def _saw_message(self, message: Mapping[str, Any]) -> None:
+        chat = int(message["chat"]["id"])
+        sender = message.get("from") or {}
+        self.messages[(chat, int(message["message_id"]))] = bool(sender.get("is_bot"))
+        if message.get("is_topic_message") and message.get("message_thread_id") is not None:
+            self.topics.setdefault(chat, set()).add(int(message["message_thread_id"]))
+        if message.get("forum_topic_created") is not None:
+            self.topics.setdefault(chat, set()).add(int(message["message_id"]))
+        replied = message.get("reply_to_message")
+        if isinstance(replied, Mapping):
+            self._saw_message(replied)
+
+    # -- the rules ----------------------------------------------------------------------
+
+    def check(self, name: str, method: Any) -> Refusal | None:
+        """Telegram's answer to ``method`` when it refuses it; None when it accepts it."""
+        refused = check(name, method, self.shown) or self._check_state(name, method)
+        chat = _chat(method)
+        if refused is None and name in NEW_MESSAGES and chat is not None:
+            refused = self._flood(chat)
+        return refused
+
+    def _check_state(self, name: str, method: Any) -> Refusal | None:
+        bad = "Bad Request: "
+        if name == "answerCallbackQuery":
+            if method.callback_query_id in self.answered:
+                return Refusal(
+                    400,
+                    bad + "query is too old and response timeout expired or query ID is invalid",
+                )
+            return None
+        chat = _chat(method)
+        if chat is None:
+            return None  # an @channel name or an inline message: not tracked
+        if name in {"editMessageText", "editMessageReplyMarkup", "editMessageCaption"}:
+            mine = self.messages.get((chat, int(method.message_id or 0)))
+            if mine is None:
+                return Refusal(400, bad + "message to edit not found")
+            if not mine:
+                return Refusal(400, bad + "message can't be edited")
+        if name == "deleteMessage" and (chat, int(method.message_id)) not in self.messages:
+            return Refusal(400, bad + "message to delete not found")
+        thread = getattr(method, "message_thread_id", None)
+        if thread is not None and int(thread) not in self.topics.get(chat, set()):
+            return Refusal(400, bad + "message thread not found")
+        reply = getattr(method, "reply_parameters", None)
+        if isinstance(reply, Mapping):
+            target, in_chat, anyway = (
+                reply.get("message_id"),
+                reply.get("chat_id"),
+                reply.get("allow_sending_without_reply"),
+            )
+        elif reply is not None:
+            target, in_chat = reply.message_id, reply.chat_id
+            anyway = reply.allow_sending_without_reply
+        else:
+            target, in_chat = getattr(method, "reply_to_message_id", None), None
+            anyway = getattr(method, "allow_sending_without_reply", None)
+        if target is not None and not _set(anyway):
+            where = int(in_chat) if in_chat is not None else chat
+            if (where, int(target)) not in self.messages:
+                return Refusal(400, bad + "message to be replied not found")
+        return None
+
+    def _flood(self, chat: int) -> Refusal | None:
+        now = self.clock()
+        while self.all_sends and self.all_sends[0] <= now - 1:
+            self.all_sends.popleft()
+        if len(self.all_sends) >= ALL_PER_SECOND:
+            return _too_many(self.all_sends[0] + 1 - now)
+        if chat < 0:
+            sent = self.sends.setdefault(chat, deque())
+            while sent and sent[0] <= now - 60:
+                sent.popleft()
+            if len(sent) >= GROUP_PER_MINUTE:
+                return _too_many(sent[0] + 60 - now)
+        else:
+            tokens, at = self.tokens.get(chat, (float(PRIVATE_BURST), now))
+            tokens = min(float(PRIVATE_BURST), tokens + (now - at) * PRIVATE_PER_SECOND)
+            if tokens < 1:
+                self.tokens[chat] = (tokens, now)
+                return _too_many((1 - tokens) / PRIVATE_PER_SECOND)
+            self.tokens[chat] = (tokens - 1, now)
+        return None
+
+    def remember(self, name: str, method: Any, result: Any) -> None:
+        """What an accepted request changed: a sent message exists (and shows its text), an
+        edit shows its text, a callback query is answered, a send counts for flood control."""
+        if name == "answerCallbackQuery":
+            self.answered.add(str(method.callback_query_id))
+        if name == "deleteMessage":
+            self.messages.pop((int(method.chat_id), int(method.message_id)), None)
+        if isinstance(result, Mapping) and "message_id" in result and "chat" in result:
+            chat = int(result["chat"]["id"])
+            self.messages.setdefault((chat, int(result["message_id"])), True)
+            if name in NEW_MESSAGES:
+                self.all_sends.append(self.clock())
+                if chat < 0:
+                    self.sends.setdefault(chat, deque()).append(self.clock())
+        remember(name, method, result, self.shown)
+
+
+def _chat(method: Any) -> int | None:
+    """The numeric chat a request names (None: none, or an @username)."""
+    chat_id = getattr(method, "chat_id", None)
+    if isinstance(chat_id, int):
+        return chat_id
+    if isinstance(chat_id, str) and chat_id.lstrip("-").isdigit():
+        return int(chat_id)
+    return None
+
+
+def _too_many(seconds: float) -> Refusal:
+    wait = max(1, math.ceil(seconds))
+    return Refusal(429, f"Too Many Requests: retry after {wait}", wait)
