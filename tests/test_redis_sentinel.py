@@ -2,7 +2,7 @@
 through ``redis+sentinel://`` URLs (``workers/redisconn.py``), and a primary killed during 100
 turns loses no money: every turn is billed once or its hold goes back whole, no hold stays
 open, the ledger audit is clean, and the worker serves again on its own (its ACL user, which a
-replica never has, recreated on the new primary by the backend)."""
+replica never has, recreated on the new primary by the backend); the bot's clients follow too."""
 
 from __future__ import annotations
 
@@ -21,14 +21,17 @@ from backend.apikeys import create_key
 from backend.attestation import acl, store
 from backend.attestation.onboarding import worker_redis_url
 from backend.db import Database
+from backend.dispatch import TurnDone, TurnRequest
 from backend.invariants import check_invariants
 from backend.ledger import Ledger
 from backend.settings import AttestationSettings, ModelPrice, Settings
 from backend.users import get_or_create_user
 from backend.web import create_app
+from bot.services import open_services
 from tests.support.redis_server import attested_worker, start_node, stop_process
 from tests.support.sentinel import SentinelSet
 from workers import redis_auth, redisconn
+from workers.wire import ChatMessage
 
 MODEL = "echo"
 TON = 10**9
@@ -99,6 +102,7 @@ class Stack:
     user_id: int
     log: Path
     node: object
+    settings: Settings
 
 
 @pytest.fixture
@@ -129,7 +133,7 @@ async def stack(settings: Settings, tmp_path: Path) -> AsyncIterator[Stack]:
     token = await store.issue_registration_token(admin, None, 60)
     node = start_node(url, token, log, model=MODEL)
     try:
-        yield Stack(sentinels, admin, url, key, db, ledger, user.id, log, node)
+        yield Stack(sentinels, admin, url, key, db, ledger, user.id, log, node, s)
     finally:
         stop_process(node)
         await web.close()
@@ -162,10 +166,11 @@ async def test_killing_the_primary_during_100_turns_loses_no_money(stack: Stack)
     async def client(session: aiohttp.ClientSession) -> None:
         for n in next_turn:
             while True:
+                after_kill = bool(killed_at)  # asked once the primary was gone
                 status, body = await chat(session, stack, n)
                 if status == 200:
                     answered.append(int(body["cocoon"]["cost_nanoton"]))
-                    if killed_at and not back_at:
+                    if after_kill and not back_at:
                         back_at.append(time.monotonic())
                     if len(answered) == KILL_AFTER:
                         kill.set()
@@ -190,11 +195,23 @@ async def test_killing_the_primary_during_100_turns_loses_no_money(stack: Stack)
 
     assert len(answered) == TURNS and killed_at and back_at
     recovery_s = back_at[0] - killed_at[0]
-    print(f"failover: the first turn after the kill was answered {recovery_s:.1f} s after it; "
-          f"{len(refused)} attempts refused meanwhile")  # fmt: skip
+    print(f"failover: the first turn asked after the kill was answered {recovery_s:.1f} s "
+          f"after it; {len(refused)} attempts refused meanwhile")  # fmt: skip
     assert stack.sentinels.primary() != old_primary  # the replica was promoted
     assert worker_id in await acl.worker_users(stack.admin)  # recreated on the new primary
     assert stack.node.poll() is None and "revoked" not in stack.log.read_text()
+
+    # The bot's own clients (bot/services.py: its dispatcher, rate limiter, contexts) reach the
+    # new primary through the sentinels as well: a bot turn after the failover is served.
+    async with open_services(stack.settings, db=stack.db, ledger=stack.ledger) as services:
+        assert await services.limiter.allow(stack.user_id) == 0
+        request = TurnRequest(
+            stack.user_id, MODEL, [ChatMessage(role="user", content="from the bot")], 8
+        )
+        turn = await services.turns.start_turn(request)
+        done = [event async for event in turn.events() if isinstance(event, TurnDone)]
+        assert len(done) == 1
+        answered.append(done[0].cost)
 
     # Every answered turn billed once, every other one given back whole: no hold stays open
     # (the ones of turns cut by the kill go back as their turns end), the audit is clean.
