@@ -55,10 +55,16 @@ def prompt_token_floor(messages: Sequence[ChatMessage]) -> int:
     return -(-size // BYTES_PER_TOKEN_MAX)
 
 
+CONTEXT_EXCEEDED_LEAD = "This model's maximum context length is exceeded: "
+"""How the message of a ``context_length_exceeded`` refusal starts: in OpenAI's words, which
+clients that read the message rather than the code (litellm's ``ContextWindowExceededError``,
+and its context-window fallbacks) recognise."""
+
+
 def context_exceeded(message: str) -> TurnError:
     return TurnError(
         ErrorCode.INVALID_REQUEST,
-        message,
+        CONTEXT_EXCEEDED_LEAD + message,
         param="messages",
         openai_code=CONTEXT_LENGTH_EXCEEDED,
         status=400,
