@@ -158,11 +158,21 @@ class ReplyBounds:
         )
 
 
+IMAGE_TOKEN_BOUND = 8192
+"""The most prompt tokens one image may count (vision models tile a large image into many)."""
+
+
 def prompt_token_bound(messages: Sequence[ChatMessage]) -> int:
     """An upper bound on the prompt's tokens without a tokenizer: byte-level BPE tokens are at
-    least one byte each, plus the chat template's tokens around each message and the prompt."""
+    least one byte each, plus the chat template's tokens around each message and the prompt,
+    plus :data:`IMAGE_TOKEN_BOUND` for each image."""
     return (
-        sum(len(m.content.encode()) + MESSAGE_OVERHEAD_TOKENS for m in messages)
+        sum(
+            len(m.content.encode())
+            + MESSAGE_OVERHEAD_TOKENS
+            + IMAGE_TOKEN_BOUND * len(m.images or ())
+            for m in messages
+        )
         + PROMPT_TEMPLATE_TOKENS
     )
 

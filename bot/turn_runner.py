@@ -15,6 +15,7 @@ from aiogram import Bot
 from aiogram.types import Message
 from redis.exceptions import RedisError
 
+from backend.bounds import IMAGE_TOKEN_BOUND
 from backend.dispatch import Dispatcher as TurnDispatcher
 from backend.dispatch import Turn, TurnDone, TurnError, TurnRequest, TurnText, prompt_token_bound
 from backend.errors import ErrorCode
@@ -30,6 +31,7 @@ from bot.i18n import _, ngettext
 from bot.services import RunningTurns
 from bot.streaming import ReplyStream
 from workers.logcontext import bind
+from workers.wire import MAX_IMAGES, ChatMessage, ImagePart, ImageUrl
 
 log = logging.getLogger("cocoon.bot.chat")
 
@@ -53,6 +55,17 @@ def footer(done: TurnDone) -> str:
     return text
 
 
+def turn_error_text(error: TurnError, model: str, images: list[str] | None) -> str:
+    """Why a turn was refused or failed; with images, a refusal is the model's worker not
+    reading them."""
+    if images and error.code == ErrorCode.INVALID_REQUEST:
+        return _(
+            "The worker serving {model} could not read your image. You were not charged; "
+            "/model lists the models."
+        ).format(model=model)
+    return error_text(error, model=model)
+
+
 @dataclass(frozen=True)
 class TurnRunner:
     """The services a chat turn runs on."""
@@ -63,10 +76,13 @@ class TurnRunner:
     running: RunningTurns
     limiter: RateLimiter
 
-    async def reply(self, message: Message, bot: Bot, user: User, prompt: str) -> None:
-        """A turn for ``prompt`` (none when it is empty) after the place's context."""
+    async def reply(
+        self, message: Message, bot: Bot, user: User, prompt: str, images: list[str] | None = None
+    ) -> None:
+        """A turn for ``prompt`` (none when it is empty) after the place's context, with
+        ``images`` (data URLs, for a model that reads them) shown with it."""
         if prompt:
-            await self._reply(message, bot, user, prompt, None)
+            await self._reply(message, bot, user, prompt, None, images)
 
     async def _reply(
         self,
@@ -75,6 +91,7 @@ class TurnRunner:
         user: User,
         prompt: str,
         conversation: Conversation | None,
+        images: list[str] | None = None,
     ) -> None:
         """Check the prompt and the rate, then answer it after ``conversation`` (default: the
         chat's context), telling the user plainly when Redis is down."""
@@ -84,7 +101,7 @@ class TurnRunner:
             place = Place.of(message, user.telegram_id)
             if conversation is None:
                 conversation = await self.contexts.load(self.contexts.scope_of(place))
-            await self.answer(bot, place, user, prompt, conversation)
+            await self.answer(bot, place, user, prompt, conversation, images)
         except RedisError as error:
             log.warning("chat turn failed on Redis: %s", type(error).__name__)
             await message.answer(_("The service is busy right now. Please try again in a minute."))
@@ -135,11 +152,18 @@ class TurnRunner:
         return True
 
     async def answer(
-        self, bot: Bot, place: Place, user: User, prompt: str, conversation: Conversation
+        self,
+        bot: Bot,
+        place: Place,
+        user: User,
+        prompt: str,
+        conversation: Conversation,
+        images: list[str] | None = None,
     ) -> None:
         """Run one turn for ``prompt`` after ``conversation``, streaming the reply into the chat
         (the asker's topic, as a reply to them in a group), and remember both in the place's
-        context."""
+        context. ``images`` go with the prompt in the sealed request only: the context keeps
+        the prompt's text."""
         settings, turns, contexts, running = self.settings, self.turns, self.contexts, self.running
         scope, options = place.scope, place.send_options()
         context_scope, shared = contexts.scope_of(place), contexts.shared(place)
@@ -151,19 +175,32 @@ class TurnRunner:
         if conversation.system:
             with_system = Conversation(system=conversation.system).chat_messages()
             system = prompt_token_bound(with_system) - prompt_token_bound([])
+        pictures = (
+            [ImagePart(image_url=ImageUrl(url=url)) for url in images[:MAX_IMAGES]]
+            if images
+            else None
+        )
+        shown = IMAGE_TOKEN_BOUND * len(pictures or ())  # what the images add to the bound
         history = trim(
             [*conversation.messages, {"role": "user", "content": prompt, **asker}],
-            budget_tokens=price.context_length - max_tokens - system,
+            budget_tokens=price.context_length - max_tokens - system - shown,
             max_messages=settings.context_max_messages,
         )
+
+        def sent(history: list[dict[str, str]]) -> list[ChatMessage]:
+            """The turn's messages: the history, the last one with the images."""
+            messages = Conversation(messages=history, system=conversation.system).chat_messages()
+            if pictures:
+                last = messages[-1]
+                messages[-1] = ChatMessage(role=last.role, content=last.content, images=pictures)
+            return messages
+
         # A balance that covers a shorter answer gets one (with a note), not a refusal.
         note = ""
         affordable = affordable_completion_tokens(
             price,
             (await turns.ledger.balances(user.id)).available,
-            prompt_tokens=prompt_token_bound(
-                Conversation(messages=history, system=conversation.system).chat_messages()
-            ),
+            prompt_tokens=prompt_token_bound(sent(history)),
         )
         if MIN_REPLY_TOKENS <= affordable < max_tokens:
             max_tokens = affordable
@@ -185,7 +222,7 @@ class TurnRunner:
             request = TurnRequest(
                 user_id=user.id,
                 model=model,
-                messages=Conversation(messages=history, system=conversation.system).chat_messages(),
+                messages=sent(history),
                 max_tokens=max_tokens,
                 conversation_id=f"tg-{conversation.conversation_id}",
             )
@@ -200,7 +237,7 @@ class TurnRunner:
                     keyboard = refused_keyboard()
                 await bot.send_message(
                     place.chat_id,
-                    error_text(error, model=model),
+                    turn_error_text(error, model, images),
                     parse_mode=None,
                     reply_markup=keyboard,
                     **options,
@@ -232,7 +269,7 @@ class TurnRunner:
                         elif isinstance(event, TurnDone):
                             done = event
             except TurnError as error:
-                await stream.fail(error_text(error, model=model))
+                await stream.fail(turn_error_text(error, model, images))
                 return
             assert done is not None
             reply = text.strip()

@@ -5,11 +5,13 @@ worker serves the whole module."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import itertools
 import re
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -343,7 +345,10 @@ async def test_where_a_topic_shares_one_context_new_and_retry_stay_the_callers(
         await ask(bob, "/ask Name a bird.", 1)
         await ask(USER, "/ask Name a fruit.", 2)
         alice, bobs = str(USER), str(bob)
-        assert await asked(1) == [(alice, "Name a color."), (bobs, "Name a bird.")]
+        assert await asked(1) == [(alice, "Name a color."), (bobs, "Name a bird.")], [
+            (r.__api_method__, str(getattr(r, "text", None))[:30], x is None)
+            for r, x in zip(chat.tg.requests, chat.tg.results, strict=True)
+        ][-8:]
         assert await asked(2) == [(alice, "Name a fruit.")]
         # Bob's turn was sent Alice's exchange first: the topic's context is shared.
         turns = await turns_of(chat)
@@ -354,7 +359,8 @@ async def test_where_a_topic_shares_one_context_new_and_retry_stay_the_callers(
         await ask(USER, "/ask Name a tree.", 1)
         await ask(bob, "/retry", 1)  # Bob's own last question, not Alice's later one
         turns = await turns_of(chat)
-        assert len(turns) == 5 and turns[-1].user_id == turns[1].user_id
+        assert len(turns) == 5, chat.tg.texts()[-3:]
+        assert turns[-1].user_id == turns[1].user_id
         assert await asked(1) == [
             (alice, "Name a color."),
             (alice, "Name a tree."),
@@ -377,3 +383,42 @@ async def test_where_a_topic_shares_one_context_new_and_retry_stay_the_callers(
         assert await contexts.clear_user(bob) == 1
         assert await asked(1) == [(alice, "Name a color."), (alice, "Name a tree.")]
         assert await asked(2) == [(alice, "Name a fruit.")]
+
+
+async def test_a_photo_reaches_the_worker_sealed_and_a_worker_without_vision_says_so(
+    settings: Settings, worker: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model declared ``vision``: the photo (a real JPEG, from Telegram's largest size) goes
+    in the sealed request as an image content part; the worker here (llama.cpp with SmolLM2,
+    which reads no images) opens the request, finds the image and refuses it; the user is told,
+    nothing is charged, and neither the image nor the caption is in Redis."""
+    jpeg = (Path(__file__).parent / "fixtures" / "images" / "python.jpg").read_bytes()
+    models = {
+        name: price.model_copy(update={"vision": True}) for name, price in settings.models.items()
+    }
+    async with chat_harness(settings, monkeypatch, models=models) as chat:
+        chat.tg.files["ph-big"] = jpeg
+        sizes = [
+            {"file_id": "ph-s", "file_unique_id": "s", "width": 90, "height": 60, "file_size": 9},
+            {
+                "file_id": "ph-big",
+                "file_unique_id": "b",
+                "width": 320,
+                "height": 200,
+                "file_size": len(jpeg),
+            },
+        ]
+        before = await chat.ledger.balances((await chat.user(USER)).id)
+        caption = "CAPTIONCANARY what is on it?"
+        await chat.send(None, user=USER, photo=sizes, caption=caption)
+        assert chat.tg.texts()[-1] == (
+            "The worker serving smollm2-135m could not read your image. You were not charged; "
+            "/model lists the models."
+        )
+        assert [r.file_id for r in chat.tg.calls("getFile")] == ["ph-big"]
+        after = await chat.ledger.balances((await chat.user(USER)).id)
+        assert after.available == before.available and after.held == 0
+        redis = chat.app.services.redis
+        dump = b"".join([(await redis.dump(key)) or b"" for key in await redis.keys("*")])
+        assert b"CAPTIONCANARY" not in dump
+        assert base64.b64encode(jpeg)[:40] not in dump

@@ -58,8 +58,12 @@ async def test_a_caption_is_the_question_and_an_edit_is_asked_again(
 ) -> None:
     photo = [{"file_id": "p", "file_unique_id": "u", "width": 10, "height": 10}]
     await bot.send(None, photo=photo, caption="What is in this picture?")
-    assert "the attachment itself is not sent" in bot.tg.texts()[-2]
+    assert "does not see images, so I answer your caption alone" in bot.tg.texts()[-2]
     assert asked[-1].messages[-1].content == "What is in this picture?"
+    video = {"file_id": "v", "file_unique_id": "uv", "width": 8, "height": 8, "duration": 1}
+    await bot.send(None, video=video, caption="What happens here?")
+    assert "the attachment itself is not sent" in bot.tg.texts()[-2]
+    assert asked[-1].messages[-1].content == "What happens here?"
     edited = message_update(ALICE, "What is 3+3?")
     edited["edited_message"] = {**edited.pop("message"), "edit_date": 1}
     await feed(bot.app.dp, bot.app.bot, edited)
@@ -155,3 +159,27 @@ async def test_a_pdf_is_read_into_the_prompt_and_a_bad_one_is_refused_plainly(
     locked = document("locked", "a.pdf", 1000, "application/pdf")
     await bot.send(None, document=locked, language="ru")  # the Telegram app's language
     assert "паролем" in bot.last().text
+
+
+def photo(file_id: str, size: int) -> list[dict[str, Any]]:
+    """A photo as Telegram sends it: its sizes, smallest first."""
+    small = {"file_id": file_id + "-s", "file_unique_id": "us", "width": 90, "height": 60}
+    big = {"file_id": file_id, "file_unique_id": "ub", "width": 1280, "height": 853}
+    return [{**small, "file_size": 900}, {**big, "file_size": size}]
+
+
+async def test_a_photo_to_a_model_without_vision_is_told_and_its_caption_answered(
+    bot: Harness, asked: list[TurnRequest]
+) -> None:
+    await bot.send(None, photo=photo("p1", 50_000))
+    assert bot.last().text == (
+        "smollm2-135m does not see images. /model lists the models; or write your question as text."
+    )
+    assert not asked
+    await bot.send(None, photo=photo("p1", 50_000), caption="What is 2+2?")
+    told = [m.text for m in bot.tg.calls("sendMessage")]
+    assert "smollm2-135m does not see images, so I answer your caption alone." in told
+    (turn,) = asked
+    assert turn.messages[-1].content == "What is 2+2?" and turn.messages[-1].images is None
+    await bot.send(None, photo=photo("p1", 50_000), language="fr")
+    assert bot.last().text.startswith("smollm2-135m ne voit pas les images.")

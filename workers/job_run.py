@@ -181,6 +181,8 @@ class JobRun:
 
     async def _generate(self, request: JobRequest) -> Usage:
         sampling = request.sampling
+        if not self.engine.reads_images and any(m.images for m in request.messages):
+            raise RequestRefused(f"this worker's {self.engine.name} engine does not read images")
         generation = self.engine.generate(
             GenerationRequest(
                 messages=[message.model_dump() for message in request.messages],

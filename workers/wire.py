@@ -65,9 +65,46 @@ class _Versioned(_Wire):
         return v
 
 
+MAX_IMAGES = 4
+"""The most images one request may carry, all its messages together."""
+MAX_IMAGE_BYTES = 5 * 1024 * 1024
+"""The largest image, decoded."""
+_IMAGE_PREFIX = "data:image/webp;base64,"  # the longest of the accepted prefixes
+MAX_IMAGE_URL_CHARS = len(_IMAGE_PREFIX) + 4 * ((MAX_IMAGE_BYTES + 2) // 3)
+IMAGE_URL = r"^data:image/(jpeg|png|webp|gif);base64,[A-Za-z0-9+/]+={0,2}$"
+"""An image travels inside the sealed request as a data URL, never as a link to fetch."""
+
+
+class ImageUrl(_Wire):
+    url: str = Field(max_length=MAX_IMAGE_URL_CHARS, pattern=IMAGE_URL)
+
+
+class ImagePart(_Wire):
+    """An image of a user message, as OpenAI's chat content part of type ``image_url``."""
+
+    type: Literal["image_url"] = "image_url"
+    image_url: ImageUrl
+
+
 class ChatMessage(_Wire):
     role: Literal["system", "user", "assistant"]
     content: str = Field(max_length=MAX_CONTENT_CHARS)
+    # The images a user's message shows (to a model that reads images), after its text.
+    images: list[ImagePart] | None = Field(default=None, min_length=1, max_length=MAX_IMAGES)
+
+    @model_validator(mode="after")
+    def _images_are_a_users(self) -> ChatMessage:
+        if self.images and self.role != "user":
+            raise ValueError("only a user message carries images")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _images_only_when_given(self, handler: SerializerFunctionWrapHandler) -> Any:
+        """A message without images is written as before images existed."""
+        data = handler(self)
+        if isinstance(data, dict) and data.get("images") is None:
+            data.pop("images", None)
+        return data
 
 
 MAX_SCHEMA_CHARS = 32_768
@@ -192,6 +229,8 @@ class JobRequest(_Versioned):
     def _bounded_total(self) -> JobRequest:
         if sum(len(m.content) for m in self.messages) > MAX_TOTAL_CHARS:
             raise ValueError(f"messages exceed {MAX_TOTAL_CHARS} characters in total")
+        if sum(len(m.images or ()) for m in self.messages) > MAX_IMAGES:
+            raise ValueError(f"a request carries at most {MAX_IMAGES} images")
         return self
 
 

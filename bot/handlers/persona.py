@@ -1,11 +1,13 @@
 """What peers offer beyond plain text: a system prompt per chat (``/system``), PDF and text
-documents read into the prompt, a photo's caption read as the question, an edited question
+documents read into the prompt, a photo shown to a model that reads images (else its caption
+read as the question), an edited question
 answered again, Regenerate and Continue under an answer, and a question refused for balance
 asked again. Registered before chat, whose last handlers answer other content and unknown
 buttons."""
 
 from __future__ import annotations
 
+import base64
 import io
 
 from aiogram import Bot, F
@@ -15,12 +17,13 @@ from aiogram.types import CallbackQuery, Message
 
 from backend.models import User
 from bot import pdf
-from bot.common import AGAIN, CONTINUE, REGENERATE, Handlers
+from bot.common import AGAIN, CONTINUE, REGENERATE, Handlers, user_model
 from bot.context import ContextStore
 from bot.groups import Place, is_group_admin
 from bot.i18n import _, ngettext
 from bot.pdf import PdfText
 from bot.turn_runner import TurnRunner
+from workers.wire import MAX_IMAGE_BYTES
 
 handlers = Handlers("persona")
 
@@ -157,6 +160,56 @@ async def on_document(message: Message, bot: Bot, user: User, runner: TurnRunner
         )
         return
     await runner.reply(message, bot, user, prompt)
+
+
+IMAGE_QUESTION = "Describe this image."
+"""What a photo without a caption asks (sent to the model, not shown)."""
+
+
+@handlers.message(F.photo, F.chat.type == ChatType.PRIVATE)
+async def on_photo(message: Message, bot: Bot, user: User, runner: TurnRunner) -> None:
+    """A photo, for a model whose settings say it reads images (``vision``): the largest size
+    Telegram has within :data:`~workers.wire.MAX_IMAGE_BYTES`, downloaded into memory and sent
+    in the sealed request as an image content part, the caption as the question. For a model
+    without vision, the user is told, and a caption is still answered as text."""
+    model = user_model(runner.settings, user)
+    caption = (message.caption or "").strip()
+    if not runner.settings.models[model].vision:
+        if caption:
+            await message.answer(
+                _("{model} does not see images, so I answer your caption alone.").format(
+                    model=model
+                )
+            )
+            await runner.reply(message, bot, user, caption)
+        else:
+            await message.answer(
+                _(
+                    "{model} does not see images. /model lists the models; or write your "
+                    "question as text."
+                ).format(model=model)
+            )
+        return
+    sizes = [p for p in message.photo or [] if (p.file_size or 0) <= MAX_IMAGE_BYTES]
+    if not sizes:
+        await message.answer(
+            _("This image is too large: I send images of up to {limit} MB.").format(
+                limit=MAX_IMAGE_BYTES // 2**20
+            )
+        )
+        return
+    photo = max(sizes, key=lambda p: p.width * p.height)
+    data = await bot.download(photo, destination=io.BytesIO())
+    raw = data.read(MAX_IMAGE_BYTES + 1) if data is not None else b""
+    if not raw or len(raw) > MAX_IMAGE_BYTES:
+        await message.answer(
+            _("This image is too large: I send images of up to {limit} MB.").format(
+                limit=MAX_IMAGE_BYTES // 2**20
+            )
+        )
+        return
+    url = "data:image/jpeg;base64," + base64.b64encode(raw).decode("ascii")  # Telegram's JPEG
+    await runner.reply(message, bot, user, caption or IMAGE_QUESTION, images=[url])
 
 
 @handlers.message(F.caption, F.chat.type == ChatType.PRIVATE)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import abc
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -115,6 +115,26 @@ class GenerationRequest:
             raise ValueError("json_schema is given with json_mode 'json_schema', and only then")
 
 
+def has_images(messages: Sequence[Mapping[str, Any]]) -> bool:
+    """Whether any message carries images (``"images"``: the wire's ImagePart dicts)."""
+    return any(message.get("images") for message in messages)
+
+
+def openai_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The messages as OpenAI's chat API takes them: a message with images has a list of
+    content parts, its text first, then each ``image_url`` part."""
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        images = message.get("images")
+        if images:
+            parts: list[dict[str, Any]] = [{"type": "text", "text": message["content"]}]
+            parts += [{"type": "image_url", "image_url": dict(i["image_url"])} for i in images]
+            out.append({"role": message["role"], "content": parts})
+        else:
+            out.append({"role": message["role"], "content": message["content"]})
+    return out
+
+
 @dataclass(frozen=True)
 class TopToken:
     """A token at one place of the reply: its text, UTF-8 bytes and log probability."""
@@ -175,6 +195,9 @@ class Engine(abc.ABC):
     version: str
     #: How many generate() calls the engine accepts at once (the node's admission limit).
     max_concurrency: int
+    #: Whether it passes a message's images on to its model (OpenAI content parts); the node
+    #: refuses a request with images to an engine that does not (RequestRefused).
+    reads_images: bool = False
 
     @abc.abstractmethod
     async def start(self) -> None:

@@ -35,6 +35,7 @@ from workers.engines.base import (
     RequestRefused,
     TextDelta,
     Usage,
+    openai_messages,
 )
 
 
@@ -60,6 +61,7 @@ class OpenAICompatEngine(Engine):
     """
 
     name = "openai"
+    reads_images = True  # passed on as content parts; the server's model decides
 
     def __init__(
         self,
@@ -162,7 +164,7 @@ class OpenAICompatEngine(Engine):
     def _payload(self, request: GenerationRequest) -> dict[str, Any]:
         payload: dict[str, Any] = {
             "model": self.served_model,
-            "messages": request.messages,
+            "messages": openai_messages(request.messages),
             "max_tokens": request.max_tokens,
             "temperature": request.temperature,
             "top_p": request.top_p,
