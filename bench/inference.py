@@ -2,7 +2,7 @@
 beside its baseline, measured in the same run on the same machine, and the goal of issue 19.
 
     .venv/bin/python -m bench.inference                        # everything, SQLite and PostgreSQL
-    .venv/bin/python -m bench.inference --only ttft --samples 100 --db postgresql
+    .venv/bin/python -m bench.inference --only ttft,http --samples 100 --db postgresql
 
 1. **Added TTFT** at concurrency 1: time to first token through the stack (hold → pick and
    reserve a worker → seal → RQ queue → worker node process → sealed stream → open) minus the
@@ -529,7 +529,12 @@ async def drop_postgres(admin_url: str, url: str) -> None:
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sections = ["ttft", "streaming", "queue", "http", "settlements"]
-    parser.add_argument("--only", choices=sections)
+    parser.add_argument(
+        "--only",
+        type=lambda text: text.split(","),
+        default=sections,
+        help=f"sections to run, comma-separated: {','.join(sections)} (default: all)",
+    )
     parser.add_argument("--db", choices=["sqlite", "postgresql", "both"], default="both")
     parser.add_argument("--redis-url", default=REDIS_URL)
     parser.add_argument("--postgres-url", default=POSTGRES_URL)
@@ -538,6 +543,8 @@ async def main() -> None:
     parser.add_argument("--jobs", type=int, default=2000, help="queue benchmark turns")
     parser.add_argument("--settlements", type=int, default=2000)
     args = parser.parse_args()
+    if unknown := set(args.only) - set(sections):
+        parser.error(f"no such section: {', '.join(sorted(unknown))}")
     load = " ".join(f"{value:.2f}" for value in os.getloadavg())
     print(f"load average {load}, {os.cpu_count()} CPUs")
     databases = ["sqlite", "postgresql"] if args.db == "both" else [args.db]
@@ -546,15 +553,15 @@ async def main() -> None:
             url = await fresh_postgres(args.postgres_url) if database == "postgresql" else None
             try:
                 async with Bench(args.redis_url, Path(workdir), url) as bench:
-                    if args.only in (None, "ttft"):
+                    if "ttft" in args.only:
                         await bench_ttft(bench, args.samples)
-                    if args.only in (None, "streaming"):
+                    if "streaming" in args.only:
                         await bench_streaming(bench, args.tokens)
-                    if args.only in (None, "queue"):
+                    if "queue" in args.only:
                         await bench_queue(bench, args.jobs)
-                    if args.only in (None, "http"):
+                    if "http" in args.only:
                         await bench_http(bench, args.samples)
-                    if args.only in (None, "settlements"):
+                    if "settlements" in args.only:
                         await bench_settlements(bench, args.settlements)
             finally:
                 if url is not None:

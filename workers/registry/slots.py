@@ -1,4 +1,5 @@
-"""Where a turn goes: slot reservations (an atomic Lua script), sticky routes, :func:`pick_worker`.
+"""Where a turn goes: slot reservations (an atomic Lua script), sticky routes, :func:`pick_worker`
+(the route read and the reservation one script, one round trip).
 
 Capacity and load. A worker's claimed capacity is capped by the backend's attestation record
 (``AttestationRecord.capacity``: the policy's value for its image, or the operator's default);
@@ -86,6 +87,75 @@ async def _reserve(
     return int(result)
 
 
+_PICK = """
+local ttl = tonumber(ARGV[1])
+local n = tonumber(ARGV[2])
+local order = {}
+for i = 1, n do order[i] = i end
+if ARGV[3] == '1' then
+  local sticky = redis.call('GET', KEYS[1])
+  if sticky then
+    for position = 1, n do
+      if ARGV[3 + (order[position] - 1) * 4 + 1] == sticky then
+        table.insert(order, 1, table.remove(order, position))
+        break
+      end
+    end
+  end
+end
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local gone = {}
+for _, i in ipairs(order) do
+  local k = 1 + (i - 1) * 3
+  local a = 3 + (i - 1) * 4
+  local entry = redis.pcall('HEXISTS', KEYS[k + 1], 'info')
+  if type(entry) ~= 'number' or entry == 0
+      or (ARGV[a + 4] == '1' and redis.call('EXISTS', KEYS[k + 3]) == 0) then
+    table.insert(gone, i)
+  else
+    local slots = KEYS[k + 2]
+    local job = ARGV[a + 2]
+    redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
+    if redis.call('ZSCORE', slots, job) or redis.call('ZCARD', slots) < tonumber(ARGV[a + 3]) then
+      redis.call('ZADD', slots, now + ttl, job)
+      redis.call('EXPIRE', slots, math.ceil(ttl) + 60)
+      table.insert(gone, 1, i)
+      return gone
+    end
+  end
+end
+table.insert(gone, 1, 0)
+return gone
+"""
+
+PICK_IN_ONE_STEP = 64
+"""Up to this many candidates, picking and reserving is one script (one round trip): the
+conversation's route read, then each candidate in order tried as :data:`_RESERVE` does."""
+
+
+async def _pick(
+    redis: AsyncRedis,
+    found: list[WorkerInfo],
+    job_id: str | Callable[[str], str],
+    ttl_s: float,
+    conversation_id: str | None,
+) -> tuple[int, list[int]]:
+    """(1-based index of the worker reserved, 0 if none; indices of the workers gone)."""
+    keys = [route_key(conversation_id) if conversation_id is not None else "-"]
+    args: list[str | int | float] = [ttl_s, len(found), "1" if conversation_id is not None else "0"]
+    for worker in found:
+        keys += [
+            worker_key(worker.worker_id),
+            slots_key(worker.worker_id),
+            attestation_key(worker.worker_id),
+        ]
+        slot = job_id(worker.worker_id) if callable(job_id) else job_id
+        args += [worker.worker_id, slot, worker.capacity, "1" if worker.attested else "0"]
+    result = await redis.eval(_PICK, len(keys), *keys, *args)
+    return int(result[0]), [int(index) for index in result[1:]]
+
+
 async def reserve_slot(
     redis: AsyncRedis,
     worker_id: str,
@@ -153,6 +223,21 @@ async def pick_worker(
         found = await candidates()
     random.shuffle(found)
     found.sort(key=lambda w: w.effective_load / w.capacity)
+    if job_id is not None and 0 < len(found) <= PICK_IN_ONE_STEP:
+        try:
+            chosen, gone = await _pick(redis, found, job_id, slot_ttl_s, conversation_id)
+        except ResponseError as error:  # e.g. a slot set that is not one: one by one, below
+            log.warning("no slot reserved in one step: %s", error)
+        else:
+            if snapshot is not None:
+                for index in gone:
+                    snapshot.forget(found[index - 1].worker_id)
+            if not chosen:
+                return None
+            worker = found[chosen - 1]
+            if snapshot is not None:
+                snapshot.reserved(worker.worker_id)
+            return worker.model_copy(update={"reserved": worker.reserved + 1})
     if conversation_id is not None:
         sticky_id = valid_worker_id(await redis.get(route_key(conversation_id)))
         if sticky_id is not None:
