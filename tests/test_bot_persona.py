@@ -183,3 +183,12 @@ async def test_a_photo_to_a_model_without_vision_is_told_and_its_caption_answere
     assert turn.messages[-1].content == "What is 2+2?" and turn.messages[-1].images is None
     await bot.send(None, photo=photo("p1", 50_000), language="fr")
     assert bot.last().text.startswith("smollm2-135m ne voit pas les images.")
+
+
+async def test_a_voice_message_is_told_to_be_typed(bot: Harness, asked: list[TurnRequest]) -> None:
+    voice = {"file_id": "vo", "file_unique_id": "uvo", "duration": 3}
+    await bot.send(None, voice=voice)
+    assert bot.last().text == "I cannot listen to voice or audio yet: please type your question."
+    await bot.send(None, voice=voice, language="ru")
+    assert bot.last().text.startswith("Я пока не умею слушать")
+    assert not asked

@@ -123,6 +123,12 @@ async def on_group_text(
     await runner.reply(message, bot, user, prompt)
 
 
+@handlers.message(F.voice | F.video_note | F.audio, F.chat.type == ChatType.PRIVATE)
+async def voice(message: Message) -> None:
+    """Speech is not transcribed (no speech model runs on the network yet): said plainly."""
+    await message.answer(_("I cannot listen to voice or audio yet: please type your question."))
+
+
 @handlers.message(F.chat.type == ChatType.PRIVATE)
 async def other_content(message: Message) -> None:
     await message.answer(_("I can read text only: send your question as a message."))

@@ -39,7 +39,6 @@ class FakeTelegram(BaseSession):
         self.files: dict[str, bytes] = {}  # file_id → content, for getFile and downloads
         self.times: list[float] = []  # time.monotonic() of each request
         self.queued: dict[str, deque[tuple[int, dict[str, Any]]]] = {}
-        self._ids = itertools.count(1000)
 
     # -- scripting -----------------------------------------------------------------
 
@@ -125,7 +124,9 @@ class FakeTelegram(BaseSession):
         returning = str(method.__returning__)
         if "Message" in returning:
             chat_id = getattr(method, "chat_id", None) or 1
-            message_id = getattr(method, "message_id", None) or next(self._ids)
+            message_id = getattr(method, "message_id", None) or self.rules.next_message_id(
+                int(chat_id)
+            )
             result: dict[str, Any] = {
                 "message_id": message_id,
                 "date": int(time.time()),

@@ -15,7 +15,6 @@ session layer instead (tests/support/bot_fakes.py).
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -79,7 +78,6 @@ class FakeTelegram:
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.rules = TelegramState(clock)
         self.refused: list[tuple[str, str]] = []  # (method, description) of each refusal
-        self._ids = itertools.count(1000)
         self.app = web.Application()
         self.app.router.add_route("*", "/bot{token}/{method}", self._handle)
         self._runner: web.AppRunner | None = None
@@ -163,7 +161,7 @@ class FakeTelegram:
         if name in {"sendmessage", "editmessagetext", "sendinvoice", "sendphoto"}:
             chat = int(params.get("chat_id") or 0)
             result: dict[str, Any] = {
-                "message_id": int(params.get("message_id") or next(self._ids)),
+                "message_id": int(params.get("message_id") or self.rules.next_message_id(chat)),
                 "date": int(time.time()),
                 "chat": {"id": chat, "type": "private" if chat > 0 else "supergroup"},
                 "from": {k: BOT_USER[k] for k in ("id", "is_bot", "first_name", "username")},

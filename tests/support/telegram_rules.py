@@ -234,7 +234,8 @@ class TelegramState:
     def _saw_message(self, message: Mapping[str, Any]) -> None:
         chat = int(message["chat"]["id"])
         sender = message.get("from") or {}
-        self.messages[(chat, int(message["message_id"]))] = bool(sender.get("is_bot"))
+        # A test's made-up id may repeat one the bot's message has: the bot's stays its own.
+        self.messages.setdefault((chat, int(message["message_id"])), bool(sender.get("is_bot")))
         if message.get("is_topic_message") and message.get("message_thread_id") is not None:
             self.topics.setdefault(chat, set()).add(int(message["message_thread_id"]))
         if message.get("forum_topic_created") is not None:
@@ -242,6 +243,12 @@ class TelegramState:
         replied = message.get("reply_to_message")
         if isinstance(replied, Mapping):
             self._saw_message(replied)
+
+    def next_message_id(self, chat: int) -> int:
+        """The id of the bot's next message in ``chat``: after every message seen there, as
+        Telegram numbers a chat's messages in one sequence (at least 1000)."""
+        seen = [message for (where, message) in self.messages if where == chat]
+        return max([999, *seen]) + 1
 
     # -- the rules ----------------------------------------------------------------------
 
