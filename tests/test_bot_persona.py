@@ -4,6 +4,8 @@ a caption read as the question; an edited question answered again."""
 
 from __future__ import annotations
 
+import base64
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -192,3 +194,42 @@ async def test_a_voice_message_is_told_to_be_typed(bot: Harness, asked: list[Tur
     await bot.send(None, voice=voice, language="ru")
     assert bot.last().text.startswith("Я пока не умею слушать")
     assert not asked
+
+
+async def test_images_to_a_vision_model_go_in_the_turn_checked_by_their_bytes(
+    settings: Any, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model declared ``vision``: a photo, or an image sent as a file, goes in the turn's last
+    message as a data URL of the type its bytes show (not the type the sender claims); a file
+    that is no image, or one too large, gets a message and no turn."""
+    from tests.support.bot import bot_settings, running_harness
+
+    models = {n: p.model_copy(update={"vision": True}) for n, p in settings.models.items()}
+    jpeg = (Path(__file__).parent / "fixtures" / "images" / "python.jpg").read_bytes()
+    url = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
+    async with running_harness(bot_settings(settings, models=models)) as h:
+        seen: list[TurnRequest] = []
+        real = h.app.services.turns.start_turn
+
+        async def spy(request: TurnRequest, *args: Any, **kw: Any) -> Any:
+            seen.append(request)
+            return await real(request, *args, **kw)
+
+        monkeypatch.setattr(h.app.services.turns, "start_turn", spy)
+        h.tg.files["p1"] = jpeg
+        await h.send(None, photo=photo("p1", len(jpeg)), caption="What is it?")
+        last = seen[-1].messages[-1]
+        assert last.content == "What is it?" and last.images is not None
+        assert [i.image_url.url for i in last.images] == [url]
+        # A screenshot sent as a file, its MIME type wrong: the bytes say JPEG.
+        h.tg.files["f1"] = jpeg
+        await h.send(None, document=document("f1", "shot.png", len(jpeg), "image/png"))
+        last = seen[-1].messages[-1]
+        assert last.content == "Describe this image." and last.images is not None
+        assert last.images[0].image_url.url == url
+        h.tg.files["fake"] = b"<svg onload=alert(1)>"
+        await h.send(None, document=document("fake", "x.png", 21, "image/png"))
+        assert h.last().text == "This is not a JPEG, PNG, WebP or GIF image, so I cannot send it."
+        await h.send(None, document=document("big", "big.png", 6 * 2**20, "image/png"))
+        assert h.last().text == "This image is too large: I send images of up to 5 MB."
+        assert len(seen) == 2

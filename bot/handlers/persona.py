@@ -13,7 +13,7 @@ import io
 from aiogram import Bot, F
 from aiogram.enums import ChatType
 from aiogram.filters import Command, CommandObject
-from aiogram.types import CallbackQuery, Message
+from aiogram.types import CallbackQuery, Downloadable, Message
 
 from backend.models import User
 from bot import pdf
@@ -118,6 +118,10 @@ async def on_document(message: Message, bot: Bot, user: User, runner: TurnRunner
     document = message.document
     assert document is not None
     name = (document.file_name or "document")[:100]
+    if document.mime_type in IMAGE_TYPES:  # a screenshot sent as a file
+        small = (document.file_size or 0) <= MAX_IMAGE_BYTES
+        await image_turn(message, bot, user, runner, document if small else None)
+        return
     pdf_file = is_pdf(name, document.mime_type)
     if not pdf_file and not readable(name, document.mime_type):
         await message.answer(
@@ -168,10 +172,36 @@ IMAGE_QUESTION = "Describe this image."
 
 @handlers.message(F.photo, F.chat.type == ChatType.PRIVATE)
 async def on_photo(message: Message, bot: Bot, user: User, runner: TurnRunner) -> None:
-    """A photo, for a model whose settings say it reads images (``vision``): the largest size
-    Telegram has within :data:`~workers.wire.MAX_IMAGE_BYTES`, downloaded into memory and sent
-    in the sealed request as an image content part, the caption as the question. For a model
-    without vision, the user is told, and a caption is still answered as text."""
+    """A photo: Telegram's largest size within :data:`~workers.wire.MAX_IMAGE_BYTES` (see
+    :func:`image_turn`)."""
+    sizes = [p for p in message.photo or [] if (p.file_size or 0) <= MAX_IMAGE_BYTES]
+    photo = max(sizes, key=lambda p: p.width * p.height) if sizes else None
+    await image_turn(message, bot, user, runner, photo)
+
+
+IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif")
+
+
+def image_type(raw: bytes) -> str | None:
+    """The image's media type from its first bytes (never from what the sender claims)."""
+    if raw.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if raw.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if raw.startswith((b"GIF87a", b"GIF89a")):
+        return "image/gif"
+    if raw.startswith(b"RIFF") and raw[8:12] == b"WEBP":
+        return "image/webp"
+    return None
+
+
+async def image_turn(
+    message: Message, bot: Bot, user: User, runner: TurnRunner, file: Downloadable | None
+) -> None:
+    """An image (a photo, or an image sent as a file), for a model whose settings say it reads
+    images (``vision``): downloaded into memory within :data:`~workers.wire.MAX_IMAGE_BYTES`
+    and sent in the sealed request as an image content part, the caption as the question. For
+    a model without vision, the user is told, and a caption is still answered as text."""
     model = user_model(runner.settings, user)
     caption = (message.caption or "").strip()
     if not runner.settings.models[model].vision:
@@ -190,25 +220,22 @@ async def on_photo(message: Message, bot: Bot, user: User, runner: TurnRunner) -
                 ).format(model=model)
             )
         return
-    sizes = [p for p in message.photo or [] if (p.file_size or 0) <= MAX_IMAGE_BYTES]
-    if not sizes:
-        await message.answer(
-            _("This image is too large: I send images of up to {limit} MB.").format(
-                limit=MAX_IMAGE_BYTES // 2**20
-            )
-        )
+    too_large = _("This image is too large: I send images of up to {limit} MB.").format(
+        limit=MAX_IMAGE_BYTES // 2**20
+    )
+    if file is None:
+        await message.answer(too_large)
         return
-    photo = max(sizes, key=lambda p: p.width * p.height)
-    data = await bot.download(photo, destination=io.BytesIO())
+    data = await bot.download(file, destination=io.BytesIO())
     raw = data.read(MAX_IMAGE_BYTES + 1) if data is not None else b""
-    if not raw or len(raw) > MAX_IMAGE_BYTES:
-        await message.answer(
-            _("This image is too large: I send images of up to {limit} MB.").format(
-                limit=MAX_IMAGE_BYTES // 2**20
-            )
-        )
+    if len(raw) > MAX_IMAGE_BYTES:
+        await message.answer(too_large)
         return
-    url = "data:image/jpeg;base64," + base64.b64encode(raw).decode("ascii")  # Telegram's JPEG
+    kind = image_type(raw)
+    if kind is None:
+        await message.answer(_("This is not a JPEG, PNG, WebP or GIF image, so I cannot send it."))
+        return
+    url = f"data:{kind};base64," + base64.b64encode(raw).decode("ascii")
     await runner.reply(message, bot, user, caption or IMAGE_QUESTION, images=[url])
 
 
