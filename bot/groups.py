@@ -179,15 +179,17 @@ def replies_to_this_bot(message: Message, bot_id: int) -> bool:
 
 async def group_prompt(message: Message, bot: Bot) -> dict[str, str] | bool:
     """A filter for group messages meant for the bot: an @mention of it (the mention cut
-    out) or a reply to one of its messages. Gives the handler ``prompt``."""
-    if private(message.chat.type) or message.text is None:
+    out) or a reply to one of its messages, in the text or a media's caption. Gives the
+    handler ``prompt``."""
+    text = message.text if message.text is not None else message.caption
+    if private(message.chat.type) or text is None:
         return False
     me = await bot.me()
     mentions = _mentions(message, me.username or "", me.id)
     if mentions:
-        return {"prompt": _without(message.text, mentions)}
+        return {"prompt": _without(text, mentions)}
     if replies_to_this_bot(message, me.id):
-        return {"prompt": message.text.strip()}
+        return {"prompt": text.strip()}
     return False
 
 

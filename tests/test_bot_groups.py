@@ -18,7 +18,9 @@ TOPIC = 77
 BOB = 502
 
 
-async def in_group(bot: Harness, text: str, user: int = ALICE, **extra: Any) -> dict[str, Any]:
+async def in_group(
+    bot: Harness, text: str | None, user: int = ALICE, **extra: Any
+) -> dict[str, Any]:
     update = message_update(user, text, chat_id=GROUP, chat_type="supergroup", **extra)
     await feed(bot.app.dp, bot.app.bot, update)
     return dict(update["message"])
@@ -175,3 +177,27 @@ async def test_an_unknown_or_stale_button_is_answered(bot: Harness) -> None:
         await bot.press(data)
         (answer,) = bot.tg.calls("answerCallbackQuery")  # never a spinner left turning
         assert answer.text
+
+
+async def test_a_photo_whose_caption_mentions_the_bot_is_a_question_in_its_topic(
+    bot: Harness,
+) -> None:
+    """A photo captioned with a mention of the bot: for a model without vision, the caption
+    alone is asked, told as a reply to the asker in the asker's topic; a photo that does not
+    mention the bot gets nothing."""
+    sizes = [{"file_id": "gp", "file_unique_id": "ugp", "width": 9, "height": 9, "file_size": 9}]
+    await in_group(bot, None, photo=sizes, caption="just a cat", **in_topic())
+    assert not sent_to_group(bot)
+    asked = await in_group(
+        bot,
+        None,
+        photo=sizes,
+        caption="@cocoon_bot what is it?",
+        caption_entities=mention(""),
+        **in_topic(),
+    )
+    told, refused = sent_to_group(bot)  # the note, then the turn (no balance yet)
+    assert told.text == "smollm2-135m does not see images, so I answer your caption alone."
+    assert told.message_thread_id == TOPIC and refused.message_thread_id == TOPIC
+    assert told.reply_parameters.message_id == asked["message_id"]
+    assert "balance" in refused.text.lower()

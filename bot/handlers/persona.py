@@ -13,13 +13,14 @@ import io
 from aiogram import Bot, F
 from aiogram.enums import ChatType
 from aiogram.filters import Command, CommandObject
-from aiogram.types import CallbackQuery, Downloadable, Message
+from aiogram.types import CallbackQuery, Downloadable, Message, PhotoSize
+from redis.asyncio import Redis as AsyncRedis
 
 from backend.models import User
 from bot import pdf
 from bot.common import AGAIN, CONTINUE, REGENERATE, Handlers, user_model
 from bot.context import ContextStore
-from bot.groups import Place, is_group_admin
+from bot.groups import Place, group_is_on, group_prompt, is_group_admin
 from bot.i18n import _, ngettext
 from bot.pdf import PdfText
 from bot.turn_runner import TurnRunner
@@ -120,7 +121,8 @@ async def on_document(message: Message, bot: Bot, user: User, runner: TurnRunner
     name = (document.file_name or "document")[:100]
     if document.mime_type in IMAGE_TYPES:  # a screenshot sent as a file
         small = (document.file_size or 0) <= MAX_IMAGE_BYTES
-        await image_turn(message, bot, user, runner, document if small else None)
+        caption = (message.caption or "").strip()
+        await image_turn(message, bot, user, runner, document if small else None, caption)
         return
     pdf_file = is_pdf(name, document.mime_type)
     if not pdf_file and not readable(name, document.mime_type):
@@ -174,9 +176,22 @@ IMAGE_QUESTION = "Describe this image."
 async def on_photo(message: Message, bot: Bot, user: User, runner: TurnRunner) -> None:
     """A photo: Telegram's largest size within :data:`~workers.wire.MAX_IMAGE_BYTES` (see
     :func:`image_turn`)."""
+    await image_turn(message, bot, user, runner, largest(message), (message.caption or "").strip())
+
+
+@handlers.message(F.photo, group_prompt)
+async def on_group_photo(
+    message: Message, prompt: str, bot: Bot, user: User, runner: TurnRunner, redis: AsyncRedis
+) -> None:
+    """A photo in a group whose caption mentions the bot, or that replies to it."""
+    if await group_is_on(redis, message.chat.id):
+        await image_turn(message, bot, user, runner, largest(message), prompt)
+
+
+def largest(message: Message) -> PhotoSize | None:
+    """The photo's largest size within :data:`~workers.wire.MAX_IMAGE_BYTES`."""
     sizes = [p for p in message.photo or [] if (p.file_size or 0) <= MAX_IMAGE_BYTES]
-    photo = max(sizes, key=lambda p: p.width * p.height) if sizes else None
-    await image_turn(message, bot, user, runner, photo)
+    return max(sizes, key=lambda p: p.width * p.height) if sizes else None
 
 
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif")
@@ -196,24 +211,29 @@ def image_type(raw: bytes) -> str | None:
 
 
 async def image_turn(
-    message: Message, bot: Bot, user: User, runner: TurnRunner, file: Downloadable | None
+    message: Message,
+    bot: Bot,
+    user: User,
+    runner: TurnRunner,
+    file: Downloadable | None,
+    caption: str,
 ) -> None:
     """An image (a photo, or an image sent as a file), for a model whose settings say it reads
     images (``vision``): downloaded into memory within :data:`~workers.wire.MAX_IMAGE_BYTES`
     and sent in the sealed request as an image content part, the caption as the question. For
     a model without vision, the user is told, and a caption is still answered as text."""
     model = user_model(runner.settings, user)
-    caption = (message.caption or "").strip()
+    say = message.answer if message.chat.type == ChatType.PRIVATE else message.reply
     if not runner.settings.models[model].vision:
         if caption:
-            await message.answer(
+            await say(
                 _("{model} does not see images, so I answer your caption alone.").format(
                     model=model
                 )
             )
             await runner.reply(message, bot, user, caption)
         else:
-            await message.answer(
+            await say(
                 _(
                     "{model} does not see images. /model lists the models; or write your "
                     "question as text."
@@ -224,16 +244,16 @@ async def image_turn(
         limit=MAX_IMAGE_BYTES // 2**20
     )
     if file is None:
-        await message.answer(too_large)
+        await say(too_large)
         return
     data = await bot.download(file, destination=io.BytesIO())
     raw = data.read(MAX_IMAGE_BYTES + 1) if data is not None else b""
     if len(raw) > MAX_IMAGE_BYTES:
-        await message.answer(too_large)
+        await say(too_large)
         return
     kind = image_type(raw)
     if kind is None:
-        await message.answer(_("This is not a JPEG, PNG, WebP or GIF image, so I cannot send it."))
+        await say(_("This is not a JPEG, PNG, WebP or GIF image, so I cannot send it."))
         return
     url = f"data:{kind};base64," + base64.b64encode(raw).decode("ascii")
     await runner.reply(message, bot, user, caption or IMAGE_QUESTION, images=[url])
