@@ -10,7 +10,8 @@ missing. vLLM runs in eager mode (no torch.compile) with a 1 GiB KV cache
 (``VLLM_CPU_KVCACHE_SPACE``), so a 2-core machine runs it.
 
 1. Engine level: deltas then one Usage; the model ends its turn; prefix cache; seeds; a prompt
-   too long is refused; closing the stream early (or cancelling its task) aborts the request in
+   too long is refused; JSON replies (structured outputs), logit_bias, the penalties and
+   logprobs taken; closing the stream early (or cancelling its task) aborts the request in
    vLLM; concurrent requests.
 2. End to end: a worker node process ``--engine vllm`` serving real turns through the dispatcher,
    real Redis and the SQLite ledger: chunks stream, the final record is signed, the turn is
@@ -214,6 +215,69 @@ class TestEngine:
             await collect(vllm, chat("apple banana cherry " * 1200, max_tokens=4))
         _, usage = await collect(vllm, chat("Hi!", max_tokens=2))
         assert usage.completion_tokens <= 2
+
+    async def test_json_replies_parse(self, vllm: Engine) -> None:
+        """response_format through vLLM's structured outputs: the reply is JSON (valid against
+        the schema when one is given), not free text."""
+        schema = {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 20},
+                "year": {"type": "integer"},
+            },
+            "required": ["city", "year"],
+            "additionalProperties": False,
+        }
+        request = chat(
+            "Where and when was the Eiffel Tower built?", max_tokens=60,
+            json_mode="json_schema", json_schema=json.dumps(schema),
+        )  # fmt: skip
+        text, usage = await collect(vllm, request)
+        assert usage.finish_reason == "stop", text
+        answer = json.loads(text)
+        assert set(answer) == {"city", "year"} and isinstance(answer["year"], int), answer
+        text, usage = await collect(
+            vllm, chat("Describe a cat as JSON.", max_tokens=80, json_mode="json_object")
+        )
+        if usage.finish_reason == "stop":  # a reply cut by max_tokens is JSON cut short
+            assert isinstance(json.loads(text), dict), text
+        else:
+            assert text.lstrip().startswith("{"), text
+
+    async def test_logit_bias_and_penalties_steer_the_reply(
+        self, vllm: Engine, model_dir: str
+    ) -> None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        [banana] = tokenizer.encode(" banana", add_special_tokens=False)
+        biased = chat("Name a color.", max_tokens=3, logit_bias=((banana, 100.0),))
+        text, _ = await collect(vllm, biased)
+        assert text.count("banana") == 3, text
+        # Greedy both times: only the penalties differ, and the reply they shape does too.
+        ask = "Repeat the word cat twenty times."
+        plain, _ = await collect(vllm, chat(ask, max_tokens=24))
+        penalized, _ = await collect(
+            vllm, chat(ask, max_tokens=24, presence_penalty=2.0, frequency_penalty=2.0)
+        )
+        assert penalized != plain, plain  # greedy: ignored penalties would give the same
+
+    async def test_logprobs_come_with_each_token(self, vllm: Engine) -> None:
+        deltas, usage = await stream(vllm, chat("Say hello.", max_tokens=6, logprobs=2))
+        tokens = [token for delta in deltas for token in delta.logprobs]
+        assert (
+            len(tokens) == usage.completion_tokens == len([t for t in tokens if t.logprob <= 0.0])
+        )
+        assert all(len(token.top) == 2 for token in tokens)
+        # Greedy: no token was likelier than the one taken (bfloat16 logits tie now and then,
+        # so the likeliest may be another token of the same probability); best first.
+        assert all(token.logprob == token.top[0].logprob for token in tokens), [
+            (t.token, t.logprob, [(a.token, a.logprob) for a in t.top]) for t in tokens
+        ]
+        assert all(token.top[0].logprob >= token.top[1].logprob for token in tokens)
+        assert "".join(t.token for t in tokens) == "".join(d.text for d in deltas)
+        plain, _ = await stream(vllm, chat("Say hello.", max_tokens=6))
+        assert all(not delta.logprobs for delta in plain)  # none unless asked
 
     async def test_closing_early_aborts_the_request(self, vllm: Engine) -> None:
         stream = vllm.generate(chat("Write a very long essay about the sea.", max_tokens=1500))
