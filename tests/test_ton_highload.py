@@ -16,7 +16,7 @@ from backend.ledger import Ledger
 from backend.models import AccountKind, PayoutState, TonMessageState, TonPayoutBatch
 from backend.ton.highload import HighloadPayoutSender
 from backend.ton.localnet import LocalTonCenter, LocalTonCenterServer
-from backend.ton.payouts import Step, payout_comment
+from backend.ton.sending import Step, payout_comment
 from backend.ton.toncenter import TonCenter
 from backend.ton.wallet import (
     BatchTransfer,

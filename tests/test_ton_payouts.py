@@ -14,7 +14,8 @@ from backend.ledger import Ledger
 from backend.models import AccountKind, PayoutState, TonMessageState, TonPayoutMessage
 from backend.ton.comment import raw_address
 from backend.ton.localnet import LocalTonCenter
-from backend.ton.payouts import PayoutSender, Step, payout_comment
+from backend.ton.payouts import PayoutSender
+from backend.ton.sending import Step, payout_comment
 from backend.ton.toncenter import TonCenter, TonCenterError
 from backend.ton.wallet import HotWallet, SignedTransfer, new_mnemonic, parse_external
 from tests.support.payouts import (

@@ -26,17 +26,13 @@ Crash anywhere: the next run finds the live batch and carries on from the chain'
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import logging
-import time
-from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from backend import notifications
 from backend.db import Database, rowcount
 from backend.ledger import Ledger
 from backend.models import (
@@ -47,11 +43,18 @@ from backend.models import (
     TonPayoutBatchItem,
     TonPayoutMessage,
     TonPayoutStage,
-    TonWallet,
 )
 from backend.ton.comment import AddressError, decode_comment, parse_address, raw_address
-from backend.ton.payouts import LIVE, OPEN_PAYOUT, Step, _raw_hash, payout_comment
-from backend.ton.polling import poll_until_stopped
+from backend.ton.sending import (
+    LIVE,
+    OPEN_PAYOUT,
+    Moved,
+    Sender,
+    Step,
+    hash_or_none,
+    json_int,
+    payout_comment,
+)
 from backend.ton.toncenter import TonCenter, TonCenterError
 from backend.ton.wallet import (
     HIGHLOAD_MAX_MESSAGES,
@@ -63,16 +66,12 @@ from backend.ton.wallet import (
 log = logging.getLogger(__name__)
 
 CREATED_AT_LAG_S = 30  # created_at this far back: a node whose clock is behind still accepts it
-EXPIRY_GRACE_S = 30
-RESEND_EVERY_S = 10
 
 
-class _Moved(Exception):
-    """Another sender changed a payout first: roll back and look again."""
-
-
-class HighloadPayoutSender:
+class HighloadPayoutSender(Sender):
     """Pays requested payouts in batches of up to ``batch_size`` from one highload wallet."""
+
+    name = "highload payout sender"
 
     def __init__(
         self,
@@ -82,41 +81,13 @@ class HighloadPayoutSender:
         wallet: HighloadHotWallet,
         *,
         batch_size: int = HIGHLOAD_MAX_MESSAGES,
-        poll_interval_s: float = 3.0,
-        backoff_max_s: float = 60.0,
-        expiry_grace_s: float = EXPIRY_GRACE_S,
-        resend_every_s: float = RESEND_EVERY_S,
-        clock: Callable[[], float] = time.time,
-        checkpoint: Callable[[str], None] | None = None,
+        **options: Any,
     ) -> None:
         if not 1 <= batch_size <= HIGHLOAD_MAX_MESSAGES:
             raise ValueError(f"a batch pays 1..{HIGHLOAD_MAX_MESSAGES} payouts")
-        self.db = db
-        self.ledger = ledger
-        self.api = api
+        super().__init__(db, ledger, api, **options)
         self.wallet = wallet
         self.batch_size = batch_size
-        self.poll_interval_s = poll_interval_s
-        self.backoff_max_s = backoff_max_s
-        self.expiry_grace_s = expiry_grace_s
-        self.resend_every_s = resend_every_s
-        self.clock = clock
-        self._checkpoint = checkpoint or (lambda _name: None)
-
-    async def run(self, stop: asyncio.Event | None = None) -> None:
-        """Step until ``stop`` is set; on errors back off and carry on from the stored state."""
-
-        async def step() -> bool:
-            return await self.step() == Step.PROGRESS
-
-        await poll_until_stopped(
-            stop,
-            step,
-            poll_interval_s=self.poll_interval_s,
-            backoff_max_s=self.backoff_max_s,
-            log=log,
-            name="highload payout sender",
-        )
 
     async def step(self) -> Step:
         """One move of the state machine. Raises TonCenterError when the API fails."""
@@ -179,7 +150,7 @@ class HighloadPayoutSender:
                         .execution_options(synchronize_session=False)
                     )
                     if rowcount(moved) != 1:
-                        raise _Moved  # closed meanwhile
+                        raise Moved  # closed meanwhile
                 batch = TonPayoutBatch(
                     wallet=self.wallet.raw,
                     sequence=sequence,
@@ -200,7 +171,7 @@ class HighloadPayoutSender:
                             amount=payout.amount,
                         )
                     )  # fmt: skip
-        except _Moved:
+        except Moved:
             return
         except IntegrityError:
             log.info("another batch of this wallet is live (or took the sequence); not signing")
@@ -339,8 +310,8 @@ class HighloadPayoutSender:
                 .where(TonPayoutBatch.id == batch.id, TonPayoutBatch.state.in_(LIVE))
                 .values(
                     state=TonMessageState.LANDED,
-                    tx_hash=_hash_hex(tx.get("hash")),
-                    tx_lt=_int(tx.get("lt")),
+                    tx_hash=hash_or_none(tx.get("hash")),
+                    tx_lt=json_int(tx.get("lt")),
                     closed_at=dt.datetime.now(dt.UTC),
                 )
                 .execution_options(synchronize_session=False)
@@ -376,13 +347,6 @@ class HighloadPayoutSender:
         return sent
 
     # -------------------------------------------------------------- queries
-
-    async def _find(self, msg_hash: str, boc: str) -> list[dict[str, Any]]:
-        found = await self.api.transactions_by_message(msg_hash)
-        raw = _raw_hash(boc)
-        if not found and raw is not None and raw != msg_hash:
-            found = await self.api.transactions_by_message(raw)
-        return found
 
     async def _processed(self, query_id: int) -> bool:
         """The contract's ``processed?(query_id, need_clean = 0)``: its stored dictionaries,
@@ -432,25 +396,6 @@ class HighloadPayoutSender:
                 )
             )
 
-    async def _linked_wallet(self, provider_id: int) -> str | None:
-        async with self.db.session() as session:
-            return await session.scalar(
-                select(TonWallet.address).where(
-                    TonWallet.user_id == provider_id, TonWallet.purpose == "payout"
-                )
-            )
-
-    async def _tell(self, payout: Payout, *, paid: bool) -> None:
-        outcome = "confirmed" if paid else "failed"
-        await notifications.notify(
-            self.db,
-            payout.provider_id,
-            notifications.NOTIFY_PAYOUT_CONFIRMED if paid else notifications.NOTIFY_PAYOUT_FAILED,
-            f"payout:{payout.id}:{outcome}",
-            amount=payout.amount,
-            data={"payout_id": payout.id, "destination": payout.destination},
-        )
-
 
 def _aborted(tx: dict[str, Any]) -> bool:
     return bool((tx.get("description") or {}).get("aborted"))
@@ -476,25 +421,7 @@ def _transfer(out: dict[str, Any]) -> tuple[str, int, str | None]:
             comment = decode_comment(body).memo
         except Exception:  # a body that is no comment pays no payout
             comment = None
-    return _raw(out.get("destination")) or "", _int(out.get("value")), comment
-
-
-def _int(value: object) -> int:
-    if not isinstance(value, int | str | float) or isinstance(value, bool):
-        return -1
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return -1
-
-
-def _hash_hex(value: object) -> str | None:
-    from backend.ton.transactions import hash_hex
-
-    try:
-        return hash_hex(str(value)) if value else None
-    except ValueError:
-        return None
+    return _raw(out.get("destination")) or "", json_int(out.get("value")), comment
 
 
 __all__ = ["HighloadPayoutSender"]

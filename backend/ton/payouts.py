@@ -22,20 +22,13 @@ Crash anywhere: the next run finds the live message and carries on from the chai
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import datetime as dt
-import enum
 import logging
-import time
-from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
-from ton_core import Cell
 
-from backend import notifications
 from backend.db import Database, rowcount
 from backend.ledger import Ledger
 from backend.models import (
@@ -46,36 +39,25 @@ from backend.models import (
     TonPayoutBatchItem,
     TonPayoutMessage,
     TonPayoutStage,
-    TonWallet,
 )
 from backend.ton.comment import AddressError, parse_address, raw_address
-from backend.ton.polling import poll_until_stopped
+from backend.ton.sending import (
+    LIVE,
+    OPEN_PAYOUT,
+    Moved,
+    Sender,
+    Step,
+    hash_or_none,
+    json_int,
+    payout_comment,
+)
 from backend.ton.toncenter import TonCenter, TonCenterError
 from backend.ton.wallet import HotWallet, parse_external
 
 log = logging.getLogger(__name__)
 
-LIVE = (TonMessageState.SIGNED, TonMessageState.SENT)
-OPEN_PAYOUT = (PayoutState.REQUESTED, TonPayoutStage.SIGNED, TonPayoutStage.SENT)
-EXPIRY_GRACE_S = 30
-RESEND_EVERY_S = 10
 
-
-class _Moved(Exception):
-    """Another sender changed the payout first: roll back and look again."""
-
-
-class Step(enum.Enum):
-    IDLE = "idle"  # nothing to pay
-    WAITING = "waiting"  # a message is in flight: poll again later
-    PROGRESS = "progress"  # something changed: go on at once
-
-
-def payout_comment(payout_id: int) -> str:
-    return f"Cocoon payout #{payout_id}"
-
-
-class PayoutSender:
+class PayoutSender(Sender):
     """Pays requested payouts one at a time from one hot wallet."""
 
     def __init__(
@@ -86,41 +68,13 @@ class PayoutSender:
         wallet: HotWallet,
         *,
         ttl_s: int = 120,
-        poll_interval_s: float = 3.0,
-        backoff_max_s: float = 60.0,
-        expiry_grace_s: float = EXPIRY_GRACE_S,
-        resend_every_s: float = RESEND_EVERY_S,
-        clock: Callable[[], float] = time.time,
-        checkpoint: Callable[[str], None] | None = None,
+        **options: Any,
     ) -> None:
-        self.db = db
-        self.ledger = ledger
-        self.api = api
+        super().__init__(db, ledger, api, **options)
         self.wallet = wallet
         self.ttl_s = ttl_s
-        self.poll_interval_s = poll_interval_s
-        self.backoff_max_s = backoff_max_s
-        self.expiry_grace_s = expiry_grace_s
-        self.resend_every_s = resend_every_s
-        self.clock = clock
-        self._checkpoint = checkpoint or (lambda _name: None)
 
     # ------------------------------------------------------------------ loop
-
-    async def run(self, stop: asyncio.Event | None = None) -> None:
-        """Step until ``stop`` is set; on errors back off and carry on from the stored state."""
-
-        async def step() -> bool:
-            return await self.step() == Step.PROGRESS
-
-        await poll_until_stopped(
-            stop,
-            step,
-            poll_interval_s=self.poll_interval_s,
-            backoff_max_s=self.backoff_max_s,
-            log=log,
-            name="payout sender",
-        )
 
     async def step(self) -> Step:
         """One move of the state machine. Raises TonCenterError when the API fails."""
@@ -146,17 +100,8 @@ class PayoutSender:
 
     # ------------------------------------------------------------- the steps
 
-    async def _find(self, message: TonPayoutMessage) -> list[dict[str, Any]]:
-        """The message's transaction, looked up by its normalized hash (what TON Center
-        indexes), then by its raw hash (what an indexer without normalization knows)."""
-        found = await self.api.transactions_by_message(message.msg_hash)
-        raw = _raw_hash(message.boc)
-        if not found and raw is not None and raw != message.msg_hash:
-            found = await self.api.transactions_by_message(raw)
-        return found
-
     async def _drive(self, message: TonPayoutMessage) -> Step:
-        found = await self._find(message)
+        found = await self._find(message.msg_hash, message.boc)
         if found:
             await self._settle(message, found[0])
             return Step.PROGRESS
@@ -230,7 +175,7 @@ class PayoutSender:
                     .execution_options(synchronize_session=False)
                 )
                 if rowcount(moved) != 1:
-                    raise _Moved  # closed meanwhile
+                    raise Moved  # closed meanwhile
                 if replacing is not None:
                     expired = await session.execute(
                         update(TonPayoutMessage)
@@ -242,7 +187,7 @@ class PayoutSender:
                         .execution_options(synchronize_session=False)
                     )
                     if rowcount(expired) != 1:
-                        raise _Moved  # a twin sender moved first
+                        raise Moved  # a twin sender moved first
                 session.add(
                     TonPayoutMessage(
                         payout_id=payout.id,
@@ -255,7 +200,7 @@ class PayoutSender:
                         send_count=0,
                     )
                 )
-        except _Moved:
+        except Moved:
             return
         except IntegrityError:
             log.info("payout #%s: another message of this wallet is live; not signing", payout.id)
@@ -312,7 +257,7 @@ class PayoutSender:
         aborted = bool((tx.get("description") or {}).get("aborted"))
         paid = not aborted and any(
             _same(out.get("destination"), signed.destination)
-            and _int(out.get("value")) == payout.amount
+            and json_int(out.get("value")) == payout.amount
             for out in tx.get("out_msgs") or []
         )
         self._checkpoint("before_confirm")
@@ -340,25 +285,12 @@ class PayoutSender:
                 .where(TonPayoutMessage.id == message.id, TonPayoutMessage.state.in_(LIVE))
                 .values(
                     state=TonMessageState.LANDED,
-                    tx_hash=_hash_hex(tx.get("hash")),
-                    tx_lt=_int(tx.get("lt")),
+                    tx_hash=hash_or_none(tx.get("hash")),
+                    tx_lt=json_int(tx.get("lt")),
                     closed_at=dt.datetime.now(dt.UTC),
                 )
                 .execution_options(synchronize_session=False)
             )
-
-    async def _tell(self, payout: Payout, *, paid: bool) -> None:
-        """Put the outcome in the provider's outbox (the bot tells it, and edits the status
-        message /withdraw left); once per payout, a replay after a crash included."""
-        outcome = "confirmed" if paid else "failed"
-        await notifications.notify(
-            self.db,
-            payout.provider_id,
-            notifications.NOTIFY_PAYOUT_CONFIRMED if paid else notifications.NOTIFY_PAYOUT_FAILED,
-            f"payout:{payout.id}:{outcome}",
-            amount=payout.amount,
-            data={"payout_id": payout.id, "destination": payout.destination},
-        )
 
     # -------------------------------------------------------------- queries
 
@@ -390,14 +322,6 @@ class PayoutSender:
                 )
                 .order_by(Payout.id)
                 .limit(1)
-            )
-
-    async def _linked_wallet(self, provider_id: int) -> str | None:
-        async with self.db.session() as session:
-            return await session.scalar(
-                select(TonWallet.address).where(
-                    TonWallet.user_id == provider_id, TonWallet.purpose == "payout"
-                )
             )
 
     async def _next_seqno_floor(self) -> int:
@@ -434,29 +358,3 @@ def _same(a: object, b: str | None) -> bool:
         return raw_address(a) == raw_address(b)
     except AddressError:
         return False
-
-
-def _int(value: object) -> int:
-    if not isinstance(value, int | str | float):  # what JSON gives a number as
-        return -1
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return -1
-
-
-def _hash_hex(value: object) -> str | None:
-    from backend.ton.transactions import hash_hex
-
-    try:
-        return hash_hex(str(value)) if value else None
-    except ValueError:
-        return None
-
-
-def _raw_hash(boc: str) -> str | None:
-    """The hash of the external message itself (hex), as stored in its BOC."""
-    try:
-        return Cell.one_from_boc(base64.b64decode(boc)).hash.hex()
-    except Exception:  # a stored BOC always parses; never let a bad one stop the sender
-        return None

@@ -84,7 +84,8 @@ async def run_services(
     from backend.db import Database
     from backend.ledger import Ledger
     from backend.ton.highload import HighloadPayoutSender
-    from backend.ton.payouts import PayoutSender, Step
+    from backend.ton.payouts import PayoutSender
+    from backend.ton.sending import Step
     from backend.ton.toncenter import TonCenter
     from backend.ton.watcher import DepositWatcher
 

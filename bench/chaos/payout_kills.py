@@ -12,7 +12,8 @@ from backend.ledger import Ledger
 from backend.models import AccountKind
 from backend.ton.highload import HighloadPayoutSender
 from backend.ton.localnet import LocalTonCenter, LocalTonCenterServer
-from backend.ton.payouts import PayoutSender, Step
+from backend.ton.payouts import PayoutSender
+from backend.ton.sending import Step
 from backend.ton.toncenter import TonCenter, TonCenterError
 from backend.ton.wallet import HighloadHotWallet, HotWallet, new_mnemonic
 from backend.users import get_or_create_user

@@ -1,0 +1,149 @@
+"""What both payout senders share (:class:`backend.ton.payouts.PayoutSender`, one v4r2 message
+per payout, and :class:`backend.ton.highload.HighloadPayoutSender`, batches from a Highload
+Wallet v3): the states that count as live or open, the step's outcome, the polling loop, the
+provider's linked wallet, the outcome notice in the outbox, the lookup of a sent message on
+chain, and reading TON Center's numbers and hashes."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import enum
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import select
+from ton_core import Cell
+
+from backend import notifications
+from backend.db import Database
+from backend.ledger import Ledger
+from backend.models import Payout, PayoutState, TonMessageState, TonPayoutStage, TonWallet
+from backend.ton.polling import poll_until_stopped
+from backend.ton.toncenter import TonCenter
+
+LIVE = (TonMessageState.SIGNED, TonMessageState.SENT)
+OPEN_PAYOUT = (PayoutState.REQUESTED, TonPayoutStage.SIGNED, TonPayoutStage.SENT)
+EXPIRY_GRACE_S = 30
+RESEND_EVERY_S = 10
+
+
+class Moved(Exception):
+    """Another sender changed a payout first: roll back and look again."""
+
+
+class Step(enum.Enum):
+    IDLE = "idle"  # nothing to pay
+    WAITING = "waiting"  # a message is in flight: poll again later
+    PROGRESS = "progress"  # something changed: go on at once
+
+
+def payout_comment(payout_id: int) -> str:
+    return f"Cocoon payout #{payout_id}"
+
+
+class Sender:
+    """The loop and the queries of a payout sender; subclasses make ``step``."""
+
+    name = "payout sender"
+
+    def __init__(
+        self,
+        db: Database,
+        ledger: Ledger,
+        api: TonCenter,
+        *,
+        poll_interval_s: float = 3.0,
+        backoff_max_s: float = 60.0,
+        expiry_grace_s: float = EXPIRY_GRACE_S,
+        resend_every_s: float = RESEND_EVERY_S,
+        clock: Callable[[], float] = time.time,
+        checkpoint: Callable[[str], None] | None = None,
+    ) -> None:
+        self.db = db
+        self.ledger = ledger
+        self.api = api
+        self.poll_interval_s = poll_interval_s
+        self.backoff_max_s = backoff_max_s
+        self.expiry_grace_s = expiry_grace_s
+        self.resend_every_s = resend_every_s
+        self.clock = clock
+        self._checkpoint = checkpoint or (lambda _name: None)
+
+    async def step(self) -> Step:  # pragma: no cover - each sender has its own
+        raise NotImplementedError
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Step until ``stop`` is set; on errors back off and carry on from the stored state."""
+
+        async def step() -> bool:
+            return await self.step() == Step.PROGRESS
+
+        await poll_until_stopped(
+            stop,
+            step,
+            poll_interval_s=self.poll_interval_s,
+            backoff_max_s=self.backoff_max_s,
+            log=logging.getLogger(type(self).__module__),
+            name=self.name,
+        )
+
+    async def _find(self, msg_hash: str, boc: str) -> list[dict[str, Any]]:
+        """A sent message's transaction, looked up by its normalized hash (what TON Center
+        indexes), then by its raw hash (what an indexer without normalization knows)."""
+        found = await self.api.transactions_by_message(msg_hash)
+        raw = raw_hash(boc)
+        if not found and raw is not None and raw != msg_hash:
+            found = await self.api.transactions_by_message(raw)
+        return found
+
+    async def _linked_wallet(self, provider_id: int) -> str | None:
+        async with self.db.session() as session:
+            return await session.scalar(
+                select(TonWallet.address).where(
+                    TonWallet.user_id == provider_id, TonWallet.purpose == "payout"
+                )
+            )
+
+    async def _tell(self, payout: Payout, *, paid: bool) -> None:
+        """Put the outcome in the provider's outbox (the bot tells it, and edits the status
+        message /withdraw left); once per payout, a replay after a crash included."""
+        outcome = "confirmed" if paid else "failed"
+        await notifications.notify(
+            self.db,
+            payout.provider_id,
+            notifications.NOTIFY_PAYOUT_CONFIRMED if paid else notifications.NOTIFY_PAYOUT_FAILED,
+            f"payout:{payout.id}:{outcome}",
+            amount=payout.amount,
+            data={"payout_id": payout.id, "destination": payout.destination},
+        )
+
+
+def json_int(value: object) -> int:
+    """A number as TON Center's JSON gives it (int or string); -1 for anything else."""
+    if not isinstance(value, int | str | float) or isinstance(value, bool):
+        return -1
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return -1
+
+
+def hash_or_none(value: object) -> str | None:
+    """A transaction hash (base64 or hex) as hex; None when absent or unreadable."""
+    from backend.ton.transactions import hash_hex
+
+    try:
+        return hash_hex(str(value)) if value else None
+    except ValueError:
+        return None
+
+
+def raw_hash(boc: str) -> str | None:
+    """The hash of the external message itself (hex), as stored in its BOC."""
+    try:
+        return Cell.one_from_boc(base64.b64decode(boc)).hash.hex()
+    except Exception:  # a stored BOC always parses; never let a bad one stop the sender
+        return None
