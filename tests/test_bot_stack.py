@@ -19,8 +19,7 @@ import pytest
 
 from tests.support.env import require_module
 from tests.support.fake_telegram import BOT_USER, FakeTelegram
-from tests.support.ops import free_port, start_cocoon_up
-from tests.test_privacy_canary import _wait_ready
+from tests.support.ops import free_port, start_cocoon_up, wait_cocoon_up_ready
 
 require_module("llama_cpp")
 
@@ -92,7 +91,7 @@ async def test_a_mention_in_a_forum_topic_is_answered_there_and_money_stays_priv
             await asyncio.sleep(0.3)
 
     try:
-        await _wait_ready(up, log, base, str(data / "local-api-key"))
+        await wait_cocoon_up_ready(up, log, base, str(data / "local-api-key"))
         async with aiohttp.ClientSession() as http:
 
             async def deliver(update: dict[str, Any]) -> None:

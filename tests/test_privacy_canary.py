@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 
 from tests.support.env import require_module
 from tests.support.fake_telegram import FakeTelegram
-from tests.support.ops import free_port, start_cocoon_up
+from tests.support.ops import free_port, start_cocoon_up, wait_cocoon_up_ready
 
 require_module("llama_cpp")
 
@@ -35,29 +35,6 @@ BOT_TOKEN = "4242:canary-test-token"
 WEBHOOK_SECRET = "canary-webhook-secret"
 USER = 777_000_111
 MODEL = "smollm2-135m"
-
-
-def _read(path: Path) -> str:
-    return path.read_text(errors="replace")
-
-
-def _exists(path: str) -> bool:
-    return os.path.exists(path)
-
-
-async def _wait_ready(up: subprocess.Popen[bytes], log: Path, base: str, key: str) -> None:
-    deadline = time.monotonic() + 180
-    async with aiohttp.ClientSession() as http:
-        while True:
-            assert up.poll() is None, _read(log)
-            assert time.monotonic() < deadline, _read(log)
-            try:
-                async with http.get(f"{base}/healthz") as reply:
-                    if reply.status == 200 and _exists(key):
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.3)
 
 
 def _turns(db_file: Path) -> int:
@@ -116,7 +93,7 @@ async def test_canary_never_reaches_rest(tmp_path: Path) -> None:
     log = tmp_path / "up.log"
     up = start_cocoon_up(env, tmp_path, log)
     try:
-        await _wait_ready(up, log, base, str(data / "local-api-key"))
+        await wait_cocoon_up_ready(up, log, base, str(data / "local-api-key"))
         api_key = (data / "local-api-key").read_text().strip()
         async with aiohttp.ClientSession() as http:
             # 1. The HTTP API.

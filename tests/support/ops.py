@@ -4,6 +4,7 @@ a process, and free ports."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -16,6 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import redis
 from aiohttp.test_utils import TestServer
 
@@ -57,6 +59,33 @@ def start_cocoon_up(env: dict[str, str], cwd: Path, log: Path) -> subprocess.Pop
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+
+
+def _text(path: Path) -> str:
+    return path.read_text(errors="replace")
+
+
+def _exists(path: str) -> bool:
+    return os.path.exists(path)
+
+
+async def wait_cocoon_up_ready(
+    up: subprocess.Popen[bytes], log: Path, base: str, key: str, timeout_s: float = 180
+) -> None:
+    """Return once ``cocoon up`` answers /healthz and has written its local API key ``key``;
+    fail with its log if it exits or takes longer than ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession() as http:
+        while True:
+            assert up.poll() is None, _text(log)
+            assert time.monotonic() < deadline, _text(log)
+            try:
+                async with http.get(f"{base}/healthz") as reply:
+                    if reply.status == 200 and _exists(key):
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.3)
 
 
 def free_port() -> int:
