@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -13,6 +14,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 import miniapp
 from backend import appkeys, metrics, openai_api, sealed_api, sweeper
+from backend.accounts.economics import run_online_counter
 from backend.attestation import routes as onboarding_routes
 from backend.db import Database
 from backend.dispatch import Dispatcher
@@ -142,6 +144,18 @@ def _metrics_port_ctx(settings: Settings) -> Callable[[web.Application], AsyncIt
     return ctx
 
 
+async def _online_counter_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Providers' online time (their earnings per hour), counted by every web process, so a
+    stack without the bot counts it too (backend.accounts.economics)."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_online_counter(app[appkeys.DISPATCHER].redis, stop))
+    yield
+    stop.set()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 def create_app(settings: Settings) -> web.Application:
     # One body limit, the OpenAI-compatible API's documented 4 MiB (aiohttp's default is 1 MiB).
     app = web.Application(
@@ -154,6 +168,7 @@ def create_app(settings: Settings) -> web.Application:
     app[appkeys.SETTINGS] = settings
     app.cleanup_ctx.append(_database_ctx(settings))
     app.cleanup_ctx.append(sweeper.sweeper_ctx(settings))  # releases holds of dead turns
+    app.cleanup_ctx.append(_online_counter_ctx)  # providers' online time
     app.router.add_get("/healthz", healthz)
     openai_api.setup_routes(app)
     sealed_api.setup_routes(app)  # sealed turns, receipts (backend.sealed_api)

@@ -4,8 +4,10 @@ not counted), earnings per hour online and per 1M tokens, fees, the next payout'
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import re
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from backend.accounts.economics import (
     economics,
     next_payout,
     online_seconds,
+    run_online_counter,
     worked_example,
 )
 from backend.db import Database
@@ -47,6 +50,44 @@ async def test_online_time_counts_each_interval_once_and_no_gaps(redis: aioredis
     await count_online(redis, [("w-1", 7)], now=1200.0)  # gone 193 s: not online meanwhile
     await count_online(redis, [("w-1", 7)], now=1201.0)
     assert await online_seconds(redis, 7) == 10  # w-1: 2 + 2 + 2.5 + 1, w-2: 2.5
+    assert await online_seconds(redis, 8) == 0
+
+
+async def test_every_web_process_counts_attested_workers_online(redis: aioredis.Redis) -> None:
+    """The counter ``cocoon web`` runs (so a stack without the bot counts online time too)
+    counts attested workers of a provider from the registry; not an unattested one, not a
+    worker without a provider; a Redis error skips a pass, never stops the loop."""
+    from workers import registry
+
+    async def worker(worker_id: str, *, attested: bool, provider_id: int | None) -> None:
+        info = registry.WorkerInfo(
+            worker_id=worker_id, model=DEFAULT_MODEL, engine="instant", engine_version="1",
+            box_public_key="A" * 44, verify_key="A" * 44, capacity=4,
+        )  # fmt: skip
+        await registry.register(redis, info, ttl_s=60)
+        if attested:  # what the backend writes when it accepts a worker's evidence
+            record = registry.AttestationRecord(
+                worker_id=worker_id, tee="dev", box_public_key="A" * 44, verify_key="A" * 44,
+                model=DEFAULT_MODEL, provider_id=provider_id, attested_at=time.time(),
+                expires_at=time.time() + 3600,
+            )  # fmt: skip
+            await registry.write_attestation(redis, record)
+
+    await worker("w-ok", attested=True, provider_id=7)
+    await worker("w-new", attested=False, provider_id=8)
+    await worker("w-dev", attested=True, provider_id=None)
+    stop = asyncio.Event()
+    times = iter([100.0, 103.0, 106.0, 109.0])
+
+    def clock() -> float:
+        now = next(times, None)
+        if now is None:
+            stop.set()
+            raise OSError("no more time")  # logged, the loop goes on and sees stop
+        return now
+
+    await run_online_counter(redis, stop, interval_s=0, clock=clock)
+    assert await online_seconds(redis, 7) == 9
     assert await online_seconds(redis, 8) == 0
 
 

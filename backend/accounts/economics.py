@@ -2,7 +2,9 @@
 million tokens served, the fees taken, and when the next payout arrives.
 
 Online time is counted from the worker registry's heartbeats: every pass of
-:func:`~backend.accounts.providers.watch_workers` (the bot's outbox loop, every 2 s) adds, for
+:func:`run_online_counter` (in every ``cocoon web``, so also in ``cocoon up`` without a bot,
+every 5 s) and of :func:`~backend.accounts.providers.watch_workers` (the bot's outbox loop,
+every 2 s) adds, for
 each attested worker alive in the registry, the time since that worker was last counted, at
 most ``MAX_GAP_S`` (a longer gap is time it was not seen, never counted). The previous count
 is swapped atomically (``SET … GET``), so several processes running the loop count disjoint
@@ -14,12 +16,16 @@ provider), persisted with Redis's own persistence.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
-from collections.abc import Iterable
+import logging
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
 from redis.asyncio import Redis as AsyncRedis
+from redis.exceptions import RedisError
 from sqlalchemy import func, select
 
 from backend.ledger import BPS, Ledger, provider_cut
@@ -35,6 +41,7 @@ __all__ = [
     "count_online",
     "economics",
     "online_seconds",
+    "run_online_counter",
     "worked_example",
 ]
 
@@ -59,6 +66,42 @@ async def count_online(redis: AsyncRedis, live: Iterable[tuple[str, int]], *, no
             gap = 0
         if 0 < gap <= MAX_GAP_S * 1000:
             await redis.hincrby(ONLINE_TOTALS, str(provider_id), gap)
+
+
+COUNT_EVERY_S = 5.0
+"""How often :func:`run_online_counter` counts (well inside ``MAX_GAP_S``)."""
+
+log = logging.getLogger(__name__)
+
+
+async def count_serving(redis: AsyncRedis, *, now: float) -> None:
+    """Count the time of every attested worker with a provider that the registry shows alive."""
+    from workers import registry
+
+    live = await registry.list_workers(redis)
+    serving = [(w.worker_id, w.provider_id) for w in live if w.attested and w.provider_id]
+    await count_online(redis, serving, now=now)
+
+
+async def run_online_counter(
+    redis: AsyncRedis,
+    stop: asyncio.Event,
+    *,
+    interval_s: float = COUNT_EVERY_S,
+    clock: Callable[[], float] = time.time,
+) -> None:
+    """Count online time every ``interval_s`` until ``stop`` is set; a Redis error is logged and
+    the next pass tries again (the time meanwhile is a gap, never counted twice)."""
+    while not stop.is_set():
+        try:
+            await count_serving(redis, now=clock())
+        except (RedisError, OSError) as error:
+            log.warning("online time not counted (%s); trying again later", type(error).__name__)
+        try:
+            async with asyncio.timeout(interval_s):
+                await stop.wait()
+        except TimeoutError:
+            pass
 
 
 async def online_seconds(redis: AsyncRedis, provider_id: int) -> int:
