@@ -64,6 +64,12 @@ async def main_async(args: argparse.Namespace) -> int:
                 lambda db: payout_kills(db, payouts=args.payouts, kills=args.payout_kills),
             ),
             (
+                "payout-kills-highload",
+                lambda db: payout_kills(
+                    db, payouts=args.payouts, kills=args.payout_kills, highload=True
+                ),
+            ),
+            (
                 "redis-restart",
                 lambda db: redis_restarts(
                     settings, db, turns=args.turns // 2, restarts=args.restarts
