@@ -477,6 +477,22 @@ class WorkerRecord(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=_now, onupdate=_now)
 
 
+class EnrollmentToken(Base):
+    """A provider's reusable enrollment token (``cce_...``): it onboards any number of workers
+    for the provider, each through full attestation, until it is revoked or expires. Only its
+    SHA-256 is kept, never the token."""
+
+    __tablename__ = "enrollment_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    provider_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=_now)
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    onboarded: Mapped[int] = mapped_column(Integer, default=0)  # workers it onboarded
+
+
 class WorkerFlag(Base):
     """A bound a worker crossed in one turn (``backend.bounds``): a count over what the turn
     allows (billed at the bound), or a reply too large, too long or too slow (cut off). One row

@@ -86,6 +86,15 @@ class AttestationSettings(BaseModel):
     lifetime_s: int = Field(default=86_400, gt=0, description="how long evidence is good for")
     nonce_ttl_s: int = Field(default=300, gt=0, description="a nonce must be used this soon")
     token_ttl_s: int = Field(default=7 * 86_400, gt=0, description="registration token life")
+    enrollment_ttl_days: int = Field(
+        default=30, ge=1, le=3650, description="life of a provider's reusable enrollment token"
+    )
+    enrollment_per_hour: int = Field(
+        default=20,
+        ge=1,
+        le=10_000,
+        description="workers one reusable enrollment token may onboard per clock hour",
+    )
     worker_redis_url: str | None = Field(
         default=None,
         description="Redis URL workers are told (rediss:// for attested workers); "

@@ -105,6 +105,7 @@ class Stack:
             f"@127.0.0.1:{env['CI_POSTGRES_PORT']}/cocoon"
         )
         self.worker_token = ""
+        self.sent: list[str] = []  # the texts said to the bot, in order
         self._runners: list[web.AppRunner] = []
         self.http: aiohttp.ClientSession | None = None
 
@@ -164,7 +165,11 @@ class Stack:
         ) as response:
             return response.status
 
+    def commands_sent(self, command: str) -> int:
+        return sum(1 for text in self.sent if text.split(maxsplit=1)[:1] == [command])
+
     async def say(self, telegram_id: int, text: str) -> int:
+        self.sent.append(text)
         update_id = int(time.time() * 1000) % 2_000_000_000
         return await self.update(
             {
@@ -201,17 +206,25 @@ class Stack:
         finally:
             await db.close()
 
-    async def worker_online(self) -> bool:
+    async def workers_online(self) -> set[str]:
+        """The ids of the provider's workers online now (none when web cannot be reached)."""
         try:
             status, board = await self.app_api("GET", "/app/api/provider", PROVIDER)
         except aiohttp.ClientError:
-            return False
-        return status == 200 and any(worker["online"] for worker in board["workers"])
+            return set()
+        if status != 200:
+            return set()
+        return {worker["worker_id"] for worker in board["workers"] if worker["online"]}
+
+    async def worker_online(self) -> bool:
+        return bool(await self.workers_online())
 
     async def add_worker(self) -> None:
-        """What a provider does: /addworker gives a one-time token, the worker runs with it."""
-        text = await self.reply_to_command(PROVIDER, "/addworker smollm2-135m")
-        match = re.search(r"--token (cct_[\w-]+)", text)
+        """What a provider with a fleet (or a container that restarts) does: `/addworker
+        reusable` gives a reusable enrollment token; the worker runs with it, and each new
+        container attests again with the same token."""
+        text = await self.reply_to_command(PROVIDER, "/addworker reusable smollm2-135m")
+        match = re.search(r"--token (cce_[\w-]+)", text)
         assert match, text
         self.worker_token = match[1]
 
@@ -393,16 +406,24 @@ async def test_a_redis_restart_loses_nothing_and_the_worker_comes_back(stack: St
 
 
 async def test_down_and_up_keep_every_account_and_the_worker_comes_back(stack: Stack) -> None:
+    first = await wait_for("the CPU worker online", stack.workers_online)
     before = await balances(stack)
     report = await stack.audit()
     await stack.compose("down")  # volumes kept
     assert not [s for s, state in (await stack.health()).items() if state.startswith("running")]
     await stack.up()
-    # A worker's keys and renewal token live in its process only: a new container cannot
-    # attest with the registration token its first one used. The provider adds it again.
-    await stack.add_worker()
+    # A worker's keys and renewal token live in its process only: the new container is a new
+    # worker. It attests on its own with the provider's reusable enrollment token, the one
+    # its first container used: no new /addworker.
+    token, addworker_calls = stack.worker_token, stack.commands_sent("/addworker")
     await stack.compose("up", "-d", "worker-cpu")
-    await wait_for("the CPU worker online again", stack.worker_online)
+
+    async def new_worker_online() -> set[str]:  # the old one may still look online a while
+        return await stack.workers_online() - first
+
+    # a new worker (new keys) online, for the same provider
+    await wait_for("the CPU worker online again, as a new worker", new_worker_online)
+    assert stack.worker_token == token and stack.commands_sent("/addworker") == addworker_calls
     assert await balances(stack) == before
     again = await stack.audit()
     assert again.ok and again.deposits_credited == report.deposits_credited == 1

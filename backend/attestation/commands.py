@@ -1,6 +1,7 @@
-"""``cocoon provider token``, ``cocoon attest verify`` and ``cocoon attest digest``: the
-operator's attestation commands; ``cocoon attest report`` and ``cocoon verify-receipt``: a
-client's own checks (:mod:`backend.attestation.checks`)."""
+"""``cocoon provider token`` (``--reusable``), ``cocoon provider revoke-token``, ``cocoon attest
+verify`` and ``cocoon attest digest``: the operator's attestation commands; ``cocoon attest
+report`` and ``cocoon verify-receipt``: a client's own checks
+(:mod:`backend.attestation.checks`)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ __all__ = ["add_commands"]
 
 def cmd_provider_token(settings: Settings, args: argparse.Namespace) -> int:
     telegram_id = cliutil.telegram_id(args.telegram_id)
+    if args.reusable:
+        return _reusable_token(settings, telegram_id)
 
     async def run() -> str:
         from backend.attestation.store import issue_registration_token
@@ -48,6 +51,60 @@ def cmd_provider_token(settings: Settings, args: argparse.Namespace) -> int:
         f"cocoon worker --register-url URL --token {token} ...",
         file=sys.stderr,
     )
+    return 0
+
+
+def _reusable_token(settings: Settings, telegram_id: int) -> int:
+    async def run() -> tuple[str, int]:
+        from backend.attestation import enrollment
+        from backend.db import Database
+        from backend.users import get_or_create_user
+
+        db = Database.from_settings(settings)
+        try:
+            user = await get_or_create_user(db, telegram_id)
+            days = settings.attestation.enrollment_ttl_days
+            token, record = await enrollment.issue(db, user.id, days)
+            return token, record.id
+        finally:
+            await db.close()
+
+    token, enrollment_id = asyncio.run(run())
+    print(token)
+    print(
+        f"reusable enrollment token #{enrollment_id} for Telegram user {telegram_id}, good for "
+        f"{settings.attestation.enrollment_ttl_days} days, at most "
+        f"{settings.attestation.enrollment_per_hour} workers an hour: cocoon worker "
+        f"--register-url URL --token {token} ...; revoke it with cocoon provider revoke-token "
+        f"--telegram-id {telegram_id} {enrollment_id}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_provider_revoke_token(settings: Settings, args: argparse.Namespace) -> int:
+    telegram_id = cliutil.telegram_id(args.telegram_id)
+
+    async def run() -> bool:
+        from backend.attestation import enrollment
+        from backend.db import Database
+        from backend.users import get_or_create_user
+
+        db = Database.from_settings(settings)
+        try:
+            user = await get_or_create_user(db, telegram_id)
+            return await enrollment.revoke(db, user.id, args.id)
+        finally:
+            await db.close()
+
+    if not asyncio.run(run()):
+        print(
+            f"cocoon: error: Telegram user {telegram_id} has no unrevoked enrollment token "
+            f"#{args.id}",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"enrollment token #{args.id} revoked; the workers it onboarded keep serving")
     return 0
 
 
@@ -136,6 +193,20 @@ def add_commands(
         provider_sub,
     )
     token.add_argument("--telegram-id", required=True, metavar="N", help="the provider's id")
+    token.add_argument(
+        "--reusable",
+        action="store_true",
+        help="a reusable enrollment token instead: it onboards any number of workers (each "
+        "attested) until revoked or expired",
+    )
+    revoke = add(
+        "revoke-token",
+        "revoke a provider's reusable enrollment token (its workers keep serving)",
+        cmd_provider_revoke_token,
+        provider_sub,
+    )
+    revoke.add_argument("--telegram-id", required=True, metavar="N", help="the provider's id")
+    revoke.add_argument("id", type=int, metavar="ID", help="the token's number")
 
     attest = sub.add_parser(
         "attest", help="TEE attestation", description="TEE attestation commands"

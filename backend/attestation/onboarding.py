@@ -14,7 +14,10 @@ HTTP API (served by ``cocoon web``; request and response bodies are JSON):
     (no usable collateral, Redis refuses), 500 for a fault of the backend's own: neither is a
     refusal, neither spends the nonce or the token, and a renewal that meets one revokes nothing.
 
-``T`` is a provider's one-time registration token (``cocoon provider token``) or, to attest
+``T`` is a provider's one-time registration token (``cocoon provider token``), a provider's
+reusable enrollment token (``cce_...``, :mod:`backend.attestation.enrollment`: it onboards any
+number of workers, each attested in full, at most ``COCOON_ATTESTATION__ENROLLMENT_PER_HOUR``
+an hour, 429 past that; 401 with the reason once it is revoked or expired) or, to attest
 again before the evidence expires, the renewal token from the previous credentials. A refused
 re-attestation revokes the worker: its record, its registry entry and its Redis user go, and it
 leaves dispatch at once. :func:`sweep` does the same for workers whose evidence expired.
@@ -50,7 +53,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from backend.attestation import acl, report, store
+from backend.attestation import acl, enrollment, report, store
 from backend.attestation.verifier import Verdict, Verifier, VerifierUnavailable
 from backend.db import Database
 from backend.settings import Settings
@@ -120,6 +123,15 @@ class Onboarding:
 
     async def nonce(self, token: Any) -> dict[str, Any]:
         grant = await self._grant(token)
+        if grant.kind == "enrollment":
+            now = self.clock()
+            per_hour = self.att.enrollment_per_hour
+            if not await enrollment.count_nonce(self.redis, grant.token_hash, per_hour, now):
+                raise OnboardingError(
+                    429,
+                    "this enrollment token asked for too many nonces this hour; try again in "
+                    f"{enrollment.wait_s(now)} s",
+                )
         nonce = await store.issue_nonce(self.redis, grant, self.att.nonce_ttl_s)
         return {"nonce": nonce, "expires_in": self.att.nonce_ttl_s}
 
@@ -183,18 +195,43 @@ class Onboarding:
             raise OnboardingError(403, "evidence refused", reasons)
         if verdict is None:  # no reason to refuse, so the verifier ran; fail closed all the same
             raise OnboardingError(403, "evidence refused", ["the evidence was not verified"])
-        token_ttl_ms = await store.token_ttl_ms(self.redis, token)
-        if not await store.consume_token(self.redis, token):
-            raise OnboardingError(401, "the token was used meanwhile")
+        now = self.clock()
+        token_ttl_ms = 0
+        if grant.kind == "enrollment":  # reusable: one of this hour's onboardings is taken
+            await self._take_enrollment_slot(grant, now)
+        else:
+            token_ttl_ms = await store.token_ttl_ms(self.redis, token)
+            if not await store.consume_token(self.redis, token):
+                raise OnboardingError(401, "the token was used meanwhile")
         try:
-            return await self._admit(worker_id, evidence, grant, verdict)
+            reply = await self._admit(worker_id, evidence, grant, verdict)
         except Exception:
-            # The backend failed after the decision: give the worker its token and nonce back,
-            # so that it can try again rather than ask its operator for a new token.
+            # The backend failed after the decision: give the worker its token (or its hour's
+            # onboarding) and nonce back, so that it can try again rather than ask its
+            # operator for a new token.
             with contextlib.suppress(Exception):
-                await store.restore_token(self.redis, token, grant, token_ttl_ms)
+                if grant.kind == "enrollment":
+                    await enrollment.release(self.redis, grant.token_hash, now)
+                else:
+                    await store.restore_token(self.redis, token, grant, token_ttl_ms)
                 await store.restore_nonce(self.redis, claims.nonce, grant, self.att.nonce_ttl_s)
             raise
+        if grant.enrollment_id is not None and self.db is not None:
+            try:
+                await enrollment.note_onboarded(self.db, grant.enrollment_id)
+            except Exception as error:  # a count for the provider's list: best effort
+                log.warning("enrollment %s: onboarding not counted: %s", grant.enrollment_id, error)
+        return reply
+
+    async def _take_enrollment_slot(self, grant: store.TokenGrant, now: float) -> None:
+        per_hour = self.att.enrollment_per_hour
+        if not await enrollment.reserve(self.redis, grant.token_hash, per_hour, now):
+            raise OnboardingError(
+                429,
+                f"this enrollment token has onboarded {per_hour} workers this hour, its limit; "
+                f"try again in {enrollment.wait_s(now)} s (the nonce stays good until it "
+                "expires)",
+            )
 
     async def _admit(
         self, worker_id: str, evidence: Evidence, grant: store.TokenGrant, verdict: Verdict
@@ -384,10 +421,39 @@ class Onboarding:
         return restored
 
     async def _grant(self, token: Any) -> store.TokenGrant:
+        if enrollment.is_enrollment_token(token):
+            return await self._enrollment_grant(token)
         grant = await store.lookup_token(self.redis, token) if isinstance(token, str) else None
         if grant is None:
             raise OnboardingError(401, "unknown, expired or already used token")
         return grant
+
+    async def _enrollment_grant(self, token: str) -> store.TokenGrant:
+        """A reusable enrollment token's grant: its provider; refused with the reason when it is
+        unknown, revoked or expired, or has onboarded its hour's workers."""
+        if self.db is None:
+            raise OnboardingError(
+                503, "this backend has no database: it cannot check enrollment tokens"
+            )
+        import datetime as dt
+
+        record = await enrollment.lookup(self.db, token)
+        if record is None:
+            raise OnboardingError(401, "unknown enrollment token")
+        now = self.clock()
+        problem = record.problem(dt.datetime.fromtimestamp(now, dt.UTC))
+        if problem:
+            raise OnboardingError(401, problem)
+        per_hour = self.att.enrollment_per_hour
+        if await enrollment.onboarded_this_hour(self.redis, record.token_hash, now) >= per_hour:
+            raise OnboardingError(
+                429,
+                f"this enrollment token has onboarded {per_hour} workers this hour, its limit; "
+                f"try again in {enrollment.wait_s(now)} s",
+            )
+        return store.TokenGrant(
+            "enrollment", record.token_hash, record.provider_id, enrollment_id=record.id
+        )
 
 
 ONBOARDING = web.AppKey("onboarding", Onboarding)

@@ -2,6 +2,8 @@
 
 * A registration token (``cct_...``) is issued by an operator for one provider
   (``cocoon provider token``) and is good for one successful registration.
+* A reusable enrollment token (``cce_...``) is kept in the database, not here
+  (:mod:`backend.attestation.enrollment`); its nonces are issued and checked here all the same.
 * A renewal token is given (sealed) to a registered worker for its next attestation; each
   attestation replaces it.
 * A nonce is issued to the holder of a token, lives ``nonce_ttl_s`` seconds and is consumed by the
@@ -36,10 +38,11 @@ RENEWAL_PREFIX = "ccr_"
 class TokenGrant:
     """What a token entitles to."""
 
-    kind: str  # "registration" or "renewal"
+    kind: str  # "registration", "renewal" or "enrollment" (a reusable one, in the database)
     token_hash: str
     provider_id: int | None
     worker_id: str | None = None
+    enrollment_id: int | None = None
 
 
 def _hash(token: str) -> str:

@@ -20,6 +20,7 @@ from redis.asyncio import Redis as AsyncRedis
 
 from backend import accounts
 from backend.accounts.economics import Economics, economics
+from backend.attestation import enrollment
 from backend.attestation.store import issue_registration_token
 from backend.db import Database
 from backend.errors import ErrorCode
@@ -39,6 +40,8 @@ from bot.tonconnect import ChatWallets, WalletError
 handlers = Handlers("provider")
 
 TOKEN_TTL_S = 3600
+REUSABLE = "reusable"  # /addworker reusable [MODEL]
+MAX_TOKEN_BUTTONS = 50
 
 
 def backend_url(settings: Settings) -> str:
@@ -106,16 +109,26 @@ async def cmd_provider(
 
 @handlers.message(Command("addworker"))
 async def cmd_addworker(
-    message: Message, command: CommandObject, user: User, settings: Settings, redis: AsyncRedis
+    message: Message,
+    command: CommandObject,
+    user: User,
+    settings: Settings,
+    redis: AsyncRedis,
+    db: Database,
 ) -> None:
     """``/addworker MODEL``: a one-time token and the command; without MODEL, where several
-    models are offered, it asks which one the worker will serve."""
+    models are offered, it asks which one the worker will serve. ``/addworker reusable
+    [MODEL]``: a reusable enrollment token instead (also a button under the one-time one)."""
     if not await _require_provider(message, user):
         return
     model = (command.args or "").strip()
+    reusable = model.split(maxsplit=1)[:1] == [REUSABLE]
+    if reusable:
+        model = model.removeprefix(REUSABLE).strip()
+    prefix = "awr" if reusable else "aw"
     if not model and len(settings.models) > 1:
         rows = [
-            [InlineKeyboardButton(text=name, callback_data=f"aw:{model_token(name)}")]
+            [InlineKeyboardButton(text=name, callback_data=f"{prefix}:{model_token(name)}")]
             for name in settings.models
         ]
         await message.answer(
@@ -131,9 +144,24 @@ async def cmd_addworker(
             )
         )
         return
+    if reusable:
+        await message.answer(
+            await reusable_command(settings, db, user, model), parse_mode=ParseMode.HTML
+        )
+        return
     await message.answer(
-        await worker_command(settings, redis, user, model), parse_mode=ParseMode.HTML
+        await worker_command(settings, redis, user, model),
+        parse_mode=ParseMode.HTML,
+        reply_markup=reusable_keyboard(model),
     )
+
+
+def reusable_keyboard(model: str) -> InlineKeyboardMarkup:
+    """The button under a one-time token that gives a reusable one instead."""
+    button = InlineKeyboardButton(
+        text=_("Reusable token (fleets, restarts)"), callback_data=f"awr:{model_token(model)}"
+    )
+    return InlineKeyboardMarkup(inline_keyboard=[[button]])
 
 
 @handlers.callback_query(F.data.startswith("aw:"))
@@ -147,8 +175,55 @@ async def on_addworker_model(
     await query.answer()
     if query.message is not None:
         await query.message.answer(
-            await worker_command(settings, redis, user, model), parse_mode=ParseMode.HTML
+            await worker_command(settings, redis, user, model),
+            parse_mode=ParseMode.HTML,
+            reply_markup=reusable_keyboard(model),
         )
+
+
+@handlers.callback_query(F.data.startswith("awr:"))
+async def on_addworker_reusable(
+    query: CallbackQuery, user: User, settings: Settings, db: Database
+) -> None:
+    model = model_by_token(settings, (query.data or "").split(":", 1)[1])
+    if model is None or not user.is_provider:
+        await query.answer(_("This button is not valid any more."), show_alert=True)
+        return
+    await query.answer()
+    if query.message is not None:
+        await query.message.answer(
+            await reusable_command(settings, db, user, model), parse_mode=ParseMode.HTML
+        )
+
+
+async def reusable_command(settings: Settings, db: Database, user: User, model: str) -> str:
+    """A new reusable enrollment token and the ``cocoon worker`` command (HTML)."""
+    att = settings.attestation
+    token, record = await enrollment.issue(db, user.id, att.enrollment_ttl_days)
+    line = (
+        f"cocoon worker --model {model} --engine vllm "
+        f"--register-url {backend_url(settings)} --token {token}"
+    )
+    intro = ngettext(
+        "Reusable token #{id}: run this on each of your GPU machines, inside the TDX "
+        "confidential VM, and again after a restart. Each worker is attested on its own. The "
+        "token works for {days} day, for at most {per_hour} new workers an hour.",
+        "Reusable token #{id}: run this on each of your GPU machines, inside the TDX "
+        "confidential VM, and again after a restart. Each worker is attested on its own. The "
+        "token works for {days} days, for at most {per_hour} new workers an hour.",
+        att.enrollment_ttl_days,
+    ).format(id=record.id, days=att.enrollment_ttl_days, per_hour=att.enrollment_per_hour)
+    warning = _(
+        "Keep it secret: whoever has it can add workers that earn for you. Revoke it in "
+        "/workers; the workers it added keep serving."
+    )
+    return "\n\n".join(
+        [
+            html.escape(intro, quote=False),
+            f"<pre>{html.escape(line, quote=False)}</pre>",
+            html.escape(warning, quote=False),
+        ]
+    )
 
 
 async def worker_command(settings: Settings, redis: AsyncRedis, user: User, model: str) -> str:
@@ -180,8 +255,12 @@ async def cmd_workers(message: Message, user: User, db: Database, redis: AsyncRe
     if not await _require_provider(message, user):
         return
     views = await accounts.provider_workers(db, redis, user.id)
+    tokens = await enrollment.active(db, user.id)
+    keyboard = enrollment_keyboard(tokens)
     if not views:
-        await message.answer(_("No workers yet. /addworker registers one."))
+        lines = [_("No workers yet. /addworker registers one.")]
+        lines += enrollment_lines(tokens)
+        await message.answer("\n".join(lines), parse_mode=None, reply_markup=keyboard)
         return
     lines = [_("Your workers:")]
     for view in views:
@@ -206,7 +285,54 @@ async def cmd_workers(message: Message, user: User, db: Database, redis: AsyncRe
                 earned=ton(view.earned),
             )
         )
-    await message.answer("\n".join(lines), parse_mode=None)
+    lines += enrollment_lines(tokens)
+    await message.answer("\n".join(lines), parse_mode=None, reply_markup=keyboard)
+
+
+def enrollment_lines(tokens: list[enrollment.Enrollment]) -> list[str]:
+    if not tokens:
+        return []
+    lines = ["", _("Reusable tokens:")]
+    for token in tokens:
+        lines.append(
+            _("#{id}: until {expires} UTC, {workers} added").format(
+                id=token.id,
+                expires=token.expires_at.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M"),
+                workers=ngettext("{n} worker", "{n} workers", token.onboarded).format(
+                    n=token.onboarded
+                ),
+            )
+        )
+    return lines
+
+
+def enrollment_keyboard(tokens: list[enrollment.Enrollment]) -> InlineKeyboardMarkup | None:
+    """A revoke button per reusable token (Telegram's limit: a hundred buttons)."""
+    rows = [
+        [
+            InlineKeyboardButton(
+                text=_("Revoke token #{id}").format(id=token.id), callback_data=f"ewr:{token.id}"
+            )
+        ]
+        for token in tokens[:MAX_TOKEN_BUTTONS]
+    ]
+    return InlineKeyboardMarkup(inline_keyboard=rows) if rows else None
+
+
+@handlers.callback_query(F.data.startswith("ewr:"))
+async def on_revoke_enrollment(query: CallbackQuery, user: User, db: Database) -> None:
+    raw = (query.data or "").split(":", 1)[1]
+    revoked = raw.isdigit() and len(raw) <= 12 and await enrollment.revoke(db, user.id, int(raw))
+    if not revoked:
+        await query.answer(_("This button is not valid any more."), show_alert=True)
+        return
+    await query.answer()
+    if query.message is not None:
+        await query.message.answer(
+            _(
+                "Token #{id} revoked: it adds no more workers. The workers it added keep serving."
+            ).format(id=int(raw))
+        )
 
 
 def _duration(seconds: int) -> str:
