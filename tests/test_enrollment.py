@@ -24,8 +24,23 @@ from backend.attestation.onboarding import Onboarding, OnboardingError
 from backend.db import Database
 from backend.settings import Settings
 from backend.users import get_or_create_user
-from tests.support.attest import attest, open_credentials, service
+from tests.support.attest import (
+    MODEL,
+    attest,
+    base_url,
+    open_credentials,
+    serve_backend,
+    service,
+    with_attestation,
+)
 from tests.support.bot import Harness
+from tests.support.redis_server import (
+    attested_worker,
+    exit_status,
+    read_log,
+    start_node,
+    stop_process,
+)
 from workers import registry
 from workers.wire import WorkerKeys
 
@@ -266,3 +281,49 @@ async def test_the_bot_gives_a_reusable_token_lists_it_and_revokes_it(bot: Harne
     # A user who is no provider gets no token.
     await bot.send("/addworker reusable", user=803)
     assert "for providers" in bot.last().text
+
+
+# -- end to end: real node processes over HTTP --------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_a_restarted_node_onboards_again_with_the_same_token_over_http(
+    settings: Settings, admin: aioredis.Redis, tmp_path: Path
+) -> None:
+    """What a container restart (or `docker compose down` / `up`) does: a new process with new
+    keys, the same reusable token; then the token revoked, and the next node is told why."""
+    s = with_attestation(settings, allow_dev=True)
+    server = await serve_backend(s)
+    db = Database.from_settings(s)
+    nodes: list[subprocess.Popen[bytes]] = []
+    try:
+        provider_id = await provider(db)
+        token, issued = await enrollment.issue(db, provider_id, 30)
+        seen: list[str] = []
+        for n in range(2):
+            log = tmp_path / f"node{n}.log"
+            node = start_node(base_url(server), token, log, model=MODEL)
+            nodes.append(node)
+            deadline = asyncio.get_running_loop().time() + 30
+            while True:
+                worker_id = await attested_worker(admin, node, log, MODEL)
+                if worker_id not in seen:
+                    break
+                assert asyncio.get_running_loop().time() < deadline, await read_log(log)
+                await asyncio.sleep(0.1)
+            record = await registry.read_attestation(admin, worker_id)
+            assert record is not None and record.provider_id == provider_id
+            seen.append(worker_id)
+            stop_process(node)  # the container goes away; its keys with it
+        assert len(set(seen)) == 2
+        assert await enrollment.revoke(db, provider_id, issued.id)
+        log = tmp_path / "node-after-revoke.log"
+        node = start_node(base_url(server), token, log, model=MODEL)
+        nodes.append(node)
+        assert await exit_status(node, log) != 0
+        assert "revoked by its provider" in await read_log(log)
+    finally:
+        for node in nodes:
+            stop_process(node)
+        await db.close()
+        await server.close()
