@@ -37,6 +37,7 @@ from bot.streaming import STOP
 from tests.support.bot import ADMIN, ALICE, TON, Harness, record_turn
 from tests.support.bot_fakes import BOT_ID, callback_update, message_update, person
 from tests.support.fuzz import FUZZ, json_values
+from tests.support.payouts import Clock
 
 PROVIDER = 601  # a provider with a payout wallet and earnings below the smallest withdrawal
 POOR = 602  # a user with no balance
@@ -63,6 +64,8 @@ class World:
     users: dict[int, int] = field(default_factory=dict)  # Telegram id -> user id
     charges: dict[str, tuple[int, dict[str, Any]]] = field(default_factory=dict)
     """Each Stars charge id's sender and payment, as Telegram sent it first."""
+    clock: Clock = field(default_factory=Clock)
+    """The stand-in Bot API's time (its flood limits), moved a minute per update."""
 
 
 @pytest.fixture
@@ -81,6 +84,7 @@ async def world(bot: Harness, errors: Errors) -> AsyncIterator[World]:
     """Users with money: Alice and the admin have a balance, the provider has earnings (too
     few to withdraw) and a payout wallet, Alice has an API key."""
     w = World(bot, errors)
+    bot.tg.rules.clock = w.clock
     for telegram_id in KNOWN:
         await bot.send("/start", user=telegram_id)
         w.users[telegram_id] = (await bot.user(telegram_id)).id
@@ -128,6 +132,11 @@ async def handle(w: World, raw: dict[str, Any], expected: tuple[str, ...] = ()) 
         return False
     w.errors.records.clear()
     w.h.tg.clear()
+    # What Telegram delivered exists there (its chat's messages, its topic), as in feed(),
+    # and a person sends one update a minute at most: the flood limits are never the bot's
+    # doing here (tests/test_bot_telegram_rules.py tests them).
+    w.h.tg.rules.saw(update.model_dump(mode="json", exclude_none=True))
+    w.clock.now += 60
     await asyncio.wait_for(w.h.app.dp.feed_update(bot, update), TIMEOUT_S)
     crashes = [r for r in w.errors.records if str(r.msg).startswith(CRASH)]
     assert not crashes, crashes[0].getMessage()  # the type and the traceback, never the text

@@ -119,5 +119,13 @@ def test_the_worker_image_copies_only_the_worker() -> None:
     }
     assert "workers" in copied
     assert not copied & {"backend", "bot", "miniapp", "locales", "requirements/dev.lock"}
-    assert "-c requirements/worker.lock" in text
+    # It installs offline from the worker's wheelhouse, which scripts/wheels.sh builds from
+    # requirements/worker.lock and the engine alone.
+    assert "COPY build/wheels/worker-${ENGINE} /tmp/wheels" in text
+    assert "pip install --find-links /tmp/wheels -r /tmp/wheels/requirements.txt" in text
+    wheels = (ROOT / "scripts" / "wheels.sh").read_text()
+    engines = re.findall(r"^\s+(worker-\w+)\) reqs=\((.+)\) ;;$", wheels, re.MULTILINE)
+    assert {name for name, _ in engines} == {"worker-cpu", "worker-vllm"}
+    for engine in engines:
+        assert engine[1].startswith("-r requirements/worker.lock"), engine
     assert 'ENTRYPOINT ["cocoon-worker"]' in text

@@ -228,8 +228,15 @@ class TelegramState:
             if isinstance(update.get(kind), Mapping):
                 self._saw_message(update[kind])
         query = update.get("callback_query")
+        if isinstance(query, Mapping):
+            # A query delivered is one not answered yet (Telegram never sends an id twice).
+            self.answered.discard(str(query.get("id")))
         if isinstance(query, Mapping) and isinstance(query.get("message"), Mapping):
-            self._saw_message(query["message"])
+            # A button is pressed on a message the bot sent (its inline keyboard): the bot's.
+            message = query["message"]
+            self._saw_message(message)
+            if isinstance(message.get("chat"), Mapping) and "message_id" in message:
+                self.messages[(int(message["chat"]["id"]), int(message["message_id"]))] = True
 
     def _saw_message(self, message: Mapping[str, Any]) -> None:
         chat = int(message["chat"]["id"])
