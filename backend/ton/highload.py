@@ -41,7 +41,6 @@ from backend.models import (
     TonMessageState,
     TonPayoutBatch,
     TonPayoutBatchItem,
-    TonPayoutMessage,
     TonPayoutStage,
 )
 from backend.ton.comment import AddressError, decode_comment, parse_address, raw_address
@@ -94,7 +93,7 @@ class HighloadPayoutSender(Sender):
         live = await self._live_batch()
         if live is not None:
             return await self._drive(live)
-        payouts = await self._next_payouts()
+        payouts = await self._open_payouts(self.batch_size)
         if not payouts:
             return Step.IDLE
         ready: list[tuple[Payout, str]] = []
@@ -368,31 +367,6 @@ class HighloadPayoutSender(Sender):
             return await session.scalar(
                 select(TonPayoutBatch).where(
                     TonPayoutBatch.wallet == self.wallet.raw, TonPayoutBatch.state.in_(LIVE)
-                )
-            )
-
-    async def _next_payouts(self) -> list[Payout]:
-        live_batch = (
-            select(TonPayoutBatchItem.payout_id)
-            .join(TonPayoutBatch, TonPayoutBatch.id == TonPayoutBatchItem.batch_id)
-            .where(TonPayoutBatch.state.in_(LIVE))
-        )
-        async with self.db.session() as session:
-            return list(
-                await session.scalars(
-                    select(Payout)
-                    .where(
-                        Payout.state.in_(OPEN_PAYOUT),
-                        # a payout with a live message or batch is never signed again
-                        Payout.id.not_in(
-                            select(TonPayoutMessage.payout_id).where(
-                                TonPayoutMessage.state.in_(LIVE)
-                            )
-                        ),
-                        Payout.id.not_in(live_batch),
-                    )
-                    .order_by(Payout.id)
-                    .limit(self.batch_size)
                 )
             )
 

@@ -35,8 +35,6 @@ from backend.models import (
     Payout,
     PayoutState,
     TonMessageState,
-    TonPayoutBatch,
-    TonPayoutBatchItem,
     TonPayoutMessage,
     TonPayoutStage,
 )
@@ -81,7 +79,7 @@ class PayoutSender(Sender):
         live = await self._live_message()
         if live is not None:
             return await self._drive(live)
-        payout = await self._next_payout()
+        payout = next(iter(await self._open_payouts(1)), None)
         if payout is None:
             return Step.IDLE
         destination = payout.destination or await self._linked_wallet(payout.provider_id)
@@ -301,27 +299,6 @@ class PayoutSender(Sender):
                     TonPayoutMessage.wallet == self.wallet.raw,
                     TonPayoutMessage.state.in_(LIVE),
                 )
-            )
-
-    async def _next_payout(self) -> Payout | None:
-        async with self.db.session() as session:
-            return await session.scalar(
-                select(Payout)
-                .where(
-                    Payout.state.in_(OPEN_PAYOUT),
-                    # a payout with a live message on any wallet is never signed again
-                    Payout.id.not_in(
-                        select(TonPayoutMessage.payout_id).where(TonPayoutMessage.state.in_(LIVE))
-                    ),
-                    # nor one in a live Highload Wallet v3 batch (a switch of wallet kind)
-                    Payout.id.not_in(
-                        select(TonPayoutBatchItem.payout_id)
-                        .join(TonPayoutBatch, TonPayoutBatch.id == TonPayoutBatchItem.batch_id)
-                        .where(TonPayoutBatch.state.in_(LIVE))
-                    ),
-                )
-                .order_by(Payout.id)
-                .limit(1)
             )
 
     async def _next_seqno_floor(self) -> int:

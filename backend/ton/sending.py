@@ -20,7 +20,16 @@ from ton_core import Cell
 from backend import notifications
 from backend.db import Database
 from backend.ledger import Ledger
-from backend.models import Payout, PayoutState, TonMessageState, TonPayoutStage, TonWallet
+from backend.models import (
+    Payout,
+    PayoutState,
+    TonMessageState,
+    TonPayoutBatch,
+    TonPayoutBatchItem,
+    TonPayoutMessage,
+    TonPayoutStage,
+    TonWallet,
+)
 from backend.ton.polling import poll_until_stopped
 from backend.ton.toncenter import TonCenter
 
@@ -98,6 +107,29 @@ class Sender:
         if not found and raw is not None and raw != msg_hash:
             found = await self.api.transactions_by_message(raw)
         return found
+
+    async def _open_payouts(self, limit: int) -> list[Payout]:
+        """The oldest payouts still to pay, at most ``limit``: never one with a live message or
+        a live batch on any wallet (not signed twice, whichever kind of wallet signed it)."""
+        live_batch = (
+            select(TonPayoutBatchItem.payout_id)
+            .join(TonPayoutBatch, TonPayoutBatch.id == TonPayoutBatchItem.batch_id)
+            .where(TonPayoutBatch.state.in_(LIVE))
+        )
+        live_message = select(TonPayoutMessage.payout_id).where(TonPayoutMessage.state.in_(LIVE))
+        async with self.db.session() as session:
+            return list(
+                await session.scalars(
+                    select(Payout)
+                    .where(
+                        Payout.state.in_(OPEN_PAYOUT),
+                        Payout.id.not_in(live_message),
+                        Payout.id.not_in(live_batch),
+                    )
+                    .order_by(Payout.id)
+                    .limit(limit)
+                )
+            )
 
     async def _linked_wallet(self, provider_id: int) -> str | None:
         async with self.db.session() as session:
