@@ -307,6 +307,7 @@ class Turn(TurnReading):
             max_tokens=self.max_tokens,
             reply_key=public_b64(self._reply_key),
             conversation_id=self.request.conversation_id,
+            tools=self.request.tools,
         )
         sealed = self._keep_request(seal_request(job, worker.box_public_key))
         await aenqueue_job(

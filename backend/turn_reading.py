@@ -111,7 +111,7 @@ class TurnReading(TurnSettlement):
 
     def _over_bounds(self, chunk: StreamChunk) -> Flag | None:
         """Count a chunk in; the bound it crosses, if it crosses one (then it is not counted)."""
-        size = self._reply_size(chunk.text)
+        size = self._reply_size(chunk.reply_text())
         b = self.bounds
         if size > b.chunk_bytes:
             return Flag(Violation.CHUNK_BYTES, size, b.chunk_bytes)

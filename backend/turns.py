@@ -9,7 +9,14 @@ from typing import Protocol
 
 from backend.errors import CocoonError
 from backend.receipts import ReceiptRecord
-from workers.wire import ChatMessage, SamplingParams, StreamChunk, TokenLogprob
+from workers.wire import (
+    ChatMessage,
+    SamplingParams,
+    StreamChunk,
+    TokenLogprob,
+    ToolCallDelta,
+    Tools,
+)
 
 
 class TurnCounter(Protocol):
@@ -50,6 +57,7 @@ class TurnRequest:
     max_tokens: int | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     conversation_id: str | None = None
+    tools: Tools | None = None  # the functions the model may call (OpenAI API tools)
 
 
 @dataclass(frozen=True)
@@ -58,11 +66,15 @@ class TurnText:
     # The log probabilities of this text's tokens, when the request asked for them
     # (SamplingParams.logprobs): what the worker sent, cut to the alternatives asked for.
     logprobs: tuple[TokenLogprob, ...] = ()
+    # Pieces of the reply's tool calls, as the worker sent them (the OpenAI API checks them
+    # against the offered tools: backend.openai_api.tools).
+    tool_calls: tuple[ToolCallDelta, ...] = ()
 
     @classmethod
     def of(cls, chunk: StreamChunk, sampling: SamplingParams) -> TurnText:
+        calls = tuple(chunk.tool_calls or ())
         if not sampling.logprobs or not chunk.logprobs:
-            return cls(chunk.text)
+            return cls(chunk.text, tool_calls=calls)
         top = sampling.top_logprobs
         return cls(
             chunk.text,
@@ -72,6 +84,7 @@ class TurnText:
                 else t.model_copy(update={"top_logprobs": t.top_logprobs[:top]})
                 for t in chunk.logprobs
             ),
+            calls,
         )
 
 
@@ -80,8 +93,9 @@ class WorkerProof:
     """What the client can show about who served the turn (the bot's /privacy report).
 
     A turn ends with a :class:`TurnDone` only from a final record whose signature by this
-    worker's registered key verified (:func:`workers.wire.open_event`; any other signature ends
-    the turn with ``worker_error``): the usage billed is always the worker's signed usage."""
+    worker's registered key verified (:class:`workers.stream_crypto.StreamOpener`; any other
+    signature ends the turn with ``worker_error``): the usage billed is always the worker's
+    signed usage."""
 
     worker_id: str
     tee: str

@@ -54,12 +54,14 @@ from workers.wire import (
     CONTEXT_LENGTH_EXCEEDED,
     INVALID_REQUEST,
     MAX_LOGPROBS_PER_CHUNK,
+    MAX_TOOLS,
     ErrorRecord,
     Event,
     FinalRecord,
     JobRequest,
     StreamChunk,
     TokenLogprob,
+    ToolCallDelta,
     WireError,
     WorkerKeys,
     open_request,
@@ -104,6 +106,7 @@ class JobRun:
         self.stop_reason: str | None = None  # "cancel", "shutdown" or "timeout"
         self._unsent: list[str] = []
         self._unsent_logprobs: list[TokenLogprob] = []  # with sampling.logprobs only
+        self._unsent_calls: list[ToolCallDelta] = []  # with tools only
         # Asks the engine to end between two tokens and report its real usage; the task is
         # cancelled outright only if the engine has not stopped STOP_GRACE_S later.
         self._stop_signal = threading.Event()
@@ -183,6 +186,9 @@ class JobRun:
         sampling = request.sampling
         if not self.engine.reads_images and any(m.images for m in request.messages):
             raise RequestRefused(f"this worker's {self.engine.name} engine does not read images")
+        tools = request.tools
+        if tools is not None and not self.engine.calls_tools:
+            raise RequestRefused(f"this worker's {self.engine.name} engine does not call tools")
         generation = self.engine.generate(
             GenerationRequest(
                 messages=[message.model_dump() for message in request.messages],
@@ -201,6 +207,10 @@ class JobRun:
                 continue_final=sampling.continue_final_message,
                 logprobs=sampling.top_logprobs if sampling.logprobs else None,
                 chat_template=sampling.chat_template,
+                tools=tuple(f.model_dump() for f in tools.functions) if tools else (),
+                tool_choice=tools.choice if tools else "auto",
+                tool_name=tools.name if tools else None,
+                parallel_tool_calls=tools.parallel if tools else True,
                 stop_signal=self._stop_signal,
             )
         )
@@ -209,9 +219,15 @@ class JobRun:
             async for item in generation:
                 if isinstance(item, Usage):
                     usage = item
-                elif isinstance(item, TextDelta) and (item.text or item.logprobs):
+                elif isinstance(item, TextDelta) and (
+                    item.text or item.logprobs or item.tool_calls
+                ):
                     self.deltas += 1
                     self._unsent.append(item.text)
+                    self._unsent_calls += (
+                        ToolCallDelta(index=c.index, name=c.name, arguments=c.arguments)
+                        for c in item.tool_calls
+                    )
                     if sampling.logprobs:
                         self._unsent_logprobs += to_wire(item.logprobs, sampling.top_logprobs)
                     self._ensure_writer(request)
@@ -233,7 +249,7 @@ class JobRun:
             self._writer = asyncio.create_task(self._write_unsent(request))
 
     async def _write_unsent(self, request: JobRequest) -> None:
-        while self._unsent or self._unsent_logprobs:
+        while self._unsent or self._unsent_logprobs or self._unsent_calls:
             text = "".join(self._unsent)
             self._unsent.clear()
             if len(text) > MAX_CHUNK_CHARS:
@@ -243,8 +259,12 @@ class JobRun:
             if request.sampling.logprobs:
                 logprobs = self._unsent_logprobs[:MAX_LOGPROBS_PER_CHUNK]
                 del self._unsent_logprobs[:MAX_LOGPROBS_PER_CHUNK]
-            chunk = StreamChunk(job_id=self.job_id, seq=self.chunks, text=text, logprobs=logprobs)
-            self._reply_sha256.update(text.encode("utf-8", "surrogatepass"))
+            calls = self._unsent_calls[:MAX_TOOLS] or None
+            del self._unsent_calls[:MAX_TOOLS]
+            chunk = StreamChunk(
+                job_id=self.job_id, seq=self.chunks, text=text, logprobs=logprobs, tool_calls=calls
+            )
+            self._reply_sha256.update(chunk.reply_text().encode("utf-8", "surrogatepass"))
             self.chunks += 1
             await self._send(request, chunk)
 

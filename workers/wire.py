@@ -86,25 +86,91 @@ class ImagePart(_Wire):
     image_url: ImageUrl
 
 
+MAX_TOOLS = 64
+"""The most functions one request may offer, and the most calls one reply or message holds."""
+MAX_TOOL_ARGUMENTS_CHARS = 16_384
+"""The longest arguments (JSON text) of one call, and parameters schema of one function."""
+TOOL_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+TOOL_CALL_ID = r"^[A-Za-z0-9_.:-]{1,128}$"
+
+
+class ToolCall(_Wire):
+    """A call of a function in an assistant message of the prompt: ``arguments`` is its JSON
+    object's text, as OpenAI sends it."""
+
+    id: str = Field(pattern=TOOL_CALL_ID)
+    name: str = Field(pattern=TOOL_NAME)
+    arguments: str = Field(default="{}", max_length=MAX_TOOL_ARGUMENTS_CHARS)
+
+
+def _drop_none(data: Any, *names: str) -> Any:
+    """Fields added after the first wire version are written only when given."""
+    if isinstance(data, dict):
+        for name in names:
+            if data.get(name) is None:
+                data.pop(name, None)
+    return data
+
+
 class ChatMessage(_Wire):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     content: str = Field(max_length=MAX_CONTENT_CHARS)
     # The images a user's message shows (to a model that reads images), after its text.
     images: list[ImagePart] | None = Field(default=None, min_length=1, max_length=MAX_IMAGES)
+    # An assistant's calls of the request's tools; a tool message answers the call it names.
+    tool_calls: list[ToolCall] | None = Field(default=None, min_length=1, max_length=MAX_TOOLS)
+    tool_call_id: str | None = Field(default=None, pattern=TOOL_CALL_ID)
 
     @model_validator(mode="after")
     def _images_are_a_users(self) -> ChatMessage:
         if self.images and self.role != "user":
             raise ValueError("only a user message carries images")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an assistant message carries tool_calls")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("a tool message names its tool_call_id, and only it")
         return self
 
     @model_serializer(mode="wrap")
     def _images_only_when_given(self, handler: SerializerFunctionWrapHandler) -> Any:
-        """A message without images is written as before images existed."""
-        data = handler(self)
-        if isinstance(data, dict) and data.get("images") is None:
-            data.pop("images", None)
-        return data
+        """A message without images or tool calls is written as before they existed."""
+        return _drop_none(handler(self), "images", "tool_calls", "tool_call_id")
+
+
+class ToolSpec(_Wire):
+    """A function the model may call: ``parameters`` is its JSON schema's text."""
+
+    name: str = Field(pattern=TOOL_NAME)
+    description: str = Field(default="", max_length=4096)
+    parameters: str = Field(default='{"type":"object"}', max_length=MAX_TOOL_ARGUMENTS_CHARS)
+
+
+class Tools(_Wire):
+    """The functions a request offers and how the reply may call them: ``choice`` "auto" (the
+    model decides) or "required" (at least one call; with ``name``, of that function only);
+    ``parallel`` False: at most one call."""
+
+    functions: list[ToolSpec] = Field(min_length=1, max_length=MAX_TOOLS)
+    choice: Literal["auto", "required"] = "auto"
+    name: str | None = Field(default=None, pattern=TOOL_NAME)
+    parallel: bool = True
+
+    @model_validator(mode="after")
+    def _named_is_offered(self) -> Tools:
+        if self.name is not None and (
+            self.choice != "required" or self.name not in {f.name for f in self.functions}
+        ):
+            raise ValueError("a named tool choice is required and among the functions")
+        return self
+
+
+class ToolCallDelta(_Wire):
+    """A piece of a reply's call, as OpenAI streams it: the first piece of call ``index``
+    names the function, the next ones carry fragments of its arguments' JSON text."""
+
+    index: int = Field(ge=0, lt=MAX_TOOLS)
+    name: str | None = Field(default=None, pattern=TOOL_NAME)
+    arguments: str = Field(default="", max_length=MAX_TOOL_ARGUMENTS_CHARS)
 
 
 MAX_SCHEMA_CHARS = 32_768
@@ -203,6 +269,13 @@ class JobRequest(_Versioned):
     reply_key: str
     conversation_id: str | None = Field(default=None, min_length=1, max_length=128)
 
+    # The functions the model may call (through its chat template; see workers.engines.tools).
+    tools: Tools | None = None
+
+    @model_serializer(mode="wrap")
+    def _tools_only_when_given(self, handler: SerializerFunctionWrapHandler) -> Any:
+        return _drop_none(handler(self), "tools")
+
     @field_validator("reply_key")
     @classmethod
     def _valid_reply_key(cls, value: str) -> str:
@@ -227,7 +300,11 @@ class JobRequest(_Versioned):
 
     @model_validator(mode="after")
     def _bounded_total(self) -> JobRequest:
-        if sum(len(m.content) for m in self.messages) > MAX_TOTAL_CHARS:
+        calls = (c for m in self.messages for c in m.tool_calls or ())
+        if (
+            sum(len(m.content) for m in self.messages) + sum(len(c.arguments) for c in calls)
+            > MAX_TOTAL_CHARS
+        ):
             raise ValueError(f"messages exceed {MAX_TOTAL_CHARS} characters in total")
         if sum(len(m.images or ()) for m in self.messages) > MAX_IMAGES:
             raise ValueError(f"a request carries at most {MAX_IMAGES} images")
@@ -242,13 +319,19 @@ class StreamChunk(_Versioned):
     # The log probabilities of this chunk's tokens, when the request asked for them.
     logprobs: list[TokenLogprob] | None = Field(default=None, max_length=MAX_LOGPROBS_PER_CHUNK)
 
+    # Pieces of the reply's tool calls, when the request offered tools (after ``text``).
+    tool_calls: list[ToolCallDelta] | None = Field(default=None, min_length=1, max_length=MAX_TOOLS)
+
     @model_serializer(mode="wrap")
     def _logprobs_only_when_given(self, handler: SerializerFunctionWrapHandler) -> Any:
-        """A chunk without log probabilities is written as before they existed."""
-        data = handler(self)
-        if isinstance(data, dict) and data.get("logprobs") is None:
-            data.pop("logprobs", None)
-        return data
+        """A chunk without log probabilities or tool calls is written as before they existed."""
+        return _drop_none(handler(self), "logprobs", "tool_calls")
+
+    def reply_text(self) -> str:
+        """What the chunk delivers, as the receipt's reply digest and the billing bound take
+        it: its text, then each tool call piece's name and arguments."""
+        calls = self.tool_calls or []
+        return self.text + "".join((c.name or "") + c.arguments for c in calls)
 
 
 class FinalRecord(_Versioned):

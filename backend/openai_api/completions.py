@@ -68,11 +68,15 @@ async def open_stream(
 
 
 async def collect_watching(
-    request: web.Request, turn: Turn, *, cancel_on_disconnect: bool
+    request: web.Request,
+    turn: Turn,
+    *,
+    cancel_on_disconnect: bool,
+    calls: tools.CallReader | None = None,
 ) -> Reply:
-    """The whole reply; the turn is cancelled (billed what was generated) if the client leaves
-    and ``cancel_on_disconnect``."""
-    task = asyncio.ensure_future(OpenAIService.collect(turn))
+    """The whole reply (its tool calls checked by ``calls``); the turn is cancelled (billed
+    what was generated) if the client leaves and ``cancel_on_disconnect``."""
+    task = asyncio.ensure_future(OpenAIService.collect(turn, calls))
     cancelled = False
     try:
         while True:
@@ -106,22 +110,24 @@ async def answer(
         if isinstance(outcome, CocoonError):
             return error_response(outcome)
         return web.json_response(outcome, headers={COST_HEADER: _cost(outcome)})
+    calls = _reader(body)
     try:
-        text, done, logprobs = await collect_watching(request, turn, cancel_on_disconnect=True)
+        text, done, logprobs = await collect_watching(
+            request, turn, cancel_on_disconnect=True, calls=calls
+        )
+        called = calls.finish() if calls is not None else None
     except TurnError as error:
         return error_response(error)
     record = await service.attestation(done)
     completion = p.ChatCompletion.of(
-        completion_id,
-        created,
-        body.model,
-        text,
-        done,
-        record,
-        tools.tool_call(body, text),
-        logprobs,
+        completion_id, created, body.model, text, done, record, called, logprobs
     )
     return web.json_response(completion.model_dump(), headers={COST_HEADER: str(done.cost)})
+
+
+def _reader(body: p.ChatCompletionRequest) -> tools.CallReader | None:
+    """What checks the reply's tool calls (None when the request offers none)."""
+    return tools.CallReader(body) if tools.offered(body) else None
 
 
 def _cost(completion: dict[str, Any]) -> str:
@@ -142,8 +148,10 @@ async def _kept(
     outcome: asyncio.Future[dict[str, Any] | CocoonError] = loop.create_future()
 
     async def run() -> None:
+        calls = _reader(body)
         try:
-            text, done, logprobs = await OpenAIService.collect(turn)
+            text, done, logprobs = await OpenAIService.collect(turn, calls)
+            called = calls.finish() if calls is not None else None
         except TurnError as error:
             await idem.abandon()
             outcome.set_result(error)
@@ -154,9 +162,8 @@ async def _kept(
             outcome.cancel()
             raise
         record = await service.attestation(done)
-        call = tools.tool_call(body, text)
         completion = p.ChatCompletion.of(
-            completion_id, created, body.model, text, done, record, call, logprobs
+            completion_id, created, body.model, text, done, record, called, logprobs
         )
         payload = completion.model_dump()
         try:
@@ -191,7 +198,7 @@ async def _stream(
         parts: list[str] = []
         logprobs: list[TokenLogprob] | None = [] if body.logprobs else None
         done: TurnDone | None = None
-        held_back = bool(tools.offered(body))  # a tool call is sent whole, once known
+        calls = _reader(body)
         try:
             event: TurnEvent | None = first
             while event is not None:
@@ -199,18 +206,21 @@ async def _stream(
                     parts.append(event.text)
                     if logprobs is not None:
                         logprobs += event.logprobs
-                    if not held_back:
+                    if event.text or event.logprobs or not event.tool_calls:
                         tokens = list(event.logprobs) if logprobs is not None else None
                         await response.write(chunks.text(event.text, tokens))
+                    if event.tool_calls:  # sent as soon as the worker read them out
+                        if calls is None:
+                            raise tools.ToolCallRefused("the worker sent calls nobody offered")
+                        pieces = [calls.read(piece) for piece in event.tool_calls]
+                        await response.write(chunks.tool_calls(pieces))
                 else:
                     done = event
                     text = "".join(parts)
-                    call = tools.tool_call(body, text) if held_back else None
-                    if call is not None:
-                        await response.write(chunks.tool_call(call))
+                    called = calls.finish() if calls is not None else None
+                    if called:
+                        await response.write(chunks.called())
                     else:
-                        if held_back and text:
-                            await response.write(chunks.text(text, logprobs))
                         await response.write(chunks.finish(event))
                     record = await service.attestation(event)
                     if body.include_usage:
@@ -219,7 +229,14 @@ async def _stream(
                         await response.write(chunks.receipt(event))
                     if idem is not None:
                         completion = p.ChatCompletion.of(
-                            completion_id, created, body.model, text, event, record, call, logprobs
+                            completion_id,
+                            created,
+                            body.model,
+                            text,
+                            event,
+                            record,
+                            called,
+                            logprobs,
                         )
                         await idem.finish(200, completion.model_dump())
                 event = await anext(events, None)

@@ -370,11 +370,11 @@ class ChatCompletion(BaseModel):
         text: str,
         done: TurnDone,
         record: AttestationRecord | None = None,
-        tool_call: ToolCall | None = None,
+        tool_calls: list[ToolCall] | None = None,
         logprobs: list[TokenLogprob] | None = None,
     ) -> ChatCompletion:
-        if tool_call is not None:
-            message = AssistantMessage(content=None, tool_calls=[tool_call])
+        if tool_calls:
+            message = AssistantMessage(content=text.strip() or None, tool_calls=tool_calls)
             finish = "tool_calls"
         else:
             message, finish = AssistantMessage(content=text), finish_reason(done)
@@ -450,10 +450,13 @@ class ChunkStream:
     def finish(self, done: TurnDone) -> bytes:
         return self.delta({}, finish_reason(done))
 
-    def tool_call(self, call: ToolCall) -> bytes:
-        """A whole tool call as one delta, then the finish "tool_calls"."""
-        delta = {"tool_calls": [{"index": 0, **call.model_dump()}]}
-        return self.delta(delta) + self.delta({}, "tool_calls")
+    def tool_calls(self, pieces: list[dict[str, Any]]) -> bytes:
+        """Pieces of the reply's calls (backend.openai_api.tools.CallReader.read)."""
+        return self.delta({"tool_calls": pieces})
+
+    def called(self) -> bytes:
+        """The finish of a reply that called functions."""
+        return self.delta({}, "tool_calls")
 
     def usage(self, done: TurnDone, record: AttestationRecord | None = None) -> bytes:
         return self._chunk([], usage=Usage.of(done), cocoon=CocoonExtra.of(done, record))

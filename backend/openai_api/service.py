@@ -93,6 +93,7 @@ class OpenAIService:
                     top_logprobs=body.top_logprobs or 0,
                 ),
                 conversation_id=conversation_id_for(user_id, messages),
+                tools=tools.wire_tools(body),
             )
         )
 
@@ -105,8 +106,9 @@ class OpenAIService:
             return None
 
     @staticmethod
-    async def collect(turn: Turn) -> Reply:
-        """The whole reply of a turn that is not streamed; TurnError if it fails."""
+    async def collect(turn: Turn, calls: tools.CallReader | None = None) -> Reply:
+        """The whole reply of a turn that is not streamed; TurnError if it fails. Its tool
+        calls go to ``calls``, which checks them (tools.ToolCallRefused)."""
         parts: list[str] = []
         logprobs: list[TokenLogprob] = []
         done: TurnDone | None = None
@@ -114,6 +116,10 @@ class OpenAIService:
             if isinstance(event, TurnText):
                 parts.append(event.text)
                 logprobs += event.logprobs
+                for piece in event.tool_calls:
+                    if calls is None:
+                        raise tools.ToolCallRefused("the worker sent calls nobody offered")
+                    calls.read(piece)
             else:
                 done = event
         assert done is not None  # events() ends with TurnDone or raises

@@ -71,6 +71,15 @@ class GenerationRequest:
     #: False: no chat template; the one message's content is the prompt, tokenized as it is
     #: (with the model's BOS where it takes one): the legacy text completions.
     chat_template: bool = True
+    #: The functions the model may call (``{"name", "description", "parameters"}`` dicts, the
+    #: parameters' JSON schema as text) and how: ``tool_choice`` "auto" or "required" (with
+    #: ``tool_name``: that function only); ``parallel_tool_calls`` False: one call at most.
+    #: A message may then be a ``tool`` result (``tool_call_id``) or carry an assistant's
+    #: ``tool_calls`` (``{"id", "name", "arguments"}``). See :mod:`workers.engines.tools`.
+    tools: tuple[dict[str, str], ...] = ()
+    tool_choice: Literal["auto", "required"] = "auto"
+    tool_name: str | None = None
+    parallel_tool_calls: bool = True
     #: Set it to end the generation between two tokens: the engine then yields its Usage with
     #: ``finish_reason="cancelled"`` and the real counts, so what was generated can be billed.
     #: (Closing the generator also stops it, but then no Usage comes back.)
@@ -111,6 +120,8 @@ class GenerationRequest:
             raise ValueError("a prompt without chat template is one message, not continued")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError(f"logprobs must be between 0 and 20, got {self.logprobs}")
+        if self.tool_name is not None and self.tool_choice != "required":
+            raise ValueError("a named tool choice is a required one")
         if (self.json_mode == "json_schema") != (self.json_schema is not None):
             raise ValueError("json_schema is given with json_mode 'json_schema', and only then")
 
@@ -152,12 +163,24 @@ class TokenLogprob(TopToken):
 
 
 @dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of the reply's call ``index``: its first piece names the function, the next
+    ones carry fragments of its arguments' JSON text (OpenAI's streamed ``tool_calls``)."""
+
+    index: int
+    name: str | None = None
+    arguments: str = ""
+
+
+@dataclass(frozen=True)
 class TextDelta:
     """A piece of the reply's text, in order; with ``GenerationRequest.logprobs``, the tokens
-    generated since the last delta (its text may then be empty: part of a character)."""
+    generated since the last delta (its text may then be empty: part of a character); with
+    tools, the pieces of calls read out of the reply, after its text."""
 
     text: str
     logprobs: tuple[TokenLogprob, ...] = ()
+    tool_calls: tuple[ToolCallDelta, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -195,6 +218,11 @@ class Engine(abc.ABC):
     version: str
     #: How many generate() calls the engine accepts at once (the node's admission limit).
     max_concurrency: int
+    #: Whether it serves requests that offer tools (the node refuses them to one that does not).
+    calls_tools: bool = False
+    #: Whether its chat template renders the offered tools itself (else they are written into
+    #: the messages: :func:`workers.engines.tools.fallback_messages`); known after ``start()``.
+    tool_template: bool = False
     #: Whether it passes a message's images on to its model (OpenAI content parts); the node
     #: refuses a request with images to an engine that does not (RequestRefused).
     reads_images: bool = False

@@ -37,6 +37,16 @@ from workers.engines.base import (
     TopToken,
     Usage,
 )
+from workers.engines.tools import (
+    constrained,
+    fallback_messages,
+    knows_tools,
+    read_template,
+    template_digest,
+    template_messages,
+    template_tools,
+    with_tool_calls,
+)
 
 # Used when a GGUF carries no chat template (SmolLM2's does): plain ChatML.
 CHATML_TEMPLATE = (
@@ -144,10 +154,13 @@ class LlamaCppEngine(Engine):
     ``n_ctx`` (context size in tokens, prompt and reply together; default 2048), ``n_threads``
     (default: the CPUs this process may use, at most 8), ``n_batch`` (prompt batch size),
     ``max_concurrency`` (requests accepted at once, default 1; they run one at a time), and the
-    sampler's ``top_k`` / ``min_p`` / ``repeat_penalty`` (llama-cpp-python's chat defaults).
+    sampler's ``top_k`` / ``min_p`` / ``repeat_penalty`` (llama-cpp-python's chat defaults),
+    ``chat_template`` (a Jinja file replacing the GGUF's template, e.g. the shipped
+    ``workers/templates/hermes_tools.jinja`` for tools; attested by its SHA-256).
     """
 
     name = "llama-cpp"
+    calls_tools = True
 
     def __init__(
         self,
@@ -161,6 +174,7 @@ class LlamaCppEngine(Engine):
         top_k: int = 40,
         min_p: float = 0.05,
         repeat_penalty: float = 1.0,
+        chat_template: str | os.PathLike[str] | None = None,
     ) -> None:
         if n_ctx < 16:
             raise ValueError(f"n_ctx must be at least 16, got {n_ctx}")
@@ -174,6 +188,7 @@ class LlamaCppEngine(Engine):
         self.n_threads = n_threads or _cpu_threads()
         self.n_batch = n_batch
         self._sampling = {"top_k": top_k, "min_p": min_p, "repeat_penalty": repeat_penalty}
+        self._template = read_template(chat_template) if chat_template is not None else None
         self._llm: Any = None
         self._formatter: Any = None
         self._template_stops: tuple[str, ...] = ()
@@ -232,7 +247,8 @@ class LlamaCppEngine(Engine):
             return llm.detokenize([token], special=True).decode("utf-8", errors="replace")
 
         eos_token = token_text(llm.token_eos())
-        template = llm.metadata.get("tokenizer.chat_template") or CHATML_TEMPLATE
+        template = self._template or llm.metadata.get("tokenizer.chat_template") or CHATML_TEMPLATE
+        self.tool_template = knows_tools(template)
         self._formatter = Jinja2ChatFormatter(
             template=template, eos_token=eos_token, bos_token=token_text(llm.token_bos())
         )
@@ -259,24 +275,27 @@ class LlamaCppEngine(Engine):
 
     def prompt_tokens(
         self,
-        messages: list[dict[str, str]],
+        messages: list[dict[str, Any]],
         *,
         continue_final: bool = False,
         chat_template: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
         """The chat-templated prompt as the model's tokens (thread-safe: reads the vocab only).
         ``continue_final``: the last (assistant) message is left open for the reply to continue:
-        the template's prompt for a new assistant turn, then that message's text."""
+        the template's prompt for a new assistant turn, then that message's text. ``tools``:
+        the offered functions, for a template that renders them."""
         llm = self._require_started()
         if not chat_template:  # the text itself, with the model's BOS where it takes one
             raw: list[int] = llm.tokenize(messages[-1]["content"].encode("utf-8"), add_bos=True)
             return raw
+        messages = template_messages(messages)
         try:
             if continue_final:
-                head = self._formatter(messages=messages[:-1]).prompt
+                head = self._formatter(messages=messages[:-1], tools=tools).prompt
                 prompt = head + messages[-1]["content"]
             else:
-                prompt = self._formatter(messages=messages).prompt
+                prompt = self._formatter(messages=messages, tools=tools).prompt
         except Exception as error:  # jinja2 errors, raise_exception() in the template
             raise EngineError(
                 f"the model's chat template rejected the messages: {error}"
@@ -291,21 +310,35 @@ class LlamaCppEngine(Engine):
         return len(self.prompt_tokens(messages, chat_template=chat_template))
 
     def attested_config(self) -> dict[str, Any]:
-        """Context size, prompt batch and sampler settings (not ``n_threads``: speed only)."""
-        return {"n_ctx": self.n_ctx, "n_batch": self.n_batch, **self._sampling}
+        """Context size, prompt batch and sampler settings (not ``n_threads``: speed only), and
+        the SHA-256 of a chat template that replaces the GGUF's."""
+        config: dict[str, Any] = {"n_ctx": self.n_ctx, "n_batch": self.n_batch, **self._sampling}
+        if self._template is not None:
+            config["chat_template_sha256"] = template_digest(self._template)
+        return config
+
+    def _prompt(self, request: GenerationRequest) -> list[int]:
+        if request.tools and not self.tool_template:
+            messages = fallback_messages(request)
+            return self.prompt_tokens(messages, continue_final=request.continue_final)
+        return self.prompt_tokens(
+            request.messages,
+            continue_final=request.continue_final,
+            chat_template=request.chat_template,
+            tools=template_tools(request),
+        )
 
     def weights_path(self) -> Path | None:
         return self.model_path  # the GGUF file: weights, tokenizer and chat template
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[TextDelta | Usage]:
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TextDelta | Usage]:
+        """The reply, with its tool calls read out when tools are offered."""
+        return with_tool_calls(request, self._generate_text(request))
+
+    async def _generate_text(self, request: GenerationRequest) -> AsyncIterator[TextDelta | Usage]:
         self._require_started()
-        tokens = await asyncio.to_thread(
-            lambda: self.prompt_tokens(
-                request.messages,
-                continue_final=request.continue_final,
-                chat_template=request.chat_template,
-            )
-        )
+        request = constrained(request)
+        tokens = await asyncio.to_thread(self._prompt, request)
         if len(tokens) >= self.n_ctx:
             raise ContextLengthExceeded(
                 f"the prompt is {len(tokens)} tokens but {self.model}'s context holds "

