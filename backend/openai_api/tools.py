@@ -161,9 +161,8 @@ class CallReader:
             self.calls.append(call)
             self._arguments.append([piece.arguments])
             self._sizes.append(len(piece.arguments))
-            first = {"id": call.id, "type": "function", "function": {"name": piece.name}}
-            first["function"]["arguments"] = piece.arguments  # type: ignore[index]
-            return {"index": piece.index, **first}
+            function = {"name": piece.name, "arguments": piece.arguments}
+            return {"index": piece.index, "id": call.id, "type": "function", "function": function}
         if piece.index != len(self.calls) - 1:
             raise ToolCallRefused("the worker's call pieces are out of order")
         self._sizes[piece.index] += len(piece.arguments)
