@@ -9,21 +9,23 @@ refused.
 Balances are kept on the accounts, so reading one is a single indexed row. A balance that may
 not go negative is changed only by a conditional ``UPDATE ... WHERE balance >= amount``: two
 racing holds on one balance cannot both pass, on SQLite or PostgreSQL. A CHECK constraint in the
-schema backs this up.
+schema backs this up. On PostgreSQL, the per-turn operations (a hold, its settlement or
+release) are each one statement, one round trip (:mod:`backend.ledger_pg`), writing the same
+rows; the general path (:mod:`backend.ledger_write`) does every other operation, and those when
+the statement did not apply.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
-import hashlib
-import json
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 
-from sqlalchemy import func, select, text, update
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from backend.db import Database, rowcount
+from backend.db import rowcount
+from backend.ledger_pg import Close, CloseBatcher, hold_in_one_statement
 from backend.ledger_types import (
     USER_SIDE_KINDS,
     Audit,
@@ -40,6 +42,7 @@ from backend.ledger_types import (
     validate_amount,
     validate_key,
 )
+from backend.ledger_write import LedgerWriter, request_hash
 from backend.models import (
     Account,
     AccountKind,
@@ -79,16 +82,10 @@ __all__ = [
 ]
 
 
-Body = Callable[[AsyncSession, Transaction], Awaitable[tuple[list[Leg], int | None]]]
+class Ledger(LedgerWriter):
+    """Money operations over one :class:`Database` (their general path: :class:`LedgerWriter`)."""
 
-
-class Ledger:
-    """Money operations over one :class:`Database`."""
-
-    def __init__(self, db: Database, *, min_withdrawal: int = 1) -> None:
-        self.db = db
-        self.min_withdrawal = validate_amount(min_withdrawal, "minimum withdrawal")
-        self._account_ids: dict[tuple[str, int], int] = {}
+    _closes: CloseBatcher | None = None
 
     # ------------------------------------------------------------------ reads
 
@@ -223,36 +220,12 @@ class Ledger:
 
     async def _hold_in_one_statement(self, user_id: int, amount: int, key: str) -> Receipt | None:
         """The hold as one statement, one round trip on PostgreSQL (it is on every priced
-        turn's way to its first token): the same rows as :meth:`_run` writes, or nothing at all
-        (a single statement is atomic). None when it did not apply: not PostgreSQL, no such
-        accounts, the balance short, the key already used, the hold account overflowing;
+        turn's way to its first token); None when it did not apply (:mod:`backend.ledger_pg`):
         :meth:`_run` then does it, or says why not, as it always has."""
-        if self.db.dialect != "postgresql":
+        if not self.one_statement:
             return None
-        request_hash = _request_hash("hold", {"user": user_id, "amount": amount})
-        try:
-            async with self.db.engine.connect() as connection:
-                connection = await connection.execution_options(isolation_level="AUTOCOMMIT")
-                found = (
-                    await connection.execute(
-                        _HOLD_STATEMENT,
-                        {
-                            "key": key,
-                            "hash": request_hash,
-                            "user_id": user_id,
-                            "amount": amount,
-                            "user_kind": str(AccountKind.USER),
-                            "hold_kind": str(AccountKind.HOLD),
-                            "now": dt.datetime.now(dt.UTC),
-                        },
-                    )
-                ).first()
-        except DBAPIError:  # the key already used, or the hold account would overflow
-            return None
-        if found is None or found[0] is None:  # the balance is short: nothing was written
-            return None
-        legs = (Leg(AccountKind.USER, user_id, -amount), Leg(AccountKind.HOLD, user_id, amount))
-        return Receipt(found[0], key, "hold", legs, found[1])
+        fingerprint = request_hash("hold", {"user": user_id, "amount": amount})
+        return await hold_in_one_statement(self.db, user_id, amount, key, fingerprint)
 
     async def settle(
         self,
@@ -273,6 +246,12 @@ class Ledger:
         if not 0 <= share_bps <= BPS:
             raise LedgerError(f"provider share must be 0..{BPS} basis points, got {share_bps}")
         key = key or f"settle:{hold_key}"
+        request = {"hold": hold_key, "cost": cost, "provider": provider_id, "share": share_bps}
+        closed = await self._close_in_one_statement(
+            hold_key, key, "settle", request, cost, provider_id, share_bps, usage
+        )
+        if closed is not None:
+            return closed
 
         async def body(session: AsyncSession, _tx: Transaction) -> tuple[list[Leg], int]:
             hold = await self._close_hold(session, hold_key, HoldState.SETTLED)
@@ -304,12 +283,15 @@ class Ledger:
                 )
             return legs, hold.id
 
-        request = {"hold": hold_key, "cost": cost, "provider": provider_id, "share": share_bps}
         return await self._run(key, "settle", request, body, None)
 
     async def release(self, hold_key: str, *, key: str | None = None) -> Receipt:
         """Give a whole hold back to the user (the job never ran, or failed before output)."""
         key = key or f"release:{hold_key}"
+        request = {"hold": hold_key}
+        closed = await self._close_in_one_statement(hold_key, key, "release", request, 0, None, 0)
+        if closed is not None:
+            return closed
 
         async def body(session: AsyncSession, _tx: Transaction) -> tuple[list[Leg], int]:
             hold = await self._close_hold(session, hold_key, HoldState.RELEASED)
@@ -319,7 +301,31 @@ class Ledger:
             ]
             return legs, hold.id
 
-        return await self._run(key, "release", {"hold": hold_key}, body, None)
+        return await self._run(key, "release", request, body, None)
+
+    async def _close_in_one_statement(
+        self,
+        hold_key: str,
+        key: str,
+        kind: str,
+        request: Mapping[str, object],
+        cost: int,
+        provider_id: int | None,
+        share_bps: int,
+        usage: TurnUsage | None = None,
+    ) -> Receipt | None:
+        """A hold's settlement or release as one statement, one round trip on PostgreSQL,
+        group-committed with the closes asked meanwhile (:class:`CloseBatcher`); None when it
+        did not apply (the hold not open, the key used): :meth:`_run` then does it, replays
+        it, or says why not, as it always has."""
+        if not self.one_statement:
+            return None
+        validate_key(key)
+        if self._closes is None or self._closes.loop is not asyncio.get_running_loop():
+            self._closes = CloseBatcher(self.db)
+        fingerprint = request_hash(kind, request)
+        close = Close(hold_key, key, kind, fingerprint, cost, provider_id, share_bps, usage)
+        return await self._closes.close(close)
 
     async def release_stale_holds(self, older_than: dt.timedelta) -> list[str]:
         """Release every hold still open after ``older_than``: its turn's process died before
@@ -405,179 +411,3 @@ class Ledger:
             return [Leg(AccountKind.PROVIDER_PENDING, owner, -payout.amount), to], payout.id
 
         return await self._run(key, f"payout_{state}", {"payout": payout_id}, body, reason)
-
-    async def _close_hold(self, session: AsyncSession, hold_key: str, state: HoldState) -> Hold:
-        hold = await session.scalar(select(Hold).where(Hold.key == hold_key))
-        if hold is None:
-            raise NotFound(f"no hold {hold_key!r}")
-        closed = await session.execute(
-            update(Hold)
-            .where(Hold.id == hold.id, Hold.state == HoldState.OPEN)
-            .values(state=state, closed_at=dt.datetime.now(dt.UTC))
-            .execution_options(synchronize_session=False)
-        )
-        if rowcount(closed) != 1:
-            await session.refresh(hold)
-            raise InvalidState(f"hold {hold_key!r} is already {hold.state}")
-        return hold
-
-    async def _run(
-        self, key: str, kind: str, request: Mapping[str, object], body: Body, reason: str | None
-    ) -> Receipt:
-        validate_key(key)
-        request_hash = _request_hash(kind, request)
-        for attempt in range(3):
-            try:
-                async with self.db.session() as session, session.begin():
-                    # The first attempt claims the key without looking (one round trip less on
-                    # every operation); a key already used fails its INSERT, and the next
-                    # attempt replays it.
-                    existing = (
-                        await session.scalar(
-                            select(Transaction).where(Transaction.idempotency_key == key)
-                        )
-                        if attempt
-                        else None
-                    )
-                    if existing is not None:
-                        return await self._replay(session, existing, request_hash)
-                    tx = Transaction(
-                        idempotency_key=key, kind=kind, request_hash=request_hash, reason=reason
-                    )
-                    session.add(tx)
-                    await session.flush()  # claims the key: a racing twin waits or fails here
-                    legs, subject_id = await body(session, tx)
-                    tx.subject_id = subject_id
-                    legs = [leg for leg in legs if leg.amount != 0]
-                    if sum(leg.amount for leg in legs) != 0:
-                        raise AssertionError(f"unbalanced {kind} transaction")  # a bug, not input
-                    for leg in legs:
-                        account_id = await self._account_id(session, leg.kind, leg.owner_id)
-                        await self._apply(session, account_id, leg)
-                        session.add(
-                            Entry(transaction_id=tx.id, account_id=account_id, amount=leg.amount)
-                        )
-                    await session.flush()
-                    return Receipt(tx.id, key, kind, tuple(legs), subject_id)
-            except IntegrityError:
-                # Either a twin with the same key committed first (the next attempt replays
-                # it), or a unique constraint of the body failed (the next attempt fails again
-                # with the same error, which we then let through).
-                async with self.db.session() as session:
-                    if await session.scalar(
-                        select(Transaction.id).where(Transaction.idempotency_key == key)
-                    ):
-                        continue
-                raise
-        raise LedgerError(f"could not apply {key!r}: it kept conflicting")
-
-    async def _replay(self, session: AsyncSession, tx: Transaction, request_hash: str) -> Receipt:
-        if tx.request_hash != request_hash:
-            raise IdempotencyConflict(
-                f"key {tx.idempotency_key!r} was already used for a different {tx.kind} request"
-            )
-        accounts = {
-            account.id: account
-            for account in await session.scalars(
-                select(Account).where(Account.id.in_([e.account_id for e in tx.entries]))
-            )
-        }
-        legs = tuple(
-            Leg(
-                AccountKind(accounts[e.account_id].kind),
-                accounts[e.account_id].owner_id,
-                e.amount,
-            )
-            for e in tx.entries
-        )
-        return Receipt(tx.id, tx.idempotency_key, tx.kind, legs, tx.subject_id, replayed=True)
-
-    async def _account_id(self, session: AsyncSession, kind: AccountKind, owner_id: int) -> int:
-        cache_key = (str(kind), owner_id)
-        account_id = self._account_ids.get(cache_key)
-        if account_id is None:
-            account_id = await session.scalar(
-                select(Account.id).where(Account.kind == kind, Account.owner_id == owner_id)
-            )
-            if account_id is None:
-                raise NotFound(f"no {kind} account for owner {owner_id}")
-            self._account_ids[cache_key] = account_id
-        return account_id
-
-    async def _apply(self, session: AsyncSession, account_id: int, leg: Leg) -> None:
-        """Change one balance atomically, refusing overdraft and 64-bit overflow."""
-        amount = leg.amount
-        guard = (
-            Account.balance <= MAX_NANO - amount
-            if amount > 0
-            else (
-                Account.balance >= -MAX_NANO - 1 - amount
-                if leg.kind.may_go_negative
-                else Account.balance >= -amount
-            )
-        )
-        result = await session.execute(
-            update(Account)
-            .where(Account.id == account_id, guard)
-            .values(balance=Account.balance + amount)
-            .execution_options(synchronize_session=False)
-        )
-        if rowcount(result) == 1:
-            return
-        if amount < 0 and not leg.kind.may_go_negative:
-            raise InsufficientFunds(
-                f"{leg.kind} balance of owner {leg.owner_id} is below {-amount} nanoTON"
-            )
-        raise InvalidAmount(f"{leg.kind} balance of owner {leg.owner_id} would overflow 64 bits")
-
-
-def _request_hash(kind: str, request: Mapping[str, object]) -> str:
-    return hashlib.sha256(
-        json.dumps({"kind": kind, **request}, sort_keys=True).encode()
-    ).hexdigest()
-
-
-# Ledger.hold on PostgreSQL: take the amount off the user's balance (only if it covers it), put it
-# on the hold account (a bigint overflow fails the whole statement), and write the hold, the
-# transaction about it and its two entries, in the legs' order; NULLs when the balance is short.
-# Data-modifying CTEs run once each, to completion, as one atomic statement.
-_HOLD_STATEMENT = text(
-    """
-WITH debit AS (
-  UPDATE accounts SET balance = balance - CAST(:amount AS BIGINT)
-  WHERE kind = CAST(:user_kind AS VARCHAR) AND owner_id = CAST(:user_id AS BIGINT)
-    AND balance >= CAST(:amount AS BIGINT)
-  RETURNING id
-), credit AS (
-  UPDATE accounts SET balance = balance + CAST(:amount AS BIGINT)
-  WHERE kind = CAST(:hold_kind AS VARCHAR) AND owner_id = CAST(:user_id AS BIGINT)
-    AND EXISTS (SELECT 1 FROM debit)
-  RETURNING id
-), new_hold AS (
-  INSERT INTO holds (key, user_id, amount, state, charged, created_at)
-  SELECT CAST(:key AS VARCHAR), CAST(:user_id AS BIGINT), CAST(:amount AS BIGINT), 'open', 0,
-         CAST(:now AS TIMESTAMPTZ)
-  FROM credit
-  RETURNING id
-), tx AS (
-  INSERT INTO ledger_transactions (idempotency_key, kind, request_hash, reason, subject_id,
-                                   created_at)
-  SELECT CAST(:key AS VARCHAR), 'hold', CAST(:hash AS VARCHAR), NULL, new_hold.id,
-         CAST(:now AS TIMESTAMPTZ)
-  FROM new_hold
-  RETURNING id, subject_id
-), entries AS (
-  INSERT INTO ledger_entries (transaction_id, account_id, amount)
-  SELECT tx.id, leg.account_id, leg.amount
-  FROM tx, (SELECT 1, id, -CAST(:amount AS BIGINT) FROM debit
-            UNION ALL SELECT 2, id, CAST(:amount AS BIGINT) FROM credit)
-           AS leg (n, account_id, amount)
-  ORDER BY leg.n
-  RETURNING id
-)
-SELECT (SELECT id FROM tx), (SELECT subject_id FROM tx),
-       -- a debit without its credit (no hold account) divides by zero: nothing is written
-       (SELECT count(*) FROM debit)
-         / ((SELECT count(*) FROM credit) + 1 - (SELECT count(*) FROM debit))
-"""
-)

@@ -36,13 +36,6 @@ async def pg(postgres_url: str) -> AsyncIterator[Database]:
     await database.close()
 
 
-class GeneralPath(Ledger):
-    """The ledger without the one-statement hold: what it must match."""
-
-    async def _hold_in_one_statement(self, user_id: int, amount: int, key: str) -> Receipt | None:
-        return None
-
-
 async def funded(db: Database, ledger: Ledger, telegram_id: int, amount: int) -> int:
     user = (await get_or_create_user(db, telegram_id, "en")).id
     await ledger.credit_deposit(user, amount, f"deposit:{telegram_id}")
@@ -79,7 +72,7 @@ async def written(db: Database, key: str, user: int) -> tuple[object, ...]:
 
 
 async def test_a_hold_in_one_statement_writes_what_the_general_path_writes(pg: Database) -> None:
-    fast, general = Ledger(pg), GeneralPath(pg)
+    fast, general = Ledger(pg), Ledger(pg, one_statement=False)
     one = await funded(pg, fast, 9001, 5 * TON)
     two = await funded(pg, general, 9002, 5 * TON)
 
