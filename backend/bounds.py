@@ -193,8 +193,10 @@ def sealed_prompt_bound(sealed_bytes: int) -> int:
 
 
 def sealed_text_bound(sealed_bytes: int) -> int:
-    """The most reply text bytes a sealed chunk of ``sealed_bytes`` can carry (JSON holds the
-    text at least once, escaped or not)."""
+    """The most reply text bytes a stream entry of ``sealed_bytes`` can carry: JSON holds the
+    text at least once, escaped or not, beside 52 bytes or more of a chunk's other fields, and
+    the entry adds 17 more (:data:`workers.stream_crypto.ENTRY_OVERHEAD`; the first entry 113),
+    so taking :data:`SEALED_BOX_OVERHEAD` off still leaves a bound."""
     return max(0, sealed_bytes - SEALED_BOX_OVERHEAD)
 
 

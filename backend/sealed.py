@@ -13,7 +13,8 @@ sees the model, ``max_tokens``, the worker and job ids, and the ciphertext; neve
   reply cut off unpaid.
 * **Routing**: that worker only (a slot reserved on it, as for any turn); no retry elsewhere,
   since the request opens only there. Each job id is used once (:data:`USED_TTL_S`).
-* **Relay**: each stream entry goes to the client as it is (sealed to the client's reply key),
+* **Relay**: each stream entry goes to the client as it is (sealed under the job's stream key,
+  which only the client's reply key agrees with the worker: :mod:`workers.stream_crypto`),
   held to the turn's reply bounds on the ciphertext itself.
 * **Settlement**: from the worker's receipt, which travels in the clear next to its last entry
   (:mod:`workers.receipts`): its signature by the attested key, the job id, the model and the

@@ -1,8 +1,10 @@
 """Reading one turn's reply, held to the turn's bounds (:mod:`backend.bounds`): each stream
-entry opened with the job's reply key and checked against the worker's attested key, each chunk
+entry opened in its place under the job's stream key (:mod:`workers.stream_crypto`: agreed with
+the job's reply key, signed by the worker's attested key), each chunk
 counted against the bytes, chunk size and chunk count the turn allows, the stream against its
 absolute deadline; a worker crossing one is cut off (billed only what it delivered within the
-bounds, flagged, the turn ended with ``worker_misbehaved``). Chunks must come in the order
+bounds, flagged, the turn ended with ``worker_misbehaved``), and so is a worker whose tool
+calls the request did not allow (:mod:`backend.tool_checks`). Chunks must come in the order
 the worker numbered them (``seq`` 0, 1, 2, ...): a gap, a repeat or a reorder would drop or
 double text without anyone noticing, so it is the worker's fault like a crossed bound. The
 reading half of
@@ -22,9 +24,11 @@ from backend import bounds
 from backend.bounds import Bill, Flag, Violation
 from backend.errors import ErrorCode
 from backend.settlement import SettlingDispatcher, TurnSettlement
+from backend.tool_checks import CallCheck
 from backend.turns import TurnError
 from workers import streams
-from workers.wire import ErrorRecord, FinalRecord, StreamChunk, WireError, open_event
+from workers.stream_crypto import StreamOpener
+from workers.wire import ErrorRecord, FinalRecord, StreamChunk, WireError
 
 __all__ = ["ReadingDispatcher", "TurnReading"]
 
@@ -56,9 +60,11 @@ class TurnReading(TurnSettlement):
     d: ReadingDispatcher
     bounds: bounds.ReplyBounds
     _reply_key: nacl.public.PrivateKey
+    _opener: StreamOpener
     _reading_since: float
     _chunks: int
     _next_seq: int
+    _calls: CallCheck
 
     async def _job_events(self) -> AsyncIterator[StreamChunk | FinalRecord | ErrorRecord]:
         """The job's events, opened and held to the turn's bounds. Reading resumes where it
@@ -68,12 +74,12 @@ class TurnReading(TurnSettlement):
         reader = self._reader
         if reader is None or reader.job_id != self.job_id:
             reader = self._reader = self._new_reader()
+            self._opener = StreamOpener(self._reply_key, self.worker.verify_key, self.job_id)
+        opener = self._opener
         try:
             async for blob in reader.entries():
                 try:
-                    event = open_event(
-                        blob, self._reply_key, self.worker.verify_key, expected_job_id=self.job_id
-                    )
+                    event = opener.open(blob)
                 except WireError as error:
                     log.warning("turn %s: refused an event: %s", self.turn_id, error)
                     raise TurnError(
@@ -83,9 +89,11 @@ class TurnReading(TurnSettlement):
                     if event.seq != self._next_seq:  # a chunk lost, repeated or reordered
                         await self._cut_off(Flag(Violation.SEQUENCE, event.seq, self._next_seq))
                     self._next_seq += 1
-                    flag = self._over_bounds(event)
+                    flag = self._calls.read(event.tool_calls) or self._over_bounds(event)
                     if flag is not None:
                         await self._cut_off(flag)
+                elif isinstance(event, FinalRecord) and (flag := self._calls.finish()):
+                    await self._cut_off(flag)
                 yield event
         except streams.StreamOverrun as overrun:
             await self._cut_off(self._stream_flag(overrun))
@@ -97,6 +105,7 @@ class TurnReading(TurnSettlement):
         self._delivered_bytes = 0
         self._chunks = 0
         self._next_seq = 0
+        self._calls = CallCheck(self.request.tools)
         self._reading_since = d.clock()
         waiting = min(d.first_token_timeout_s, d.queue_ttl_s)
         deadline = self._reading_since + waiting + d.job_timeout_s + d.deadline_grace_s
@@ -154,6 +163,8 @@ class TurnReading(TurnSettlement):
         await self._flag((flag,))
         if flag.kind is Violation.SEQUENCE:
             broke = f"sent chunk {flag.claimed} where chunk {flag.bound} was due"
+        elif flag.kind is Violation.TOOL_CALLS:
+            broke = f"sent a tool call this request did not allow (call {flag.claimed})"
         else:
             broke = f"broke this turn's {flag.kind.value} bound ({flag.claimed} > {flag.bound})"
         raise TurnError(

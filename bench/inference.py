@@ -10,7 +10,10 @@ beside its baseline, measured in the same run on the same machine, and the goal 
    instant engine (no model) the difference is the stack's own cost; with llama-cpp (priced).
 2. **Streaming efficiency**: completion tokens/s through the stack ÷ the same engine called
    directly, at concurrency 1 and 32 (llama-cpp, SmolLM2-135M; the engine serializes
-   generations, so 32 at once measures the stack's overhead under load).
+   generations, so 32 at once measures the stack's overhead under load), and the CPU a token
+   costs each way (this process as the backend, the node with its engine; ``/proc`` times).
+   **Coalescing** (section ``coalesce``): the instant engine at 2,000 tokens/s, the node's
+   ``--stream-coalesce-ms`` at its default 2 ms against 0: entries a turn, tokens/s, CPU a token.
 3. **Queue throughput** with the instant engine: turns/s through the stack at 64 in flight,
    against one bare RQ SimpleWorker running trivial jobs (enqueued in advance, burst mode).
    Shown for a free model (the queue path alone) and a priced one (plus hold and settlement).
@@ -32,204 +35,34 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
-import redis
-import redis.asyncio as aioredis
 from aiohttp import web
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from backend.apikeys import create_key
-from backend.db import Database
-from backend.dispatch import Dispatcher, TurnDone, TurnRequest, TurnText
-from backend.ledger import Ledger
-from backend.settings import DEFAULT_MODEL, AttestationSettings, ModelPrice, Settings
-from backend.users import get_or_create_user
-from workers import registry
-from workers.engines import GenerationRequest, TextDelta, create_engine
-from workers.wire import ChatMessage, SamplingParams
-
-REDIS_URL = os.environ.get("COCOON_BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
-POSTGRES_URL = os.environ.get(
-    "COCOON_BENCH_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+from backend.settings import DEFAULT_MODEL
+from bench.inference_rows import ROWS, ms, p50_p99, percentile, print_table, row
+from bench.inference_stack import (
+    FREE,
+    POSTGRES_URL,
+    PRICED,
+    PROMPT,
+    REDIS_URL,
+    Bench,
+    bare_rq,
+    direct,
+    drop_postgres,
+    fresh_postgres,
 )
-FREE = "bench-free"
-PRICED = "bench-priced"
-PROMPT = "Write a long, detailed essay about the history of sailing ships."
-GREEDY = SamplingParams(temperature=0.0, top_p=1.0)
+from workers.engines import create_engine
 
-
-def noop() -> int:
-    """The bare RQ baseline's job."""
-    return 1
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
-def ms(seconds: float) -> str:
-    return f"{seconds * 1000:7.2f} ms"
-
-
-def p50_p99(values: list[float]) -> str:
-    return f"p50 {percentile(values, 50) * 1000:.2f} ms, p99 {percentile(values, 99) * 1000:.2f} ms"
-
-
-@dataclass(frozen=True)
-class Row:
-    """One line of the closing table: what, on which database, the figure, its baseline (from
-    the same run) and the goal."""
-
-    what: str
-    db: str
-    figure: str
-    baseline: str
-    goal: str
-
-
-ROWS: list[Row] = []
-
-
-def row(what: str, db: str, figure: str, baseline: str, goal: str) -> None:
-    ROWS.append(Row(what, db, figure, baseline, goal))
-
-
-def print_table(load: str) -> None:
-    print(f"\n== the table (machine load average at the start: {load})")
-    print("| what | db | now | baseline, same run | goal |")
-    print("| --- | --- | --- | --- | --- |")
-    for r in ROWS:
-        print(f"| {r.what} | {r.db} | {r.figure} | {r.baseline} | {r.goal} |")
-    for what, goal in NOT_MEASURED:
-        print(f"| {what} | - | not measured by this bench yet | - | {goal} |")
-
-
-NOT_MEASURED = [
-    ("watcher crediting a 10,000-transaction backlog (local TON Center)", "<= 10 s on PostgreSQL"),
-    (
-        "1,000 simultaneous bot chats through the webhook, p99 handler time excl. inference",
-        "<= 50 ms, no flood-limit breach",
-    ),
-]
-
-
-class Bench:
-    def __init__(self, redis_url: str, workdir: Path, database_url: str | None = None) -> None:
-        self.redis_url = redis_url
-        self.db_name = "postgresql" if database_url else "sqlite"
-        price = ModelPrice(prompt=1_000, completion=1_000, context_length=2048)
-        free = ModelPrice(prompt=0, completion=0, context_length=2048)
-        self.settings = Settings(
-            _env_file=None,
-            data_dir=workdir,
-            database_url=database_url,
-            redis_url=redis_url,
-            models={DEFAULT_MODEL: price, FREE: free, PRICED: price},
-            # The bench's nodes register directly, as development (unattested) workers.
-            attestation=AttestationSettings(allow_dev=True),
-            # One user runs every turn of the bench: no per-minute limit gets in the way.
-            rate_limit_per_minute=10**9,
-            api_rate_limit_per_key_per_minute=1_000_000,
-            # 32 llama-cpp turns at once wait for the engine's few slots, however slow the machine.
-            api_queue_timeout_s=600,
-        )
-        self.nodes: list[subprocess.Popen[bytes]] = []
-
-    async def __aenter__(self) -> Bench:
-        redis.Redis.from_url(self.redis_url).flushdb()
-        self.db = Database.from_settings(self.settings)
-        await self.db.upgrade()
-        self.ledger = Ledger(self.db)
-        self.dispatcher = Dispatcher(
-            self.settings,
-            self.ledger,
-            aioredis.Redis.from_url(self.redis_url, max_connections=256),
-        )
-        user = await get_or_create_user(self.db, 1)
-        await self.ledger.credit_deposit(user.id, 10**18, "bench")
-        self.user = user.id
-        return self
-
-    async def __aexit__(self, *_exc: object) -> None:
-        for node in self.nodes:
-            node.terminate()
-            node.wait(timeout=40)
-        await self.dispatcher.close()
-        await self.db.close()
-
-    async def start_node(self, model: str, engine: str, *options: str) -> str:
-        worker_id = f"bench-{uuid.uuid4().hex[:8]}"
-        command = [
-            sys.executable, "-m", "workers.node", "--model", model, "--engine", engine,
-            "--redis-url", self.redis_url, "--worker-id", worker_id, "--capacity", "64",
-            "--log-level", "WARNING",
-        ]  # fmt: skip
-        for option in options:
-            command += ["--engine-option", option]
-        self.nodes.append(subprocess.Popen(command, stdin=subprocess.DEVNULL))  # noqa: ASYNC220
-        deadline = time.monotonic() + 120
-        while not await self.dispatcher.redis.exists(registry.worker_key(worker_id)):
-            if time.monotonic() > deadline:
-                raise SystemExit("worker node did not start")
-            await asyncio.sleep(0.1)
-        await self.dispatcher.workers.refresh()  # the dispatcher sees it at once
-        return worker_id
-
-    def stop_nodes(self) -> None:
-        for node in self.nodes:
-            node.terminate()
-            node.wait(timeout=40)
-        self.nodes.clear()
-
-    def request(self, model: str, text: str, max_tokens: int) -> TurnRequest:
-        return TurnRequest(
-            self.user,
-            model,
-            [ChatMessage(role="user", content=text)],
-            max_tokens=max_tokens,
-            sampling=GREEDY,
-        )
-
-    async def turn(self, model: str, text: str, max_tokens: int) -> tuple[float, float, int]:
-        """(time to first token, total time, completion tokens) of one turn via the stack."""
-        started = time.perf_counter()
-        first = 0.0
-        turn = await self.dispatcher.start_turn(self.request(model, text, max_tokens))
-        tokens = 0
-        async for event in turn.events():
-            if isinstance(event, TurnText) and not first:
-                first = time.perf_counter() - started
-            elif isinstance(event, TurnDone):
-                tokens = event.completion_tokens
-        return first, time.perf_counter() - started, tokens
-
-
-async def direct(engine: object, text: str, max_tokens: int) -> tuple[float, float, int]:
-    """The same numbers from the engine called directly, in this process."""
-    started = time.perf_counter()
-    first = 0.0
-    tokens = 0
-    request = GenerationRequest(
-        messages=[{"role": "user", "content": text}], max_tokens=max_tokens, temperature=0.0
-    )
-    async for item in engine.generate(request):  # type: ignore[attr-defined]
-        if isinstance(item, TextDelta):
-            if not first:
-                first = time.perf_counter() - started
-        else:
-            tokens = item.completion_tokens
-    return first, time.perf_counter() - started, tokens
+__all__ = ["ROWS", "main"]
 
 
 async def bench_ttft(bench: Bench, samples: int) -> None:
@@ -283,7 +116,29 @@ async def bench_ttft(bench: Bench, samples: int) -> None:
     )
 
 
+Run = Callable[[], Awaitable[tuple[float, float, int]]]
+
+
+async def measure(bench: Bench, concurrency: int, run: Run) -> tuple[float, float, float]:
+    """``concurrency`` runs at once: (completion tokens/s, CPU ms per token spent by this
+    process, CPU ms per token spent by the nodes)."""
+    own, nodes = bench.cpu_s()
+    started = time.perf_counter()
+    results = await asyncio.gather(*(run() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    own_after, nodes_after = bench.cpu_s()
+    tokens = max(1, sum(r[2] for r in results))
+    return (
+        tokens / elapsed,
+        (own_after - own) * 1000 / tokens,
+        (nodes_after - nodes) * 1000 / tokens,
+    )
+
+
 async def bench_streaming(bench: Bench, tokens: int) -> None:
+    """Tokens/s through the stack against the engine alone, and the CPU each spends a token
+    (the engine alone: this process, the node idle; the stack: this process as the backend,
+    and the node with its engine)."""
     db = bench.db_name
     print(f"\n== 2. streaming efficiency, llama-cpp, {tokens} tokens per turn ({db})")
     await bench.start_node(DEFAULT_MODEL, "llama-cpp")
@@ -292,27 +147,23 @@ async def bench_streaming(bench: Bench, tokens: int) -> None:
     await bench.turn(DEFAULT_MODEL, PROMPT, 8)
     await direct(llama, PROMPT, 8)
     for concurrency in (1, 32):
-        rounds = 3 if concurrency == 1 else 1
-
-        async def many(run: object, concurrency: int = concurrency) -> float:
-            started = time.perf_counter()
-            results = await asyncio.gather(
-                *(run() for _ in range(concurrency))  # type: ignore[operator]
+        stack, alone = [], []
+        for _ in range(3 if concurrency == 1 else 1):
+            alone.append(await measure(bench, concurrency, lambda: direct(llama, PROMPT, tokens)))
+            stack.append(
+                await measure(bench, concurrency, lambda: bench.turn(DEFAULT_MODEL, PROMPT, tokens))
             )
-            elapsed = time.perf_counter() - started
-            return sum(r[2] for r in results) / elapsed
-
-        stack_rates, alone_rates = [], []
-        for _ in range(rounds):
-            alone_rates.append(await many(lambda: direct(llama, PROMPT, tokens)))
-            stack_rates.append(await many(lambda: bench.turn(DEFAULT_MODEL, PROMPT, tokens)))
-        stack_rate = statistics.median(stack_rates)
-        alone_rate = statistics.median(alone_rates)
+        stack_rate = statistics.median(s[0] for s in stack)
+        alone_rate = statistics.median(a[0] for a in alone)
+        backend_cpu = statistics.median(s[1] for s in stack)
+        node_cpu = statistics.median(s[2] for s in stack)
+        alone_cpu = statistics.median(a[1] + a[2] for a in alone)
         target = 0.98 if concurrency == 1 else 0.95
         print(
             f"concurrency {concurrency:2d}: stack {stack_rate:6.1f} tok/s, engine alone"
             f" {alone_rate:6.1f} tok/s -> efficiency {stack_rate / alone_rate:.3f}"
-            f" (target {target})"
+            f" (target {target}); CPU per token: engine alone {alone_cpu:.2f} ms, stack"
+            f" {backend_cpu + node_cpu:.2f} ms (backend {backend_cpu:.2f}, node {node_cpu:.2f})"
         )
         row(
             f"streaming efficiency, c={concurrency} (stack / engine alone)",
@@ -321,8 +172,61 @@ async def bench_streaming(bench: Bench, tokens: int) -> None:
             f"engine alone {alone_rate:.1f} tok/s",
             f">= {target}",
         )
+        row(
+            f"CPU per token, llama.cpp, c={concurrency} (backend + node with its engine)",
+            db,
+            f"{backend_cpu + node_cpu:.2f} ms ({backend_cpu:.2f} + {node_cpu:.2f})",
+            f"engine alone {alone_cpu:.2f} ms",
+            "the stack adds little to the engine's own",
+        )
     await llama.close()
     bench.stop_nodes()
+
+
+COALESCE_TOKEN_DELAY_S = 0.0005
+"""The instant engine's pace in the coalescing section: 2,000 tokens/s, a fast GPU's."""
+
+
+async def bench_coalesce(bench: Bench, tokens: int) -> None:
+    """Chunk coalescing (``--stream-coalesce-ms``) with a fast engine: entries per turn, tokens/s
+    and CPU per token with the default 2 ms against 0 ms (no waiting), in the same run."""
+    db = bench.db_name
+    rate = round(1 / COALESCE_TOKEN_DELAY_S)
+    print(f"\n== 2b. chunk coalescing, instant engine at {rate} tok/s, {tokens} tokens ({db})")
+    words = " ".join(f"w{i}" for i in range(tokens))
+    seen: dict[tuple[str, int], tuple[float, float, float]] = {}
+    for coalesce_ms in ("0", "2"):
+        await bench.start_node(
+            FREE,
+            "instant",
+            f"token_delay={COALESCE_TOKEN_DELAY_S}",
+            node_args=("--stream-coalesce-ms", coalesce_ms),
+        )
+        for _ in range(3):
+            await bench.turn(FREE, words, tokens)
+        for concurrency in (1, 32):
+            bench.chunks = 0
+            speed, own, nodes = await measure(
+                bench, concurrency, lambda: bench.turn(FREE, words, tokens)
+            )
+            entries = bench.chunks / concurrency
+            seen[coalesce_ms, concurrency] = (speed, entries, own + nodes)
+            print(
+                f"coalesce {coalesce_ms} ms, c={concurrency:2d}: {speed:7.0f} tok/s,"
+                f" {entries:5.1f} entries a turn, CPU {own + nodes:.3f} ms a token"
+                f" (backend {own:.3f}, node {nodes:.3f})"
+            )
+        bench.stop_nodes()
+    for concurrency in (1, 32):
+        now, before = seen["2", concurrency], seen["0", concurrency]
+        row(
+            f"chunk coalescing 2 ms, instant engine at {rate} tok/s, c={concurrency}",
+            db,
+            f"{now[1]:.0f} entries/turn, {now[0]:.0f} tok/s, CPU {now[2]:.3f} ms/token",
+            f"0 ms: {before[1]:.0f} entries/turn, {before[0]:.0f} tok/s,"
+            f" CPU {before[2]:.3f} ms/token",
+            "fewer entries and less CPU, no slower",
+        )
 
 
 async def bench_queue(bench: Bench, jobs: int) -> None:
@@ -484,51 +388,9 @@ async def bench_settlements(bench: Bench, count: int) -> None:
     )
 
 
-def bare_rq(redis_url: str, jobs: int) -> float:
-    from rq import Queue
-
-    connection = redis.Redis.from_url(redis_url)
-    queue = Queue("bench-bare", connection=connection)
-    queue.empty()
-    for _ in range(jobs):
-        queue.enqueue("bench.inference.noop")
-    started = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-m", "rq.cli", "worker", "--burst", "--quiet", "-w",
-         "rq.worker.SimpleWorker", "--url", redis_url, "bench-bare"],
-        check=True,
-    )  # fmt: skip
-    elapsed = time.perf_counter() - started
-    connection.close()
-    return jobs / elapsed
-
-
-async def fresh_postgres(url: str) -> str:
-    """A database of the bench's own on ``url``'s server, made empty; its URL."""
-    name = f"cocoon_bench_{os.getpid()}"
-    admin = create_async_engine(url, isolation_level="AUTOCOMMIT")
-    try:
-        async with admin.connect() as connection:
-            await connection.execute(text(f"DROP DATABASE IF EXISTS {name}"))
-            await connection.execute(text(f"CREATE DATABASE {name}"))
-    finally:
-        await admin.dispose()
-    return make_url(url).set(database=name).render_as_string(hide_password=False)
-
-
-async def drop_postgres(admin_url: str, url: str) -> None:
-    admin = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
-    try:
-        async with admin.connect() as connection:
-            name = make_url(url).database
-            await connection.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-    finally:
-        await admin.dispose()
-
-
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sections = ["ttft", "streaming", "queue", "http", "settlements"]
+    sections = ["ttft", "streaming", "coalesce", "queue", "http", "settlements"]
     parser.add_argument(
         "--only",
         type=lambda text: text.split(","),
@@ -557,6 +419,8 @@ async def main() -> None:
                         await bench_ttft(bench, args.samples)
                     if "streaming" in args.only:
                         await bench_streaming(bench, args.tokens)
+                    if "coalesce" in args.only:
+                        await bench_coalesce(bench, 4 * args.tokens)
                     if "queue" in args.only:
                         await bench_queue(bench, args.jobs)
                     if "http" in args.only:

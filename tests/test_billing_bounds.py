@@ -57,15 +57,16 @@ from workers import job_run, registry, streams
 from workers.engines import GenerationRequest, TextDelta, Usage
 from workers.engines.instant import InstantEngine
 from workers.jobs import enqueue_job
+from workers.stream_crypto import StreamOpener
 from workers.wire import (
+    WIRE_VERSION,
     ChatMessage,
     FinalRecord,
     JobRequest,
     WorkerKeys,
+    event_payload,
     new_reply_keypair,
-    open_event,
     public_b64,
-    seal_event,
     seal_request,
 )
 
@@ -349,7 +350,8 @@ async def test_usage_signed_by_another_key_is_refused_and_nothing_is_charged(
         completion_tokens=1,
         finish_reason="stop",
     )
-    forged = seal_event(record, job.request.reply_key, WorkerKeys.generate())
+    # In the job's own stream, its final signed by another key than the worker's.
+    forged = rogue.sealer_of(job).seal_payload(event_payload(record, WorkerKeys.generate()))
     await streams.append(rogue.redis, job.job_id, forged, last=True)
     seen = await read_turn(turn)
 
@@ -370,7 +372,8 @@ async def _no_open_holds(ledger: Ledger) -> bool:
 def oversized_chunk(job_id: str, size: int) -> bytes:
     """A chunk's JSON carrying ``size`` bytes of text: past the wire's own limit, as a modified
     node may write it."""
-    text = json.dumps({"v": 1, "type": "chunk", "job_id": job_id, "seq": 0, "text": "x" * size})
+    chunk = {"v": WIRE_VERSION, "type": "chunk", "job_id": job_id, "seq": 0}
+    text = json.dumps({**chunk, "text": "x" * size})
     return text.encode()
 
 
@@ -623,7 +626,8 @@ async def test_a_turn_whose_engine_misses_the_stop_grace_bills_its_prompt_too(
         sync.close()
         await aredis.aclose()
 
-    last = open_event(entries[-1][1][b"d"], reply_key, keys.verify_key_b64)
+    opener = StreamOpener(reply_key, keys.verify_key_b64, request.job_id)
+    last = [opener.open(fields[b"d"]) for _id, fields in entries][-1]
     assert isinstance(last, FinalRecord) and last.finish_reason == "cancelled"
     # The prompt was read (three words came of it): billed, as the engine counts it.
     prompt = engine.count_prompt_tokens([m.model_dump() for m in messages])

@@ -28,6 +28,7 @@ from tests.support import attest
 from workers import registry, streams, wire
 from workers.jobs import enqueue_job
 from workers.registry import WorkerInfo, queue_name
+from workers.stream_crypto import StreamOpener
 
 REPO = Path(__file__).resolve().parent.parent
 CANARY = "zebra-canary-7f3a"
@@ -151,12 +152,11 @@ async def events_of(
 ) -> list[wire.Event]:
     """Read the job's stream to its end and open every event as the bot would."""
     events: list[wire.Event] = []
+    opener = StreamOpener(job.reply_key, job.worker.verify_key, job.job_id)
     async for blob in streams.read_stream(
         aredis, job.job_id, first_timeout_s=timeout_s, idle_timeout_s=timeout_s
     ):
-        events.append(
-            wire.open_event(blob, job.reply_key, job.worker.verify_key, expected_job_id=job.job_id)
-        )
+        events.append(opener.open(blob))
     return events
 
 
@@ -302,11 +302,11 @@ async def test_a_job_streams_sealed_chunks_then_a_signed_final(start_node, aredi
     assert text_of(events) == "hello sealed world"
     assert isinstance(final, wire.FinalRecord)
     assert (final.completion_tokens, final.finish_reason) == (3, "stop")
-    # The final is signed by the key the node registered, and by no other.
-    blob = (await aredis.xrange(streams.stream_key(job.job_id)))[-1][1][b"d"]
+    # The stream is signed by the key the node registered, and by no other.
+    blob = (await aredis.xrange(streams.stream_key(job.job_id)))[0][1][b"d"]
     other = wire.WorkerKeys.generate().verify_key_b64
-    with pytest.raises(wire.WireError, match="signature"):
-        wire.open_event(blob, job.reply_key, other)
+    with pytest.raises(wire.WireError, match="not signed by the worker"):
+        StreamOpener(job.reply_key, other, job.job_id).open(blob)
 
     # RQ tells the truth: finished by this node, result without text.
     rq = await wait_for_status(sredis, job.job_id, JobStatus.FINISHED)
@@ -368,10 +368,11 @@ async def test_cancel_stops_a_long_generation(start_node, aredis, sredis):
     node = await start_node("--engine-option", "token_delay=0.05")
     job = submit(sredis, node.info, words(400), max_tokens=400)  # 20 s if left alone
     seen: list[wire.Event] = []
+    opener = StreamOpener(job.reply_key, node.info.verify_key, job.job_id)
     async for blob in streams.read_stream(
         aredis, job.job_id, first_timeout_s=10, idle_timeout_s=10
     ):
-        seen.append(wire.open_event(blob, job.reply_key, node.info.verify_key))
+        seen.append(opener.open(blob))
         if len(seen) == 3:
             await streams.request_cancel(aredis, job.job_id)
     final = seen[-1]

@@ -16,10 +16,12 @@ from backend.turns import TurnText
 from tests.support.api import Api, settled_turns
 from tests.support.env import require_module
 from tests.support.turns import Node
+from workers.stream_crypto import StreamSealer
 from workers.wire import (
     MAX_LOGPROBS_PER_CHUNK,
     MAX_TOKEN_CHARS,
     MAX_TOP_LOGPROBS,
+    WIRE_VERSION,
     SamplingParams,
     StreamChunk,
     TokenLogprob,
@@ -27,7 +29,6 @@ from workers.wire import (
     WorkerKeys,
     new_reply_keypair,
     public_b64,
-    seal_event,
 )
 
 require_module("llama_cpp")
@@ -41,7 +42,14 @@ def _token(text: str = "a", logprob: float = -0.5, top: int = 0) -> dict[str, ob
 
 
 def _chunk(logprobs: list[dict[str, object]]) -> dict[str, object]:
-    return {"v": 1, "type": "chunk", "job_id": "j1", "seq": 0, "text": "a", "logprobs": logprobs}
+    return {
+        "v": WIRE_VERSION,
+        "type": "chunk",
+        "job_id": "j1",
+        "seq": 0,
+        "text": "a",
+        "logprobs": logprobs,
+    }
 
 
 @pytest.mark.parametrize(
@@ -72,7 +80,8 @@ def test_the_largest_honest_records_fit_the_turns_bounds_only_when_asked() -> No
     def sealed(text: str) -> int:
         records = [record] * MAX_LOGPROBS_PER_CHUNK
         chunk = StreamChunk(job_id="j1", seq=0, text=text, logprobs=records)
-        return len(seal_event(chunk, reply_key, WorkerKeys.generate()))
+        # The stream's first entry: the largest, with the worker's key and signature.
+        return len(StreamSealer("j1", reply_key, WorkerKeys.generate()).seal(chunk))
 
     asked = ReplyBounds.for_max_tokens(512, logprobs=MAX_TOP_LOGPROBS)
     assert sealed("é" * 1000) <= asked.sealed_entry_bytes

@@ -29,13 +29,13 @@ from backend.client import SealedClient, SealedError
 from backend.settings import Settings
 from tests.support.network import SERVED, Network, network
 from workers.receipts import parse_signed_receipt
+from workers.stream_crypto import StreamOpener
 from workers.wire import (
     ChatMessage,
     FinalRecord,
     JobRequest,
     StreamChunk,
     new_reply_keypair,
-    open_event,
     public_b64,
     seal_request,
 )
@@ -281,10 +281,8 @@ async def test_a_sealed_request_asking_more_than_it_declared_stops_at_the_declar
     async with net.session.post(url, json=body, headers=headers) as reply:
         answer = await reply.json()
         assert reply.status == 200, answer
-    events = [
-        open_event(base64.b64decode(e), reply_key, worker.verify_key, expected_job_id=job_id)
-        for e in answer["events"]
-    ]
+    opener = StreamOpener(reply_key, worker.verify_key, job_id)
+    events = [opener.open(base64.b64decode(e)) for e in answer["events"]]
     assert "".join(e.text for e in events if isinstance(e, StreamChunk)) == "word0000 word0001"
     final = events[-1]
     assert isinstance(final, FinalRecord)

@@ -9,6 +9,7 @@ import nacl.public
 import pytest
 from pydantic import ValidationError
 
+from workers.stream_crypto import StreamOpener, StreamSealer
 from workers.wire import (
     WIRE_VERSION,
     ChatMessage,
@@ -21,11 +22,10 @@ from workers.wire import (
     WireError,
     WorkerKeys,
     canonical_json,
+    event_payload,
     new_reply_keypair,
-    open_event,
     open_request,
     public_b64,
-    seal_event,
     seal_request,
 )
 
@@ -71,9 +71,22 @@ def final_record(**overrides: object) -> FinalRecord:
     return FinalRecord(**fields)
 
 
-def seal_raw(payload: bytes, reply_key: nacl.public.PrivateKey) -> bytes:
-    """Seal arbitrary bytes to the reply key, as anyone who knows its public half can."""
-    return nacl.public.SealedBox(reply_key.public_key).encrypt(payload)
+JOB = "job_01-abc"
+
+
+def seal_event(event: object, reply_key: nacl.public.PrivateKey, worker: WorkerKeys) -> bytes:
+    """``event`` as the first entry of job JOB's stream, by ``worker``."""
+    return StreamSealer(JOB, public_b64(reply_key), worker).seal(event)  # type: ignore[arg-type]
+
+
+def seal_raw(payload: bytes, reply_key: nacl.public.PrivateKey, worker: WorkerKeys) -> bytes:
+    """Any bytes as the first entry of job JOB's stream, as a modified node could seal them."""
+    return StreamSealer(JOB, public_b64(reply_key), worker).seal_payload(payload)
+
+
+def open_event(blob: bytes, reply_key: nacl.public.PrivateKey, verify_key_b64: str) -> object:
+    """The first entry of job JOB's stream, opened as the backend opens it."""
+    return StreamOpener(reply_key, verify_key_b64, JOB).open(blob)
 
 
 def seal_json_to_worker(data: dict, worker: WorkerKeys) -> bytes:
@@ -102,7 +115,7 @@ def test_request_sealed_to_worker_a_cannot_be_opened_by_worker_b(worker, reply_k
 
 def test_sealed_bytes_never_contain_the_prompt_or_reply(worker, reply_key):
     blob = seal_request(make_request(reply_key), worker.box_public_b64)
-    chunk = seal_event(StreamChunk(job_id="job_01-abc", seq=0, text=CANARY), public_b64(reply_key))
+    chunk = seal_event(StreamChunk(job_id=JOB, seq=0, text=CANARY), reply_key, worker)
     for sealed in (blob, chunk):
         assert CANARY.encode() not in sealed
         assert b"canary" not in sealed
@@ -118,8 +131,8 @@ def test_corrupted_request_is_refused(worker, reply_key):
 
 def test_unknown_request_version_is_refused_before_other_checks(worker):
     # Everything else is invalid too: the version must be what is reported.
-    with pytest.raises(WireError, match="unsupported wire version 2"):
-        open_request(seal_json_to_worker({"v": 2, "anything": "new"}, worker), worker)
+    with pytest.raises(WireError, match="unsupported wire version 1"):
+        open_request(seal_json_to_worker({"v": 1, "anything": "old"}, worker), worker)
 
 
 def test_request_without_version_is_refused(worker, reply_key):
@@ -250,39 +263,33 @@ def test_seal_request_refuses_a_bad_worker_key(reply_key):
 @pytest.mark.parametrize(
     "event",
     [
-        StreamChunk(job_id="job_01-abc", seq=3, text="Привет, 世界 🙂"),
-        ErrorRecord(job_id="job_01-abc", code="engine_oom", message="out of GPU memory"),
+        StreamChunk(job_id=JOB, seq=3, text="Привет, 世界 🙂"),
+        ErrorRecord(job_id=JOB, code="engine_oom", message="out of GPU memory"),
         final_record(finish_reason="length"),
     ],
 )
 def test_events_round_trip(worker, reply_key, event):
-    blob = seal_event(event, public_b64(reply_key), worker)
+    blob = seal_event(event, reply_key, worker)
     opened = open_event(blob, reply_key, worker.verify_key_b64)
     assert opened == event
     assert type(opened) is type(event)
 
 
-def test_chunks_and_errors_need_no_worker_keys(worker, reply_key):
-    chunk = StreamChunk(job_id="j", seq=0, text="hi")
-    opened = open_event(seal_event(chunk, public_b64(reply_key)), reply_key, worker.verify_key_b64)
-    assert opened == chunk
-
-
-def test_final_record_cannot_be_sealed_unsigned(reply_key):
+def test_final_record_cannot_be_sealed_unsigned():
     with pytest.raises(WireError, match="must be signed"):
-        seal_event(final_record(), public_b64(reply_key))
+        event_payload(final_record())
 
 
 def test_event_for_another_reply_key_cannot_be_opened(worker, reply_key):
-    blob = seal_event(final_record(), public_b64(reply_key), worker)
-    with pytest.raises(WireError, match="cannot decrypt"):
+    blob = seal_event(final_record(), reply_key, worker)
+    with pytest.raises(WireError, match="not signed by the worker"):
         open_event(blob, new_reply_keypair(), worker.verify_key_b64)
 
 
 def test_final_signed_by_another_worker_is_refused(worker, reply_key):
     impostor = WorkerKeys.generate()
-    blob = seal_event(final_record(), public_b64(reply_key), impostor)
-    with pytest.raises(WireError, match="signature"):
+    blob = seal_event(final_record(), reply_key, impostor)
+    with pytest.raises(WireError, match="signed"):
         open_event(blob, reply_key, worker.verify_key_b64)
 
 
@@ -290,30 +297,32 @@ def test_final_with_altered_token_counts_is_refused(worker, reply_key):
     signed = worker.signing_key.sign(canonical_json(final_record()))
     message = signed.message.replace(b'"completion_tokens":37', b'"completion_tokens":9')
     assert message != signed.message
-    tampered = seal_raw(signed.signature + message, reply_key)
+    tampered = seal_raw(signed.signature + message, reply_key, worker)
     with pytest.raises(WireError, match="signature"):
         open_event(tampered, reply_key, worker.verify_key_b64)
     # The untouched record still opens: only the tampering is refused.
-    genuine = open_event(seal_raw(bytes(signed), reply_key), reply_key, worker.verify_key_b64)
+    genuine = open_event(
+        seal_raw(bytes(signed), reply_key, worker), reply_key, worker.verify_key_b64
+    )
     assert genuine.completion_tokens == 37
 
 
 def test_unsigned_final_is_refused(worker, reply_key):
-    blob = seal_raw(canonical_json(final_record()), reply_key)
+    blob = seal_raw(canonical_json(final_record()), reply_key, worker)
     with pytest.raises(WireError, match="not signed"):
         open_event(blob, reply_key, worker.verify_key_b64)
 
 
 def test_signed_chunk_is_refused(worker, reply_key):
-    chunk = StreamChunk(job_id="j", seq=0, text="hi")
-    blob = seal_raw(bytes(worker.signing_key.sign(canonical_json(chunk))), reply_key)
+    chunk = StreamChunk(job_id=JOB, seq=0, text="hi")
+    blob = seal_raw(bytes(worker.signing_key.sign(canonical_json(chunk))), reply_key, worker)
     with pytest.raises(WireError, match="unexpected signed chunk"):
         open_event(blob, reply_key, worker.verify_key_b64)
 
 
 def test_unknown_event_version_is_refused(worker, reply_key):
-    blob = seal_raw(b'{"v":2,"type":"chunk","job_id":"j","seq":0,"text":"x"}', reply_key)
-    with pytest.raises(WireError, match="unsupported wire version 2"):
+    blob = seal_raw(b'{"v":99,"type":"chunk","job_id":"j","seq":0,"text":"x"}', reply_key, worker)
+    with pytest.raises(WireError, match="unsupported wire version 99"):
         open_event(blob, reply_key, worker.verify_key_b64)
 
 
@@ -321,23 +330,24 @@ def test_unknown_signed_final_version_is_refused(worker, reply_key):
     record = json.loads(canonical_json(final_record()))
     record["v"] = 0
     payload = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
-    blob = seal_raw(bytes(worker.signing_key.sign(payload)), reply_key)
+    blob = seal_raw(bytes(worker.signing_key.sign(payload)), reply_key, worker)
     with pytest.raises(WireError, match="unsupported wire version 0"):
         open_event(blob, reply_key, worker.verify_key_b64)
 
 
 def test_unknown_event_type_and_extra_fields_are_refused(worker, reply_key):
     with pytest.raises(WireError, match="invalid event"):
-        open_event(seal_raw(b'{"v":1,"type":"bonus","job_id":"j"}', reply_key), reply_key, "")
-    extra = b'{"v":1,"type":"chunk","job_id":"j","seq":0,"text":"x","price":0}'
+        bonus = f'{{"v":{WIRE_VERSION},"type":"bonus","job_id":"j"}}'.encode()
+        open_event(seal_raw(bonus, reply_key, worker), reply_key, worker.verify_key_b64)
+    extra = f'{{"v":{WIRE_VERSION},"type":"chunk","job_id":"j","seq":0,"text":"x","price":0}}'
     with pytest.raises(WireError, match="price"):
-        open_event(seal_raw(extra, reply_key), reply_key, worker.verify_key_b64)
+        open_event(seal_raw(extra.encode(), reply_key, worker), reply_key, worker.verify_key_b64)
 
 
 def test_event_of_another_job_is_refused_when_expected_job_given(worker, reply_key):
-    blob = seal_event(final_record(job_id="other-job"), public_b64(reply_key), worker)
+    blob = seal_event(final_record(job_id="other-job"), reply_key, worker)
     with pytest.raises(WireError, match="another job"):
-        open_event(blob, reply_key, worker.verify_key_b64, expected_job_id="job_01-abc")
+        open_event(blob, reply_key, worker.verify_key_b64)
 
 
 def test_final_record_rejects_more_cached_than_prompt_tokens():
@@ -346,7 +356,7 @@ def test_final_record_rejects_more_cached_than_prompt_tokens():
 
 
 def test_bad_registered_verify_key_is_refused(worker, reply_key):
-    blob = seal_event(final_record(), public_b64(reply_key), worker)
+    blob = seal_event(final_record(), reply_key, worker)
     with pytest.raises(WireError, match="worker verify key"):
         open_event(blob, reply_key, "short")
 
@@ -361,7 +371,7 @@ def test_canonical_json_is_deterministic_and_compact(reply_key):
     keys = list(json.loads(canonical_json(a)))
     assert keys == sorted(keys)
     assert canonical_json(StreamChunk(job_id="j", seq=0, text="é")) == (
-        '{"job_id":"j","seq":0,"text":"é","type":"chunk","v":1}'.encode()
+        f'{{"job_id":"j","seq":0,"text":"é","type":"chunk","v":{WIRE_VERSION}}}'.encode()
     )
 
 

@@ -3,9 +3,12 @@
 A :class:`JobRun` opens the request with the node's key, checks the model, runs the engine and
 streams the reply as sealed events to ``cocoon:stream:<job_id>``:
 
-* each text delta becomes part of a sealed :class:`~workers.wire.StreamChunk` (``seq`` 0, 1, ...).
-  The engine never waits for Redis: deltas that arrive while a chunk is being written are merged
-  into the next one, so a busy node writes fewer, longer chunks;
+* each text delta becomes part of a sealed :class:`~workers.wire.StreamChunk` (``seq`` 0, 1, ...),
+  sealed under the job's stream key (:mod:`workers.stream_crypto`: one key exchange per job, an
+  AEAD per entry). The engine never waits for Redis: deltas that arrive while a chunk is being
+  written are merged into the next one, and a chunk after the first waits until ``coalesce_s``
+  has passed since the one before (``--stream-coalesce-ms``), so a fast engine's tokens travel a
+  few to an entry. The first chunk and the last are never delayed, and nothing is reordered;
 * the end is one signed :class:`~workers.wire.FinalRecord` (token usage), or an
   :class:`~workers.wire.ErrorRecord` (``wrong_model``, ``engine_error``, ...).
 
@@ -29,6 +32,7 @@ A request that cannot be opened gets no reply at all: without it there is no rep
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import threading
@@ -50,6 +54,7 @@ from workers.engines.base import ContextLengthExceeded, RequestRefused
 from workers.jobs import outer_max_tokens, sealed_argument
 from workers.logprobs import to_wire
 from workers.receipts import Receipt, sign_receipt
+from workers.stream_crypto import StreamSealer
 from workers.wire import (
     CONTEXT_LENGTH_EXCEEDED,
     INVALID_REQUEST,
@@ -65,7 +70,6 @@ from workers.wire import (
     WireError,
     WorkerKeys,
     open_request,
-    seal_event,
 )
 
 __all__ = ["JobRun", "Outcome", "describe_error"]
@@ -94,8 +98,17 @@ class Outcome:
 class JobRun:
     """One job taken by the node. ``await run()`` once; ``stop()`` at any time."""
 
-    def __init__(self, job: Job, *, engine: Engine, keys: WorkerKeys, redis: AsyncRedis) -> None:
+    def __init__(
+        self,
+        job: Job,
+        *,
+        engine: Engine,
+        keys: WorkerKeys,
+        redis: AsyncRedis,
+        coalesce_s: float = 0.0,
+    ) -> None:
         self.job = job
+        self.coalesce_s = coalesce_s
         self.engine = engine
         self.keys = keys
         self.redis = redis
@@ -113,6 +126,9 @@ class JobRun:
         self._generation: asyncio.Task[Usage] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._ttl_set_at = -STREAM_TTL_REFRESH_S
+        self._sealer: StreamSealer | None = None  # the job's stream key, at its first entry
+        self._written_at = 0.0  # when the last chunk was written (monotonic)
+        self._generated = asyncio.Event()  # the engine is done: write what is left at once
         # The receipt's digests (workers.receipts): the sealed request as enqueued, and the
         # reply's text as streamed.
         self._request_sha256 = ""
@@ -155,6 +171,7 @@ class JobRun:
             if not done:
                 self.stop("timeout")
                 await asyncio.wait({self._generation})
+        self._generated.set()  # a writer waiting to coalesce writes at once
         if self._writer is not None:
             await self._writer  # a Redis error here fails the job
         await self._write_unsent(request)
@@ -250,6 +267,12 @@ class JobRun:
 
     async def _write_unsent(self, request: JobRequest) -> None:
         while self._unsent or self._unsent_logprobs or self._unsent_calls:
+            wait = self._written_at + self.coalesce_s - time.monotonic()
+            if self.chunks and wait > 0 and not self._generated.is_set():
+                # The tokens that come meanwhile join this chunk; the end of the generation
+                # cuts the wait short.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._generated.wait(), wait)
             text = "".join(self._unsent)
             self._unsent.clear()
             if len(text) > MAX_CHUNK_CHARS:
@@ -267,6 +290,7 @@ class JobRun:
             self._reply_sha256.update(chunk.reply_text().encode("utf-8", "surrogatepass"))
             self.chunks += 1
             await self._send(request, chunk)
+            self._written_at = time.monotonic()
 
     async def _conclude(self, request: JobRequest) -> Outcome:
         task = self._generation
@@ -323,7 +347,9 @@ class JobRun:
         return max(0, count or 0)
 
     async def _send(self, request: JobRequest, event: Event) -> None:
-        sealed = seal_event(event, request.reply_key, self.keys)
+        if self._sealer is None:
+            self._sealer = StreamSealer(self.job_id, request.reply_key, self.keys)
+        sealed = self._sealer.seal(event)
         last = not isinstance(event, StreamChunk)
         receipt = self._receipt(request, event) if isinstance(event, FinalRecord) else None
         ttl_s: int | None = streams.STREAM_TTL_S

@@ -21,6 +21,10 @@ __all__ = ["NodeConfig", "build_parser", "config_from_args", "parse_engine_optio
 
 REDIS_URL_ENV = "COCOON_REDIS_URL"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+COALESCE_ENV = "COCOON_STREAM_COALESCE_MS"
+DEFAULT_COALESCE_MS = 2.0
+MAX_COALESCE_MS = 50.0
+"""A chunk after the first waits at most this long for more tokens (``--stream-coalesce-ms``)."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ class NodeConfig:
     metrics_port: int | None = None  # serve Prometheus /metrics on this port (None: off)
     metrics_host: str = "0.0.0.0"
     redis_ca_pem: str | None = None  # the CA bundle of the Redis server (from the credentials)
+    stream_coalesce_ms: float = DEFAULT_COALESCE_MS  # see workers.job_run
 
 
 def parse_engine_options(pairs: Sequence[str]) -> dict[str, Any]:
@@ -134,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PORT",
         help=f"serve Prometheus /metrics on this port (default: {METRICS_PORT_ENV}, else off)",
     )
+    parser.add_argument(
+        "--stream-coalesce-ms",
+        type=float,
+        metavar="MS",
+        default=os.environ.get(COALESCE_ENV, DEFAULT_COALESCE_MS),
+        help="a reply chunk after the first waits this long for more tokens, 0 to "
+        f"{MAX_COALESCE_MS:g} (default: {COALESCE_ENV}, else {DEFAULT_COALESCE_MS:g})",
+    )
     return parser
 
 
@@ -146,6 +159,9 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         )
     except ValueError as error:
         parser.error(str(error))
+    coalesce_ms = float(args.stream_coalesce_ms)
+    if not 0 <= coalesce_ms <= MAX_COALESCE_MS:
+        parser.error(f"--stream-coalesce-ms must be 0 to {MAX_COALESCE_MS:g}")
     if args.register_url and not args.token:
         parser.error("--register-url needs --token (from `cocoon provider token`)")
     redis_url = args.redis_url or ""
@@ -167,4 +183,5 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         tee=args.tee,
         register_wait_s=args.register_wait,
         metrics_port=metrics_port,
+        stream_coalesce_ms=coalesce_ms,
     )

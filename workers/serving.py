@@ -95,6 +95,12 @@ class Node:
     def load(self) -> int:
         return len(self._running)
 
+    def _job_run(self, job: Job) -> JobRun:
+        coalesce_s = self.config.stream_coalesce_ms / 1000
+        return JobRun(
+            job, engine=self.engine, keys=self.keys, redis=self._redis, coalesce_s=coalesce_s
+        )
+
     def info(self) -> registry.WorkerInfo:
         return registry.WorkerInfo(
             worker_id=self.worker_id,
@@ -307,7 +313,7 @@ class Node:
         if job.func_name == CHALLENGE_FUNCTION:
             await self._answer_challenge(job)
             return
-        run = JobRun(job, engine=self.engine, keys=self.keys, redis=self._redis)
+        run = self._job_run(job)
         self._running[job.id] = run
         if self.metrics is not None:
             self.metrics.set_running(self.load)
@@ -408,7 +414,7 @@ class Node:
 
     async def _reject(self, job: Job) -> None:
         """Refuse a job that was never started (the node is shutting down)."""
-        run = JobRun(job, engine=self.engine, keys=self.keys, redis=self._redis)
+        run = self._job_run(job)
         try:
             await run.reject("worker_shutdown", "the worker is shutting down")
             await self._in_thread(self._book.fail, job, None, "worker_shutdown: never started")

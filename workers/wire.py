@@ -3,7 +3,8 @@
 Both sides import this module, so it stays light: stdlib, pydantic v2 and PyNaCl only.
 
 * A :class:`JobRequest` is sealed (libsodium sealed box) to the worker's attested X25519 key.
-* Each reply event is sealed to the per-job reply key carried inside the request.
+* Each reply event is sealed under a per-job stream key agreed with the per-job reply key
+  carried inside the request (:mod:`workers.stream_crypto`).
 * A :class:`FinalRecord` (token usage, the basis of billing) is also signed with the worker's
   Ed25519 key: the plaintext in the box is ``signature || canonical JSON``.
 
@@ -35,7 +36,8 @@ from pydantic import (
     model_validator,
 )
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
+"""2: each stream entry is an AEAD under a per-job key (:mod:`workers.stream_crypto`)."""
 
 MAX_CONTENT_CHARS = 1_000_000  # one message, or one stream chunk
 MAX_MESSAGES = 512
@@ -268,7 +270,6 @@ class JobRequest(_Versioned):
     max_tokens: int = Field(ge=1, le=1_000_000)
     reply_key: str
     conversation_id: str | None = Field(default=None, min_length=1, max_length=128)
-
     # The functions the model may call (through its chat template; see workers.engines.tools).
     tools: Tools | None = None
 
@@ -279,7 +280,7 @@ class JobRequest(_Versioned):
     @field_validator("reply_key")
     @classmethod
     def _valid_reply_key(cls, value: str) -> str:
-        _public_key(value, "reply_key")
+        public_key(value, "reply_key")
         return value
 
     @model_validator(mode="after")
@@ -318,7 +319,6 @@ class StreamChunk(_Versioned):
     text: str = Field(max_length=MAX_CONTENT_CHARS)
     # The log probabilities of this chunk's tokens, when the request asked for them.
     logprobs: list[TokenLogprob] | None = Field(default=None, max_length=MAX_LOGPROBS_PER_CHUNK)
-
     # Pieces of the reply's tool calls, when the request offered tools (after ``text``).
     tool_calls: list[ToolCallDelta] | None = Field(default=None, min_length=1, max_length=MAX_TOOLS)
 
@@ -397,7 +397,7 @@ class WorkerKeys:
 
 def key_fingerprint(box_public_b64: str, verify_key_b64: str) -> str:
     """A worker's short fingerprint from its public keys, as the client shows it."""
-    raw = _b64_32(box_public_b64, "box public key") + _b64_32(verify_key_b64, "verify key")
+    raw = key_bytes(box_public_b64, "box public key") + key_bytes(verify_key_b64, "verify key")
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
@@ -424,7 +424,7 @@ def canonical_json(model: BaseModel) -> bytes:
 
 def seal_request(req: JobRequest, worker_box_public_b64: str) -> bytes:
     """Seal ``req`` to the worker's X25519 public key (only that worker can open it)."""
-    box = nacl.public.SealedBox(_public_key(worker_box_public_b64, "worker box key"))
+    box = nacl.public.SealedBox(public_key(worker_box_public_b64, "worker box key"))
     return box.encrypt(canonical_json(req))
 
 
@@ -434,29 +434,22 @@ def open_request(blob: bytes, keys: WorkerKeys) -> JobRequest:
     return _validate(_REQUEST, data, "request")
 
 
-def seal_event(event: Event, reply_public_b64: str, keys: WorkerKeys | None = None) -> bytes:
-    """Seal a reply event to the per-job reply key; a final record is signed with ``keys``."""
+def event_payload(event: Event, keys: WorkerKeys | None = None) -> bytes:
+    """The plaintext of a reply event (:mod:`workers.stream_crypto` seals it): its canonical
+    JSON, and for a final record ``signature || JSON`` signed with ``keys``."""
     payload = canonical_json(event)
     if isinstance(event, FinalRecord):
         if keys is None:
             raise WireError("a final record must be signed: the worker's keys are required")
         payload = keys.signing_key.sign(payload)  # signature || message
-    box = nacl.public.SealedBox(_public_key(reply_public_b64, "reply key"))
-    return box.encrypt(payload)
+    return payload
 
 
-def open_event(
-    blob: bytes,
-    reply_key: nacl.public.PrivateKey,
-    worker_verify_key_b64: str,
-    *,
-    expected_job_id: str | None = None,
+def event_from_payload(
+    plaintext: bytes, worker_verify_key_b64: str, *, expected_job_id: str | None = None
 ) -> Event:
-    """Decrypt a reply event; a final record must carry a valid signature of the worker's key.
-
-    With ``expected_job_id``, an event of another job is refused too.
-    """
-    plaintext = _unseal(blob, reply_key, "event")
+    """The reply event of an opened entry; a final record must carry a valid signature of the
+    worker's key. With ``expected_job_id``, an event of another job is refused too."""
     try:
         data: Any = _loads(plaintext)
         signed = False
@@ -475,15 +468,13 @@ def open_event(
     return event
 
 
-# -- internals --------------------------------------------------------------------------------
+def public_key(value: str, what: str) -> nacl.public.PublicKey:
+    """The X25519 public key of base64 ``value`` (:class:`WireError` naming ``what`` if not)."""
+    return nacl.public.PublicKey(key_bytes(value, what))
 
 
-def _public_key(value: str, what: str) -> nacl.public.PublicKey:
-    raw = _b64_32(value, what)
-    return nacl.public.PublicKey(raw)
-
-
-def _b64_32(value: object, what: str) -> bytes:
+def key_bytes(value: object, what: str) -> bytes:
+    """The 32 bytes of a base64 key (:class:`WireError` naming ``what`` if it is not one)."""
     if not isinstance(value, str):
         raise WireError(f"{what} must be a base64 string")
     try:
@@ -493,6 +484,9 @@ def _b64_32(value: object, what: str) -> bytes:
     if len(raw) != 32:
         raise WireError(f"{what} must be 32 bytes, got {len(raw)}")
     return raw
+
+
+# -- internals --------------------------------------------------------------------------------
 
 
 def _unseal(blob: bytes, key: nacl.public.PrivateKey, what: str) -> bytes:
@@ -507,7 +501,7 @@ def _unseal(blob: bytes, key: nacl.public.PrivateKey, what: str) -> bytes:
 
 
 def _verify(signed: bytes, verify_key_b64: str) -> bytes:
-    verify_key = nacl.signing.VerifyKey(_b64_32(verify_key_b64, "worker verify key"))
+    verify_key = nacl.signing.VerifyKey(key_bytes(verify_key_b64, "worker verify key"))
     if len(signed) <= _SIGNATURE_BYTES:
         raise WireError("malformed event: neither JSON nor a signed record")
     try:

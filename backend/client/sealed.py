@@ -16,6 +16,7 @@ import aiohttp
 
 from backend.attestation.checks import WorkerCheck, check_receipt, check_report
 from backend.attestation.policy import Policy
+from workers.stream_crypto import StreamOpener
 from workers.wire import (
     ChatMessage,
     ErrorRecord,
@@ -25,7 +26,6 @@ from workers.wire import (
     StreamChunk,
     WireError,
     new_reply_keypair,
-    open_event,
     public_b64,
     seal_request,
 )
@@ -161,6 +161,7 @@ class SealedClient:
         final: FinalRecord | None = None
         head: dict[str, Any] = {}
         url = f"{self.url}/v1/sealed/chat/completions"
+        opener = StreamOpener(reply_key, worker.verify_key, job_id)
         async with self.session.post(url, json=body, headers=headers) as reply:
             if reply.status != 200:
                 error = await reply.json(content_type=None)
@@ -170,7 +171,7 @@ class SealedClient:
                 if kind == "cocoon.sealed.start":
                     head = event
                 elif kind == "cocoon.sealed.event":
-                    opened = _open(event, reply_key, worker, job_id)
+                    opened = _open(event, opener)
                     if isinstance(opened, StreamChunk):
                         parts.append(opened.text)
                         yield opened.text
@@ -223,12 +224,11 @@ class SealedClient:
         )
 
 
-def _open(
-    event: dict[str, Any], reply_key: Any, worker: WorkerCheck, job_id: str
-) -> StreamChunk | FinalRecord | ErrorRecord:
+def _open(event: dict[str, Any], opener: StreamOpener) -> StreamChunk | FinalRecord | ErrorRecord:
+    """The next event of the stream, opened in its place (its key is the client's alone)."""
     try:
         blob = base64.b64decode(str(event.get("sealed")), validate=True)
-        return open_event(blob, reply_key, worker.verify_key, expected_job_id=job_id)
+        return opener.open(blob)
     except (ValueError, WireError) as error:
         raise SealedError("event_refused", f"an event does not open or verify: {error}") from None
 

@@ -17,7 +17,6 @@ is kinder than such a node: the records are valid on the wire, only their conten
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import uuid
@@ -38,14 +37,15 @@ from workers import registry, streams
 from workers.evidence import Registration, register_with_backend
 from workers.jobs import sealed_argument
 from workers.registry import WorkerInfo, queue_name
+from workers.stream_crypto import StreamSealer
 from workers.wire import (
+    WIRE_VERSION,
     ErrorRecord,
     FinalRecord,
     JobRequest,
     StreamChunk,
     WorkerKeys,
     open_request,
-    seal_event,
 )
 
 BUSY_LOOP = (
@@ -61,6 +61,7 @@ class RogueJob:
 
     request: JobRequest
     chunks: int = 0
+    sealer: StreamSealer | None = None  # the job's stream key, made at its first entry
 
     @property
     def job_id(self) -> str:
@@ -249,17 +250,16 @@ class RogueWorker:
         """The next chunk of the reply, numbered in order unless ``seq`` says otherwise."""
         event = StreamChunk(job_id=job.job_id, seq=job.chunks if seq is None else seq, text=text)
         job.chunks += 1
-        await self._append(job, seal_event(event, job.request.reply_key))
+        await self._append(job, self.sealer_of(job).seal(event))
 
     async def raw_entry(self, job: RogueJob, plaintext: bytes) -> None:
         """Any bytes, sealed to the job's reply key as one stream entry (no schema applied: a
         modified node is not held to the wire's limits when it writes)."""
-        box = nacl.public.SealedBox(nacl.public.PublicKey(base64.b64decode(job.request.reply_key)))
-        await self._append(job, box.encrypt(plaintext))
+        await self._append(job, self.sealer_of(job).seal_payload(plaintext))
 
     async def oversized_chunk(self, job: RogueJob, size: int) -> None:
         """One chunk carrying ``size`` bytes of text: past the wire's own limit."""
-        chunk = {"v": 1, "type": "chunk", "job_id": job.job_id, "seq": job.chunks}
+        chunk = {"v": WIRE_VERSION, "type": "chunk", "job_id": job.job_id, "seq": job.chunks}
         job.chunks += 1
         await self.raw_entry(job, json.dumps({**chunk, "text": "x" * size}).encode())
 
@@ -279,11 +279,17 @@ class RogueWorker:
             completion_tokens=completion_tokens,
             finish_reason=finish_reason,  # type: ignore[arg-type]
         )
-        await self._append(job, seal_event(record, job.request.reply_key, self.keys), last=True)
+        await self._append(job, self.sealer_of(job).seal(record), last=True)
 
     async def error(self, job: RogueJob, code: str) -> None:
         record = ErrorRecord(job_id=job.job_id, code=code, message=code)
-        await self._append(job, seal_event(record, job.request.reply_key), last=True)
+        await self._append(job, self.sealer_of(job).seal(record), last=True)
+
+    def sealer_of(self, job: RogueJob) -> StreamSealer:
+        """The job's stream key (the rogue's own keys), made at its first entry."""
+        if job.sealer is None:
+            job.sealer = StreamSealer(job.job_id, job.request.reply_key, self.keys)
+        return job.sealer
 
     async def _append(self, job: RogueJob, sealed: bytes, *, last: bool = False) -> None:
         await streams.append(self.redis, job.job_id, sealed, last=last)
