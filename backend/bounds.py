@@ -8,8 +8,9 @@ Billing (:func:`bill`), from the worker's signed final record:
 
 * ``prompt_tokens`` ≤ :func:`prompt_token_bound` of the messages (the backend has no tokenizer:
   a token of byte-level BPE is at least one byte of UTF-8, plus the chat template's tokens around
-  each message and before the reply, default system prompts included) and ≤ the model's
-  ``context_length``;
+  each message and before the reply, default system prompts included; with tools, the text the
+  worker's chat template writes for the offered functions and for the calls and results in the
+  messages, their JSON re-serialised as templates do) and ≤ the model's ``context_length``;
 * ``completion_tokens`` ≤ ``max_tokens`` and ≤ the bytes of reply text delivered plus
   :data:`COMPLETION_SLACK_TOKENS` plus the longest stop string of the request (tokens an honest
   engine counts without delivering their text: the end-of-turn token, an unfinished UTF-8
@@ -30,11 +31,12 @@ flagged.
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from workers.streams import MAX_CHUNK_CHARS, StreamLimits
-from workers.wire import MAX_LOGPROBS_PER_CHUNK, MAX_TOKEN_CHARS, ChatMessage, FinalRecord
+from workers.wire import MAX_LOGPROBS_PER_CHUNK, MAX_TOKEN_CHARS, ChatMessage, FinalRecord, Tools
 
 __all__ = [
     "BYTES_PER_TOKEN_MAX",
@@ -49,6 +51,7 @@ __all__ = [
     "prompt_token_bound",
     "sealed_prompt_bound",
     "sealed_text_bound",
+    "tools_token_bound",
 ]
 
 MESSAGE_OVERHEAD_TOKENS = 8
@@ -91,6 +94,7 @@ class Violation(enum.StrEnum):
     CHUNKS = "chunks"
     DEADLINE = "deadline"
     SEQUENCE = "sequence"  # a chunk out of order: one missing, repeated or sent ahead
+    TOOL_CALLS = "tool_calls"  # a call the request did not allow (backend.tool_checks)
 
 
 @dataclass(frozen=True)
@@ -162,18 +166,72 @@ IMAGE_TOKEN_BOUND = 8192
 """The most prompt tokens one image may count (vision models tile a large image into many)."""
 
 
-def prompt_token_bound(messages: Sequence[ChatMessage]) -> int:
+TOOLS_PROMPT_TOKENS = 512
+"""The chat template's words that introduce the offered functions and say how to call them (the
+shipped Hermes template's and the worker's fallback's are under 450 bytes)."""
+
+TOOL_OVERHEAD_TOKENS = 96
+"""The JSON around one offered function as a template writes it (``{"type": "function",
+"function": {"name": ..., "description": ..., "parameters": ...}}``: 72 bytes)."""
+
+TOOL_CALL_OVERHEAD_TOKENS = 64
+"""The text around one call in an assistant message (``<tool_call>{"name": ..., "arguments":
+...}</tool_call>`` and its newlines: 52 bytes), or around a tool's result (``<tool_response>``)."""
+
+_HTML_UNSAFE = str.maketrans("", "", "<>&'")
+
+
+def rendered_json_bytes(text: str) -> int:
+    """The most UTF-8 bytes a chat template writes for a JSON text it is given (a function's
+    parameters, a call's arguments): the value re-serialised by ``tojson``, with ``", "`` and
+    ``": "`` between items, either as UTF-8 (transformers) or ASCII-escaped with ``<>&'`` as
+    ``\\u`` escapes (Jinja's); text that does not parse is written as a JSON string."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = text
+    escaped = json.dumps(value)
+    unsafe = len(escaped) - len(escaped.translate(_HTML_UNSAFE))
+    return max(len(escaped) + 5 * unsafe, len(json.dumps(value, ensure_ascii=False).encode()))
+
+
+def _message_tokens(m: ChatMessage) -> int:
+    calls = m.tool_calls or ()
+    return (
+        len(m.content.encode())
+        + MESSAGE_OVERHEAD_TOKENS
+        + IMAGE_TOKEN_BOUND * len(m.images or ())
+        + sum(
+            TOOL_CALL_OVERHEAD_TOKENS + len(c.id) + len(c.name) + rendered_json_bytes(c.arguments)
+            for c in calls
+        )
+        + (TOOL_CALL_OVERHEAD_TOKENS + len(m.tool_call_id) if m.tool_call_id else 0)
+    )
+
+
+def tools_token_bound(tools: Tools | None) -> int:
+    """An upper bound on the tokens the offered functions add to the prompt (0 with none)."""
+    if tools is None:
+        return 0
+    return TOOLS_PROMPT_TOKENS + sum(
+        TOOL_OVERHEAD_TOKENS
+        + len(f.name)
+        + rendered_json_bytes(json.dumps(f.description))
+        + rendered_json_bytes(f.parameters)
+        for f in tools.functions
+    )
+
+
+def prompt_token_bound(messages: Sequence[ChatMessage], tools: Tools | None = None) -> int:
     """An upper bound on the prompt's tokens without a tokenizer: byte-level BPE tokens are at
     least one byte each, plus the chat template's tokens around each message and the prompt,
-    plus :data:`IMAGE_TOKEN_BOUND` for each image."""
+    plus :data:`IMAGE_TOKEN_BOUND` for each image; with ``tools``, the text the worker's chat
+    template writes for them (:func:`tools_token_bound`) and for the calls and results in the
+    messages."""
     return (
-        sum(
-            len(m.content.encode())
-            + MESSAGE_OVERHEAD_TOKENS
-            + IMAGE_TOKEN_BOUND * len(m.images or ())
-            for m in messages
-        )
+        sum(_message_tokens(m) for m in messages)
         + PROMPT_TEMPLATE_TOKENS
+        + tools_token_bound(tools)
     )
 
 
@@ -221,11 +279,13 @@ def bill(
     context_length: int,
     delivered_bytes: int,
     prompt_bound: int | None = None,
+    tools: Tools | None = None,
 ) -> Bill:
     """The counts to bill for ``final``: each at most its bound (see the module).
 
     ``prompt_bound``: the prompt's bound when the backend cannot read the messages (a sealed
-    turn: :func:`sealed_prompt_bound` of the ciphertext's length)."""
+    turn: :func:`sealed_prompt_bound` of the ciphertext's length); ``tools``: the functions the
+    request offered, whose text the worker's template wrote into the prompt."""
     flags: list[Flag] = []
 
     def bounded(kind: Violation, claimed: int, bound: int) -> int:
@@ -238,7 +298,7 @@ def bill(
         Violation.PROMPT_TOKENS,
         final.prompt_tokens,
         min(
-            prompt_bound if prompt_bound is not None else prompt_token_bound(messages),
+            prompt_bound if prompt_bound is not None else prompt_token_bound(messages, tools),
             context_length,
         ),
     )

@@ -167,7 +167,7 @@ class Dispatcher:
         if not request.messages:
             raise TurnError(ErrorCode.INVALID_REQUEST, "a turn needs at least one message")
         admission.check_context(request.model, request.messages, price)
-        prompt_bound = prompt_token_bound(request.messages)
+        prompt_bound = prompt_token_bound(request.messages, request.tools)
         max_tokens = request.max_tokens or default_max_tokens(self.settings, price)
         if max_tokens < 1 or max_tokens > price.context_length:
             raise TurnError(

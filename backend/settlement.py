@@ -102,6 +102,7 @@ class TurnSettlement:
             context_length=self.price.context_length,
             delivered_bytes=self._delivered_bytes,
             prompt_bound=self.prompt_bound,
+            tools=self.request.tools,
         )
         outcome = "cancelled" if final.finish_reason == "cancelled" else "settled"
         charged = await self._charge(billed, final.finish_reason, outcome=outcome)

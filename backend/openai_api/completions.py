@@ -127,7 +127,7 @@ async def answer(
 
 def _reader(body: p.ChatCompletionRequest) -> tools.CallReader | None:
     """What checks the reply's tool calls (None when the request offers none)."""
-    return tools.CallReader(body) if tools.offered(body) else None
+    return tools.CallReader() if tools.offered(body) else None
 
 
 def _cost(completion: dict[str, Any]) -> str:
@@ -209,9 +209,7 @@ async def _stream(
                     if event.text or event.logprobs or not event.tool_calls:
                         tokens = list(event.logprobs) if logprobs is not None else None
                         await response.write(chunks.text(event.text, tokens))
-                    if event.tool_calls:  # sent as soon as the worker read them out
-                        if calls is None:
-                            raise tools.ToolCallRefused("the worker sent calls nobody offered")
+                    if event.tool_calls and calls is not None:  # as soon as the worker read them
                         pieces = [calls.read(piece) for piece in event.tool_calls]
                         await response.write(chunks.tool_calls(pieces))
                 else:

@@ -2,23 +2,28 @@
 
 * **Prompt.** The offered functions (name, description, JSON schema of the arguments), the
   choice and ``parallel_tool_calls`` travel in the sealed request (:class:`workers.wire.Tools`),
-  and so do an assistant message's ``tool_calls`` and a ``tool`` message's ``tool_call_id``:
-  the worker's engine renders them with the model's chat template (``tools=``, as transformers
-  and vLLM do), or, for a template that knows no tools, writes them into the messages in the
-  same Hermes format (:mod:`workers.engines.tools`). The worker says which in its attested
-  engine configuration (``chat_template_sha256`` names a template file that replaces the
-  model's, e.g. the shipped ``workers/templates/hermes_tools.jinja``).
+  and so do an assistant message's ``tool_calls`` and a ``tool`` message's ``tool_call_id``
+  (renumbered ``call_0``, ``call_1``...: no client's id reaches the worker). The worker's
+  engine renders them with the model's chat template (``tools=``, as transformers and vLLM do),
+  or, for a template that knows no tools, writes them into the messages in the same Hermes
+  format (:mod:`workers.engines.tools`). A template file that replaces the model's (an engine
+  option ``chat_template=FILE``, e.g. the shipped ``workers/templates/hermes_tools.jinja``)
+  is part of the worker's attested engine configuration (``chat_template_sha256``). An engine
+  that cannot render tools (``openai``, ``instant``) refuses them: a 400.
 * **Choice.** ``"required"`` or a named function: the reply is sampled under a JSON schema (the
-  engines' grammar or structured outputs) that admits only calls of the allowed functions with
-  arguments valid against their schema. ``"auto"``: free text, in which each
+  engines' grammar or structured outputs) that admits only an array of calls of the allowed
+  functions with arguments valid against their schema (one call without
+  ``parallel_tool_calls``). ``"auto"``: free text, in which each
   ``<tool_call>{...}</tool_call>`` block is a call. ``"none"`` (or no tools): none offered.
-* **Reply.** Several calls per reply (one at most with ``parallel_tool_calls`` false) come back
-  as ``tool_calls`` with ``finish_reason`` ``"tool_calls"``; streamed, each call is sent as
-  OpenAI does (index, id, type and name first, then its arguments) as soon as the worker has
-  read it out of the reply. A worker is a stranger: :class:`CallReader` lets through only calls
-  of offered (or the named) functions, in order, within the count, with JSON-object
-  arguments within :data:`~workers.wire.MAX_TOOL_ARGUMENTS_CHARS`; anything else fails the turn
-  as a worker error.
+* **Reply.** Several calls per reply (one at most with ``parallel_tool_calls`` false; the
+  engine drops any past it) come back as ``tool_calls`` with ``finish_reason``
+  ``"tool_calls"``, beside any text before them; streamed, each call is sent as OpenAI does
+  (index, id, type and name first, then its arguments) as soon as the worker has read it out
+  of the reply. A worker is a stranger: the turn lets through only calls the request allowed
+  (:mod:`backend.tool_checks`) and cuts off a worker sending any other (``worker_misbehaved``,
+  billed only what it delivered, flagged); :class:`CallReader` then shows them as OpenAI does.
+* **Billing.** The backend's bound on the prompt's tokens counts the text the template writes
+  for the functions, calls and results (:func:`backend.bounds.tools_token_bound`).
 """
 
 from __future__ import annotations
@@ -30,8 +35,7 @@ from collections.abc import Callable
 from backend.errors import ErrorCode
 from backend.openai_api.protocol import ApiError, ChatCompletionRequest, Message
 from backend.openai_api.tool_types import FunctionCall, Tool, ToolCall
-from backend.turns import TurnError
-from workers.wire import MAX_TOOL_ARGUMENTS_CHARS, MAX_TOOLS, ChatMessage, ToolCallDelta, ToolSpec
+from workers.wire import ChatMessage, ToolCallDelta, ToolSpec
 from workers.wire import ResponseFormat as WireResponseFormat
 from workers.wire import ToolCall as WireToolCall
 from workers.wire import Tools as WireTools
@@ -129,62 +133,34 @@ def response_format(body: ChatCompletionRequest) -> WireResponseFormat | None:
     return body.response_format.to_wire() if body.response_format else None
 
 
-class ToolCallRefused(TurnError):
-    """The worker's reply holds a call the request did not allow: a worker error."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(ErrorCode.WORKER_ERROR, message)
-
-
 class CallReader:
-    """The reply's calls, checked piece by piece as the worker streams them (see the module)."""
+    """The reply's calls as OpenAI shows them: each given an id of its own, streamed as OpenAI
+    streams them, then whole. The turn has checked them already (:mod:`backend.tool_checks`:
+    an offered function, in order, within the count, JSON-object arguments)."""
 
-    def __init__(self, body: ChatCompletionRequest) -> None:
-        tools = offered(body)
-        named = _named(body) if tools else None
-        self.names = {named} if named else {t.function.name for t in tools}
-        self.limit = 1 if body.parallel_tool_calls is False else MAX_TOOLS
+    def __init__(self) -> None:
         self.calls: list[ToolCall] = []
         self._arguments: list[list[str]] = []
-        self._sizes: list[int] = []
 
     def read(self, piece: ToolCallDelta) -> dict[str, object]:
-        """A checked piece as OpenAI streams it; ToolCallRefused when it is not allowed."""
+        """A piece as OpenAI streams it: a call's index, id, type and name first, then
+        fragments of its arguments."""
         if piece.name is not None:  # the first piece of the next call
-            if piece.index != len(self.calls) or piece.index >= self.limit:
-                raise ToolCallRefused("the worker's calls are out of order or too many")
-            if piece.name not in self.names:
-                raise ToolCallRefused("the worker called a function that was not offered")
             call = ToolCall(
                 id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(name=piece.name)
             )
             self.calls.append(call)
             self._arguments.append([piece.arguments])
-            self._sizes.append(len(piece.arguments))
             function = {"name": piece.name, "arguments": piece.arguments}
             return {"index": piece.index, "id": call.id, "type": "function", "function": function}
-        if piece.index != len(self.calls) - 1:
-            raise ToolCallRefused("the worker's call pieces are out of order")
-        self._sizes[piece.index] += len(piece.arguments)
-        if self._sizes[piece.index] > MAX_TOOL_ARGUMENTS_CHARS:
-            raise ToolCallRefused("the worker's call arguments are too long")
         self._arguments[piece.index].append(piece.arguments)
         return {"index": piece.index, "function": {"arguments": piece.arguments}}
 
     def finish(self) -> list[ToolCall]:
-        """The whole calls; ToolCallRefused when an argument text is not a JSON object."""
-        calls = []
-        for call, parts in zip(self.calls, self._arguments, strict=True):
-            arguments = "".join(parts)
-            try:
-                parsed = json.loads(arguments)
-            except ValueError:
-                parsed = None
-            if not isinstance(parsed, dict):
-                raise ToolCallRefused("the worker's call arguments are not a JSON object")
-            calls.append(
-                call.model_copy(
-                    update={"function": FunctionCall(name=call.function.name, arguments=arguments)}
-                )
+        """The whole calls, in order."""
+        return [
+            call.model_copy(
+                update={"function": FunctionCall(name=call.function.name, arguments="".join(parts))}
             )
-        return calls
+            for call, parts in zip(self.calls, self._arguments, strict=True)
+        ]

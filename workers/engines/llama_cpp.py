@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from workers.engines import tools as tool_calling
 from workers.engines.base import (
     ContextLengthExceeded,
     Engine,
@@ -36,16 +37,6 @@ from workers.engines.base import (
     TokenLogprob,
     TopToken,
     Usage,
-)
-from workers.engines.tools import (
-    constrained,
-    fallback_messages,
-    knows_tools,
-    read_template,
-    template_digest,
-    template_messages,
-    template_tools,
-    with_tool_calls,
 )
 
 # Used when a GGUF carries no chat template (SmolLM2's does): plain ChatML.
@@ -188,7 +179,9 @@ class LlamaCppEngine(Engine):
         self.n_threads = n_threads or _cpu_threads()
         self.n_batch = n_batch
         self._sampling = {"top_k": top_k, "min_p": min_p, "repeat_penalty": repeat_penalty}
-        self._template = read_template(chat_template) if chat_template is not None else None
+        self._template = (
+            tool_calling.read_template(chat_template) if chat_template is not None else None
+        )
         self._llm: Any = None
         self._formatter: Any = None
         self._template_stops: tuple[str, ...] = ()
@@ -248,7 +241,7 @@ class LlamaCppEngine(Engine):
 
         eos_token = token_text(llm.token_eos())
         template = self._template or llm.metadata.get("tokenizer.chat_template") or CHATML_TEMPLATE
-        self.tool_template = knows_tools(template)
+        self.tool_template = tool_calling.knows_tools(template)
         self._formatter = Jinja2ChatFormatter(
             template=template, eos_token=eos_token, bos_token=token_text(llm.token_bos())
         )
@@ -289,7 +282,7 @@ class LlamaCppEngine(Engine):
         if not chat_template:  # the text itself, with the model's BOS where it takes one
             raw: list[int] = llm.tokenize(messages[-1]["content"].encode("utf-8"), add_bos=True)
             return raw
-        messages = template_messages(messages)
+        messages = tool_calling.template_messages(messages)
         try:
             if continue_final:
                 head = self._formatter(messages=messages[:-1], tools=tools).prompt
@@ -314,18 +307,16 @@ class LlamaCppEngine(Engine):
         the SHA-256 of a chat template that replaces the GGUF's."""
         config: dict[str, Any] = {"n_ctx": self.n_ctx, "n_batch": self.n_batch, **self._sampling}
         if self._template is not None:
-            config["chat_template_sha256"] = template_digest(self._template)
+            config["chat_template_sha256"] = tool_calling.template_digest(self._template)
         return config
 
     def _prompt(self, request: GenerationRequest) -> list[int]:
-        if request.tools and not self.tool_template:
-            messages = fallback_messages(request)
-            return self.prompt_tokens(messages, continue_final=request.continue_final)
+        messages, tools = tool_calling.prompt_parts(request, self.tool_template)
         return self.prompt_tokens(
-            request.messages,
+            messages,
             continue_final=request.continue_final,
             chat_template=request.chat_template,
-            tools=template_tools(request),
+            tools=tools,
         )
 
     def weights_path(self) -> Path | None:
@@ -333,11 +324,11 @@ class LlamaCppEngine(Engine):
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[TextDelta | Usage]:
         """The reply, with its tool calls read out when tools are offered."""
-        return with_tool_calls(request, self._generate_text(request))
+        return tool_calling.with_tool_calls(request, self._generate_text(request))
 
     async def _generate_text(self, request: GenerationRequest) -> AsyncIterator[TextDelta | Usage]:
         self._require_started()
-        request = constrained(request)
+        request = tool_calling.constrained(request)
         tokens = await asyncio.to_thread(self._prompt, request)
         if len(tokens) >= self.n_ctx:
             raise ContextLengthExceeded(

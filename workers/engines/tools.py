@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import aclosing
@@ -45,7 +46,7 @@ HERMES_TEMPLATE = Path(__file__).resolve().parent.parent / "templates" / "hermes
 _NAME = re.compile(TOOL_NAME)
 
 
-def read_template(path: str | Path) -> str:
+def read_template(path: str | os.PathLike[str]) -> str:
     """A chat template file's text (a ``.jinja`` file, as vLLM's ``--chat-template``)."""
     try:
         return Path(path).read_text(encoding="utf-8")
@@ -115,7 +116,8 @@ def fallback_messages(request: GenerationRequest) -> list[dict[str, Any]]:
     """For a template that knows no tools: the functions described in the system message, a
     call written as its Hermes block, a result as a user message (every template takes those)."""
     messages: list[dict[str, Any]] = []
-    for message in request.messages:
+    history: Sequence[Mapping[str, Any]] = request.messages  # calls are lists of dicts
+    for message in history:
         role, content = message["role"], message["content"]
         if role == "tool":
             messages.append(
@@ -126,6 +128,8 @@ def fallback_messages(request: GenerationRequest) -> list[dict[str, Any]]:
             messages.append({"role": "assistant", "content": (content + "\n" + calls).strip()})
         else:
             messages.append({"role": role, "content": content})
+    if not request.tools:  # a tool conversation, with no function offered now
+        return messages
     described = "\n".join(json.dumps(tool) for tool in template_tools(request) or [])
     system = (
         "You may call one or more functions to assist with the user query. The functions, "
@@ -137,6 +141,18 @@ def fallback_messages(request: GenerationRequest) -> list[dict[str, Any]]:
     if messages and messages[0]["role"] == "system":
         system = messages.pop(0)["content"] + "\n\n" + system
     return [{"role": "system", "content": system}, *messages]
+
+
+def prompt_parts(
+    request: GenerationRequest, tool_template: bool
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """The messages and functions an engine renders with its chat template: as they are when
+    the template knows tools (``tool_template``), else written by :func:`fallback_messages`
+    whenever functions are offered or the conversation holds calls or results."""
+    talks_tools = any(m.get("tool_calls") or m["role"] == "tool" for m in request.messages)
+    if not tool_template and (request.tools or talks_tools):
+        return fallback_messages(request), None
+    return list(request.messages), template_tools(request)
 
 
 def forced_schema(request: GenerationRequest) -> str | None:

@@ -45,12 +45,11 @@ from workers.engines.base import (
 )
 from workers.engines.tools import (
     constrained,
-    fallback_messages,
     knows_tools,
+    prompt_parts,
     read_template,
     template_digest,
     template_messages,
-    template_tools,
     with_tool_calls,
 )
 
@@ -258,14 +257,12 @@ class VLLMEngine(Engine):
         return config
 
     def _prompt(self, request: GenerationRequest) -> list[int]:
-        if request.tools and not self.tool_template:
-            messages = fallback_messages(request)
-            return self.prompt_token_ids(messages, continue_final=request.continue_final)
+        messages, tools = prompt_parts(request, self.tool_template)
         return self.prompt_token_ids(
-            request.messages,
+            messages,
             continue_final=request.continue_final,
             chat_template=request.chat_template,
-            tools=template_tools(request),
+            tools=tools,
         )
 
     def weights_path(self) -> Path | None:
