@@ -8,9 +8,11 @@ worker's lock file holds none of them; the worker image copies only ``workers/``
 
 from __future__ import annotations
 
+import fnmatch
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -129,3 +131,19 @@ def test_the_worker_image_copies_only_the_worker() -> None:
     for engine in engines:
         assert engine[1].startswith("-r requirements/worker.lock"), engine
     assert 'ENTRYPOINT ["cocoon-worker"]' in text
+
+
+def test_the_workers_data_files_are_packaged() -> None:
+    """A worker installed from its wheel has every file of ``workers/`` besides the code (the
+    shipped chat templates, ``workers/templates/*.jinja``): package-data names each kind."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert config["packages"]["find"].get("namespaces", True)  # workers/templates has no __init__
+    patterns = config["package-data"]["*"]
+    data = [
+        path
+        for path in (ROOT / "workers").rglob("*")
+        if path.is_file() and path.suffix not in {".py", ".pyc"} and "__pycache__" not in path.parts
+    ]
+    assert any(path.suffix == ".jinja" for path in data)
+    for path in data:
+        assert any(fnmatch.fnmatch(path.name, pattern) for pattern in patterns), path
