@@ -28,6 +28,7 @@ from tests.support.ops import admin_sql
 pytest_plugins = [
     "tests.support.api",
     "tests.support.attest",
+    "tests.support.billing",
     "tests.support.bot",
     "tests.support.payouts",
 ]
