@@ -36,7 +36,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from workers.streams import MAX_CHUNK_CHARS, StreamLimits
-from workers.wire import MAX_LOGPROBS_PER_CHUNK, MAX_TOKEN_CHARS, ChatMessage, FinalRecord, Tools
+from workers.wire import MAX_LOGPROBS_PER_CHUNK, MAX_TOKEN_CHARS, ChatMessage, FinalRecord
+from workers.wire_tools import Tools
 
 __all__ = [
     "BYTES_PER_TOKEN_MAX",

@@ -17,7 +17,7 @@ import json
 from collections.abc import Sequence
 
 from backend.bounds import Flag, Violation
-from workers.wire import MAX_TOOL_ARGUMENTS_CHARS, MAX_TOOLS, ToolCallDelta, Tools
+from workers.wire_tools import MAX_TOOL_ARGUMENTS_CHARS, MAX_TOOLS, ToolCallDelta, Tools
 
 __all__ = ["CallCheck"]
 

@@ -9,14 +9,8 @@ from typing import Protocol
 
 from backend.errors import CocoonError
 from backend.receipts import ReceiptRecord
-from workers.wire import (
-    ChatMessage,
-    SamplingParams,
-    StreamChunk,
-    TokenLogprob,
-    ToolCallDelta,
-    Tools,
-)
+from workers.wire import ChatMessage, SamplingParams, StreamChunk, TokenLogprob
+from workers.wire_tools import ToolCallDelta, Tools
 
 
 class TurnCounter(Protocol):

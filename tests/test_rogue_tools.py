@@ -24,16 +24,8 @@ from backend.tool_checks import CallCheck
 from tests.support.api import Api, settled_turns
 from tests.support.rogue import RogueJob, RogueWorker
 from tests.support.turns import TON
-from workers.wire import (
-    MAX_TOOL_ARGUMENTS_CHARS,
-    ChatMessage,
-    StreamChunk,
-    ToolCall,
-    ToolCallDelta,
-    Tools,
-    ToolSpec,
-    canonical_json,
-)
+from workers.wire import ChatMessage, StreamChunk, canonical_json
+from workers.wire_tools import MAX_TOOL_ARGUMENTS_CHARS, ToolCall, ToolCallDelta, Tools, ToolSpec
 
 WEATHER = {
     "type": "function",

@@ -59,18 +59,17 @@ from workers.wire import (
     CONTEXT_LENGTH_EXCEEDED,
     INVALID_REQUEST,
     MAX_LOGPROBS_PER_CHUNK,
-    MAX_TOOLS,
     ErrorRecord,
     Event,
     FinalRecord,
     JobRequest,
     StreamChunk,
     TokenLogprob,
-    ToolCallDelta,
     WireError,
     WorkerKeys,
     open_request,
 )
+from workers.wire_tools import MAX_TOOLS, ToolCallDelta
 
 __all__ = ["JobRun", "Outcome", "describe_error"]
 

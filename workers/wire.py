@@ -26,7 +26,6 @@ import nacl.public
 import nacl.signing
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
     TypeAdapter,
@@ -35,6 +34,10 @@ from pydantic import (
     model_serializer,
     model_validator,
 )
+
+from workers.wire_tools import MAX_TOOLS, TOOL_CALL_ID, ToolCall, ToolCallDelta, Tools
+from workers.wire_tools import WireModel as _Wire  # every model of the wire is one
+from workers.wire_tools import drop_none as _drop_none
 
 WIRE_VERSION = 2
 """2: each stream entry is an AEAD under a per-job key (:mod:`workers.stream_crypto`)."""
@@ -50,10 +53,6 @@ JobId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
 class WireError(ValueError):
     """A payload that is malformed, of another wire version, undecryptable or badly signed."""
-
-
-class _Wire(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class _Versioned(_Wire):
@@ -88,32 +87,6 @@ class ImagePart(_Wire):
     image_url: ImageUrl
 
 
-MAX_TOOLS = 64
-"""The most functions one request may offer, and the most calls one reply or message holds."""
-MAX_TOOL_ARGUMENTS_CHARS = 16_384
-"""The longest arguments (JSON text) of one call, and parameters schema of one function."""
-TOOL_NAME = r"^[A-Za-z0-9_-]{1,64}$"
-TOOL_CALL_ID = r"^[A-Za-z0-9_.:-]{1,128}$"
-
-
-class ToolCall(_Wire):
-    """A call of a function in an assistant message of the prompt: ``arguments`` is its JSON
-    object's text, as OpenAI sends it."""
-
-    id: str = Field(pattern=TOOL_CALL_ID)
-    name: str = Field(pattern=TOOL_NAME)
-    arguments: str = Field(default="{}", max_length=MAX_TOOL_ARGUMENTS_CHARS)
-
-
-def _drop_none(data: Any, *names: str) -> Any:
-    """Fields added after the first wire version are written only when given."""
-    if isinstance(data, dict):
-        for name in names:
-            if data.get(name) is None:
-                data.pop(name, None)
-    return data
-
-
 class ChatMessage(_Wire):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = Field(max_length=MAX_CONTENT_CHARS)
@@ -137,42 +110,6 @@ class ChatMessage(_Wire):
     def _images_only_when_given(self, handler: SerializerFunctionWrapHandler) -> Any:
         """A message without images or tool calls is written as before they existed."""
         return _drop_none(handler(self), "images", "tool_calls", "tool_call_id")
-
-
-class ToolSpec(_Wire):
-    """A function the model may call: ``parameters`` is its JSON schema's text."""
-
-    name: str = Field(pattern=TOOL_NAME)
-    description: str = Field(default="", max_length=4096)
-    parameters: str = Field(default='{"type":"object"}', max_length=MAX_TOOL_ARGUMENTS_CHARS)
-
-
-class Tools(_Wire):
-    """The functions a request offers and how the reply may call them: ``choice`` "auto" (the
-    model decides) or "required" (at least one call; with ``name``, of that function only);
-    ``parallel`` False: at most one call."""
-
-    functions: list[ToolSpec] = Field(min_length=1, max_length=MAX_TOOLS)
-    choice: Literal["auto", "required"] = "auto"
-    name: str | None = Field(default=None, pattern=TOOL_NAME)
-    parallel: bool = True
-
-    @model_validator(mode="after")
-    def _named_is_offered(self) -> Tools:
-        if self.name is not None and (
-            self.choice != "required" or self.name not in {f.name for f in self.functions}
-        ):
-            raise ValueError("a named tool choice is required and among the functions")
-        return self
-
-
-class ToolCallDelta(_Wire):
-    """A piece of a reply's call, as OpenAI streams it: the first piece of call ``index``
-    names the function, the next ones carry fragments of its arguments' JSON text."""
-
-    index: int = Field(ge=0, lt=MAX_TOOLS)
-    name: str | None = Field(default=None, pattern=TOOL_NAME)
-    arguments: str = Field(default="", max_length=MAX_TOOL_ARGUMENTS_CHARS)
 
 
 MAX_SCHEMA_CHARS = 32_768

@@ -35,10 +35,11 @@ from collections.abc import Callable
 from backend.errors import ErrorCode
 from backend.openai_api.protocol import ApiError, ChatCompletionRequest, Message
 from backend.openai_api.tool_types import FunctionCall, Tool, ToolCall
-from workers.wire import ChatMessage, ToolCallDelta, ToolSpec
+from workers.wire import ChatMessage
 from workers.wire import ResponseFormat as WireResponseFormat
-from workers.wire import ToolCall as WireToolCall
-from workers.wire import Tools as WireTools
+from workers.wire_tools import ToolCall as WireToolCall
+from workers.wire_tools import ToolCallDelta, ToolSpec
+from workers.wire_tools import Tools as WireTools
 
 
 def offered(body: ChatCompletionRequest) -> list[Tool]:

@@ -36,7 +36,7 @@ from workers.engines.base import (
     ToolCallDelta,
     Usage,
 )
-from workers.wire import MAX_TOOL_ARGUMENTS_CHARS, MAX_TOOLS, TOOL_NAME
+from workers.wire_tools import MAX_TOOL_ARGUMENTS_CHARS, MAX_TOOLS, TOOL_NAME
 
 OPEN = "<tool_call>"
 CLOSE = "</tool_call>"
