@@ -148,7 +148,7 @@ class TonSettings(BaseModel):
         default=None, description="24 words of the payout hot wallet (wallet v4r2); a secret"
     )
     poll_interval_s: float = Field(default=3.0, gt=0, le=3600)
-    page_size: int = Field(default=100, ge=1, le=1000)
+    page_size: int = Field(default=1000, ge=1, le=1000)
     backoff_max_s: float = Field(default=60.0, gt=0, le=3600)
     payout_ttl_s: int = Field(
         default=120, ge=10, le=3600, description="how long a signed payout message stays valid"

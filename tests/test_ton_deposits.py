@@ -455,7 +455,7 @@ async def test_restarts_anywhere_in_a_backlog_of_1000_credit_each_deposit_once(
                 if countdown == 0:
                     raise Crash(name)
 
-        w = watcher(db, api, checkpoint=checkpoint)
+        w = watcher(db, api, checkpoint=checkpoint, page_size=100)  # ten pages
         try:
             await drain(w)
             break

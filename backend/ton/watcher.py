@@ -14,7 +14,14 @@ For every transaction, in logical-time order, from a cursor kept in the database
 3. in one database transaction: record the deposit (unique on account, lt, hash), queue the
    user's notification, and move the cursor past it.
 
-A crash anywhere repeats at most steps 2 and 3 for one transaction, which changes nothing the
+A page (up to ``page_size`` transactions, 1,000 at most, as TON Center allows) goes through
+steps 2 and 3 in one database transaction (:mod:`backend.ton.crediting`): its users found by
+memo in one query, each credit still its own ledger transaction under its own key, all
+written together with the deposit rows, the notifications and the cursor. A crash leaves the
+whole page or none of it. A USDT notification (checked over the API) and a page the batch
+refuses (a key already used, a twin watcher's rows) go one transaction at a time as above.
+
+A crash anywhere repeats at most steps 2 and 3 for one page, which changes nothing the
 second time. API errors and rate limits back off (bounded) and retry the same page: the cursor
 only moves past a transaction once it has been handled.
 
@@ -33,21 +40,21 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from backend import notifications
-from backend.db import Database, rowcount
+from backend.db import Database
 from backend.ledger import Ledger
-from backend.models import AccountKind, TonCursor, TonDeposit, TonDepositStatus
+from backend.models import AccountKind, TonCursor, TonDeposit, TonDepositStatus, User
 from backend.notifications import NOTIFY_DEPOSIT
 from backend.settings import MAX_NANO
 from backend.ton.comment import raw_address
+from backend.ton.crediting import Booking, NotBatched, log_recorded, move_cursor, record_page
 from backend.ton.jettons import UsdtWallet, usdt_credit
 from backend.ton.polling import poll_until_stopped
 from backend.ton.toncenter import TonCenter
 from backend.ton.transactions import Classified, JettonNotification, classify, hash_hex
-from backend.users import find_by_memo
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +92,7 @@ class DepositWatcher:
         api: TonCenter,
         account: str,
         *,
-        page_size: int = 100,
+        page_size: int = 1000,
         poll_interval_s: float = 3.0,
         backoff_max_s: float = 60.0,
         overlap_s: int = OVERLAP_S,
@@ -129,13 +136,10 @@ class DepositWatcher:
         start = cursor + 1
         page = await self.api.transactions(self.account, start_lt=start, limit=self.page_size)
         self._checkpoint("fetched")
-        handled = 0
-        for tx in sorted(page, key=lambda t: int(t["lt"])):
-            if int(tx["lt"]) < start:
-                continue  # an API that ignores start_lt must not make us go back
-            await self.handle(tx)
-            handled += 1
-        return late + handled
+        # An API that ignores start_lt must not make us go back.
+        fresh = sorted((tx for tx in page if int(tx["lt"]) >= start), key=lambda t: int(t["lt"]))
+        await self.handle_many(fresh)
+        return late + len(fresh)
 
     async def _reread(self, cursor: int) -> int:
         """Handle transactions at or below the cursor that became visible after it moved
@@ -174,7 +178,7 @@ class DepositWatcher:
                 tx["lt"],
                 cursor,
             )
-            await self.handle(tx)
+        await self.handle_many(late)
         return len(late)
 
     async def _window_floor(self, cursor: int) -> int:
@@ -214,16 +218,56 @@ class DepositWatcher:
             name="deposit watcher",
         )
 
+    async def handle_many(self, txs: list[dict[str, Any]]) -> None:
+        """Credit (or record) transactions in lt order, a page in one database transaction
+        (:mod:`backend.ton.crediting`); safe to repeat. A USDT notification (its jetton
+        wallet is checked over the API) and a page the batch refuses go one at a time."""
+        batch: list[tuple[dict[str, Any], int, str, Classified]] = []
+        for tx in txs:
+            try:
+                lt, tx_hash = _identity(tx)
+            except ValueError:
+                await self._handle_batch(batch)  # what came before it is done, as one by one
+                raise
+            found = classify(tx, self.account)
+            if found.status == TonDepositStatus.JETTON and self.usdt is not None:
+                await self._handle_batch(batch)
+                batch = []
+                await self.handle(tx)
+            else:
+                batch.append((tx, lt, tx_hash, found))
+        await self._handle_batch(batch)
+
+    async def _handle_batch(self, batch: list[tuple[dict[str, Any], int, str, Classified]]) -> None:
+        if not batch:
+            return
+        users = await self._users_for([found.memo for _tx, _lt, _hash, found in batch])
+        bookings = []
+        for tx, lt, tx_hash, found in batch:
+            status, note, user_id = found.status, found.note, None
+            if status == TonDepositStatus.CREDITED:
+                memo = _memo_key(found.memo)
+                user_id = users.get(memo) if memo else None
+                if user_id is None:
+                    status, note = TonDepositStatus.UNCLAIMED, "memo matches no user"
+            key = deposit_key(self.account, lt, tx_hash)
+            row = self._row(tx, lt, tx_hash, key, found, status, note, user_id, None)
+            reason = f"TON deposit {tx_hash} (lt {lt})"
+            bookings.append(Booking(row, user_id, reason))
+        try:
+            recorded = await record_page(self.db, self.account, bookings, self._checkpoint)
+        except (NotBatched, IntegrityError) as why:
+            log.info("deposit watcher: a page one transaction at a time (%s)", why)
+            for tx, _lt, _hash, _found in batch:
+                await self.handle(tx)
+            return
+        for deposit, created in recorded:
+            await self._done(deposit, created, deposit.amount)
+
     async def handle(self, tx: dict[str, Any]) -> TonDeposit:
         """Credit (or record) one transaction; safe to repeat. ValueError, before anything is
         changed, for a transaction without a usable ``lt`` and ``hash``."""
-        try:
-            lt = int(tx["lt"])
-            tx_hash = hash_hex(str(tx["hash"]))
-        except (KeyError, TypeError, ValueError):
-            raise ValueError("not a transaction: no usable lt and hash") from None
-        if isinstance(tx["lt"], bool) or not 0 < lt < 2**63:
-            raise ValueError(f"not a transaction: lt {lt} out of range")
+        lt, tx_hash = _identity(tx)
         key = deposit_key(self.account, lt, tx_hash)
         found = classify(tx, self.account)
         status, note, user_id = found.status, found.note, None
@@ -257,19 +301,23 @@ class DepositWatcher:
                     reason=f"TON deposit {tx_hash} (lt {lt})",
                 )
                 self._checkpoint("credited")
-        deposit, created = await self._record(
-            tx, lt, tx_hash, key, found, status, note, user_id, usdt
-        )
+        row = self._row(tx, lt, tx_hash, key, found, status, note, user_id, usdt)
+        deposit, created = await self._record(row)
+        await self._done(deposit, created, found.amount if usdt is None else usdt.credited or 0)
+        return deposit
+
+    async def _done(self, deposit: TonDeposit, created: bool, amount: int) -> None:
+        """After the commit: say what was recorded; tell the hook of a new credit."""
         self._checkpoint("recorded")
-        if created:
-            _log_recorded(deposit)
-        if created and status == TonDepositStatus.CREDITED and self.notify is not None:
-            amount = found.amount if usdt is None else usdt.credited or 0
+        if not created:
+            return
+        log_recorded(deposit)
+        if deposit.status == TonDepositStatus.CREDITED and self.notify is not None:
+            event = DepositEvent(deposit.user_id or 0, amount, deposit.id, deposit.tx_hash)
             try:
-                await self.notify(DepositEvent(deposit.user_id or 0, amount, deposit.id, tx_hash))
+                await self.notify(event)
             except Exception:
                 log.exception("deposit notification hook failed (the outbox still has it)")
-        return deposit
 
     async def _usdt(self, found: Classified) -> Usdt:
         """What a jetton notification is worth: USDT to credit (CREDITED, to be matched to a
@@ -298,20 +346,27 @@ class DepositWatcher:
         return Usdt(TonDepositStatus.CREDITED, None, master, rate, credited)
 
     async def _user_for(self, memo: str | None) -> int | None:
-        """The user whose memo this is (memos never change, so found ones are remembered)."""
-        if memo is None or len(memo.strip()) > MAX_MEMO_LOOKUP:
-            return None
-        key = memo.strip().upper()
-        if key not in self._memo_users:
-            user = await find_by_memo(self.db, key)
-            if user is None:
-                return None  # not remembered: the user may sign up before the next deposit
-            if len(self._memo_users) >= MEMO_CACHE_SIZE:
-                self._memo_users.clear()
-            self._memo_users[key] = user.id
-        return self._memo_users[key]
+        """The user whose memo this is."""
+        key = _memo_key(memo)
+        return (await self._users_for([key])).get(key) if key else None
 
-    async def _record(
+    async def _users_for(self, memos: list[str | None]) -> dict[str, int]:
+        """The users whose memos these are, by :func:`_memo_key`, in one query at most (memos
+        never change, so found ones are remembered; unknown ones are not: the user may sign
+        up before the next deposit)."""
+        keys = {key for key in map(_memo_key, memos) if key}
+        missing = sorted(keys - self._memo_users.keys())
+        if missing:
+            async with self.db.session() as session:
+                found = await session.execute(
+                    select(User.deposit_memo, User.id).where(User.deposit_memo.in_(missing))
+                )
+                if len(self._memo_users) + len(missing) > MEMO_CACHE_SIZE:
+                    self._memo_users.clear()
+                self._memo_users.update({memo: user_id for memo, user_id in found})
+        return {key: self._memo_users[key] for key in keys if key in self._memo_users}
+
+    def _row(
         self,
         tx: dict[str, Any],
         lt: int,
@@ -321,8 +376,30 @@ class DepositWatcher:
         status: TonDepositStatus,
         note: str | None,
         user_id: int | None,
-        usdt: Usdt | None = None,
-    ) -> tuple[TonDeposit, bool]:
+        usdt: Usdt | None,
+    ) -> dict[str, Any]:
+        """The ``ton_deposits`` row of one transaction (without its id)."""
+        return {
+            "account": self.account,
+            "lt": lt,
+            "tx_hash": tx_hash,
+            "source": found.source and found.source[:80],
+            "amount": found.amount,
+            "memo": found.shown,
+            "status": status,
+            "note": note,
+            "user_id": user_id,
+            "ledger_key": key,
+            "utime": _utime(tx.get("now")),
+            "jetton_amount": _jetton_amount(found.jetton),
+            "jetton_sender": found.jetton.sender if found.jetton else None,
+            "jetton_master": usdt.master if usdt else None,
+            "nano_per_unit": usdt.rate if usdt else None,
+            "credited": usdt.credited if usdt else None,
+        }
+
+    async def _record(self, row: dict[str, Any]) -> tuple[TonDeposit, bool]:
+        lt, tx_hash, user_id = row["lt"], row["tx_hash"], row["user_id"]
         for _attempt in range(3):
             try:
                 async with self.db.session() as session, session.begin():
@@ -335,46 +412,23 @@ class DepositWatcher:
                     )
                     created = existing is None
                     if existing is None:
-                        existing = TonDeposit(
-                            account=self.account,
-                            lt=lt,
-                            tx_hash=tx_hash,
-                            source=found.source and found.source[:80],
-                            amount=found.amount,
-                            memo=found.shown,
-                            status=status,
-                            note=note,
-                            user_id=user_id,
-                            ledger_key=key,
-                            utime=_utime(tx.get("now")),
-                            jetton_amount=_jetton_amount(found.jetton),
-                            jetton_sender=found.jetton.sender if found.jetton else None,
-                            jetton_master=usdt.master if usdt else None,
-                            nano_per_unit=usdt.rate if usdt else None,
-                            credited=usdt.credited if usdt else None,
-                        )
+                        existing = TonDeposit(**row)
                         session.add(existing)
                         await session.flush()
-                        if status == TonDepositStatus.CREDITED and user_id is not None:
+                        if row["status"] == TonDepositStatus.CREDITED and user_id is not None:
+                            credited = row["credited"]
                             notifications.add(
                                 session,
                                 user_id,
                                 NOTIFY_DEPOSIT,
                                 f"deposit:{existing.id}",
-                                amount=found.amount if usdt is None else usdt.credited or 0,
+                                amount=row["amount"] if credited is None else credited,
                             )
-                    moved = await session.execute(
-                        update(TonCursor)
-                        .where(TonCursor.account == self.account, TonCursor.last_lt < lt)
-                        .values(last_lt=lt, last_hash=tx_hash)
-                        .execution_options(synchronize_session=False)
-                    )
-                    if rowcount(moved) == 0 and await session.get(TonCursor, self.account) is None:
-                        session.add(TonCursor(account=self.account, last_lt=lt, last_hash=tx_hash))
+                    await move_cursor(session, self.account, lt, tx_hash)
                 return existing, created
             except IntegrityError:
                 continue  # a twin watcher recorded it first: read it back next time round
-        raise RuntimeError(f"could not record deposit {key}")
+        raise RuntimeError(f"could not record deposit {row['ledger_key']}")
 
 
 @dataclass(frozen=True)
@@ -388,46 +442,23 @@ class Usdt:
     credited: int | None  # nanoTON it credits (or would, once an operator resolves it)
 
 
-def _log_recorded(deposit: TonDeposit) -> None:
-    """One line for every transaction that was not credited, with its amount and reason."""
-    if deposit.status == TonDepositStatus.UNCLAIMED and deposit.credited is not None:
-        log.warning(
-            "unclaimed USDT deposit #%s: %s micro-units (%s nanoTON at its rate), lt %s (%s)",
-            deposit.id,
-            deposit.jetton_amount,
-            deposit.credited,
-            deposit.lt,
-            deposit.note,
-        )
-    elif deposit.status == TonDepositStatus.UNCLAIMED:
-        log.warning(
-            "unclaimed TON deposit #%s: %s nanoTON, lt %s (%s)",
-            deposit.id,
-            deposit.amount,
-            deposit.lt,
-            deposit.note,
-        )
-    elif deposit.status == TonDepositStatus.JETTON:
-        log.warning(
-            "jetton notification #%s (%s): %s units of jetton %s from %s through %s, "
-            "%s nanoTON, lt %s",
-            deposit.id,
-            deposit.note,
-            deposit.jetton_amount,
-            deposit.jetton_master or "unknown",
-            deposit.jetton_sender,
-            deposit.source,
-            deposit.amount,
-            deposit.lt,
-        )
-    elif deposit.status == TonDepositStatus.IGNORED:
-        log.info(
-            "ignored TON transaction #%s: %s nanoTON, lt %s (%s)",
-            deposit.id,
-            deposit.amount,
-            deposit.lt,
-            deposit.note,
-        )
+def _identity(tx: dict[str, Any]) -> tuple[int, str]:
+    """A transaction's lt and hash (hex); ValueError when it has no usable ones."""
+    try:
+        lt = int(tx["lt"])
+        tx_hash = hash_hex(str(tx["hash"]))
+    except (KeyError, TypeError, ValueError):
+        raise ValueError("not a transaction: no usable lt and hash") from None
+    if isinstance(tx["lt"], bool) or not 0 < lt < 2**63:
+        raise ValueError(f"not a transaction: lt {lt} out of range")
+    return lt, tx_hash
+
+
+def _memo_key(memo: str | None) -> str | None:
+    """How a comment is looked up as a memo; None for one that is nobody's (too long)."""
+    if memo is None or len(memo.strip()) > MAX_MEMO_LOOKUP:
+        return None
+    return memo.strip().upper()
 
 
 def _jetton_amount(jetton: JettonNotification | None) -> str | None:
