@@ -41,6 +41,7 @@ from backend.turns import (
 from workers import redisconn, registry, streams
 from workers.jobs import aenqueue_job, job_id_for
 from workers.logcontext import bind as bind_log_context
+from workers.stream_bell import StreamBell
 from workers.wire import (
     ErrorRecord,
     FinalRecord,
@@ -108,6 +109,8 @@ class Dispatcher:
         self.deadline_grace_s = DEADLINE_GRACE_S
         # The registry as of its last read: no turn reads the worker index itself.
         # `cocoon web` refreshes it in the background (workers.start()).
+        # Stream readers wait for Redis's keyspace event of the next append (workers.stream_bell).
+        self.bell = StreamBell(redis_async)
         self.workers = registry.WorkerSnapshot(
             redis_async,
             refresh_s=settings.worker_snapshot_s,
@@ -143,6 +146,7 @@ class Dispatcher:
         if self._background:
             await asyncio.wait(self._background, timeout=self.idle_timeout_s + 5)
         await self.workers.close()
+        await self.bell.close()
         await self.redis.aclose(close_connection_pool=True)
 
     def models(self) -> dict[str, ModelPrice]:

@@ -27,6 +27,7 @@ from backend.settlement import SettlingDispatcher, TurnSettlement
 from backend.tool_checks import CallCheck
 from backend.turns import TurnError
 from workers import streams
+from workers.stream_bell import StreamBell
 from workers.stream_crypto import StreamOpener
 from workers.wire import ErrorRecord, FinalRecord, StreamChunk, WireError
 
@@ -51,6 +52,7 @@ class ReadingDispatcher(SettlingDispatcher, Protocol):
     queue_ttl_s: int
     job_timeout_s: int
     deadline_grace_s: float
+    bell: StreamBell
 
 
 class TurnReading(TurnSettlement):
@@ -116,6 +118,7 @@ class TurnReading(TurnSettlement):
             idle_timeout_s=d.idle_timeout_s,
             limits=self.bounds.stream_limits(deadline),
             clock=d.clock,
+            bell=d.bell,
         )
 
     def _over_bounds(self, chunk: StreamChunk) -> Flag | None:

@@ -12,6 +12,7 @@ import redis
 import redis.asyncio
 
 from workers import streams
+from workers.stream_bell import StreamBell
 from workers.streams import (
     StreamLimits,
     StreamOverrun,
@@ -253,3 +254,44 @@ async def test_a_slow_consumer_is_not_an_idle_writer(aredis):
         got.append(entry)
         clock.now += 10  # the consumer takes 10 s over each entry; the writer was done
     assert got == [b"0", b"1", b"2"]
+
+
+# -- the bell: readers woken by Redis's keyspace events, not by polling ----------------------------
+
+
+@pytest.fixture
+async def bell(aredis: redis.asyncio.Redis) -> AsyncIterator[StreamBell]:
+    bell = StreamBell(aredis)
+    yield bell
+    await bell.close()
+
+
+async def test_a_reader_with_a_bell_wakes_at_each_append_without_polling(aredis, bell, monkeypatch):
+    # Polling would first look again after a minute: only the bell can wake the reader in time.
+    monkeypatch.setattr(streams, "POLL_MIN_S", 60.0)
+    monkeypatch.setattr(streams, "POLL_MAX_S", 60.0)
+    reader = StreamReader(aredis, "job-bell", first_timeout_s=120, idle_timeout_s=120, bell=bell)
+    writer = write_later(aredis, "job-bell", [b"one", b"two", b"three"], every_s=0.05)
+    read = [entry async for entry in reader.entries()]
+    await writer
+    assert read == [b"one", b"two", b"three"]
+    assert bell.on and not bell._readers  # every watch was given back
+
+
+async def test_with_a_bell_an_entry_over_the_limit_is_still_never_transferred(aredis, bell):
+    await append(aredis, "job-big", b"x" * 100)
+    await append(aredis, "job-big", b"y" * 2_000_000, last=True)
+    reader = StreamReader(
+        aredis,
+        "job-big",
+        first_timeout_s=5,
+        idle_timeout_s=5,
+        limits=StreamLimits(entry_bytes=1_000),
+        bell=bell,
+    )
+    read: list[bytes] = []
+    with pytest.raises(StreamOverrun) as overrun:
+        async for entry in reader.entries():
+            read.append(entry)
+    assert read == [b"x" * 100] and overrun.value.kind == "entry_bytes"
+    assert overrun.value.seen > 2_000_000

@@ -20,8 +20,11 @@ measures each entry inside Redis and hands back only those within the reader's
 :class:`StreamLimits` (bytes of one entry, bytes and entries of the whole job, an absolute
 deadline). The first entry past a limit is never transferred: the reader raises
 :class:`StreamOverrun` instead, so a 300 MB reply costs the reader nothing. A blocking ``XREAD``
-would hand over whatever the writer put there, so the reader polls (every few milliseconds
-while entries flow, backing off to :data:`POLL_MAX_S` while it waits).
+would hand over whatever the writer put there, so a reader with a
+:class:`~workers.stream_bell.StreamBell` waits for Redis's keyspace event of the stream's next
+append (a few bytes, whatever the entry holds) and then reads, one bounded read per wake-up;
+without a bell (or while it is off) it polls, every few milliseconds while entries flow, backing
+off to :data:`POLL_MAX_S` while it waits.
 
 Clients: the writer functions take ``redis.Redis`` or ``redis.asyncio.Redis`` (await the result
 with the latter). The reader needs an asyncio client created with the default
@@ -31,6 +34,7 @@ with the latter). The reader needs an asyncio client created with the default
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import sys
@@ -45,6 +49,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import EncodableT, FieldT
 
 from workers.redis_keys import CANCEL, STREAM, AnyRedis, SyncRedis, finish, redis_key
+from workers.stream_bell import StreamBell
 
 __all__ = [
     "CANCEL_CHANNEL",
@@ -337,8 +342,10 @@ class StreamReader:
         limits: StreamLimits | None = None,
         clock: Callable[[], float] = time.monotonic,
         last_id: str = "0-0",
+        bell: StreamBell | None = None,
     ) -> None:
         self.redis = redis
+        self.bell = bell
         self.job_id = job_id
         self.first_timeout_s = first_timeout_s
         self.idle_timeout_s = idle_timeout_s
@@ -357,52 +364,69 @@ class StreamReader:
         started = self.clock()
         wait = self.first_timeout_s if self.entries_read == 0 else self.idle_timeout_s
         poll_s = POLL_MIN_S
-        while not self.finished:
-            entries, over_id, over_size = await self._read(key)
-            for entry_id, fields in entries:
-                if self.entries_read >= limits.entries:
+        bell = self.bell
+        rung = await bell.watch(self.job_id) if bell is not None else None
+        try:
+            while not self.finished:
+                if rung is not None:
+                    rung.clear()  # an append from now on rings again
+                entries, over_id, over_size = await self._read(key)
+                for entry_id, fields in entries:
+                    if self.entries_read >= limits.entries:
+                        raise StreamOverrun(
+                            self.job_id, "entries", seen=self.entries_read + 1, limit=limits.entries
+                        )
+                    self.last_id = _text(entry_id)
+                    self.entries_read += 1
+                    self.bytes_read += sum(len(k) + len(v) for k, v in fields.items())
+                    self.finished = bool(fields.get(LAST_FIELD))
+                    if self.finished:
+                        self.receipt = fields.get(RECEIPT_FIELD)
+                    data = fields.get(DATA_FIELD)
+                    if data is not None:
+                        yield data
+                    if self.finished:
+                        return
+                if over_id:
+                    if over_size > limits.entry_bytes:
+                        raise StreamOverrun(
+                            self.job_id, "entry_bytes", seen=over_size, limit=limits.entry_bytes
+                        )
                     raise StreamOverrun(
-                        self.job_id, "entries", seen=self.entries_read + 1, limit=limits.entries
+                        self.job_id,
+                        "total_bytes",
+                        seen=self.bytes_read + over_size,
+                        limit=limits.total_bytes,
                     )
-                self.last_id = _text(entry_id)
-                self.entries_read += 1
-                self.bytes_read += sum(len(k) + len(v) for k, v in fields.items())
-                self.finished = bool(fields.get(LAST_FIELD))
-                if self.finished:
-                    self.receipt = fields.get(RECEIPT_FIELD)
-                data = fields.get(DATA_FIELD)
-                if data is not None:
-                    yield data
-                if self.finished:
-                    return
-            if over_id:
-                if over_size > limits.entry_bytes:
-                    raise StreamOverrun(
-                        self.job_id, "entry_bytes", seen=over_size, limit=limits.entry_bytes
-                    )
-                raise StreamOverrun(
-                    self.job_id,
-                    "total_bytes",
-                    seen=self.bytes_read + over_size,
-                    limit=limits.total_bytes,
-                )
-            if entries:
-                # Timers run while the reader waits for the writer, not while its own
-                # consumer takes its time over what was read.
-                started = self.clock()
-                wait = self.idle_timeout_s
-                poll_s = POLL_MIN_S
-                continue
-            now = self.clock()
-            if limits.deadline is not None and now > limits.deadline:
-                late = math.ceil(now - limits.deadline)
-                raise StreamOverrun(self.job_id, "deadline", seen=late, limit=0)
-            if now - started > wait:
-                raise StreamTimeout(
-                    self.job_id, first_token=self.entries_read == 0, waited_s=now - started
-                )
-            await asyncio.sleep(poll_s)
-            poll_s = min(poll_s * 2, POLL_MAX_S)
+                ringing = rung is not None and bell is not None and bell.on
+                if entries:
+                    # Timers run while the reader waits for the writer, not while its own
+                    # consumer takes its time over what was read.
+                    started = self.clock()
+                    wait = self.idle_timeout_s
+                    poll_s = POLL_MIN_S
+                    if not ringing or len(entries) == READ_BATCH:
+                        continue  # (with a bell: no read until the next append rings)
+                else:
+                    now = self.clock()
+                    if limits.deadline is not None and now > limits.deadline:
+                        late = math.ceil(now - limits.deadline)
+                        raise StreamOverrun(self.job_id, "deadline", seen=late, limit=0)
+                    if now - started > wait:
+                        raise StreamTimeout(
+                            self.job_id, first_token=self.entries_read == 0, waited_s=now - started
+                        )
+                if ringing:
+                    assert rung is not None
+                    # Woken by the next append; a ring missed costs one POLL_MAX_S at most.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(rung.wait(), POLL_MAX_S)
+                    continue
+                await asyncio.sleep(poll_s)
+                poll_s = min(poll_s * 2, POLL_MAX_S)
+        finally:
+            if bell is not None:
+                bell.unwatch(self.job_id)
 
     async def _read(self, key: str) -> tuple[list[tuple[Any, dict[bytes, bytes]]], str, int]:
         budget = max(0, self.limits.total_bytes - self.bytes_read)
