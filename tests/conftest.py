@@ -31,6 +31,7 @@ pytest_plugins = [
     "tests.support.billing",
     "tests.support.bot",
     "tests.support.payouts",
+    "tests.support.tdx_hosts",
     "tests.support.tonproof",
 ]
 
