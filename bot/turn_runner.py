@@ -23,6 +23,7 @@ from backend.models import User
 from backend.pricing import affordable_completion_tokens, default_max_tokens
 from backend.ratelimit import RateLimiter
 from backend.settings import Settings
+from bot import images as bot_images
 from bot.common import answer_keyboard, refused_keyboard, ton, user_model
 from bot.context import ContextStore, Conversation, LastTurn, trim
 from bot.errors import error_text
@@ -77,12 +78,19 @@ class TurnRunner:
     limiter: RateLimiter
 
     async def reply(
-        self, message: Message, bot: Bot, user: User, prompt: str, images: list[str] | None = None
+        self,
+        message: Message,
+        bot: Bot,
+        user: User,
+        prompt: str,
+        images: list[str] | None = None,
+        image_ids: list[str] | None = None,
     ) -> None:
         """A turn for ``prompt`` (none when it is empty) after the place's context, with
-        ``images`` (data URLs, for a model that reads them) shown with it."""
+        ``images`` (data URLs, for a model that reads them) shown with it; ``image_ids`` are
+        their Telegram file ids, kept for /retry."""
         if prompt:
-            await self._reply(message, bot, user, prompt, None, images)
+            await self._reply(message, bot, user, prompt, None, images, image_ids)
 
     async def _reply(
         self,
@@ -92,6 +100,7 @@ class TurnRunner:
         prompt: str,
         conversation: Conversation | None,
         images: list[str] | None = None,
+        image_ids: list[str] | None = None,
     ) -> None:
         """Check the prompt and the rate, then answer it after ``conversation`` (default: the
         chat's context), telling the user plainly when Redis is down."""
@@ -101,7 +110,7 @@ class TurnRunner:
             place = Place.of(message, user.telegram_id)
             if conversation is None:
                 conversation = await self.contexts.load(self.contexts.scope_of(place))
-            await self.answer(bot, place, user, prompt, conversation, images)
+            await self.answer(bot, place, user, prompt, conversation, images, image_ids)
         except RedisError as error:
             log.warning("chat turn failed on Redis: %s", type(error).__name__)
             await message.answer(_("The service is busy right now. Please try again in a minute."))
@@ -125,11 +134,36 @@ class TurnRunner:
         end += 1
         while end < len(messages) and messages[end]["role"] == "assistant":
             end += 1
-        prompt = messages[start]["content"]
+        prompt, image_ids = messages[start]["content"], bot_images.kept_ids(messages[start])
+        shown = await self._images_again(message, bot, user, image_ids)
+        if shown is None:
+            return
         conversation.messages = messages[:start] + messages[end:]
         if shared:  # the topic's context is read again before the new answer is kept
             await self.contexts.save(self.contexts.scope_of(place), conversation)
-        await self._reply(message, bot, user, prompt, conversation)
+        await self._reply(message, bot, user, prompt, conversation, shown, image_ids)
+
+    async def _images_again(
+        self, message: Message, bot: Bot, user: User, image_ids: list[str]
+    ) -> list[str] | None:
+        """A retried question's images, fetched again from Telegram by their file ids (the
+        bot keeps no image bytes); none for a model that does not see images (the user is
+        told); None, with the reason told, when Telegram cannot give them any more."""
+        if not image_ids:
+            return []
+        model = user_model(self.settings, user)
+        if not self.settings.models[model].vision:
+            await message.answer(
+                _("{model} does not see images, so I answer your caption alone.").format(
+                    model=model
+                )
+            )
+            return []
+        try:
+            return [await bot_images.fetch(bot, file_id) for file_id in image_ids]
+        except bot_images.ImageRefused as refused:
+            await message.answer(str(refused))
+            return None
 
     async def _checked(self, message: Message, prompt: str, user: User) -> bool:
         settings = self.settings
@@ -159,11 +193,12 @@ class TurnRunner:
         prompt: str,
         conversation: Conversation,
         images: list[str] | None = None,
+        image_ids: list[str] | None = None,
     ) -> None:
         """Run one turn for ``prompt`` after ``conversation``, streaming the reply into the chat
         (the asker's topic, as a reply to them in a group), and remember both in the place's
         context. ``images`` go with the prompt in the sealed request only: the context keeps
-        the prompt's text."""
+        the prompt's text and the images' Telegram file ids (``image_ids``), for /retry."""
         settings, turns, contexts, running = self.settings, self.turns, self.contexts, self.running
         scope, options = place.scope, place.send_options()
         context_scope, shared = contexts.scope_of(place), contexts.shared(place)
@@ -181,8 +216,12 @@ class TurnRunner:
             else None
         )
         shown = IMAGE_TOKEN_BOUND * len(pictures or ())  # what the images add to the bound
+        shown_ids = list(image_ids or ())[: len(pictures or ())]
         history = trim(
-            [*conversation.messages, {"role": "user", "content": prompt, **asker}],
+            [
+                *conversation.messages,
+                {"role": "user", "content": prompt, **asker, **bot_images.kept(shown_ids)},
+            ],
             budget_tokens=price.context_length - max_tokens - system - shown,
             max_messages=settings.context_max_messages,
         )

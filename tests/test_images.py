@@ -1,19 +1,34 @@
 """Images for models that read them, on the wire: an OpenAI-style ``image_url`` part of a user
 message, a data URL inside the sealed request (never a link a worker would fetch), bounded in
 size and number; counted in the prompt's token bound; handed to an OpenAI-compatible server as
-content parts; refused by an engine that does not read images."""
+content parts; refused by an engine that does not read images. The bot fetches an image from
+Telegram by its file id, and again for /retry (the context keeps only the file id, sealed)."""
 
 from __future__ import annotations
 
 import base64
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import nacl.public
 import pytest
+from aiogram import Bot
+from aiogram.client.session.aiohttp import AiohttpSession
+from aiogram.client.telegram import TelegramAPIServer
 from pydantic import ValidationError
 
 from backend.bounds import IMAGE_TOKEN_BOUND, prompt_token_bound
+from backend.dispatch import TurnRequest
+from backend.settings import Settings
+from bot import images
+from bot.context import Conversation
+from tests.support import bot_fakes, fake_telegram
+from tests.support.bot import ALICE, bot_settings, running_harness
+from tests.support.telegram_rules import MAX_DOWNLOAD_BYTES
+from tests.support.turns import funded_user
+from workers.engines import vllm_images
 from workers.engines.base import GenerationRequest, has_images, openai_messages
 from workers.engines.openai_compat import OpenAICompatEngine
 from workers.wire import (
@@ -111,4 +126,105 @@ def test_an_openai_compatible_server_gets_content_parts() -> None:
                 {"type": "image_url", "image_url": {"url": URL}},
             ],
         },
+    ]
+
+
+# -- the bot: images fetched from Telegram by file id, again on /retry --------------------------
+
+
+@pytest.fixture(params=["session", "http"])
+async def telegram(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Bot, dict[str, bytes]]]:
+    """A bot and the files its Telegram has: the session-layer stand-in, or the HTTP one on
+    loopback (getFile, then a download from ``/file/bot<token>/<file_path>``, as Telegram)."""
+    if request.param == "session":
+        session = bot_fakes.FakeTelegram()
+        yield Bot(bot_fakes.TOKEN, session=session), session.files
+        return
+    server = fake_telegram.FakeTelegram()
+    url = await server.start()
+    bot = Bot(bot_fakes.TOKEN, session=AiohttpSession(api=TelegramAPIServer.from_base(url)))
+    try:
+        yield bot, server.files
+    finally:
+        await bot.session.close()
+        await server.stop()
+
+
+async def test_an_image_is_fetched_by_file_id_and_checked_by_its_bytes(
+    telegram: tuple[Bot, dict[str, bytes]],
+) -> None:
+    bot, files = telegram
+    files["photo"] = JPEG
+    assert await images.fetch(bot, "photo") == URL
+    files["svg"] = b"<svg onload=alert(1)>"
+    files["big"] = b"\xff\xd8\xff" + bytes(MAX_IMAGE_BYTES)  # JPEG's first bytes, 5 MB + 3
+    files["huge"] = bytes(MAX_DOWNLOAD_BYTES + 1)  # Telegram lets no bot download it
+    expected = {
+        "svg": "This is not a JPEG, PNG, WebP or GIF image, so I cannot send it.",
+        "big": "This image is too large: I send images of up to 5 MB.",
+        "huge": "Telegram no longer has this image: please send it again.",
+        "gone": "Telegram no longer has this image: please send it again.",
+    }
+    for file_id, told in expected.items():
+        with pytest.raises(images.ImageRefused) as refused:
+            await images.fetch(bot, file_id)
+        assert str(refused.value) == told
+
+
+async def test_retry_of_an_image_turn_shows_the_model_the_image_again(
+    settings: Settings, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kept context names an image turn's images by Telegram file id only (sealed, no image
+    bytes); /retry fetches them again and sends them with the question. An image Telegram no
+    longer has is said so, and nothing is asked; /new forgets it with the rest."""
+    models = {n: p.model_copy(update={"vision": True}) for n, p in settings.models.items()}
+    async with running_harness(bot_settings(settings, models=models)) as h:
+        seen: list[TurnRequest] = []
+        real = h.app.services.turns.start_turn
+
+        async def spy(request: TurnRequest, *args: Any, **kw: Any) -> Any:
+            seen.append(request)
+            return await real(request, *args, **kw)
+
+        monkeypatch.setattr(h.app.services.turns, "start_turn", spy)
+        await funded_user(h.app.services.ledger, ALICE)  # no worker runs: the turn fails after
+        contexts = h.app.services.contexts
+        asked = {"role": "user", "content": "What is it?", **images.kept(["ph-1"])}
+        await contexts.save(
+            ALICE,
+            Conversation(messages=[asked, {"role": "assistant", "content": "A snake."}]),
+        )
+        h.tg.files["ph-1"] = JPEG
+        await h.send("/retry")
+        last = seen[-1].messages[-1]
+        assert last.content == "What is it?" and last.images == [image()]
+        assert [r.file_id for r in h.tg.calls("getFile")] == ["ph-1"]
+        raw = await h.app.services.redis.get(contexts.redis_key(ALICE))
+        assert raw is not None and b"ph-1" not in raw and base64.b64encode(JPEG)[:40] not in raw
+        assert images.kept_ids((await contexts.load(ALICE)).messages[0]) == ["ph-1"]
+
+        del h.tg.files["ph-1"]
+        await h.send("/retry")
+        assert h.last().text == "Telegram no longer has this image: please send it again."
+        assert len(seen) == 1
+
+        await h.send("/new")
+        await h.send("/retry")
+        assert h.last().text == "There is no answer to regenerate yet. Just write to me."
+
+
+def test_vllm_writes_each_image_as_the_models_placeholder_before_its_text() -> None:
+    """The vllm engine's prompt: each image as the model's placeholder (numbered across the
+    prompt, for models whose placeholders are), on its own line before its message's text."""
+    shown = ChatMessage(role="user", content="Compare them.", images=[image(), image()])
+    messages = [
+        ChatMessage(role="user", content="Look.", images=[image()]).model_dump(),
+        {"role": "assistant", "content": "A snake."},
+        shown.model_dump(),
+    ]
+    assert vllm_images.image_urls(messages) == [URL, URL, URL]
+    assert vllm_images.with_placeholders(messages, lambda n: f"<|image_{n}|>") == [
+        {"role": "user", "content": "<|image_1|>\nLook."},
+        {"role": "assistant", "content": "A snake."},
+        {"role": "user", "content": "<|image_2|>\n<|image_3|>\nCompare them."},
     ]

@@ -7,17 +7,16 @@ buttons."""
 
 from __future__ import annotations
 
-import base64
 import io
 
 from aiogram import Bot, F
 from aiogram.enums import ChatType
 from aiogram.filters import Command, CommandObject
-from aiogram.types import CallbackQuery, Downloadable, Message, PhotoSize
+from aiogram.types import CallbackQuery, Document, Message, PhotoSize
 from redis.asyncio import Redis as AsyncRedis
 
 from backend.models import User
-from bot import pdf
+from bot import images, pdf
 from bot.common import AGAIN, CONTINUE, REGENERATE, Handlers, user_model
 from bot.context import ContextStore
 from bot.groups import Place, group_is_on, group_prompt, is_group_admin
@@ -119,7 +118,7 @@ async def on_document(message: Message, bot: Bot, user: User, runner: TurnRunner
     document = message.document
     assert document is not None
     name = (document.file_name or "document")[:100]
-    if document.mime_type in IMAGE_TYPES:  # a screenshot sent as a file
+    if document.mime_type in images.IMAGE_TYPES:  # a screenshot sent as a file
         small = (document.file_size or 0) <= MAX_IMAGE_BYTES
         caption = (message.caption or "").strip()
         await image_turn(message, bot, user, runner, document if small else None, caption)
@@ -168,15 +167,13 @@ async def on_document(message: Message, bot: Bot, user: User, runner: TurnRunner
     await runner.reply(message, bot, user, prompt)
 
 
-IMAGE_QUESTION = "Describe this image."
-"""What a photo without a caption asks (sent to the model, not shown)."""
-
-
 @handlers.message(F.photo, F.chat.type == ChatType.PRIVATE)
 async def on_photo(message: Message, bot: Bot, user: User, runner: TurnRunner) -> None:
     """A photo: Telegram's largest size within :data:`~workers.wire.MAX_IMAGE_BYTES` (see
     :func:`image_turn`)."""
-    await image_turn(message, bot, user, runner, largest(message), (message.caption or "").strip())
+    await image_turn(
+        message, bot, user, runner, images.largest(message), (message.caption or "").strip()
+    )
 
 
 @handlers.message(F.photo, group_prompt)
@@ -185,29 +182,7 @@ async def on_group_photo(
 ) -> None:
     """A photo in a group whose caption mentions the bot, or that replies to it."""
     if await group_is_on(redis, message.chat.id):
-        await image_turn(message, bot, user, runner, largest(message), prompt)
-
-
-def largest(message: Message) -> PhotoSize | None:
-    """The photo's largest size within :data:`~workers.wire.MAX_IMAGE_BYTES`."""
-    sizes = [p for p in message.photo or [] if (p.file_size or 0) <= MAX_IMAGE_BYTES]
-    return max(sizes, key=lambda p: p.width * p.height) if sizes else None
-
-
-IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif")
-
-
-def image_type(raw: bytes) -> str | None:
-    """The image's media type from its first bytes (never from what the sender claims)."""
-    if raw.startswith(b"\xff\xd8\xff"):
-        return "image/jpeg"
-    if raw.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "image/png"
-    if raw.startswith((b"GIF87a", b"GIF89a")):
-        return "image/gif"
-    if raw.startswith(b"RIFF") and raw[8:12] == b"WEBP":
-        return "image/webp"
-    return None
+        await image_turn(message, bot, user, runner, images.largest(message), prompt)
 
 
 async def image_turn(
@@ -215,13 +190,14 @@ async def image_turn(
     bot: Bot,
     user: User,
     runner: TurnRunner,
-    file: Downloadable | None,
+    file: PhotoSize | Document | None,
     caption: str,
 ) -> None:
     """An image (a photo, or an image sent as a file), for a model whose settings say it reads
-    images (``vision``): downloaded into memory within :data:`~workers.wire.MAX_IMAGE_BYTES`
-    and sent in the sealed request as an image content part, the caption as the question. For
-    a model without vision, the user is told, and a caption is still answered as text."""
+    images (``vision``): fetched into memory (bot/images.py) and sent in the sealed request as
+    an image content part, the caption as the question; the context keeps its file id for
+    /retry. For a model without vision, the user is told, and a caption is still answered as
+    text."""
     model = user_model(runner.settings, user)
     say = message.answer if message.chat.type == ChatType.PRIVATE else message.reply
     if not runner.settings.models[model].vision:
@@ -240,23 +216,16 @@ async def image_turn(
                 ).format(model=model)
             )
         return
-    too_large = _("This image is too large: I send images of up to {limit} MB.").format(
-        limit=MAX_IMAGE_BYTES // 2**20
+    try:
+        if file is None:
+            raise images.too_large()
+        url = await images.fetch(bot, file.file_id)
+    except images.ImageRefused as refused:
+        await say(str(refused))
+        return
+    await runner.reply(
+        message, bot, user, caption or images.IMAGE_QUESTION, images=[url], image_ids=[file.file_id]
     )
-    if file is None:
-        await say(too_large)
-        return
-    data = await bot.download(file, destination=io.BytesIO())
-    raw = data.read(MAX_IMAGE_BYTES + 1) if data is not None else b""
-    if len(raw) > MAX_IMAGE_BYTES:
-        await say(too_large)
-        return
-    kind = image_type(raw)
-    if kind is None:
-        await say(_("This is not a JPEG, PNG, WebP or GIF image, so I cannot send it."))
-        return
-    url = f"data:{kind};base64," + base64.b64encode(raw).decode("ascii")
-    await runner.reply(message, bot, user, caption or IMAGE_QUESTION, images=[url])
 
 
 @handlers.message(F.caption, F.chat.type == ChatType.PRIVATE)

@@ -23,6 +23,9 @@ from aiogram import Bot, Dispatcher
 from aiogram.client.session.base import BaseSession
 from aiogram.methods import TelegramMethod
 from aiogram.types import Update
+from aiohttp import ClientResponseError, RequestInfo
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from tests.support import telegram_rules
 
@@ -36,7 +39,7 @@ class FakeTelegram(BaseSession):
         self.requests: list[TelegramMethod[Any]] = []
         self.results: list[Any] = []  # what each request returned (None when it failed)
         self.rules = telegram_rules.TelegramState(clock)
-        self.files: dict[str, bytes] = {}  # file_id → content, for getFile and downloads
+        self.files = self.rules.files  # file_id → content, for getFile and downloads
         self.times: list[float] = []  # time.monotonic() of each request
         self.queued: dict[str, deque[tuple[int, dict[str, Any]]]] = {}
 
@@ -141,14 +144,7 @@ class FakeTelegram(BaseSession):
                 result["message_thread_id"], result["is_topic_message"] = thread, True
             return result
         if name == "getFile":
-            file_id = str(getattr(method, "file_id", ""))
-            content = self.files.get(file_id, b"")
-            return {
-                "file_id": file_id,
-                "file_unique_id": "u-" + file_id,
-                "file_size": len(content),
-                "file_path": f"documents/{file_id}",
-            }
+            return self.rules.file(str(getattr(method, "file_id", "")))
         if "str" in returning:
             return "https://t.me/$invoice"
         return True
@@ -157,9 +153,14 @@ class FakeTelegram(BaseSession):
         pass
 
     async def stream_content(self, *args: Any, **kwargs: Any) -> AsyncGenerator[bytes, None]:
-        """A download: the bytes of the file its URL names (``.../documents/<file_id>``)."""
+        """A download: the bytes of the file its URL names (``.../files/<file_id>``); a path
+        getFile never gave fails as Telegram's 404 would."""
         url = str(kwargs.get("url") or (args[0] if args else ""))
-        yield self.files.get(url.rsplit("/", 1)[-1], b"")
+        content = self.rules.download("/".join(url.rsplit("/", 2)[-2:]))
+        if content is None:
+            info = RequestInfo(URL(url), "GET", CIMultiDictProxy(CIMultiDict()), URL(url))
+            raise ClientResponseError(info, (), status=404, message="Not Found")
+        yield content
 
 
 # -------------------------------------------------------------------------- updates

@@ -6,10 +6,11 @@ every call, reads each request into aiogram's own method type (a request Telegra
 is a 400), refuses what Telegram's rules refuse (tests/support/telegram_rules.py, the same
 :class:`~tests.support.telegram_rules.TelegramState` as the session-layer stand-in: message
 length, HTML, "not modified", callback answered once, replies and edits of messages that are
-not there, unknown topics, flood control with ``retry_after``), and answers the rest with what
-Telegram would. Updates it delivers by long polling, or that a test hands the bot's webhook,
-are told to it with :meth:`FakeTelegram.saw`. In-process bot tests fake Telegram at aiogram's
-session layer instead (tests/support/bot_fakes.py).
+not there, unknown topics, flood control with ``retry_after``, getFile of an unknown file or
+one over 20 MB), and answers the rest with what Telegram would, files downloaded from
+``/file/bot<token>/<file_path>``. Updates it delivers by long polling, or that a test hands the
+bot's webhook, are told to it with :meth:`FakeTelegram.saw`. In-process bot tests fake Telegram
+at aiogram's session layer instead (tests/support/bot_fakes.py).
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ class FakeTelegram:
         self.refused: list[tuple[str, str]] = []  # (method, description) of each refusal
         self.app = web.Application()
         self.app.router.add_route("*", "/bot{token}/{method}", self._handle)
+        self.app.router.add_get("/file/bot{token}/{path:.+}", self._download)
+        self.files = self.rules.files  # file_id → content: getFile, then a download
         self._runner: web.AppRunner | None = None
         self.url = ""
 
@@ -139,6 +142,14 @@ class FakeTelegram:
         self.rules.remember(kind.__api_method__, call, result)
         return web.json_response({"ok": True, "result": result})
 
+    async def _download(self, request: web.Request) -> web.StreamResponse:
+        """A file getFile gave, at ``/file/bot<token>/<file_path>``; 404 for any other path."""
+        content = self.rules.download(request.match_info["path"])
+        self.calls.append(("download", {"file_path": request.match_info["path"]}))
+        if content is None:
+            raise web.HTTPNotFound()
+        return web.Response(body=content, content_type="application/octet-stream")
+
     def _refuse(
         self, method: str, status: int, description: str, retry_after: int | None = None
     ) -> web.Response:
@@ -156,6 +167,8 @@ class FakeTelegram:
             return []
         if name in TRUE_METHODS:
             return True
+        if name == "getfile":  # the rules refused an unknown file id and one over 20 MB
+            return self.rules.file(str(params.get("file_id") or ""))
         if name == "createinvoicelink":
             return "https://t.me/$fake-invoice"
         if name in {"sendmessage", "editmessagetext", "sendinvoice", "sendphoto"}:

@@ -16,10 +16,13 @@ sends (so aiogram raises what it would):
 * flood control (429 with ``retry_after``): more than 20 new messages a minute in one group,
   more than 30 a second in all, and in one private chat more than one a second after a burst
   of five (Telegram documents "about one a second" without the burst's size: five is this
-  stand-in's choice). Edits and drafts are not counted (Telegram does not document their limit).
+  stand-in's choice). Edits and drafts are not counted (Telegram does not document their limit);
+* files: ``getFile`` of a file id Telegram does not have, or of a file over 20 MB (what a bot
+  may download); a file it gives is downloaded from its ``file_path``.
 
 Sources: core.telegram.org/bots/api (sendMessage, formatting options, InlineKeyboardButton,
-answerCallbackQuery, sendMessageDraft, ReplyParameters), core.telegram.org/bots/faq (limits).
+answerCallbackQuery, sendMessageDraft, ReplyParameters, getFile), core.telegram.org/bots/faq
+(limits).
 """
 
 from __future__ import annotations
@@ -74,6 +77,11 @@ NEW_MESSAGES = {
     "copyMessage",
     "forwardMessage",
 }
+
+
+MAX_DOWNLOAD_BYTES = 20 * 2**20
+"""The largest file a bot may download (getFile refuses larger ones)."""
+FILE_FOLDER = "files"
 
 
 class Refusal(NamedTuple):
@@ -219,6 +227,7 @@ class TelegramState:
         self.sends: dict[int, deque[float]] = {}
         self.all_sends: deque[float] = deque()
         self.tokens: dict[int, tuple[float, float]] = {}  # private chat → (tokens, at)
+        self.files: dict[str, bytes] = {}  # file_id → content, for getFile and downloads
 
     # -- what Telegram delivered ------------------------------------------------------
 
@@ -257,6 +266,20 @@ class TelegramState:
         seen = [message for (where, message) in self.messages if where == chat]
         return max([999, *seen]) + 1
 
+    def file(self, file_id: str) -> dict[str, Any]:
+        """``getFile``'s File for a file Telegram has (check() refused the others)."""
+        return {
+            "file_id": file_id,
+            "file_unique_id": "u-" + file_id,
+            "file_size": len(self.files[file_id]),
+            "file_path": f"{FILE_FOLDER}/{file_id}",
+        }
+
+    def download(self, file_path: str) -> bytes | None:
+        """The content at a ``file_path`` getFile gave; None for any other path."""
+        folder, _, file_id = file_path.partition("/")
+        return self.files.get(file_id) if folder == FILE_FOLDER else None
+
     # -- the rules ----------------------------------------------------------------------
 
     def check(self, name: str, method: Any) -> Refusal | None:
@@ -269,6 +292,12 @@ class TelegramState:
 
     def _check_state(self, name: str, method: Any) -> Refusal | None:
         bad = "Bad Request: "
+        if name == "getFile":
+            content = self.files.get(method.file_id)
+            if content is None:
+                return Refusal(400, bad + "invalid file_id")
+            if len(content) > MAX_DOWNLOAD_BYTES:
+                return Refusal(400, bad + "file is too big")
         if name == "answerCallbackQuery":
             if method.callback_query_id in self.answered:
                 return Refusal(

