@@ -48,12 +48,27 @@ POSTGRES_URL = os.environ.get(
 )
 
 
-class OneByOne(DepositWatcher):
+class Timed(DepositWatcher):
+    """A watcher that says when it has handled the transaction at ``last_lt`` (so the bench
+    need not poll the database meanwhile, which would compete for SQLite's write lock)."""
+
+    last_lt = 0
+    done: asyncio.Event
+
+    async def handle_many(self, txs: list[dict[str, Any]]) -> None:
+        await super().handle_many(txs)
+        if any(int(tx["lt"]) >= self.last_lt for tx in txs):
+            self.done.set()
+
+
+class OneByOne(Timed):
     """The watcher as it was before the page batch: each transaction on its own."""
 
     async def handle_many(self, txs: list[dict[str, Any]]) -> None:
         for tx in txs:
             await self.handle(tx)
+        if any(int(tx["lt"]) >= self.last_lt for tx in txs):
+            self.done.set()
 
 
 async def make_users(db: Database, count: int, first_id: int) -> list[User]:
@@ -106,19 +121,20 @@ async def fetch_all(api: TonCenter, page: int) -> tuple[int, float]:
         start = max(int(tx["lt"]) for tx in txs) + 1
 
 
-async def drain(watcher: DepositWatcher, last_lt: int) -> float:
-    """Run the watcher until its cursor passes ``last_lt``; seconds from its start."""
+async def drain(watcher: Timed, last_lt: int) -> float:
+    """Run the watcher until it has handled ``last_lt``; seconds from its start."""
+    watcher.last_lt, watcher.done = last_lt, asyncio.Event()
     stop = asyncio.Event()
     started = time.perf_counter()
     task = asyncio.create_task(watcher.run(stop))
-    while await watcher.cursor() < last_lt:
-        if task.done():
-            task.result()  # its error, if it stopped
-            raise RuntimeError("the watcher stopped before catching up")
-        await asyncio.sleep(0.02)
+    finished = asyncio.create_task(watcher.done.wait())
+    await asyncio.wait([task, finished], return_when=asyncio.FIRST_COMPLETED)
     elapsed = time.perf_counter() - started
     stop.set()
-    await task
+    await task  # its error, if it stopped
+    finished.cancel()
+    if await watcher.cursor() < last_lt:
+        raise RuntimeError("the watcher stopped before catching up")
     return elapsed
 
 
@@ -150,7 +166,7 @@ async def one_database(name: str, url: str, deposits: int, baseline: int, page: 
         txs = net.transactions_of(DEPOSIT)
         async with LocalTonCenterServer(net) as api_url, TonCenter(api_url, "bench-key") as api:
             fetched, fetch_s = await fetch_all(api, page)
-            watcher = DepositWatcher(
+            watcher = Timed(
                 db, Ledger(db), api, DEPOSIT, page_size=page, poll_interval_s=0.05,
                 backoff_max_s=1.0,
             )  # fmt: skip

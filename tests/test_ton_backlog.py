@@ -169,3 +169,35 @@ async def test_the_local_ton_center_pages_and_limits_like_the_real_one(db: Datab
         stop.set()
         await task
     assert (await Ledger(db).balances(user.id)).available == 3 * TON + 3
+
+
+async def test_a_balance_that_would_overflow_stops_the_page_at_that_deposit(db: Database) -> None:
+    """The batch's balance update is guarded like the ledger's: a credit that would take a
+    balance past 64 bits writes nothing of the page; one by one, the deposits before it are
+    credited and the watcher stops at it, its cursor just before it."""
+    from sqlalchemy import update
+
+    from backend.ledger import InvalidAmount
+    from backend.models import Account
+    from backend.settings import MAX_NANO
+
+    net = LocalTonCenter()
+    ok, full = await get_or_create_user(db, 9800), await get_or_create_user(db, 9801)
+    async with db.session() as session, session.begin():
+        await session.execute(
+            update(Account)
+            .where(Account.kind == AccountKind.USER, Account.owner_id == full.id)
+            .values(balance=MAX_NANO - 5)
+        )
+    first = net.add_incoming(DEPOSIT, TON, comment=ok.deposit_memo)
+    net.add_incoming(DEPOSIT, 10, comment=full.deposit_memo)
+    ledger = Ledger(db)
+    async with LocalTonCenterServer(net) as url, TonCenter(url) as api:
+        w = DepositWatcher(db, ledger, api, DEPOSIT)
+        with pytest.raises(InvalidAmount):
+            await w.poll_once()
+        with pytest.raises(InvalidAmount):  # again next time: never skipped, never doubled
+            await w.poll_once()
+    assert (await ledger.balances(ok.id)).available == TON
+    assert (await ledger.balances(full.id)).available == MAX_NANO - 5
+    assert await counts(db) == (1, int(first["lt"]))

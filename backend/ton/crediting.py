@@ -18,11 +18,11 @@ missing, a balance that would overflow, a twin watcher's rows (a unique constrai
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import BigInteger, case, insert, literal, select, update
+from sqlalchemy import BigInteger, Table, bindparam, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.db import Database, rowcount
@@ -61,10 +61,11 @@ class Booking:
 
 async def record_page(
     db: Database, account: str, bookings: Sequence[Booking], checkpoint: Callable[[str], None]
-) -> list[tuple[TonDeposit, bool]]:
+) -> list[tuple[dict[str, Any], bool]]:
     """Record ``bookings`` (in lt order), crediting the credited ones, in one transaction;
-    each deposit as written and whether it is new (False: recorded before, left alone).
-    Raises NotBatched, or IntegrityError when a twin wrote the same rows first."""
+    each deposit's row as written (with its ``id``) and whether it is new (False: recorded
+    before, left alone). Raises NotBatched, or IntegrityError when a twin wrote the same
+    rows first."""
     async with db.session() as session, session.begin():
         lts = sorted({b.row["lt"] for b in bookings})
         seen = {
@@ -77,7 +78,7 @@ async def record_page(
         }
         new = [b for b in bookings if (b.row["lt"], b.row["tx_hash"]) not in seen]
         credits = [b for b in new if b.user_id is not None]
-        await _credit(session, credits, checkpoint)
+        await _credit(session, db.dialect, credits, checkpoint)
         ids: dict[str, int] = {}
         if new:
             written = await session.execute(
@@ -106,7 +107,7 @@ async def record_page(
         key = (b.row["lt"], b.row["tx_hash"])
         created = key not in seen
         deposit_id = ids[b.row["ledger_key"]] if created else seen[key]
-        recorded.append((TonDeposit(id=deposit_id, **b.row), created))
+        recorded.append(({**b.row, "id": deposit_id}, created))
     return recorded
 
 
@@ -116,7 +117,10 @@ def _credited(booking: Booking) -> int:
 
 
 async def _credit(
-    session: AsyncSession, credits: Sequence[Booking], checkpoint: Callable[[str], None]
+    session: AsyncSession,
+    dialect: str,
+    credits: Sequence[Booking],
+    checkpoint: Callable[[str], None],
 ) -> None:
     """The ledger transactions of ``credits``: TON_IN → each user, one key each."""
     if not credits:
@@ -167,13 +171,22 @@ async def _credit(
     if total > MAX_NANO or any(d > MAX_NANO for d in deltas.values()):
         raise NotBatched("the page's credits overflow one statement")
     await session.execute(insert(Entry), entries)
-    delta = case({k: literal(v, BigInteger) for k, v in deltas.items()}, value=Account.id)
-    moved = await session.execute(
-        update(Account)
-        .where(Account.id.in_(list(deltas)), Account.balance <= MAX_NANO - delta)
-        .values(balance=Account.balance + delta)
-        .execution_options(synchronize_session=False)
-    )
+    if dialect == "postgresql":  # one statement for every balance
+        moved = await session.execute(
+            _CREDIT_ALL, {"ids": list(deltas), "deltas": list(deltas.values()), "max": MAX_NANO}
+        )
+    else:  # SQLite: the same guarded UPDATE for each balance, one compiled statement
+        table = cast(Table, Account.__table__)  # Core: an executemany, not the ORM's bulk
+        accounts = table.c
+        moved = await session.execute(
+            update(table)
+            .where(
+                accounts.id == bindparam("account"),
+                accounts.balance <= MAX_NANO - bindparam("delta", type_=BigInteger),
+            )
+            .values(balance=accounts.balance + bindparam("delta", type_=BigInteger)),
+            [{"account": k, "delta": v} for k, v in deltas.items()],
+        )
     if rowcount(moved) != len(deltas):
         raise NotBatched("a balance would overflow 64 bits")
     moved = await session.execute(
@@ -184,6 +197,17 @@ async def _credit(
     )
     if rowcount(moved) != 1:
         raise NotBatched("the TON_IN balance would overflow 64 bits")
+
+
+# Every user's credit of a page on PostgreSQL, each balance guarded against overflowing 64 bits
+# (a balance that would is left alone, and the row count says so).
+_CREDIT_ALL = text(
+    """
+UPDATE accounts SET balance = accounts.balance + d.delta
+FROM (SELECT unnest(CAST(:ids AS BIGINT[])) AS id, unnest(CAST(:deltas AS BIGINT[])) AS delta) AS d
+WHERE accounts.id = d.id AND accounts.balance <= CAST(:max AS BIGINT) - d.delta
+"""
+)
 
 
 async def move_cursor(session: AsyncSession, account: str, lt: int, tx_hash: str) -> None:
@@ -198,43 +222,43 @@ async def move_cursor(session: AsyncSession, account: str, lt: int, tx_hash: str
         session.add(TonCursor(account=account, last_lt=lt, last_hash=tx_hash))
 
 
-def log_recorded(deposit: TonDeposit) -> None:
+def log_recorded(deposit: Mapping[str, Any]) -> None:
     """One line for every transaction that was not credited, with its amount and reason."""
-    if deposit.status == TonDepositStatus.UNCLAIMED and deposit.credited is not None:
+    if deposit["status"] == TonDepositStatus.UNCLAIMED and deposit["credited"] is not None:
         log.warning(
             "unclaimed USDT deposit #%s: %s micro-units (%s nanoTON at its rate), lt %s (%s)",
-            deposit.id,
-            deposit.jetton_amount,
-            deposit.credited,
-            deposit.lt,
-            deposit.note,
+            deposit["id"],
+            deposit["jetton_amount"],
+            deposit["credited"],
+            deposit["lt"],
+            deposit["note"],
         )
-    elif deposit.status == TonDepositStatus.UNCLAIMED:
+    elif deposit["status"] == TonDepositStatus.UNCLAIMED:
         log.warning(
             "unclaimed TON deposit #%s: %s nanoTON, lt %s (%s)",
-            deposit.id,
-            deposit.amount,
-            deposit.lt,
-            deposit.note,
+            deposit["id"],
+            deposit["amount"],
+            deposit["lt"],
+            deposit["note"],
         )
-    elif deposit.status == TonDepositStatus.JETTON:
+    elif deposit["status"] == TonDepositStatus.JETTON:
         log.warning(
             "jetton notification #%s (%s): %s units of jetton %s from %s through %s, "
             "%s nanoTON, lt %s",
-            deposit.id,
-            deposit.note,
-            deposit.jetton_amount,
-            deposit.jetton_master or "unknown",
-            deposit.jetton_sender,
-            deposit.source,
-            deposit.amount,
-            deposit.lt,
+            deposit["id"],
+            deposit["note"],
+            deposit["jetton_amount"],
+            deposit["jetton_master"] or "unknown",
+            deposit["jetton_sender"],
+            deposit["source"],
+            deposit["amount"],
+            deposit["lt"],
         )
-    elif deposit.status == TonDepositStatus.IGNORED:
+    elif deposit["status"] == TonDepositStatus.IGNORED:
         log.info(
             "ignored TON transaction #%s: %s nanoTON, lt %s (%s)",
-            deposit.id,
-            deposit.amount,
-            deposit.lt,
-            deposit.note,
+            deposit["id"],
+            deposit["amount"],
+            deposit["lt"],
+            deposit["note"],
         )

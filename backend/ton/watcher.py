@@ -262,7 +262,7 @@ class DepositWatcher:
                 await self.handle(tx)
             return
         for deposit, created in recorded:
-            await self._done(deposit, created, deposit.amount)
+            await self._done(deposit, created, deposit["amount"])
 
     async def handle(self, tx: dict[str, Any]) -> TonDeposit:
         """Credit (or record) one transaction; safe to repeat. ValueError, before anything is
@@ -303,17 +303,19 @@ class DepositWatcher:
                 self._checkpoint("credited")
         row = self._row(tx, lt, tx_hash, key, found, status, note, user_id, usdt)
         deposit, created = await self._record(row)
-        await self._done(deposit, created, found.amount if usdt is None else usdt.credited or 0)
+        amount = found.amount if usdt is None else usdt.credited or 0
+        await self._done({**row, "id": deposit.id}, created, amount)
         return deposit
 
-    async def _done(self, deposit: TonDeposit, created: bool, amount: int) -> None:
-        """After the commit: say what was recorded; tell the hook of a new credit."""
+    async def _done(self, deposit: dict[str, Any], created: bool, amount: int) -> None:
+        """After the commit: say what was recorded (its row, with its id); tell the hook of a
+        new credit."""
         self._checkpoint("recorded")
         if not created:
             return
         log_recorded(deposit)
-        if deposit.status == TonDepositStatus.CREDITED and self.notify is not None:
-            event = DepositEvent(deposit.user_id or 0, amount, deposit.id, deposit.tx_hash)
+        if deposit["status"] == TonDepositStatus.CREDITED and self.notify is not None:
+            event = DepositEvent(deposit["user_id"] or 0, amount, deposit["id"], deposit["tx_hash"])
             try:
                 await self.notify(event)
             except Exception:
