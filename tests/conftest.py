@@ -30,6 +30,7 @@ pytest_plugins = [
     "tests.support.attest",
     "tests.support.billing",
     "tests.support.bot",
+    "tests.support.node",
     "tests.support.payouts",
     "tests.support.tdx_hosts",
     "tests.support.tonproof",

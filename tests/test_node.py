@@ -1,4 +1,5 @@
-"""The worker registry and the worker node, on the real Redis with real node processes.
+"""The worker node, on the real Redis with real node processes (the registry's own tests are in
+tests/test_registry.py, the kit in tests/support/node.py).
 
 Queue mechanics run on the ``instant`` engine (no model); one test runs the real llama-cpp model.
 """
@@ -8,282 +9,26 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
-import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
-import nacl.public
 import pytest
-import redis
-import redis.asyncio
 from rq import Queue, Worker
-from rq.job import Job, JobStatus
+from rq.job import JobStatus
 from rq.serializers import JSONSerializer
 
-from tests.support import attest
+from tests.support.node import (
+    events_of,
+    max_overlap,
+    rq_job,
+    submit,
+    text_of,
+    wait_for_status,
+    words,
+)
 from workers import registry, streams, wire
-from workers.jobs import enqueue_job
-from workers.registry import WorkerInfo, queue_name
+from workers.registry import queue_name
 from workers.stream_crypto import StreamOpener
 
-REPO = Path(__file__).resolve().parent.parent
 CANARY = "zebra-canary-7f3a"
-
-
-# -- helpers ---------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def aredis(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
-    client = redis.asyncio.Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
-def sredis(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
-
-
-@dataclass
-class NodeProcess:
-    process: subprocess.Popen[bytes]
-    info: WorkerInfo
-    log_path: Path
-
-    @property
-    def worker_id(self) -> str:
-        return self.info.worker_id
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-@pytest.fixture
-async def start_node(
-    redis_url: str, aredis: redis.asyncio.Redis, tmp_path: Path
-) -> AsyncIterator[Callable[..., object]]:
-    """Start ``python -m workers.node`` and wait until it is registered."""
-    started: list[NodeProcess] = []
-
-    async def start(
-        *extra: str, model: str = "echo", engine: str = "instant", ready_s: float = 30.0
-    ) -> NodeProcess:
-        worker_id = "t-" + uuid.uuid4().hex[:10]
-        log_path = tmp_path / f"{worker_id}.log"
-        command = [
-            sys.executable, "-m", "workers.node", "--model", model, "--engine", engine,
-            "--redis-url", redis_url, "--worker-id", worker_id, *extra,
-        ]  # fmt: skip
-        process = spawn(command, log_path)
-        deadline = time.monotonic() + ready_s
-        while time.monotonic() < deadline:
-            info = await registry.get_worker(aredis, worker_id)
-            if info is not None:
-                node = NodeProcess(process, info, log_path)
-                started.append(node)
-                return node
-            if process.poll() is not None:
-                break
-            await asyncio.sleep(0.05)
-        process.kill()
-        raise AssertionError(f"the node did not register:\n{log_path.read_text()}")
-
-    yield start
-    for node in started:
-        if node.process.poll() is None:
-            node.process.send_signal(signal.SIGINT)
-            node.process.send_signal(signal.SIGINT)  # second signal: no grace period
-            try:
-                node.process.wait(10)
-            except subprocess.TimeoutExpired:
-                node.process.kill()
-                node.process.wait()
-
-
-def spawn(command: list[str], log_path: Path) -> subprocess.Popen[bytes]:
-    with log_path.open("wb") as log_file:
-        return subprocess.Popen(command, cwd=REPO, stdout=log_file, stderr=log_file)
-
-
-@dataclass
-class Submitted:
-    job_id: str
-    reply_key: nacl.public.PrivateKey
-    worker: WorkerInfo
-
-
-def submit(
-    sredis: redis.Redis,
-    worker: WorkerInfo,
-    content: str,
-    *,
-    model: str | None = None,
-    max_tokens: int = 100,
-    timeout_s: int = 60,
-    seal_to: str | None = None,
-    bound: int | None = None,
-) -> Submitted:
-    """What the backend does: seal a request to the worker and enqueue it on its queue."""
-    reply_key = wire.new_reply_keypair()
-    job_id = uuid.uuid4().hex
-    request = wire.JobRequest(
-        job_id=job_id,
-        model=model or worker.model,
-        messages=[wire.ChatMessage(role="user", content=content)],
-        max_tokens=max_tokens,
-        reply_key=wire.public_b64(reply_key),
-    )
-    sealed = wire.seal_request(request, seal_to or worker.box_public_key)
-    enqueue_job(
-        sredis, worker.worker_id, job_id, sealed, timeout_s=timeout_s, ttl_s=60, max_tokens=bound
-    )
-    return Submitted(job_id, reply_key, worker)
-
-
-async def events_of(
-    aredis: redis.asyncio.Redis, job: Submitted, *, timeout_s: float = 20.0
-) -> list[wire.Event]:
-    """Read the job's stream to its end and open every event as the bot would."""
-    events: list[wire.Event] = []
-    opener = StreamOpener(job.reply_key, job.worker.verify_key, job.job_id)
-    async for blob in streams.read_stream(
-        aredis, job.job_id, first_timeout_s=timeout_s, idle_timeout_s=timeout_s
-    ):
-        events.append(opener.open(blob))
-    return events
-
-
-def text_of(events: list[wire.Event]) -> str:
-    return "".join(e.text for e in events if isinstance(e, wire.StreamChunk))
-
-
-def words(n: int) -> str:
-    return " ".join(f"w{i}" for i in range(n))
-
-
-def rq_job(sredis: redis.Redis, job_id: str) -> Job:
-    return Job.fetch(job_id, connection=sredis, serializer=JSONSerializer)
-
-
-async def wait_for_status(sredis: redis.Redis, job_id: str, status: JobStatus) -> Job:
-    for _ in range(100):
-        job = rq_job(sredis, job_id)
-        if job.get_status() == status:
-            return job
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"job {job_id} is {job.get_status()}, not {status}")
-
-
-def max_overlap(jobs: list[Job]) -> int:
-    """The most jobs that were running at the same instant, from RQ's own timestamps."""
-    edges = sorted(
-        [(job.started_at, 1) for job in jobs] + [(job.ended_at, -1) for job in jobs],
-        key=lambda edge: (edge[0], edge[1]),
-    )
-    running = peak = 0
-    for _, step in edges:
-        running += step
-        peak = max(peak, running)
-    return peak
-
-
-# -- the registry ----------------------------------------------------------------------------
-
-
-def worker_info(
-    worker_id: str, *, model: str = "m", capacity: int = 4, load: int = 0
-) -> WorkerInfo:
-    keys = wire.WorkerKeys.generate()
-    return attest.worker_info(worker_id, keys, model=model, capacity=capacity, load=load)
-
-
-async def reserve(aredis, worker_id: str, slots: int) -> None:
-    for n in range(slots):
-        assert await registry.reserve_slot(aredis, worker_id, f"{worker_id}-{n}", ttl_s=60)
-
-
-async def test_pick_worker_prefers_least_loaded_then_sticky_and_skips_dead_and_full(aredis):
-    await registry.register(aredis, worker_info("busy"), ttl_s=10)
-    await registry.register(aredis, worker_info("idle"), ttl_s=10)
-    await registry.register(aredis, worker_info("full"), ttl_s=10)
-    await registry.register(aredis, worker_info("dead", load=0), ttl_s=1)
-    await registry.register(aredis, worker_info("other-model", model="x"), ttl_s=10)
-    # Load is the backend's own count of the jobs it gave each worker (capacity 4).
-    await reserve(aredis, "busy", 3)
-    await reserve(aredis, "idle", 1)
-    await reserve(aredis, "full", 4)
-    await asyncio.sleep(1.2)  # "dead" misses its heartbeat
-
-    assert {w.worker_id for w in await registry.list_workers(aredis, "m")} == {
-        "busy",
-        "idle",
-        "full",
-    }
-    assert (await registry.pick_worker(aredis, "m")).worker_id == "idle"
-    assert await registry.get_worker(aredis, "dead") is None
-
-    await registry.remember_route(aredis, "conv-1", "busy", ttl_s=60)
-    picked = await registry.pick_worker(aredis, "m", conversation_id="conv-1")
-    assert picked.worker_id == "busy"  # sticky: its prefix cache has the conversation
-    # A sticky worker that is full, dead or excluded is passed over for the least loaded.
-    await registry.remember_route(aredis, "conv-2", "full", ttl_s=60)
-    assert (await registry.pick_worker(aredis, "m", conversation_id="conv-2")).worker_id == "idle"
-    await registry.remember_route(aredis, "conv-3", "dead", ttl_s=60)
-    assert (await registry.pick_worker(aredis, "m", conversation_id="conv-3")).worker_id == "idle"
-    picked = await registry.pick_worker(aredis, "m", conversation_id="conv-1", exclude=["busy"])
-    assert picked.worker_id == "idle"
-    assert await registry.pick_worker(aredis, "m", exclude=["idle", "busy"]) is None
-    assert await registry.pick_worker(aredis, "no-such-model") is None
-
-
-async def test_reservations_move_the_pick_and_a_reported_load_does_not(aredis):
-    await registry.register(aredis, worker_info("a", load=0), ttl_s=10)
-    await registry.register(aredis, worker_info("b", load=0), ttl_s=10)
-    await reserve(aredis, "b", 2)
-    assert (await registry.pick_worker(aredis, "m")).worker_id == "a"
-    # What a node reports is shown, not trusted: reporting itself idle wins it nothing.
-    assert await registry.heartbeat(aredis, "b", 0, 10) is True
-    assert await registry.heartbeat(aredis, "a", 4, 10) is True
-    assert (await registry.pick_worker(aredis, "m")).worker_id == "a"
-    await reserve(aredis, "a", 3)
-    assert (await registry.pick_worker(aredis, "m")).worker_id == "b"
-
-
-async def test_slot_reservations_stop_two_dispatchers_overfilling_a_worker(aredis):
-    await registry.register(aredis, worker_info("only", capacity=3), ttl_s=10)
-    # Ten dispatchers race for three slots; the reported load (0) is stale for all of them.
-    picks = await asyncio.gather(
-        *(registry.pick_worker(aredis, "m", job_id=f"job-{i}") for i in range(10))
-    )
-    assert sum(pick is not None for pick in picks) == 3
-    info = await registry.get_worker(aredis, "only")
-    assert info.reserved == 3 and not info.has_room
-
-    await registry.release_slot(aredis, "only", "job-0")
-    assert await registry.reserve_slot(aredis, "only", "job-new", ttl_s=60) is True
-    assert await registry.reserve_slot(aredis, "only", "job-more", ttl_s=60) is False
-    # Slots of jobs that never ran expire on their own.
-    await registry.release_slot(aredis, "only", "job-new")
-    assert await registry.reserve_slot(aredis, "only", "short", ttl_s=0.2) is True
-    assert await registry.reserve_slot(aredis, "only", "job-more", ttl_s=60) is False
-    await asyncio.sleep(0.3)
-    assert await registry.reserve_slot(aredis, "only", "job-more", ttl_s=60) is True
-    assert await registry.reserve_slot(aredis, "gone", "job-x", ttl_s=60) is False
-
-
-def test_heartbeat_never_resurrects_an_unregistered_worker(sredis):
-    registry.register(sredis, worker_info("w1"), ttl_s=10)
-    assert registry.heartbeat(sredis, "w1", 2, 10) is True
-    registry.unregister(sredis, "w1")
-    assert registry.heartbeat(sredis, "w1", 2, 10) is False
-    assert not sredis.exists(registry.worker_key("w1"))
 
 
 # -- the node --------------------------------------------------------------------------------

@@ -7,26 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import redis.asyncio
 
-from tests.support import attest
-from workers import registry, wire
-from workers.registry import WorkerInfo
-
-
-@pytest.fixture
-async def aredis(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
-    client = redis.asyncio.Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
-
-
-def worker_info(worker_id: str, *, capacity: int = 4) -> WorkerInfo:
-    return attest.worker_info(worker_id, wire.WorkerKeys.generate(), model="m", capacity=capacity)
+from tests.support.node import fill, worker_info
+from workers import registry
 
 
 def job(worker_id: str) -> str:
@@ -35,11 +22,6 @@ def job(worker_id: str) -> str:
 
 async def slots(aredis: redis.asyncio.Redis, worker_id: str) -> int:
     return int(await aredis.zcard(registry.slots_key(worker_id)))
-
-
-async def fill(aredis: redis.asyncio.Redis, worker_id: str, count: int) -> None:
-    for n in range(count):
-        assert await registry.reserve_slot(aredis, worker_id, f"{worker_id}-{n}", ttl_s=60)
 
 
 class Counting:
