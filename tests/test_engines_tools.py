@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from backend.bounds import tools_token_bound
 from tests.support.env import require_module
 from workers.engines.base import GenerationRequest, TextDelta, ToolCallDelta, Usage
 from workers.engines.tools import (
@@ -20,7 +21,9 @@ from workers.engines.tools import (
     forced_schema,
     knows_tools,
     read_template,
+    template_digest,
 )
+from workers.wire_tools import Tools, ToolSpec
 
 WEATHER = {
     "name": "get_weather",
@@ -130,7 +133,9 @@ async def test_llama_cpp_renders_tools_through_the_template_and_calls_them() -> 
     await engine.start()
     try:
         assert not plain.tool_template and engine.tool_template  # SmolLM2's own knows none
-        assert "chat_template_sha256" in engine.attested_config()
+        digest = template_digest(read_template(HERMES_TEMPLATE))
+        assert engine.attested_config()["chat_template_sha256"] == digest  # what it attests
+        assert "chat_template_sha256" not in plain.attested_config()
         call = {"id": "call_0", "name": "get_weather", "arguments": '{"city":"Paris"}'}
         history = [
             *QUESTION,
@@ -141,6 +146,15 @@ async def test_llama_cpp_renders_tools_through_the_template_and_calls_them() -> 
         prompt = engine._llm.detokenize(engine.prompt_tokens(history, tools=tools)).decode()
         assert "<tools>" in prompt and '"name": "get_weather"' in prompt
         assert "<tool_response>\n21C and sunny\n</tool_response>" in prompt
+
+        # The tools' text a worker bills stays within the backend's bound on it, rendered by
+        # the template or written by the fallback, with text that escapes (Jinja's tojson).
+        odd = {**WEATHER, "description": "Météo <now> & 'here' 🌦" * 20}
+        bound = tools_token_bound(Tools(functions=[ToolSpec(**odd)]))
+        for each in (engine, plain):
+            bare = len(each._prompt(GenerationRequest(QUESTION, 8)))
+            offered = len(each._prompt(GenerationRequest(QUESTION, 8, tools=(odd,))))
+            assert 0 < offered - bare <= bound
 
         request = GenerationRequest(
             QUESTION, 80, temperature=0.0, tools=(WEATHER,), tool_choice="required"

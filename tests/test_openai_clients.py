@@ -15,7 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from backend.settings import DEFAULT_MODEL
-from tests.support.api import Api, ApiFactory, settled_turns
+from tests.support.api import WEATHER, Api, ApiFactory, settled_turns
 from tests.support.env import require_module
 from tests.support.turns import TON, Node, open_holds
 from workers import registry
@@ -174,72 +174,6 @@ async def test_json_replies_parse_and_penalties_are_taken(v1: Api, node: Node) -
         assert isinstance(json.loads(text), dict)
     else:
         assert text.lstrip().startswith("{")
-    await client.close()
-
-
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city now.",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "maxLength": 30}},
-            "required": ["city"],
-            "additionalProperties": False,
-        },
-    },
-}
-
-
-async def test_a_forced_tool_call_and_a_whole_round_trip(v1: Api, node: Node) -> None:
-    client = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key, max_retries=0)
-    question = {"role": "user", "content": "What is the weather in Paris?"}
-    reply = await client.chat.completions.create(
-        model=DEFAULT_MODEL,
-        messages=[question],
-        tools=[WEATHER],
-        tool_choice="required",
-        max_tokens=60,
-        temperature=0,
-    )
-    choice = reply.choices[0]
-    assert choice.finish_reason == "tool_calls" and choice.message.content is None
-    [call] = choice.message.tool_calls or []
-    assert call.function.name == "get_weather"
-    assert isinstance(json.loads(call.function.arguments)["city"], str)
-
-    # The round trip: the call and its result go back, the model answers in words.
-    answer = await client.chat.completions.create(
-        model=DEFAULT_MODEL,
-        messages=[
-            question,
-            choice.message.model_dump(exclude_none=True),
-            {"role": "tool", "tool_call_id": call.id, "content": '{"celsius": 21, "sky": "clear"}'},
-        ],
-        tools=[WEATHER],
-        tool_choice="none",
-        max_tokens=30,
-    )
-    assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
-
-    # Streamed, a call named by tool_choice arrives whole, as the SDK expects.
-    stream = await client.chat.completions.create(
-        model=DEFAULT_MODEL,
-        messages=[question],
-        tools=[WEATHER],
-        tool_choice={"type": "function", "function": {"name": "get_weather"}},
-        max_tokens=60,
-        temperature=0,
-        stream=True,
-    )
-    calls, finish = [], None
-    async for chunk in stream:
-        for streamed in chunk.choices:
-            calls += streamed.delta.tool_calls or []
-            finish = streamed.finish_reason or finish
-    assert finish == "tool_calls" and calls[0].function.name == "get_weather"
-    assert "city" in json.loads(calls[0].function.arguments)
     await client.close()
 
 

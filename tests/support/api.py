@@ -41,6 +41,20 @@ class Api:
 
 ApiFactory = Callable[..., Awaitable[Api]]
 
+WEATHER = {  # a function the clients offer (OpenAI's tool shape)
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city now.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 30}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+
 
 async def settled_turns(v1: Api, timeout_s: float = 60.0) -> list[TurnRecord]:
     """The user's settled turns, once no hold is open (the last turn has settled)."""

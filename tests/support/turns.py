@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import redis
 import redis.asyncio as aioredis
@@ -40,6 +40,7 @@ class Node:
         model: str = DEFAULT_MODEL,
         heartbeat: float = 0.5,
         ttl: int = 30,
+        engine_options: Sequence[str] = (),
     ):
         """``ttl``: how long the registry keeps the node after its last heartbeat. Long by
         default: a node busy on a loaded machine never drops out between heartbeats, and no
@@ -52,6 +53,8 @@ class Node:
         ]  # fmt: skip
         if provider_id is not None:
             command += ["--provider-id", str(provider_id)]
+        for option in engine_options:  # name=value, e.g. chat_template=FILE
+            command += ["--engine-option", option]
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
         client = redis.Redis.from_url(redis_url)
         deadline = time.monotonic() + 60
