@@ -37,20 +37,18 @@ from backend.db import Database, rowcount
 from backend.ledger import Ledger
 from backend.models import (
     Payout,
-    PayoutState,
     TonMessageState,
     TonPayoutBatch,
     TonPayoutBatchItem,
     TonPayoutStage,
 )
-from backend.ton.comment import AddressError, decode_comment, parse_address, raw_address
+from backend.ton.comment import AddressError, decode_comment, raw_address
 from backend.ton.sending import (
     LIVE,
     OPEN_PAYOUT,
     Moved,
     Sender,
     Step,
-    hash_or_none,
     json_int,
     payout_comment,
 )
@@ -98,17 +96,9 @@ class HighloadPayoutSender(Sender):
             return Step.IDLE
         ready: list[tuple[Payout, str]] = []
         for payout in payouts:
-            destination = payout.destination or await self._linked_wallet(payout.provider_id)
-            try:
-                if destination is None:
-                    raise AddressError("no payout wallet is linked")
-                parse_address(destination)
-            except AddressError as error:
-                await self.ledger.fail_payout(payout.id, reason=f"cannot pay: {error}")
-                log.warning("payout #%s failed: %s", payout.id, error)
-                await self._tell(payout, paid=False)
-                continue
-            ready.append((payout, raw_address(destination)))
+            destination = await self._destination(payout)
+            if destination is not None:
+                ready.append((payout, raw_address(destination)))
         if ready:
             await self._sign(ready)
         return Step.PROGRESS
@@ -187,16 +177,7 @@ class HighloadPayoutSender(Sender):
         now = self.clock()
         valid_until = batch.created_at_chain + batch.timeout  # created_at > now - timeout
         if now < valid_until:
-            since = (
-                None
-                if batch.sent_at is None
-                else (dt.datetime.now(dt.UTC) - batch.sent_at).total_seconds()
-            )
-            if (
-                batch.state == TonMessageState.SIGNED
-                or since is None
-                or since >= self.resend_every_s
-            ):
+            if self._send_due(batch):
                 await self._send(batch)
             return Step.WAITING
         if now < valid_until + self.expiry_grace_s:
@@ -288,33 +269,10 @@ class HighloadPayoutSender(Sender):
                 sent.remove(wanted)
             payout = await self.ledger.get_payout(item.payout_id)
             assert payout is not None
-            if payout.state == PayoutState.FAILED and paid:
-                log.error(
-                    "payout #%s was failed by hand but batch %s paid it on chain: the provider "
-                    "was refunded AND paid; recover %s nanoTON by hand",
-                    payout.id,
-                    batch.id,
-                    payout.amount,
-                )
-            if payout.state not in (PayoutState.CONFIRMED, PayoutState.FAILED):
-                if paid:
-                    await self.ledger.confirm_payout(payout.id)
-                else:
-                    await self.ledger.fail_payout(payout.id, reason="payout not sent on chain")
-                    log.warning("payout #%s failed on chain (batch %s)", payout.id, batch.id)
-            await self._tell(payout, paid=paid)
-        async with self.db.session() as session, session.begin():
-            await session.execute(
-                update(TonPayoutBatch)
-                .where(TonPayoutBatch.id == batch.id, TonPayoutBatch.state.in_(LIVE))
-                .values(
-                    state=TonMessageState.LANDED,
-                    tx_hash=hash_or_none(tx.get("hash")),
-                    tx_lt=json_int(tx.get("lt")),
-                    closed_at=dt.datetime.now(dt.UTC),
-                )
-                .execution_options(synchronize_session=False)
+            await self._record_outcome(
+                payout, paid=paid, by=f"batch {batch.id}", reason="not sent on chain"
             )
+        await self._landed(batch, tx)
         return Step.PROGRESS
 
     async def _transfers(

@@ -38,14 +38,13 @@ from backend.models import (
     TonPayoutMessage,
     TonPayoutStage,
 )
-from backend.ton.comment import AddressError, parse_address, raw_address
+from backend.ton.comment import AddressError, raw_address
 from backend.ton.sending import (
     LIVE,
     OPEN_PAYOUT,
     Moved,
     Sender,
     Step,
-    hash_or_none,
     json_int,
     payout_comment,
 )
@@ -82,15 +81,8 @@ class PayoutSender(Sender):
         payout = next(iter(await self._open_payouts(1)), None)
         if payout is None:
             return Step.IDLE
-        destination = payout.destination or await self._linked_wallet(payout.provider_id)
-        try:
-            if destination is None:
-                raise AddressError("no payout wallet is linked")
-            parse_address(destination)
-        except AddressError as error:
-            await self.ledger.fail_payout(payout.id, reason=f"cannot pay: {error}")
-            log.warning("payout #%s failed: %s", payout.id, error)
-            await self._tell(payout, paid=False)
+        destination = await self._destination(payout)
+        if destination is None:
             return Step.PROGRESS
         seqno = await self._next_seqno()
         await self._sign(payout, destination, seqno, replacing=None)
@@ -112,16 +104,7 @@ class PayoutSender(Sender):
         if now < message.valid_until:
             if closed:
                 return Step.WAITING
-            since = (
-                None
-                if message.sent_at is None
-                else (dt.datetime.now(dt.UTC) - message.sent_at).total_seconds()
-            )
-            if (
-                message.state == TonMessageState.SIGNED
-                or since is None
-                or since >= self.resend_every_s
-            ):
+            if self._send_due(message):
                 await self._send(message)
             return Step.WAITING
         if now < message.valid_until + self.expiry_grace_s:
@@ -261,34 +244,11 @@ class PayoutSender(Sender):
         self._checkpoint("before_confirm")
         # The ledger first (idempotent by key), then the message: a crash in between finds the
         # message live again, finds it on chain again, and the ledger replays.
-        if payout.state == PayoutState.FAILED and paid:
-            log.error(
-                "payout #%s was failed by hand but its message %s paid on chain: the provider "
-                "was refunded AND paid; recover %s nanoTON by hand",
-                payout.id,
-                message.msg_hash,
-                payout.amount,
-            )
-        if payout.state not in (PayoutState.CONFIRMED, PayoutState.FAILED):
-            if paid:
-                await self.ledger.confirm_payout(payout.id)
-            else:
-                reason = "aborted on chain" if aborted else "no transfer in the transaction"
-                await self.ledger.fail_payout(payout.id, reason=f"payout {reason}")
-                log.warning("payout #%s failed on chain: %s", payout.id, reason)
-        await self._tell(payout, paid=paid)
-        async with self.db.session() as session, session.begin():
-            await session.execute(
-                update(TonPayoutMessage)
-                .where(TonPayoutMessage.id == message.id, TonPayoutMessage.state.in_(LIVE))
-                .values(
-                    state=TonMessageState.LANDED,
-                    tx_hash=hash_or_none(tx.get("hash")),
-                    tx_lt=json_int(tx.get("lt")),
-                    closed_at=dt.datetime.now(dt.UTC),
-                )
-                .execution_options(synchronize_session=False)
-            )
+        reason = "aborted on chain" if aborted else "no transfer in the transaction"
+        await self._record_outcome(
+            payout, paid=paid, by=f"its message {message.msg_hash}", reason=reason
+        )
+        await self._landed(message, tx)
 
     # -------------------------------------------------------------- queries
 

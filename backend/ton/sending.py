@@ -1,20 +1,22 @@
 """What both payout senders share (:class:`backend.ton.payouts.PayoutSender`, one v4r2 message
 per payout, and :class:`backend.ton.highload.HighloadPayoutSender`, batches from a Highload
 Wallet v3): the states that count as live or open, the step's outcome, the polling loop, the
-provider's linked wallet, the outcome notice in the outbox, the lookup of a sent message on
-chain, and reading TON Center's numbers and hashes."""
+provider's linked wallet and a payout's checked destination, when a live message goes again,
+a payout's outcome in the ledger and the outbox, the lookup of a sent message on chain and its
+landing, and reading TON Center's numbers and hashes."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import datetime as dt
 import enum
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from ton_core import Cell
 
 from backend import notifications
@@ -30,8 +32,11 @@ from backend.models import (
     TonPayoutStage,
     TonWallet,
 )
+from backend.ton.comment import AddressError, parse_address
 from backend.ton.polling import poll_until_stopped
 from backend.ton.toncenter import TonCenter
+
+log = logging.getLogger(__name__)
 
 LIVE = (TonMessageState.SIGNED, TonMessageState.SENT)
 OPEN_PAYOUT = (PayoutState.REQUESTED, TonPayoutStage.SIGNED, TonPayoutStage.SENT)
@@ -137,6 +142,65 @@ class Sender:
                 select(TonWallet.address).where(
                     TonWallet.user_id == provider_id, TonWallet.purpose == "payout"
                 )
+            )
+
+    async def _destination(self, payout: Payout) -> str | None:
+        """Where ``payout`` goes: its own address, else the provider's linked payout wallet.
+        None when there is none or it is not a TON address: the payout is then failed (the
+        money back with the provider) and the provider told."""
+        destination = payout.destination or await self._linked_wallet(payout.provider_id)
+        try:
+            if destination is None:
+                raise AddressError("no payout wallet is linked")
+            parse_address(destination)
+        except AddressError as error:
+            await self.ledger.fail_payout(payout.id, reason=f"cannot pay: {error}")
+            log.warning("payout #%s failed: %s", payout.id, error)
+            await self._tell(payout, paid=False)
+            return None
+        return destination
+
+    def _send_due(self, live: TonPayoutMessage | TonPayoutBatch) -> bool:
+        """A live message, still valid, goes (again): signed but never sent, or sent
+        ``resend_every_s`` ago or more."""
+        if live.state == TonMessageState.SIGNED or live.sent_at is None:
+            return True
+        return (dt.datetime.now(dt.UTC) - live.sent_at).total_seconds() >= self.resend_every_s
+
+    async def _record_outcome(self, payout: Payout, *, paid: bool, by: str, reason: str) -> None:
+        """What the chain did with ``payout`` (sent ``by`` a message or a batch), in the ledger
+        (idempotent by key: a replay after a crash changes nothing) and the provider's outbox.
+        ``reason`` says why it failed when it did not pay."""
+        if payout.state == PayoutState.FAILED and paid:
+            log.error(
+                "payout #%s was failed by hand but %s paid it on chain: the provider "
+                "was refunded AND paid; recover %s nanoTON by hand",
+                payout.id,
+                by,
+                payout.amount,
+            )
+        if payout.state not in (PayoutState.CONFIRMED, PayoutState.FAILED):
+            if paid:
+                await self.ledger.confirm_payout(payout.id)
+            else:
+                await self.ledger.fail_payout(payout.id, reason=f"payout {reason}")
+                log.warning("payout #%s failed on chain (%s): %s", payout.id, by, reason)
+        await self._tell(payout, paid=paid)
+
+    async def _landed(self, live: TonPayoutMessage | TonPayoutBatch, tx: dict[str, Any]) -> None:
+        """Close a live message or batch as landed in transaction ``tx``."""
+        table = type(live)
+        async with self.db.session() as session, session.begin():
+            await session.execute(
+                update(table)
+                .where(table.id == live.id, table.state.in_(LIVE))
+                .values(
+                    state=TonMessageState.LANDED,
+                    tx_hash=hash_or_none(tx.get("hash")),
+                    tx_lt=json_int(tx.get("lt")),
+                    closed_at=dt.datetime.now(dt.UTC),
+                )
+                .execution_options(synchronize_session=False)
             )
 
     async def _tell(self, payout: Payout, *, paid: bool) -> None:
