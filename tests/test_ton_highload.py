@@ -6,7 +6,7 @@ twice; the money of a transfer that did not go returns to its provider."""
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import pytest
 from sqlalchemy import select
@@ -15,7 +15,7 @@ from backend.db import Database
 from backend.ledger import Ledger
 from backend.models import AccountKind, PayoutState, TonMessageState, TonPayoutBatch
 from backend.ton.highload import HighloadPayoutSender
-from backend.ton.localnet import LocalTonCenter, LocalTonCenterServer
+from backend.ton.localnet import LocalTonCenter
 from backend.ton.sending import Step, payout_comment
 from backend.ton.toncenter import TonCenter
 from backend.ton.wallet import (
@@ -38,9 +38,11 @@ def highload(hot: HotWallet) -> HighloadHotWallet:
 
 
 @pytest.fixture
-def chain(highload: HighloadHotWallet, clock: Clock) -> LocalTonCenter:
-    net = LocalTonCenter(clock=clock)
-    net.add_highload_wallet(
+def net(highload: HighloadHotWallet, clock: Clock) -> LocalTonCenter:
+    """The local chain with the highload wallet (not the v4r2 one of tests/support/payouts.py):
+    ``api`` is a TON Center client of it."""
+    chain = LocalTonCenter(clock=clock)
+    chain.add_highload_wallet(
         highload.raw,
         highload.public_key,
         balance=100_000 * TON,
@@ -48,22 +50,33 @@ def chain(highload: HighloadHotWallet, clock: Clock) -> LocalTonCenter:
         timeout=TIMEOUT,
         deployed=False,  # the first batch deploys it
     )
-    return net
+    return chain
+
+
+@dataclass
+class Highload:
+    """One highload hot wallet's payouts: the database and its ledger, the local chain that
+    runs the contract, the wallet, the clock, and fresh senders over a client of the chain."""
+
+    db: Database
+    ledger: Ledger
+    net: LocalTonCenter
+    api: TonCenter
+    wallet: HighloadHotWallet
+    clock: Clock
+
+    def sender(self, **kw: object) -> HighloadPayoutSender:
+        return HighloadPayoutSender(
+            self.db, Ledger(self.db, min_withdrawal=TON), self.api, self.wallet,
+            clock=self.clock, resend_every_s=0, **kw,  # type: ignore[arg-type]
+        )  # fmt: skip
 
 
 @pytest.fixture
-async def hl_api(chain: LocalTonCenter) -> AsyncIterator[TonCenter]:
-    async with LocalTonCenterServer(chain) as url, TonCenter(url) as client:
-        yield client
-
-
-def hl_sender(
-    db: Database, api: TonCenter, wallet: HighloadHotWallet, clock: Clock, **kw: object
-) -> HighloadPayoutSender:
-    return HighloadPayoutSender(
-        db, Ledger(db, min_withdrawal=TON), api, wallet, clock=clock, resend_every_s=0,
-        **kw,  # type: ignore[arg-type]
-    )  # fmt: skip
+def hl(
+    db: Database, net: LocalTonCenter, api: TonCenter, highload: HighloadHotWallet, clock: Clock
+) -> Highload:
+    return Highload(db, Ledger(db, min_withdrawal=TON), net, api, highload, clock)
 
 
 async def drive(make: object, clock: Clock, *, max_steps: int = 2_000) -> int:
@@ -106,17 +119,11 @@ async def batches(db: Database) -> list[TonPayoutBatch]:
 
 @pytest.mark.parametrize("point", ["signed", "sent", "before_confirm"])
 async def test_crashes_at_every_step_pay_each_payout_of_a_batch_exactly_once(
-    db: Database,
-    chain: LocalTonCenter,
-    hl_api: TonCenter,
-    highload: HighloadHotWallet,
-    clock: Clock,
-    point: str,
+    hl: Highload, point: str
 ) -> None:
-    ledger = Ledger(db, min_withdrawal=TON)
     wanted = []
     for i, wallet in enumerate(DESTINATIONS[:5]):
-        provider, payout_id = await withdraw(ledger, 900 + i, 9 * TON, (1 + i) * TON, wallet)
+        provider, payout_id = await withdraw(hl.ledger, 900 + i, 9 * TON, (1 + i) * TON, wallet)
         wanted.append((provider, payout_id, wallet, (1 + i) * TON))
     budget = {"left": 6}
 
@@ -126,164 +133,143 @@ async def test_crashes_at_every_step_pay_each_payout_of_a_batch_exactly_once(
             raise Crash(name)
 
     if point == "sent":
-        chain.drop_messages = 3  # the first sends are lost; the process dies after each
-    crashes = await drive(
-        lambda: hl_sender(db, hl_api, highload, clock, checkpoint=checkpoint), clock
-    )
+        hl.net.drop_messages = 3  # the first sends are lost; the process dies after each
+    crashes = await drive(lambda: hl.sender(checkpoint=checkpoint), hl.clock)
 
     # "signed" is reached once: after the crash the stored batch is resent, never signed
     # again; "sent" four times (three sends lost, the fourth lands and is found).
     assert crashes == {"signed": 1, "sent": 4, "before_confirm": 6}[point]
-    assert sorted(paid(chain, highload.raw)) == sorted(
+    assert sorted(paid(hl.net, hl.wallet.raw)) == sorted(
         (wallet, amount, payout_comment(payout_id)) for _p, payout_id, wallet, amount in wanted
     )
     for provider, payout_id, _wallet, amount in wanted:
-        assert (await ledger.get_payout(payout_id)).state == PayoutState.CONFIRMED
-        assert (await ledger.balances(provider)).earned == 9 * TON - amount
-    assert len(chain.executed_highload) == 1  # one external message paid all five
-    assert [b.state for b in await batches(db)] == [TonMessageState.LANDED]
-    assert await ledger.balance(AccountKind.TON_OUT) == sum(w[3] for w in wanted)
-    assert (await ledger.audit()).ok
+        assert (await hl.ledger.get_payout(payout_id)).state == PayoutState.CONFIRMED
+        assert (await hl.ledger.balances(provider)).earned == 9 * TON - amount
+    assert len(hl.net.executed_highload) == 1  # one external message paid all five
+    assert [b.state for b in await batches(hl.db)] == [TonMessageState.LANDED]
+    assert await hl.ledger.balance(AccountKind.TON_OUT) == sum(w[3] for w in wanted)
+    assert (await hl.ledger.audit()).ok
 
 
 @pytest.mark.slow
-async def test_253_payouts_go_in_one_message_and_one_transaction(
-    db: Database,
-    chain: LocalTonCenter,
-    hl_api: TonCenter,
-    highload: HighloadHotWallet,
-    clock: Clock,
-) -> None:
-    ledger = Ledger(db, min_withdrawal=TON)
+async def test_253_payouts_go_in_one_message_and_one_transaction(hl: Highload) -> None:
     ids = []
     for i in range(260):
         _provider, payout_id = await withdraw(
-            ledger, 2_000 + i, 2 * TON, TON + i, DESTINATIONS[i % 8], key=f"w:{i}"
+            hl.ledger, 2_000 + i, 2 * TON, TON + i, DESTINATIONS[i % 8], key=f"w:{i}"
         )
         ids.append(payout_id)
 
-    assert await drive(lambda: hl_sender(db, hl_api, highload, clock), clock) == 0
+    assert await drive(lambda: hl.sender(), hl.clock) == 0
 
-    assert len(chain.executed_highload) == 2  # 253 + 7
-    runs = [tx for tx in chain.transactions_of(highload.raw) if len(tx["out_msgs"]) > 1]
+    assert len(hl.net.executed_highload) == 2  # 253 + 7
+    runs = [tx for tx in hl.net.transactions_of(hl.wallet.raw) if len(tx["out_msgs"]) > 1]
     assert sorted(len(tx["out_msgs"]) for tx in runs) == [7, 253]
-    assert len(paid(chain, highload.raw)) == 260
+    assert len(paid(hl.net, hl.wallet.raw)) == 260
     for payout_id in ids:
-        assert (await ledger.get_payout(payout_id)).state == PayoutState.CONFIRMED
-    assert [b.query_id for b in await batches(db)] == [highload_query_id(0), highload_query_id(1)]
-    assert (await ledger.audit()).ok
+        assert (await hl.ledger.get_payout(payout_id)).state == PayoutState.CONFIRMED
+    assert [b.query_id for b in await batches(hl.db)] == [
+        highload_query_id(0),
+        highload_query_id(1),
+    ]
+    assert (await hl.ledger.audit()).ok
 
 
 async def test_a_lost_batch_is_signed_again_only_when_it_can_never_land_under_a_new_query_id(
-    db: Database,
-    chain: LocalTonCenter,
-    hl_api: TonCenter,
-    highload: HighloadHotWallet,
-    clock: Clock,
+    hl: Highload,
 ) -> None:
-    ledger = Ledger(db, min_withdrawal=TON)
-    _provider, payout_id = await withdraw(ledger, 950, 3 * TON, 3 * TON, DESTINATIONS[0])
-    chain.drop_messages = 1_000  # the network loses everything for now
-    s = hl_sender(db, hl_api, highload, clock)
+    _provider, payout_id = await withdraw(hl.ledger, 950, 3 * TON, 3 * TON, DESTINATIONS[0])
+    hl.net.drop_messages = 1_000  # the network loses everything for now
+    s = hl.sender()
     assert await s.step() == Step.PROGRESS
     for _ in range(4):
         assert await s.step() == Step.WAITING  # resent: the same bytes
-    assert len(set(chain.received)) == 1 and len(chain.received) == 5
-    clock.now += TIMEOUT - 30 + 5  # past created_at + timeout, within the grace: wait
+    assert len(set(hl.net.received)) == 1 and len(hl.net.received) == 5
+    hl.clock.now += TIMEOUT - 30 + 5  # past created_at + timeout, within the grace: wait
     assert await s.step() == Step.WAITING
-    assert len(await batches(db)) == 1
+    assert len(await batches(hl.db)) == 1
 
-    chain.drop_messages = 0
-    first = chain.received[0]
-    clock.now += 60  # past the grace; processed? says no: it can never land
+    hl.net.drop_messages = 0
+    first = hl.net.received[0]
+    hl.clock.now += 60  # past the grace; processed? says no: it can never land
     assert await s.step() == Step.PROGRESS  # expired
     # The old message, replayed by anyone now, is refused: its created_at is out of the window.
     with pytest.raises(ValueError, match="created_at"):
-        chain.accept_external(first)
-    assert await drive(lambda: s, clock) == 0
-    old, new = await batches(db)
+        hl.net.accept_external(first)
+    assert await drive(lambda: s, hl.clock) == 0
+    old, new = await batches(hl.db)
     assert (old.state, new.state) == (TonMessageState.EXPIRED, TonMessageState.LANDED)
     assert (old.query_id, new.query_id) == (highload_query_id(0), highload_query_id(1))
-    assert paid(chain, highload.raw) == [(DESTINATIONS[0], 3 * TON, payout_comment(payout_id))]
+    assert paid(hl.net, hl.wallet.raw) == [(DESTINATIONS[0], 3 * TON, payout_comment(payout_id))]
     # And the message that landed, replayed within its window, is refused by its query id.
     with pytest.raises(ValueError, match="already executed"):
-        chain.accept_external(new.boc)
-    assert (await ledger.get_payout(payout_id)).state == PayoutState.CONFIRMED
+        hl.net.accept_external(new.boc)
+    assert (await hl.ledger.get_payout(payout_id)).state == PayoutState.CONFIRMED
 
 
 async def test_a_batch_the_index_has_not_seen_but_the_contract_has_is_never_signed_again(
-    db: Database,
-    chain: LocalTonCenter,
-    hl_api: TonCenter,
-    highload: HighloadHotWallet,
-    clock: Clock,
+    hl: Highload,
 ) -> None:
-    ledger = Ledger(db, min_withdrawal=TON)
-    _provider, payout_id = await withdraw(ledger, 960, 3 * TON, 2 * TON, DESTINATIONS[1])
-    s = hl_sender(db, hl_api, highload, clock)
+    _provider, payout_id = await withdraw(hl.ledger, 960, 3 * TON, 2 * TON, DESTINATIONS[1])
+    s = hl.sender()
     # It executes, but the indexer serves none of the wallet's transactions for now.
-    chain.match_raw_hashes = chain.match_normalized_hashes = False
+    hl.net.match_raw_hashes = hl.net.match_normalized_hashes = False
     assert await s.step() == Step.PROGRESS
-    clock.now += TIMEOUT + 120  # long past expiry: processed? says the query id is used
+    hl.clock.now += TIMEOUT + 120  # long past expiry: processed? says the query id is used
     for _ in range(3):
         assert await s.step() == Step.WAITING
-    assert len(await batches(db)) == 1 and len(chain.executed_highload) == 1
-    chain.match_raw_hashes = chain.match_normalized_hashes = True
-    assert await drive(lambda: s, clock) == 0
-    assert paid(chain, highload.raw) == [(DESTINATIONS[1], 2 * TON, payout_comment(payout_id))]
-    assert (await ledger.get_payout(payout_id)).state == PayoutState.CONFIRMED
+    assert len(await batches(hl.db)) == 1 and len(hl.net.executed_highload) == 1
+    hl.net.match_raw_hashes = hl.net.match_normalized_hashes = True
+    assert await drive(lambda: s, hl.clock) == 0
+    assert paid(hl.net, hl.wallet.raw) == [(DESTINATIONS[1], 2 * TON, payout_comment(payout_id))]
+    assert (await hl.ledger.get_payout(payout_id)).state == PayoutState.CONFIRMED
 
 
 async def test_transfers_the_wallet_cannot_cover_fail_one_by_one_and_give_the_money_back(
-    db: Database,
-    chain: LocalTonCenter,
-    hl_api: TonCenter,
-    highload: HighloadHotWallet,
-    clock: Clock,
+    hl: Highload,
 ) -> None:
-    ledger = Ledger(db, min_withdrawal=TON)
-    small, small_id = await withdraw(ledger, 970, 2 * TON, 2 * TON, DESTINATIONS[2])
-    big, big_id = await withdraw(ledger, 971, 50 * TON, 40 * TON, DESTINATIONS[3])
-    other, other_id = await withdraw(ledger, 972, 3 * TON, 3 * TON, DESTINATIONS[4])
-    s = hl_sender(db, hl_api, highload, clock)
+    small, small_id = await withdraw(hl.ledger, 970, 2 * TON, 2 * TON, DESTINATIONS[2])
+    big, big_id = await withdraw(hl.ledger, 971, 50 * TON, 40 * TON, DESTINATIONS[3])
+    other, other_id = await withdraw(hl.ledger, 972, 3 * TON, 3 * TON, DESTINATIONS[4])
+    s = hl.sender()
     assert await s.step() == Step.PROGRESS  # signed, sent: deploys the wallet
     # The wallet holds 45 TON when its transfers run: 2 + 40 fit, then 3 does not.
-    chain.balances[highload.raw] = 45 * TON
-    chain.statuses[highload.raw] = "active"
+    hl.net.balances[hl.wallet.raw] = 45 * TON
+    hl.net.statuses[hl.wallet.raw] = "active"
     # (the batch is re-sent as is; its internal transfer carries the whole 45 TON)
-    assert await drive(lambda: s, clock) == 0
-    states = {p: (await ledger.get_payout(p)).state for p in (small_id, big_id, other_id)}
+    assert await drive(lambda: s, hl.clock) == 0
+    states = {p: (await hl.ledger.get_payout(p)).state for p in (small_id, big_id, other_id)}
     assert sum(state == PayoutState.CONFIRMED for state in states.values()) >= 1
     for provider, payout_id, earned, amount, dest in (
         (small, small_id, 2 * TON, 2 * TON, DESTINATIONS[2]),
         (big, big_id, 50 * TON, 40 * TON, DESTINATIONS[3]),
         (other, other_id, 3 * TON, 3 * TON, DESTINATIONS[4]),
     ):
-        sent = [p for p in paid(chain, highload.raw) if p[0] == dest]
+        sent = [p for p in paid(hl.net, hl.wallet.raw) if p[0] == dest]
         if states[payout_id] == PayoutState.CONFIRMED:
             assert sent == [(dest, amount, payout_comment(payout_id))]
-            assert (await ledger.balances(provider)).earned == earned - amount
+            assert (await hl.ledger.balances(provider)).earned == earned - amount
         else:
             assert sent == []
-            assert (await ledger.balances(provider)).earned == earned  # money back
-    assert (await ledger.audit()).ok
+            assert (await hl.ledger.balances(provider)).earned == earned  # money back
+    assert (await hl.ledger.audit()).ok
 
 
 async def test_the_local_contract_refuses_what_the_real_one_refuses(
-    chain: LocalTonCenter, highload: HighloadHotWallet, hot: HotWallet, clock: Clock
+    net: LocalTonCenter, highload: HighloadHotWallet, hot: HotWallet, clock: Clock
 ) -> None:
     now = int(clock())
     transfer = [BatchTransfer(DESTINATIONS[0], TON, "Cocoon payout #1")]
     first = await highload.sign_batch(transfer, query_id=5, created_at=now - 10)
     with pytest.raises(ValueError, match="not deployed"):
-        chain.accept_external(first.boc)  # no state init for an undeployed wallet
+        net.accept_external(first.boc)  # no state init for an undeployed wallet
     deploy = await highload.sign_batch(transfer, query_id=5, created_at=now - 10, deploy=True)
-    chain.accept_external(deploy.boc)
+    net.accept_external(deploy.boc)
     with pytest.raises(ValueError, match="already executed"):
-        chain.accept_external(first.boc)  # same query id, other bytes: refused
+        net.accept_external(first.boc)  # same query id, other bytes: refused
     future = await highload.sign_batch(transfer, query_id=6, created_at=now + 5)
     with pytest.raises(ValueError, match="created_at"):
-        chain.accept_external(future.boc)
+        net.accept_external(future.boc)
     other_timeout = HighloadHotWallet(hot.seed, timeout=TIMEOUT + 1)
     assert other_timeout.raw != highload.raw  # the timeout is part of the address
     stranger = HighloadHotWallet(bytes(32), timeout=TIMEOUT)
@@ -294,6 +280,6 @@ async def test_the_local_contract_refuses_what_the_real_one_refuses(
         await highload.sign_batch(transfer, query_id=1023, created_at=now)  # bit 1023
     with pytest.raises(WalletError):
         await highload.sign_batch(transfer * 255, query_id=8, created_at=now)
-    assert len(chain.executed_highload) == 1
+    assert len(net.executed_highload) == 1
     assert [highload_query_id(n) for n in (0, 1022, 1023, 1023 * 8192)] == [0, 1022, 1024, 0]
     assert base64.b64decode(deploy.boc)  # a real BOC
