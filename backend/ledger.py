@@ -322,7 +322,7 @@ class Ledger(LedgerWriter):
             return None
         validate_key(key)
         if self._closes is None or self._closes.loop is not asyncio.get_running_loop():
-            self._closes = CloseBatcher(self.db)
+            self._closes = CloseBatcher(self.db, max_batch=self.close_batch)
         fingerprint = request_hash(kind, request)
         close = Close(hold_key, key, kind, fingerprint, cost, provider_id, share_bps, usage)
         return await self._closes.close(close)

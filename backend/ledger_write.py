@@ -41,12 +41,19 @@ class LedgerWriter:
     """The general path of every ledger operation over one :class:`Database`."""
 
     def __init__(
-        self, db: Database, *, min_withdrawal: int = 1, one_statement: bool = True
+        self,
+        db: Database,
+        *,
+        min_withdrawal: int = 1,
+        one_statement: bool = True,
+        close_batch: int = 64,
     ) -> None:
         self.db = db
         # On PostgreSQL, a hold and a hold's close each in one statement (backend.ledger_pg);
         # False: always the general path (the baseline of tests and benchmarks).
         self.one_statement = one_statement and db.dialect == "postgresql"
+        # The most holds' closes committed together (1: each its own commit).
+        self.close_batch = max(1, close_batch)
         self.min_withdrawal = validate_amount(min_withdrawal, "minimum withdrawal")
         self._account_ids: dict[tuple[str, int], int] = {}
 

@@ -14,6 +14,7 @@ from sqlalchemy import delete, select, update
 
 from backend.db import Database
 from backend.ledger import (
+    Balances,
     IdempotencyConflict,
     InvalidAmount,
     InvalidState,
@@ -23,6 +24,7 @@ from backend.ledger import (
     Receipt,
     TurnUsage,
 )
+from backend.ledger_pg import Close, close_in_one_statement
 from backend.ledger_write import request_hash
 from backend.models import Account, AccountKind, Entry, Hold, Transaction, TurnRecord
 from backend.settings import MAX_NANO
@@ -277,3 +279,70 @@ async def test_a_missing_or_overflowing_account_writes_nothing(pg: Database) -> 
     hold = await ledger.get_hold("turn-orphan")
     assert hold is not None and hold.state == "open"
     assert (await ledger.balances(user)).held == 2 * TON
+
+
+async def test_a_batch_of_closes_is_each_its_own_transaction(pg: Database) -> None:
+    """Closes in one statement (group commit): each its own transaction, key and entries; a
+    hold no longer open is left out; a batch one close would fail is written not at all."""
+    ledger = Ledger(pg)
+    provider = (await get_or_create_user(pg, 9170, "en")).id
+    users = [await funded(pg, ledger, 9171 + i, 5 * TON) for i in range(4)]
+    for i, user in enumerate(users):
+        await ledger.hold(user, TON, f"batch-{i}")
+    await ledger.release("batch-3")
+
+    def settle(i: int, cost: int) -> Close:
+        request = {"hold": f"batch-{i}", "cost": cost, "provider": provider, "share": 7000}
+        fingerprint = request_hash("settle", request)
+        return Close(f"batch-{i}", f"settle:batch-{i}", "settle", fingerprint, cost, provider, 7000)
+
+    release = Close(
+        "batch-1", "release:batch-1", "release", request_hash("release", {"hold": "batch-1"})
+    )
+    clash = Close("batch-2", "release:batch-3", "release", "x")  # a key used already
+    assert await close_in_one_statement(pg, [settle(0, TON // 2), release, clash]) is None
+    for i in range(3):  # nothing written: all three still open
+        assert getattr(await ledger.get_hold(f"batch-{i}"), "state", None) == "open"
+
+    done = await close_in_one_statement(
+        pg, [settle(0, TON // 2), release, settle(2, 3 * TON), settle(3, TON)]
+    )
+    assert done is not None and done[3] is None  # batch-3 was released before
+    receipts = [r for r in done if r is not None]
+    assert len({r.transaction_id for r in receipts}) == 3
+    assert [r.kind for r in receipts] == ["settle", "release", "settle"]
+    assert [await ledger.balances(user) for user in users[:3]] == [
+        Balances(available=5 * TON - TON // 2),
+        Balances(available=5 * TON),
+        Balances(available=4 * TON),
+    ]
+    assert (await ledger.balances(provider)).earned == (TON // 2 + TON) * 7000 // 10_000
+    again = await ledger.settle("batch-0", TON // 2, provider_id=provider, share_bps=7000)
+    assert again.replayed and again.transaction_id == receipts[0].transaction_id
+    assert (await ledger.audit()).ok
+
+
+async def test_group_committed_settlements_one_refused_the_rest_go_through(db: Database) -> None:
+    ledger = Ledger(db)
+    provider = (await get_or_create_user(db, 9180, "en")).id
+    user = await funded(db, ledger, 9181, 100 * TON)
+    for i in range(30):
+        await ledger.hold(user, TON, f"many-{i}")
+    await ledger.credit_deposit(user, TON, "taken")
+
+    async def settle(i: int) -> Receipt | str:
+        key = "taken" if i == 17 else None  # a key used for another request: refused alone
+        try:
+            return await ledger.settle(
+                f"many-{i}", TON // 4, provider_id=provider, share_bps=7000, key=key, usage=USAGE
+            )
+        except IdempotencyConflict:
+            return "refused"
+
+    done = await asyncio.gather(*(settle(i) for i in range(30)))
+    assert done[17] == "refused"
+    receipts = [r for r in done if isinstance(r, Receipt)]
+    assert len({r.transaction_id for r in receipts}) == 29 and not any(r.replayed for r in receipts)
+    balances = await ledger.balances(user)
+    assert (balances.available, balances.held) == (101 * TON - 30 * TON + 29 * (3 * TON // 4), TON)
+    assert (await ledger.audit()).ok
