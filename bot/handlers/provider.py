@@ -164,36 +164,27 @@ def reusable_keyboard(model: str) -> InlineKeyboardMarkup:
     return InlineKeyboardMarkup(inline_keyboard=[[button]])
 
 
-@handlers.callback_query(F.data.startswith("aw:"))
-async def on_addworker_model(
-    query: CallbackQuery, user: User, settings: Settings, redis: AsyncRedis
+@handlers.callback_query(F.data.startswith(("aw:", "awr:")))
+async def on_addworker_button(
+    query: CallbackQuery, user: User, settings: Settings, db: Database, redis: AsyncRedis
 ) -> None:
-    model = model_by_token(settings, (query.data or "").split(":", 1)[1])
+    """A model's button: a one-time token (``aw:``) or a reusable one (``awr:``) and the
+    ``cocoon worker`` command that uses it."""
+    kind, _sep, token = (query.data or "").partition(":")
+    model = model_by_token(settings, token)
     if model is None or not user.is_provider:
         await query.answer(_("This button is not valid any more."), show_alert=True)
         return
     await query.answer()
-    if query.message is not None:
-        await query.message.answer(
-            await worker_command(settings, redis, user, model),
-            parse_mode=ParseMode.HTML,
-            reply_markup=reusable_keyboard(model),
-        )
-
-
-@handlers.callback_query(F.data.startswith("awr:"))
-async def on_addworker_reusable(
-    query: CallbackQuery, user: User, settings: Settings, db: Database
-) -> None:
-    model = model_by_token(settings, (query.data or "").split(":", 1)[1])
-    if model is None or not user.is_provider:
-        await query.answer(_("This button is not valid any more."), show_alert=True)
+    if query.message is None:
         return
-    await query.answer()
-    if query.message is not None:
-        await query.message.answer(
-            await reusable_command(settings, db, user, model), parse_mode=ParseMode.HTML
-        )
+    keyboard: InlineKeyboardMarkup | None = None
+    if kind == "awr":
+        text = await reusable_command(settings, db, user, model)
+    else:
+        text = await worker_command(settings, redis, user, model)
+        keyboard = reusable_keyboard(model)
+    await query.message.answer(text, parse_mode=ParseMode.HTML, reply_markup=keyboard)
 
 
 async def reusable_command(settings: Settings, db: Database, user: User, model: str) -> str:
