@@ -188,7 +188,8 @@ def classify(tx: dict[str, Any], account: str) -> Classified:
     content = _dict(in_msg.get("message_content"))
     body = content.get("body")
     body = body if isinstance(body, str) else None
-    jetton = decode_jetton_notification(body)
+    decoded = decode_comment(body)  # a text comment is no jetton notification: one parse
+    jetton = decode_jetton_notification(body) if decoded.memo is None else None
     if jetton is not None:
         note = "jetton transfer notification (jetton wallet not verified): not credited as TON"
         if jetton.note and jetton.amount is None:
@@ -198,7 +199,6 @@ def classify(tx: dict[str, Any], account: str) -> Classified:
         return ignored("zero value")
     if value > MAX_NANO:  # more than all TON in existence: an admin looks at it
         return Classified(TonDepositStatus.UNCLAIMED, 0, source, None, f"value {value} too large")
-    decoded = decode_comment(body)
     aborted = None
     if description.get("aborted") is True:
         if in_msg.get("bounce") is not False and _bounce_phase(description) is None:
