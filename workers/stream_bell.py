@@ -106,8 +106,9 @@ class StreamBell:
             self._unsubscribing.add(task)
             task.add_done_callback(self._unsubscribing.discard)
 
-    @staticmethod
-    async def _unsubscribe(pubsub: PubSub, channel: str) -> None:
+    async def _unsubscribe(self, pubsub: PubSub, channel: str) -> None:
+        if pubsub is not self._pubsub:
+            return  # dropped meanwhile: a dropped pubsub would connect again to unsubscribe
         with contextlib.suppress(RedisError):
             await pubsub.unsubscribe(channel)
 
