@@ -37,6 +37,7 @@ from bot.handlers import account, admin, apikeys, chat, persona, provider, walle
 from bot.handlers.wallet import miniapp_url
 from bot.middlewares import UserMiddleware
 from bot.outbox import Outbox
+from bot.pacing import SendPacer
 from bot.services import Services, open_services
 from bot.telegram import on_error
 from bot.tonconnect import ConnectorFactory
@@ -106,6 +107,8 @@ async def running_bot(
             settings, db=db, ledger=ledger, turns=turns, tonconnect=tonconnect, metrics=metrics
         ) as services:
             bot.session.middleware(ButtonOwners(services.redis))
+            # Innermost: every try of a message (FloodWait's again too) waits for its moment.
+            bot.session.middleware(SendPacer(services.redis))
             outbox = Outbox(bot, services.db, services.ledger, services.redis, services.contexts)
             dp = build_dispatcher(settings, services, outbox)
             in_flight = InFlight()
