@@ -319,6 +319,15 @@ class VLLMEngine(Engine):
         (engine_input,) = render([prompt])
         return engine_input
 
+    def _check_fits(self, prompt_tokens: int) -> None:
+        """ContextLengthExceeded when no reply fits after a prompt of ``prompt_tokens``."""
+        limit = self.max_model_len or 0
+        if limit and prompt_tokens >= limit:
+            raise ContextLengthExceeded(
+                f"the prompt is {prompt_tokens} tokens but {self.model}'s context holds "
+                f"{limit} tokens for prompt and reply together; shorten the conversation"
+            )
+
     def generate(self, request: GenerationRequest) -> AsyncIterator[TextDelta | Usage]:
         """The reply, with its tool calls read out when tools are offered."""
         return with_tool_calls(request, self._generate_text(request))
@@ -330,6 +339,8 @@ class VLLMEngine(Engine):
         SamplingParams, RequestOutputKind = self._vllm
         request = constrained(request)
         prompt_ids = self._prompt(request)
+        limit = self.max_model_len or 0
+        self._check_fits(len(prompt_ids))
         # Images are decoded within bounds, then vLLM's processor puts their tokens in the prompt.
         images = self._images(request.messages)
         try:
@@ -338,12 +349,7 @@ class VLLMEngine(Engine):
             raise EngineError(f"vLLM could not read the prompt: {error}") from error
         if images:
             prompt_ids = list(engine_input["prompt_token_ids"])  # with the images' tokens
-        limit = self.max_model_len or 0
-        if limit and len(prompt_ids) >= limit:
-            raise ContextLengthExceeded(
-                f"the prompt is {len(prompt_ids)} tokens but {self.model}'s context holds "
-                f"{limit} tokens for prompt and reply together; shorten the conversation"
-            )
+            self._check_fits(len(prompt_ids))
         max_tokens = request.max_tokens
         if limit:
             max_tokens = min(max_tokens, limit - len(prompt_ids))
