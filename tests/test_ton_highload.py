@@ -6,6 +6,7 @@ twice; the money of a transfer that did not go returns to its provider."""
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -26,7 +27,7 @@ from backend.ton.wallet import (
     highload_query_id,
     parse_highload,
 )
-from tests.support.payouts import TON, Clock, Crash, withdraw
+from tests.support.payouts import TON, Clock, Crash, run_until_done, withdraw
 
 TIMEOUT = 600
 DESTINATIONS = ["0:" + f"{i:02X}" * 32 for i in range(0x40, 0x48)]
@@ -71,31 +72,17 @@ class Highload:
             clock=self.clock, resend_every_s=0, **kw,  # type: ignore[arg-type]
         )  # fmt: skip
 
+    async def drive(self, make: Callable[[], HighloadPayoutSender] | None = None) -> int:
+        """Fresh senders (``make()``) until nothing is left, a minute passing while a batch is
+        out; returns the crashes seen."""
+        return await run_until_done(make or self.sender, clock=self.clock, max_steps=2_000)
+
 
 @pytest.fixture
 def hl(
     db: Database, net: LocalTonCenter, api: TonCenter, highload: HighloadHotWallet, clock: Clock
 ) -> Highload:
     return Highload(db, Ledger(db, min_withdrawal=TON), net, api, highload, clock)
-
-
-async def drive(make: object, clock: Clock, *, max_steps: int = 2_000) -> int:
-    """Fresh senders (``make()``) until nothing is left, time passing while a batch is out;
-    returns the crashes seen."""
-    crashes = 0
-    s = make()  # type: ignore[operator]
-    for _ in range(max_steps):
-        try:
-            step = await s.step()
-        except Crash:
-            crashes += 1
-            s = make()  # type: ignore[operator]  # the process restarts
-            continue
-        if step == Step.IDLE:
-            return crashes
-        if step == Step.WAITING:
-            clock.now += 60
-    raise AssertionError("payouts did not finish")
 
 
 def paid(net: LocalTonCenter, wallet: str) -> list[tuple[str, int, str | None]]:
@@ -134,7 +121,7 @@ async def test_crashes_at_every_step_pay_each_payout_of_a_batch_exactly_once(
 
     if point == "sent":
         hl.net.drop_messages = 3  # the first sends are lost; the process dies after each
-    crashes = await drive(lambda: hl.sender(checkpoint=checkpoint), hl.clock)
+    crashes = await hl.drive(lambda: hl.sender(checkpoint=checkpoint))
 
     # "signed" is reached once: after the crash the stored batch is resent, never signed
     # again; "sent" four times (three sends lost, the fourth lands and is found).
@@ -160,7 +147,7 @@ async def test_253_payouts_go_in_one_message_and_one_transaction(hl: Highload) -
         )
         ids.append(payout_id)
 
-    assert await drive(lambda: hl.sender(), hl.clock) == 0
+    assert await hl.drive() == 0
 
     assert len(hl.net.executed_highload) == 2  # 253 + 7
     runs = [tx for tx in hl.net.transactions_of(hl.wallet.raw) if len(tx["out_msgs"]) > 1]
@@ -196,7 +183,7 @@ async def test_a_lost_batch_is_signed_again_only_when_it_can_never_land_under_a_
     # The old message, replayed by anyone now, is refused: its created_at is out of the window.
     with pytest.raises(ValueError, match="created_at"):
         hl.net.accept_external(first)
-    assert await drive(lambda: s, hl.clock) == 0
+    assert await hl.drive(lambda: s) == 0
     old, new = await batches(hl.db)
     assert (old.state, new.state) == (TonMessageState.EXPIRED, TonMessageState.LANDED)
     assert (old.query_id, new.query_id) == (highload_query_id(0), highload_query_id(1))
@@ -220,7 +207,7 @@ async def test_a_batch_the_index_has_not_seen_but_the_contract_has_is_never_sign
         assert await s.step() == Step.WAITING
     assert len(await batches(hl.db)) == 1 and len(hl.net.executed_highload) == 1
     hl.net.match_raw_hashes = hl.net.match_normalized_hashes = True
-    assert await drive(lambda: s, hl.clock) == 0
+    assert await hl.drive(lambda: s) == 0
     assert paid(hl.net, hl.wallet.raw) == [(DESTINATIONS[1], 2 * TON, payout_comment(payout_id))]
     assert (await hl.ledger.get_payout(payout_id)).state == PayoutState.CONFIRMED
 
@@ -237,7 +224,7 @@ async def test_transfers_the_wallet_cannot_cover_fail_one_by_one_and_give_the_mo
     hl.net.balances[hl.wallet.raw] = 45 * TON
     hl.net.statuses[hl.wallet.raw] = "active"
     # (the batch is re-sent as is; its internal transfer carries the whole 45 TON)
-    assert await drive(lambda: s, hl.clock) == 0
+    assert await hl.drive(lambda: s) == 0
     states = {p: (await hl.ledger.get_payout(p)).state for p in (small_id, big_id, other_id)}
     assert sum(state == PayoutState.CONFIRMED for state in states.values()) >= 1
     for provider, payout_id, earned, amount, dest in (

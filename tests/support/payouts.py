@@ -97,8 +97,9 @@ async def withdraw(
     return provider, receipt.subject_id
 
 
-async def run_until_done(make: object, *, max_steps: int = 500) -> int:
-    """Drive fresh senders (``make()``) until nothing is left; returns the crashes seen."""
+async def run_until_done(make: object, *, max_steps: int = 500, clock: Clock | None = None) -> int:
+    """Drive fresh senders (``make()``) until nothing is left; returns the crashes seen. With
+    ``clock``, a minute passes each time a message or batch is out (the sender waits)."""
     crashes = 0
     s = make()  # type: ignore[operator]
     for _ in range(max_steps):
@@ -110,6 +111,8 @@ async def run_until_done(make: object, *, max_steps: int = 500) -> int:
             continue
         if step == Step.IDLE:
             return crashes
+        if step == Step.WAITING and clock is not None:
+            clock.now += 60
     raise AssertionError("payouts did not finish")
 
 
