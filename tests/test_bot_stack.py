@@ -19,7 +19,7 @@ import pytest
 
 from tests.support.env import require_module
 from tests.support.fake_telegram import BOT_USER, FakeTelegram
-from tests.support.ops import free_port, start_cocoon_up, wait_cocoon_up_ready
+from tests.support.ops import cocoon_up_with_bot, start_cocoon_up, wait_cocoon_up_ready
 
 require_module("llama_cpp")
 
@@ -51,26 +51,12 @@ def group_message(message_id: int, text: str, **extra: Any) -> dict[str, Any]:
 async def test_a_mention_in_a_forum_topic_is_answered_there_and_money_stays_private(
     tmp_path: Path,
 ) -> None:
-    redis_port, web_port = free_port(), free_port()
-    base = f"http://127.0.0.1:{web_port}"
     telegram = FakeTelegram()
     await telegram.start()
-    data = tmp_path / "data"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COCOON_")}
-    env.update(
-        COCOON_DATA_DIR=str(data),
-        COCOON_SECRETS_DIR=str(tmp_path / "secrets"),
-        COCOON_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
-        COCOON_WEB_PORT=str(web_port),
-        COCOON_PUBLIC_URL=base,
-        COCOON_BOT_TOKEN=BOT_TOKEN,
-        COCOON_BOT_MODE="webhook",
-        COCOON_WEBHOOK_SECRET=WEBHOOK_SECRET,
-        COCOON_TELEGRAM_API_URL=telegram.url,
-        COCOON_LOCAL_TELEGRAM_ID=str(USER),
-        COCOON_DEV_CREDIT_NANO=str(10**9),
-        COCOON_MAX_TOKENS_DEFAULT="16",
+    place = cocoon_up_with_bot(
+        tmp_path, telegram.url, token=BOT_TOKEN, secret=WEBHOOK_SECRET, user=USER
     )
+    base, data, env = place.base, place.data, place.env
     log = tmp_path / "up.log"
     up = start_cocoon_up(env, tmp_path, log)
     mention = "@" + str(BOT_USER["username"])

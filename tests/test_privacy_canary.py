@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 
 from tests.support.env import require_module
 from tests.support.fake_telegram import FakeTelegram
-from tests.support.ops import free_port, start_cocoon_up, wait_cocoon_up_ready
+from tests.support.ops import cocoon_up_with_bot, start_cocoon_up, wait_cocoon_up_ready
 
 require_module("llama_cpp")
 
@@ -67,29 +67,17 @@ async def test_canary_never_reaches_rest(tmp_path: Path) -> None:
     from miniapp.auth import init_data_for
 
     canary = f"CANARY{uuid.uuid4().hex[:12].upper()}"
-    redis_port, web_port = free_port(), free_port()
-    base = f"http://127.0.0.1:{web_port}"
-    redis_url = f"redis://127.0.0.1:{redis_port}/0"
     telegram = FakeTelegram()
     await telegram.start()
-    data = tmp_path / "data"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COCOON_")}
-    env.update(
-        COCOON_DATA_DIR=str(data),
-        COCOON_SECRETS_DIR=str(tmp_path / "secrets"),
-        COCOON_REDIS_URL=redis_url,
-        COCOON_WEB_PORT=str(web_port),
-        COCOON_PUBLIC_URL=base,
-        COCOON_BOT_TOKEN=BOT_TOKEN,
-        COCOON_BOT_MODE="webhook",
-        COCOON_WEBHOOK_SECRET=WEBHOOK_SECRET,
-        COCOON_TELEGRAM_API_URL=telegram.url,
-        COCOON_LOCAL_TELEGRAM_ID=str(USER),
-        COCOON_DEV_CREDIT_NANO=str(10**9),
+    place = cocoon_up_with_bot(
+        tmp_path,
+        telegram.url,
+        token=BOT_TOKEN,
+        secret=WEBHOOK_SECRET,
+        user=USER,
         COCOON_LOG_LEVEL="DEBUG",
-        # Short replies: the canary's way through is the same, and a busy machine's turns end.
-        COCOON_MAX_TOKENS_DEFAULT="16",
     )
+    base, data, env, redis_url = place.base, place.data, place.env, place.redis_url
     log = tmp_path / "up.log"
     up = start_cocoon_up(env, tmp_path, log)
     try:

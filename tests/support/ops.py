@@ -1,6 +1,6 @@
 """Helpers of the operations tests (metrics, logs, sweeper, chaos): a worker node process on the
 instant engine, the web application on loopback with a funded user's API key, ``cocoon up`` as
-a process, and free ports."""
+a process (and its environment with the stand-in Bot API), and free ports."""
 
 from __future__ import annotations
 
@@ -45,6 +45,47 @@ async def admin_sql(url: str, *statements: str) -> None:
                 await conn.execute(text(statement))
     finally:
         await engine.dispose()
+
+
+@dataclass
+class UpPlace:
+    """Where a test's ``cocoon up`` lives: the environment to start it with, the URL it answers
+    on, its data folder and its own Redis."""
+
+    env: dict[str, str]
+    base: str
+    data: Path
+    redis_url: str
+
+
+def cocoon_up_with_bot(
+    tmp_path: Path, telegram_url: str, *, token: str, secret: str, user: int, **extra: str
+) -> UpPlace:
+    """``cocoon up``'s environment for a test: its data, secrets, Redis and web port of its own,
+    the bot in webhook mode against the stand-in Bot API at ``telegram_url``, ``user`` the
+    local Telegram user with 1 TON of dev credit, short replies (a busy machine's turns end);
+    ``extra`` more COCOON_ settings. Nothing of the caller's COCOON_ environment leaks in."""
+    redis_port, web_port = free_port(), free_port()
+    base = f"http://127.0.0.1:{web_port}"
+    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    data = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COCOON_")}
+    env.update(
+        COCOON_DATA_DIR=str(data),
+        COCOON_SECRETS_DIR=str(tmp_path / "secrets"),
+        COCOON_REDIS_URL=redis_url,
+        COCOON_WEB_PORT=str(web_port),
+        COCOON_PUBLIC_URL=base,
+        COCOON_BOT_TOKEN=token,
+        COCOON_BOT_MODE="webhook",
+        COCOON_WEBHOOK_SECRET=secret,
+        COCOON_TELEGRAM_API_URL=telegram_url,
+        COCOON_LOCAL_TELEGRAM_ID=str(user),
+        COCOON_DEV_CREDIT_NANO=str(10**9),
+        COCOON_MAX_TOKENS_DEFAULT="16",
+        **extra,
+    )
+    return UpPlace(env, base, data, redis_url)
 
 
 def start_cocoon_up(env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen[bytes]:
