@@ -270,7 +270,9 @@ async def serve(app: web.Application) -> tuple[web.AppRunner, str]:
     return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
 
 
-def settings_for(workdir: Path, redis_url: str, tg_url: str, database_url: str | None) -> Settings:
+def settings_for(
+    workdir: Path, redis_url: str, tg_url: str, database_url: str | None, capacity: int
+) -> Settings:
     return Settings(
         _env_file=None,
         data_dir=workdir,
@@ -278,7 +280,9 @@ def settings_for(workdir: Path, redis_url: str, tg_url: str, database_url: str |
         database_url=database_url,
         redis_url=redis_url,
         models={DEFAULT_MODEL: PRICE},
-        attestation=AttestationSettings(allow_dev=True),
+        # One development node takes every chat's turn at once: the bench measures the bot, not
+        # the network's capacity.
+        attestation=AttestationSettings(allow_dev=True, default_capacity=capacity),
         bot_token=SecretStr(TOKEN),
         bot_mode="webhook",
         webhook_secret=SecretStr(SECRET),
@@ -332,6 +336,7 @@ class Result:
     early: int  # of those, chats sent to again before retry_after was over
     refused: list[list[str]]  # the stand-in's other refusals: (method, description)
     unanswered: int  # chats without their full answer
+    instead: list[str]  # what a few of those got instead (their last message)
     inexact: int  # balances that are not the deposit less the turn's cost, or still held
     audit_ok: bool
 
@@ -378,7 +383,8 @@ async def load(
     db: Database | None = None
     try:
         tg_url = ready.get(timeout=60)
-        settings = settings_for(workdir, redis_url, tg_url, database_url)
+        capacity = max(64, chats)
+        settings = settings_for(workdir, redis_url, tg_url, database_url, capacity)
         db = Database.from_settings(settings)
         await db.upgrade()
         ledger = Ledger(db)
@@ -391,7 +397,7 @@ async def load(
         node = await asyncio.create_subprocess_exec(
             sys.executable,
             *("-m", "workers.node", "--model", DEFAULT_MODEL, "--engine", "instant"),
-            *("--redis-url", redis_url, "--worker-id", worker_id, "--capacity", "1024"),
+            *("--redis-url", redis_url, "--worker-id", worker_id, "--capacity", str(capacity)),
             *("--log-level", "WARNING"),
             stdin=asyncio.subprocess.DEVNULL,
         )
@@ -441,7 +447,7 @@ async def load(
             await runner.cleanup()
         log = seen["log"]
         floods = [e for e in log if e["status"] == 429]
-        unanswered, inexact = await _check_answers(log, ledger, users)
+        unanswered, inexact, instead = await _check_answers(log, ledger, users)
         return Result(
             chats=chats,
             busy=[timings.busy[u] for u in timings.ended],
@@ -456,6 +462,7 @@ async def load(
             early=_early(log, floods),
             refused=[r for r in seen["refused"] if "Too Many Requests" not in r[1]],
             unanswered=unanswered,
+            instead=instead,
             inexact=inexact,
             audit_ok=(await ledger.audit()).ok,
         )
@@ -485,7 +492,7 @@ def _early(log: list[dict[str, Any]], floods: list[dict[str, Any]]) -> int:
 
 async def _check_answers(
     log: list[dict[str, Any]], ledger: Any, users: dict[int, int]
-) -> tuple[int, int]:
+) -> tuple[int, int, list[str]]:
     """Chats whose last message is not their full answer with its footer; balances that are
     not the deposit less that turn's cost (or still hold something)."""
     answers: dict[int, str] = {}
@@ -493,11 +500,14 @@ async def _check_answers(
         if entry["method"] == "sendMessage" and entry["status"] == 200 and entry["text"]:
             answers[int(entry["chat"])] = entry["text"]
     unanswered = inexact = 0
+    instead: list[str] = []
     for index, (chat, user_id) in enumerate(users.items()):
         text = answers.get(chat, "")
         found = FOOTER.search(text)
         if f"hello number {index} from the load bench" not in text or found is None:
             unanswered += 1
+            if len(instead) < 3:
+                instead.append(text[:200] or "(nothing)")
             continue
         cost = turn_cost(
             PRICE,
@@ -508,7 +518,7 @@ async def _check_answers(
         balances = await ledger.balances(user_id)
         if balances.available != DEPOSIT - cost or balances.held != 0:
             inexact += 1
-    return unanswered, inexact
+    return unanswered, inexact, instead
 
 
 def report(result: Result, db: str) -> None:
@@ -526,7 +536,8 @@ def report(result: Result, db: str) -> None:
     print(f"baseline, a bare aiohttp handler under the same burst: {p50_p99(r.bare)}")
     print(f"429s from the stand-in: {r.floods} (sent again before retry_after: {r.early}); "
           f"other refusals: {len(r.refused)} {r.refused[:3]}")  # fmt: skip
-    print(f"chats without their full answer: {r.unanswered}; balances not exact: {r.inexact}; "
+    print(f"chats without their full answer: {r.unanswered} {r.instead}; "
+          f"balances not exact: {r.inexact}; "
           f"ledger audit ok: {r.audit_ok}")  # fmt: skip
     print(f"load average now: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     if r.handler:
