@@ -12,7 +12,8 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import Insert, event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, CursorResult, Result, make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -67,6 +68,14 @@ def rowcount(result: Result[*tuple[Any, ...]]) -> int:
     if not isinstance(result, CursorResult):
         raise TypeError(f"no row count in a {type(result).__name__}: not an UPDATE or DELETE")
     return result.rowcount
+
+
+def insert_new(dialect: str, table: Any) -> Insert:
+    """An INSERT into ``table`` that writes nothing for a row whose unique key is taken
+    (``ON CONFLICT DO NOTHING``), on SQLite and PostgreSQL alike."""
+    if dialect == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing()
+    return sqlite.insert(table).on_conflict_do_nothing()
 
 
 class Database:

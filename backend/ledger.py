@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from backend.db import rowcount
+from backend.db import insert_new, rowcount
 from backend.ledger_pg import Close, CloseBatcher, hold_in_one_statement
 from backend.ledger_types import (
     USER_SIDE_KINDS,
@@ -52,6 +52,7 @@ from backend.models import (
     Payout,
     PayoutState,
     Transaction,
+    TurnReceipt,
     TurnRecord,
 )
 from backend.settings import MAX_NANO
@@ -240,7 +241,8 @@ class Ledger(LedgerWriter):
         """Close a hold: the user pays ``cost`` (at most the hold), the provider gets its share
         (rounded down), the platform the rest, and what is left of the hold goes back.
         ``usage``, when given, is recorded as the turn's :class:`TurnRecord` in the same
-        transaction (``/usage``, history, provider dashboards)."""
+        transaction (``/usage``, history, provider dashboards), and its receipt, if it has one,
+        as the turn's :class:`TurnReceipt` (one commit a turn; a replay writes neither)."""
         if isinstance(cost, bool) or not isinstance(cost, int) or cost < 0 or cost > MAX_NANO:
             raise InvalidAmount(f"cost must be a whole number of nanoTON >= 0, got {cost!r}")
         if not 0 <= share_bps <= BPS:
@@ -281,6 +283,12 @@ class Ledger(LedgerWriter):
                         finish_reason=usage.finish_reason,
                     )
                 )
+                if usage.receipt is not None:  # a receipt kept already stays as it was
+                    await session.execute(
+                        insert_new(self.db.dialect, TurnReceipt).values(
+                            turn_id=hold_key, user_id=hold.user_id, body=usage.receipt
+                        )
+                    )
             return legs, hold.id
 
         return await self._run(key, "settle", request, body, None)

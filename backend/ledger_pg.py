@@ -118,6 +118,7 @@ async def close_in_one_statement(
             "worker_ids": [usage.worker_id for usage in usages],
             "tees": [usage.tee for usage in usages],
             "finish_reasons": [usage.finish_reason for usage in usages],
+            "receipts": [usage.receipt for usage in usages],
             "now": dt.datetime.now(dt.UTC),
             "user_kind": str(AccountKind.USER),
             "hold_kind": str(AccountKind.HOLD),
@@ -255,8 +256,9 @@ SELECT (SELECT id FROM tx), (SELECT subject_id FROM tx),
 # the entries), lock the accounts the legs move money on, in one order for every statement
 # (rank: a user's balance, their holds, providers', the platform's; then id), move each
 # account's sum, and write each close's own transaction (its key, its fingerprint), its
-# entries and its turn's record. The last column divides by zero when an account is missing:
-# nothing at all is written. One row per hold closed, in the batch's order.
+# entries, its turn's record and its receipt (a receipt kept already stays as it was). The
+# last column divides by zero when an account is missing: nothing at all is written. One row
+# per hold closed, in the batch's order.
 _CLOSE = text(
     """
 WITH batch AS (
@@ -266,10 +268,11 @@ WITH batch AS (
     CAST(:shares AS INTEGER[]), CAST(:provider_ids AS INTEGER[]), CAST(:records AS BOOLEAN[]),
     CAST(:models AS VARCHAR[]), CAST(:prompt_tokens AS INTEGER[]),
     CAST(:cached_prompt_tokens AS INTEGER[]), CAST(:completion_tokens AS INTEGER[]),
-    CAST(:worker_ids AS VARCHAR[]), CAST(:tees AS VARCHAR[]), CAST(:finish_reasons AS VARCHAR[])
+    CAST(:worker_ids AS VARCHAR[]), CAST(:tees AS VARCHAR[]), CAST(:finish_reasons AS VARCHAR[]),
+    CAST(:receipts AS TEXT[])
   ) WITH ORDINALITY AS b (hold_key, key, kind, state, hash, cost, share, provider_id, record,
                           model, prompt_tokens, cached_prompt_tokens, completion_tokens,
-                          worker_id, tee, finish_reason, i)
+                          worker_id, tee, finish_reason, receipt, i)
 ), closed AS (
   UPDATE holds SET state = batch.state, charged = LEAST(holds.amount, batch.cost),
                    closed_at = CAST(:now AS TIMESTAMPTZ)
@@ -325,9 +328,16 @@ WITH batch AS (
   FROM cut WHERE record
   ORDER BY cut.i
   RETURNING id
+), kept AS (
+  INSERT INTO receipts (turn_id, user_id, body, created_at)
+  SELECT hold_key, user_id, receipt, CAST(:now AS TIMESTAMPTZ)
+  FROM cut WHERE record AND receipt IS NOT NULL
+  ORDER BY cut.i
+  ON CONFLICT (turn_id) DO NOTHING
+  RETURNING turn_id
 )
 SELECT tx.id, cut.i, cut.id, cut.user_id, cut.amount, cut.charged, cut.earned,
-       (SELECT count(*) FROM entries) + (SELECT count(*) FROM turn),
+       (SELECT count(*) FROM entries) + (SELECT count(*) FROM turn) + (SELECT count(*) FROM kept),
        (SELECT count(*) FROM legs)
          / CASE WHEN (SELECT count(*) FROM moved)
                      = (SELECT count(*) FROM (SELECT DISTINCT kind, owner_id FROM legs) AS d)

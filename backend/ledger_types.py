@@ -73,6 +73,9 @@ class TurnUsage:
     finish_reason: str
     worker_id: str | None = None
     tee: str | None = None
+    # The turn's receipt as its owner is served it (backend.receipts: digests and counts, JSON),
+    # kept in the settlement's own transaction; None: the turn has none.
+    receipt: str | None = None
 
 
 @dataclass(frozen=True)

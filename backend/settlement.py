@@ -105,9 +105,20 @@ class TurnSettlement:
             tools=self.request.tools,
         )
         outcome = "cancelled" if final.finish_reason == "cancelled" else "settled"
-        charged = await self._charge(billed, final.finish_reason, outcome=outcome)
+        cost = turn_cost(
+            self.price,
+            prompt_tokens=billed.prompt_tokens,
+            cached_prompt_tokens=billed.cached_prompt_tokens,
+            completion_tokens=billed.completion_tokens,
+        )
+        # The ledger caps the charge at the hold the same way.
+        receipt = self._receipt(billed, min(cost, self.held))
+        charged, kept = await self._charge(
+            billed, final.finish_reason, cost, outcome=outcome, receipt=receipt
+        )
         await self._flag(billed.flags)
-        receipt = await self._receipt(billed, charged)
+        if receipt is not None and not kept:
+            receipt = await self._keep_receipt(receipt, charged)
         if (route := self._route_id()) is not None:
             # A hint for the next turn: Redis away now (a failover) must not lose this turn's
             # answer, which is billed already (the client would be told 503, nothing charged).
@@ -135,9 +146,10 @@ class TurnSettlement:
             receipt=receipt,
         )
 
-    async def _receipt(self, billed: Bill, charged: int) -> ReceiptRecord | None:
-        """The worker's receipt of this turn, checked and kept for the user (never fails the
-        turn: a worker without a valid receipt is logged, and its turn has none)."""
+    def _receipt(self, billed: Bill, charged: int) -> ReceiptRecord | None:
+        """The worker's receipt of this turn, checked, to keep for the user with the turn's
+        settlement (never fails the turn: a worker without a valid receipt is logged, and its
+        turn has none)."""
         assert self.worker is not None
         raw = self._reader.receipt if self._reader is not None else None
         signed = open_receipt(raw, self.worker.verify_key, self.job_id)
@@ -154,7 +166,7 @@ class TurnSettlement:
         if problems:
             log.warning("turn %s: refused the worker's receipt: %s", self.turn_id, problems)
             return None
-        record = ReceiptRecord(
+        return ReceiptRecord(
             id=self.turn_id,
             signed=signed,
             worker_id=self.worker.worker_id,
@@ -169,25 +181,36 @@ class TurnSettlement:
             cost_nanoton=str(charged),
             sealed=self.prompt_bound is not None,
         )
+
+    async def _keep_receipt(self, record: ReceiptRecord, charged: int) -> ReceiptRecord:
+        """Keep the receipt of a turn that no settlement wrote (a free turn, a hold released
+        before it settled), with what was charged."""
+        if record.cost_nanoton != str(charged):
+            record = record.model_copy(update={"cost_nanoton": str(charged)})
         try:
             await store_receipt(self.d.ledger.db, self.request.user_id, record)
         except Exception as error:  # the turn stands; the database's trouble is logged
             log.error("turn %s: could not keep its receipt: %r", self.turn_id, error)
         return record
 
-    async def _charge(self, billed: Bill, finish_reason: str, *, outcome: str) -> int:
-        """Close the turn: the user pays for ``billed`` out of the hold (at most the hold), the
-        rest goes back. Returns the nanoTON charged."""
-        cost = turn_cost(
-            self.price,
-            prompt_tokens=billed.prompt_tokens,
-            cached_prompt_tokens=billed.cached_prompt_tokens,
-            completion_tokens=billed.completion_tokens,
-        )
-        charged = min(cost, self.held)  # the ledger caps the charge at the hold the same way
+    async def _charge(
+        self,
+        billed: Bill,
+        finish_reason: str,
+        cost: int,
+        *,
+        outcome: str,
+        receipt: ReceiptRecord | None,
+    ) -> tuple[int, bool]:
+        """Close the turn: the user pays ``cost`` for ``billed`` out of the hold (at most the
+        hold), the rest goes back, and the receipt is kept in the same ledger transaction.
+        Returns the nanoTON charged, and whether the settlement kept the receipt."""
+        charged = min(cost, self.held)
+        kept = False
         if self.held:
             try:
-                await self._settle_hold(billed, finish_reason, cost)
+                await self._settle_hold(billed, finish_reason, cost, receipt)
+                kept = receipt is not None
             except InvalidState:
                 # The stale-hold sweeper gave the hold back first (the turn outlived the hold
                 # timeout): the user keeps it; a turn is never charged twice.
@@ -201,9 +224,11 @@ class TurnSettlement:
             charged=charged,
         )
         await self._after_job()
-        return charged
+        return charged, kept
 
-    async def _settle_hold(self, billed: Bill, finish_reason: str, cost: int) -> None:
+    async def _settle_hold(
+        self, billed: Bill, finish_reason: str, cost: int, receipt: ReceiptRecord | None
+    ) -> None:
         assert self.worker is not None
         await self.d.ledger.settle(
             self.turn_id,
@@ -218,6 +243,7 @@ class TurnSettlement:
                 finish_reason=finish_reason,
                 worker_id=self.worker.worker_id,
                 tee=self.worker.tee,
+                receipt=None if receipt is None else receipt.model_dump_json(),
             ),
         )
 
