@@ -30,22 +30,20 @@ import datetime as dt
 import logging
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.exc import IntegrityError
 
-from backend.db import Database, rowcount
+from backend.db import Database
 from backend.ledger import Ledger
 from backend.models import (
     Payout,
     TonMessageState,
     TonPayoutBatch,
     TonPayoutBatchItem,
-    TonPayoutStage,
 )
 from backend.ton.comment import AddressError, decode_comment, raw_address
 from backend.ton.sending import (
     LIVE,
-    OPEN_PAYOUT,
     Moved,
     Sender,
     Step,
@@ -65,7 +63,7 @@ log = logging.getLogger(__name__)
 CREATED_AT_LAG_S = 30  # created_at this far back: a node whose clock is behind still accepts it
 
 
-class HighloadPayoutSender(Sender):
+class HighloadPayoutSender(Sender[TonPayoutBatch]):
     """Pays requested payouts in batches of up to ``batch_size`` from one highload wallet."""
 
     name = "highload payout sender"
@@ -86,14 +84,7 @@ class HighloadPayoutSender(Sender):
         self.wallet = wallet
         self.batch_size = batch_size
 
-    async def step(self) -> Step:
-        """One move of the state machine. Raises TonCenterError when the API fails."""
-        live = await self._live_batch()
-        if live is not None:
-            return await self._drive(live)
-        payouts = await self._open_payouts(self.batch_size)
-        if not payouts:
-            return Step.IDLE
+    async def _pay(self, payouts: list[Payout]) -> None:
         ready: list[tuple[Payout, str]] = []
         for payout in payouts:
             destination = await self._destination(payout)
@@ -101,7 +92,6 @@ class HighloadPayoutSender(Sender):
                 ready.append((payout, raw_address(destination)))
         if ready:
             await self._sign(ready)
-        return Step.PROGRESS
 
     # ------------------------------------------------------------- the steps
 
@@ -130,16 +120,7 @@ class HighloadPayoutSender(Sender):
         now = dt.datetime.now(dt.UTC)
         try:
             async with self.db.session() as session, session.begin():
-                # Lock order everywhere: the payout rows, then the batch.
-                for payout, _dest in payouts:
-                    moved = await session.execute(
-                        update(Payout)
-                        .where(Payout.id == payout.id, Payout.state.in_(OPEN_PAYOUT))
-                        .values(state=TonPayoutStage.SIGNED, updated_at=now)
-                        .execution_options(synchronize_session=False)
-                    )
-                    if rowcount(moved) != 1:
-                        raise Moved  # closed meanwhile
+                await self._mark_signed(session, [payout for payout, _dest in payouts], now)
                 batch = TonPayoutBatch(
                     wallet=self.wallet.raw,
                     sequence=sequence,
@@ -166,7 +147,7 @@ class HighloadPayoutSender(Sender):
             log.info("another batch of this wallet is live (or took the sequence); not signing")
             return
         self._checkpoint("signed")
-        live = await self._live_batch()
+        live = await self._live()
         if live is not None and live.msg_hash == signed.msg_hash:
             await self._send(live)
 
@@ -174,13 +155,8 @@ class HighloadPayoutSender(Sender):
         found = await self._find(batch.msg_hash, batch.boc)
         if found:
             return await self._settle(batch, found[0])
-        now = self.clock()
         valid_until = batch.created_at_chain + batch.timeout  # created_at > now - timeout
-        if now < valid_until:
-            if self._send_due(batch):
-                await self._send(batch)
-            return Step.WAITING
-        if now < valid_until + self.expiry_grace_s:
+        if await self._waiting_to_expire(batch, valid_until):
             return Step.WAITING
         if await self._processed(batch.query_id):
             # It executed and the index has not caught up: never sign again on a guess.
@@ -193,58 +169,19 @@ class HighloadPayoutSender(Sender):
         await self._expire(batch)
         return Step.PROGRESS
 
-    async def _send(self, batch: TonPayoutBatch) -> None:
-        error: TonCenterError | None = None
-        try:
-            await self.api.send_message(batch.boc)
-        except TonCenterError as exc:
-            # Not delivered, or refused (already executed: the query id is used). The chain
-            # decides; the same bytes go again next time while they are valid.
-            error = exc
-            log.info("batch %s: send failed (%s); will check and resend", batch.id, exc)
-        self._checkpoint("sent")
-        now = dt.datetime.now(dt.UTC)
-        async with self.db.session() as session, session.begin():
-            await session.execute(
-                update(Payout)
-                .where(
-                    Payout.id.in_(
-                        select(TonPayoutBatchItem.payout_id).where(
-                            TonPayoutBatchItem.batch_id == batch.id
-                        )
-                    ),
-                    Payout.state == TonPayoutStage.SIGNED,
-                )
-                .values(state=TonPayoutStage.SENT, updated_at=now)
-                .execution_options(synchronize_session=False)
-            )
-            await session.execute(
-                update(TonPayoutBatch)
-                .where(TonPayoutBatch.id == batch.id, TonPayoutBatch.state.in_(LIVE))
-                .values(
-                    state=TonMessageState.SENT,
-                    send_count=TonPayoutBatch.send_count + 1,
-                    sent_at=now,
-                )
-                .execution_options(synchronize_session=False)
-            )
-        if error is not None and not error.transient:
-            log.warning("batch %s: TON Center refused the message: %s", batch.id, error)
+    def _label(self, live: TonPayoutBatch) -> str:
+        return f"batch {live.id}"
+
+    def _payouts_of(self, live: TonPayoutBatch) -> ColumnElement[bool]:
+        return Payout.id.in_(
+            select(TonPayoutBatchItem.payout_id).where(TonPayoutBatchItem.batch_id == live.id)
+        )
 
     async def _expire(self, batch: TonPayoutBatch) -> None:
         """The batch can never execute: close it; its open payouts wait for the next batch."""
-        now = dt.datetime.now(dt.UTC)
-        async with self.db.session() as session, session.begin():
-            closed = await session.execute(
-                update(TonPayoutBatch)
-                .where(TonPayoutBatch.id == batch.id, TonPayoutBatch.state.in_(LIVE))
-                .values(state=TonMessageState.EXPIRED, closed_at=now)
-                .execution_options(synchronize_session=False)
-            )
-            if rowcount(closed) != 1:
-                return
-        log.info("batch %s (query id %s) expired unseen; its payouts go again", batch.id,
-                 batch.query_id)  # fmt: skip
+        if await self._close_expired(batch):
+            log.info("batch %s (query id %s) expired unseen; its payouts go again", batch.id,
+                     batch.query_id)  # fmt: skip
 
     async def _settle(self, batch: TonPayoutBatch, tx: dict[str, Any]) -> Step:
         """The batch landed: each payout is paid or failed by the transfers that left."""
@@ -320,7 +257,7 @@ class HighloadPayoutSender(Sender):
             raise TonCenterError(f"processed? answered exit code {result.exit_code}")
         return answer != 0
 
-    async def _live_batch(self) -> TonPayoutBatch | None:
+    async def _live(self) -> TonPayoutBatch | None:
         async with self.db.session() as session:
             return await session.scalar(
                 select(TonPayoutBatch).where(

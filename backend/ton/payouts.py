@@ -26,7 +26,7 @@ import datetime as dt
 import logging
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from backend.db import Database, rowcount
@@ -36,25 +36,23 @@ from backend.models import (
     PayoutState,
     TonMessageState,
     TonPayoutMessage,
-    TonPayoutStage,
 )
 from backend.ton.comment import AddressError, raw_address
 from backend.ton.sending import (
     LIVE,
-    OPEN_PAYOUT,
     Moved,
     Sender,
     Step,
     json_int,
     payout_comment,
 )
-from backend.ton.toncenter import TonCenter, TonCenterError
+from backend.ton.toncenter import TonCenter
 from backend.ton.wallet import HotWallet, parse_external
 
 log = logging.getLogger(__name__)
 
 
-class PayoutSender(Sender):
+class PayoutSender(Sender[TonPayoutMessage]):
     """Pays requested payouts one at a time from one hot wallet."""
 
     def __init__(
@@ -71,22 +69,13 @@ class PayoutSender(Sender):
         self.wallet = wallet
         self.ttl_s = ttl_s
 
-    # ------------------------------------------------------------------ loop
-
-    async def step(self) -> Step:
-        """One move of the state machine. Raises TonCenterError when the API fails."""
-        live = await self._live_message()
-        if live is not None:
-            return await self._drive(live)
-        payout = next(iter(await self._open_payouts(1)), None)
-        if payout is None:
-            return Step.IDLE
+    async def _pay(self, payouts: list[Payout]) -> None:
+        (payout,) = payouts
         destination = await self._destination(payout)
         if destination is None:
-            return Step.PROGRESS
+            return
         seqno = await self._next_seqno()
         await self._sign(payout, destination, seqno, replacing=None)
-        return Step.PROGRESS
 
     # ------------------------------------------------------------- the steps
 
@@ -100,14 +89,7 @@ class PayoutSender(Sender):
         # Closed by hand (``fail_payout``) while its message was out: never resend it, never
         # sign it again; only wait for the message to expire.
         closed = payout.state in (PayoutState.CONFIRMED, PayoutState.FAILED)
-        now = self.clock()
-        if now < message.valid_until:
-            if closed:
-                return Step.WAITING
-            if self._send_due(message):
-                await self._send(message)
-            return Step.WAITING
-        if now < message.valid_until + self.expiry_grace_s:
+        if await self._waiting_to_expire(message, message.valid_until, resend=not closed):
             return Step.WAITING
         seqno = await self.api.wallet_seqno(self.wallet.raw)
         if seqno > message.seqno and not await self._seqno_used_by_other(message):
@@ -120,7 +102,7 @@ class PayoutSender(Sender):
             )
             return Step.WAITING
         if closed:
-            await self._expire(message)
+            await self._close_expired(message)
             return Step.PROGRESS
         destination = payout.destination or await self._linked_wallet(payout.provider_id)
         assert destination is not None
@@ -146,17 +128,9 @@ class PayoutSender(Sender):
             valid_until=valid_until,
             comment=payout_comment(payout.id),
         )
-        # Lock order everywhere: the payout row, then its messages (no deadlocks on PostgreSQL).
         try:
             async with self.db.session() as session, session.begin():
-                moved = await session.execute(
-                    update(Payout)
-                    .where(Payout.id == payout.id, Payout.state.in_(OPEN_PAYOUT))
-                    .values(state=TonPayoutStage.SIGNED, updated_at=dt.datetime.now(dt.UTC))
-                    .execution_options(synchronize_session=False)
-                )
-                if rowcount(moved) != 1:
-                    raise Moved  # closed meanwhile
+                await self._mark_signed(session, [payout], dt.datetime.now(dt.UTC))
                 if replacing is not None:
                     expired = await session.execute(
                         update(TonPayoutMessage)
@@ -187,48 +161,15 @@ class PayoutSender(Sender):
             log.info("payout #%s: another message of this wallet is live; not signing", payout.id)
             return
         self._checkpoint("signed")
-        message = await self._live_message()
+        message = await self._live()
         if message is not None and message.msg_hash == signed.msg_hash:
             await self._send(message)
 
-    async def _send(self, message: TonPayoutMessage) -> None:
-        error: TonCenterError | None = None
-        try:
-            await self.api.send_message(message.boc)
-        except TonCenterError as exc:
-            # Maybe not delivered, maybe already executed (a resend after it landed is refused):
-            # either way the chain decides; the same BOC goes again next time.
-            error = exc
-            log.info("payout #%s: send failed (%s); will check and resend", message.payout_id, exc)
-        self._checkpoint("sent")
-        async with self.db.session() as session, session.begin():
-            await session.execute(
-                update(Payout)
-                .where(Payout.id == message.payout_id, Payout.state == TonPayoutStage.SIGNED)
-                .values(state=TonPayoutStage.SENT, updated_at=dt.datetime.now(dt.UTC))
-                .execution_options(synchronize_session=False)
-            )
-            await session.execute(
-                update(TonPayoutMessage)
-                .where(TonPayoutMessage.id == message.id, TonPayoutMessage.state.in_(LIVE))
-                .values(
-                    state=TonMessageState.SENT,
-                    send_count=TonPayoutMessage.send_count + 1,
-                    sent_at=dt.datetime.now(dt.UTC),
-                )
-                .execution_options(synchronize_session=False)
-            )
-        if error is not None and not error.transient:
-            log.warning("payout #%s: TON Center refused the message: %s", message.payout_id, error)
+    def _label(self, live: TonPayoutMessage) -> str:
+        return f"payout #{live.payout_id}"
 
-    async def _expire(self, message: TonPayoutMessage) -> None:
-        async with self.db.session() as session, session.begin():
-            await session.execute(
-                update(TonPayoutMessage)
-                .where(TonPayoutMessage.id == message.id, TonPayoutMessage.state.in_(LIVE))
-                .values(state=TonMessageState.EXPIRED, closed_at=dt.datetime.now(dt.UTC))
-                .execution_options(synchronize_session=False)
-            )
+    def _payouts_of(self, live: TonPayoutMessage) -> ColumnElement[bool]:
+        return Payout.id == live.payout_id
 
     async def _settle(self, message: TonPayoutMessage, tx: dict[str, Any]) -> None:
         payout = await self.ledger.get_payout(message.payout_id)
@@ -252,7 +193,7 @@ class PayoutSender(Sender):
 
     # -------------------------------------------------------------- queries
 
-    async def _live_message(self) -> TonPayoutMessage | None:
+    async def _live(self) -> TonPayoutMessage | None:
         async with self.db.session() as session:
             return await session.scalar(
                 select(TonPayoutMessage).where(

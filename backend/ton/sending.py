@@ -14,13 +14,14 @@ import enum
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 from ton_core import Cell
 
 from backend import notifications
-from backend.db import Database
+from backend.db import Database, rowcount
 from backend.ledger import Ledger
 from backend.models import (
     Payout,
@@ -34,7 +35,7 @@ from backend.models import (
 )
 from backend.ton.comment import AddressError, parse_address
 from backend.ton.polling import poll_until_stopped
-from backend.ton.toncenter import TonCenter
+from backend.ton.toncenter import TonCenter, TonCenterError
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +59,17 @@ def payout_comment(payout_id: int) -> str:
     return f"Cocoon payout #{payout_id}"
 
 
-class Sender:
-    """The loop and the queries of a payout sender; subclasses make ``step``."""
+Live = TypeVar("Live", TonPayoutMessage, TonPayoutBatch)  # what a sender signs and sends
+
+
+class Sender(Generic[Live]):
+    """The loop and the queries of a payout sender. Subclasses find their live message
+    (``_live``), drive it (``_drive``), sign the next one for up to ``batch_size`` open payouts
+    (``_pay``), and name what a message pays (``_payouts_of``) and how the log calls it
+    (``_label``)."""
 
     name = "payout sender"
+    batch_size = 1
 
     def __init__(
         self,
@@ -86,7 +94,35 @@ class Sender:
         self.clock = clock
         self._checkpoint = checkpoint or (lambda _name: None)
 
-    async def step(self) -> Step:  # pragma: no cover - each sender has its own
+    async def step(self) -> Step:
+        """One move of the state machine. Raises TonCenterError when the API fails."""
+        live = await self._live()
+        if live is not None:
+            return await self._drive(live)
+        payouts = await self._open_payouts(self.batch_size)
+        if not payouts:
+            return Step.IDLE
+        await self._pay(payouts)
+        return Step.PROGRESS
+
+    async def _live(self) -> Live | None:  # pragma: no cover - each sender has its own
+        """This wallet's live (signed or sent) message, if any."""
+        raise NotImplementedError
+
+    async def _drive(self, live: Live) -> Step:  # pragma: no cover
+        """Carry ``live`` on: settle it when found on chain, resend it, or expire it."""
+        raise NotImplementedError
+
+    async def _pay(self, payouts: list[Payout]) -> None:  # pragma: no cover
+        """Sign (and send) a message paying ``payouts``, the oldest open ones."""
+        raise NotImplementedError
+
+    def _label(self, live: Live) -> str:  # pragma: no cover
+        """How the log names ``live``."""
+        raise NotImplementedError
+
+    def _payouts_of(self, live: Live) -> ColumnElement[bool]:  # pragma: no cover
+        """The payouts ``live`` pays, as a condition on :class:`Payout`."""
         raise NotImplementedError
 
     async def run(self, stop: asyncio.Event | None = None) -> None:
@@ -159,6 +195,73 @@ class Sender:
             await self._tell(payout, paid=False)
             return None
         return destination
+
+    async def _waiting_to_expire(
+        self, live: Live, valid_until: float, *, resend: bool = True
+    ) -> bool:
+        """True while ``live`` may still execute (valid until ``valid_until``, plus the grace for
+        clock skew): it goes again when due (unless ``resend`` is false) and the sender waits."""
+        now = self.clock()
+        if now < valid_until:
+            if resend and self._send_due(live):
+                await self._send(live)
+            return True
+        return now < valid_until + self.expiry_grace_s
+
+    @staticmethod
+    async def _mark_signed(session: AsyncSession, payouts: list[Payout], now: dt.datetime) -> None:
+        """Move ``payouts`` to signed in ``session``'s transaction; :class:`Moved` when one was
+        closed meanwhile. Lock order everywhere: the payout rows, then their message or batch."""
+        for payout in payouts:
+            moved = await session.execute(
+                update(Payout)
+                .where(Payout.id == payout.id, Payout.state.in_(OPEN_PAYOUT))
+                .values(state=TonPayoutStage.SIGNED, updated_at=now)
+                .execution_options(synchronize_session=False)
+            )
+            if rowcount(moved) != 1:
+                raise Moved  # closed meanwhile
+
+    async def _send(self, live: Live) -> None:
+        """Hand ``live``'s stored bytes to TON Center and mark it (and its payouts) sent."""
+        error: TonCenterError | None = None
+        try:
+            await self.api.send_message(live.boc)
+        except TonCenterError as exc:
+            # Maybe not delivered, maybe already executed (a resend after it landed is refused):
+            # either way the chain decides; the same bytes go again next time while valid.
+            error = exc
+            log.info("%s: send failed (%s); will check and resend", self._label(live), exc)
+        self._checkpoint("sent")
+        table = type(live)
+        now = dt.datetime.now(dt.UTC)
+        async with self.db.session() as session, session.begin():
+            await session.execute(
+                update(Payout)
+                .where(self._payouts_of(live), Payout.state == TonPayoutStage.SIGNED)
+                .values(state=TonPayoutStage.SENT, updated_at=now)
+                .execution_options(synchronize_session=False)
+            )
+            await session.execute(
+                update(table)
+                .where(table.id == live.id, table.state.in_(LIVE))
+                .values(state=TonMessageState.SENT, send_count=table.send_count + 1, sent_at=now)
+                .execution_options(synchronize_session=False)
+            )
+        if error is not None and not error.transient:
+            log.warning("%s: TON Center refused the message: %s", self._label(live), error)
+
+    async def _close_expired(self, live: Live) -> bool:
+        """Close ``live`` as expired; False when it was no longer live."""
+        table = type(live)
+        async with self.db.session() as session, session.begin():
+            closed = await session.execute(
+                update(table)
+                .where(table.id == live.id, table.state.in_(LIVE))
+                .values(state=TonMessageState.EXPIRED, closed_at=dt.datetime.now(dt.UTC))
+                .execution_options(synchronize_session=False)
+            )
+        return rowcount(closed) == 1
 
     def _send_due(self, live: TonPayoutMessage | TonPayoutBatch) -> bool:
         """A live message, still valid, goes (again): signed but never sent, or sent
