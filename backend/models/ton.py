@@ -82,7 +82,22 @@ class TonMessageState(enum.StrEnum):
     EXPIRED = "expired"  # valid_until passed and the seqno shows it never landed
 
 
-class TonPayoutMessage(Base):
+class SignedMessage:
+    """The columns of a signed external message of a hot wallet, a payout message or a batch
+    (after each table's own): its bytes and hash, where it stands, and where it landed."""
+
+    boc: Mapped[str] = mapped_column(Text)
+    msg_hash: Mapped[str] = mapped_column(String(64), unique=True)  # normalized, hex
+    state: Mapped[str] = mapped_column(String(16), default=TonMessageState.SIGNED)
+    send_count: Mapped[int] = mapped_column(Integer, default=0)
+    tx_hash: Mapped[str | None] = mapped_column(String(64))
+    tx_lt: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+    closed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
+
+
+class TonPayoutMessage(SignedMessage, Base):
     """One signed external message of the hot wallet for one payout.
 
     Stored before it is sent. At most one message per wallet is live (signed or sent) at a time,
@@ -105,18 +120,9 @@ class TonPayoutMessage(Base):
     wallet: Mapped[str] = mapped_column(String(80))
     seqno: Mapped[int] = mapped_column(BigInteger)
     valid_until: Mapped[int] = mapped_column(BigInteger)
-    boc: Mapped[str] = mapped_column(Text)
-    msg_hash: Mapped[str] = mapped_column(String(64), unique=True)  # normalized, hex
-    state: Mapped[str] = mapped_column(String(16), default=TonMessageState.SIGNED)
-    send_count: Mapped[int] = mapped_column(Integer, default=0)
-    tx_hash: Mapped[str | None] = mapped_column(String(64))
-    tx_lt: Mapped[int | None] = mapped_column(BigInteger)
-    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
-    sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
-    closed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
 
 
-class TonPayoutBatch(Base):
+class TonPayoutBatch(SignedMessage, Base):
     """One signed external message of the Highload Wallet v3 hot wallet paying up to 254
     payouts (its items), under its own query id.
 
@@ -144,15 +150,6 @@ class TonPayoutBatch(Base):
     query_id: Mapped[int] = mapped_column(Integer)
     created_at_chain: Mapped[int] = mapped_column(BigInteger)  # the message's created_at
     timeout: Mapped[int] = mapped_column(Integer)  # valid while now < created_at + timeout
-    boc: Mapped[str] = mapped_column(Text)
-    msg_hash: Mapped[str] = mapped_column(String(64), unique=True)  # normalized, hex
-    state: Mapped[str] = mapped_column(String(16), default=TonMessageState.SIGNED)
-    send_count: Mapped[int] = mapped_column(Integer, default=0)
-    tx_hash: Mapped[str | None] = mapped_column(String(64))
-    tx_lt: Mapped[int | None] = mapped_column(BigInteger)
-    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
-    sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
-    closed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
 
 
 class TonPayoutBatchItem(Base):
