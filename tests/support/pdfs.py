@@ -15,6 +15,25 @@ def _escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
 
 
+def _file(objects: list[bytes], header: bytes) -> bytes:
+    """``header``, then ``objects`` numbered from 1 (the first is the catalog), a correct
+    cross-reference table and the trailer."""
+    out = io.BytesIO()
+    out.write(header)
+    offsets = []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(out.tell())
+        out.write(f"{number} 0 obj\n".encode() + body + b"\nendobj\n")
+    xref = out.tell()
+    out.write(f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode())
+    for offset in offsets:
+        out.write(f"{offset:010d} 00000 n \n".encode())
+    out.write(
+        f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
+    )
+    return out.getvalue()
+
+
 def build(pages: list[list[str]], *, page_count: int | None = None, extra: bytes = b"") -> bytes:
     """A PDF whose pages show ``pages`` (lines of text each). ``page_count`` overrides the page
     tree's /Count (a lie a malicious file tells); ``extra`` is one more stream object's body."""
@@ -47,20 +66,7 @@ def build(pages: list[list[str]], *, page_count: int | None = None, extra: bytes
             objects.append(
                 f"<< /Length {len(content)} >>\nstream\n".encode() + content + b"\nendstream"
             )
-    out = io.BytesIO()
-    out.write(b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n")
-    offsets = []
-    for number, body in enumerate(objects, start=1):
-        offsets.append(out.tell())
-        out.write(f"{number} 0 obj\n".encode() + body + b"\nendobj\n")
-    xref = out.tell()
-    out.write(f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode())
-    for offset in offsets:
-        out.write(f"{offset:010d} 00000 n \n".encode())
-    out.write(
-        f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
-    )
-    return out.getvalue()
+    return _file(objects, b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n")
 
 
 def blank_pages(count: int) -> bytes:
@@ -99,20 +105,7 @@ def page_tree_bomb(levels: int = 7, fanout: int = 10) -> bytes:
             f"<< /Type /Pages /Kids [{kids}] /Count {fanout ** (levels - level)} >>".encode()
         )
     objects.append(b"<< /Type /Page /MediaBox [0 0 612 792] >>")
-    out = io.BytesIO()
-    out.write(b"%PDF-1.4\n")
-    offsets = []
-    for number, body in enumerate(objects, start=1):
-        offsets.append(out.tell())
-        out.write(f"{number} 0 obj\n".encode() + body + b"\nendobj\n")
-    xref = out.tell()
-    out.write(f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode())
-    for offset in offsets:
-        out.write(f"{offset:010d} 00000 n \n".encode())
-    out.write(
-        f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
-    )
-    return out.getvalue()
+    return _file(objects, b"%PDF-1.4\n")
 
 
 def cyclic_page_tree() -> bytes:
