@@ -23,6 +23,7 @@ from backend.attestation.onboarding import ONBOARDING
 from backend.settings import Settings
 from tests.support.attest import (
     MODELS,
+    REPORT_DATA_REFUSAL,
     base_url,
     claims_for,
     open_credentials,
@@ -74,12 +75,6 @@ async def fresh_nonce(http: ClientSession, url: str, token: str) -> str:
 def tdx_evidence(keys: WorkerKeys, nonce: str, raw: bytes) -> ev.Evidence:
     quote = base64.b64encode(raw).decode()
     return ev.Evidence(tee="tdx", claims=claims_for(keys, nonce), quote=quote)
-
-
-REPORT_DATA_REFUSAL = (
-    "the quote's report data does not equal SHA-512 of the claims: the quote was not taken for "
-    "these keys and this nonce"
-)
 
 
 async def test_a_v5_quote_gets_a_refusal_with_reasons_not_a_server_error(

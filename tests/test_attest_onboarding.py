@@ -25,6 +25,7 @@ from backend.users import get_or_create_user
 from tests.support.attest import (
     AT,
     MODEL,
+    REPORT_DATA_REFUSAL,
     attest,
     attested_dispatch,
     base_url,
@@ -102,10 +103,7 @@ async def test_refusals_each_with_a_reason(settings: Settings, admin: aioredis.R
     # a real TDX quote, verified at its collateral's time, whose report data is not our claims
     at_quote_time = service(settings, admin, clock=AT)
     reasons = await refused(attest(at_quote_time, token, keys, tee="tdx"))
-    assert reasons == [
-        "the quote's report data does not equal SHA-512 of the claims: the quote was not "
-        "taken for these keys and this nonce"
-    ]
+    assert reasons == [REPORT_DATA_REFUSAL]
     # the same quote now: the backend's collateral has expired, so it cannot decide (503, its
     # own fault, not a refusal of the worker)
     with pytest.raises(OnboardingError) as caught:

@@ -44,6 +44,7 @@ from tests.support.attest import (
     ENGINE_CONFIG,
     MODEL,
     QUOTE,
+    REPORT_DATA_REFUSAL,
     WEIGHTS,
     attested_dispatch,
     base_url,
@@ -226,12 +227,6 @@ async def refusal(onboarding: Onboarding, tee: str = "dev", **claims: object) ->
     return caught.value.reasons
 
 
-REPORT_DATA = (
-    "the quote's report data does not equal SHA-512 of the claims: the quote was not taken for "
-    "these keys and this nonce"
-)
-
-
 async def test_the_honest_worker_is_accepted_and_its_record_binds_what_it_runs(
     settings: Settings, admin: aioredis.Redis
 ) -> None:
@@ -245,7 +240,7 @@ async def test_the_honest_worker_is_accepted_and_its_record_binds_what_it_runs(
     # The same honest claims in a TDX quote (the real one, at its collateral's time): its
     # weights and engine configuration are allowed; only the report data (the quote was taken
     # for other claims) is refused.
-    assert await refusal(service(settings, admin, clock=AT), "tdx") == [REPORT_DATA]
+    assert await refusal(service(settings, admin, clock=AT), "tdx") == [REPORT_DATA_REFUSAL]
 
 
 async def test_weights_not_on_the_allow_list_are_refused(
@@ -290,7 +285,7 @@ async def test_an_engine_configuration_its_image_does_not_allow_is_refused(
     at_quote_time = service(settings, admin, clock=AT)
     slower = {"token_delay": 0.5}
     assert await refusal(at_quote_time, "tdx", engine_config=slower) == [
-        REPORT_DATA,
+        REPORT_DATA_REFUSAL,
         f"engine instant 1 with configuration sha256 {ev.config_sha256(slower)} is not "
         "allow-listed for image cocoon-worker 0.1.0; the nearest allowed one differs in: "
         "token_delay",

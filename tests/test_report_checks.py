@@ -49,10 +49,7 @@ async def test_the_quote_is_judged_against_the_clients_own_policy() -> None:
     )
     # The quote verifies and its image is allowed; only its report data gives it away.
     assert mine.image == "cocoon-worker 0.1.0"
-    assert mine.reasons == [
-        "the quote's report data does not equal SHA-512 of the claims: the quote was not taken "
-        "for these keys and this nonce"
-    ]
+    assert mine.reasons == [attest.REPORT_DATA_REFUSAL]
     other = attest.policy(attest.image(mr_td="00" * 48))
     [theirs] = await check_report(
         report, model=attest.MODEL, nonce=NONCE, policy=other, now=attest.AT

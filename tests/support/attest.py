@@ -44,6 +44,12 @@ WEIGHTS = hashlib.sha256(b"the weights of echo").hexdigest()  # what the workers
 ENGINE_CONFIG = {"token_delay": 0.0}  # the instant engine's attested configuration, by default
 MODELS = {MODEL: {"weights_sha256": [WEIGHTS]}}  # the policy's weights allow-list
 
+# The one refusal of the real quote when it is offered for other claims (it was taken for others).
+REPORT_DATA_REFUSAL = (
+    "the quote's report data does not equal SHA-512 of the claims: the quote was not taken for "
+    "these keys and this nonce"
+)
+
 MEASURED = {
     "mr_td": "91eb2b44d141d4ece09f0c75c2c53d247a3c68edd7fafe8a"
     "3520c942a604a407de03ae6dc5f87f27428b2538873118b7",
