@@ -142,6 +142,7 @@ const cases = {
       messages: [question],
       tools: [WEATHER],
       tool_choice: "required",
+      parallel_tool_calls: false, // one call: a reply may otherwise hold several
       max_tokens: 60,
       temperature: 0,
     });
