@@ -104,6 +104,11 @@ POLL_MAX_S = 0.05
 """The reader polls again after ``POLL_MIN_S`` when nothing was there, doubling the wait up to
 ``POLL_MAX_S`` while the stream stays quiet, and at once after an entry."""
 
+BELL_FALLBACK_S = 1.0
+"""A reader with a bell that is on looks again this often even when not rung (a ring lost while
+the bell reconnected); its first wait is only :data:`POLL_MAX_S` long (its subscription may not
+have been in place yet)."""
+
 READ_BATCH = 256
 """Entries one read asks for, at most."""
 
@@ -366,6 +371,7 @@ class StreamReader:
         poll_s = POLL_MIN_S
         bell = self.bell
         rung = await bell.watch(self.job_id) if bell is not None else None
+        unrung_s = POLL_MAX_S
         try:
             while not self.finished:
                 if rung is not None:
@@ -418,9 +424,10 @@ class StreamReader:
                         )
                 if ringing:
                     assert rung is not None
-                    # Woken by the next append; a ring missed costs one POLL_MAX_S at most.
+                    # Woken by the next append; a ring missed costs one unrung_s at most.
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(rung.wait(), POLL_MAX_S)
+                        await asyncio.wait_for(rung.wait(), unrung_s)
+                    unrung_s = BELL_FALLBACK_S
                     continue
                 await asyncio.sleep(poll_s)
                 poll_s = min(poll_s * 2, POLL_MAX_S)
