@@ -13,7 +13,7 @@ import json
 from collections.abc import Awaitable, Callable, Mapping
 
 from sqlalchemy import select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.db import Database, rowcount
@@ -77,6 +77,7 @@ class LedgerWriter:
     ) -> Receipt:
         validate_key(key)
         fingerprint = request_hash(kind, request)
+        dropped = False
         for attempt in range(3):
             try:
                 async with self.db.session() as session, session.begin():
@@ -120,6 +121,13 @@ class LedgerWriter:
                     ):
                         continue
                 raise
+            except DBAPIError as error:
+                # The connection died under the operation (a restart, a failover, a pooled
+                # connection gone stale: backend.db pings only idle ones). Once more, on a
+                # fresh one: it looks the key up first, so what did commit is replayed.
+                if dropped or not error.connection_invalidated:
+                    raise
+                dropped = True
         raise LedgerError(f"could not apply {key!r}: it kept conflicting")
 
     async def _replay(self, session: AsyncSession, tx: Transaction, fingerprint: str) -> Receipt:
