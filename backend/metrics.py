@@ -42,6 +42,7 @@ from sqlalchemy import func, select
 from backend import appkeys
 from backend.db import Database
 from backend.models import Account, Hold, HoldState, Payout, TonDeposit
+from backend.sites import start_site
 
 __all__ = [
     "OUTCOMES",
@@ -379,14 +380,7 @@ async def start_endpoint(app: web.Application, host: str, port: int) -> web.AppR
         return await render(app)
 
     endpoint.router.add_get("/metrics", get)
-    runner = web.AppRunner(endpoint, access_log=None)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port).start()
-    except BaseException:
-        await runner.cleanup()
-        raise
-    return runner
+    return await start_site(endpoint, host, port, access_log=None)
 
 
 _STATE = web.AppKey("metrics_state", StateCollector)

@@ -22,6 +22,7 @@ from backend.errors import CocoonError, ErrorCode
 from backend.ledger import Ledger
 from backend.openai_api import protocol as openai_protocol
 from backend.settings import Settings
+from backend.sites import start_site
 from bot import webhook as bot_webhook
 from workers.lifecycle import (
     REQUESTS_SHARE,
@@ -188,18 +189,13 @@ async def start_web(settings: Settings, host: str, port: int) -> web.AppRunner:
     # COCOON_HTTP_HEADER_TIMEOUT_S of its start (or of its last response): aiohttp's keep-alive
     # timer runs from the connection's start and is not put off by bytes trickling in, so a
     # slowloris client is cut off by it (tests/test_web_ops.py).
-    runner = web.AppRunner(
+    return await start_site(
         create_app(settings),
+        host,
+        port,
         shutdown_timeout=settings.stop_grace_s * REQUESTS_SHARE / 2,
         keepalive_timeout=settings.http_header_timeout_s,
     )
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port).start()
-    except BaseException:
-        await runner.cleanup()
-        raise
-    return runner
 
 
 async def stop_web(runner: web.AppRunner, shutdown: Shutdown) -> None:

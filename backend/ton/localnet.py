@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from backend.sites import start_site
 from backend.ton.comment import raw_address
 from backend.ton.localnet_chain import BOUNCE_FEE, LocalHighload, LocalWallet, hash_key
 from backend.ton.localnet_jettons import jetton_notification
@@ -234,10 +235,9 @@ class LocalTonCenterServer:
         self._runner: web.AppRunner | None = None
 
     async def __aenter__(self) -> str:
-        self._runner = web.AppRunner(self.net.create_app(), access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
+        self._runner = await start_site(
+            self.net.create_app(), self.host, self.port, access_log=None
+        )
         port = self._runner.addresses[0][1]  # the one site's (host, port, ...)
         return f"http://{self.host}:{port}"
 
