@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 from aiogram import Router
 from aiogram.dispatcher.event.bases import NextMiddlewareType
-from aiogram.types import InlineKeyboardButton, InlineKeyboardMarkup, TelegramObject
+from aiogram.types import InlineKeyboardButton, InlineKeyboardMarkup, Message, TelegramObject
 
 from backend.models import User
 from backend.money import format_gram
@@ -48,11 +48,13 @@ def price_pair(price: ModelPrice) -> tuple[str, str]:
 class Handlers:
     """One feature's handlers, put on a fresh aiogram ``Router`` by :meth:`router` (a router
     can belong to one dispatcher only, and tests build many). Decorate like a router:
-    ``@handlers.message(Command("new"))``; the order of registration is kept."""
+    ``@handlers.message(Command("new"))``; the order of registration is kept, then ``parts``
+    (features of their own module served on this one's router), each in its order."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *parts: Handlers) -> None:
         self.name = name
         self._items: list[tuple[str, Callable[..., Any], tuple[Any, ...]]] = []
+        self._parts = parts  # their handlers go on this router after its own
 
     def _on(self, event: str, filters: tuple[Any, ...]) -> Callable[[F], F]:
         def register(handler: F) -> F:
@@ -83,8 +85,9 @@ class Handlers:
         for event in ("message", "callback_query"):
             for flt in filters:
                 router.observers[event].filter(flt)
-        for event, handler, flts in self._items:
-            router.observers[event].register(handler, *flts)
+        for part in (self, *self._parts):
+            for event, handler, flts in part._items:
+                router.observers[event].register(handler, *flts)
         return router
 
 
@@ -98,6 +101,14 @@ STATE_NAMES = {
     "offline": N_("offline"),
     "revoked": N_("revoked"),
 }
+
+
+async def require_provider(message: Message, user: User) -> bool:
+    """True for a provider; anyone else is told how to become one."""
+    if not user.is_provider:
+        await message.answer(_("This is for providers. Become one with /provider."))
+        return False
+    return True
 
 
 def state_name(state: str) -> str:
