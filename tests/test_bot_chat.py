@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import itertools
 import re
 import time
@@ -268,6 +269,19 @@ async def test_a_user_who_blocked_the_bot_leaves_no_hold_behind(chat: Harness) -
     assert await chat.app.services.redis.get(chat.app.services.running.key(USER)) is None
 
 
+async def ask_in_topic(chat: Harness, user: int, text: str, topic: int) -> None:
+    """``user`` writes ``text`` in forum topic ``topic`` of the group."""
+    update = message_update(
+        user,
+        text,
+        chat_id=GROUP,
+        chat_type="supergroup",
+        message_thread_id=topic,
+        is_topic_message=True,
+    )
+    await feed(chat.app.dp, chat.app.bot, update)
+
+
 async def test_in_forum_topics_each_asker_has_a_context_and_new_and_retry_are_theirs(
     chat: Harness,
 ) -> None:
@@ -277,16 +291,7 @@ async def test_in_forum_topics_each_asker_has_a_context_and_new_and_retry_are_th
     await funded_user(chat.ledger, bob)
     contexts: ContextStore = chat.app.services.contexts
 
-    async def ask(user: int, text: str, topic: int) -> None:
-        update = message_update(
-            user,
-            text,
-            chat_id=GROUP,
-            chat_type="supergroup",
-            message_thread_id=topic,
-            is_topic_message=True,
-        )
-        await feed(chat.app.dp, chat.app.bot, update)
+    ask = functools.partial(ask_in_topic, chat)
 
     await ask(USER, "/ask Name a color.", 1)
     await ask(USER, "/ask Name a fruit.", 2)
@@ -326,16 +331,7 @@ async def test_where_a_topic_shares_one_context_new_and_retry_stay_the_callers(
         await funded_user(chat.ledger, bob)
         contexts: ContextStore = chat.app.services.contexts
 
-        async def ask(user: int, text: str, topic: int) -> None:
-            update = message_update(
-                user,
-                text,
-                chat_id=GROUP,
-                chat_type="supergroup",
-                message_thread_id=topic,
-                is_topic_message=True,
-            )
-            await feed(chat.app.dp, chat.app.bot, update)
+        ask = functools.partial(ask_in_topic, chat)
 
         async def asked(topic: int) -> list[tuple[str, str]]:
             loaded = await contexts.load(f"{GROUP}:{topic}")
