@@ -7,9 +7,6 @@ group; nothing the bot sends is what Telegram would refuse."""
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +16,12 @@ import pytest
 
 from tests.support.env import require_module
 from tests.support.fake_telegram import BOT_USER, FakeTelegram
-from tests.support.ops import cocoon_up_with_bot, start_cocoon_up, wait_cocoon_up_ready
+from tests.support.ops import (
+    cocoon_up_with_bot,
+    start_cocoon_up,
+    stop_cocoon_up,
+    wait_cocoon_up_ready,
+)
 
 require_module("llama_cpp")
 
@@ -110,11 +112,5 @@ async def test_a_mention_in_a_forum_topic_is_answered_there_and_money_stays_priv
             assert "GRAM" not in str(told["text"])  # no balance in the group
         assert not telegram.refused, telegram.refused
     finally:
-        if up.poll() is None:
-            os.killpg(up.pid, signal.SIGINT)
-            try:
-                up.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(up.pid, signal.SIGKILL)
-                up.wait()
+        stop_cocoon_up(up)
         await telegram.stop()

@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import sqlite3
-import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -25,7 +22,12 @@ import redis.asyncio as aioredis
 
 from tests.support.env import require_module
 from tests.support.fake_telegram import FakeTelegram
-from tests.support.ops import cocoon_up_with_bot, start_cocoon_up, wait_cocoon_up_ready
+from tests.support.ops import (
+    cocoon_up_with_bot,
+    start_cocoon_up,
+    stop_cocoon_up,
+    wait_cocoon_up_ready,
+)
 
 require_module("llama_cpp")
 
@@ -141,13 +143,7 @@ async def test_canary_never_reaches_rest(tmp_path: Path) -> None:
         assert len(dump) > 1000  # the dump did see the stack's keys
         assert canary.encode() not in dump, "the canary is in Redis"
     finally:
-        if up.poll() is None:
-            os.killpg(up.pid, signal.SIGINT)
-            try:
-                up.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(up.pid, signal.SIGKILL)
-                up.wait()
+        stop_cocoon_up(up)
         await telegram.stop()
 
     at_rest = {

@@ -102,6 +102,19 @@ def start_cocoon_up(env: dict[str, str], cwd: Path, log: Path) -> subprocess.Pop
         )
 
 
+def stop_cocoon_up(up: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
+    """Stop ``cocoon up`` and all it started (SIGINT to its process group); SIGKILL the group
+    when it is not gone within ``timeout_s``."""
+    if up.poll() is not None:
+        return
+    os.killpg(up.pid, signal.SIGINT)
+    try:
+        up.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(up.pid, signal.SIGKILL)
+        up.wait()
+
+
 def _text(path: Path) -> str:
     return path.read_text(errors="replace")
 
