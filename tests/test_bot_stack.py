@@ -18,6 +18,7 @@ from tests.support.env import require_module
 from tests.support.fake_telegram import BOT_USER, FakeTelegram
 from tests.support.ops import (
     cocoon_up_with_bot,
+    deliver_to_webhook,
     start_cocoon_up,
     stop_cocoon_up,
     wait_cocoon_up_ready,
@@ -83,13 +84,7 @@ async def test_a_mention_in_a_forum_topic_is_answered_there_and_money_stays_priv
         async with aiohttp.ClientSession() as http:
 
             async def deliver(update: dict[str, Any]) -> None:
-                telegram.saw(update)  # Telegram delivered it: the bot may reply to it
-                async with http.post(
-                    f"{base}/telegram/webhook",
-                    headers={"X-Telegram-Bot-Api-Secret-Token": WEBHOOK_SECRET},
-                    json=update,
-                ) as reply:
-                    assert reply.status == 200, await reply.text()
+                await deliver_to_webhook(http, base, WEBHOOK_SECRET, telegram, update)
 
             entity = {"type": "mention", "offset": 0, "length": len(mention)}
             await deliver(group_message(11, f"{mention} what is 2+2?", entities=[entity]))

@@ -24,6 +24,7 @@ from tests.support.env import require_module
 from tests.support.fake_telegram import FakeTelegram
 from tests.support.ops import (
     cocoon_up_with_bot,
+    deliver_to_webhook,
     start_cocoon_up,
     stop_cocoon_up,
     wait_cocoon_up_ready,
@@ -122,13 +123,7 @@ async def test_canary_never_reaches_rest(tmp_path: Path) -> None:
                     "text": f"Echo {canary} now",
                 },
             }
-            telegram.saw(update)  # Telegram delivered it: the bot may reply to it
-            async with http.post(
-                f"{base}/telegram/webhook",
-                headers={"X-Telegram-Bot-Api-Secret-Token": WEBHOOK_SECRET},
-                json=update,
-            ) as reply:
-                assert reply.status == 200, await reply.text()
+            await deliver_to_webhook(http, base, WEBHOOK_SECRET, telegram, update)
 
         deadline = time.monotonic() + 120
         while _turns(data / "cocoon.db") < 3:

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import redis
@@ -28,6 +29,7 @@ from backend.ledger import Ledger
 from backend.settings import DEFAULT_MODEL, AttestationSettings, Settings
 from backend.users import get_or_create_user
 from backend.web import create_app
+from tests.support.fake_telegram import FakeTelegram
 from workers import registry
 
 TON = 1_000_000_000
@@ -113,6 +115,20 @@ def stop_cocoon_up(up: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(up.pid, signal.SIGKILL)
         up.wait()
+
+
+async def deliver_to_webhook(
+    http: aiohttp.ClientSession, base: str, secret: str, telegram: FakeTelegram, update: Any
+) -> None:
+    """``update`` delivered to the bot's webhook under ``base`` as Telegram delivers it (with
+    the webhook's ``secret``); ``telegram`` is told first, so the bot may reply to it."""
+    telegram.saw(update)
+    async with http.post(
+        f"{base}/telegram/webhook",
+        headers={"X-Telegram-Bot-Api-Secret-Token": secret},
+        json=update,
+    ) as reply:
+        assert reply.status == 200, await reply.text()
 
 
 def _text(path: Path) -> str:
