@@ -29,10 +29,10 @@ from backend.ton.comment import friendly_address
 from backend.ton.proof import linked_wallet
 from bot.common import Handlers, require_provider, state_name, ton
 from bot.errors import amount_text, code_text, error_text
-from bot.handlers.wallet import link_keyboard, wallet_error_text, wallet_keyboard
+from bot.handlers.wallet import offer_wallets, open_wallet
 from bot.i18n import _, ngettext
 from bot.outbox import PAYOUT_MESSAGE_TTL_S, payout_message_key
-from bot.tonconnect import ChatWallets, WalletError
+from bot.tonconnect import ChatWallets
 
 handlers = Handlers("earnings")
 
@@ -214,16 +214,7 @@ async def on_withdraw_confirm(
 
 @handlers.callback_query(F.data == "tcw:p")
 async def on_payout_wallets(query: CallbackQuery, wallets: ChatWallets) -> None:
-    if not wallets.available(topup=False):
-        await query.answer(_("TON Connect is not available here: use /topup."), show_alert=True)
-        return
-    await query.answer()
-    keyboard = await wallet_keyboard(wallets, "tcw:p")
-    if query.message is not None:
-        if keyboard is None:
-            await query.message.answer(_("TON Connect is not available here: use /topup."))
-            return
-        await query.message.answer(_("Which wallet do you use?"), reply_markup=keyboard)
+    await offer_wallets(query, wallets, "tcw:p", topup=False)
 
 
 @handlers.callback_query(F.data.startswith("tcw:p:"))
@@ -233,16 +224,12 @@ async def on_payout_wallet(
     key = (query.data or "").split(":", 2)[2]
     await query.answer()  # the bridge may take a while: no spinner meanwhile
     chat_id = query.message.chat.id if query.message else query.from_user.id
-    try:
-        name, url = await wallets.link_payout(bot, chat_id, user.id, key, lang)
-    except WalletError as error:
-        await bot.send_message(chat_id, wallet_error_text(error))
-        return
-    await bot.send_message(
+    await open_wallet(
+        bot,
         chat_id,
+        wallets.link_payout(bot, chat_id, user.id, key, lang),
         _(
             "Open your wallet and approve the connection: it signs a proof that the wallet "
             "is yours."
         ),
-        reply_markup=link_keyboard(url, name),
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import logging
+from collections.abc import Awaitable
 from urllib.parse import urlencode
 
 from aiogram import Bot, F
@@ -297,6 +298,36 @@ def link_keyboard(url: str, name: str) -> InlineKeyboardMarkup:
     )
 
 
+async def offer_wallets(
+    query: CallbackQuery, wallets: ChatWallets, prefix: str, *, topup: bool
+) -> None:
+    """Answer ``query`` with the wallets to choose from (buttons ``<prefix>:<wallet id>``), or
+    say TON Connect is not available here (for a top-up when ``topup``, else for a link)."""
+    if not wallets.available(topup=topup):
+        await query.answer(_("TON Connect is not available here: use /topup."), show_alert=True)
+        return
+    await query.answer()
+    keyboard = await wallet_keyboard(wallets, prefix)
+    if query.message is not None:
+        if keyboard is None:
+            await query.message.answer(_("TON Connect is not available here: use /topup."))
+            return
+        await query.message.answer(_("Which wallet do you use?"), reply_markup=keyboard)
+
+
+async def open_wallet(
+    bot: Bot, chat_id: int, connecting: Awaitable[tuple[str, str]], text: str
+) -> None:
+    """Send ``text`` with the button that opens the wallet ``connecting`` names and links
+    (``(name, url)``), or what went wrong when the wallet cannot be reached."""
+    try:
+        name, url = await connecting
+    except WalletError as error:
+        await bot.send_message(chat_id, wallet_error_text(error))
+        return
+    await bot.send_message(chat_id, text, reply_markup=link_keyboard(url, name))
+
+
 def wallet_error_text(error: WalletError) -> str:
     if error.code == "unreachable":
         return _(
@@ -342,16 +373,7 @@ async def on_ton_amount(query: CallbackQuery, wallets: ChatWallets) -> None:
     if not amount:
         await query.answer(_("This amount is not available."), show_alert=True)
         return
-    if not wallets.available(topup=True):
-        await query.answer(_("TON Connect is not available here: use /topup."), show_alert=True)
-        return
-    await query.answer()
-    keyboard = await wallet_keyboard(wallets, f"tcw:t:{amount}")
-    if query.message is not None:
-        if keyboard is None:
-            await query.message.answer(_("TON Connect is not available here: use /topup."))
-            return
-        await query.message.answer(_("Which wallet do you use?"), reply_markup=keyboard)
+    await offer_wallets(query, wallets, f"tcw:t:{amount}", topup=True)
 
 
 @handlers.callback_query(F.data.startswith("tcw:t:"))
@@ -365,17 +387,13 @@ async def on_topup_wallet(
         return
     await query.answer()  # the bridge may take a while: no spinner meanwhile
     chat_id = query.message.chat.id if query.message else query.from_user.id
-    try:
-        name, url = await wallets.topup(bot, chat_id, user.id, user.deposit_memo, amount, key, lang)
-    except WalletError as error:
-        await bot.send_message(chat_id, wallet_error_text(error))
-        return
-    await bot.send_message(
+    await open_wallet(
+        bot,
         chat_id,
+        wallets.topup(bot, chat_id, user.id, user.deposit_memo, amount, key, lang),
         _(
             "Open your wallet and approve the connection; then confirm the transfer of {amount}."
         ).format(amount=ton(amount)),
-        reply_markup=link_keyboard(url, name),
     )
 
 
