@@ -197,14 +197,22 @@ class TurnSettlement:
         self,
         billed: Bill,
         finish_reason: str,
-        cost: int,
+        cost: int | None = None,
         *,
         outcome: str,
-        receipt: ReceiptRecord | None,
+        receipt: ReceiptRecord | None = None,
     ) -> tuple[int, bool]:
-        """Close the turn: the user pays ``cost`` for ``billed`` out of the hold (at most the
-        hold), the rest goes back, and the receipt is kept in the same ledger transaction.
-        Returns the nanoTON charged, and whether the settlement kept the receipt."""
+        """Close the turn: the user pays ``cost`` (by default, ``billed`` at the turn's price)
+        out of the hold (at most the hold), the rest goes back, and the receipt is kept in the
+        same ledger transaction. Returns the nanoTON charged, and whether the settlement kept
+        the receipt."""
+        if cost is None:
+            cost = turn_cost(
+                self.price,
+                prompt_tokens=billed.prompt_tokens,
+                cached_prompt_tokens=billed.cached_prompt_tokens,
+                completion_tokens=billed.completion_tokens,
+            )
         charged = min(cost, self.held)
         kept = False
         if self.held:
