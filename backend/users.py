@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import secrets
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.exc import IntegrityError
 
-from backend.db import Database
+from backend.db import Database, rowcount
 from backend.ledger import USER_SIDE_KINDS
 from backend.models import Account, User
 
@@ -29,8 +30,23 @@ def validate_telegram_id(telegram_id: object) -> int:
     return telegram_id
 
 
+async def update_user(
+    db: Database, user_id: int, *only_if: ColumnElement[bool], **values: Any
+) -> bool:
+    """Set ``values`` on user ``user_id`` where ``only_if`` holds too; False when it did not
+    (or there is no such user)."""
+    async with db.session() as session, session.begin():
+        result = await session.execute(
+            update(User)
+            .where(User.id == user_id, *only_if)
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+    return bool(rowcount(result))
+
+
 async def get_user(db: Database, telegram_id: int) -> User | None:
-    async with db.session() as session:
+    async with db.read_session() as session:
         return await session.scalar(select(User).where(User.telegram_id == telegram_id))
 
 

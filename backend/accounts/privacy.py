@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from sqlalchemy import delete, func, select, update
 
-from backend.db import Database, rowcount
+from backend.db import Database
 from backend.models import (
     Account,
     AccountKind,
@@ -16,6 +16,7 @@ from backend.models import (
     TurnRecord,
     User,
 )
+from backend.users import update_user
 
 __all__ = ["follow_language", "forget_user", "set_language", "set_model", "set_referrer"]
 
@@ -63,45 +64,21 @@ async def forget_user(db: Database, user_id: int) -> None:
 
 async def set_language(db: Database, user_id: int, language: str) -> None:
     """The language the user chose (/lang): kept until they choose again."""
-    async with db.session() as session, session.begin():
-        await session.execute(
-            update(User)
-            .where(User.id == user_id)
-            .values(language_code=language[:16], language_chosen=True)
-            .execution_options(synchronize_session=False)
-        )
+    await update_user(db, user_id, language_code=language[:16], language_chosen=True)
 
 
 async def follow_language(db: Database, user_id: int, language: str) -> bool:
     """The Telegram app's language, for a user who never chose one (their notifications then
     speak it too); False when they chose one."""
-    async with db.session() as session, session.begin():
-        result = await session.execute(
-            update(User)
-            .where(User.id == user_id, User.language_chosen.is_(False))
-            .values(language_code=language[:16])
-            .execution_options(synchronize_session=False)
-        )
-    return bool(rowcount(result))
+    return await update_user(
+        db, user_id, User.language_chosen.is_(False), language_code=language[:16]
+    )
 
 
 async def set_model(db: Database, user_id: int, model: str) -> None:
-    async with db.session() as session, session.begin():
-        await session.execute(
-            update(User)
-            .where(User.id == user_id)
-            .values(model=model[:100])
-            .execution_options(synchronize_session=False)
-        )
+    await update_user(db, user_id, model=model[:100])
 
 
 async def set_referrer(db: Database, user_id: int, referrer: str) -> bool:
     """Keep the first deep-link parameter a user arrived with; later ones are ignored."""
-    async with db.session() as session, session.begin():
-        done = await session.execute(
-            update(User)
-            .where(User.id == user_id, User.referrer.is_(None))
-            .values(referrer=referrer[:64])
-            .execution_options(synchronize_session=False)
-        )
-    return bool(rowcount(done))
+    return await update_user(db, user_id, User.referrer.is_(None), referrer=referrer[:64])

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from redis.asyncio import Redis as AsyncRedis
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 
 from backend.accounts.economics import count_online
 from backend.accounts.errors import AccountError
@@ -22,7 +22,6 @@ from backend.models import (
     Payout,
     PayoutState,
     TurnRecord,
-    User,
     WorkerRecord,
     WorkerState,
 )
@@ -34,6 +33,7 @@ from backend.notifications import (
     notify,
 )
 from backend.settings import Settings
+from backend.users import update_user
 
 __all__ = [
     "HEARTBEAT_GRACE_S",
@@ -50,13 +50,7 @@ __all__ = [
 
 
 async def become_provider(db: Database, user_id: int) -> None:
-    async with db.session() as session, session.begin():
-        await session.execute(
-            update(User)
-            .where(User.id == user_id)
-            .values(is_provider=True)
-            .execution_options(synchronize_session=False)
-        )
+    await update_user(db, user_id, is_provider=True)
 
 
 async def record_worker(
