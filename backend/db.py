@@ -2,7 +2,9 @@
 
 SQLite runs every transaction as ``BEGIN IMMEDIATE``: a writer takes the write lock up front,
 so concurrent read-then-write transactions queue behind one another instead of failing with
-"database is locked" halfway. PostgreSQL runs at READ COMMITTED; the ledger's balance updates
+"database is locked" halfway. A :meth:`Database.read_session` only reads: its transactions
+begin deferred and never take the write lock (WAL readers never wait for a writer).
+PostgreSQL runs at READ COMMITTED; the ledger's balance updates
 are single conditional ``UPDATE`` statements, so they need nothing stronger.
 
 A PostgreSQL connection is pinged on its way out of the pool only when it sat there idle for
@@ -35,6 +37,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 from backend.settings import Settings
 
 SQLITE_BUSY_TIMEOUT_S = 60
+READ_ONLY = "cocoon_read_only"  # the execution option of a read session's connections
 PING_AFTER_IDLE_S = 1.0
 
 
@@ -71,7 +74,9 @@ def create_engine(
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # A read never upgrades to a write, so it cannot deadlock and needs no lock up front.
+        deferred = conn.get_execution_options().get(READ_ONLY, False)
+        conn.exec_driver_sql("BEGIN" if deferred else "BEGIN IMMEDIATE")
 
     return engine
 
@@ -115,6 +120,9 @@ class Database:
         self.url = url
         self.engine = create_engine(url, **engine_kwargs)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        self.read_sessions = async_sessionmaker(
+            self.engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False
+        )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Database:
@@ -126,6 +134,11 @@ class Database:
 
     def session(self) -> AsyncSession:
         return self.sessions()
+
+    def read_session(self) -> AsyncSession:
+        """A session that only reads: on SQLite it never waits for, nor holds, the write lock
+        (a write in it would fail with "database is locked" under load: don't)."""
+        return self.read_sessions()
 
     async def upgrade(self) -> None:
         """Bring the schema to the newest migration (Alembic ``upgrade head``)."""

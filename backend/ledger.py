@@ -91,7 +91,7 @@ class Ledger(LedgerWriter):
     # ------------------------------------------------------------------ reads
 
     async def balances(self, user_id: int) -> Balances:
-        async with self.db.session() as session:
+        async with self.db.read_session() as session:
             rows = await session.execute(
                 select(Account.kind, Account.balance).where(
                     Account.owner_id == user_id, Account.kind.in_(USER_SIDE_KINDS)

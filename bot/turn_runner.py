@@ -12,6 +12,7 @@ import uuid
 from dataclasses import dataclass
 
 from aiogram import Bot
+from aiogram.exceptions import TelegramForbiddenError
 from aiogram.types import Message
 from redis.exceptions import RedisError
 
@@ -31,6 +32,7 @@ from bot.groups import Place
 from bot.i18n import _, ngettext
 from bot.services import RunningTurns
 from bot.streaming import ReplyStream
+from bot.telegram import mark_told
 from workers.logcontext import bind
 from workers.wire import MAX_IMAGES, ChatMessage, ImagePart, ImageUrl
 
@@ -307,15 +309,18 @@ class TurnRunner:
                             await stream.update(text)
                         elif isinstance(event, TurnDone):
                             done = event
+                assert done is not None
+                reply = text.strip()
+                shown_footer = footer(done) + (" · " + note if note else "")
+                await stream.finish(
+                    reply or _("(no answer)"), shown_footer, answer_keyboard() if reply else None
+                )
             except TurnError as error:
                 await stream.fail(turn_error_text(error, model, images))
                 return
-            assert done is not None
-            reply = text.strip()
-            shown_footer = footer(done) + (" · " + note if note else "")
-            await stream.finish(
-                reply or _("(no answer)"), shown_footer, answer_keyboard() if reply else None
-            )
+            except Exception as error:
+                await _tell_undelivered(bot, place, done, error)
+                raise
             exchange = [history[-1]]
             if reply:
                 exchange.append({"role": "assistant", "content": reply, **asker})
@@ -331,6 +336,29 @@ class TurnRunner:
             await contexts.save(context_scope, conversation)
         finally:
             await running.release(scope)
+
+
+async def _tell_undelivered(
+    bot: Bot, place: Place, done: TurnDone | None, error: Exception
+) -> None:
+    """Telegram refused the answer (or a piece of it) after the turn began: tell the asker
+    what it cost them, then the dispatcher's last resort logs ``error`` (and says no more)."""
+    if isinstance(error, TelegramForbiddenError):
+        return  # blocked: nobody to tell
+    text = (
+        _(
+            "Telegram stopped taking this answer, so it was cut off. You pay only for what the "
+            "worker wrote until then."
+        )
+        if done is None
+        else _(
+            "Your answer was written but Telegram would not take it, so you did not see "
+            "it. It cost {cost}."
+        ).format(cost=ton(done.cost))
+    )
+    with contextlib.suppress(Exception):  # Telegram still failing: the log keeps it
+        await bot.send_message(place.chat_id, text, parse_mode=None, **place.send_options())
+    mark_told(error)
 
 
 async def _drain(turn: Turn) -> None:
