@@ -9,6 +9,15 @@ request.
 The final usage chunk is required (it is what the user pays for): a stream that ends without
 one raises EngineError rather than guessing.
 
+Tools go to the server natively (``tools``, ``tool_choice``, ``parallel_tool_calls`` and the
+tool conversation, as OpenAI's API takes them): its chat template renders them and its tool
+parser reads the calls out of the reply (vLLM: ``--enable-auto-tool-choice
+--tool-call-parser hermes``). The streamed ``tool_calls`` come back as the wire's call pieces,
+each call whole once the server has finished it, checked and bounded as the other engines' calls
+are (:class:`workers.engines.tools.ToolCallParser`: offered functions only, arguments a JSON
+object within the bound, at most one call without ``parallel_tool_calls``); Hermes
+``<tool_call>`` blocks in the text (a server without a tool parser) are read as calls too.
+
 Pointed anywhere but a loopback address, this engine sends every decrypted prompt off the
 machine (:func:`workers.evidence.off_machine_reason`): the node then runs only with the
 development TEE, and the backend refuses it from attested workers. Redirects are never
@@ -17,6 +26,7 @@ followed, so a loopback server cannot pass a prompt on to another host.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
@@ -37,6 +47,14 @@ from workers.engines.base import (
     Usage,
     openai_messages,
 )
+from workers.engines.tools import (
+    CLOSE,
+    MAX_CALL_CHARS,
+    OPEN,
+    template_tools,
+    with_tool_calls,
+)
+from workers.wire_tools import MAX_TOOLS
 
 
 def _aiohttp_version() -> str:
@@ -62,6 +80,7 @@ class OpenAICompatEngine(Engine):
 
     name = "openai"
     reads_images = True  # passed on as content parts; the server's model decides
+    calls_tools = True  # passed on natively; the server's template and tool parser decide
 
     def __init__(
         self,
@@ -164,7 +183,7 @@ class OpenAICompatEngine(Engine):
     def _payload(self, request: GenerationRequest) -> dict[str, Any]:
         payload: dict[str, Any] = {
             "model": self.served_model,
-            "messages": openai_messages(request.messages),
+            "messages": _upstream_messages(request.messages),
             "max_tokens": request.max_tokens,
             "temperature": request.temperature,
             "top_p": request.top_p,
@@ -184,6 +203,14 @@ class OpenAICompatEngine(Engine):
             payload["add_generation_prompt"] = False
         if request.logit_bias:
             payload["logit_bias"] = {str(token): bias for token, bias in request.logit_bias}
+        if request.tools:
+            payload["tools"] = template_tools(request)
+            payload["tool_choice"] = (
+                {"type": "function", "function": {"name": request.tool_name}}
+                if request.tool_name is not None
+                else request.tool_choice
+            )
+            payload["parallel_tool_calls"] = request.parallel_tool_calls
         if request.json_mode == "json_object":
             payload["response_format"] = {"type": "json_object"}
         elif request.json_schema is not None:
@@ -195,6 +222,25 @@ class OpenAICompatEngine(Engine):
         return payload
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[TextDelta | Usage]:
+        if not request.tools:
+            async with aclosing(self._generate(request, None)) as items:
+                async for item in items:
+                    yield item
+            return
+        # The server forces a required call itself: its calls come back as Hermes blocks in
+        # the text, read out as in free text, of the function it was to call only.
+        allowed = tuple(t for t in request.tools if request.tool_name in (None, t["name"]))
+        reading = dataclasses.replace(request, tools=allowed, tool_choice="auto", tool_name=None)
+        replies = with_tool_calls(reading, self._generate(request, _NativeCalls()))
+        async with aclosing(replies) as items:  # type: ignore[type-var]
+            async for item in items:
+                yield item
+
+    async def _generate(
+        self, request: GenerationRequest, calls: _NativeCalls | None
+    ) -> AsyncGenerator[TextDelta | Usage, None]:
+        """The server's reply as text; with ``calls``, each of its finished tool calls as the
+        text of a Hermes block, in the reply's order (read out by ``generate``'s parser)."""
         if self._session is None:
             raise EngineError("the openai engine is not started (await engine.start() first)")
         if request.logprobs is not None:  # not asked of its server yet
@@ -209,14 +255,23 @@ class OpenAICompatEngine(Engine):
                 if request.stop_requested():
                     break  # closing the response makes the server stop
                 for choice in chunk.get("choices") or ():
-                    text = (choice.get("delta") or {}).get("content")
-                    if text:
+                    delta = choice.get("delta") or {}
+                    text = delta.get("content")
+                    if text and isinstance(text, str):
                         pieces += 1
+                        if calls is not None and (finished := calls.finish()):
+                            yield TextDelta(finished)
                         yield TextDelta(text)
+                    if calls is not None and delta.get("tool_calls"):
+                        pieces += 1
+                        if finished := calls.add(delta["tool_calls"]):
+                            yield TextDelta(finished)
                     if choice.get("finish_reason"):
                         finish_reason = choice["finish_reason"]
                 if chunk.get("usage"):
                     usage = chunk["usage"]
+        if calls is not None and (finished := calls.finish()):
+            yield TextDelta(finished)
         if usage is None and request.stop_requested():
             # The server reports no usage for a request cut short: count the pieces received
             # (one token each, near enough) and nothing for the prompt: never more than used.
@@ -268,6 +323,81 @@ class OpenAICompatEngine(Engine):
             ) from error
         except json.JSONDecodeError as error:
             raise EngineError(f"the server sent a malformed stream chunk: {error}") from error
+
+
+def _upstream_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages as OpenAI's chat API takes them, with the tool conversation: an assistant's
+    ``tool_calls`` (arguments as JSON text) and a tool message's ``tool_call_id``."""
+    out = openai_messages(messages)
+    for message, item in zip(messages, out, strict=True):
+        if message.get("tool_calls"):
+            item["tool_calls"] = [
+                {
+                    "id": call["id"],
+                    "type": "function",
+                    "function": {"name": call["name"], "arguments": call["arguments"]},
+                }
+                for call in message["tool_calls"]
+            ]
+        if message.get("tool_call_id"):
+            item["tool_call_id"] = message["tool_call_id"]
+    return out
+
+
+class _NativeCalls:
+    """The server's streamed ``tool_calls`` put together, each call by its ``index``, and given
+    back, once finished (a later call begins, or text follows, or the reply ends), as the text
+    of a Hermes block. Bounded: at most :data:`MAX_TOOLS` calls kept, a call's text at most
+    :data:`MAX_CALL_CHARS` (a longer one is dropped), so a server cannot make the node hold
+    more. The name is the first one given (some servers repeat it in every piece)."""
+
+    def __init__(self) -> None:
+        self._open: dict[int, tuple[str | None, list[str], int]] = {}
+        self._seen = 0
+        self._last: int | None = None
+
+    def add(self, deltas: Any) -> str:
+        """Take a delta's ``tool_calls`` in; the blocks of the calls they finish."""
+        finished: list[str] = []
+        for delta in deltas if isinstance(deltas, list) else ():
+            index = delta.get("index") if isinstance(delta, dict) else None
+            if not isinstance(index, int) or isinstance(index, bool):
+                continue
+            if index != self._last:  # a call begins: the ones before it are finished
+                finished.append(self.finish())
+                if self._seen >= MAX_TOOLS:
+                    continue
+                self._open[index] = (None, [], 0)
+                self._last, self._seen = index, self._seen + 1
+            name, arguments, size = self._open[index]
+            function = delta.get("function")
+            if not isinstance(function, dict):
+                continue
+            if name is None and isinstance(function.get("name"), str) and function["name"]:
+                name = function["name"]
+            fragment = function.get("arguments")
+            if isinstance(fragment, str) and fragment and size <= MAX_CALL_CHARS:
+                size += len(fragment)
+                arguments.append(fragment[: MAX_CALL_CHARS + 1])
+            self._open[index] = (name, arguments, size)
+        return "".join(finished)
+
+    def finish(self) -> str:
+        """The blocks of the calls not given back yet."""
+        blocks: list[str] = []
+        for name, arguments, size in self._open.values():
+            if name is None or size > MAX_CALL_CHARS:
+                continue  # a call without a name, or past the bound: not a call
+            text = "".join(arguments) or "{}"
+            try:
+                value: Any = json.loads(text)
+            except ValueError:
+                value = text  # given back as text by the parser, as a malformed block is
+            body = json.dumps({"name": name, "arguments": value}, ensure_ascii=False)
+            blocks.append(f"{OPEN}\n{body}\n{CLOSE}")
+        self._open.clear()
+        self._last = None
+        return "".join(blocks)
 
 
 def _finish_reason(reason: str | None) -> FinishReason:
