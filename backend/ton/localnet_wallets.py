@@ -54,12 +54,8 @@ class LocalWallets(LocalJettons):
             raise ValueError("message expired")
         if parsed.seqno != wallet.seqno:
             raise ValueError(f"seqno {parsed.seqno} does not match the wallet's {wallet.seqno}")
-        answer = {
-            "message_hash": b64(Cell.one_from_boc(base64.b64decode(boc)).hash),
-            "message_hash_norm": b64(bytes.fromhex(parsed.msg_hash)),
-        }
-        if self.drop_messages > 0:
-            self.drop_messages -= 1
+        answer = _hashes(boc, parsed.msg_hash)
+        if self._lost():
             return answer  # lost on its way: never executes
         wallet.seqno += 1
         lt = next(self._lt)
@@ -114,12 +110,8 @@ class LocalWallets(LocalJettons):
             raise ValueError("exit code 9: bit number past the bitmap")
         if bit in old_queries.get(shift, set()) or bit in queries.get(shift, set()):
             raise ValueError("exit code 36: already executed")
-        answer = {
-            "message_hash": b64(Cell.one_from_boc(base64.b64decode(boc)).hash),
-            "message_hash_norm": b64(bytes.fromhex(parsed.msg_hash)),
-        }
-        if self.drop_messages > 0:
-            self.drop_messages -= 1
+        answer = _hashes(boc, parsed.msg_hash)
+        if self._lost():
             return answer  # lost on its way: never executes
         # accept_message(); the data is set and committed
         self.statuses[parsed.wallet] = "active"
@@ -146,6 +138,14 @@ class LocalWallets(LocalJettons):
         if follow is not None:
             self._highload_internal(parsed.wallet, *follow)
         return answer
+
+    def _lost(self) -> bool:
+        """Whether the next message accepted is lost on its way (``drop_messages`` say how
+        many more are)."""
+        if self.drop_messages > 0:
+            self.drop_messages -= 1
+            return True
+        return False
 
     def _highload_internal(self, wallet: str, msg_hash: str, value: int, body: Cell) -> None:
         """recv_internal of the wallet for a message from itself: ``internal_transfer`` sets
@@ -225,6 +225,14 @@ class LocalWallets(LocalJettons):
         if method not in values:
             return {"gas_used": 0, "exit_code": 11, "stack": []}
         return {"gas_used": 1000, "exit_code": 0, "stack": [_num(values[method])]}
+
+
+def _hashes(boc: str, msg_hash: str) -> dict[str, str]:
+    """What TON Center answers for an accepted message: its hash and its normalized hash."""
+    return {
+        "message_hash": b64(Cell.one_from_boc(base64.b64decode(boc)).hash),
+        "message_hash_norm": b64(bytes.fromhex(msg_hash)),
+    }
 
 
 def _num(value: int) -> dict[str, str]:

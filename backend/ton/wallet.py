@@ -64,14 +64,34 @@ class ParsedExternal:
     msg_hash: str
 
     def verifies(self, public_key: bytes) -> bool:
-        try:
-            VerifyKey(public_key).verify(self.signed_hash, self.signature)
-        except BadSignatureError:
-            return False
-        return True
+        return signed_by(public_key, self.signed_hash, self.signature)
 
 
-class HotWallet:
+def signed_by(public_key: bytes, signed_hash: bytes, signature: bytes) -> bool:
+    """Whether ``signature`` over ``signed_hash`` is the ed25519 key ``public_key``'s."""
+    try:
+        VerifyKey(public_key).verify(signed_hash, signature)
+    except BadSignatureError:
+        return False
+    return True
+
+
+class _Addressed:
+    """A hot wallet's address, raw and user-friendly."""
+
+    address: Address
+
+    @property
+    def raw(self) -> str:
+        return raw_address(self.address)
+
+    def friendly(self, *, testnet: bool = False) -> str:
+        return self.address.to_str(
+            is_user_friendly=True, is_bounceable=True, is_url_safe=True, is_test_only=testnet
+        )
+
+
+class HotWallet(_Addressed):
     """A wallet v4r2 with its private key, able to sign transfers offline."""
 
     kind = "v4r2"
@@ -108,19 +128,10 @@ class HotWallet:
         return cls(private.as_bytes)
 
     @property
-    def raw(self) -> str:
-        return raw_address(self.address)
-
-    @property
     def seed(self) -> bytes:
         """The ed25519 seed (a secret: never logged) the words give, for the same key's
         highload wallet."""
         return bytes(self._signing_key)
-
-    def friendly(self, *, testnet: bool = False) -> str:
-        return self.address.to_str(
-            is_user_friendly=True, is_bounceable=True, is_url_safe=True, is_test_only=testnet
-        )
 
     def sign_transfer(
         self,
@@ -186,23 +197,7 @@ def parse_external(boc_b64: str) -> ParsedExternal:
         transfers = []
         while body.remaining_refs:
             mode = body.load_uint(8)
-            internal = MessageAny.deserialize(body.load_ref().begin_parse())
-            info = internal.info
-            if not isinstance(info, InternalMsgInfo):
-                raise WalletError("a wallet transfer that is not an internal message")
-            body_cell = internal.body
-            comment = None
-            if body_cell is not None and (body_cell.bits or body_cell.refs):
-                comment = decode_comment(base64.b64encode(body_cell.to_boc()).decode()).memo
-            transfers.append(
-                TransferOut(
-                    destination=raw_address(info.dest),
-                    amount=int(info.value.grams),
-                    comment=comment,
-                    bounce=bool(info.bounce),
-                    send_mode=mode,
-                )
-            )
+            transfers.append(read_transfer(body.load_ref(), mode))
         return ParsedExternal(
             wallet=raw_address(message.info.dest),
             subwallet_id=subwallet_id,
@@ -292,14 +287,10 @@ class ParsedHighload:
         return self.query_id & 1023
 
     def verifies(self, public_key: bytes) -> bool:
-        try:
-            VerifyKey(public_key).verify(self.signed_hash, self.signature)
-        except BadSignatureError:
-            return False
-        return True
+        return signed_by(public_key, self.signed_hash, self.signature)
 
 
-class HighloadHotWallet:
+class HighloadHotWallet(_Addressed):
     """A Highload Wallet v3 (code, data layout and message packing from tonutils) with its
     key: signs batches of up to 253 transfers offline, each batch under its own query id."""
 
@@ -331,15 +322,6 @@ class HighloadHotWallet:
     @classmethod
     def from_mnemonic(cls, mnemonic: str, *, timeout: int) -> HighloadHotWallet:
         return cls(HotWallet.from_mnemonic(mnemonic).seed, timeout=timeout)
-
-    @property
-    def raw(self) -> str:
-        return raw_address(self.address)
-
-    def friendly(self, *, testnet: bool = False) -> str:
-        return self.address.to_str(
-            is_user_friendly=True, is_bounceable=True, is_url_safe=True, is_test_only=testnet
-        )
 
     async def sign_batch(
         self,
