@@ -27,10 +27,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import contextvars
 import cProfile
 import io
-import json
 import multiprocessing
 import os
 import pstats
@@ -38,8 +36,7 @@ import re
 import sys
 import tempfile
 import time
-from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +51,7 @@ from backend import appkeys
 from backend.pricing import turn_cost
 from backend.settings import DEFAULT_MODEL, AttestationSettings, ModelPrice, Settings
 from backend.users import get_or_create_user
+from bench.bot_load_probe import HOOK, Timings, instrument, telegram_process
 from bench.inference import POSTGRES_URL, drop_postgres, fresh_postgres, p50_p99
 from workers import registry
 
@@ -63,197 +61,6 @@ SECRET = "bench-webhook-secret"
 DEPOSIT = 10**9
 PRICE = ModelPrice(prompt=1_000_000, completion=2_000_000, context_length=2048)
 FIRST_USER = 7_000_000
-HOOK = "/telegram/webhook"
-SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
-WEBHOOK_CONNECTIONS = 100  # Telegram's most (setWebhook max_connections)
-
-
-# ------------------------------------------------------------------ Telegram, its own process
-
-
-def telegram_process(ready: Any) -> None:
-    asyncio.run(_telegram(ready))
-
-
-async def _telegram(ready: Any) -> None:
-    """The stand-in Bot API server, recording when each call came and how it was answered,
-    with two control routes: deliver updates to a webhook, and report what was called."""
-    from tests.support.fake_telegram import FakeTelegram
-
-    tg = FakeTelegram()
-    log: list[dict[str, Any]] = []
-
-    @web.middleware
-    async def record(request: web.Request, handler: Any) -> web.StreamResponse:
-        at = time.monotonic()
-        response = await handler(request)
-        if request.path.startswith("/bot"):
-            params = await tg._params(request)
-            entry = {
-                "at": at,
-                "method": request.match_info.get("method", ""),
-                "chat": params.get("chat_id"),
-                "text": params.get("text"),
-                "status": response.status,
-            }
-            if response.status == 429:
-                body = json.loads(response.text or "{}")
-                entry["retry_after"] = body.get("parameters", {}).get("retry_after", 0)
-            log.append(entry)
-        return response
-
-    async def deliver(request: web.Request) -> web.Response:
-        body = await request.json()
-        for update in body["updates"]:
-            tg.saw(update)
-        connector = aiohttp.TCPConnector(limit=WEBHOOK_CONNECTIONS)
-        async with aiohttp.ClientSession(connector=connector) as http:
-
-            async def one(update: dict[str, Any]) -> int:
-                headers = {SECRET_HEADER: body["secret"]}
-                async with http.post(body["url"], json=update, headers=headers) as reply:
-                    await reply.read()
-                    return reply.status
-
-            started = time.monotonic()
-            statuses = await asyncio.gather(*(one(u) for u in body["updates"]))
-        return web.json_response({"statuses": statuses, "delivered_s": time.monotonic() - started})
-
-    async def report(_request: web.Request) -> web.Response:
-        return web.json_response({"log": log, "refused": tg.refused})
-
-    tg.app.middlewares.append(record)
-    tg.app.router.add_post("/_deliver", deliver)
-    tg.app.router.add_get("/_report", report)
-    url = await tg.start()
-    ready.put(url)
-    await asyncio.Event().wait()
-
-
-# ------------------------------------------------------------------ the bot's process
-
-
-UPDATE: contextvars.ContextVar[int] = contextvars.ContextVar("bench_update", default=0)
-
-
-class Timings:
-    """Per update: arrival, dispatch, end, and the waits that are not the bot's own work."""
-
-    def __init__(self) -> None:
-        self.arrived: dict[int, float] = {}
-        self.dispatched: dict[int, float] = {}
-        self.ended: dict[int, float] = {}
-        self.inference: dict[int, float] = defaultdict(float)
-        self.paced: dict[int, float] = defaultdict(float)
-        self.bare: list[float] = []
-        self.busy: dict[int, float] = defaultdict(float)
-
-    @contextlib.contextmanager
-    def counting_busy_time(self) -> Iterator[None]:
-        """Count the event loop's time in each callback toward the update whose context it
-        runs in: an update's own work, without its waits for others (asyncio's ``Handle``)."""
-        original = asyncio.events.Handle._run
-        busy = self.busy
-
-        def _run(handle: asyncio.Handle) -> None:
-            started = time.perf_counter()
-            try:
-                original(handle)
-            finally:
-                update = handle._context.get(UPDATE, 0)  # type: ignore[attr-defined]
-                if update:
-                    busy[update] += time.perf_counter() - started
-
-        asyncio.events.Handle._run = _run  # type: ignore[method-assign]
-        try:
-            yield
-        finally:
-            asyncio.events.Handle._run = original  # type: ignore[method-assign]
-
-    def handler_s(self) -> list[float]:
-        return [
-            self.ended[u] - self.arrived[u] - self.inference[u] - self.paced[u]
-            for u in self.ended
-            if u in self.arrived
-        ]
-
-    def dispatch_s(self) -> list[float]:
-        return [self.dispatched[u] - self.arrived[u] for u in self.dispatched if u in self.arrived]
-
-
-def instrument(app: web.Application, timings: Timings) -> None:
-    """Timestamps at the webhook's arrival, the update's end, the turn's dispatch, and around
-    each wait for the turn's events or for a send moment (no production code changes)."""
-
-    @web.middleware
-    async def arrival(request: web.Request, handler: Any) -> web.StreamResponse:
-        if request.path == "/bare":
-            arrived = time.perf_counter()
-            response = await handler(request)
-            timings.bare.append(time.perf_counter() - arrived)
-            return response
-        if request.path == HOOK:
-            arrived = time.perf_counter()
-            update = await request.json()
-            timings.arrived[int(update["update_id"])] = arrived
-        return await handler(request)
-
-    app.middlewares.append(arrival)
-
-    async def hooked(app: web.Application) -> AsyncIterator[None]:
-        from bot.webhook import HANDLER
-
-        handler = app[HANDLER]
-
-        async def ended(call: Any, event: Any, data: dict[str, Any]) -> Any:
-            UPDATE.set(event.update_id)
-            try:
-                return await call(event, data)
-            finally:
-                timings.ended[event.update_id] = time.perf_counter()
-
-        handler.dispatcher.update.outer_middleware(ended)
-        turns = app[appkeys.DISPATCHER]
-        start_turn = turns.start_turn
-
-        async def timed_start(request: Any) -> Any:
-            turn = await start_turn(request)
-            update = UPDATE.get()
-            timings.dispatched[update] = time.perf_counter()
-            events = turn.events
-
-            async def timed_events() -> AsyncIterator[Any]:
-                stream = events()
-                while True:
-                    waited = time.perf_counter()
-                    try:
-                        event = await stream.__anext__()
-                    except StopAsyncIteration:
-                        return
-                    finally:
-                        timings.inference[update] += time.perf_counter() - waited
-                    yield event
-
-            turn.events = timed_events
-            return turn
-
-        turns.start_turn = timed_start
-        try:
-            from bot.pacing import SendPacer
-        except ImportError:  # a bot without a pacer (the "before" of issue 19)
-            pass
-        else:
-            pace = SendPacer.pace
-
-            async def timed_pace(self: SendPacer, chat: int | None) -> float:
-                slept = await pace(self, chat)
-                timings.paced[UPDATE.get()] += slept
-                return slept
-
-            SendPacer.pace = timed_pace  # type: ignore[method-assign]
-        yield
-
-    app.cleanup_ctx.append(hooked)
 
 
 async def bare(request: web.Request) -> web.Response:
