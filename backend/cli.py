@@ -390,7 +390,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Feature command groups: each module has ``add_commands(sub, add)`` that adds its subcommands.
-FEATURE_COMMANDS: tuple[str, ...] = ("backend.attestation.commands", "backend.ton.cli")
+FEATURE_COMMANDS: tuple[str, ...] = (
+    "backend.attestation.commands",
+    "backend.ton.cli",
+    "backend.accounts.stars_pending",
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

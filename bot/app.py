@@ -23,6 +23,7 @@ from aiogram import BaseMiddleware, Bot, Dispatcher, F
 from aiogram.client.session.base import BaseSession
 from aiogram.types import TelegramObject
 
+from backend.accounts import stars_pending
 from backend.db import Database
 from backend.dispatch import Dispatcher as TurnDispatcher
 from backend.ledger import Ledger
@@ -99,7 +100,8 @@ async def running_bot(
     metrics: TurnMetrics | None = None,
 ) -> AsyncIterator[BotApp]:
     """The bot with its services; the outbox is drained in the background every
-    ``outbox_interval_s`` (None: not at all, tests drain it by hand). Without ``turns``, the
+    ``outbox_interval_s`` (None: not at all, tests drain it by hand), and Stars payments that
+    could not be credited are retried (``backend.accounts.stars_pending``). Without ``turns``, the
     bot's own turn dispatcher counts its turns on ``metrics``."""
     bot = create_bot(settings, session)
     try:
@@ -114,10 +116,17 @@ async def running_bot(
             in_flight = InFlight()
             dp.update.outer_middleware(in_flight)
             stop = asyncio.Event()
-            task = (
-                asyncio.create_task(outbox.run(stop, outbox_interval_s))
+            tasks = (
+                [
+                    asyncio.create_task(outbox.run(stop, outbox_interval_s)),
+                    asyncio.create_task(
+                        stars_pending.retry_loop(
+                            stop, services.db, services.ledger, settings, services.redis
+                        )
+                    ),
+                ]
                 if outbox_interval_s
-                else None
+                else []
             )
             try:
                 yield BotApp(bot, dp, services, outbox)
@@ -130,8 +139,8 @@ async def running_bot(
                 await in_flight.finish(grace * REQUESTS_SHARE)
                 if turns is None:  # the bot's own turn dispatcher (not the web app's)
                     await services.turns.wind_down(grace * SETTLE_SHARE)
-                if task is not None:
-                    await asyncio.wait([task], timeout=grace * SETTLE_SHARE)
+                if tasks:
+                    await asyncio.wait(tasks, timeout=grace * SETTLE_SHARE)
     finally:
         await bot.session.close()
 

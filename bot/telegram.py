@@ -7,6 +7,8 @@ client itself: :mod:`backend.telegram`).
 * Any other failure is logged and told to the person, in their language (:func:`tell_failed`):
   never silence. A handler that already told them what happened (a turn's runner: what the
   undelivered answer cost) marks the error with :func:`mark_told`.
+* A Stars payment whose crediting failed is kept for a retry
+  (:mod:`backend.accounts.stars_pending`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from aiogram.exceptions import (
 )
 from aiogram.types import Chat, ErrorEvent, Update
 from aiogram.types import User as TelegramUser
+from redis.asyncio import Redis as AsyncRedis
 
+from backend.accounts import stars_pending
 from bot.i18n import N_, _, use_language
 
 log = logging.getLogger("cocoon.bot")
@@ -32,9 +36,9 @@ FAILED = N_(
     "Sorry, something went wrong on our side and this was not done. Nothing was charged for "
     "it; please try again."
 )
-PAYMENT_FAILED = N_(
-    "Your payment arrived but could not be credited because of an error on our side. Please "
-    "send this message to support; the payment's id: {charge_id}"
+PAYMENT_DELAYED = N_(
+    "Your payment arrived. An error on our side delayed crediting it: it will be credited "
+    "automatically, and you will be told when it is. The payment's id: {charge_id}"
 )
 
 
@@ -69,9 +73,39 @@ async def on_error(event: ErrorEvent, **data: Any) -> bool:
         type(error).__name__,
         frames,
     )
+    await keep_payment(event.update, data)
     if TOLD not in getattr(error, "__notes__", ()):
         await tell_failed(event.update, data)
     return True
+
+
+async def keep_payment(update: Update, data: dict[str, Any]) -> None:
+    """A Stars payment whose update failed is kept for the retry loop (Telegram never sends it
+    again); when Redis fails too, the log keeps it (no secret in it) for the operator."""
+    payment = update.message.successful_payment if update.message else None
+    sender: TelegramUser | None = data.get("event_from_user")
+    if payment is None or sender is None or payment.currency != "XTR":
+        return
+    record = stars_pending.PendingStars(
+        payment.telegram_payment_charge_id,
+        sender.id,
+        payment.total_amount,
+        payment.invoice_payload,
+    )
+    redis: AsyncRedis | None = data.get("redis")
+    try:
+        if redis is None:
+            raise RuntimeError("no Redis")
+        await stars_pending.keep(redis, record)
+    except Exception as error:
+        log.error(
+            "a Stars payment is NOT credited and could not be kept (%s): credit it with "
+            "cocoon stars credit --record '%s'",
+            type(error).__name__,
+            record.to_json(),
+        )
+        return
+    log.warning("a Stars payment is not credited yet: kept for a retry (cocoon stars pending)")
 
 
 async def tell_failed(update: Update, data: dict[str, Any]) -> None:
@@ -88,7 +122,7 @@ async def tell_failed(update: Update, data: dict[str, Any]) -> None:
         with use_language(language):
             payment = update.message.successful_payment if update.message else None
             text = (
-                _(PAYMENT_FAILED).format(charge_id=payment.telegram_payment_charge_id)
+                _(PAYMENT_DELAYED).format(charge_id=payment.telegram_payment_charge_id)
                 if payment
                 else _(FAILED)
             )

@@ -86,13 +86,13 @@ async def credit_stars(
         source=AccountKind.STARS_IN,
         reason=f"{stars} Telegram Stars",
     )
-    if not receipt.replayed:
-        await notify(
-            ledger.db,
-            user_id,
-            NOTIFY_STARS,
-            f"stars:{charge_id}",
-            amount=amount,
-            data={"stars": stars},
-        )
+    # Replayed too (once per key): a credit whose notice failed after it still gets one.
+    await notify(
+        ledger.db,
+        user_id,
+        NOTIFY_STARS,
+        f"stars:{charge_id}",
+        amount=amount,
+        data={"stars": stars},
+    )
     return receipt

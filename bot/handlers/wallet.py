@@ -22,6 +22,7 @@ from aiogram.types import (
 )
 
 from backend import accounts
+from backend.accounts import stars_pending
 from backend.ledger import Ledger
 from backend.models import User
 from backend.money import AmountError, decimal_comma, parse_amount
@@ -219,17 +220,6 @@ async def on_stars_amount(query: CallbackQuery, bot: Bot, user: User, settings: 
     )
 
 
-def stars_rate(invoice: accounts.StarsInvoice | None, settings: Settings) -> int:
-    """The rate a paid invoice is credited at: the one it showed, when the bot issues that rate
-    (pre-checkout let only those through); never more than the bot issues now."""
-    issued = settings.stars_nano_per_star
-    shown = invoice.nano_per_star if invoice is not None else None
-    if shown is None or shown == issued:
-        return issued
-    log.warning("a Stars invoice at a rate the bot does not issue was paid: credited at %d", issued)
-    return min(shown, issued)
-
-
 @handlers.pre_checkout_query()
 async def on_pre_checkout(query: PreCheckoutQuery, user: User, settings: Settings) -> None:
     """Answered at once (Telegram waits 10 s at most): only our own, well-formed invoices, at
@@ -256,14 +246,14 @@ async def on_successful_payment(
     if payment.currency != CURRENCY:
         log.error("a successful payment in %s was not expected", payment.currency)
         return
-    invoice = accounts.parse_stars_payload(payment.invoice_payload)
-    receipt = await accounts.credit_stars(
+    # Failing here (the database is down): bot.telegram.on_error keeps it for a retry.
+    receipt = await stars_pending.credit_paid(
         ledger,
         settings,
         user.id,
         payment.total_amount,
         payment.telegram_payment_charge_id,
-        nano_per_star=stars_rate(invoice, settings),
+        payment.invoice_payload,
     )
     if receipt.replayed:
         log.info("a Stars payment arrived again: already credited, nothing changed")
