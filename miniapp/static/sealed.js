@@ -177,10 +177,62 @@
     }
   }
 
-  // An entry sealed to our reply key: a chunk or an error (JSON), or the final record
-  // (a 64-byte signature by the worker's attested key, then its JSON).
-  function openEntry(s, sealed, reply, worker, jobId) {
-    const plain = s.crypto_box_seal_open(b64(s, sealed), reply.publicKey, reply.privateKey);
+  // The job's stream (wire version 2, workers/stream_crypto.py): the first entry is
+  // 0x02 | the worker's job key (32) | its signature over the job (64) | AEAD, each later one
+  // 0x02 | AEAD. The stream key is crypto_kx's (our reply key, the worker's job key); entry n's
+  // nonce is n and its associated data names the job, so an entry out of its place, tampered
+  // with or of another job does not open. The opened payload: a chunk or an error (JSON), or
+  // the final record (a 64-byte signature by the worker's attested key, then its JSON).
+  const STREAM_FORMAT = 2;
+  const STREAM_CONTEXT = enc.encode("cocoon-stream-v2");
+  const HEADER_BYTES = 1 + 32 + 64;
+
+  function concat(...parts) {
+    const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+    let at = 0;
+    for (const p of parts) { out.set(p, at); at += p.length; }
+    return out;
+  }
+
+  function streamOpener(s, reply, worker, jobId) {
+    const job = enc.encode(jobId);
+    const jobLength = new Uint8Array([job.length >> 8, job.length & 255]);
+    let key = null;
+    let place = 0;
+    return function open(sealed) {
+      const blob = b64(s, sealed);
+      if (!blob.length || blob[0] !== STREAM_FORMAT) {
+        throw new SealedError(t("sealed_bad_reply", { reason: "stream format" }));
+      }
+      let head = blob.subarray(0, 1);
+      let entryKey = key;
+      if (entryKey === null) {
+        if (blob.length < HEADER_BYTES + 16) throw new SealedError(t("sealed_bad_reply", { reason: "stream header" }));
+        head = blob.subarray(0, HEADER_BYTES);
+        const jobKey = head.subarray(1, 33);
+        const signedPart = concat(STREAM_CONTEXT, reply.publicKey, jobKey, job);
+        if (!s.crypto_sign_verify_detached(head.subarray(33), signedPart, worker.verify)) {
+          throw new SealedError(t("sealed_bad_reply", { reason: "stream signature" }));
+        }
+        entryKey = s.crypto_kx_client_session_keys(reply.publicKey, reply.privateKey, jobKey).sharedRx;
+      }
+      const nonce = new Uint8Array(24);
+      for (let i = 0, n = place; i < 6; i++, n = Math.floor(n / 256)) nonce[i] = n % 256;
+      let plain;
+      try {
+        plain = s.crypto_aead_xchacha20poly1305_ietf_decrypt(
+          null, blob.subarray(head.length), concat(STREAM_CONTEXT, jobLength, job, head), nonce, entryKey);
+      } catch (error) {
+        throw new SealedError(t("sealed_bad_reply", { reason: "entry " + place + " does not open" }));
+      }
+      key = entryKey;
+      place += 1;
+      return plain;
+    };
+  }
+
+  function openEntry(s, open, worker, jobId, sealed) {
+    const plain = open(sealed);
     let record = null;
     try {
       record = JSON.parse(dec.decode(plain));
@@ -219,7 +271,7 @@
     const worker = await trustedWorker(s, model);
     const reply = s.crypto_box_keypair();
     const jobId = worker.worker_id + "_" + s.to_hex(s.randombytes_buf(16)) + "-1";
-    const request = { v: 1, job_id: jobId, model, messages, max_tokens: MAX_TOKENS, reply_key: toB64(s, reply.publicKey) };
+    const request = { v: 2, job_id: jobId, model, messages, max_tokens: MAX_TOKENS, reply_key: toB64(s, reply.publicKey) };
     const sealedRequest = s.crypto_box_seal(enc.encode(JSON.stringify(request)), worker.box);
     const response = await C.request("/sealed/chat", {
       method: "POST",
@@ -230,9 +282,10 @@
     let text = "";
     let seq = 0;
     let final = null;
+    const open = streamOpener(s, reply, worker, jobId);
     for await (const event of events(response)) {
       if (event.object === "cocoon.sealed.event") {
-        const record = openEntry(s, event.sealed, reply, worker, jobId);
+        const record = openEntry(s, open, worker, jobId, event.sealed);
         if (record.type === "chunk") {
           if (record.seq !== seq++) throw new SealedError(t("sealed_bad_reply", { reason: "order" }));
           text += record.text;
