@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 import uuid
 from collections.abc import Callable, Sequence
@@ -16,6 +15,7 @@ from backend import cliutil
 from backend.settings import Settings, load_settings
 
 if TYPE_CHECKING:
+    from backend.db import Database
     from backend.dispatch import Dispatcher, TurnDone
 
 # ---------------------------------------------------------------- commands
@@ -44,7 +44,6 @@ def cmd_db_backup(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_db_restore(settings: Settings, args: argparse.Namespace) -> int:
     from backend.backup import BackupError, restore
-    from backend.db import Database
     from backend.invariants import check_invariants
     from backend.logs import redact_url
 
@@ -53,16 +52,12 @@ def cmd_db_restore(settings: Settings, args: argparse.Namespace) -> int:
     except BackupError as error:
         cliutil.fail(str(error), 1)
 
-    async def audit() -> str | None:
-        db = Database.from_settings(settings)
-        try:
-            # Holds open at backup time are the sweeper's to release: not a violation here.
-            report = await check_invariants(db, settled=False)
-        finally:
-            await db.close()
+    async def audit(db: Database) -> str | None:
+        # Holds open at backup time are the sweeper's to release: not a violation here.
+        report = await check_invariants(db, settled=False)
         return None if report.ok else str(report)
 
-    problem = asyncio.run(audit())
+    problem = cliutil.with_database(settings, audit)
     if problem is not None:
         cliutil.fail(f"restored, but the ledger's invariants do not hold: {problem}", 1)
     print(f"restored {args.file} into {redact_url(settings.db_url)}; the ledger audit is clean")
@@ -79,25 +74,20 @@ def cmd_ledger_credit(settings: Settings, args: argparse.Namespace) -> int:
         cliutil.fail("--reason must say why the credit is made")
     key = args.key or f"manual:{uuid.uuid4()}"
 
-    async def run() -> int:
-        from backend.db import Database
+    async def run(db: Database) -> int:
         from backend.ledger import Ledger, LedgerError
         from backend.models import AccountKind
         from backend.users import get_or_create_user
 
-        db = Database.from_settings(settings)
+        user = await get_or_create_user(db, telegram_id)
+        ledger = Ledger(db, min_withdrawal=settings.min_withdrawal_nano)
         try:
-            user = await get_or_create_user(db, telegram_id)
-            ledger = Ledger(db, min_withdrawal=settings.min_withdrawal_nano)
-            try:
-                receipt = await ledger.credit_deposit(
-                    user.id, amount, key, source=AccountKind.OPERATOR, reason=reason
-                )
-            except LedgerError as error:
-                cliutil.fail(str(error))
-            balances = await ledger.balances(user.id)
-        finally:
-            await db.close()
+            receipt = await ledger.credit_deposit(
+                user.id, amount, key, source=AccountKind.OPERATOR, reason=reason
+            )
+        except LedgerError as error:
+            cliutil.fail(str(error))
+        balances = await ledger.balances(user.id)
         note = " (already applied earlier: nothing changed)" if receipt.replayed else ""
         print(
             f"credited {amount} nanoTON ({format_gram(amount)}) to Telegram user {telegram_id}"
@@ -106,7 +96,7 @@ def cmd_ledger_credit(settings: Settings, args: argparse.Namespace) -> int:
         print(f"available: {balances.available} nanoTON ({format_gram(balances.available)})")
         return 0
 
-    return asyncio.run(run())
+    return cliutil.with_database(settings, run)
 
 
 def cmd_ledger_balance(settings: Settings, args: argparse.Namespace) -> int:
@@ -114,19 +104,14 @@ def cmd_ledger_balance(settings: Settings, args: argparse.Namespace) -> int:
 
     telegram_id = cliutil.telegram_id(args.telegram_id)
 
-    async def run() -> int:
-        from backend.db import Database
+    async def run(db: Database) -> int:
         from backend.ledger import Ledger
         from backend.users import get_user
 
-        db = Database.from_settings(settings)
-        try:
-            user = await get_user(db, telegram_id)
-            if user is None:
-                cliutil.fail(f"no user with Telegram id {telegram_id}", code=1)
-            balances = await Ledger(db).balances(user.id)
-        finally:
-            await db.close()
+        user = await get_user(db, telegram_id)
+        if user is None:
+            cliutil.fail(f"no user with Telegram id {telegram_id}", code=1)
+        balances = await Ledger(db).balances(user.id)
         print(f"Telegram user {telegram_id}, deposit memo {user.deposit_memo}")
         for label, value in (
             ("available", balances.available),
@@ -137,7 +122,7 @@ def cmd_ledger_balance(settings: Settings, args: argparse.Namespace) -> int:
             print(f"{label:>15}: {value} nanoTON ({format_gram(value)})")
         return 0
 
-    return asyncio.run(run())
+    return cliutil.with_database(settings, run)
 
 
 def cmd_web(settings: Settings, args: argparse.Namespace) -> int:
@@ -176,14 +161,12 @@ def cmd_chat(settings: Settings, args: argparse.Namespace) -> int:
     )
     model = args.model or settings.default_model()
 
-    async def run() -> int:
-        from backend.db import Database
+    async def run(db: Database) -> int:
         from backend.dispatch import Dispatcher, TurnDone, TurnError, TurnRequest, TurnText
         from backend.ledger import Ledger
         from backend.users import get_or_create_user
         from workers.wire import ChatMessage
 
-        db = Database.from_settings(settings)
         ledger = Ledger(db, min_withdrawal=settings.min_withdrawal_nano)
         dispatcher = Dispatcher.from_settings(settings, ledger)
         try:
@@ -207,10 +190,9 @@ def cmd_chat(settings: Settings, args: argparse.Namespace) -> int:
                 cliutil.fail(f"{error} ({error.code})", code=1)
         finally:
             await dispatcher.close()
-            await db.close()
         return 0
 
-    return asyncio.run(run())
+    return cliutil.with_database(settings, run)
 
 
 async def _served_by(dispatcher: Dispatcher, done: TurnDone) -> str:
@@ -243,21 +225,16 @@ async def _served_by(dispatcher: Dispatcher, done: TurnDone) -> str:
 def cmd_apikey_create(settings: Settings, args: argparse.Namespace) -> int:
     telegram_id = cliutil.telegram_id(args.telegram_id)
 
-    async def run() -> int:
+    async def run(db: Database) -> int:
         from backend.apikeys import create_key
-        from backend.db import Database
         from backend.users import get_or_create_user
 
-        db = Database.from_settings(settings)
-        try:
-            user = await get_or_create_user(db, telegram_id)
-            key, _row = await create_key(db, user.id, name=args.name)
-        finally:
-            await db.close()
+        user = await get_or_create_user(db, telegram_id)
+        key, _row = await create_key(db, user.id, name=args.name)
         print(key)
         return 0
 
-    return asyncio.run(run())
+    return cliutil.with_database(settings, run)
 
 
 def cmd_bot(settings: Settings, _args: argparse.Namespace) -> int:

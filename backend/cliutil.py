@@ -1,6 +1,6 @@
-"""What every ``cocoon`` subcommand shares: the one-line refusal, a command group, and the
+"""What every ``cocoon`` subcommand shares: the one-line refusal, a command group, the
 parsers of the arguments several commands take (an amount of nanoTON, a Telegram id, a 32-bit
-number, a unix time).
+number, a unix time), and the database (and Redis) opened for one command and always closed.
 
 The command modules (``backend.cli``, ``backend.ton.cli``, ``backend.attestation.commands``)
 import this one and never each other, so no command group reaches the composition root.
@@ -9,9 +9,16 @@ import this one and never each other, so no command group reaches the compositio
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
-from collections.abc import Callable
-from typing import NoReturn, TypeAlias
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, NoReturn, TypeAlias, TypeVar
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis as AsyncRedis
+
+    from backend.db import Database
+    from backend.settings import Settings
 
 __all__ = [
     "EXIT_USAGE",
@@ -24,7 +31,11 @@ __all__ = [
     "telegram_id",
     "uint32",
     "unix_time",
+    "with_database",
+    "with_database_and_redis",
 ]
+
+T = TypeVar("T")
 
 EXIT_USAGE = 2
 """The exit status of a bad command line (argparse's own)."""
@@ -96,3 +107,36 @@ def uint32(text: str, what: str) -> int:
 def unix_time(text: str, what: str) -> int:
     """A unix time in whole seconds (from 0, below 2**63), or exit 2."""
     return _whole_number(text, what, 63, "a unix time in whole seconds", "be a unix time")
+
+
+def with_database(settings: Settings, work: Callable[[Database], Awaitable[T]]) -> T:
+    """Run ``await work(db)`` on the database of ``settings`` and close it, whatever happens
+    (a :func:`fail` inside included): one command's whole use of the database."""
+
+    async def run() -> T:
+        from backend.db import Database
+
+        db = Database.from_settings(settings)
+        try:
+            return await work(db)
+        finally:
+            await db.close()
+
+    return asyncio.run(run())
+
+
+def with_database_and_redis(
+    settings: Settings, work: Callable[[Database, AsyncRedis], Awaitable[T]]
+) -> T:
+    """:func:`with_database` with a Redis client of ``COCOON_REDIS_URL`` too, closed first."""
+
+    async def with_redis(db: Database) -> T:
+        from workers.redisconn import async_client
+
+        redis = async_client(settings.redis_url)
+        try:
+            return await work(db, redis)
+        finally:
+            await redis.aclose()
+
+    return with_database(settings, with_redis)

@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -179,25 +178,8 @@ async def retry_loop(
 # ------------------------------------------------------------------ cocoon stars ...
 
 
-def _run(settings: Settings, work: Callable[..., Any]) -> int:
-    async def run() -> int:
-        from workers.redisconn import async_client
-
-        db = Database.from_settings(settings)
-        redis = async_client(settings.redis_url)
-        try:
-            ledger = Ledger(db, min_withdrawal=settings.min_withdrawal_nano)
-            result: int = await work(db, ledger, redis)
-            return result
-        finally:
-            await redis.aclose()
-            await db.close()
-
-    return asyncio.run(run())
-
-
 def cmd_stars_pending(settings: Settings, _args: argparse.Namespace) -> int:
-    async def work(_db: Database, _ledger: Ledger, redis: AsyncRedis) -> int:
+    async def work(_db: Database, redis: AsyncRedis) -> int:
         records = await pending(redis)
         for r in records:
             note = f"  REFUSED: {r.refused}" if r.refused else ""
@@ -205,7 +187,7 @@ def cmd_stars_pending(settings: Settings, _args: argparse.Namespace) -> int:
         print(f"{len(records)} pending Stars payments")
         return 0
 
-    return _run(settings, work)
+    return cliutil.with_database_and_redis(settings, work)
 
 
 def cmd_stars_credit(settings: Settings, args: argparse.Namespace) -> int:
@@ -216,7 +198,8 @@ def cmd_stars_credit(settings: Settings, args: argparse.Namespace) -> int:
     if not charge_id:
         cliutil.fail("say which payment: CHARGE_ID, or --record")
 
-    async def work(db: Database, ledger: Ledger, redis: AsyncRedis) -> int:
+    async def work(db: Database, redis: AsyncRedis) -> int:
+        ledger = Ledger(db, min_withdrawal=settings.min_withdrawal_nano)
         raw = await redis.hget(KEY, charge_id)
         record = given or (PendingStars.from_json(raw) if raw else None)
         if record is None:
@@ -232,7 +215,7 @@ def cmd_stars_credit(settings: Settings, args: argparse.Namespace) -> int:
         )
         return 0
 
-    return _run(settings, work)
+    return cliutil.with_database_and_redis(settings, work)
 
 
 def add_commands(sub: cliutil.SubParsers, add: cliutil.Add) -> None:

@@ -17,8 +17,11 @@ from backend import cliutil
 from backend.settings import Settings
 
 if TYPE_CHECKING:
+    from redis.asyncio import Redis as AsyncRedis
+
     from backend.attestation.checks import WorkerCheck
     from backend.attestation.policy import Policy
+    from backend.db import Database
 
 __all__ = ["add_commands"]
 
@@ -28,22 +31,14 @@ def cmd_provider_token(settings: Settings, args: argparse.Namespace) -> int:
     if args.reusable:
         return _reusable_token(settings, telegram_id)
 
-    async def run() -> str:
+    async def run(db: Database, redis: AsyncRedis) -> str:
         from backend.attestation.store import issue_registration_token
-        from backend.db import Database
         from backend.users import get_or_create_user
-        from workers import redisconn
 
-        db = Database.from_settings(settings)
-        client = redisconn.async_client(settings.redis_url)
-        try:
-            user = await get_or_create_user(db, telegram_id)
-            return await issue_registration_token(client, user.id, settings.attestation.token_ttl_s)
-        finally:
-            await client.aclose()
-            await db.close()
+        user = await get_or_create_user(db, telegram_id)
+        return await issue_registration_token(redis, user.id, settings.attestation.token_ttl_s)
 
-    token = asyncio.run(run())
+    token = cliutil.with_database_and_redis(settings, run)
     print(token)
     hours = settings.attestation.token_ttl_s // 3600
     print(
@@ -55,21 +50,16 @@ def cmd_provider_token(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _reusable_token(settings: Settings, telegram_id: int) -> int:
-    async def run() -> tuple[str, int]:
+    async def run(db: Database) -> tuple[str, int]:
         from backend.attestation import enrollment
-        from backend.db import Database
         from backend.users import get_or_create_user
 
-        db = Database.from_settings(settings)
-        try:
-            user = await get_or_create_user(db, telegram_id)
-            days = settings.attestation.enrollment_ttl_days
-            token, record = await enrollment.issue(db, user.id, days)
-            return token, record.id
-        finally:
-            await db.close()
+        user = await get_or_create_user(db, telegram_id)
+        days = settings.attestation.enrollment_ttl_days
+        token, record = await enrollment.issue(db, user.id, days)
+        return token, record.id
 
-    token, enrollment_id = asyncio.run(run())
+    token, enrollment_id = cliutil.with_database(settings, run)
     print(token)
     print(
         f"reusable enrollment token #{enrollment_id} for Telegram user {telegram_id}, good for "
@@ -85,19 +75,14 @@ def _reusable_token(settings: Settings, telegram_id: int) -> int:
 def cmd_provider_revoke_token(settings: Settings, args: argparse.Namespace) -> int:
     telegram_id = cliutil.telegram_id(args.telegram_id)
 
-    async def run() -> bool:
+    async def run(db: Database) -> bool:
         from backend.attestation import enrollment
-        from backend.db import Database
         from backend.users import get_or_create_user
 
-        db = Database.from_settings(settings)
-        try:
-            user = await get_or_create_user(db, telegram_id)
-            return await enrollment.revoke(db, user.id, args.id)
-        finally:
-            await db.close()
+        user = await get_or_create_user(db, telegram_id)
+        return await enrollment.revoke(db, user.id, args.id)
 
-    if not asyncio.run(run()):
+    if not cliutil.with_database(settings, run):
         print(
             f"cocoon: error: Telegram user {telegram_id} has no unrevoked enrollment token "
             f"#{args.id}",

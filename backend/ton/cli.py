@@ -20,6 +20,7 @@ from backend.cliutil import fail
 from backend.settings import Settings
 
 if TYPE_CHECKING:
+    from backend.db import Database
     from backend.ton.wallet import HotWallet
 
 MAX_PROOF_FILE = 100_000  # characters; a proof is a few thousand
@@ -63,16 +64,11 @@ def cmd_deposit_payload(settings: Settings, args: argparse.Namespace) -> int:
         fail("say how much: --amount NANO or --ton DECIMAL")
     account = _deposit_account(settings)
 
-    async def run() -> int:
-        from backend.db import Database
+    async def run(db: Database) -> int:
         from backend.ton.comment import deposit_transaction
         from backend.users import get_or_create_user
 
-        db = Database.from_settings(settings)
-        try:
-            user = await get_or_create_user(db, telegram_id)
-        finally:
-            await db.close()
+        user = await get_or_create_user(db, telegram_id)
         request = deposit_transaction(
             account,
             user.deposit_memo,
@@ -83,7 +79,7 @@ def cmd_deposit_payload(settings: Settings, args: argparse.Namespace) -> int:
         print(json.dumps(request, indent=2))
         return 0
 
-    return asyncio.run(run())
+    return cliutil.with_database(settings, run)
 
 
 def cmd_sign_transfer(settings: Settings, args: argparse.Namespace) -> int:
@@ -122,17 +118,12 @@ def cmd_wallet(settings: Settings, _args: argparse.Namespace) -> int:
 
 
 def cmd_unclaimed(settings: Settings, _args: argparse.Namespace) -> int:
-    async def run() -> int:
-        from backend.db import Database
+    async def run(db: Database) -> int:
         from backend.money import format_gram
         from backend.ton.unclaimed import jetton_notifications, unclaimed_deposits
 
-        db = Database.from_settings(settings)
-        try:
-            rows = await unclaimed_deposits(db)
-            jettons = await jetton_notifications(db)
-        finally:
-            await db.close()
+        rows = await unclaimed_deposits(db)
+        jettons = await jetton_notifications(db)
         if not rows:
             print("no unclaimed deposits")
         for row in rows:
@@ -160,7 +151,7 @@ def cmd_unclaimed(settings: Settings, _args: argparse.Namespace) -> int:
             )
         return 0
 
-    return asyncio.run(run())
+    return cliutil.with_database(settings, run)
 
 
 def cmd_resolve(settings: Settings, args: argparse.Namespace) -> int:
@@ -171,31 +162,26 @@ def cmd_resolve(settings: Settings, args: argparse.Namespace) -> int:
     except ValueError:
         fail(f"--deposit must be a deposit number, got {args.deposit!r}")
 
-    async def run() -> int:
-        from backend.db import Database
+    async def run(db: Database) -> int:
         from backend.ledger import Ledger, LedgerError
         from backend.money import format_gram
         from backend.ton.unclaimed import resolve_unclaimed
         from backend.users import get_or_create_user
 
-        db = Database.from_settings(settings)
+        user = await get_or_create_user(db, telegram_id)
         try:
-            user = await get_or_create_user(db, telegram_id)
-            try:
-                deposit = await resolve_unclaimed(
-                    db, Ledger(db), deposit_id, user.id, by="operator (cocoon ton resolve)"
-                )
-            except (LookupError, LedgerError) as error:
-                fail(str(error), code=1)
-        finally:
-            await db.close()
+            deposit = await resolve_unclaimed(
+                db, Ledger(db), deposit_id, user.id, by="operator (cocoon ton resolve)"
+            )
+        except (LookupError, LedgerError) as error:
+            fail(str(error), code=1)
         print(
             f"credited deposit #{deposit_id} ({format_gram(deposit.amount)}, tx {deposit.tx_hash}) "
             f"to Telegram user {telegram_id}, key {deposit.ledger_key}"
         )
         return 0
 
-    return asyncio.run(run())
+    return cliutil.with_database(settings, run)
 
 
 def _serve(settings: Settings, *, deposits: bool, payouts: bool, once: bool) -> int:
