@@ -115,10 +115,23 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return request.getfixturevalue("postgres_url")
 
 
-@pytest.fixture
-async def db(db_url: str) -> AsyncIterator[Database]:
-    """A database at the newest schema, on SQLite and on PostgreSQL."""
-    database = Database(db_url)
+async def upgraded(url: str) -> AsyncIterator[Database]:
+    """The database at ``url``, at the newest schema, closed after the test."""
+    database = Database(url)
     await database.upgrade()
     yield database
     await database.close()
+
+
+@pytest.fixture
+async def db(db_url: str) -> AsyncIterator[Database]:
+    """A database at the newest schema, on SQLite and on PostgreSQL."""
+    async for database in upgraded(db_url):
+        yield database
+
+
+@pytest.fixture
+async def pg(postgres_url: str) -> AsyncIterator[Database]:
+    """A database at the newest schema on PostgreSQL only (what only PostgreSQL does)."""
+    async for database in upgraded(postgres_url):
+        yield database

@@ -7,7 +7,6 @@ release leaves one of them standing, and holds and settlements of one user never
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 from sqlalchemy import delete, select, update
@@ -29,6 +28,7 @@ from backend.ledger_write import request_hash
 from backend.models import Account, AccountKind, Entry, Hold, Transaction, TurnRecord
 from backend.settings import MAX_NANO
 from backend.users import get_or_create_user
+from tests.support.turns import funded_user
 
 TON = 1_000_000_000
 USAGE = TurnUsage(
@@ -40,20 +40,6 @@ USAGE = TurnUsage(
     worker_id="w-1",
     tee="tdx",
 )
-
-
-@pytest.fixture
-async def pg(postgres_url: str) -> AsyncIterator[Database]:
-    database = Database(postgres_url)
-    await database.upgrade()
-    yield database
-    await database.close()
-
-
-async def funded(db: Database, ledger: Ledger, telegram_id: int, amount: int) -> int:
-    user = (await get_or_create_user(db, telegram_id, "en")).id
-    await ledger.credit_deposit(user, amount, f"deposit:{telegram_id}")
-    return user
 
 
 async def written(db: Database, hold_key: str, key: str) -> tuple[object, ...]:
@@ -101,8 +87,8 @@ async def test_a_settlement_in_one_statement_writes_what_the_general_path_writes
 ) -> None:
     fast, general = Ledger(pg), Ledger(pg, one_statement=False)
     provider = (await get_or_create_user(pg, 9100, "en")).id
-    one = await funded(pg, fast, 9101, 5 * TON)
-    two = await funded(pg, general, 9102, 5 * TON)
+    one = await funded_user(fast, 9101, 5 * TON)
+    two = await funded_user(general, 9102, 5 * TON)
     await fast.hold(one, 2 * TON, "turn-fast")
     await general.hold(two, 2 * TON, "turn-general")
 
@@ -137,7 +123,7 @@ async def test_a_release_and_a_providerless_settlement_match_the_general_path(
     pg: Database,
 ) -> None:
     fast, general = Ledger(pg), Ledger(pg, one_statement=False)
-    users = [await funded(pg, fast, 9110 + i, 5 * TON) for i in range(4)]
+    users = [await funded_user(fast, 9110 + i, 5 * TON) for i in range(4)]
     for i, user in enumerate(users):
         await fast.hold(user, TON, f"turn-{i}")
     await fast.release("turn-0")
@@ -154,7 +140,7 @@ async def test_a_release_and_a_providerless_settlement_match_the_general_path(
 
 async def test_a_replayed_settlement_does_nothing(db: Database) -> None:
     ledger = Ledger(db)
-    user = await funded(db, ledger, 9120, 5 * TON)
+    user = await funded_user(ledger, 9120, 5 * TON)
     await ledger.hold(user, 2 * TON, "turn-replay")
     first = await ledger.settle("turn-replay", TON, provider_id=None, share_bps=0, usage=USAGE)
     before = await ledger.balances(user)
@@ -175,7 +161,7 @@ async def test_a_replayed_settlement_does_nothing(db: Database) -> None:
 async def test_twenty_racing_settlements_of_one_turn_charge_it_once(db: Database) -> None:
     ledger = Ledger(db)
     provider = (await get_or_create_user(db, 9130, "en")).id
-    user = await funded(db, ledger, 9131, 5 * TON)
+    user = await funded_user(ledger, 9131, 5 * TON)
     await ledger.hold(user, 2 * TON, "turn-race")
     receipts = await asyncio.gather(
         *(
@@ -196,7 +182,7 @@ async def test_twenty_racing_settlements_of_one_turn_charge_it_once(db: Database
 
 async def test_a_settlement_racing_the_sweepers_release_one_wins(db: Database) -> None:
     ledger = Ledger(db)
-    user = await funded(db, ledger, 9140, 100 * TON)
+    user = await funded_user(ledger, 9140, 100 * TON)
     charged = 0
     for round_ in range(10):
         key = f"turn-{round_}"
@@ -232,7 +218,7 @@ async def test_holds_and_settlements_of_one_user_never_deadlock(db: Database) ->
     locks the same accounts: every one goes through, none waits on the other for ever."""
     ledger = Ledger(db)
     provider = (await get_or_create_user(db, 9150, "en")).id
-    user = await funded(db, ledger, 9151, 100 * TON)
+    user = await funded_user(ledger, 9151, 100 * TON)
     for i in range(20):
         await ledger.hold(user, TON, f"old-{i}")
 
@@ -252,7 +238,7 @@ async def test_holds_and_settlements_of_one_user_never_deadlock(db: Database) ->
 async def test_a_missing_or_overflowing_account_writes_nothing(pg: Database) -> None:
     ledger = Ledger(pg)
     provider = (await get_or_create_user(pg, 9160, "en")).id
-    user = await funded(pg, ledger, 9161, 5 * TON)
+    user = await funded_user(ledger, 9161, 5 * TON)
     await ledger.hold(user, 2 * TON, "turn-orphan")
     async with pg.session() as session, session.begin():
         await session.execute(
@@ -286,7 +272,7 @@ async def test_a_batch_of_closes_is_each_its_own_transaction(pg: Database) -> No
     hold no longer open is left out; a batch one close would fail is written not at all."""
     ledger = Ledger(pg)
     provider = (await get_or_create_user(pg, 9170, "en")).id
-    users = [await funded(pg, ledger, 9171 + i, 5 * TON) for i in range(4)]
+    users = [await funded_user(ledger, 9171 + i, 5 * TON) for i in range(4)]
     for i, user in enumerate(users):
         await ledger.hold(user, TON, f"batch-{i}")
     await ledger.release("batch-3")
@@ -325,7 +311,7 @@ async def test_a_batch_of_closes_is_each_its_own_transaction(pg: Database) -> No
 async def test_group_committed_settlements_one_refused_the_rest_go_through(db: Database) -> None:
     ledger = Ledger(db)
     provider = (await get_or_create_user(db, 9180, "en")).id
-    user = await funded(db, ledger, 9181, 100 * TON)
+    user = await funded_user(ledger, 9181, 100 * TON)
     for i in range(30):
         await ledger.hold(user, TON, f"many-{i}")
     await ledger.credit_deposit(user, TON, "taken")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator
 
 import pytest
 from sqlalchemy import delete, select
@@ -23,23 +22,9 @@ from backend.ledger import (
     Receipt,
 )
 from backend.models import Account, AccountKind, Entry, Hold, Transaction
-from backend.users import get_or_create_user
+from tests.support.turns import funded_user
 
 TON = 1_000_000_000
-
-
-@pytest.fixture
-async def pg(postgres_url: str) -> AsyncIterator[Database]:
-    database = Database(postgres_url)
-    await database.upgrade()
-    yield database
-    await database.close()
-
-
-async def funded(db: Database, ledger: Ledger, telegram_id: int, amount: int) -> int:
-    user = (await get_or_create_user(db, telegram_id, "en")).id
-    await ledger.credit_deposit(user, amount, f"deposit:{telegram_id}")
-    return user
 
 
 def fingerprint(user: int, amount: int) -> str:
@@ -73,8 +58,8 @@ async def written(db: Database, key: str, user: int) -> tuple[object, ...]:
 
 async def test_a_hold_in_one_statement_writes_what_the_general_path_writes(pg: Database) -> None:
     fast, general = Ledger(pg), Ledger(pg, one_statement=False)
-    one = await funded(pg, fast, 9001, 5 * TON)
-    two = await funded(pg, general, 9002, 5 * TON)
+    one = await funded_user(fast, 9001, 5 * TON)
+    two = await funded_user(general, 9002, 5 * TON)
 
     statement = await fast._hold_in_one_statement(one, 2 * TON, "turn-fast")
     assert statement is not None  # it applied: one statement, no fallback
@@ -101,7 +86,7 @@ async def test_a_hold_in_one_statement_writes_what_the_general_path_writes(pg: D
 
 async def test_a_short_balance_writes_nothing_and_is_refused(pg: Database) -> None:
     ledger = Ledger(pg)
-    user = await funded(pg, ledger, 9003, TON)
+    user = await funded_user(ledger, 9003, TON)
     assert await ledger._hold_in_one_statement(user, TON + 1, "too-much") is None
     with pytest.raises(InsufficientFunds):
         await ledger.hold(user, TON + 1, "too-much")
@@ -112,7 +97,7 @@ async def test_a_short_balance_writes_nothing_and_is_refused(pg: Database) -> No
 
 async def test_a_key_applies_once_through_the_statement(pg: Database) -> None:
     ledger = Ledger(pg)
-    user = await funded(pg, ledger, 9004, 5 * TON)
+    user = await funded_user(ledger, 9004, 5 * TON)
     first = await ledger.hold(user, TON, "turn-once")
     assert await ledger._hold_in_one_statement(user, TON, "turn-once") is None  # no twin rows
     again = await ledger.hold(user, TON, "turn-once")
@@ -126,7 +111,7 @@ async def test_a_key_applies_once_through_the_statement(pg: Database) -> None:
 
 async def test_racing_holds_never_overdraw(pg: Database) -> None:
     ledger = Ledger(pg)
-    user = await funded(pg, ledger, 9005, 10 * TON)
+    user = await funded_user(ledger, 9005, 10 * TON)
 
     async def one(i: int) -> bool:
         try:
@@ -146,7 +131,7 @@ async def test_a_debit_never_stays_without_its_credit(pg: Database) -> None:
     """A user without a hold account (never made by the code, but a database is what it is):
     the statement writes nothing, not even the debit, and the general path says why."""
     ledger = Ledger(pg)
-    user = await funded(pg, ledger, 9006, TON)
+    user = await funded_user(ledger, 9006, TON)
     async with pg.session() as session, session.begin():
         await session.execute(
             delete(Account).where(Account.kind == AccountKind.HOLD, Account.owner_id == user)
