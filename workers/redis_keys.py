@@ -37,6 +37,11 @@ below, so the layout can be read (and audited for plaintext) in one place:
 ``cocoon:reg-token:<sha256 of token>``    string: a provider's one-time registration token
 ``cocoon:renew-token:<sha256 of token>``  string: a worker's token for its next attestation
 ``cocoon:attest-nonce:<nonce>``           string: a nonce the backend issued, single-use
+``cocoon:stars-pending``                  hash: Stars payments not credited yet (the database was
+                                          down), charge id → JSON record (charge id, Telegram id,
+                                          Stars, invoice payload, why it was refused: nothing
+                                          secret); written by the bot, each field deleted once
+                                          credited (``backend.accounts.stars_pending``)
 ========================================  ==========================================================
 """
 
