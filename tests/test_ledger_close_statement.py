@@ -25,10 +25,10 @@ from backend.ledger import (
 )
 from backend.ledger_pg import Close, close_in_one_statement
 from backend.ledger_write import request_hash
-from backend.models import Account, AccountKind, Entry, Hold, Transaction, TurnRecord
+from backend.models import Account, AccountKind, TurnRecord
 from backend.settings import MAX_NANO
 from backend.users import get_or_create_user
-from tests.support.turns import funded_user
+from tests.support.turns import funded_user, hold_rows
 
 TON = 1_000_000_000
 USAGE = TurnUsage(
@@ -45,18 +45,7 @@ USAGE = TurnUsage(
 async def written(db: Database, hold_key: str, key: str) -> tuple[object, ...]:
     """What a hold's close left in the database, without ids, times and owners."""
     async with db.session() as session:
-        hold = await session.scalar(select(Hold).where(Hold.key == hold_key))
-        tx = await session.scalar(select(Transaction).where(Transaction.idempotency_key == key))
-        assert hold is not None and tx is not None
-        entries = [
-            (AccountKind(kind), entry.amount)
-            for entry, kind in await session.execute(
-                select(Entry, Account.kind)
-                .join(Account, Account.id == Entry.account_id)
-                .where(Entry.transaction_id == tx.id)
-                .order_by(Entry.id)
-            )
-        ]
+        hold, tx, entries = await hold_rows(session, hold_key, key)
         turn = await session.scalar(select(TurnRecord).where(TurnRecord.turn_id == hold_key))
         record = None
         if turn is not None:

@@ -10,7 +10,7 @@ import hashlib
 import json
 
 import pytest
-from sqlalchemy import delete, select
+from sqlalchemy import delete
 
 from backend.db import Database
 from backend.ledger import (
@@ -21,8 +21,8 @@ from backend.ledger import (
     NotFound,
     Receipt,
 )
-from backend.models import Account, AccountKind, Entry, Hold, Transaction
-from tests.support.turns import funded_user
+from backend.models import Account, AccountKind
+from tests.support.turns import funded_user, hold_rows
 
 TON = 1_000_000_000
 
@@ -36,18 +36,7 @@ async def written(db: Database, key: str, user: int) -> tuple[object, ...]:
     """What a hold left in the database, without its ids and times (its request's fingerprint
     checked against the user's own request)."""
     async with db.session() as session:
-        hold = await session.scalar(select(Hold).where(Hold.key == key))
-        tx = await session.scalar(select(Transaction).where(Transaction.idempotency_key == key))
-        assert hold is not None and tx is not None
-        entries = [
-            (AccountKind(kind), entry.amount)
-            for entry, kind in await session.execute(
-                select(Entry, Account.kind)
-                .join(Account, Account.id == Entry.account_id)
-                .where(Entry.transaction_id == tx.id)
-                .order_by(Entry.id)
-            )
-        ]
+        hold, tx, entries = await hold_rows(session, key, key)
         return (
             (hold.amount, hold.state, hold.charged, hold.closed_at is None),
             (tx.kind, tx.request_hash == fingerprint(user, hold.amount), tx.reason),

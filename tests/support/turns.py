@@ -1,6 +1,6 @@
 """Helpers shared by the end-to-end turn tests (llama-cpp and vLLM): a worker node process on the
 real small model, a dispatcher over the test settings and Redis, funded users, the holds still
-open, and what a turn's signed usage costs and who it pays."""
+open, what a hold wrote, and what a turn's signed usage costs and who it pays."""
 
 from __future__ import annotations
 
@@ -15,12 +15,13 @@ from collections.abc import AsyncIterator, Sequence
 import redis
 import redis.asyncio as aioredis
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.db import Database
 from backend.dispatch import Dispatcher, Turn, TurnDone, TurnText
 from backend.ledger import Ledger
 from backend.metrics import TurnMetrics
-from backend.models import AccountKind, Hold, HoldState
+from backend.models import Account, AccountKind, Entry, Hold, HoldState, Transaction
 from backend.pricing import turn_cost
 from backend.settings import DEFAULT_MODEL, AttestationSettings, Settings
 from backend.users import get_or_create_user
@@ -114,6 +115,26 @@ async def funded_user(ledger: Ledger, telegram_id: int, amount: int = TON) -> in
 async def open_holds(ledger: Ledger) -> list[Hold]:
     async with ledger.db.session() as session:
         return list(await session.scalars(select(Hold).where(Hold.state == HoldState.OPEN)))
+
+
+async def hold_rows(
+    session: AsyncSession, hold_key: str, key: str
+) -> tuple[Hold, Transaction, list[tuple[AccountKind, int]]]:
+    """The hold ``hold_key``, the transaction of idempotency key ``key`` and its entries (each
+    account's kind and amount, in order): what a hold or its close wrote."""
+    hold = await session.scalar(select(Hold).where(Hold.key == hold_key))
+    tx = await session.scalar(select(Transaction).where(Transaction.idempotency_key == key))
+    assert hold is not None and tx is not None
+    entries = [
+        (AccountKind(kind), entry.amount)
+        for entry, kind in await session.execute(
+            select(Entry, Account.kind)
+            .join(Account, Account.id == Entry.account_id)
+            .where(Entry.transaction_id == tx.id)
+            .order_by(Entry.id)
+        )
+    ]
+    return hold, tx, entries
 
 
 async def cancel_after(turn: Turn, chunks: int) -> TurnDone | None:
