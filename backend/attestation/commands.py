@@ -162,14 +162,9 @@ def cmd_attest_digest(settings: Settings, args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def add_commands(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser], add: cliutil.Add
-) -> None:
-    provider = sub.add_parser(
-        "provider", help="provider onboarding", description="provider onboarding commands"
-    )
-    provider_sub = provider.add_subparsers(
-        dest="provider_command", metavar="COMMAND", required=True
+def add_commands(sub: cliutil.SubParsers, add: cliutil.Add) -> None:
+    provider_sub = cliutil.add_group(
+        sub, "provider", "provider onboarding", "provider onboarding commands"
     )
     token = add(
         "token",
@@ -177,7 +172,7 @@ def add_commands(
         cmd_provider_token,
         provider_sub,
     )
-    token.add_argument("--telegram-id", required=True, metavar="N", help="the provider's id")
+    cliutil.add_telegram_id(token, "the provider's id")
     token.add_argument(
         "--reusable",
         action="store_true",
@@ -190,13 +185,10 @@ def add_commands(
         cmd_provider_revoke_token,
         provider_sub,
     )
-    revoke.add_argument("--telegram-id", required=True, metavar="N", help="the provider's id")
+    cliutil.add_telegram_id(revoke, "the provider's id")
     revoke.add_argument("id", type=int, metavar="ID", help="the token's number")
 
-    attest = sub.add_parser(
-        "attest", help="TEE attestation", description="TEE attestation commands"
-    )
-    attest_sub = attest.add_subparsers(dest="attest_command", metavar="COMMAND", required=True)
+    attest_sub = cliutil.add_group(sub, "attest", "TEE attestation", "TEE attestation commands")
     verify = add(
         "verify",
         "verify a TDX quote (v4 or v5) with its collateral against the policy; exit 0 when "
@@ -359,8 +351,8 @@ def cmd_verify_receipt(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def add_client_commands(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser],
-    attest_sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    sub: cliutil.SubParsers,
+    attest_sub: cliutil.SubParsers,
     add: cliutil.Add,
 ) -> None:
     report = add(
