@@ -10,10 +10,12 @@ import asyncio
 import json
 import time
 
+import aiohttp
 import openai
 import pytest
 import redis.asyncio as aioredis
 
+from backend.openai_api import idempotency, routes
 from backend.settings import DEFAULT_MODEL
 from tests.support.api import WEATHER, Api, ApiFactory, settled_turns
 from tests.support.env import require_module
@@ -112,7 +114,11 @@ async def test_a_retry_with_an_idempotency_key_is_billed_once(v1: Api, node: Nod
     first_try.cancel()
     with pytest.raises(asyncio.CancelledError):
         await first_try
-    patient = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key, max_retries=0, timeout=120)
+    # The retry waits for the first to end; on a machine slow enough that the server's wait
+    # runs out first it is a 409 with Retry-After, which the SDK retries by itself as often
+    # as allowed here: the first turn's end, not a time, ends the wait (nine tries of up to a
+    # minute outlast the test's own timeout).
+    patient = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key, max_retries=8, timeout=120)
     raw = await patient.chat.completions.with_raw_response.create(**ask, extra_headers=headers)
     first = raw.parse()
     assert raw.headers["Idempotent-Replayed"] == "true"
@@ -129,6 +135,50 @@ async def test_a_retry_with_an_idempotency_key_is_billed_once(v1: Api, node: Nod
             model=DEFAULT_MODEL, messages=LONG, max_tokens=12, extra_headers=headers
         )
     await hasty.close()
+    await patient.close()
+
+
+async def test_a_retry_before_the_first_ends_is_a_409_the_sdk_retries(
+    v1_server: ApiFactory, node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first request with a key waits for the worker's one slot, which the test holds:
+    it is still running, however fast the machine, when the retry comes. The server's wait
+    for it (a minute) is cut to none here: the retry is a 409 with Retry-After at once."""
+    monkeypatch.setattr(routes, "IDEMPOTENCY_WAIT_S", 0.0)
+    v1 = await v1_server(api_queue_timeout_s=300)
+    headers = {"Idempotency-Key": "retry-me-2"}
+    ask = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "Hi"}]}
+    admin = aioredis.Redis.from_url(v1.settings.redis_url)
+    async with aiohttp.ClientSession() as session:
+        while True:  # until the API sees the node (the test's own timeout bounds the wait)
+            async with session.get(v1.base_url.removesuffix("/v1") + "/health") as health:
+                if (await health.json())["models"].get(DEFAULT_MODEL):
+                    break
+            await asyncio.sleep(0.1)
+    assert await registry.reserve_slot(admin, node.worker_id, "held-by-the-test", ttl_s=300)
+    client = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key, max_retries=0)
+    first = asyncio.create_task(
+        client.chat.completions.create(**ask, max_tokens=4, extra_headers=headers)
+    )
+    while True:  # until its key is claimed
+        if await admin.keys(f"*{idempotency.IDEMPOTENCY}*"):
+            break
+        assert not first.done()
+        await asyncio.sleep(0.05)
+    with pytest.raises(openai.ConflictError, match="still running") as refused:
+        await client.chat.completions.create(**ask, max_tokens=4, extra_headers=headers)
+    assert refused.value.response.headers["Retry-After"] == "1"
+    await registry.release_slot(admin, node.worker_id, "held-by-the-test")
+    await admin.aclose()
+    patient = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key, max_retries=8)
+    raw = await patient.chat.completions.with_raw_response.create(
+        **ask, max_tokens=4, extra_headers=headers
+    )  # retried on each 409 until the first has ended: its result
+    assert raw.headers["Idempotent-Replayed"] == "true"
+    assert raw.parse().id == (await first).id
+    [turn] = await settled_turns(v1)
+    assert (await v1.ledger.balances(v1.user_id)).available == TON - turn.cost
+    await client.close()
     await patient.close()
 
 

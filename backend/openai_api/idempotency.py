@@ -4,8 +4,10 @@ gets the first request's result instead of running, and being billed, again.
 The first request with a key claims it in Redis (``SET NX``) for as long as a turn can run; its
 completion, once known, is kept for ``COCOON_API_IDEMPOTENCY_TTL_S``. A repeat with the same key
 and the same body waits for the first to end and answers with its result (header
-``Idempotent-Replayed: true``); the same key with another body is a 400. A first request that
-failed (no worker, a timeout: nothing billed) gives its key back, so a retry runs.
+``Idempotent-Replayed: true``); one that waited its bound in vain is a 409 with
+``Retry-After`` (the ``openai`` SDKs retry a 409 by themselves); the same key with another body
+is a 400. A first request that failed (no worker, a timeout: nothing billed) gives its key
+back, so a retry runs.
 
 Nothing readable at rest: the kept completion (it holds the reply text) is sealed with a key
 derived from the API key and the idempotency key, which only the client holds, and the body is
@@ -35,6 +37,7 @@ HEADER = "Idempotency-Key"
 IDEMPOTENCY = "api:idem"  # cocoon:api:idem:<user id>:<MAC of the key>: hash, sealed result
 MAX_KEY_CHARS = 255
 POLL_S = 0.2
+RETRY_AFTER_S = 1  # a 409's Retry-After: the SDKs retry a 409, waiting this long first
 
 _RUNNING = b"running"
 _DONE = b"done"
@@ -122,6 +125,7 @@ class IdempotencyKey:
                     f"a request with this {HEADER} is still running; try again later",
                     param=HEADER,
                     status=409,
+                    retry_after=RETRY_AFTER_S,
                 )
             await asyncio.sleep(POLL_S)
 
