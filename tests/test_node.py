@@ -16,6 +16,7 @@ from rq.job import JobStatus
 from rq.serializers import JSONSerializer
 
 from tests.support.node import (
+    Submitted,
     events_of,
     max_overlap,
     rq_job,
@@ -29,6 +30,7 @@ from workers.registry import queue_name
 from workers.stream_crypto import StreamOpener
 
 CANARY = "zebra-canary-7f3a"
+QUEUED_S = 240.0  # a queued job's stream waits for its turn: the test's own timeout bounds it
 
 
 # -- the node --------------------------------------------------------------------------------
@@ -101,9 +103,32 @@ async def test_sixty_jobs_run_concurrently(start_node, aredis, sredis):
 
 @pytest.mark.slow
 async def test_a_full_node_takes_no_more_jobs_than_its_capacity(start_node, aredis, sredis):
-    node = await start_node("--capacity", "2", "--engine-option", "token_delay=0.02")
-    submitted = [submit(sredis, node.info, words(10)) for _ in range(6)]
-    await asyncio.gather(*(events_of(aredis, job) for job in submitted))
+    """Six jobs of 20 s each on a node of capacity 2. Each is stopped once another runs beside
+    it (the last one once it is alone), never after a time: however slow the machine, the
+    first two overlap, and RQ's own timestamps show the node never ran a third at once."""
+    node = await start_node("--capacity", "2", "--engine-option", "token_delay=0.05")
+    submitted = [submit(sredis, node.info, words(400), max_tokens=400) for _ in range(6)]
+    running: set[str] = set()
+    ended: list[str] = []
+
+    async def run(job: Submitted) -> list[wire.Event]:
+        events: list[wire.Event] = []
+        opener = StreamOpener(job.reply_key, job.worker.verify_key, job.job_id)
+        async for blob in streams.read_stream(
+            aredis, job.job_id, first_timeout_s=QUEUED_S, idle_timeout_s=QUEUED_S
+        ):
+            events.append(opener.open(blob))
+            running.add(job.job_id)
+            # A pair runs together: stop both. The last job has no one left to pair with.
+            if len(running) >= 2 or len(ended) == len(submitted) - 1:
+                for job_id in list(running):
+                    await streams.request_cancel(aredis, job_id)
+        running.discard(job.job_id)
+        ended.append(job.job_id)
+        return events
+
+    for events in await asyncio.gather(*(run(job) for job in submitted)):
+        assert events[-1].finish_reason == "cancelled"
     jobs = [await wait_for_status(sredis, job.job_id, JobStatus.FINISHED) for job in submitted]
     assert max_overlap(jobs) == 2
 

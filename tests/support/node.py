@@ -181,13 +181,19 @@ def rq_job(sredis: redis.Redis, job_id: str) -> Job:
     return Job.fetch(job_id, connection=sredis, serializer=JSONSerializer)
 
 
+ENDED = {JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED}
+
+
 async def wait_for_status(sredis: redis.Redis, job_id: str, status: JobStatus) -> Job:
-    for _ in range(100):
+    """The RQ job once it has ended (a stream's end comes before RQ writes its own), which must
+    be as ``status``: waits for that event, not for a time a loaded machine may overrun."""
+    while True:
         job = rq_job(sredis, job_id)
-        if job.get_status() == status:
-            return job
+        if job.get_status() in ENDED:
+            break
         await asyncio.sleep(0.05)
-    raise AssertionError(f"job {job_id} is {job.get_status()}, not {status}")
+    assert job.get_status() == status, f"job {job_id} is {job.get_status()}, not {status}"
+    return job
 
 
 def max_overlap(jobs: list[Job]) -> int:
