@@ -10,6 +10,7 @@ import contextlib
 import functools
 import itertools
 import re
+import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -23,9 +24,10 @@ from sqlalchemy import select
 from backend.db import Database
 from backend.models import Hold, HoldState, TurnRecord
 from backend.settings import AttestationSettings, Settings
-from bot import streaming
+from bot import streaming, turn_runner
 from bot.app import running_bot
 from bot.context import ContextStore
+from bot.streaming import ReplyStream
 from tests.support.bot import Harness
 from tests.support.bot_fakes import (
     TOKEN,
@@ -37,7 +39,7 @@ from tests.support.bot_fakes import (
 )
 from tests.support.env import IN_CI, TEST_REDIS_URL, require_module
 from tests.support.telegram_rules import visible
-from tests.support.turns import TON, funded_user
+from tests.support.turns import TON, Node, funded_user
 
 require_module("llama_cpp")
 
@@ -48,10 +50,8 @@ GROUP = -100777
 
 
 @pytest.fixture(scope="module")
-def worker() -> Iterator[str]:
+def node() -> Iterator[Node]:
     """One worker node for the module (an unattested dev worker: dev mode is on)."""
-    from tests.support.turns import Node
-
     client = redis.Redis.from_url(TEST_REDIS_URL)
     try:
         client.flushdb()
@@ -60,10 +60,15 @@ def worker() -> Iterator[str]:
             pytest.fail(f"Redis is not reachable: {error}")
         pytest.skip(f"Redis is not reachable: {error}")
     node = Node(TEST_REDIS_URL)
-    yield node.worker_id
+    yield node
     node.stop()
     client.flushdb()
     client.close()
+
+
+@pytest.fixture(scope="module")
+def worker(node: Node) -> str:
+    return node.worker_id
 
 
 @pytest.fixture
@@ -198,9 +203,27 @@ async def test_stop_from_the_draft_cancels_and_bills_what_was_generated(chat: Ha
         assert not list(await session.scalars(select(Hold).where(Hold.state == HoldState.OPEN)))
 
 
-async def test_in_a_group_the_reply_is_edited_at_most_once_a_second_and_has_a_stop_button(
-    chat: Harness,
+async def test_in_a_group_the_reply_is_edited_at_most_once_an_interval_and_has_a_stop_button(
+    chat: Harness, node: Node, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The pace is read on the bot's own clock, at each edit it sends (Telegram's arrival
+    time adds the machine's delays). The worker is frozen at the second edit, a few tokens
+    in, until the stop has been asked: the stop finds the reply running however fast the
+    machine writes it, and however slow the bot is to read it."""
+    monkeypatch.setattr(streaming, "EDIT_INTERVAL_S", 0.2)  # frozen within a few tokens
+    clock = ReadClock()
+    monkeypatch.setattr(turn_runner, "ReplyStream", functools.partial(ReplyStream, clock=clock))
+    edited_at: list[float] = []
+    send = chat.tg.make_request
+
+    async def make_request(bot: Any, method: Any, timeout: int | None = None) -> Any:  # noqa: ASYNC109
+        if method.__api_method__ == "editMessageText":
+            edited_at.append(clock.last)
+            if len(edited_at) == 2:
+                node.signal(signal.SIGSTOP)
+        return await send(bot, method, timeout)
+
+    monkeypatch.setattr(chat.tg, "make_request", make_request)
     chat.settings.max_tokens_default = 300
     reply_to = {
         "message_id": 5,
@@ -217,27 +240,44 @@ async def test_in_a_group_the_reply_is_edited_at_most_once_a_second_and_has_a_st
         reply_to_message=reply_to,
     )
     task = asyncio.create_task(feed(chat.app.dp, chat.app.bot, update))
-    deadline = time.monotonic() + 60
-    while len(chat.tg.calls("editMessageText")) < 2:
-        assert time.monotonic() < deadline and not task.done()
-        await asyncio.sleep(0.02)
-    placeholder = chat.tg.calls("sendMessage")[0]
-    assert placeholder.text == "…" and placeholder.reply_markup.inline_keyboard[0][0].callback_data
-    assert placeholder.reply_parameters.message_id == update["message"]["message_id"]
-    shown = chat.tg.sent("sendMessage")[0].message_id
-    stop = callback_update(USER + 1, "stop", chat_id=GROUP, message_id=shown)
-    await feed(chat.app.dp, chat.app.bot, stop)  # not theirs to stop
-    assert chat.last("answerCallbackQuery").text == "This button is for the person who asked."
-    stop = callback_update(USER, "stop", chat_id=GROUP, message_id=shown)
-    await feed(chat.app.dp, chat.app.bot, stop)
-    await asyncio.wait_for(task, 60)
+    try:
+        while len(edited_at) < 2:  # until the worker is frozen (the test's timeout bounds it)
+            assert not task.done()
+            await asyncio.sleep(0.02)
+        placeholder = chat.tg.calls("sendMessage")[0]
+        assert placeholder.text == "…"
+        assert placeholder.reply_markup.inline_keyboard[0][0].callback_data
+        assert placeholder.reply_parameters.message_id == update["message"]["message_id"]
+        shown = chat.tg.sent("sendMessage")[0].message_id
+        stop = callback_update(USER + 1, "stop", chat_id=GROUP, message_id=shown)
+        await feed(chat.app.dp, chat.app.bot, stop)  # not theirs to stop
+        assert chat.last("answerCallbackQuery").text == "This button is for the person who asked."
+        stop = callback_update(USER, "stop", chat_id=GROUP, message_id=shown)
+        await feed(chat.app.dp, chat.app.bot, stop)
+    finally:
+        node.signal(signal.SIGCONT)
+    await task
     assert not chat.tg.calls("sendMessageDraft")  # no drafts outside private chats
-    edits = [t for t, _m in chat.tg.timed("editMessageText")]
-    assert len(edits) >= 3 and all(b - a >= 0.99 for a, b in itertools.pairwise(edits))
+    resolution = time.get_clock_info("monotonic").resolution
+    assert len(edited_at) >= 3
+    assert all(
+        b - a >= streaming.EDIT_INTERVAL_S - resolution for a, b in itertools.pairwise(edited_at)
+    )
     last = final(chat)
     assert last.__api_method__ == "editMessageText"  # the stop button gives way to these:
     assert [b.callback_data for b in last.reply_markup.inline_keyboard[0]] == ["regen", "cont"]
     assert "stopped" in last.text
+
+
+class ReadClock:
+    """``time.monotonic``, remembering its last reading: the bot's time of the edit it sends."""
+
+    def __init__(self) -> None:
+        self.last = float("-inf")
+
+    def __call__(self) -> float:
+        self.last = time.monotonic()
+        return self.last
 
 
 async def test_refused_drafts_fall_back_to_edits_and_flood_waits_skip_a_beat(
