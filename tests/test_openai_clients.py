@@ -160,16 +160,18 @@ async def test_a_retry_before_the_first_ends_is_a_409_the_sdk_retries(
     first = asyncio.create_task(
         client.chat.completions.create(**ask, max_tokens=4, extra_headers=headers)
     )
-    while True:  # until its key is claimed
-        if await admin.keys(f"*{idempotency.IDEMPOTENCY}*"):
-            break
-        assert not first.done()
-        await asyncio.sleep(0.05)
-    with pytest.raises(openai.ConflictError, match="still running") as refused:
-        await client.chat.completions.create(**ask, max_tokens=4, extra_headers=headers)
-    assert refused.value.response.headers["Retry-After"] == "1"
-    await registry.release_slot(admin, node.worker_id, "held-by-the-test")
-    await admin.aclose()
+    try:
+        while True:  # until its key is claimed
+            if await admin.keys(f"*{idempotency.IDEMPOTENCY}*"):
+                break
+            assert not first.done()
+            await asyncio.sleep(0.05)
+        with pytest.raises(openai.ConflictError, match="still running") as refused:
+            await client.chat.completions.create(**ask, max_tokens=4, extra_headers=headers)
+        assert refused.value.response.headers["Retry-After"] == "1"
+    finally:  # the module's worker serves the next tests
+        await registry.release_slot(admin, node.worker_id, "held-by-the-test")
+        await admin.aclose()
     patient = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key, max_retries=8)
     raw = await patient.chat.completions.with_raw_response.create(
         **ask, max_tokens=4, extra_headers=headers
