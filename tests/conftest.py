@@ -34,6 +34,7 @@ pytest_plugins = [
     "tests.support.payouts",
     "tests.support.tdx_hosts",
     "tests.support.tonproof",
+    "tests.support.vllm",
 ]
 
 

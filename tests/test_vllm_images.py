@@ -33,9 +33,8 @@ import pytest_asyncio
 from backend.bounds import prompt_token_bound
 from tests.support import tiny_vlm
 from tests.support.engines import stream
-from tests.test_vllm import (
+from tests.support.vllm import (
     ENGINE_ARGS,
-    model_dir,  # noqa: F401 (the fixture)
     report,
     unfinished_requests,
 )
@@ -81,7 +80,7 @@ def asking(*urls: str) -> list[dict[str, object]]:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def vision(model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Engine]:  # noqa: F811
+async def vision(model_dir: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Engine]:
     folder = tiny_vlm.build(model_dir, tmp_path_factory.mktemp("tiny-idefics3"))
     engine = create_engine(
         "vllm", "tiny-vlm", model_path=str(folder), max_model_len=1024, engine_args=ENGINE_ARGS
