@@ -7,12 +7,13 @@ begin deferred and never take the write lock (WAL readers never wait for a write
 PostgreSQL runs at READ COMMITTED; the ledger's balance updates
 are single conditional ``UPDATE`` statements, so they need nothing stronger.
 
-A PostgreSQL connection is pinged on its way out of the pool only when it sat there idle for
-:data:`PING_AFTER_IDLE_S` or more (SQLAlchemy's ``pool_pre_ping`` would ping every checkout:
-three round trips, about 0.3 ms, on every hold and settlement of a busy server). A connection
-that died since and fails its first statement invalidates the pool's older connections, and the
-ledger tries its operation once more on a fresh one (:mod:`backend.ledger_write`: safe, every
-operation is idempotent by key).
+A PostgreSQL connection is pinged on every checkout (SQLAlchemy's ``pool_pre_ping``: three
+round trips, about 0.3 ms). ``ping_after_idle_s`` pings only a connection idle that long; it is
+not the default, because under connections dropped mid-operation (``bench.chaos``
+postgres-drops) an unpinged connection was once handed out in a state asyncpg refuses ("another
+operation is in progress"). A connection that died anyway and fails its first statement
+invalidates the pool's older connections, and the ledger tries its operation once more on a
+fresh one (:mod:`backend.ledger_write`: safe, every operation is idempotent by key).
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ from backend.settings import Settings
 
 SQLITE_BUSY_TIMEOUT_S = 60
 READ_ONLY = "cocoon_read_only"  # the execution option of a read session's connections
-PING_AFTER_IDLE_S = 1.0
 
 
 def is_sqlite(url: str) -> bool:
@@ -46,13 +46,17 @@ def is_sqlite(url: str) -> bool:
 
 
 def create_engine(
-    url: str, *, ping_after_idle_s: float = PING_AFTER_IDLE_S, **kwargs: Any
+    url: str, *, ping_after_idle_s: float | None = None, **kwargs: Any
 ) -> AsyncEngine:
     """An async engine for ``url``; SQLite files get their directory, WAL and immediate writes;
-    a server's connections are pinged when they were idle ``ping_after_idle_s`` or more."""
+    a server's connections are pinged on every checkout, or only when they were idle
+    ``ping_after_idle_s`` or more."""
     if not is_sqlite(url):
+        if ping_after_idle_s is None:
+            kwargs.setdefault("pool_pre_ping", True)
         engine = create_async_engine(url, **kwargs)
-        _ping_when_idle(engine, ping_after_idle_s)
+        if ping_after_idle_s is not None:
+            _ping_when_idle(engine, ping_after_idle_s)
         return engine
 
     database = make_url(url).database
