@@ -69,6 +69,7 @@ from tests.support.turns import (  # noqa: E402
 )
 from tests.support.vllm import (  # noqa: E402
     ENGINE_ARGS,
+    VLLM_MARKS,
     report,
     unfinished_requests,
 )
@@ -91,17 +92,7 @@ LONG_SYSTEM = (
 ) * 12
 
 module_loop = pytest.mark.asyncio(loop_scope="module")
-pytestmark = [
-    pytest.mark.engine,
-    # vLLM and its dependencies warn at import and start-up (deprecations, resource notes);
-    # the project's "warnings are errors" rule is for our code, not theirs.
-    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore::PendingDeprecationWarning"),
-    pytest.mark.filterwarnings("ignore::FutureWarning"),
-    pytest.mark.filterwarnings("ignore::UserWarning"),
-    pytest.mark.filterwarnings("ignore::ResourceWarning"),
-    pytest.mark.timeout(900),
-]
+pytestmark = VLLM_MARKS
 
 
 async def wait_until_no_requests(engine: Engine, limit: float = 10.0) -> None:

@@ -35,6 +35,7 @@ from tests.support import tiny_vlm
 from tests.support.engines import stream
 from tests.support.vllm import (
     ENGINE_ARGS,
+    VLLM_MARKS,
     report,
     unfinished_requests,
 )
@@ -42,16 +43,7 @@ from workers.engines import Engine, GenerationRequest, create_engine
 from workers.engines.base import RequestRefused
 from workers.wire import ChatMessage
 
-pytestmark = [
-    pytest.mark.engine,
-    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore::PendingDeprecationWarning"),
-    pytest.mark.filterwarnings("ignore::FutureWarning"),
-    pytest.mark.filterwarnings("ignore::UserWarning"),
-    pytest.mark.filterwarnings("ignore::ResourceWarning"),
-    pytest.mark.timeout(900),
-    pytest.mark.asyncio(loop_scope="module"),
-]
+pytestmark = [*VLLM_MARKS, pytest.mark.asyncio(loop_scope="module")]
 
 JPEG = (Path(__file__).parent / "fixtures" / "images" / "python.jpg").read_bytes()
 

@@ -15,6 +15,18 @@ MODEL_DIR_ENV = "COCOON_VLLM_MODEL_DIR"
 #: vLLM's own arguments for a small CPU machine: no torch.compile / graph capture (minutes of
 #: warm-up on 2 cores for a model that runs in seconds), bfloat16 weights as converted.
 ENGINE_ARGS = {"dtype": "bfloat16", "enforce_eager": True}
+#: The marks of a vLLM test module: vLLM and its dependencies warn at import and start-up
+#: (deprecations, resource notes); the project's "warnings are errors" rule is for our code,
+#: not theirs. A CPU engine's start takes minutes on 2 cores.
+VLLM_MARKS = [
+    pytest.mark.engine,
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::PendingDeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.filterwarnings("ignore::ResourceWarning"),
+    pytest.mark.timeout(900),
+]
 
 
 def report(line: str) -> None:
