@@ -24,7 +24,7 @@ from backend.db import Database
 from backend.ledger import Ledger
 from backend.settings import DEFAULT_MODEL
 from backend.users import get_or_create_user
-from tests.support.ops import free_port
+from tests.support.ops import free_port, until_healthy
 from tests.support.redis_server import REPO, start_node, stop_process
 
 CANARY_USER = 4242
@@ -119,7 +119,7 @@ async def canary_stack(
     url = f"http://127.0.0.1:{port}"
     node = None
     try:
-        await _until_up(url, web, web_log)
+        await until_healthy(url, web, web_log, timeout_s=60, every_s=0.2)
         admin = aioredis.Redis.from_url(redis_url)
         token = await issue_registration_token(admin, provider.id, 600)
         await admin.aclose()
@@ -137,25 +137,6 @@ def _start_web(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
         command = [sys.executable, "-m", "backend.cli", "web"]
         return subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-
-
-def _read(path: Path) -> str:
-    return path.read_text(errors="replace")
-
-
-async def _until_up(url: str, web: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 60
-    async with aiohttp.ClientSession() as http:
-        while True:
-            assert web.poll() is None, _read(log)
-            assert time.monotonic() < deadline, _read(log)
-            try:
-                async with http.get(f"{url}/healthz") as reply:
-                    if reply.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.2)
 
 
 async def worker_ready(stack: Stack, model: str = DEFAULT_MODEL, timeout_s: float = 60) -> None:

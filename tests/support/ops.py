@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,23 +139,37 @@ def _exists(path: str) -> bool:
     return os.path.exists(path)
 
 
+async def until_healthy(
+    base: str,
+    process: subprocess.Popen[bytes],
+    log: Path,
+    *,
+    timeout_s: float,
+    also: Callable[[], bool] = lambda: True,
+    every_s: float = 0.3,
+) -> None:
+    """Return once ``base`` answers /healthz (and ``also()`` holds); fail with the process's
+    ``log`` if it exits or takes longer than ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession() as http:
+        while True:
+            assert process.poll() is None, _text(log)
+            assert time.monotonic() < deadline, _text(log)
+            try:
+                async with http.get(f"{base}/healthz") as reply:
+                    if reply.status == 200 and also():
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(every_s)
+
+
 async def wait_cocoon_up_ready(
     up: subprocess.Popen[bytes], log: Path, base: str, key: str, timeout_s: float = 180
 ) -> None:
     """Return once ``cocoon up`` answers /healthz and has written its local API key ``key``;
     fail with its log if it exits or takes longer than ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    async with aiohttp.ClientSession() as http:
-        while True:
-            assert up.poll() is None, _text(log)
-            assert time.monotonic() < deadline, _text(log)
-            try:
-                async with http.get(f"{base}/healthz") as reply:
-                    if reply.status == 200 and _exists(key):
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.3)
+    await until_healthy(base, up, log, timeout_s=timeout_s, also=lambda: _exists(key))
 
 
 def free_port() -> int:
