@@ -32,6 +32,14 @@ def test_up_then_chat(tmp_path: Path) -> None:
         COCOON_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
         COCOON_WEB_PORT=str(web_port),
     )
+
+    def cocoon(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+        """A ``cocoon`` command against this stack, run to its end, its output read."""
+        command = [sys.executable, "-m", "backend.cli", *args]
+        return subprocess.run(
+            command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=timeout_s
+        )
+
     up = start_cocoon_up(env, tmp_path, tmp_path / "up.log")
     try:
         key_file = tmp_path / "data" / "local-api-key"
@@ -54,27 +62,13 @@ def test_up_then_chat(tmp_path: Path) -> None:
         )
         assert not (tmp_path / "data" / "context.key").exists()
 
-        chat = subprocess.run(
-            [sys.executable, "-m", "backend.cli", "chat", "Say hello.", "--max-tokens", "12"],
-            env=env,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        chat = cocoon("chat", "Say hello.", "--max-tokens", "12")
         assert chat.returncode == 0, chat.stderr
         assert chat.stdout.strip()
         assert "development TEE" in chat.stderr and "signed usage verified" in chat.stderr
 
         # Sealed here, to the worker verified here (its development TEE allowed explicitly).
-        sealed = subprocess.run(
-            [sys.executable, "-m", "backend.cli", "chat", "--sealed", "--allow-dev", "Say hi."],
-            env=env,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        sealed = cocoon("chat", "--sealed", "--allow-dev", "Say hi.")
         assert sealed.returncode == 0, sealed.stderr
         assert sealed.stdout.strip() and "verified here" in sealed.stderr
 
@@ -100,10 +94,7 @@ def test_up_then_chat(tmp_path: Path) -> None:
         account = re.search(r'"account": "([^"]+)"', output).group(1)  # type: ignore[union-attr]
 
         def balance() -> tuple[str, int]:
-            result = subprocess.run(
-                [sys.executable, "-m", "backend.cli", "ledger", "balance", "--telegram-id", "1"],
-                env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60,
-            )  # fmt: skip
+            result = cocoon("ledger", "balance", "--telegram-id", "1", timeout_s=60)
             memo = re.search(r"deposit memo (\w+)", result.stdout).group(1)  # type: ignore[union-attr]
             available = int(re.search(r"available: (\d+)", result.stdout).group(1))  # type: ignore[union-attr]
             return memo, available
