@@ -24,6 +24,9 @@ from tests.support.engines import (
     assert_stop_string_cuts,
     chat,
     collect,
+    end_stream,
+    on_loopback,
+    openai_upstream,
 )
 from workers.engines import (
     ENGINE_NAMES,
@@ -308,9 +311,6 @@ def openai_app(engine: Engine, served_model: str) -> web.Application:
         body = {"error": {"message": message, "type": "invalid_request_error", "code": status}}
         return web.json_response(body, status=status)
 
-    async def models(request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": served_model}]})
-
     async def completions(request: web.Request) -> web.StreamResponse:
         body = await request.json()
         if body.get("model") != served_model:
@@ -353,25 +353,15 @@ def openai_app(engine: Engine, served_model: str) -> web.Application:
         }
         if body.get("stream_options", {}).get("include_usage"):
             await send({"choices": [], "usage": usage})
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
-        return response
+        return await end_stream(response)
 
-    app = web.Application()
-    app.router.add_get("/v1/models", models)
-    app.router.add_post("/v1/chat/completions", completions)
-    return app
+    return openai_upstream(served_model, completions)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def openai_server(llama: Engine) -> AsyncIterator[str]:
-    runner = web.AppRunner(openai_app(llama, "smollm2-served"))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield f"http://127.0.0.1:{port}"
-    await runner.cleanup()
+    async with on_loopback(openai_app(llama, "smollm2-served")) as url:
+        yield url
 
 
 @pytest_asyncio.fixture(loop_scope="module")

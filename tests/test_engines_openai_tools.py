@@ -22,6 +22,7 @@ from aiohttp import web
 from openai.types.chat import ChatCompletionChunk
 
 from backend.tool_checks import CallCheck
+from tests.support.engines import WEATHER, end_stream, on_loopback, openai_upstream
 from tests.support.env import require_module
 from workers.engines import Engine, GenerationRequest, TextDelta, Usage, create_engine
 from workers.engines.tools import HERMES_TEMPLATE
@@ -30,14 +31,6 @@ from workers.wire_tools import ToolCallDelta as WireCallDelta
 
 MODEL = "smollm2-135m"
 SERVED = "smollm2-served"
-WEATHER = {
-    "name": "get_weather",
-    "description": "The weather in a city now.",
-    "parameters": json.dumps(
-        {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
-         "required": ["city"], "additionalProperties": False}
-    ),
-}  # fmt: skip
 QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
 Item = str | list[dict[str, Any]]  # a reply's text, or one delta's tool_calls
 Reply = Callable[[dict[str, Any]], AsyncIterator[Item]]
@@ -45,9 +38,6 @@ Reply = Callable[[dict[str, Any]], AsyncIterator[Item]]
 
 def upstream_app(reply: Reply, bodies: list[dict[str, Any]]) -> web.Application:
     """An OpenAI-compatible chat-completions server (streaming, with usage) over ``reply``."""
-
-    async def models(request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": SERVED}]})
 
     async def completions(request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -78,34 +68,22 @@ def upstream_app(reply: Reply, bodies: list[dict[str, Any]]) -> web.Application:
         await send([choice({}, "tool_calls" if called else "stop")])
         usage = {"prompt_tokens": 20, "completion_tokens": 10, "total_tokens": 30}
         await send([], usage=usage)
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
-        return response
+        return await end_stream(response)
 
-    app = web.Application()
-    app.router.add_get("/v1/models", models)
-    app.router.add_post("/v1/chat/completions", completions)
-    return app
+    return openai_upstream(SERVED, completions)
 
 
 @asynccontextmanager
 async def upstream(reply: Reply) -> AsyncIterator[tuple[Engine, list[dict[str, Any]]]]:
     """The openai engine started against a loopback upstream; the request bodies it got."""
     bodies: list[dict[str, Any]] = []
-    runner = web.AppRunner(upstream_app(reply, bodies))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    engine = create_engine(
-        "openai", MODEL, base_url=f"http://127.0.0.1:{port}", served_model=SERVED
-    )
-    await engine.start()
-    try:
-        yield engine, bodies
-    finally:
-        await engine.close()
-        await runner.cleanup()
+    async with on_loopback(upstream_app(reply, bodies)) as url:
+        engine = create_engine("openai", MODEL, base_url=url, served_model=SERVED)
+        await engine.start()
+        try:
+            yield engine, bodies
+        finally:
+            await engine.close()
 
 
 def llama_reply(engine: Engine) -> Reply:

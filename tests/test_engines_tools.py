@@ -9,6 +9,7 @@ import json
 import pytest
 
 from backend.bounds import tools_token_bound
+from tests.support.engines import WEATHER
 from tests.support.env import require_module
 from workers.engines.base import GenerationRequest, TextDelta, ToolCallDelta, Usage
 from workers.engines.tools import (
@@ -25,14 +26,6 @@ from workers.engines.tools import (
 )
 from workers.wire_tools import Tools, ToolSpec
 
-WEATHER = {
-    "name": "get_weather",
-    "description": "The weather in a city now.",
-    "parameters": json.dumps(
-        {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
-         "required": ["city"], "additionalProperties": False}
-    ),
-}  # fmt: skip
 QUESTION = [{"role": "user", "content": "What is the weather in Paris and in Rome?"}]
 
 

@@ -1,14 +1,41 @@
 """What the engine tests (tests/test_engines.py for llama.cpp and the openai engine,
-tests/test_vllm.py for vLLM) share: a one-message chat request, a stream read to its end with
-its shape checked (text deltas, then one Usage, last), and the checks every engine passes."""
+tests/test_vllm.py for vLLM, tests/test_engines_tools.py and tests/test_engines_openai_tools.py
+for tools) share: a one-message chat request, a stream read to its end with its shape checked
+(text deltas, then one Usage, last), the checks every engine passes, the tool the tool tests
+offer, and an OpenAI-compatible upstream served on loopback for the openai engine."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
+
+from aiohttp import web
 
 from workers.engines import Engine, GenerationRequest, TextDelta, Usage
 
-__all__ = ["assert_ends_its_turn", "assert_stop_string_cuts", "chat", "collect", "stream"]
+__all__ = [
+    "WEATHER",
+    "assert_ends_its_turn",
+    "assert_stop_string_cuts",
+    "chat",
+    "collect",
+    "end_stream",
+    "on_loopback",
+    "openai_upstream",
+    "stream",
+]
+
+WEATHER = {
+    "name": "get_weather",
+    "description": "The weather in a city now.",
+    "parameters": json.dumps(
+        {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+         "required": ["city"], "additionalProperties": False}
+    ),
+}  # fmt: skip
+"""A tool as the wire carries it (its parameters a JSON schema in a string)."""
 
 
 def chat(text: str, **kwargs: Any) -> GenerationRequest:
@@ -55,3 +82,39 @@ async def assert_stop_string_cuts(engine: Engine, max_tokens: int) -> None:
     cut, usage = await collect(engine, chat(question, max_tokens=max_tokens, stop=(stop,)))
     assert cut == full[: full.index(stop)]
     assert usage.finish_reason == "stop"
+
+
+def openai_upstream(
+    served_model: str, completions: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.Application:
+    """An OpenAI-compatible upstream: ``/v1/models`` lists ``served_model``, and
+    ``/v1/chat/completions`` is answered by ``completions``."""
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": served_model}]})
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/chat/completions", completions)
+    return app
+
+
+async def end_stream(response: web.StreamResponse) -> web.StreamResponse:
+    """Close an OpenAI server-sent stream as OpenAI does: ``data: [DONE]``, then the body's end."""
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+@asynccontextmanager
+async def on_loopback(app: web.Application) -> AsyncIterator[str]:
+    """``app`` served on a free loopback port for as long as the block runs; its base URL."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
