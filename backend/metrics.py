@@ -270,30 +270,13 @@ class StateCollector(Collector):
         yield GaugeMetricFamily(
             "cocoon_holds_open_nano", "nanoTON in open holds", value=s.holds_open[1]
         )
-        yield _family(
+        yield from _counted(
             "cocoon_ton_deposits",
-            "Transactions of the deposit wallet, by status",
-            ["status"],
-            {status: n for status, (n, _amount) in s.deposits.items()},
+            ("Transactions of the deposit wallet", "nanoTON of the deposit wallet's transactions"),
+            "status",
+            s.deposits,
         )
-        yield _family(
-            "cocoon_ton_deposits_nano",
-            "nanoTON of the deposit wallet's transactions, by status",
-            ["status"],
-            {status: amount for status, (_n, amount) in s.deposits.items()},
-        )
-        yield _family(
-            "cocoon_payouts",
-            "Payouts, by state",
-            ["state"],
-            {state: n for state, (n, _amount) in s.payouts.items()},
-        )
-        yield _family(
-            "cocoon_payouts_nano",
-            "nanoTON of payouts, by state",
-            ["state"],
-            {state: amount for state, (_n, amount) in s.payouts.items()},
-        )
+        yield from _counted("cocoon_payouts", ("Payouts", "nanoTON of payouts"), "state", s.payouts)
         yield _family(
             "cocoon_ledger_balance_nano",
             "Sum of the ledger's balances by account kind (all kinds sum to zero)",
@@ -311,6 +294,17 @@ def _family(
     for key, value in sorted(values.items()):
         family.add_metric(list(key) if isinstance(key, tuple) else [key], value)
     return family
+
+
+def _counted(
+    name: str, what: tuple[str, str], label: str, rows: Mapping[str, tuple[int, int]]
+) -> Iterator[GaugeMetricFamily]:
+    """The two gauge families of rows counted and summed by ``label``: ``name``, how many, and
+    ``name + "_nano"``, their nanoTON (``what`` describes each; ", by <label>" is added)."""
+    yield _family(name, f"{what[0]}, by {label}", [label], {k: n for k, (n, _) in rows.items()})
+    yield _family(
+        f"{name}_nano", f"{what[1]}, by {label}", [label], {k: a for k, (_, a) in rows.items()}
+    )
 
 
 @dataclass
