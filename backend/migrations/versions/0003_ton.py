@@ -1,20 +1,15 @@
 """TON payments: watcher cursor, deposits, notification outbox, payout messages, ton_proof
 
-Revision ID: 0003
-Revises: 0002
 Create Date: 2026-11-25
 """
 
 import datetime as dt
-from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0003"
 down_revision: str | None = "0002"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
 
 LIVE = "state IN ('signed', 'sent')"
 

@@ -1,19 +1,14 @@
 """Jetton transfer notifications on the deposit wallet: their amount and sender
 
-Revision ID: 0005
-Revises: 0004
 Create Date: 2026-12-01
 """
 
-from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0005"
 down_revision: str | None = "0004"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:

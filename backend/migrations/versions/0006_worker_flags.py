@@ -1,19 +1,14 @@
 """Worker flags: the bounds a worker crossed in a turn (billed at the bound, or cut off)
 
-Revision ID: 0006
-Revises: 0005
 Create Date: 2026-12-02
 """
 
-from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0006"
 down_revision: str | None = "0005"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:

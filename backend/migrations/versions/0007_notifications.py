@@ -4,20 +4,15 @@ It carries Stars, payout and worker events as well as TON deposits. Every row is
 primary key, unique key, foreign key, index (and on PostgreSQL the id sequence) take the names
 the models' naming convention gives the new table.
 
-Revision ID: 0007
-Revises: 0006
 Create Date: 2026-12-01
 """
 
-from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0007"
 down_revision: str | None = "0006"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
 
 OLD, NEW = "ton_notifications", "notifications"
 

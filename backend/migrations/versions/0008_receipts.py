@@ -1,19 +1,14 @@
 """Receipts: each turn's signed receipt (digests and usage, no text), served to its owner
 
-Revision ID: 0008
-Revises: 0007
 Create Date: 2026-12-02
 """
 
-from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0008"
 down_revision: str | None = "0007"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:

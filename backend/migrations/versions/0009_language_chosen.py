@@ -1,20 +1,15 @@
 """Language chosen: whether the user picked their language with /lang (else it follows the
 language of their Telegram app, update by update)
 
-Revision ID: 0009
-Revises: 0008
 Create Date: 2026-12-02
 """
 
-from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0009"
 down_revision: str | None = "0008"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:

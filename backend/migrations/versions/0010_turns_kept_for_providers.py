@@ -1,20 +1,15 @@
 """Turns kept for providers: a usage record's user may be gone (/forget), so that the provider
 who served the turn keeps its statistics while nothing links the turn to the person
 
-Revision ID: 0010
-Revises: 0009
 Create Date: 2026-12-02
 """
 
-from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0010"
 down_revision: str | None = "0009"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:

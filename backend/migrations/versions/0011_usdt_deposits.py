@@ -1,20 +1,15 @@
 """USDT deposits: the world account they come from, and on the deposit row the jetton master,
 the rate it was credited at and the nanoTON credited
 
-Revision ID: 0011
-Revises: 0010
 Create Date: 2026-12-02
 """
 
-from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0011"
 down_revision: str | None = "0010"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
 
 WORLD = "'ton_in', 'ton_out', 'stars_in', 'operator'"
 WORLD_WITH_USDT = "'ton_in', 'ton_out', 'stars_in', 'usdt_in', 'operator'"

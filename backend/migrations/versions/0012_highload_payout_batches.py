@@ -1,19 +1,14 @@
 """Highload Wallet v3 payouts: batches (one external message, its query id) and their items
 
-Revision ID: 0012
-Revises: 0011
 Create Date: 2026-12-02
 """
 
-from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0012"
 down_revision: str | None = "0011"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
 
 LIVE = "state IN ('signed', 'sent')"
 
