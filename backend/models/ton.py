@@ -97,6 +97,19 @@ class SignedMessage:
     closed_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime())
 
 
+def _one_live_per_wallet(table: str) -> Index:
+    """The partial unique index that lets at most one of ``table``'s signed messages per wallet
+    be live (signed or sent) at a time, on SQLite and PostgreSQL alike."""
+    live = "state IN ('signed', 'sent')"
+    return Index(
+        f"ix_{table}_live",
+        "wallet",
+        unique=True,
+        sqlite_where=text(live),
+        postgresql_where=text(live),
+    )
+
+
 class TonPayoutMessage(SignedMessage, Base):
     """One signed external message of the hot wallet for one payout.
 
@@ -105,15 +118,7 @@ class TonPayoutMessage(SignedMessage, Base):
     """
 
     __tablename__ = "ton_payout_messages"
-    __table_args__ = (
-        Index(
-            "ix_ton_payout_messages_live",
-            "wallet",
-            unique=True,
-            sqlite_where=text("state IN ('signed', 'sent')"),
-            postgresql_where=text("state IN ('signed', 'sent')"),
-        ),
-    )
+    __table_args__ = (_one_live_per_wallet(__tablename__),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     payout_id: Mapped[int] = mapped_column(ForeignKey("payouts.id"), index=True)
@@ -135,13 +140,7 @@ class TonPayoutBatch(SignedMessage, Base):
     __tablename__ = "ton_payout_batches"
     __table_args__ = (
         UniqueConstraint("wallet", "sequence", name="uq_ton_payout_batches_sequence"),
-        Index(
-            "ix_ton_payout_batches_live",
-            "wallet",
-            unique=True,
-            sqlite_where=text("state IN ('signed', 'sent')"),
-            postgresql_where=text("state IN ('signed', 'sent')"),
-        ),
+        _one_live_per_wallet(__tablename__),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
