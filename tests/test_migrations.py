@@ -1,16 +1,20 @@
-"""Schema migrations keep what the database already holds, on SQLite and PostgreSQL."""
+"""Schema migrations keep what the database already holds and build what the models declare, on
+SQLite and PostgreSQL, down to base and back."""
 
 from __future__ import annotations
 
 import datetime as dt
 
 from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection
 
 from backend import notifications
 from backend.db import Database
 from backend.migrate import alembic_config
+from backend.models import Base
 
 
 def _migrate(connection: Connection, step: str, revision: str) -> None:
@@ -97,5 +101,33 @@ async def test_the_outbox_is_renamed_notifications_with_every_row_kept(db_url: s
         assert count == 4
         assert names["pk"] == "pk_ton_notifications"
         assert names["index"] == ["ix_ton_notifications_user_id"]
+    finally:
+        await db.close()
+
+
+def _drift(connection: Connection) -> list[object]:
+    """What the models declare and the migrated database lacks or has besides (empty: none)."""
+    return list(compare_metadata(MigrationContext.configure(connection), Base.metadata))
+
+
+def _tables(connection: Connection) -> set[str]:
+    return set(inspect(connection).get_table_names())
+
+
+async def test_the_migrated_schema_is_the_models_schema(db: Database) -> None:
+    async with db.engine.connect() as conn:
+        assert await conn.run_sync(_drift) == []
+
+
+async def test_every_revision_goes_down_to_base_and_back_up(db_url: str) -> None:
+    db = Database(db_url)
+    try:
+        async with db.engine.begin() as conn:
+            await conn.run_sync(_migrate, "upgrade", "head")
+            assert "ton_payout_batches" in await conn.run_sync(_tables)
+            await conn.run_sync(_migrate, "downgrade", "base")
+            assert await conn.run_sync(_tables) == {"alembic_version"}
+            await conn.run_sync(_migrate, "upgrade", "head")
+            assert await conn.run_sync(_drift) == []
     finally:
         await db.close()
