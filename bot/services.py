@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -29,6 +29,7 @@ from workers.redis_keys import redis_key
 
 RUNNING = "bot:turn"
 RUNNING_TTL_S = 900
+MAX_REDIS_CONNECTIONS = 256
 
 
 @dataclass
@@ -109,18 +110,9 @@ class Services:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def workflow_data(self) -> dict[str, Any]:
-        return {
-            "settings": self.settings,
-            "db": self.db,
-            "ledger": self.ledger,
-            "turns": self.turns,
-            "redis": self.redis,
-            "contexts": self.contexts,
-            "running": self.running,
-            "limiter": self.limiter,
-            "wallets": self.wallets,
-            **self.extra,
-        }
+        """Each service under its field's name (the name handlers take it by), then ``extra``."""
+        services = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return {**services, **self.extra}
 
 
 @contextlib.asynccontextmanager
@@ -145,7 +137,11 @@ async def open_services(
         if turns is None:
             turns = TurnDispatcher.from_settings(settings, ledger, metrics=metrics)
             stack.push_async_callback(turns.close)
-        client = redisconn.async_client(settings.redis_url)
+        # A burst of updates waits for a free connection rather than failing at the pool's
+        # bound (redis-py's default pool refuses past 100: "Too many connections").
+        client = redisconn.async_client(
+            settings.redis_url, max_connections=MAX_REDIS_CONNECTIONS, blocking_timeout=30
+        )
         stack.push_async_callback(client.aclose)
         key = load_context_key(settings)
         contexts = ContextStore(
