@@ -201,3 +201,42 @@ async def test_a_balance_that_would_overflow_stops_the_page_at_that_deposit(db: 
     assert (await ledger.balances(ok.id)).available == TON
     assert (await ledger.balances(full.id)).available == MAX_NANO - 5
     assert await counts(db) == (1, int(first["lt"]))
+
+
+async def test_run_reads_the_next_page_while_crediting_one_and_a_crash_loses_nothing(
+    db: Database,
+) -> None:
+    """``run()`` reads a backlog's next page while it credits one (the page the next poll asks
+    for); a crash mid-page drops the page read ahead with the uncommitted one, and the next
+    run credits every deposit once."""
+    net = LocalTonCenter()
+    users = [await get_or_create_user(db, 9900 + i) for i in range(250)]
+    for i, user in enumerate(users):
+        net.add_incoming(DEPOSIT, TON + i, comment=user.deposit_memo)
+    txs = net.transactions_of(DEPOSIT)
+    ledger = Ledger(db)
+    async with LocalTonCenterServer(net) as url, TonCenter(url) as api:
+        ahead: list[int | None] = []
+        crash = dies_at("credited", 150)  # in the second page, its read ahead in flight
+
+        def checkpoint(name: str) -> None:
+            if name == "credited" and not ahead:  # the first page's first credit
+                ahead.append(None if w._ahead is None else w._ahead[0])
+            crash(name)
+
+        w = DepositWatcher(
+            db, ledger, api, DEPOSIT, page_size=100, poll_interval_s=0.01, checkpoint=checkpoint
+        )
+        with pytest.raises(Crash):
+            await w.run(asyncio.Event())
+        assert ahead == [int(txs[99]["lt"]) + 1]  # the second page, read while the first went
+        assert w._ahead is None  # the third page's read, dropped with the crash
+        assert await counts(db) == (100, int(txs[99]["lt"]))
+
+        again = DepositWatcher(db, ledger, api, DEPOSIT, page_size=100)
+        while await again.poll_once():  # what run() does, a poll at a time
+            pass
+    for i, user in enumerate(users):
+        assert (await ledger.balances(user.id)).available == TON + i
+    assert await counts(db) == (250, int(txs[-1]["lt"]))
+    assert (await ledger.audit()).ok

@@ -5,14 +5,15 @@ Each credited deposit is still its own ledger transaction under its own idempote
 (``ton:<account>:<lt>:<hash>``, with the fingerprint :class:`~backend.ledger.Ledger` gives a
 deposit, so a later ``credit_deposit`` of the same key replays it); what is batched is the
 database work: the ledger transactions, their entries, the deposit rows and the
-notifications are each one multi-row INSERT, every balance one UPDATE, and the cursor moves in
-the same commit. So a crash anywhere leaves either the whole page or none of it, and the
+notifications are each one statement (:func:`insert_many`: on PostgreSQL an INSERT from
+arrays, one a column), every balance one UPDATE, and the cursor moves in the same commit. So a crash anywhere leaves either the whole page or none of it, and the
 next poll reads it again from the cursor.
 
 The batch refuses (:class:`NotBatched`, nothing written) whatever the general path of
 :meth:`~backend.ton.watcher.DepositWatcher.handle` decides better, one transaction at a time:
 a ledger key already used (an older crash between crediting and recording), an account
-missing, a balance that would overflow, a twin watcher's rows (a unique constraint).
+missing, a balance that would overflow, a twin watcher's rows (a unique constraint). That
+path records each transaction with :func:`record_one`.
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import BigInteger, Table, bindparam, insert, select, text, update
+from sqlalchemy import BigInteger, Row, Table, bindparam, insert, select, text, update
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from backend import notifications
 from backend.db import Database, rowcount
 from backend.ledger_write import request_hash
 from backend.models import (
@@ -36,11 +40,20 @@ from backend.models import (
     TonDeposit,
     TonDepositStatus,
     Transaction,
+    utcnow,
 )
 from backend.notifications import NOTIFY_DEPOSIT
 from backend.settings import MAX_NANO
 
-__all__ = ["Booking", "NotBatched", "log_recorded", "move_cursor", "record_page"]
+__all__ = [
+    "Booking",
+    "NotBatched",
+    "insert_many",
+    "log_recorded",
+    "move_cursor",
+    "record_one",
+    "record_page",
+]
 
 log = logging.getLogger("backend.ton.watcher")  # what the watcher recorded, in its log
 
@@ -81,14 +94,15 @@ async def record_page(
         await _credit(session, db.dialect, credits, checkpoint)
         ids: dict[str, int] = {}
         if new:
-            written = await session.execute(
-                insert(TonDeposit).returning(TonDeposit.id, TonDeposit.ledger_key),
-                [b.row for b in new],
+            written = await insert_many(
+                session, db.dialect, TonDeposit, [b.row for b in new], ("id", "ledger_key")
             )
             ids = {key: deposit_id for deposit_id, key in written}
         if credits:
-            await session.execute(
-                insert(Notification),
+            await insert_many(
+                session,
+                db.dialect,
+                Notification,
                 [
                     {
                         "key": f"deposit:{ids[b.row['ledger_key']]}",
@@ -109,6 +123,52 @@ async def record_page(
         deposit_id = ids[b.row["ledger_key"]] if created else seen[key]
         recorded.append(({**b.row, "id": deposit_id}, created))
     return recorded
+
+
+def _table(model: type[object]) -> Table:
+    return cast(Table, model.__table__)  # type: ignore[attr-defined]
+
+
+async def insert_many(
+    session: AsyncSession,
+    dialect: str,
+    model: type[object],
+    rows: Sequence[Mapping[str, Any]],
+    returning: Sequence[str] = (),
+) -> Sequence[Row[*tuple[Any, ...]]]:
+    """Insert ``rows`` (each with the same keys) into ``model``'s table in one statement; the
+    ``returning`` columns of each row written. On PostgreSQL an ``INSERT ... SELECT FROM
+    unnest(...)`` with one array a column (a page's thousands of values bound as a few
+    arrays, the statement prepared once); elsewhere Core's executemany (a multi-row
+    INSERT). A ``created_at`` not given is now, as the column's default would make it."""
+    if not rows:
+        return []
+    table = _table(model)
+    names = list(rows[0])
+    now = utcnow()
+    if "created_at" in table.c and "created_at" not in names:
+        rows = [{**row, "created_at": now} for row in rows]
+        names.append("created_at")
+    if dialect != "postgresql":
+        statement = insert(table)
+        if not returning:
+            await session.execute(statement, list(rows))
+            return []
+        written = await session.execute(
+            statement.returning(*(table.c[name] for name in returning)), list(rows)
+        )
+        return written.all()
+    pg = postgresql.dialect()
+    arrays = ", ".join(
+        f"CAST(:{name} AS {table.c[name].type.compile(dialect=pg)}[])" for name in names
+    )
+    sql = f"INSERT INTO {table.name} ({', '.join(names)}) SELECT * FROM unnest({arrays})"
+    if returning:
+        sql += f" RETURNING {', '.join(returning)}"
+    written = await session.execute(
+        text(sql), {name: [row[name] for row in rows] for name in names}
+    )
+    return written.all() if returning else []
 
 
 def _credited(booking: Booking) -> int:
@@ -139,8 +199,10 @@ async def _credit(
     source = ids.get((str(AccountKind.TON_IN), 0))
     if source is None or any((str(AccountKind.USER), user) not in ids for user in users):
         raise NotBatched("an account is missing")
-    written = await session.execute(
-        insert(Transaction).returning(Transaction.id, Transaction.idempotency_key),
+    written = await insert_many(
+        session,
+        dialect,
+        Transaction,
         [
             {
                 "idempotency_key": b.row["ledger_key"],
@@ -153,6 +215,7 @@ async def _credit(
             }
             for b in credits
         ],
+        ("id", "idempotency_key"),
     )
     tx_ids = {key: tx_id for tx_id, key in written}
     entries: list[dict[str, int]] = []
@@ -170,13 +233,13 @@ async def _credit(
     total = sum(deltas.values())
     if total > MAX_NANO or any(d > MAX_NANO for d in deltas.values()):
         raise NotBatched("the page's credits overflow one statement")
-    await session.execute(insert(Entry), entries)
+    await insert_many(session, dialect, Entry, entries)
     if dialect == "postgresql":  # one statement for every balance
         moved = await session.execute(
             _CREDIT_ALL, {"ids": list(deltas), "deltas": list(deltas.values()), "max": MAX_NANO}
         )
     else:  # SQLite: the same guarded UPDATE for each balance, one compiled statement
-        table = cast(Table, Account.__table__)  # Core: an executemany, not the ORM's bulk
+        table = _table(Account)
         accounts = table.c
         moved = await session.execute(
             update(table)
@@ -208,6 +271,42 @@ FROM (SELECT unnest(CAST(:ids AS BIGINT[])) AS id, unnest(CAST(:deltas AS BIGINT
 WHERE accounts.id = d.id AND accounts.balance <= CAST(:max AS BIGINT) - d.delta
 """
 )
+
+
+async def record_one(db: Database, account: str, row: dict[str, Any]) -> tuple[TonDeposit, bool]:
+    """Record one transaction (its deposit credited before, under its key), queue its user's
+    notification and move the cursor past it, in one database transaction; the row and
+    whether it is new (False: recorded before, left alone)."""
+    lt, tx_hash, user_id = row["lt"], row["tx_hash"], row["user_id"]
+    for _attempt in range(3):
+        try:
+            async with db.session() as session, session.begin():
+                existing = await session.scalar(
+                    select(TonDeposit).where(
+                        TonDeposit.account == account,
+                        TonDeposit.lt == lt,
+                        TonDeposit.tx_hash == tx_hash,
+                    )
+                )
+                created = existing is None
+                if existing is None:
+                    existing = TonDeposit(**row)
+                    session.add(existing)
+                    await session.flush()
+                    if row["status"] == TonDepositStatus.CREDITED and user_id is not None:
+                        credited = row["credited"]
+                        notifications.add(
+                            session,
+                            user_id,
+                            NOTIFY_DEPOSIT,
+                            f"deposit:{existing.id}",
+                            amount=row["amount"] if credited is None else credited,
+                        )
+                await move_cursor(session, account, lt, tx_hash)
+            return existing, created
+        except IntegrityError:
+            continue  # a twin watcher recorded it first: read it back next time round
+    raise RuntimeError(f"could not record deposit {row['ledger_key']}")
 
 
 async def move_cursor(session: AsyncSession, account: str, lt: int, tx_hash: str) -> None:

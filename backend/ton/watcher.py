@@ -20,6 +20,7 @@ memo in one query, each credit still its own ledger transaction under its own ke
 written together with the deposit rows, the notifications and the cursor. A crash leaves the
 whole page or none of it. A USDT notification (checked over the API) and a page the batch
 refuses (a key already used, a twin watcher's rows) go one transaction at a time as above.
+While ``run()`` credits a full page, it reads the next one (the page the next poll asks for).
 
 A crash anywhere repeats at most steps 2 and 3 for one page, which changes nothing the
 second time. API errors and rate limits back off (bounded) and retry the same page: the cursor
@@ -43,14 +44,12 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from backend import notifications
 from backend.db import Database
 from backend.ledger import Ledger
 from backend.models import AccountKind, TonCursor, TonDeposit, TonDepositStatus, User
-from backend.notifications import NOTIFY_DEPOSIT
 from backend.settings import MAX_NANO
 from backend.ton.comment import raw_address
-from backend.ton.crediting import Booking, NotBatched, log_recorded, move_cursor, record_page
+from backend.ton.crediting import Booking, NotBatched, log_recorded, record_one, record_page
 from backend.ton.jettons import UsdtWallet, usdt_credit
 from backend.ton.polling import poll_until_stopped
 from backend.ton.toncenter import TonCenter
@@ -84,6 +83,10 @@ def deposit_key(account: str, lt: int, tx_hash: str) -> str:
 
 class DepositWatcher:
     """Credits deposits to one account. ``run()`` forever, or ``poll_once()`` a page at a time."""
+
+    # run() reads a backlog's next page while it credits one: (its start, the read).
+    _reading_ahead = False
+    _ahead: tuple[int, asyncio.Task[list[dict[str, Any]]]] | None = None
 
     def __init__(
         self,
@@ -134,12 +137,32 @@ class DepositWatcher:
         cursor = await self.cursor()
         late = await self._reread(cursor) if cursor and self.overlap_max else 0
         start = cursor + 1
-        page = await self.api.transactions(self.account, start_lt=start, limit=self.page_size)
+        page = await self._page(start)
         self._checkpoint("fetched")
         # An API that ignores start_lt must not make us go back.
         fresh = sorted((tx for tx in page if int(tx["lt"]) >= start), key=lambda t: int(t["lt"]))
+        if self._reading_ahead and len(page) >= self.page_size and fresh:
+            # A full page: the next one is read while this one is credited. It is the page the
+            # next poll asks for once the cursor is past this one (else it is dropped), read a
+            # little earlier: what became visible since, below its end, the overlap re-reads.
+            after = int(fresh[-1]["lt"]) + 1
+            read = self.api.transactions(self.account, start_lt=after, limit=self.page_size)
+            self._ahead = (after, asyncio.create_task(read))
         await self.handle_many(fresh)
         return late + len(fresh)
+
+    async def _page(self, start: int) -> list[dict[str, Any]]:
+        """The page of transactions from ``start``: the one read ahead when it is that page
+        and was read; else read now."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            after, task = ahead
+            if after == start:
+                await asyncio.wait([task])
+                if not task.cancelled() and task.exception() is None:
+                    return task.result()
+            await _discard(task)  # another page, or it failed (a 429): read it again now
+        return await self.api.transactions(self.account, start_lt=start, limit=self.page_size)
 
     async def _reread(self, cursor: int) -> int:
         """Handle transactions at or below the cursor that became visible after it moved
@@ -209,14 +232,21 @@ class DepositWatcher:
             # Handling a transaction is safe to repeat: after an error, the same page again.
             return await self.poll_once() >= self.page_size
 
-        await poll_until_stopped(
-            stop,
-            step,
-            poll_interval_s=self.poll_interval_s,
-            backoff_max_s=self.backoff_max_s,
-            log=log,
-            name="deposit watcher",
-        )
+        self._reading_ahead = True  # a backlog's next page is read while one is credited
+        try:
+            await poll_until_stopped(
+                stop,
+                step,
+                poll_interval_s=self.poll_interval_s,
+                backoff_max_s=self.backoff_max_s,
+                log=log,
+                name="deposit watcher",
+            )
+        finally:
+            self._reading_ahead = False
+            ahead, self._ahead = self._ahead, None
+            if ahead is not None:
+                await _discard(ahead[1])
 
     async def handle_many(self, txs: list[dict[str, Any]]) -> None:
         """Credit (or record) transactions in lt order, a page in one database transaction
@@ -302,7 +332,7 @@ class DepositWatcher:
                 )
                 self._checkpoint("credited")
         row = self._row(tx, lt, tx_hash, key, found, status, note, user_id, usdt)
-        deposit, created = await self._record(row)
+        deposit, created = await record_one(self.db, self.account, row)
         amount = found.amount if usdt is None else usdt.credited or 0
         await self._done({**row, "id": deposit.id}, created, amount)
         return deposit
@@ -400,38 +430,6 @@ class DepositWatcher:
             "credited": usdt.credited if usdt else None,
         }
 
-    async def _record(self, row: dict[str, Any]) -> tuple[TonDeposit, bool]:
-        lt, tx_hash, user_id = row["lt"], row["tx_hash"], row["user_id"]
-        for _attempt in range(3):
-            try:
-                async with self.db.session() as session, session.begin():
-                    existing = await session.scalar(
-                        select(TonDeposit).where(
-                            TonDeposit.account == self.account,
-                            TonDeposit.lt == lt,
-                            TonDeposit.tx_hash == tx_hash,
-                        )
-                    )
-                    created = existing is None
-                    if existing is None:
-                        existing = TonDeposit(**row)
-                        session.add(existing)
-                        await session.flush()
-                        if row["status"] == TonDepositStatus.CREDITED and user_id is not None:
-                            credited = row["credited"]
-                            notifications.add(
-                                session,
-                                user_id,
-                                NOTIFY_DEPOSIT,
-                                f"deposit:{existing.id}",
-                                amount=row["amount"] if credited is None else credited,
-                            )
-                    await move_cursor(session, self.account, lt, tx_hash)
-                return existing, created
-            except IntegrityError:
-                continue  # a twin watcher recorded it first: read it back next time round
-        raise RuntimeError(f"could not record deposit {row['ledger_key']}")
-
 
 @dataclass(frozen=True)
 class Usdt:
@@ -442,6 +440,14 @@ class Usdt:
     master: str | None  # USDT's, or the one a refused sender claims
     rate: int | None  # nanoTON per micro-unit it is (or would be) credited at
     credited: int | None  # nanoTON it credits (or would, once an operator resolves it)
+
+
+async def _discard(task: asyncio.Task[Any]) -> None:
+    """Stop a read ahead that is not wanted, its outcome taken (never logged as lost)."""
+    task.cancel()
+    await asyncio.wait([task])
+    if not task.cancelled():
+        task.exception()
 
 
 def _identity(tx: dict[str, Any]) -> tuple[int, str]:
