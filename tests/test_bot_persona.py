@@ -12,23 +12,14 @@ import pytest
 
 from backend.dispatch import TurnRequest
 from tests.support import pdfs
-from tests.support.bot import ALICE, Harness
+from tests.support.bot import ALICE, Harness, spy_on_turns
 from tests.support.bot_fakes import feed, message_update
 
 
 @pytest.fixture
 def asked(bot: Harness, monkeypatch: pytest.MonkeyPatch) -> list[TurnRequest]:
     """Each turn the bot asks the backend for (the real dispatcher still runs it)."""
-    seen: list[TurnRequest] = []
-    turns = bot.app.services.turns
-    real = turns.start_turn
-
-    async def spy(request: TurnRequest, *args: Any, **kw: Any) -> Any:
-        seen.append(request)
-        return await real(request, *args, **kw)
-
-    monkeypatch.setattr(turns, "start_turn", spy)
-    return seen
+    return spy_on_turns(bot, monkeypatch)
 
 
 async def test_a_system_prompt_is_kept_sealed_and_sent_first(
@@ -208,14 +199,7 @@ async def test_images_to_a_vision_model_go_in_the_turn_checked_by_their_bytes(
     jpeg = (Path(__file__).parent / "fixtures" / "images" / "python.jpg").read_bytes()
     url = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
     async with running_harness(bot_settings(settings, models=models)) as h:
-        seen: list[TurnRequest] = []
-        real = h.app.services.turns.start_turn
-
-        async def spy(request: TurnRequest, *args: Any, **kw: Any) -> Any:
-            seen.append(request)
-            return await real(request, *args, **kw)
-
-        monkeypatch.setattr(h.app.services.turns, "start_turn", spy)
+        seen = spy_on_turns(h, monkeypatch)
         h.tg.files["p1"] = jpeg
         await h.send(None, photo=photo("p1", len(jpeg)), caption="What is it?")
         last = seen[-1].messages[-1]

@@ -10,7 +10,6 @@ import base64
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import nacl.public
 import pytest
@@ -20,12 +19,11 @@ from aiogram.client.telegram import TelegramAPIServer
 from pydantic import ValidationError
 
 from backend.bounds import IMAGE_TOKEN_BOUND, prompt_token_bound
-from backend.dispatch import TurnRequest
 from backend.settings import Settings
 from bot import images
 from bot.context import Conversation
 from tests.support import bot_fakes, fake_telegram
-from tests.support.bot import ALICE, bot_settings, running_harness
+from tests.support.bot import ALICE, bot_settings, running_harness, spy_on_turns
 from tests.support.telegram_rules import MAX_DOWNLOAD_BYTES
 from tests.support.turns import funded_user
 from workers.engines import vllm_images
@@ -179,14 +177,7 @@ async def test_retry_of_an_image_turn_shows_the_model_the_image_again(
     longer has is said so, and nothing is asked; /new forgets it with the rest."""
     models = {n: p.model_copy(update={"vision": True}) for n, p in settings.models.items()}
     async with running_harness(bot_settings(settings, models=models)) as h:
-        seen: list[TurnRequest] = []
-        real = h.app.services.turns.start_turn
-
-        async def spy(request: TurnRequest, *args: Any, **kw: Any) -> Any:
-            seen.append(request)
-            return await real(request, *args, **kw)
-
-        monkeypatch.setattr(h.app.services.turns, "start_turn", spy)
+        seen = spy_on_turns(h, monkeypatch)
         await funded_user(h.app.services.ledger, ALICE)  # no worker runs: the turn fails after
         contexts = h.app.services.contexts
         asked = {"role": "user", "content": "What is it?", **images.kept(["ph-1"])}

@@ -15,6 +15,7 @@ import pytest
 from pydantic import SecretStr
 
 from backend.db import Database
+from backend.dispatch import TurnRequest
 from backend.ledger import Ledger, TurnUsage
 from backend.models import User
 from backend.settings import Settings
@@ -96,6 +97,20 @@ async def running_harness(
 async def bot(settings: Settings, redis_url: str) -> AsyncIterator[Harness]:
     async with running_harness(bot_settings(settings)) as harness:
         yield harness
+
+
+def spy_on_turns(h: Harness, monkeypatch: pytest.MonkeyPatch) -> list[TurnRequest]:
+    """Each turn the bot asks the backend for, in order (the real dispatcher still runs it)."""
+    seen: list[TurnRequest] = []
+    turns = h.app.services.turns
+    real = turns.start_turn
+
+    async def spy(request: TurnRequest, *args: Any, **kw: Any) -> Any:
+        seen.append(request)
+        return await real(request, *args, **kw)
+
+    monkeypatch.setattr(turns, "start_turn", spy)
+    return seen
 
 
 async def record_turn(
