@@ -21,7 +21,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.support.env import require_module
-from tests.support.fake_telegram import FakeTelegram
+from tests.support.fake_telegram import FakeTelegram, private_message
 from tests.support.ops import (
     cocoon_up_with_bot,
     deliver_to_webhook,
@@ -113,16 +113,9 @@ async def test_canary_never_reaches_rest(tmp_path: Path) -> None:
                 lines = [json.loads(line) for line in (await reply.text()).splitlines() if line]
             assert lines[-1]["type"] == "done", lines
             # 3. The bot, through its webhook, as Telegram would deliver the message.
-            update = {
-                "update_id": 91_000_001,
-                "message": {
-                    "message_id": 5,
-                    "date": int(time.time()),
-                    "chat": {"id": USER, "type": "private", "first_name": "Canary"},
-                    "from": {"id": USER, "is_bot": False, "first_name": "Canary"},
-                    "text": f"Echo {canary} now",
-                },
-            }
+            update = private_message(
+                USER, f"Echo {canary} now", "Canary", update_id=91_000_001, message_id=5
+            )
             await deliver_to_webhook(http, base, WEBHOOK_SECRET, telegram, update)
 
         # The three turns settled, and the bot told the user (the reply reached Telegram, where

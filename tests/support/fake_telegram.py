@@ -187,21 +187,28 @@ class FakeTelegram:
         return True
 
 
+def private_message(
+    user_id: int, text: str, first_name: str, *, update_id: int = 1, message_id: int = 1
+) -> dict[str, object]:
+    """The update Telegram delivers for ``text`` sent to the bot in a private chat."""
+    return {
+        "update_id": update_id,
+        "message": {
+            "message_id": message_id,
+            "date": int(time.time()),
+            "chat": {"id": user_id, "type": "private", "first_name": first_name},
+            "from": {"id": user_id, "is_bot": False, "first_name": first_name},
+            "text": text,
+        },
+    }
+
+
 class TelegramWithOneMessage(FakeTelegram):
     """The fake Bot API server, whose long polling delivers one message from a user once."""
 
     def __init__(self, user_id: int, text: str) -> None:
         super().__init__()
-        self.update: dict[str, object] | None = {
-            "update_id": 1,
-            "message": {
-                "message_id": 1,
-                "date": int(time.time()),
-                "chat": {"id": user_id, "type": "private", "first_name": "Ann"},
-                "from": {"id": user_id, "is_bot": False, "first_name": "Ann"},
-                "text": text,
-            },
-        }
+        self.update: dict[str, object] | None = private_message(user_id, text, "Ann")
 
     async def _handle(self, request: web.Request) -> web.Response:
         if request.match_info["method"].lower() == "getupdates" and self.update is not None:
