@@ -31,7 +31,7 @@ import aiohttp
 from aiohttp import web
 from nacl.public import Box, PrivateKey, PublicKey
 
-from tests.support.wallets import DOMAIN, UserWallet
+from tests.support.wallets import DEVICE, DOMAIN, UserWallet
 
 MAX_TTL_S = 300
 HEARTBEAT_S = 0.5
@@ -187,15 +187,6 @@ async def running_bridge() -> AsyncIterator[Bridge]:
         yield bridge
     finally:
         await runner.cleanup()
-
-
-DEVICE = {
-    "platform": "android",
-    "appName": "Tonkeeper",
-    "appVersion": "5.0",
-    "maxProtocolVersion": 2,
-    "features": ["SendTransaction", {"name": "SendTransaction", "maxMessages": 4}],
-}
 
 
 class BridgeWallet:

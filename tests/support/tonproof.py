@@ -16,7 +16,7 @@ import pytest
 from backend.ton.localnet import LocalTonCenter, LocalTonCenterServer
 from backend.ton.proof import verify_proof
 from backend.ton.toncenter import TonCenter
-from tests.support.wallets import DOMAIN, NOW, MemoryStorage
+from tests.support.wallets import DEVICE, DOMAIN, NOW, MemoryStorage
 
 MAX_AGE = 900
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "tonproof"
@@ -64,14 +64,7 @@ def connect_event(account: dict[str, Any], proof: dict[str, Any] | None) -> dict
     items: list[dict[str, Any]] = [{"name": "ton_addr", **account}]
     if proof is not None:
         items.append({"name": "ton_proof", "proof": proof})
-    device = {
-        "platform": "android",
-        "appName": "Tonkeeper",
-        "appVersion": "5.0.0",
-        "maxProtocolVersion": 2,
-        "features": ["SendTransaction", {"name": "SendTransaction", "maxMessages": 4}],
-    }
-    return {"event": "connect", "id": 1, "payload": {"items": items, "device": device}}
+    return {"event": "connect", "id": 1, "payload": {"items": items, "device": DEVICE}}
 
 
 def bridge_delivers(event: dict[str, Any]) -> Any:

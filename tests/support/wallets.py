@@ -17,6 +17,14 @@ from backend.ton.wallet import HotWallet
 
 DOMAIN = "cocoon.example"
 NOW = 1_800_000_000
+DEVICE = {
+    "platform": "android",
+    "appName": "Tonkeeper",
+    "appVersion": "5.0.0",
+    "maxProtocolVersion": 2,
+    "features": ["SendTransaction", {"name": "SendTransaction", "maxMessages": 4}],
+}
+"""The device a test wallet app says it runs on when it connects over TON Connect."""
 
 
 class UserWallet:
