@@ -18,6 +18,7 @@ from backend.notifications import pending_notifications
 from backend.receipts import BilledUsage, ReceiptRecord, load_receipt, store_receipt
 from backend.settings import Settings
 from backend.users import get_or_create_user
+from tests.support.turns import add_wallet
 from workers.receipts import Receipt, sign_receipt
 
 TON = 1_000_000_000
@@ -96,8 +97,6 @@ async def test_stars_payment_is_credited_once(
 async def test_withdraw_needs_a_wallet_the_minimum_and_the_funds(
     db: Database, ledger: Ledger, settings: Settings
 ) -> None:
-    from backend.models import TonWallet
-
     user = (await get_or_create_user(db, 504)).id
     provider = (await get_or_create_user(db, 505)).id
     await ledger.credit_deposit(user, 10 * TON, "ton:w1")
@@ -106,12 +105,7 @@ async def test_withdraw_needs_a_wallet_the_minimum_and_the_funds(
     with pytest.raises(AccountError) as refused:
         await accounts.withdraw(ledger, settings, provider, "all", "wd-0")
     assert refused.value.code == "no_payout_wallet"
-    async with db.session() as session, session.begin():
-        session.add(
-            TonWallet(
-                user_id=provider, purpose="payout", address="0:" + "ab" * 32, public_key="cd" * 32
-            )
-        )
+    await add_wallet(db, provider, "payout", "0:" + "ab" * 32, "cd" * 32)
     with pytest.raises(AccountError) as small:
         await accounts.withdraw(ledger, settings, provider, TON // 2, "wd-1")
     assert small.value.code == "below_minimum"

@@ -7,8 +7,9 @@ from __future__ import annotations
 from sqlalchemy import select
 
 from backend import accounts
-from backend.models import Payout, TonWallet
+from backend.models import Payout
 from tests.support.bot import TON, Harness, record_turn
+from tests.support.turns import add_wallet
 
 PROVIDER = 520
 PAYER = 521
@@ -17,12 +18,7 @@ PAYER = 521
 async def _provider_with_earnings(bot: Harness, language: str) -> int:
     await bot.send("/provider", user=PROVIDER, language=language)
     provider = await bot.user(PROVIDER)
-    async with bot.db.session() as session, session.begin():
-        session.add(
-            TonWallet(
-                user_id=provider.id, purpose="payout", address="0:" + "cd" * 32, public_key="00"
-            )
-        )
+    await add_wallet(bot.db, provider.id, "payout", "0:" + "cd" * 32, "00")
     await bot.send("/start", user=PAYER)
     payer = await bot.user(PAYER)
     await bot.ledger.credit_deposit(payer.id, 5000 * TON, "dep:amounts")

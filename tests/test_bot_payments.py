@@ -8,7 +8,6 @@ from sqlalchemy import select
 
 from backend import accounts
 from backend.attestation import store
-from backend.models import TonWallet
 from backend.notifications import NOTIFY_DEPOSIT, NOTIFY_PAYOUT_CONFIRMED, notify
 from tests.support.bot import (
     ALICE,
@@ -22,6 +21,7 @@ from tests.support.bot_fakes import (
     payment_update,
     pre_checkout_update,
 )
+from tests.support.turns import add_wallet
 
 # ------------------------------------------------------------------------ top-up, Stars
 
@@ -164,12 +164,7 @@ async def test_withdraw_validates_confirms_and_updates_the_status_message(bot: H
     provider = await bot.user()
     await bot.send("/withdraw all")
     assert "payout wallet" in bot.last().text
-    async with bot.db.session() as session, session.begin():
-        session.add(
-            TonWallet(
-                user_id=provider.id, purpose="payout", address="0:" + "ab" * 32, public_key="00"
-            )
-        )
+    await add_wallet(bot.db, provider.id, "payout", "0:" + "ab" * 32, "00")
     # Earnings: a user's turn served by this provider (80 % of 2.5 GRAM).
     await bot.send("/start", user=503)
     payer = await bot.user(503)

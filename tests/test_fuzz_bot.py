@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from sqlalchemy import select
 
 from backend.apikeys import create_key
-from backend.models import Account, TonWallet
+from backend.models import Account
 from bot.handlers.wallet import MAX_STARS
 from tests.support.bot import ADMIN, ALICE, TON, Harness, record_turn
 from tests.support.bot_fakes import callback_update, message_update, person
@@ -48,6 +48,7 @@ from tests.support.bot_updates import (
 )
 from tests.support.fuzz import FUZZ, json_values
 from tests.support.payouts import Clock
+from tests.support.turns import add_wallet
 
 TIMEOUT_S = 15  # one update; a hang fails the example instead of the whole run
 CRASH = "update %s (%s) failed"  # what bot.telegram.on_error logs for an unexpected error
@@ -98,15 +99,7 @@ async def world(bot: Harness, errors: Errors) -> AsyncIterator[World]:
     await bot.ledger.credit_deposit(w.users[ALICE], 5 * TON, "dep:alice")
     await bot.ledger.credit_deposit(w.users[ADMIN], 2 * TON, "dep:admin")
     await bot.send("/provider", user=PROVIDER)
-    async with bot.db.session() as session, session.begin():
-        session.add(
-            TonWallet(
-                user_id=w.users[PROVIDER],
-                purpose="payout",
-                address="0:" + "ab" * 32,
-                public_key="00",
-            )
-        )
+    await add_wallet(bot.db, w.users[PROVIDER], "payout", "0:" + "ab" * 32, "00")
     await record_turn(bot.ledger, w.users[ADMIN], TON // 2, provider_id=w.users[PROVIDER])
     await create_key(bot.db, w.users[ALICE], name="fuzz")
     bot.app.services.limiter.per_minute = 10**9  # every text goes as far as a turn can

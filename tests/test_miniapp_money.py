@@ -13,7 +13,7 @@ from ton_core import Address, Cell
 
 from backend import appkeys
 from backend.ledger import Ledger
-from backend.models import AccountKind, TonWallet
+from backend.models import AccountKind
 from backend.settings import Settings, TonSettings
 from backend.ton.comment import decode_comment, raw_address
 from backend.ton.localnet import LocalTonCenter, LocalTonCenterServer
@@ -34,6 +34,7 @@ from tests.support.miniapp_helpers import (
     auth,
     init_data,
 )
+from tests.support.turns import add_wallet
 
 ALICE = 7101
 
@@ -175,15 +176,9 @@ async def test_withdrawing_all_of_nothing_is_said_in_the_pages_words(client: Tes
     user = await get_or_create_user(client.app[appkeys.DATABASE], 7303)
     await accounts.become_provider(client.app[appkeys.DATABASE], user.id)
     wallet = TestWallet()
-    async with client.app[appkeys.DATABASE].session() as session, session.begin():
-        session.add(
-            TonWallet(
-                user_id=user.id,
-                purpose="payout",
-                address=wallet.raw,
-                public_key=wallet.account()["publicKey"],
-            )
-        )
+    await add_wallet(
+        client.app[appkeys.DATABASE], user.id, "payout", wallet.raw, wallet.account()["publicKey"]
+    )
     headers = {**auth(init_data(7303)), "X-Cocoon-Language": "ru"}
     body = {"amount": "all", "key": "withdraw-all-of-nothing"}
     response = await client.post("/app/api/provider/withdraw", headers=headers, json=body)
@@ -225,15 +220,7 @@ async def test_a_usdt_top_up_is_offered_at_its_rate_built_for_the_wallet_and_sho
             )
             assert response.status == 400  # no wallet linked: nothing to sign with
             user = await get_or_create_user(db, 7304)
-            async with db.session() as session, session.begin():
-                session.add(
-                    TonWallet(
-                        user_id=user.id,
-                        purpose="user",
-                        address=wallet.raw,
-                        public_key=wallet.account()["publicKey"],
-                    )
-                )
+            await add_wallet(db, user.id, "user", wallet.raw, wallet.account()["publicKey"])
             for bad in ("0", "1.0000001", "99999999999"):  # USDT has 6 decimals
                 response = await client.post(
                     "/app/api/topup/usdt", headers=headers, json={"amount": bad}

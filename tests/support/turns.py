@@ -1,6 +1,7 @@
 """Helpers shared by the end-to-end turn tests (llama-cpp and vLLM): a worker node process on the
 real small model, a dispatcher over the test settings and Redis, funded users, the holds still
-open, what a hold wrote, and what a turn's signed usage costs and who it pays."""
+open, what a hold wrote, and what a turn's signed usage costs and who it pays; and a wallet
+linked to a user as a checked ton_proof leaves it."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from backend.db import Database
 from backend.dispatch import Dispatcher, Turn, TurnDone, TurnText
 from backend.ledger import Ledger
 from backend.metrics import TurnMetrics
-from backend.models import Account, AccountKind, Entry, Hold, HoldState, Transaction
+from backend.models import Account, AccountKind, Entry, Hold, HoldState, TonWallet, Transaction
 from backend.pricing import turn_cost
 from backend.settings import DEFAULT_MODEL, AttestationSettings, Settings
 from backend.users import get_or_create_user
@@ -110,6 +111,17 @@ async def funded_user(ledger: Ledger, telegram_id: int, amount: int = TON) -> in
     if amount:
         await ledger.credit_deposit(user.id, amount, f"dep:{telegram_id}")
     return user.id
+
+
+async def add_wallet(
+    db: Database, user_id: int, purpose: str, address: str, public_key: str
+) -> None:
+    """The wallet ``address`` linked to ``user_id`` for ``purpose`` ("user" or "payout"), as a
+    checked ton_proof links it (no proof asked here)."""
+    async with db.session() as session, session.begin():
+        session.add(
+            TonWallet(user_id=user_id, purpose=purpose, address=address, public_key=public_key)
+        )
 
 
 async def open_holds(ledger: Ledger) -> list[Hold]:
