@@ -8,9 +8,9 @@ import base64
 import binascii
 import datetime as dt
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-from sqlalchemy import ColumnElement, and_, func, or_, select, true
+from sqlalchemy import ColumnElement, Select, and_, func, or_, select, true
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.accounts.errors import AccountError
@@ -160,7 +160,24 @@ def parse_cursor(text: str) -> Cursor:
     return at, kind, key
 
 
-def _before(cursor: Cursor | None, kind: HistoryKind, at: Any, key: Any) -> ColumnElement[bool]:
+_Model = TypeVar("_Model")
+
+
+def _window(
+    query: Select[_Model],
+    cursor: Cursor | None,
+    kind: HistoryKind,
+    at: Any,
+    key: Any,
+    limit: int,
+) -> Select[_Model]:
+    """``query``'s rows (of ``kind``, placed by their time ``at`` and ``key``) that come after
+    ``cursor`` in the history, newest first, ``limit`` at most: the same order the cursor was
+    taken in."""
+    return query.where(_after(cursor, kind, at, key)).order_by(at.desc(), key.desc()).limit(limit)
+
+
+def _after(cursor: Cursor | None, kind: HistoryKind, at: Any, key: Any) -> ColumnElement[bool]:
     """Rows of ``kind`` that come after ``cursor`` in the history (older, newest first)."""
     if cursor is None:
         return true()
@@ -191,12 +208,16 @@ async def _deposits(
         return []
     txs = list(
         await session.scalars(
-            select(Transaction)
-            .join(Entry, Entry.transaction_id == Transaction.id)
-            .where(Transaction.kind == "deposit", Entry.account_id == user_account)
-            .where(_before(after, "deposit", Transaction.created_at, Transaction.id))
-            .order_by(Transaction.created_at.desc(), Transaction.id.desc())
-            .limit(limit)
+            _window(
+                select(Transaction)
+                .join(Entry, Entry.transaction_id == Transaction.id)
+                .where(Transaction.kind == "deposit", Entry.account_id == user_account),
+                after,
+                "deposit",
+                Transaction.created_at,
+                Transaction.id,
+                limit,
+            )
         )
     )
     items = []
@@ -241,12 +262,9 @@ async def _deposits(
 async def _turns(
     session: AsyncSession, user_id: int, limit: int, after: Cursor | None
 ) -> list[HistoryItem]:
+    query = select(TurnRecord).where(TurnRecord.user_id == user_id)
     rows = await session.scalars(
-        select(TurnRecord)
-        .where(TurnRecord.user_id == user_id)
-        .where(_before(after, "turn", TurnRecord.created_at, TurnRecord.id))
-        .order_by(TurnRecord.created_at.desc(), TurnRecord.id.desc())
-        .limit(limit)
+        _window(query, after, "turn", TurnRecord.created_at, TurnRecord.id, limit)
     )
     return [
         HistoryItem(
@@ -268,12 +286,9 @@ async def _turns(
 async def _payouts(
     session: AsyncSession, user_id: int, limit: int, after: Cursor | None
 ) -> list[HistoryItem]:
+    query = select(Payout).where(Payout.provider_id == user_id)
     rows = await session.scalars(
-        select(Payout)
-        .where(Payout.provider_id == user_id)
-        .where(_before(after, "payout", Payout.created_at, Payout.id))
-        .order_by(Payout.created_at.desc(), Payout.id.desc())
-        .limit(limit)
+        _window(query, after, "payout", Payout.created_at, Payout.id, limit)
     )
     return [
         HistoryItem(
