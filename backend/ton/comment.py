@@ -107,11 +107,17 @@ def deposit_transaction(
     now: float | None = None,
 ) -> dict[str, object]:
     """The whole ``sendTransaction`` request a TON Connect wallet signs for a top-up."""
+    message = deposit_message(deposit_address, memo, amount, testnet=testnet)
+    return send_transaction([message], ttl_s=ttl_s, testnet=testnet, now=now)
+
+
+def send_transaction(
+    messages: list[dict[str, str]], *, ttl_s: int, testnet: bool, now: float | None
+) -> dict[str, object]:
+    """A TON Connect ``sendTransaction`` request of ``messages``, valid for ``ttl_s`` seconds
+    from ``now`` (default: the clock), for the testnet's wallets when ``testnet``."""
     valid_until = int(now if now is not None else time.time()) + ttl_s
-    request: dict[str, object] = {
-        "validUntil": valid_until,
-        "messages": [deposit_message(deposit_address, memo, amount, testnet=testnet)],
-    }
+    request: dict[str, object] = {"validUntil": valid_until, "messages": messages}
     if testnet:
         request["network"] = "-3"
     return request

@@ -22,7 +22,13 @@ from dataclasses import dataclass
 from ton_core import Address, begin_cell
 
 from backend.settings import MAX_NANO
-from backend.ton.comment import cell_to_b64, comment_cell, friendly_address, raw_address
+from backend.ton.comment import (
+    cell_to_b64,
+    comment_cell,
+    friendly_address,
+    raw_address,
+    send_transaction,
+)
 from backend.ton.toncenter import TonCenter
 
 __all__ = [
@@ -130,17 +136,9 @@ def jetton_topup_transaction(
     """The ``sendTransaction`` request a TON Connect wallet signs to send ``units`` USDT
     micro-units to the deposit wallet with the user's memo: one message to the user's own
     USDT jetton wallet, carrying the jetton transfer."""
-    valid_until = int(now if now is not None else time.time()) + ttl_s
-    request: dict[str, object] = {
-        "validUntil": valid_until,
-        "messages": [
-            {
-                "address": friendly_address(user_jetton_wallet, bounceable=True, testnet=testnet),
-                "amount": str(TOPUP_GAS_NANO),
-                "payload": jetton_transfer_body(units, deposit_address, user_wallet, memo),
-            }
-        ],
+    message = {
+        "address": friendly_address(user_jetton_wallet, bounceable=True, testnet=testnet),
+        "amount": str(TOPUP_GAS_NANO),
+        "payload": jetton_transfer_body(units, deposit_address, user_wallet, memo),
     }
-    if testnet:
-        request["network"] = "-3"
-    return request
+    return send_transaction([message], ttl_s=ttl_s, testnet=testnet, now=now)
