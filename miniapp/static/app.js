@@ -161,6 +161,24 @@
     return opts.raw ? response : response.json();
   }
 
+  // A streamed body (a `raw: true` answer), one record at a time: the text before each
+  // `separator` ("\n" for NDJSON, "\n\n" for Server-Sent Events); an unfinished last one is not.
+  async function* records(response, separator) {
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buffer += decoder.decode(value, { stream: true });
+      let end;
+      while ((end = buffer.indexOf(separator)) >= 0) {
+        yield buffer.slice(0, end);
+        buffer = buffer.slice(end + separator.length);
+      }
+    }
+  }
+
   // An expired or refused session: one clean screen with a way back, nothing half-working.
   function endSession(message) {
     $("session-reopen").onclick = () => (inTelegram ? tg.close() : window.location.reload());
@@ -192,6 +210,17 @@
     element.textContent = message;
     element.hidden = !message;
     element.dataset.kind = kind || "info";
+  }
+
+  // A failed request of an amount form: the amount refused is said under its field
+  // (`fieldError`), anything else in the form's `statusLine`.
+  function amountError(error, fieldError, statusLine) {
+    if (error.code === "invalid_amount") {
+      fieldError.textContent = error.message;
+      fieldError.hidden = false;
+    } else {
+      status(statusLine, error.message, "error");
+    }
   }
 
   function haptic(kind) {
@@ -444,6 +473,7 @@
     errorText,
     ApiError,
     request,
+    records,
     me,
     view,
     show,
@@ -452,6 +482,7 @@
     toast,
     quietly,
     status,
+    amountError,
     haptic,
     copy,
     pendingTopUps,

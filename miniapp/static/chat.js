@@ -171,38 +171,27 @@
     let reply = "";
     let ended = false;
     try {
-      const reader = response.body.getReader();
-      const decoder = new TextDecoder();
-      let buffer = "";
-      for (;;) {
-        const { value, done } = await reader.read();
-        if (done) break;
-        buffer += decoder.decode(value, { stream: true });
-        let newline;
-        while ((newline = buffer.indexOf("\n")) >= 0) {
-          const line = buffer.slice(0, newline);
-          buffer = buffer.slice(newline + 1);
-          if (!line.trim()) continue;
-          const item = JSON.parse(line);
-          if (item.type === "start") {
-            running.turn = item.turn;
-          } else if (item.type === "text") {
-            reply += item.text;
-            body.textContent = reply;
-            keepInView();
-          } else if (item.type === "done") {
-            ended = true;
-            C.markdown(body, reply);
-            footnote(li, item);
-            $("reply-announcer").textContent = reply; // read once, when it is whole
-          } else if (item.type === "error") {
-            ended = true;
-            li.classList.add("failed");
-            const note = document.createElement("div");
-            note.className = "hint error";
-            note.textContent = C.errorText(item.error.code, item.error.details, item.error.message);
-            li.append(note);
-          }
+      for await (const line of C.records(response, "\n")) {
+        if (!line.trim()) continue;
+        const item = JSON.parse(line);
+        if (item.type === "start") {
+          running.turn = item.turn;
+        } else if (item.type === "text") {
+          reply += item.text;
+          body.textContent = reply;
+          keepInView();
+        } else if (item.type === "done") {
+          ended = true;
+          C.markdown(body, reply);
+          footnote(li, item);
+          $("reply-announcer").textContent = reply; // read once, when it is whole
+        } else if (item.type === "error") {
+          ended = true;
+          li.classList.add("failed");
+          const note = document.createElement("div");
+          note.className = "hint error";
+          note.textContent = C.errorText(item.error.code, item.error.details, item.error.message);
+          li.append(note);
         }
       }
       if (!ended) throw new C.ApiError(0, "offline", t("reply_lost"));

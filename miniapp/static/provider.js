@@ -133,12 +133,7 @@
       $("withdraw-amount").value = "";
       await load();
     } catch (error) {
-      if (error.code === "invalid_amount") {
-        $("withdraw-amount-error").textContent = error.message;
-        $("withdraw-amount-error").hidden = false;
-      } else {
-        C.status($("withdraw-status"), error.message, "error");
-      }
+      C.amountError(error, $("withdraw-amount-error"), $("withdraw-status"));
     } finally {
       withdrawing = false;
       C.mainProgress($("withdraw"), false);

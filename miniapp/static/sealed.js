@@ -160,20 +160,10 @@
 
   // Server-Sent Events of the sealed API, one parsed `data:` object at a time.
   async function* events(response) {
-    const reader = response.body.getReader();
-    let buffer = "";
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) return;
-      buffer += dec.decode(value, { stream: true });
-      let end;
-      while ((end = buffer.indexOf("\n\n")) >= 0) {
-        const block = buffer.slice(0, end);
-        buffer = buffer.slice(end + 2);
-        const data = block.split("\n").filter((l) => l.startsWith("data: ")).map((l) => l.slice(6)).join("\n");
-        if (!data || data === "[DONE]") continue;
-        yield JSON.parse(data);
-      }
+    for await (const block of C.records(response, "\n\n")) {
+      const data = block.split("\n").filter((l) => l.startsWith("data: ")).map((l) => l.slice(6)).join("\n");
+      if (!data || data === "[DONE]") continue;
+      yield JSON.parse(data);
     }
   }
 

@@ -38,44 +38,40 @@
     $("deposit-address").textContent = me.topup.deposit_address || "";
   }
 
+  // A preset button at the end of `box`: its `label`, `onClick` when tapped.
+  function chip(box, label, onClick) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "chip";
+    button.textContent = label;
+    button.addEventListener("click", onClick);
+    box.appendChild(button);
+    return button;
+  }
+
   function renderPresets() {
     const box = $("topup-presets");
     box.textContent = "";
     for (const preset of me.topup.presets) {
-      const chip = document.createElement("button");
-      chip.type = "button";
-      chip.className = "chip";
-      chip.textContent = preset + " GRAM";
-      chip.dataset.amount = preset;
-      chip.addEventListener("click", () => {
+      const gram = chip(box, preset + " GRAM", () => {
         $("topup-amount").value = preset;
         choose(preset, true);
       });
-      box.appendChild(chip);
+      gram.dataset.amount = preset;
     }
     const usdt = $("usdt-presets");
     usdt.textContent = "";
     for (const preset of me.topup.usdt_presets || []) {
-      const chip = document.createElement("button");
-      chip.type = "button";
-      chip.className = "chip";
-      chip.textContent = preset + " USDT";
-      chip.addEventListener("click", () => {
+      chip(usdt, preset + " USDT", () => {
         $("usdt-amount").value = preset;
       });
-      usdt.appendChild(chip);
     }
     const stars = $("stars-presets");
     stars.textContent = "";
     for (const count of me.topup.stars_presets) {
-      const chip = document.createElement("button");
-      chip.type = "button";
-      chip.className = "chip";
-      chip.dataset.stars = String(count);
       const nano = BigInt(me.topup.nano_per_star) * BigInt(count);
-      chip.textContent = t("stars_chip", { stars: count, amount: C.formatGram(nano.toString()) });
-      chip.addEventListener("click", () => payStars(count));
-      stars.appendChild(chip);
+      const label = t("stars_chip", { stars: count, amount: C.formatGram(nano.toString()) });
+      chip(stars, label, () => payStars(count)).dataset.stars = String(count);
     }
   }
 
@@ -162,12 +158,7 @@
       try {
         order = await C.request("/topup", { method: "POST", body: { amount: $("topup-amount").value || C.formatAmount(choice.nano) } });
       } catch (error) {
-        if (error.code === "invalid_amount") {
-          $("topup-amount-error").textContent = error.message;
-          $("topup-amount-error").hidden = false;
-        } else {
-          C.status($("topup-status"), error.message, "error");
-        }
+        C.amountError(error, $("topup-amount-error"), $("topup-status"));
         return;
       }
       const before = BigInt(me.balance.available);
