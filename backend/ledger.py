@@ -22,9 +22,11 @@ import datetime as dt
 from collections.abc import Mapping
 
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from backend.db import insert_new, rowcount
+from backend.group_commit import GroupCommit
 from backend.ledger_pg import Close, CloseBatcher, hold_in_one_statement
 from backend.ledger_types import (
     USER_SIDE_KINDS,
@@ -87,6 +89,7 @@ class Ledger(LedgerWriter):
     """Money operations over one :class:`Database` (their general path: :class:`LedgerWriter`)."""
 
     _closes: CloseBatcher | None = None
+    _receipts: GroupCommit[tuple[str, int, str], bool | DBAPIError] | None = None
 
     # ------------------------------------------------------------------ reads
 
@@ -334,6 +337,39 @@ class Ledger(LedgerWriter):
         fingerprint = request_hash(kind, request)
         close = Close(hold_key, key, kind, fingerprint, cost, provider_id, share_bps, usage)
         return await self._closes.close(close)
+
+    async def keep_receipt(self, turn_id: str, user_id: int, body: str) -> bool:
+        """Keep the receipt of a turn no settlement wrote (a free turn's, or one whose hold
+        was released first), group-committed with the receipts asked meanwhile (one INSERT,
+        one commit; a load of one turn at a time waits for nothing); False when the turn's
+        receipt was kept already (it stays as it was)."""
+        if self._receipts is None or self._receipts.loop is not asyncio.get_running_loop():
+            self._receipts = GroupCommit(
+                self._keep_receipts, max_batch=self.close_batch, keys=lambda r: (r[0],)
+            )
+        kept = await self._receipts.write((turn_id, user_id, body))
+        if isinstance(kept, DBAPIError):
+            raise kept
+        return kept
+
+    async def _keep_receipts(self, receipts: list[tuple[str, int, str]]) -> list[bool | DBAPIError]:
+        """Write receipts in one commit (a batch refused as a whole, one by one: one bad
+        receipt never fails another); for each, whether it is new, or why it was refused."""
+        rows = [{"turn_id": turn, "user_id": user, "body": body} for turn, user, body in receipts]
+        try:
+            async with self.db.session() as session, session.begin():
+                kept = set(
+                    await session.scalars(
+                        insert_new(self.db.dialect, TurnReceipt)
+                        .values(rows)
+                        .returning(TurnReceipt.turn_id)
+                    )
+                )
+        except DBAPIError as error:
+            if len(receipts) == 1:
+                return [error]
+            return [(await self._keep_receipts([receipt]))[0] for receipt in receipts]
+        return [turn in kept for turn, _user, _body in receipts]
 
     async def release_stale_holds(self, older_than: dt.timedelta) -> list[str]:
         """Release every hold still open after ``older_than``: its turn's process died before

@@ -17,7 +17,6 @@ turns never wait on each other in a cycle.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from sqlalchemy import Row, TextClause, text
 from sqlalchemy.exc import DBAPIError
 
 from backend.db import Database
+from backend.group_commit import GroupCommit
 from backend.ledger_types import Leg, Receipt, TurnUsage
 from backend.models import AccountKind, HoldState
 
@@ -143,58 +143,25 @@ async def close_in_one_statement(
     return receipts
 
 
-class CloseBatcher:
-    """Group commit of holds' closes on PostgreSQL: a close asked while none is in flight goes
-    at once, alone; closes asked while one is in flight wait for it and then go together, as
-    one statement (:func:`close_in_one_statement`: one commit, one wait on the platform's and
-    each provider's balance instead of one each). Each close is still its own idempotent
-    ledger transaction under its own key; a batch is atomic, and a batch that fails as a whole
-    is tried again one close at a time, so one bad close never fails another. A load of one
-    turn at a time waits for nothing; a busy one commits many closes at once."""
+class CloseBatcher(GroupCommit[Close, Receipt | None]):
+    """Group commit of holds' closes on PostgreSQL (:class:`~backend.group_commit.GroupCommit`):
+    closes asked while one is in flight go together, as one statement
+    (:func:`close_in_one_statement`: one commit, one wait on the platform's and each provider's
+    balance instead of one each). Each close is still its own idempotent ledger transaction
+    under its own key (a twin, the same hold or key, waits for the next batch: it then
+    replays); a batch is atomic, and a batch that fails as a whole is tried again one close at
+    a time, so one bad close never fails another."""
 
     def __init__(self, db: Database, *, max_batch: int = 64) -> None:
+        super().__init__(
+            self._apply, max_batch=max_batch, keys=lambda close: (close.hold_key, close.key)
+        )
         self.db = db
-        self.max_batch = max_batch
-        self.loop = asyncio.get_running_loop()  # its waiters' loop: a batcher serves one
-        self._waiting: list[tuple[Close, asyncio.Future[Receipt | None]]] = []
-        self._drain: asyncio.Task[None] | None = None
 
     async def close(self, close: Close) -> Receipt | None:
         """The close's receipt; None when it did not apply (the caller's general path then
         does it, replays it, or says why not)."""
-        future: asyncio.Future[Receipt | None] = self.loop.create_future()
-        self._waiting.append((close, future))
-        if self._drain is None or self._drain.done():
-            self._drain = asyncio.create_task(self._run())
-        return await asyncio.shield(future)
-
-    async def _run(self) -> None:
-        while self._waiting:
-            batch: list[tuple[Close, asyncio.Future[Receipt | None]]] = []
-            later: list[tuple[Close, asyncio.Future[Receipt | None]]] = []
-            hold_keys: set[str] = set()
-            keys: set[str] = set()
-            for item in self._waiting:
-                close = item[0]
-                if len(batch) == self.max_batch or close.hold_key in hold_keys or close.key in keys:
-                    later.append(item)  # a twin waits for the next batch: it then replays
-                    continue
-                batch.append(item)
-                hold_keys.add(close.hold_key)
-                keys.add(close.key)
-            self._waiting = later
-            try:
-                results = await self._apply([close for close, _ in batch])
-            except BaseException as error:  # tell every waiter, then stop as asked
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(error)
-                if not isinstance(error, Exception):
-                    raise
-                continue
-            for (_, future), receipt in zip(batch, results, strict=True):
-                if not future.done():
-                    future.set_result(receipt)
+        return await self.write(close)
 
     async def _apply(self, closes: list[Close]) -> list[Receipt | None]:
         receipts = await close_in_one_statement(self.db, closes)

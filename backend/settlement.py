@@ -23,7 +23,7 @@ from backend.bounds import Bill, Flag
 from backend.flags import record_flags
 from backend.ledger import InvalidState, Ledger, LedgerError, TurnUsage
 from backend.pricing import turn_cost
-from backend.receipts import BilledUsage, ReceiptRecord, open_receipt, store_receipt
+from backend.receipts import BilledUsage, ReceiptRecord, open_receipt
 from backend.serverkeys import route_id, route_secret
 from backend.settings import ModelPrice, Settings
 from backend.turns import TurnCounter, TurnDone, TurnRequest, WorkerProof
@@ -184,11 +184,14 @@ class TurnSettlement:
 
     async def _keep_receipt(self, record: ReceiptRecord, charged: int) -> ReceiptRecord:
         """Keep the receipt of a turn that no settlement wrote (a free turn, a hold released
-        before it settled), with what was charged."""
+        before it settled), with what was charged: group-committed with the other turns'
+        (:meth:`~backend.ledger.Ledger.keep_receipt`), as settlements are on PostgreSQL."""
         if record.cost_nanoton != str(charged):
             record = record.model_copy(update={"cost_nanoton": str(charged)})
         try:
-            await store_receipt(self.d.ledger.db, self.request.user_id, record)
+            body = record.model_dump_json()
+            if not await self.d.ledger.keep_receipt(record.id, self.request.user_id, body):
+                log.info("turn %s: its receipt was kept already", record.id)
         except Exception as error:  # the turn stands; the database's trouble is logged
             log.error("turn %s: could not keep its receipt: %r", self.turn_id, error)
         return record

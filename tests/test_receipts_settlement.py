@@ -2,10 +2,12 @@
 turn), on SQLite and PostgreSQL: exactly once (a replayed settlement writes no second receipt and
 changes none), a receipt kept already never fails the settlement, a receipt that fails its checks
 is not kept while the turn is still charged, and a turn no settlement closes (a free one, one
-whose hold the sweeper released first) keeps its receipt as before, with what it was charged."""
+whose hold the sweeper released first) keeps its receipt as before, with what it was charged
+(free turns ending together: in one commit)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
 from collections.abc import AsyncIterator
@@ -15,6 +17,7 @@ import nacl.signing
 import pytest
 import redis.asyncio as aioredis
 from sqlalchemy import event, func, select
+from sqlalchemy.exc import IntegrityError
 
 from backend.db import Database
 from backend.ledger import Ledger, TurnUsage
@@ -219,3 +222,35 @@ async def test_a_turn_no_settlement_closes_keeps_its_receipt_as_charged(
     kept = await load_receipt(db, user, "turn-free")
     assert kept is not None and kept.cost_nanoton == "0" and kept == done.receipt
     assert (await ledger.balances(user)).available == 5 * TON
+
+
+async def test_the_receipts_of_free_turns_ending_together_share_one_commit(
+    db: Database, dispatcher: SimpleNamespace
+) -> None:
+    """A free turn has no settlement to ride with: the receipts of free turns that end
+    together are group-committed, one INSERT, one commit; a receipt kept already stays as it
+    was, and one that cannot be kept fails no other."""
+    ledger: Ledger = dispatcher.ledger
+    user = await funded(db, ledger, 9206)
+    turns = [Settling(dispatcher, user, f"turn-free-{i}", 0, REPLY.encode()) for i in range(20)]
+    checkouts: list[object] = []
+    listen = (db.engine.sync_engine, "checkout", lambda *_: checkouts.append(1))
+    event.listen(*listen)
+    done = await asyncio.gather(*(turn.end() for turn in turns))
+    event.remove(*listen)
+    assert len(checkouts) <= 2  # not one each: twenty turns, one commit (the first may go alone)
+    for i, turn in enumerate(done):
+        kept = await load_receipt(db, user, f"turn-free-{i}")
+        assert kept is not None and kept == turn.receipt and kept.cost_nanoton == "0"
+
+    results = await asyncio.gather(
+        ledger.keep_receipt("turn-free-0", user, "{}"),  # kept already
+        ledger.keep_receipt("turn-new", user, "{}"),
+        ledger.keep_receipt("turn-nobody", 10**9, "{}"),  # no such user
+        return_exceptions=True,
+    )
+    assert results[:2] == [False, True]
+    assert isinstance(results[2], IntegrityError)
+    assert await load_receipt(db, user, "turn-free-0") == done[0].receipt
+    assert await receipts(db, "turn-new") == ["{}"]
+    assert await receipts(db, "turn-nobody") == []
