@@ -1,16 +1,18 @@
 """The hold in one statement on PostgreSQL (issue 19: a priced turn's hold is one round trip):
 it writes exactly the rows the general path writes, or nothing at all, and every promise of the
 ledger holds through it: a short balance is refused, a key applies once, racing holds never
-overdraw, and a debit never stays without its credit."""
+overdraw, and a debit never stays without its credit. A hold and its settlement are counted:
+one statement each on one connection."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import json
+from collections.abc import Awaitable
 
 import pytest
-from sqlalchemy import delete
+from sqlalchemy import delete, event
 
 from backend.db import Database
 from backend.ledger import (
@@ -130,4 +132,46 @@ async def test_a_debit_never_stays_without_its_credit(pg: Database) -> None:
     with pytest.raises(NotFound):
         await ledger.hold(user, TON // 2, "orphan")
     assert (await ledger.balances(user)).available == TON
+    assert (await ledger.audit()).ok
+
+
+async def counted(db: Database, operation: Awaitable[object]) -> tuple[int, list[str]]:
+    """The connections ``operation`` checked out and the statements it sent."""
+    checkouts: list[object] = []
+    statements: list[str] = []
+
+    def checkout(*_: object) -> None:
+        checkouts.append(1)
+
+    def statement(_conn: object, _cursor: object, sql: str, *_: object) -> None:
+        statements.append(sql)
+
+    engine = db.engine.sync_engine
+    event.listen(engine, "checkout", checkout)
+    event.listen(engine, "before_cursor_execute", statement)
+    try:
+        await operation
+    finally:
+        event.remove(engine, "checkout", checkout)
+        event.remove(engine, "before_cursor_execute", statement)
+    return len(checkouts), statements
+
+
+async def test_a_hold_and_its_settlement_are_one_statement_each(db: Database) -> None:
+    """Counted as the database sees them: on PostgreSQL a priced turn's hold and its
+    settlement each send one statement on one connection (the pool's ping on checkout aside:
+    no statement event sees it); on SQLite each is one transaction on one connection."""
+    ledger = Ledger(db)
+    user = await funded_user(ledger, 9007, 5 * TON)
+    await ledger.hold(user, TON, "turn-warm")  # the connection's first use
+    hold = await counted(db, ledger.hold(user, TON, "turn-counted"))
+    settle = await counted(
+        db, ledger.settle("turn-counted", TON // 3, provider_id=None, share_bps=0)
+    )
+    assert hold[0] == settle[0] == 1
+    if db.dialect == "postgresql":
+        assert len(hold[1]) == len(settle[1]) == 1
+    else:  # the general path: BEGIN IMMEDIATE, the key, the hold, two balances, two entries...
+        assert hold[1][0] == "BEGIN IMMEDIATE" and len(hold[1]) > 1
+    assert (await ledger.balances(user)).held == TON
     assert (await ledger.audit()).ok
