@@ -3,6 +3,7 @@ trip, and the node books the jobs it runs as a stock RQ worker would."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 
 import pytest
@@ -13,10 +14,10 @@ from rq import Queue, SimpleWorker, Worker
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
+from workers.job_book import BookWriter, JobBook
 from workers.jobs import (
     FAILURE_TTL_S,
     RESULT_TTL_S,
-    JobBook,
     aenqueue_job,
     enqueue_job,
     outer_max_tokens,
@@ -74,31 +75,35 @@ def stock_run(sync: redis.Redis) -> tuple[Job, Job]:
     return ok, bad
 
 
-def node_run(sync: redis.Redis) -> tuple[Job, Job, JobBook]:
-    """The node's JobBook books one job finished, one failed (its engine's words)."""
+async def node_run(sync: redis.Redis, client: aioredis.Redis) -> tuple[Job, Job, JobBook]:
+    """The node's JobBook books one job finished, one failed (its engine's words), as the node
+    does: both taken at once, each transition through the writer (one MULTI/EXEC for those
+    that come together)."""
     for job_id in ("node-ok", "node-bad"):
         enqueue_job(sync, "w1", job_id, b"sealed", timeout_s=60, ttl_s=60)
-    book = JobBook(sync, "w1")
+    book = JobBook(sync, "w1", BookWriter(client))
     book.register_birth()
-    ok = book.dequeue(None)
-    assert ok is not None and ok.id == "node-ok"
-    book.finish(ok, book.start(ok), RESULT)
-    bad = book.dequeue(None)
-    assert bad is not None and bad.id == "node-bad"
-    book.fail(bad, book.start(bad), "engine failed")
+    ok, bad = await book.take(8, None)
+    assert (ok.id, bad.id) == ("node-ok", "node-bad")
+    assert await book.take(8, None) == []
+    ok_execution, bad_execution = await asyncio.gather(book.astart(ok), book.astart(bad))
+    await asyncio.gather(
+        book.afinish(ok, ok_execution, RESULT), book.afail(bad, bad_execution, "engine failed")
+    )
     return ok, bad, book
 
 
 RESULT = {"finish_reason": "stop", "prompt_tokens": 3, "completion_tokens": 3}
 
 
-def test_the_node_books_a_job_as_a_stock_rq_worker_does(redis_url: str) -> None:
+async def test_the_node_books_a_job_as_a_stock_rq_worker_does(redis_url: str) -> None:
     """What RQ's readers see of a job the node finished or failed (status, registries, result,
     the job's stored fields, the worker's counts) is what a stock RQ worker leaves. An RQ
     release that books jobs differently fails here, naming its version."""
     sync = redis.Redis.from_url(redis_url)
+    client = aioredis.Redis.from_url(redis_url)
     stock_ok, stock_bad = stock_run(sync)
-    node_ok, node_bad, book = node_run(sync)
+    node_ok, node_bad, book = await node_run(sync, client)
     version = f"rq {rq.__version__} books jobs differently than workers/jobs.py (JobBook)"
 
     def seen(job: Job) -> dict[str, object]:
@@ -134,6 +139,7 @@ def test_the_node_books_a_job_as_a_stock_rq_worker_does(redis_url: str) -> None:
     if stock is not None:  # a burst worker is gone once done; its counts went with it
         assert (stock.successful_job_count, stock.failed_job_count) == (1, 1)
     book.register_death()
+    await client.aclose()
     sync.close()
 
 
@@ -150,4 +156,32 @@ def test_a_job_never_started_is_failed_off_the_intermediate_queue(redis_url: str
     assert "node-late" in book.queue.failed_job_registry.get_job_ids()
     latest = fresh.latest_result()
     assert latest is not None and latest.exc_string == "worker_shutdown: never started"
+    sync.close()
+
+
+async def test_a_job_whose_ttl_passed_is_skipped_and_heartbeats_keep_a_job_alive(
+    redis_url: str,
+) -> None:
+    sync = redis.Redis.from_url(redis_url)
+    client = aioredis.Redis.from_url(redis_url)
+    for job_id in ("node-gone", "node-kept"):
+        enqueue_job(sync, "w1", job_id, b"sealed", timeout_s=60, ttl_s=60)
+    sync.delete(Job.key_for("node-gone"))  # as its TTL does
+    book = JobBook(sync, "w1", BookWriter(client))
+    book.register_birth()
+    (kept,) = await book.take(8, 1)
+    assert kept.id == "node-kept"
+    assert sync.llen(book.queue.intermediate_queue_key) == 1  # the kept one only
+    execution = await book.astart(kept)
+    sync.hset(Job.key_for("node-kept"), "last_heartbeat", "2000-01-01T00:00:00.000000Z")
+    await book.aheartbeat([(kept, execution)], True)
+    fresh = Job.fetch("node-kept", connection=sync, serializer=JSONSerializer)
+    assert fresh.get_status() == JobStatus.STARTED
+    assert fresh.last_heartbeat is not None and fresh.last_heartbeat.year > 2000
+    assert "node-kept" in book.queue.started_job_registry.get_job_ids()
+    assert await book.take(8, None) == []
+    await book.afinish(kept, execution, RESULT)
+    assert book.queue.started_job_registry.get_job_ids() == []
+    book.register_death()
+    await client.aclose()
     sync.close()

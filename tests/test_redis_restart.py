@@ -36,7 +36,7 @@ from tests.support.redis_server import RedisServer, attested_worker, start_node,
 from tests.support.turns import dev_stack, funded_user
 from workers import registry
 from workers.engines.instant import InstantEngine
-from workers.jobs import JobBook
+from workers.job_book import JobBook
 from workers.node_cli import NodeConfig
 from workers.serving import Node
 from workers.wire import ChatMessage
@@ -192,16 +192,16 @@ async def test_a_job_the_node_could_not_start_goes_on_at_once(
     then answered 503 "no worker": the only worker had been tried. Now the node's bookkeeping
     runs beside the job, off its first token's path, and the job is served all the same (a job
     the node cannot run at all is answered worker_unavailable at once and goes on elsewhere)."""
-    real_start = JobBook.start
+    real_start = JobBook.astart
     failures = []
 
-    def start_once_failing(book: JobBook, job: Job) -> object:
+    async def start_once_failing(book: JobBook, job: Job) -> object:
         if not failures:
             failures.append(job.id)
             raise redis.ConnectionError("Connection closed by server.")
-        return real_start(book, job)
+        return await real_start(book, job)
 
-    monkeypatch.setattr(JobBook, "start", start_once_failing)
+    monkeypatch.setattr(JobBook, "astart", start_once_failing)
     engine = InstantEngine(DEFAULT_MODEL)
     await engine.start()
     node = Node(NodeConfig(DEFAULT_MODEL, "instant", redis_url, heartbeat_s=0.2), engine)

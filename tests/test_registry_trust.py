@@ -28,7 +28,8 @@ from tests.support.attest import (
     worker_info,
 )
 from workers import registry
-from workers.jobs import JobBook, aenqueue_job, job_id_for
+from workers.job_book import BookWriter, JobBook
+from workers.jobs import aenqueue_job, job_id_for
 from workers.registry import WorkerInfo
 from workers.wire import WorkerKeys
 
@@ -351,20 +352,22 @@ async def test_the_rq_bookkeeping_needs_no_shared_key(
     its queue's set only (workers/rq_compat.py, NodeRQWorker). If an RQ release writes the shared
     set again, the worker's ACL user refuses it here, with NOPERM."""
     worker = await onboard()
-    book = JobBook(worker.redis, worker.worker_id)
+    # The node's asyncio client, with the worker's own credentials (the node's path).
+    known = worker.redis.connection_pool.connection_kwargs
+    client = aioredis.Redis(**{k: known[k] for k in ("host", "port", "db", "username", "password")})
+    book = JobBook(worker.redis, worker.worker_id, BookWriter(client))
     ok_id = job_id_for(worker.worker_id, "t1", 1)
     bad_id = job_id_for(worker.worker_id, "t2", 1)
     for job_id in (ok_id, bad_id):
         await aenqueue_job(admin, worker.worker_id, job_id, b"sealed", timeout_s=60, ttl_s=60)
     book.register_birth()
-    first = book.dequeue(None)
-    assert first is not None and first.id == ok_id
-    execution = book.start(first)
-    book.heartbeat([(first, execution)], True)
-    book.finish(first, execution, {"finish_reason": "stop"})
-    second = book.dequeue(None)
-    assert second is not None
-    book.fail(second, book.start(second), "engine failed")
+    first, second = await book.take(2, None)
+    assert (first.id, second.id) == (ok_id, bad_id)
+    execution = await book.astart(first)
+    await book.aheartbeat([(first, execution)], True)
+    await book.afinish(first, execution, {"finish_reason": "stop"})
+    await book.afail(second, await book.astart(second), "engine failed")
+    await client.aclose()
     queue_workers = Worker.all(queue=book.queue, serializer=JSONSerializer)
     assert [w.name for w in queue_workers] == [worker.worker_id]
     book.register_death()

@@ -21,8 +21,8 @@ The enqueue contract (backend → worker node):
 
 :func:`run_job` is never executed by RQ: the node consumes its queue itself, many jobs at once
 (a stock RQ worker runs one job at a time, and only the node holds the key that opens the
-request). :class:`JobBook` does the bookkeeping a stock worker would, so ``rq info``, the
-job's status, and the started / finished / failed registries tell the truth.
+request). :class:`workers.job_book.JobBook` does the bookkeeping a stock worker would, so
+``rq info``, the job's status, and the started / finished / failed registries tell the truth.
 
 A freshness challenge (the public attestation report, :mod:`backend.attestation.report`) is a
 job of its own on the same queue: function ``workers.jobs.answer_challenge``, one argument, the
@@ -35,28 +35,20 @@ from __future__ import annotations
 
 import base64
 import re
-import warnings
-from datetime import timedelta
 from typing import Any, NoReturn
 
 import redis
 from redis.asyncio import Redis as AsyncRedis
 from rq import Queue
-from rq.exceptions import DequeueTimeout
-from rq.executions import Execution
 from rq.job import Job, JobStatus
-from rq.results import Result
 from rq.serializers import JSONSerializer
-from rq.utils import now
-from rq.worker import WorkerStatus
 
 from workers.registry import queue_name
-from workers.rq_compat import NodeRQWorker, enqueue_commands, offline_queue
+from workers.rq_compat import enqueue_commands, offline_queue
 
 __all__ = [
     "CHALLENGE_FUNCTION",
     "JOB_FUNCTION",
-    "JobBook",
     "aenqueue_challenge",
     "aenqueue_job",
     "challenge_argument",
@@ -80,10 +72,6 @@ MAX_TOKENS_META = "max_tokens"
 
 MAX_TOKENS_LIMIT = 1_000_000
 """The largest bound a job may carry (the wire's own limit on ``max_tokens``)."""
-
-EXECUTION_TTL_S = 90
-"""An execution not heartbeaten for this long is abandoned (the node beats every ~15 s)."""
-
 
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -122,17 +110,26 @@ def enqueue_job(
     """Enqueue a sealed request on the worker's own queue (see the module doc for the contract);
     ``max_tokens``: the backend's bound on the reply."""
     queue = Queue(queue_name(worker_id), connection=redis_sync, serializer=JSONSerializer)
+    argument = base64.b64encode(sealed).decode("ascii")
     return queue.enqueue_call(
-        run_job,
-        args=(base64.b64encode(sealed).decode("ascii"),),
-        job_id=job_id,
-        timeout=timeout_s,
-        ttl=ttl_s,
-        result_ttl=RESULT_TTL_S,
-        failure_ttl=FAILURE_TTL_S,
-        description="cocoon chat job",  # RQ's default would repeat the (sealed) argument
-        meta=_meta(max_tokens),
+        run_job, **_job_options(argument, job_id, timeout_s, ttl_s, _meta(max_tokens))
     )
+
+
+def _job_options(
+    argument: str, job_id: str, timeout_s: int, ttl_s: int, meta: dict[str, Any] | None
+) -> dict[str, Any]:
+    """What every Cocoon job is enqueued with (both enqueues, the module doc's contract)."""
+    return {
+        "args": (argument,),
+        "job_id": job_id,
+        "timeout": timeout_s,
+        "ttl": ttl_s,
+        "result_ttl": RESULT_TTL_S,
+        "failure_ttl": FAILURE_TTL_S,
+        "description": "cocoon chat job",  # RQ's default would repeat the (sealed) argument
+        "meta": meta,
+    }
 
 
 def _meta(max_tokens: int | None) -> dict[str, Any] | None:
@@ -210,148 +207,13 @@ async def _aenqueue(
         _server_versions[id(redis_async)] = version
     queue = offline_queue(queue_name(worker_id), version)
     job = queue.create_job(
-        func,
-        args=(argument,),
-        job_id=job_id,
-        timeout=timeout_s,
-        ttl=ttl_s,
-        result_ttl=RESULT_TTL_S,
-        failure_ttl=FAILURE_TTL_S,
-        description="cocoon chat job",
-        meta=meta,
-        status=JobStatus.QUEUED,
+        func, **_job_options(argument, job_id, timeout_s, ttl_s, meta), status=JobStatus.QUEUED
     )
     pipe = redis_async.pipeline(transaction=True)
     for name, args, kwargs in enqueue_commands(queue, job):
         getattr(pipe, name)(*args, **kwargs)
     await pipe.execute()
     return job.id
-
-
-class JobBook:
-    """The node's bookkeeping in RQ, one call per transition. Synchronous: call in a thread.
-
-    It registers the node as an RQ worker (named after the worker id) and, per job, does what a
-    stock worker does around ``job.perform()``: an Execution in the started registry, the job's
-    status and timestamps, the result or the failure, the finished / failed registries. All
-    through RQ's public classes (``tests/test_jobs.py`` holds it to what a stock worker leaves),
-    the node's worker registration aside (:class:`workers.rq_compat.NodeRQWorker`).
-    """
-
-    def __init__(self, connection: redis.Redis, worker_id: str) -> None:
-        self.connection = connection
-        self.queue = Queue(queue_name(worker_id), connection=connection, serializer=JSONSerializer)
-        with warnings.catch_warnings():
-            # An attested worker's Redis user may not list other clients (CLIENT LIST): RQ then
-            # records its address as unknown, which is all this warning says.
-            warnings.filterwarnings("ignore", "CLIENT LIST command not supported")
-            self.rq_worker = NodeRQWorker(
-                [self.queue], connection=connection, name=worker_id, serializer=JSONSerializer
-            )
-        self.name = worker_id
-
-    # -- the node as an RQ worker ---------------------------------------------------------------
-
-    def register_birth(self) -> None:
-        self.rq_worker.register_birth()
-        self.rq_worker.set_state(WorkerStatus.IDLE)
-
-    def register_death(self) -> None:
-        self.rq_worker.register_death()
-
-    def heartbeat(self, executions: list[tuple[Job, Execution]], busy: bool) -> None:
-        """Keep the RQ worker and the running executions alive (not abandoned)."""
-        with self.connection.pipeline() as pipe:
-            self.rq_worker.heartbeat(EXECUTION_TTL_S + 60, pipeline=pipe)
-            self.rq_worker.set_state(WorkerStatus.BUSY if busy else WorkerStatus.IDLE, pipe)
-            for job, execution in executions:
-                execution.heartbeat(job.started_job_registry, EXECUTION_TTL_S, pipeline=pipe)
-                job.heartbeat(now(), EXECUTION_TTL_S, pipeline=pipe, xx=True)
-            pipe.execute()
-
-    # -- jobs -----------------------------------------------------------------------------------
-
-    def dequeue(self, timeout_s: int | None) -> Job | None:
-        """The next job (moved to RQ's intermediate queue), or None after ``timeout_s``.
-
-        ``timeout_s=None`` does not block. Jobs whose TTL passed are skipped by RQ.
-        """
-        try:
-            result = Queue.dequeue_any(
-                [self.queue], timeout_s, connection=self.connection, serializer=JSONSerializer
-            )
-        except DequeueTimeout:
-            return None
-        return None if result is None else result[0]
-
-    def start(self, job: Job) -> Execution:
-        """Mark ``job`` started by this node (status, started registry, out of intermediate)."""
-        with self.connection.pipeline() as pipe:
-            execution = Execution.create(job, EXECUTION_TTL_S, pipeline=pipe, worker_name=self.name)
-            job.prepare_for_execution(self.name, pipeline=pipe)
-            pipe.lrem(self.queue.intermediate_queue_key, 1, job.id)
-            pipe.execute()
-        return execution
-
-    def finish(self, job: Job, execution: Execution | None, result: dict[str, Any]) -> None:
-        """Mark ``job`` finished with a JSON-able ``result`` (never text or keys); ``execution``
-        None: its start could not be booked (the job is still in the intermediate queue)."""
-        job.ended_at = now()
-        result_ttl = job.get_result_ttl(RESULT_TTL_S)
-        with self.connection.pipeline() as pipe:
-            job.set_status(JobStatus.FINISHED, pipeline=pipe)
-            job.save(pipeline=pipe, include_meta=False, include_result=False)
-            Result.create(
-                job,
-                Result.Type.SUCCESSFUL,
-                result_ttl,
-                return_value=result,
-                worker_name=self.name,
-                pipeline=pipe,
-                execution_id=execution.id if execution is not None else None,
-                execution_started_at=execution.created_at if execution is not None else None,
-                execution_ended_at=job.ended_at,
-            )
-            if result_ttl != 0:
-                job.finished_job_registry.add(job, result_ttl, pipe)
-            job.cleanup(result_ttl, pipeline=pipe, remove_from_queue=False)
-            if execution is not None:
-                execution.delete(job=job, pipeline=pipe)
-            else:
-                pipe.lrem(self.queue.intermediate_queue_key, 1, job.id)
-            self.rq_worker.increment_successful_job_count(pipeline=pipe)
-            self.rq_worker.increment_total_working_time(self._working_time(job), pipe)
-            pipe.execute()
-
-    def fail(self, job: Job, execution: Execution | None, reason: str) -> None:
-        """Mark ``job`` failed with ``reason`` (shown by RQ as the exception text)."""
-        job.ended_at = now()
-        with self.connection.pipeline() as pipe:
-            job.set_status(JobStatus.FAILED, pipeline=pipe)
-            if execution is not None:
-                execution.delete(job=job, pipeline=pipe)
-            else:  # never started: it is still in the intermediate queue
-                pipe.lrem(self.queue.intermediate_queue_key, 1, job.id)
-            job.failed_job_registry.add(job, ttl=job.failure_ttl, exc_string=reason, pipeline=pipe)
-            Result.create_failure(
-                job,
-                job.failure_ttl,
-                exc_string=reason,
-                worker_name=self.name,
-                pipeline=pipe,
-                execution_id=execution.id if execution is not None else None,
-                execution_started_at=execution.created_at if execution is not None else None,
-                execution_ended_at=job.ended_at,
-            )
-            self.rq_worker.increment_failed_job_count(pipeline=pipe)
-            self.rq_worker.increment_total_working_time(self._working_time(job), pipe)
-            pipe.execute()
-
-    @staticmethod
-    def _working_time(job: Job) -> timedelta:
-        if job.started_at is None or job.ended_at is None:
-            return timedelta(0)
-        return job.ended_at - job.started_at
 
 
 def challenge_argument(job: Job) -> str:

@@ -11,10 +11,16 @@ which fails naming the RQ version when a release changes them:
   client. RQ asks the server its version before it builds a job (``get_redis_server_version``,
   cached in the queue's ``redis_server_version``); the asyncio enqueue has no synchronous
   connection to ask, so the queue is told the version, and RQ's commands go to a recorder.
+* :func:`recorded` and :func:`job_from_hash`: the node's bookkeeping (:mod:`workers.job_book`)
+  the same way: RQ's own methods write a transition into a recorder passed as their pipeline,
+  and a job is rebuilt from the hash an asyncio ``HGETALL`` read (``Job.restore``, what
+  ``Job.fetch`` does after its own read), its connection one that leads nowhere, so a command
+  RQ would send outside the pipeline fails instead of blocking the event loop.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import redis
@@ -23,7 +29,15 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 from rq.worker_registration import WORKERS_BY_QUEUE_KEY
 
-__all__ = ["Command", "NodeRQWorker", "enqueue_commands", "offline_queue"]
+__all__ = [
+    "Command",
+    "NodeRQWorker",
+    "enqueue_commands",
+    "job_from_hash",
+    "offline_queue",
+    "recorded",
+    "replay",
+]
 
 Command = tuple[str, tuple[Any, ...], dict[str, Any]]
 """A Redis command as RQ issued it: the client method's name, its arguments."""
@@ -67,11 +81,30 @@ class _Recorder:
         return record
 
 
+def recorded(action: Callable[[Any], object]) -> list[Command]:
+    """The commands ``action(pipeline)`` issues through the pipeline it is given, in order, none
+    sent (the recorder stands in for a redis ``Pipeline``, RQ's type: it only records)."""
+    recorder = _Recorder()
+    action(recorder)
+    return recorder.calls
+
+
+def replay(pipe: Any, commands: list[Command]) -> None:
+    """Issue recorded ``commands`` on ``pipe`` (a synchronous or an asyncio pipeline)."""
+    for name, args, kwargs in commands:
+        getattr(pipe, name)(*args, **kwargs)
+
+
 def enqueue_commands(queue: Queue, job: Job) -> list[Command]:
     """The commands ``queue.enqueue_job(job)`` sends, in order, none sent: replay them on any
     client as one MULTI/EXEC and the queue, the job hash and RQ's queue set come out as RQ's own
     enqueue writes them."""
-    recorder = _Recorder()
-    # The recorder stands in for a redis Pipeline (RQ's type): it only records the calls.
-    queue.enqueue_job(job, pipeline=recorder)  # type: ignore[arg-type]
-    return recorder.calls
+    return recorded(lambda pipe: queue.enqueue_job(job, pipeline=pipe))
+
+
+def job_from_hash(job_id: str, fields: Mapping[bytes, bytes]) -> Job:
+    """The job ``Job.fetch(job_id)`` would return (JSON serializer), from its hash as read by
+    ``HGETALL``; its connection leads nowhere (write it through :func:`recorded`)."""
+    job = Job(job_id, connection=_OFFLINE, serializer=JSONSerializer)
+    job.restore(fields)
+    return job

@@ -26,7 +26,6 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from redis.exceptions import AuthenticationError, RedisError
@@ -36,8 +35,9 @@ from workers import redis_auth, registry, streams
 from workers.attest_client import Attestation
 from workers.engines import Engine
 from workers.evidence import AttestationRefused
+from workers.job_book import BookWriter, JobBook
 from workers.job_run import JobRun, Outcome, describe_error
-from workers.jobs import CHALLENGE_FUNCTION, JobBook, challenge_argument
+from workers.jobs import CHALLENGE_FUNCTION, challenge_argument
 from workers.logcontext import bind as bind_log_context
 from workers.metrics import WorkerMetrics
 from workers.node_cli import NodeConfig
@@ -56,8 +56,8 @@ DEQUEUE_BLOCK_S = 1
 RQ_HEARTBEAT_S = 15.0
 """How often the node's RQ worker entry and its jobs' executions are kept alive."""
 
-BOOK_THREADS = 8
-"""Threads for RQ's (synchronous) bookkeeping."""
+TAKE_AT_ONCE = 32
+"""The most jobs taken from the queue in one go (two round trips, however many)."""
 
 
 class Node:
@@ -129,9 +129,7 @@ class Node:
         self._redis = redis_auth.async_client(
             url, credentials=self.credentials, ca_pem=ca_pem, max_connections=self.capacity + 16
         )
-        self._book = JobBook(self._sync, self.worker_id)
-        self._book_pool = ThreadPoolExecutor(BOOK_THREADS, thread_name_prefix="rq-book")
-        self._dequeue_pool = ThreadPoolExecutor(1, thread_name_prefix="rq-dequeue")
+        self._book = JobBook(self._sync, self.worker_id, BookWriter(self._redis))
         self._slots = asyncio.Semaphore(self.capacity)
         background: list[asyncio.Task[None]] = []
         try:
@@ -183,8 +181,6 @@ class Node:
                 await self._in_thread(self._book.register_death)
             except RedisError as error:
                 log.warning("could not record the RQ worker's death: %s", error)
-            self._book_pool.shutdown(wait=False)
-            self._dequeue_pool.shutdown(wait=False)
             await self._redis.aclose()
             self._sync.close()
 
@@ -198,11 +194,9 @@ class Node:
         dequeuer.cancel()
         await asyncio.gather(dequeuer, return_exceptions=True)
         rejected = 0
-        while not revoked and (
-            job := await self._in_thread(self._book.dequeue, None, pool=self._dequeue_pool)
-        ):
-            await self._reject(job)
-            rejected += 1
+        while not revoked and (jobs := await self._book.take(TAKE_AT_ONCE, None)):
+            await asyncio.gather(*(self._reject(job) for job in jobs))
+            rejected += len(jobs)
         if rejected:
             log.info("rejected %d queued jobs (worker_shutdown)", rejected)
         if self._tasks:
@@ -236,7 +230,7 @@ class Node:
                     executions = [
                         (r.job, r.execution) for r in self._running.values() if r.execution
                     ]
-                    await self._in_thread(self._book.heartbeat, executions, bool(executions))
+                    await self._book.aheartbeat(executions, bool(executions))
             except AuthenticationError as error:
                 if self.attestation is None:
                     log.warning("heartbeat failed: %s", error)
@@ -277,31 +271,37 @@ class Node:
         return True
 
     async def _dequeue_loop(self) -> None:
-        """Take a job whenever a slot is free. Cancelled (by shutdown) only between jobs."""
-        loop = asyncio.get_running_loop()
+        """Take jobs whenever slots are free, as many at once as are free (and waiting).
+        Cancelled (by shutdown) only between takes."""
         while self._accepting:
             await self._slots.acquire()
-            taking = loop.run_in_executor(self._dequeue_pool, self._book.dequeue, DEQUEUE_BLOCK_S)
+            free = 1
+            while free < TAKE_AT_ONCE and not self._slots.locked():
+                await self._slots.acquire()  # free: it does not wait
+                free += 1
+            taking = asyncio.ensure_future(self._book.take(free, DEQUEUE_BLOCK_S))
             try:
-                job = await asyncio.shield(taking)
+                jobs = await asyncio.shield(taking)
             except asyncio.CancelledError:
-                # The blocking dequeue cannot be interrupted: let it end, refuse what it took.
-                self._slots.release()
+                # A take half done would lose its jobs: let it end, refuse what it took.
+                for _ in range(free):
+                    self._slots.release()
                 with contextlib.suppress(Exception):
-                    if (taken := await taking) is not None:
-                        await self._reject(taken)
+                    await asyncio.gather(*(self._reject(job) for job in await taking))
                 raise
-            except Exception as error:  # Redis down, or a job RQ cannot load
-                self._slots.release()
+            except Exception as error:  # Redis down
+                for _ in range(free):
+                    self._slots.release()
                 log.warning("dequeue failed: %s", type(error).__name__)
                 await asyncio.sleep(1)
                 continue
-            if job is None:
+            for _ in range(free - len(jobs)):
                 self._slots.release()
-            elif not self._accepting:
-                self._slots.release()
-                await self._reject(job)
-            else:
+            for job in jobs:
+                if not self._accepting:
+                    self._slots.release()
+                    await self._reject(job)
+                    continue
                 task = asyncio.create_task(self._run_job(job))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -320,9 +320,9 @@ class Node:
         self.peak_load = max(self.peak_load, self.load)
         self._load_changed.set()
         outcome = Outcome(False, "internal error")
-        # RQ's bookkeeping (a thread and a round trip) runs beside the job, off its first
-        # token's path; the job's end is booked once its start is.
-        starting = asyncio.ensure_future(self._in_thread(self._book.start, job))
+        # RQ's bookkeeping (group-committed, JobBook's writer) runs beside the job, off its
+        # first token's path; the job's end is booked once its start is.
+        starting = asyncio.ensure_future(self._book.astart(job))
         starting.add_done_callback(lambda done: self._started(run, done))
         try:
             outcome = await run.run()
@@ -364,9 +364,9 @@ class Node:
                     "prompt_tokens": usage.prompt_tokens if usage else 0,
                     "completion_tokens": usage.completion_tokens if usage else run.deltas,
                 }
-                await self._in_thread(self._book.finish, job, run.execution, result)
+                await self._book.afinish(job, run.execution, result)
             else:
-                await self._in_thread(self._book.fail, job, run.execution, outcome.detail)
+                await self._book.afail(job, run.execution, outcome.detail)
         except RedisError as error:
             log.error("job %s: could not record its outcome in RQ: %s", job.id, error)
         elapsed = time.monotonic() - run.started
@@ -397,16 +397,16 @@ class Node:
         """Sign a client's nonce with the attested key (the public attestation report's
         freshness): the signature, in the clear, is the job's one stream entry."""
         try:
-            execution = await self._in_thread(self._book.start, job)
+            execution = await self._book.astart(job)
             try:
                 signature = sign_challenge(
                     self.worker_id, challenge_argument(job), self.keys.signing_key
                 )
             except (ValueError, WireError) as error:
-                await self._in_thread(self._book.fail, job, execution, f"bad challenge: {error}")
+                await self._book.afail(job, execution, f"bad challenge: {error}")
                 return
             await streams.append(self._redis, job.id, signature.encode(), last=True)
-            await self._in_thread(self._book.finish, job, execution, {"challenge": "signed"})
+            await self._book.afinish(job, execution, {"challenge": "signed"})
         except RedisError as error:
             log.warning("challenge %s not answered: %s", job.id, error)
         finally:
@@ -417,7 +417,7 @@ class Node:
         run = self._job_run(job)
         try:
             await run.reject("worker_shutdown", "the worker is shutting down")
-            await self._in_thread(self._book.fail, job, None, "worker_shutdown: never started")
+            await self._book.afail(job, None, "worker_shutdown: never started")
         except RedisError as error:
             log.error("job %s: could not reject it: %s", job.id, error)
         if self.metrics is not None:
@@ -428,6 +428,6 @@ class Node:
         if run is not None and run.stop("cancel"):
             log.info("job %s: cancel requested", job_id)
 
-    async def _in_thread(self, func: Callable[..., T], *args: Any, pool: Any = None) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(pool or self._book_pool, func, *args)
+    async def _in_thread(self, func: Callable[..., T], *args: Any) -> T:
+        """RQ's worker registration (once at start, once at the end): synchronous."""
+        return await asyncio.get_running_loop().run_in_executor(None, func, *args)
