@@ -33,13 +33,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import aiohttp
 from aiohttp import web
@@ -47,18 +44,15 @@ from sqlalchemy import text
 
 from backend.apikeys import create_key
 from backend.settings import DEFAULT_MODEL
-from bench.inference_rows import ROWS, ms, p50_p99, percentile, print_table, row
+from bench.inference_rows import ROWS, ms, p50_p99, percentile, row
 from bench.inference_stack import (
     FREE,
-    POSTGRES_URL,
     PRICED,
     PROMPT,
-    REDIS_URL,
     Bench,
     bare_rq,
     direct,
-    drop_postgres,
-    fresh_postgres,
+    run_sections,
 )
 from workers.engines import create_engine
 
@@ -390,47 +384,21 @@ async def bench_settlements(bench: Bench, count: int) -> None:
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sections = ["ttft", "streaming", "coalesce", "queue", "http", "settlements"]
-    parser.add_argument(
-        "--only",
-        type=lambda text: text.split(","),
-        default=sections,
-        help=f"sections to run, comma-separated: {','.join(sections)} (default: all)",
-    )
-    parser.add_argument("--db", choices=["sqlite", "postgresql", "both"], default="both")
-    parser.add_argument("--redis-url", default=REDIS_URL)
-    parser.add_argument("--postgres-url", default=POSTGRES_URL)
     parser.add_argument("--samples", type=int, default=200, help="TTFT samples")
     parser.add_argument("--tokens", type=int, default=64, help="tokens per streaming turn")
     parser.add_argument("--jobs", type=int, default=2000, help="queue benchmark turns")
     parser.add_argument("--settlements", type=int, default=2000)
-    args = parser.parse_args()
-    if unknown := set(args.only) - set(sections):
-        parser.error(f"no such section: {', '.join(sorted(unknown))}")
-    load = " ".join(f"{value:.2f}" for value in os.getloadavg())
-    print(f"load average {load}, {os.cpu_count()} CPUs")
-    databases = ["sqlite", "postgresql"] if args.db == "both" else [args.db]
-    for database in databases:
-        with tempfile.TemporaryDirectory() as workdir:
-            url = await fresh_postgres(args.postgres_url) if database == "postgresql" else None
-            try:
-                async with Bench(args.redis_url, Path(workdir), url) as bench:
-                    if "ttft" in args.only:
-                        await bench_ttft(bench, args.samples)
-                    if "streaming" in args.only:
-                        await bench_streaming(bench, args.tokens)
-                    if "coalesce" in args.only:
-                        await bench_coalesce(bench, 4 * args.tokens)
-                    if "queue" in args.only:
-                        await bench_queue(bench, args.jobs)
-                    if "http" in args.only:
-                        await bench_http(bench, args.samples)
-                    if "settlements" in args.only:
-                        await bench_settlements(bench, args.settlements)
-            finally:
-                if url is not None:
-                    await drop_postgres(args.postgres_url, url)
-    print_table(load)
+    await run_sections(
+        parser,
+        {
+            "ttft": lambda bench, args: bench_ttft(bench, args.samples),
+            "streaming": lambda bench, args: bench_streaming(bench, args.tokens),
+            "coalesce": lambda bench, args: bench_coalesce(bench, 4 * args.tokens),
+            "queue": lambda bench, args: bench_queue(bench, args.jobs),
+            "http": lambda bench, args: bench_http(bench, args.samples),
+            "settlements": lambda bench, args: bench_settlements(bench, args.settlements),
+        },
+    )
 
 
 if __name__ == "__main__":

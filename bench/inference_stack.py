@@ -4,13 +4,15 @@ and the baselines that need a process or a database of their own."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 
 import redis
@@ -24,6 +26,7 @@ from backend.dispatch import Dispatcher, TurnDone, TurnRequest, TurnText
 from backend.ledger import Ledger
 from backend.settings import DEFAULT_MODEL, AttestationSettings, ModelPrice, Settings
 from backend.users import get_or_create_user
+from bench.inference_rows import print_table
 from workers import registry
 from workers.engines import GenerationRequest, TextDelta
 from workers.wire import ChatMessage, SamplingParams
@@ -209,3 +212,41 @@ async def drop_postgres(admin_url: str, url: str) -> None:
             await connection.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
     finally:
         await admin.dispose()
+
+
+Section = Callable[["Bench", argparse.Namespace], Awaitable[None]]
+"""One section of a bench: run on a fresh :class:`Bench`, with the parsed arguments."""
+
+
+async def run_sections(parser: argparse.ArgumentParser, sections: Mapping[str, Section]) -> None:
+    """The benches' ``main``: ``--only`` (the ``sections``, in their order), ``--db``,
+    ``--redis-url`` and ``--postgres-url`` added to ``parser``; every chosen section on every
+    chosen database (PostgreSQL: a database of the bench's own, dropped at the end), each
+    database with a :class:`Bench` of its own; then the table of rows, with the load."""
+    names = list(sections)
+    parser.add_argument(
+        "--only",
+        type=lambda value: value.split(","),
+        default=names,
+        help=f"sections to run, comma-separated: {','.join(names)} (default: all)",
+    )
+    parser.add_argument("--db", choices=["sqlite", "postgresql", "both"], default="both")
+    parser.add_argument("--redis-url", default=REDIS_URL)
+    parser.add_argument("--postgres-url", default=POSTGRES_URL)
+    args = parser.parse_args()
+    if unknown := set(args.only) - set(names):
+        parser.error(f"no such section: {', '.join(sorted(unknown))}")
+    load = " ".join(f"{value:.2f}" for value in os.getloadavg())
+    print(f"load average {load}, {os.cpu_count()} CPUs")
+    for database in ["sqlite", "postgresql"] if args.db == "both" else [args.db]:
+        with tempfile.TemporaryDirectory() as workdir:
+            url = await fresh_postgres(args.postgres_url) if database == "postgresql" else None
+            try:
+                async with Bench(args.redis_url, Path(workdir), url) as bench:
+                    for name, section in sections.items():
+                        if name in args.only:
+                            await section(bench, args)
+            finally:
+                if url is not None:
+                    await drop_postgres(args.postgres_url, url)
+    print_table(load)

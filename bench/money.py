@@ -24,27 +24,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 from sqlalchemy import text
 
 from backend.ledger import Ledger, TurnUsage
-from bench.inference import (
-    POSTGRES_URL,
-    PRICED,
-    REDIS_URL,
-    Bench,
-    bench_queue,
-    drop_postgres,
-    fresh_postgres,
-    print_table,
-    row,
-)
+from bench.inference import PRICED, Bench, bench_queue, row
+from bench.inference_stack import run_sections
 
 USAGE = TurnUsage(
     model=PRICED,
@@ -123,31 +111,15 @@ async def bench_settlements(bench: Bench, count: int) -> None:
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sections = ["settlements", "queue"]
-    parser.add_argument("--only", type=lambda value: value.split(","), default=sections)
-    parser.add_argument("--db", choices=["sqlite", "postgresql", "both"], default="both")
-    parser.add_argument("--redis-url", default=REDIS_URL)
-    parser.add_argument("--postgres-url", default=POSTGRES_URL)
     parser.add_argument("--settlements", type=int, default=1000)
     parser.add_argument("--jobs", type=int, default=1000, help="queue benchmark turns")
-    args = parser.parse_args()
-    if unknown := set(args.only) - set(sections):
-        parser.error(f"no such section: {', '.join(sorted(unknown))}")
-    load = " ".join(f"{value:.2f}" for value in os.getloadavg())
-    print(f"load average {load}, {os.cpu_count()} CPUs")
-    for database in ["sqlite", "postgresql"] if args.db == "both" else [args.db]:
-        with tempfile.TemporaryDirectory() as workdir:
-            url = await fresh_postgres(args.postgres_url) if database == "postgresql" else None
-            try:
-                async with Bench(args.redis_url, Path(workdir), url) as bench:
-                    if "settlements" in args.only:
-                        await bench_settlements(bench, args.settlements)
-                    if "queue" in args.only:
-                        await bench_queue(bench, args.jobs)
-            finally:
-                if url is not None:
-                    await drop_postgres(args.postgres_url, url)
-    print_table(load)
+    await run_sections(
+        parser,
+        {
+            "settlements": lambda bench, args: bench_settlements(bench, args.settlements),
+            "queue": lambda bench, args: bench_queue(bench, args.jobs),
+        },
+    )
 
 
 if __name__ == "__main__":
