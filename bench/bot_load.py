@@ -13,8 +13,9 @@ is priced.
 
 Per update, measured inside the bot's process: the **handler time excluding inference** (from
 the webhook request's arrival to the end of its handling, less the time spent waiting for the
-turn's events from the worker and the time spent waiting for a send moment that Telegram's
-flood limits set), and the part up to the turn's dispatch (user, rate limit, context, hold,
+turn's events from the worker, for a send moment that Telegram's flood limits set, and for the
+bot's admission of the update, each printed too), its own work on the event loop (in wall and in
+CPU time), and the part up to the turn's dispatch (user, rate limit, context, hold,
 worker pick). Baseline in the same run: a bare aiohttp handler on the same server, under the
 same burst of webhook requests. Checked: every chat got its full answer, the 429s from the
 stand-in (and that the bot waited each one's ``retry_after`` before sending there again), and
@@ -52,7 +53,8 @@ from backend.pricing import turn_cost
 from backend.settings import DEFAULT_MODEL, AttestationSettings, ModelPrice, Settings
 from backend.users import get_or_create_user
 from bench.bot_load_probe import HOOK, Timings, instrument, telegram_process
-from bench.inference import POSTGRES_URL, drop_postgres, fresh_postgres, p50_p99
+from bench.inference_rows import p50_p99
+from bench.inference_stack import POSTGRES_URL, drop_postgres, fresh_postgres
 from workers import registry
 
 REDIS_URL = os.environ.get("COCOON_BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
@@ -132,9 +134,11 @@ class Result:
 
     chats: int
     busy: list[float]  # per update: the event loop's time running its own code
+    cpu: list[float]  # the same in the thread's CPU time (without the machine's other loads)
     handler: list[float]  # per update: wall time excluding inference and flood pacing
     dispatch: list[float]  # per update: the webhook's arrival to the turn's dispatch
     paced: list[float]  # per update: waits for Telegram's flood limits
+    queued: list[float]  # per update: waits for the bot's admission (bot.admission)
     bare: list[float]  # per request: the bare handler's time (the baseline)
     statuses: list[int]  # the webhook's answers
     finished: bool  # every update handled within the timeout
@@ -258,9 +262,11 @@ async def load(
         return Result(
             chats=chats,
             busy=[timings.busy[u] for u in timings.ended],
+            cpu=[timings.cpu[u] for u in timings.ended],
             handler=timings.handler_s(),
             dispatch=timings.dispatch_s(),
             paced=[timings.paced[u] for u in timings.ended],
+            queued=[timings.queued[u] for u in timings.ended],
             bare=timings.bare,
             statuses=delivered["statuses"],
             finished=finished,
@@ -335,11 +341,12 @@ def report(result: Result, db: str) -> None:
           f"the last {r.elapsed:.1f} s after the first was sent")  # fmt: skip
     if r.handler:
         print(f"handler time, the update's own work on the event loop: {p50_p99(r.busy)} "
-              f"(max {max(r.busy) * 1000:.1f} ms)")  # fmt: skip
-        print(f"wall time excl. inference and flood pacing: {p50_p99(r.handler)} "
+              f"(max {max(r.busy) * 1000:.1f} ms); in CPU time {p50_p99(r.cpu)}")  # fmt: skip
+        print(f"wall time excl. inference, flood pacing and admission: {p50_p99(r.handler)} "
               f"(max {max(r.handler) * 1000:.1f} ms)")  # fmt: skip
         print(f"arrival to the turn's dispatch: {p50_p99(r.dispatch)}")
         print(f"waits for Telegram's flood limits: {p50_p99(r.paced)}, max {max(r.paced):.1f} s")
+        print(f"waits for the bot's admission: {p50_p99(r.queued)}, max {max(r.queued):.1f} s")
     print(f"baseline, a bare aiohttp handler under the same burst: {p50_p99(r.bare)}")
     print(f"429s from the stand-in: {r.floods} (sent again before retry_after: {r.early}); "
           f"other refusals: {len(r.refused)} {r.refused[:3]}")  # fmt: skip
@@ -348,8 +355,9 @@ def report(result: Result, db: str) -> None:
           f"ledger audit ok: {r.audit_ok}")  # fmt: skip
     print(f"load average now: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     if r.handler:
-        print(f"\n| {r.chats} bot chats at once, webhook, {db} | own work {p50_p99(r.busy)}; "
-              f"wall excl. inference and pacing {p50_p99(r.handler)}; "
+        print(f"\n| {r.chats} bot chats at once, webhook, {db} | own work {p50_p99(r.busy)} "
+              f"(CPU {p50_p99(r.cpu)}); wall excl. inference, pacing, admission "
+              f"{p50_p99(r.handler)}; {r.unanswered} unanswered; "
               f"{r.floods} 429s | bare handler {p50_p99(r.bare)} | p99 <= 50 ms, "
               "no flood-limit breach |")  # fmt: skip
 

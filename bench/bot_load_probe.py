@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import importlib
 import json
 import time
 from collections import defaultdict
@@ -99,24 +100,29 @@ class Timings:
         self.ended: dict[int, float] = {}
         self.inference: dict[int, float] = defaultdict(float)
         self.paced: dict[int, float] = defaultdict(float)
+        self.queued: dict[int, float] = defaultdict(float)
         self.bare: list[float] = []
         self.busy: dict[int, float] = defaultdict(float)
+        self.cpu: dict[int, float] = defaultdict(float)
 
     @contextlib.contextmanager
     def counting_busy_time(self) -> Iterator[None]:
         """Count the event loop's time in each callback toward the update whose context it
-        runs in: an update's own work, without its waits for others (asyncio's ``Handle``)."""
+        runs in: an update's own work, without its waits for others (asyncio's ``Handle``); in
+        wall time (``busy``, which a loaded machine stretches) and in the thread's CPU time
+        (``cpu``)."""
         original = asyncio.events.Handle._run
-        busy = self.busy
+        busy, cpu = self.busy, self.cpu
 
         def _run(handle: asyncio.Handle) -> None:
-            started = time.perf_counter()
+            started, started_cpu = time.perf_counter(), time.thread_time()
             try:
                 original(handle)
             finally:
                 update = handle._context.get(UPDATE, 0)  # type: ignore[attr-defined]
                 if update:
                     busy[update] += time.perf_counter() - started
+                    cpu[update] += time.thread_time() - started_cpu
 
         asyncio.events.Handle._run = _run  # type: ignore[method-assign]
         try:
@@ -126,7 +132,7 @@ class Timings:
 
     def handler_s(self) -> list[float]:
         return [
-            self.ended[u] - self.arrived[u] - self.inference[u] - self.paced[u]
+            self.ended[u] - self.arrived[u] - self.inference[u] - self.paced[u] - self.queued[u]
             for u in self.ended
             if u in self.arrived
         ]
@@ -137,7 +143,8 @@ class Timings:
 
 def instrument(app: web.Application, timings: Timings) -> None:
     """Timestamps at the webhook's arrival, the update's end, the turn's dispatch, and around
-    each wait for the turn's events or for a send moment (no production code changes)."""
+    each wait for the turn's events, for a send moment or for the bot's admission of the update
+    (no production code changes)."""
 
     @web.middleware
     async def arrival(request: web.Request, handler: Any) -> web.StreamResponse:
@@ -150,6 +157,13 @@ def instrument(app: web.Application, timings: Timings) -> None:
             arrived = time.perf_counter()
             update = await request.json()
             timings.arrived[int(update["update_id"])] = arrived
+            # The update's handling (a task of its own) inherits this context: all of its work
+            # counts toward it, from the request's parsing on.
+            token = UPDATE.set(int(update["update_id"]))
+            try:
+                return await handler(request)
+            finally:
+                UPDATE.reset(token)
         return await handler(request)
 
     app.middlewares.append(arrival)
@@ -160,7 +174,6 @@ def instrument(app: web.Application, timings: Timings) -> None:
         handler = app[HANDLER]
 
         async def ended(call: Any, event: Any, data: dict[str, Any]) -> Any:
-            UPDATE.set(event.update_id)
             try:
                 return await call(event, data)
             finally:
@@ -192,19 +205,32 @@ def instrument(app: web.Application, timings: Timings) -> None:
             return turn
 
         turns.start_turn = timed_start
-        try:
-            from bot.pacing import SendPacer
-        except ImportError:  # a bot without a pacer (the "before" of issue 19)
-            pass
-        else:
-            pace = SendPacer.pace
-
-            async def timed_pace(self: SendPacer, chat: int | None) -> float:
-                slept = await pace(self, chat)
-                timings.paced[UPDATE.get()] += slept
-                return slept
-
-            SendPacer.pace = timed_pace  # type: ignore[method-assign]
-        yield
+        with _timed(timings.paced, "bot.pacing", "SendPacer", "pace"):
+            with _timed(timings.queued, "bot.admission", "InFlight", "admit"):
+                yield
 
     app.cleanup_ctx.append(hooked)
+
+
+@contextlib.contextmanager
+def _timed(waits: dict[int, float], module: str, name: str, method: str) -> Iterator[None]:
+    """Count the seconds ``module.name.method`` (a wait that answers the seconds it waited)
+    waits toward the update it runs for, while the app runs; nothing where the bot has no such
+    wait (the "before" of issue 19)."""
+    try:
+        owner = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        yield
+        return
+    original = getattr(owner, method)
+
+    async def timed(self: Any, *args: Any) -> float:
+        waited: float = await original(self, *args)
+        waits[UPDATE.get()] += waited
+        return waited
+
+    setattr(owner, method, timed)
+    try:
+        yield
+    finally:
+        setattr(owner, method, original)

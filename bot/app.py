@@ -17,11 +17,9 @@ import hashlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
-from aiogram import BaseMiddleware, Bot, Dispatcher, F
+from aiogram import Bot, Dispatcher, F
 from aiogram.client.session.base import BaseSession
-from aiogram.types import TelegramObject
 
 from backend.accounts import stars_pending
 from backend.db import Database
@@ -31,8 +29,8 @@ from backend.metrics import TurnMetrics, TurnsEndpoint, serve_turns
 from backend.settings import Settings
 from backend.telegram import create_bot
 from bot import groups
+from bot.admission import InFlight
 from bot.commands import set_commands, set_menu_button
-from bot.common import NextHandler
 from bot.groups import ButtonOwners, OwnedButtons
 from bot.handlers import account, admin, apikeys, chat, persona, provider, wallet
 from bot.handlers.wallet import miniapp_url
@@ -43,16 +41,19 @@ from bot.services import Services, open_services
 from bot.telegram import on_error
 from bot.tonconnect import ConnectorFactory
 from bot.turn_runner import TurnRunner
-from workers.lifecycle import REQUESTS_SHARE, SETTLE_SHARE, Shutdown, cancel_and_wait
+from workers.lifecycle import REQUESTS_SHARE, SETTLE_SHARE, Shutdown
 
 log = logging.getLogger("cocoon.bot")
 
 
-def build_dispatcher(settings: Settings, services: Services, outbox: Outbox) -> Dispatcher:
+def build_dispatcher(
+    settings: Settings, services: Services, outbox: Outbox, in_flight: InFlight
+) -> Dispatcher:
     runner = TurnRunner(
         services.settings, services.turns, services.contexts, services.running, services.limiter
     )
     dp = Dispatcher(**services.workflow_data(), outbox=outbox, runner=runner)
+    dp.update.outer_middleware(in_flight)  # outermost: admitted before any work
     dp.update.outer_middleware(UserMiddleware())
     dp.callback_query.outer_middleware(OwnedButtons())
     dp.errors.register(on_error)
@@ -112,9 +113,8 @@ async def running_bot(
             # Innermost: every try of a message (FloodWait's again too) waits for its moment.
             bot.session.middleware(SendPacer(services.redis))
             outbox = Outbox(bot, services.db, services.ledger, services.redis, services.contexts)
-            dp = build_dispatcher(settings, services, outbox)
             in_flight = InFlight()
-            dp.update.outer_middleware(in_flight)
+            dp = build_dispatcher(settings, services, outbox, in_flight)
             stop = asyncio.Event()
             tasks = (
                 [
@@ -143,38 +143,6 @@ async def running_bot(
                     await asyncio.wait(tasks, timeout=grace * SETTLE_SHARE)
     finally:
         await bot.session.close()
-
-
-class InFlight(BaseMiddleware):
-    """The updates being handled right now (each runs in its own task while polling), so that a
-    stop can let them finish, then cancel the rest."""
-
-    def __init__(self) -> None:
-        self.tasks: set[asyncio.Task[Any]] = set()
-
-    async def __call__(
-        self, handler: NextHandler, event: TelegramObject, data: dict[str, Any]
-    ) -> Any:
-        task = asyncio.current_task()
-        if task is None:
-            return await handler(event, data)
-        self.tasks.add(task)
-        try:
-            return await handler(event, data)
-        finally:
-            self.tasks.discard(task)
-
-    async def finish(self, timeout_s: float) -> None:
-        """Let the updates being handled finish for up to ``timeout_s``, then cancel the rest."""
-        late = {task for task in self.tasks if task is not asyncio.current_task()}
-        try:
-            if late:
-                _done, late = await asyncio.wait(late, timeout=timeout_s)
-        finally:
-            late = {task for task in late if not task.done()}
-            if late:
-                log.warning("%d updates still running at a stop: cancelled", len(late))
-                await cancel_and_wait(late)
 
 
 async def run_polling(

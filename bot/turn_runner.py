@@ -25,6 +25,7 @@ from backend.pricing import affordable_completion_tokens, default_max_tokens
 from backend.ratelimit import RateLimiter
 from backend.settings import Settings
 from bot import images as bot_images
+from bot.admission import turn_started
 from bot.common import answer_keyboard, refused_keyboard, ton, user_model
 from bot.context import ContextStore, Conversation, LastTurn, trim
 from bot.errors import error_text
@@ -270,6 +271,7 @@ class TurnRunner:
             try:
                 turn = await turns.start_turn(request)
             except TurnError as error:
+                turn_started()  # refused: the next update may start
                 keyboard = None
                 if error.code == ErrorCode.INSUFFICIENT_BALANCE and place.private:
                     # Kept (sealed with the context) and offered again once there is money.
@@ -284,6 +286,7 @@ class TurnRunner:
                     **options,
                 )
                 return
+            turn_started()  # what follows waits for the worker and Telegram, not for us
             bind(turn_id=turn.turn_id)
             stream = ReplyStream(
                 bot, place.chat_id, draft_id=draft_id, use_draft=place.private, options=options
