@@ -52,19 +52,50 @@ def error_response(error: CocoonError) -> web.Response:
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 
-async def open_stream(
-    request: web.Request, events: AsyncIterator[TurnEvent]
-) -> tuple[web.StreamResponse, TurnEvent] | web.Response:
+class EventStream:
+    """A turn answered as server-sent events: the prepared ``response``, and the turn's events
+    from the first one on (iterate it; a TurnError raised by a later event ends it)."""
+
+    def __init__(
+        self, response: web.StreamResponse, first: TurnEvent, rest: AsyncIterator[TurnEvent]
+    ) -> None:
+        self.response = response
+        self._first: TurnEvent | None = first
+        self._rest = rest
+
+    async def write(self, data: bytes) -> None:
+        await self.response.write(data)
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> TurnEvent:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        return await anext(self._rest)
+
+
+@contextlib.asynccontextmanager
+async def event_stream(
+    request: web.Request, turn: Turn
+) -> AsyncIterator[EventStream | web.Response]:
     """A stream's status goes out with its first event only: a turn that fails before it is
-    answered with its real status (the web.Response returned); otherwise the prepared event
-    stream and that first event."""
-    try:
-        first = await anext(events)
-    except TurnError as error:  # before anything was sent
-        return error_response(error)
-    response = web.StreamResponse(headers=SSE_HEADERS)
-    await response.prepare(request)
-    return response, first
+    answered with its real status (the web.Response given); otherwise the prepared
+    :class:`EventStream`, whose ``[DONE]`` and end are written when the block ends without an
+    exception. The turn's events are closed however it ends."""
+    events: AsyncGenerator[TurnEvent, None] = turn.events()
+    async with contextlib.aclosing(events):
+        try:
+            first = await anext(events)
+        except TurnError as error:  # before anything was sent
+            yield error_response(error)
+            return
+        response = web.StreamResponse(headers=SSE_HEADERS)
+        await response.prepare(request)
+        yield EventStream(response, first, events)
+        await response.write(p.SSE_DONE)
+        await response.write_eof()
 
 
 async def collect_watching(
@@ -186,45 +217,41 @@ async def _stream(
     created: int,
 ) -> web.StreamResponse:
     chunks = p.ChunkStream(completion_id, created, body.model)
-    events: AsyncGenerator[TurnEvent, None] = turn.events()
-    async with contextlib.aclosing(events):
-        opened = await open_stream(request, events)
-        if isinstance(opened, web.Response):
+    async with event_stream(request, turn) as stream:
+        if isinstance(stream, web.Response):
             if idem is not None:
                 await idem.abandon()
-            return opened
-        response, first = opened
-        await response.write(chunks.start())
+            return stream
+        await stream.write(chunks.start())
         parts: list[str] = []
         logprobs: list[TokenLogprob] | None = [] if body.logprobs else None
         done: TurnDone | None = None
         calls = _reader(body)
         try:
-            event: TurnEvent | None = first
-            while event is not None:
+            async for event in stream:
                 if isinstance(event, TurnText):
                     parts.append(event.text)
                     if logprobs is not None:
                         logprobs += event.logprobs
                     if event.text or event.logprobs or not event.tool_calls:
                         tokens = list(event.logprobs) if logprobs is not None else None
-                        await response.write(chunks.text(event.text, tokens))
+                        await stream.write(chunks.text(event.text, tokens))
                     if event.tool_calls and calls is not None:  # as soon as the worker read them
                         pieces = [calls.read(piece) for piece in event.tool_calls]
-                        await response.write(chunks.tool_calls(pieces))
+                        await stream.write(chunks.tool_calls(pieces))
                 else:
                     done = event
                     text = "".join(parts)
                     called = calls.finish() if calls is not None else None
                     if called:
-                        await response.write(chunks.called())
+                        await stream.write(chunks.called())
                     else:
-                        await response.write(chunks.finish(event))
+                        await stream.write(chunks.finish(event))
                     record = await service.attestation(event)
                     if body.include_usage:
-                        await response.write(chunks.usage(event, record))
+                        await stream.write(chunks.usage(event, record))
                     else:  # the receipt, as the stream's trailing event (issue 13)
-                        await response.write(chunks.receipt(event))
+                        await stream.write(chunks.receipt(event))
                     if idem is not None:
                         completion = p.ChatCompletion.of(
                             completion_id,
@@ -237,16 +264,13 @@ async def _stream(
                             logprobs,
                         )
                         await idem.finish(200, completion.model_dump())
-                event = await anext(events, None)
         except TurnError as error:
-            await response.write(p.sse(p.error_body(error, with_param=False)))
+            await stream.write(p.sse(p.error_body(error, with_param=False)))
         finally:
             if done is None and idem is not None:
                 with contextlib.suppress(Exception):
                     await idem.abandon()
-        await response.write(p.SSE_DONE)
-        await response.write_eof()
-        return response
+        return stream.response
 
 
 async def replay(

@@ -13,15 +13,13 @@ than text, and an ``Idempotency-Key``.
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import AsyncGenerator
 from typing import Any, Literal
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from backend.dispatch import Turn, TurnDone, TurnError, TurnEvent, TurnRequest, TurnText
+from backend.dispatch import Turn, TurnDone, TurnError, TurnRequest, TurnText
 from backend.openai_api import completions
 from backend.openai_api import protocol as p
 from backend.openai_api.service import OpenAIService, conversation_id_for
@@ -185,17 +183,13 @@ async def answer(
 async def _stream(
     request: web.Request, service: OpenAIService, turn: Turn, shape: _Shape
 ) -> web.StreamResponse:
-    events: AsyncGenerator[TurnEvent, None] = turn.events()
-    async with contextlib.aclosing(events):
-        opened = await completions.open_stream(request, events)
-        if isinstance(opened, web.Response):
-            return opened
-        response, first = opened
-        event: TurnEvent | None = first
+    async with completions.event_stream(request, turn) as stream:
+        if isinstance(stream, web.Response):
+            return stream
         place = {"item_id": shape.message_id, "output_index": 0, "content_index": 0}
-        await response.write(shape.event("response.created", response=shape.response("", None)))
-        await response.write(shape.event("response.in_progress", response=shape.response("", None)))
-        await response.write(
+        await stream.write(shape.event("response.created", response=shape.response("", None)))
+        await stream.write(shape.event("response.in_progress", response=shape.response("", None)))
+        await stream.write(
             shape.event(
                 "response.output_item.added",
                 output_index=0,
@@ -203,26 +197,26 @@ async def _stream(
             )
         )
         part = {"type": "output_text", "text": "", "annotations": []}
-        await response.write(shape.event("response.content_part.added", **place, part=part))
+        await stream.write(shape.event("response.content_part.added", **place, part=part))
         parts: list[str] = []
         try:
-            while event is not None:
+            async for event in stream:
                 if isinstance(event, TurnText):
                     parts.append(event.text)
                     delta = shape.event(
                         "response.output_text.delta", **place, delta=event.text, logprobs=[]
                     )
-                    await response.write(delta)
+                    await stream.write(delta)
                 else:
                     text = "".join(parts)
-                    await response.write(
+                    await stream.write(
                         shape.event("response.output_text.done", **place, text=text, logprobs=[])
                     )
                     part = {"type": "output_text", "text": text, "annotations": []}
-                    await response.write(
+                    await stream.write(
                         shape.event("response.content_part.done", **place, part=part)
                     )
-                    await response.write(
+                    await stream.write(
                         shape.event(
                             "response.output_item.done",
                             output_index=0,
@@ -233,11 +227,8 @@ async def _stream(
                     kind = "response.completed"
                     if final["status"] == "incomplete":
                         kind = "response.incomplete"
-                    await response.write(shape.event(kind, response=final))
-                event = await anext(events, None)
+                    await stream.write(shape.event(kind, response=final))
         except TurnError as error:
             body = p.error_body(error, with_param=False)
-            await response.write(shape.event("error", **body))
-        await response.write(p.SSE_DONE)
-        await response.write_eof()
-        return response
+            await stream.write(shape.event("error", **body))
+        return stream.response

@@ -11,15 +11,13 @@ several prompts or of token ids, and an ``Idempotency-Key`` (kept results are ch
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import AsyncGenerator
 from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from backend.dispatch import Turn, TurnDone, TurnError, TurnEvent, TurnRequest, TurnText
+from backend.dispatch import Turn, TurnDone, TurnError, TurnRequest, TurnText
 from backend.openai_api import completions
 from backend.openai_api import protocol as p
 from backend.openai_api.service import OpenAIService, conversation_id_for
@@ -145,26 +143,19 @@ async def _stream(
     turn: Turn,
     head: _Head,
 ) -> web.StreamResponse:
-    events: AsyncGenerator[TurnEvent, None] = turn.events()
-    async with contextlib.aclosing(events):
-        opened = await completions.open_stream(request, events)
-        if isinstance(opened, web.Response):
-            return opened
-        response, first = opened
-        event: TurnEvent | None = first
+    async with completions.event_stream(request, turn) as stream:
+        if isinstance(stream, web.Response):
+            return stream
         try:
-            while event is not None:
+            async for event in stream:
                 if isinstance(event, TurnText):
-                    await response.write(p.sse(head.body([_choice(event.text, None)])))
+                    await stream.write(p.sse(head.body([_choice(event.text, None)])))
                 else:
                     finish = p.finish_reason(event)
-                    await response.write(p.sse(head.body([_choice("", finish)])))
+                    await stream.write(p.sse(head.body([_choice("", finish)])))
                     if body.stream_options and body.stream_options.include_usage:
                         record = await service.attestation(event)
-                        await response.write(p.sse(head.body([], **_billing(event, record))))
-                event = await anext(events, None)
+                        await stream.write(p.sse(head.body([], **_billing(event, record))))
         except TurnError as error:
-            await response.write(p.sse(p.error_body(error, with_param=False)))
-        await response.write(p.SSE_DONE)
-        await response.write_eof()
-        return response
+            await stream.write(p.sse(p.error_body(error, with_param=False)))
+        return stream.response
