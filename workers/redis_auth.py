@@ -35,9 +35,9 @@ class TlsRefused(Exception):
 
 def tls_refusal(url: str, tee: str) -> str | None:
     """Why a worker of TEE kind ``tee`` must not use ``url`` (None: it may)."""
-    scheme = urlsplit(url).scheme
-    if tee == "dev" or redisconn.is_tls(url):
+    if not redisconn.lacks_tls(url, tee):
         return None
+    scheme = urlsplit(url).scheme
     return (
         f"the backend gave a {scheme or 'schemeless'}:// Redis URL; a worker outside the "
         "development TEE connects only with TLS (rediss://), so that its password and its "

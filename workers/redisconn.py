@@ -31,6 +31,7 @@ __all__ = [
     "async_client",
     "is_sentinel",
     "is_tls",
+    "lacks_tls",
     "parse_sentinel",
     "sync_client",
     "with_credentials",
@@ -84,6 +85,13 @@ def is_sentinel(url: str) -> bool:
 def is_tls(url: str) -> bool:
     """The data servers are reached over TLS (``rediss://`` or ``rediss+sentinel://``)."""
     return urlsplit(url).scheme in {"rediss", "rediss+sentinel"}
+
+
+def lacks_tls(url: str, tee: str) -> bool:
+    """A worker of TEE kind ``tee`` may not be given ``url``: it is not TLS, and only a
+    development-TEE worker may be told a plain ``redis://`` (the backend refuses to tell it, the
+    worker refuses to use it)."""
+    return tee != "dev" and not is_tls(url)
 
 
 def _split_netloc(netloc: str) -> tuple[str, str]:

@@ -86,9 +86,9 @@ class OnboardingError(Exception):
 
 def tls_problem(base: str, tee: str) -> str | None:
     """Why ``base`` may not be given to a worker of ``tee`` (None: it may)."""
-    scheme = urlsplit(base).scheme
-    if tee == "dev" or redisconn.is_tls(base):
+    if not redisconn.lacks_tls(base, tee):
         return None
+    scheme = urlsplit(base).scheme
     return (
         f"this backend tells workers a {scheme}:// Redis URL, and a worker outside the "
         "development TEE is given only rediss:// (TLS): the operator must set "
