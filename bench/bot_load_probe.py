@@ -205,9 +205,12 @@ def instrument(app: web.Application, timings: Timings) -> None:
             return turn
 
         turns.start_turn = timed_start
-        with _timed(timings.paced, "bot.pacing", "SendPacer", "pace"):
-            with _timed(timings.queued, "bot.admission", "InFlight", "admit"):
-                yield
+        with (
+            _timed(timings.paced, "bot.pacing", "SendPacer", "pace"),
+            _timed(timings.paced, "bot.pacing", "SendPacer", "on_its_way"),
+            _timed(timings.queued, "bot.admission", "InFlight", "admit"),
+        ):
+            yield
 
     app.cleanup_ctx.append(hooked)
 

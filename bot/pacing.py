@@ -11,7 +11,8 @@ Telegram's numbers so that a little jitter between here and Telegram breaks noth
 burst ``b`` and interval ``T`` lets at most ``b + W / T`` messages through in any window ``W``.
 A busy process wakes late, and late messages would bunch with the punctual ones after them; so
 at its moment each message is also counted in the bot's sliding window of the last second
-(:data:`ALL_IN_A_SECOND`), and waits again while that window is full.
+(:data:`ALL_IN_A_SECOND`), and waits again while that window is full; and only a few
+(:data:`IN_FLIGHT`) are on their way at once, so that a late few cannot bunch into a breach.
 Edits, drafts and answers to button presses are not new messages: they are not paced here (the
 reply's stream keeps its own pace for those, :mod:`bot.streaming`). A 429 that still comes is
 waited out by :class:`backend.telegram.FloodWait`. When Redis cannot be reached, messages go out
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,6 +100,11 @@ GROUP = Budget(4.0, 4)
 ALL_IN_A_SECOND = 24
 """At most this many messages sent in any second, in all (Telegram's 30, less the margin of
 :data:`ALL`)."""
+IN_FLIGHT = 6
+"""At most this many new messages on their way at once (from their moment in the bot's last
+second to Telegram's answer): on a busy machine, messages let out on time can still reach
+Telegram together (late for the event loop or a connection); with at most this many late, any
+second sees at most :data:`ALL_IN_A_SECOND` + :data:`IN_FLIGHT` (30) of them."""
 
 # Room in the bot's sliding window of messages sent in the last second (W, a sorted set of
 # moments in µs; N numbers its members), for LIMIT messages: 0 and one more in it; else the µs
@@ -162,6 +169,7 @@ class SendPacer(BaseRequestMiddleware):
     def __init__(self, redis: AsyncRedis) -> None:
         self.redis = redis
         self._warned = False
+        self._in_flight = asyncio.Semaphore(IN_FLIGHT)
 
     @staticmethod
     def _window() -> list[str]:
@@ -202,11 +210,38 @@ class SendPacer(BaseRequestMiddleware):
         bot: Bot,
         method: TelegramMethod[Any],
     ) -> Any:
-        if isinstance(method, NEW_MESSAGES):
-            try:
-                await self.pace(_chat(method))
-            except RedisError as error:
-                if not self._warned:
-                    log.warning("messages go out unpaced: Redis failed (%s)", type(error).__name__)
-                    self._warned = True
-        return await make_request(bot, method)
+        if not isinstance(method, NEW_MESSAGES):
+            return await make_request(bot, method)
+        try:
+            await self.pace(_chat(method))
+        except RedisError as error:
+            self._unpaced(error)
+        await self.on_its_way()
+        try:
+            return await make_request(bot, method)
+        finally:
+            self._in_flight.release()
+
+    async def on_its_way(self) -> float:
+        """Take a place among the new messages on their way (:data:`IN_FLIGHT`); one that had
+        to wait for it waits again, as at its moment, for room in the bot's last second. The
+        seconds waited."""
+        started = time.monotonic()
+        queued = self._in_flight.locked()
+        await self._in_flight.acquire()
+        try:
+            wait = await self.room() if queued else 0.0
+            while wait > 0:
+                await asyncio.sleep(wait)
+                wait = await self.room()
+        except RedisError as error:
+            self._unpaced(error)
+        except BaseException:
+            self._in_flight.release()
+            raise
+        return time.monotonic() - started
+
+    def _unpaced(self, error: RedisError) -> None:
+        if not self._warned:
+            log.warning("messages go out unpaced: Redis failed (%s)", type(error).__name__)
+            self._warned = True

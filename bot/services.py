@@ -142,7 +142,8 @@ async def open_services(
         client = redisconn.async_client(
             settings.redis_url, max_connections=MAX_REDIS_CONNECTIONS, blocking_timeout=30
         )
-        stack.push_async_callback(client.aclose)
+        # The pool is the client's own: closing the client closes its connections too.
+        stack.push_async_callback(client.aclose, close_connection_pool=True)
         key = load_context_key(settings)
         contexts = ContextStore(
             client,
