@@ -185,3 +185,26 @@ async def test_a_job_whose_ttl_passed_is_skipped_and_heartbeats_keep_a_job_alive
     book.register_death()
     await client.aclose()
     sync.close()
+
+
+async def test_the_writer_sends_what_came_meanwhile_in_one_round_trip(redis_url: str) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    pipelines = []
+    real_pipeline = client.pipeline
+
+    def counted(transaction: bool = True) -> object:
+        pipe = real_pipeline(transaction=transaction)
+        pipelines.append(transaction)
+        return pipe
+
+    client.pipeline = counted  # type: ignore[method-assign]
+    writer = BookWriter(client)
+    await asyncio.gather(*(writer.send([("set", (f"book-{i}", i), {})]) for i in range(5)))
+    assert pipelines == [True]  # one MULTI/EXEC for the five
+    assert await client.mget([f"book-{i}" for i in range(5)]) == [b"0", b"1", b"2", b"3", b"4"]
+    with pytest.raises(redis.ResponseError):  # a failed round trip fails its sends
+        await writer.send([("lpush", ("book-0", "x"), {})])
+    await writer.send([("set", ("book-9", 9), {})])  # and not the next ones
+    assert await client.get("book-9") == b"9"
+    await writer.drain()
+    await client.aclose()

@@ -65,6 +65,11 @@ class BookWriter:
             self._flushing = asyncio.create_task(self._flush())
         await asyncio.shield(done)  # a caller that leaves does not take its commands back
 
+    async def drain(self) -> None:
+        """Wait until what was sent is written (before the client closes)."""
+        if self._flushing is not None:
+            await asyncio.gather(self._flushing, return_exceptions=True)
+
     async def _flush(self) -> None:
         while self._waiting:
             batch, self._waiting = self._waiting, []
@@ -73,12 +78,14 @@ class BookWriter:
                 replay(pipe, commands)
             try:
                 await pipe.execute()
-            except BaseException as error:
+            except Exception as error:
                 for _commands, done in batch:
                     if not done.done():
                         done.set_exception(error)
-                if not isinstance(error, Exception):
-                    raise
+            except BaseException:  # cancelled: so are the sends waiting on it
+                for _commands, done in batch + self._waiting:
+                    done.cancel()
+                raise
             else:
                 for _commands, done in batch:
                     if not done.done():

@@ -129,7 +129,8 @@ class Node:
         self._redis = redis_auth.async_client(
             url, credentials=self.credentials, ca_pem=ca_pem, max_connections=self.capacity + 16
         )
-        self._book = JobBook(self._sync, self.worker_id, BookWriter(self._redis))
+        self._writer = BookWriter(self._redis)
+        self._book = JobBook(self._sync, self.worker_id, self._writer)
         self._slots = asyncio.Semaphore(self.capacity)
         background: list[asyncio.Task[None]] = []
         try:
@@ -177,6 +178,7 @@ class Node:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            await self._writer.drain()  # the jobs' last bookkeeping, the last heartbeat
             try:
                 await self._in_thread(self._book.register_death)
             except RedisError as error:
