@@ -16,7 +16,9 @@ beside its baseline, measured in the same run on the same machine, and the goal 
    ``--stream-coalesce-ms`` at its default 2 ms against 0: entries a turn, tokens/s, CPU a token.
 3. **Queue throughput** with the instant engine: turns/s through the stack at 64 in flight,
    against one bare RQ SimpleWorker running trivial jobs (enqueued in advance, burst mode).
-   Shown for a free model (the queue path alone) and a priced one (plus hold and settlement).
+   Shown for a free model (the queue path alone) and a priced one (plus hold and settlement),
+   and for the node alone: sealed jobs put in its queue at once, as the baseline's are, until
+   RQ counts them finished (what the node itself keeps up with, the backend aside).
 4. **Through the HTTP API**: TTFT of a streamed ``/v1/chat/completions`` (API key check, hold,
    dispatch, SSE) with the instant engine and a priced model, minus the same client's TTFT
    reading a bare aiohttp SSE endpoint on loopback.
@@ -52,6 +54,7 @@ from bench.inference_stack import (
     Bench,
     bare_rq,
     direct,
+    node_alone,
     run_sections,
 )
 from workers.engines import create_engine
@@ -228,9 +231,18 @@ async def bench_queue(bench: Bench, jobs: int) -> None:
     print(f"\n== 3. queue throughput, instant engine, {jobs} turns, 64 in flight ({db})")
     baseline = bare_rq(bench.redis_url, jobs)
     print(f"bare RQ SimpleWorker: {baseline:7.1f} jobs/s")
-    await bench.start_node(FREE, "instant")
+    alone = await bench.start_node(FREE, "instant")
     await bench.start_node(PRICED, "instant")
     goals = {FREE: ">= 5x", PRICED: ">= 3x on PostgreSQL"}
+    rate = await node_alone(bench, FREE, alone, jobs)
+    print(f"the node alone (jobs enqueued at once): {rate:7.1f} jobs/s -> {rate / baseline:.2f}x")
+    row(
+        "queue throughput, the node alone (its queue filled at once, as the baseline's)",
+        db,
+        f"{rate / baseline:.2f}x ({rate:.0f} jobs/s)",
+        f"bare RQ SimpleWorker {baseline:.0f} jobs/s",
+        "the node is not what limits the rows below",
+    )
     for model, label in ((FREE, "free model"), (PRICED, "with hold + settlement")):
         for _ in range(20):
             await bench.turn(model, "warm up", 2)

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 
+import nacl.public
 import redis
 import redis.asyncio as aioredis
 from sqlalchemy import text
@@ -29,7 +30,9 @@ from backend.users import get_or_create_user
 from bench.inference_rows import print_table
 from workers import registry
 from workers.engines import GenerationRequest, TextDelta
-from workers.wire import ChatMessage, SamplingParams
+from workers.jobs import aenqueue_job, job_id_for
+from workers.registry import queue_name
+from workers.wire import ChatMessage, JobRequest, SamplingParams, public_b64, seal_request
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 REDIS_URL = os.environ.get("COCOON_BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
@@ -250,3 +253,60 @@ async def run_sections(parser: argparse.ArgumentParser, sections: Mapping[str, S
                 if url is not None:
                     await drop_postgres(args.postgres_url, url)
     print_table(load)
+
+
+class _Gathered:
+    """Stands in for an asyncio Redis client to :func:`workers.jobs.aenqueue_job`: its enqueues
+    pile up in one MULTI/EXEC, sent by :meth:`send` (the jobs arrive at once, as enqueued in
+    advance)."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+        self.pipe = client.pipeline(transaction=True)
+
+    async def info(self, section: str) -> object:
+        return await self.client.info(section)
+
+    def pipeline(self, transaction: bool = True) -> _Gathered:
+        return self
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.pipe, name)
+
+    async def execute(self) -> list[object]:
+        return []
+
+    async def send(self) -> None:
+        await self.pipe.execute()
+
+
+async def node_alone(bench: Bench, model: str, worker_id: str, jobs: int) -> float:
+    """Jobs/s of one node alone, as the bare RQ baseline's: ``jobs`` sealed 3-token turns put
+    in its queue at once (one MULTI/EXEC), the time until RQ counts them all finished."""
+    client = bench.dispatcher.redis
+    info = await registry.get_worker(client, worker_id)
+    assert info is not None, "the node is not registered"
+    reply = public_b64(nacl.public.PrivateKey.generate())
+    gathered = _Gathered(client)
+    prefix = uuid.uuid4().hex[:8]
+    for i in range(jobs):
+        job_id = job_id_for(worker_id, f"alone{prefix}", i)
+        request = JobRequest(
+            job_id=job_id,
+            model=model,
+            messages=[ChatMessage(role="user", content="one two three")],
+            sampling=GREEDY,
+            max_tokens=3,
+            reply_key=reply,
+        )
+        sealed = seal_request(request, info.box_public_key)
+        # The stand-in takes the client's place: the enqueue's commands join the MULTI.
+        await aenqueue_job(gathered, worker_id, job_id, sealed, timeout_s=600, ttl_s=600)  # type: ignore[arg-type]
+    queue = queue_name(worker_id)
+    done = [f"rq:finished:{queue}", f"rq:failed:{queue}"]
+    before = sum([await client.zcard(key) for key in done])
+    started = time.perf_counter()
+    await gathered.send()
+    while sum([await client.zcard(key) for key in done]) - before < jobs:  # noqa: ASYNC110
+        await asyncio.sleep(0.005)
+    return jobs / (time.perf_counter() - started)
