@@ -21,17 +21,15 @@ import redis
 from pydantic import SecretStr
 from sqlalchemy import select
 
-from backend.db import Database
 from backend.models import Hold, HoldState, TurnRecord
 from backend.settings import AttestationSettings, Settings
 from bot import streaming, turn_runner
-from bot.app import running_bot
 from bot.context import ContextStore
 from bot.streaming import ReplyStream
-from tests.support.bot import Harness
+from tests.support.bot import Harness, running_harness
 from tests.support.bot_fakes import (
     TOKEN,
-    FakeTelegram,
+    bot_message,
     callback_update,
     feed,
     message_update,
@@ -92,16 +90,9 @@ async def chat_harness(
             **values,
         }
     )
-    db = Database.from_settings(s)
-    await db.upgrade()
-    tg = FakeTelegram()
-    try:
-        async with running_bot(s, session=tg, db=db, outbox_interval_s=None) as app:
-            harness = Harness(app, tg, s)
-            await funded_user(app.services.ledger, USER)
-            yield harness
-    finally:
-        await db.close()
+    async with running_harness(s) as harness:
+        await funded_user(harness.ledger, USER)
+        yield harness
 
 
 def final(h: Harness) -> Any:
@@ -225,13 +216,7 @@ async def test_in_a_group_the_reply_is_edited_at_most_once_an_interval_and_has_a
 
     monkeypatch.setattr(chat.tg, "make_request", make_request)
     chat.settings.max_tokens_default = 300
-    reply_to = {
-        "message_id": 5,
-        "date": 0,
-        "chat": {"id": GROUP, "type": "supergroup"},
-        "from": {"id": 42, "is_bot": True, "first_name": "Cocoon"},
-        "text": "earlier answer",
-    }
+    reply_to = bot_message(GROUP, "earlier answer", 5)
     update = message_update(
         USER,
         "Tell me a long story about the sea.",

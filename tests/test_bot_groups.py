@@ -11,7 +11,7 @@ from sqlalchemy import select
 
 from backend.models import ApiKey
 from tests.support.bot import ALICE, Harness
-from tests.support.bot_fakes import BOT_ID, callback_update, feed, message_update
+from tests.support.bot_fakes import bot_message, callback_update, feed, message_update
 
 GROUP = -100555
 TOPIC = 77
@@ -114,19 +114,13 @@ async def test_a_mention_or_ask_gets_an_answer_in_the_askers_topic(bot: Harness)
 
 
 async def test_a_group_message_not_for_the_bot_gets_nothing(bot: Harness) -> None:
-    other_bot = {
-        "message_id": 9,
-        "date": 0,
-        "chat": {"id": GROUP, "type": "supergroup"},
-        "from": {"id": 31337, "is_bot": True, "first_name": "Other"},
-        "text": "I am another bot",
-    }
+    other_bot = bot_message(GROUP, "I am another bot", 9, sender=31337, name="Other")
     await in_group(bot, "what is 2+2?")
     await in_group(bot, "what is 2+2?", reply_to_message=other_bot)
     await in_group(bot, "what is 2+2?", **in_topic())  # in a topic: a reply to its first message
     await in_group(bot, "/etc/hosts — what is this?")
     assert not bot.tg.calls("sendMessage")
-    ours = {**other_bot, "from": {"id": BOT_ID, "is_bot": True, "first_name": "Cocoon"}}
+    ours = bot_message(GROUP, "I am another bot", 9)
     await in_group(bot, "and 3+3?", reply_to_message=ours)
     assert len(sent_to_group(bot)) == 1  # a reply to this bot is a question
 

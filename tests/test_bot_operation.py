@@ -16,7 +16,6 @@ from backend import accounts
 from backend.db import Database
 from backend.models import Hold, HoldState, TurnRecord
 from backend.settings import Settings
-from bot.app import running_bot
 from tests.support.bot import (
     ADMIN,
     ALICE,
@@ -26,11 +25,7 @@ from tests.support.bot import (
     record_turn,
     running_harness,
 )
-from tests.support.bot_fakes import (
-    FakeTelegram,
-    feed,
-    message_update,
-)
+from tests.support.bot_fakes import feed, message_update
 
 # ------------------------------------------------------------------------------- admin
 
@@ -52,21 +47,14 @@ async def test_too_long_prompt_and_rate_limit_get_clear_messages(
     settings: Settings, redis_url: str
 ) -> None:
     s = bot_settings(settings, max_prompt_chars=20, rate_limit_per_minute=2)
-    db = Database.from_settings(s)
-    await db.upgrade()
-    tg = FakeTelegram()
-    try:
-        async with running_bot(s, session=tg, db=db, outbox_interval_s=None) as app:
-            harness = Harness(app, tg, s)
-            await harness.send("x" * 21)
-            assert "too long: 21 characters, and the limit is 20" in harness.last().text
-            for _ in range(2):
-                await harness.send("hello")
-                assert "Not enough balance" in harness.last().text
+    async with running_harness(s) as harness:
+        await harness.send("x" * 21)
+        assert "too long: 21 characters, and the limit is 20" in harness.last().text
+        for _ in range(2):
             await harness.send("hello")
-            assert "Too many messages: up to 2 a minute" in harness.last().text
-    finally:
-        await db.close()
+            assert "Not enough balance" in harness.last().text
+        await harness.send("hello")
+        assert "Too many messages: up to 2 a minute" in harness.last().text
 
 
 async def test_insufficient_balance_says_how_much_and_holds_nothing(bot: Harness) -> None:

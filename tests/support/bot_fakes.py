@@ -198,6 +198,20 @@ def message_update(
     return {"update_id": next(_update_ids), "message": message}
 
 
+def bot_message(
+    chat_id: int, text: str, message_id: int, *, sender: int = BOT_ID, name: str = "Cocoon"
+) -> dict[str, Any]:
+    """A message a bot (this one unless ``sender`` says another) sent to a supergroup, as a
+    reply to it carries it in ``reply_to_message``."""
+    return {
+        "message_id": message_id,
+        "date": 0,
+        "chat": {"id": chat_id, "type": "supergroup"},
+        "from": {"id": sender, "is_bot": True, "first_name": name},
+        "text": text,
+    }
+
+
 def callback_update(
     user_id: int,
     data: str,
