@@ -17,6 +17,7 @@ from sqlalchemy.exc import OperationalError
 from backend import accounts
 from backend.accounts import stars_pending
 from backend.ledger import Ledger
+from backend.models import User
 from backend.settings import Settings
 from tests.support.bot import ALICE, Harness, bot_settings, running_harness
 from tests.support.bot_fakes import feed, payment_update
@@ -41,6 +42,13 @@ def refuse_once(monkeypatch: pytest.MonkeyPatch, ledger: Ledger) -> None:
     monkeypatch.setattr(ledger, "credit_deposit", credit_deposit)
 
 
+async def started(bot: Harness) -> tuple[User, int]:
+    """Alice after /start: her user, and her balance."""
+    await bot.send("/start")
+    user = await bot.user()
+    return user, (await bot.ledger.balances(user.id)).available
+
+
 async def pay(bot: Harness, charge_id: str, stars: int = 100) -> int:
     """Alice pays an invoice of ``stars``; her balance after it."""
     user = await bot.user()
@@ -53,8 +61,7 @@ async def test_a_payment_whose_credit_fails_is_kept_and_credited_once(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     bot, redis = harness, harness.app.services.redis
-    await bot.send("/start")
-    before = (await bot.ledger.balances((await bot.user()).id)).available
+    _, before = await started(bot)
     refuse_once(monkeypatch, bot.ledger)
     assert await pay(bot, "charge-down") == before  # not credited: the database refused
     told = bot.tg.texts()[-1]
@@ -80,9 +87,7 @@ async def test_the_retry_loop_waits_out_the_database_then_credits(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     bot, redis = harness, harness.app.services.redis
-    await bot.send("/start")
-    user = await bot.user()
-    before = (await bot.ledger.balances(user.id)).available
+    user, before = await started(bot)
     refuse_once(monkeypatch, bot.ledger)
     await pay(bot, "charge-loop")
     refuse_once(monkeypatch, bot.ledger)  # still down at the loop's first try
@@ -115,9 +120,7 @@ async def test_cocoon_stars_credits_a_pending_payment_once(
     from backend.cli import main
 
     bot, redis = harness, harness.app.services.redis
-    await bot.send("/start")
-    user = await bot.user()
-    before = (await bot.ledger.balances(user.id)).available
+    user, before = await started(bot)
     refuse_once(monkeypatch, bot.ledger)
     await pay(bot, "charge-cli", stars=50)
     for name, value in {
@@ -142,9 +145,7 @@ async def test_with_redis_down_too_the_log_keeps_what_the_operator_credits(
     harness: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     bot = harness
-    await bot.send("/start")
-    user = await bot.user()
-    before = (await bot.ledger.balances(user.id)).available
+    user, before = await started(bot)
 
     async def redis_down(*_args: Any) -> None:
         raise ConnectionError("Redis is down")
