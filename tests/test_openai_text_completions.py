@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from backend.settings import DEFAULT_MODEL
-from tests.support.api import Api, settled_turns
+from tests.support.api import Api, charged_turns
 from tests.support.env import require_module
 from tests.support.turns import TON, Node
 
@@ -59,9 +59,8 @@ async def test_a_prompt_is_continued_as_it_is_and_billed(v1: Api, node: Node) ->
     assert usage is not None and 1 <= usage.completion_tokens <= 6
     assert usage.prompt_tokens == reply.usage.prompt_tokens
 
-    turns = await settled_turns(v1)
+    turns = await charged_turns(v1)
     assert len(turns) == 3 and turns[0].cost == cost
-    assert (await v1.ledger.balances(v1.user_id)).available == TON - sum(t.cost for t in turns)
     await client.close()
 
 

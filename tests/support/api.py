@@ -66,6 +66,14 @@ async def settled_turns(v1: Api, timeout_s: float = 60.0) -> list[TurnRecord]:
         return list(await session.scalars(select(TurnRecord).order_by(TurnRecord.id)))
 
 
+async def charged_turns(v1: Api) -> list[TurnRecord]:
+    """:func:`settled_turns`, checking that the user (funded with 1 TON) was charged exactly
+    what they cost."""
+    turns = await settled_turns(v1)
+    assert (await v1.ledger.balances(v1.user_id)).available == TON - sum(t.cost for t in turns)
+    return turns
+
+
 @pytest.fixture
 async def v1_server(settings: Settings, redis_url: str) -> AsyncIterator[ApiFactory]:
     """Start the API with ``settings`` changed by the keywords given (dev mode on: the tests'
