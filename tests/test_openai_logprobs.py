@@ -120,27 +120,20 @@ def _check_tokens(content: str, tokens: list[openai.types.chat.ChatCompletionTok
 @pytest.mark.engine
 async def test_logprobs_plain_and_streamed(v1: Api, node: Node) -> None:
     client = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key)
-    reply = await client.chat.completions.create(
-        model=DEFAULT_MODEL,
-        messages=HELLO,
-        max_tokens=8,
-        temperature=0,
-        logprobs=True,
-        top_logprobs=3,
-    )
+    asked: dict[str, Any] = {
+        "model": DEFAULT_MODEL,
+        "messages": HELLO,
+        "max_tokens": 8,
+        "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 3,
+    }
+    reply = await client.chat.completions.create(**asked)
     choice = reply.choices[0]
     assert choice.message.content and choice.logprobs and choice.logprobs.content
     _check_tokens(choice.message.content, choice.logprobs.content)
 
-    stream = await client.chat.completions.create(
-        model=DEFAULT_MODEL,
-        messages=HELLO,
-        max_tokens=8,
-        temperature=0,
-        logprobs=True,
-        top_logprobs=3,
-        stream=True,
-    )
+    stream = await client.chat.completions.create(**asked, stream=True)  # the same, streamed
     text, streamed = "", []
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
