@@ -18,21 +18,16 @@ import aiohttp
 import pytest
 import redis
 import redis.asyncio as aioredis
-from aiohttp.test_utils import TestServer
 from pydantic import SecretStr
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from backend.apikeys import create_key
 from backend.attestation import acl, store
-from backend.db import Database
 from backend.dispatch import TurnDone, TurnRequest, TurnText
 from backend.ledger import Ledger
 from backend.settings import DEFAULT_MODEL, AttestationSettings, ModelPrice, Settings
-from backend.users import get_or_create_user
-from backend.web import create_app
 from miniapp.auth import init_data_for
-from tests.support.redis_server import RedisServer, attested_worker, start_node, stop_process
+from tests.support.redis_server import RedisServer, api_with_node, attested_worker
 from tests.support.turns import dev_stack, funded_user
 from workers import registry
 from workers.engines.instant import InstantEngine
@@ -73,27 +68,11 @@ async def stack(settings: Settings, tmp_path: Path) -> AsyncIterator[Stack]:
             "attestation": AttestationSettings(allow_dev=True, users_check_s=0.2),
         }
     )
-    db = Database.from_settings(s)
-    await db.upgrade()
-    web = TestServer(create_app(s))
-    await web.start_server()
-    admin = aioredis.Redis.from_url(server.url())
-    ledger = Ledger(db)
-    user = await get_or_create_user(db, 8101)
-    await ledger.credit_deposit(user.id, TON, "dep:8101")
-    key, _ = await create_key(db, user.id)
     log = tmp_path / "node.log"
-    url = str(web.make_url("")).rstrip("/")
-    token = await store.issue_registration_token(admin, None, 60)
-    node = start_node(url, token, log, model=MODEL)
-    result = Stack(server, admin, url, key, ledger, user.id, log, node)
     try:
-        yield result
+        async with api_with_node(s, 8101, log, MODEL) as (api, admin, node):
+            yield Stack(server, admin, api.url, api.key, api.ledger, api.user_id, log, node)
     finally:
-        stop_process(node)
-        await web.close()
-        await admin.aclose()
-        await db.close()
         server.stop()
 
 

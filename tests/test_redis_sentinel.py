@@ -15,20 +15,16 @@ from pathlib import Path
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
-from aiohttp.test_utils import TestServer
 
-from backend.apikeys import create_key
-from backend.attestation import acl, store
+from backend.attestation import acl
 from backend.attestation.onboarding import worker_redis_url
 from backend.db import Database
 from backend.dispatch import TurnDone, TurnRequest
 from backend.invariants import check_invariants
 from backend.ledger import Ledger
 from backend.settings import AttestationSettings, ModelPrice, Settings
-from backend.users import get_or_create_user
-from backend.web import create_app
 from bot.services import open_services
-from tests.support.redis_server import attested_worker, start_node, stop_process
+from tests.support.redis_server import api_with_node, attested_worker
 from tests.support.sentinel import SentinelSet
 from workers import redis_auth, redisconn
 from workers.wire import ChatMessage
@@ -119,26 +115,13 @@ async def stack(settings: Settings, tmp_path: Path) -> AsyncIterator[Stack]:
             "attestation": AttestationSettings(allow_dev=True, users_check_s=0.2),
         }
     )
-    db = Database.from_settings(s)
-    await db.upgrade()
-    web = TestServer(create_app(s))
-    await web.start_server()
-    admin = redisconn.async_client(sentinels.url())
-    ledger = Ledger(db)
-    user = await get_or_create_user(db, 8301)
-    await ledger.credit_deposit(user.id, TON, "dep:8301")
-    key, _ = await create_key(db, user.id)
     log = tmp_path / "node.log"
-    url = str(web.make_url("")).rstrip("/")
-    token = await store.issue_registration_token(admin, None, 60)
-    node = start_node(url, token, log, model=MODEL)
     try:
-        yield Stack(sentinels, admin, url, key, db, ledger, user.id, log, node, s)
+        async with api_with_node(s, 8301, log, MODEL) as (api, admin, node):
+            yield Stack(
+                sentinels, admin, api.url, api.key, api.db, api.ledger, api.user_id, log, node, s
+            )
     finally:
-        stop_process(node)
-        await web.close()
-        await admin.aclose()
-        await db.close()
         await asyncio.to_thread(sentinels.stop)
 
 

@@ -271,16 +271,16 @@ def dev_settings(settings: Settings, **update: object) -> Settings:
 
 @contextlib.asynccontextmanager
 async def api_server(
-    settings: Settings, *, balance: int = TON, with_metrics: bool = True
+    settings: Settings, *, balance: int = TON, with_metrics: bool = True, telegram_id: int = 4242
 ) -> AsyncIterator[Api]:
     """``create_app`` (plus ``metrics.setup``) on loopback, over a fresh database with one
-    funded user and an API key for it."""
+    funded user (Telegram user ``telegram_id``) and an API key for it."""
     db = Database.from_settings(settings)
     await db.upgrade()
     ledger = Ledger(db)
-    user = await get_or_create_user(db, 4242)
+    user = await get_or_create_user(db, telegram_id)
     if balance:
-        await ledger.credit_deposit(user.id, balance, "dep:4242")
+        await ledger.credit_deposit(user.id, balance, f"dep:{telegram_id}")
     key, _row = await create_key(db, user.id)
     app = create_app(settings)
     if with_metrics:

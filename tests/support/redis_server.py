@@ -2,15 +2,18 @@
 listener, without touching the shared test server. Certificates are made with the ``openssl``
 command (a CA, and a server certificate for 127.0.0.1 signed by it). And a real worker node
 process that onboards over HTTP: started, stopped, waited for until the registry lists it
-attested or until it exits."""
+attested or until it exits; or started with the API it onboards at, over a Redis of the test's
+own."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import socket
 import subprocess
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +21,11 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from backend.attestation import store
+from backend.settings import Settings
 from tests.support.env import IN_CI
-from workers import registry
+from tests.support.ops import Api, api_server
+from workers import redisconn, registry
 
 
 def require(program: str) -> str:
@@ -157,6 +163,26 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@contextlib.asynccontextmanager
+async def api_with_node(
+    s: Settings, telegram_id: int, log: Path, model: str
+) -> AsyncIterator[tuple[Api, aioredis.Redis, subprocess.Popen[bytes]]]:
+    """The API over ``s`` (``api_server``: Telegram user ``telegram_id`` funded, an API key), an
+    admin client of ``s``'s Redis, and a worker node of ``model`` onboarding at the API with a
+    fresh registration token, its output in ``log``; all stopped at the end."""
+    admin = redisconn.async_client(s.redis_url)
+    try:
+        async with api_server(s, with_metrics=False, telegram_id=telegram_id) as api:
+            token = await store.issue_registration_token(admin, None, 60)
+            node = start_node(api.url, token, log, model=model)
+            try:
+                yield api, admin, node
+            finally:
+                stop_process(node)
+    finally:
+        await admin.aclose()
 
 
 async def read_log(log: Path) -> str:
