@@ -19,6 +19,7 @@ import pytest
 from nacl.signing import SigningKey
 
 from backend.db import Database
+from backend.models import TonWallet
 from backend.ton.contracts import read_state_init
 from backend.ton.localnet import LocalTonCenter, LocalTonCenterServer
 from backend.ton.proof import (
@@ -148,34 +149,24 @@ async def test_linking_asks_the_chain_only_for_a_payload_that_can_be_spent(
     account = {k: v for k, v in user.account().items() if k != "walletStateInit"}
     net.add_wallet(user.raw, user.public_key, balance=10**9, subwallet_id=0)
     rules = {"allowed_domains": [DOMAIN], "max_age_s": MAX_AGE, "now": NOW + 5}
+
+    async def link(payload: str) -> TonWallet:
+        """The wallet linked with its proof of ``payload``, the chain asked for its key."""
+        proof = user.proof(payload)
+        return await link_wallet(
+            db, person.id, "user", account, proof, **rules, chain=api.wallet_public_key
+        )
+
     before = net.requests
     with pytest.raises(ProofError, match="unknown"):
-        await link_wallet(
-            db,
-            person.id,
-            "user",
-            account,
-            user.proof("f" * 64),
-            **rules,
-            chain=api.wallet_public_key,
-        )
+        await link("f" * 64)
     assert net.requests == before
 
     payload = await issue_payload(db, MAX_AGE, now=NOW)
-    linked = await link_wallet(
-        db, person.id, "user", account, user.proof(payload), **rules, chain=api.wallet_public_key
-    )
+    linked = await link(payload)
     assert linked.public_key == user.public_key.hex() and net.requests == before + 1
     with pytest.raises(ProofError, match="already used"):
-        await link_wallet(
-            db,
-            person.id,
-            "user",
-            account,
-            user.proof(payload),
-            **rules,
-            chain=api.wallet_public_key,
-        )
+        await link(payload)
 
 
 def test_proofs_are_read_from_every_tonconnect_shape() -> None:
