@@ -74,6 +74,13 @@ async def topup_link(chat: Harness, amount_index: int = 1) -> str:
     return str(link.url)
 
 
+async def connected_wallet(chat: Harness, bridge: Bridge) -> BridgeWallet:
+    """The user's wallet, connected through the link of a top-up of 5 GRAM."""
+    wallet = BridgeWallet(bridge)
+    await wallet.connect(await topup_link(chat), timestamp=int(time.time()))
+    return wallet
+
+
 # ------------------------------------------------------------------------- wallets list
 
 
@@ -104,9 +111,7 @@ async def test_without_the_list_pytonconnects_own_wallets_have_https_bridges(
 async def test_a_topup_connects_and_the_wallet_signs_the_transfer(
     chat: Harness, bridge: Bridge
 ) -> None:
-    link = await topup_link(chat)
-    wallet = BridgeWallet(bridge)
-    await wallet.connect(link, timestamp=int(time.time()))
+    wallet = await connected_wallet(chat, bridge)
     request = await wallet.next_request()
     assert request["method"] == "sendTransaction"
     (params,) = [json.loads(p) for p in request["params"]]
@@ -128,9 +133,7 @@ async def test_a_topup_connects_and_the_wallet_signs_the_transfer(
 async def test_a_rejected_transfer_is_told_and_nothing_is_sent(
     chat: Harness, bridge: Bridge
 ) -> None:
-    link = await topup_link(chat)
-    wallet = BridgeWallet(bridge)
-    await wallet.connect(link, timestamp=int(time.time()))
+    wallet = await connected_wallet(chat, bridge)
     await wallet.reject(await wallet.next_request())
     await settled(chat)
     assert chat.tg.texts()[-1] == "You declined the transfer: nothing was sent."
