@@ -22,7 +22,7 @@ from aiohttp import web
 from openai.types.chat import ChatCompletionChunk
 
 from backend.tool_checks import CallCheck
-from tests.support.engines import WEATHER, end_stream, on_loopback, openai_upstream
+from tests.support.engines import WEATHER, end_stream, on_loopback, openai_upstream, whole_calls
 from tests.support.env import require_module
 from workers.engines import Engine, GenerationRequest, TextDelta, Usage, create_engine
 from workers.engines.tools import HERMES_TEMPLATE
@@ -159,16 +159,6 @@ async def run(engine: Engine, request: GenerationRequest) -> tuple[str, list[Any
     return "".join(delta.text for delta in deltas), pieces, usage
 
 
-def whole(pieces: list[Any]) -> list[tuple[str, Any]]:
-    names: dict[int, str] = {}
-    arguments: dict[int, str] = {}
-    for piece in pieces:
-        if piece.name is not None:
-            names[piece.index] = piece.name
-        arguments[piece.index] = arguments.get(piece.index, "") + piece.arguments
-    return [(names[i], json.loads(arguments[i])) for i in sorted(names)]
-
-
 def call(index: int, name: str, *fragments: str, repeat_name: bool = False) -> list[Item]:
     """A call as a server streams it: its first piece (id, type, name), then its fragments
     (with ``repeat_name``, as llama-cpp-python streams: every piece whole but the arguments)."""
@@ -201,7 +191,7 @@ async def test_a_tool_round_trip_through_a_real_upstream_on_the_small_model() ->
             assert sent["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
             assert sent["parallel_tool_calls"] is False
             assert sent["tools"][0]["function"]["parameters"] == json.loads(WEATHER["parameters"])
-            got = whole(pieces)
+            got = whole_calls(pieces)
             assert [name for name, _ in got] == ["get_weather"]
             assert isinstance(got[0][1]["city"], str) and not text.strip()
             assert usage.finish_reason == "stop"  # "tool_calls" is a stop
@@ -244,7 +234,7 @@ async def test_an_upstreams_calls_are_checked_and_bounded() -> None:
         request = GenerationRequest(QUESTION, 80, tools=(WEATHER,))
         text, pieces, _ = await run(engine, request)
         paris, rome = ("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"})
-        assert whole(pieces) == [paris, rome]
+        assert whole_calls(pieces) == [paris, rome]
         assert text.startswith("Let me check.") and text.endswith("Done.")
         assert '"rm_rf"' in text and "{oops" in text and big not in text
         assert all(len(p.arguments) <= MAX_TOOL_ARGUMENTS_CHARS for p in pieces)
@@ -252,12 +242,12 @@ async def test_an_upstreams_calls_are_checked_and_bounded() -> None:
 
         one = GenerationRequest(QUESTION, 80, tools=(WEATHER,), parallel_tool_calls=False)
         _, pieces, _ = await run(engine, one)
-        assert whole(pieces) == [paris]
+        assert whole_calls(pieces) == [paris]
 
     many: list[Item] = [item for i in range(MAX_TOOLS + 6) for item in call(i, "get_weather", "{}")]
     async with upstream(scripted(many)) as (engine, _):
         _, pieces, _ = await run(engine, GenerationRequest(QUESTION, 80, tools=(WEATHER,)))
-        assert len(whole(pieces)) == MAX_TOOLS
+        assert len(whole_calls(pieces)) == MAX_TOOLS
 
 
 async def test_without_tools_an_upstreams_calls_are_not_read() -> None:

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from backend.bounds import tools_token_bound
-from tests.support.engines import WEATHER
+from tests.support.engines import WEATHER, whole_calls
 from tests.support.env import require_module
 from workers.engines.base import GenerationRequest, TextDelta, ToolCallDelta, Usage
 from workers.engines.tools import (
@@ -38,16 +38,6 @@ def fed(parser: ToolCallParser, pieces: list[str]) -> tuple[str, list[ToolCallDe
     return text + out, calls + list(got)
 
 
-def whole(calls: list[ToolCallDelta]) -> list[tuple[str, dict[str, object]]]:
-    names: dict[int, str] = {}
-    arguments: dict[int, str] = {}
-    for piece in calls:
-        if piece.name is not None:
-            names[piece.index] = piece.name
-        arguments[piece.index] = arguments.get(piece.index, "") + piece.arguments
-    return [(names[i], json.loads(arguments[i])) for i in sorted(names)]
-
-
 def test_two_hermes_calls_in_one_streamed_reply_name_first_then_arguments() -> None:
     paris = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
     rome = '{"name": "get_weather", "arguments": {"city": "Rome"}}'
@@ -56,13 +46,14 @@ def test_two_hermes_calls_in_one_streamed_reply_name_first_then_arguments() -> N
     text, calls = fed(parser, [reply[i : i + 3] for i in range(0, len(reply), 3)])
     assert text == "Let me look."  # no part of a tag leaks, the whitespace around calls goes
     assert calls[0] == ToolCallDelta(0, name="get_weather") and calls[1].name is None
-    assert whole(calls) == [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"})]
+    paris_and_rome = [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"})]
+    assert whole_calls(calls) == paris_and_rome
 
 
 def test_parallel_false_keeps_one_call_and_unknown_functions_stay_text() -> None:
     one = f'{OPEN}{{"name": "get_weather", "arguments": {{}}}}{CLOSE}'
     parser = ToolCallParser(forced=False, limit=1, names=["get_weather"])
-    assert whole(fed(parser, [one + one])[1]) == [("get_weather", {})]
+    assert whole_calls(fed(parser, [one + one])[1]) == [("get_weather", {})]
     stranger = f'{OPEN}{{"name": "rm_rf", "arguments": {{}}}}{CLOSE}'
     parser = ToolCallParser(forced=False, limit=64, names=["get_weather"])
     assert fed(parser, [stranger]) == (stranger, [])
@@ -71,7 +62,7 @@ def test_parallel_false_keeps_one_call_and_unknown_functions_stay_text() -> None
 def test_a_forced_reply_is_an_array_of_calls_read_as_each_completes() -> None:
     parser = ToolCallParser(forced=True, limit=64, names=["get_weather"])
     first = parser.feed('[{"name": "get_weather", "arguments": {"city": "Paris"}}, {"na')
-    assert whole(list(first[1])) == [("get_weather", {"city": "Paris"})]
+    assert whole_calls(list(first[1])) == [("get_weather", {"city": "Paris"})]
     rest = parser.feed('me": "get_weather", "arguments": {"city": "Rome"}}]')
     assert [c.index for c in rest[1]] == [1, 1] and parser.finish() == ("", ())
 
@@ -155,7 +146,7 @@ async def test_llama_cpp_renders_tools_through_the_template_and_calls_them() -> 
         items = [item async for item in engine.generate(request)]
         assert isinstance(items[-1], Usage)
         calls = [c for item in items if isinstance(item, TextDelta) for c in item.tool_calls]
-        got = whole(calls)
+        got = whole_calls(calls)
         assert got and all(name == "get_weather" for name, _ in got)
         assert all(isinstance(arguments["city"], str) for _, arguments in got)
     finally:

@@ -7,13 +7,14 @@ offer, and an OpenAI-compatible upstream served on loopback for the openai engin
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 from aiohttp import web
 
 from workers.engines import Engine, GenerationRequest, TextDelta, Usage
+from workers.engines.base import ToolCallDelta
 
 __all__ = [
     "WEATHER",
@@ -25,6 +26,7 @@ __all__ = [
     "on_loopback",
     "openai_upstream",
     "stream",
+    "whole_calls",
 ]
 
 WEATHER = {
@@ -82,6 +84,18 @@ async def assert_stop_string_cuts(engine: Engine, max_tokens: int) -> None:
     cut, usage = await collect(engine, chat(question, max_tokens=max_tokens, stop=(stop,)))
     assert cut == full[: full.index(stop)]
     assert usage.finish_reason == "stop"
+
+
+def whole_calls(pieces: Sequence[ToolCallDelta]) -> list[tuple[str, Any]]:
+    """The calls streamed in ``pieces`` (each call's name first, then fragments of its
+    arguments), whole: (name, arguments parsed), in the order of their index."""
+    names: dict[int, str] = {}
+    arguments: dict[int, str] = {}
+    for piece in pieces:
+        if piece.name is not None:
+            names[piece.index] = piece.name
+        arguments[piece.index] = arguments.get(piece.index, "") + piece.arguments
+    return [(names[i], json.loads(arguments[i])) for i in sorted(names)]
 
 
 def openai_upstream(
