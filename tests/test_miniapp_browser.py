@@ -310,7 +310,9 @@ async def test_the_chat_streams_a_reply_from_the_small_model(stack: Stack, conte
         )
         await page.click("#send")
         reply = page.locator(".message-assistant .text").last
-        await page.wait_for_selector(".message-assistant .cost", timeout=60_000)
+        # The model runs as fast as the machine lets it: only the test's own timeout bounds
+        # the waits for its words (timeout=0), never a margin a loaded machine can miss.
+        await page.wait_for_selector(".message-assistant .cost", timeout=0)
         text = await reply.text_content()
         assert text.strip()
         states = [s for s in await page.evaluate("window.replyStates") if s]
@@ -339,12 +341,13 @@ async def test_the_chat_streams_a_reply_from_the_small_model(stack: Stack, conte
         await page.fill("#prompt", "Write a very long story about a cocoon, in many chapters.")
         await page.click("#send")
         await page.wait_for_function(
-            "document.querySelector('.message-assistant.streaming .text')?.textContent.length > 20"
+            "document.querySelector('.message-assistant.streaming .text')?.textContent.length > 20",
+            timeout=0,
         )
         await page.click("#stop")
         # Stopped through the server: the reply is marked, with what it cost.
         stopped = page.locator(".message-assistant .mark-stopped")
-        await stopped.wait_for(timeout=30_000)
+        await stopped.wait_for(timeout=0)
         assert (await stopped.text_content()).startswith("Stopped · ")
         await page.wait_for_selector("#send:enabled")
         balances = await stack.ledger.balances(user.id)
@@ -363,7 +366,7 @@ async def test_the_chat_streams_a_reply_from_the_small_model(stack: Stack, conte
             await page.fill("#prompt", "Count from one to one hundred in words.")
             await page.click("#send")
             cut = page.locator(".message-assistant .mark-cut")
-            await cut.wait_for(timeout=60_000)
+            await cut.wait_for(timeout=0)
             assert "length limit" in await cut.text_content()
         finally:
             dispatcher.settings = kept
