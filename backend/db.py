@@ -7,27 +7,35 @@ begin deferred and never take the write lock (WAL readers never wait for a write
 PostgreSQL runs at READ COMMITTED; the ledger's balance updates
 are single conditional ``UPDATE`` statements, so they need nothing stronger.
 
-A PostgreSQL connection is pinged on every checkout (SQLAlchemy's ``pool_pre_ping``: three
-round trips, about 0.3 ms). ``ping_after_idle_s`` pings only a connection idle that long; it is
+A PostgreSQL connection is pinged on every checkout (as SQLAlchemy's ``pool_pre_ping`` would:
+three round trips, BEGIN, the ping, ROLLBACK, about 0.3 ms), except one a new connection and one
+taken by :meth:`Database.autocommit` with ``ping=False``: the ledger's one-statement hold and
+close (:mod:`backend.ledger_pg`), which meet a dead connection by their statement's own failure
+and try once more on a fresh, pinged one (safe: each is idempotent by key), so each is one round
+trip on a healthy connection. ``ping_after_idle_s`` pings only a connection idle that long; it is
 not the default, because under connections dropped mid-operation (``bench.chaos``
 postgres-drops) an unpinged connection was once handed out in a state asyncpg refuses ("another
 operation is in progress"). A connection that died anyway and fails its first statement
 invalidates the pool's older connections, and the ledger tries its operation once more on a
-fresh one (:mod:`backend.ledger_write`: safe, every operation is idempotent by key).
+fresh one (:mod:`backend.ledger_write`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Insert, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, CursorResult, Result, make_url
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.exc import DisconnectionError, InvalidatePoolError
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
@@ -39,6 +47,8 @@ from backend.settings import Settings
 
 SQLITE_BUSY_TIMEOUT_S = 60
 READ_ONLY = "cocoon_read_only"  # the execution option of a read session's connections
+# Set while a connection is checked out for :meth:`Database.autocommit` without its ping.
+_UNPINGED: ContextVar[bool] = ContextVar("cocoon_db_unpinged", default=False)
 
 
 def is_sqlite(url: str) -> bool:
@@ -50,13 +60,10 @@ def create_engine(
 ) -> AsyncEngine:
     """An async engine for ``url``; SQLite files get their directory, WAL and immediate writes;
     a server's connections are pinged on every checkout, or only when they were idle
-    ``ping_after_idle_s`` or more."""
+    ``ping_after_idle_s`` or more (never when checked out unpinged: :meth:`Database.autocommit`)."""
     if not is_sqlite(url):
-        if ping_after_idle_s is None:
-            kwargs.setdefault("pool_pre_ping", True)
         engine = create_async_engine(url, **kwargs)
-        if ping_after_idle_s is not None:
-            _ping_when_idle(engine, ping_after_idle_s)
+        _ping_on_checkout(engine, ping_after_idle_s)
         return engine
 
     database = make_url(url).database
@@ -85,20 +92,33 @@ def create_engine(
     return engine
 
 
-def _ping_when_idle(engine: AsyncEngine, idle_s: float) -> None:
+def _ping_on_checkout(engine: AsyncEngine, idle_s: float | None) -> None:
+    """Ping a connection on its way out of the pool, as ``pool_pre_ping`` does (a new one is
+    not pinged; one that fails is replaced, and a dead one invalidates the pool's older ones),
+    unless it is checked out unpinged, or ``idle_s`` is set and it was idle less than that."""
+    fresh, idle_since = "cocoon_fresh", "cocoon_idle_since"
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _connected(_dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
+        record.info[fresh] = True
+
     @event.listens_for(engine.sync_engine, "checkin")
     def _checked_in(_dbapi_connection: Any, record: ConnectionPoolEntry) -> None:
-        record.info["idle_since"] = time.monotonic()
+        record.info[idle_since] = time.monotonic()
 
     @event.listens_for(engine.sync_engine, "checkout")
     def _checked_out(dbapi_connection: Any, record: ConnectionPoolEntry, _proxy: Any) -> None:
-        since = record.info.get("idle_since")  # None: a new connection
-        if since is None or time.monotonic() - since < idle_s:
+        if record.info.pop(fresh, False) or _UNPINGED.get():
+            return
+        since = record.info.get(idle_since, 0.0)
+        if idle_s is not None and time.monotonic() - since < idle_s:
             return
         try:
             engine.dialect.do_ping(dbapi_connection)
         except Exception as error:  # the pool drops it and checks out another
-            raise DisconnectionError(f"a pooled connection failed its ping: {error!r}") from error
+            dead = engine.dialect.is_disconnect(error, dbapi_connection, None)  # type: ignore[arg-type]
+            unusable = InvalidatePoolError if dead else DisconnectionError
+            raise unusable(f"a pooled connection failed its ping: {error!r}") from error
 
 
 def rowcount(result: Result[*tuple[Any, ...]]) -> int:
@@ -143,6 +163,23 @@ class Database:
         """A session that only reads: on SQLite it never waits for, nor holds, the write lock
         (a write in it would fail with "database is locked" under load: don't)."""
         return self.read_sessions()
+
+    @contextlib.asynccontextmanager
+    async def autocommit(self, *, ping: bool = True) -> AsyncIterator[AsyncConnection]:
+        """A connection on which each statement is its own transaction (no BEGIN, no COMMIT: a
+        single statement is atomic by itself). ``ping=False`` checks it out without the pool's
+        ping (three round trips fewer): the caller must then take a dead connection's failure
+        as one, and try again on a pinged one."""
+        connection = self.engine.connect()
+        token = _UNPINGED.set(not ping)
+        try:
+            await connection.start()
+        finally:
+            _UNPINGED.reset(token)
+        try:
+            yield await connection.execution_options(isolation_level="AUTOCOMMIT")
+        finally:
+            await connection.close()
 
     async def upgrade(self) -> None:
         """Bring the schema to the newest migration (Alembic ``upgrade head``)."""

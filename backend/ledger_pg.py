@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Row, TextClause, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InterfaceError
 
 from backend.db import Database
 from backend.group_commit import GroupCommit
@@ -37,13 +37,24 @@ async def _rows(
     db: Database, statement: TextClause, params: Mapping[str, Any]
 ) -> Sequence[Row[*tuple[Any, ...]]] | None:
     """Run one statement in its own transaction (autocommit: the statement's end is its
-    commit); its rows, or None when it failed as a whole."""
-    try:
-        async with db.engine.connect() as connection:
-            connection = await connection.execution_options(isolation_level="AUTOCOMMIT")
-            return (await connection.execute(statement, params)).all()
-    except DBAPIError:  # a key already used, an overflow, a CHECK: nothing was written
-        return None
+    commit) on a connection checked out without the pool's ping: one round trip in all on a
+    healthy connection. One the statement finds dead (or unusable) is dropped and the statement
+    tried once more on a fresh, pinged one: safe, since a statement that did commit finds its
+    key used or its hold closed the second time, and the caller's general path replays it.
+    Its rows, or None when it failed as a whole."""
+    for again in (False, True):
+        try:
+            async with db.autocommit(ping=again) as connection:
+                try:
+                    return (await connection.execute(statement, params)).all()
+                except InterfaceError as error:  # the client's side: the connection is unusable
+                    if not error.connection_invalidated:
+                        await connection.invalidate()
+                    raise
+        except DBAPIError as error:  # a key already used, an overflow, a CHECK: nothing written
+            if again or not (error.connection_invalidated or isinstance(error, InterfaceError)):
+                return None
+    return None
 
 
 async def hold_in_one_statement(

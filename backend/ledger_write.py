@@ -123,7 +123,7 @@ class LedgerWriter:
                 raise
             except DBAPIError as error:
                 # The connection died under the operation (a restart, a failover, a pooled
-                # connection gone stale: backend.db pings only idle ones). Once more, on a
+                # connection that died after its ping). Once more, on a
                 # fresh one: it looks the key up first, so what did commit is replayed.
                 if dropped or not error.connection_invalidated:
                     raise

@@ -159,8 +159,8 @@ async def counted(db: Database, operation: Awaitable[object]) -> tuple[int, list
 
 async def test_a_hold_and_its_settlement_are_one_statement_each(db: Database) -> None:
     """Counted as the database sees them: on PostgreSQL a priced turn's hold and its
-    settlement each send one statement on one connection (the pool's ping on checkout aside:
-    no statement event sees it); on SQLite each is one transaction on one connection."""
+    settlement each send one statement on one connection, unpinged (one round trip each on the
+    wire: test_ledger_round_trips); on SQLite each is one transaction on one connection."""
     ledger = Ledger(db)
     user = await funded_user(ledger, 9007, 5 * TON)
     await ledger.hold(user, TON, "turn-warm")  # the connection's first use
