@@ -6,8 +6,9 @@ Each credited deposit is still its own ledger transaction under its own idempote
 deposit, so a later ``credit_deposit`` of the same key replays it); what is batched is the
 database work: the ledger transactions, their entries, the deposit rows and the
 notifications are each one statement (:func:`insert_many`: on PostgreSQL an INSERT from
-arrays, one a column), every balance one UPDATE, and the cursor moves in the same commit. So a crash anywhere leaves either the whole page or none of it, and the
-next poll reads it again from the cursor.
+arrays, one a column), every balance one UPDATE, and the cursor moves in the same commit.
+So a crash anywhere leaves either the whole page or none of it, and the next poll reads it
+again from the cursor.
 
 The batch refuses (:class:`NotBatched`, nothing written) whatever the general path of
 :meth:`~backend.ton.watcher.DepositWatcher.handle` decides better, one transaction at a time:
