@@ -15,6 +15,15 @@ RATE = "chat:rate"  # cocoon:chat:rate:<user id>:<minute>: chat turns started in
 RUNNING = "chat:running"  # cocoon:chat:running:<subject>: sorted set of running turns, by expiry
 
 
+WINDOW_TTL_S = 120  # a minute's count outlives its minute, then goes
+
+_COUNT = """
+local count = redis.call('INCR', KEYS[1])
+if count == 1 then redis.call('EXPIRE', KEYS[1], ARGV[1]) end
+return count
+"""
+
+
 class RateLimiter:
     """At most ``per_minute`` turns per user in each clock minute."""
 
@@ -30,9 +39,9 @@ class RateLimiter:
         a user's id (the budget every client shares), or another name (an API key's)."""
         now = self.clock()
         key = redis_key(RATE, str(user_id), str(int(now // 60)))
-        count = await self.redis.incr(key)
-        if count == 1:
-            await self.redis.expire(key, 120)
+        # One round trip: the count and, on the minute's first turn, its key's expiry, set
+        # together (a crash between the two can no longer leave a key that never expires).
+        count = int(await self.redis.eval(_COUNT, 1, key, str(WINDOW_TTL_S)))
         if count <= self.per_minute:
             return 0
         return max(1, int(60 - now % 60))

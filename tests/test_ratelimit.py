@@ -20,3 +20,31 @@ async def test_turns_beyond_the_budget_wait_for_the_next_minute(redis_url: str) 
         assert await bot.allow(7) == 0
     finally:
         await client.aclose()
+
+
+async def test_a_minutes_count_expires_with_its_first_turn_and_only_then(redis_url: str) -> None:
+    from backend.ratelimit import RATE, WINDOW_TTL_S
+    from workers.redis_keys import redis_key
+
+    now = [700.0 * 60 + 5]
+    client = aioredis.Redis.from_url(redis_url)
+    key = redis_key(RATE, "9", "700")
+    try:
+        await client.delete(key)
+        limiter = RateLimiter(client, 2, clock=lambda: now[0])
+        assert await limiter.allow(9) == 0
+        assert await client.get(key) == b"1"
+        assert 0 < await client.ttl(key) <= WINDOW_TTL_S  # set with the first turn
+        await client.expire(key, 30)
+        assert await limiter.allow(9) == 0
+        assert 0 < await client.ttl(key) <= 30  # later turns leave the expiry as it is
+        assert await limiter.allow(9) == 55
+        await client.pexpire(key, 1)  # the window's key goes: Redis drops it
+        while await client.exists(key):
+            await client.execute_command("PING")
+        assert await limiter.allow(9) == 0  # a fresh count, with an expiry of its own again
+        assert await client.get(key) == b"1"
+        assert 0 < await client.ttl(key) <= WINDOW_TTL_S
+    finally:
+        await client.delete(key)
+        await client.aclose()
