@@ -48,3 +48,25 @@ async def test_a_minutes_count_expires_with_its_first_turn_and_only_then(redis_u
     finally:
         await client.delete(key)
         await client.aclose()
+
+
+async def test_a_turn_is_counted_in_one_round_trip(redis_url: str) -> None:
+    sent: list[object] = []
+
+    class Counting(aioredis.Connection):
+        async def send_packed_command(self, command: object, check_health: bool = True) -> None:
+            sent.append(command)  # one call per socket write: a command or a whole pipeline
+            await super().send_packed_command(command, check_health)  # type: ignore[arg-type]
+
+    pool = aioredis.ConnectionPool.from_url(redis_url, connection_class=Counting)
+    client = aioredis.Redis.from_pool(pool)  # closed with the client
+    try:
+        await client.ping()  # the connection's own set-up is not the limiter's
+        limiter = RateLimiter(client, 5, clock=lambda: 800.0 * 60)
+        await client.delete("cocoon:chat:rate:10:800")
+        sent.clear()
+        assert await limiter.allow(10) == 0  # the minute's first turn: count and expiry
+        assert await limiter.allow(10) == 0
+        assert len(sent) == 2
+    finally:
+        await client.aclose()
