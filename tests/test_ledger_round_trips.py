@@ -6,6 +6,7 @@ fresh one that applies nothing twice."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -132,3 +133,34 @@ async def test_a_reply_lost_with_its_connection_applies_once(pg: Database) -> No
             assert (await ledger.audit()).ok
         finally:
             await ledger.db.close()
+
+
+async def test_a_statement_cancelled_mid_flight_leaves_no_connection_unusable(
+    pg: Database,
+) -> None:
+    """A caller gone while its statement runs (a client that left during its hold): the one
+    connection it had is not handed to the next unpinged statement in a state asyncpg refuses
+    ("another operation is in progress")."""
+    db = Database(pg.url, pool_size=1, max_overflow=0)
+    try:
+        ledger = Ledger(db)
+        user = await funded_user(ledger, 9404, 2 * TON)
+        started = asyncio.Event()
+
+        async def slow() -> None:
+            async with db.autocommit(ping=False) as connection:
+                started.set()
+                await connection.execute(text("SELECT pg_sleep(30)"))
+
+        task = asyncio.create_task(slow())
+        await started.wait()
+        await asyncio.sleep(0.05)  # the statement is sent (a cancel before it cancels nothing)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await ledger._hold_in_one_statement(user, TON, "turn-after") is not None
+        assert not (await ledger.settle("turn-after", 7, provider_id=None, share_bps=0)).replayed
+        assert (await ledger.balances(user)).available == 2 * TON - 7
+        assert (await ledger.audit()).ok
+    finally:
+        await db.close()
