@@ -22,19 +22,25 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Row, TextClause, text
+from sqlalchemy import Executable, Row, text
 from sqlalchemy.exc import DBAPIError, InterfaceError
 
-from backend.db import Database
+from backend.db import Database, insert_new
 from backend.group_commit import GroupCommit
 from backend.ledger_types import Leg, Receipt, TurnUsage
-from backend.models import AccountKind, HoldState
+from backend.models import AccountKind, HoldState, TurnReceipt
 
-__all__ = ["Close", "CloseBatcher", "close_in_one_statement", "hold_in_one_statement"]
+__all__ = [
+    "Close",
+    "CloseBatcher",
+    "close_in_one_statement",
+    "hold_in_one_statement",
+    "keep_in_one_statement",
+]
 
 
 async def _rows(
-    db: Database, statement: TextClause, params: Mapping[str, Any]
+    db: Database, statement: Executable, params: Mapping[str, Any]
 ) -> Sequence[Row[*tuple[Any, ...]]] | None:
     """Run one statement in its own transaction (autocommit: the statement's end is its
     commit) on a connection checked out without the pool's ping: one round trip in all on a
@@ -79,6 +85,15 @@ async def hold_in_one_statement(
         return None
     legs = (Leg(AccountKind.USER, user_id, -amount), Leg(AccountKind.HOLD, user_id, amount))
     return Receipt(found[0][0], key, "hold", legs, found[0][1])
+
+
+async def keep_in_one_statement(db: Database, rows: list[dict[str, Any]]) -> set[str] | None:
+    """Keep turns' receipts (``turn_id``, ``user_id``, ``body``) in one statement, one round
+    trip: the turn ids of those new (one kept already stays as it was); None when the statement
+    failed as a whole (nothing was written)."""
+    statement = insert_new(db.dialect, TurnReceipt).values(rows).returning(TurnReceipt.turn_id)
+    found = await _rows(db, statement, {})
+    return None if found is None else {row[0] for row in found}
 
 
 @dataclass(frozen=True)

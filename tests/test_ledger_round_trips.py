@@ -1,8 +1,8 @@
-"""A priced turn's hold and its settlement each take one round trip on PostgreSQL (issue 19),
-counted on the wire by a proxy (tests.support.pg_wire): one statement in autocommit on a
-connection checked out without the pool's ping. Every other checkout is still pinged, and a
-connection that turns out dead, or a reply lost with its connection, costs a second try on a
-fresh one that applies nothing twice."""
+"""A priced turn's hold and its settlement (and a free turn's receipt) each take one round trip
+on PostgreSQL (issue 19), counted on the wire by a proxy (tests.support.pg_wire): one statement
+in autocommit on a connection checked out without the pool's ping. Every other checkout is still
+pinged, and a connection that turns out dead, or a reply lost with its connection, costs a
+second try on a fresh one that applies nothing twice."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from sqlalchemy import func, select, text
 
 from backend.db import Database
 from backend.ledger import Ledger
-from backend.models import Hold, Transaction
+from backend.models import Hold, Transaction, TurnReceipt
 from tests.support.pg_wire import WireCounter, counting_proxy
 from tests.support.turns import funded_user
 
@@ -60,6 +60,23 @@ async def test_a_hold_and_its_settlement_take_one_round_trip_each(
     balances = await ledger.balances(user)
     assert (balances.available, balances.held) == (5 * TON - 1 - TON // 3, 0)
     assert (await ledger.audit()).ok
+
+
+async def test_a_free_turns_receipt_takes_one_round_trip(
+    wired: tuple[Ledger, WireCounter],
+) -> None:
+    ledger, counter = wired
+    user = await funded_user(ledger, 9405, 0)
+    assert await ledger.keep_receipt("turn-warm", user, "{}")  # prepared on its connection
+    assert await round_trips(counter, ledger.keep_receipt("turn-free", user, '{"a": 1}')) == 1
+    counter.reset()
+    assert not await ledger.keep_receipt("turn-free", user, '{"a": 2}')  # kept already
+    assert counter.round_trips == 1
+    async with ledger.db.session() as session:
+        body = await session.scalar(
+            select(TurnReceipt.body).where(TurnReceipt.turn_id == "turn-free")
+        )
+    assert body == '{"a": 1}'
 
 
 async def test_every_other_checkout_is_still_pinged(wired: tuple[Ledger, WireCounter]) -> None:
