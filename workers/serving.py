@@ -89,6 +89,7 @@ class Node:
         self._running: dict[str, JobRun] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._accepting = False
+        self._beating = True  # False: the heartbeat loop ends (see serve's finally)
         self._load_changed = asyncio.Event()
 
     @property
@@ -175,6 +176,11 @@ class Node:
             if broken:
                 raise RuntimeError("a background task of the node ended; it was shut down")
         finally:
+            # The heartbeat loop ends on this flag, not only on its cancellation: once in about
+            # fifteen stops a cancellation that came as its wait ended was lost (Python 3.11),
+            # and the node beat on after "stopped" until killed.
+            self._beating = False
+            self._load_changed.set()
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
@@ -213,7 +219,7 @@ class Node:
 
     async def _heartbeat_loop(self) -> None:
         last_rq = time.monotonic()
-        while True:
+        while self._beating:
             try:
                 alive = await registry.heartbeat(
                     self._redis, self.worker_id, self.load, self.config.ttl_s
@@ -243,9 +249,11 @@ class Node:
             except Exception as error:  # keep beating: a silent node would look dead
                 log.error("heartbeat failed: %s", describe_error(error))
             self._load_changed.clear()
+            if not self._beating:
+                break
             # asyncio.timeout, not wait_for: Python 3.11's wait_for returns instead of raising
             # when it is cancelled just as the event is set (a job ending at shutdown), and this
-            # loop, which ends only by cancellation, then beat forever after "stopped".
+            # loop would beat on after "stopped" if it ended by cancellation alone.
             try:
                 async with asyncio.timeout(self.config.heartbeat_s):
                     await self._load_changed.wait()
