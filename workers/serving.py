@@ -176,9 +176,9 @@ class Node:
             if broken:
                 raise RuntimeError("a background task of the node ended; it was shut down")
         finally:
-            # The heartbeat loop ends on this flag, not only on its cancellation: once in about
-            # fifteen stops a cancellation that came as its wait ended was lost (Python 3.11),
-            # and the node beat on after "stopped" until killed.
+            # The heartbeat loop ends on this flag, not only on its cancellation: about once in
+            # thirteen stops its cancellation was lost (the cause is not pinned down), and the
+            # node beat on after "stopped" until killed.
             self._beating = False
             self._load_changed.set()
             for task in background:
