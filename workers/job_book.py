@@ -73,10 +73,10 @@ class BookWriter:
     async def _flush(self) -> None:
         while self._waiting:
             batch, self._waiting = self._waiting, []
-            pipe = self.redis.pipeline(transaction=True)
-            for commands, _done in batch:
-                replay(pipe, commands)
             try:
+                pipe = self.redis.pipeline(transaction=True)
+                for commands, _done in batch:
+                    replay(pipe, commands)
                 await pipe.execute()
             except Exception as error:
                 for _commands, done in batch:
