@@ -16,8 +16,8 @@ require_module("llama_cpp")
 
 @pytest.mark.engine
 async def test_completion_not_streamed(v1: Api, node: Node) -> None:
-    base_url, key, ledger, user = v1.base_url, v1.key, v1.ledger, v1.user_id
-    client = openai.AsyncOpenAI(base_url=base_url, api_key=key)
+    ledger, user = v1.ledger, v1.user_id
+    client = v1.client(max_retries=openai.DEFAULT_MAX_RETRIES)
     reply = await client.chat.completions.create(
         model=DEFAULT_MODEL, messages=[{"role": "user", "content": "Say hello."}], max_tokens=16
     )
@@ -26,13 +26,12 @@ async def test_completion_not_streamed(v1: Api, node: Node) -> None:
     assert reply.usage is not None and 0 < reply.usage.completion_tokens <= 16
     cost = int(reply.model_extra["cocoon"]["cost_nanoton"])
     assert (await ledger.balances(user)).available == TON - cost
-    await client.close()
 
 
 @pytest.mark.engine
 async def test_completion_streamed_with_usage(v1: Api, node: Node) -> None:
-    base_url, key, ledger, user = v1.base_url, v1.key, v1.ledger, v1.user_id
-    client = openai.AsyncOpenAI(base_url=base_url, api_key=key)
+    ledger, user = v1.ledger, v1.user_id
+    client = v1.client(max_retries=openai.DEFAULT_MAX_RETRIES)
     stream = await client.chat.completions.create(
         model=DEFAULT_MODEL,
         messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
@@ -51,17 +50,16 @@ async def test_completion_streamed_with_usage(v1: Api, node: Node) -> None:
     assert usage is not None and usage.completion_tokens > 0
     assert (await ledger.balances(user)).held == 0
     assert (await ledger.balances(user)).available < TON
-    await client.close()
 
 
 async def test_errors_are_openai_shaped(v1: Api) -> None:
     base_url, key, ledger, user = v1.base_url, v1.key, v1.ledger, v1.user_id
-    bad = openai.AsyncOpenAI(base_url=base_url, api_key="cc-not-a-key", max_retries=0)
+    bad = v1.client(api_key="cc-not-a-key")
     with pytest.raises(openai.AuthenticationError):
         await bad.chat.completions.create(
             model=DEFAULT_MODEL, messages=[{"role": "user", "content": "hi"}]
         )
-    client = openai.AsyncOpenAI(base_url=base_url, api_key=key, max_retries=0)
+    client = v1.client()
     with pytest.raises(openai.NotFoundError, match="unknown model"):
         await client.chat.completions.create(
             model="gpt-17", messages=[{"role": "user", "content": "hi"}]
@@ -84,15 +82,11 @@ async def test_errors_are_openai_shaped(v1: Api) -> None:
             assert response.status == 400
             body = await response.json()
             assert body["error"]["code"] == "invalid_json"
-    await bad.close()
-    await client.close()
 
 
 async def test_models_are_listed_with_prices(v1: Api) -> None:
-    base_url, key = v1.base_url, v1.key
-    client = openai.AsyncOpenAI(base_url=base_url, api_key=key)
+    client = v1.client(max_retries=openai.DEFAULT_MAX_RETRIES)
     models = await client.models.list()
     [model] = models.data
     assert model.id == DEFAULT_MODEL
     assert int(model.model_extra["pricing"]["completion"]) > 0
-    await client.close()

@@ -52,7 +52,7 @@ async def test_sync_async_and_streamed_clients(v1: Api, node: Node) -> None:
     reply = await asyncio.to_thread(sync_chat)
     assert reply.choices[0].message.content and reply.usage is not None
 
-    client = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key)
+    client = v1.client(max_retries=openai.DEFAULT_MAX_RETRIES)
     raw = await client.chat.completions.with_raw_response.create(
         model=DEFAULT_MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=8
     )
@@ -77,7 +77,6 @@ async def test_sync_async_and_streamed_clients(v1: Api, node: Node) -> None:
     assert len(turns) == 3
     spent = sum(t.cost for t in turns)
     assert (await v1.ledger.balances(v1.user_id)).available == TON - spent
-    await client.close()
 
 
 async def test_a_client_that_times_out_pays_only_what_was_generated(v1: Api, node: Node) -> None:
@@ -85,7 +84,7 @@ async def test_a_client_that_times_out_pays_only_what_was_generated(v1: Api, nod
     that gives up closes its connection, as the SDK's timeout does; it gives up here once its
     turn is running (not after a fixed time a fast machine may not need: the reply could be
     whole by then). Retries off: a retry is a new turn (see the idempotency test)."""
-    client = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key, max_retries=0, timeout=120)
+    client = v1.client(timeout=120)
     request = asyncio.create_task(
         client.chat.completions.create(
             model=DEFAULT_MODEL, messages=LONG, max_tokens=1500, temperature=0
@@ -101,13 +100,12 @@ async def test_a_client_that_times_out_pays_only_what_was_generated(v1: Api, nod
     assert turns and all(
         t.finish_reason == "cancelled" and t.completion_tokens < 1500 for t in turns
     )
-    await client.close()
 
 
 async def test_a_retry_with_an_idempotency_key_is_billed_once(v1: Api, node: Node) -> None:
     headers = {"Idempotency-Key": "retry-me-1"}
     ask = {"model": DEFAULT_MODEL, "messages": LONG, "max_tokens": 40, "temperature": 0}
-    hasty = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key, max_retries=0)
+    hasty = v1.client()
     first_try = asyncio.create_task(hasty.chat.completions.create(**ask, extra_headers=headers))
     await a_turn_running(v1)  # now the client gives up
     first_try.cancel()
@@ -117,7 +115,7 @@ async def test_a_retry_with_an_idempotency_key_is_billed_once(v1: Api, node: Nod
     # runs out first it is a 409 with Retry-After, which the SDK retries by itself as often
     # as allowed here: the first turn's end, not a time, ends the wait (nine tries of up to a
     # minute outlast the test's own timeout).
-    patient = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key, max_retries=8, timeout=120)
+    patient = v1.client(max_retries=8, timeout=120)
     raw = await patient.chat.completions.with_raw_response.create(**ask, extra_headers=headers)
     first = raw.parse()
     assert raw.headers["Idempotent-Replayed"] == "true"
@@ -133,8 +131,6 @@ async def test_a_retry_with_an_idempotency_key_is_billed_once(v1: Api, node: Nod
         await patient.chat.completions.create(
             model=DEFAULT_MODEL, messages=LONG, max_tokens=12, extra_headers=headers
         )
-    await hasty.close()
-    await patient.close()
 
 
 async def test_a_retry_before_the_first_ends_is_a_409_the_sdk_retries(
@@ -155,7 +151,7 @@ async def test_a_retry_before_the_first_ends_is_a_409_the_sdk_retries(
                     break
             await asyncio.sleep(0.1)
     assert await registry.reserve_slot(admin, node.worker_id, "held-by-the-test", ttl_s=300)
-    client = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key, max_retries=0)
+    client = v1.client()
     first = asyncio.create_task(
         client.chat.completions.create(**ask, max_tokens=4, extra_headers=headers)
     )
@@ -174,24 +170,22 @@ async def test_a_retry_before_the_first_ends_is_a_409_the_sdk_retries(
     # Retried on each 409 (Retry-After: 1) until the first has ended: its result. The first
     # turn's end, not a count of tries, ends the wait (a loaded machine needs more than eight);
     # the test's own timeout bounds it.
-    patient = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key, max_retries=100_000)
+    patient = v1.client(max_retries=100_000)
     try:
         raw = await patient.chat.completions.with_raw_response.create(
             **ask, max_tokens=4, extra_headers=headers
         )
         assert raw.headers["Idempotent-Replayed"] == "true"
         assert raw.parse().id == (await first).id
-    finally:  # no client left open for the next test's unraisable-warning check
+    finally:  # no request left running for the next test's unraisable-warning check
         first.cancel()
         await asyncio.gather(first, return_exceptions=True)
-        await client.close()
-        await patient.close()
     [turn] = await settled_turns(v1)
     assert (await v1.ledger.balances(v1.user_id)).available == TON - turn.cost
 
 
 async def test_json_replies_parse_and_penalties_are_taken(v1: Api, node: Node) -> None:
-    client = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key, max_retries=0)
+    client = v1.client()
     schema = {
         "type": "object",
         "properties": {"city": {"type": "string", "maxLength": 20}, "year": {"type": "integer"}},
@@ -232,7 +226,6 @@ async def test_json_replies_parse_and_penalties_are_taken(v1: Api, node: Node) -
         assert isinstance(json.loads(text), dict)
     else:
         assert text.lstrip().startswith("{")
-    await client.close()
 
 
 async def test_logit_bias_steers_the_reply(v1: Api, node: Node) -> None:
@@ -242,7 +235,7 @@ async def test_logit_bias_steers_the_reply(v1: Api, node: Node) -> None:
 
     vocab = Llama(str(default_model_path()), vocab_only=True, verbose=False)
     [banana] = vocab.tokenize(b" banana", add_bos=False, special=False)
-    client = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key, max_retries=0)
+    client = v1.client()
     reply = await client.chat.completions.create(
         model=DEFAULT_MODEL,
         messages=[{"role": "user", "content": "Name a color."}],
@@ -255,11 +248,10 @@ async def test_logit_bias_steers_the_reply(v1: Api, node: Node) -> None:
             model=DEFAULT_MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
             logit_bias={"999999999": 1},
         )  # fmt: skip
-    await client.close()
 
 
 async def test_an_assistant_message_last_is_continued(v1: Api, node: Node) -> None:
-    client = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key, max_retries=0)
+    client = v1.client()
     reply = await client.chat.completions.create(
         model=DEFAULT_MODEL,
         messages=[
@@ -271,13 +263,12 @@ async def test_an_assistant_message_last_is_continued(v1: Api, node: Node) -> No
     )
     # The reply goes on from the prefill, it does not start a new answer.
     assert (reply.choices[0].message.content or "").lstrip().startswith("6")
-    await client.close()
 
 
 async def test_a_prompt_over_the_context_is_a_400_streamed_or_not(v1: Api, node: Node) -> None:
     # About 3,600 tokens for SmolLM2 (context 2,048): the worker's tokenizer decides it.
     words = [{"role": "user", "content": "apple banana cherry " * 1200}]
-    client = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key, max_retries=0)
+    client = v1.client()
     with pytest.raises(openai.BadRequestError) as refused:
         await client.chat.completions.create(model=DEFAULT_MODEL, messages=words, max_tokens=8)
     assert refused.value.code == "context_length_exceeded"
@@ -293,7 +284,6 @@ async def test_a_prompt_over_the_context_is_a_400_streamed_or_not(v1: Api, node:
     assert refused.value.code == "context_length_exceeded"
     assert await settled_turns(v1) == []
     assert (await v1.ledger.balances(v1.user_id)).available == TON
-    await client.close()
 
 
 async def test_more_requests_than_the_engine_runs_queue_instead_of_failing(
@@ -302,7 +292,7 @@ async def test_more_requests_than_the_engine_runs_queue_instead_of_failing(
     # The llama.cpp worker runs one turn at a time (capacity 1): the others wait in the
     # backend's queue (long enough here for a busy test machine), none fails.
     v1 = await v1_server(api_queue_timeout_s=300)
-    client = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key, max_retries=0)
+    client = v1.client()
 
     async def ask(n: int) -> str | None:
         reply = await client.chat.completions.create(
@@ -315,14 +305,13 @@ async def test_more_requests_than_the_engine_runs_queue_instead_of_failing(
     finishes = await asyncio.gather(*(ask(n) for n in range(4)))
     assert all(finish in ("stop", "length") for finish in finishes)
     assert len(await settled_turns(v1)) == 4
-    await client.close()
 
 
 async def test_a_saturated_model_answers_503_with_retry_after(
     v1_server: ApiFactory, node: Node
 ) -> None:
     v1 = await v1_server(api_queue_timeout_s=0.5)
-    client = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key, max_retries=0)
+    client = v1.client()
     # The one slot of the llama.cpp worker is taken (by a turn of another dispatcher, say) for
     # as long as the test needs: a turn of its own could end first on a fast machine.
     admin = aioredis.Redis.from_url(v1.settings.redis_url)
@@ -347,7 +336,6 @@ async def test_a_saturated_model_answers_503_with_retry_after(
         model=DEFAULT_MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4
     )
     assert served.choices[0].message.content is not None
-    await client.close()
 
 
 async def test_langchain_openai(v1: Api, node: Node) -> None:

@@ -99,13 +99,12 @@ async def test_health_and_one_model(v1: Api) -> None:
         async with session.get(v1.base_url.removesuffix("/v1") + "/health") as r:
             assert r.status == 200
             assert await r.json() == {"status": "ok", "models": {DEFAULT_MODEL: False}}
-    client = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key, max_retries=0)
+    client = v1.client()
     model = await client.models.retrieve(DEFAULT_MODEL)
     assert model.id == DEFAULT_MODEL and model.model_extra["context_length"] > 0
     with pytest.raises(openai.NotFoundError) as refused:
         await client.models.retrieve("gpt-17")
     assert refused.value.code == "model_not_found"
-    await client.close()
 
 
 async def test_null_means_the_default(v1: Api) -> None:
@@ -210,14 +209,13 @@ async def test_what_is_honoured_gets_through(v1: Api) -> None:
 async def test_what_cannot_be_honoured_is_refused_by_name(
     v1: Api, extra: dict[str, Any], param: str
 ) -> None:
-    client = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key, max_retries=0)
+    client = v1.client()
     body: dict[str, Any] = {"model": DEFAULT_MODEL, "messages": HI, **extra}
     with pytest.raises(openai.BadRequestError) as refused:
         await client.chat.completions.create(**body)
     assert refused.value.param == param
     assert param.split("[")[0].split(".")[0] in refused.value.message
     assert (await v1.ledger.balances(v1.user_id)).available == TON
-    await client.close()
 
 
 async def test_a_keys_rate_and_concurrency_limits_answer_429(v1_server: ApiFactory) -> None:
@@ -253,10 +251,9 @@ async def test_the_users_budget_is_shared_with_the_bot(v1_server: ApiFactory) ->
             assert await bot.allow(v1.user_id) == 0  # three turns in the chat
     finally:
         await redis.aclose()
-    client = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key, max_retries=0)
+    client = v1.client()
     with pytest.raises(openai.RateLimitError, match="shared by the bot"):
         await client.chat.completions.create(model=DEFAULT_MODEL, messages=HI)  # type: ignore[arg-type]
-    await client.close()
 
 
 async def test_a_bad_or_reused_idempotency_key_is_refused(v1: Api) -> None:
@@ -281,7 +278,6 @@ async def test_a_stream_that_cannot_start_answers_its_real_status(v1: Api) -> No
     assert status == 503 and body["error"]["code"] == "no_worker"
     assert headers["Content-Type"].startswith("application/json")
     assert headers["X-Request-Id"] and headers["Access-Control-Allow-Origin"] == "*"
-    client = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key, max_retries=0)
+    client = v1.client()
     with pytest.raises(openai.InternalServerError, match="no worker"):
         await client.chat.completions.create(model=DEFAULT_MODEL, messages=HI, stream=True)  # type: ignore[arg-type]
-    await client.close()

@@ -119,7 +119,7 @@ def _check_tokens(content: str, tokens: list[openai.types.chat.ChatCompletionTok
 
 @pytest.mark.engine
 async def test_logprobs_plain_and_streamed(v1: Api, node: Node) -> None:
-    client = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key)
+    client = v1.client(max_retries=openai.DEFAULT_MAX_RETRIES)
     asked: dict[str, Any] = {
         "model": DEFAULT_MODEL,
         "messages": HELLO,
@@ -153,12 +153,11 @@ async def test_logprobs_plain_and_streamed(v1: Api, node: Node) -> None:
                 model=DEFAULT_MODEL, messages=HELLO, max_tokens=4, **bad
             )
         assert "top_logprobs" in str(refused.value)
-    await client.close()
 
 
 @pytest.mark.engine
 async def test_a_kept_stream_is_replayed_with_its_logprobs(v1: Api, node: Node) -> None:
-    client = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key, max_retries=0)
+    client = v1.client()
     ask: dict[str, Any] = {
         "model": DEFAULT_MODEL,
         "messages": HELLO,
@@ -180,4 +179,3 @@ async def test_a_kept_stream_is_replayed_with_its_logprobs(v1: Api, node: Node) 
     assert first
     assert await streamed() == first  # the kept reply, replayed
     assert len(await settled_turns(v1)) == 1  # billed once
-    await client.close()

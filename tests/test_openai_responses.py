@@ -21,7 +21,7 @@ pytestmark = pytest.mark.engine
 
 
 async def test_text_in_text_out_plain_and_streamed(v1: Api, node: Node) -> None:
-    client = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key, max_retries=0)
+    client = v1.client()
     raw = await client.responses.with_raw_response.create(
         model=DEFAULT_MODEL,
         instructions="Answer in one short sentence. " * 8,
@@ -66,7 +66,6 @@ async def test_text_in_text_out_plain_and_streamed(v1: Api, node: Node) -> None:
 
     turns = await charged_turns(v1)
     assert len(turns) == 3 and turns[0].cost == cost
-    await client.close()
 
 
 @pytest.mark.parametrize(
@@ -86,7 +85,7 @@ async def test_text_in_text_out_plain_and_streamed(v1: Api, node: Node) -> None:
 async def test_what_cannot_be_honoured_is_refused_by_name(
     v1: Api, extra: dict[str, Any], param: str
 ) -> None:
-    client = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key, max_retries=0)
+    client = v1.client()
     body: dict[str, Any] = {"model": DEFAULT_MODEL, "input": "Hi", **extra}
     with pytest.raises(openai.BadRequestError) as refused:
         await client.responses.create(**body)
@@ -94,4 +93,3 @@ async def test_what_cannot_be_honoured_is_refused_by_name(
     assert (await v1.ledger.balances(v1.user_id)).available == TON
     with pytest.raises(openai.NotFoundError):  # an unknown model, as chat answers it
         await client.responses.create(model="no-such-model", input="Hi")
-    await client.close()

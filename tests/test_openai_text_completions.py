@@ -23,7 +23,7 @@ PROMPT = "The capital of France is"
 
 
 async def test_a_prompt_is_continued_as_it_is_and_billed(v1: Api, node: Node) -> None:
-    client = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key, max_retries=0)
+    client = v1.client()
     raw = await client.completions.with_raw_response.create(
         model=DEFAULT_MODEL, prompt=PROMPT, max_tokens=6, temperature=0
     )
@@ -61,7 +61,6 @@ async def test_a_prompt_is_continued_as_it_is_and_billed(v1: Api, node: Node) ->
 
     turns = await charged_turns(v1)
     assert len(turns) == 3 and turns[0].cost == cost
-    await client.close()
 
 
 @pytest.mark.parametrize(
@@ -82,17 +81,16 @@ async def test_a_prompt_is_continued_as_it_is_and_billed(v1: Api, node: Node) ->
 async def test_what_cannot_be_honoured_is_refused_by_name(
     v1: Api, extra: dict[str, Any], param: str
 ) -> None:
-    client = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key, max_retries=0)
+    client = v1.client()
     body: dict[str, Any] = {"model": DEFAULT_MODEL, "prompt": PROMPT, **extra}
     with pytest.raises(openai.BadRequestError) as refused:
         await client.completions.create(**body)
     assert refused.value.param is not None and refused.value.param.startswith(param)
     assert (await v1.ledger.balances(v1.user_id)).available == TON
-    await client.close()
 
 
 async def test_errors_are_chats_errors(v1: Api) -> None:
-    client = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key, max_retries=0)
+    client = v1.client()
     with pytest.raises(openai.NotFoundError):  # an unknown model
         await client.completions.create(model="no-such-model", prompt=PROMPT)
     with pytest.raises(openai.APIStatusError) as no_worker:  # no node: 503, as chat
@@ -102,9 +100,7 @@ async def test_errors_are_chats_errors(v1: Api) -> None:
         await client.completions.create(
             model=DEFAULT_MODEL, prompt=PROMPT, extra_headers={"Idempotency-Key": "k1"}
         )
-    stranger = openai.AsyncOpenAI(base_url=v1.base_url, api_key="sk-wrong", max_retries=0)
+    stranger = v1.client(api_key="sk-wrong")
     with pytest.raises(openai.AuthenticationError):
         await stranger.completions.create(model=DEFAULT_MODEL, prompt=PROMPT)
     assert (await v1.ledger.balances(v1.user_id)).available == TON
-    await client.close()
-    await stranger.close()

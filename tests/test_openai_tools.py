@@ -13,7 +13,6 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-import openai
 import pytest
 from sqlalchemy import select
 
@@ -56,7 +55,7 @@ def arguments(call: Any) -> dict[str, Any]:
 
 
 async def test_a_forced_tool_call_and_a_whole_round_trip(v1: Api, node: Node) -> None:
-    client = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key, max_retries=0)
+    client = v1.client()
     reply = await client.chat.completions.create(
         model=DEFAULT_MODEL,
         messages=[QUESTION],
@@ -84,12 +83,11 @@ async def test_a_forced_tool_call_and_a_whole_round_trip(v1: Api, node: Node) ->
         max_tokens=30,
     )
     assert answer.choices[0].message.content and not answer.choices[0].message.tool_calls
-    await client.close()
     await unflagged_and_balanced(v1)
 
 
 async def test_calls_through_the_hermes_template(v1: Api, hermes_node: Node) -> None:
-    client = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key, max_retries=0)
+    client = v1.client()
 
     # Two calls in one reply under a forced choice: each with an id of its own.
     ask: dict[str, Any] = {
@@ -135,5 +133,4 @@ async def test_calls_through_the_hermes_template(v1: Api, hermes_node: Node) -> 
     assert message.content or message.tool_calls
     assert answer.usage is not None and reply.usage is not None
     assert answer.usage.prompt_tokens > reply.usage.prompt_tokens  # the calls and results
-    await client.close()
     await unflagged_and_balanced(v1)

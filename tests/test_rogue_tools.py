@@ -138,7 +138,7 @@ async def test_a_rogue_workers_calls_end_the_turn_billed_only_what_it_delivered(
     v1: Api, redis_url: str, lie: str, stream: bool
 ) -> None:
     rogue = RogueWorker(redis_url)
-    client = openai.AsyncOpenAI(base_url=v1.base_url, api_key=v1.key, max_retries=0)
+    client = v1.client()
     entries, kept, extra = ROGUE_REPLIES[lie]
     try:
 
@@ -185,7 +185,6 @@ async def test_a_rogue_workers_calls_end_the_turn_billed_only_what_it_delivered(
         assert (await v1.ledger.audit()).ok
         assert await flags(v1) == {(rogue.worker_id, "tool_calls")}
     finally:
-        await client.close()
         await rogue.close()
 
 

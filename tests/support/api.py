@@ -7,9 +7,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import openai
 import pytest
 from aiohttp import web
 from sqlalchemy import select
@@ -26,17 +27,29 @@ from tests.support.turns import TON, Node, open_holds
 
 @dataclass
 class Api:
-    """A running API: its ``/v1`` URL, a funded user's key, the ledger, the user's id."""
+    """A running API: its ``/v1`` URL, a funded user's key, the ledger, the user's id, and the
+    openai SDK clients made by :meth:`client` (the ``v1_server`` fixture closes them)."""
 
     base_url: str
     key: str
     ledger: Ledger
     user_id: int
     settings: Settings
+    clients: list[openai.AsyncOpenAI] = field(default_factory=list, repr=False)
 
     async def new_key(self) -> str:
         key, _row = await create_key(self.ledger.db, self.user_id)
         return key
+
+    def client(self, **options: Any) -> openai.AsyncOpenAI:
+        """An openai SDK client of this API: its URL, the user's key, no retries; keywords
+        (``api_key``, ``max_retries``, ``timeout``...) change them. It is closed when the test
+        ends, passed or failed: a test closes it itself only to have it closed sooner."""
+        made = openai.AsyncOpenAI(
+            **{"base_url": self.base_url, "api_key": self.key, "max_retries": 0, **options}
+        )
+        self.clients.append(made)
+        return made
 
 
 ApiFactory = Callable[..., Awaitable[Api]]
@@ -78,8 +91,10 @@ async def charged_turns(v1: Api) -> list[TurnRecord]:
 async def v1_server(settings: Settings, redis_url: str) -> AsyncIterator[ApiFactory]:
     """Start the API with ``settings`` changed by the keywords given (dev mode on: the tests'
     nodes register directly, as unattested dev workers). It runs as ``cocoon web`` runs it
-    (``start_web``): a handler is not cancelled when its client goes away."""
+    (``start_web``): a handler is not cancelled when its client goes away. At the end the SDK
+    clients each API made (:meth:`Api.client`) are closed, then the APIs."""
     started: list[tuple[web.AppRunner, Database]] = []
+    apis: list[Api] = []
 
     async def start(**overrides: Any) -> Api:
         update: dict[str, Any] = {"attestation": AttestationSettings(allow_dev=True)}
@@ -94,12 +109,18 @@ async def v1_server(settings: Settings, redis_url: str) -> AsyncIterator[ApiFact
         runner = await start_web(dev, "127.0.0.1", 0)
         started.append((runner, db))
         host, port = runner.addresses[0][:2]
-        return Api(f"http://{host}:{port}/v1", key, ledger, user.id, dev)
+        apis.append(Api(f"http://{host}:{port}/v1", key, ledger, user.id, dev))
+        return apis[-1]
 
     yield start
-    for runner, db in started:
-        await runner.cleanup()
-        await db.close()
+    try:
+        for api in apis:
+            for client in api.clients:
+                await client.close()
+    finally:
+        for runner, db in started:
+            await runner.cleanup()
+            await db.close()
 
 
 @pytest.fixture
