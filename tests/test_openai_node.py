@@ -57,6 +57,8 @@ async def test_the_openai_node_sdk(v1_server: ApiFactory, node: Node) -> None:
     # One request at a time per key, so the SDK meets a 429 it can wait out.
     v1 = await v1_server(api_max_concurrent_per_key=1)
     result = await run_matrix(v1.base_url, v1.key)
+    failed = {name: case["error"] for name, case in result.items() if "error" in case}
+    assert not failed, failed  # what a case threw, rather than a KeyError on its missing fields
 
     plain = result["plain"]
     assert plain["content"] and plain["finish"] in ("stop", "length")

@@ -15,6 +15,7 @@ import pytest
 from aiohttp import web
 from sqlalchemy import select
 
+from backend import appkeys
 from backend.apikeys import create_key
 from backend.db import Database
 from backend.ledger import Ledger
@@ -53,6 +54,10 @@ class Api:
 
 
 ApiFactory = Callable[..., Awaitable[Api]]
+
+WORKER_SILENCE_S = 3600.0
+"""The API's first-token and idle timeouts in these tests: longer than any test may run (the
+pytest timeout), so no test depends on how fast the node answers."""
 
 WEATHER = {  # a function the clients offer (OpenAI's tool shape)
     "type": "function",
@@ -107,6 +112,12 @@ async def v1_server(settings: Settings, redis_url: str) -> AsyncIterator[ApiFact
         await ledger.credit_deposit(user.id, TON, "dep")
         key, _row = await create_key(db, user.id)
         runner = await start_web(dev, "127.0.0.1", 0)
+        # The node is slow on a loaded machine, never dead: a turn waits for its reply, and
+        # only the test's own timeout ends that wait. (With the default 60 s, a tool call's
+        # first entry, sent once the whole call is read, came after it at load 8: the turn
+        # was retried elsewhere, found no other worker, and the client got a 503 no_worker.)
+        dispatcher = runner.app[appkeys.DISPATCHER]
+        dispatcher.first_token_timeout_s = dispatcher.idle_timeout_s = WORKER_SILENCE_S
         started.append((runner, db))
         host, port = runner.addresses[0][:2]
         apis.append(Api(f"http://{host}:{port}/v1", key, ledger, user.id, dev))
