@@ -87,8 +87,8 @@ class Dispatcher:
         redis_async: aioredis.Redis,
         *,
         metrics: TurnCounter | None = None,
-        first_token_timeout_s: float = 60.0,
-        idle_timeout_s: float = 60.0,
+        first_token_timeout_s: float | None = None,
+        idle_timeout_s: float | None = None,
         job_timeout_s: int = 600,
         queue_ttl_s: int = 120,
         max_attempts: int = 2,
@@ -96,8 +96,15 @@ class Dispatcher:
         self.settings = settings
         self.ledger = ledger
         self.redis = redis_async
-        self.first_token_timeout_s = first_token_timeout_s
-        self.idle_timeout_s = idle_timeout_s
+        # A worker's silence a turn waits out (default: the settings').
+        self.first_token_timeout_s = (
+            settings.worker_first_token_timeout_s
+            if first_token_timeout_s is None
+            else first_token_timeout_s
+        )
+        self.idle_timeout_s = (
+            settings.worker_idle_timeout_s if idle_timeout_s is None else idle_timeout_s
+        )
         self.job_timeout_s = job_timeout_s
         self.queue_ttl_s = queue_ttl_s
         self.max_attempts = max_attempts

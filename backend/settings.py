@@ -341,6 +341,19 @@ class Settings(BaseSettings):
     max_workers: int = Field(
         default=10_000, ge=1, le=1_000_000, description="worker index entries read, at most"
     )
+    worker_first_token_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=86_400,
+        description="how long a turn waits for its worker's first entry before it is given up "
+        "on that worker (then tried once more on another)",
+    )
+    worker_idle_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=86_400,
+        description="how long a turn waits between two entries of its worker's reply",
+    )
     stop_grace_s: float = Field(
         default=8.0, gt=0, le=3600, description="seconds a process takes to stop after SIGTERM"
     )

@@ -15,7 +15,6 @@ import pytest
 from aiohttp import web
 from sqlalchemy import select
 
-from backend import appkeys
 from backend.apikeys import create_key
 from backend.db import Database
 from backend.ledger import Ledger
@@ -102,7 +101,15 @@ async def v1_server(settings: Settings, redis_url: str) -> AsyncIterator[ApiFact
     apis: list[Api] = []
 
     async def start(**overrides: Any) -> Api:
-        update: dict[str, Any] = {"attestation": AttestationSettings(allow_dev=True)}
+        # The node is slow on a loaded machine, never dead: a turn waits for its reply, and
+        # only the test's own timeout ends that wait. (With the default 60 s, a tool call's
+        # first entry, sent once the whole call is read, came after it at load 8: the turn
+        # was retried elsewhere, found no other worker, and the client got a 503 no_worker.)
+        update: dict[str, Any] = {
+            "attestation": AttestationSettings(allow_dev=True),
+            "worker_first_token_timeout_s": WORKER_SILENCE_S,
+            "worker_idle_timeout_s": WORKER_SILENCE_S,
+        }
         update.update(overrides)
         dev = settings.model_copy(update=update)
         db = Database.from_settings(dev)
@@ -112,12 +119,6 @@ async def v1_server(settings: Settings, redis_url: str) -> AsyncIterator[ApiFact
         await ledger.credit_deposit(user.id, TON, "dep")
         key, _row = await create_key(db, user.id)
         runner = await start_web(dev, "127.0.0.1", 0)
-        # The node is slow on a loaded machine, never dead: a turn waits for its reply, and
-        # only the test's own timeout ends that wait. (With the default 60 s, a tool call's
-        # first entry, sent once the whole call is read, came after it at load 8: the turn
-        # was retried elsewhere, found no other worker, and the client got a 503 no_worker.)
-        dispatcher = runner.app[appkeys.DISPATCHER]
-        dispatcher.first_token_timeout_s = dispatcher.idle_timeout_s = WORKER_SILENCE_S
         started.append((runner, db))
         host, port = runner.addresses[0][:2]
         apis.append(Api(f"http://{host}:{port}/v1", key, ledger, user.id, dev))
