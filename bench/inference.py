@@ -51,6 +51,7 @@ from bench.inference_stack import (
     FREE,
     PRICED,
     PROMPT,
+    USAGE,
     Bench,
     bare_rq,
     direct,
@@ -347,8 +348,6 @@ async def bench_http(bench: Bench, samples: int) -> None:
 
 async def bench_settlements(bench: Bench, count: int) -> None:
     """Holds settled with their turn records, 16 at a time, against bare one-row commits."""
-    from backend.ledger import TurnUsage
-
     db = bench.db_name
     print(f"\n== 5. settlements per second, {count} holds, 16 at once ({db})")
     engine = bench.db.engine
@@ -367,19 +366,10 @@ async def bench_settlements(bench: Bench, count: int) -> None:
     keys = [f"bench-{run}-{i}" for i in range(count)]
     for key in keys:
         await bench.ledger.hold(bench.user, 10_000, key)
-    usage = TurnUsage(
-        model=PRICED,
-        prompt_tokens=3,
-        cached_prompt_tokens=0,
-        completion_tokens=4,
-        finish_reason="stop",
-        worker_id="bench",
-        tee="dev",
-    )
 
     async def settle_one(key: str) -> None:
         async with semaphore:
-            await bench.ledger.settle(key, 7_000, provider_id=None, share_bps=7000, usage=usage)
+            await bench.ledger.settle(key, 7_000, provider_id=None, share_bps=7000, usage=USAGE)
 
     started = time.perf_counter()
     await asyncio.gather(*(settle_one(key) for key in keys))

@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from backend.db import Database
 from backend.dispatch import Dispatcher, TurnDone, TurnRequest, TurnText
-from backend.ledger import Ledger
+from backend.ledger import Ledger, TurnUsage
 from backend.settings import DEFAULT_MODEL, AttestationSettings, ModelPrice, Settings
 from backend.users import get_or_create_user
 from bench.inference_rows import print_table
@@ -42,6 +42,15 @@ POSTGRES_URL = os.environ.get(
 FREE = "bench-free"
 PRICED = "bench-priced"
 PROMPT = "Write a long, detailed essay about the history of sailing ships."
+USAGE = TurnUsage(  # what the settlement benchmarks bill for each turn
+    model=PRICED,
+    prompt_tokens=3,
+    cached_prompt_tokens=0,
+    completion_tokens=4,
+    finish_reason="stop",
+    worker_id="bench",
+    tee="dev",
+)
 GREEDY = SamplingParams(temperature=0.0, top_p=1.0)
 
 

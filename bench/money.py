@@ -30,20 +30,9 @@ from collections.abc import Awaitable, Callable
 
 from sqlalchemy import text
 
-from backend.ledger import Ledger, TurnUsage
-from bench.inference import PRICED, Bench, bench_queue, row
-from bench.inference_stack import run_sections
-
-USAGE = TurnUsage(
-    model=PRICED,
-    prompt_tokens=3,
-    cached_prompt_tokens=0,
-    completion_tokens=4,
-    finish_reason="stop",
-    worker_id="bench",
-    tee="dev",
-)
-
+from backend.ledger import Ledger
+from bench.inference import Bench, bench_queue, row
+from bench.inference_stack import USAGE, run_sections
 
 ROUNDS = 5
 
