@@ -110,7 +110,7 @@ async def served_again(session: aiohttp.ClientSession, stack: Stack) -> dict:
 async def test_a_redis_restart_ends_no_worker_and_redis_away_is_a_503(stack: Stack) -> None:
     """Before: the node took the restart for a revocation and exited for good, and the first
     request answered 500."""
-    worker_id = await attested_worker(stack.admin, stack.node, stack.log, MODEL)
+    worker_id = await attested_worker(stack.admin, stack.node, stack.log, MODEL, api_url=stack.url)
     async with aiohttp.ClientSession() as session:
         status, body = await chat(session, stack)
         assert status == 200, body
@@ -150,7 +150,7 @@ async def test_a_node_whose_credentials_are_refused_attests_again(stack: Stack) 
     """A Redis that lost the user and the backend that lost the digest (a failover to a replica
     that never had either): the node attests again with its renewal token, is given a new
     password, and goes on."""
-    worker_id = await attested_worker(stack.admin, stack.node, stack.log, MODEL)
+    worker_id = await attested_worker(stack.admin, stack.node, stack.log, MODEL, api_url=stack.url)
     async with aiohttp.ClientSession() as session:
         assert (await chat(session, stack))[0] == 200
         await store.forget_acl_digest(stack.admin, worker_id)

@@ -137,7 +137,7 @@ async def chat(session: aiohttp.ClientSession, stack: Stack, n: int) -> tuple[in
 
 @pytest.mark.slow
 async def test_killing_the_primary_during_100_turns_loses_no_money(stack: Stack) -> None:
-    worker_id = await attested_worker(stack.admin, stack.node, stack.log, MODEL)
+    worker_id = await attested_worker(stack.admin, stack.node, stack.log, MODEL, api_url=stack.url)
     old_primary = stack.sentinels.primary()
     answered: list[int] = []  # cost of each turn answered 200
     refused: list[tuple[int, dict]] = []

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis
@@ -31,6 +32,7 @@ from workers import registry
 from workers.job_book import BookWriter, JobBook
 from workers.jobs import aenqueue_job, job_id_for
 from workers.registry import WorkerInfo
+from workers.registry import snapshot as snapshot_module
 from workers.wire import WorkerKeys
 
 
@@ -317,6 +319,34 @@ async def test_the_snapshot_refreshes_in_the_background_and_keeps_its_copy_when_
                 break
             await asyncio.sleep(0.01)
         assert len(await snapshot.workers(MODEL)) == 2
+    finally:
+        await snapshot.close()
+
+
+async def test_a_worker_that_came_during_a_slow_read_is_picked_at_once(
+    admin: aioredis.Redis, onboard: Onboarder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: a copy's age counted from the end of its read, so a worker that registered while
+    a slow read was under way (a loaded machine) was missing from a copy that looked fresh, and
+    the turn right after its registration answered 503 no_worker."""
+    late = await onboard()
+    now = [0.0]
+    snapshot = registry.WorkerSnapshot(admin, refresh_s=1, clock=lambda: now[0])
+    read = snapshot_module.list_workers
+
+    async def slow_read(*args: Any, **kwargs: Any) -> list[WorkerInfo]:
+        workers = await read(*args, **kwargs)
+        late.register()  # the worker comes after the registry was read...
+        now[0] += 0.5  # ...and the read ends half a second after it began
+        return workers
+
+    monkeypatch.setattr(snapshot_module, "list_workers", slow_read)
+    try:
+        assert late.worker_id not in [w.worker_id for w in await snapshot.workers(MODEL)]
+        assert snapshot.age_s == 0.5
+        monkeypatch.setattr(snapshot_module, "list_workers", read)
+        picked = await registry.pick_worker(admin, MODEL, job_id="turn-1", snapshot=snapshot)
+        assert picked is not None and picked.worker_id == late.worker_id
     finally:
         await snapshot.close()
 

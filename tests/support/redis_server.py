@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import pytest
 import redis
 import redis.asyncio as aioredis
@@ -190,17 +191,33 @@ async def read_log(log: Path) -> str:
 
 
 async def attested_worker(
-    admin: aioredis.Redis, node: subprocess.Popen[bytes], log: Path, model: str
+    admin: aioredis.Redis,
+    node: subprocess.Popen[bytes],
+    log: Path,
+    model: str,
+    *,
+    api_url: str | None = None,
 ) -> str:
     """The id of the first attested worker of ``model`` once the registry lists one (within
-    30 s, while ``node`` runs; else fail with its log)."""
+    30 s, while ``node`` runs; else fail with its log). With ``api_url``, also once the API
+    says so (``GET /health``), as a client would wait: the API reads the registry into its copy
+    every second, so it may list the worker a moment after the registry does."""
     deadline = time.monotonic() + 30
     while True:
         attested = [w for w in await registry.list_workers(admin, model) if w.attested]
         if attested:
-            return attested[0].worker_id
+            break
         assert node.poll() is None and time.monotonic() < deadline, await read_log(log)
         await asyncio.sleep(0.1)
+    if api_url is not None:
+        async with aiohttp.ClientSession() as session:
+            while True:
+                async with session.get(f"{api_url}/health") as reply:
+                    if (await reply.json())["models"].get(model):
+                        break
+                assert node.poll() is None and time.monotonic() < deadline, await read_log(log)
+                await asyncio.sleep(0.1)
+    return attested[0].worker_id
 
 
 async def exit_status(node: subprocess.Popen[bytes], log: Path, timeout_s: float = 30) -> int:

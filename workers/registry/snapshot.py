@@ -50,7 +50,9 @@ class WorkerSnapshot:
 
     @property
     def age_s(self) -> float:
-        """Seconds since the copy was read (infinite before the first read)."""
+        """Seconds since the read of the copy began (infinite before the first read): a worker
+        that registered while a slow read was under way may be missing from it, so the copy is
+        as old as the start of its read, not its end."""
         return self.clock() - self._taken_at
 
     async def refresh(self) -> None:
@@ -60,11 +62,12 @@ class WorkerSnapshot:
         await asyncio.shield(self._reading)
 
     async def _read(self) -> None:
+        started = self.clock()
         workers = await list_workers(
             self.redis, default_capacity=self.default_capacity, limit=self.limit
         )
         self._workers = {w.worker_id: w for w in workers}
-        self._taken_at = self.clock()
+        self._taken_at = started
 
     async def workers(self, model: str | None = None) -> list[WorkerInfo]:
         """The healthy workers (of ``model``) as of the last read."""
