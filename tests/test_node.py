@@ -7,6 +7,7 @@ Queue mechanics run on the ``instant`` engine (no model); one test runs the real
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import signal
 
@@ -79,12 +80,20 @@ async def test_sixty_jobs_run_concurrently(start_node, aredis, sredis):
     submitted = [submit(sredis, node.info, words(25)) for _ in range(60)]
 
     observed_load = 0
+    # What the registry said while the jobs ran (one full run on a busy machine saw no load
+    # above 0 while 30 jobs ran at once): a failed read or a missing entry is kept, not fatal.
+    seen: collections.Counter[str] = collections.Counter()
 
     async def watch_load() -> None:
         nonlocal observed_load
         while True:
-            info = await registry.get_worker(aredis, node.worker_id)
-            observed_load = max(observed_load, info.load if info else 0)
+            try:
+                info = await registry.get_worker(aredis, node.worker_id)
+            except Exception as error:  # said in the assertion below
+                seen[f"error {error!r}"] += 1
+            else:
+                seen["no entry" if info is None else f"load {info.load}"] += 1
+                observed_load = max(observed_load, info.load if info else 0)
             await asyncio.sleep(0.02)
 
     watcher = asyncio.create_task(watch_load())
@@ -98,7 +107,7 @@ async def test_sixty_jobs_run_concurrently(start_node, aredis, sredis):
     jobs = [await wait_for_status(sredis, job.job_id, JobStatus.FINISHED) for job in submitted]
     # Each job takes >= 0.5 s (25 words, 20 ms apart): serially that would be 30 s.
     assert max_overlap(jobs) >= 30
-    assert observed_load > 1
+    assert observed_load > 1, dict(seen)
 
 
 @pytest.mark.slow
