@@ -19,6 +19,7 @@ from backend.openai_api import idempotency, routes
 from backend.settings import DEFAULT_MODEL
 from tests.support.api import WEATHER, Api, ApiFactory, charged_turns, settled_turns
 from tests.support.env import require_module
+from tests.support.ops import api_serves
 from tests.support.turns import TON, Node, open_holds
 from workers import registry
 
@@ -146,9 +147,8 @@ async def test_a_retry_before_the_first_ends_is_a_409_the_sdk_retries(
     admin = aioredis.Redis.from_url(v1.settings.redis_url)
     async with aiohttp.ClientSession() as session:
         while True:  # until the API sees the node (the test's own timeout bounds the wait)
-            async with session.get(v1.base_url.removesuffix("/v1") + "/health") as health:
-                if (await health.json())["models"].get(DEFAULT_MODEL):
-                    break
+            if await api_serves(session, v1.base_url.removesuffix("/v1"), DEFAULT_MODEL):
+                break
             await asyncio.sleep(0.1)
     assert await registry.reserve_slot(admin, node.worker_id, "held-by-the-test", ttl_s=300)
     client = v1.client()

@@ -292,3 +292,11 @@ async def api_server(
     finally:
         await server.close()
         await db.close()
+
+
+async def api_serves(session: aiohttp.ClientSession, root_url: str, model: str) -> bool:
+    """Whether the API at ``root_url`` says, as a client reads it (``GET /health``), that a
+    worker serves ``model`` now: its copy of the registry may list a worker a moment after the
+    registry does."""
+    async with session.get(f"{root_url}/health") as reply:
+        return bool((await reply.json())["models"].get(model))

@@ -25,7 +25,7 @@ import redis.asyncio as aioredis
 from backend.attestation import store
 from backend.settings import Settings
 from tests.support.env import IN_CI
-from tests.support.ops import Api, api_server
+from tests.support.ops import Api, api_server, api_serves
 from workers import redisconn, registry
 
 
@@ -211,10 +211,7 @@ async def attested_worker(
         await asyncio.sleep(0.1)
     if api_url is not None:
         async with aiohttp.ClientSession() as session:
-            while True:
-                async with session.get(f"{api_url}/health") as reply:
-                    if (await reply.json())["models"].get(model):
-                        break
+            while not await api_serves(session, api_url, model):
                 assert node.poll() is None and time.monotonic() < deadline, await read_log(log)
                 await asyncio.sleep(0.1)
     return attested[0].worker_id
