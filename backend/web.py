@@ -181,6 +181,9 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
+LINGER_MAX_S = 10.0  # aiohttp's own default lingering time
+
+
 async def start_web(settings: Settings, host: str, port: int) -> web.AppRunner:
     """``create_app`` listening on ``host:port``. Stop it with :func:`stop_web`."""
     # At a stop, requests in flight get their share of the grace period, then are cancelled:
@@ -188,13 +191,17 @@ async def start_web(settings: Settings, host: str, port: int) -> web.AppRunner:
     # A connection must have sent a whole request line and headers within
     # COCOON_HTTP_HEADER_TIMEOUT_S of its start (or of its last response): aiohttp's keep-alive
     # timer runs from the connection's start and is not put off by bytes trickling in, so a
-    # slowloris client is cut off by it (tests/test_web_ops.py).
+    # slowloris client is cut off by it (tests/test_operations.py).
     return await start_site(
         create_app(settings),
         host,
         port,
         shutdown_timeout=settings.stop_grace_s * REQUESTS_SHARE / 2,
         keepalive_timeout=settings.http_header_timeout_s,
+        # After a 408 or 413 the rest of a refused body is read and dropped (so the client reads
+        # the answer before the connection closes) for at most as long as a body may take, and
+        # never aiohttp's 10 s: a refused client holds its connection no longer than that.
+        lingering_time=min(settings.http_body_timeout_s, LINGER_MAX_S),
     )
 
 

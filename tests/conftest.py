@@ -30,12 +30,24 @@ pytest_plugins = [
     "tests.support.attest",
     "tests.support.billing",
     "tests.support.bot",
+    "tests.support.migrations",
     "tests.support.node",
     "tests.support.payouts",
     "tests.support.tdx_hosts",
     "tests.support.tonproof",
     "tests.support.vllm",
 ]
+
+
+FAST_LANE_FUZZ_EXAMPLES = "25"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The fast lane (``-m "not slow"``) runs each generated test on 25 examples, not 200,
+    unless ``COCOON_FUZZ_EXAMPLES`` says otherwise; the full run keeps 200. (Set before any test
+    module imports tests/support/fuzz.py, which reads it.)"""
+    if "not slow" in (config.option.markexpr or ""):
+        os.environ.setdefault("COCOON_FUZZ_EXAMPLES", FAST_LANE_FUZZ_EXAMPLES)
 
 
 @pytest.hookimpl(tryfirst=True)

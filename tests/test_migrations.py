@@ -4,6 +4,7 @@ SQLite and PostgreSQL, down to base and back."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 
 from alembic import command
 from alembic.autogenerate import compare_metadata
@@ -15,6 +16,7 @@ from backend import notifications
 from backend.db import Database
 from backend.migrate import alembic_config
 from backend.models import Base
+from tests.support import migrations
 
 
 def _migrate(connection: Connection, step: str, revision: str) -> None:
@@ -129,5 +131,82 @@ async def test_every_revision_goes_down_to_base_and_back_up(db_url: str) -> None
             assert await conn.run_sync(_tables) == {"alembic_version"}
             await conn.run_sync(_migrate, "upgrade", "head")
             assert await conn.run_sync(_drift) == []
+    finally:
+        await db.close()
+
+
+def _text(found: object) -> str:
+    """One inspector answer as text (an index's ``WHERE`` clause as its SQL, not an object)."""
+    return json.dumps(found, sort_keys=True, default=str)
+
+
+def _everything(connection: Connection) -> list[object]:
+    """All a database holds: each table's columns, keys, constraints and indexes, every index,
+    trigger and function as the database itself writes them, and every row. (Not SQLite's
+    ``CREATE TABLE`` text: Alembic's batch copies list a table's constraints in an order that
+    differs between two real migrations.)"""
+    if connection.dialect.name == "sqlite":
+        queries = [
+            "SELECT type, name, tbl_name, sql FROM sqlite_master WHERE type <> 'table'"
+            " ORDER BY type, name"
+        ]
+    else:
+        here = "current_schema()::regnamespace"
+        queries = [
+            f"SELECT relname, relkind FROM pg_class WHERE relnamespace = {here} ORDER BY 1",
+            "SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid)"
+            f" FROM pg_constraint WHERE connamespace = {here} ORDER BY 1, 2",
+            "SELECT tablename, indexname, indexdef FROM pg_indexes"
+            " WHERE schemaname = current_schema() ORDER BY 1, 2",
+            "SELECT tgrelid::regclass::text, tgname, pg_get_triggerdef(oid) FROM pg_trigger"
+            " WHERE NOT tgisinternal ORDER BY 1, 2",
+            f"SELECT proname, pg_get_functiondef(oid) FROM pg_proc WHERE pronamespace = {here}"
+            " ORDER BY 1",
+        ]
+    found: list[object] = [connection.execute(text(q)).all() for q in queries]
+    schema = inspect(connection)
+    for table in sorted(schema.get_table_names()):
+        found.append(
+            (
+                table,
+                [
+                    (c["name"], str(c["type"]), c["nullable"], c.get("default"))
+                    for c in schema.get_columns(table)
+                ],
+                schema.get_pk_constraint(table),
+                sorted(map(_text, schema.get_foreign_keys(table))),
+                sorted(map(_text, schema.get_unique_constraints(table))),
+                sorted(map(_text, schema.get_check_constraints(table))),
+                sorted(map(_text, schema.get_indexes(table))),
+                connection.execute(text(f'SELECT * FROM "{table}" ORDER BY 1')).all(),
+            )
+        )
+    return found
+
+
+async def test_a_test_database_replayed_from_the_first_migration_is_the_migrated_one(
+    db_url: str,
+) -> None:
+    """Tests migrate once per run and replay the statements after (tests/support/migrations.py):
+    the replayed database must hold exactly what Alembic builds, rows included."""
+    db = Database(db_url)
+    try:
+        await migrations.REAL_UPGRADE(db)  # Alembic itself
+        async with db.engine.connect() as conn:
+            migrated = await conn.run_sync(_everything)
+            assert await conn.run_sync(_drift) == []
+        async with db.engine.begin() as conn:
+            await conn.run_sync(_migrate, "downgrade", "base")
+            await conn.execute(text("DROP TABLE alembic_version"))
+        for _ in range(2):  # the first upgrade in a run may record rather than replay
+            async with db.engine.begin() as conn:
+                assert await conn.run_sync(migrations.empty)
+            await db.upgrade()
+            assert migrations.recording(db) is not None
+            async with db.engine.connect() as conn:
+                assert await conn.run_sync(_everything) == migrated
+            async with db.engine.begin() as conn:
+                await conn.run_sync(_migrate, "downgrade", "base")
+                await conn.execute(text("DROP TABLE alembic_version"))
     finally:
         await db.close()
