@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -183,7 +184,10 @@ async def test_a_redis_fault_after_the_decision_gives_back_the_token_and_the_non
     from backend.attestation.onboarding import OnboardingError
     from tests.support.attest import service
 
-    name, password = "cocoon-test-no-acl-12", "pw-" + WorkerKeys.generate().fingerprint()
+    # ACL users are the server's, not a database's: a name of this test's own, so a test run
+    # beside another (on the same server) never deletes the other's user.
+    name = f"cocoon-test-no-acl-{uuid.uuid4().hex[:12]}"
+    password = "pw-" + WorkerKeys.generate().fingerprint()
     await admin.execute_command(
         "ACL", "SETUSER", name, "reset", "on", f">{password}", "~*", "&*", "+@all", "-acl"
     )
