@@ -6,6 +6,10 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
+from tests.support import env
+
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 
@@ -62,3 +66,21 @@ def test_the_check_sees_imports_at_any_depth(tmp_path: Path) -> None:
         "tests.test_bot",
         "tests.test_bot.Harness",
     ]
+
+
+def test_each_parallel_test_process_has_a_redis_database_of_its_own_never_the_stacks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``./test.sh -n auto`` (pytest-xdist): test processes flush their Redis database before
+    and after each test, so each needs its own, and none may be ``./run.sh``'s database 0."""
+    url = "redis://127.0.0.1:6379/15"
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+    assert env.per_process(url) == url
+    seen = set()
+    for n in range(15):
+        monkeypatch.setenv("PYTEST_XDIST_WORKER", f"gw{n}")
+        seen.add(env.per_process(url))
+    assert len(seen) == 15 and url in seen and "redis://127.0.0.1:6379/0" not in seen
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw15")
+    with pytest.raises(RuntimeError, match="database 0"):
+        env.per_process(url)

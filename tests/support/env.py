@@ -11,17 +11,24 @@ import pytest
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 
-def _per_process(url: str) -> str:
+def per_process(url: str) -> str:
     """``url`` for this test process: under pytest-xdist (``-n``) worker ``gwN`` uses the
-    database N below the given one, so the processes never flush each other's keys."""
+    database N below the given one, so the processes never flush each other's keys. Never
+    database 0 (``./run.sh``'s): more workers than that allows is an error, not a flush."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
     if not worker.startswith("gw"):
         return url
     base, _, db = url.rpartition("/")
-    return f"{base}/{(int(db or 0) - int(worker[2:])) % 16}"
+    mine = int(db or 0) - int(worker[2:])
+    if mine < 1:
+        raise RuntimeError(
+            f"test worker {worker} would flush Redis database {mine} below {url}: run fewer "
+            "workers (-n) or start COCOON_TEST_REDIS_URL at a higher database"
+        )
+    return f"{base}/{mine}"
 
 
-TEST_REDIS_URL = _per_process(os.environ.get("COCOON_TEST_REDIS_URL", "redis://127.0.0.1:6379/15"))
+TEST_REDIS_URL = per_process(os.environ.get("COCOON_TEST_REDIS_URL", "redis://127.0.0.1:6379/15"))
 TEST_POSTGRES_URL = os.environ.get(
     "COCOON_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 )
