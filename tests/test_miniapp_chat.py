@@ -97,6 +97,11 @@ async def serving(settings: Settings, db_url: str) -> AsyncIterator[Web]:
     client goes away, as aiohttp's TestServer would: it finds out when it answers), a funded
     user, and the model's one worker online (its registry entry: it never answers)."""
     configured = app_settings(settings, db_url, attestation=AttestationSettings(allow_dev=True))
+    database = Database(db_url)  # migrated before it serves, as `cocoon web` finds it
+    try:
+        await database.upgrade()
+    finally:
+        await database.close()
     app = create_app(configured)
     seen: list[web.Request] = []
     ended = asyncio.Event()  # cocoon web finished the chat request
@@ -116,11 +121,14 @@ async def serving(settings: Settings, db_url: str) -> AsyncIterator[Web]:
     try:
         await web.TCPSite(runner, "127.0.0.1", 0).start()
         host, port = runner.addresses[0][:2]
-        await app[appkeys.DATABASE].upgrade()
         user = await get_or_create_user(app[appkeys.DATABASE], ALICE)
         await app[appkeys.LEDGER].credit_deposit(user.id, TON, "dep:leaves")
         info = worker_info(WORKER, WorkerKeys.generate(), model=MODEL, capacity=1)
         await registry.register(app[appkeys.DISPATCHER].redis, info, ttl_s=30)
+        # The dispatcher picks from its copy of the registry, read at start: a worker that came
+        # since is dispatched to once the copy is read again. Read it now, as the bench does;
+        # else a turn can be told no worker serves the model, and its hold never waits.
+        await app[appkeys.DISPATCHER].workers.refresh()
         yield Web(app, host, port, user.id, seen, ended)
     finally:
         await runner.cleanup()
