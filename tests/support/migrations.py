@@ -80,12 +80,11 @@ def replay(connection: Connection, recording: Recording) -> None:
 async def upgrade(self: Database) -> None:
     """``Database.upgrade`` for tests: the real migration the first time on each dialect,
     its recorded statements after (an empty database only)."""
-    dialect = self.engine.dialect.name
-    recording = _recordings.get(dialect)
+    earlier = recording(self)
     async with self.engine.begin() as conn:
         is_empty = await conn.run_sync(empty)
-        if is_empty and recording is not None:
-            await conn.run_sync(replay, recording)
+        if is_empty and earlier is not None:
+            await conn.run_sync(replay, earlier)
             return
     if not is_empty:
         await REAL_UPGRADE(self)
@@ -102,7 +101,7 @@ async def upgrade(self: Database) -> None:
         await REAL_UPGRADE(self)
     finally:
         event.remove(self.engine.sync_engine, "before_cursor_execute", listen)
-    _recordings.setdefault(dialect, recorded)
+    _recordings.setdefault(self.engine.dialect.name, recorded)
 
 
 @pytest.fixture(scope="session", autouse=True)
